@@ -1,0 +1,21 @@
+//! Compiles `switchboard/v1/*.proto` with protox (pure Rust), so building needs no system `protoc`.
+use prost::Message;
+
+const PROTOS: &[&str] = &["switchboard/v1/broker.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let fds = protox::compile(PROTOS, ["."])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // Kept for server reflection, so grpcurl works without the .proto files.
+    std::fs::write(out.join("switchboard_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        // Payloads are `bytes::Bytes`: one reference-counted copy from decode to every subscriber.
+        .bytes(".switchboard.v1")
+        .compile_fds(fds)?;
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! Switchboard's public gRPC contract, generated from `proto/switchboard/v1/*.proto`.
+//!
+//! The `.proto` files are the documentation of record: every message and field is described there.
+//! This crate only compiles them (with protox, so no system `protoc` is needed) and exposes:
+//! - [`v1`]: messages, the `Broker` client (`v1::broker_client`) and server (`v1::broker_server`);
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+#![allow(missing_docs)]
+
+/// Package `switchboard.v1`.
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("switchboard.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every Switchboard proto, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/switchboard_descriptor.bin"));
+
+/// The error domain carried in every `google.rpc.ErrorInfo` the broker returns.
+pub const ERROR_DOMAIN: &str = "switchboard";
