@@ -1,1 +1,35 @@
+//! The Switchboard broker.
+//!
+//! # Layout: the path a message takes, one file per step
+//! ```text
+//! client ─gRPC─▶ edge ─▶ proposer ─▶ raft (log) ─▶ apply ─▶ store ─▶ hub ─▶ subscription ─▶ client
+//! ```
+//! - [`edge`]: the public gRPC service; validation, conversions, the one error→status mapping.
+//! - [`proposer`]: group commit — concurrent publishes become one log entry.
+//! - [`raft`]: openraft over sled: the durable log ([`raft::log_store`]), the state machine
+//!   ([`raft::state_machine`]), the real fdatasync ([`raft::sync`]).
+//! - [`apply`]: the deterministic decision of what a committed command does.
+//! - [`store`]: the on-disk layout of messages and their indexes, and reads.
+//! - [`hub`]: per-node fan-out to subscriptions, with bounded mailboxes.
+//! - [`subscription`]: one subscriber's task — replay from the store, then live, catching up
+//!   from the store whenever it falls behind.
+//! - [`retention`]: TTL expiry and retention limits, swept through the log.
+//! - [`channel`]: channel and pattern grammar, and the segment trie used for matching.
+//! - [`message`]: the message types, and the commands the log carries.
+//! - [`config`], [`error`], [`shutdown`], [`server`]: settings, errors, stopping, wiring.
+#![warn(missing_docs)]
 
+pub mod apply;
+pub mod channel;
+pub mod config;
+pub mod edge;
+pub mod error;
+pub mod hub;
+pub mod message;
+pub mod proposer;
+pub mod raft;
+pub mod retention;
+pub mod server;
+pub mod shutdown;
+pub mod store;
+pub mod subscription;

@@ -1,1 +1,196 @@
-fn main() {}
+//! `switchboard`: the broker's command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchboard_broker::config::{self, Config, FlagOverrides, LogFormat};
+use switchboard_broker::server::Broker;
+use switchboard_broker::shutdown;
+
+/// Switchboard: a persistent, replicated event bus for contact-center integrations.
+///
+/// With no arguments it starts a single-node broker on 127.0.0.1:7400 with its data in ./data.
+/// Every setting can come from the embedded defaults, a TOML file (--config), an environment
+/// variable (SWITCHBOARD_<SECTION>_<NAME>, for example SWITCHBOARD_RETENTION_MAX_AGE=1d) or a flag,
+/// each overriding the one before. See `--print-defaults` for every setting with its meaning.
+#[derive(Parser, Debug)]
+#[command(name = "switchboard", version, after_help = AFTER_HELP)]
+struct Args {
+    /// Address of the gRPC listener, e.g. 0.0.0.0:7400 (port 0 picks a free port) [env: SWITCHBOARD_LISTEN]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+
+    /// Folder for the log and the message store; created if missing [env: SWITCHBOARD_DATA_DIR]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// TOML file with settings (same shape as --print-defaults)
+    #[arg(long, value_name = "FILE", env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// This node's raft id [env: SWITCHBOARD_NODE_ID]
+    #[arg(long, value_name = "ID")]
+    node_id: Option<u64>,
+
+    /// When to acknowledge: `always` after fdatasync (default), or `periodic` [env: SWITCHBOARD_DURABILITY_FSYNC]
+    #[arg(long, value_name = "POLICY")]
+    fsync: Option<String>,
+
+    /// Largest accepted payload in bytes (default 65536) [env: SWITCHBOARD_LIMITS_MAX_PAYLOAD_BYTES]
+    #[arg(long, value_name = "BYTES")]
+    max_payload_bytes: Option<usize>,
+
+    /// Log format: text or json [env: SWITCHBOARD_LOG_FORMAT]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+
+    /// Log filter, e.g. info or switchboard_broker=debug [env: SWITCHBOARD_LOG_LEVEL; RUST_LOG wins]
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+
+    /// Print the configuration in force (after every layer) as TOML, and exit
+    #[arg(long)]
+    print_config: bool,
+
+    /// Print the embedded default configuration, with a comment on every setting, and exit
+    #[arg(long)]
+    print_defaults: bool,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  switchboard                                   # single node on 127.0.0.1:7400, data in ./data
+  switchboard --listen 127.0.0.1:0 --data-dir /tmp/sb   # any free port; the address is printed
+  SWITCHBOARD_RETENTION_MAX_AGE=1d switchboard  # keep messages one day at most
+  switchboard --config switchboard.toml --print-config  # check what a file changes
+
+On start the broker prints one line to stdout, `listening on ADDR`, once it accepts requests.
+Logs go to stderr. SIGTERM or Ctrl-C stops it gracefully: streams end, in-flight publishes are
+acknowledged, the stores are synced, and it exits 0.
+
+Talk to it with `sb` (from the switchboard-client crate): sb publish, sb subscribe, sb history, sb info.";
+
+impl Args {
+    fn overrides(&self) -> FlagOverrides {
+        let mut flags: FlagOverrides = Vec::new();
+        if let Some(v) = &self.listen {
+            flags.push(("listen", v.clone()));
+        }
+        if let Some(v) = &self.data_dir {
+            flags.push(("data_dir", v.display().to_string()));
+        }
+        if let Some(v) = self.node_id {
+            flags.push(("node_id", v.to_string()));
+        }
+        if let Some(v) = &self.fsync {
+            flags.push(("durability.fsync", v.clone()));
+        }
+        if let Some(v) = self.max_payload_bytes {
+            flags.push(("limits.max_payload_bytes", v.to_string()));
+        }
+        if let Some(v) = &self.log_format {
+            flags.push(("log.format", v.clone()));
+        }
+        if let Some(v) = &self.log_level {
+            flags.push(("log.level", v.clone()));
+        }
+        flags
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_defaults {
+        print!("{}", config::DEFAULT_CONFIG_TOML);
+        return ExitCode::SUCCESS;
+    }
+    let (config, unknown_env) =
+        match Config::load(args.config.as_deref(), std::env::vars(), &args.overrides()) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    if args.print_config {
+        return match config.to_toml() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    init_logging(&config);
+    for name in unknown_env {
+        tracing::warn!(variable = %name, "ignoring an environment variable that matches no setting (see --print-defaults)");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    if !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "listening beyond loopback with no authentication: anyone who can reach this address can publish and read"
+        );
+    }
+    tracing::info!(
+        listen = %config.listen,
+        data_dir = %config.data_dir.display(),
+        fsync = ?config.durability.fsync,
+        "starting"
+    );
+    let broker = Broker::start(config).await?;
+    // The one line on stdout: scripts and tests read the bound address here.
+    println!("listening on {}", broker.local_addr);
+    tracing::info!(addr = %broker.local_addr, "accepting requests");
+    let signal = shutdown::os_signal();
+    tokio::pin!(signal);
+    let stop = async {
+        if let Err(e) = signal.await {
+            tracing::error!(error = %e, "cannot wait for signals; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    };
+    stop.await;
+    tracing::info!("shutting down");
+    broker.shutdown();
+    broker.wait().await
+}

@@ -1,0 +1,528 @@
+//! Configuration in layers: the embedded, commented `config.default.toml`, then a TOML file, then
+//! `SWITCHBOARD_*` environment variables, then command-line flags — and one [`Config::validate`]
+//! that says precisely what is wrong.
+//!
+//! Every setting has an environment variable derived from its path in the file: `retention.max_age`
+//! is `SWITCHBOARD_RETENTION_MAX_AGE`, `listen` is `SWITCHBOARD_LISTEN`. Deriving the names from the
+//! default file means a new setting gets its variable for free and the two can never disagree.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The default configuration, with a comment on every setting. `--print-config` shows the result of
+/// all layers in the same shape.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.default.toml");
+
+/// Prefix of every environment variable the broker reads.
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+/// Environment variables with the prefix that are not settings (the `sb` client's, and the path of
+/// the config file itself), so they are not reported as unknown.
+const ENV_NOT_SETTINGS: &[&str] = &["SWITCHBOARD_URL", "SWITCHBOARD_CONFIG"];
+
+/// The broker's whole configuration. Field documentation lives in `config.default.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub node_id: u64,
+    pub durability: Durability,
+    pub limits: Limits,
+    pub retention: Retention,
+    pub store: Store,
+    pub proposer: Proposer,
+    pub subscriptions: Subscriptions,
+    pub history: History,
+    pub publish_stream: PublishStream,
+    pub log: Log,
+}
+
+/// When an acknowledgement may be sent.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Acknowledge only after the log entry is fdatasync'ed.
+    Always,
+    /// Acknowledge once written to the store; sync in the background every `sync_interval`.
+    Periodic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Durability {
+    pub fsync: FsyncPolicy,
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Limits {
+    pub max_payload_bytes: usize,
+    pub max_channel_len: usize,
+    pub max_channel_depth: usize,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub max_key_len: usize,
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Retention {
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    pub max_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Store {
+    pub cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Proposer {
+    pub max_batch_messages: usize,
+    pub max_batch_bytes: usize,
+    pub max_in_flight: usize,
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Subscriptions {
+    pub queue_depth: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct History {
+    pub default_limit: u32,
+    pub max_limit: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct PublishStream {
+    pub max_unacked: usize,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// What went wrong while assembling the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A layer is not valid TOML or does not fit the settings' shape.
+    #[error("{layer}: {message}")]
+    Parse {
+        /// Which layer (the file's path, an environment variable, a flag).
+        layer: String,
+        /// What the parser said.
+        message: String,
+    },
+    /// The assembled settings contradict each other or are out of range.
+    #[error("invalid setting `{setting}`: {message}")]
+    Invalid {
+        /// The setting's path, for example `retention.max_bytes`.
+        setting: &'static str,
+        /// What is wrong and what would be right.
+        message: String,
+    },
+}
+
+/// Overrides from the command line: `(setting path, value as written)`, applied last.
+pub type FlagOverrides = Vec<(&'static str, String)>;
+
+impl Config {
+    /// The embedded defaults alone.
+    ///
+    /// # Errors
+    /// Only if the embedded file is broken, which a unit test rules out.
+    pub fn defaults() -> Result<Config, ConfigError> {
+        Self::from_value(default_value()?, "embedded defaults")
+    }
+
+    /// Assembles every layer: defaults, `file`, the environment (`env` yields `(name, value)` pairs,
+    /// normally `std::env::vars()`), then `flags`; then validates.
+    ///
+    /// Returns the configuration and the names of `SWITCHBOARD_*` variables that match no setting
+    /// (likely typos), for the caller to warn about.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the layer and setting at fault.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &FlagOverrides,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut value = default_value()?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let file_value: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Parse {
+                        layer: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+            merge(&mut value, file_value);
+            // Check the file's shape on its own so an error names the file, not a later layer.
+            Self::from_value(value.clone(), &path.display().to_string())?;
+        }
+
+        let settings = setting_paths(&value);
+        let mut unknown = Vec::new();
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (name, raw) in env {
+            match settings.iter().find(|path| env_name(path) == name) {
+                Some(path) => set_path(&mut value, path, &raw, &name)?,
+                None if ENV_NOT_SETTINGS.contains(&name.as_str()) => {}
+                None => unknown.push(name),
+            }
+        }
+        for (path, raw) in flags {
+            set_path(&mut value, path, raw, &format!("flag for `{path}`"))?;
+        }
+        let config = Self::from_value(value, "settings")?;
+        config.validate()?;
+        Ok((config, unknown))
+    }
+
+    fn from_value(value: toml::Table, layer: &str) -> Result<Config, ConfigError> {
+        toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                layer: layer.to_owned(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Checks ranges and relations between settings.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for the first setting found wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(setting: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                setting,
+                message: message.into(),
+            })
+        }
+        if self.node_id == 0 {
+            return invalid(
+                "node_id",
+                "must be at least 1 (0 means \"no node\" in raft)",
+            );
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty");
+        }
+        let l = &self.limits;
+        if l.max_payload_bytes == 0 || l.max_payload_bytes > 16 * 1024 * 1024 {
+            return invalid(
+                "limits.max_payload_bytes",
+                "must be between 1 and 16777216 (16 MiB)",
+            );
+        }
+        if !(3..=1024).contains(&l.max_channel_len) {
+            return invalid("limits.max_channel_len", "must be between 3 and 1024");
+        }
+        if !(2..=64).contains(&l.max_channel_depth) {
+            return invalid("limits.max_channel_depth", "must be between 2 and 64");
+        }
+        if l.max_header_bytes > 1024 * 1024 {
+            return invalid("limits.max_header_bytes", "must be at most 1048576 (1 MiB)");
+        }
+        if l.max_key_len == 0 || l.max_key_len > 4096 {
+            return invalid("limits.max_key_len", "must be between 1 and 4096");
+        }
+        if l.max_ttl.is_zero() || l.max_ttl > Duration::from_secs(100 * 365 * 24 * 3600) {
+            return invalid("limits.max_ttl", "must be between 1ms and 100 years");
+        }
+        let r = &self.retention;
+        if r.max_age.is_zero() || r.max_age > Duration::from_secs(100 * 365 * 24 * 3600) {
+            return invalid("retention.max_age", "must be between 1ms and 100 years");
+        }
+        if r.max_bytes < 1024 * 1024 {
+            return invalid("retention.max_bytes", "must be at least 1048576 (1 MiB)");
+        }
+        if r.sweep_interval < Duration::from_millis(10) {
+            return invalid("retention.sweep_interval", "must be at least 10ms");
+        }
+        if self.durability.fsync == FsyncPolicy::Periodic
+            && self.durability.sync_interval < Duration::from_millis(1)
+        {
+            return invalid("durability.sync_interval", "must be at least 1ms");
+        }
+        if self.store.cache_bytes < 1024 * 1024 {
+            return invalid("store.cache_bytes", "must be at least 1048576 (1 MiB)");
+        }
+        let p = &self.proposer;
+        if p.max_batch_messages == 0 || p.max_batch_messages > 65536 {
+            return invalid("proposer.max_batch_messages", "must be between 1 and 65536");
+        }
+        if p.max_batch_bytes < l.max_payload_bytes + l.max_header_bytes {
+            return invalid(
+                "proposer.max_batch_bytes",
+                "must hold at least one largest message (limits.max_payload_bytes + limits.max_header_bytes)",
+            );
+        }
+        if p.max_in_flight == 0 || p.max_in_flight > 1024 {
+            return invalid("proposer.max_in_flight", "must be between 1 and 1024");
+        }
+        if p.queue == 0 || p.queue > 1_000_000 {
+            return invalid("proposer.queue", "must be between 1 and 1000000");
+        }
+        if self.subscriptions.queue_depth == 0 || self.subscriptions.queue_depth > 1_000_000 {
+            return invalid("subscriptions.queue_depth", "must be between 1 and 1000000");
+        }
+        let h = &self.history;
+        if h.max_limit == 0 || h.max_limit > 100_000 {
+            return invalid("history.max_limit", "must be between 1 and 100000");
+        }
+        if h.default_limit == 0 || h.default_limit > h.max_limit {
+            return invalid(
+                "history.default_limit",
+                "must be between 1 and history.max_limit",
+            );
+        }
+        if self.publish_stream.max_unacked == 0 || self.publish_stream.max_unacked > 65536 {
+            return invalid("publish_stream.max_unacked", "must be between 1 and 65536");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid("log.level", format!("not a valid filter: {e}"));
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, for `--print-config`.
+    ///
+    /// # Errors
+    /// Only if serialization fails, which a unit test rules out.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string_pretty(self)
+    }
+}
+
+fn default_value() -> Result<toml::Table, ConfigError> {
+    DEFAULT_CONFIG_TOML
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            layer: "embedded defaults".into(),
+            message: e.to_string(),
+        })
+}
+
+/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Every leaf setting's dotted path, for example `retention.max_age`.
+fn setting_paths(table: &toml::Table) -> Vec<String> {
+    let mut out = Vec::new();
+    for (key, value) in table {
+        match value {
+            toml::Value::Table(inner) => out.extend(
+                setting_paths(inner)
+                    .into_iter()
+                    .map(|p| format!("{key}.{p}")),
+            ),
+            _ => out.push(key.clone()),
+        }
+    }
+    out
+}
+
+/// `retention.max_age` → `SWITCHBOARD_RETENTION_MAX_AGE`.
+pub fn env_name(path: &str) -> String {
+    format!("{ENV_PREFIX}{}", path.replace('.', "_").to_uppercase())
+}
+
+/// Sets the leaf at `path` from a string, typed like the value already there (every leaf has a
+/// default, so there always is one).
+fn set_path(root: &mut toml::Table, path: &str, raw: &str, layer: &str) -> Result<(), ConfigError> {
+    let parse_error = |message: String| ConfigError::Parse {
+        layer: layer.to_owned(),
+        message,
+    };
+    let mut table = root;
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            let new = match table.get(part) {
+                Some(toml::Value::Integer(_)) => raw
+                    .trim()
+                    .parse::<i64>()
+                    .map(toml::Value::Integer)
+                    .map_err(|_| {
+                        parse_error(format!("`{path}` must be a whole number, got {raw:?}"))
+                    })?,
+                Some(toml::Value::Boolean(_)) => raw
+                    .trim()
+                    .parse::<bool>()
+                    .map(toml::Value::Boolean)
+                    .map_err(|_| {
+                        parse_error(format!("`{path}` must be true or false, got {raw:?}"))
+                    })?,
+                Some(toml::Value::Float(_)) => raw
+                    .trim()
+                    .parse::<f64>()
+                    .map(toml::Value::Float)
+                    .map_err(|_| parse_error(format!("`{path}` must be a number, got {raw:?}")))?,
+                _ => toml::Value::String(raw.to_owned()),
+            };
+            table.insert(part.to_owned(), new);
+            return Ok(());
+        }
+        table = match table.get_mut(part) {
+            Some(toml::Value::Table(t)) => t,
+            _ => return Err(parse_error(format!("no setting `{path}`"))),
+        };
+    }
+    Err(parse_error(format!("no setting `{path}`")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_defaults_parse_validate_and_round_trip() {
+        let config = Config::defaults().unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7400");
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.durability.fsync, FsyncPolicy::Always);
+        let printed = config.to_toml().unwrap();
+        let reparsed: Config = toml::from_str(&printed).unwrap();
+        assert_eq!(reparsed, config);
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\n[retention]\nmax_age = \"1h\"\nmax_bytes = 2000000\n",
+        )
+        .unwrap();
+        let (config, unknown) = Config::load(
+            Some(&file),
+            env(&[
+                ("SWITCHBOARD_RETENTION_MAX_AGE", "2h"),
+                ("SWITCHBOARD_LISTEN", "127.0.0.1:2"),
+                ("SWITCHBOARD_URL", "http://x"),
+                ("SWITCHBOARD_LISTN", "typo"),
+                ("HOME", "/root"),
+            ]),
+            &vec![("listen", "127.0.0.1:3".to_string())],
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:3");
+        assert_eq!(config.retention.max_age, Duration::from_secs(7200));
+        assert_eq!(config.retention.max_bytes, 2_000_000);
+        assert_eq!(unknown, vec!["SWITCHBOARD_LISTN".to_string()]);
+    }
+
+    #[test]
+    fn every_setting_has_an_environment_variable() {
+        let paths = setting_paths(&default_value().unwrap());
+        assert!(paths.contains(&"limits.max_payload_bytes".to_string()));
+        assert_eq!(
+            env_name("limits.max_payload_bytes"),
+            "SWITCHBOARD_LIMITS_MAX_PAYLOAD_BYTES"
+        );
+        let (config, _) = Config::load(
+            None,
+            env(&[("SWITCHBOARD_LIMITS_MAX_PAYLOAD_BYTES", "1000")]),
+            &vec![],
+        )
+        .unwrap();
+        assert_eq!(config.limits.max_payload_bytes, 1000);
+    }
+
+    #[test]
+    fn errors_name_the_layer_and_setting() {
+        let err = Config::load(None, env(&[("SWITCHBOARD_NODE_ID", "one")]), &vec![]).unwrap_err();
+        assert!(err.to_string().contains("SWITCHBOARD_NODE_ID"), "{err}");
+        let err = Config::load(None, env(&[("SWITCHBOARD_NODE_ID", "0")]), &vec![]).unwrap_err();
+        assert!(err.to_string().contains("node_id"), "{err}");
+        let err = Config::load(
+            None,
+            vec![],
+            &vec![("durability.fsync", "sometimes".into())],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[retention]\nmax_agee = \"1h\"\n").unwrap();
+        let err = Config::load(Some(&file), vec![], &vec![]).unwrap_err();
+        assert!(err.to_string().contains("max_agee"), "{err}");
+        assert!(err.to_string().contains("c.toml"), "{err}");
+    }
+}

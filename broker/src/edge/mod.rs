@@ -1,0 +1,331 @@
+//! The edge: the public gRPC service `switchboard.v1.Broker`.
+//!
+//! Handlers stay thin: unpack the request, validate it ([`validate`]), call the domain (proposer,
+//! store, hub), and map errors in one place ([`status`]). Nothing is written for a request that
+//! fails validation.
+//!
+//! - [`validate`]: every rule a request must pass, with its stable reason.
+//! - [`convert`]: protobuf ⇄ broker types.
+//! - [`status`]: the one mapping from errors to gRPC statuses and stream refusals.
+
+pub mod convert;
+pub mod status;
+pub mod validate;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::FuturesOrdered;
+use futures::{Future, FutureExt, Stream, StreamExt};
+use switchboard_proto::v1 as pb;
+use switchboard_proto::v1::broker_server::Broker as BrokerRpc;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::Config;
+use crate::error::BrokerError;
+use crate::hub::Hub;
+use crate::message::now_us;
+use crate::proposer::{self, Proposer, Published};
+use crate::raft::state_machine::AppliedProgress;
+use crate::raft::Raft;
+use crate::shutdown::ShutdownSignal;
+use crate::store::{MessageStore, ReadRange};
+use crate::subscription::{self, SubscriptionSpec};
+use validate::{Start, Validator};
+
+/// Events buffered per `Subscribe` stream before the subscription task waits for the client.
+const SUBSCRIBE_STREAM_BUFFER: usize = 64;
+/// Acks buffered per `PublishStream` before the stream's task waits for the client.
+const PUBLISH_STREAM_BUFFER: usize = 256;
+/// Batches one History call may visit, so a sparse pattern cannot scan the whole store at once.
+const HISTORY_MAX_BATCHES: usize = 4096;
+
+/// What every handler shares.
+struct Edge {
+    config: Arc<Config>,
+    validator: Validator,
+    proposer: Proposer,
+    store: MessageStore,
+    hub: Hub,
+    raft: Raft,
+    progress: watch::Receiver<AppliedProgress>,
+    shutdown: ShutdownSignal,
+}
+
+/// The `switchboard.v1.Broker` service; cheap to clone.
+#[derive(Clone)]
+pub struct BrokerService {
+    edge: Arc<Edge>,
+}
+
+impl BrokerService {
+    /// Builds the service over the broker's parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<Config>,
+        proposer: Proposer,
+        store: MessageStore,
+        hub: Hub,
+        raft: Raft,
+        progress: watch::Receiver<AppliedProgress>,
+        shutdown: ShutdownSignal,
+    ) -> BrokerService {
+        BrokerService {
+            edge: Arc::new(Edge {
+                validator: Validator::new(config.limits.clone()),
+                config,
+                proposer,
+                store,
+                hub,
+                raft,
+                progress,
+                shutdown,
+            }),
+        }
+    }
+}
+
+fn ack(published: Published, correlation_id: String) -> pb::PublishAck {
+    pb::PublishAck {
+        offset: published.first_offset,
+        publish_time: Some(convert::timestamp(published.publish_time_us)),
+        correlation_id,
+    }
+}
+
+type BoxedAck = Pin<Box<dyn Future<Output = pb::PublishStreamAck> + Send>>;
+
+fn refused(sequence: u64, error: &BrokerError) -> pb::PublishStreamAck {
+    pb::PublishStreamAck {
+        sequence,
+        result: Some(pb::publish_stream_ack::Result::Refusal(status::refusal(
+            error,
+        ))),
+    }
+}
+
+impl Edge {
+    /// Validates and queues one message of a stream; the returned future yields its ack.
+    async fn stream_one(&self, sequence: u64, request: pb::PublishRequest) -> BoxedAck {
+        let message = match self.validator.publish(request) {
+            Ok(message) => message,
+            Err(e) => return futures::future::ready(refused(sequence, &e)).boxed(),
+        };
+        let correlation_id = message.correlation_id.clone();
+        match self.proposer.submit(vec![message]).await {
+            Ok(pending) => async move {
+                match proposer::outcome(pending).await {
+                    Ok(published) => pb::PublishStreamAck {
+                        sequence,
+                        result: Some(pb::publish_stream_ack::Result::Ack(ack(
+                            published,
+                            correlation_id,
+                        ))),
+                    },
+                    Err(e) => refused(sequence, &e),
+                }
+            }
+            .boxed(),
+            Err(e) => futures::future::ready(refused(sequence, &e)).boxed(),
+        }
+    }
+}
+
+/// Feeds one `PublishStream`: reads requests while fewer than `max_unacked` wait for their ack, and
+/// sends acks in request order as they complete.
+async fn publish_stream_task(
+    edge: Arc<Edge>,
+    mut inbound: Streaming<pb::PublishRequest>,
+    out: mpsc::Sender<Result<pb::PublishStreamAck, Status>>,
+) {
+    let max_unacked = edge.config.publish_stream.max_unacked;
+    let mut shutdown = edge.shutdown.clone();
+    let mut pending: FuturesOrdered<BoxedAck> = FuturesOrdered::new();
+    let mut sequence = 0u64;
+    let mut inbound_open = true;
+    let mut shutting_down = false;
+    loop {
+        if !inbound_open && pending.is_empty() {
+            if shutting_down {
+                let _ = out.send(Err(Status::from(BrokerError::ShuttingDown))).await;
+            }
+            return;
+        }
+        tokio::select! {
+            biased;
+            Some(ack) = pending.next(), if !pending.is_empty() => {
+                if out.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+            item = inbound.message(), if inbound_open && pending.len() < max_unacked => match item {
+                Ok(Some(request)) => {
+                    pending.push_back(edge.stream_one(sequence, request).await);
+                    sequence += 1;
+                }
+                Ok(None) => inbound_open = false,
+                Err(status) => {
+                    tracing::debug!(%status, "publish stream broken by the client");
+                    return;
+                }
+            },
+            _ = shutdown.wait(), if inbound_open => {
+                // Stop reading; acks already owed are still sent, then the stream ends.
+                inbound_open = false;
+                shutting_down = true;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl BrokerRpc for BrokerService {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishAck>, Status> {
+        let message = self.edge.validator.publish(request.into_inner())?;
+        let correlation_id = message.correlation_id.clone();
+        let published = self.edge.proposer.propose(vec![message]).await?;
+        Ok(Response::new(ack(published, correlation_id)))
+    }
+
+    type PublishStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::PublishStreamAck, Status>> + Send>>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let (out, acks) = mpsc::channel(PUBLISH_STREAM_BUFFER);
+        tokio::spawn(publish_stream_task(
+            Arc::clone(&self.edge),
+            request.into_inner(),
+            out,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(acks))))
+    }
+
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeEvent, Status>> + Send>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let edge = &self.edge;
+        let pattern = edge.validator.pattern(&request.pattern)?;
+        let start = edge.validator.start(request.start, Start::Latest, true)?;
+        if edge.shutdown.is_triggered() {
+            return Err(BrokerError::ShuttingDown.into());
+        }
+        let (out, events) = mpsc::channel(SUBSCRIBE_STREAM_BUFFER);
+        tokio::spawn(subscription::run(
+            edge.hub.clone(),
+            edge.store.clone(),
+            SubscriptionSpec { pattern, start },
+            out,
+            edge.shutdown.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let request = request.into_inner();
+        let edge = &self.edge;
+        let pattern = edge.validator.pattern(&request.pattern)?;
+        let from = match edge.validator.start(request.from, Start::Earliest, false)? {
+            Start::Earliest | Start::Latest => 1,
+            Start::Offset(offset) => offset.max(1),
+            Start::Time(time_us) => match edge.store.first_offset_at_or_after(time_us)? {
+                Some(offset) => offset,
+                None => return Ok(Response::new(pb::HistoryResponse::default())),
+            },
+        };
+        let to_time_us = match &request.to_time {
+            Some(ts) => convert::micros(ts).ok_or_else(|| {
+                BrokerError::invalid(
+                    crate::error::Reason::RangeInvalid,
+                    format!("to_time {ts:?} is not a valid time after 1970"),
+                )
+            })?,
+            None => u64::MAX,
+        };
+        let to_offset = match request.to_offset {
+            0 => u64::MAX,
+            n => n,
+        };
+        let history = &edge.config.history;
+        let limit = match request.limit {
+            0 => history.default_limit,
+            n => n.min(history.max_limit),
+        } as usize;
+        let store = edge.store.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            store.read(&ReadRange {
+                from,
+                to_offset,
+                to_time_us,
+                pattern: &pattern,
+                now_us: now_us(),
+                limit,
+                max_batches: HISTORY_MAX_BATCHES,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("history read failed: {e}")))??;
+        Ok(Response::new(pb::HistoryResponse {
+            messages: page.messages.iter().map(convert::message).collect(),
+            next_offset: if page.done { 0 } else { page.next },
+        }))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let edge = &self.edge;
+        let progress = *edge.progress.borrow();
+        let metrics = edge.raft.metrics().borrow().clone();
+        let first_offset = edge
+            .store
+            .first_batch()?
+            .and_then(|b| b.messages.first().map(|m| m.offset))
+            .unwrap_or(0);
+        let data_dir = edge.config.data_dir.clone();
+        let disk_bytes = tokio::task::spawn_blocking(move || dir_size(&data_dir))
+            .await
+            .unwrap_or(0);
+        Ok(Response::new(pb::InfoResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            node_id: edge.config.node_id,
+            last_offset: progress.last_offset,
+            first_offset,
+            stored_bytes: progress.stored_bytes,
+            disk_bytes,
+            leader_id: metrics.current_leader.unwrap_or(0),
+            term: metrics.current_term,
+            applied_index: progress.applied_index,
+        }))
+    }
+}
+
+/// Total size of the files under `dir`.
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

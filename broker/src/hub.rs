@@ -1,0 +1,297 @@
+//! The hub: on every node, after apply, matches new messages against local subscriptions and puts
+//! each into the matching subscriptions' mailboxes.
+//!
+//! A mailbox is bounded. When one is full the hub does not wait and does not grow it: it marks the
+//! subscription *lagging* and stops feeding it. The subscription's task then reads what it missed
+//! from the store, starting at its own next offset, and re-arms itself with [`Hub::rearm`]. Re-arming
+//! happens under the hub's lock and returns the last offset dispatched so far (`L`): every message
+//! up to `L` is in the store, every later one will be in the mailbox — so the switch from store to
+//! memory has no gap and no duplicate. A slow consumer therefore never slows a publisher, another
+//! consumer, or the broker's memory.
+//!
+//! Matching uses a segment trie ([`SubscriptionTrie`]), so its cost follows the channel's depth and
+//! the number of matches, not the number of subscriptions.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::channel::{Pattern, SubscriptionTrie};
+use crate::message::StoredMessage;
+
+/// Identifies a subscription within this node's hub.
+pub type SubscriptionId = u64;
+
+/// A subscription's bounded queue of live messages.
+pub struct Mailbox {
+    state: Mutex<MailboxState>,
+    ready: Notify,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    queue: VecDeque<Arc<StoredMessage>>,
+    /// The hub dropped messages for this subscription; it must read the store before going on.
+    lagging: bool,
+}
+
+/// What a subscription finds in its mailbox.
+pub enum MailboxItems {
+    /// Live messages, in offset order.
+    Messages(Vec<Arc<StoredMessage>>),
+    /// Messages were dropped: read the store from the next offset, then [`Hub::rearm`].
+    Lagging,
+}
+
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, MailboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until there is something: queued messages (all of them are taken), or the lagging mark.
+    pub async fn next(&self) -> MailboxItems {
+        loop {
+            {
+                let mut state = self.lock();
+                if !state.queue.is_empty() {
+                    return MailboxItems::Messages(state.queue.drain(..).collect());
+                }
+                if state.lagging {
+                    return MailboxItems::Lagging;
+                }
+            }
+            // `notify_one` stores a permit when nobody waits, so a push between the check above
+            // and this await is not lost.
+            self.ready.notified().await;
+        }
+    }
+
+    /// Queues `message` unless the mailbox is full; returns false (and marks lagging) if it is.
+    fn offer(&self, message: &Arc<StoredMessage>) -> bool {
+        let mut state = self.lock();
+        if state.lagging {
+            return false;
+        }
+        if state.queue.len() >= self.capacity {
+            state.queue.clear();
+            state.lagging = true;
+            drop(state);
+            self.ready.notify_one();
+            return false;
+        }
+        state.queue.push_back(Arc::clone(message));
+        drop(state);
+        self.ready.notify_one();
+        true
+    }
+}
+
+struct Entry {
+    pattern: Pattern,
+    mailbox: Arc<Mailbox>,
+}
+
+struct HubState {
+    trie: SubscriptionTrie<SubscriptionId>,
+    subscriptions: HashMap<SubscriptionId, Entry>,
+    next_id: SubscriptionId,
+    /// The highest offset dispatched (or, at start, already in the store).
+    last_dispatched: u64,
+    /// Reused between dispatches to collect matches without allocating.
+    matched: Vec<SubscriptionId>,
+}
+
+/// The hub; cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    state: Arc<Mutex<HubState>>,
+    mailbox_capacity: usize,
+}
+
+/// A live registration; dropping it removes the subscription from the hub.
+pub struct Registration {
+    hub: Hub,
+    id: SubscriptionId,
+    /// Where the hub puts this subscription's messages.
+    pub mailbox: Arc<Mailbox>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut state = self.hub.lock();
+        if let Some(entry) = state.subscriptions.remove(&self.id) {
+            state.trie.remove(&entry.pattern, &self.id);
+        }
+    }
+}
+
+impl Registration {
+    /// Clears the lagging mark; returns the last offset dispatched. See the module docs.
+    pub fn rearm(&self) -> u64 {
+        self.hub.rearm(&self.mailbox)
+    }
+}
+
+impl Hub {
+    /// A hub whose store already holds offsets up to `last_offset`.
+    pub fn new(last_offset: u64, mailbox_capacity: usize) -> Hub {
+        Hub {
+            state: Arc::new(Mutex::new(HubState {
+                trie: SubscriptionTrie::new(),
+                subscriptions: HashMap::new(),
+                next_id: 1,
+                last_dispatched: last_offset,
+                matched: Vec::new(),
+            })),
+            mailbox_capacity,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a subscription; returns it with the last offset dispatched so far. Messages after
+    /// that offset will arrive in its mailbox; earlier ones are in the store.
+    pub fn register(&self, pattern: Pattern) -> (Registration, u64) {
+        let mailbox = Arc::new(Mailbox {
+            state: Mutex::new(MailboxState::default()),
+            ready: Notify::new(),
+            capacity: self.mailbox_capacity,
+        });
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.trie.insert(&pattern, id);
+        state.subscriptions.insert(
+            id,
+            Entry {
+                pattern,
+                mailbox: Arc::clone(&mailbox),
+            },
+        );
+        let last = state.last_dispatched;
+        drop(state);
+        (
+            Registration {
+                hub: self.clone(),
+                id,
+                mailbox,
+            },
+            last,
+        )
+    }
+
+    fn rearm(&self, mailbox: &Mailbox) -> u64 {
+        let state = self.lock();
+        let mut mb = mailbox.lock();
+        mb.lagging = false;
+        mb.queue.clear();
+        state.last_dispatched
+    }
+
+    /// Number of live subscriptions on this node.
+    pub fn subscription_count(&self) -> usize {
+        self.lock().subscriptions.len()
+    }
+
+    /// Offers freshly applied messages (in offset order) to every matching subscription.
+    pub fn dispatch(&self, messages: &[Arc<StoredMessage>]) {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        for message in messages {
+            state.matched.clear();
+            let matched = &mut state.matched;
+            state
+                .trie
+                .for_each_match(&message.message.channel, |id| matched.push(*id));
+            for id in &state.matched {
+                if let Some(entry) = state.subscriptions.get(id) {
+                    entry.mailbox.offer(message);
+                }
+            }
+            state.last_dispatched = message.offset;
+        }
+    }
+
+    /// The store was replaced (a snapshot was installed): every subscription re-reads it.
+    pub fn reset(&self, last_offset: u64) {
+        let mut state = self.lock();
+        state.last_dispatched = last_offset;
+        for entry in state.subscriptions.values() {
+            let mut mb = entry.mailbox.lock();
+            mb.queue.clear();
+            mb.lagging = true;
+            drop(mb);
+            entry.mailbox.ready.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::ChannelLimits;
+    use crate::message::NewMessage;
+
+    fn msg(offset: u64, channel: &str) -> Arc<StoredMessage> {
+        Arc::new(StoredMessage {
+            offset,
+            publish_time_us: 1,
+            message: NewMessage {
+                channel: channel.into(),
+                payload: bytes::Bytes::new(),
+                content_type: String::new(),
+                schema_version: String::new(),
+                correlation_id: String::new(),
+                causation_id: String::new(),
+                idempotency_key: String::new(),
+                ttl_ms: 0,
+                headers: Default::default(),
+            },
+        })
+    }
+
+    fn pattern(p: &str) -> Pattern {
+        Pattern::parse(p, &ChannelLimits::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn delivers_matching_messages_only() {
+        let hub = Hub::new(0, 8);
+        let (reg, last) = hub.register(pattern("a.*"));
+        assert_eq!(last, 0);
+        hub.dispatch(&[msg(1, "a.b"), msg(2, "c.d"), msg(3, "a.c")]);
+        match reg.mailbox.next().await {
+            MailboxItems::Messages(m) => {
+                assert_eq!(m.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![1, 3])
+            }
+            MailboxItems::Lagging => panic!("not lagging"),
+        }
+        assert_eq!(hub.subscription_count(), 1);
+        drop(reg);
+        assert_eq!(hub.subscription_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn overflow_marks_lagging_and_rearm_returns_the_last_offset() {
+        let hub = Hub::new(10, 2);
+        let (reg, last) = hub.register(pattern(">"));
+        assert_eq!(last, 10);
+        hub.dispatch(&[
+            msg(11, "a.b"),
+            msg(12, "a.b"),
+            msg(13, "a.b"),
+            msg(14, "a.b"),
+        ]);
+        assert!(matches!(reg.mailbox.next().await, MailboxItems::Lagging));
+        assert_eq!(reg.rearm(), 14);
+        hub.dispatch(&[msg(15, "a.b")]);
+        match reg.mailbox.next().await {
+            MailboxItems::Messages(m) => assert_eq!(m[0].offset, 15),
+            MailboxItems::Lagging => panic!("re-armed"),
+        }
+    }
+}

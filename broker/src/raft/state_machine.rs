@@ -1,0 +1,380 @@
+//! The state machine: openraft's `RaftStateMachine` over the message store.
+//!
+//! Each committed entry is applied by [`crate::apply::apply_command`] into one sled batch together
+//! with the new last-applied id, so the store never holds half an entry: after a crash openraft
+//! replays the log from the last applied id. The state database is not synced per entry — the log
+//! is the durable record — but it is synced before a snapshot is reported, because openraft purges
+//! the log behind a snapshot.
+//!
+//! After an entry is in the store its messages go to the [`Hub`], so a subscriber that then reads
+//! the store finds everything the hub has announced.
+//!
+//! A snapshot is a dump of the store's records to a file. It is taken while apply is paused
+//! (sled has no point-in-time view), which is acceptable while snapshots are rare; see
+//! docs/ARCHITECTURE.md.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use tokio::sync::watch;
+
+use super::sync::SledSync;
+use super::TypeConfig;
+use crate::apply::{apply_command, StateMeta};
+use crate::hub::Hub;
+use crate::message::CommandOutcome;
+use crate::store::MessageStore;
+
+type StorageResult<T> = Result<T, StorageError<u64>>;
+type Entry = openraft::Entry<TypeConfig>;
+
+/// What readers (Info, subscriptions) need to know about the applied state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppliedProgress {
+    /// Highest offset given (0 when none).
+    pub last_offset: u64,
+    /// Encoded bytes of stored batches.
+    pub stored_bytes: u64,
+    /// Index of the last applied log entry.
+    pub applied_index: u64,
+}
+
+impl From<&StateMeta> for AppliedProgress {
+    fn from(meta: &StateMeta) -> Self {
+        AppliedProgress {
+            last_offset: meta.last_offset(),
+            stored_bytes: meta.stored_bytes,
+            applied_index: meta.last_applied.map(|l| l.index).unwrap_or(0),
+        }
+    }
+}
+
+fn sm_write_err(e: impl std::fmt::Display) -> StorageError<u64> {
+    StorageIOError::write_state_machine(AnyError::error(e)).into()
+}
+
+fn sm_read_err(e: impl std::fmt::Display) -> StorageError<u64> {
+    StorageIOError::read_state_machine(AnyError::error(e)).into()
+}
+
+fn snapshot_err(e: impl std::fmt::Display) -> StorageError<u64> {
+    StorageIOError::write_snapshot(None, AnyError::error(e)).into()
+}
+
+/// The state machine.
+pub struct StateMachine {
+    store: MessageStore,
+    meta: StateMeta,
+    sync: Arc<SledSync>,
+    hub: Hub,
+    progress: watch::Sender<AppliedProgress>,
+    snapshot_dir: PathBuf,
+    /// The file a snapshot from the leader is being received into.
+    receiving: Option<PathBuf>,
+}
+
+/// Name of the file describing the current snapshot, beside the snapshot files.
+const CURRENT: &str = "current";
+
+impl StateMachine {
+    /// Opens the state database in `dir`. The hub must start at the store's last offset:
+    /// use [`StateMachine::last_offset`] to build it first.
+    ///
+    /// # Errors
+    /// The database cannot be opened or read.
+    pub fn open(
+        db: sled::Db,
+        dir: &Path,
+        hub: Hub,
+        progress: watch::Sender<AppliedProgress>,
+    ) -> anyhow::Result<StateMachine> {
+        let store = MessageStore::open(&db)?;
+        let meta = StateMeta::load(&store)?;
+        let sync = Arc::new(SledSync::open(db, dir)?);
+        let snapshot_dir = dir.join("snapshots");
+        std::fs::create_dir_all(&snapshot_dir)?;
+        progress.send_replace(AppliedProgress::from(&meta));
+        Ok(StateMachine {
+            store,
+            meta,
+            sync,
+            hub,
+            progress,
+            snapshot_dir,
+            receiving: None,
+        })
+    }
+
+    /// The message store, for readers.
+    pub fn store(&self) -> MessageStore {
+        self.store.clone()
+    }
+
+    /// The sync handle of the state database (used at shutdown).
+    pub fn sync_handle(&self) -> Arc<SledSync> {
+        Arc::clone(&self.sync)
+    }
+
+    fn apply_entry(&mut self, entry: &Entry) -> StorageResult<CommandOutcome> {
+        let mut batch = sled::Batch::default();
+        let mut meta = self.meta.clone();
+        let (outcome, messages) = match &entry.payload {
+            EntryPayload::Blank => (CommandOutcome::Nothing, Vec::new()),
+            EntryPayload::Normal(command) => {
+                apply_command(&self.store, &mut meta, command, &mut batch).map_err(|e| {
+                    StorageError::from(StorageIOError::apply(entry.log_id, AnyError::error(e)))
+                })?
+            }
+            EntryPayload::Membership(membership) => {
+                meta.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
+                (CommandOutcome::Nothing, Vec::new())
+            }
+        };
+        meta.last_applied = Some(entry.log_id);
+        meta.write(&mut batch).map_err(sm_write_err)?;
+        self.store.apply(batch).map_err(sm_write_err)?;
+        self.meta = meta;
+        if !messages.is_empty() {
+            self.hub.dispatch(&messages);
+        }
+        Ok(outcome)
+    }
+
+    fn snapshot_path(&self, id: &str) -> PathBuf {
+        self.snapshot_dir.join(format!("{id}.snap"))
+    }
+
+    fn read_current(&self) -> StorageResult<Option<SnapshotMeta<u64, openraft::BasicNode>>> {
+        match std::fs::read(self.snapshot_dir.join(CURRENT)) {
+            Ok(bytes) => bincode::deserialize(&bytes).map(Some).map_err(sm_read_err),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(sm_read_err(e)),
+        }
+    }
+
+    /// Records `meta` as the current snapshot and removes older snapshot files.
+    fn set_current(&self, meta: &SnapshotMeta<u64, openraft::BasicNode>) -> StorageResult<()> {
+        let bytes = bincode::serialize(meta).map_err(snapshot_err)?;
+        write_durably(&self.snapshot_dir, CURRENT, &bytes).map_err(snapshot_err)?;
+        let keep = format!("{}.snap", meta.snapshot_id);
+        if let Ok(entries) = std::fs::read_dir(&self.snapshot_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.ends_with(".snap") && name != keep || name.ends_with(".partial") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `dir/name` so that after a crash the file holds either the old or the new
+/// content: a temporary file, fsync, rename, fsync of the folder.
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Snapshot file format: records of (key length u32 LE, key, value length u32 LE, value), every
+/// record of the store, in key order.
+fn dump_store(store: &MessageStore, path: &Path) -> std::io::Result<()> {
+    let file = std::fs::File::create(path)?;
+    let mut out = BufWriter::new(file);
+    for kv in store.iter_raw() {
+        let (k, v) = kv.map_err(std::io::Error::other)?;
+        for part in [k.as_ref(), v.as_ref()] {
+            let len = u32::try_from(part.len()).map_err(std::io::Error::other)?;
+            out.write_all(&len.to_le_bytes())?;
+            out.write_all(part)?;
+        }
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()
+}
+
+fn load_store(store: &MessageStore, path: &Path) -> std::io::Result<()> {
+    let mut input = BufReader::new(std::fs::File::open(path)?);
+    store.clear().map_err(std::io::Error::other)?;
+    let read_part = |input: &mut BufReader<std::fs::File>| -> std::io::Result<Option<Vec<u8>>> {
+        let mut len = [0u8; 4];
+        match input.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
+        input.read_exact(&mut buf)?;
+        Ok(Some(buf))
+    };
+    while let Some(key) = read_part(&mut input)? {
+        let value = read_part(&mut input)?.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "snapshot ends inside a record",
+            )
+        })?;
+        store
+            .insert_raw(&key, &value)
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(())
+}
+
+/// Builds a snapshot file from the store as it was when the builder was made.
+pub struct SnapshotBuilder {
+    snapshot: Option<(SnapshotMeta<u64, openraft::BasicNode>, PathBuf)>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (meta, path) = self
+            .snapshot
+            .take()
+            .ok_or_else(|| snapshot_err("snapshot builder used twice"))?;
+        let file = tokio::fs::File::open(&path).await.map_err(snapshot_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(
+        Option<LogId<u64>>,
+        StoredMembership<u64, openraft::BasicNode>,
+    )> {
+        Ok((self.meta.last_applied, self.meta.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<CommandOutcome>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut outcomes = Vec::new();
+        for entry in entries {
+            outcomes.push(self.apply_entry(&entry)?);
+        }
+        self.progress
+            .send_replace(AppliedProgress::from(&self.meta));
+        Ok(outcomes)
+    }
+
+    /// Takes the snapshot here, while openraft holds apply, so it is exactly the state at
+    /// `last_applied`; the returned builder only opens the finished file.
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let signature = self.meta.last_applied;
+        let meta = SnapshotMeta {
+            last_log_id: self.meta.last_applied,
+            last_membership: self.meta.membership.clone(),
+            snapshot_id: format!(
+                "{}-{}",
+                signature.map(|l| l.leader_id.term).unwrap_or(0),
+                signature.map(|l| l.index).unwrap_or(0)
+            ),
+        };
+        let path = self.snapshot_path(&meta.snapshot_id);
+        let store = self.store.clone();
+        let sync = Arc::clone(&self.sync);
+        let dump_path = path.clone();
+        // The state must be durable before openraft purges the log entries it covers.
+        let result = tokio::task::spawn_blocking(move || {
+            sync.sync()?;
+            dump_store(&store, &dump_path)
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => match self.set_current(&meta) {
+                Ok(()) => SnapshotBuilder {
+                    snapshot: Some((meta, path)),
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record the snapshot");
+                    SnapshotBuilder { snapshot: None }
+                }
+            },
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot write a snapshot");
+                SnapshotBuilder { snapshot: None }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "snapshot task failed");
+                SnapshotBuilder { snapshot: None }
+            }
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+        let path = self
+            .snapshot_dir
+            .join(format!("incoming-{}.partial", crate::message::now_us()));
+        let file = tokio::fs::File::create(&path).await.map_err(snapshot_err)?;
+        self.receiving = Some(path);
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> StorageResult<()> {
+        let mut file = *snapshot;
+        tokio::io::AsyncWriteExt::flush(&mut file)
+            .await
+            .map_err(snapshot_err)?;
+        let std_file = file.into_std().await;
+        std_file.sync_all().map_err(snapshot_err)?;
+        drop(std_file);
+        let incoming = self
+            .receiving
+            .take()
+            .ok_or_else(|| snapshot_err("no snapshot is being received"))?;
+        let path = self.snapshot_path(&meta.snapshot_id);
+        std::fs::rename(&incoming, &path).map_err(snapshot_err)?;
+        load_store(&self.store, &path).map_err(snapshot_err)?;
+        self.meta = StateMeta::load(&self.store).map_err(sm_read_err)?;
+        self.meta.last_applied = meta.last_log_id;
+        self.meta.membership = meta.last_membership.clone();
+        let mut batch = sled::Batch::default();
+        self.meta.write(&mut batch).map_err(sm_write_err)?;
+        self.store.apply(batch).map_err(sm_write_err)?;
+        self.sync.sync().map_err(snapshot_err)?;
+        self.set_current(meta)?;
+        self.hub.reset(self.meta.last_offset());
+        self.progress
+            .send_replace(AppliedProgress::from(&self.meta));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let Some(meta) = self.read_current()? else {
+            return Ok(None);
+        };
+        let path = self.snapshot_path(&meta.snapshot_id);
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(file),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(sm_read_err(e)),
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! The message store: the state machine's on-disk layout in one sled tree, and the reads that
+//! History and lagging subscribers make.
+//!
+//! One tree, with the kind of each record in its first key byte, so that one `sled::Batch` can
+//! change messages, indexes and the applied position atomically (sled batches are per tree):
+//!
+//! | key | value | what |
+//! |---|---|---|
+//! | `b` + first offset (u64 BE) | bincode `Vec<StoredMessage>` | one group-committed batch, the unit of storage |
+//! | `t` + publish time µs + first offset | empty | time index: where a time-based start begins |
+//! | `x` + earliest expiry µs + first offset | empty | expiry index: which batches the sweep must visit |
+//! | `m` | bincode [`StateMeta`](crate::apply::StateMeta) | last applied log id, next offset, totals |
+//!
+//! A batch keeps its original first offset as its key even after the sweep removed some of its
+//! messages, so "the batch that may hold offset N" is always the last `b` key at or below N.
+//! Publish times never decrease with offsets (apply guarantees it), so the time index is also in
+//! offset order.
+
+use crate::channel::Pattern;
+use crate::error::BrokerError;
+use crate::message::StoredMessage;
+
+const BATCH: u8 = b'b';
+const TIME: u8 = b't';
+const EXPIRY: u8 = b'x';
+const META: &[u8] = b"m";
+
+/// Handle to the message store; cheap to clone (sled trees are reference-counted).
+#[derive(Clone)]
+pub struct MessageStore {
+    tree: sled::Tree,
+}
+
+/// What to read: matching, unexpired messages from `from` on, within bounds.
+pub struct ReadRange<'a> {
+    /// First offset to consider (inclusive).
+    pub from: u64,
+    /// Last offset to consider (inclusive); `u64::MAX` for none.
+    pub to_offset: u64,
+    /// Latest publish time to consider (inclusive), µs; `u64::MAX` for none.
+    pub to_time_us: u64,
+    /// Only messages whose channel matches.
+    pub pattern: &'a Pattern,
+    /// Messages expired at this time are skipped.
+    pub now_us: u64,
+    /// Stop after this many messages.
+    pub limit: usize,
+    /// Stop after visiting this many batches, so a sparse pattern cannot make one read scan the
+    /// whole store.
+    pub max_batches: usize,
+}
+
+/// One page of a read.
+pub struct ReadPage {
+    /// Matching messages, in offset order.
+    pub messages: Vec<StoredMessage>,
+    /// The offset to continue from.
+    pub next: u64,
+    /// True when the range is exhausted: nothing at or after `next` is within bounds yet.
+    pub done: bool,
+}
+
+/// A batch as read back: its key (original first offset) and its remaining messages.
+pub struct StoredBatch {
+    /// The batch's key: the offset of its first message when it was written.
+    pub key: u64,
+    /// Messages still stored, in offset order.
+    pub messages: Vec<StoredMessage>,
+    /// Encoded size, as counted in the stored-bytes total.
+    pub encoded_len: usize,
+}
+
+fn key(kind: u8, a: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = kind;
+    k[1..].copy_from_slice(&a.to_be_bytes());
+    k
+}
+
+fn key2(kind: u8, a: u64, b: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = kind;
+    k[1..9].copy_from_slice(&a.to_be_bytes());
+    k[9..].copy_from_slice(&b.to_be_bytes());
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> Result<u64, BrokerError> {
+    bytes
+        .try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| BrokerError::Storage(format!("corrupt key of {} bytes", bytes.len())))
+}
+
+fn decode_batch(key: &[u8], value: &[u8]) -> Result<StoredBatch, BrokerError> {
+    let messages: Vec<StoredMessage> = bincode::deserialize(value)
+        .map_err(|e| BrokerError::Storage(format!("corrupt batch: {e}")))?;
+    Ok(StoredBatch {
+        key: be_u64(&key[1..])?,
+        messages,
+        encoded_len: value.len(),
+    })
+}
+
+impl MessageStore {
+    /// Opens (or creates) the store's tree in `db`.
+    ///
+    /// # Errors
+    /// The embedded store's error.
+    pub fn open(db: &sled::Db) -> Result<Self, BrokerError> {
+        Ok(MessageStore {
+            tree: db.open_tree("messages")?,
+        })
+    }
+
+    /// The raw meta record, if any.
+    ///
+    /// # Errors
+    /// The embedded store's error.
+    pub fn meta(&self) -> Result<Option<sled::IVec>, BrokerError> {
+        Ok(self.tree.get(META)?)
+    }
+
+    /// Applies a batch of writes atomically.
+    ///
+    /// # Errors
+    /// The embedded store's error.
+    pub fn apply(&self, batch: sled::Batch) -> Result<(), BrokerError> {
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    /// Removes every record (before installing a snapshot).
+    ///
+    /// # Errors
+    /// The embedded store's error.
+    pub fn clear(&self) -> Result<(), BrokerError> {
+        Ok(self.tree.clear()?)
+    }
+
+    /// Every record, for building a snapshot.
+    pub fn iter_raw(&self) -> sled::Iter {
+        self.tree.iter()
+    }
+
+    /// Writes one raw record (when installing a snapshot).
+    ///
+    /// # Errors
+    /// The embedded store's error.
+    pub fn insert_raw(&self, key: &[u8], value: &[u8]) -> Result<(), BrokerError> {
+        self.tree.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Reads the batch stored under `key`.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn batch(&self, key: u64) -> Result<Option<StoredBatch>, BrokerError> {
+        let k = self::key(BATCH, key);
+        match self.tree.get(k)? {
+            Some(v) => decode_batch(&k, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The oldest stored batch.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn first_batch(&self) -> Result<Option<StoredBatch>, BrokerError> {
+        match self.tree.scan_prefix([BATCH]).next() {
+            Some(kv) => {
+                let (k, v) = kv?;
+                decode_batch(&k, &v).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Batches in offset order, starting with the one that may hold `offset`.
+    pub fn batches_from(
+        &self,
+        offset: u64,
+    ) -> impl Iterator<Item = Result<StoredBatch, BrokerError>> + '_ {
+        // The batch holding `offset` starts at or before it: the last batch key <= offset.
+        let start = match self
+            .tree
+            .range(key(BATCH, 0)..=key(BATCH, offset))
+            .next_back()
+        {
+            Some(Ok((k, _))) => be_u64(&k[1..]).unwrap_or(offset),
+            _ => offset,
+        };
+        self.tree
+            .range(key(BATCH, start)..=key(BATCH, u64::MAX))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode_batch(&k, &v)
+            })
+    }
+
+    /// Reads one page of `range`. Runs synchronously: sled reads are served from its cache or a
+    /// single disk read per batch.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn read(&self, range: &ReadRange<'_>) -> Result<ReadPage, BrokerError> {
+        let mut messages = Vec::new();
+        let mut next = range.from;
+        for (visited, batch) in self.batches_from(range.from).enumerate() {
+            if visited >= range.max_batches {
+                return Ok(ReadPage {
+                    messages,
+                    next,
+                    done: false,
+                });
+            }
+            for m in batch?.messages {
+                if m.offset < next {
+                    continue;
+                }
+                if m.offset > range.to_offset || m.publish_time_us > range.to_time_us {
+                    return Ok(ReadPage {
+                        messages,
+                        next,
+                        done: true,
+                    });
+                }
+                next = m.offset + 1;
+                if range.pattern.matches(&m.message.channel) && !m.is_expired(range.now_us) {
+                    messages.push(m);
+                    if messages.len() >= range.limit {
+                        return Ok(ReadPage {
+                            messages,
+                            next,
+                            done: false,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(ReadPage {
+            messages,
+            next,
+            done: true,
+        })
+    }
+
+    /// The first offset of the first batch published at or after `time_us`, if any.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn first_offset_at_or_after(&self, time_us: u64) -> Result<Option<u64>, BrokerError> {
+        match self
+            .tree
+            .range(key2(TIME, time_us, 0)..=key2(TIME, u64::MAX, u64::MAX))
+            .next()
+        {
+            Some(kv) => {
+                let (k, _) = kv?;
+                Ok(Some(be_u64(&k[9..17])?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Keys of batches whose earliest expiry is at or before `now_us`, at most `limit` of them.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn expired_batch_keys(&self, now_us: u64, limit: usize) -> Result<Vec<u64>, BrokerError> {
+        let mut keys = Vec::new();
+        for kv in self
+            .tree
+            .range(key2(EXPIRY, 0, 0)..=key2(EXPIRY, now_us, u64::MAX))
+            .take(limit)
+        {
+            let (k, _) = kv?;
+            keys.push(be_u64(&k[9..17])?);
+        }
+        Ok(keys)
+    }
+
+    /// Keys of batches published before `time_us`, oldest first, at most `limit` of them.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn batch_keys_published_before(
+        &self,
+        time_us: u64,
+        limit: usize,
+    ) -> Result<Vec<u64>, BrokerError> {
+        let mut keys = Vec::new();
+        if time_us == 0 {
+            return Ok(keys);
+        }
+        for kv in self
+            .tree
+            .range(key2(TIME, 0, 0)..key2(TIME, time_us, 0))
+            .take(limit)
+        {
+            let (k, _) = kv?;
+            keys.push(be_u64(&k[9..17])?);
+        }
+        Ok(keys)
+    }
+
+    /// Adds the writes that store `messages` as one batch under `key` to `batch`; returns the
+    /// encoded size. `messages` must not be empty and must share one publish time.
+    ///
+    /// # Errors
+    /// Only if encoding fails.
+    pub fn put_batch(
+        batch: &mut sled::Batch,
+        key: u64,
+        messages: &[StoredMessage],
+    ) -> Result<usize, BrokerError> {
+        let value = bincode::serialize(messages)
+            .map_err(|e| BrokerError::Storage(format!("cannot encode batch: {e}")))?;
+        let len = value.len();
+        batch.insert(&self::key(BATCH, key), value);
+        if let Some(first) = messages.first() {
+            batch.insert(&key2(TIME, first.publish_time_us, key), &[]);
+        }
+        if let Some(expiry) = messages.iter().filter_map(|m| m.expires_at_us()).min() {
+            batch.insert(&key2(EXPIRY, expiry, key), &[]);
+        }
+        Ok(len)
+    }
+
+    /// Adds the writes that remove the stored batch `old` (its record and index entries).
+    pub fn delete_batch(batch: &mut sled::Batch, old: &StoredBatch) {
+        batch.remove(&key(BATCH, old.key));
+        if let Some(first) = old.messages.first() {
+            batch.remove(&key2(TIME, first.publish_time_us, old.key));
+        }
+        if let Some(expiry) = old.messages.iter().filter_map(|m| m.expires_at_us()).min() {
+            batch.remove(&key2(EXPIRY, expiry, old.key));
+        }
+    }
+
+    /// Adds the write of the meta record.
+    pub fn put_meta(batch: &mut sled::Batch, meta: &[u8]) {
+        batch.insert(META, meta);
+    }
+}
