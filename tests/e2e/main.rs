@@ -1,1 +1,14 @@
-fn main(){}
+//! End-to-end tests: each starts real `switchboard` processes on port 0 in a temporary folder and
+//! talks to them through the real client (or the `sb` command line). One test binary, so the
+//! build is shared; scenarios are grouped by concern.
+
+mod cli;
+mod common;
+mod concurrency;
+mod persistence;
+mod pubsub;
+mod replay;
+mod resume;
+mod shutdown;
+mod ttl;
+mod validation;

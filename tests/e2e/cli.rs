@@ -1,0 +1,122 @@
+//! The `sb` command line against a real broker: the README's tour, and its error form.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+use switchboard_e2e::sb_binary;
+
+use crate::common::*;
+
+fn sb(url: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(sb_binary())
+        .args(args)
+        .env("SWITCHBOARD_URL", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sb runs (built by `cargo test --workspace`)");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn json_lines(output: &Output) -> Vec<Value> {
+    assert!(
+        output.status.success(),
+        "sb failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_readme_tour_works_with_sb() {
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let url = url.as_str();
+
+    let ack = &json_lines(&sb(
+        url,
+        &[
+            "publish",
+            "crm.contact.updated",
+            r#"{"id":42,"name":"Ada"}"#,
+            "--header",
+            "source=tour",
+        ],
+        None,
+    ))[0];
+    assert_eq!(ack["offset"], 1);
+    assert!(ack["publish_time"].as_str().unwrap().ends_with('Z'));
+    assert!(ack["correlation_id"].as_str().unwrap().len() == 36);
+
+    let ack = &json_lines(&sb(
+        url,
+        &["publish", "crm.deal.updated", "-", "--ttl", "1h"],
+        Some(br#"{"deal":7}"#),
+    ))[0];
+    assert_eq!(ack["offset"], 2);
+
+    let got = json_lines(&sb(
+        url,
+        &[
+            "subscribe",
+            "crm.*.updated",
+            "--from",
+            "earliest",
+            "--count",
+            "2",
+        ],
+        None,
+    ));
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0]["offset"], 1);
+    assert_eq!(got[0]["channel"], "crm.contact.updated");
+    assert_eq!(got[0]["payload"], r#"{"id":42,"name":"Ada"}"#);
+    assert_eq!(got[0]["payload_encoding"], "utf8");
+    assert_eq!(got[0]["headers"]["source"], "tour");
+    assert_eq!(got[1]["ttl_ms"], 3_600_000);
+
+    let got = json_lines(&sb(url, &["history", "crm.>", "--from", "2"], None));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["offset"], 2);
+
+    // Binary payloads are shown as base64.
+    let out = sb(
+        url,
+        &[
+            "publish",
+            "files.blob.added",
+            "-",
+            "--content-type",
+            "application/octet-stream",
+        ],
+        Some(&[0xff, 0x00, 0x01]),
+    );
+    json_lines(&out);
+    let got = json_lines(&sb(url, &["history", "files.>"], None));
+    assert_eq!(got[0]["payload"], "/wAB");
+    assert_eq!(got[0]["payload_encoding"], "base64");
+
+    let info = &json_lines(&sb(url, &["info"], None))[0];
+    assert_eq!(info["last_offset"], 3);
+    assert_eq!(info["node_id"], 1);
+
+    // Errors: non-zero exit, and stderr names the code and the reason.
+    let out = sb(url, &["publish", "crm..updated", "{}"], None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("INVALID_ARGUMENT CHANNEL_INVALID: "),
+        "{stderr}"
+    );
+}

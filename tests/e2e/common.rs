@@ -1,0 +1,61 @@
+//! Helpers shared by the scenarios.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use switchboard_client::{Client, Subscription};
+use switchboard_e2e::{BrokerProcess, DEADLINE};
+use switchboard_proto::v1::Message;
+use tempfile::TempDir;
+
+/// A broker in a fresh folder, and a client connected to it.
+pub struct Fixture {
+    pub broker: BrokerProcess,
+    pub client: Client,
+    /// Kept so the folder lives as long as the fixture.
+    pub _dir: TempDir,
+}
+
+pub async fn fixture(extra: &[&str]) -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = BrokerProcess::start(&dir.path().join("data"), extra).expect("broker starts");
+    let client = Client::connect(broker.url())
+        .await
+        .expect("client connects");
+    Fixture {
+        broker,
+        client,
+        _dir: dir,
+    }
+}
+
+/// Reads `n` messages from a subscription, failing after the deadline.
+pub async fn take(subscription: &mut Subscription, n: usize) -> Vec<Message> {
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, subscription.next()).await {
+            Ok(Some(Ok(message))) => out.push(message),
+            Ok(Some(Err(e))) => panic!("subscription failed after {} messages: {e}", out.len()),
+            Ok(None) => panic!("subscription ended after {} of {n} messages", out.len()),
+            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
+        }
+    }
+    out
+}
+
+/// Asserts that nothing more arrives within `quiet` — used only after the expected messages
+/// and a later marker message have arrived, so it checks for extras, not for timing.
+pub async fn assert_nothing_more(subscription: &mut Subscription, quiet: Duration) {
+    if let Ok(Some(item)) = tokio::time::timeout(quiet, subscription.next()).await {
+        panic!("unexpected extra item: {item:?}");
+    }
+}
+
+pub fn offsets(messages: &[Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.offset).collect()
+}
+
+pub fn payload_text(message: &Message) -> String {
+    String::from_utf8_lossy(&message.payload).into_owned()
+}
