@@ -1,0 +1,148 @@
+//! Parsers for `sb`'s argument values: start and end positions, and headers.
+
+use std::time::SystemTime;
+
+use switchboard_client::Start;
+
+/// The upper bound of a history read (`--to`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Stop after this offset (inclusive).
+    Offset(u64),
+    /// Stop after messages published at this time (inclusive).
+    Time(SystemTime),
+}
+
+const POSITION_HELP: &str = "an offset or an RFC 3339 time such as 2024-05-01T12:00:00Z";
+
+/// `--from` of `subscribe`: `earliest`, `latest`, an offset, or an RFC 3339 time.
+pub fn parse_start(text: &str) -> Result<Start, String> {
+    let trimmed = text.trim();
+    if trimmed.eq_ignore_ascii_case("earliest") {
+        return Ok(Start::Earliest);
+    }
+    if trimmed.eq_ignore_ascii_case("latest") {
+        return Ok(Start::Latest);
+    }
+    match parse_position(trimmed) {
+        Some(End::Offset(offset)) => Ok(Start::Offset(offset)),
+        Some(End::Time(time)) => Ok(Start::Time(time)),
+        None => Err(format!(
+            "expected earliest, latest, {POSITION_HELP}; got {text:?}"
+        )),
+    }
+}
+
+/// `--from` of `history`: as [`parse_start`], but `latest` is refused (history reads what is
+/// already stored).
+pub fn parse_history_start(text: &str) -> Result<Start, String> {
+    match parse_start(text)? {
+        Start::Latest => Err(
+            "history cannot start at latest (it reads stored messages); use earliest, an offset or a time"
+                .to_owned(),
+        ),
+        start => Ok(start),
+    }
+}
+
+/// `--to` of `history`: an offset or an RFC 3339 time.
+pub fn parse_end(text: &str) -> Result<End, String> {
+    parse_position(text.trim()).ok_or_else(|| format!("expected {POSITION_HELP}; got {text:?}"))
+}
+
+fn parse_position(text: &str) -> Option<End> {
+    if !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return text.parse().ok().map(End::Offset);
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|time| End::Time(time.into()))
+}
+
+/// `--header K=V`: split at the first `=`; the name must not be empty, the value may be.
+pub fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some(("", _)) => Err(format!("header {text:?} has an empty name")),
+        Some((name, value)) => Ok((name.to_owned(), value.to_owned())),
+        None => Err(format!("expected NAME=VALUE, got {text:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(seconds: u64, millis: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds) + Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn start_keywords_offsets_and_times() {
+        assert_eq!(parse_start("earliest"), Ok(Start::Earliest));
+        assert_eq!(parse_start("LATEST"), Ok(Start::Latest));
+        assert_eq!(parse_start("0"), Ok(Start::Offset(0)));
+        assert_eq!(parse_start("42"), Ok(Start::Offset(42)));
+        assert_eq!(
+            parse_start("18446744073709551615"),
+            Ok(Start::Offset(u64::MAX))
+        );
+        assert_eq!(
+            parse_start("2024-05-01T12:00:00Z"),
+            Ok(Start::Time(at(1_714_564_800, 0)))
+        );
+        assert_eq!(
+            parse_start("2024-05-01T14:00:00.250+02:00"),
+            Ok(Start::Time(at(1_714_564_800, 250)))
+        );
+    }
+
+    #[test]
+    fn start_rejects_garbage() {
+        for bad in [
+            "",
+            "-1",
+            "1.5",
+            "18446744073709551616",
+            "yesterday",
+            "2024-05-01",
+            "2024-05-01T12:00:00",
+        ] {
+            assert!(parse_start(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn history_start_refuses_latest() {
+        assert!(parse_history_start("latest").is_err());
+        assert_eq!(parse_history_start("earliest"), Ok(Start::Earliest));
+        assert_eq!(parse_history_start("7"), Ok(Start::Offset(7)));
+    }
+
+    #[test]
+    fn end_offsets_and_times() {
+        assert_eq!(parse_end("99"), Ok(End::Offset(99)));
+        assert_eq!(
+            parse_end("1970-01-01T00:00:01.5Z"),
+            Ok(End::Time(at(1, 500)))
+        );
+        assert!(parse_end("earliest").is_err());
+        assert!(parse_end("latest").is_err());
+        assert!(parse_end("").is_err());
+    }
+
+    #[test]
+    fn headers() {
+        assert_eq!(
+            parse_header("traceparent=00-abc-def-01"),
+            Ok(("traceparent".to_owned(), "00-abc-def-01".to_owned()))
+        );
+        assert_eq!(
+            parse_header("k=a=b"),
+            Ok(("k".to_owned(), "a=b".to_owned()))
+        );
+        assert_eq!(parse_header("k="), Ok(("k".to_owned(), String::new())));
+        assert!(parse_header("=v").is_err());
+        assert!(parse_header("novalue").is_err());
+    }
+}

@@ -1,0 +1,303 @@
+//! The client's error type, and how broker statuses map onto it.
+
+use std::collections::BTreeMap;
+
+use switchboard_proto::v1::Refusal;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// Everything that can go wrong when talking to a Switchboard broker.
+///
+/// Broker refusals keep the gRPC code and the machine-readable reason from the
+/// `google.rpc.ErrorInfo` the broker attaches, so callers can branch on them with
+/// [`Error::code`] and [`Error::reason`]. The `Display` form of a status is
+/// `"{CODE} {REASON}: {message}"`, for example
+/// `INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No connection could be made to the broker at `url`.
+    #[error("cannot connect to {url}: {message}")]
+    Connect {
+        /// The URL that could not be reached.
+        url: String,
+        /// Why, with the whole chain of causes (for example `connection refused`).
+        message: String,
+    },
+    /// The broker (or the transport underneath) answered a call with a gRPC status.
+    #[error("{}", status_line(.code, .reason, .message))]
+    Status {
+        /// The gRPC status code.
+        code: Code,
+        /// The `google.rpc.ErrorInfo` reason, for example `CHANNEL_INVALID`, when the status
+        /// carried one.
+        reason: Option<String>,
+        /// The human-readable message of the status.
+        message: String,
+        /// The `google.rpc.ErrorInfo` metadata (for example a leader hint), empty when absent.
+        metadata: BTreeMap<String, String>,
+    },
+    /// The broker refused one message of a publish stream (the stream itself goes on).
+    #[error("{}", refusal_line(.0))]
+    Refused(Refusal),
+    /// The caller passed something the client rejects before sending anything.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A [`Publisher`](crate::Publisher) was used after its stream ended; read the acks stream to
+    /// learn why it ended.
+    #[error("the publish stream is closed")]
+    Closed,
+}
+
+impl Error {
+    /// The gRPC code of this error.
+    ///
+    /// Client-side errors map onto the nearest code: [`Error::Connect`] and [`Error::Closed`] are
+    /// `UNAVAILABLE`, [`Error::InvalidArgument`] is `INVALID_ARGUMENT`.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Connect { .. } | Error::Closed => Code::Unavailable,
+            Error::Status { code, .. } => *code,
+            Error::Refused(refusal) => Code::from_i32(refusal.code),
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+        }
+    }
+
+    /// The broker's machine-readable reason (`google.rpc.ErrorInfo.reason`), for example
+    /// `CHANNEL_INVALID`, when there is one.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Error::Status { reason, .. } => reason.as_deref(),
+            Error::Refused(refusal) if !refusal.reason.is_empty() => Some(&refusal.reason),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying the same call later may succeed: the connection was lost, the broker is
+    /// unavailable or overloaded, or the stream broke for a reason that is not the request's fault.
+    ///
+    /// `UNAVAILABLE`, `UNKNOWN`, `INTERNAL`, `CANCELLED`, `DEADLINE_EXCEEDED`, `ABORTED` and
+    /// `RESOURCE_EXHAUSTED` are transient (a broken HTTP/2 stream surfaces as `UNKNOWN`, `INTERNAL`
+    /// or `CANCELLED`); every other code (`INVALID_ARGUMENT`, `PERMISSION_DENIED`,
+    /// `UNAUTHENTICATED`, `NOT_FOUND`, `FAILED_PRECONDITION`, ...) is not. A refusal, a client-side
+    /// invalid argument and a closed publisher are never transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connect { .. } => true,
+            Error::Status { code, .. } => is_transient_code(*code),
+            Error::Refused(_) | Error::InvalidArgument(_) | Error::Closed => false,
+        }
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        let (reason, metadata) = match status.get_error_details().error_info() {
+            Some(info) => (
+                Some(info.reason.clone()).filter(|reason| !reason.is_empty()),
+                info.metadata
+                    .iter()
+                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .collect(),
+            ),
+            None => (None, BTreeMap::new()),
+        };
+        Error::Status {
+            code: status.code(),
+            reason,
+            message: status.message().to_owned(),
+            metadata,
+        }
+    }
+}
+
+impl From<Refusal> for Error {
+    fn from(refusal: Refusal) -> Self {
+        Error::Refused(refusal)
+    }
+}
+
+/// The canonical SCREAMING_SNAKE name of a gRPC code, as in `google.rpc.Code`
+/// (`INVALID_ARGUMENT`, `UNAVAILABLE`, ...).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+pub(crate) fn is_transient_code(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted
+    )
+}
+
+/// `"{CODE} {REASON}: {message}"`, leaving out the reason (and its space) when there is none, and
+/// the `": {message}"` part when the message is empty.
+fn format_status(code: Code, reason: Option<&str>, message: &str) -> String {
+    let mut line = code_name(code).to_owned();
+    if let Some(reason) = reason.filter(|reason| !reason.is_empty()) {
+        line.push(' ');
+        line.push_str(reason);
+    }
+    if !message.is_empty() {
+        line.push_str(": ");
+        line.push_str(message);
+    }
+    line
+}
+
+fn status_line(code: &Code, reason: &Option<String>, message: &str) -> String {
+    format_status(*code, reason.as_deref(), message)
+}
+
+fn refusal_line(refusal: &Refusal) -> String {
+    format_status(
+        Code::from_i32(refusal.code),
+        Some(&refusal.reason),
+        &refusal.message,
+    )
+}
+
+/// Joins an error and its chain of sources with `": "`, skipping a cause whose text repeats the
+/// previous one.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(current) = next {
+        let text = current.to_string();
+        if parts.last() != Some(&text) && !text.is_empty() {
+            parts.push(text);
+        }
+        next = current.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tonic_types::ErrorDetails;
+
+    fn status_with_reason(code: Code, reason: &str, message: &str) -> tonic::Status {
+        let mut metadata = HashMap::new();
+        metadata.insert("leader".to_owned(), "2".to_owned());
+        tonic::Status::with_error_details(
+            code,
+            message,
+            ErrorDetails::with_error_info(reason, switchboard_proto::ERROR_DOMAIN, metadata),
+        )
+    }
+
+    #[test]
+    fn display_of_a_status_with_error_info() {
+        let error = Error::from(status_with_reason(
+            Code::InvalidArgument,
+            "CHANNEL_INVALID",
+            "channel segment 2 is empty",
+        ));
+        assert_eq!(
+            error.to_string(),
+            "INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty"
+        );
+        assert_eq!(error.code(), Code::InvalidArgument);
+        assert_eq!(error.reason(), Some("CHANNEL_INVALID"));
+        assert!(!error.is_transient());
+        match &error {
+            Error::Status { metadata, .. } => {
+                assert_eq!(metadata.get("leader").map(String::as_str), Some("2"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn display_of_a_status_without_error_info() {
+        let error = Error::from(tonic::Status::unavailable("no leader"));
+        assert_eq!(error.to_string(), "UNAVAILABLE: no leader");
+        assert_eq!(error.reason(), None);
+        assert!(error.is_transient());
+
+        let empty = Error::from(tonic::Status::new(Code::PermissionDenied, ""));
+        assert_eq!(empty.to_string(), "PERMISSION_DENIED");
+    }
+
+    #[test]
+    fn display_of_a_refusal() {
+        let error = Error::from(Refusal {
+            code: 9,
+            reason: "LOOP_DETECTED".to_owned(),
+            message: "channel a.b already in the causation chain".to_owned(),
+        });
+        assert_eq!(
+            error.to_string(),
+            "FAILED_PRECONDITION LOOP_DETECTED: channel a.b already in the causation chain"
+        );
+        assert_eq!(error.code(), Code::FailedPrecondition);
+        assert_eq!(error.reason(), Some("LOOP_DETECTED"));
+    }
+
+    #[test]
+    fn code_names_are_screaming_snake() {
+        assert_eq!(code_name(Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
+        assert_eq!(code_name(Code::Unauthenticated), "UNAUTHENTICATED");
+        assert_eq!(code_name(Code::from_i32(14)), "UNAVAILABLE");
+    }
+
+    #[test]
+    fn transient_codes() {
+        for code in [
+            Code::Unavailable,
+            Code::Unknown,
+            Code::Internal,
+            Code::Cancelled,
+        ] {
+            assert!(is_transient_code(code), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::NotFound,
+            Code::FailedPrecondition,
+        ] {
+            assert!(!is_transient_code(code), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn connect_error_names_the_url() {
+        let error = Error::Connect {
+            url: "http://127.0.0.1:1".to_owned(),
+            message: "connection refused".to_owned(),
+        };
+        assert_eq!(
+            error.to_string(),
+            "cannot connect to http://127.0.0.1:1: connection refused"
+        );
+        assert_eq!(error.code(), Code::Unavailable);
+    }
+}

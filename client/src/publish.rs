@@ -1,0 +1,458 @@
+//! Publishing: the [`Publish`] builder, [`Client::publish`], [`Client::publish_stream`] and the
+//! [`Publisher`] handle.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use switchboard_proto::v1::{publish_stream_ack, PublishAck, PublishRequest, PublishStreamAck};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::Streaming;
+
+use crate::client::Client;
+use crate::error::Error;
+
+/// One message to publish, built step by step and turned into a [`PublishRequest`].
+///
+/// Only the channel and the payload are required; the broker fills in the defaults (content type
+/// `application/json`, schema version `1.0.0`, a random correlation id, no TTL).
+///
+/// ```
+/// use std::time::Duration;
+/// use switchboard_client::Publish;
+///
+/// let message = Publish::new("crm.contact.updated", r#"{"id":42}"#)
+///     .schema_version("1.2.0")
+///     .ttl(Duration::from_secs(30))
+///     .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+/// assert_eq!(message.channel(), "crm.contact.updated");
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Publish {
+    request: PublishRequest,
+}
+
+impl Publish {
+    /// A message with this channel (for example `crm.contact.updated`) and payload.
+    pub fn new(channel: impl Into<String>, payload: impl Into<Bytes>) -> Publish {
+        Publish {
+            request: PublishRequest {
+                channel: channel.into(),
+                payload: payload.into(),
+                ..PublishRequest::default()
+            },
+        }
+    }
+
+    /// Sets the payload's media type. Unset means `application/json`, in which case the payload
+    /// must be valid JSON.
+    pub fn content_type(mut self, content_type: impl Into<String>) -> Publish {
+        self.request.content_type = content_type.into();
+        self
+    }
+
+    /// Sets the semver version of the payload's schema (`1.2.0`). Unset means `1.0.0`.
+    pub fn schema_version(mut self, schema_version: impl Into<String>) -> Publish {
+        self.request.schema_version = schema_version.into();
+        self
+    }
+
+    /// Sets the correlation id (a UUID). Unset means the broker generates one and returns it in
+    /// the ack.
+    pub fn correlation_id(mut self, correlation_id: impl Into<String>) -> Publish {
+        self.request.correlation_id = correlation_id.into();
+        self
+    }
+
+    /// Sets the id of the message that caused this one (at most 256 bytes).
+    pub fn causation_id(mut self, causation_id: impl Into<String>) -> Publish {
+        self.request.causation_id = causation_id.into();
+        self
+    }
+
+    /// Sets the key that identifies this logical message across retries (at most 256 bytes).
+    pub fn idempotency_key(mut self, idempotency_key: impl Into<String>) -> Publish {
+        self.request.idempotency_key = idempotency_key.into();
+        self
+    }
+
+    /// Sets the time to live, counted from the publish time. It is sent in whole milliseconds,
+    /// rounded up, so a non-zero TTL never becomes 0 (which would mean "no TTL");
+    /// `Duration::ZERO` means no TTL.
+    pub fn ttl(mut self, ttl: Duration) -> Publish {
+        self.request.ttl_ms = ttl_millis(ttl);
+        self
+    }
+
+    /// Adds a header (a later value for the same name replaces an earlier one). W3C trace context
+    /// (`traceparent`, `tracestate`) travels here.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Publish {
+        self.request.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Adds every header of `headers`, as [`Publish::header`] does for one.
+    pub fn headers<K, V>(mut self, headers: impl IntoIterator<Item = (K, V)>) -> Publish
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.request.headers.extend(
+            headers
+                .into_iter()
+                .map(|(name, value)| (name.into(), value.into())),
+        );
+        self
+    }
+
+    /// The channel this message is published on.
+    pub fn channel(&self) -> &str {
+        &self.request.channel
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.request.payload
+    }
+
+    /// The headers set so far.
+    pub fn header_map(&self) -> &HashMap<String, String> {
+        &self.request.headers
+    }
+
+    /// The request this message is sent as.
+    pub fn into_request(self) -> PublishRequest {
+        self.request
+    }
+}
+
+impl From<Publish> for PublishRequest {
+    fn from(message: Publish) -> PublishRequest {
+        message.request
+    }
+}
+
+/// A TTL in whole milliseconds, rounded up, saturating at `u64::MAX`.
+fn ttl_millis(ttl: Duration) -> u64 {
+    let millis = ttl.as_nanos().div_ceil(1_000_000);
+    u64::try_from(millis).unwrap_or(u64::MAX)
+}
+
+/// Splits one answer of a publish stream into its sequence number (the zero-based position of the
+/// request it answers) and its outcome: the ack, or the refusal as an [`Error::Refused`].
+pub fn split_stream_ack(ack: PublishStreamAck) -> (u64, Result<PublishAck, Error>) {
+    let outcome = match ack.result {
+        Some(publish_stream_ack::Result::Ack(ack)) => Ok(ack),
+        Some(publish_stream_ack::Result::Refusal(refusal)) => Err(Error::Refused(refusal)),
+        None => Err(Error::Status {
+            code: tonic::Code::Internal,
+            reason: None,
+            message: "the broker sent a stream ack with neither an ack nor a refusal".to_owned(),
+            metadata: Default::default(),
+        }),
+    };
+    (ack.sequence, outcome)
+}
+
+type PendingCall = JoinHandle<Result<tonic::Response<Streaming<PublishStreamAck>>, tonic::Status>>;
+
+/// The answers of a publish stream, one [`PublishStreamAck`] per message in message order; see
+/// [`Client::publish_stream`] and [`Client::publisher`].
+///
+/// A refused message yields `Ok` with a refusal inside (use [`split_stream_ack`]) and the stream
+/// goes on; an `Err` is a broker-side or transport failure that ends the stream. Dropping it
+/// cancels the call.
+#[derive(Debug)]
+pub struct PublishAcks {
+    state: AcksState,
+}
+
+#[derive(Debug)]
+enum AcksState {
+    /// The call runs in a task of its own, so messages flow before anyone polls the acks.
+    Starting(PendingCall),
+    Streaming(Box<Streaming<PublishStreamAck>>),
+    Done,
+}
+
+impl Stream for PublishAcks {
+    type Item = Result<PublishStreamAck, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match &mut self.state {
+                AcksState::Starting(call) => {
+                    let outcome = ready!(Pin::new(call).poll(cx));
+                    match outcome {
+                        Ok(Ok(response)) => {
+                            self.state = AcksState::Streaming(Box::new(response.into_inner()));
+                        }
+                        Ok(Err(status)) => {
+                            self.state = AcksState::Done;
+                            return Poll::Ready(Some(Err(status.into())));
+                        }
+                        Err(join_error) => {
+                            self.state = AcksState::Done;
+                            return Poll::Ready(Some(Err(Error::Status {
+                                code: tonic::Code::Cancelled,
+                                reason: None,
+                                message: format!("the publish stream task ended: {join_error}"),
+                                metadata: Default::default(),
+                            })));
+                        }
+                    }
+                }
+                AcksState::Streaming(acks) => {
+                    return match ready!(acks.poll_next_unpin(cx)) {
+                        Some(Ok(ack)) => Poll::Ready(Some(Ok(ack))),
+                        Some(Err(status)) => {
+                            self.state = AcksState::Done;
+                            Poll::Ready(Some(Err(status.into())))
+                        }
+                        None => {
+                            self.state = AcksState::Done;
+                            Poll::Ready(None)
+                        }
+                    };
+                }
+                AcksState::Done => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+impl Drop for PublishAcks {
+    fn drop(&mut self) {
+        if let AcksState::Starting(call) = &self.state {
+            call.abort();
+        }
+    }
+}
+
+/// The sending half of a publish stream opened with [`Client::publisher`]: a bounded queue of
+/// messages, so a fast producer waits instead of growing memory.
+///
+/// Clones feed the same stream. The stream ends (and the broker finishes its acks) once every
+/// clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    queue: mpsc::Sender<PublishRequest>,
+}
+
+impl Publisher {
+    /// Queues one message, waiting while the queue is full. Its ack arrives on the
+    /// [`PublishAcks`] stream, at the position of this message.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] when the stream has ended (the broker or the connection closed it, or
+    /// the [`PublishAcks`] were dropped); the acks stream says why.
+    pub async fn send(&self, message: impl Into<PublishRequest>) -> Result<(), Error> {
+        self.queue
+            .send(message.into())
+            .await
+            .map_err(|_closed| Error::Closed)
+    }
+
+    /// Whether the stream has ended, so [`Publisher::send`] would fail.
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
+    }
+}
+
+impl Client {
+    /// Publishes one message and waits for its ack, which the broker sends once the message is
+    /// durable.
+    ///
+    /// # Errors
+    /// [`Error::Status`] with the broker's code and reason when the message is refused (for
+    /// example `INVALID_ARGUMENT CHANNEL_INVALID`, `FAILED_PRECONDITION` for a loop) or the call
+    /// fails (`UNAVAILABLE`).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use switchboard_client::{Client, Publish};
+    ///
+    /// # async fn run(client: Client) -> Result<(), switchboard_client::Error> {
+    /// let ack = client
+    ///     .publish(
+    ///         Publish::new("crm.contact.updated", r#"{"id":42}"#)
+    ///             .idempotency_key("contact-42-v7")
+    ///             .ttl(Duration::from_secs(60)),
+    ///     )
+    ///     .await?;
+    /// println!("offset {} correlation {}", ack.offset, ack.correlation_id);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish(&self, message: impl Into<PublishRequest>) -> Result<PublishAck, Error> {
+        let response = self.grpc().publish(message.into()).await?;
+        Ok(response.into_inner())
+    }
+
+    /// Publishes every message of `messages` on one stream, for high-rate producers, and returns
+    /// the stream of acks: exactly one per message, in message order.
+    ///
+    /// The messages are sent as the broker takes them, while the acks are read, so `messages`
+    /// must not wait on the acks. When the messages are produced as you go, [`Client::publisher`]
+    /// is the simpler handle.
+    ///
+    /// # Errors
+    /// [`Error::Status`] when the broker rejects the call as a whole; an `Err` item on the
+    /// returned stream when it fails later. A refused message is not an error of the stream: its
+    /// ack carries the refusal (see [`split_stream_ack`]).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use futures::StreamExt;
+    /// use switchboard_client::{split_stream_ack, Client, Publish};
+    ///
+    /// # async fn run(client: Client) -> Result<(), switchboard_client::Error> {
+    /// let messages = futures::stream::iter(
+    ///     (0..100).map(|i| Publish::new("telemetry.widget.click", format!(r#"{{"n":{i}}}"#))),
+    /// );
+    /// let mut acks = client.publish_stream(messages).await?;
+    /// while let Some(ack) = acks.next().await {
+    ///     match split_stream_ack(ack?) {
+    ///         (sequence, Ok(ack)) => println!("#{sequence} at offset {}", ack.offset),
+    ///         (sequence, Err(refused)) => eprintln!("#{sequence} refused: {refused}"),
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish_stream<S>(&self, messages: S) -> Result<PublishAcks, Error>
+    where
+        S: Stream + Send + 'static,
+        S::Item: Into<PublishRequest>,
+    {
+        let requests = messages.map(Into::into);
+        let response = self.grpc().publish_stream(requests).await?;
+        Ok(PublishAcks {
+            state: AcksState::Streaming(Box::new(response.into_inner())),
+        })
+    }
+
+    /// Opens a publish stream fed through a bounded queue of `capacity` messages (at least 1):
+    /// send with the [`Publisher`] (clone it for several producers) and read the acks, one per
+    /// message in send order, from the [`PublishAcks`]. Drop every `Publisher` to end the stream.
+    ///
+    /// The call starts at once in a task of its own, so messages flow even before the acks are
+    /// polled; read the acks all the same, or the broker stops taking messages once its answers
+    /// fill the connection's flow-control window. Dropping the acks cancels the stream.
+    ///
+    /// # Panics
+    /// When called outside a Tokio runtime (it spawns a task).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use futures::StreamExt;
+    /// use switchboard_client::{Client, Publish};
+    ///
+    /// # async fn run(client: Client) -> Result<(), switchboard_client::Error> {
+    /// let (publisher, mut acks) = client.publisher(256);
+    /// let reader = tokio::spawn(async move {
+    ///     let mut count = 0;
+    ///     while let Some(ack) = acks.next().await {
+    ///         ack?;
+    ///         count += 1;
+    ///     }
+    ///     Ok::<_, switchboard_client::Error>(count)
+    /// });
+    /// for i in 0..1000 {
+    ///     publisher.send(Publish::new("telemetry.widget.click", format!("{i}"))).await?;
+    /// }
+    /// drop(publisher);
+    /// # let _ = reader.await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn publisher(&self, capacity: usize) -> (Publisher, PublishAcks) {
+        let (queue, receiver) = mpsc::channel(capacity.max(1));
+        let mut grpc = self.grpc();
+        let call =
+            tokio::spawn(async move { grpc.publish_stream(ReceiverStream::new(receiver)).await });
+        (
+            Publisher { queue },
+            PublishAcks {
+                state: AcksState::Starting(call),
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_proto::v1::Refusal;
+
+    #[test]
+    fn builder_fills_the_request() {
+        let request = PublishRequest::from(
+            Publish::new("a.b", "{}")
+                .content_type("application/json")
+                .schema_version("1.2.0")
+                .correlation_id("c")
+                .causation_id("d")
+                .idempotency_key("e")
+                .ttl(Duration::from_secs(30))
+                .header("k", "v1")
+                .header("k", "v2")
+                .headers([("x", "y")]),
+        );
+        assert_eq!(request.channel, "a.b");
+        assert_eq!(request.payload, Bytes::from_static(b"{}"));
+        assert_eq!(request.content_type, "application/json");
+        assert_eq!(request.schema_version, "1.2.0");
+        assert_eq!(request.correlation_id, "c");
+        assert_eq!(request.causation_id, "d");
+        assert_eq!(request.idempotency_key, "e");
+        assert_eq!(request.ttl_ms, 30_000);
+        assert_eq!(request.headers.len(), 2);
+        assert_eq!(request.headers["k"], "v2");
+    }
+
+    #[test]
+    fn ttl_rounds_up_to_whole_milliseconds() {
+        assert_eq!(ttl_millis(Duration::ZERO), 0);
+        assert_eq!(ttl_millis(Duration::from_micros(1)), 1);
+        assert_eq!(ttl_millis(Duration::from_micros(1500)), 2);
+        assert_eq!(ttl_millis(Duration::from_millis(500)), 500);
+        assert_eq!(ttl_millis(Duration::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn stream_acks_split_into_outcomes() {
+        let ack = PublishStreamAck {
+            sequence: 3,
+            result: Some(publish_stream_ack::Result::Ack(PublishAck {
+                offset: 9,
+                ..PublishAck::default()
+            })),
+        };
+        let (sequence, outcome) = split_stream_ack(ack);
+        assert_eq!(sequence, 3);
+        assert_eq!(outcome.unwrap().offset, 9);
+
+        let refused = PublishStreamAck {
+            sequence: 4,
+            result: Some(publish_stream_ack::Result::Refusal(Refusal {
+                code: 3,
+                reason: "CHANNEL_INVALID".to_owned(),
+                message: "bad".to_owned(),
+            })),
+        };
+        let (sequence, outcome) = split_stream_ack(refused);
+        assert_eq!(sequence, 4);
+        assert_eq!(
+            outcome.unwrap_err().to_string(),
+            "INVALID_ARGUMENT CHANNEL_INVALID: bad"
+        );
+    }
+}
