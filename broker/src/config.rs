@@ -223,13 +223,19 @@ impl Config {
         env.sort();
         for (name, raw) in env {
             match settings.iter().find(|path| env_name(path) == name) {
-                Some(path) => set_path(&mut value, path, &raw, &name)?,
+                Some(path) => {
+                    set_path(&mut value, path, &raw, &name)?;
+                    // Check now, so an error names the variable and the value that caused it.
+                    Self::from_value(value.clone(), &format!("{name}={raw:?}"))?;
+                }
                 None if ENV_NOT_SETTINGS.contains(&name.as_str()) => {}
                 None => unknown.push(name),
             }
         }
         for (path, raw) in flags {
-            set_path(&mut value, path, raw, &format!("flag for `{path}`"))?;
+            let layer = format!("flag for `{path}` ({raw:?})");
+            set_path(&mut value, path, raw, &layer)?;
+            Self::from_value(value.clone(), &layer)?;
         }
         let config = Self::from_value(value, "settings")?;
         config.validate()?;
