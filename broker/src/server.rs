@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use switchboard_proto::v1::broker_server::BrokerServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::edge::BrokerService;
@@ -98,9 +98,9 @@ async fn serve(
     consensus: raft::Consensus,
 ) -> anyhow::Result<()> {
     let mut stopping = signal.clone();
-    let incoming = TcpListenerStream::new(listener);
+    // Nagle's algorithm would hold small acks back for the peer's delayed ACK (~40 ms each).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(grpc)
