@@ -1,5 +1,6 @@
 //! The `switchboard` binary's command line: help that teaches, configuration layers, and precise
 //! errors for bad settings. (Running brokers are tested end to end in `tests/`.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 
@@ -17,7 +18,14 @@ fn help_explains_defaults_layers_and_examples() {
     let out = switchboard(&["--help"], &[]);
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for needle in ["127.0.0.1:7400", "./data", "SWITCHBOARD_", "--config", "Examples:", "SIGTERM"] {
+    for needle in [
+        "127.0.0.1:7400",
+        "./data",
+        "SWITCHBOARD_",
+        "--config",
+        "Examples:",
+        "SIGTERM",
+    ] {
         assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
     }
 }
@@ -26,9 +34,16 @@ fn help_explains_defaults_layers_and_examples() {
 fn print_config_shows_every_layer_applied() {
     let out = switchboard(
         &["--print-config", "--listen", "127.0.0.1:9999"],
-        &[("SWITCHBOARD_RETENTION_MAX_AGE", "2h"), ("SWITCHBOARD_LISTEN", "127.0.0.1:1")],
+        &[
+            ("SWITCHBOARD_RETENTION_MAX_AGE", "2h"),
+            ("SWITCHBOARD_LISTEN", "127.0.0.1:1"),
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:9999\""), "{text}");
     assert!(text.contains("max_age = \"2h\""), "{text}");
@@ -44,7 +59,10 @@ fn print_defaults_is_the_commented_embedded_file() {
 
 #[test]
 fn bad_settings_fail_with_exit_2_and_name_the_setting() {
-    let out = switchboard(&["--print-config"], &[("SWITCHBOARD_DURABILITY_FSYNC", "never")]);
+    let out = switchboard(
+        &["--print-config"],
+        &[("SWITCHBOARD_DURABILITY_FSYNC", "never")],
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("never"), "{err}");

@@ -36,7 +36,7 @@ async fn subscriptions_replay_from_earliest_an_offset_and_a_time() {
         .unwrap();
     assert_eq!(offsets(&take(&mut sub, 5).await), all[5..].to_vec());
 
-    let t = acks[6].publish_time.clone().unwrap();
+    let t = acks[6].publish_time.unwrap();
     let time = std::time::SystemTime::UNIX_EPOCH
         + std::time::Duration::new(t.seconds as u64, t.nanos as u32);
     let mut sub = f

@@ -8,7 +8,7 @@ use switchboard_e2e::eventually;
 use crate::common::*;
 
 fn expiry(ack: &switchboard_proto::v1::PublishAck, ttl: Duration) -> SystemTime {
-    let ts = ack.publish_time.clone().expect("publish time");
+    let ts = ack.publish_time.expect("publish time");
     SystemTime::UNIX_EPOCH + Duration::new(ts.seconds as u64, ts.nanos as u32) + ttl
 }
 

@@ -15,8 +15,14 @@ use switchboard_client::{split_stream_ack, Client, Publish};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let url = args.next().unwrap_or_else(|| "http://127.0.0.1:7400".into());
-    let count: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200_000);
+    let url = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:7400".into());
+    let count: usize = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(200_000);
     let size: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1024);
     let window: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(256);
 
