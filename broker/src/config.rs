@@ -101,6 +101,7 @@ pub struct Proposer {
     pub max_batch_bytes: usize,
     pub max_in_flight: usize,
     pub queue: usize,
+    pub queue_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -116,6 +117,7 @@ pub struct Subscriptions {
 pub struct History {
     pub default_limit: u32,
     pub max_limit: u32,
+    pub max_page_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -327,6 +329,12 @@ impl Config {
         if p.queue == 0 || p.queue > 1_000_000 {
             return invalid("proposer.queue", "must be between 1 and 1000000");
         }
+        if p.queue_bytes < p.max_batch_bytes {
+            return invalid(
+                "proposer.queue_bytes",
+                "must be at least proposer.max_batch_bytes",
+            );
+        }
         if self.subscriptions.queue_depth == 0 || self.subscriptions.queue_depth > 1_000_000 {
             return invalid("subscriptions.queue_depth", "must be between 1 and 1000000");
         }
@@ -339,6 +347,9 @@ impl Config {
                 "history.default_limit",
                 "must be between 1 and history.max_limit",
             );
+        }
+        if h.max_page_bytes < 1024 {
+            return invalid("history.max_page_bytes", "must be at least 1024");
         }
         if self.publish_stream.max_unacked == 0 || self.publish_stream.max_unacked > 65536 {
             return invalid("publish_stream.max_unacked", "must be between 1 and 65536");

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config;
 use crate::error::BrokerError;
@@ -32,12 +32,20 @@ pub type Pending = oneshot::Receiver<Result<Published, BrokerError>>;
 struct Proposal {
     messages: Vec<NewMessage>,
     reply: oneshot::Sender<Result<Published, BrokerError>>,
+    /// The proposal's share of the queue's byte budget, returned when it leaves the queue.
+    _budget: OwnedSemaphorePermit,
 }
+
+/// The queue's byte budget is counted in KiB, so it fits a semaphore's permit count.
+const BUDGET_UNIT: usize = 1024;
 
 /// Handle to the proposer task; cheap to clone. The task ends when every handle is dropped.
 #[derive(Clone)]
 pub struct Proposer {
     queue: mpsc::Sender<Proposal>,
+    /// Bounds the bytes waiting in the queue, not only their count.
+    budget: Arc<Semaphore>,
+    budget_units: u32,
 }
 
 impl Proposer {
@@ -45,7 +53,12 @@ impl Proposer {
     pub fn start(raft: Raft, settings: &config::Proposer) -> Proposer {
         let (queue, waiting) = mpsc::channel(settings.queue);
         tokio::spawn(run(raft, waiting, settings.clone()));
-        Proposer { queue }
+        let budget_units = u32::try_from(settings.queue_bytes / BUDGET_UNIT).unwrap_or(u32::MAX);
+        Proposer {
+            queue,
+            budget: Arc::new(Semaphore::new(budget_units as usize)),
+            budget_units,
+        }
     }
 
     /// Queues `messages` to be proposed together (waiting for queue space, which is backpressure
@@ -56,8 +69,20 @@ impl Proposer {
     /// [`BrokerError::ShuttingDown`] when the proposer has stopped.
     pub async fn submit(&self, messages: Vec<NewMessage>) -> Result<Pending, BrokerError> {
         let (reply, pending) = oneshot::channel();
+        let bytes: usize = messages.iter().map(NewMessage::approximate_size).sum();
+        let units = u32::try_from(bytes.div_ceil(BUDGET_UNIT))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.budget_units);
+        let budget = Arc::clone(&self.budget)
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?;
         self.queue
-            .send(Proposal { messages, reply })
+            .send(Proposal {
+                messages,
+                reply,
+                _budget: budget,
+            })
             .await
             .map_err(|_| BrokerError::ShuttingDown)?;
         Ok(pending)
@@ -122,6 +147,8 @@ async fn run(raft: Raft, mut waiting: mpsc::Receiver<Proposal>, settings: config
         let mut bytes = batch_bytes(&first);
         replies.push((first.messages.len() as u64, first.reply));
         messages.extend(first.messages);
+        // Each proposal's budget is released as it is taken into the entry: from here on its bytes
+        // belong to the entry, which the in-flight limit bounds.
         while messages.len() < settings.max_batch_messages {
             let Ok(next) = waiting.try_recv() else { break };
             let size = batch_bytes(&next);

@@ -45,6 +45,8 @@ pub struct ReadRange<'a> {
     pub now_us: u64,
     /// Stop after this many messages.
     pub limit: usize,
+    /// Stop once the messages read take this many bytes (a page always holds at least one).
+    pub max_bytes: usize,
     /// Stop after visiting this many batches, so a sparse pattern cannot make one read scan the
     /// whole store.
     pub max_batches: usize,
@@ -206,6 +208,7 @@ impl MessageStore {
     /// The embedded store's error, or a corrupt record.
     pub fn read(&self, range: &ReadRange<'_>) -> Result<ReadPage, BrokerError> {
         let mut messages = Vec::new();
+        let mut bytes = 0usize;
         let mut next = range.from;
         for (visited, batch) in self.batches_from(range.from).enumerate() {
             if visited >= range.max_batches {
@@ -228,8 +231,9 @@ impl MessageStore {
                 }
                 next = m.offset + 1;
                 if range.pattern.matches(&m.message.channel) && !m.is_expired(range.now_us) {
+                    bytes += m.message.approximate_size();
                     messages.push(m);
-                    if messages.len() >= range.limit {
+                    if messages.len() >= range.limit || bytes >= range.max_bytes {
                         return Ok(ReadPage {
                             messages,
                             next,

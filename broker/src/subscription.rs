@@ -24,6 +24,8 @@ use crate::store::{MessageStore, ReadRange};
 
 /// Messages read from the store per page while catching up.
 const CATCH_UP_PAGE: usize = 256;
+/// Bytes read per page while catching up.
+const CATCH_UP_BYTES: usize = 1024 * 1024;
 /// Batches visited per page while catching up.
 const CATCH_UP_BATCHES: usize = 64;
 
@@ -108,6 +110,7 @@ impl Feeder<'_> {
                     pattern: self.pattern,
                     now_us: now_us(),
                     limit: CATCH_UP_PAGE,
+                    max_bytes: CATCH_UP_BYTES,
                     max_batches: CATCH_UP_BATCHES,
                 })
                 .map_err(End::Failed)?;

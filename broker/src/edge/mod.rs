@@ -265,6 +265,7 @@ impl BrokerRpc for BrokerService {
             0 => history.default_limit,
             n => n.min(history.max_limit),
         } as usize;
+        let max_bytes = history.max_page_bytes;
         let store = edge.store.clone();
         let page = tokio::task::spawn_blocking(move || {
             store.read(&ReadRange {
@@ -274,6 +275,7 @@ impl BrokerRpc for BrokerService {
                 pattern: &pattern,
                 now_us: now_us(),
                 limit,
+                max_bytes,
                 max_batches: HISTORY_MAX_BATCHES,
             })
         })

@@ -143,3 +143,50 @@ pub async fn start(config: &Config) -> anyhow::Result<Consensus> {
         state_sync,
     })
 }
+
+/// openraft's own storage test suite, run against the sled log store and state machine: the same
+/// checks every openraft storage implementation must pass (log state, purge, truncate, vote,
+/// membership, apply, snapshot transfer).
+#[cfg(test)]
+mod storage_suite {
+    use openraft::testing::{StoreBuilder, Suite};
+    use openraft::StorageError;
+
+    use super::log_store::LogStore;
+    use super::state_machine::StateMachine;
+    use super::TypeConfig;
+    use crate::config::FsyncPolicy;
+    use crate::hub::Hub;
+
+    struct SledBuilder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let log = LogStore::open(
+                &dir.path().join("log"),
+                8 << 20,
+                FsyncPolicy::Always,
+                std::time::Duration::from_millis(100),
+            )
+            .expect("log store opens");
+            let state_dir = dir.path().join("state");
+            let db = sled::Config::new()
+                .path(&state_dir)
+                .cache_capacity(8 << 20)
+                .open()
+                .expect("state db opens");
+            let (progress, _) = tokio::sync::watch::channel(Default::default());
+            let sm = StateMachine::open(db, &state_dir, Hub::new(0, 16), progress)
+                .expect("state machine opens");
+            Ok((dir, log, sm))
+        }
+    }
+
+    #[test]
+    fn openraft_storage_suite_passes() {
+        Suite::test_all(SledBuilder).expect("storage suite");
+    }
+}
