@@ -7,13 +7,18 @@
 //! the leader's clock went backwards, so publish times never decrease with offsets (the time index
 //! relies on it).
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use openraft::{BasicNode, LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
 
+use crate::entity::{EntityState, Stamp};
 use crate::error::BrokerError;
-use crate::message::{Command, CommandOutcome, StoredMessage};
+use crate::message::{
+    Command, CommandOutcome, EntityWrite, Item, ItemOutcome, NewMessage, Refusal, Rules,
+    StoredMessage,
+};
 use crate::store::MessageStore;
 
 /// Most batches one sweep visits, so a sweep never stalls apply for long; the next sweep goes on.
@@ -33,6 +38,8 @@ pub struct StateMeta {
     pub last_publish_time_us: u64,
     /// Encoded bytes of all stored batches.
     pub stored_bytes: u64,
+    /// Publishes refused as loops so far.
+    pub loops_detected: u64,
 }
 
 impl StateMeta {
@@ -68,13 +75,235 @@ impl StateMeta {
     }
 }
 
+/// The reserved channel on which the broker reports refused publish loops.
+pub const LOOP_CHANNEL: &str = "$sys.loop.detected";
+
+/// The reserved channel that carries every accepted change of an entity.
+pub fn state_channel(entity_type: &str, id: &str) -> String {
+    format!("$state.{entity_type}.{id}")
+}
+
+/// The JSON document published on an entity's state channel, and sent to watchers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntityDoc {
+    /// The entity's type.
+    #[serde(rename = "type")]
+    pub entity_type: String,
+    /// The entity's id.
+    pub id: String,
+    /// Accepted changes so far.
+    pub version: u64,
+    /// The ETag of this version.
+    pub etag: String,
+    /// True when a delete won and nothing was set since.
+    pub deleted: bool,
+    /// When the change was applied, µs since the epoch.
+    pub updated_at_us: u64,
+    /// The stamp of the change.
+    pub last_stamp: Option<Stamp>,
+    /// The merged fields.
+    pub fields: serde_json::Value,
+}
+
+impl EntityDoc {
+    /// The document for an entity's state.
+    pub fn new(entity_type: &str, id: &str, state: &EntityState) -> EntityDoc {
+        EntityDoc {
+            entity_type: entity_type.to_owned(),
+            id: id.to_owned(),
+            version: state.version,
+            etag: state.etag(),
+            deleted: state.is_deleted(),
+            updated_at_us: state.updated_at_us,
+            last_stamp: state.last_stamp.clone(),
+            fields: serde_json::from_str(&state.fields_json()).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+/// A message the broker itself publishes (state changes, loop reports).
+fn system_message(channel: String, payload: String) -> NewMessage {
+    NewMessage {
+        channel,
+        payload: bytes::Bytes::from(payload),
+        content_type: "application/json".to_owned(),
+        schema_version: "1.0.0".to_owned(),
+        correlation_id: String::new(),
+        causation_id: String::new(),
+        idempotency_key: String::new(),
+        ttl_ms: 0,
+        headers: BTreeMap::new(),
+        hops: 0,
+    }
+}
+
+/// Decides the items of one batch, in order. See the module docs.
+struct BatchApply<'a> {
+    store: &'a MessageStore,
+    rules: Rules,
+    publish_time_us: u64,
+    next_offset: u64,
+    /// Messages stored by this batch so far, in offset order.
+    stored: Vec<StoredMessage>,
+    /// Dedup records written by this batch (the sled batch is not readable yet).
+    dedup: HashMap<(String, String), (u64, u64)>,
+    /// Entities written by this batch.
+    entities: HashMap<(String, String), EntityState>,
+    loops_detected: u64,
+}
+
+impl BatchApply<'_> {
+    fn store_message(&mut self, message: NewMessage, chain: Vec<String>) -> u64 {
+        let offset = self.next_offset;
+        self.next_offset += 1;
+        self.stored.push(StoredMessage {
+            offset,
+            publish_time_us: self.publish_time_us,
+            message,
+            chain,
+        });
+        offset
+    }
+
+    fn known_message(&self, offset: u64) -> Result<Option<StoredMessage>, BrokerError> {
+        match self.stored.iter().find(|m| m.offset == offset) {
+            Some(m) => Ok(Some(m.clone())),
+            None => self.store.message(offset),
+        }
+    }
+
+    fn publish(
+        &mut self,
+        mut message: NewMessage,
+        batch: &mut sled::Batch,
+    ) -> Result<ItemOutcome, BrokerError> {
+        let now = self.publish_time_us;
+        // A retry is answered with the original before anything else: it is never a loop.
+        if !message.idempotency_key.is_empty() {
+            let key = (message.channel.clone(), message.idempotency_key.clone());
+            let seen = match self.dedup.get(&key) {
+                Some(seen) => Some(*seen),
+                None => self.store.dedup(&key.0, &key.1)?,
+            };
+            if let Some((offset, at)) = seen {
+                if now.saturating_sub(at) < self.rules.dedup_window_us {
+                    return Ok(ItemOutcome::Duplicate {
+                        offset,
+                        publish_time_us: at,
+                    });
+                }
+            }
+        }
+
+        // Loops: follow the cause, when it is a message this broker still holds.
+        let cause = match message.causation_id.parse::<u64>() {
+            Ok(offset) => self.known_message(offset)?,
+            Err(_) => None,
+        };
+        let mut chain = Vec::new();
+        if let Some(cause) =
+            cause.filter(|c| now.saturating_sub(c.publish_time_us) <= self.rules.loop_window_us)
+        {
+            chain = cause.chain.clone();
+            chain.push(cause.message.channel.clone());
+            message.hops = message.hops.max(cause.message.hops.saturating_add(1));
+        }
+        let reentry = chain.iter().any(|c| *c == message.channel);
+        if reentry || message.hops > self.rules.max_hops {
+            let detail = if reentry {
+                format!(
+                    "the causal chain already passed through {:?} (chain: {})",
+                    message.channel,
+                    chain.join(" -> ")
+                )
+            } else {
+                format!(
+                    "{} hops exceed the limit of {}",
+                    message.hops, self.rules.max_hops
+                )
+            };
+            let report = serde_json::json!({
+                "channel": message.channel,
+                "correlation_id": message.correlation_id,
+                "causation_id": message.causation_id,
+                "hops": message.hops,
+                "chain": chain,
+                "detail": detail,
+            });
+            self.store_message(
+                system_message(LOOP_CHANNEL.to_owned(), report.to_string()),
+                Vec::new(),
+            );
+            self.loops_detected += 1;
+            return Ok(ItemOutcome::Refused(Refusal::Loop { detail }));
+        }
+
+        let dedup_key = (!message.idempotency_key.is_empty())
+            .then(|| (message.channel.clone(), message.idempotency_key.clone()));
+        let offset = self.store_message(message, chain);
+        if let Some(key) = dedup_key {
+            MessageStore::put_dedup(batch, &key.0, &key.1, offset, now)?;
+            self.dedup.insert(key, (offset, now));
+        }
+        Ok(ItemOutcome::Stored {
+            offset,
+            publish_time_us: now,
+        })
+    }
+
+    fn entity(
+        &mut self,
+        write: &EntityWrite,
+        batch: &mut sled::Batch,
+    ) -> Result<ItemOutcome, BrokerError> {
+        let key = (write.entity_type.clone(), write.id.clone());
+        let current = match self.entities.get(&key) {
+            Some(state) => state.clone(),
+            None => self.store.entity(&key.0, &key.1)?.unwrap_or_default(),
+        };
+        let current_version = current.version;
+        let leader_ms = self.publish_time_us / 1000;
+        let ahead_ms = write.stamp.timestamp_ms.saturating_sub(leader_ms);
+        if ahead_ms > self.rules.max_clock_skew_ms {
+            return Ok(ItemOutcome::Refused(Refusal::ClockSkew {
+                current_version,
+                ahead_ms,
+                max_skew_ms: self.rules.max_clock_skew_ms,
+            }));
+        }
+        if let Some(expected_version) = write.expected_version {
+            if expected_version != current_version {
+                return Ok(ItemOutcome::Refused(Refusal::VersionConflict {
+                    current_version,
+                    expected_version,
+                }));
+            }
+        }
+        let mut next = current;
+        if !next.merge(&write.change, &write.stamp) {
+            return Ok(ItemOutcome::Refused(Refusal::Stale { current_version }));
+        }
+        next.accept(&write.stamp, self.publish_time_us);
+        MessageStore::put_entity(batch, &key.0, &key.1, &next)?;
+        let doc = EntityDoc::new(&key.0, &key.1, &next);
+        let payload = serde_json::to_string(&doc)
+            .map_err(|e| BrokerError::Storage(format!("cannot encode entity: {e}")))?;
+        self.store_message(
+            system_message(state_channel(&key.0, &key.1), payload),
+            Vec::new(),
+        );
+        self.entities.insert(key, next.clone());
+        Ok(ItemOutcome::Entity(Box::new(next)))
+    }
+}
+
 /// Applies `command` on top of `meta`: adds the store writes to `batch`, advances `meta`, and
 /// returns the outcome and the messages that became visible (for the hub).
 ///
 /// `meta` is only changed when this returns `Ok`; on error the caller must discard `batch`.
 ///
 /// # Errors
-/// The embedded store's error, or a corrupt record met while sweeping.
+/// The embedded store's error, or a corrupt record.
 pub fn apply_command(
     store: &MessageStore,
     meta: &mut StateMeta,
@@ -82,42 +311,53 @@ pub fn apply_command(
     batch: &mut sled::Batch,
 ) -> Result<(CommandOutcome, Vec<Arc<StoredMessage>>), BrokerError> {
     match command {
-        Command::Publish {
+        Command::Batch {
             stamped_at_us,
-            messages,
+            rules,
+            items,
         } => {
-            if messages.is_empty() {
-                return Ok((CommandOutcome::Nothing, Vec::new()));
-            }
-            let first_offset = meta.next_offset;
             let publish_time_us = (*stamped_at_us).max(meta.last_publish_time_us);
-            let stored: Vec<StoredMessage> = messages
-                .iter()
-                .zip(first_offset..)
-                .map(|(message, offset)| StoredMessage {
-                    offset,
-                    publish_time_us,
-                    message: message.clone(),
-                })
-                .collect();
-            let len = MessageStore::put_batch(batch, first_offset, &stored)?;
-            meta.next_offset = first_offset + stored.len() as u64;
-            meta.last_publish_time_us = publish_time_us;
-            meta.stored_bytes += len as u64;
+            let mut decide = BatchApply {
+                store,
+                rules: *rules,
+                publish_time_us,
+                next_offset: meta.next_offset,
+                stored: Vec::new(),
+                dedup: HashMap::new(),
+                entities: HashMap::new(),
+                loops_detected: 0,
+            };
+            let mut outcomes = Vec::with_capacity(items.len());
+            for item in items {
+                outcomes.push(match item {
+                    Item::Publish(message) => decide.publish(message.clone(), batch)?,
+                    Item::Entity(write) => decide.entity(write, batch)?,
+                });
+            }
+            if let Some(first) = decide.stored.first() {
+                let len = MessageStore::put_batch(batch, first.offset, &decide.stored)?;
+                meta.stored_bytes += len as u64;
+                meta.last_publish_time_us = publish_time_us;
+            }
+            meta.next_offset = decide.next_offset;
+            meta.loops_detected += decide.loops_detected;
             Ok((
-                CommandOutcome::Published {
-                    first_offset,
-                    publish_time_us,
-                },
-                stored.into_iter().map(Arc::new).collect(),
+                CommandOutcome::Batch(outcomes),
+                decide.stored.into_iter().map(Arc::new).collect(),
             ))
         }
         Command::Sweep {
             now_us,
             max_age_us,
             max_bytes,
+            dedup_window_us,
         } => {
             let removed = sweep(store, meta, *now_us, *max_age_us, *max_bytes, batch)?;
+            store.forget_dedup_before(
+                batch,
+                now_us.saturating_sub(*dedup_window_us),
+                SWEEP_BATCH_LIMIT,
+            )?;
             Ok((CommandOutcome::Swept { removed }, Vec::new()))
         }
     }
@@ -196,7 +436,6 @@ fn sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::NewMessage;
 
     fn message(channel: &str, ttl_ms: u64) -> NewMessage {
         NewMessage {
@@ -209,6 +448,22 @@ mod tests {
             idempotency_key: String::new(),
             ttl_ms,
             headers: Default::default(),
+            hops: 0,
+        }
+    }
+
+    const RULES: Rules = Rules {
+        dedup_window_us: 120_000_000,
+        loop_window_us: 300_000_000,
+        max_hops: 16,
+        max_clock_skew_ms: 60_000,
+    };
+
+    fn publish_command(stamped_at_us: u64, messages: Vec<NewMessage>) -> Command {
+        Command::Batch {
+            stamped_at_us,
+            rules: RULES,
+            items: messages.into_iter().map(Item::Publish).collect(),
         }
     }
 
@@ -240,34 +495,23 @@ mod tests {
         let a = run(
             &store,
             &mut meta,
-            Command::Publish {
-                stamped_at_us: 100,
-                messages: vec![message("a.b", 0); 3],
-            },
+            publish_command(100, vec![message("a.b", 0); 3]),
         );
         // The leader's clock went backwards: the time is held at the previous one.
         let b = run(
             &store,
             &mut meta,
-            Command::Publish {
-                stamped_at_us: 50,
-                messages: vec![message("a.b", 0)],
-            },
+            publish_command(50, vec![message("a.b", 0)]),
         );
+        let stored = |offset| ItemOutcome::Stored {
+            offset,
+            publish_time_us: 100,
+        };
         assert_eq!(
             a,
-            CommandOutcome::Published {
-                first_offset: 1,
-                publish_time_us: 100
-            }
+            CommandOutcome::Batch(vec![stored(1), stored(2), stored(3)])
         );
-        assert_eq!(
-            b,
-            CommandOutcome::Published {
-                first_offset: 4,
-                publish_time_us: 100
-            }
-        );
+        assert_eq!(b, CommandOutcome::Batch(vec![stored(4)]));
         assert_eq!(all_offsets(&store), vec![1, 2, 3, 4]);
         assert_eq!(StateMeta::load(&store).unwrap(), meta);
     }
@@ -275,18 +519,13 @@ mod tests {
     #[test]
     fn same_commands_give_the_same_store() {
         let commands = vec![
-            Command::Publish {
-                stamped_at_us: 1_000,
-                messages: vec![message("a.b", 1), message("a.c", 0)],
-            },
-            Command::Publish {
-                stamped_at_us: 2_000,
-                messages: vec![message("a.d", 5)],
-            },
+            publish_command(1_000, vec![message("a.b", 1), message("a.c", 0)]),
+            publish_command(2_000, vec![message("a.d", 5)]),
             Command::Sweep {
                 now_us: 3_000,
                 max_age_us: u64::MAX,
                 max_bytes: u64::MAX,
+                dedup_window_us: 0,
             },
         ];
         let dumps: Vec<Vec<(Vec<u8>, Vec<u8>)>> = (0..2)
@@ -316,10 +555,10 @@ mod tests {
         run(
             &store,
             &mut meta,
-            Command::Publish {
-                stamped_at_us: 1_000,
-                messages: vec![message("a.b", 1), message("a.c", 0), message("a.d", 10)],
-            },
+            publish_command(
+                1_000,
+                vec![message("a.b", 1), message("a.c", 0), message("a.d", 10)],
+            ),
         );
         let before = meta.stored_bytes;
         assert_eq!(
@@ -329,7 +568,8 @@ mod tests {
                 Command::Sweep {
                     now_us: 1_999,
                     max_age_us: u64::MAX,
-                    max_bytes: u64::MAX
+                    max_bytes: u64::MAX,
+                    dedup_window_us: 0,
                 }
             ),
             CommandOutcome::Swept { removed: 0 }
@@ -341,7 +581,8 @@ mod tests {
                 Command::Sweep {
                     now_us: 2_000,
                     max_age_us: u64::MAX,
-                    max_bytes: u64::MAX
+                    max_bytes: u64::MAX,
+                    dedup_window_us: 0,
                 }
             ),
             CommandOutcome::Swept { removed: 1 }
@@ -355,7 +596,8 @@ mod tests {
                 Command::Sweep {
                     now_us: 20_000,
                     max_age_us: u64::MAX,
-                    max_bytes: u64::MAX
+                    max_bytes: u64::MAX,
+                    dedup_window_us: 0,
                 }
             ),
             CommandOutcome::Swept { removed: 1 }
@@ -373,10 +615,7 @@ mod tests {
             run(
                 &store,
                 &mut meta,
-                Command::Publish {
-                    stamped_at_us: t * 1_000,
-                    messages: vec![message("a.b", 0)],
-                },
+                publish_command(t * 1_000, vec![message("a.b", 0)]),
             );
         }
         // Older than 2_500 µs at now = 4_000 with max age 1_500: batches at 1_000 and 2_000 go.
@@ -387,7 +626,8 @@ mod tests {
                 Command::Sweep {
                     now_us: 4_000,
                     max_age_us: 1_500,
-                    max_bytes: u64::MAX
+                    max_bytes: u64::MAX,
+                    dedup_window_us: 0,
                 }
             ),
             CommandOutcome::Swept { removed: 2 }
@@ -401,7 +641,8 @@ mod tests {
                 Command::Sweep {
                     now_us: 4_000,
                     max_age_us: u64::MAX,
-                    max_bytes: one
+                    max_bytes: one,
+                    dedup_window_us: 0,
                 }
             ),
             CommandOutcome::Swept { removed: 1 }
@@ -409,5 +650,256 @@ mod tests {
         assert_eq!(all_offsets(&store), vec![4]);
         assert_eq!(meta.stored_bytes, one);
         assert_eq!(store.first_offset_at_or_after(0).unwrap(), Some(4));
+    }
+
+    fn batch(stamped_at_us: u64, items: Vec<Item>) -> Command {
+        Command::Batch {
+            stamped_at_us,
+            rules: RULES,
+            items,
+        }
+    }
+
+    fn outcomes(outcome: CommandOutcome) -> Vec<ItemOutcome> {
+        match outcome {
+            CommandOutcome::Batch(o) => o,
+            other => panic!("not a batch: {other:?}"),
+        }
+    }
+
+    fn keyed(channel: &str, key: &str) -> NewMessage {
+        let mut m = message(channel, 0);
+        m.idempotency_key = key.into();
+        m
+    }
+
+    #[test]
+    fn a_retry_within_the_window_names_the_original_and_after_it_is_stored_anew() {
+        let (_dir, store) = temp_store();
+        let mut meta = StateMeta::load(&store).unwrap();
+        // The retry in the same batch, in a later batch, and after the window.
+        let first = outcomes(run(
+            &store,
+            &mut meta,
+            batch(
+                1_000,
+                vec![
+                    Item::Publish(keyed("a.b", "k")),
+                    Item::Publish(keyed("a.b", "k")),
+                ],
+            ),
+        ));
+        assert_eq!(
+            first[0],
+            ItemOutcome::Stored {
+                offset: 1,
+                publish_time_us: 1_000
+            }
+        );
+        assert_eq!(
+            first[1],
+            ItemOutcome::Duplicate {
+                offset: 1,
+                publish_time_us: 1_000
+            }
+        );
+        let later = outcomes(run(
+            &store,
+            &mut meta,
+            batch(
+                2_000,
+                vec![
+                    Item::Publish(keyed("a.b", "k")),
+                    Item::Publish(keyed("a.c", "k")),
+                ],
+            ),
+        ));
+        assert_eq!(
+            later[0],
+            ItemOutcome::Duplicate {
+                offset: 1,
+                publish_time_us: 1_000
+            }
+        );
+        assert_eq!(
+            later[1],
+            ItemOutcome::Stored {
+                offset: 2,
+                publish_time_us: 2_000
+            },
+            "keys are per channel"
+        );
+        let after = 1_000 + RULES.dedup_window_us;
+        let fresh = outcomes(run(
+            &store,
+            &mut meta,
+            batch(after, vec![Item::Publish(keyed("a.b", "k"))]),
+        ));
+        assert_eq!(
+            fresh[0],
+            ItemOutcome::Stored {
+                offset: 3,
+                publish_time_us: after
+            }
+        );
+    }
+
+    fn caused_by(channel: &str, cause: u64, correlation: &str) -> NewMessage {
+        let mut m = message(channel, 0);
+        m.causation_id = cause.to_string();
+        m.correlation_id = correlation.into();
+        m
+    }
+
+    #[test]
+    fn a_chain_that_reenters_a_channel_is_refused_and_reported() {
+        let (_dir, store) = temp_store();
+        let mut meta = StateMeta::load(&store).unwrap();
+        let c = "11111111-1111-4111-8111-111111111111";
+        let a1 = outcomes(run(
+            &store,
+            &mut meta,
+            batch(1_000, vec![Item::Publish(message("svc.a", 0))]),
+        ));
+        assert!(matches!(a1[0], ItemOutcome::Stored { offset: 1, .. }));
+        let b = outcomes(run(
+            &store,
+            &mut meta,
+            batch(2_000, vec![Item::Publish(caused_by("svc.b", 1, c))]),
+        ));
+        assert!(matches!(b[0], ItemOutcome::Stored { offset: 2, .. }));
+        // Back into svc.a: refused, and the report takes offset 3.
+        let a2 = outcomes(run(
+            &store,
+            &mut meta,
+            batch(3_000, vec![Item::Publish(caused_by("svc.a", 2, c))]),
+        ));
+        assert!(
+            matches!(&a2[0], ItemOutcome::Refused(Refusal::Loop { detail }) if detail.contains("svc.a"))
+        );
+        let report = store.message(3).unwrap().unwrap();
+        assert_eq!(report.message.channel, LOOP_CHANNEL);
+        assert_eq!(meta.loops_detected, 1);
+        // A long chain through distinct channels is fine, and hops are counted by the broker.
+        let mut cause = 2;
+        for i in 0..10 {
+            let o = outcomes(run(
+                &store,
+                &mut meta,
+                batch(
+                    4_000 + i,
+                    vec![Item::Publish(caused_by(&format!("svc.c{i}"), cause, c))],
+                ),
+            ));
+            let ItemOutcome::Stored { offset, .. } = o[0] else {
+                panic!("{o:?}")
+            };
+            cause = offset;
+        }
+        assert_eq!(store.message(cause).unwrap().unwrap().message.hops, 11);
+        // Past the hop limit.
+        let mut long = caused_by("svc.z", cause, c);
+        long.hops = 0;
+        let mut meta2 = meta.clone();
+        let rules = Rules {
+            max_hops: 5,
+            ..RULES
+        };
+        let mut sled_batch = sled::Batch::default();
+        let (o, _) = apply_command(
+            &store,
+            &mut meta2,
+            &Command::Batch {
+                stamped_at_us: 5_000,
+                rules,
+                items: vec![Item::Publish(long)],
+            },
+            &mut sled_batch,
+        )
+        .unwrap();
+        assert!(matches!(
+            &outcomes(o)[0],
+            ItemOutcome::Refused(Refusal::Loop { .. })
+        ));
+    }
+
+    fn entity_write(fields: &[(&str, &str)], ts: u64, writer: &str, expected: Option<u64>) -> Item {
+        Item::Entity(EntityWrite {
+            entity_type: "contact".into(),
+            id: "42".into(),
+            change: crate::entity::Change::Update(
+                fields
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            stamp: Stamp {
+                timestamp_ms: ts,
+                version: 0,
+                writer: writer.into(),
+            },
+            expected_version: expected,
+        })
+    }
+
+    #[test]
+    fn entity_writes_merge_refuse_and_publish_their_state() {
+        let (_dir, store) = temp_store();
+        let mut meta = StateMeta::load(&store).unwrap();
+        let now_us = 10_000_000; // leader time: 10 s
+        let o = outcomes(run(
+            &store,
+            &mut meta,
+            batch(
+                now_us,
+                vec![
+                    entity_write(&[("name", "\"Ada\"")], 9_000, "crm", Some(0)),
+                    entity_write(&[("phone", "\"555\"")], 9_500, "tel", None),
+                    entity_write(&[("name", "\"Old\"")], 8_000, "tel", None),
+                    entity_write(&[("name", "\"X\"")], 9_900, "crm", Some(1)),
+                    entity_write(&[("name", "\"Future\"")], 10_000 + 60_001, "crm", None),
+                ],
+            ),
+        ));
+        let ItemOutcome::Entity(first) = &o[0] else {
+            panic!("{o:?}")
+        };
+        assert_eq!(first.version, 1);
+        let ItemOutcome::Entity(second) = &o[1] else {
+            panic!("{o:?}")
+        };
+        assert_eq!(second.fields_json(), r#"{"name":"Ada","phone":"555"}"#);
+        assert_eq!(
+            o[2],
+            ItemOutcome::Refused(Refusal::Stale { current_version: 2 })
+        );
+        assert_eq!(
+            o[3],
+            ItemOutcome::Refused(Refusal::VersionConflict {
+                current_version: 2,
+                expected_version: 1
+            })
+        );
+        assert!(matches!(
+            o[4],
+            ItemOutcome::Refused(Refusal::ClockSkew {
+                current_version: 2,
+                ..
+            })
+        ));
+        let stored = store.entity("contact", "42").unwrap().unwrap();
+        assert_eq!(stored.version, 2);
+        // Each accepted change was published on the entity's state channel.
+        let states: Vec<_> = store
+            .batches_from(0)
+            .flat_map(|b| b.unwrap().messages)
+            .collect();
+        assert_eq!(states.len(), 2);
+        assert!(states
+            .iter()
+            .all(|m| m.message.channel == "$state.contact.42"));
+        let doc: EntityDoc = serde_json::from_slice(&states[1].message.payload).unwrap();
+        assert_eq!(doc.version, 2);
+        assert_eq!(doc.fields["phone"], "555");
     }
 }

@@ -38,6 +38,8 @@ pub struct Config {
     pub proposer: Proposer,
     pub subscriptions: Subscriptions,
     pub history: History,
+    pub loops: Loops,
+    pub entities: Entities,
     pub publish_stream: PublishStream,
     pub log: Log,
 }
@@ -118,6 +120,25 @@ pub struct History {
     pub default_limit: u32,
     pub max_limit: u32,
     pub max_page_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Loops {
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    pub max_hops: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Entities {
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -253,6 +274,18 @@ impl Config {
             })
     }
 
+    /// The rules apply follows, from these settings.
+    pub fn rules(&self) -> crate::message::Rules {
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        crate::message::Rules {
+            dedup_window_us: us(self.loops.dedup_window),
+            loop_window_us: us(self.loops.window),
+            max_hops: self.loops.max_hops,
+            max_clock_skew_ms: u64::try_from(self.entities.max_clock_skew.as_millis())
+                .unwrap_or(u64::MAX),
+        }
+    }
+
     /// Checks ranges and relations between settings.
     ///
     /// # Errors
@@ -329,7 +362,7 @@ impl Config {
         if p.queue == 0 || p.queue > 1_000_000 {
             return invalid("proposer.queue", "must be between 1 and 1000000");
         }
-        if p.queue_bytes < p.max_batch_bytes {
+        if p.queue_bytes < p.max_batch_bytes.max(1024) {
             return invalid(
                 "proposer.queue_bytes",
                 "must be at least proposer.max_batch_bytes",
@@ -350,6 +383,18 @@ impl Config {
         }
         if h.max_page_bytes < 1024 {
             return invalid("history.max_page_bytes", "must be at least 1024");
+        }
+        if self.loops.max_hops == 0 || self.loops.max_hops > 1000 {
+            return invalid("loops.max_hops", "must be between 1 and 1000");
+        }
+        if self.loops.dedup_window > Duration::from_secs(7 * 24 * 3600) {
+            return invalid("loops.dedup_window", "must be at most 7 days");
+        }
+        if self.loops.window > Duration::from_secs(7 * 24 * 3600) {
+            return invalid("loops.window", "must be at most 7 days");
+        }
+        if self.entities.max_clock_skew > Duration::from_secs(24 * 3600) {
+            return invalid("entities.max_clock_skew", "must be at most 24 hours");
         }
         if self.publish_stream.max_unacked == 0 || self.publish_stream.max_unacked > 65536 {
             return invalid("publish_stream.max_unacked", "must be between 1 and 65536");

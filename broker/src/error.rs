@@ -24,6 +24,14 @@ pub enum Reason {
     TtlInvalid,
     StartInvalid,
     RangeInvalid,
+    EntityKeyInvalid,
+    EntityFieldsInvalid,
+    WriteStampInvalid,
+    LoopDetected,
+    StaleUpdate,
+    VersionConflict,
+    ClockSkew,
+    EntityNotFound,
     NotLeader,
     ShuttingDown,
     StorageFailure,
@@ -48,6 +56,14 @@ impl Reason {
             Reason::TtlInvalid => "TTL_INVALID",
             Reason::StartInvalid => "START_INVALID",
             Reason::RangeInvalid => "RANGE_INVALID",
+            Reason::EntityKeyInvalid => "ENTITY_KEY_INVALID",
+            Reason::EntityFieldsInvalid => "ENTITY_FIELDS_INVALID",
+            Reason::WriteStampInvalid => "WRITE_STAMP_INVALID",
+            Reason::LoopDetected => "LOOP_DETECTED",
+            Reason::StaleUpdate => "STALE_UPDATE",
+            Reason::VersionConflict => "VERSION_CONFLICT",
+            Reason::ClockSkew => "CLOCK_SKEW",
+            Reason::EntityNotFound => "ENTITY_NOT_FOUND",
             Reason::NotLeader => "NOT_LEADER",
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::StorageFailure => "STORAGE_FAILURE",
@@ -72,6 +88,46 @@ pub enum BrokerError {
         reason: Reason,
         /// What was wrong, precisely enough to fix it.
         message: String,
+    },
+    /// The publish would continue a loop. FAILED_PRECONDITION.
+    #[error("publish loop detected: {detail}")]
+    LoopDetected {
+        /// What was found.
+        detail: String,
+    },
+    /// No field of the entity write won. FAILED_PRECONDITION.
+    #[error("stale update: no field's stamp is newer than the entity's (current version {current_version})")]
+    StaleUpdate {
+        /// The entity's version.
+        current_version: u64,
+    },
+    /// Compare-and-set failed. ABORTED.
+    #[error(
+        "version conflict: expected version {expected_version}, the entity is at {current_version}"
+    )]
+    VersionConflict {
+        /// The entity's version.
+        current_version: u64,
+        /// What the writer expected.
+        expected_version: u64,
+    },
+    /// The write's timestamp is too far ahead of the broker's clock. FAILED_PRECONDITION.
+    #[error("the write's timestamp is {ahead_ms} ms ahead of the broker's clock; at most {max_skew_ms} ms is allowed (current version {current_version})")]
+    ClockSkew {
+        /// The entity's version.
+        current_version: u64,
+        /// How far ahead.
+        ahead_ms: u64,
+        /// The limit.
+        max_skew_ms: u64,
+    },
+    /// The entity was never written. NOT_FOUND.
+    #[error("entity {entity_type}.{id} does not exist")]
+    EntityNotFound {
+        /// Its type.
+        entity_type: String,
+        /// Its id.
+        id: String,
     },
     /// This node cannot accept writes now: there is no leader, or it is another node. UNAVAILABLE.
     #[error("no leader is available to accept writes{}", leader_hint(.leader))]
@@ -110,10 +166,41 @@ impl BrokerError {
     pub fn reason(&self) -> Reason {
         match self {
             BrokerError::Invalid { reason, .. } => *reason,
+            BrokerError::LoopDetected { .. } => Reason::LoopDetected,
+            BrokerError::StaleUpdate { .. } => Reason::StaleUpdate,
+            BrokerError::VersionConflict { .. } => Reason::VersionConflict,
+            BrokerError::ClockSkew { .. } => Reason::ClockSkew,
+            BrokerError::EntityNotFound { .. } => Reason::EntityNotFound,
             BrokerError::NotLeader { .. } => Reason::NotLeader,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::Storage(_) => Reason::StorageFailure,
             BrokerError::Consensus(_) => Reason::ConsensusFailure,
+        }
+    }
+}
+
+impl From<crate::message::Refusal> for BrokerError {
+    fn from(refusal: crate::message::Refusal) -> Self {
+        use crate::message::Refusal;
+        match refusal {
+            Refusal::Loop { detail } => BrokerError::LoopDetected { detail },
+            Refusal::Stale { current_version } => BrokerError::StaleUpdate { current_version },
+            Refusal::VersionConflict {
+                current_version,
+                expected_version,
+            } => BrokerError::VersionConflict {
+                current_version,
+                expected_version,
+            },
+            Refusal::ClockSkew {
+                current_version,
+                ahead_ms,
+                max_skew_ms,
+            } => BrokerError::ClockSkew {
+                current_version,
+                ahead_ms,
+                max_skew_ms,
+            },
         }
     }
 }

@@ -250,7 +250,9 @@ mod tests {
                 idempotency_key: String::new(),
                 ttl_ms: 0,
                 headers: Default::default(),
+                hops: 0,
             },
+            chain: Vec::new(),
         })
     }
 

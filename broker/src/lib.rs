@@ -23,6 +23,7 @@ pub mod apply;
 pub mod channel;
 pub mod config;
 pub mod edge;
+pub mod entity;
 pub mod error;
 pub mod hub;
 pub mod message;

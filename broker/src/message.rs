@@ -11,6 +11,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::entity::{Change, EntityState, Stamp};
+
 /// A validated message, as accepted at the edge and before the log assigns it an offset. Defaults
 /// (content type, schema version, correlation id) are already filled in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +35,8 @@ pub struct NewMessage {
     pub ttl_ms: u64,
     /// Free-form headers (W3C trace context travels here).
     pub headers: BTreeMap<String, String>,
+    /// Messages before this one in its causal chain, as the publisher counted them.
+    pub hops: u32,
 }
 
 impl NewMessage {
@@ -61,8 +65,11 @@ pub struct StoredMessage {
     pub offset: u64,
     /// Publish time stamped by the leader, in microseconds since the Unix epoch.
     pub publish_time_us: u64,
-    /// What the publisher sent.
+    /// What the publisher sent (with `hops` as the broker counted it).
     pub message: NewMessage,
+    /// Channels of this message's causal ancestors (nearest last), when its cause is known: what
+    /// loop detection compares a reaction's channel with. Empty for a message nobody caused.
+    pub chain: Vec<String>,
 }
 
 impl StoredMessage {
@@ -83,16 +90,72 @@ impl StoredMessage {
 /// Messages just applied, in offset order, shared by every subscriber that receives them.
 pub type AppliedMessages = Arc<[Arc<StoredMessage>]>;
 
-/// A command in the replicated log. Apply uses nothing but the command itself, so every replica
-/// reaches the same state from the same log.
+/// The rules apply follows, decided by the leader's configuration and carried in every batch so
+/// every replica (and every replay) decides the same way even if settings change between restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rules {
+    /// A retry with the same channel and idempotency key within this window is a duplicate.
+    pub dedup_window_us: u64,
+    /// A cause older than this no longer counts for loop detection.
+    pub loop_window_us: u64,
+    /// The longest causal chain accepted.
+    pub max_hops: u32,
+    /// How far an entity write's timestamp may be ahead of the leader's clock.
+    pub max_clock_skew_ms: u64,
+}
+
+/// One write of an entity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntityWrite {
+    /// The entity's type (one channel segment).
+    pub entity_type: String,
+    /// The entity's id (one channel segment).
+    pub id: String,
+    /// What to do.
+    pub change: Change,
+    /// The writer's stamp.
+    pub stamp: Stamp,
+    /// Compare-and-set: the version the entity must have.
+    pub expected_version: Option<u64>,
+}
+
+/// One thing a client asked for, inside a group-committed batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Item {
+    /// Publish a message.
+    Publish(NewMessage),
+    /// Write an entity.
+    Entity(EntityWrite),
+}
+
+impl Item {
+    /// Bytes this item takes in a batch, for batch sizing.
+    pub fn approximate_size(&self) -> usize {
+        match self {
+            Item::Publish(m) => m.approximate_size(),
+            Item::Entity(w) => {
+                let fields = match &w.change {
+                    Change::Update(values) => values.iter().map(|(k, v)| k.len() + v.len()).sum(),
+                    Change::Delete => 0,
+                };
+                w.entity_type.len() + w.id.len() + w.stamp.writer.len() + fields + 64
+            }
+        }
+    }
+}
+
+/// A command in the replicated log. Apply uses nothing but the command itself (and the state
+/// before it), so every replica reaches the same state from the same log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// A group-committed batch of messages.
-    Publish {
+    /// A group-committed batch of publishes and entity writes.
+    Batch {
         /// The leader's clock when it proposed the batch, µs since the epoch.
         stamped_at_us: u64,
-        /// The messages, in the order they will get offsets.
-        messages: Vec<NewMessage>,
+        /// The rules in force.
+        rules: Rules,
+        /// The items, in the order they are decided (and get offsets).
+        items: Vec<Item>,
     },
     /// Removes expired messages and applies retention limits, as of the leader's clock. The limits
     /// travel in the command so every replica removes exactly the same messages.
@@ -103,20 +166,70 @@ pub enum Command {
         max_age_us: u64,
         /// The oldest messages are removed while stored bytes exceed this.
         max_bytes: u64,
+        /// Idempotency records older than this are forgotten.
+        dedup_window_us: u64,
     },
+}
+
+/// Why apply refused an item; nothing was stored for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The message's causal chain already passed through its channel, or is too long.
+    Loop {
+        /// What was found, for the client.
+        detail: String,
+    },
+    /// No field of the entity write won.
+    Stale {
+        /// The entity's version.
+        current_version: u64,
+    },
+    /// The expected version did not match.
+    VersionConflict {
+        /// The entity's version.
+        current_version: u64,
+        /// What the writer expected.
+        expected_version: u64,
+    },
+    /// The write's timestamp is too far ahead of the leader's clock.
+    ClockSkew {
+        /// The entity's version.
+        current_version: u64,
+        /// How far ahead it was, ms.
+        ahead_ms: u64,
+        /// The limit, ms.
+        max_skew_ms: u64,
+    },
+}
+
+/// What apply decided for one item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ItemOutcome {
+    /// The message was stored.
+    Stored {
+        /// Its offset.
+        offset: u64,
+        /// Its publish time, µs.
+        publish_time_us: u64,
+    },
+    /// A retry of a message stored earlier: nothing new was stored.
+    Duplicate {
+        /// The original's offset.
+        offset: u64,
+        /// The original's publish time, µs.
+        publish_time_us: u64,
+    },
+    /// The entity write was accepted; the entity's new state.
+    Entity(Box<EntityState>),
+    /// Refused.
+    Refused(Refusal),
 }
 
 /// What applying a [`Command`] produced, returned to whoever proposed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutcome {
-    /// The batch's messages got offsets `first_offset..first_offset + count`, all with one publish
-    /// time.
-    Published {
-        /// Offset of the batch's first message.
-        first_offset: u64,
-        /// The publish time given to every message of the batch, µs since the epoch.
-        publish_time_us: u64,
-    },
+    /// One outcome per item, in order.
+    Batch(Vec<ItemOutcome>),
     /// A sweep removed this many messages.
     Swept {
         /// Messages removed.

@@ -1,11 +1,15 @@
-//! The proposer: group commit. Concurrent publishes wait in one bounded queue; a single task takes
-//! everything waiting (up to a size limit) and proposes it as one log entry, so one fdatasync and one
-//! consensus round carry many messages.
+//! The proposer: group commit. Concurrent publishes and entity writes wait in one bounded queue; a
+//! single task takes everything waiting (up to a size limit) and proposes it as one log entry, so
+//! one fdatasync and one consensus round carry many items.
 //!
 //! The task first waits for a free in-flight slot and only then drains the queue: while earlier
-//! entries are being synced, new publishes accumulate, and the next entry carries all of them. It
+//! entries are being synced, new items accumulate, and the next entry carries all of them. It
 //! submits entries to raft in queue order (`client_write_ff` from this one task), so the offsets of
 //! one publisher's messages increase in the order it sent them.
+//!
+//! The queue is bounded twice: in proposals (`proposer.queue`) and in bytes
+//! (`proposer.queue_bytes`), so a burst of large messages makes publishers wait rather than the
+//! broker's memory grow.
 
 use std::sync::Arc;
 
@@ -14,24 +18,15 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config;
 use crate::error::BrokerError;
-use crate::message::{now_us, Command, CommandOutcome, NewMessage};
+use crate::message::{now_us, Command, CommandOutcome, Item, ItemOutcome, Rules};
 use crate::raft::Raft;
 
-/// Where a proposal's messages landed: offsets `first_offset..first_offset + n`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Published {
-    /// Offset of the proposal's first message.
-    pub first_offset: u64,
-    /// Publish time of every message in it, µs since the epoch.
-    pub publish_time_us: u64,
-}
-
-/// The answer to one proposal, once committed and applied.
-pub type Pending = oneshot::Receiver<Result<Published, BrokerError>>;
+/// The answer to one proposal, once committed and applied: one outcome per item.
+pub type Pending = oneshot::Receiver<Result<Vec<ItemOutcome>, BrokerError>>;
 
 struct Proposal {
-    messages: Vec<NewMessage>,
-    reply: oneshot::Sender<Result<Published, BrokerError>>,
+    items: Vec<Item>,
+    reply: oneshot::Sender<Result<Vec<ItemOutcome>, BrokerError>>,
     /// The proposal's share of the queue's byte budget, returned when it leaves the queue.
     _budget: OwnedSemaphorePermit,
 }
@@ -49,11 +44,13 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the proposer task for `raft`.
-    pub fn start(raft: Raft, settings: &config::Proposer) -> Proposer {
+    /// Starts the proposer task for `raft`; every batch carries `rules`.
+    pub fn start(raft: Raft, settings: &config::Proposer, rules: Rules) -> Proposer {
         let (queue, waiting) = mpsc::channel(settings.queue);
-        tokio::spawn(run(raft, waiting, settings.clone()));
-        let budget_units = u32::try_from(settings.queue_bytes / BUDGET_UNIT).unwrap_or(u32::MAX);
+        tokio::spawn(run(raft, waiting, settings.clone(), rules));
+        let budget_units = u32::try_from(settings.queue_bytes / BUDGET_UNIT)
+            .unwrap_or(u32::MAX)
+            .max(1);
         Proposer {
             queue,
             budget: Arc::new(Semaphore::new(budget_units as usize)),
@@ -61,25 +58,26 @@ impl Proposer {
         }
     }
 
-    /// Queues `messages` to be proposed together (waiting for queue space, which is backpressure
-    /// on the publisher); returns the receiver of their outcome. Calling this in order from one
-    /// task keeps that task's messages in order.
+    /// Queues `items` to be proposed together (waiting for queue space, which is backpressure on
+    /// the caller); returns the receiver of their outcomes. Calling this in order from one task
+    /// keeps that task's items in order.
     ///
     /// # Errors
     /// [`BrokerError::ShuttingDown`] when the proposer has stopped.
-    pub async fn submit(&self, messages: Vec<NewMessage>) -> Result<Pending, BrokerError> {
+    pub async fn submit(&self, items: Vec<Item>) -> Result<Pending, BrokerError> {
         let (reply, pending) = oneshot::channel();
-        let bytes: usize = messages.iter().map(NewMessage::approximate_size).sum();
+        let bytes: usize = items.iter().map(Item::approximate_size).sum();
         let units = u32::try_from(bytes.div_ceil(BUDGET_UNIT))
             .unwrap_or(u32::MAX)
-            .clamp(1, self.budget_units);
+            .min(self.budget_units)
+            .max(1);
         let budget = Arc::clone(&self.budget)
             .acquire_many_owned(units)
             .await
             .map_err(|_| BrokerError::ShuttingDown)?;
         self.queue
             .send(Proposal {
-                messages,
+                items,
                 reply,
                 _budget: budget,
             })
@@ -88,21 +86,35 @@ impl Proposer {
         Ok(pending)
     }
 
-    /// Proposes `messages` and waits until they are committed, durable and applied.
+    /// Proposes one item and waits until it is committed, durable and applied.
     ///
     /// # Errors
-    /// Whatever kept them from being committed; nothing was stored then.
-    pub async fn propose(&self, messages: Vec<NewMessage>) -> Result<Published, BrokerError> {
-        outcome(self.submit(messages).await?).await
+    /// Whatever kept it from being committed; nothing was stored then.
+    pub async fn propose(&self, item: Item) -> Result<ItemOutcome, BrokerError> {
+        single(outcome(self.submit(vec![item]).await?).await?)
     }
 }
 
-/// Waits for a submitted proposal's outcome.
+/// Waits for a submitted proposal's outcomes.
 ///
 /// # Errors
 /// Whatever kept it from being committed.
-pub async fn outcome(pending: Pending) -> Result<Published, BrokerError> {
+pub async fn outcome(pending: Pending) -> Result<Vec<ItemOutcome>, BrokerError> {
     pending.await.unwrap_or(Err(BrokerError::ShuttingDown))
+}
+
+/// The one outcome of a one-item proposal.
+///
+/// # Errors
+/// [`BrokerError::Consensus`] if apply answered with another number of outcomes.
+pub fn single(outcomes: Vec<ItemOutcome>) -> Result<ItemOutcome, BrokerError> {
+    let mut outcomes = outcomes.into_iter();
+    match (outcomes.next(), outcomes.next()) {
+        (Some(outcome), None) => Ok(outcome),
+        _ => Err(BrokerError::Consensus(
+            "apply answered a one-item proposal with another number of outcomes".into(),
+        )),
+    }
 }
 
 /// Maps a failed write to what the client is told.
@@ -119,15 +131,16 @@ pub fn write_error(e: RaftError<u64, ClientWriteError<u64, openraft::BasicNode>>
     }
 }
 
-fn batch_bytes(proposal: &Proposal) -> usize {
-    proposal
-        .messages
-        .iter()
-        .map(NewMessage::approximate_size)
-        .sum()
+fn proposal_bytes(proposal: &Proposal) -> usize {
+    proposal.items.iter().map(Item::approximate_size).sum()
 }
 
-async fn run(raft: Raft, mut waiting: mpsc::Receiver<Proposal>, settings: config::Proposer) {
+async fn run(
+    raft: Raft,
+    mut waiting: mpsc::Receiver<Proposal>,
+    settings: config::Proposer,
+    rules: Rules,
+) {
     let in_flight = Arc::new(Semaphore::new(settings.max_in_flight));
     let mut carried: Option<Proposal> = None;
     loop {
@@ -142,30 +155,31 @@ async fn run(raft: Raft, mut waiting: mpsc::Receiver<Proposal>, settings: config
             break;
         };
 
-        let mut messages = Vec::new();
-        let mut replies = Vec::new();
-        let mut bytes = batch_bytes(&first);
-        replies.push((first.messages.len() as u64, first.reply));
-        messages.extend(first.messages);
         // Each proposal's budget is released as it is taken into the entry: from here on its bytes
         // belong to the entry, which the in-flight limit bounds.
-        while messages.len() < settings.max_batch_messages {
+        let mut items = Vec::new();
+        let mut replies = Vec::new();
+        let mut bytes = proposal_bytes(&first);
+        replies.push((first.items.len(), first.reply));
+        items.extend(first.items);
+        while items.len() < settings.max_batch_messages {
             let Ok(next) = waiting.try_recv() else { break };
-            let size = batch_bytes(&next);
-            if messages.len() + next.messages.len() > settings.max_batch_messages
+            let size = proposal_bytes(&next);
+            if items.len() + next.items.len() > settings.max_batch_messages
                 || bytes + size > settings.max_batch_bytes
             {
                 carried = Some(next);
                 break;
             }
             bytes += size;
-            replies.push((next.messages.len() as u64, next.reply));
-            messages.extend(next.messages);
+            replies.push((next.items.len(), next.reply));
+            items.extend(next.items);
         }
 
-        let command = Command::Publish {
+        let command = Command::Batch {
             stamped_at_us: now_us(),
-            messages,
+            rules,
+            items,
         };
         let response = match raft.client_write_ff(command).await {
             Ok(response) => response,
@@ -180,29 +194,27 @@ async fn run(raft: Raft, mut waiting: mpsc::Receiver<Proposal>, settings: config
         tokio::spawn(async move {
             let result = match response.await {
                 Ok(Ok(written)) => match written.data {
-                    CommandOutcome::Published {
-                        first_offset,
-                        publish_time_us,
-                    } => Ok((first_offset, publish_time_us)),
+                    CommandOutcome::Batch(outcomes) => Ok(outcomes),
                     other => Err(BrokerError::Consensus(format!(
-                        "a publish was applied as {other:?}"
+                        "a batch was applied as {other:?}"
                     ))),
                 },
                 Ok(Err(e)) => Err(write_error(RaftError::APIError(e))),
                 Err(_) => Err(BrokerError::ShuttingDown),
             };
             drop(permit);
-            let mut offset = result.as_ref().map(|(first, _)| *first).unwrap_or(0);
-            for (count, reply) in replies {
-                let answer = match &result {
-                    Ok((_, publish_time_us)) => Ok(Published {
-                        first_offset: offset,
-                        publish_time_us: *publish_time_us,
-                    }),
-                    Err(e) => Err(e.clone()),
-                };
-                offset += count;
-                let _ = reply.send(answer);
+            match result {
+                Ok(outcomes) => {
+                    let mut outcomes = outcomes.into_iter();
+                    for (count, reply) in replies {
+                        let _ = reply.send(Ok(outcomes.by_ref().take(count).collect()));
+                    }
+                }
+                Err(e) => {
+                    for (_, reply) in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
             }
         });
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::Retention;
-use crate::message::{now_us, Command};
+use crate::message::{now_us, Command, Rules};
 use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
@@ -26,9 +26,11 @@ fn sweep_due(
     store: &MessageStore,
     progress: &AppliedProgress,
     settings: &Retention,
+    rules: &Rules,
     now_us: u64,
 ) -> Result<bool, crate::error::BrokerError> {
     Ok(progress.stored_bytes > settings.max_bytes
+        || store.has_dedup_before(now_us.saturating_sub(rules.dedup_window_us))?
         || !store.expired_batch_keys(now_us, 1)?.is_empty()
         || !store
             .batch_keys_published_before(now_us.saturating_sub(micros(settings.max_age)), 1)?
@@ -42,6 +44,7 @@ pub async fn run(
     store: MessageStore,
     progress: watch::Receiver<AppliedProgress>,
     settings: Retention,
+    rules: Rules,
     mut shutdown: ShutdownSignal,
 ) {
     let mut tick = tokio::time::interval(settings.sweep_interval);
@@ -55,7 +58,7 @@ pub async fn run(
             continue;
         }
         let now = now_us();
-        let due = sweep_due(&store, &progress.borrow(), &settings, now);
+        let due = sweep_due(&store, &progress.borrow(), &settings, &rules, now);
         match due {
             Ok(false) => continue,
             Ok(true) => {}
@@ -68,6 +71,7 @@ pub async fn run(
             now_us: now,
             max_age_us: micros(settings.max_age),
             max_bytes: settings.max_bytes,
+            dedup_window_us: rules.dedup_window_us,
         };
         match raft.client_write(command).await {
             Ok(response) => tracing::debug!(outcome = ?response.data, "swept"),

@@ -42,13 +42,15 @@ impl Broker {
         let (trigger, signal) = shutdown::channel();
         let consensus = raft::start(&config).await?;
 
-        let proposer = Proposer::start(consensus.raft.clone(), &config.proposer);
+        let rules = config.rules();
+        let proposer = Proposer::start(consensus.raft.clone(), &config.proposer, rules);
         tokio::spawn(retention::run(
             consensus.raft.clone(),
             config.node_id,
             consensus.store.clone(),
             consensus.progress.clone(),
             config.retention.clone(),
+            rules,
             signal.clone(),
         ));
         let service = BrokerService::new(

@@ -9,6 +9,9 @@
 //! | `b` + first offset (u64 BE) | bincode `Vec<StoredMessage>` | one group-committed batch, the unit of storage |
 //! | `t` + publish time µs + first offset | empty | time index: where a time-based start begins |
 //! | `x` + earliest expiry µs + first offset | empty | expiry index: which batches the sweep must visit |
+//! | `i` + channel + 0 + idempotency key | bincode (offset, publish time µs) | dedup: the message a key names |
+//! | `k` + publish time µs + offset | the `i` key | dedup records in time order, for forgetting them |
+//! | `e` + type + 0 + id | bincode [`EntityState`] | an entity's merged state |
 //! | `m` | bincode [`StateMeta`](crate::apply::StateMeta) | last applied log id, next offset, totals |
 //!
 //! A batch keeps its original first offset as its key even after the sweep removed some of its
@@ -17,12 +20,16 @@
 //! offset order.
 
 use crate::channel::Pattern;
+use crate::entity::EntityState;
 use crate::error::BrokerError;
 use crate::message::StoredMessage;
 
 const BATCH: u8 = b'b';
 const TIME: u8 = b't';
 const EXPIRY: u8 = b'x';
+const DEDUP: u8 = b'i';
+const DEDUP_BY_TIME: u8 = b'k';
+const ENTITY: u8 = b'e';
 const META: &[u8] = b"m";
 
 /// Handle to the message store; cheap to clone (sled trees are reference-counted).
@@ -85,6 +92,21 @@ fn key2(kind: u8, a: u64, b: u64) -> [u8; 17] {
     k[1..9].copy_from_slice(&a.to_be_bytes());
     k[9..].copy_from_slice(&b.to_be_bytes());
     k
+}
+
+/// `kind` + `a` + 0 + `b`: the key of a record named by two strings (channel segments and
+/// channels never contain a 0 byte, so the split is unambiguous).
+fn pair_key(kind: u8, a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + a.len() + b.len());
+    k.push(kind);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Storage(format!("corrupt {what}: {e}"))
 }
 
 fn be_u64(bytes: &[u8]) -> Result<u64, BrokerError> {
@@ -341,6 +363,146 @@ impl MessageStore {
         if let Some(expiry) = old.messages.iter().filter_map(|m| m.expires_at_us()).min() {
             batch.remove(&key2(EXPIRY, expiry, old.key));
         }
+    }
+
+    /// The stored message at `offset`, if it is still stored.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn message(&self, offset: u64) -> Result<Option<StoredMessage>, BrokerError> {
+        match self.batches_from(offset).next() {
+            Some(batch) => Ok(batch?.messages.into_iter().find(|m| m.offset == offset)),
+            None => Ok(None),
+        }
+    }
+
+    /// The message an idempotency key on a channel names: `(offset, publish time µs)`.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn dedup(&self, channel: &str, key: &str) -> Result<Option<(u64, u64)>, BrokerError> {
+        match self.tree.get(pair_key(DEDUP, channel, key))? {
+            Some(v) => bincode::deserialize(&v)
+                .map(Some)
+                .map_err(|e| corrupt("dedup record", e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds the writes that record `channel`/`key` as naming the message at `offset`.
+    ///
+    /// # Errors
+    /// Only if encoding fails.
+    pub fn put_dedup(
+        batch: &mut sled::Batch,
+        channel: &str,
+        key: &str,
+        offset: u64,
+        publish_time_us: u64,
+    ) -> Result<(), BrokerError> {
+        let record_key = pair_key(DEDUP, channel, key);
+        let value = bincode::serialize(&(offset, publish_time_us))
+            .map_err(|e| corrupt("dedup record", e))?;
+        batch.insert(
+            key2(DEDUP_BY_TIME, publish_time_us, offset).to_vec(),
+            record_key.clone(),
+        );
+        batch.insert(record_key, value);
+        Ok(())
+    }
+
+    /// Adds the writes that forget dedup records older than `before_us` (at most `limit`);
+    /// returns how many. A key reused since keeps its newer record.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn forget_dedup_before(
+        &self,
+        batch: &mut sled::Batch,
+        before_us: u64,
+        limit: usize,
+    ) -> Result<usize, BrokerError> {
+        let mut n = 0;
+        for kv in self
+            .tree
+            .range(key2(DEDUP_BY_TIME, 0, 0)..key2(DEDUP_BY_TIME, before_us, 0))
+            .take(limit)
+        {
+            let (k, record_key) = kv?;
+            let offset = be_u64(&k[9..17])?;
+            batch.remove(k);
+            if let Some(v) = self.tree.get(&record_key)? {
+                let (current, _): (u64, u64) =
+                    bincode::deserialize(&v).map_err(|e| corrupt("dedup record", e))?;
+                if current == offset {
+                    batch.remove(record_key);
+                }
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Whether any dedup record is older than `before_us` (so a sweep has something to forget).
+    ///
+    /// # Errors
+    /// The embedded store's error.
+    pub fn has_dedup_before(&self, before_us: u64) -> Result<bool, BrokerError> {
+        Ok(self
+            .tree
+            .range(key2(DEDUP_BY_TIME, 0, 0)..key2(DEDUP_BY_TIME, before_us, 0))
+            .next()
+            .transpose()?
+            .is_some())
+    }
+
+    /// An entity's state, if it was ever written.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn entity(&self, entity_type: &str, id: &str) -> Result<Option<EntityState>, BrokerError> {
+        match self.tree.get(pair_key(ENTITY, entity_type, id))? {
+            Some(v) => bincode::deserialize(&v)
+                .map(Some)
+                .map_err(|e| corrupt("entity", e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every stored entity whose type is `entity_type` (all types when `None`), in key order:
+    /// `(type, id, state)`.
+    pub fn entities(
+        &self,
+        entity_type: Option<&str>,
+    ) -> impl Iterator<Item = Result<(String, String, EntityState), BrokerError>> + '_ {
+        let prefix = match entity_type {
+            Some(t) => pair_key(ENTITY, t, ""),
+            None => vec![ENTITY],
+        };
+        self.tree.scan_prefix(prefix).map(|kv| {
+            let (k, v) = kv?;
+            let name = std::str::from_utf8(&k[1..]).map_err(|e| corrupt("entity key", e))?;
+            let (t, id) = name
+                .split_once('\0')
+                .ok_or_else(|| corrupt("entity key", "no separator"))?;
+            let state = bincode::deserialize(&v).map_err(|e| corrupt("entity", e))?;
+            Ok((t.to_owned(), id.to_owned(), state))
+        })
+    }
+
+    /// Adds the write of an entity's state.
+    ///
+    /// # Errors
+    /// Only if encoding fails.
+    pub fn put_entity(
+        batch: &mut sled::Batch,
+        entity_type: &str,
+        id: &str,
+        state: &EntityState,
+    ) -> Result<(), BrokerError> {
+        let value = bincode::serialize(state).map_err(|e| corrupt("entity", e))?;
+        batch.insert(pair_key(ENTITY, entity_type, id), value);
+        Ok(())
     }
 
     /// Adds the write of the meta record.

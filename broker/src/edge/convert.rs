@@ -43,6 +43,7 @@ pub fn message(stored: &StoredMessage) -> pb::Message {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         expires_at: stored.expires_at_us().map(timestamp),
+        hops: m.hops,
     }
 }
 

@@ -26,8 +26,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::Config;
 use crate::error::BrokerError;
 use crate::hub::Hub;
-use crate::message::now_us;
-use crate::proposer::{self, Proposer, Published};
+use crate::message::{now_us, Item, ItemOutcome};
+use crate::proposer::{self, Proposer};
 use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
@@ -87,12 +87,30 @@ impl BrokerService {
     }
 }
 
-fn ack(published: Published, correlation_id: String) -> pb::PublishAck {
-    pb::PublishAck {
-        offset: published.first_offset,
-        publish_time: Some(convert::timestamp(published.publish_time_us)),
+/// The ack for a publish's outcome, or the error it was refused with.
+fn ack(outcome: ItemOutcome, correlation_id: String) -> Result<pb::PublishAck, BrokerError> {
+    let (offset, publish_time_us, duplicate) = match outcome {
+        ItemOutcome::Stored {
+            offset,
+            publish_time_us,
+        } => (offset, publish_time_us, false),
+        ItemOutcome::Duplicate {
+            offset,
+            publish_time_us,
+        } => (offset, publish_time_us, true),
+        ItemOutcome::Refused(refusal) => return Err(refusal.into()),
+        ItemOutcome::Entity(_) => {
+            return Err(BrokerError::Consensus(
+                "a publish was applied as an entity write".into(),
+            ))
+        }
+    };
+    Ok(pb::PublishAck {
+        offset,
+        publish_time: Some(convert::timestamp(publish_time_us)),
         correlation_id,
-    }
+        duplicate,
+    })
 }
 
 type BoxedAck = Pin<Box<dyn Future<Output = pb::PublishStreamAck> + Send>>;
@@ -114,15 +132,16 @@ impl Edge {
             Err(e) => return futures::future::ready(refused(sequence, &e)).boxed(),
         };
         let correlation_id = message.correlation_id.clone();
-        match self.proposer.submit(vec![message]).await {
+        match self.proposer.submit(vec![Item::Publish(message)]).await {
             Ok(pending) => async move {
-                match proposer::outcome(pending).await {
-                    Ok(published) => pb::PublishStreamAck {
+                let acked = proposer::outcome(pending)
+                    .await
+                    .and_then(proposer::single)
+                    .and_then(|outcome| ack(outcome, correlation_id));
+                match acked {
+                    Ok(ack) => pb::PublishStreamAck {
                         sequence,
-                        result: Some(pb::publish_stream_ack::Result::Ack(ack(
-                            published,
-                            correlation_id,
-                        ))),
+                        result: Some(pb::publish_stream_ack::Result::Ack(ack)),
                     },
                     Err(e) => refused(sequence, &e),
                 }
@@ -188,8 +207,8 @@ impl BrokerRpc for BrokerService {
     ) -> Result<Response<pb::PublishAck>, Status> {
         let message = self.edge.validator.publish(request.into_inner())?;
         let correlation_id = message.correlation_id.clone();
-        let published = self.edge.proposer.propose(vec![message]).await?;
-        Ok(Response::new(ack(published, correlation_id)))
+        let outcome = self.edge.proposer.propose(Item::Publish(message)).await?;
+        Ok(Response::new(ack(outcome, correlation_id)?))
     }
 
     type PublishStreamStream =

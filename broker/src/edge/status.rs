@@ -15,6 +15,11 @@ use crate::error::BrokerError;
 pub fn code(error: &BrokerError) -> Code {
     match error {
         BrokerError::Invalid { .. } => Code::InvalidArgument,
+        BrokerError::LoopDetected { .. }
+        | BrokerError::StaleUpdate { .. }
+        | BrokerError::ClockSkew { .. } => Code::FailedPrecondition,
+        BrokerError::VersionConflict { .. } => Code::Aborted,
+        BrokerError::EntityNotFound { .. } => Code::NotFound,
         BrokerError::NotLeader { .. } | BrokerError::ShuttingDown => Code::Unavailable,
         BrokerError::Storage(_) | BrokerError::Consensus(_) => Code::Internal,
     }
@@ -22,11 +27,22 @@ pub fn code(error: &BrokerError) -> Code {
 
 fn metadata(error: &BrokerError) -> HashMap<String, String> {
     let mut metadata = HashMap::new();
-    if let BrokerError::NotLeader {
-        leader: Some(leader),
-    } = error
-    {
-        metadata.insert("leader_id".to_owned(), leader.to_string());
+    match error {
+        BrokerError::NotLeader {
+            leader: Some(leader),
+        } => {
+            metadata.insert("leader_id".to_owned(), leader.to_string());
+        }
+        BrokerError::StaleUpdate { current_version }
+        | BrokerError::VersionConflict {
+            current_version, ..
+        }
+        | BrokerError::ClockSkew {
+            current_version, ..
+        } => {
+            metadata.insert("current_version".to_owned(), current_version.to_string());
+        }
+        _ => {}
     }
     metadata
 }

@@ -238,6 +238,7 @@ impl Validator {
             idempotency_key: request.idempotency_key,
             ttl_ms: request.ttl_ms,
             headers,
+            hops: request.hops,
         })
     }
 
