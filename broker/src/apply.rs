@@ -208,7 +208,7 @@ impl BatchApply<'_> {
             chain.push(cause.message.channel.clone());
             message.hops = message.hops.max(cause.message.hops.saturating_add(1));
         }
-        let reentry = chain.iter().any(|c| *c == message.channel);
+        let reentry = chain.contains(&message.channel);
         if reentry || message.hops > self.rules.max_hops {
             let detail = if reentry {
                 format!(

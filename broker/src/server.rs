@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use switchboard_proto::v1::broker_server::BrokerServer;
+use switchboard_proto::v1::entities_server::EntitiesServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
+use crate::edge::entities::EntitiesService;
 use crate::edge::BrokerService;
 use crate::proposer::Proposer;
 use crate::shutdown::{self, ShutdownSignal, ShutdownTrigger};
@@ -21,6 +23,8 @@ use crate::{raft, retention};
 
 /// Longest wait for connections to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent calls (streams included) on one connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Room above the payload limit for the rest of a publish request (headers, ids, channel).
 const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
 
@@ -70,8 +74,10 @@ impl Broker {
         let max_message = config.limits.max_payload_bytes
             + config.limits.max_header_bytes
             + REQUEST_OVERHEAD_BYTES;
+        let entities =
+            EntitiesServer::new(service.entities()).max_decoding_message_size(max_message);
         let grpc = BrokerServer::new(service).max_decoding_message_size(max_message);
-        let serving = tokio::spawn(serve(grpc, listener, signal, consensus));
+        let serving = tokio::spawn(serve(grpc, entities, listener, signal, consensus));
         Ok(Broker {
             local_addr,
             trigger,
@@ -95,6 +101,7 @@ impl Broker {
 
 async fn serve(
     grpc: BrokerServer<BrokerService>,
+    entities: EntitiesServer<EntitiesService>,
     listener: TcpListener,
     signal: ShutdownSignal,
     consensus: raft::Consensus,
@@ -105,7 +112,11 @@ async fn serve(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // hyper allows 200 concurrent streams per connection unless told; tonic's default removes
+        // the limit, which would let one connection open unbounded subscriptions.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(grpc)
+        .add_service(entities)
         .serve_with_incoming_shutdown(incoming, async move { stopping.wait().await });
     let mut drain_started = signal.clone();
     let drained = async {

@@ -205,22 +205,29 @@ impl MessageStore {
     pub fn batches_from(
         &self,
         offset: u64,
-    ) -> impl Iterator<Item = Result<StoredBatch, BrokerError>> + '_ {
+    ) -> Box<dyn Iterator<Item = Result<StoredBatch, BrokerError>> + '_> {
         // The batch holding `offset` starts at or before it: the last batch key <= offset.
         let start = match self
             .tree
             .range(key(BATCH, 0)..=key(BATCH, offset))
             .next_back()
+            .transpose()
         {
-            Some(Ok((k, _))) => be_u64(&k[1..]).unwrap_or(offset),
-            _ => offset,
+            Ok(Some((k, _))) => match be_u64(&k[1..]) {
+                Ok(start) => start,
+                Err(e) => return Box::new(std::iter::once(Err(e))),
+            },
+            Ok(None) => offset,
+            Err(e) => return Box::new(std::iter::once(Err(e.into()))),
         };
-        self.tree
-            .range(key(BATCH, start)..=key(BATCH, u64::MAX))
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode_batch(&k, &v)
-            })
+        Box::new(
+            self.tree
+                .range(key(BATCH, start)..=key(BATCH, u64::MAX))
+                .map(|kv| {
+                    let (k, v) = kv?;
+                    decode_batch(&k, &v)
+                }),
+        )
     }
 
     /// Reads one page of `range`. Runs synchronously: sled reads are served from its cache or a

@@ -47,6 +47,26 @@ pub fn message(stored: &StoredMessage) -> pb::Message {
     }
 }
 
+/// An entity document (as stored on its state channel) as sent to clients.
+pub fn entity(doc: &crate::apply::EntityDoc) -> pb::Entity {
+    pb::Entity {
+        key: Some(pb::EntityKey {
+            r#type: doc.entity_type.clone(),
+            id: doc.id.clone(),
+        }),
+        fields: bytes::Bytes::from(doc.fields.to_string()),
+        version: doc.version,
+        etag: doc.etag.clone(),
+        deleted: doc.deleted,
+        updated_at: Some(timestamp(doc.updated_at_us)),
+        last_stamp: doc.last_stamp.as_ref().map(|s| pb::WriteStamp {
+            timestamp_ms: s.timestamp_ms,
+            version: s.version,
+            writer: s.writer.clone(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

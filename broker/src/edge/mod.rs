@@ -5,10 +5,12 @@
 //! fails validation.
 //!
 //! - [`validate`]: every rule a request must pass, with its stable reason.
+//! - [`entities`]: the `switchboard.v1.Entities` service.
 //! - [`convert`]: protobuf ⇄ broker types.
 //! - [`status`]: the one mapping from errors to gRPC statuses and stream refusals.
 
 pub mod convert;
+pub mod entities;
 pub mod status;
 pub mod validate;
 
@@ -52,6 +54,13 @@ struct Edge {
     raft: Raft,
     progress: watch::Receiver<AppliedProgress>,
     shutdown: ShutdownSignal,
+}
+
+impl BrokerService {
+    /// The `switchboard.v1.Entities` service over the same parts.
+    pub fn entities(&self) -> entities::EntitiesService {
+        entities::EntitiesService::new(Arc::clone(&self.edge))
+    }
 }
 
 /// The `switchboard.v1.Broker` service; cheap to clone.

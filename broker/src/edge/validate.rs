@@ -41,6 +41,22 @@ pub struct Validator {
     channel_limits: ChannelLimits,
 }
 
+/// Echoed client strings are cut to this many bytes, so an error message stays small whatever
+/// was sent.
+const MAX_ECHO: usize = 100;
+
+/// A client string as quoted in an error: at most [`MAX_ECHO`] bytes, cut on a char boundary.
+pub fn shorten(s: &str) -> String {
+    if s.len() <= MAX_ECHO {
+        return s.to_owned();
+    }
+    let mut end = MAX_ECHO;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 fn invalid(reason: Reason, message: impl Into<String>) -> BrokerError {
     BrokerError::invalid(reason, message)
 }
@@ -89,7 +105,7 @@ impl Validator {
         channel::validate_channel(&request.channel, &self.channel_limits).map_err(|e| {
             invalid(
                 Reason::ChannelInvalid,
-                format!("channel {:?}: {e}", request.channel),
+                format!("channel {:?}: {e}", shorten(&request.channel)),
             )
         })?;
         if channel::is_reserved(&request.channel) {
@@ -127,7 +143,7 @@ impl Validator {
         if !valid_type {
             return Err(invalid(
                 Reason::ContentTypeInvalid,
-                format!("content type {content_type:?} is not a media type like \"application/json\" (at most {MAX_CONTENT_TYPE_LEN} bytes)"),
+                format!("content type {:?} is not a media type like \"application/json\" (at most {MAX_CONTENT_TYPE_LEN} bytes)", shorten(&content_type)),
             ));
         }
         if is_json(&content_type) {
@@ -147,7 +163,10 @@ impl Validator {
         if schema_version.len() > 64 || semver::Version::parse(&schema_version).is_err() {
             return Err(invalid(
                 Reason::SchemaVersionInvalid,
-                format!("schema version {schema_version:?} is not semver like \"1.2.0\""),
+                format!(
+                    "schema version {:?} is not semver like \"1.2.0\"",
+                    shorten(&schema_version)
+                ),
             ));
         }
 
@@ -159,7 +178,10 @@ impl Validator {
                 Err(_) => {
                     return Err(invalid(
                         Reason::CorrelationIdInvalid,
-                        format!("correlation id {:?} is not a UUID", request.correlation_id),
+                        format!(
+                            "correlation id {:?} is not a UUID",
+                            shorten(&request.correlation_id)
+                        ),
                     ))
                 }
             }
@@ -222,7 +244,7 @@ impl Validator {
             if !ok {
                 return Err(invalid(
                     Reason::HeadersInvalid,
-                    format!("header name {name:?} must be 1 to {MAX_HEADER_NAME_LEN} printable ASCII characters without spaces"),
+                    format!("header name {:?} must be 1 to {MAX_HEADER_NAME_LEN} printable ASCII characters without spaces", shorten(name)),
                 ));
             }
         }
@@ -247,8 +269,12 @@ impl Validator {
     /// # Errors
     /// [`BrokerError::Invalid`] with reason `PATTERN_INVALID`.
     pub fn pattern(&self, pattern: &str) -> Result<Pattern, BrokerError> {
-        Pattern::parse(pattern, &self.channel_limits)
-            .map_err(|e| invalid(Reason::PatternInvalid, format!("pattern {pattern:?}: {e}")))
+        Pattern::parse(pattern, &self.channel_limits).map_err(|e| {
+            invalid(
+                Reason::PatternInvalid,
+                format!("pattern {:?}: {e}", shorten(pattern)),
+            )
+        })
     }
 
     /// Reads a start position; unset means `default`.

@@ -167,7 +167,8 @@ impl StateMachine {
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if name.ends_with(".snap") && name != keep || name.ends_with(".partial") {
+                // Received (`.partial`) files are left to the install that owns them.
+                if (name.ends_with(".snap") && name != keep) || name.ends_with(".snap.tmp") {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
@@ -232,9 +233,12 @@ fn load_store(store: &MessageStore, path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Builds a snapshot file from the store as it was when the builder was made.
+/// A finished snapshot: what it covers, and its file.
+type TakenSnapshot = (SnapshotMeta<u64, openraft::BasicNode>, PathBuf);
+
+/// Hands openraft the snapshot taken when the builder was made, or the error that prevented it.
 pub struct SnapshotBuilder {
-    snapshot: Option<(SnapshotMeta<u64, openraft::BasicNode>, PathBuf)>,
+    snapshot: Option<Result<TakenSnapshot, String>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -242,7 +246,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let (meta, path) = self
             .snapshot
             .take()
-            .ok_or_else(|| snapshot_err("snapshot builder used twice"))?;
+            .ok_or_else(|| snapshot_err("snapshot builder used twice"))?
+            .map_err(snapshot_err)?;
         let file = tokio::fs::File::open(&path).await.map_err(snapshot_err)?;
         Ok(Snapshot {
             meta,
@@ -294,30 +299,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let store = self.store.clone();
         let sync = Arc::clone(&self.sync);
         let dump_path = path.clone();
-        // The state must be durable before openraft purges the log entries it covers.
+        // The state must be durable before openraft purges the log entries it covers. The dump
+        // goes to a temporary name first, so a crash never leaves a partial file under the name
+        // `current` points at.
         let result = tokio::task::spawn_blocking(move || {
             sync.sync()?;
-            dump_store(&store, &dump_path)
+            let tmp = dump_path.with_extension("snap.tmp");
+            dump_store(&store, &tmp)?;
+            std::fs::rename(&tmp, &dump_path)
         })
         .await;
-        match result {
-            Ok(Ok(())) => match self.set_current(&meta) {
-                Ok(()) => SnapshotBuilder {
-                    snapshot: Some((meta, path)),
-                },
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot record the snapshot");
-                    SnapshotBuilder { snapshot: None }
-                }
-            },
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot write a snapshot");
-                SnapshotBuilder { snapshot: None }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "snapshot task failed");
-                SnapshotBuilder { snapshot: None }
-            }
+        let snapshot = match result {
+            Ok(Ok(())) => self
+                .set_current(&meta)
+                .map(|()| (meta, path))
+                .map_err(|e| format!("cannot record the snapshot: {e}")),
+            Ok(Err(e)) => Err(format!("cannot write a snapshot: {e}")),
+            Err(e) => Err(format!("snapshot task failed: {e}")),
+        };
+        if let Err(e) = &snapshot {
+            tracing::error!(error = %e, "snapshot failed");
+        }
+        SnapshotBuilder {
+            snapshot: Some(snapshot),
         }
     }
 

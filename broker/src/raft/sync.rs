@@ -18,8 +18,9 @@ pub struct SledSync {
     db: sled::Db,
     data_file: File,
     blobs_dir: PathBuf,
-    /// Highest blob id already synced: blob files are named by increasing log sequence numbers.
-    last_blob: Mutex<u64>,
+    /// Highest blob id already synced, and its length then: blob files are named by increasing log
+    /// sequence numbers, and one still being written when it was synced has grown since.
+    last_blob: Mutex<(u64, u64)>,
 }
 
 impl SledSync {
@@ -35,7 +36,7 @@ impl SledSync {
             db,
             data_file,
             blobs_dir: dir.join("blobs"),
-            last_blob: Mutex::new(0),
+            last_blob: Mutex::new((0, 0)),
         })
     }
 
@@ -57,6 +58,7 @@ impl SledSync {
             Err(e) => return Err(e),
         };
         let mut newest = *last;
+        let mut synced_any = false;
         for entry in entries {
             let entry = entry?;
             let Some(id) = entry
@@ -66,17 +68,25 @@ impl SledSync {
             else {
                 continue;
             };
-            if id > *last {
+            let len = match entry.metadata() {
+                Ok(m) => m.len(),
+                // sled removes blobs it no longer needs; one gone since readdir needs no sync.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if id > last.0 || (id == last.0 && len != last.1) {
                 match File::open(entry.path()) {
                     Ok(f) => f.sync_data()?,
-                    // sled removes blobs it no longer needs; one gone since readdir needs no sync.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(e),
                 }
-                newest = newest.max(id);
+                synced_any = true;
+                if id >= newest.0 {
+                    newest = (id, len);
+                }
             }
         }
-        if newest > *last {
+        if synced_any {
             File::open(&self.blobs_dir)?.sync_all()?;
             *last = newest;
         }

@@ -1,0 +1,316 @@
+//! The `switchboard.v1.Entities` service: entity updates, deletes, reads and watches.
+//!
+//! Writes go through the proposer like publishes (one log entry can carry both), and apply merges
+//! them (see [`crate::entity`]). Reads come from this node's store. A watch is a subscription to
+//! the entities' state channels, registered before the snapshot is read, so no change falls
+//! between the snapshot and the stream; a change the snapshot already showed is skipped by
+//! version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use switchboard_proto::v1 as pb;
+use switchboard_proto::v1::entities_server::Entities as EntitiesRpc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{convert, Edge};
+use crate::apply::EntityDoc;
+use crate::entity::{Change, Stamp};
+use crate::error::{BrokerError, Reason};
+use crate::message::{EntityWrite, Item, ItemOutcome};
+use crate::subscription::{self, SubscriptionSpec};
+
+/// Longest entity type or id.
+const MAX_KEY_PART: usize = 64;
+/// Longest writer id.
+const MAX_WRITER_LEN: usize = 128;
+/// Events buffered per watch before its task waits for the client.
+const WATCH_BUFFER: usize = 64;
+
+/// The `switchboard.v1.Entities` service; cheap to clone.
+#[derive(Clone)]
+pub struct EntitiesService {
+    edge: Arc<Edge>,
+}
+
+impl EntitiesService {
+    pub(super) fn new(edge: Arc<Edge>) -> EntitiesService {
+        EntitiesService { edge }
+    }
+}
+
+fn invalid(reason: Reason, message: impl Into<String>) -> BrokerError {
+    BrokerError::invalid(reason, message)
+}
+
+fn key(key: Option<pb::EntityKey>) -> Result<(String, String), BrokerError> {
+    let key = key.ok_or_else(|| invalid(Reason::EntityKeyInvalid, "the entity key is required"))?;
+    for (what, part) in [("type", &key.r#type), ("id", &key.id)] {
+        let ok = !part.is_empty()
+            && part.len() <= MAX_KEY_PART
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(invalid(
+                Reason::EntityKeyInvalid,
+                format!(
+                    "entity {what} must be 1 to {MAX_KEY_PART} characters of [A-Za-z0-9_-], got {:?}",
+                    super::validate::shorten(part)
+                ),
+            ));
+        }
+    }
+    Ok((key.r#type, key.id))
+}
+
+fn stamp(stamp: Option<pb::WriteStamp>) -> Result<Stamp, BrokerError> {
+    let stamp =
+        stamp.ok_or_else(|| invalid(Reason::WriteStampInvalid, "the write stamp is required"))?;
+    if stamp.writer.is_empty() || stamp.writer.len() > MAX_WRITER_LEN {
+        return Err(invalid(
+            Reason::WriteStampInvalid,
+            format!("the stamp's writer must be 1 to {MAX_WRITER_LEN} bytes"),
+        ));
+    }
+    Ok(Stamp {
+        timestamp_ms: stamp.timestamp_ms,
+        version: stamp.version,
+        writer: stamp.writer,
+    })
+}
+
+fn fields(bytes: &[u8], max: usize) -> Result<BTreeMap<String, String>, BrokerError> {
+    if bytes.len() > max {
+        return Err(invalid(
+            Reason::EntityFieldsInvalid,
+            format!("fields take {} bytes; the limit is {max}", bytes.len()),
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        invalid(
+            Reason::EntityFieldsInvalid,
+            format!("fields are not JSON: {e}"),
+        )
+    })?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(invalid(
+            Reason::EntityFieldsInvalid,
+            "fields must be a JSON object",
+        ));
+    };
+    if map.is_empty() {
+        return Err(invalid(
+            Reason::EntityFieldsInvalid,
+            "fields must name at least one field",
+        ));
+    }
+    Ok(map
+        .into_iter()
+        .map(|(name, value)| (name, value.to_string()))
+        .collect())
+}
+
+impl EntitiesService {
+    async fn write(&self, write: EntityWrite) -> Result<Response<pb::EntityResponse>, Status> {
+        let (entity_type, id) = (write.entity_type.clone(), write.id.clone());
+        match self.edge.proposer.propose(Item::Entity(write)).await? {
+            ItemOutcome::Entity(state) => Ok(Response::new(pb::EntityResponse {
+                entity: Some(convert::entity(&EntityDoc::new(&entity_type, &id, &state))),
+            })),
+            ItemOutcome::Refused(refusal) => Err(BrokerError::from(refusal).into()),
+            other => Err(BrokerError::Consensus(format!(
+                "an entity write was applied as {other:?}"
+            ))
+            .into()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl EntitiesRpc for EntitiesService {
+    async fn update_entity(
+        &self,
+        request: Request<pb::UpdateEntityRequest>,
+    ) -> Result<Response<pb::EntityResponse>, Status> {
+        let request = request.into_inner();
+        let (entity_type, id) = key(request.key)?;
+        let values = fields(&request.fields, self.edge.config.limits.max_payload_bytes)?;
+        let stamp = stamp(request.stamp)?;
+        self.write(EntityWrite {
+            entity_type,
+            id,
+            change: Change::Update(values),
+            stamp,
+            expected_version: request.expected_version,
+        })
+        .await
+    }
+
+    async fn delete_entity(
+        &self,
+        request: Request<pb::DeleteEntityRequest>,
+    ) -> Result<Response<pb::EntityResponse>, Status> {
+        let request = request.into_inner();
+        let (entity_type, id) = key(request.key)?;
+        let stamp = stamp(request.stamp)?;
+        self.write(EntityWrite {
+            entity_type,
+            id,
+            change: Change::Delete,
+            stamp,
+            expected_version: request.expected_version,
+        })
+        .await
+    }
+
+    async fn get_entity(
+        &self,
+        request: Request<pb::GetEntityRequest>,
+    ) -> Result<Response<pb::GetEntityResponse>, Status> {
+        let request = request.into_inner();
+        let (entity_type, id) = key(request.key)?;
+        let state = self.edge.store.entity(&entity_type, &id)?.ok_or_else(|| {
+            BrokerError::EntityNotFound {
+                entity_type: entity_type.clone(),
+                id: id.clone(),
+            }
+        })?;
+        if !request.if_none_match.is_empty() && request.if_none_match == state.etag() {
+            return Ok(Response::new(pb::GetEntityResponse {
+                not_modified: true,
+                entity: None,
+            }));
+        }
+        Ok(Response::new(pb::GetEntityResponse {
+            not_modified: false,
+            entity: Some(convert::entity(&EntityDoc::new(&entity_type, &id, &state))),
+        }))
+    }
+
+    type WatchEntitiesStream = Pin<Box<dyn Stream<Item = Result<pb::EntityEvent, Status>> + Send>>;
+
+    async fn watch_entities(
+        &self,
+        request: Request<pb::WatchEntitiesRequest>,
+    ) -> Result<Response<Self::WatchEntitiesStream>, Status> {
+        let request = request.into_inner();
+        let edge = &self.edge;
+        let pattern = edge.validator.pattern(&request.pattern)?;
+        let state_pattern = edge
+            .validator
+            .pattern(&format!("$state.{}", pattern.as_str()))?;
+        if edge.shutdown.is_triggered() {
+            return Err(BrokerError::ShuttingDown.into());
+        }
+        let (out, events) = mpsc::channel(WATCH_BUFFER);
+        let (changes_tx, changes) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(subscription::run(
+            edge.hub.clone(),
+            edge.store.clone(),
+            SubscriptionSpec {
+                pattern: state_pattern,
+                start: super::validate::Start::Latest,
+            },
+            changes_tx,
+            edge.shutdown.clone(),
+        ));
+        tokio::spawn(watch(Arc::clone(&self.edge), pattern, changes, out));
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+}
+
+/// Feeds one watch: waits until its state subscription is live, sends the snapshot, then the
+/// changes newer than what the snapshot showed.
+async fn watch(
+    edge: Arc<Edge>,
+    pattern: crate::channel::Pattern,
+    mut changes: mpsc::Receiver<Result<pb::SubscribeEvent, Status>>,
+    out: mpsc::Sender<Result<pb::EntityEvent, Status>>,
+) {
+    use pb::entity_event::Event;
+    use pb::subscribe_event::Event as Sub;
+
+    // The subscription is registered once `Subscribed` arrives: every later change will follow.
+    match changes.recv().await {
+        Some(Ok(pb::SubscribeEvent {
+            event: Some(Sub::Subscribed(_)),
+        })) => {}
+        Some(Err(status)) => {
+            let _ = out.send(Err(status)).await;
+            return;
+        }
+        _ => return,
+    }
+
+    let literal_type = pattern
+        .as_str()
+        .split('.')
+        .next()
+        .filter(|t| *t != "*" && *t != ">")
+        .map(str::to_owned);
+    let mut shown: HashMap<(String, String), u64> = HashMap::new();
+    let mut count = 0u64;
+    for item in edge.store.entities(literal_type.as_deref()) {
+        let (entity_type, id, state) = match item {
+            Ok(found) => found,
+            Err(e) => {
+                let _ = out.send(Err(e.into())).await;
+                return;
+            }
+        };
+        if !pattern.matches(&format!("{entity_type}.{id}")) {
+            continue;
+        }
+        let entity = convert::entity(&EntityDoc::new(&entity_type, &id, &state));
+        shown.insert((entity_type, id), state.version);
+        count += 1;
+        let event = pb::EntityEvent {
+            event: Some(Event::Snapshot(entity)),
+        };
+        if out.send(Ok(event)).await.is_err() {
+            return;
+        }
+    }
+    let done = pb::EntityEvent {
+        event: Some(Event::SnapshotComplete(pb::SnapshotComplete {
+            entities: count,
+        })),
+    };
+    if out.send(Ok(done)).await.is_err() {
+        return;
+    }
+
+    loop {
+        tokio::select! {
+            change = changes.recv() => match change {
+                Some(Ok(pb::SubscribeEvent { event: Some(Sub::Message(message)) })) => {
+                    let Ok(doc) = serde_json::from_slice::<EntityDoc>(&message.payload) else {
+                        tracing::warn!(channel = %message.channel, "unreadable state message");
+                        continue;
+                    };
+                    let key = (doc.entity_type.clone(), doc.id.clone());
+                    if shown.get(&key).is_some_and(|v| *v >= doc.version) {
+                        continue;
+                    }
+                    shown.insert(key, doc.version);
+                    let event = pb::EntityEvent { event: Some(Event::Change(convert::entity(&doc))) };
+                    if out.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(status)) => {
+                    let _ = out.send(Err(status)).await;
+                    return;
+                }
+                None => return,
+            },
+            _ = out.closed() => return,
+        }
+    }
+}
