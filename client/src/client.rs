@@ -1,12 +1,15 @@
-//! [`Client`]: the connection to a broker, URL handling, and [`Client::info`].
+//! [`Client`]: the connection to a broker, URL handling, the entity writer id, and
+//! [`Client::info`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use switchboard_proto::v1::broker_client::BrokerClient;
-use switchboard_proto::v1::{InfoRequest, InfoResponse};
+use switchboard_proto::v1::entities_client::EntitiesClient;
+use switchboard_proto::v1::{InfoRequest, InfoResponse, WriteStamp};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::entity::StampClock;
 use crate::error::{error_chain, Error};
 
 /// The broker's default gRPC port, used when a bare host is given without one.
@@ -45,12 +48,19 @@ impl Default for ConnectOptions {
 /// A connection to a Switchboard broker.
 ///
 /// `Client` is cheap to clone: every clone shares one HTTP/2 connection (a tonic `Channel`), which
-/// carries any number of concurrent calls and subscriptions and reconnects by itself when the
-/// connection is lost. Its methods take `&self` and can be called concurrently.
+/// carries any number of concurrent calls and subscriptions (of both the `Broker` and the
+/// `Entities` services) and reconnects by itself when the connection is lost. Its methods take
+/// `&self` and can be called concurrently.
+///
+/// For entity writes, a client also has a *writer id* (see [`Client::writer_id`]) and a clock
+/// that stamps the writes that do not carry a stamp of their own; clones share both.
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: BrokerClient<Channel>,
+    entities: EntitiesClient<Channel>,
     url: Arc<str>,
+    writer: Arc<str>,
+    clock: Arc<Mutex<StampClock>>,
 }
 
 impl Client {
@@ -126,14 +136,51 @@ impl Client {
     pub fn from_channel(channel: Channel, url: impl Into<String>) -> Client {
         let url: String = url.into();
         Client {
-            inner: BrokerClient::new(channel).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
+            inner: BrokerClient::new(channel.clone())
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
+            entities: EntitiesClient::new(channel)
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
             url: url.into(),
+            writer: random_writer_id().into(),
+            clock: Arc::default(),
         }
     }
 
     /// The URL this client connects to, as normalized by [`normalize_url`].
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The writer id this client stamps entity writes with, unless a write names its own (see
+    /// [`EntityUpdate::writer`](crate::EntityUpdate::writer)).
+    ///
+    /// By default it is random and different for every connected `Client` (clones share it):
+    /// `client-` followed by 32 hex digits, for example `client-5f0c6a2e9b1d4c8fa0e3b7d21c9e4f60`.
+    /// It breaks ties between writes stamped in the same millisecond with the same version, so
+    /// two writers must never share one; a process that wants a recognizable id sets it with
+    /// [`Client::with_writer_id`].
+    pub fn writer_id(&self) -> &str {
+        &self.writer
+    }
+
+    /// This client with another writer id (see [`Client::writer_id`]): at most 128 bytes, not
+    /// empty (the broker refuses the write otherwise), and unique to this writer, for example
+    /// `panel-7` or `enricher@host-3`. The connection and the stamp clock are still shared with
+    /// the other clones.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn run() -> Result<(), switchboard_client::Error> {
+    /// let client = switchboard_client::Client::connect("127.0.0.1:7400")
+    ///     .await?
+    ///     .with_writer_id("enricher-1");
+    /// assert_eq!(client.writer_id(), "enricher-1");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_writer_id(mut self, writer: impl Into<String>) -> Client {
+        self.writer = writer.into().into();
+        self
     }
 
     /// Describes the broker node this client is connected to: its version, node and leader ids,
@@ -160,6 +207,31 @@ impl Client {
     pub(crate) fn grpc(&self) -> BrokerClient<Channel> {
         self.inner.clone()
     }
+
+    /// A handle on the generated `Entities` client, on the same connection.
+    pub(crate) fn entities_grpc(&self) -> EntitiesClient<Channel> {
+        self.entities.clone()
+    }
+
+    /// The stamp of a write that has none of its own: this client's clock (see
+    /// [`StampClock::next`]) and `writer`, or this client's writer id.
+    pub(crate) fn next_stamp(&self, writer: Option<&str>) -> WriteStamp {
+        let (timestamp_ms, version) = self
+            .clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next(crate::entity::now_ms());
+        WriteStamp {
+            timestamp_ms,
+            version,
+            writer: writer.unwrap_or(&self.writer).to_owned(),
+        }
+    }
+}
+
+/// `client-` and 32 random hex digits.
+fn random_writer_id() -> String {
+    format!("client-{:032x}", rand::random::<u128>())
 }
 
 /// Turns what a user typed into the URL the client connects to.
@@ -233,6 +305,27 @@ mod tests {
             let error = normalize_url(bad).unwrap_err();
             assert!(matches!(error, Error::InvalidArgument(_)), "{bad}: {error}");
         }
+    }
+
+    #[tokio::test]
+    async fn writer_ids_are_random_per_client_and_shared_by_clones() {
+        let endpoint = Endpoint::from_static("http://127.0.0.1:1");
+        let first = Client::from_channel(endpoint.connect_lazy(), "http://127.0.0.1:1");
+        let second = Client::from_channel(endpoint.connect_lazy(), "http://127.0.0.1:1");
+        assert!(first.writer_id().starts_with("client-"));
+        assert_eq!(first.writer_id().len(), "client-".len() + 32);
+        assert_ne!(first.writer_id(), second.writer_id());
+        assert_eq!(first.clone().writer_id(), first.writer_id());
+
+        let named = first.clone().with_writer_id("panel-7");
+        assert_eq!(named.writer_id(), "panel-7");
+        assert_eq!(named.next_stamp(None).writer, "panel-7");
+        assert_eq!(named.next_stamp(Some("other")).writer, "other");
+
+        // Clones share the clock, so their stamps keep increasing.
+        let a = first.next_stamp(None);
+        let b = named.next_stamp(None);
+        assert!((b.timestamp_ms, b.version) > (a.timestamp_ms, a.version));
     }
 
     #[tokio::test]

@@ -73,17 +73,38 @@ impl Error {
         }
     }
 
+    /// One entry of the `google.rpc.ErrorInfo` metadata the broker attached to this error, for
+    /// example `leader_id` with `UNAVAILABLE NOT_LEADER`, or `current_version` with an entity
+    /// refusal. `None` when absent, and always for errors that are not [`Error::Status`].
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        match self {
+            Error::Status { metadata, .. } => metadata.get(key).map(String::as_str),
+            _ => None,
+        }
+    }
+
+    /// The entity's current version, from the `current_version` metadata that the broker attaches
+    /// to entity refusals (`ABORTED VERSION_CONFLICT`, `FAILED_PRECONDITION STALE_UPDATE`, ...):
+    /// what to pass to [`EntityUpdate::expect_version`](crate::EntityUpdate::expect_version) on a
+    /// retry. `None` when absent or not a number.
+    pub fn current_version(&self) -> Option<u64> {
+        self.metadata("current_version")?.parse().ok()
+    }
+
     /// Whether retrying the same call later may succeed: the connection was lost, the broker is
     /// unavailable or overloaded, or the stream broke for a reason that is not the request's fault.
     ///
     /// `UNAVAILABLE`, `UNKNOWN`, `INTERNAL`, `CANCELLED`, `DEADLINE_EXCEEDED`, `ABORTED` and
     /// `RESOURCE_EXHAUSTED` are transient (a broken HTTP/2 stream surfaces as `UNKNOWN`, `INTERNAL`
     /// or `CANCELLED`); every other code (`INVALID_ARGUMENT`, `PERMISSION_DENIED`,
-    /// `UNAUTHENTICATED`, `NOT_FOUND`, `FAILED_PRECONDITION`, ...) is not. A refusal, a client-side
-    /// invalid argument and a closed publisher are never transient.
+    /// `UNAUTHENTICATED`, `NOT_FOUND`, `FAILED_PRECONDITION`, ...) is not. The exception is an
+    /// entity's `ABORTED VERSION_CONFLICT`: the same compare-and-set fails again, so it is not
+    /// transient (read the entity, or use [`Error::current_version`], and decide anew). A refusal,
+    /// a client-side invalid argument and a closed publisher are never transient.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Connect { .. } => true,
+            Error::Status { reason, .. } if reason.as_deref() == Some("VERSION_CONFLICT") => false,
             Error::Status { code, .. } => is_transient_code(*code),
             Error::Refused(_) | Error::InvalidArgument(_) | Error::Closed => false,
         }
@@ -232,6 +253,34 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn current_version_comes_from_the_metadata() {
+        let mut metadata = HashMap::new();
+        metadata.insert("current_version".to_owned(), "7".to_owned());
+        let error = Error::from(tonic::Status::with_error_details(
+            Code::Aborted,
+            "expected version 3, the entity is at 7",
+            ErrorDetails::with_error_info(
+                "VERSION_CONFLICT",
+                switchboard_proto::ERROR_DOMAIN,
+                metadata,
+            ),
+        ));
+        assert_eq!(
+            error.to_string(),
+            "ABORTED VERSION_CONFLICT: expected version 3, the entity is at 7"
+        );
+        assert_eq!(error.current_version(), Some(7));
+        assert!(!error.is_transient());
+        assert_eq!(error.metadata("current_version"), Some("7"));
+        assert_eq!(error.metadata("leader_id"), None);
+
+        let other = Error::from(status_with_reason(Code::Unavailable, "NOT_LEADER", "x"));
+        assert_eq!(other.current_version(), None);
+        assert_eq!(other.metadata("leader"), Some("2"));
+        assert_eq!(Error::Closed.metadata("leader"), None);
     }
 
     #[test]

@@ -2,19 +2,23 @@
 //!
 //! A [`Client`] wraps one HTTP/2 connection (a tonic `Channel`); it is cheap to clone, and every
 //! clone, publish and subscription shares that connection. The contract it speaks is
-//! `proto/switchboard/v1/broker.proto` (crate `switchboard_proto`); its messages are re-exported
-//! here as [`proto`].
+//! `proto/switchboard/v1/broker.proto` and `entity.proto` (crate `switchboard_proto`); their
+//! messages are re-exported here as [`proto`].
 //!
 //! # Layout
 //! - `lib.rs`: this overview and the re-exports;
-//! - `client.rs`: [`Client`], [`ConnectOptions`], URL handling and [`Client::info`];
+//! - `client.rs`: [`Client`], [`ConnectOptions`], URL handling, the entity writer id
+//!   ([`Client::writer_id`]) and [`Client::info`];
 //! - `error.rs`: [`Error`] (built from a gRPC status and its `google.rpc.ErrorInfo` reason);
-//! - `publish.rs`: the [`Publish`] builder, [`Client::publish`], [`Client::publish_stream`] and the
-//!   [`Publisher`] handle;
+//! - `publish.rs`: the [`Publish`] builder (with [`Publish::caused_by`] for reactions),
+//!   [`Client::publish`], [`Client::publish_stream`] and the [`Publisher`] handle;
 //! - `subscription.rs`: [`Start`], [`SubscribeOptions`], [`Backoff`] and the resuming
 //!   [`Subscription`] ([`Client::subscribe`]);
 //! - `history.rs`: [`HistoryQuery`], [`HistoryPage`], [`Client::history`] and
 //!   [`Client::history_all`];
+//! - `entity.rs`: shared entity state: [`EntityUpdate`], [`EntityDelete`], [`EntityRead`],
+//!   [`EntityWatch`] and [`EntityEvent`], [`EntityExt`], and [`Client::update_entity`],
+//!   [`Client::delete_entity`], [`Client::get_entity`], [`Client::watch_entities`];
 //! - `bin/sb.rs` (with `bin/sb/`): the `sb` command line.
 //!
 //! # Example
@@ -38,12 +42,14 @@
 #![warn(missing_docs)]
 
 mod client;
+mod entity;
 mod error;
 mod history;
 mod publish;
 mod subscription;
 
 pub use client::{normalize_url, Client, ConnectOptions, DEFAULT_PORT};
+pub use entity::{EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate, EntityWatch};
 pub use error::{code_name, Error};
 pub use history::{HistoryPage, HistoryQuery};
 pub use publish::{split_stream_ack, Publish, PublishAcks, Publisher};
@@ -52,10 +58,14 @@ pub use subscription::{Backoff, Start, SubscribeOptions, Subscription};
 /// The generated messages of package `switchboard.v1` (re-exported from `switchboard_proto`).
 pub mod proto {
     pub use switchboard_proto::v1::{
-        HistoryRequest, HistoryResponse, InfoResponse, Message, PublishAck, PublishRequest,
-        PublishStreamAck, Refusal, StartPosition, SubscribeEvent, SubscribeRequest, Subscribed,
+        DeleteEntityRequest, Entity, EntityEvent, EntityKey, EntityResponse, GetEntityRequest,
+        GetEntityResponse, HistoryRequest, HistoryResponse, InfoResponse, Message, PublishAck,
+        PublishRequest, PublishStreamAck, Refusal, SnapshotComplete, StartPosition, SubscribeEvent,
+        SubscribeRequest, Subscribed, UpdateEntityRequest, WatchEntitiesRequest, WriteStamp,
     };
     pub use switchboard_proto::ERROR_DOMAIN;
 }
 
-pub use switchboard_proto::v1::{InfoResponse, Message, PublishAck, PublishStreamAck, Refusal};
+pub use switchboard_proto::v1::{
+    Entity, EntityKey, InfoResponse, Message, PublishAck, PublishStreamAck, Refusal, WriteStamp,
+};

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use switchboard_proto::v1::{publish_stream_ack, PublishAck, PublishRequest, PublishStreamAck};
+use switchboard_proto::v1::{
+    publish_stream_ack, Message, PublishAck, PublishRequest, PublishStreamAck,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,6 +24,9 @@ use crate::error::Error;
 ///
 /// Only the channel and the payload are required; the broker fills in the defaults (content type
 /// `application/json`, schema version `1.0.0`, a random correlation id, no TTL).
+///
+/// A message published while handling a delivery should say so with [`Publish::caused_by`], which
+/// carries the conversation's correlation id and the causal chain (see there).
 ///
 /// ```
 /// use std::time::Duration;
@@ -70,9 +75,65 @@ impl Publish {
         self
     }
 
-    /// Sets the id of the message that caused this one (at most 256 bytes).
+    /// Sets the id of the message that caused this one (at most 256 bytes). When it is the decimal
+    /// offset of a stored message the broker follows the causal chain through it; prefer
+    /// [`Publish::caused_by`], which sets it (with the correlation id and the hop count) from the
+    /// delivered message itself.
     pub fn causation_id(mut self, causation_id: impl Into<String>) -> Publish {
         self.request.causation_id = causation_id.into();
+        self
+    }
+
+    /// Marks this message as a reaction to `cause`, a message delivered by a subscription (or read
+    /// from history): it sets
+    /// - the correlation id to the cause's, so the whole conversation shares one (left unset when
+    ///   the cause has none);
+    /// - the causation id to the cause's offset, as a decimal string;
+    /// - the hop count to the cause's `hops` + 1 (saturating).
+    ///
+    /// This is how the broker detects publish loops: it follows the chain of causation ids back
+    /// through the stored messages (those published within its `loops.window`, 5 minutes by
+    /// default), and refuses a publish whose chain re-enters a channel already in it
+    /// (A → B → A), or whose hop count exceeds its limit (`loops.max_hops`, 16 by default), with
+    /// `FAILED_PRECONDITION LOOP_DETECTED`; a long chain through distinct channels is accepted.
+    /// A service that republishes what it receives without `caused_by` cannot be protected that
+    /// way.
+    ///
+    /// Call it before [`Publish::correlation_id`], [`Publish::causation_id`] or [`Publish::hops`]
+    /// to override one of the three.
+    ///
+    /// ```
+    /// use switchboard_client::proto::PublishRequest;
+    /// use switchboard_client::{Message, Publish};
+    ///
+    /// // A message as a subscription delivers it.
+    /// let delivered = Message {
+    ///     offset: 41,
+    ///     channel: "crm.contact.updated".to_owned(),
+    ///     correlation_id: "6f1c2a3e-8d4b-4a5e-9f00-0123456789ab".to_owned(),
+    ///     hops: 2,
+    ///     ..Message::default()
+    /// };
+    /// let reaction = Publish::new("crm.contact.enriched", r#"{"id":42}"#).caused_by(&delivered);
+    /// let request = PublishRequest::from(reaction);
+    /// assert_eq!(request.correlation_id, delivered.correlation_id);
+    /// assert_eq!(request.causation_id, "41");
+    /// assert_eq!(request.hops, 3);
+    /// ```
+    pub fn caused_by(mut self, cause: &Message) -> Publish {
+        if !cause.correlation_id.is_empty() {
+            self.request.correlation_id = cause.correlation_id.clone();
+        }
+        self.request.causation_id = cause.offset.to_string();
+        self.request.hops = cause.hops.saturating_add(1);
+        self
+    }
+
+    /// Sets how many messages precede this one in its causal chain: 0 (the default) for a message
+    /// nobody caused. [`Publish::caused_by`] counts it for you; the broker refuses a publish above
+    /// its limit (`loops.max_hops`, 16 by default) with `FAILED_PRECONDITION LOOP_DETECTED`.
+    pub fn hops(mut self, hops: u32) -> Publish {
+        self.request.hops = hops;
         self
     }
 
@@ -124,6 +185,11 @@ impl Publish {
     /// The headers set so far.
     pub fn header_map(&self) -> &HashMap<String, String> {
         &self.request.headers
+    }
+
+    /// The hop count set so far (see [`Publish::hops`]).
+    pub fn hop_count(&self) -> u32 {
+        self.request.hops
     }
 
     /// The request this message is sent as.
@@ -269,10 +335,14 @@ impl Client {
     /// Publishes one message and waits for its ack, which the broker sends once the message is
     /// durable.
     ///
+    /// A retry of a message already stored (same channel and idempotency key, within the broker's
+    /// dedup window) is acknowledged with `duplicate` set and the original offset and publish
+    /// time; nothing new is stored.
+    ///
     /// # Errors
     /// [`Error::Status`] with the broker's code and reason when the message is refused (for
-    /// example `INVALID_ARGUMENT CHANNEL_INVALID`, `FAILED_PRECONDITION` for a loop) or the call
-    /// fails (`UNAVAILABLE`).
+    /// example `INVALID_ARGUMENT CHANNEL_INVALID`, `FAILED_PRECONDITION LOOP_DETECTED` for a
+    /// publish loop, see [`Publish::caused_by`]) or the call fails (`UNAVAILABLE`).
     ///
     /// # Example
     /// ```no_run
@@ -416,6 +486,62 @@ mod tests {
         assert_eq!(request.ttl_ms, 30_000);
         assert_eq!(request.headers.len(), 2);
         assert_eq!(request.headers["k"], "v2");
+    }
+
+    #[test]
+    fn caused_by_carries_correlation_causation_and_hops() {
+        let cause = Message {
+            offset: 1234,
+            channel: "a.b".to_owned(),
+            correlation_id: "3f2b9a1e-0000-4000-8000-000000000000".to_owned(),
+            causation_id: "1000".to_owned(),
+            hops: 4,
+            ..Message::default()
+        };
+        let request = PublishRequest::from(Publish::new("a.c", "{}").caused_by(&cause));
+        assert_eq!(request.correlation_id, cause.correlation_id);
+        assert_eq!(request.causation_id, "1234");
+        assert_eq!(request.hops, 5);
+        assert_eq!(request.channel, "a.c");
+
+        // A first message nobody caused.
+        let first = Message {
+            offset: 1,
+            ..Message::default()
+        };
+        let request = PublishRequest::from(
+            Publish::new("a.c", "{}")
+                .correlation_id("mine")
+                .caused_by(&first),
+        );
+        assert_eq!(
+            (
+                request.correlation_id.as_str(),
+                request.causation_id.as_str()
+            ),
+            ("mine", "1")
+        );
+        assert_eq!(request.hops, 1);
+
+        // Later setters override, and the count saturates.
+        let deep = Message {
+            offset: 9,
+            hops: u32::MAX,
+            ..Message::default()
+        };
+        let message = Publish::new("a.c", "{}")
+            .caused_by(&deep)
+            .causation_id("other");
+        assert_eq!(message.hop_count(), u32::MAX);
+        let request = PublishRequest::from(message.hops(2));
+        assert_eq!((request.causation_id.as_str(), request.hops), ("other", 2));
+    }
+
+    #[test]
+    fn hops_default_to_zero() {
+        let message = Publish::new("a.b", "{}");
+        assert_eq!(message.hop_count(), 0);
+        assert_eq!(PublishRequest::from(message.hops(3)).hops, 3);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The client against an in-process mock broker (no real broker needed): errors through the wire,
-//! publishing, history paging, and above all the subscription's resume logic, including a real
-//! connection cut through a TCP proxy.
+//! publishing, history paging, entities (with a mock `Entities` service), and above all the
+//! subscription's resume logic, including a real connection cut through a TCP proxy.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, VecDeque};
@@ -10,15 +10,23 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use switchboard_client::proto::{
+    DeleteEntityRequest, Entity, EntityKey, EntityResponse, GetEntityRequest, GetEntityResponse,
+    SnapshotComplete, UpdateEntityRequest, WatchEntitiesRequest,
+};
+use switchboard_client::proto::{
     HistoryRequest, HistoryResponse, Message, PublishAck, PublishRequest, PublishStreamAck,
     Refusal, SubscribeEvent, SubscribeRequest, Subscribed,
 };
 use switchboard_client::{
-    split_stream_ack, Client, Error, HistoryQuery, Publish, Start, SubscribeOptions,
+    split_stream_ack, Client, EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate,
+    Error, HistoryQuery, Publish, Start, SubscribeOptions,
 };
 use switchboard_proto::v1::broker_server::{Broker, BrokerServer};
+use switchboard_proto::v1::entities_server::{Entities, EntitiesServer};
 use switchboard_proto::v1::start_position::Position;
-use switchboard_proto::v1::{publish_stream_ack, subscribe_event, InfoRequest, InfoResponse};
+use switchboard_proto::v1::{
+    entity_event, publish_stream_ack, subscribe_event, InfoRequest, InfoResponse,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -44,6 +52,20 @@ struct State {
     published: Vec<PublishRequest>,
     /// Offsets 1..=history_len are stored.
     history_len: u64,
+    /// Entities by (type, id).
+    entities: HashMap<(String, String), Entity>,
+    entity_updates: Vec<UpdateEntityRequest>,
+    entity_deletes: Vec<DeleteEntityRequest>,
+    /// What the mock does for each `WatchEntities` call, in order; once they are used up, a
+    /// snapshot of `entities` and a held stream.
+    watch_plans: VecDeque<WatchPlan>,
+}
+
+/// What the mock does for one `WatchEntities` call: send these items, then close the stream or
+/// hold it open until the client goes away.
+struct WatchPlan {
+    items: Vec<Result<switchboard_client::proto::EntityEvent, Status>>,
+    hold: bool,
 }
 
 #[derive(Clone, Default)]
@@ -106,6 +128,44 @@ fn refused(code: Code, reason: &str, message: &str) -> Status {
     )
 }
 
+/// An entity refusal carrying `current_version` in its ErrorInfo metadata, as the broker sends.
+fn entity_refused(code: Code, reason: &str, message: &str, current_version: u64) -> Status {
+    let mut metadata = HashMap::new();
+    metadata.insert("current_version".to_owned(), current_version.to_string());
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, "switchboard", metadata),
+    )
+}
+
+fn entity_key(r#type: &str, id: &str) -> EntityKey {
+    EntityKey {
+        r#type: r#type.to_owned(),
+        id: id.to_owned(),
+    }
+}
+
+fn sample_entity(id: &str, version: u64, fields: &'static str) -> Entity {
+    Entity {
+        key: Some(entity_key("contact", id)),
+        fields: fields.into(),
+        version,
+        etag: format!("\"{version}\""),
+        updated_at: Some(prost_types::Timestamp {
+            seconds: 1_714_564_800,
+            nanos: 250_000_000,
+        }),
+        ..Entity::default()
+    }
+}
+
+fn entity_event(
+    event: entity_event::Event,
+) -> Result<switchboard_client::proto::EntityEvent, Status> {
+    Ok(switchboard_client::proto::EntityEvent { event: Some(event) })
+}
+
 #[tonic::async_trait]
 impl Broker for Mock {
     async fn publish(
@@ -121,6 +181,22 @@ impl Broker for Mock {
             ));
         }
         let mut state = self.state.lock().unwrap();
+        let original = state.published.iter().position(|stored| {
+            !request.idempotency_key.is_empty()
+                && stored.channel == request.channel
+                && stored.idempotency_key == request.idempotency_key
+        });
+        if let Some(index) = original {
+            return Ok(Response::new(PublishAck {
+                offset: index as u64 + 1,
+                publish_time: Some(prost_types::Timestamp {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                correlation_id: "generated".to_owned(),
+                duplicate: true,
+            }));
+        }
         state.published.push(request.clone());
         Ok(Response::new(PublishAck {
             offset: state.published.len() as u64,
@@ -133,6 +209,7 @@ impl Broker for Mock {
             } else {
                 request.correlation_id
             },
+            duplicate: false,
         }))
     }
 
@@ -252,12 +329,196 @@ impl Broker for Mock {
     }
 }
 
+/// A simplified merge: the stamps of the last change only (not per field), enough to exercise
+/// the client's side of the contract.
+#[tonic::async_trait]
+impl Entities for Mock {
+    async fn update_entity(
+        &self,
+        request: Request<UpdateEntityRequest>,
+    ) -> Result<Response<EntityResponse>, Status> {
+        let request = request.into_inner();
+        let mut state = self.state.lock().unwrap();
+        state.entity_updates.push(request.clone());
+        let key = request.key.clone().unwrap_or_default();
+        let stamp = request.stamp.clone().unwrap_or_default();
+        if stamp.writer.is_empty() {
+            return Err(refused(
+                Code::InvalidArgument,
+                "WRITER_INVALID",
+                "the writer is empty",
+            ));
+        }
+        let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(&request.fields) else {
+            return Err(refused(
+                Code::InvalidArgument,
+                "FIELDS_INVALID",
+                "fields must be a JSON object",
+            ));
+        };
+        let slot = (key.r#type.clone(), key.id.clone());
+        let current = state.entities.get(&slot).cloned();
+        let current_version = current.as_ref().map_or(0, |entity| entity.version);
+        if let Some(expected) = request.expected_version {
+            if expected != current_version {
+                return Err(entity_refused(
+                    Code::Aborted,
+                    "VERSION_CONFLICT",
+                    &format!("expected version {expected}, the entity is at {current_version}"),
+                    current_version,
+                ));
+            }
+        }
+        let mut entity = current.unwrap_or_else(|| Entity {
+            key: Some(key),
+            fields: "{}".into(),
+            ..Entity::default()
+        });
+        let last = entity.last_stamp.clone().unwrap_or_default();
+        if entity.version > 0
+            && (stamp.timestamp_ms, stamp.version, stamp.writer.as_bytes())
+                <= (last.timestamp_ms, last.version, last.writer.as_bytes())
+        {
+            return Err(entity_refused(
+                Code::FailedPrecondition,
+                "STALE_UPDATE",
+                "no field wins",
+                current_version,
+            ));
+        }
+        let mut merged: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&entity.fields).unwrap();
+        merged.extend(fields);
+        entity.fields = serde_json::to_vec(&merged).unwrap().into();
+        entity.version += 1;
+        entity.etag = format!("\"{}\"", entity.version);
+        entity.deleted = false;
+        entity.updated_at = Some(prost_types::Timestamp {
+            seconds: 1_714_564_800,
+            nanos: 250_000_000,
+        });
+        entity.last_stamp = Some(stamp);
+        state.entities.insert(slot, entity.clone());
+        Ok(Response::new(EntityResponse {
+            entity: Some(entity),
+        }))
+    }
+
+    async fn delete_entity(
+        &self,
+        request: Request<DeleteEntityRequest>,
+    ) -> Result<Response<EntityResponse>, Status> {
+        let request = request.into_inner();
+        let mut state = self.state.lock().unwrap();
+        state.entity_deletes.push(request.clone());
+        let key = request.key.clone().unwrap_or_default();
+        let slot = (key.r#type.clone(), key.id.clone());
+        let Some(entity) = state.entities.get_mut(&slot) else {
+            return Err(refused(
+                Code::NotFound,
+                "ENTITY_NOT_FOUND",
+                "no entity contact.404",
+            ));
+        };
+        if let Some(expected) = request.expected_version {
+            if expected != entity.version {
+                return Err(entity_refused(
+                    Code::Aborted,
+                    "VERSION_CONFLICT",
+                    "version mismatch",
+                    entity.version,
+                ));
+            }
+        }
+        entity.fields = "{}".into();
+        entity.deleted = true;
+        entity.version += 1;
+        entity.etag = format!("\"{}\"", entity.version);
+        entity.last_stamp = request.stamp;
+        Ok(Response::new(EntityResponse {
+            entity: Some(entity.clone()),
+        }))
+    }
+
+    async fn get_entity(
+        &self,
+        request: Request<GetEntityRequest>,
+    ) -> Result<Response<GetEntityResponse>, Status> {
+        let request = request.into_inner();
+        let key = request.key.unwrap_or_default();
+        let state = self.state.lock().unwrap();
+        let Some(entity) = state.entities.get(&(key.r#type.clone(), key.id.clone())) else {
+            return Err(refused(
+                Code::NotFound,
+                "ENTITY_NOT_FOUND",
+                &format!("no entity {}.{}", key.r#type, key.id),
+            ));
+        };
+        if !request.if_none_match.is_empty() && request.if_none_match == entity.etag {
+            return Ok(Response::new(GetEntityResponse {
+                not_modified: true,
+                entity: None,
+            }));
+        }
+        Ok(Response::new(GetEntityResponse {
+            not_modified: false,
+            entity: Some(entity.clone()),
+        }))
+    }
+
+    type WatchEntitiesStream =
+        ReceiverStream<Result<switchboard_client::proto::EntityEvent, Status>>;
+
+    async fn watch_entities(
+        &self,
+        request: Request<WatchEntitiesRequest>,
+    ) -> Result<Response<Self::WatchEntitiesStream>, Status> {
+        let request = request.into_inner();
+        if request.pattern.contains(' ') {
+            return Err(refused(
+                Code::InvalidArgument,
+                "PATTERN_INVALID",
+                "pattern has a space",
+            ));
+        }
+        let plan = {
+            let mut state = self.state.lock().unwrap();
+            state.watch_plans.pop_front().unwrap_or_else(|| {
+                let mut entities: Vec<Entity> = state.entities.values().cloned().collect();
+                entities.sort_by_key(|entity| entity.entity_id().to_owned());
+                let count = entities.len() as u64;
+                let mut items: Vec<_> = entities
+                    .into_iter()
+                    .map(|entity| entity_event(entity_event::Event::Snapshot(entity)))
+                    .collect();
+                items.push(entity_event(entity_event::Event::SnapshotComplete(
+                    SnapshotComplete { entities: count },
+                )));
+                WatchPlan { items, hold: true }
+            })
+        };
+        let (sender, receiver) = mpsc::channel(64);
+        tokio::spawn(async move {
+            for item in plan.items {
+                if sender.send(item).await.is_err() {
+                    return;
+                }
+            }
+            if plan.hold {
+                sender.closed().await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
 async fn serve(mock: Mock) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(BrokerServer::new(mock))
+            .add_service(BrokerServer::new(mock.clone()))
+            .add_service(EntitiesServer::new(mock))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     address
@@ -788,5 +1049,535 @@ async fn sb_names_the_url_it_cannot_reach() {
             "error: cannot connect to http://127.0.0.1:{port}: "
         )),
         "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn publish_carries_causation_and_reports_duplicates() {
+    let (mock, client) = start().await;
+    let cause = Message {
+        offset: 7,
+        channel: "a.b".to_owned(),
+        correlation_id: "3f2b9a1e-0000-4000-8000-000000000000".to_owned(),
+        hops: 2,
+        ..Message::default()
+    };
+    let first = client
+        .publish(
+            Publish::new("a.c", "{}")
+                .caused_by(&cause)
+                .idempotency_key("k"),
+        )
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    let again = client
+        .publish(Publish::new("a.c", "{}").idempotency_key("k"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.offset, first.offset);
+    let stored = mock.state.lock().unwrap().published[0].clone();
+    assert_eq!(stored.correlation_id, cause.correlation_id);
+    assert_eq!((stored.causation_id.as_str(), stored.hops), ("7", 3));
+}
+
+#[tokio::test]
+async fn entity_update_get_and_delete() {
+    let (mock, client) = start().await;
+    let client = client.with_writer_id("panel-7");
+    let entity = client
+        .update_entity(EntityUpdate::new(
+            "contact",
+            "42",
+            serde_json::json!({"name": "Ada"}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (entity.entity_type(), entity.entity_id()),
+        ("contact", "42")
+    );
+    assert_eq!(entity.version, 1);
+    assert_eq!(
+        entity.fields_json().unwrap(),
+        serde_json::json!({"name": "Ada"})
+    );
+    assert_eq!(entity.last_stamp.as_ref().unwrap().writer, "panel-7");
+
+    let entity = client
+        .update_entity(
+            EntityUpdate::new("contact", "42", serde_json::json!({"vip": true})).expect_version(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(entity.version, 2);
+    assert_eq!(
+        entity.fields_json().unwrap(),
+        serde_json::json!({"name": "Ada", "vip": true})
+    );
+    {
+        // Two writes in a row from one client: stamps strictly increase, the expected version is
+        // sent only when set.
+        let state = mock.state.lock().unwrap();
+        let (a, b) = (&state.entity_updates[0], &state.entity_updates[1]);
+        let (sa, sb) = (a.stamp.clone().unwrap(), b.stamp.clone().unwrap());
+        assert!((sb.timestamp_ms, sb.version) > (sa.timestamp_ms, sa.version));
+        assert_eq!((a.expected_version, b.expected_version), (None, Some(1)));
+    }
+
+    let read = client.get_entity("contact", "42", None).await.unwrap();
+    let EntityRead::Modified(read) = read else {
+        panic!("expected the entity, got {read:?}")
+    };
+    assert_eq!(read, entity);
+
+    let not_modified = client
+        .get_entity("contact", "42", Some(&entity.etag))
+        .await
+        .unwrap();
+    assert_eq!(not_modified, EntityRead::NotModified);
+    let stale_etag = client
+        .get_entity("contact", "42", Some("\"1\""))
+        .await
+        .unwrap();
+    assert!(matches!(stale_etag, EntityRead::Modified(_)));
+
+    let deleted = client
+        .delete_entity(EntityDelete::new("contact", "42").stamp(u64::MAX, 0, "janitor"))
+        .await
+        .unwrap();
+    assert!(deleted.deleted);
+    assert_eq!(deleted.fields_json().unwrap(), serde_json::json!({}));
+    assert_eq!(deleted.version, 3);
+    assert_eq!(
+        mock.state.lock().unwrap().entity_deletes[0].expected_version,
+        None
+    );
+
+    let missing = client.get_entity("contact", "404", None).await.unwrap_err();
+    assert_eq!(
+        missing.to_string(),
+        "NOT_FOUND ENTITY_NOT_FOUND: no entity contact.404"
+    );
+    assert_eq!(missing.reason(), Some("ENTITY_NOT_FOUND"));
+}
+
+#[tokio::test]
+async fn entity_refusals_carry_the_current_version() {
+    let (_mock, client) = start().await;
+    client
+        .update_entity(EntityUpdate::new(
+            "contact",
+            "42",
+            serde_json::json!({"a": 1}),
+        ))
+        .await
+        .unwrap();
+    let conflict = client
+        .update_entity(
+            EntityUpdate::new("contact", "42", serde_json::json!({"a": 2})).expect_version(0),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        conflict.to_string(),
+        "ABORTED VERSION_CONFLICT: expected version 0, the entity is at 1"
+    );
+    assert_eq!(conflict.code(), Code::Aborted);
+    assert_eq!(conflict.reason(), Some("VERSION_CONFLICT"));
+    assert_eq!(conflict.current_version(), Some(1));
+    assert!(!conflict.is_transient());
+    match &conflict {
+        Error::Status { metadata, .. } => assert_eq!(metadata["current_version"], "1"),
+        other => panic!("unexpected {other:?}"),
+    }
+
+    let stale = client
+        .update_entity(
+            EntityUpdate::new("contact", "42", serde_json::json!({"a": 3})).stamp(1, 0, "old"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        stale.to_string(),
+        "FAILED_PRECONDITION STALE_UPDATE: no field wins"
+    );
+    assert_eq!(stale.current_version(), Some(1));
+
+    let not_an_object = client
+        .update_entity(EntityUpdate::new("contact", "42", serde_json::json!([1])))
+        .await
+        .unwrap_err();
+    assert!(matches!(not_an_object, Error::InvalidArgument(_)));
+}
+
+async fn next_event(
+    watch: &mut switchboard_client::EntityWatch,
+) -> Option<Result<EntityEvent, Error>> {
+    tokio::time::timeout(WAIT, watch.next())
+        .await
+        .expect("an event in time")
+}
+
+#[tokio::test]
+async fn watch_entities_snapshot_then_changes() {
+    let (mock, client) = start().await;
+    mock.state.lock().unwrap().watch_plans.push_back(WatchPlan {
+        items: vec![
+            entity_event(entity_event::Event::Snapshot(sample_entity(
+                "1",
+                4,
+                r#"{"name":"Ada"}"#,
+            ))),
+            entity_event(entity_event::Event::SnapshotComplete(SnapshotComplete {
+                entities: 1,
+            })),
+            Ok(switchboard_client::proto::EntityEvent { event: None }),
+            entity_event(entity_event::Event::Change(sample_entity(
+                "2",
+                1,
+                r#"{"name":"Bob"}"#,
+            ))),
+            Err(refused(
+                Code::Unavailable,
+                "SHUTTING_DOWN",
+                "the broker is stopping",
+            )),
+        ],
+        hold: false,
+    });
+    let mut watch = client.watch_entities("contact.*").await.unwrap();
+    assert_eq!(watch.pattern(), "contact.*");
+    assert!(!watch.is_live());
+
+    let Some(Ok(EntityEvent::Snapshot(first))) = next_event(&mut watch).await else {
+        panic!("expected a snapshot")
+    };
+    assert_eq!((first.entity_id(), first.version), ("1", 4));
+    assert!(matches!(
+        next_event(&mut watch).await,
+        Some(Ok(EntityEvent::SnapshotComplete(1)))
+    ));
+    let Some(Ok(EntityEvent::Change(change))) = next_event(&mut watch).await else {
+        panic!("expected a change (an unknown event is skipped)")
+    };
+    assert_eq!(
+        change.fields_json().unwrap(),
+        serde_json::json!({"name": "Bob"})
+    );
+    let error = next_event(&mut watch).await.unwrap().unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "UNAVAILABLE SHUTTING_DOWN: the broker is stopping"
+    );
+    assert!(next_event(&mut watch).await.is_none());
+    assert!(watch.is_live());
+
+    // A stream the broker closes cleanly ends with an UNAVAILABLE error.
+    mock.state.lock().unwrap().watch_plans.push_back(WatchPlan {
+        items: vec![entity_event(entity_event::Event::SnapshotComplete(
+            SnapshotComplete { entities: 0 },
+        ))],
+        hold: false,
+    });
+    let mut watch = client.watch_entities(">").await.unwrap();
+    assert!(matches!(
+        watch.next().await,
+        Some(Ok(EntityEvent::SnapshotComplete(0)))
+    ));
+    let closed = watch.next().await.unwrap().unwrap_err();
+    assert_eq!(closed.code(), Code::Unavailable);
+    assert!(closed.is_transient());
+    assert!(watch.next().await.is_none());
+
+    let invalid = client.watch_entities("a b").await.unwrap_err();
+    assert_eq!(
+        invalid.to_string(),
+        "INVALID_ARGUMENT PATTERN_INVALID: pattern has a space"
+    );
+    let empty = client.watch_entities("").await.unwrap_err();
+    assert!(matches!(empty, Error::InvalidArgument(_)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_publish_hops_and_duplicates() {
+    let mock = Mock::default();
+    let address = serve(mock.clone()).await;
+    let args = [
+        "publish",
+        "a.b",
+        "{}",
+        "--idempotency-key",
+        "k",
+        "--hops",
+        "2",
+        "--causation-id",
+        "5",
+    ];
+    let (status, first, stderr) = sb(address, &args, None).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert!(!first.contains("duplicate"), "{first}");
+    let (status, again, _) = sb(address, &args, None).await;
+    assert_eq!(status, 0);
+    assert_eq!(
+        again,
+        "{\"offset\":1,\"publish_time\":\"1970-01-01T00:00:01.000Z\",\"correlation_id\":\"generated\",\"duplicate\":true}\n"
+    );
+    let stored = mock.state.lock().unwrap().published[0].clone();
+    assert_eq!((stored.hops, stored.causation_id.as_str()), (2, "5"));
+
+    let mut reaction = message(3);
+    reaction.hops = 2;
+    mock.plan(
+        vec![
+            subscribed(1),
+            Ok(SubscribeEvent {
+                event: Some(subscribe_event::Event::Message(reaction)),
+            }),
+            delivery(4),
+        ],
+        true,
+    );
+    let (status, stdout, stderr) = sb(address, &["subscribe", "a.>", "--count", "2"], None).await;
+    assert_eq!(status, 0, "{stderr}");
+    let lines = json_lines(&stdout);
+    assert_eq!(lines[0]["hops"], 2);
+    assert!(lines[1].get("hops").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_entity_update_get_delete() {
+    let mock = Mock::default();
+    let address = serve(mock.clone()).await;
+    let (status, stdout, stderr) = sb(
+        address,
+        &[
+            "entity",
+            "update",
+            "contact",
+            "42",
+            r#"{"name":"Ada","tags":["a"]}"#,
+            "--timestamp",
+            "1714564800100",
+            "--version",
+            "2",
+            "--writer",
+            "panel-7",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(
+        stdout,
+        concat!(
+            r#"{"type":"contact","id":"42","version":1,"etag":"\"1\"","deleted":false,"#,
+            r#""updated_at":"2024-05-01T12:00:00.250Z","fields":{"name":"Ada","tags":["a"]},"#,
+            r#""last_stamp":{"timestamp_ms":1714564800100,"version":2,"writer":"panel-7"}}"#,
+            "\n"
+        )
+    );
+
+    // From stdin, with the default stamp: now, version 0, the default writer.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (status, stdout, stderr) = sb(
+        address,
+        &[
+            "entity",
+            "update",
+            "contact",
+            "42",
+            "-",
+            "--expect-version",
+            "1",
+        ],
+        Some(br#"{"vip":true}"#),
+    )
+    .await;
+    assert_eq!(status, 0, "{stderr}");
+    let line = &json_lines(&stdout)[0];
+    assert_eq!(line["version"], 2);
+    assert_eq!(
+        line["fields"],
+        serde_json::json!({"name": "Ada", "tags": ["a"], "vip": true})
+    );
+    {
+        let state = mock.state.lock().unwrap();
+        let request = &state.entity_updates[1];
+        let stamp = request.stamp.clone().unwrap();
+        assert!(stamp.timestamp_ms >= before, "{stamp:?}");
+        assert_eq!(stamp.version, 0);
+        assert!(stamp.writer.starts_with("sb"), "{stamp:?}");
+        assert_eq!(request.expected_version, Some(1));
+    }
+
+    let (status, stdout, _) = sb(address, &["entity", "get", "contact", "42"], None).await;
+    assert_eq!(status, 0);
+    let etag = json_lines(&stdout)[0]["etag"].as_str().unwrap().to_owned();
+    assert_eq!(etag, "\"2\"");
+    let (status, stdout, _) = sb(
+        address,
+        &["entity", "get", "contact", "42", "--if-none-match", &etag],
+        None,
+    )
+    .await;
+    assert_eq!((status, stdout.as_str()), (0, "{\"not_modified\":true}\n"));
+
+    let (status, stdout, stderr) = sb(
+        address,
+        &[
+            "entity",
+            "update",
+            "contact",
+            "42",
+            r#"{"a":1}"#,
+            "--expect-version",
+            "7",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!((status, stdout.as_str()), (1, ""));
+    assert_eq!(
+        stderr,
+        "error: ABORTED VERSION_CONFLICT: expected version 7, the entity is at 2\n"
+    );
+
+    let (status, _, stderr) =
+        sb(address, &["entity", "update", "contact", "42", "[1]"], None).await;
+    assert_eq!(status, 1);
+    assert!(
+        stderr.starts_with(
+            "error: invalid argument: the fields of entity contact.42 must be a JSON object"
+        ),
+        "{stderr}"
+    );
+    let (status, _, stderr) = sb(
+        address,
+        &["entity", "update", "contact", "42", "{nope"],
+        None,
+    )
+    .await;
+    assert_eq!(status, 1);
+    assert!(
+        stderr.starts_with("error: invalid argument: the fields are not valid JSON: "),
+        "{stderr}"
+    );
+
+    let (status, stdout, stderr) = sb(
+        address,
+        &[
+            "entity",
+            "delete",
+            "contact",
+            "42",
+            "--timestamp",
+            "99999999999999",
+            "--writer",
+            "janitor",
+            "--expect-version",
+            "2",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status, 0, "{stderr}");
+    let line = &json_lines(&stdout)[0];
+    assert_eq!(
+        (line["deleted"].clone(), line["version"].clone()),
+        (true.into(), 3.into())
+    );
+    assert_eq!(line["fields"], serde_json::json!({}));
+    assert_eq!(line["last_stamp"]["writer"], "janitor");
+
+    let (status, stdout, stderr) = sb(address, &["entity", "get", "contact", "404"], None).await;
+    assert_eq!((status, stdout.as_str()), (1, ""));
+    assert_eq!(
+        stderr,
+        "error: NOT_FOUND ENTITY_NOT_FOUND: no entity contact.404\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_entity_watch_prints_snapshot_and_changes() {
+    let mock = Mock::default();
+    let address = serve(mock.clone()).await;
+    mock.state.lock().unwrap().watch_plans.push_back(WatchPlan {
+        items: vec![
+            entity_event(entity_event::Event::Snapshot(sample_entity(
+                "1",
+                4,
+                r#"{"name":"Ada"}"#,
+            ))),
+            entity_event(entity_event::Event::SnapshotComplete(SnapshotComplete {
+                entities: 1,
+            })),
+            entity_event(entity_event::Event::Change(sample_entity(
+                "1",
+                5,
+                r#"{"name":"Ada L."}"#,
+            ))),
+            entity_event(entity_event::Event::Change(sample_entity(
+                "2",
+                1,
+                r#"{"name":"Bob"}"#,
+            ))),
+            entity_event(entity_event::Event::Change(sample_entity(
+                "3",
+                1,
+                r#"{"name":"Cy"}"#,
+            ))),
+        ],
+        hold: true,
+    });
+    let (status, stdout, stderr) = sb(
+        address,
+        &["entity", "watch", "contact.*", "--count", "2"],
+        None,
+    )
+    .await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(stderr, "sb: watching contact.*\n");
+    let lines = json_lines(&stdout);
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines[0]["event"], "snapshot");
+    assert_eq!(lines[0]["fields"], serde_json::json!({"name": "Ada"}));
+    assert_eq!(lines[0]["updated_at"], "2024-05-01T12:00:00.250Z");
+    assert_eq!(
+        stdout.lines().nth(1),
+        Some(r#"{"event":"snapshot_complete","entities":1}"#)
+    );
+    assert_eq!(lines[2]["event"], "change");
+    assert_eq!(
+        (lines[2]["id"].clone(), lines[2]["version"].clone()),
+        ("1".into(), 5.into())
+    );
+    assert_eq!(lines[3]["id"], "2");
+    assert!(stdout.starts_with(r#"{"event":"snapshot","type":"contact","id":"1","#));
+
+    // --count 0: the snapshot only (the default plan: the mock's entities, none here).
+    let (status, stdout, stderr) =
+        sb(address, &["entity", "watch", ">", "--count", "0"], None).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(stdout, "{\"event\":\"snapshot_complete\",\"entities\":0}\n");
+
+    // --timeout with nothing happening.
+    let (status, stdout, _) = sb(
+        address,
+        &["entity", "watch", ">", "--timeout", "300ms"],
+        None,
+    )
+    .await;
+    assert_eq!((status, stdout.lines().count()), (0, 1));
+
+    let (status, _, stderr) = sb(address, &["entity", "watch", "a b"], None).await;
+    assert_eq!(status, 1);
+    assert_eq!(
+        stderr,
+        "error: INVALID_ARGUMENT PATTERN_INVALID: pattern has a space\n"
     );
 }

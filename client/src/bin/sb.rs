@@ -1,8 +1,9 @@
-//! `sb`: the Switchboard command line. Publishes, subscribes, reads history and describes the
-//! broker, printing one JSON object per line on stdout.
+//! `sb`: the Switchboard command line. Publishes, subscribes, reads history, describes the broker,
+//! and reads, writes and watches shared entities, printing one JSON object per line on stdout.
 //!
 //! Layout: this file holds the argument definitions and the commands; `sb/args.rs` parses
-//! argument values (`--from`, `--to`, `--header`); `sb/output.rs` formats the JSON lines.
+//! argument values (`--from`, `--to`, `--header`) and picks the default entity writer id;
+//! `sb/output.rs` formats the JSON lines.
 
 #[path = "sb/args.rs"]
 mod args;
@@ -16,7 +17,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use switchboard_client::{Client, HistoryQuery, Publish, Start};
+use switchboard_client::{
+    Client, EntityDelete, EntityEvent, EntityUpdate, Error, HistoryQuery, Publish, Start,
+};
 use tokio::time::Instant;
 
 use crate::args::End;
@@ -29,6 +32,10 @@ Examples:
   sb subscribe 'telemetry.>' --from 2024-05-01T12:00:00Z --timeout 30s
   sb history 'crm.>' --from 100 --to 200 --limit 50
   SWITCHBOARD_URL=http://10.0.0.5:7400 sb info
+  sb entity update contact 42 '{\"name\":\"Ada\",\"vip\":true}' --writer panel-7
+  sb entity get contact 42 --if-none-match '\"3-5f0c6a2e\"'
+  sb entity delete contact 42 --expect-version 3
+  sb entity watch 'contact.*' --count 1 --timeout 30s
 
 Output is one JSON object per line on stdout. Errors go to stderr as `error: CODE REASON: message`
 (for example `error: INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty`); the exit
@@ -37,7 +44,8 @@ status is 1 for errors and 2 for usage errors.
 Set SB_LOG (for example SB_LOG=debug) to see the client's logs on stderr; by default only warnings
 (such as a subscription resuming after a lost connection) are shown.";
 
-/// Publish to, subscribe to, and read from a Switchboard broker.
+/// Publish to, subscribe to, and read from a Switchboard broker; read, write and watch its shared
+/// entities.
 ///
 /// Channels are dot-separated names such as `crm.contact.updated`; patterns may use `*` for one
 /// segment and, as the last segment, `>` for one or more (`crm.*.updated`, `telemetry.>`).
@@ -63,6 +71,14 @@ enum Command {
     /// Publish one message and print its ack.
     #[command(after_help = "\
 Prints the ack as one line: {\"offset\":N,\"publish_time\":\"2024-05-01T12:00:00.250Z\",\"correlation_id\":\"...\"}
+followed by \"duplicate\":true when the broker already stored this message (same channel and
+--idempotency-key within its dedup window): nothing new was stored, and offset and publish_time
+are the original's.
+
+--causation-id and --hops describe the causal chain when publishing a reaction to a delivery:
+the delivery's offset and its hops + 1 (and its correlation id as --correlation-id). The broker
+refuses a chain that re-enters a channel, or with more hops than its limit, with
+FAILED_PRECONDITION LOOP_DETECTED.
 
 The payload is sent byte for byte (a trailing newline read from stdin is kept). Unless
 --content-type says otherwise it is JSON and must parse as JSON.
@@ -76,7 +92,8 @@ Examples:
     /// Follow the messages matching a pattern, one JSON line per delivery.
     #[command(after_help = "\
 Prints one line per delivered message: offset, channel, publish_time (RFC 3339, UTC, millis),
-correlation_id, causation_id and idempotency_key (left out when empty), content_type,
+correlation_id, causation_id and idempotency_key (left out when empty), hops (left out when 0),
+content_type,
 schema_version, ttl_ms, expires_at (left out when there is no TTL), headers (an object), payload
 and payload_encoding (\"utf8\": the payload as a string; \"base64\": standard base64 of the bytes).
 Each line is flushed as it is written.
@@ -116,6 +133,162 @@ Examples:
 Prints one line: {\"version\":\"0.1.0\",\"node_id\":1,\"last_offset\":N,\"first_offset\":N,
 \"stored_bytes\":N,\"disk_bytes\":N,\"leader_id\":1,\"term\":N,\"applied_index\":N}")]
     Info,
+
+    /// Read, write and watch shared entities (records such as a contact, merged field by field).
+    #[command(subcommand)]
+    Entity(EntityCommand),
+}
+
+const ENTITY_OUTPUT: &str = "\
+Prints the entity after the change as one line:
+{\"type\":\"contact\",\"id\":\"42\",\"version\":N,\"etag\":\"...\",\"deleted\":false,
+\"updated_at\":\"2024-05-01T12:00:00.250Z\",\"fields\":{...},
+\"last_stamp\":{\"timestamp_ms\":N,\"version\":N,\"writer\":\"...\"}}
+where fields is the merged JSON object itself and updated_at is RFC 3339, UTC, millis.
+
+Every write is stamped (timestamp_ms, version, writer), compared in that order; each field keeps
+the value of the write with the greatest stamp. --timestamp defaults to now, --version to 0, and
+--writer to $SB_WRITER, else `sb-USER@HOST` (from $USER and the host name), else `sb`. Two writes
+of one field from the same writer in the same millisecond need distinct --version values.
+
+Refusals (printed as `error: CODE REASON: message`, exit status 1):
+  FAILED_PRECONDITION STALE_UPDATE   no field wins: each was set by a write with a greater stamp
+  FAILED_PRECONDITION CLOCK_SKEW     --timestamp is too far ahead of the broker's clock
+  ABORTED VERSION_CONFLICT           --expect-version does not match the entity's version
+  INVALID_ARGUMENT ENTITY_KEY_INVALID, ENTITY_FIELDS_INVALID, WRITE_STAMP_INVALID
+The error's metadata carries the entity's current version (the library's
+Error::current_version); `sb` prints only the line above.";
+
+#[derive(Debug, Subcommand)]
+enum EntityCommand {
+    /// Merge fields into an entity (creating it when new) and print the entity.
+    #[command(after_help = format!("{ENTITY_OUTPUT}
+
+Examples:
+  sb entity update contact 42 '{{\"name\":\"Ada\",\"phone\":null}}'
+  sb entity update contact 42 - --writer panel-7 < fields.json
+  sb entity update contact 42 '{{\"vip\":true}}' --expect-version 3
+  sb entity update contact 43 '{{\"name\":\"Bob\"}}' --expect-version 0   # only if new"))]
+    Update(EntityUpdateArgs),
+
+    /// Print an entity, or {"not_modified":true} when --if-none-match is its current ETag.
+    #[command(after_help = "\
+Prints the entity as `sb entity update` does (a deleted entity has \"deleted\":true), or
+{\"not_modified\":true} when --if-none-match is still its current etag. An entity that never
+existed is NOT_FOUND ENTITY_NOT_FOUND (exit status 1).
+
+Examples:
+  sb entity get contact 42
+  sb entity get contact 42 --if-none-match '\"3-5f0c6a2e\"'")]
+    Get(EntityGetArgs),
+
+    /// Delete an entity (a stamped tombstone removing every older field) and print the entity.
+    #[command(after_help = format!("{ENTITY_OUTPUT}
+
+Examples:
+  sb entity delete contact 42
+  sb entity delete contact 42 --expect-version 7"))]
+    Delete(EntityDeleteArgs),
+
+    /// Print the entities matching a pattern (a snapshot), then every change, one JSON line each.
+    #[command(after_help = "\
+Prints one line per event, each flushed as it is written:
+  {\"event\":\"snapshot\",\"type\":...}                every matching entity's current state
+  {\"event\":\"snapshot_complete\",\"entities\":N}     once, after the snapshot
+  {\"event\":\"change\",\"type\":...}                  every change after that
+where the entity's fields follow \"event\" as `sb entity get` prints them. Once the snapshot is
+complete, `sb: watching PATTERN` is written to stderr.
+
+The pattern is over `type.id`: contact.42, 'contact.*', '>'.
+
+--count counts change events only (--count 0 prints the snapshot and exits). Exits with status 0
+after --count changes or when --timeout has passed, and runs until interrupted otherwise. A watch
+does not resume: if the connection is lost it exits with status 1; watching again starts over
+with a fresh snapshot.
+
+Examples:
+  sb entity watch 'contact.*'
+  sb entity watch '>' --count 0
+  sb entity watch contact.42 --count 1 --timeout 30s")]
+    Watch(EntityWatchArgs),
+}
+
+/// How an entity write is stamped, and its compare-and-set condition.
+#[derive(Debug, Args)]
+struct StampArgs {
+    /// The write's time, Unix milliseconds; now by default.
+    #[arg(long, value_name = "MS")]
+    timestamp: Option<u64>,
+
+    /// The writer's counter, breaking ties between its writes in the same millisecond.
+    #[arg(long = "version", value_name = "N", default_value_t = 0)]
+    stamp_version: u64,
+
+    /// The writer id; `sb-USER@HOST` by default.
+    #[arg(long, env = "SB_WRITER", value_name = "ID")]
+    writer: Option<String>,
+
+    /// Apply only if the entity's current version is N (0: only if it does not exist yet).
+    #[arg(long, value_name = "N")]
+    expect_version: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct EntityUpdateArgs {
+    /// The entity's type, for example `contact`.
+    #[arg(value_name = "TYPE")]
+    entity_type: String,
+
+    /// The entity's id, for example `42`.
+    id: String,
+
+    /// The fields to write, a JSON object; `-` reads it from stdin.
+    #[arg(value_name = "JSON|-")]
+    json: String,
+
+    #[command(flatten)]
+    stamp: StampArgs,
+}
+
+#[derive(Debug, Args)]
+struct EntityGetArgs {
+    /// The entity's type, for example `contact`.
+    #[arg(value_name = "TYPE")]
+    entity_type: String,
+
+    /// The entity's id, for example `42`.
+    id: String,
+
+    /// The etag of an earlier read: prints {"not_modified":true} if it is still current.
+    #[arg(long, value_name = "ETAG")]
+    if_none_match: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct EntityDeleteArgs {
+    /// The entity's type, for example `contact`.
+    #[arg(value_name = "TYPE")]
+    entity_type: String,
+
+    /// The entity's id, for example `42`.
+    id: String,
+
+    #[command(flatten)]
+    stamp: StampArgs,
+}
+
+#[derive(Debug, Args)]
+struct EntityWatchArgs {
+    /// A pattern over `type.id`, for example `contact.*` or `>`.
+    pattern: String,
+
+    /// Exit (status 0) after this many change events (snapshot events do not count).
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+
+    /// Exit (status 0) once this long has passed since `sb` started, for example `10s`.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +327,11 @@ struct PublishArgs {
     /// The payload's schema version (semver); `1.0.0` by default.
     #[arg(long, value_name = "SEMVER")]
     schema_version: Option<String>,
+
+    /// How many messages precede this one in its causal chain (the cause's hops + 1); 0 by
+    /// default.
+    #[arg(long, value_name = "N")]
+    hops: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -237,6 +415,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let info = client.info().await?;
             emit(&output::info_line(&info)?)
         }
+        Command::Entity(command) => entity(&client, command, started).await,
     }
 }
 
@@ -248,23 +427,26 @@ fn emit(line: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads stdin to its end; `what` names it in errors.
+async fn read_stdin(what: &'static str) -> anyhow::Result<Vec<u8>> {
+    let read = tokio::task::spawn_blocking(|| {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .lock()
+            .read_to_end(&mut bytes)
+            .map(|_| bytes)
+    });
+    let bytes = read
+        .await
+        .with_context(|| format!("reading {what} from stdin"))?
+        .with_context(|| format!("reading {what} from stdin"))?;
+    Ok(bytes)
+}
+
 async fn publish(client: &Client, args: PublishArgs) -> anyhow::Result<()> {
     let payload = match args.data {
         Some(data) if data != "-" => data.into_bytes(),
-        _ => {
-            let read = tokio::task::spawn_blocking(|| {
-                let mut payload = Vec::new();
-                std::io::stdin()
-                    .lock()
-                    .read_to_end(&mut payload)
-                    .map(|_| payload)
-            });
-            let payload = read
-                .await
-                .context("reading the payload from stdin")?
-                .context("reading the payload from stdin")?;
-            payload
-        }
+        _ => read_stdin("the payload").await?,
     };
     let mut message = Publish::new(args.channel, payload).headers(args.headers);
     if let Some(ttl) = args.ttl {
@@ -284,6 +466,9 @@ async fn publish(client: &Client, args: PublishArgs) -> anyhow::Result<()> {
     }
     if let Some(schema_version) = args.schema_version {
         message = message.schema_version(schema_version);
+    }
+    if let Some(hops) = args.hops {
+        message = message.hops(hops);
     }
     let ack = client.publish(message).await?;
     emit(&output::ack_line(&ack)?)
@@ -319,6 +504,96 @@ async fn subscribe(client: &Client, args: SubscribeArgs, started: Instant) -> an
         }
     }
     Ok(())
+}
+
+async fn entity(client: &Client, command: EntityCommand, started: Instant) -> anyhow::Result<()> {
+    match command {
+        EntityCommand::Update(args) => {
+            let json = match args.json.as_str() {
+                "-" => read_stdin("the fields").await?,
+                json => json.as_bytes().to_vec(),
+            };
+            let fields: serde_json::Value = serde_json::from_slice(&json).map_err(|error| {
+                Error::InvalidArgument(format!("the fields are not valid JSON: {error}"))
+            })?;
+            let (timestamp_ms, version, writer) = stamp(&args.stamp);
+            let mut update = EntityUpdate::new(args.entity_type, args.id, fields).stamp(
+                timestamp_ms,
+                version,
+                writer,
+            );
+            if let Some(expected) = args.stamp.expect_version {
+                update = update.expect_version(expected);
+            }
+            let entity = client.update_entity(update).await?;
+            emit(&output::entity_line(&entity)?)
+        }
+        EntityCommand::Get(args) => {
+            let read = client
+                .get_entity(args.entity_type, args.id, args.if_none_match.as_deref())
+                .await?;
+            emit(&output::entity_read_line(&read)?)
+        }
+        EntityCommand::Delete(args) => {
+            let (timestamp_ms, version, writer) = stamp(&args.stamp);
+            let mut delete =
+                EntityDelete::new(args.entity_type, args.id).stamp(timestamp_ms, version, writer);
+            if let Some(expected) = args.stamp.expect_version {
+                delete = delete.expect_version(expected);
+            }
+            let entity = client.delete_entity(delete).await?;
+            emit(&output::entity_line(&entity)?)
+        }
+        EntityCommand::Watch(args) => entity_watch(client, args, started).await,
+    }
+}
+
+/// The stamp of an entity write: the flags, or now, version 0 and the default writer id.
+fn stamp(args: &StampArgs) -> (u64, u64, String) {
+    let timestamp_ms = args.timestamp.unwrap_or_else(|| {
+        u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or_default()
+    });
+    let writer = args.writer.clone().unwrap_or_else(args::default_writer);
+    (timestamp_ms, args.stamp_version, writer)
+}
+
+async fn entity_watch(
+    client: &Client,
+    args: EntityWatchArgs,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let deadline = args.timeout.map(|timeout| started + timeout);
+    let Some(watching) = until(deadline, client.watch_entities(args.pattern.as_str())).await else {
+        return Ok(());
+    };
+    let mut watch = watching?;
+    let mut changes: u64 = 0;
+    loop {
+        let Some(next) = until(deadline, watch.next()).await else {
+            return Ok(());
+        };
+        let event = match next {
+            Some(Ok(event)) => event,
+            Some(Err(error)) => return Err(error.into()),
+            None => anyhow::bail!("the entity watch ended unexpectedly"),
+        };
+        emit(&output::entity_event_line(&event)?)?;
+        match event {
+            EntityEvent::Snapshot(_) => {}
+            EntityEvent::SnapshotComplete(_) => {
+                eprintln!("sb: watching {}", watch.pattern());
+                if args.count == Some(0) {
+                    return Ok(());
+                }
+            }
+            EntityEvent::Change(_) => {
+                changes += 1;
+                if args.count.is_some_and(|count| changes >= count) {
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
 /// Runs `future` to completion, or until `deadline` (then `None`).
@@ -425,6 +700,99 @@ mod tests {
     }
 
     #[test]
+    fn publish_hops() {
+        let cli = Cli::try_parse_from(["sb", "publish", "a.b", "{}", "--hops", "3"]).unwrap();
+        let Command::Publish(args) = cli.command else {
+            panic!("not publish")
+        };
+        assert_eq!(args.hops, Some(3));
+    }
+
+    #[test]
+    fn entity_arguments() {
+        let cli = Cli::try_parse_from([
+            "sb",
+            "entity",
+            "update",
+            "contact",
+            "42",
+            "-",
+            "--timestamp",
+            "1000",
+            "--version",
+            "2",
+            "--writer",
+            "panel-7",
+            "--expect-version",
+            "0",
+        ])
+        .unwrap();
+        let Command::Entity(EntityCommand::Update(args)) = cli.command else {
+            panic!("not entity update")
+        };
+        assert_eq!(
+            (args.entity_type.as_str(), args.id.as_str()),
+            ("contact", "42")
+        );
+        assert_eq!(args.json, "-");
+        assert_eq!(stamp(&args.stamp), (1000, 2, "panel-7".to_owned()));
+        assert_eq!(args.stamp.expect_version, Some(0));
+
+        let cli = Cli::try_parse_from(["sb", "entity", "delete", "contact", "42"]).unwrap();
+        let Command::Entity(EntityCommand::Delete(args)) = cli.command else {
+            panic!("not entity delete")
+        };
+        assert_eq!(
+            (
+                args.stamp.timestamp,
+                args.stamp.stamp_version,
+                args.stamp.expect_version
+            ),
+            (None, 0, None)
+        );
+        let before = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
+        let (timestamp_ms, version, writer) = stamp(&args.stamp);
+        assert!(timestamp_ms >= before);
+        assert_eq!(version, 0);
+        assert!(!writer.is_empty());
+
+        let cli = Cli::try_parse_from([
+            "sb",
+            "entity",
+            "get",
+            "contact",
+            "42",
+            "--if-none-match",
+            "\"3\"",
+        ])
+        .unwrap();
+        let Command::Entity(EntityCommand::Get(args)) = cli.command else {
+            panic!("not entity get")
+        };
+        assert_eq!(args.if_none_match.as_deref(), Some("\"3\""));
+
+        let cli = Cli::try_parse_from([
+            "sb",
+            "entity",
+            "watch",
+            "contact.*",
+            "--count",
+            "2",
+            "--timeout",
+            "1s",
+        ])
+        .unwrap();
+        let Command::Entity(EntityCommand::Watch(args)) = cli.command else {
+            panic!("not entity watch")
+        };
+        assert_eq!(args.pattern, "contact.*");
+        assert_eq!(
+            (args.count, args.timeout),
+            (Some(2), Some(Duration::from_secs(1)))
+        );
+    }
+
+    #[test]
     fn usage_errors() {
         for bad in [
             &["sb", "history", "a.>", "--from", "latest"][..],
@@ -432,6 +800,21 @@ mod tests {
             &["sb", "publish", "a.b", "x", "--header", "novalue"],
             &["sb", "publish", "a.b", "x", "--ttl", "forever"],
             &["sb", "subscribe"],
+            &["sb", "publish", "a.b", "x", "--hops", "-1"],
+            &["sb", "entity", "update", "contact", "42"],
+            &[
+                "sb",
+                "entity",
+                "update",
+                "contact",
+                "42",
+                "{}",
+                "--version",
+                "x",
+            ],
+            &["sb", "entity", "get", "contact"],
+            &["sb", "entity", "watch"],
+            &["sb", "entity"],
         ] {
             let error = Cli::try_parse_from(bad).unwrap_err();
             assert_eq!(error.exit_code(), 2, "{bad:?}");

@@ -1,4 +1,5 @@
-//! Parsers for `sb`'s argument values: start and end positions, and headers.
+//! Parsers for `sb`'s argument values: start and end positions, and headers; and the default
+//! entity writer id.
 
 use std::time::SystemTime;
 
@@ -66,6 +67,45 @@ pub fn parse_header(text: &str) -> Result<(String, String), String> {
         Some((name, value)) => Ok((name.to_owned(), value.to_owned())),
         None => Err(format!("expected NAME=VALUE, got {text:?}")),
     }
+}
+
+/// The writer id of `sb entity update` and `delete` when neither `--writer` nor `SB_WRITER` is
+/// given: `sb-USER@HOST`, `sb-USER` or `sb-HOST` with whichever of the two is known (the user from
+/// `$USER` or `$USERNAME`, the host from `$HOSTNAME` or the kernel's host name), else `sb`.
+pub fn default_writer() -> String {
+    let user = non_empty_env("USER").or_else(|| non_empty_env("USERNAME"));
+    let host = non_empty_env("HOSTNAME").or_else(|| {
+        ["/proc/sys/kernel/hostname", "/etc/hostname"]
+            .iter()
+            .find_map(|path| std::fs::read_to_string(path).ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+    });
+    writer_id(user.as_deref(), host.as_deref())
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|value| value.trim().to_owned())
+        .filter(|value| !value.is_empty())
+}
+
+/// `sb-USER@HOST` from the parts that are known, at most 128 bytes (the broker's limit).
+fn writer_id(user: Option<&str>, host: Option<&str>) -> String {
+    let mut writer = match (user, host) {
+        (Some(user), Some(host)) => format!("sb-{user}@{host}"),
+        (Some(name), None) | (None, Some(name)) => format!("sb-{name}"),
+        (None, None) => "sb".to_owned(),
+    };
+    if writer.len() > 128 {
+        let mut end = 128;
+        while !writer.is_char_boundary(end) {
+            end -= 1;
+        }
+        writer.truncate(end);
+    }
+    writer
 }
 
 #[cfg(test)]
@@ -144,5 +184,17 @@ mod tests {
         assert_eq!(parse_header("k="), Ok(("k".to_owned(), String::new())));
         assert!(parse_header("=v").is_err());
         assert!(parse_header("novalue").is_err());
+    }
+
+    #[test]
+    fn writer_ids() {
+        assert_eq!(writer_id(Some("ada"), Some("box")), "sb-ada@box");
+        assert_eq!(writer_id(Some("ada"), None), "sb-ada");
+        assert_eq!(writer_id(None, Some("box")), "sb-box");
+        assert_eq!(writer_id(None, None), "sb");
+        let long = "é".repeat(100);
+        let writer = writer_id(Some(&long), None);
+        assert!(writer.len() <= 128 && writer.starts_with("sb-é"));
+        assert!(!default_writer().is_empty());
     }
 }

@@ -1,4 +1,4 @@
-//! `sb`'s output: one JSON object per line, for acks, deliveries and broker info.
+//! `sb`'s output: one JSON object per line, for acks, deliveries, broker info and entities.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
-use switchboard_client::{InfoResponse, Message, PublishAck};
+use switchboard_client::{
+    Entity, EntityEvent, EntityExt as _, EntityRead, InfoResponse, Message, PublishAck,
+};
 
 /// A protobuf timestamp as RFC 3339 in UTC with milliseconds (`2024-05-01T12:00:00.250Z`);
 /// `None` when it is out of range.
@@ -20,19 +22,31 @@ fn format_optional(timestamp: Option<&prost_types::Timestamp>) -> Option<String>
     timestamp.and_then(format_timestamp)
 }
 
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
 #[derive(Serialize)]
 struct AckLine<'a> {
     offset: u64,
     publish_time: Option<String>,
     correlation_id: &'a str,
+    #[serde(skip_serializing_if = "is_false")]
+    duplicate: bool,
 }
 
-/// `{"offset":N,"publish_time":"...","correlation_id":"..."}`.
+/// `{"offset":N,"publish_time":"...","correlation_id":"..."}`, with `"duplicate":true` at the end
+/// only when the broker answered that the publish was a retry of a stored message.
 pub fn ack_line(ack: &PublishAck) -> serde_json::Result<String> {
     serde_json::to_string(&AckLine {
         offset: ack.offset,
         publish_time: format_optional(ack.publish_time.as_ref()),
         correlation_id: &ack.correlation_id,
+        duplicate: ack.duplicate,
     })
 }
 
@@ -46,6 +60,8 @@ struct DeliveryLine<'a> {
     causation_id: &'a str,
     #[serde(skip_serializing_if = "str::is_empty")]
     idempotency_key: &'a str,
+    #[serde(skip_serializing_if = "is_zero")]
+    hops: u32,
     content_type: &'a str,
     schema_version: &'a str,
     ttl_ms: u64,
@@ -59,7 +75,7 @@ struct DeliveryLine<'a> {
 /// One delivered (or stored) message as a JSON line. The payload is a JSON string with
 /// `"payload_encoding":"utf8"` when it is valid UTF-8, else standard base64 with
 /// `"payload_encoding":"base64"`. Headers are sorted by name; `causation_id`,
-/// `idempotency_key` and `expires_at` are left out when empty.
+/// `idempotency_key`, `hops` and `expires_at` are left out when empty (or 0).
 pub fn message_line(message: &Message) -> serde_json::Result<String> {
     let (payload, payload_encoding) = match std::str::from_utf8(&message.payload) {
         Ok(text) => (Cow::Borrowed(text), "utf8"),
@@ -75,6 +91,7 @@ pub fn message_line(message: &Message) -> serde_json::Result<String> {
         correlation_id: &message.correlation_id,
         causation_id: &message.causation_id,
         idempotency_key: &message.idempotency_key,
+        hops: message.hops,
         content_type: &message.content_type,
         schema_version: &message.schema_version,
         ttl_ms: message.ttl_ms,
@@ -115,6 +132,92 @@ pub fn info_line(info: &InfoResponse) -> serde_json::Result<String> {
         term: info.term,
         applied_index: info.applied_index,
     })
+}
+
+#[derive(Serialize)]
+struct StampLine<'a> {
+    timestamp_ms: u64,
+    version: u64,
+    writer: &'a str,
+}
+
+#[derive(Serialize)]
+struct EntityLine<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'static str>,
+    #[serde(rename = "type")]
+    entity_type: &'a str,
+    id: &'a str,
+    version: u64,
+    etag: &'a str,
+    deleted: bool,
+    updated_at: Option<String>,
+    fields: serde_json::Value,
+    last_stamp: Option<StampLine<'a>>,
+}
+
+fn entity_object(event: Option<&'static str>, entity: &Entity) -> serde_json::Result<String> {
+    let fields = entity
+        .fields_json()
+        .map_err(|error| <serde_json::Error as serde::ser::Error>::custom(error.to_string()))?;
+    serde_json::to_string(&EntityLine {
+        event,
+        entity_type: entity.entity_type(),
+        id: entity.entity_id(),
+        version: entity.version,
+        etag: &entity.etag,
+        deleted: entity.deleted,
+        updated_at: format_optional(entity.updated_at.as_ref()),
+        fields,
+        last_stamp: entity.last_stamp.as_ref().map(|stamp| StampLine {
+            timestamp_ms: stamp.timestamp_ms,
+            version: stamp.version,
+            writer: &stamp.writer,
+        }),
+    })
+}
+
+/// An entity as one JSON object: `{"type","id","version","etag","deleted","updated_at","fields",
+/// "last_stamp":{"timestamp_ms","version","writer"}}`, with `fields` the JSON object itself and
+/// `updated_at` in RFC 3339, UTC, millis.
+///
+/// # Errors
+/// When the entity's fields are not valid JSON.
+pub fn entity_line(entity: &Entity) -> serde_json::Result<String> {
+    entity_object(None, entity)
+}
+
+/// The answer of `sb entity get`: the entity, or `{"not_modified":true}`.
+///
+/// # Errors
+/// As [`entity_line`].
+pub fn entity_read_line(read: &EntityRead) -> serde_json::Result<String> {
+    match read {
+        EntityRead::Modified(entity) => entity_line(entity),
+        EntityRead::NotModified => Ok(r#"{"not_modified":true}"#.to_owned()),
+    }
+}
+
+#[derive(Serialize)]
+struct SnapshotCompleteLine {
+    event: &'static str,
+    entities: u64,
+}
+
+/// One event of `sb entity watch`: `{"event":"snapshot",...}` or `{"event":"change",...}` with
+/// the entity's fields as in [`entity_line`], or `{"event":"snapshot_complete","entities":N}`.
+///
+/// # Errors
+/// As [`entity_line`].
+pub fn entity_event_line(event: &EntityEvent) -> serde_json::Result<String> {
+    match event {
+        EntityEvent::Snapshot(entity) => entity_object(Some("snapshot"), entity),
+        EntityEvent::Change(entity) => entity_object(Some("change"), entity),
+        EntityEvent::SnapshotComplete(entities) => serde_json::to_string(&SnapshotCompleteLine {
+            event: "snapshot_complete",
+            entities: *entities,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -165,11 +268,27 @@ mod tests {
             offset: 12,
             publish_time: timestamp(1_714_564_800, 5_000_000),
             correlation_id: "3f2b9a1e-0000-4000-8000-000000000000".to_owned(),
+            duplicate: false,
         })
         .unwrap();
         assert_eq!(
             line,
             r#"{"offset":12,"publish_time":"2024-05-01T12:00:00.005Z","correlation_id":"3f2b9a1e-0000-4000-8000-000000000000"}"#
+        );
+    }
+
+    #[test]
+    fn ack_line_says_duplicate_only_when_it_is() {
+        let line = ack_line(&PublishAck {
+            offset: 12,
+            publish_time: timestamp(1_714_564_800, 0),
+            correlation_id: "c".to_owned(),
+            duplicate: true,
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"offset":12,"publish_time":"2024-05-01T12:00:00.000Z","correlation_id":"c","duplicate":true}"#
         );
     }
 
@@ -192,6 +311,7 @@ mod tests {
             .into_iter()
             .collect(),
             expires_at: None,
+            hops: 0,
         }
     }
 
@@ -224,6 +344,7 @@ mod tests {
         binary.idempotency_key = "key".to_owned();
         binary.content_type = "application/octet-stream".to_owned();
         binary.ttl_ms = 30_000;
+        binary.hops = 3;
         binary.expires_at = timestamp(1_714_564_830, 0);
         let value = parse(&message_line(&binary).unwrap());
         assert_eq!(value["payload"], "/wD+");
@@ -231,6 +352,7 @@ mod tests {
         assert_eq!(value["causation_id"], "cause");
         assert_eq!(value["idempotency_key"], "key");
         assert_eq!(value["ttl_ms"], 30_000);
+        assert_eq!(value["hops"], 3);
         assert_eq!(value["expires_at"], "2024-05-01T12:00:30.000Z");
     }
 
@@ -238,7 +360,7 @@ mod tests {
     fn empty_optional_fields_are_left_out() {
         let value = parse(&message_line(&message(b"")).unwrap());
         let object = value.as_object().unwrap();
-        for absent in ["causation_id", "idempotency_key", "expires_at"] {
+        for absent in ["causation_id", "idempotency_key", "hops", "expires_at"] {
             assert!(!object.contains_key(absent), "{absent}");
         }
         assert_eq!(value["payload"], "");
@@ -268,6 +390,78 @@ mod tests {
                 "stored_bytes": 100, "disk_bytes": 4096, "leader_id": 1, "term": 3,
                 "applied_index": 11,
             })
+        );
+    }
+
+    fn entity() -> Entity {
+        Entity {
+            key: Some(switchboard_client::EntityKey {
+                r#type: "contact".to_owned(),
+                id: "42".to_owned(),
+            }),
+            fields: Bytes::from_static(br#"{"name":"Ada","tags":["a"]}"#),
+            version: 3,
+            etag: "\"3-abc\"".to_owned(),
+            deleted: false,
+            updated_at: timestamp(1_714_564_800, 250_000_000),
+            last_stamp: Some(switchboard_client::WriteStamp {
+                timestamp_ms: 1_714_564_800_100,
+                version: 2,
+                writer: "panel-7".to_owned(),
+            }),
+        }
+    }
+
+    #[test]
+    fn entity_line_has_every_field_with_fields_as_json() {
+        let line = entity_line(&entity()).unwrap();
+        assert!(line.starts_with(r#"{"type":"contact","id":"42","version":3,"#));
+        assert_eq!(
+            parse(&line),
+            json!({
+                "type": "contact",
+                "id": "42",
+                "version": 3,
+                "etag": "\"3-abc\"",
+                "deleted": false,
+                "updated_at": "2024-05-01T12:00:00.250Z",
+                "fields": {"name": "Ada", "tags": ["a"]},
+                "last_stamp": {"timestamp_ms": 1_714_564_800_100_u64, "version": 2, "writer": "panel-7"},
+            })
+        );
+
+        let mut deleted = entity();
+        deleted.fields = Bytes::new();
+        deleted.deleted = true;
+        let value = parse(&entity_line(&deleted).unwrap());
+        assert_eq!(
+            (value["fields"].clone(), value["deleted"].clone()),
+            (json!({}), json!(true))
+        );
+
+        let mut broken = entity();
+        broken.fields = Bytes::from_static(b"{");
+        assert!(entity_line(&broken).is_err());
+    }
+
+    #[test]
+    fn entity_reads_and_events() {
+        assert_eq!(
+            entity_read_line(&EntityRead::NotModified).unwrap(),
+            r#"{"not_modified":true}"#
+        );
+        assert_eq!(
+            parse(&entity_read_line(&EntityRead::Modified(entity())).unwrap())["version"],
+            3
+        );
+        let snapshot = entity_event_line(&EntityEvent::Snapshot(entity())).unwrap();
+        assert!(snapshot.starts_with(r#"{"event":"snapshot","type":"contact","id":"42","#));
+        let change = parse(&entity_event_line(&EntityEvent::Change(entity())).unwrap());
+        assert_eq!(change["event"], "change");
+        assert_eq!(change["fields"]["name"], "Ada");
+        assert_eq!(
+            entity_event_line(&EntityEvent::SnapshotComplete(2)).unwrap(),
+            r#"{"event":"snapshot_complete","entities":2}"#
         );
     }
 }
