@@ -5,6 +5,8 @@
 mod cli;
 mod common;
 mod concurrency;
+mod entities;
+mod loops;
 mod persistence;
 mod pubsub;
 mod replay;
