@@ -22,7 +22,7 @@ use crate::apply::EntityDoc;
 use crate::entity::{Change, Stamp};
 use crate::error::{BrokerError, Reason};
 use crate::message::{EntityWrite, Item, ItemOutcome};
-use crate::subscription::{self, SubscriptionSpec};
+use crate::subscription::SubscriptionSpec;
 
 /// Longest entity type or id.
 const MAX_KEY_PART: usize = 64;
@@ -204,21 +204,15 @@ impl EntitiesRpc for EntitiesService {
         let state_pattern = edge
             .validator
             .pattern(&format!("$state.{}", pattern.as_str()))?;
-        if edge.shutdown.is_triggered() {
-            return Err(BrokerError::ShuttingDown.into());
-        }
         let (out, events) = mpsc::channel(WATCH_BUFFER);
         let (changes_tx, changes) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(subscription::run(
-            edge.hub.clone(),
-            edge.store.clone(),
+        edge.spawn_subscription(
             SubscriptionSpec {
                 pattern: state_pattern,
                 start: super::validate::Start::Latest,
             },
             changes_tx,
-            edge.shutdown.clone(),
-        ));
+        )?;
         tokio::spawn(watch(Arc::clone(&self.edge), pattern, changes, out));
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }

@@ -134,6 +134,28 @@ fn refused(sequence: u64, error: &BrokerError) -> pb::PublishStreamAck {
 }
 
 impl Edge {
+    /// Starts a subscription task feeding `out` (for Subscribe, and for entity watches).
+    ///
+    /// # Errors
+    /// [`BrokerError::ShuttingDown`] once shutdown has begun: no new stream is started then.
+    fn spawn_subscription(
+        &self,
+        spec: SubscriptionSpec,
+        out: subscription::EventSender,
+    ) -> Result<(), BrokerError> {
+        if self.shutdown.is_triggered() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        tokio::spawn(subscription::run(
+            self.hub.clone(),
+            self.store.clone(),
+            spec,
+            out,
+            self.shutdown.clone(),
+        ));
+        Ok(())
+    }
+
     /// Validates and queues one message of a stream; the returned future yields its ack.
     async fn stream_one(&self, sequence: u64, request: pb::PublishRequest) -> BoxedAck {
         let message = match self.validator.publish(request) {
@@ -246,17 +268,8 @@ impl BrokerRpc for BrokerService {
         let edge = &self.edge;
         let pattern = edge.validator.pattern(&request.pattern)?;
         let start = edge.validator.start(request.start, Start::Latest, true)?;
-        if edge.shutdown.is_triggered() {
-            return Err(BrokerError::ShuttingDown.into());
-        }
         let (out, events) = mpsc::channel(SUBSCRIBE_STREAM_BUFFER);
-        tokio::spawn(subscription::run(
-            edge.hub.clone(),
-            edge.store.clone(),
-            SubscriptionSpec { pattern, start },
-            out,
-            edge.shutdown.clone(),
-        ));
+        edge.spawn_subscription(SubscriptionSpec { pattern, start }, out)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 
