@@ -69,6 +69,11 @@ async fn two_services_republishing_each_other_are_stopped_on_the_second_entry_an
     let report: serde_json::Value = serde_json::from_slice(&report.payload).unwrap();
     assert_eq!(report["channel"], "ping.a");
     assert_eq!(report["chain"], serde_json::json!(["ping.a", "ping.b"]));
+    assert_eq!(
+        f.client.info().await.unwrap().loops_detected,
+        1,
+        "the refusal is counted"
+    );
     a_to_b.abort();
     b_to_a.abort();
 }

@@ -354,6 +354,7 @@ impl BrokerRpc for BrokerService {
             leader_id: metrics.current_leader.unwrap_or(0),
             term: metrics.current_term,
             applied_index: progress.applied_index,
+            loops_detected: progress.loops_detected,
         }))
     }
 }

@@ -43,6 +43,8 @@ pub struct AppliedProgress {
     pub stored_bytes: u64,
     /// Index of the last applied log entry.
     pub applied_index: u64,
+    /// Publishes refused as loops so far.
+    pub loops_detected: u64,
 }
 
 impl From<&StateMeta> for AppliedProgress {
@@ -51,6 +53,7 @@ impl From<&StateMeta> for AppliedProgress {
             last_offset: meta.last_offset(),
             stored_bytes: meta.stored_bytes,
             applied_index: meta.last_applied.map(|l| l.index).unwrap_or(0),
+            loops_detected: meta.loops_detected,
         }
     }
 }

@@ -131,7 +131,7 @@ Examples:
     /// Describe the broker node: version, node and leader ids, offsets, sizes, raft term.
     #[command(after_help = "\
 Prints one line: {\"version\":\"0.1.0\",\"node_id\":1,\"last_offset\":N,\"first_offset\":N,
-\"stored_bytes\":N,\"disk_bytes\":N,\"leader_id\":1,\"term\":N,\"applied_index\":N}")]
+\"stored_bytes\":N,\"disk_bytes\":N,\"leader_id\":1,\"term\":N,\"applied_index\":N,\"loops_detected\":N}")]
     Info,
 
     /// Read, write and watch shared entities (records such as a contact, merged field by field).

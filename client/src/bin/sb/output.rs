@@ -117,6 +117,7 @@ struct InfoLine<'a> {
     leader_id: u64,
     term: u64,
     applied_index: u64,
+    loops_detected: u64,
 }
 
 /// Every field of the broker's `InfoResponse`, as one JSON object.
@@ -131,6 +132,7 @@ pub fn info_line(info: &InfoResponse) -> serde_json::Result<String> {
         leader_id: info.leader_id,
         term: info.term,
         applied_index: info.applied_index,
+        loops_detected: info.loops_detected,
     })
 }
 
@@ -380,6 +382,7 @@ mod tests {
                 leader_id: 1,
                 term: 3,
                 applied_index: 11,
+                loops_detected: 2,
             })
             .unwrap(),
         );
@@ -388,7 +391,7 @@ mod tests {
             json!({
                 "version": "0.1.0", "node_id": 1, "last_offset": 10, "first_offset": 2,
                 "stored_bytes": 100, "disk_bytes": 4096, "leader_id": 1, "term": 3,
-                "applied_index": 11,
+                "applied_index": 11, "loops_detected": 2,
             })
         );
     }
