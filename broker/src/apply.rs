@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::entity::{EntityState, Stamp};
 use crate::error::BrokerError;
 use crate::message::{
-    Command, CommandOutcome, EntityWrite, Item, ItemOutcome, NewMessage, Refusal, Rules,
-    StoredMessage,
+    Command, CommandOutcome, ConsumerState, ConsumerWrite, EntityWrite, Item, ItemOutcome,
+    NewMessage, Refusal, Rules, StoredMessage,
 };
 use crate::store::MessageStore;
 
@@ -149,6 +149,8 @@ struct BatchApply<'a> {
     dedup: HashMap<(String, String), (u64, u64)>,
     /// Entities written by this batch.
     entities: HashMap<(String, String), EntityState>,
+    /// Consumers written by this batch (`None`: deleted).
+    consumers: HashMap<String, Option<ConsumerState>>,
     loops_detected: u64,
 }
 
@@ -297,6 +299,61 @@ impl BatchApply<'_> {
     }
 }
 
+impl BatchApply<'_> {
+    fn consumer(
+        &mut self,
+        write: &ConsumerWrite,
+        batch: &mut sled::Batch,
+    ) -> Result<ItemOutcome, BrokerError> {
+        let name = match write {
+            ConsumerWrite::Open { name, .. }
+            | ConsumerWrite::Ack { name, .. }
+            | ConsumerWrite::Delete { name } => name,
+        };
+        let current = match self.consumers.get(name) {
+            Some(state) => state.clone(),
+            None => self.store.consumer(name)?,
+        };
+        let next = match (write, current) {
+            (ConsumerWrite::Open { .. }, Some(existing)) => {
+                return Ok(ItemOutcome::Consumer(Some(existing)))
+            }
+            (
+                ConsumerWrite::Open {
+                    pattern,
+                    policy,
+                    start_offset,
+                    ..
+                },
+                None,
+            ) => Some(ConsumerState {
+                pattern: pattern.clone(),
+                policy: *policy,
+                acked_offset: start_offset.saturating_sub(1),
+                redeliveries: 0,
+                created_at_us: self.publish_time_us,
+            }),
+            (
+                ConsumerWrite::Ack {
+                    acked_offset,
+                    redeliveries,
+                    ..
+                },
+                Some(mut state),
+            ) => {
+                state.acked_offset = state.acked_offset.max(*acked_offset);
+                state.redeliveries += redeliveries;
+                Some(state)
+            }
+            (ConsumerWrite::Ack { .. }, None) => return Ok(ItemOutcome::Consumer(None)),
+            (ConsumerWrite::Delete { .. }, _) => None,
+        };
+        MessageStore::put_consumer(batch, name, next.as_ref())?;
+        self.consumers.insert(name.clone(), next.clone());
+        Ok(ItemOutcome::Consumer(next))
+    }
+}
+
 /// Applies `command` on top of `meta`: adds the store writes to `batch`, advances `meta`, and
 /// returns the outcome and the messages that became visible (for the hub).
 ///
@@ -325,6 +382,7 @@ pub fn apply_command(
                 stored: Vec::new(),
                 dedup: HashMap::new(),
                 entities: HashMap::new(),
+                consumers: HashMap::new(),
                 loops_detected: 0,
             };
             let mut outcomes = Vec::with_capacity(items.len());
@@ -332,6 +390,7 @@ pub fn apply_command(
                 outcomes.push(match item {
                     Item::Publish(message) => decide.publish(message.clone(), batch)?,
                     Item::Entity(write) => decide.entity(write, batch)?,
+                    Item::Consumer(write) => decide.consumer(write, batch)?,
                 });
             }
             if let Some(first) = decide.stored.first() {
@@ -901,5 +960,67 @@ mod tests {
         let doc: EntityDoc = serde_json::from_slice(&states[1].message.payload).unwrap();
         assert_eq!(doc.version, 2);
         assert_eq!(doc.fields["phone"], "555");
+    }
+
+    #[test]
+    fn durable_consumers_open_once_ack_forward_only_and_delete() {
+        let (_dir, store) = temp_store();
+        let mut meta = StateMeta::load(&store).unwrap();
+        let open = |start| {
+            Item::Consumer(ConsumerWrite::Open {
+                name: "panel".into(),
+                pattern: "a.>".into(),
+                policy: 1,
+                start_offset: start,
+            })
+        };
+        let ack = |offset| {
+            Item::Consumer(ConsumerWrite::Ack {
+                name: "panel".into(),
+                acked_offset: offset,
+                redeliveries: 1,
+            })
+        };
+        let o = outcomes(run(
+            &store,
+            &mut meta,
+            batch(1_000, vec![open(5), open(99), ack(7), ack(6)]),
+        ));
+        let state = |o: &ItemOutcome| match o {
+            ItemOutcome::Consumer(Some(s)) => s.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            state(&o[0]).acked_offset,
+            4,
+            "a new consumer starts at its start offset"
+        );
+        assert_eq!(
+            state(&o[1]).acked_offset,
+            4,
+            "opening an existing consumer keeps it"
+        );
+        assert_eq!(state(&o[2]).acked_offset, 7);
+        assert_eq!(state(&o[3]).acked_offset, 7, "acks never move back");
+        assert_eq!(state(&o[3]).redeliveries, 2);
+        assert_eq!(store.consumer("panel").unwrap().unwrap().acked_offset, 7);
+        let o = outcomes(run(
+            &store,
+            &mut meta,
+            batch(
+                2_000,
+                vec![
+                    Item::Consumer(ConsumerWrite::Delete {
+                        name: "panel".into(),
+                    }),
+                    ack(9),
+                ],
+            ),
+        ));
+        assert_eq!(
+            o,
+            vec![ItemOutcome::Consumer(None), ItemOutcome::Consumer(None)]
+        );
+        assert!(store.consumer("panel").unwrap().is_none());
     }
 }

@@ -111,6 +111,12 @@ pub struct Proposer {
 #[allow(missing_docs)]
 pub struct Subscriptions {
     pub queue_depth: usize,
+    pub queue_bytes: usize,
+    pub max_per_connection: usize,
+    pub max_per_broker: usize,
+    pub default_max_unacked: u32,
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -368,8 +374,27 @@ impl Config {
                 "must be at least proposer.max_batch_bytes",
             );
         }
-        if self.subscriptions.queue_depth == 0 || self.subscriptions.queue_depth > 1_000_000 {
+        let sub = &self.subscriptions;
+        if sub.queue_depth == 0 || sub.queue_depth > 1_000_000 {
             return invalid("subscriptions.queue_depth", "must be between 1 and 1000000");
+        }
+        if sub.queue_bytes < l.max_payload_bytes + l.max_header_bytes {
+            return invalid(
+                "subscriptions.queue_bytes",
+                "must hold at least one largest message (limits.max_payload_bytes + limits.max_header_bytes)",
+            );
+        }
+        if sub.max_per_connection == 0 || sub.max_per_broker < sub.max_per_connection {
+            return invalid(
+                "subscriptions.max_per_connection",
+                "must be at least 1 and at most subscriptions.max_per_broker",
+            );
+        }
+        if sub.default_max_unacked == 0 {
+            return invalid("subscriptions.default_max_unacked", "must be at least 1");
+        }
+        if sub.ack_timeout < Duration::from_millis(10) {
+            return invalid("subscriptions.ack_timeout", "must be at least 10ms");
         }
         let h = &self.history;
         if h.max_limit == 0 || h.max_limit > 100_000 {

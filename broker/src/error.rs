@@ -32,6 +32,12 @@ pub enum Reason {
     VersionConflict,
     ClockSkew,
     EntityNotFound,
+    SubscriptionLimit,
+    SubscriptionNotFound,
+    ConsumerInvalid,
+    ConsumerNotFound,
+    ConsumerTakenOver,
+    PolicyInvalid,
     NotLeader,
     ShuttingDown,
     StorageFailure,
@@ -64,6 +70,12 @@ impl Reason {
             Reason::VersionConflict => "VERSION_CONFLICT",
             Reason::ClockSkew => "CLOCK_SKEW",
             Reason::EntityNotFound => "ENTITY_NOT_FOUND",
+            Reason::SubscriptionLimit => "SUBSCRIPTION_LIMIT",
+            Reason::SubscriptionNotFound => "SUBSCRIPTION_NOT_FOUND",
+            Reason::ConsumerInvalid => "CONSUMER_INVALID",
+            Reason::ConsumerNotFound => "CONSUMER_NOT_FOUND",
+            Reason::ConsumerTakenOver => "CONSUMER_TAKEN_OVER",
+            Reason::PolicyInvalid => "POLICY_INVALID",
             Reason::NotLeader => "NOT_LEADER",
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::StorageFailure => "STORAGE_FAILURE",
@@ -129,6 +141,30 @@ pub enum BrokerError {
         /// Its id.
         id: String,
     },
+    /// A limit was reached. RESOURCE_EXHAUSTED.
+    #[error("{message}")]
+    Exhausted {
+        /// Which limit.
+        reason: Reason,
+        /// What was reached.
+        message: String,
+    },
+    /// The request does not fit the current state. FAILED_PRECONDITION.
+    #[error("{message}")]
+    Precondition {
+        /// Which condition.
+        reason: Reason,
+        /// What is wrong.
+        message: String,
+    },
+    /// What the request names does not exist. NOT_FOUND.
+    #[error("{message}")]
+    NotFound {
+        /// What is missing.
+        reason: Reason,
+        /// What was asked for.
+        message: String,
+    },
     /// This node cannot accept writes now: there is no leader, or it is another node. UNAVAILABLE.
     #[error("no leader is available to accept writes{}", leader_hint(.leader))]
     NotLeader {
@@ -171,6 +207,9 @@ impl BrokerError {
             BrokerError::VersionConflict { .. } => Reason::VersionConflict,
             BrokerError::ClockSkew { .. } => Reason::ClockSkew,
             BrokerError::EntityNotFound { .. } => Reason::EntityNotFound,
+            BrokerError::Exhausted { reason, .. }
+            | BrokerError::Precondition { reason, .. }
+            | BrokerError::NotFound { reason, .. } => *reason,
             BrokerError::NotLeader { .. } => Reason::NotLeader,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::Storage(_) => Reason::StorageFailure,

@@ -23,18 +23,42 @@ use crate::message::StoredMessage;
 /// Identifies a subscription within this node's hub.
 pub type SubscriptionId = u64;
 
-/// A subscription's bounded queue of live messages.
+/// A subscription's bounded queue of live messages: bounded in messages and in bytes.
 pub struct Mailbox {
     state: Mutex<MailboxState>,
     ready: Notify,
     capacity: usize,
+    capacity_bytes: usize,
 }
 
 #[derive(Default)]
 struct MailboxState {
     queue: VecDeque<Arc<StoredMessage>>,
+    /// Bytes of the queued messages (their approximate size).
+    bytes: usize,
+    /// The most bytes ever queued.
+    peak_bytes: usize,
     /// The hub dropped messages for this subscription; it must read the store before going on.
     lagging: bool,
+    /// Times the subscription was switched to the store.
+    slow_switches: u64,
+}
+
+/// A mailbox's accounting, for `ListSubscriptions`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MailboxStats {
+    /// Messages queued now.
+    pub messages: usize,
+    /// Bytes queued now.
+    pub bytes: usize,
+    /// The most bytes ever queued.
+    pub peak_bytes: usize,
+    /// The bound on queued bytes.
+    pub capacity_bytes: usize,
+    /// Whether the subscription is being served from the store.
+    pub lagging: bool,
+    /// Times it was switched to the store.
+    pub slow_switches: u64,
 }
 
 /// What a subscription finds in its mailbox.
@@ -46,6 +70,19 @@ pub enum MailboxItems {
 }
 
 impl Mailbox {
+    /// The mailbox's accounting now.
+    pub fn stats(&self) -> MailboxStats {
+        let state = self.lock();
+        MailboxStats {
+            messages: state.queue.len(),
+            bytes: state.bytes,
+            peak_bytes: state.peak_bytes,
+            capacity_bytes: self.capacity_bytes,
+            lagging: state.lagging,
+            slow_switches: state.slow_switches,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, MailboxState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -56,6 +93,7 @@ impl Mailbox {
             {
                 let mut state = self.lock();
                 if !state.queue.is_empty() {
+                    state.bytes = 0;
                     return MailboxItems::Messages(state.queue.drain(..).collect());
                 }
                 if state.lagging {
@@ -74,13 +112,18 @@ impl Mailbox {
         if state.lagging {
             return false;
         }
-        if state.queue.len() >= self.capacity {
+        let size = message.message.approximate_size();
+        if state.queue.len() >= self.capacity || state.bytes + size > self.capacity_bytes {
             state.queue.clear();
+            state.bytes = 0;
             state.lagging = true;
+            state.slow_switches += 1;
             drop(state);
             self.ready.notify_one();
             return false;
         }
+        state.bytes += size;
+        state.peak_bytes = state.peak_bytes.max(state.bytes);
         state.queue.push_back(Arc::clone(message));
         drop(state);
         self.ready.notify_one();
@@ -108,6 +151,7 @@ struct HubState {
 pub struct Hub {
     state: Arc<Mutex<HubState>>,
     mailbox_capacity: usize,
+    mailbox_capacity_bytes: usize,
 }
 
 /// A live registration; dropping it removes the subscription from the hub.
@@ -135,8 +179,9 @@ impl Registration {
 }
 
 impl Hub {
-    /// A hub whose store already holds offsets up to `last_offset`.
-    pub fn new(last_offset: u64, mailbox_capacity: usize) -> Hub {
+    /// A hub whose store already holds offsets up to `last_offset`; each mailbox holds at most
+    /// `mailbox_capacity` messages and `mailbox_capacity_bytes` bytes.
+    pub fn new(last_offset: u64, mailbox_capacity: usize, mailbox_capacity_bytes: usize) -> Hub {
         Hub {
             state: Arc::new(Mutex::new(HubState {
                 trie: SubscriptionTrie::new(),
@@ -146,6 +191,7 @@ impl Hub {
                 matched: Vec::new(),
             })),
             mailbox_capacity,
+            mailbox_capacity_bytes,
         }
     }
 
@@ -160,6 +206,7 @@ impl Hub {
             state: Mutex::new(MailboxState::default()),
             ready: Notify::new(),
             capacity: self.mailbox_capacity,
+            capacity_bytes: self.mailbox_capacity_bytes,
         });
         let mut state = self.lock();
         let id = state.next_id;
@@ -189,6 +236,7 @@ impl Hub {
         let mut mb = mailbox.lock();
         mb.lagging = false;
         mb.queue.clear();
+        mb.bytes = 0;
         state.last_dispatched
     }
 
@@ -223,6 +271,7 @@ impl Hub {
         for entry in state.subscriptions.values() {
             let mut mb = entry.mailbox.lock();
             mb.queue.clear();
+            mb.bytes = 0;
             mb.lagging = true;
             drop(mb);
             entry.mailbox.ready.notify_one();
@@ -262,7 +311,7 @@ mod tests {
 
     #[tokio::test]
     async fn delivers_matching_messages_only() {
-        let hub = Hub::new(0, 8);
+        let hub = Hub::new(0, 8, 1 << 20);
         let (reg, last) = hub.register(pattern("a.*"));
         assert_eq!(last, 0);
         hub.dispatch(&[msg(1, "a.b"), msg(2, "c.d"), msg(3, "a.c")]);
@@ -279,7 +328,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_marks_lagging_and_rearm_returns_the_last_offset() {
-        let hub = Hub::new(10, 2);
+        let hub = Hub::new(10, 2, 1 << 20);
         let (reg, last) = hub.register(pattern(">"));
         assert_eq!(last, 10);
         hub.dispatch(&[

@@ -119,6 +119,51 @@ pub struct EntityWrite {
     pub expected_version: Option<u64>,
 }
 
+/// A durable consumer, as the broker keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerState {
+    /// The pattern it follows.
+    pub pattern: String,
+    /// Its flow policy, as the protobuf enum's number.
+    pub policy: i32,
+    /// Every delivery at or below this offset is acknowledged.
+    pub acked_offset: u64,
+    /// Redeliveries so far.
+    pub redeliveries: u64,
+    /// When it was created, µs since the epoch (leader's time).
+    pub created_at_us: u64,
+}
+
+/// A change to a durable consumer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsumerWrite {
+    /// Creates the consumer unless it exists; either way the outcome is its state.
+    Open {
+        /// Its name.
+        name: String,
+        /// The pattern it follows.
+        pattern: String,
+        /// Its policy.
+        policy: i32,
+        /// A new consumer starts here (its acknowledged offset is one less).
+        start_offset: u64,
+    },
+    /// Raises the acknowledged offset (never lowers it) and adds redeliveries.
+    Ack {
+        /// Its name.
+        name: String,
+        /// The new acknowledged offset.
+        acked_offset: u64,
+        /// Redeliveries since the last ack write.
+        redeliveries: u64,
+    },
+    /// Removes the consumer.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
 /// One thing a client asked for, inside a group-committed batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Item {
@@ -126,6 +171,8 @@ pub enum Item {
     Publish(NewMessage),
     /// Write an entity.
     Entity(EntityWrite),
+    /// Open, acknowledge or delete a durable consumer.
+    Consumer(ConsumerWrite),
 }
 
 impl Item {
@@ -140,6 +187,7 @@ impl Item {
                 };
                 w.entity_type.len() + w.id.len() + w.stamp.writer.len() + fields + 64
             }
+            Item::Consumer(_) => 128,
         }
     }
 }
@@ -221,6 +269,8 @@ pub enum ItemOutcome {
     },
     /// The entity write was accepted; the entity's new state.
     Entity(Box<EntityState>),
+    /// A consumer's state after the write (`None` once deleted, or when it never existed).
+    Consumer(Option<ConsumerState>),
     /// Refused.
     Refused(Refusal),
 }

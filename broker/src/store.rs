@@ -12,6 +12,7 @@
 //! | `i` + channel + 0 + idempotency key | bincode (offset, publish time µs) | dedup: the message a key names |
 //! | `k` + publish time µs + offset | the `i` key | dedup records in time order, for forgetting them |
 //! | `e` + type + 0 + id | bincode [`EntityState`] | an entity's merged state |
+//! | `c` + name | bincode [`ConsumerState`] | a durable consumer |
 //! | `m` | bincode [`StateMeta`](crate::apply::StateMeta) | last applied log id, next offset, totals |
 //!
 //! A batch keeps its original first offset as its key even after the sweep removed some of its
@@ -22,7 +23,7 @@
 use crate::channel::Pattern;
 use crate::entity::EntityState;
 use crate::error::BrokerError;
-use crate::message::StoredMessage;
+use crate::message::{ConsumerState, StoredMessage};
 
 const BATCH: u8 = b'b';
 const TIME: u8 = b't';
@@ -30,6 +31,7 @@ const EXPIRY: u8 = b'x';
 const DEDUP: u8 = b'i';
 const DEDUP_BY_TIME: u8 = b'k';
 const ENTITY: u8 = b'e';
+const CONSUMER: u8 = b'c';
 const META: &[u8] = b"m";
 
 /// Handle to the message store; cheap to clone (sled trees are reference-counted).
@@ -509,6 +511,55 @@ impl MessageStore {
     ) -> Result<(), BrokerError> {
         let value = bincode::serialize(state).map_err(|e| corrupt("entity", e))?;
         batch.insert(pair_key(ENTITY, entity_type, id), value);
+        Ok(())
+    }
+
+    /// A durable consumer's state.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn consumer(&self, name: &str) -> Result<Option<ConsumerState>, BrokerError> {
+        let mut k = vec![CONSUMER];
+        k.extend_from_slice(name.as_bytes());
+        match self.tree.get(k)? {
+            Some(v) => bincode::deserialize(&v)
+                .map(Some)
+                .map_err(|e| corrupt("consumer", e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every durable consumer, by name.
+    pub fn consumers(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, ConsumerState), BrokerError>> + '_ {
+        self.tree.scan_prefix([CONSUMER]).map(|kv| {
+            let (k, v) = kv?;
+            let name =
+                String::from_utf8(k[1..].to_vec()).map_err(|e| corrupt("consumer key", e))?;
+            let state = bincode::deserialize(&v).map_err(|e| corrupt("consumer", e))?;
+            Ok((name, state))
+        })
+    }
+
+    /// Adds the write (or, with `None`, the removal) of a consumer.
+    ///
+    /// # Errors
+    /// Only if encoding fails.
+    pub fn put_consumer(
+        batch: &mut sled::Batch,
+        name: &str,
+        state: Option<&ConsumerState>,
+    ) -> Result<(), BrokerError> {
+        let mut k = vec![CONSUMER];
+        k.extend_from_slice(name.as_bytes());
+        match state {
+            Some(state) => {
+                let value = bincode::serialize(state).map_err(|e| corrupt("consumer", e))?;
+                batch.insert(k, value);
+            }
+            None => batch.remove(k),
+        }
         Ok(())
     }
 

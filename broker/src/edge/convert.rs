@@ -44,6 +44,8 @@ pub fn message(stored: &StoredMessage) -> pb::Message {
             .collect(),
         expires_at: stored.expires_at_us().map(timestamp),
         hops: m.hops,
+        skipped: 0,
+        redelivery: 0,
     }
 }
 

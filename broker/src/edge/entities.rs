@@ -22,6 +22,7 @@ use crate::apply::EntityDoc;
 use crate::entity::{Change, Stamp};
 use crate::error::{BrokerError, Reason};
 use crate::message::{EntityWrite, Item, ItemOutcome};
+use crate::subscription::registry::{FlowPolicy, Opening};
 use crate::subscription::SubscriptionSpec;
 
 /// Longest entity type or id.
@@ -206,10 +207,22 @@ impl EntitiesRpc for EntitiesService {
             .pattern(&format!("$state.{}", pattern.as_str()))?;
         let (out, events) = mpsc::channel(WATCH_BUFFER);
         let (changes_tx, changes) = mpsc::channel(WATCH_BUFFER);
+        let registered = edge.registry.open(Opening {
+            pattern: state_pattern.as_str().to_owned(),
+            policy: FlowPolicy::Lossless,
+            durable: None,
+            max_unacked: None,
+            peer: None,
+            acked_floor: 0,
+        })?;
         edge.spawn_subscription(
+            registered,
             SubscriptionSpec {
                 pattern: state_pattern,
                 start: super::validate::Start::Latest,
+                window: edge.config.subscriptions.queue_depth as u64,
+                min_interval: None,
+                ack_timeout: None,
             },
             changes_tx,
         )?;

@@ -9,6 +9,7 @@
 //! - [`convert`]: protobuf ⇄ broker types.
 //! - [`status`]: the one mapping from errors to gRPC statuses and stream refusals.
 
+mod consumers;
 pub mod convert;
 pub mod entities;
 pub mod status;
@@ -34,11 +35,12 @@ use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
 use crate::store::{MessageStore, ReadRange};
+use crate::subscription::registry::{Registered, Registry};
 use crate::subscription::{self, SubscriptionSpec};
 use validate::{Start, Validator};
 
 /// Events buffered per `Subscribe` stream before the subscription task waits for the client.
-const SUBSCRIBE_STREAM_BUFFER: usize = 64;
+pub(crate) const SUBSCRIBE_STREAM_BUFFER: usize = 64;
 /// Acks buffered per `PublishStream` before the stream's task waits for the client.
 const PUBLISH_STREAM_BUFFER: usize = 256;
 /// Batches one History call may visit, so a sparse pattern cannot scan the whole store at once.
@@ -54,6 +56,8 @@ struct Edge {
     raft: Raft,
     progress: watch::Receiver<AppliedProgress>,
     shutdown: ShutdownSignal,
+    /// The live subscriptions of this node.
+    registry: Registry,
 }
 
 impl BrokerService {
@@ -81,8 +85,13 @@ impl BrokerService {
         progress: watch::Receiver<AppliedProgress>,
         shutdown: ShutdownSignal,
     ) -> BrokerService {
+        let registry = Registry::new(
+            config.subscriptions.max_per_connection,
+            config.subscriptions.max_per_broker,
+        );
         BrokerService {
             edge: Arc::new(Edge {
+                registry,
                 validator: Validator::new(config.limits.clone()),
                 config,
                 proposer,
@@ -108,9 +117,9 @@ fn ack(outcome: ItemOutcome, correlation_id: String) -> Result<pb::PublishAck, B
             publish_time_us,
         } => (offset, publish_time_us, true),
         ItemOutcome::Refused(refusal) => return Err(refusal.into()),
-        ItemOutcome::Entity(_) => {
+        ItemOutcome::Entity(_) | ItemOutcome::Consumer(_) => {
             return Err(BrokerError::Consensus(
-                "a publish was applied as an entity write".into(),
+                "a publish was applied as another kind of write".into(),
             ))
         }
     };
@@ -140,6 +149,7 @@ impl Edge {
     /// [`BrokerError::ShuttingDown`] once shutdown has begun: no new stream is started then.
     fn spawn_subscription(
         &self,
+        registered: Registered,
         spec: SubscriptionSpec,
         out: subscription::EventSender,
     ) -> Result<(), BrokerError> {
@@ -149,6 +159,7 @@ impl Edge {
         tokio::spawn(subscription::run(
             self.hub.clone(),
             self.store.clone(),
+            registered,
             spec,
             out,
             self.shutdown.clone(),
@@ -264,13 +275,49 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let request = request.into_inner();
-        let edge = &self.edge;
-        let pattern = edge.validator.pattern(&request.pattern)?;
-        let start = edge.validator.start(request.start, Start::Latest, true)?;
-        let (out, events) = mpsc::channel(SUBSCRIBE_STREAM_BUFFER);
-        edge.spawn_subscription(SubscriptionSpec { pattern, start }, out)?;
+        let peer = request.remote_addr();
+        let events = self.edge.subscribe(request.into_inner(), peer).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        Ok(Response::new(self.edge.ack(request.into_inner()).await?))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        _request: Request<pb::ListSubscriptionsRequest>,
+    ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
+        Ok(Response::new(self.edge.list_subscriptions()))
+    }
+
+    async fn list_consumers(
+        &self,
+        _request: Request<pb::ListConsumersRequest>,
+    ) -> Result<Response<pb::ListConsumersResponse>, Status> {
+        Ok(Response::new(self.edge.list_consumers()?))
+    }
+
+    async fn get_consumer(
+        &self,
+        request: Request<pb::GetConsumerRequest>,
+    ) -> Result<Response<pb::ConsumerInfo>, Status> {
+        Ok(Response::new(
+            self.edge.get_consumer(&request.into_inner().name)?,
+        ))
+    }
+
+    async fn delete_consumer(
+        &self,
+        request: Request<pb::DeleteConsumerRequest>,
+    ) -> Result<Response<pb::DeleteConsumerResponse>, Status> {
+        self.edge
+            .delete_consumer(&request.into_inner().name)
+            .await?;
+        Ok(Response::new(pb::DeleteConsumerResponse {}))
     }
 
     async fn history(

@@ -19,7 +19,9 @@ pub fn code(error: &BrokerError) -> Code {
         | BrokerError::StaleUpdate { .. }
         | BrokerError::ClockSkew { .. } => Code::FailedPrecondition,
         BrokerError::VersionConflict { .. } => Code::Aborted,
-        BrokerError::EntityNotFound { .. } => Code::NotFound,
+        BrokerError::EntityNotFound { .. } | BrokerError::NotFound { .. } => Code::NotFound,
+        BrokerError::Exhausted { .. } => Code::ResourceExhausted,
+        BrokerError::Precondition { .. } => Code::FailedPrecondition,
         BrokerError::NotLeader { .. } | BrokerError::ShuttingDown => Code::Unavailable,
         BrokerError::Storage(_) | BrokerError::Consensus(_) => Code::Internal,
     }

@@ -91,7 +91,11 @@ pub async fn start(config: &Config) -> anyhow::Result<Consensus> {
         .with_context(|| format!("cannot open the state store in {}", state_dir.display()))?;
     let store = MessageStore::open(&state_db)?;
     let last_offset = crate::apply::StateMeta::load(&store)?.last_offset();
-    let hub = Hub::new(last_offset, config.subscriptions.queue_depth);
+    let hub = Hub::new(
+        last_offset,
+        config.subscriptions.queue_depth,
+        config.subscriptions.queue_bytes,
+    );
     let (progress_tx, progress) = watch::channel(AppliedProgress::default());
     let state_machine = StateMachine::open(state_db, &state_dir, hub.clone(), progress_tx)?;
     let state_sync = state_machine.sync_handle();
@@ -179,7 +183,7 @@ mod storage_suite {
                 .open()
                 .expect("state db opens");
             let (progress, _) = tokio::sync::watch::channel(Default::default());
-            let sm = StateMachine::open(db, &state_dir, Hub::new(0, 16), progress)
+            let sm = StateMachine::open(db, &state_dir, Hub::new(0, 16, 1 << 20), progress)
                 .expect("state machine opens");
             Ok((dir, log, sm))
         }

@@ -1,0 +1,498 @@
+//! One subscription: the task that feeds a `Subscribe` stream, and the flow control around it.
+//!
+//! ```text
+//!             publish ─▶ apply ─▶ store ─┬─▶ hub ─▶ mailbox (bounded) ─▶ task ─▶ stream ─▶ client
+//!                                        │                                 ▲
+//!                                        └──────── catch-up reads ─────────┘  (when lagging)
+//! ```
+//! The task registers with the [`Hub`], works out its first offset, sends `Subscribed`, reads what
+//! it must from the store (replay), then follows its mailbox. When the hub marks it lagging (its
+//! mailbox overflowed) it reads the store again from its own next offset and re-arms (see
+//! [`crate::hub`] for why that has no gap and no duplicate). So memory per subscription is bounded
+//! by its mailbox, and a slow consumer never slows anyone else.
+//!
+//! On top of that path, per subscription (see docs/FLOW.md):
+//! - **policy**: LOSSLESS delivers everything; CONFLATE delivers, of what it finds behind, only the
+//!   latest message per channel (with `skipped`); DROP_OLDEST skips what is more than `window`
+//!   offsets behind and says so with a `Gap`.
+//! - **throttle**: at most one delivery per channel per interval; the latest held message is sent
+//!   at the end of the interval (trailing edge), with `skipped`.
+//! - **credits**: with `max_unacked`, the task stops sending once that many deliveries wait for an
+//!   acknowledgement, and goes on when `Ack` returns some.
+//! - **durable consumers**: deliveries not acknowledged within the ack timeout are sent again
+//!   (`redelivery`); the acknowledged offset is kept by the broker (see the edge's `Ack`).
+//!
+//! The task ends when the client goes away, when the broker shuts down (with UNAVAILABLE
+//! `SHUTTING_DOWN`), when a newer subscription takes over its durable name or its consumer is
+//! deleted, or on a store error.
+
+pub mod registry;
+mod throttle;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchboard_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::channel::Pattern;
+use crate::edge::convert;
+use crate::edge::validate::Start;
+use crate::error::{BrokerError, Reason};
+use crate::hub::{Hub, MailboxItems};
+use crate::message::{now_us, StoredMessage};
+use crate::shutdown::ShutdownSignal;
+use crate::store::{MessageStore, ReadRange};
+use registry::{Control, FlowPolicy, Pending, Registered};
+use throttle::Throttle;
+
+/// Messages read from the store per page while catching up.
+const CATCH_UP_PAGE: usize = 256;
+/// Bytes read per page while catching up.
+const CATCH_UP_BYTES: usize = 1024 * 1024;
+/// Batches visited per page while catching up.
+const CATCH_UP_BATCHES: usize = 64;
+/// CONFLATE keeps at most this many channels' latest messages at once while catching up; past
+/// it, what it holds is delivered early (still the latest so far per channel).
+const CONFLATE_MAX_CHANNELS: usize = 10_000;
+
+/// The outgoing half of a `Subscribe` stream.
+pub type EventSender = mpsc::Sender<Result<pb::SubscribeEvent, Status>>;
+
+/// What the subscription follows, from where, and how.
+pub struct SubscriptionSpec {
+    /// Channels to deliver.
+    pub pattern: Pattern,
+    /// Where to begin.
+    pub start: Start,
+    /// DROP_OLDEST: how many offsets behind the consumer may be before the oldest are skipped.
+    pub window: u64,
+    /// Throttle interval per channel.
+    pub min_interval: Option<Duration>,
+    /// Durable consumers: redeliver after this long without an acknowledgement.
+    pub ack_timeout: Option<Duration>,
+}
+
+/// Why a subscription ended, for logs.
+enum End {
+    ClientGone,
+    ShuttingDown,
+    Stopped,
+    Failed(BrokerError),
+}
+
+/// Runs the subscription until it ends. See the module docs.
+pub async fn run(
+    hub: Hub,
+    store: MessageStore,
+    registered: Registered,
+    spec: SubscriptionSpec,
+    out: EventSender,
+    mut shutdown: ShutdownSignal,
+) {
+    let control = Arc::clone(&registered.control);
+    let end = tokio::select! {
+        end = feed(&hub, &store, &control, &spec, &out) => end,
+        _ = shutdown.wait() => End::ShuttingDown,
+        _ = out.closed() => End::ClientGone,
+    };
+    match end {
+        End::ClientGone => {}
+        End::ShuttingDown => {
+            let _ = out.try_send(Err(Status::from(BrokerError::ShuttingDown)));
+        }
+        End::Stopped => {
+            let name = control.durable.clone().unwrap_or_default();
+            let _ = out.try_send(Err(Status::from(BrokerError::Precondition {
+                reason: Reason::ConsumerTakenOver,
+                message: format!(
+                    "durable consumer {name:?} was taken over by a newer subscription or deleted"
+                ),
+            })));
+        }
+        End::Failed(e) => {
+            tracing::error!(pattern = %spec.pattern, error = %e, "subscription failed");
+            let _ = out.try_send(Err(Status::from(e)));
+        }
+    }
+    drop(registered);
+}
+
+struct Feeder<'a> {
+    store: &'a MessageStore,
+    control: &'a Control,
+    spec: &'a SubscriptionSpec,
+    out: &'a EventSender,
+    /// The next offset this subscription may deliver; everything before it was handled.
+    next: u64,
+    throttle: Option<Throttle>,
+}
+
+fn delivery(message: &StoredMessage, skipped: u64, redelivery: u32) -> pb::SubscribeEvent {
+    let mut m = convert::message(message);
+    m.skipped = skipped;
+    m.redelivery = redelivery;
+    pb::SubscribeEvent {
+        event: Some(pb::subscribe_event::Event::Message(m)),
+    }
+}
+
+impl Feeder<'_> {
+    async fn send(&self, event: pb::SubscribeEvent) -> Result<(), End> {
+        self.out.send(Ok(event)).await.map_err(|_| End::ClientGone)
+    }
+
+    /// Waits until a delivery may be sent (credits), redelivering what timed out meanwhile.
+    async fn wait_for_credit(&mut self) -> Result<(), End> {
+        if self.control.has_credit() {
+            return Ok(());
+        }
+        self.control.flight().waiting_for_credit = true;
+        let waited = self.wait_for_credit_inner().await;
+        self.control.flight().waiting_for_credit = false;
+        waited
+    }
+
+    async fn wait_for_credit_inner(&mut self) -> Result<(), End> {
+        while !self.control.has_credit() {
+            let deadline = self.redelivery_deadline();
+            tokio::select! {
+                _ = self.control.acked.notified() => {}
+                _ = self.control.cancel.notified() => return Err(End::Stopped),
+                _ = sleep_until(deadline) => self.redeliver_due().await?,
+            }
+            if self.control.is_stopped() {
+                return Err(End::Stopped);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one message now, recording it as pending when acknowledgements are tracked.
+    async fn send_message(&mut self, message: &StoredMessage, skipped: u64) -> Result<(), End> {
+        self.wait_for_credit().await?;
+        {
+            let mut flight = self.control.flight();
+            flight.delivered += 1;
+            flight.last_sent = flight.last_sent.max(message.offset);
+            if self.control.tracks_pending() {
+                flight.pending.insert(
+                    message.offset,
+                    Pending {
+                        sent_at: Instant::now(),
+                        deliveries: 1,
+                    },
+                );
+            }
+        }
+        self.send(delivery(message, skipped, 0)).await
+    }
+
+    /// Takes a message in offset order: sends it, or holds it for the throttle.
+    async fn deliver(&mut self, message: &StoredMessage, skipped: u64) -> Result<(), End> {
+        if message.offset < self.next {
+            return Ok(());
+        }
+        self.next = message.offset + 1;
+        self.control.flight().next_offset = self.next;
+        if message.is_expired(now_us()) {
+            return Ok(());
+        }
+        match &mut self.throttle {
+            Some(throttle) => match throttle.offer(message, skipped, Instant::now()) {
+                Some((now, skipped)) => self.send_message(&now, skipped).await,
+                None => Ok(()),
+            },
+            None => self.send_message(message, skipped).await,
+        }
+    }
+
+    /// Delivers a run of messages under the subscription's policy.
+    async fn deliver_all(&mut self, messages: Vec<StoredMessage>) -> Result<(), End> {
+        if self.control.policy == FlowPolicy::Conflate && messages.len() > 1 {
+            for (message, skipped) in conflate(messages) {
+                self.deliver(&message, skipped).await?;
+            }
+            return Ok(());
+        }
+        for message in &messages {
+            self.deliver(message, 0).await?;
+        }
+        Ok(())
+    }
+
+    fn read_page(&self, from: u64, last: u64) -> Result<crate::store::ReadPage, End> {
+        self.store
+            .read(&ReadRange {
+                from,
+                to_offset: last,
+                to_time_us: u64::MAX,
+                pattern: &self.spec.pattern,
+                now_us: now_us(),
+                limit: CATCH_UP_PAGE,
+                max_bytes: CATCH_UP_BYTES,
+                max_batches: CATCH_UP_BATCHES,
+            })
+            .map_err(End::Failed)
+    }
+
+    /// Brings the subscription from `self.next` through `last` from the store.
+    async fn catch_up(&mut self, last: u64) -> Result<(), End> {
+        if self.next > last {
+            return Ok(());
+        }
+        // Messages removed by retention or TTL before this consumer read them: say so.
+        if let Some(first) = self
+            .store
+            .first_batch()
+            .map_err(End::Failed)?
+            .map(|b| b.key)
+        {
+            if self.next < first && first <= last + 1 {
+                let gap = gap(self.next, first - 1, 0, pb::gap::Reason::Retention);
+                self.send(gap).await?;
+                self.next = first;
+            }
+        }
+        if self.control.policy == FlowPolicy::DropOldest && last + 1 - self.next > self.spec.window
+        {
+            let keep_from = last + 1 - self.spec.window;
+            let count = self.count_matching(self.next, keep_from - 1)?;
+            self.send(gap(
+                self.next,
+                keep_from - 1,
+                count,
+                pb::gap::Reason::Dropped,
+            ))
+            .await?;
+            self.next = keep_from;
+        }
+        let conflating = self.control.policy == FlowPolicy::Conflate;
+        let mut held: HashMap<String, (StoredMessage, u64)> = HashMap::new();
+        // Pages are read from `from`; `self.next` only moves as messages are delivered, so held
+        // (conflated) messages are still ahead of it when they are flushed.
+        let mut from = self.next;
+        while from <= last {
+            let page = self.read_page(from, last)?;
+            if conflating {
+                for message in page.messages {
+                    let channel = message.message.channel.clone();
+                    let skipped = held.remove(&channel).map(|(_, s)| s + 1).unwrap_or(0);
+                    held.insert(channel, (message, skipped));
+                }
+                if held.len() >= CONFLATE_MAX_CHANNELS {
+                    self.flush_conflated(&mut held).await?;
+                }
+            } else {
+                for message in &page.messages {
+                    self.deliver(message, 0).await?;
+                }
+            }
+            if page.done || page.next <= from {
+                break;
+            }
+            from = page.next;
+        }
+        self.flush_conflated(&mut held).await?;
+        self.next = self.next.max(last + 1);
+        self.control.flight().next_offset = self.next;
+        Ok(())
+    }
+
+    async fn flush_conflated(
+        &mut self,
+        held: &mut HashMap<String, (StoredMessage, u64)>,
+    ) -> Result<(), End> {
+        let mut latest: Vec<(StoredMessage, u64)> = held.drain().map(|(_, v)| v).collect();
+        latest.sort_by_key(|(m, _)| m.offset);
+        for (message, skipped) in latest {
+            self.deliver(&message, skipped).await?;
+        }
+        Ok(())
+    }
+
+    /// Matching, unexpired messages in `from..=to`, counted without keeping them.
+    fn count_matching(&self, from: u64, to: u64) -> Result<u64, End> {
+        let mut count = 0u64;
+        let mut next = from;
+        while next <= to {
+            let page = self.read_page(next, to)?;
+            count += page.messages.len() as u64;
+            next = page.next.max(next + 1);
+            if page.done {
+                break;
+            }
+        }
+        Ok(count)
+    }
+
+    fn redelivery_deadline(&self) -> Option<Instant> {
+        let timeout = self.spec.ack_timeout?;
+        let flight = self.control.flight();
+        flight.pending.values().map(|p| p.sent_at + timeout).min()
+    }
+
+    /// Sends again every pending delivery whose ack timeout has passed.
+    async fn redeliver_due(&mut self) -> Result<(), End> {
+        let Some(timeout) = self.spec.ack_timeout else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let due: Vec<(u64, u32)> = self
+            .control
+            .flight()
+            .pending
+            .iter()
+            .filter(|(_, p)| p.sent_at + timeout <= now)
+            .map(|(offset, p)| (*offset, p.deliveries))
+            .collect();
+        for (offset, deliveries) in due {
+            match self.store.message(offset).map_err(End::Failed)? {
+                Some(message) if !message.is_expired(now_us()) => {
+                    {
+                        let mut flight = self.control.flight();
+                        if let Some(p) = flight.pending.get_mut(&offset) {
+                            p.sent_at = Instant::now();
+                            p.deliveries += 1;
+                        }
+                        flight.unsaved_redeliveries += 1;
+                    }
+                    self.send(delivery(&message, 0, deliveries)).await?;
+                }
+                // Gone (expired or removed): nothing left to redeliver.
+                _ => {
+                    self.control.ack(&[offset]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_throttled(&mut self) -> Result<(), End> {
+        let due = match &mut self.throttle {
+            Some(throttle) => throttle.take_due(Instant::now()),
+            None => return Ok(()),
+        };
+        for (message, skipped) in due {
+            self.send_message(&message, skipped).await?;
+        }
+        Ok(())
+    }
+}
+
+fn gap(
+    from_offset: u64,
+    to_offset: u64,
+    count: u64,
+    reason: pb::gap::Reason,
+) -> pb::SubscribeEvent {
+    pb::SubscribeEvent {
+        event: Some(pb::subscribe_event::Event::Gap(pb::Gap {
+            from_offset,
+            to_offset,
+            count,
+            reason: reason as i32,
+        })),
+    }
+}
+
+/// The latest message of each channel, in offset order, with how many earlier ones it replaces.
+fn conflate(messages: Vec<StoredMessage>) -> Vec<(StoredMessage, u64)> {
+    let mut latest: HashMap<String, (StoredMessage, u64)> = HashMap::new();
+    for message in messages {
+        let channel = message.message.channel.clone();
+        let skipped = latest.remove(&channel).map(|(_, s)| s + 1).unwrap_or(0);
+        latest.insert(channel, (message, skipped));
+    }
+    let mut out: Vec<_> = latest.into_values().collect();
+    out.sort_by_key(|(m, _)| m.offset);
+    out
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn feed(
+    hub: &Hub,
+    store: &MessageStore,
+    control: &Control,
+    spec: &SubscriptionSpec,
+    out: &EventSender,
+) -> End {
+    let (registration, last) = hub.register(spec.pattern.clone());
+    control.set_mailbox(Arc::clone(&registration.mailbox));
+    let next = match first_offset(store, spec.start, last) {
+        Ok(next) => next,
+        Err(e) => return End::Failed(e),
+    };
+    let acked_offset = control.flight().acked_floor;
+    let subscribed = pb::SubscribeEvent {
+        event: Some(pb::subscribe_event::Event::Subscribed(pb::Subscribed {
+            next_offset: next,
+            subscription_id: control.id,
+            acked_offset,
+        })),
+    };
+    if out.send(Ok(subscribed)).await.is_err() {
+        return End::ClientGone;
+    }
+    let mut feeder = Feeder {
+        store,
+        control,
+        spec,
+        out,
+        next,
+        throttle: spec.min_interval.map(Throttle::new),
+    };
+    if let Err(end) = feeder.catch_up(last).await {
+        return end;
+    }
+    loop {
+        let throttle_deadline = feeder.throttle.as_ref().and_then(Throttle::deadline);
+        let redelivery_deadline = feeder.redelivery_deadline();
+        let step = tokio::select! {
+            items = registration.mailbox.next() => match items {
+                MailboxItems::Messages(messages) => {
+                    let messages = messages.iter().map(|m| StoredMessage::clone(m)).collect();
+                    feeder.deliver_all(messages).await
+                }
+                MailboxItems::Lagging => {
+                    let last = registration.rearm();
+                    feeder.catch_up(last).await
+                }
+            },
+            _ = sleep_until(throttle_deadline) => feeder.flush_throttled().await,
+            _ = sleep_until(redelivery_deadline) => feeder.redeliver_due().await,
+            _ = control.cancel.notified() => Err(End::Stopped),
+        };
+        if let Err(end) = step {
+            return end;
+        }
+        if control.is_stopped() {
+            return End::Stopped;
+        }
+    }
+}
+
+/// The first offset to deliver, given that offsets up to `last` are already in the store.
+fn first_offset(store: &MessageStore, start: Start, last: u64) -> Result<u64, BrokerError> {
+    Ok(match start {
+        Start::Latest => last + 1,
+        Start::Earliest => store
+            .first_batch()?
+            .map(|b| b.key)
+            .unwrap_or(last + 1)
+            .min(last + 1),
+        Start::Offset(offset) => offset.max(1),
+        Start::Time(time_us) => store
+            .first_offset_at_or_after(time_us)?
+            .unwrap_or(last + 1)
+            .min(last + 1),
+    })
+}
