@@ -12,8 +12,12 @@
 //! - `error.rs`: [`Error`] (built from a gRPC status and its `google.rpc.ErrorInfo` reason);
 //! - `publish.rs`: the [`Publish`] builder (with [`Publish::caused_by`] for reactions),
 //!   [`Client::publish`], [`Client::publish_stream`] and the [`Publisher`] handle;
-//! - `subscription.rs`: [`Start`], [`SubscribeOptions`], [`Backoff`] and the resuming
-//!   [`Subscription`] ([`Client::subscribe`]);
+//! - `subscription.rs`: [`Start`], [`SubscribeOptions`] (with the flow settings), [`Backoff`], the
+//!   resuming [`Subscription`] ([`Client::subscribe`]) and its [`SubscriptionEvent`]s (messages
+//!   and [`Gap`]s, through [`Subscription::events`]);
+//! - `flow.rs`: per-consumer flow control: [`FlowPolicy`], the [`Acker`] that acknowledges
+//!   deliveries, and [`Client::list_subscriptions`], [`Client::list_consumers`],
+//!   [`Client::consumer`] and [`Client::delete_consumer`];
 //! - `history.rs`: [`HistoryQuery`], [`HistoryPage`], [`Client::history`] and
 //!   [`Client::history_all`];
 //! - `entity.rs`: shared entity state: [`EntityUpdate`], [`EntityDelete`], [`EntityRead`],
@@ -44,6 +48,7 @@
 mod client;
 mod entity;
 mod error;
+mod flow;
 mod history;
 mod publish;
 mod subscription;
@@ -51,21 +56,27 @@ mod subscription;
 pub use client::{normalize_url, Client, ConnectOptions, DEFAULT_PORT};
 pub use entity::{EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate, EntityWatch};
 pub use error::{code_name, Error};
+pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
 pub use publish::{split_stream_ack, Publish, PublishAcks, Publisher};
-pub use subscription::{Backoff, Start, SubscribeOptions, Subscription};
+pub use subscription::{Backoff, Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
 
 /// The generated messages of package `switchboard.v1` (re-exported from `switchboard_proto`).
 pub mod proto {
     pub use switchboard_proto::v1::{
-        DeleteEntityRequest, Entity, EntityEvent, EntityKey, EntityResponse, GetEntityRequest,
-        GetEntityResponse, HistoryRequest, HistoryResponse, InfoResponse, Message, PublishAck,
-        PublishRequest, PublishStreamAck, Refusal, SnapshotComplete, StartPosition, SubscribeEvent,
-        SubscribeRequest, Subscribed, UpdateEntityRequest, WatchEntitiesRequest, WriteStamp,
+        gap, AckRequest, AckResponse, ConsumerInfo, DeleteConsumerRequest, DeleteConsumerResponse,
+        DeleteEntityRequest, Entity, EntityEvent, EntityKey, EntityResponse, FlowPolicy, Gap,
+        GetConsumerRequest, GetEntityRequest, GetEntityResponse, HistoryRequest, HistoryResponse,
+        InfoResponse, ListConsumersRequest, ListConsumersResponse, ListSubscriptionsRequest,
+        ListSubscriptionsResponse, Message, PublishAck, PublishRequest, PublishStreamAck, Refusal,
+        SnapshotComplete, StartPosition, SubscribeEvent, SubscribeRequest, Subscribed,
+        SubscriptionInfo, UpdateEntityRequest, WatchEntitiesRequest, WriteStamp,
     };
     pub use switchboard_proto::ERROR_DOMAIN;
 }
 
+pub use switchboard_proto::v1::gap::Reason as GapReason;
 pub use switchboard_proto::v1::{
-    Entity, EntityKey, InfoResponse, Message, PublishAck, PublishStreamAck, Refusal, WriteStamp,
+    AckResponse, ConsumerInfo, Entity, EntityKey, Gap, InfoResponse, Message, PublishAck,
+    PublishStreamAck, Refusal, SubscriptionInfo, WriteStamp,
 };

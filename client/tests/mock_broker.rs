@@ -1,6 +1,7 @@
 //! The client against an in-process mock broker (no real broker needed): errors through the wire,
-//! publishing, history paging, entities (with a mock `Entities` service), and above all the
-//! subscription's resume logic, including a real connection cut through a TCP proxy.
+//! publishing, history paging, entities (with a mock `Entities` service), flow control (options,
+//! acknowledgements, gaps, consumers), and above all the subscription's resume logic, including a
+//! real connection cut through a TCP proxy.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, VecDeque};
@@ -9,6 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use switchboard_client::proto::{
+    AckRequest, AckResponse, ConsumerInfo, DeleteConsumerRequest, DeleteConsumerResponse, Gap,
+    GetConsumerRequest, ListConsumersRequest, ListConsumersResponse, ListSubscriptionsRequest,
+    ListSubscriptionsResponse, SubscriptionInfo,
+};
 use switchboard_client::proto::{
     DeleteEntityRequest, Entity, EntityKey, EntityResponse, GetEntityRequest, GetEntityResponse,
     SnapshotComplete, UpdateEntityRequest, WatchEntitiesRequest,
@@ -19,7 +25,8 @@ use switchboard_client::proto::{
 };
 use switchboard_client::{
     split_stream_ack, Client, EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate,
-    Error, HistoryQuery, Publish, Start, SubscribeOptions,
+    Error, FlowPolicy, GapReason, HistoryQuery, Publish, Start, SubscribeOptions,
+    SubscriptionEvent,
 };
 use switchboard_proto::v1::broker_server::{Broker, BrokerServer};
 use switchboard_proto::v1::entities_server::{Entities, EntitiesServer};
@@ -59,6 +66,12 @@ struct State {
     /// What the mock does for each `WatchEntities` call, in order; once they are used up, a
     /// snapshot of `entities` and a held stream.
     watch_plans: VecDeque<WatchPlan>,
+    /// Every `Ack` received.
+    acks: Vec<AckRequest>,
+    /// What `ListSubscriptions` answers.
+    subscriptions: Vec<SubscriptionInfo>,
+    /// The durable consumers, for `ListConsumers`, `GetConsumer` and `DeleteConsumer`.
+    consumers: Vec<ConsumerInfo>,
 }
 
 /// What the mock does for one `WatchEntities` call: send these items, then close the stream or
@@ -95,6 +108,21 @@ impl Mock {
     fn cancelled(&self) -> usize {
         self.state.lock().unwrap().cancelled
     }
+
+    fn requests(&self) -> Vec<SubscribeRequest> {
+        self.state.lock().unwrap().subscribe_requests.clone()
+    }
+
+    /// Every `Ack` received, as (subscription id, offsets).
+    fn acks(&self) -> Vec<(u64, Vec<u64>)> {
+        self.state
+            .lock()
+            .unwrap()
+            .acks
+            .iter()
+            .map(|ack| (ack.subscription_id, ack.offsets.clone()))
+            .collect()
+    }
 }
 
 fn message(offset: u64) -> Message {
@@ -112,12 +140,55 @@ fn delivery(offset: u64) -> Result<SubscribeEvent, Status> {
     })
 }
 
+/// `Subscribed` as subscription 1.
 fn subscribed(next_offset: u64) -> Result<SubscribeEvent, Status> {
+    subscribed_as(next_offset, 1)
+}
+
+fn subscribed_as(next_offset: u64, subscription_id: u64) -> Result<SubscribeEvent, Status> {
     Ok(SubscribeEvent {
         event: Some(subscribe_event::Event::Subscribed(Subscribed {
             next_offset,
+            subscription_id,
+            acked_offset: 0,
         })),
     })
+}
+
+fn gap(from_offset: u64, to_offset: u64, count: u64) -> Result<SubscribeEvent, Status> {
+    Ok(SubscribeEvent {
+        event: Some(subscribe_event::Event::Gap(Gap {
+            from_offset,
+            to_offset,
+            count,
+            reason: GapReason::Dropped as i32,
+        })),
+    })
+}
+
+/// A delivery of `offset` that was sent `redelivery` times before.
+fn redelivery(offset: u64, redelivery: u32) -> Result<SubscribeEvent, Status> {
+    let mut message = message(offset);
+    message.redelivery = redelivery;
+    Ok(SubscribeEvent {
+        event: Some(subscribe_event::Event::Message(message)),
+    })
+}
+
+fn consumer_info(name: &str) -> ConsumerInfo {
+    ConsumerInfo {
+        name: name.to_owned(),
+        pattern: "orders.>".to_owned(),
+        policy: switchboard_client::proto::FlowPolicy::Conflate as i32,
+        acked_offset: 41,
+        pending: 2,
+        redeliveries: 1,
+        connected: true,
+        created_at: Some(prost_types::Timestamp {
+            seconds: 1_714_564_800,
+            nanos: 250_000_000,
+        }),
+    }
 }
 
 fn refused(code: Code, reason: &str, message: &str) -> Status {
@@ -326,6 +397,87 @@ impl Broker for Mock {
             node_id: 1,
             ..InfoResponse::default()
         }))
+    }
+
+    /// Records the acknowledgement; answers nothing pending, acknowledged up to the highest
+    /// offset acknowledged so far. Subscription 404 is unknown.
+    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let request = request.into_inner();
+        if request.subscription_id == 404 {
+            return Err(refused(
+                Code::NotFound,
+                "SUBSCRIPTION_NOT_FOUND",
+                "no subscription 404",
+            ));
+        }
+        let mut state = self.state.lock().unwrap();
+        state.acks.push(request);
+        let acked_offset = state
+            .acks
+            .iter()
+            .flat_map(|ack| ack.offsets.iter().copied())
+            .max()
+            .unwrap_or(0);
+        Ok(Response::new(AckResponse {
+            pending: 0,
+            acked_offset,
+        }))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        _: Request<ListSubscriptionsRequest>,
+    ) -> Result<Response<ListSubscriptionsResponse>, Status> {
+        Ok(Response::new(ListSubscriptionsResponse {
+            subscriptions: self.state.lock().unwrap().subscriptions.clone(),
+        }))
+    }
+
+    async fn list_consumers(
+        &self,
+        _: Request<ListConsumersRequest>,
+    ) -> Result<Response<ListConsumersResponse>, Status> {
+        Ok(Response::new(ListConsumersResponse {
+            consumers: self.state.lock().unwrap().consumers.clone(),
+        }))
+    }
+
+    async fn get_consumer(
+        &self,
+        request: Request<GetConsumerRequest>,
+    ) -> Result<Response<ConsumerInfo>, Status> {
+        let name = request.into_inner().name;
+        let state = self.state.lock().unwrap();
+        match state
+            .consumers
+            .iter()
+            .find(|consumer| consumer.name == name)
+        {
+            Some(consumer) => Ok(Response::new(consumer.clone())),
+            None => Err(refused(
+                Code::NotFound,
+                "CONSUMER_NOT_FOUND",
+                &format!("no durable consumer {name:?}"),
+            )),
+        }
+    }
+
+    async fn delete_consumer(
+        &self,
+        request: Request<DeleteConsumerRequest>,
+    ) -> Result<Response<DeleteConsumerResponse>, Status> {
+        let name = request.into_inner().name;
+        let mut state = self.state.lock().unwrap();
+        let before = state.consumers.len();
+        state.consumers.retain(|consumer| consumer.name != name);
+        if state.consumers.len() == before {
+            return Err(refused(
+                Code::NotFound,
+                "CONSUMER_NOT_FOUND",
+                &format!("no durable consumer {name:?}"),
+            ));
+        }
+        Ok(Response::new(DeleteConsumerResponse {}))
     }
 }
 
@@ -984,7 +1136,10 @@ async fn sb_subscribe_prints_deliveries_and_stops() {
     )
     .await;
     assert_eq!(status, 0, "{stderr}");
-    assert_eq!(stderr, "sb: subscribed to a.> (next offset 1)\n");
+    assert_eq!(
+        stderr,
+        "sb: subscribed to a.> (next offset 1, subscription 1)\n"
+    );
     let lines = json_lines(&stdout);
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["payload"], "1");
@@ -1579,5 +1734,488 @@ async fn sb_entity_watch_prints_snapshot_and_changes() {
     assert_eq!(
         stderr,
         "error: INVALID_ARGUMENT PATTERN_INVALID: pattern has a space\n"
+    );
+}
+
+async fn next_subscription_event(
+    subscription: &mut switchboard_client::Subscription,
+) -> Result<SubscriptionEvent, Error> {
+    tokio::time::timeout(WAIT, subscription.next_event())
+        .await
+        .expect("an event in time")
+        .expect("the subscription goes on")
+}
+
+fn flow_options() -> SubscribeOptions {
+    fast()
+        .policy(FlowPolicy::DropOldest)
+        .window(100)
+        .throttle(Duration::from_millis(250))
+        .max_unacked(8)
+        .durable("billing")
+        .ack_timeout(Duration::from_secs(30))
+}
+
+#[tokio::test]
+async fn flow_options_are_sent_with_every_subscribe() {
+    let (mock, client) = start().await;
+    mock.plan(
+        vec![
+            subscribed_as(1, 11),
+            delivery(1),
+            delivery(2),
+            Err(Status::unavailable("leader lost")),
+        ],
+        false,
+    );
+    // A durable consumer resumes after its acknowledged offset: 2 was not acknowledged, so it
+    // comes again, and is not dropped as a duplicate.
+    mock.plan(vec![subscribed_as(2, 12), delivery(2), delivery(3)], true);
+    let mut subscription = client
+        .subscribe_with("a.>", Start::Earliest, flow_options())
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    for _ in 0..4 {
+        offsets.push(next_offset(&mut subscription).await);
+    }
+    assert_eq!(offsets, [1, 2, 2, 3]);
+    let requests = mock.requests();
+    assert_eq!(requests.len(), 2);
+    for request in &requests {
+        assert_eq!(request.pattern, "a.>");
+        assert_eq!(
+            request.policy,
+            switchboard_client::proto::FlowPolicy::DropOldest as i32
+        );
+        assert_eq!(request.window, 100);
+        assert_eq!(request.min_interval_ms, 250);
+        assert_eq!(request.max_unacked, 8);
+        assert_eq!(request.durable_name, "billing");
+        assert_eq!(request.ack_timeout_ms, 30_000);
+    }
+    // Throttled, so it resumes from the confirmed offset (and the broker resumes a durable
+    // consumer after its acknowledged offset whatever the start).
+    assert_eq!(
+        mock.starts(),
+        [
+            Some(Position::Earliest(Default::default())),
+            Some(Position::Offset(1)),
+        ]
+    );
+
+    // The defaults send nothing but the pattern and the start.
+    let _plain = client.subscribe("b.>", Start::Latest).await.unwrap();
+    let request = mock.requests().pop().unwrap();
+    assert_eq!(
+        (
+            request.policy,
+            request.window,
+            request.min_interval_ms,
+            request.max_unacked,
+            request.durable_name.as_str(),
+            request.ack_timeout_ms
+        ),
+        (0, 0, 0, 0, "", 0)
+    );
+
+    let empty = client
+        .subscribe_with(
+            "a.>",
+            Start::Latest,
+            SubscribeOptions::default().durable(""),
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(empty, Error::InvalidArgument(_)));
+}
+
+#[tokio::test]
+async fn redeliveries_and_throttled_deliveries_are_not_dropped() {
+    let (mock, client) = start().await;
+    // Not durable: a plain repeat is dropped, a redelivery is not.
+    mock.plan(
+        vec![
+            subscribed(1),
+            delivery(1),
+            delivery(2),
+            delivery(1),
+            redelivery(1, 1),
+            delivery(3),
+        ],
+        true,
+    );
+    let mut subscription = client
+        .subscribe_with("a.>", Start::Earliest, fast())
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    for _ in 0..4 {
+        offsets.push(next_offset(&mut subscription).await);
+    }
+    assert_eq!(offsets, [1, 2, 1, 3]);
+
+    // Throttled: a trailing-edge delivery overtaken by another channel's comes out of order.
+    mock.plan(
+        vec![subscribed(5), delivery(7), delivery(5), delivery(8)],
+        true,
+    );
+    let mut throttled = client
+        .subscribe_with(
+            "a.>",
+            Start::Latest,
+            fast().throttle(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    for _ in 0..3 {
+        offsets.push(next_offset(&mut throttled).await);
+    }
+    assert_eq!(offsets, [7, 5, 8]);
+}
+
+#[tokio::test]
+async fn a_throttled_subscription_resumes_from_what_has_settled() {
+    let (mock, client) = start().await;
+    mock.plan(
+        vec![
+            subscribed(5),
+            delivery(7),
+            delivery(5),
+            Err(Status::unavailable("leader lost")),
+        ],
+        false,
+    );
+    mock.plan(vec![subscribed(5), delivery(6), delivery(7)], true);
+    let mut subscription = client
+        .subscribe_with(
+            "a.>",
+            Start::Latest,
+            fast().throttle(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    for _ in 0..4 {
+        offsets.push(next_offset(&mut subscription).await);
+    }
+    // Nothing settled (the deliveries were too recent): from the confirmed offset, and the
+    // repeat of 7 is kept.
+    assert_eq!(offsets, [7, 5, 6, 7]);
+    assert_eq!(mock.starts()[1], Some(Position::Offset(5)));
+}
+
+#[tokio::test]
+async fn a_gap_is_an_event_and_the_message_stream_skips_it() {
+    let (mock, client) = start().await;
+    let items = vec![
+        subscribed(1),
+        delivery(1),
+        gap(2, 9, 5),
+        delivery(10),
+        delivery(11),
+    ];
+    mock.plan(items.clone(), true);
+    let mut subscription = client
+        .subscribe_with("a.>", Start::Earliest, fast())
+        .await
+        .unwrap();
+    let SubscriptionEvent::Message(first) =
+        next_subscription_event(&mut subscription).await.unwrap()
+    else {
+        panic!("expected a message")
+    };
+    assert_eq!(first.offset, 1);
+    let SubscriptionEvent::Gap(skipped) = next_subscription_event(&mut subscription).await.unwrap()
+    else {
+        panic!("expected a gap")
+    };
+    assert_eq!(
+        (skipped.from_offset, skipped.to_offset, skipped.count),
+        (2, 9, 5)
+    );
+    assert_eq!(skipped.reason(), GapReason::Dropped);
+    {
+        let mut events = subscription.events();
+        let event = tokio::time::timeout(WAIT, events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&event, SubscriptionEvent::Message(message) if message.offset == 10),
+            "{event:?}"
+        );
+    }
+    assert_eq!(next_offset(&mut subscription).await, 11);
+
+    // As a stream of messages, the gap is skipped.
+    mock.plan(items, true);
+    let mut messages = client
+        .subscribe_with("a.>", Start::Earliest, fast())
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    for _ in 0..3 {
+        offsets.push(next_offset(&mut messages).await);
+    }
+    assert_eq!(offsets, [1, 10, 11]);
+}
+
+#[tokio::test]
+async fn acks_go_out_with_the_current_subscription_id() {
+    let mock = Mock::default();
+    let proxy = Proxy::start(serve(mock.clone()).await).await;
+    let client = Client::connect(proxy.address.to_string()).await.unwrap();
+    mock.plan(vec![subscribed_as(1, 11), delivery(1), delivery(2)], true);
+    mock.plan(vec![subscribed_as(3, 12), delivery(3)], true);
+    let mut subscription = client
+        .subscribe_with("a.>", Start::Earliest, fast().max_unacked(2))
+        .await
+        .unwrap();
+    assert_eq!(subscription.id(), Some(11));
+    let acker = subscription.acker();
+    assert_eq!(acker.subscription_id(), Some(11));
+
+    assert_eq!(next_offset(&mut subscription).await, 1);
+    let answer = subscription.ack(1).await.unwrap();
+    assert_eq!(answer.acked_offset, 1);
+    // From another task, while the subscription is being read.
+    let acking = tokio::spawn({
+        let acker = acker.clone();
+        async move { acker.ack_many(&[2]).await }
+    });
+    assert_eq!(next_offset(&mut subscription).await, 2);
+    assert_eq!(acking.await.unwrap().unwrap().acked_offset, 2);
+
+    proxy.cut();
+    assert_eq!(next_offset(&mut subscription).await, 3);
+    assert_eq!(subscription.id(), Some(12));
+    assert_eq!(acker.subscription_id(), Some(12));
+    acker.ack(3).await.unwrap();
+    assert_eq!(mock.acks(), [(11, vec![1]), (11, vec![2]), (12, vec![3])]);
+
+    // Once the subscription is gone, there is nothing to acknowledge with.
+    drop(subscription);
+    let ended = acker.ack(4).await.unwrap_err();
+    assert_eq!(ended.code(), Code::FailedPrecondition);
+    assert_eq!(acker.subscription_id(), None);
+}
+
+#[tokio::test]
+async fn an_unknown_subscription_id_is_reported() {
+    let (mock, client) = start().await;
+    mock.plan(vec![subscribed_as(1, 404), delivery(1)], true);
+    let mut subscription = client.subscribe("a.>", Start::Earliest).await.unwrap();
+    assert_eq!(next_offset(&mut subscription).await, 1);
+    let error = subscription.ack(1).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "NOT_FOUND SUBSCRIPTION_NOT_FOUND: no subscription 404"
+    );
+}
+
+#[tokio::test]
+async fn subscriptions_and_consumers_round_trip() {
+    let (mock, client) = start().await;
+    {
+        let mut state = mock.state.lock().unwrap();
+        state.subscriptions.push(SubscriptionInfo {
+            subscription_id: 3,
+            pattern: "a.>".to_owned(),
+            durable_name: "billing".to_owned(),
+            lagging: true,
+            ..SubscriptionInfo::default()
+        });
+        state.consumers.push(consumer_info("billing"));
+        state.consumers.push(consumer_info("audit"));
+    }
+    let subscriptions = client.list_subscriptions().await.unwrap();
+    assert_eq!(subscriptions.len(), 1);
+    assert_eq!(
+        (subscriptions[0].subscription_id, subscriptions[0].lagging),
+        (3, true)
+    );
+
+    let names: Vec<String> = client
+        .list_consumers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|consumer| consumer.name)
+        .collect();
+    assert_eq!(names, ["billing", "audit"]);
+    let billing = client.consumer("billing").await.unwrap();
+    assert_eq!(billing.acked_offset, 41);
+    assert_eq!(
+        FlowPolicy::from_proto(billing.policy),
+        Some(FlowPolicy::Conflate)
+    );
+
+    client.delete_consumer("billing").await.unwrap();
+    let missing = client.consumer("billing").await.unwrap_err();
+    assert_eq!(
+        missing.to_string(),
+        "NOT_FOUND CONSUMER_NOT_FOUND: no durable consumer \"billing\""
+    );
+    assert_eq!(
+        client
+            .delete_consumer("billing")
+            .await
+            .unwrap_err()
+            .reason(),
+        Some("CONSUMER_NOT_FOUND")
+    );
+    assert!(matches!(
+        client.consumer("").await.unwrap_err(),
+        Error::InvalidArgument(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_subscribe_acks_and_prints_gaps() {
+    let mock = Mock::default();
+    let address = serve(mock.clone()).await;
+    let mut conflated = message(3);
+    conflated.skipped = 4;
+    conflated.redelivery = 1;
+    mock.plan(
+        vec![
+            subscribed_as(1, 5),
+            delivery(1),
+            gap(2, 2, 1),
+            Ok(SubscribeEvent {
+                event: Some(subscribe_event::Event::Message(conflated)),
+            }),
+            delivery(4),
+            delivery(5),
+        ],
+        true,
+    );
+    let (status, stdout, stderr) = sb(
+        address,
+        &[
+            "subscribe",
+            "a.>",
+            "--from",
+            "earliest",
+            "--count",
+            "3",
+            "--ack",
+            "--durable",
+            "billing",
+            "--max-unacked",
+            "2",
+            "--policy",
+            "conflate",
+            "--throttle",
+            "250ms",
+            "--ack-timeout",
+            "30s",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(
+        stderr,
+        "sb: subscribed to a.> (next offset 1, subscription 5)\n"
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(
+        lines[1],
+        r#"{"gap":{"from_offset":2,"to_offset":2,"count":1,"reason":"dropped"}}"#
+    );
+    let conflated = &json_lines(&stdout)[2];
+    assert_eq!(
+        (
+            conflated["offset"].clone(),
+            conflated["skipped"].clone(),
+            conflated["redelivery"].clone()
+        ),
+        (3.into(), 4.into(), 1.into())
+    );
+    assert!(json_lines(&stdout)[0].get("skipped").is_none());
+    assert_eq!(mock.acks(), [(5, vec![1]), (5, vec![3]), (5, vec![4])]);
+    let request = mock.requests().pop().unwrap();
+    assert_eq!(
+        (
+            request.durable_name.as_str(),
+            request.max_unacked,
+            request.policy,
+            request.min_interval_ms,
+            request.ack_timeout_ms
+        ),
+        (
+            "billing",
+            2,
+            switchboard_client::proto::FlowPolicy::Conflate as i32,
+            250,
+            30_000
+        )
+    );
+
+    // Without --ack nothing is acknowledged.
+    mock.plan(vec![subscribed_as(1, 6), delivery(1)], true);
+    let (status, _, stderr) = sb(address, &["subscribe", "a.>", "--count", "1"], None).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(mock.acks().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_consumers_and_subscriptions() {
+    let mock = Mock::default();
+    let address = serve(mock.clone()).await;
+    {
+        let mut state = mock.state.lock().unwrap();
+        state.consumers.push(consumer_info("billing"));
+        state.consumers.push(consumer_info("audit"));
+        state.subscriptions.push(SubscriptionInfo {
+            subscription_id: 3,
+            pattern: "a.>".to_owned(),
+            policy: switchboard_client::proto::FlowPolicy::DropOldest as i32,
+            next_offset: 11,
+            delivered: 10,
+            ..SubscriptionInfo::default()
+        });
+    }
+    let (status, stdout, stderr) = sb(address, &["consumer", "list"], None).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(
+        stdout.lines().next(),
+        Some(concat!(
+            r#"{"name":"billing","pattern":"orders.>","policy":"conflate","acked_offset":41,"#,
+            r#""pending":2,"redeliveries":1,"connected":true,"#,
+            r#""created_at":"2024-05-01T12:00:00.250Z"}"#
+        ))
+    );
+    assert_eq!(json_lines(&stdout)[1]["name"], "audit");
+
+    let (status, stdout, _) = sb(address, &["consumer", "info", "audit"], None).await;
+    assert_eq!(status, 0);
+    assert_eq!(json_lines(&stdout)[0]["name"], "audit");
+
+    let (status, stdout, _) = sb(address, &["consumer", "delete", "audit"], None).await;
+    assert_eq!((status, stdout.as_str()), (0, "{\"deleted\":\"audit\"}\n"));
+    let (status, stdout, stderr) = sb(address, &["consumer", "info", "audit"], None).await;
+    assert_eq!((status, stdout.as_str()), (1, ""));
+    assert_eq!(
+        stderr,
+        "error: NOT_FOUND CONSUMER_NOT_FOUND: no durable consumer \"audit\"\n"
+    );
+
+    let (status, stdout, stderr) = sb(address, &["subscriptions"], None).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(
+        json_lines(&stdout),
+        [serde_json::json!({
+            "subscription_id": 3, "pattern": "a.>", "policy": "drop-oldest", "durable_name": "",
+            "next_offset": 11, "lagging": false, "buffered_messages": 0, "buffered_bytes": 0,
+            "peak_buffered_bytes": 0, "buffered_bytes_limit": 0, "pending": 0, "delivered": 10,
+            "slow_switches": 0, "waiting_for_credit": false,
+        })]
     );
 }

@@ -1,8 +1,10 @@
-//! `sb`: the Switchboard command line. Publishes, subscribes, reads history, describes the broker,
+//! `sb`: the Switchboard command line. Publishes, subscribes (with flow control and durable
+//! consumers), reads history, describes the broker, its live subscriptions and durable consumers,
 //! and reads, writes and watches shared entities, printing one JSON object per line on stdout.
 //!
 //! Layout: this file holds the argument definitions and the commands; `sb/args.rs` parses
-//! argument values (`--from`, `--to`, `--header`) and picks the default entity writer id;
+//! argument values (`--from`, `--to`, `--header`, `--policy`) and picks the default entity writer
+//! id;
 //! `sb/output.rs` formats the JSON lines.
 
 #[path = "sb/args.rs"]
@@ -18,7 +20,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use switchboard_client::{
-    Client, EntityDelete, EntityEvent, EntityUpdate, Error, HistoryQuery, Publish, Start,
+    Client, EntityDelete, EntityEvent, EntityUpdate, Error, FlowPolicy, HistoryQuery, Publish,
+    Start, SubscribeOptions, Subscription, SubscriptionEvent,
 };
 use tokio::time::Instant;
 
@@ -30,6 +33,10 @@ Examples:
   echo '{\"id\":42}' | sb publish crm.contact.updated --ttl 30s --header traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01
   sb subscribe 'crm.*.updated' --from earliest --count 10
   sb subscribe 'telemetry.>' --from 2024-05-01T12:00:00Z --timeout 30s
+  sb subscribe 'telemetry.>' --policy conflate --throttle 250ms
+  sb subscribe 'orders.>' --durable billing --max-unacked 100 --ack
+  sb consumer list
+  sb subscriptions
   sb history 'crm.>' --from 100 --to 200 --limit 50
   SWITCHBOARD_URL=http://10.0.0.5:7400 sb info
   sb entity update contact 42 '{\"name\":\"Ada\",\"vip\":true}' --writer panel-7
@@ -44,8 +51,8 @@ status is 1 for errors and 2 for usage errors.
 Set SB_LOG (for example SB_LOG=debug) to see the client's logs on stderr; by default only warnings
 (such as a subscription resuming after a lost connection) are shown.";
 
-/// Publish to, subscribe to, and read from a Switchboard broker; read, write and watch its shared
-/// entities.
+/// Publish to, subscribe to, and read from a Switchboard broker; list its live subscriptions and
+/// durable consumers; read, write and watch its shared entities.
 ///
 /// Channels are dot-separated names such as `crm.contact.updated`; patterns may use `*` for one
 /// segment and, as the last segment, `>` for one or more (`crm.*.updated`, `telemetry.>`).
@@ -92,26 +99,46 @@ Examples:
     /// Follow the messages matching a pattern, one JSON line per delivery.
     #[command(after_help = "\
 Prints one line per delivered message: offset, channel, publish_time (RFC 3339, UTC, millis),
-correlation_id, causation_id and idempotency_key (left out when empty), hops (left out when 0),
-content_type,
+correlation_id, causation_id and idempotency_key (left out when empty), hops, skipped (earlier
+messages of the channel left out by conflation or the throttle) and redelivery (how many times it
+was delivered before without an acknowledgement), each left out when 0, content_type,
 schema_version, ttl_ms, expires_at (left out when there is no TTL), headers (an object), payload
 and payload_encoding (\"utf8\": the payload as a string; \"base64\": standard base64 of the bytes).
-Each line is flushed as it is written.
+Messages that will not be delivered are announced by a line
+  {\"gap\":{\"from_offset\":N,\"to_offset\":N,\"count\":N,\"reason\":\"dropped\"|\"retention\"}}
+(dropped: --policy drop-oldest and more than --window behind; retention: removed before they were
+read). Each line is flushed as it is written.
 
-Once the broker confirms the subscription, `sb: subscribed to PATTERN (next offset N)` is written
-to stderr: anything published after that line is delivered. A lost connection is resumed where it
-left off, with no gap and no duplicate.
+Once the broker confirms the subscription, `sb: subscribed to PATTERN (next offset N, subscription
+S)` is written to stderr: anything published after that line is delivered. A lost connection is
+resumed where it left off, with no gap and no duplicate. A durable consumer (--durable) resumes
+after its last acknowledgement instead, and what was delivered but not acknowledged comes again;
+a throttled one (--throttle) resumes a little early and may repeat a channel's latest message.
+
+Flow control (see docs/FLOW.md), sent again on every resume:
+  --policy lossless      every message, however far behind (the default)
+  --policy conflate      when behind, only the latest message of each channel
+  --policy drop-oldest   when more than --window messages behind, skip the oldest (with a gap line)
+  --throttle DURATION    at most one delivery per channel per DURATION, the latest
+  --max-unacked N        at most N deliveries waiting for an acknowledgement (use with --ack, or
+                         the broker stops after N)
+  --durable NAME         the durable consumer NAME: the broker keeps its acknowledged offset and
+                         redelivers what is not acknowledged within --ack-timeout
+  --ack                  acknowledge each delivery after printing it
 
 --from takes `earliest`, `latest`, an offset (a message's `offset` field, 1 and up), or an RFC 3339
-time such as 2024-05-01T12:00:00Z or 2024-05-01T14:00:00.250+02:00.
+time such as 2024-05-01T12:00:00Z or 2024-05-01T14:00:00.250+02:00. An existing durable consumer
+ignores it and resumes after its acknowledged offset.
 
-Exits with status 0 after --count deliveries or when --timeout has passed (whichever comes first),
-and runs until interrupted otherwise.
+Exits with status 0 after --count deliveries (gap lines do not count) or when --timeout has passed
+(whichever comes first), and runs until interrupted otherwise.
 
 Examples:
   sb subscribe 'crm.*.updated'
   sb subscribe 'telemetry.>' --from earliest --count 100 --timeout 10s
-  sb subscribe orders.created --from 2024-05-01T12:00:00Z")]
+  sb subscribe orders.created --from 2024-05-01T12:00:00Z
+  sb subscribe 'telemetry.>' --policy drop-oldest --window 1000
+  sb subscribe 'orders.>' --durable billing --from earliest --ack --ack-timeout 30s")]
     Subscribe(SubscribeArgs),
 
     /// Read stored messages matching a pattern, one JSON line per message.
@@ -134,9 +161,56 @@ Prints one line: {\"version\":\"0.1.0\",\"node_id\":1,\"last_offset\":N,\"first_
 \"stored_bytes\":N,\"disk_bytes\":N,\"leader_id\":1,\"term\":N,\"applied_index\":N,\"loops_detected\":N}")]
     Info,
 
+    /// List the subscriptions live on the broker node, one JSON line each.
+    #[command(after_help = "\
+Prints one line per live subscription of the node sb is connected to:
+{\"subscription_id\":N,\"pattern\":\"...\",\"policy\":\"lossless\"|\"conflate\"|\"drop-oldest\",
+\"durable_name\":\"...\",\"next_offset\":N,\"lagging\":false,\"buffered_messages\":N,\"buffered_bytes\":N,
+\"peak_buffered_bytes\":N,\"buffered_bytes_limit\":N,\"pending\":N,\"delivered\":N,\"slow_switches\":N}
+durable_name is empty unless the subscription is a durable consumer; lagging is true while it is
+served from the store because it fell behind; pending counts deliveries waiting for an
+acknowledgement.")]
+    Subscriptions,
+
+    /// List, describe and delete durable consumers.
+    #[command(subcommand)]
+    Consumer(ConsumerCommand),
+
     /// Read, write and watch shared entities (records such as a contact, merged field by field).
     #[command(subcommand)]
     Entity(EntityCommand),
+}
+
+const CONSUMER_OUTPUT: &str = "\
+A consumer is printed as one line:
+{\"name\":\"billing\",\"pattern\":\"orders.>\",\"policy\":\"lossless\",\"acked_offset\":N,\"pending\":N,
+\"redeliveries\":N,\"connected\":true,\"created_at\":\"2024-05-01T12:00:00.250Z\"}
+where every delivery at or below acked_offset is acknowledged, and pending counts deliveries
+waiting for an acknowledgement (0 when not connected to this node).";
+
+#[derive(Debug, Subcommand)]
+enum ConsumerCommand {
+    /// Print every durable consumer, one JSON line each.
+    #[command(after_help = CONSUMER_OUTPUT)]
+    List,
+
+    /// Print one durable consumer.
+    #[command(after_help = format!("{CONSUMER_OUTPUT}
+
+An unknown name is NOT_FOUND CONSUMER_NOT_FOUND (exit status 1)."))]
+    Info(ConsumerNameArgs),
+
+    /// Delete a durable consumer and its acknowledged offset; prints {"deleted":"NAME"}.
+    #[command(after_help = "\
+A subscription connected with that name ends. An unknown name is NOT_FOUND CONSUMER_NOT_FOUND
+(exit status 1).")]
+    Delete(ConsumerNameArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConsumerNameArgs {
+    /// The consumer's name, for example `billing`.
+    name: String,
 }
 
 const ENTITY_OUTPUT: &str = "\
@@ -343,13 +417,69 @@ struct SubscribeArgs {
     #[arg(long, value_name = "POSITION", default_value = "latest", value_parser = args::parse_start)]
     from: Start,
 
-    /// Exit (status 0) after this many deliveries.
+    /// Exit (status 0) after this many deliveries (gaps do not count).
     #[arg(long, value_name = "N")]
     count: Option<u64>,
 
     /// Exit (status 0) once this long has passed since `sb` started, for example `10s`.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
+
+    /// What the broker does when sb falls behind: lossless (the default), conflate or
+    /// drop-oldest.
+    #[arg(long, value_name = "POLICY", value_parser = args::parse_policy)]
+    policy: Option<FlowPolicy>,
+
+    /// drop-oldest: how many messages behind before the oldest are skipped; the broker's default
+    /// when absent.
+    #[arg(long, value_name = "N")]
+    window: Option<u32>,
+
+    /// At most one delivery per channel per this interval, the latest, for example `250ms`.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    throttle: Option<Duration>,
+
+    /// At most this many deliveries waiting for an acknowledgement (see --ack).
+    #[arg(long, value_name = "N")]
+    max_unacked: Option<u32>,
+
+    /// Subscribe as the durable consumer of this name (1 to 64 of A-Z a-z 0-9 _ -).
+    #[arg(long, value_name = "NAME")]
+    durable: Option<String>,
+
+    /// Durable consumers: redeliver what is not acknowledged within this long, for example `30s`.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    ack_timeout: Option<Duration>,
+
+    /// Acknowledge each delivery after printing it.
+    #[arg(long)]
+    ack: bool,
+}
+
+impl SubscribeArgs {
+    /// The subscription options the flags ask for.
+    fn options(&self) -> SubscribeOptions {
+        let mut options = SubscribeOptions::default();
+        if let Some(policy) = self.policy {
+            options = options.policy(policy);
+        }
+        if let Some(window) = self.window {
+            options = options.window(window);
+        }
+        if let Some(interval) = self.throttle {
+            options = options.throttle(interval);
+        }
+        if let Some(credits) = self.max_unacked {
+            options = options.max_unacked(credits);
+        }
+        if let Some(name) = &self.durable {
+            options = options.durable(name.as_str());
+        }
+        if let Some(timeout) = self.ack_timeout {
+            options = options.ack_timeout(timeout);
+        }
+        options
+    }
 }
 
 #[derive(Debug, Args)]
@@ -415,6 +545,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let info = client.info().await?;
             emit(&output::info_line(&info)?)
         }
+        Command::Subscriptions => {
+            for info in client.list_subscriptions().await? {
+                emit(&output::subscription_line(&info)?)?;
+            }
+            Ok(())
+        }
+        Command::Consumer(command) => consumer(&client, command).await,
         Command::Entity(command) => entity(&client, command, started).await,
     }
 }
@@ -476,34 +613,86 @@ async fn publish(client: &Client, args: PublishArgs) -> anyhow::Result<()> {
 
 async fn subscribe(client: &Client, args: SubscribeArgs, started: Instant) -> anyhow::Result<()> {
     let deadline = args.timeout.map(|timeout| started + timeout);
-    let Some(subscribed) =
-        until(deadline, client.subscribe(args.pattern.as_str(), args.from)).await
-    else {
+    let subscribing = client.subscribe_with(args.pattern.as_str(), args.from, args.options());
+    let Some(subscribed) = until(deadline, subscribing).await else {
         return Ok(());
     };
     let mut subscription = subscribed?;
-    match subscription.next_offset() {
-        Some(next) => eprintln!(
-            "sb: subscribed to {} (next offset {next})",
-            subscription.pattern()
-        ),
-        None => eprintln!("sb: subscribed to {}", subscription.pattern()),
-    }
+    eprintln!("{}", ready_line(&subscription));
     let mut delivered: u64 = 0;
     while args.count.is_none_or(|count| delivered < count) {
-        let Some(next) = until(deadline, subscription.next()).await else {
+        let Some(next) = until(deadline, subscription.next_event()).await else {
             return Ok(());
         };
         match next {
-            Some(Ok(message)) => {
+            Some(Ok(SubscriptionEvent::Message(message))) => {
                 emit(&output::message_line(&message)?)?;
+                if args.ack {
+                    let Some(acked) = until(deadline, subscription.ack(message.offset)).await
+                    else {
+                        return Ok(());
+                    };
+                    match acked {
+                        Ok(_) => {}
+                        // Lost with the connection: the resumed subscription has fresh credits,
+                        // and a durable consumer's broker delivers the message again.
+                        Err(error) if error.is_transient() => tracing::warn!(
+                            offset = message.offset,
+                            %error,
+                            "acknowledgement lost, going on"
+                        ),
+                        Err(error) => return Err(error.into()),
+                    }
+                }
                 delivered += 1;
             }
+            Some(Ok(SubscriptionEvent::Gap(gap))) => emit(&output::gap_line(&gap)?)?,
+            Some(Ok(other)) => tracing::debug!(?other, "skipping an event sb does not know"),
             Some(Err(error)) => return Err(error.into()),
             None => anyhow::bail!("the subscription ended unexpectedly"),
         }
     }
     Ok(())
+}
+
+/// `sb: subscribed to PATTERN (next offset N, subscription S)`, leaving out what the broker did
+/// not say.
+fn ready_line(subscription: &Subscription) -> String {
+    let mut details = Vec::new();
+    if let Some(next) = subscription.next_offset() {
+        details.push(format!("next offset {next}"));
+    }
+    if let Some(id) = subscription.id() {
+        details.push(format!("subscription {id}"));
+    }
+    if details.is_empty() {
+        format!("sb: subscribed to {}", subscription.pattern())
+    } else {
+        format!(
+            "sb: subscribed to {} ({})",
+            subscription.pattern(),
+            details.join(", ")
+        )
+    }
+}
+
+async fn consumer(client: &Client, command: ConsumerCommand) -> anyhow::Result<()> {
+    match command {
+        ConsumerCommand::List => {
+            for consumer in client.list_consumers().await? {
+                emit(&output::consumer_line(&consumer)?)?;
+            }
+            Ok(())
+        }
+        ConsumerCommand::Info(args) => {
+            let consumer = client.consumer(args.name).await?;
+            emit(&output::consumer_line(&consumer)?)
+        }
+        ConsumerCommand::Delete(args) => {
+            client.delete_consumer(args.name.as_str()).await?;
+            emit(&output::deleted_line(&args.name)?)
+        }
+    }
 }
 
 async fn entity(client: &Client, command: EntityCommand, started: Instant) -> anyhow::Result<()> {
@@ -700,6 +889,72 @@ mod tests {
     }
 
     #[test]
+    fn subscribe_flow_arguments() {
+        let cli = Cli::try_parse_from([
+            "sb",
+            "subscribe",
+            "a.>",
+            "--policy",
+            "drop-oldest",
+            "--window",
+            "100",
+            "--throttle",
+            "250ms",
+            "--max-unacked",
+            "8",
+            "--durable",
+            "billing",
+            "--ack-timeout",
+            "30s",
+            "--ack",
+        ])
+        .unwrap();
+        let Command::Subscribe(args) = cli.command else {
+            panic!("not subscribe")
+        };
+        assert!(args.ack);
+        let options = args.options();
+        assert_eq!(options.policy, Some(FlowPolicy::DropOldest));
+        assert_eq!(options.window, Some(100));
+        assert_eq!(options.min_interval, Some(Duration::from_millis(250)));
+        assert_eq!(options.max_unacked, Some(8));
+        assert_eq!(options.durable_name.as_deref(), Some("billing"));
+        assert_eq!(options.ack_timeout, Some(Duration::from_secs(30)));
+
+        let cli = Cli::try_parse_from(["sb", "subscribe", "a.>"]).unwrap();
+        let Command::Subscribe(args) = cli.command else {
+            panic!("not subscribe")
+        };
+        assert!(!args.ack);
+        let options = args.options();
+        assert_eq!(
+            (options.policy, options.min_interval, options.durable_name),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn consumer_and_subscriptions_arguments() {
+        let cli = Cli::try_parse_from(["sb", "consumer", "info", "billing"]).unwrap();
+        let Command::Consumer(ConsumerCommand::Info(args)) = cli.command else {
+            panic!("not consumer info")
+        };
+        assert_eq!(args.name, "billing");
+        let cli = Cli::try_parse_from(["sb", "consumer", "delete", "billing"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Consumer(ConsumerCommand::Delete(_))
+        ));
+        let cli = Cli::try_parse_from(["sb", "consumer", "list"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Consumer(ConsumerCommand::List)
+        ));
+        let cli = Cli::try_parse_from(["sb", "subscriptions"]).unwrap();
+        assert!(matches!(cli.command, Command::Subscriptions));
+    }
+
+    #[test]
     fn publish_hops() {
         let cli = Cli::try_parse_from(["sb", "publish", "a.b", "{}", "--hops", "3"]).unwrap();
         let Command::Publish(args) = cli.command else {
@@ -815,6 +1070,12 @@ mod tests {
             &["sb", "entity", "get", "contact"],
             &["sb", "entity", "watch"],
             &["sb", "entity"],
+            &["sb", "subscribe", "a.>", "--policy", "newest"],
+            &["sb", "subscribe", "a.>", "--window", "-1"],
+            &["sb", "subscribe", "a.>", "--throttle", "often"],
+            &["sb", "subscribe", "a.>", "--ack", "yes"],
+            &["sb", "consumer", "info"],
+            &["sb", "consumer"],
         ] {
             let error = Cli::try_parse_from(bad).unwrap_err();
             assert_eq!(error.exit_code(), 2, "{bad:?}");

@@ -1,9 +1,9 @@
-//! Parsers for `sb`'s argument values: start and end positions, and headers; and the default
-//! entity writer id.
+//! Parsers for `sb`'s argument values: start and end positions, headers and flow policies; and
+//! the default entity writer id.
 
 use std::time::SystemTime;
 
-use switchboard_client::Start;
+use switchboard_client::{FlowPolicy, Start};
 
 /// The upper bound of a history read (`--to`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +67,12 @@ pub fn parse_header(text: &str) -> Result<(String, String), String> {
         Some((name, value)) => Ok((name.to_owned(), value.to_owned())),
         None => Err(format!("expected NAME=VALUE, got {text:?}")),
     }
+}
+
+/// `--policy` of `subscribe`: `lossless`, `conflate` or `drop-oldest`.
+pub fn parse_policy(text: &str) -> Result<FlowPolicy, String> {
+    text.parse()
+        .map_err(|_| format!("expected lossless, conflate or drop-oldest; got {text:?}"))
 }
 
 /// The writer id of `sb entity update` and `delete` when neither `--writer` nor `SB_WRITER` is
@@ -184,6 +190,15 @@ mod tests {
         assert_eq!(parse_header("k="), Ok(("k".to_owned(), String::new())));
         assert!(parse_header("=v").is_err());
         assert!(parse_header("novalue").is_err());
+    }
+
+    #[test]
+    fn policies() {
+        assert_eq!(parse_policy("lossless"), Ok(FlowPolicy::Lossless));
+        assert_eq!(parse_policy("Conflate"), Ok(FlowPolicy::Conflate));
+        assert_eq!(parse_policy("drop-oldest"), Ok(FlowPolicy::DropOldest));
+        assert!(parse_policy("newest").is_err());
+        assert!(parse_policy("").is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `sb`'s output: one JSON object per line, for acks, deliveries, broker info and entities.
+//! `sb`'s output: one JSON object per line, for acks, deliveries and gaps, broker info, live
+//! subscriptions, durable consumers and entities.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -7,7 +8,8 @@ use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use switchboard_client::{
-    Entity, EntityEvent, EntityExt as _, EntityRead, InfoResponse, Message, PublishAck,
+    ConsumerInfo, Entity, EntityEvent, EntityExt as _, EntityRead, FlowPolicy, Gap, GapReason,
+    InfoResponse, Message, PublishAck, SubscriptionInfo,
 };
 
 /// A protobuf timestamp as RFC 3339 in UTC with milliseconds (`2024-05-01T12:00:00.250Z`);
@@ -28,6 +30,19 @@ fn is_false(value: &bool) -> bool {
 
 fn is_zero(value: &u32) -> bool {
     *value == 0
+}
+
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
+}
+
+/// A `FlowPolicy` field as text: `lossless` (also for `UNSPECIFIED`), `conflate`,
+/// `drop-oldest`, or `unknown(N)` for a value this client does not know.
+fn policy_text(value: i32) -> Cow<'static, str> {
+    match FlowPolicy::from_proto(value) {
+        Some(policy) => Cow::Borrowed(policy.name()),
+        None => Cow::Owned(format!("unknown({value})")),
+    }
 }
 
 #[derive(Serialize)]
@@ -62,6 +77,10 @@ struct DeliveryLine<'a> {
     idempotency_key: &'a str,
     #[serde(skip_serializing_if = "is_zero")]
     hops: u32,
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    skipped: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    redelivery: u32,
     content_type: &'a str,
     schema_version: &'a str,
     ttl_ms: u64,
@@ -75,7 +94,8 @@ struct DeliveryLine<'a> {
 /// One delivered (or stored) message as a JSON line. The payload is a JSON string with
 /// `"payload_encoding":"utf8"` when it is valid UTF-8, else standard base64 with
 /// `"payload_encoding":"base64"`. Headers are sorted by name; `causation_id`,
-/// `idempotency_key`, `hops` and `expires_at` are left out when empty (or 0).
+/// `idempotency_key`, `hops`, `skipped`, `redelivery` and `expires_at` are left out when empty
+/// (or 0).
 pub fn message_line(message: &Message) -> serde_json::Result<String> {
     let (payload, payload_encoding) = match std::str::from_utf8(&message.payload) {
         Ok(text) => (Cow::Borrowed(text), "utf8"),
@@ -92,6 +112,8 @@ pub fn message_line(message: &Message) -> serde_json::Result<String> {
         causation_id: &message.causation_id,
         idempotency_key: &message.idempotency_key,
         hops: message.hops,
+        skipped: message.skipped,
+        redelivery: message.redelivery,
         content_type: &message.content_type,
         schema_version: &message.schema_version,
         ttl_ms: message.ttl_ms,
@@ -104,6 +126,114 @@ pub fn message_line(message: &Message) -> serde_json::Result<String> {
         payload,
         payload_encoding,
     })
+}
+
+#[derive(Serialize)]
+struct GapFields {
+    from_offset: u64,
+    to_offset: u64,
+    count: u64,
+    reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct GapLine {
+    gap: GapFields,
+}
+
+/// A gap event of a subscription:
+/// `{"gap":{"from_offset":N,"to_offset":N,"count":N,"reason":"dropped"|"retention"}}` (reason
+/// `unspecified` for a value this client does not know).
+pub fn gap_line(gap: &Gap) -> serde_json::Result<String> {
+    let reason = match GapReason::try_from(gap.reason) {
+        Ok(GapReason::Dropped) => "dropped",
+        Ok(GapReason::Retention) => "retention",
+        Ok(GapReason::Unspecified) | Err(_) => "unspecified",
+    };
+    serde_json::to_string(&GapLine {
+        gap: GapFields {
+            from_offset: gap.from_offset,
+            to_offset: gap.to_offset,
+            count: gap.count,
+            reason,
+        },
+    })
+}
+
+#[derive(Serialize)]
+struct SubscriptionLine<'a> {
+    subscription_id: u64,
+    pattern: &'a str,
+    policy: Cow<'static, str>,
+    durable_name: &'a str,
+    next_offset: u64,
+    lagging: bool,
+    buffered_messages: u64,
+    buffered_bytes: u64,
+    peak_buffered_bytes: u64,
+    buffered_bytes_limit: u64,
+    pending: u64,
+    delivered: u64,
+    slow_switches: u64,
+    waiting_for_credit: bool,
+}
+
+/// Every field of a live subscription's `SubscriptionInfo`, as one JSON object, with the policy
+/// as text (`lossless`, `conflate`, `drop-oldest`) and `durable_name` empty when not durable.
+pub fn subscription_line(info: &SubscriptionInfo) -> serde_json::Result<String> {
+    serde_json::to_string(&SubscriptionLine {
+        subscription_id: info.subscription_id,
+        pattern: &info.pattern,
+        policy: policy_text(info.policy),
+        durable_name: &info.durable_name,
+        next_offset: info.next_offset,
+        lagging: info.lagging,
+        buffered_messages: info.buffered_messages,
+        buffered_bytes: info.buffered_bytes,
+        peak_buffered_bytes: info.peak_buffered_bytes,
+        buffered_bytes_limit: info.buffered_bytes_limit,
+        pending: info.pending,
+        delivered: info.delivered,
+        slow_switches: info.slow_switches,
+        waiting_for_credit: info.waiting_for_credit,
+    })
+}
+
+#[derive(Serialize)]
+struct ConsumerLine<'a> {
+    name: &'a str,
+    pattern: &'a str,
+    policy: Cow<'static, str>,
+    acked_offset: u64,
+    pending: u64,
+    redeliveries: u64,
+    connected: bool,
+    created_at: Option<String>,
+}
+
+/// A durable consumer as one JSON object: name, pattern, policy (as text), acked_offset,
+/// pending, redeliveries, connected and created_at (RFC 3339, UTC, millis).
+pub fn consumer_line(consumer: &ConsumerInfo) -> serde_json::Result<String> {
+    serde_json::to_string(&ConsumerLine {
+        name: &consumer.name,
+        pattern: &consumer.pattern,
+        policy: policy_text(consumer.policy),
+        acked_offset: consumer.acked_offset,
+        pending: consumer.pending,
+        redeliveries: consumer.redeliveries,
+        connected: consumer.connected,
+        created_at: format_optional(consumer.created_at.as_ref()),
+    })
+}
+
+#[derive(Serialize)]
+struct DeletedLine<'a> {
+    deleted: &'a str,
+}
+
+/// The answer of `sb consumer delete`: `{"deleted":"NAME"}`.
+pub fn deleted_line(name: &str) -> serde_json::Result<String> {
+    serde_json::to_string(&DeletedLine { deleted: name })
 }
 
 #[derive(Serialize)]
@@ -314,6 +444,8 @@ mod tests {
             .collect(),
             expires_at: None,
             hops: 0,
+            skipped: 0,
+            redelivery: 0,
         }
     }
 
@@ -362,11 +494,122 @@ mod tests {
     fn empty_optional_fields_are_left_out() {
         let value = parse(&message_line(&message(b"")).unwrap());
         let object = value.as_object().unwrap();
-        for absent in ["causation_id", "idempotency_key", "hops", "expires_at"] {
+        for absent in [
+            "causation_id",
+            "idempotency_key",
+            "hops",
+            "skipped",
+            "redelivery",
+            "expires_at",
+        ] {
             assert!(!object.contains_key(absent), "{absent}");
         }
         assert_eq!(value["payload"], "");
         assert_eq!(value["payload_encoding"], "utf8");
+    }
+
+    #[test]
+    fn flow_fields_of_a_delivery() {
+        let mut conflated = message(b"{}");
+        conflated.skipped = 4;
+        conflated.redelivery = 2;
+        let line = message_line(&conflated).unwrap();
+        assert!(
+            line.contains(r#""skipped":4,"redelivery":2,"content_type""#),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn gap_lines() {
+        let gap = Gap {
+            from_offset: 10,
+            to_offset: 19,
+            count: 7,
+            reason: GapReason::Dropped as i32,
+        };
+        assert_eq!(
+            gap_line(&gap).unwrap(),
+            r#"{"gap":{"from_offset":10,"to_offset":19,"count":7,"reason":"dropped"}}"#
+        );
+        let retention = Gap {
+            reason: GapReason::Retention as i32,
+            count: 0,
+            ..gap
+        };
+        assert_eq!(
+            parse(&gap_line(&retention).unwrap())["gap"]["reason"],
+            "retention"
+        );
+        let unknown = Gap { reason: 9, ..gap };
+        assert_eq!(
+            parse(&gap_line(&unknown).unwrap())["gap"]["reason"],
+            "unspecified"
+        );
+    }
+
+    #[test]
+    fn subscription_line_has_every_field() {
+        let value = parse(
+            &subscription_line(&SubscriptionInfo {
+                subscription_id: 3,
+                pattern: "a.>".to_owned(),
+                policy: switchboard_client::proto::FlowPolicy::DropOldest as i32,
+                durable_name: String::new(),
+                next_offset: 11,
+                lagging: true,
+                buffered_messages: 2,
+                buffered_bytes: 300,
+                peak_buffered_bytes: 900,
+                buffered_bytes_limit: 4096,
+                pending: 1,
+                delivered: 10,
+                slow_switches: 1,
+                waiting_for_credit: true,
+            })
+            .unwrap(),
+        );
+        assert_eq!(
+            value,
+            json!({
+                "subscription_id": 3, "pattern": "a.>", "policy": "drop-oldest",
+                "durable_name": "", "next_offset": 11, "lagging": true, "buffered_messages": 2,
+                "buffered_bytes": 300, "peak_buffered_bytes": 900, "buffered_bytes_limit": 4096,
+                "pending": 1, "delivered": 10, "slow_switches": 1,
+                "waiting_for_credit": true,
+            })
+        );
+    }
+
+    #[test]
+    fn consumer_lines() {
+        let consumer = ConsumerInfo {
+            name: "billing".to_owned(),
+            pattern: "orders.>".to_owned(),
+            policy: 0,
+            acked_offset: 41,
+            pending: 2,
+            redeliveries: 5,
+            connected: true,
+            created_at: timestamp(1_714_564_800, 250_000_000),
+        };
+        assert_eq!(
+            consumer_line(&consumer).unwrap(),
+            concat!(
+                r#"{"name":"billing","pattern":"orders.>","policy":"lossless","acked_offset":41,"#,
+                r#""pending":2,"redeliveries":5,"connected":true,"#,
+                r#""created_at":"2024-05-01T12:00:00.250Z"}"#
+            )
+        );
+        let odd = ConsumerInfo {
+            policy: 42,
+            created_at: None,
+            ..consumer
+        };
+        let value = parse(&consumer_line(&odd).unwrap());
+        assert_eq!(value["policy"], "unknown(42)");
+        assert_eq!(value["created_at"], Value::Null);
+        assert_eq!(deleted_line("billing").unwrap(), r#"{"deleted":"billing"}"#);
     }
 
     #[test]
