@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod concurrency;
 mod entities;
+mod flow;
 mod loops;
 mod persistence;
 mod pubsub;
