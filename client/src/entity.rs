@@ -589,14 +589,36 @@ impl Client {
     /// # }
     /// ```
     pub async fn watch_entities(&self, pattern: impl Into<String>) -> Result<EntityWatch, Error> {
+        self.watch_entities_with(pattern, crate::FlowPolicy::Lossless, None)
+            .await
+    }
+
+    /// [`Client::watch_entities`] with a flow policy and an optional throttle: with
+    /// [`FlowPolicy::Conflate`](crate::FlowPolicy::Conflate) a watcher that falls behind receives
+    /// only the latest version of each entity; with a throttle, at most one change per entity per
+    /// interval, the latest arriving at the end of the interval.
+    ///
+    /// # Errors
+    /// As [`Client::watch_entities`].
+    pub async fn watch_entities_with(
+        &self,
+        pattern: impl Into<String>,
+        policy: crate::FlowPolicy,
+        throttle: Option<std::time::Duration>,
+    ) -> Result<EntityWatch, Error> {
         let pattern = pattern.into();
         if pattern.is_empty() {
             return Err(Error::InvalidArgument(
                 "the entity watch pattern is empty".to_owned(),
             ));
         }
+        let min_interval_ms = throttle
+            .map(|t| u32::try_from(t.as_millis().max(1)).unwrap_or(u32::MAX))
+            .unwrap_or(0);
         let request = WatchEntitiesRequest {
             pattern: pattern.clone(),
+            policy: switchboard_proto::v1::FlowPolicy::from(policy) as i32,
+            min_interval_ms,
         };
         let events = self.entities_grpc().watch_entities(request).await?;
         Ok(EntityWatch {

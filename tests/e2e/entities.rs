@@ -301,3 +301,46 @@ async fn a_restart_keeps_entities_versions_and_the_dedup_and_loop_windows() {
         .unwrap_err();
     assert_eq!(looped.reason(), Some("LOOP_DETECTED"));
 }
+
+#[tokio::test]
+async fn a_throttled_watch_ends_on_the_latest_version_of_each_entity() {
+    let f = fixture(&[]).await;
+    let mut watch = f
+        .client
+        .watch_entities_with(
+            "gauge.*",
+            switchboard_client::FlowPolicy::Conflate,
+            Some(std::time::Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut watch).await,
+        EntityEvent::SnapshotComplete(0)
+    );
+    let t = now_ms();
+    for i in 1..=10u64 {
+        f.client
+            .update_entity(
+                EntityUpdate::new("gauge", "queue", json!({"waiting": i})).stamp(t, i, "acd"),
+            )
+            .await
+            .unwrap();
+    }
+    let mut versions = Vec::new();
+    loop {
+        let EntityEvent::Change(e) = next_event(&mut watch).await else {
+            panic!("a change")
+        };
+        assert!(
+            versions.last().is_none_or(|v| *v < e.version),
+            "versions increase"
+        );
+        versions.push(e.version);
+        if e.version == 10 {
+            assert_eq!(fields(&e), json!({"waiting": 10}));
+            break;
+        }
+    }
+    assert!(versions.len() < 10, "changes were coalesced: {versions:?}");
+}

@@ -207,9 +207,17 @@ impl EntitiesRpc for EntitiesService {
             .pattern(&format!("$state.{}", pattern.as_str()))?;
         let (out, events) = mpsc::channel(WATCH_BUFFER);
         let (changes_tx, changes) = mpsc::channel(WATCH_BUFFER);
+        // An entity's channel carries only its versions, so conflating per channel is conflating
+        // per entity; dropping old versions with a gap would add nothing a watcher can use.
+        let policy = match pb::FlowPolicy::try_from(request.policy) {
+            Ok(pb::FlowPolicy::Conflate | pb::FlowPolicy::DropOldest) => FlowPolicy::Conflate,
+            _ => FlowPolicy::Lossless,
+        };
+        let min_interval = (request.min_interval_ms > 0)
+            .then(|| std::time::Duration::from_millis(u64::from(request.min_interval_ms)));
         let registered = edge.registry.open(Opening {
             pattern: state_pattern.as_str().to_owned(),
-            policy: FlowPolicy::Lossless,
+            policy,
             durable: None,
             max_unacked: None,
             peer: None,
@@ -221,7 +229,7 @@ impl EntitiesRpc for EntitiesService {
                 pattern: state_pattern,
                 start: super::validate::Start::Latest,
                 window: edge.config.subscriptions.queue_depth as u64,
-                min_interval: None,
+                min_interval,
                 ack_timeout: None,
             },
             changes_tx,
