@@ -27,6 +27,7 @@ pub mod entity;
 pub mod error;
 pub mod hub;
 pub mod message;
+pub mod observability;
 pub mod proposer;
 pub mod raft;
 pub mod retention;

@@ -1,0 +1,1 @@
+//! HTTP admin listener (filled in by the observability work).

@@ -1,0 +1,11 @@
+//! Observability: what an operator sees of a running broker.
+//!
+//! - [`metrics`]: Prometheus metrics — the names, and the recorder behind `/metrics`.
+//! - [`admin`]: the HTTP admin listener (`/metrics`).
+//! - [`audit`]: one rate-limited log line per refused request.
+//! - [`trace`]: W3C trace context in and out of messages, spans, and OTLP export.
+
+pub mod admin;
+pub mod audit;
+pub mod metrics;
+pub mod trace;

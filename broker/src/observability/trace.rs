@@ -1,0 +1,1 @@
+//! Trace context and OTLP export (filled in by the observability work).
