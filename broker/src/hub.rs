@@ -119,6 +119,7 @@ impl Mailbox {
             state.lagging = true;
             state.slow_switches += 1;
             drop(state);
+            crate::observability::metrics::slow_consumer_switch();
             self.ready.notify_one();
             return false;
         }

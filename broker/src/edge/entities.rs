@@ -22,6 +22,7 @@ use crate::apply::EntityDoc;
 use crate::entity::{Change, Stamp};
 use crate::error::{BrokerError, Reason};
 use crate::message::{EntityWrite, Item, ItemOutcome};
+use crate::observability::{audit, metrics};
 use crate::subscription::registry::{FlowPolicy, Opening};
 use crate::subscription::SubscriptionSpec;
 
@@ -123,7 +124,12 @@ impl EntitiesService {
             ItemOutcome::Entity(state) => Ok(Response::new(pb::EntityResponse {
                 entity: Some(convert::entity(&EntityDoc::new(&entity_type, &id, &state))),
             })),
-            ItemOutcome::Refused(refusal) => Err(BrokerError::from(refusal).into()),
+            ItemOutcome::Refused(refusal) => {
+                let error = BrokerError::from(refusal);
+                metrics::entity_refused(error.reason());
+                audit::refused(None, &format!("{entity_type}.{id}"), &error);
+                Err(error.into())
+            }
             other => Err(BrokerError::Consensus(format!(
                 "an entity write was applied as {other:?}"
             ))

@@ -15,6 +15,7 @@ pub mod entities;
 pub mod status;
 pub mod validate;
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -30,6 +31,8 @@ use crate::config::Config;
 use crate::error::BrokerError;
 use crate::hub::Hub;
 use crate::message::{now_us, Item, ItemOutcome};
+use crate::observability::metrics::{self, PublishResult};
+use crate::observability::{audit, trace};
 use crate::proposer::{self, Proposer};
 use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
@@ -61,6 +64,11 @@ struct Edge {
 }
 
 impl BrokerService {
+    /// The live subscriptions of this node (for metrics).
+    pub fn registry(&self) -> Registry {
+        self.edge.registry.clone()
+    }
+
     /// The `switchboard.v1.Entities` service over the same parts.
     pub fn entities(&self) -> entities::EntitiesService {
         entities::EntitiesService::new(Arc::clone(&self.edge))
@@ -133,12 +141,14 @@ fn ack(outcome: ItemOutcome, correlation_id: String) -> Result<pb::PublishAck, B
 
 type BoxedAck = Pin<Box<dyn Future<Output = pb::PublishStreamAck> + Send>>;
 
-fn refused(sequence: u64, error: &BrokerError) -> pb::PublishStreamAck {
+fn stream_ack(sequence: u64, result: Result<pb::PublishAck, BrokerError>) -> pb::PublishStreamAck {
+    let result = match result {
+        Ok(ack) => pb::publish_stream_ack::Result::Ack(ack),
+        Err(e) => pb::publish_stream_ack::Result::Refusal(status::refusal(&e)),
+    };
     pb::PublishStreamAck {
         sequence,
-        result: Some(pb::publish_stream_ack::Result::Refusal(status::refusal(
-            error,
-        ))),
+        result: Some(result),
     }
 }
 
@@ -167,32 +177,58 @@ impl Edge {
         Ok(())
     }
 
-    /// Validates and queues one message of a stream; the returned future yields its ack.
-    async fn stream_one(&self, sequence: u64, request: pb::PublishRequest) -> BoxedAck {
-        let message = match self.validator.publish(request) {
-            Ok(message) => message,
-            Err(e) => return futures::future::ready(refused(sequence, &e)).boxed(),
+    /// Validates and queues one publish; the returned future yields its ack. Used by `Publish`
+    /// and `PublishStream` alike, so the metrics and the audit log of refusals are recorded in one
+    /// place. Queueing happens before this returns, which keeps a stream's messages in order.
+    async fn begin_publish(
+        &self,
+        request: pb::PublishRequest,
+        peer: Option<SocketAddr>,
+        parent: Option<trace::Parent>,
+    ) -> PendingAck {
+        let channel = request.channel.clone();
+        let refuse = move |e: BrokerError| {
+            metrics::publish(PublishResult::Refused, Some(e.reason()));
+            audit::refused(peer, &channel, &e);
+            e
         };
+        let mut message = match self.validator.publish(request) {
+            Ok(message) => message,
+            Err(e) => return futures::future::ready(Err(refuse(e))).boxed(),
+        };
+        let receive = trace::receive_span(parent.as_ref(), &message.channel);
+        trace::stamp_message(&receive, &mut message.headers);
         let correlation_id = message.correlation_id.clone();
+        let commit = trace::child_span(&receive, "switchboard.commit");
         match self.proposer.submit(vec![Item::Publish(message)]).await {
             Ok(pending) => async move {
                 let acked = proposer::outcome(pending)
                     .await
                     .and_then(proposer::single)
                     .and_then(|outcome| ack(outcome, correlation_id));
+                drop(commit);
+                drop(receive);
                 match acked {
-                    Ok(ack) => pb::PublishStreamAck {
-                        sequence,
-                        result: Some(pb::publish_stream_ack::Result::Ack(ack)),
-                    },
-                    Err(e) => refused(sequence, &e),
+                    Ok(ack) => {
+                        let result = if ack.duplicate {
+                            PublishResult::Duplicate
+                        } else {
+                            PublishResult::Accepted
+                        };
+                        metrics::publish(result, None);
+                        Ok(ack)
+                    }
+                    Err(e) => Err(refuse(e)),
                 }
             }
             .boxed(),
-            Err(e) => futures::future::ready(refused(sequence, &e)).boxed(),
+            Err(e) => futures::future::ready(Err(refuse(e))).boxed(),
         }
     }
 }
+
+/// A publish queued for commit; resolves to its ack or refusal.
+type PendingAck = Pin<Box<dyn Future<Output = Result<pb::PublishAck, BrokerError>> + Send>>;
 
 /// Feeds one `PublishStream`: reads requests while fewer than `max_unacked` wait for their ack, and
 /// sends acks in request order as they complete.
@@ -200,6 +236,8 @@ async fn publish_stream_task(
     edge: Arc<Edge>,
     mut inbound: Streaming<pb::PublishRequest>,
     out: mpsc::Sender<Result<pb::PublishStreamAck, Status>>,
+    peer: Option<SocketAddr>,
+    parent: Option<trace::Parent>,
 ) {
     let max_unacked = edge.config.publish_stream.max_unacked;
     let mut shutdown = edge.shutdown.clone();
@@ -223,7 +261,12 @@ async fn publish_stream_task(
             }
             item = inbound.message(), if inbound_open && pending.len() < max_unacked => match item {
                 Ok(Some(request)) => {
-                    pending.push_back(edge.stream_one(sequence, request).await);
+                    // A message's own trace context (its `traceparent` header) wins over the
+                    // stream's, so each telemetry event keeps the trace it belongs to.
+                    let parent = trace::parent_from_headers(&request.headers).or_else(|| parent.clone());
+                    let ack = edge.begin_publish(request, peer, parent).await;
+                    let seq = sequence;
+                    pending.push_back(ack.map(move |result| stream_ack(seq, result)).boxed());
                     sequence += 1;
                 }
                 Ok(None) => inbound_open = false,
@@ -247,10 +290,12 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishAck>, Status> {
-        let message = self.edge.validator.publish(request.into_inner())?;
-        let correlation_id = message.correlation_id.clone();
-        let outcome = self.edge.proposer.propose(Item::Publish(message)).await?;
-        Ok(Response::new(ack(outcome, correlation_id)?))
+        let peer = request.remote_addr();
+        let parent = trace::parent_from_metadata(request.metadata());
+        let request = request.into_inner();
+        let parent = trace::parent_from_headers(&request.headers).or(parent);
+        let ack = self.edge.begin_publish(request, peer, parent).await.await?;
+        Ok(Response::new(ack))
     }
 
     type PublishStreamStream =
@@ -261,10 +306,14 @@ impl BrokerRpc for BrokerService {
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let (out, acks) = mpsc::channel(PUBLISH_STREAM_BUFFER);
+        let peer = request.remote_addr();
+        let parent = trace::parent_from_metadata(request.metadata());
         tokio::spawn(publish_stream_task(
             Arc::clone(&self.edge),
             request.into_inner(),
             out,
+            peer,
+            parent,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(acks))))
     }

@@ -1,1 +1,177 @@
-//! Trace context and OTLP export (filled in by the observability work).
+//! Tracing across the bus: W3C trace context in and out of messages, the broker's spans, and
+//! OTLP export.
+//!
+//! The path of one message: the publisher's span → `switchboard.receive` (child of the
+//! `traceparent` in the request's metadata, or in the message's own headers) → its children
+//! `switchboard.commit` (the log write, fsync included) and `switchboard.apply` → one
+//! `switchboard.deliver` per subscriber, whose context replaces the `traceparent` header of the
+//! delivered message, so the subscriber's processing span is its child.
+//!
+//! The receive span's context is stored in the message's `traceparent` header, so a delivery — even
+//! one replayed from the store long after — joins the publisher's trace.
+//!
+//! Export is off unless an OTLP endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
+//! `tracing.otlp_endpoint`). When it is off, none of this does any work: no header is parsed or
+//! written and no span context is built ([`enabled`] is checked first).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether trace export is on.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Turns context propagation on (done once export is set up).
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// A remote parent: the trace context a publisher sent.
+pub type Parent = opentelemetry::Context;
+
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+struct HeaderExtractor<'a, M>(&'a M);
+
+impl Extractor for HeaderExtractor<'_, HashMap<String, String>> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+impl Extractor for HeaderExtractor<'_, BTreeMap<String, String>> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+struct HeaderInjector<'a, M>(&'a mut M);
+
+impl Injector for HeaderInjector<'_, BTreeMap<String, String>> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+impl Injector for HeaderInjector<'_, HashMap<String, String>> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+fn valid(context: opentelemetry::Context) -> Option<Parent> {
+    context.span().span_context().is_valid().then_some(context)
+}
+
+/// The trace context in a request's metadata, if any (and if tracing is on).
+pub fn parent_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Parent> {
+    if !enabled() {
+        return None;
+    }
+    valid(TraceContextPropagator::new().extract(&MetadataExtractor(metadata)))
+}
+
+/// The trace context in a message's headers, if any (and if tracing is on).
+pub fn parent_from_headers(headers: &HashMap<String, String>) -> Option<Parent> {
+    if !enabled() || !headers.contains_key("traceparent") {
+        return None;
+    }
+    valid(TraceContextPropagator::new().extract(&HeaderExtractor(headers)))
+}
+
+fn stored_parent(headers: &BTreeMap<String, String>) -> Option<Parent> {
+    if !enabled() || !headers.contains_key("traceparent") {
+        return None;
+    }
+    valid(TraceContextPropagator::new().extract(&HeaderExtractor(headers)))
+}
+
+/// The span of one publish arriving at the broker.
+pub fn receive_span(parent: Option<&Parent>, channel: &str) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    let span = tracing::info_span!("switchboard.receive", otel.kind = "server", channel = %channel);
+    if let Some(parent) = parent {
+        let _ = span.set_parent(parent.clone());
+    }
+    span
+}
+
+/// A child of `parent` (commit, apply): ends when dropped.
+pub fn child_span(parent: &Span, name: &'static str) -> Span {
+    if !enabled() || parent.is_none() {
+        return Span::none();
+    }
+    match name {
+        "switchboard.commit" => tracing::info_span!(parent: parent, "switchboard.commit"),
+        _ => tracing::info_span!(parent: parent, "switchboard.apply"),
+    }
+}
+
+/// Writes `span`'s context into a message's headers (replacing the publisher's `traceparent`), so
+/// everything that later happens to the message joins the trace under it.
+pub fn stamp_message(span: &Span, headers: &mut BTreeMap<String, String>) {
+    if !enabled() || span.is_none() {
+        return;
+    }
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(headers));
+}
+
+/// Records that a stored message was applied (a span under its receive span).
+pub fn applied(headers: &BTreeMap<String, String>, offset: u64) {
+    if let Some(parent) = stored_parent(headers) {
+        let span = tracing::info_span!("switchboard.apply", offset);
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Records one delivery of a stored message and points the delivered copy's `traceparent` at it.
+pub fn delivered(
+    stored: &BTreeMap<String, String>,
+    outgoing: &mut HashMap<String, String>,
+    subscription: u64,
+    offset: u64,
+) {
+    let Some(parent) = stored_parent(stored) else {
+        return;
+    };
+    let span = tracing::info_span!(
+        "switchboard.deliver",
+        otel.kind = "producer",
+        subscription,
+        offset
+    );
+    let _ = span.set_parent(parent);
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(outgoing));
+}

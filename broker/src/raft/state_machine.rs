@@ -144,6 +144,11 @@ impl StateMachine {
         self.store.apply(batch).map_err(sm_write_err)?;
         self.meta = meta;
         if !messages.is_empty() {
+            if crate::observability::trace::enabled() {
+                for m in &messages {
+                    crate::observability::trace::applied(&m.message.headers, m.offset);
+                }
+            }
             self.hub.dispatch(&messages);
         }
         Ok(outcome)

@@ -43,6 +43,7 @@ use crate::edge::validate::Start;
 use crate::error::{BrokerError, Reason};
 use crate::hub::{Hub, MailboxItems};
 use crate::message::{now_us, StoredMessage};
+use crate::observability::{metrics, trace};
 use crate::shutdown::ShutdownSignal;
 use crate::store::{MessageStore, ReadRange};
 use registry::{Control, FlowPolicy, Pending, Registered};
@@ -130,10 +131,21 @@ struct Feeder<'a> {
     throttle: Option<Throttle>,
 }
 
-fn delivery(message: &StoredMessage, skipped: u64, redelivery: u32) -> pb::SubscribeEvent {
+fn delivery(
+    message: &StoredMessage,
+    skipped: u64,
+    redelivery: u32,
+    subscription: u64,
+) -> pb::SubscribeEvent {
     let mut m = convert::message(message);
     m.skipped = skipped;
     m.redelivery = redelivery;
+    trace::delivered(
+        &message.message.headers,
+        &mut m.headers,
+        subscription,
+        message.offset,
+    );
     pb::SubscribeEvent {
         event: Some(pb::subscribe_event::Event::Message(m)),
     }
@@ -187,7 +199,12 @@ impl Feeder<'_> {
                 );
             }
         }
-        self.send(delivery(message, skipped, 0)).await
+        metrics::delivery(policy_name(self.control.policy), message.publish_time_us);
+        if skipped > 0 {
+            metrics::conflated(skipped);
+        }
+        self.send(delivery(message, skipped, 0, self.control.id))
+            .await
     }
 
     /// Takes a message in offset order: sends it, or holds it for the throttle.
@@ -251,6 +268,7 @@ impl Feeder<'_> {
             .map(|b| b.key)
         {
             if self.next < first && first <= last + 1 {
+                metrics::gap("retention", 0);
                 let gap = gap(self.next, first - 1, 0, pb::gap::Reason::Retention);
                 self.send(gap).await?;
                 self.next = first;
@@ -260,6 +278,7 @@ impl Feeder<'_> {
         {
             let keep_from = last + 1 - self.spec.window;
             let count = self.count_matching(self.next, keep_from - 1)?;
+            metrics::gap("dropped", count);
             self.send(gap(
                 self.next,
                 keep_from - 1,
@@ -359,7 +378,9 @@ impl Feeder<'_> {
                         }
                         flight.unsaved_redeliveries += 1;
                     }
-                    self.send(delivery(&message, 0, deliveries)).await?;
+                    metrics::redelivery();
+                    self.send(delivery(&message, 0, deliveries, self.control.id))
+                        .await?;
                 }
                 // Gone (expired or removed): nothing left to redeliver.
                 _ => {
@@ -379,6 +400,14 @@ impl Feeder<'_> {
             self.send_message(&message, skipped).await?;
         }
         Ok(())
+    }
+}
+
+fn policy_name(policy: FlowPolicy) -> &'static str {
+    match policy {
+        FlowPolicy::Lossless => "lossless",
+        FlowPolicy::Conflate => "conflate",
+        FlowPolicy::DropOldest => "drop_oldest",
     }
 }
 
