@@ -20,6 +20,9 @@
 //!   [`Client::consumer`] and [`Client::delete_consumer`];
 //! - `history.rs`: [`HistoryQuery`], [`HistoryPage`], [`Client::history`] and
 //!   [`Client::history_all`];
+//! - `trace.rs`: W3C trace context: what every publish injects ([`current_context`]), and what
+//!   a delivery carries ([`trace_context`], [`delivery_span`]) so a subscriber joins the
+//!   publisher's trace;
 //! - `entity.rs`: shared entity state: [`EntityUpdate`], [`EntityDelete`], [`EntityRead`],
 //!   [`EntityWatch`] and [`EntityEvent`], [`EntityExt`], and [`Client::update_entity`],
 //!   [`Client::delete_entity`], [`Client::get_entity`], [`Client::watch_entities`];
@@ -52,6 +55,7 @@ mod flow;
 mod history;
 mod publish;
 mod subscription;
+mod trace;
 
 pub use client::{normalize_url, Client, ConnectOptions, DEFAULT_PORT};
 pub use entity::{EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate, EntityWatch};
@@ -60,6 +64,7 @@ pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
 pub use publish::{split_stream_ack, Publish, PublishAcks, Publisher};
 pub use subscription::{Backoff, Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
+pub use trace::{current_context, delivery_span, trace_context, TRACEPARENT, TRACESTATE};
 
 /// The generated messages of package `switchboard.v1` (re-exported from `switchboard_proto`).
 pub mod proto {

@@ -19,6 +19,7 @@ use tonic::codec::Streaming;
 
 use crate::client::Client;
 use crate::error::Error;
+use crate::trace;
 
 /// One message to publish, built step by step and turned into a [`PublishRequest`].
 ///
@@ -152,7 +153,8 @@ impl Publish {
     }
 
     /// Adds a header (a later value for the same name replaces an earlier one). W3C trace context
-    /// (`traceparent`, `tracestate`) travels here.
+    /// (`traceparent`, `tracestate`) travels here: a `traceparent` set explicitly is sent as is,
+    /// instead of the caller's current context (see [`Publish::trace_context`]).
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Publish {
         self.request.headers.insert(name.into(), value.into());
         self
@@ -169,6 +171,41 @@ impl Publish {
                 .into_iter()
                 .map(|(name, value)| (name.into(), value.into())),
         );
+        self
+    }
+
+    /// Puts this message in the trace of `context`: sets its `traceparent` (and `tracestate`, when
+    /// not empty) headers from `context`'s span context, replacing any set before, so the publish
+    /// sends them instead of the caller's current context. With a context that has no valid span
+    /// context, it removes them, and the publish injects the current context as usual.
+    ///
+    /// By default every publish carries the context current when it is made (see
+    /// [`current_context`](crate::current_context)); this is for a message published on behalf of
+    /// another trace, or for the messages of [`Client::publish_stream`], which otherwise all carry
+    /// the context of the call.
+    ///
+    /// ```
+    /// use opentelemetry::trace::{
+    ///     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    /// };
+    /// use opentelemetry::Context;
+    /// use switchboard_client::Publish;
+    ///
+    /// let context = Context::new().with_remote_span_context(SpanContext::new(
+    ///     TraceId::from(0x0af7651916cd43dd8448eb211c80319c),
+    ///     SpanId::from(0xb7ad6b7169203331),
+    ///     TraceFlags::SAMPLED,
+    ///     true,
+    ///     TraceState::default(),
+    /// ));
+    /// let message = Publish::new("crm.contact.updated", r#"{"id":42}"#).trace_context(&context);
+    /// assert_eq!(
+    ///     message.header_map()["traceparent"],
+    ///     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    /// );
+    /// ```
+    pub fn trace_context(mut self, context: &opentelemetry::Context) -> Publish {
+        trace::replace_headers(context, &mut self.request.headers);
         self
     }
 
@@ -315,12 +352,17 @@ impl Publisher {
     /// Queues one message, waiting while the queue is full. Its ack arrives on the
     /// [`PublishAcks`] stream, at the position of this message.
     ///
+    /// The message carries the trace context current when `send` is called, unless it has a
+    /// `traceparent` header of its own (see [`Publish::trace_context`]).
+    ///
     /// # Errors
     /// [`Error::Closed`] when the stream has ended (the broker or the connection closed it, or
     /// the [`PublishAcks`] were dropped); the acks stream says why.
     pub async fn send(&self, message: impl Into<PublishRequest>) -> Result<(), Error> {
+        let mut request = message.into();
+        trace::inject_headers(&trace::current_context(), &mut request.headers);
         self.queue
-            .send(message.into())
+            .send(request)
             .await
             .map_err(|_closed| Error::Closed)
     }
@@ -334,6 +376,10 @@ impl Publisher {
 impl Client {
     /// Publishes one message and waits for its ack, which the broker sends once the message is
     /// durable.
+    ///
+    /// The current trace context (see [`current_context`](crate::current_context)) goes with it,
+    /// in the request metadata and in the message's headers, unless the message has a
+    /// `traceparent` header of its own (see [`Publish::trace_context`]).
     ///
     /// A retry of a message already stored (same channel and idempotency key, within the broker's
     /// dedup window) is acknowledged with `duplicate` set and the original offset and publish
@@ -362,7 +408,12 @@ impl Client {
     /// # }
     /// ```
     pub async fn publish(&self, message: impl Into<PublishRequest>) -> Result<PublishAck, Error> {
-        let response = self.grpc().publish(message.into()).await?;
+        let context = trace::current_context();
+        let mut message = message.into();
+        trace::inject_headers(&context, &mut message.headers);
+        let mut request = tonic::Request::new(message);
+        trace::inject_metadata(&context, request.metadata_mut());
+        let response = self.grpc().publish(request).await?;
         Ok(response.into_inner())
     }
 
@@ -372,6 +423,10 @@ impl Client {
     /// The messages are sent as the broker takes them, while the acks are read, so `messages`
     /// must not wait on the acks. When the messages are produced as you go, [`Client::publisher`]
     /// is the simpler handle.
+    ///
+    /// The trace context current when this is called goes in the request metadata and in the
+    /// headers of every message that has no `traceparent` of its own; give a message its own with
+    /// [`Publish::trace_context`].
     ///
     /// # Errors
     /// [`Error::Status`] when the broker rejects the call as a whole; an `Err` item on the
@@ -402,8 +457,17 @@ impl Client {
         S: Stream + Send + 'static,
         S::Item: Into<PublishRequest>,
     {
-        let requests = messages.map(Into::into);
-        let response = self.grpc().publish_stream(requests).await?;
+        let context = trace::current_context();
+        let mut request = tonic::Request::new(messages.map({
+            let context = context.clone();
+            move |message| {
+                let mut message: PublishRequest = message.into();
+                trace::inject_headers(&context, &mut message.headers);
+                message
+            }
+        }));
+        trace::inject_metadata(&context, request.metadata_mut());
+        let response = self.grpc().publish_stream(request).await?;
         Ok(PublishAcks {
             state: AcksState::Streaming(Box::new(response.into_inner())),
         })
@@ -416,6 +480,9 @@ impl Client {
     /// The call starts at once in a task of its own, so messages flow even before the acks are
     /// polled; read the acks all the same, or the broker stops taking messages once its answers
     /// fill the connection's flow-control window. Dropping the acks cancels the stream.
+    ///
+    /// The request metadata carries the trace context current when this is called; each message
+    /// carries the one current when it is sent (see [`Publisher::send`]).
     ///
     /// # Panics
     /// When called outside a Tokio runtime (it spawns a task).
@@ -446,8 +513,9 @@ impl Client {
     pub fn publisher(&self, capacity: usize) -> (Publisher, PublishAcks) {
         let (queue, receiver) = mpsc::channel(capacity.max(1));
         let mut grpc = self.grpc();
-        let call =
-            tokio::spawn(async move { grpc.publish_stream(ReceiverStream::new(receiver)).await });
+        let mut request = tonic::Request::new(ReceiverStream::new(receiver));
+        trace::inject_metadata(&trace::current_context(), request.metadata_mut());
+        let call = tokio::spawn(async move { grpc.publish_stream(request).await });
         (
             Publisher { queue },
             PublishAcks {

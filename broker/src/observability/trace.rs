@@ -175,3 +175,91 @@ pub fn delivered(
     let _ = span.set_parent(parent);
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(outgoing));
 }
+
+/// The running OTLP exporter; [`Export::shutdown`] flushes what is left.
+pub struct Export {
+    provider: opentelemetry_sdk::trace::SdkTracerProvider,
+}
+
+impl Export {
+    /// Flushes pending spans and stops the exporter.
+    pub fn shutdown(&self) {
+        let _ = self.provider.force_flush();
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Where to export spans, when anywhere.
+#[derive(Debug, Clone)]
+pub struct OtlpSettings {
+    /// The collector's gRPC endpoint, for example `http://127.0.0.1:4317`.
+    pub endpoint: String,
+    /// `service.name` of the spans.
+    pub service_name: String,
+}
+
+/// Installs the process's `tracing` subscriber: logs (text or JSON) filtered by `filter`, plus, when
+/// `otlp` is given, an OpenTelemetry layer exporting spans over OTLP/gRPC. Must run inside the
+/// Tokio runtime (the exporter's gRPC client needs it).
+///
+/// # Errors
+/// The exporter cannot be built (a malformed endpoint).
+pub fn install_subscriber(
+    filter: tracing_subscriber::EnvFilter,
+    json: bool,
+    otlp: Option<&OtlpSettings>,
+) -> Result<Option<Export>, opentelemetry_otlp::ExporterBuildError> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let text = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+    });
+    let json_layer = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
+    let (otel, export) = match otlp {
+        Some(settings) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(settings.endpoint.clone())
+                .build()?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(settings.service_name.clone())
+                        .build(),
+                )
+                .build();
+            let tracer = provider.tracer("switchboard");
+            opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+            enable();
+            (
+                Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                Some(Export { provider }),
+            )
+        }
+        None => (None, None),
+    };
+    // Only the broker's own spans go to the exporter; logs keep the configured filter.
+    let otel = otel.map(|layer| {
+        tracing_subscriber::Layer::with_filter(
+            layer,
+            tracing_subscriber::filter::filter_fn(|meta| meta.name().starts_with("switchboard.")),
+        )
+    });
+    tracing_subscriber::registry()
+        .with(otel)
+        .with(text.map(|l| tracing_subscriber::Layer::with_filter(l, filter.clone())))
+        .with(json_layer.map(|l| tracing_subscriber::Layer::with_filter(l, filter)))
+        .init();
+    Ok(export)
+}
