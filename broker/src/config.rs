@@ -29,6 +29,7 @@ const ENV_NOT_SETTINGS: &[&str] = &["SWITCHBOARD_URL", "SWITCHBOARD_CONFIG"];
 #[allow(missing_docs)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub admin_listen: AdminListen,
     pub data_dir: PathBuf,
     pub node_id: u64,
     pub durability: Durability,
@@ -41,7 +42,57 @@ pub struct Config {
     pub loops: Loops,
     pub entities: Entities,
     pub publish_stream: PublishStream,
+    pub tracing: Tracing,
     pub log: Log,
+}
+
+/// Where the HTTP admin listener (`/metrics`, `/healthz`) binds, or `off`. Written in TOML, the
+/// environment and flags as an address (`"127.0.0.1:7401"`, port 0 for any free port) or `"off"`
+/// (an empty string means off too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+impl AdminListen {
+    /// The address to bind, or `None` when the admin listener is off.
+    pub fn addr(self) -> Option<SocketAddr> {
+        self.0
+    }
+}
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("off") {
+            return Ok(AdminListen(None));
+        }
+        s.parse().map(|addr| AdminListen(Some(addr))).map_err(|_| {
+            format!("admin_listen must be an address like \"127.0.0.1:7401\" or \"off\", got {s:?}")
+        })
+    }
+}
+
+impl std::fmt::Display for AdminListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+impl Serialize for AdminListen {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminListen {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// When an acknowledgement may be sent.
@@ -152,6 +203,37 @@ pub struct Entities {
 #[allow(missing_docs)]
 pub struct PublishStream {
     pub max_unacked: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Tracing {
+    pub otlp_endpoint: String,
+    pub service_name: String,
+}
+
+impl Tracing {
+    /// Where to export spans: `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_SERVICE_NAME` from `env` when
+    /// set, else these settings; `None` when no endpoint is given (export off).
+    pub fn otlp(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Option<crate::observability::trace::OtlpSettings> {
+        let endpoint = env("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .filter(|e| !e.trim().is_empty())
+            .unwrap_or_else(|| self.otlp_endpoint.clone());
+        if endpoint.trim().is_empty() {
+            return None;
+        }
+        let service_name = env("OTEL_SERVICE_NAME")
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| self.service_name.clone());
+        Some(crate::observability::trace::OtlpSettings {
+            endpoint,
+            service_name,
+        })
+    }
 }
 
 /// Log output format.
@@ -308,6 +390,17 @@ impl Config {
                 "node_id",
                 "must be at least 1 (0 means \"no node\" in raft)",
             );
+        }
+        if let Some(admin) = self.admin_listen.addr() {
+            if admin == self.listen && admin.port() != 0 {
+                return invalid(
+                    "admin_listen",
+                    format!(
+                        "must differ from listen ({}); use another port or \"off\"",
+                        self.listen
+                    ),
+                );
+            }
         }
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty");
@@ -543,6 +636,7 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:7400");
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert_eq!(config.durability.fsync, FsyncPolicy::Always);
+        assert_eq!(config.admin_listen.to_string(), "127.0.0.1:7401");
         let printed = config.to_toml().unwrap();
         let reparsed: Config = toml::from_str(&printed).unwrap();
         assert_eq!(reparsed, config);
@@ -590,6 +684,50 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.limits.max_payload_bytes, 1000);
+    }
+
+    #[test]
+    fn admin_listen_takes_an_address_or_off_from_every_layer() {
+        let (config, _) = Config::load(
+            None,
+            env(&[("SWITCHBOARD_ADMIN_LISTEN", "127.0.0.1:0")]),
+            &vec![],
+        )
+        .unwrap();
+        assert_eq!(
+            config.admin_listen.addr(),
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        for off in ["off", "OFF", ""] {
+            let (config, _) =
+                Config::load(None, vec![], &vec![("admin_listen", off.to_string())]).unwrap();
+            assert_eq!(config.admin_listen.addr(), None, "{off:?}");
+            let printed = config.to_toml().unwrap();
+            assert!(printed.contains("admin_listen = \"off\""), "{printed}");
+            let reparsed: Config = toml::from_str(&printed).unwrap();
+            assert_eq!(reparsed, config);
+        }
+        let err = Config::load(
+            None,
+            env(&[("SWITCHBOARD_ADMIN_LISTEN", "localhost")]),
+            &vec![],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("SWITCHBOARD_ADMIN_LISTEN"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("localhost"), "{err}");
+        let err = Config::load(
+            None,
+            vec![],
+            &vec![
+                ("listen", "127.0.0.1:7500".to_string()),
+                ("admin_listen", "127.0.0.1:7500".to_string()),
+            ],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("admin_listen"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchboard_broker::config::{self, Config, FlagOverrides, LogFormat};
+use switchboard_broker::observability::trace;
 use switchboard_broker::server::Broker;
 use switchboard_broker::shutdown;
 
@@ -20,6 +21,10 @@ struct Args {
     /// Address of the gRPC listener, e.g. 0.0.0.0:7400 (port 0 picks a free port) [env: SWITCHBOARD_LISTEN]
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+
+    /// Address of the HTTP admin listener (/metrics, /healthz), e.g. 127.0.0.1:7401 (default; port 0 picks a free port), or `off` [env: SWITCHBOARD_ADMIN_LISTEN]
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
 
     /// Folder for the log and the message store; created if missing [env: SWITCHBOARD_DATA_DIR]
     #[arg(long, value_name = "DIR")]
@@ -64,8 +69,10 @@ Examples:
   switchboard --listen 127.0.0.1:0 --data-dir /tmp/sb   # any free port; the address is printed
   SWITCHBOARD_RETENTION_MAX_AGE=1d switchboard  # keep messages one day at most
   switchboard --config switchboard.toml --print-config  # check what a file changes
+  switchboard --admin-listen off                # no HTTP admin listener (/metrics, /healthz)
 
-On start the broker prints one line to stdout, `listening on ADDR`, once it accepts requests.
+On start the broker prints `listening on ADDR` to stdout once it accepts requests, then
+`admin listening on ADDR` when the admin listener is on (curl http://ADDR/metrics).
 Logs go to stderr. SIGTERM or Ctrl-C stops it gracefully: streams end, in-flight publishes are
 acknowledged, the stores are synced, and it exits 0.
 
@@ -76,6 +83,9 @@ impl Args {
         let mut flags: FlagOverrides = Vec::new();
         if let Some(v) = &self.listen {
             flags.push(("listen", v.clone()));
+        }
+        if let Some(v) = &self.admin_listen {
+            flags.push(("admin_listen", v.clone()));
         }
         if let Some(v) = &self.data_dir {
             flags.push(("data_dir", v.display().to_string()));
@@ -99,19 +109,20 @@ impl Args {
     }
 }
 
-fn init_logging(config: &Config) {
+/// Installs logging, and trace export when configured. Runs inside the runtime: the OTLP
+/// exporter's gRPC client needs it.
+fn init_observability(config: &Config) -> anyhow::Result<Option<trace::Export>> {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let otlp = config.tracing.otlp(|name| std::env::var(name).ok());
+    let export =
+        trace::install_subscriber(filter, config.log.format == LogFormat::Json, otlp.as_ref())?;
+    if let Some(otlp) = &otlp {
+        tracing::info!(endpoint = %otlp.endpoint, service = %otlp.service_name, "exporting traces over OTLP");
     }
+    Ok(export)
 }
 
 fn main() -> ExitCode {
@@ -140,10 +151,6 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging(&config);
-    for name in unknown_env {
-        tracing::warn!(variable = %name, "ignoring an environment variable that matches no setting (see --print-defaults)");
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -154,7 +161,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let export = match runtime.block_on(async { init_observability(&config) }) {
+        Ok(export) => export,
+        Err(e) => {
+            eprintln!("error: cannot set up tracing: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    for name in unknown_env {
+        tracing::warn!(variable = %name, "ignoring an environment variable that matches no setting (see --print-defaults)");
+    }
+    let result = runtime.block_on(run(config));
+    if let Some(export) = export {
+        runtime.block_on(async {
+            tokio::task::spawn_blocking(move || export.shutdown())
+                .await
+                .ok()
+        });
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -171,16 +196,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
             "listening beyond loopback with no authentication: anyone who can reach this address can publish and read"
         );
     }
+    if let Some(admin) = config.admin_listen.addr() {
+        if !admin.ip().is_loopback() {
+            tracing::warn!(
+                admin_listen = %admin,
+                "admin listener beyond loopback with no authentication: anyone who can reach it can read metrics (subscription patterns included)"
+            );
+        }
+    }
     tracing::info!(
         listen = %config.listen,
+        admin_listen = %config.admin_listen,
         data_dir = %config.data_dir.display(),
         fsync = ?config.durability.fsync,
         "starting"
     );
     let broker = Broker::start(config).await?;
-    // The one line on stdout: scripts and tests read the bound address here.
+    // The lines on stdout: scripts and tests read the bound addresses here.
     println!("listening on {}", broker.local_addr);
-    tracing::info!(addr = %broker.local_addr, "accepting requests");
+    if let Some(admin) = broker.admin_addr {
+        println!("admin listening on {admin}");
+    }
+    let admin = broker
+        .admin_addr
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(addr = %broker.local_addr, %admin, "accepting requests");
     let signal = shutdown::os_signal();
     tokio::pin!(signal);
     let stop = async {

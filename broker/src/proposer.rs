@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::config;
 use crate::error::BrokerError;
 use crate::message::{now_us, Command, CommandOutcome, Item, ItemOutcome, Rules};
+use crate::observability::metrics;
 use crate::raft::Raft;
 
 /// The answer to one proposal, once committed and applied: one outcome per item.
@@ -176,11 +177,13 @@ async fn run(
             items.extend(next.items);
         }
 
+        let item_count = items.len();
         let command = Command::Batch {
             stamped_at_us: now_us(),
             rules,
             items,
         };
+        let proposed_at = std::time::Instant::now();
         let response = match raft.client_write_ff(command).await {
             Ok(response) => response,
             Err(e) => {
@@ -194,7 +197,10 @@ async fn run(
         tokio::spawn(async move {
             let result = match response.await {
                 Ok(Ok(written)) => match written.data {
-                    CommandOutcome::Batch(outcomes) => Ok(outcomes),
+                    CommandOutcome::Batch(outcomes) => {
+                        metrics::commit(item_count, proposed_at.elapsed().as_secs_f64());
+                        Ok(outcomes)
+                    }
                     other => Err(BrokerError::Consensus(format!(
                         "a batch was applied as {other:?}"
                     ))),

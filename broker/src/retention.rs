@@ -11,7 +11,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::Retention;
-use crate::message::{now_us, Command, Rules};
+use crate::message::{now_us, Command, CommandOutcome, Rules};
+use crate::observability::metrics;
 use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
@@ -74,7 +75,12 @@ pub async fn run(
             dedup_window_us: rules.dedup_window_us,
         };
         match raft.client_write(command).await {
-            Ok(response) => tracing::debug!(outcome = ?response.data, "swept"),
+            Ok(response) => {
+                if let CommandOutcome::Swept { removed } = response.data {
+                    metrics::sweep(removed);
+                }
+                tracing::debug!(outcome = ?response.data, "swept");
+            }
             Err(e) => tracing::warn!(error = %e, "sweep not committed; retrying next interval"),
         }
     }

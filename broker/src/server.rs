@@ -1,5 +1,5 @@
-//! Wiring: opens the stores, starts raft, the proposer, the sweeper and the gRPC listener, and
-//! stops them in order on shutdown.
+//! Wiring: opens the stores, starts raft, the proposer, the sweeper, the gRPC listener (with
+//! health and reflection) and the admin listener, and stops them in order on shutdown.
 //!
 //! Shutdown order: stop accepting and end streams (the edge sees the signal), let in-flight
 //! publishes finish, stop raft (which stops the log flusher after a last sync), sync the state.
@@ -9,14 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use openraft::BasicNode;
 use switchboard_proto::v1::broker_server::BrokerServer;
 use switchboard_proto::v1::entities_server::EntitiesServer;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic::transport::server::{Router, TcpIncoming};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::edge::entities::EntitiesService;
 use crate::edge::BrokerService;
+use crate::observability::{admin, metrics};
 use crate::proposer::Proposer;
 use crate::shutdown::{self, ShutdownSignal, ShutdownTrigger};
 use crate::{raft, retention};
@@ -28,12 +34,25 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Room above the payload limit for the rest of a publish request (headers, ids, channel).
 const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
 
+/// How often histogram samples are folded into their buckets between scrapes (bounds memory).
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// The services whose gRPC health is reported; "" is the whole server.
+const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    <BrokerServer<BrokerService> as NamedService>::NAME,
+    <EntitiesServer<EntitiesService> as NamedService>::NAME,
+];
+
 /// A started broker.
 pub struct Broker {
     /// The address the gRPC listener is bound to (useful with port 0).
     pub local_addr: SocketAddr,
+    /// The address the admin listener (`/metrics`, `/healthz`) is bound to, if it is on.
+    pub admin_addr: Option<SocketAddr>,
     trigger: ShutdownTrigger,
     serving: tokio::task::JoinHandle<anyhow::Result<()>>,
+    admin: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Broker {
@@ -43,6 +62,9 @@ impl Broker {
     /// The data directory cannot be opened, raft cannot start, or the address cannot be bound.
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
         let config = Arc::new(config);
+        if let Some(handle) = metrics::install() {
+            spawn_metrics_upkeep(handle);
+        }
         let (trigger, signal) = shutdown::channel();
         let consensus = raft::start(&config).await?;
 
@@ -71,17 +93,78 @@ impl Broker {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
+        let admin_listener = match config.admin_listen.addr() {
+            Some(addr) => Some(admin::bind(addr).await?),
+            None => None,
+        };
+
+        let (admin_addr, admin) = match admin_listener {
+            Some(admin_listener) => {
+                let addr = admin_listener.local_addr()?;
+                let sources = Arc::new(admin::Sources {
+                    node_id: config.node_id,
+                    raft: consensus.raft.clone(),
+                    progress: consensus.progress.clone(),
+                    registry: service.registry(),
+                    data_dir: config.data_dir.clone(),
+                });
+                let task = tokio::spawn(admin::serve(admin_listener, sources, signal.clone()));
+                (Some(addr), Some(task))
+            }
+            None => (None, None),
+        };
+
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let raft_metrics = consensus.raft.metrics();
+        let serving_now = raft_metrics.borrow().current_leader.is_some();
+        set_health(&reporter, serving_now).await;
+        tokio::spawn(report_health(
+            reporter,
+            raft_metrics,
+            signal.clone(),
+            serving_now,
+        ));
+        // Each version's builder adds its own descriptors; the other's are added so both list
+        // every service served here.
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .build_v1()
+            .context("cannot build the reflection service")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("cannot build the reflection service")?;
+
         let max_message = config.limits.max_payload_bytes
             + config.limits.max_header_bytes
             + REQUEST_OVERHEAD_BYTES;
         let entities =
             EntitiesServer::new(service.entities()).max_decoding_message_size(max_message);
         let grpc = BrokerServer::new(service).max_decoding_message_size(max_message);
-        let serving = tokio::spawn(serve(grpc, entities, listener, signal, consensus));
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // hyper allows 200 concurrent streams per connection unless told; tonic's default
+            // removes the limit, which would let one connection open unbounded subscriptions.
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .add_service(grpc)
+            .add_service(entities)
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let serving = tokio::spawn(serve(router, listener, signal, consensus));
         Ok(Broker {
             local_addr,
+            admin_addr,
             trigger,
             serving,
+            admin,
         })
     }
 
@@ -95,13 +178,73 @@ impl Broker {
     /// # Errors
     /// Serving failed, or the stores could not be synced on the way out.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.serving.await.context("broker task panicked")?
+        let served = self.serving.await.context("broker task panicked")?;
+        if let Some(admin) = self.admin {
+            // It stops on the same signal; an in-flight scrape is answered first.
+            if admin.await.is_err() {
+                tracing::warn!("the admin listener task panicked");
+            }
+        }
+        served
     }
 }
 
+/// Folds histogram samples into buckets every [`METRICS_UPKEEP`], as the exporter asks of a
+/// recorder installed without its own HTTP listener. One task per process.
+fn spawn_metrics_upkeep(handle: &'static metrics_exporter_prometheus::PrometheusHandle) {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(METRICS_UPKEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    });
+}
+
+async fn set_health(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for service in HEALTH_SERVICES {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
+/// Keeps gRPC health in step with raft: SERVING while this node knows a leader, NOT_SERVING while
+/// it does not, and NOT_SERVING from the moment shutdown begins (so balancers drain it).
+async fn report_health(
+    reporter: HealthReporter,
+    mut raft: watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+    mut shutdown: ShutdownSignal,
+    mut serving: bool,
+) {
+    loop {
+        tokio::select! {
+            changed = raft.changed() => if changed.is_err() { break },
+            _ = shutdown.wait() => break,
+        }
+        let now = raft.borrow_and_update().current_leader.is_some();
+        if now != serving {
+            serving = now;
+            if serving {
+                tracing::info!("a leader is known again: health SERVING");
+            } else {
+                tracing::warn!("no leader known: health NOT_SERVING");
+            }
+            set_health(&reporter, serving).await;
+        }
+    }
+    set_health(&reporter, false).await;
+}
+
 async fn serve(
-    grpc: BrokerServer<BrokerService>,
-    entities: EntitiesServer<EntitiesService>,
+    router: Router,
     listener: TcpListener,
     signal: ShutdownSignal,
     consensus: raft::Consensus,
@@ -109,15 +252,8 @@ async fn serve(
     let mut stopping = signal.clone();
     // Nagle's algorithm would hold small acks back for the peer's delayed ACK (~40 ms each).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        // hyper allows 200 concurrent streams per connection unless told; tonic's default removes
-        // the limit, which would let one connection open unbounded subscriptions.
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .add_service(grpc)
-        .add_service(entities)
-        .serve_with_incoming_shutdown(incoming, async move { stopping.wait().await });
+    let server =
+        router.serve_with_incoming_shutdown(incoming, async move { stopping.wait().await });
     let mut drain_started = signal.clone();
     let drained = async {
         drain_started.wait().await;

@@ -1,9 +1,10 @@
 //! Harness for end-to-end tests: real `switchboard` processes, started on port 0 in their own data
 //! folders, killed when their handle is dropped.
 //!
-//! The broker prints `listening on ADDR` on stdout once it accepts requests; [`BrokerProcess::start`]
-//! waits for that line (with a deadline) instead of sleeping. Waiting for anything else is
-//! [`eventually`]: poll a condition until a deadline.
+//! The broker prints `listening on ADDR` on stdout once it accepts requests, then
+//! `admin listening on ADDR` for its admin listener; [`BrokerProcess::start`] waits for those lines
+//! (with a deadline) instead of sleeping. Waiting for anything else is [`eventually`]: poll a
+//! condition until a deadline. [`http_get`] reads the admin endpoints.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -43,6 +44,8 @@ pub struct BrokerProcess {
     child: Option<Child>,
     /// The bound gRPC address.
     pub addr: SocketAddr,
+    /// The bound admin (HTTP) address; `None` when started with `--admin-listen off`.
+    pub admin_addr: Option<SocketAddr>,
     /// Its data folder.
     pub data_dir: PathBuf,
     log_path: PathBuf,
@@ -50,8 +53,19 @@ pub struct BrokerProcess {
 
 impl BrokerProcess {
     /// Starts a broker on `listen` (use `127.0.0.1:0` for any port) with data in `data_dir`, plus
-    /// `extra` arguments; waits until it accepts requests.
+    /// `extra` arguments; waits until it accepts requests. Its admin listener is on any free
+    /// loopback port unless `extra` has its own `--admin-listen`.
     pub fn start_on(data_dir: &Path, listen: &str, extra: &[&str]) -> Result<BrokerProcess> {
+        Self::start_with_env(data_dir, listen, extra, &[])
+    }
+
+    /// [`BrokerProcess::start_on`] with extra environment variables for the broker process.
+    pub fn start_with_env(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<BrokerProcess> {
         let binary = broker_binary();
         if !binary.exists() {
             bail!(
@@ -65,13 +79,21 @@ impl BrokerProcess {
             .create(true)
             .append(true)
             .open(&log_path)?;
+        let admin_flag = admin_listen_flag(extra);
+        let expect_admin = !matches!(admin_flag, Some(value) if is_off(value));
+        let default_admin: &[&str] = match admin_flag {
+            Some(_) => &[],
+            None => &["--admin-listen", "127.0.0.1:0"],
+        };
         let mut child = Command::new(&binary)
             .arg("--listen")
             .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
+            .args(default_admin)
             .args(extra)
             .env("SWITCHBOARD_LOG_LEVEL", "info,openraft=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -83,22 +105,42 @@ impl BrokerProcess {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(addr) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(addr.trim().to_owned());
+                    let _ = tx.send((false, addr.trim().to_owned()));
+                } else if let Some(addr) = line.strip_prefix("admin listening on ") {
+                    let _ = tx.send((true, addr.trim().to_owned()));
                 }
             }
         });
-        let addr = match rx.recv_timeout(START_DEADLINE) {
-            Ok(addr) => addr.parse().context("bad address line")?,
-            Err(_) => {
+        let deadline = Instant::now() + START_DEADLINE;
+        let mut addr = None;
+        let mut admin_addr = None;
+        while addr.is_none() || (expect_admin && admin_addr.is_none()) {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let (is_admin, line) = match rx.recv_timeout(wait) {
+                Ok(received) => received,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    bail!("broker did not start within {START_DEADLINE:?}; its log:\n{log}");
+                }
+            };
+            let Ok(parsed) = line.parse::<SocketAddr>() else {
                 let _ = child.kill();
                 let _ = child.wait();
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                bail!("broker did not start within {START_DEADLINE:?}; its log:\n{log}");
+                bail!("bad address line from the broker: {line:?}");
+            };
+            if is_admin {
+                admin_addr = Some(parsed);
+            } else {
+                addr = Some(parsed);
             }
-        };
+        }
+        let addr = addr.context("no address line")?;
         Ok(BrokerProcess {
             child: Some(child),
             addr,
+            admin_addr,
             data_dir: data_dir.to_owned(),
             log_path,
         })
@@ -120,6 +162,17 @@ impl BrokerProcess {
     /// The URL clients use.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The admin listener's base URL, e.g. `http://127.0.0.1:40123`.
+    ///
+    /// # Panics
+    /// If the broker was started with `--admin-listen off`.
+    pub fn admin_url(&self) -> String {
+        let addr = self
+            .admin_addr
+            .expect("this broker was started without an admin listener");
+        format!("http://{addr}")
     }
 
     /// The broker's log so far (stderr), for failure messages.
@@ -156,6 +209,120 @@ impl BrokerProcess {
     }
 }
 
+/// The value given to `--admin-listen` in `args` (`--admin-listen V` or `--admin-listen=V`).
+fn admin_listen_flag<'a>(args: &[&'a str]) -> Option<&'a str> {
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if *arg == "--admin-listen" {
+            return Some(args.next().copied().unwrap_or(""));
+        }
+        if let Some(value) = arg.strip_prefix("--admin-listen=") {
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn is_off(value: &str) -> bool {
+    let value = value.trim();
+    value.is_empty() || value.eq_ignore_ascii_case("off")
+}
+
+/// A response from [`http_get`].
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// The headers, names in lower case, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body, as text.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header called `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET url` over HTTP/1.1 (plain `http://host:port/path` only), reading the whole response: enough
+/// for the admin listener, without an HTTP client dependency.
+pub async fn http_get(url: &str) -> Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("only http:// URLs: {url}"))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(host).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        anyhow::Ok(raw)
+    };
+    let raw = tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .map_err(|_| anyhow!("GET {url}: no response within {DEADLINE:?}"))??;
+    let text = String::from_utf8(raw).context("response is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("GET {url}: no end of headers in {text:?}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("GET {url}: bad status line {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let body = if headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
+    {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Decodes a chunked body.
+fn dechunk(mut body: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body
+            .split_once("\r\n")
+            .ok_or_else(|| anyhow!("truncated chunked body"))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .context("bad chunk size")?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = rest.get(..size).ok_or_else(|| anyhow!("truncated chunk"))?;
+        out.push_str(chunk);
+        body = rest
+            .get(size..)
+            .and_then(|r| r.strip_prefix("\r\n"))
+            .ok_or_else(|| anyhow!("chunk not followed by CRLF"))?;
+    }
+}
+
 #[allow(unsafe_code)]
 fn unsafe_kill(pid: i32, signal: i32) -> i32 {
     // SAFETY: kill(2) takes plain integers and has no memory effects in this process.
@@ -185,3 +352,5 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+pub mod otlp;

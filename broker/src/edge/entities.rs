@@ -118,7 +118,11 @@ fn fields(bytes: &[u8], max: usize) -> Result<BTreeMap<String, String>, BrokerEr
 }
 
 impl EntitiesService {
-    async fn write(&self, write: EntityWrite) -> Result<Response<pb::EntityResponse>, Status> {
+    async fn write(
+        &self,
+        write: EntityWrite,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Response<pb::EntityResponse>, Status> {
         let (entity_type, id) = (write.entity_type.clone(), write.id.clone());
         match self.edge.proposer.propose(Item::Entity(write)).await? {
             ItemOutcome::Entity(state) => Ok(Response::new(pb::EntityResponse {
@@ -127,7 +131,7 @@ impl EntitiesService {
             ItemOutcome::Refused(refusal) => {
                 let error = BrokerError::from(refusal);
                 metrics::entity_refused(error.reason());
-                audit::refused(None, &format!("{entity_type}.{id}"), &error);
+                audit::refused(peer, &format!("{entity_type}.{id}"), &error);
                 Err(error.into())
             }
             other => Err(BrokerError::Consensus(format!(
@@ -144,17 +148,21 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::UpdateEntityRequest>,
     ) -> Result<Response<pb::EntityResponse>, Status> {
+        let peer = request.remote_addr();
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
         let values = fields(&request.fields, self.edge.config.limits.max_payload_bytes)?;
         let stamp = stamp(request.stamp)?;
-        self.write(EntityWrite {
-            entity_type,
-            id,
-            change: Change::Update(values),
-            stamp,
-            expected_version: request.expected_version,
-        })
+        self.write(
+            EntityWrite {
+                entity_type,
+                id,
+                change: Change::Update(values),
+                stamp,
+                expected_version: request.expected_version,
+            },
+            peer,
+        )
         .await
     }
 
@@ -162,16 +170,20 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::DeleteEntityRequest>,
     ) -> Result<Response<pb::EntityResponse>, Status> {
+        let peer = request.remote_addr();
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
         let stamp = stamp(request.stamp)?;
-        self.write(EntityWrite {
-            entity_type,
-            id,
-            change: Change::Delete,
-            stamp,
-            expected_version: request.expected_version,
-        })
+        self.write(
+            EntityWrite {
+                entity_type,
+                id,
+                change: Change::Delete,
+                stamp,
+                expected_version: request.expected_version,
+            },
+            peer,
+        )
         .await
     }
 

@@ -1,1 +1,251 @@
-//! HTTP admin listener (filled in by the observability work).
+//! The HTTP admin listener (`admin_listen`, default `127.0.0.1:7401`, `off` to disable):
+//! - `GET /metrics`: Prometheus text format 0.0.4 — the recorded event metrics and the broker's
+//!   state read at scrape time (see [`super::metrics`]);
+//! - `GET /healthz`: `200 ok` while this node knows a raft leader, `503` otherwise.
+//!
+//! Anything else is 404 (405 for another method). It is plain HTTP/1.1 on hyper, the server tonic
+//! already uses; it stops accepting when shutdown begins and closes its connections gracefully.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use openraft::BasicNode;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use super::metrics::{self, Scrape, SubscriptionScrape};
+use crate::raft::state_machine::AppliedProgress;
+use crate::raft::Raft;
+use crate::shutdown::ShutdownSignal;
+use crate::subscription::registry::Registry;
+
+/// The content type of the Prometheus text exposition format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Admin connections served at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the admin endpoints read: the broker's parts, shared with the gRPC service.
+pub struct Sources {
+    /// This node's raft id.
+    pub node_id: u64,
+    /// The raft handle, for its metrics.
+    pub raft: Raft,
+    /// Applied offsets and sizes.
+    pub progress: watch::Receiver<AppliedProgress>,
+    /// The live subscriptions of this node.
+    pub registry: Registry,
+    /// The data folder, measured for `switchboard_disk_bytes`.
+    pub data_dir: PathBuf,
+}
+
+impl Sources {
+    /// Whether this node knows a leader (what `/healthz` and gRPC health report).
+    pub fn has_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader.is_some()
+    }
+
+    /// Reads the broker's state for a scrape.
+    pub async fn scrape(&self) -> Scrape {
+        let progress = *self.progress.borrow();
+        let (term, leader, committed) = {
+            let raft = self.raft.metrics();
+            let raft = raft.borrow();
+            (
+                raft.current_term,
+                raft.current_leader,
+                committed_index(&raft, progress.applied_index),
+            )
+        };
+        let subscriptions = self
+            .registry
+            .list()
+            .iter()
+            .map(|control| {
+                let stats = control.mailbox_stats();
+                SubscriptionScrape {
+                    id: control.id,
+                    pattern: control.pattern.clone(),
+                    next_offset: control.flight().next_offset,
+                    queue_messages: stats.messages,
+                    queue_bytes: stats.bytes,
+                }
+            })
+            .collect();
+        let data_dir = self.data_dir.clone();
+        let disk_bytes = tokio::task::spawn_blocking(move || dir_size(&data_dir))
+            .await
+            .unwrap_or(0);
+        Scrape {
+            node_id: self.node_id,
+            last_offset: progress.last_offset,
+            stored_bytes: progress.stored_bytes,
+            disk_bytes,
+            loops_detected: progress.loops_detected,
+            raft_term: term,
+            raft_leader: leader,
+            raft_committed_index: committed,
+            raft_applied_index: progress.applied_index,
+            subscriptions,
+        }
+    }
+}
+
+/// The highest index a majority of voters has on disk, as the leader sees it; on a follower (no
+/// replication view) the applied index, which never exceeds the committed one.
+fn committed_index(raft: &openraft::RaftMetrics<u64, BasicNode>, applied: u64) -> u64 {
+    let Some(replication) = &raft.replication else {
+        return applied;
+    };
+    let mut matched: Vec<u64> = raft
+        .membership_config
+        .membership()
+        .voter_ids()
+        .map(|id| {
+            replication
+                .get(&id)
+                .and_then(|log_id| log_id.as_ref())
+                .map_or(0, |log_id| log_id.index)
+        })
+        .collect();
+    if matched.is_empty() {
+        return applied;
+    }
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    // With n voters, the (n/2 + 1)-th highest is on a majority.
+    matched[matched.len() / 2].max(applied)
+}
+
+/// Total size of the files under `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Binds the admin listener.
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (admin_listen; \"off\" disables it)"))
+}
+
+/// Serves the admin endpoints on `listener` until shutdown begins, then closes connections
+/// gracefully (an in-flight scrape is answered).
+pub async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown: ShutdownSignal) {
+    let mut stopping = shutdown.clone();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+            _ = stopping.wait() => break,
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(%peer, "admin listener busy; closing a connection");
+            continue;
+        };
+        let sources = Arc::clone(&sources);
+        let mut stop = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let service = service_fn(move |request| {
+                let sources = Arc::clone(&sources);
+                async move { Ok::<_, Infallible>(respond(&sources, request).await) }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop.wait() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+        // Reap finished connection tasks so the set does not grow.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+async fn respond(sources: &Sources, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if path != "/metrics" && path != "/healthz" {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: this listener serves /metrics and /healthz\n",
+        );
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    if path == "/healthz" {
+        return if sources.has_leader() {
+            text(StatusCode::OK, "ok\n")
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no leader: this node cannot accept writes\n",
+            )
+        };
+    }
+    let body = metrics::render(&sources.scrape().await);
+    let mut response = text(StatusCode::OK, body);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+    response
+}

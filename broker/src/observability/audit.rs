@@ -1,11 +1,236 @@
 //! The audit log of refusals: one line per refused request (who, what, code, reason), rate-limited
 //! so a flood of bad input cannot flood the log.
+//!
+//! Lines are `tracing` events at WARN with target `audit`, so they follow the log format (text or
+//! JSON) and can be filtered on their own (`--log-level info,audit=off` silences them). At most
+//! [`LINES_PER_SECOND`] lines are written per second, over all clients; the rest are counted, and
+//! the count is logged ("N audit lines suppressed") with the first line of a later second, and
+//! exported as `switchboard_audit_lines_suppressed_total`.
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tonic::Code;
 
 use crate::error::BrokerError;
 
+/// Audit lines written per second at most, over all clients.
+pub const LINES_PER_SECOND: u32 = 20;
+/// Longest subject written, in bytes; longer ones are cut (at a character boundary) and end in `…`.
+pub const MAX_SUBJECT_BYTES: usize = 100;
+
+const WINDOW: Duration = Duration::from_secs(1);
+
+static LIMITER: Mutex<Limiter> = Mutex::new(Limiter::new(LINES_PER_SECOND));
+
 /// Logs that a request from `peer` about `subject` (a channel, an entity, a consumer) was refused.
 pub fn refused(peer: Option<SocketAddr>, subject: &str, error: &BrokerError) {
-    let _ = (peer, subject, error);
+    let admitted = LIMITER
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(Instant::now());
+    if admitted.suppressed > 0 {
+        tracing::warn!(
+            target: "audit",
+            suppressed = admitted.suppressed,
+            "{} audit lines suppressed (more than {LINES_PER_SECOND} refusals a second)",
+            admitted.suppressed
+        );
+        super::metrics::audit_suppressed(admitted.suppressed);
+    }
+    if !admitted.write {
+        return;
+    }
+    let peer = match peer {
+        Some(peer) => peer.to_string(),
+        None => "unknown".to_owned(),
+    };
+    tracing::warn!(
+        target: "audit",
+        peer = %peer,
+        subject = %cut(subject, MAX_SUBJECT_BYTES),
+        code = code_name(crate::edge::status::code(error)),
+        reason = error.reason().as_str(),
+        detail = %error,
+        "refused"
+    );
+}
+
+/// `subject` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+fn cut(subject: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if subject.len() <= max {
+        return subject.into();
+    }
+    let mut end = max;
+    while !subject.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &subject[..end]).into()
+}
+
+/// The canonical gRPC name of a code, as in `grpc-status` documentation.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A fixed one-second window: the first `limit` lines of a window are written, the rest counted.
+#[derive(Debug)]
+struct Limiter {
+    limit: u32,
+    window_start: Option<Instant>,
+    written: u32,
+    suppressed: u64,
+}
+
+/// What the limiter says about one line.
+#[derive(Debug, PartialEq, Eq)]
+struct Admitted {
+    /// Write this line.
+    write: bool,
+    /// Lines suppressed in earlier windows, to report now (0: nothing to report).
+    suppressed: u64,
+}
+
+impl Limiter {
+    const fn new(limit: u32) -> Limiter {
+        Limiter {
+            limit,
+            window_start: None,
+            written: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn admit(&mut self, now: Instant) -> Admitted {
+        let mut report = 0;
+        let rolled = match self.window_start {
+            Some(start) => now.saturating_duration_since(start) >= WINDOW,
+            None => true,
+        };
+        if rolled {
+            report = std::mem::take(&mut self.suppressed);
+            self.window_start = Some(now);
+            self.written = 0;
+        }
+        if self.written < self.limit {
+            self.written += 1;
+            Admitted {
+                write: true,
+                suppressed: report,
+            }
+        } else {
+            self.suppressed += 1;
+            Admitted {
+                write: false,
+                suppressed: report,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Reason;
+
+    #[test]
+    fn observability_audit_limiter_writes_the_first_n_per_second_and_reports_the_rest() {
+        let mut limiter = Limiter::new(3);
+        let t0 = Instant::now();
+        let written: Vec<bool> = (0..10)
+            .map(|i| limiter.admit(t0 + Duration::from_millis(i * 10)).write)
+            .collect();
+        assert_eq!(
+            written,
+            [true, true, true, false, false, false, false, false, false, false]
+        );
+        // Still inside the first second: suppressed, nothing reported yet.
+        assert_eq!(
+            limiter.admit(t0 + Duration::from_millis(999)),
+            Admitted {
+                write: false,
+                suppressed: 0
+            }
+        );
+        // The window rolls over: the 8 suppressed lines are reported with the next written line.
+        assert_eq!(
+            limiter.admit(t0 + Duration::from_millis(1000)),
+            Admitted {
+                write: true,
+                suppressed: 8
+            }
+        );
+        // The count was reported once only.
+        assert_eq!(
+            limiter.admit(t0 + Duration::from_millis(1001)),
+            Admitted {
+                write: true,
+                suppressed: 0
+            }
+        );
+        // A quiet window after a quiet window reports nothing.
+        assert_eq!(
+            limiter.admit(t0 + Duration::from_secs(5)),
+            Admitted {
+                write: true,
+                suppressed: 0
+            }
+        );
+    }
+
+    #[test]
+    fn observability_audit_limiter_reports_suppressed_lines_even_when_the_next_window_is_full() {
+        let mut limiter = Limiter::new(1);
+        let t0 = Instant::now();
+        assert!(limiter.admit(t0).write);
+        assert!(!limiter.admit(t0).write);
+        assert!(!limiter.admit(t0).write);
+        let next = limiter.admit(t0 + Duration::from_secs(2));
+        assert_eq!(
+            next,
+            Admitted {
+                write: true,
+                suppressed: 2
+            }
+        );
+    }
+
+    #[test]
+    fn observability_audit_subject_is_cut_at_a_character_boundary() {
+        assert_eq!(cut("crm.contact", 100), "crm.contact");
+        let long = "é".repeat(80); // 160 bytes
+        let cut = cut(&long, MAX_SUBJECT_BYTES);
+        assert!(cut.ends_with('…'));
+        assert_eq!(cut.len(), 100 + '…'.len_utf8());
+    }
+
+    #[test]
+    fn observability_audit_line_names_the_code() {
+        let error = BrokerError::invalid(Reason::ChannelInvalid, "segment 1 is empty");
+        assert_eq!(
+            code_name(crate::edge::status::code(&error)),
+            "INVALID_ARGUMENT"
+        );
+        // Logging with no subscriber installed must not panic.
+        refused(None, "crm..x", &error);
+    }
 }

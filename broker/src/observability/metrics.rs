@@ -1,7 +1,170 @@
 //! Prometheus metrics. Call sites use these functions, never raw metric names, so every name is
 //! defined (and documented) once, here and in docs/OBSERVABILITY.md.
+//!
+//! Two kinds of metric:
+//! - **Events** (counters and histograms) are recorded where they happen, through the functions
+//!   below, into the process-wide `metrics` recorder that [`install`] sets up. Before it is
+//!   installed (unit tests, tools) recording is a no-op.
+//! - **State** (store size, offsets, raft, per-subscription lag and queues) is read when
+//!   `/metrics` is scraped and written straight into the response by [`render`], so a
+//!   subscription's series disappear with the subscription instead of lingering at their last value.
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use metrics::{counter, describe_counter, describe_histogram, histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::Reason;
+
+/// Publishes by result and reason.
+pub const PUBLISHES: &str = "switchboard_publishes_total";
+/// Deliveries by flow policy.
+pub const DELIVERIES: &str = "switchboard_deliveries_total";
+/// Publish time to delivery, seconds.
+pub const PUBLISH_TO_DELIVER: &str = "switchboard_publish_to_deliver_seconds";
+/// Subscriptions switched from memory to the store.
+pub const SLOW_CONSUMER_SWITCHES: &str = "switchboard_slow_consumer_switches_total";
+/// Messages conflated away.
+pub const CONFLATED: &str = "switchboard_conflated_messages_total";
+/// Gaps announced to subscribers, by reason.
+pub const GAPS: &str = "switchboard_gaps_total";
+/// Messages covered by gaps, by reason.
+pub const GAP_MESSAGES: &str = "switchboard_gap_messages_total";
+/// Redeliveries to durable consumers.
+pub const REDELIVERIES: &str = "switchboard_redeliveries_total";
+/// Refused entity writes, by reason.
+pub const ENTITY_REFUSALS: &str = "switchboard_entity_refusals_total";
+/// Proposal to applied outcome of one log entry, seconds.
+pub const COMMIT_SECONDS: &str = "switchboard_commit_seconds";
+/// Items in one committed log entry.
+pub const COMMIT_BATCH_ITEMS: &str = "switchboard_commit_batch_items";
+/// Retention sweeps committed.
+pub const SWEEPS: &str = "switchboard_sweeps_total";
+/// Messages removed by sweeps.
+pub const SWEPT_MESSAGES: &str = "switchboard_swept_messages_total";
+/// Audit lines dropped by the audit log's rate limit.
+pub const AUDIT_SUPPRESSED: &str = "switchboard_audit_lines_suppressed_total";
+
+/// Buckets of [`PUBLISH_TO_DELIVER`]: sub-millisecond live delivery up to replays of old messages.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
+/// Buckets of [`COMMIT_SECONDS`]: an fdatasync is 0.1–20 ms on most disks.
+const COMMIT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// Buckets of [`COMMIT_BATCH_ITEMS`]: powers of two up to the largest batch allowed.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0, 65536.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder and describes every metric; later calls return
+/// the same handle. `None` if another recorder was installed first (events are then recorded there
+/// and `/metrics` shows only the state read at scrape time).
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let handle = build().and_then(|b| b.install_recorder());
+            match handle {
+                Ok(handle) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot install the metrics recorder; /metrics shows only broker state");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// The process-wide handle, if [`install`] succeeded.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE.get().and_then(Option::as_ref)
+}
+
+fn build() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(PUBLISH_TO_DELIVER.into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(COMMIT_SECONDS.into()), COMMIT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(COMMIT_BATCH_ITEMS.into()), BATCH_BUCKETS)
+}
+
+fn describe() {
+    describe_counter!(
+        PUBLISHES,
+        "Publishes by result (accepted, duplicate, refused) and, when refused, the stable reason"
+    );
+    describe_counter!(
+        DELIVERIES,
+        "Messages delivered to subscribers, by the subscription's flow policy"
+    );
+    describe_histogram!(
+        PUBLISH_TO_DELIVER,
+        Unit::Seconds,
+        "From a message's publish time to its delivery to a subscriber (replays included)"
+    );
+    describe_counter!(
+        SLOW_CONSUMER_SWITCHES,
+        "Subscriptions switched from their in-memory queue to reading the store because they fell behind"
+    );
+    describe_counter!(
+        CONFLATED,
+        "Messages not delivered because a later message of the same channel was (conflate policy and throttle)"
+    );
+    describe_counter!(GAPS, "Gaps announced to subscribers, by reason");
+    describe_counter!(
+        GAP_MESSAGES,
+        "Messages covered by the gaps announced to subscribers, by reason"
+    );
+    describe_counter!(
+        REDELIVERIES,
+        "Deliveries sent again to durable consumers after the acknowledgement timeout"
+    );
+    describe_counter!(
+        ENTITY_REFUSALS,
+        "Entity writes refused after ordering (STALE_UPDATE, VERSION_CONFLICT, CLOCK_SKEW), by reason"
+    );
+    describe_histogram!(
+        COMMIT_SECONDS,
+        Unit::Seconds,
+        "From proposing a log entry to its applied outcome (includes the fdatasync)"
+    );
+    describe_histogram!(
+        COMMIT_BATCH_ITEMS,
+        Unit::Count,
+        "Items (publishes and entity writes) carried by one committed log entry"
+    );
+    describe_counter!(SWEEPS, "Retention sweeps committed by this node as leader");
+    describe_counter!(
+        SWEPT_MESSAGES,
+        "Messages removed from disk by retention sweeps (TTL, max_age, max_bytes)"
+    );
+    describe_counter!(
+        AUDIT_SUPPRESSED,
+        "Audit log lines dropped by the audit rate limit"
+    );
+    // Series without labels start at 0, so rate() works from the first scrape.
+    for name in [
+        SLOW_CONSUMER_SWITCHES,
+        CONFLATED,
+        REDELIVERIES,
+        SWEEPS,
+        SWEPT_MESSAGES,
+        AUDIT_SUPPRESSED,
+    ] {
+        counter!(name).absolute(0);
+    }
+    for result in ["accepted", "duplicate"] {
+        counter!(PUBLISHES, "result" => result).absolute(0);
+    }
+}
 
 /// How a publish ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,39 +177,380 @@ pub enum PublishResult {
     Refused,
 }
 
+impl PublishResult {
+    /// The `result` label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PublishResult::Accepted => "accepted",
+            PublishResult::Duplicate => "duplicate",
+            PublishResult::Refused => "refused",
+        }
+    }
+}
+
 /// Counts a publish by result and reason (`reason` is `None` unless refused).
 pub fn publish(result: PublishResult, reason: Option<Reason>) {
-    let _ = (result, reason);
+    match reason {
+        Some(reason) => {
+            counter!(PUBLISHES, "result" => result.as_str(), "reason" => reason.as_str())
+                .increment(1);
+        }
+        None => counter!(PUBLISHES, "result" => result.as_str()).increment(1),
+    }
 }
 
 /// Counts a delivery to a subscriber and records publish→deliver latency.
 pub fn delivery(policy: &'static str, publish_time_us: u64) {
-    let _ = (policy, publish_time_us);
+    counter!(DELIVERIES, "policy" => policy).increment(1);
+    histogram!(PUBLISH_TO_DELIVER).record(seconds_since(publish_time_us, now_us()));
+}
+
+/// Seconds from `then_us` to `now_us` (µs since the epoch); 0 when the clock says `then` is later.
+fn seconds_since(then_us: u64, now_us: u64) -> f64 {
+    now_us.saturating_sub(then_us) as f64 / 1e6
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Counts a subscription switched from memory to the store.
-pub fn slow_consumer_switch() {}
+pub fn slow_consumer_switch() {
+    counter!(SLOW_CONSUMER_SWITCHES).increment(1);
+}
 
 /// Counts messages conflated away (not delivered because a later one of their channel was).
 pub fn conflated(skipped: u64) {
-    let _ = skipped;
+    counter!(CONFLATED).increment(skipped);
 }
 
 /// Counts a gap announced to a subscriber and the messages it covers.
 pub fn gap(reason: &'static str, count: u64) {
-    let _ = (reason, count);
+    counter!(GAPS, "reason" => reason).increment(1);
+    counter!(GAP_MESSAGES, "reason" => reason).increment(count);
 }
 
 /// Counts a redelivery to a durable consumer.
-pub fn redelivery() {}
+pub fn redelivery() {
+    counter!(REDELIVERIES).increment(1);
+}
 
 /// Counts a refused entity write by reason (stale, conflict, clock skew).
 pub fn entity_refused(reason: Reason) {
-    let _ = reason;
+    counter!(ENTITY_REFUSALS, "reason" => reason.as_str()).increment(1);
 }
 
 /// Records one committed log entry: how many items it carried and how long from proposal to
 /// applied outcome.
 pub fn commit(items: usize, seconds: f64) {
-    let _ = (items, seconds);
+    histogram!(COMMIT_SECONDS).record(seconds);
+    histogram!(COMMIT_BATCH_ITEMS).record(items as f64);
+}
+
+/// Records a committed retention sweep and the messages it removed.
+pub fn sweep(removed: u64) {
+    counter!(SWEEPS).increment(1);
+    counter!(SWEPT_MESSAGES).increment(removed);
+}
+
+/// Counts audit lines dropped by the audit log's rate limit.
+pub fn audit_suppressed(lines: u64) {
+    counter!(AUDIT_SUPPRESSED).increment(lines);
+}
+
+/// The broker's state, read when `/metrics` is scraped.
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    /// This node's raft id.
+    pub node_id: u64,
+    /// Highest offset given (0 when none).
+    pub last_offset: u64,
+    /// Encoded bytes of the stored message batches.
+    pub stored_bytes: u64,
+    /// Bytes of every file under the data folder.
+    pub disk_bytes: u64,
+    /// Publishes refused as loops since the store was created.
+    pub loops_detected: u64,
+    /// The raft term this node is in.
+    pub raft_term: u64,
+    /// The leader this node knows of.
+    pub raft_leader: Option<u64>,
+    /// Highest log index known committed (on a follower: the applied index, a lower bound).
+    pub raft_committed_index: u64,
+    /// Highest log index applied to the store.
+    pub raft_applied_index: u64,
+    /// The live subscriptions of this node.
+    pub subscriptions: Vec<SubscriptionScrape>,
+}
+
+/// One live subscription's state at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionScrape {
+    /// Its id on this node.
+    pub id: u64,
+    /// Its pattern.
+    pub pattern: String,
+    /// The next offset it may deliver (0 until its task has started).
+    pub next_offset: u64,
+    /// Messages waiting in its in-memory queue.
+    pub queue_messages: usize,
+    /// Bytes waiting in its in-memory queue.
+    pub queue_bytes: usize,
+}
+
+impl SubscriptionScrape {
+    /// Offsets given that it has not passed yet: `last_offset - next_offset + 1`, at least 0 (0
+    /// before its task has started).
+    pub fn lag(&self, last_offset: u64) -> u64 {
+        if self.next_offset == 0 {
+            return 0;
+        }
+        (last_offset + 1).saturating_sub(self.next_offset)
+    }
+}
+
+/// The text served at `/metrics`: every recorded event metric, then the state in `scrape`, in the
+/// Prometheus text exposition format 0.0.4.
+pub fn render(scrape: &Scrape) -> String {
+    let mut out = handle().map(PrometheusHandle::render).unwrap_or_default();
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    render_state(&mut out, scrape);
+    out
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (key, value)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{key}=\"{}\"", escape_label(value));
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+/// Escapes a label value for the text format: backslash, double quote and newline.
+fn escape_label(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return value.into();
+    }
+    let mut escaped = String::with_capacity(value.len() + 4);
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped.into()
+}
+
+fn render_state(out: &mut String, s: &Scrape) {
+    let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+        family(out, name, "gauge", help);
+        sample(out, name, &[], value);
+    };
+    family(
+        out,
+        "switchboard_build_info",
+        "gauge",
+        "Always 1; the labels say which broker version this node runs",
+    );
+    sample(
+        out,
+        "switchboard_build_info",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("node_id", &s.node_id.to_string()),
+        ],
+        1,
+    );
+    gauge(
+        out,
+        "switchboard_store_bytes",
+        "Encoded bytes of the stored messages (what retention.max_bytes limits)",
+        s.stored_bytes,
+    );
+    gauge(
+        out,
+        "switchboard_disk_bytes",
+        "Bytes of every file under the data folder (log, state, snapshots)",
+        s.disk_bytes,
+    );
+    gauge(
+        out,
+        "switchboard_last_offset",
+        "The highest offset given to a message (0 when none)",
+        s.last_offset,
+    );
+    family(
+        out,
+        "switchboard_loops_detected_total",
+        "counter",
+        "Publishes refused as loops (LOOP_DETECTED) since the store was created",
+    );
+    sample(
+        out,
+        "switchboard_loops_detected_total",
+        &[],
+        s.loops_detected,
+    );
+    gauge(
+        out,
+        "switchboard_raft_term",
+        "The raft term this node is in",
+        s.raft_term,
+    );
+    gauge(
+        out,
+        "switchboard_raft_leader_id",
+        "The id of the leader this node knows of (0 when it knows none)",
+        s.raft_leader.unwrap_or(0),
+    );
+    gauge(
+        out,
+        "switchboard_raft_is_leader",
+        "1 when this node is the leader, else 0",
+        u64::from(s.raft_leader == Some(s.node_id)),
+    );
+    gauge(
+        out,
+        "switchboard_raft_committed_index",
+        "The highest log index known committed (on a follower, its applied index)",
+        s.raft_committed_index,
+    );
+    gauge(
+        out,
+        "switchboard_raft_applied_index",
+        "The highest log index applied to the store",
+        s.raft_applied_index,
+    );
+    gauge(
+        out,
+        "switchboard_subscriptions",
+        "Live subscriptions on this node (Subscribe streams and entity watches)",
+        s.subscriptions.len() as u64,
+    );
+    family(
+        out,
+        "switchboard_subscription_lag",
+        "gauge",
+        "Messages given offsets that a subscription has not reached yet (last_offset - next_offset + 1)",
+    );
+    for sub in &s.subscriptions {
+        let id = sub.id.to_string();
+        sample(
+            out,
+            "switchboard_subscription_lag",
+            &[("subscription", &id), ("pattern", &sub.pattern)],
+            sub.lag(s.last_offset),
+        );
+    }
+    family(
+        out,
+        "switchboard_subscription_queue_messages",
+        "gauge",
+        "Messages waiting in a subscription's in-memory queue",
+    );
+    for sub in &s.subscriptions {
+        let id = sub.id.to_string();
+        sample(
+            out,
+            "switchboard_subscription_queue_messages",
+            &[("subscription", &id)],
+            sub.queue_messages as u64,
+        );
+    }
+    family(
+        out,
+        "switchboard_subscription_queue_bytes",
+        "gauge",
+        "Bytes waiting in a subscription's in-memory queue",
+    );
+    for sub in &s.subscriptions {
+        let id = sub.id.to_string();
+        sample(
+            out,
+            "switchboard_subscription_queue_bytes",
+            &[("subscription", &id)],
+            sub.queue_bytes as u64,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observability_lag_is_what_remains_and_never_negative() {
+        let sub = |next_offset| SubscriptionScrape {
+            next_offset,
+            ..SubscriptionScrape::default()
+        };
+        assert_eq!(sub(11).lag(10), 0, "caught up");
+        assert_eq!(sub(8).lag(10), 3, "offsets 8, 9 and 10 to go");
+        assert_eq!(
+            sub(20).lag(10),
+            0,
+            "ahead (a replay that ended past the end)"
+        );
+        assert_eq!(sub(0).lag(10), 0, "not started");
+    }
+
+    #[test]
+    fn observability_state_renders_as_text_format() {
+        let scrape = Scrape {
+            node_id: 1,
+            last_offset: 10,
+            raft_leader: Some(1),
+            subscriptions: vec![SubscriptionScrape {
+                id: 7,
+                pattern: "crm.\"x\\.>".into(),
+                next_offset: 9,
+                queue_messages: 2,
+                queue_bytes: 300,
+            }],
+            ..Scrape::default()
+        };
+        let mut out = String::new();
+        render_state(&mut out, &scrape);
+        assert!(out.contains("switchboard_raft_is_leader 1\n"), "{out}");
+        assert!(out.contains("switchboard_last_offset 10\n"), "{out}");
+        assert!(
+            out.contains(
+                "switchboard_subscription_lag{subscription=\"7\",pattern=\"crm.\\\"x\\\\.>\"} 2\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("switchboard_subscription_queue_bytes{subscription=\"7\"} 300\n"),
+            "{out}"
+        );
+        for line in out.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').unwrap();
+            value.parse::<f64>().unwrap();
+        }
+    }
+
+    #[test]
+    fn observability_latency_is_clamped_at_zero() {
+        assert_eq!(seconds_since(2_000_000, 1_000_000), 0.0);
+        assert_eq!(seconds_since(1_000_000, 3_500_000), 2.5);
+    }
 }

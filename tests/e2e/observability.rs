@@ -1,0 +1,529 @@
+//! Observability of a running broker: Prometheus metrics and health on the admin listener, gRPC
+//! health and reflection on the public listener, audit lines for refusals.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use switchboard_client::{Publish, Start};
+use switchboard_e2e::{eventually, http_get, BrokerProcess};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+use crate::common::*;
+
+/// One sample of a scrape: `name{labels} value`.
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A parsed `/metrics` page.
+#[derive(Debug)]
+struct Scrape {
+    samples: Vec<Sample>,
+    types: BTreeMap<String, String>,
+}
+
+impl Scrape {
+    /// The sum of the samples called `name` whose labels include every pair of `labels` (0 when
+    /// there is none: a counter not incremented yet is absent).
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.samples.iter().any(|s| s.name == name)
+    }
+}
+
+fn is_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn is_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parses `{k="v",...}` (after the name); returns the labels and the rest of the line.
+fn parse_labels(line: &str) -> Result<(BTreeMap<String, String>, &str), String> {
+    let mut labels = BTreeMap::new();
+    let mut rest = line
+        .strip_prefix('{')
+        .ok_or_else(|| format!("expected '{{' in {line:?}"))?;
+    loop {
+        rest = rest.trim_start();
+        if let Some(after) = rest.strip_prefix('}') {
+            return Ok((labels, after));
+        }
+        let (name, after) = rest
+            .split_once('=')
+            .ok_or_else(|| format!("label without '=' in {line:?}"))?;
+        let name = name.trim();
+        if !is_label_name(name) {
+            return Err(format!("bad label name {name:?} in {line:?}"));
+        }
+        let mut chars = after
+            .strip_prefix('"')
+            .ok_or_else(|| format!("label value not quoted in {line:?}"))?
+            .char_indices();
+        let mut value = String::new();
+        let end = loop {
+            match chars.next() {
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c @ ('\\' | '"'))) => value.push(c),
+                    other => return Err(format!("bad escape {other:?} in {line:?}")),
+                },
+                Some((i, '"')) => break i,
+                Some((_, c)) => value.push(c),
+                None => return Err(format!("unterminated label value in {line:?}")),
+            }
+        };
+        if labels.insert(name.to_owned(), value).is_some() {
+            return Err(format!("label {name:?} repeated in {line:?}"));
+        }
+        rest = &after[1 + end + 1..];
+        rest = rest.strip_prefix(',').unwrap_or(rest);
+    }
+}
+
+fn parse_value(text: &str) -> Result<f64, String> {
+    match text {
+        "+Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        "NaN" => Ok(f64::NAN),
+        _ => text
+            .parse()
+            .map_err(|_| format!("bad sample value {text:?}")),
+    }
+}
+
+/// Parses the Prometheus text exposition format (0.0.4), strictly enough to catch what a scraper
+/// would reject: every sample line is `name[{labels}] value [timestamp]` with a float value, `TYPE`
+/// comes at most once per family and before its samples, and a family's samples are not split.
+fn parse_prometheus(text: &str) -> Result<Scrape, String> {
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut types = BTreeMap::new();
+    let mut finished_families: Vec<String> = Vec::new();
+    let mut current_family: Option<String> = None;
+    let family_of = |name: &str, types: &BTreeMap<String, String>| -> String {
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix) {
+                if matches!(
+                    types.get(base).map(String::as_str),
+                    Some("histogram" | "summary")
+                ) {
+                    return base.to_owned();
+                }
+            }
+        }
+        name.to_owned()
+    };
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix('#') {
+            let mut words = comment.split_whitespace();
+            match words.next() {
+                Some("TYPE") => {
+                    let name = words.next().ok_or(format!("TYPE without name: {line:?}"))?;
+                    let kind = words.next().ok_or(format!("TYPE without type: {line:?}"))?;
+                    if !matches!(
+                        kind,
+                        "counter" | "gauge" | "histogram" | "summary" | "untyped"
+                    ) {
+                        return Err(format!("unknown type in {line:?}"));
+                    }
+                    if types.insert(name.to_owned(), kind.to_owned()).is_some() {
+                        return Err(format!("TYPE repeated for {name}"));
+                    }
+                    if samples.iter().any(|s| family_of(&s.name, &types) == name) {
+                        return Err(format!("TYPE for {name} after its samples"));
+                    }
+                }
+                Some("HELP") => {
+                    let name = words.next().ok_or(format!("HELP without name: {line:?}"))?;
+                    if !is_metric_name(name) {
+                        return Err(format!("bad metric name in {line:?}"));
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        let name_end = line
+            .find(['{', ' '])
+            .ok_or_else(|| format!("no value in {line:?}"))?;
+        let name = &line[..name_end];
+        if !is_metric_name(name) {
+            return Err(format!("bad metric name {name:?} in {line:?}"));
+        }
+        let (labels, rest) = if line[name_end..].starts_with('{') {
+            parse_labels(&line[name_end..])?
+        } else {
+            (BTreeMap::new(), &line[name_end..])
+        };
+        let mut fields = rest.split_whitespace();
+        let value = parse_value(fields.next().ok_or(format!("no value in {line:?}"))?)?;
+        if let Some(timestamp) = fields.next() {
+            timestamp
+                .parse::<i64>()
+                .map_err(|_| format!("bad timestamp in {line:?}"))?;
+        }
+        if fields.next().is_some() {
+            return Err(format!("trailing text in {line:?}"));
+        }
+        let family = family_of(name, &types);
+        if current_family.as_deref() != Some(family.as_str()) {
+            if finished_families.contains(&family) {
+                return Err(format!("samples of {family} are not together"));
+            }
+            if let Some(previous) = current_family.replace(family.clone()) {
+                finished_families.push(previous);
+            }
+        }
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    Ok(Scrape { samples, types })
+}
+
+async fn scrape(broker: &BrokerProcess) -> Scrape {
+    let response = http_get(&format!("{}/metrics", broker.admin_url()))
+        .await
+        .expect("GET /metrics");
+    assert_eq!(response.status, 200, "{}", response.body);
+    let content_type = response.header("content-type").unwrap_or_default();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    parse_prometheus(&response.body)
+        .unwrap_or_else(|e| panic!("/metrics is not Prometheus text: {e}\n{}", response.body))
+}
+
+#[test]
+fn the_parser_rejects_what_a_scraper_would() {
+    let good = "# HELP a_total things\n# TYPE a_total counter\na_total{x=\"1\",y=\"q\\\"\\\\\"} 3\n\
+                # TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 0.5\nh_count 2\nb 1e3 1700000000\n";
+    let parsed = parse_prometheus(good).unwrap();
+    assert_eq!(parsed.sum("a_total", &[("y", "q\"\\")]), 3.0);
+    assert_eq!(parsed.sum("b", &[]), 1000.0);
+    for bad in [
+        "a 1 2 3\n",
+        "a{x=1} 1\n",
+        "a{x=\"1\" 1\n",
+        "1a 1\n",
+        "a one\n",
+        "# TYPE a counter\n# TYPE a counter\na 1\n",
+        "a 1\nb 1\na 2\n",
+        "a 1\n# TYPE a counter\n",
+    ] {
+        assert!(parse_prometheus(bad).is_err(), "accepted {bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_counters_move() {
+    let f = fixture(&[]).await;
+    let before = scrape(&f.broker).await;
+    for (name, kind) in [
+        ("switchboard_publishes_total", "counter"),
+        ("switchboard_deliveries_total", "counter"),
+        ("switchboard_publish_to_deliver_seconds", "histogram"),
+        ("switchboard_commit_seconds", "histogram"),
+        ("switchboard_commit_batch_items", "histogram"),
+        ("switchboard_store_bytes", "gauge"),
+        ("switchboard_disk_bytes", "gauge"),
+        ("switchboard_last_offset", "gauge"),
+        ("switchboard_loops_detected_total", "counter"),
+        ("switchboard_raft_term", "gauge"),
+        ("switchboard_raft_leader_id", "gauge"),
+        ("switchboard_raft_is_leader", "gauge"),
+        ("switchboard_raft_committed_index", "gauge"),
+        ("switchboard_raft_applied_index", "gauge"),
+        ("switchboard_subscription_lag", "gauge"),
+        ("switchboard_subscription_queue_messages", "gauge"),
+        ("switchboard_subscription_queue_bytes", "gauge"),
+    ] {
+        // Histograms appear once observed; their TYPE is declared from the first scrape only if
+        // described and observed, so check the types of what is present.
+        if let Some(declared) = before.types.get(name) {
+            assert_eq!(declared, kind, "{name}");
+        }
+    }
+    assert_eq!(before.sum("switchboard_raft_is_leader", &[]), 1.0);
+    assert_eq!(before.sum("switchboard_raft_leader_id", &[]), 1.0);
+    assert!(before.sum("switchboard_raft_term", &[]) >= 1.0);
+    assert!(before.has("switchboard_disk_bytes"));
+
+    let mut subscription = f.client.subscribe("obs.>", Start::Latest).await.unwrap();
+    const ACCEPTED: usize = 5;
+    const REFUSED: usize = 3;
+    for i in 0..ACCEPTED {
+        f.client
+            .publish(Publish::new("obs.metrics.moved", format!("{{\"i\":{i}}}")))
+            .await
+            .unwrap();
+    }
+    for _ in 0..REFUSED {
+        let err = f
+            .client
+            .publish(Publish::new("obs..bad", "{}"))
+            .await
+            .expect_err("a bad channel is refused");
+        assert_eq!(err.reason(), Some("CHANNEL_INVALID"));
+    }
+    let delivered = take(&mut subscription, ACCEPTED).await;
+    assert_eq!(delivered.len(), ACCEPTED);
+    let last_offset = delivered.last().map(|m| m.offset).unwrap_or_default();
+
+    let accepted = [("result", "accepted")];
+    let refused = [("result", "refused"), ("reason", "CHANNEL_INVALID")];
+    let moved = eventually("the counters to move", || async {
+        let now = scrape(&f.broker).await;
+        let moved = now.sum("switchboard_publishes_total", &accepted)
+            - before.sum("switchboard_publishes_total", &accepted)
+            == ACCEPTED as f64
+            && now.sum("switchboard_publishes_total", &refused)
+                - before.sum("switchboard_publishes_total", &refused)
+                == REFUSED as f64
+            && now.sum("switchboard_deliveries_total", &[])
+                - before.sum("switchboard_deliveries_total", &[])
+                >= ACCEPTED as f64
+            && now.sum("switchboard_publish_to_deliver_seconds_count", &[])
+                - before.sum("switchboard_publish_to_deliver_seconds_count", &[])
+                >= ACCEPTED as f64
+            && now.sum("switchboard_last_offset", &[]) == last_offset as f64;
+        moved.then_some(now)
+    })
+    .await;
+    let after = match moved {
+        Ok(after) => after,
+        Err(e) => {
+            let now = http_get(&format!("{}/metrics", f.broker.admin_url())).await;
+            panic!(
+                "{e}; the last scrape:\n{}",
+                now.map(|r| r.body).unwrap_or_default()
+            )
+        }
+    };
+
+    // Each accepted publish went through a committed log entry.
+    assert!(after.sum("switchboard_commit_seconds_count", &[]) >= 1.0);
+    assert!(
+        after.sum("switchboard_commit_batch_items_sum", &[])
+            - before.sum("switchboard_commit_batch_items_sum", &[])
+            >= ACCEPTED as f64
+    );
+    assert!(after.sum("switchboard_store_bytes", &[]) > 0.0);
+    assert!(after.sum("switchboard_disk_bytes", &[]) > 0.0);
+    let applied = after.sum("switchboard_raft_applied_index", &[]);
+    assert!(applied >= 1.0);
+    assert!(after.sum("switchboard_raft_committed_index", &[]) >= applied);
+    // The live subscription is listed, caught up, with an empty queue.
+    let subscription_samples: Vec<&Sample> = after
+        .samples
+        .iter()
+        .filter(|s| {
+            s.name == "switchboard_subscription_lag"
+                && s.labels.get("pattern").map(String::as_str) == Some("obs.>")
+        })
+        .collect();
+    assert_eq!(subscription_samples.len(), 1, "{subscription_samples:?}");
+    let id = subscription_samples[0].labels["subscription"].clone();
+    eventually("the subscription to be caught up", || async {
+        let now = scrape(&f.broker).await;
+        (now.sum("switchboard_subscription_lag", &[("subscription", &id)]) == 0.0
+            && now.sum(
+                "switchboard_subscription_queue_messages",
+                &[("subscription", &id)],
+            ) == 0.0)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Its series go away with it.
+    drop(subscription);
+    eventually("the subscription's series to go", || async {
+        let now = scrape(&f.broker).await;
+        (!now
+            .samples
+            .iter()
+            .any(|s| s.labels.get("subscription") == Some(&id)))
+        .then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn healthz_is_ok_on_a_leader_and_other_paths_are_not_found() {
+    let f = fixture(&[]).await;
+    let health = http_get(&format!("{}/healthz", f.broker.admin_url()))
+        .await
+        .unwrap();
+    assert_eq!(health.status, 200, "{health:?}");
+    assert_eq!(health.body.trim(), "ok");
+    let missing = http_get(&format!("{}/nothing-here", f.broker.admin_url()))
+        .await
+        .unwrap();
+    assert_eq!(missing.status, 404, "{missing:?}");
+}
+
+#[tokio::test]
+async fn the_admin_listener_can_be_turned_off() {
+    let f = fixture(&["--admin-listen", "off"]).await;
+    assert_eq!(f.broker.admin_addr, None);
+    // The broker itself serves as usual.
+    f.client
+        .publish(Publish::new("obs.admin.off", "{}"))
+        .await
+        .unwrap();
+}
+
+async fn channel(broker: &BrokerProcess) -> Channel {
+    Channel::from_shared(broker.url())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects")
+}
+
+#[tokio::test]
+async fn grpc_health_is_serving_for_the_server_and_each_service() {
+    let f = fixture(&[]).await;
+    let mut health = HealthClient::new(channel(&f.broker).await);
+    for service in ["", "switchboard.v1.Broker", "switchboard.v1.Entities"] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("check {service:?}: {e}"))
+            .into_inner();
+        assert_eq!(
+            response.status(),
+            ServingStatus::Serving,
+            "service {service:?}"
+        );
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "switchboard.v1.Nothing".to_owned(),
+        })
+        .await
+        .expect_err("an unknown service is NOT_FOUND");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
+
+async fn reflect(
+    client: &mut ServerReflectionClient<Channel>,
+    request: MessageRequest,
+) -> MessageResponse {
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .expect("reflection answers")
+        .into_inner();
+    responses
+        .next()
+        .await
+        .expect("one response")
+        .expect("a response, not an error")
+        .message_response
+        .expect("a message")
+}
+
+#[tokio::test]
+async fn reflection_lists_and_describes_the_switchboard_services() {
+    let f = fixture(&[]).await;
+    let mut client = ServerReflectionClient::new(channel(&f.broker).await);
+    let MessageResponse::ListServicesResponse(list) =
+        reflect(&mut client, MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("ListServices answered with something else");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "switchboard.v1.Broker",
+        "switchboard.v1.Entities",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(names.contains(&expected), "{expected} not in {names:?}");
+    }
+    // What grpcurl `describe` needs: the file defining a service, as descriptors.
+    let MessageResponse::FileDescriptorResponse(files) = reflect(
+        &mut client,
+        MessageRequest::FileContainingSymbol("switchboard.v1.Broker".to_owned()),
+    )
+    .await
+    else {
+        panic!("FileContainingSymbol answered with something else");
+    };
+    let mentions = |needle: &[u8]| {
+        files
+            .file_descriptor_proto
+            .iter()
+            .any(|file| file.windows(needle.len()).any(|w| w == needle))
+    };
+    assert!(mentions(b"switchboard/v1/broker.proto"));
+    assert!(mentions(b"Publish"));
+}
+
+#[tokio::test]
+async fn a_refused_publish_is_an_audit_line() {
+    let f = fixture(&[]).await;
+    let err = f
+        .client
+        .publish(Publish::new("audit..channel", "{}"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.reason(), Some("CHANNEL_INVALID"));
+    eventually("the audit line", || async {
+        let log = f.broker.log();
+        log.lines()
+            .find(|line| {
+                line.contains("audit")
+                    && line.contains("audit..channel")
+                    && line.contains("INVALID_ARGUMENT")
+                    && line.contains("CHANNEL_INVALID")
+                    && line.contains("peer=127.0.0.1:")
+            })
+            .map(str::to_owned)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; the log:\n{}", f.broker.log()));
+}
