@@ -59,11 +59,12 @@ mod trace;
 
 pub use client::{normalize_url, Client, ConnectOptions, DEFAULT_PORT};
 pub use entity::{EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate, EntityWatch};
-pub use error::{code_name, Error};
+pub use error::Error;
 pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
 pub use publish::{split_stream_ack, Publish, PublishAcks, Publisher};
 pub use subscription::{Backoff, Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
+pub use switchboard_proto::code_name;
 pub use trace::{current_context, delivery_span, trace_context, TRACEPARENT, TRACESTATE};
 
 /// The generated messages of package `switchboard.v1` (re-exported from `switchboard_proto`).

@@ -423,6 +423,14 @@ mod tests {
     }
 
     #[test]
+    fn echoed_strings_are_cut_at_a_character_boundary() {
+        assert_eq!(shorten("crm.contact"), "crm.contact");
+        let cut = shorten(&"é".repeat(80)); // 160 bytes
+        assert!(cut.ends_with('…'));
+        assert_eq!(cut.len(), 100 + '…'.len_utf8());
+    }
+
+    #[test]
     fn patterns_and_starts() {
         let v = validator();
         assert!(v.pattern("crm.*.updated").is_ok());

@@ -11,14 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tonic::Code;
+use switchboard_proto::code_name;
 
+use crate::edge::validate::shorten;
 use crate::error::BrokerError;
 
 /// Audit lines written per second at most, over all clients.
 pub const LINES_PER_SECOND: u32 = 20;
-/// Longest subject written, in bytes; longer ones are cut (at a character boundary) and end in `…`.
-pub const MAX_SUBJECT_BYTES: usize = 100;
 
 const WINDOW: Duration = Duration::from_secs(1);
 
@@ -49,47 +48,12 @@ pub fn refused(peer: Option<SocketAddr>, subject: &str, error: &BrokerError) {
     tracing::warn!(
         target: "audit",
         peer = %peer,
-        subject = %cut(subject, MAX_SUBJECT_BYTES),
+        subject = %shorten(subject),
         code = code_name(crate::edge::status::code(error)),
         reason = error.reason().as_str(),
         detail = %error,
         "refused"
     );
-}
-
-/// `subject` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
-fn cut(subject: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if subject.len() <= max {
-        return subject.into();
-    }
-    let mut end = max;
-    while !subject.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &subject[..end]).into()
-}
-
-/// The canonical gRPC name of a code, as in `grpc-status` documentation.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// A fixed one-second window: the first `limit` lines of a window are written, the rest counted.
@@ -212,15 +176,6 @@ mod tests {
                 suppressed: 2
             }
         );
-    }
-
-    #[test]
-    fn observability_audit_subject_is_cut_at_a_character_boundary() {
-        assert_eq!(cut("crm.contact", 100), "crm.contact");
-        let long = "é".repeat(80); // 160 bytes
-        let cut = cut(&long, MAX_SUBJECT_BYTES);
-        assert!(cut.ends_with('…'));
-        assert_eq!(cut.len(), 100 + '…'.len_utf8());
     }
 
     #[test]
