@@ -19,7 +19,7 @@ use crate::message::{
     Command, CommandOutcome, ConsumerState, ConsumerWrite, EntityWrite, Item, ItemOutcome,
     NewMessage, Refusal, Rules, StoredMessage,
 };
-use crate::store::MessageStore;
+use crate::store::{DedupRecord, MessageStore};
 
 /// Most batches one sweep visits, so a sweep never stalls apply for long; the next sweep goes on.
 const SWEEP_BATCH_LIMIT: usize = 512;
@@ -146,7 +146,7 @@ struct BatchApply<'a> {
     /// Messages stored by this batch so far, in offset order.
     stored: Vec<StoredMessage>,
     /// Dedup records written by this batch (the sled batch is not readable yet).
-    dedup: HashMap<(String, String), (u64, u64)>,
+    dedup: HashMap<(String, String), DedupRecord>,
     /// Entities written by this batch.
     entities: HashMap<(String, String), EntityState>,
     /// Consumers written by this batch (`None`: deleted).
@@ -184,14 +184,15 @@ impl BatchApply<'_> {
         if !message.idempotency_key.is_empty() {
             let key = (message.channel.clone(), message.idempotency_key.clone());
             let seen = match self.dedup.get(&key) {
-                Some(seen) => Some(*seen),
+                Some(seen) => Some(seen.clone()),
                 None => self.store.dedup(&key.0, &key.1)?,
             };
-            if let Some((offset, at)) = seen {
-                if now.saturating_sub(at) < self.rules.dedup_window_us {
+            if let Some(original) = seen {
+                if now.saturating_sub(original.publish_time_us) < self.rules.dedup_window_us {
                     return Ok(ItemOutcome::Duplicate {
-                        offset,
-                        publish_time_us: at,
+                        offset: original.offset,
+                        publish_time_us: original.publish_time_us,
+                        correlation_id: original.correlation_id,
                     });
                 }
             }
@@ -240,12 +241,21 @@ impl BatchApply<'_> {
             return Ok(ItemOutcome::Refused(Refusal::Loop { detail }));
         }
 
-        let dedup_key = (!message.idempotency_key.is_empty())
-            .then(|| (message.channel.clone(), message.idempotency_key.clone()));
+        let dedup_key = (!message.idempotency_key.is_empty()).then(|| {
+            (
+                (message.channel.clone(), message.idempotency_key.clone()),
+                message.correlation_id.clone(),
+            )
+        });
         let offset = self.store_message(message, chain);
-        if let Some(key) = dedup_key {
-            MessageStore::put_dedup(batch, &key.0, &key.1, offset, now)?;
-            self.dedup.insert(key, (offset, now));
+        if let Some((key, correlation_id)) = dedup_key {
+            let record = DedupRecord {
+                offset,
+                publish_time_us: now,
+                correlation_id,
+            };
+            MessageStore::put_dedup(batch, &key.0, &key.1, &record)?;
+            self.dedup.insert(key, record);
         }
         Ok(ItemOutcome::Stored {
             offset,
@@ -759,7 +769,8 @@ mod tests {
             first[1],
             ItemOutcome::Duplicate {
                 offset: 1,
-                publish_time_us: 1_000
+                publish_time_us: 1_000,
+                correlation_id: "00000000-0000-4000-8000-000000000000".into(),
             }
         );
         let later = outcomes(run(
@@ -777,7 +788,8 @@ mod tests {
             later[0],
             ItemOutcome::Duplicate {
                 offset: 1,
-                publish_time_us: 1_000
+                publish_time_us: 1_000,
+                correlation_id: "00000000-0000-4000-8000-000000000000".into(),
             }
         );
         assert_eq!(

@@ -266,6 +266,8 @@ pub enum ItemOutcome {
         offset: u64,
         /// The original's publish time, µs.
         publish_time_us: u64,
+        /// The original's correlation id.
+        correlation_id: String,
     },
     /// The entity write was accepted; the entity's new state.
     Entity(Box<EntityState>),

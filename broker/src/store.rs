@@ -71,6 +71,17 @@ pub struct ReadPage {
     pub done: bool,
 }
 
+/// What an idempotency key names: the stored message a retry is answered with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DedupRecord {
+    /// The original's offset.
+    pub offset: u64,
+    /// The original's publish time, µs.
+    pub publish_time_us: u64,
+    /// The original's correlation id, so a retry's ack names the same conversation.
+    pub correlation_id: String,
+}
+
 /// A batch as read back: its key (original first offset) and its remaining messages.
 pub struct StoredBatch {
     /// The batch's key: the offset of its first message when it was written.
@@ -389,7 +400,7 @@ impl MessageStore {
     ///
     /// # Errors
     /// The embedded store's error, or a corrupt record.
-    pub fn dedup(&self, channel: &str, key: &str) -> Result<Option<(u64, u64)>, BrokerError> {
+    pub fn dedup(&self, channel: &str, key: &str) -> Result<Option<DedupRecord>, BrokerError> {
         match self.tree.get(pair_key(DEDUP, channel, key))? {
             Some(v) => bincode::deserialize(&v)
                 .map(Some)
@@ -406,14 +417,12 @@ impl MessageStore {
         batch: &mut sled::Batch,
         channel: &str,
         key: &str,
-        offset: u64,
-        publish_time_us: u64,
+        record: &DedupRecord,
     ) -> Result<(), BrokerError> {
         let record_key = pair_key(DEDUP, channel, key);
-        let value = bincode::serialize(&(offset, publish_time_us))
-            .map_err(|e| corrupt("dedup record", e))?;
+        let value = bincode::serialize(record).map_err(|e| corrupt("dedup record", e))?;
         batch.insert(
-            key2(DEDUP_BY_TIME, publish_time_us, offset).to_vec(),
+            key2(DEDUP_BY_TIME, record.publish_time_us, record.offset).to_vec(),
             record_key.clone(),
         );
         batch.insert(record_key, value);
@@ -441,9 +450,9 @@ impl MessageStore {
             let offset = be_u64(&k[9..17])?;
             batch.remove(k);
             if let Some(v) = self.tree.get(&record_key)? {
-                let (current, _): (u64, u64) =
+                let current: DedupRecord =
                     bincode::deserialize(&v).map_err(|e| corrupt("dedup record", e))?;
-                if current == offset {
+                if current.offset == offset {
                     batch.remove(record_key);
                 }
             }

@@ -115,15 +115,17 @@ impl BrokerService {
 
 /// The ack for a publish's outcome, or the error it was refused with.
 fn ack(outcome: ItemOutcome, correlation_id: String) -> Result<pb::PublishAck, BrokerError> {
-    let (offset, publish_time_us, duplicate) = match outcome {
+    let (offset, publish_time_us, duplicate, correlation_id) = match outcome {
         ItemOutcome::Stored {
             offset,
             publish_time_us,
-        } => (offset, publish_time_us, false),
+        } => (offset, publish_time_us, false, correlation_id),
+        // A retry is answered as the original was, correlation id included.
         ItemOutcome::Duplicate {
             offset,
             publish_time_us,
-        } => (offset, publish_time_us, true),
+            correlation_id,
+        } => (offset, publish_time_us, true, correlation_id),
         ItemOutcome::Refused(refusal) => return Err(refusal.into()),
         ItemOutcome::Entity(_) | ItemOutcome::Consumer(_) => {
             return Err(BrokerError::Consensus(
