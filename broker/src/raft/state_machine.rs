@@ -84,6 +84,9 @@ pub struct StateMachine {
 
 /// Name of the file describing the current snapshot, beside the snapshot files.
 const CURRENT: &str = "current";
+/// Present while a snapshot is being installed; names it, so a crash mid-install is finished at
+/// the next start instead of leaving a half-replaced store.
+const INSTALLING: &str = "installing";
 
 impl StateMachine {
     /// Opens the state database in `dir`. The hub must start at the store's last offset:
@@ -98,20 +101,62 @@ impl StateMachine {
         progress: watch::Sender<AppliedProgress>,
     ) -> anyhow::Result<StateMachine> {
         let store = MessageStore::open(&db)?;
-        let meta = StateMeta::load(&store)?;
         let sync = Arc::new(SledSync::open(db, dir)?);
         let snapshot_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)?;
-        progress.send_replace(AppliedProgress::from(&meta));
-        Ok(StateMachine {
+        let mut machine = StateMachine {
+            meta: StateMeta::load(&store)?,
             store,
-            meta,
             sync,
             hub,
             progress,
             snapshot_dir,
             receiving: None,
-        })
+        };
+        // A crash while installing a snapshot leaves the store half replaced: finish the job from
+        // the snapshot file the marker names before anyone reads the store.
+        if let Some(meta) = machine.read_marker()? {
+            tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install interrupted by a crash");
+            machine.load_snapshot(&meta)?;
+        }
+        machine
+            .progress
+            .send_replace(AppliedProgress::from(&machine.meta));
+        Ok(machine)
+    }
+
+    fn read_marker(&self) -> StorageResult<Option<SnapshotMeta<u64, openraft::BasicNode>>> {
+        match std::fs::read(self.snapshot_dir.join(INSTALLING)) {
+            Ok(bytes) => bincode::deserialize(&bytes).map(Some).map_err(sm_read_err),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(sm_read_err(e)),
+        }
+    }
+
+    /// Replaces the store with the snapshot `meta` names, crash-safely: a durable marker is
+    /// written first and removed last, and [`StateMachine::open`] finishes an install it finds
+    /// marked.
+    fn load_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+    ) -> StorageResult<()> {
+        let marker = bincode::serialize(meta).map_err(snapshot_err)?;
+        write_durably(&self.snapshot_dir, INSTALLING, &marker).map_err(snapshot_err)?;
+        let path = self.snapshot_path(&meta.snapshot_id);
+        load_store(&self.store, &path).map_err(snapshot_err)?;
+        self.meta = StateMeta::load(&self.store).map_err(sm_read_err)?;
+        self.meta.last_applied = meta.last_log_id;
+        self.meta.membership = meta.last_membership.clone();
+        let mut batch = sled::Batch::default();
+        self.meta.write(&mut batch).map_err(sm_write_err)?;
+        self.store.apply(batch).map_err(sm_write_err)?;
+        self.sync.sync().map_err(snapshot_err)?;
+        self.set_current(meta)?;
+        std::fs::remove_file(self.snapshot_dir.join(INSTALLING)).map_err(snapshot_err)?;
+        std::fs::File::open(&self.snapshot_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(snapshot_err)?;
+        Ok(())
     }
 
     /// The message store, for readers.
@@ -360,15 +405,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .ok_or_else(|| snapshot_err("no snapshot is being received"))?;
         let path = self.snapshot_path(&meta.snapshot_id);
         std::fs::rename(&incoming, &path).map_err(snapshot_err)?;
-        load_store(&self.store, &path).map_err(snapshot_err)?;
-        self.meta = StateMeta::load(&self.store).map_err(sm_read_err)?;
-        self.meta.last_applied = meta.last_log_id;
-        self.meta.membership = meta.last_membership.clone();
-        let mut batch = sled::Batch::default();
-        self.meta.write(&mut batch).map_err(sm_write_err)?;
-        self.store.apply(batch).map_err(sm_write_err)?;
-        self.sync.sync().map_err(snapshot_err)?;
-        self.set_current(meta)?;
+        self.load_snapshot(meta)?;
         self.hub.reset(self.meta.last_offset());
         self.progress
             .send_replace(AppliedProgress::from(&self.meta));
@@ -388,5 +425,87 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(sm_read_err(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Command, Item, NewMessage, Rules};
+    use openraft::{CommittedLeaderId, Entry as RaftEntry};
+
+    fn entry(index: u64, channel: &str) -> Entry {
+        let message = NewMessage {
+            channel: channel.into(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            content_type: "application/json".into(),
+            schema_version: "1.0.0".into(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            idempotency_key: String::new(),
+            ttl_ms: 0,
+            headers: Default::default(),
+            hops: 0,
+        };
+        RaftEntry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::Batch {
+                stamped_at_us: index * 1_000,
+                rules: Rules {
+                    dedup_window_us: 0,
+                    loop_window_us: 0,
+                    max_hops: 16,
+                    max_clock_skew_ms: 0,
+                },
+                items: vec![Item::Publish(message)],
+            }),
+        }
+    }
+
+    fn open(dir: &Path) -> StateMachine {
+        let db = sled::Config::new().path(dir).open().unwrap();
+        let (progress, _) = watch::channel(AppliedProgress::default());
+        StateMachine::open(db, dir, Hub::new(0, 16, 1 << 20), progress).unwrap()
+    }
+
+    fn channels(store: &MessageStore) -> Vec<String> {
+        store
+            .batches_from(0)
+            .flat_map(|b| b.unwrap().messages)
+            .map(|m| m.message.channel)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_crash_during_snapshot_install_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot_meta = {
+            let mut sm = open(dir.path());
+            sm.apply(vec![entry(1, "a.one"), entry(2, "a.two")])
+                .await
+                .unwrap();
+            let mut builder = sm.get_snapshot_builder().await;
+            let snapshot = builder.build_snapshot().await.unwrap();
+            sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+            assert_eq!(channels(&sm.store), vec!["a.one", "a.two", "a.three"]);
+            // The install crashes half way: marker written, store cleared, nothing loaded yet.
+            let marker = bincode::serialize(&snapshot.meta).unwrap();
+            write_durably(&sm.snapshot_dir, INSTALLING, &marker).unwrap();
+            sm.store.clear().unwrap();
+            sm.sync.sync().unwrap();
+            snapshot.meta
+        };
+        let sm = open(dir.path());
+        assert_eq!(
+            channels(&sm.store),
+            vec!["a.one", "a.two"],
+            "the snapshot's state, whole"
+        );
+        assert_eq!(sm.meta.last_applied, snapshot_meta.last_log_id);
+        assert_eq!(sm.meta.next_offset, 3);
+        assert!(
+            !sm.snapshot_dir.join(INSTALLING).exists(),
+            "the marker is gone"
+        );
     }
 }
