@@ -31,6 +31,7 @@ pub mod observability;
 pub mod proposer;
 pub mod raft;
 pub mod retention;
+pub mod security;
 pub mod server;
 pub mod shutdown;
 pub mod store;

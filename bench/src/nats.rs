@@ -1,0 +1,389 @@
+//! The same workloads against NATS JetStream, through `async-nats`.
+//!
+//! - Publishing is JetStream publish (persisted in the stream `BENCH`, file storage, one replica)
+//!   with at most `window` acks pending, as Switchboard's publisher has at most `window`
+//!   messages unacknowledged.
+//! - Subscribers are JetStream ordered push consumers (ephemeral, delivering new messages of the
+//!   stream that match their filter), the JetStream counterpart of a Switchboard subscription:
+//!   both deliver stored messages and can start from any point. Each has its own connection.
+//! - Entities are a KV bucket (`contacts`, file storage, history 1): an update is a `put`, a
+//!   watcher is `watch_all`. NATS KV stores whole values, not field-level merges.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use async_nats::jetstream::{self, consumer, stream};
+use hdrhistogram::Histogram;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::payload::{self, now_ns, ACK_LATENCY};
+use crate::tally::{self, ReaderTask, Seen};
+use crate::{Metric, Outcome, Plan};
+
+async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        // Deliveries are read as fast as they come; a deeper client queue than the default.
+        .subscription_capacity(65_536)
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))
+}
+
+fn context(client: async_nats::Client, window: usize) -> jetstream::Context {
+    jetstream::context::ContextBuilder::new()
+        .max_ack_inflight(window)
+        .backpressure_on_inflight(true)
+        .timeout(Duration::from_secs(30))
+        .build(client)
+}
+
+/// The stream every workload publishes to: `bench.>`, file storage, one replica.
+async fn bench_stream(js: &jetstream::Context) -> anyhow::Result<stream::Stream> {
+    let config = stream::Config {
+        name: "BENCH".to_owned(),
+        subjects: vec!["bench.>".to_owned()],
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    // JetStream may still be starting right after the port opens.
+    let mut attempt = 0;
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) if attempt < 50 => {
+                attempt += 1;
+                if attempt == 1 {
+                    eprintln!("[bench] waiting for JetStream: {error}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(anyhow!("cannot create the stream BENCH: {error}")),
+        }
+    }
+}
+
+/// A JetStream publisher with at most `window` acks pending; a task awaits the acks in order and
+/// records their latency.
+struct Windowed {
+    js: jetstream::Context,
+    slots: std::sync::Arc<Semaphore>,
+    pending: mpsc::Sender<(u64, jetstream::context::PublishAckFuture)>,
+    reader: tokio::task::JoinHandle<anyhow::Result<AckTally>>,
+}
+
+struct AckTally {
+    acked: u64,
+    failed: u64,
+    first_failure: Option<String>,
+    latency: Histogram<u64>,
+}
+
+impl AckTally {
+    fn notes(&self, outcome: &mut Outcome) {
+        if self.failed > 0 {
+            outcome.notes.push(format!(
+                "{} publishes failed (first: {})",
+                self.failed,
+                self.first_failure.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+}
+
+impl Windowed {
+    fn open(js: jetstream::Context, window: usize) -> Windowed {
+        let slots = std::sync::Arc::new(Semaphore::new(window));
+        let (pending, mut acks) =
+            mpsc::channel::<(u64, jetstream::context::PublishAckFuture)>(window.max(1));
+        let reader = tokio::spawn({
+            let slots = slots.clone();
+            async move {
+                let mut tally = AckTally {
+                    acked: 0,
+                    failed: 0,
+                    first_failure: None,
+                    latency: payload::histogram()?,
+                };
+                while let Some((sent, ack)) = acks.recv().await {
+                    let result = ack.await;
+                    let now = now_ns();
+                    slots.add_permits(1);
+                    match result {
+                        Ok(_) => {
+                            tally.acked += 1;
+                            payload::record_ns(&mut tally.latency, now.saturating_sub(sent));
+                        }
+                        Err(error) => {
+                            tally.failed += 1;
+                            tally.first_failure.get_or_insert_with(|| error.to_string());
+                        }
+                    }
+                }
+                anyhow::Ok(tally)
+            }
+        });
+        Windowed {
+            js,
+            slots,
+            pending,
+            reader,
+        }
+    }
+
+    async fn send(&self, subject: &'static str, seq: u64, size: usize) -> anyhow::Result<()> {
+        self.slots.acquire().await?.forget();
+        let sent = now_ns();
+        let ack = self
+            .js
+            .publish(subject, payload::encode(seq, sent, size))
+            .await
+            .context("JetStream publish failed")?;
+        self.pending
+            .send((sent, ack))
+            .await
+            .map_err(|_| anyhow!("the ack reader stopped"))
+    }
+
+    async fn finish(self) -> anyhow::Result<AckTally> {
+        drop(self.pending);
+        self.reader.await?
+    }
+}
+
+/// W1: as Switchboard's, with JetStream publish.
+pub async fn w1(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    let client = connect(url).await?;
+    let js = context(client, plan.window);
+    bench_stream(&js).await?;
+    let publisher = Windowed::open(js, plan.window);
+    let start = Instant::now();
+    for seq in 0..plan.w1_messages as u64 {
+        publisher.send("bench.w1.publish", seq, plan.size).await?;
+    }
+    let tally = publisher.finish().await?;
+    let rate = tally.acked as f64 / start.elapsed().as_secs_f64();
+    let mut outcome = Outcome::default();
+    outcome
+        .metrics
+        .push(Metric::higher("msgs/s", "msgs/s", rate));
+    outcome.metrics.push(Metric::higher(
+        "MB/s",
+        "MB/s",
+        rate * plan.size as f64 / 1e6,
+    ));
+    outcome
+        .metrics
+        .extend(payload::latency_metrics(&tally.latency, ACK_LATENCY));
+    tally.notes(&mut outcome);
+    Ok(outcome)
+}
+
+/// `count` ordered push consumers of the stream filtered by `filter`, each on its own connection,
+/// created (so delivering) when this returns.
+async fn subscribers(
+    url: &str,
+    stream: &stream::Stream,
+    filter: &str,
+    count: usize,
+    expected: &watch::Receiver<u64>,
+    record_from: Option<u64>,
+    deadline: Instant,
+) -> anyhow::Result<Vec<ReaderTask>> {
+    let mut tasks = Vec::with_capacity(count);
+    let stream_name = stream.cached_info().config.name.clone();
+    for _ in 0..count {
+        let client = connect(url).await?;
+        let js = jetstream::new(client.clone());
+        let stream = js.get_stream(&stream_name).await?;
+        let consumer = stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                filter_subject: filter.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot create an ordered consumer on {filter}"))?;
+        let messages = consumer.messages().await?;
+        let expected = expected.clone();
+        tasks.push(tokio::spawn(async move {
+            let _client = client;
+            tally::receive(
+                messages,
+                |message| {
+                    let message = message.map_err(|e| anyhow!("the consumer failed: {e}"))?;
+                    // Read the stamp only when the latency is recorded (not in W3).
+                    Ok(Seen::Delivery(
+                        record_from.and_then(|_| payload::decode(&message.payload)),
+                    ))
+                },
+                expected,
+                record_from,
+                deadline,
+            )
+            .await
+        }));
+    }
+    Ok(tasks)
+}
+
+/// W2: as Switchboard's, with JetStream publish and ordered consumers.
+pub async fn w2(
+    url: &str,
+    plan: &Plan,
+    subscriber_count: usize,
+    wildcard: bool,
+) -> anyhow::Result<Outcome> {
+    let (warm, total) = plan.w2_counts();
+    let subject = "bench.w2.events";
+    let filter = if wildcard { "bench.w2.*" } else { subject };
+    let client = connect(url).await?;
+    let js = context(client, plan.window);
+    let stream = bench_stream(&js).await?;
+    let deadline = Instant::now() + plan.w2_warmup + plan.w2_duration + Duration::from_secs(15);
+    let (_expected_tx, expected) = watch::channel(total);
+    let tasks = subscribers(
+        url,
+        &stream,
+        filter,
+        subscriber_count,
+        &expected,
+        Some(warm),
+        deadline,
+    )
+    .await?;
+    let publisher = Windowed::open(js, plan.window);
+    let size = plan.size;
+    let late_us = payload::paced(total, plan.w2_rate, |seq| {
+        let publisher = &publisher;
+        async move { publisher.send(subject, seq, size).await }
+    })
+    .await?;
+    let tally = publisher.finish().await?;
+    let mut outcome = tally::latency_outcome(&tally::join(tasks).await?, total)?;
+    payload::lateness_note(late_us, &mut outcome);
+    tally.notes(&mut outcome);
+    Ok(outcome)
+}
+
+/// W3: as Switchboard's, with JetStream publish and ordered consumers.
+pub async fn w3(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    let client = connect(url).await?;
+    let js = context(client, plan.window);
+    let stream = bench_stream(&js).await?;
+    let deadline = Instant::now() + plan.w3_duration + plan.w3_drain + Duration::from_secs(5);
+    let (expected_tx, expected) = watch::channel(u64::MAX);
+    let tasks = subscribers(
+        url,
+        &stream,
+        "bench.w3.*",
+        plan.w3_subscribers,
+        &expected,
+        None,
+        deadline,
+    )
+    .await?;
+    let publisher = Windowed::open(js, plan.window);
+    let start_ns = now_ns();
+    let start = Instant::now();
+    let mut seq = 0u64;
+    while start.elapsed() < plan.w3_duration {
+        publisher.send("bench.w3.events", seq, plan.size).await?;
+        seq += 1;
+    }
+    let tally = publisher.finish().await?;
+    let publish_seconds = start.elapsed().as_secs_f64();
+    expected_tx.send_replace(tally.acked);
+    let received = tally::join(tasks).await?;
+    let mut outcome = tally::fan_out_outcome(&received, tally.acked, publish_seconds, start_ns);
+    tally.notes(&mut outcome);
+    Ok(outcome)
+}
+
+/// W4: as Switchboard's, with a KV bucket: `put` per update, `watch_all` per watcher.
+pub async fn w4(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    let client = connect(url).await?;
+    let js = context(client, plan.window);
+    // Wait for JetStream as for the stream, then create the bucket.
+    bench_stream(&js).await?;
+    // The bucket's stream, as `create_key_value` would make it (that call first asks for the
+    // account's info, which async-nats 0.51 cannot parse from a 2.9 server).
+    js.create_stream(stream::Config {
+        name: "KV_contacts".to_owned(),
+        subjects: vec!["$KV.contacts.>".to_owned()],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow!("cannot create the KV bucket's stream: {e}"))?;
+    let store = js
+        .get_key_value("contacts")
+        .await
+        .map_err(|e| anyhow!("cannot open the KV bucket: {e}"))?;
+    let deadline = Instant::now() + plan.w4_limit();
+    let (expected_tx, expected) = watch::channel(u64::MAX);
+    let mut watchers = Vec::with_capacity(plan.w4_watchers);
+    for _ in 0..plan.w4_watchers {
+        let client = connect(url).await?;
+        let watch = jetstream::new(client.clone())
+            .get_key_value("contacts")
+            .await
+            .map_err(|e| anyhow!("cannot open the KV bucket: {e}"))?
+            .watch_all()
+            .await
+            .map_err(|e| anyhow!("cannot watch the KV bucket: {e}"))?;
+        let expected = expected.clone();
+        watchers.push(tokio::spawn(async move {
+            let _client = client;
+            tally::receive(
+                watch,
+                |entry| {
+                    let entry = entry.map_err(|e| anyhow!("the KV watch failed: {e}"))?;
+                    Ok(Seen::Delivery(
+                        payload::entity_time(&entry.value).map(|sent| (0, sent)),
+                    ))
+                },
+                expected,
+                Some(0),
+                deadline,
+            )
+            .await
+        }));
+    }
+    let updates = tally::run_updates(
+        plan.w4_writers,
+        plan.w4_entities,
+        plan.w4_updates as u64,
+        deadline,
+        move |entity, n, sent| {
+            let store = store.clone();
+            async move {
+                let value = serde_json::to_vec(&payload::entity_fields(sent, n))?;
+                store
+                    .put(format!("contact.c{entity}"), value.into())
+                    .await
+                    .map_err(|e| anyhow!("KV put failed: {e}"))?;
+                Ok(())
+            }
+        },
+    )
+    .await?;
+    expected_tx.send_replace(updates.done);
+    let watchers = tally::join(watchers).await?;
+    tally::entity_outcome(
+        updates.done,
+        updates.elapsed,
+        &updates.latency,
+        &watchers,
+        updates.failed,
+        updates.first_error,
+    )
+}

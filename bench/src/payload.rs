@@ -1,0 +1,206 @@
+//! Message bodies and latency histograms.
+//!
+//! Every body is JSON (Switchboard validates JSON payloads; NATS gets the very same bytes):
+//! `{"s":"0000000042","t":"00000000001234567890","p":"xxxx…"}`, padded to the requested size.
+//! `s` is the message's sequence number and `t` the time it was sent, in nanoseconds since the
+//! benchmark started ([`now_ns`]); both have fixed widths, so a receiver reads them without
+//! parsing the JSON.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+
+use crate::Metric;
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since the benchmark process first asked (one clock for publishers and receivers,
+/// which live in the same process).
+pub fn now_ns() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+const SEQ_AT: usize = 6;
+const SEQ_LEN: usize = 10;
+const TIME_AT: usize = SEQ_AT + SEQ_LEN + 7;
+const TIME_LEN: usize = 20;
+/// The bytes before the padding: `{"s":"..........","t":"....................","p":"` plus `"}`.
+const OVERHEAD: usize = TIME_AT + TIME_LEN + 9;
+
+/// A body of `size` bytes (at least the 52 the header and the padding's quotes need) carrying `seq` and `sent_ns`.
+pub fn encode(seq: u64, sent_ns: u64, size: usize) -> Bytes {
+    let padding = size.saturating_sub(OVERHEAD);
+    let mut body = String::with_capacity(OVERHEAD + padding);
+    body.push_str(&format!(
+        "{{\"s\":\"{seq:010}\",\"t\":\"{sent_ns:020}\",\"p\":\""
+    ));
+    body.extend(std::iter::repeat_n('x', padding));
+    body.push_str("\"}");
+    Bytes::from(body)
+}
+
+/// The sequence number and send time of a body made by [`encode`].
+pub fn decode(body: &[u8]) -> Option<(u64, u64)> {
+    let seq = std::str::from_utf8(body.get(SEQ_AT..SEQ_AT + SEQ_LEN)?).ok()?;
+    let sent = std::str::from_utf8(body.get(TIME_AT..TIME_AT + TIME_LEN)?).ok()?;
+    Some((seq.parse().ok()?, sent.parse().ok()?))
+}
+
+/// The send time in an entity's fields (`{"t":"<ns>", ...}`, W4), wherever the field is.
+pub fn entity_time(fields: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(fields).ok()?;
+    value.get("t")?.as_str()?.parse().ok()
+}
+
+/// The fields of one W4 update: the send time and a counter.
+pub fn entity_fields(sent_ns: u64, n: u64) -> serde_json::Value {
+    serde_json::json!({ "t": format!("{sent_ns:020}"), "n": n, "agent": "bench" })
+}
+
+/// A histogram of latencies in microseconds, from 1 µs to 10 minutes, 3 significant digits.
+pub fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?)
+}
+
+/// Records a latency given in nanoseconds.
+pub fn record_ns(histogram: &mut Histogram<u64>, ns: u64) {
+    histogram.saturating_record((ns / 1_000).max(1));
+}
+
+/// The quantiles of `histogram` that `names` names, in µs.
+pub fn latency_metrics(histogram: &Histogram<u64>, names: LatencyNames) -> Vec<Metric> {
+    let mut metrics = vec![
+        Metric::lower(names.p50, "µs", histogram.value_at_quantile(0.50) as f64),
+        Metric::lower(names.p99, "µs", histogram.value_at_quantile(0.99) as f64),
+    ];
+    if let Some(p90) = names.p90 {
+        metrics.insert(
+            1,
+            Metric::lower(p90, "µs", histogram.value_at_quantile(0.90) as f64),
+        );
+    }
+    if let Some(p999) = names.p999 {
+        metrics.push(Metric::lower(
+            p999,
+            "µs",
+            histogram.value_at_quantile(0.999) as f64,
+        ));
+    }
+    if let Some(max) = names.max {
+        metrics.push(Metric::lower(max, "µs", histogram.max() as f64));
+    }
+    metrics
+}
+
+/// The metric names of one latency distribution (static, so rows can be matched by name).
+pub struct LatencyNames {
+    pub p50: &'static str,
+    pub p90: Option<&'static str>,
+    pub p99: &'static str,
+    pub p999: Option<&'static str>,
+    pub max: Option<&'static str>,
+}
+
+pub const ACK_LATENCY: LatencyNames = LatencyNames {
+    p50: "ack latency p50",
+    p90: None,
+    p99: "ack latency p99",
+    p999: None,
+    max: None,
+};
+
+pub const DELIVERY_LATENCY: LatencyNames = LatencyNames {
+    p50: "publish→receive p50",
+    p90: Some("publish→receive p90"),
+    p99: "publish→receive p99",
+    p999: Some("publish→receive p99.9"),
+    max: Some("publish→receive max"),
+};
+
+pub const WATCH_LATENCY: LatencyNames = LatencyNames {
+    p50: "update→watch p50",
+    p90: None,
+    p99: "update→watch p99",
+    p999: None,
+    max: Some("update→watch max"),
+};
+
+/// Calls `send(seq)` for `seq` in `0..total`, message `seq` due at `seq / rate` seconds after the
+/// start (never earlier; late ones go at once, so a stall shows as latency). Returns how late the
+/// latest send was, in µs.
+pub async fn paced<F, Fut>(total: u64, rate: u32, mut send: F) -> anyhow::Result<u64>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let start = tokio::time::Instant::now();
+    let period_ns = 1_000_000_000u64 / u64::from(rate.max(1));
+    let mut worst_late_us = 0u64;
+    for seq in 0..total {
+        let due = start + std::time::Duration::from_nanos(seq * period_ns);
+        let now = tokio::time::Instant::now();
+        if due > now {
+            tokio::time::sleep_until(due).await;
+        } else {
+            let late = u64::try_from((now - due).as_micros()).unwrap_or(u64::MAX);
+            worst_late_us = worst_late_us.max(late);
+        }
+        send(seq).await?;
+    }
+    Ok(worst_late_us)
+}
+
+/// Notes a publisher that fell more than 5 ms behind its schedule.
+pub fn lateness_note(late_us: u64, outcome: &mut crate::Outcome) {
+    if late_us > 5_000 {
+        outcome.notes.push(format!(
+            "the publisher fell behind its schedule by up to {:.1} ms",
+            late_us as f64 / 1000.0
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_round_trips_and_is_json_of_the_right_size() {
+        let body = encode(42, 1_234_567_890, 1024);
+        assert_eq!(body.len(), 1024);
+        assert_eq!(decode(&body), Some((42, 1_234_567_890)));
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["s"], "0000000042");
+    }
+
+    #[test]
+    fn small_bodies_keep_their_header() {
+        let body = encode(7, 9, 10);
+        assert_eq!(body.len(), OVERHEAD);
+        assert_eq!(decode(&body), Some((7, 9)));
+    }
+
+    #[test]
+    fn entity_fields_carry_the_time() {
+        let fields = entity_fields(123_456, 3);
+        let bytes = serde_json::to_vec(&fields).unwrap();
+        assert_eq!(entity_time(&bytes), Some(123_456));
+    }
+
+    #[test]
+    fn histogram_reports_quantiles_in_microseconds() {
+        let mut h = histogram().unwrap();
+        for us in 1..=1000u64 {
+            record_ns(&mut h, us * 1_000);
+        }
+        let metrics = latency_metrics(&h, DELIVERY_LATENCY);
+        assert_eq!(metrics.len(), 5);
+        assert!((metrics[0].value - 500.0).abs() <= 1.0);
+        assert!((metrics[4].value - 1000.0).abs() <= 1.0);
+    }
+}

@@ -1,0 +1,338 @@
+//! The workloads against Switchboard, through `switchboard-client`. Every subscriber and watcher
+//! has a connection of its own, as separate widgets would; the publisher uses one `PublishStream`
+//! with at most `window` messages unacknowledged.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use switchboard_client::{
+    split_stream_ack, Client, EntityEvent, EntityUpdate, Publish, PublishAcks, Publisher, Start,
+    SubscribeOptions,
+};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::payload::{self, now_ns, ACK_LATENCY};
+use crate::tally::{self, ReaderTask, Seen};
+use crate::{Metric, Outcome, Plan};
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    Client::connect(url.to_owned())
+        .await
+        .with_context(|| format!("cannot connect to Switchboard at {url}"))
+}
+
+fn subscribe_options() -> SubscribeOptions {
+    // A deeper client-side queue than the default 64: the benchmark reads as fast as it can.
+    SubscribeOptions::default()
+        .buffer(1024)
+        .max_reconnect_attempts(Some(0))
+}
+
+/// A publish stream with at most `window` messages unacknowledged: [`Windowed::send`] waits for a
+/// free slot, and a task reads the acks (one per message, in order), recording their latency.
+struct Windowed {
+    publisher: Publisher,
+    slots: Arc<Semaphore>,
+    sent_at: Arc<Mutex<VecDeque<u64>>>,
+    reader: tokio::task::JoinHandle<anyhow::Result<AckTally>>,
+}
+
+#[derive(Debug)]
+struct AckTally {
+    acked: u64,
+    refused: u64,
+    first_refusal: Option<String>,
+    latency: Histogram<u64>,
+}
+
+impl AckTally {
+    fn notes(&self, outcome: &mut Outcome) {
+        if self.refused > 0 {
+            outcome.notes.push(format!(
+                "{} publishes refused (first: {})",
+                self.refused,
+                self.first_refusal.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+}
+
+impl Windowed {
+    fn open(client: &Client, window: usize) -> Windowed {
+        let (publisher, acks) = client.publisher(window);
+        let slots = Arc::new(Semaphore::new(window));
+        let sent_at = Arc::new(Mutex::new(VecDeque::with_capacity(window)));
+        let reader = tokio::spawn(read_acks(acks, slots.clone(), sent_at.clone()));
+        Windowed {
+            publisher,
+            slots,
+            sent_at,
+            reader,
+        }
+    }
+
+    async fn send(&self, channel: &str, seq: u64, size: usize) -> anyhow::Result<()> {
+        self.slots.acquire().await?.forget();
+        let sent = now_ns();
+        self.sent_at
+            .lock()
+            .map_err(|_| anyhow!("a lock was poisoned"))?
+            .push_back(sent);
+        self.publisher
+            .send(Publish::new(channel, payload::encode(seq, sent, size)))
+            .await
+            .context("the publish stream closed")
+    }
+
+    /// Ends the stream and waits for the acks of everything sent.
+    async fn finish(self) -> anyhow::Result<AckTally> {
+        drop(self.publisher);
+        self.reader.await?
+    }
+}
+
+async fn read_acks(
+    mut acks: PublishAcks,
+    slots: Arc<Semaphore>,
+    sent_at: Arc<Mutex<VecDeque<u64>>>,
+) -> anyhow::Result<AckTally> {
+    let mut tally = AckTally {
+        acked: 0,
+        refused: 0,
+        first_refusal: None,
+        latency: payload::histogram()?,
+    };
+    while let Some(ack) = acks.next().await {
+        let ack = ack.context("the publish stream failed")?;
+        let now = now_ns();
+        let sent = sent_at
+            .lock()
+            .map_err(|_| anyhow!("a lock was poisoned"))?
+            .pop_front();
+        slots.add_permits(1);
+        match split_stream_ack(ack).1 {
+            Ok(_) => tally.acked += 1,
+            Err(refusal) => {
+                tally.refused += 1;
+                tally
+                    .first_refusal
+                    .get_or_insert_with(|| refusal.to_string());
+            }
+        }
+        if let Some(sent) = sent {
+            payload::record_ns(&mut tally.latency, now.saturating_sub(sent));
+        }
+    }
+    Ok(tally)
+}
+
+/// W1: one publisher, `w1_messages` messages of `size` bytes to one channel, at most `window`
+/// unacknowledged.
+pub async fn w1(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    let client = connect(url).await?;
+    let stream = Windowed::open(&client, plan.window);
+    let start = Instant::now();
+    for seq in 0..plan.w1_messages as u64 {
+        stream.send("bench.w1.publish", seq, plan.size).await?;
+    }
+    let tally = stream.finish().await?;
+    let rate = tally.acked as f64 / start.elapsed().as_secs_f64();
+    let mut outcome = Outcome::default();
+    outcome
+        .metrics
+        .push(Metric::higher("msgs/s", "msgs/s", rate));
+    outcome.metrics.push(Metric::higher(
+        "MB/s",
+        "MB/s",
+        rate * plan.size as f64 / 1e6,
+    ));
+    outcome
+        .metrics
+        .extend(payload::latency_metrics(&tally.latency, ACK_LATENCY));
+    tally.notes(&mut outcome);
+    Ok(outcome)
+}
+
+/// `count` subscribers on `pattern`, each on its own connection, live when this returns.
+async fn subscribers(
+    url: &str,
+    pattern: &str,
+    count: usize,
+    expected: &watch::Receiver<u64>,
+    record_from: Option<u64>,
+    deadline: Instant,
+) -> anyhow::Result<Vec<ReaderTask>> {
+    let mut tasks = Vec::with_capacity(count);
+    for _ in 0..count {
+        let client = connect(url).await?;
+        let subscription = client
+            .subscribe_with(pattern, Start::Latest, subscribe_options())
+            .await
+            .with_context(|| format!("cannot subscribe to {pattern}"))?;
+        let expected = expected.clone();
+        tasks.push(tokio::spawn(async move {
+            // The connection lives as long as its subscription.
+            let _client = client;
+            tally::receive(
+                subscription,
+                |message| {
+                    let message = message.context("the subscription failed")?;
+                    // Read the stamp only when the latency is recorded (not in W3).
+                    Ok(Seen::Delivery(
+                        record_from.and_then(|_| payload::decode(&message.payload)),
+                    ))
+                },
+                expected,
+                record_from,
+                deadline,
+            )
+            .await
+        }));
+    }
+    Ok(tasks)
+}
+
+/// W2: `w2_rate` messages per second for the warm-up and then the measured period, to
+/// `subscriber_count` subscribers on the exact channel or on a wildcard; publish→receive latency
+/// of the messages after the warm-up.
+pub async fn w2(
+    url: &str,
+    plan: &Plan,
+    subscriber_count: usize,
+    wildcard: bool,
+) -> anyhow::Result<Outcome> {
+    let (warm, total) = plan.w2_counts();
+    let channel = "bench.w2.events";
+    let pattern = if wildcard { "bench.w2.*" } else { channel };
+    let deadline = Instant::now() + plan.w2_warmup + plan.w2_duration + Duration::from_secs(15);
+    let (_expected_tx, expected) = watch::channel(total);
+    let tasks = subscribers(
+        url,
+        pattern,
+        subscriber_count,
+        &expected,
+        Some(warm),
+        deadline,
+    )
+    .await?;
+    let client = connect(url).await?;
+    let stream = Windowed::open(&client, plan.window);
+    let size = plan.size;
+    let late_us = payload::paced(total, plan.w2_rate, |seq| {
+        let stream = &stream;
+        async move { stream.send(channel, seq, size).await }
+    })
+    .await?;
+    let tally = stream.finish().await?;
+    let mut outcome = tally::latency_outcome(&tally::join(tasks).await?, total)?;
+    payload::lateness_note(late_us, &mut outcome);
+    tally.notes(&mut outcome);
+    Ok(outcome)
+}
+
+/// W3: `w3_subscribers` subscribers on a wildcard; one publisher as fast as its window allows for
+/// `w3_duration`; deliveries per second until every subscriber has every message (or the drain
+/// time is up).
+pub async fn w3(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    let deadline = Instant::now() + plan.w3_duration + plan.w3_drain + Duration::from_secs(5);
+    let (expected_tx, expected) = watch::channel(u64::MAX);
+    let tasks = subscribers(
+        url,
+        "bench.w3.*",
+        plan.w3_subscribers,
+        &expected,
+        None,
+        deadline,
+    )
+    .await?;
+    let client = connect(url).await?;
+    let stream = Windowed::open(&client, plan.window);
+    let start_ns = now_ns();
+    let start = Instant::now();
+    let mut seq = 0u64;
+    while start.elapsed() < plan.w3_duration {
+        stream.send("bench.w3.events", seq, plan.size).await?;
+        seq += 1;
+    }
+    let tally = stream.finish().await?;
+    let publish_seconds = start.elapsed().as_secs_f64();
+    expected_tx.send_replace(tally.acked);
+    let received = tally::join(tasks).await?;
+    let mut outcome = tally::fan_out_outcome(&received, tally.acked, publish_seconds, start_ns);
+    tally.notes(&mut outcome);
+    Ok(outcome)
+}
+
+/// W4: `w4_writers` concurrent writers update `w4_entities` contacts (`UpdateEntity`, each writer
+/// its own entities, one update at a time), `w4_updates` in all, while `w4_watchers` watchers
+/// follow `contact.*` (`WatchEntities`); updates per second, their latency, and update→watch
+/// latency.
+pub async fn w4(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    let deadline = Instant::now() + plan.w4_limit();
+    let (expected_tx, expected) = watch::channel(u64::MAX);
+    let mut watchers = Vec::with_capacity(plan.w4_watchers);
+    for _ in 0..plan.w4_watchers {
+        let client = connect(url).await?;
+        let mut watch = client
+            .watch_entities("contact.*")
+            .await
+            .context("cannot watch contact.*")?;
+        // Live once the (empty) snapshot is complete.
+        match tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
+            Ok(Some(Ok(EntityEvent::SnapshotComplete(_)))) => {}
+            other => return Err(anyhow!("the entity watch did not go live: {other:?}")),
+        }
+        let expected = expected.clone();
+        watchers.push(tokio::spawn(async move {
+            let _client = client;
+            tally::receive(
+                watch,
+                |event| {
+                    Ok(match event.context("the entity watch failed")? {
+                        EntityEvent::Change(entity) => Seen::Delivery(
+                            payload::entity_time(&entity.fields).map(|sent| (0, sent)),
+                        ),
+                        _ => Seen::Other,
+                    })
+                },
+                expected,
+                Some(0),
+                deadline,
+            )
+            .await
+        }));
+    }
+    let client = connect(url).await?;
+    let updates = tally::run_updates(
+        plan.w4_writers,
+        plan.w4_entities,
+        plan.w4_updates as u64,
+        deadline,
+        move |entity, n, sent| {
+            let client = client.clone();
+            async move {
+                let fields = payload::entity_fields(sent, n);
+                client
+                    .update_entity(EntityUpdate::new("contact", format!("c{entity}"), fields))
+                    .await?;
+                Ok(())
+            }
+        },
+    )
+    .await?;
+    expected_tx.send_replace(updates.done);
+    let watchers = tally::join(watchers).await?;
+    tally::entity_outcome(
+        updates.done,
+        updates.elapsed,
+        &updates.latency,
+        &watchers,
+        updates.failed,
+        updates.first_error,
+    )
+}
