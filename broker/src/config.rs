@@ -29,6 +29,7 @@ const ENV_NOT_SETTINGS: &[&str] = &["SWITCHBOARD_URL", "SWITCHBOARD_CONFIG"];
 #[allow(missing_docs)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub allow_unauthenticated_remote: bool,
     pub admin_listen: AdminListen,
     pub data_dir: PathBuf,
     pub node_id: u64,
@@ -384,6 +385,18 @@ impl Config {
                 setting,
                 message: message.into(),
             })
+        }
+        if !self.listen.ip().is_loopback() && !self.allow_unauthenticated_remote {
+            return invalid(
+                "listen",
+                format!(
+                    "{} is not a loopback address, and this broker has no authentication yet: anyone \
+                     who can reach it could publish and read everything. Listen on 127.0.0.1, or set \
+                     allow_unauthenticated_remote = true (SWITCHBOARD_ALLOW_UNAUTHENTICATED_REMOTE=true) \
+                     on a network you trust",
+                    self.listen
+                ),
+            );
         }
         if self.node_id == 0 {
             return invalid(

@@ -75,3 +75,17 @@ fn bad_settings_fail_with_exit_2_and_name_the_setting() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/switchboard.toml"));
 }
+
+#[test]
+fn a_non_loopback_address_without_auth_needs_an_explicit_setting() {
+    let out = switchboard(&["--print-config", "--listen", "0.0.0.0:7400"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("allow_unauthenticated_remote"), "{err}");
+
+    let out = switchboard(
+        &["--print-config", "--listen", "0.0.0.0:7400"],
+        &[("SWITCHBOARD_ALLOW_UNAUTHENTICATED_REMOTE", "true")],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
