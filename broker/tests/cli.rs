@@ -87,5 +87,9 @@ fn a_non_loopback_address_without_auth_needs_an_explicit_setting() {
         &["--print-config", "--listen", "0.0.0.0:7400"],
         &[("SWITCHBOARD_ALLOW_UNAUTHENTICATED_REMOTE", "true")],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
