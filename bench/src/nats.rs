@@ -13,13 +13,12 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use async_nats::jetstream::{self, consumer, stream};
-use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
-use crate::payload::{self, now_ns, ACK_LATENCY};
-use crate::tally::{self, ReaderTask, Seen};
-use crate::{Metric, Outcome, Plan};
+use crate::payload::{self, now_ns};
+use crate::tally::{self, AckTally, ReaderTask, Seen};
+use crate::{Outcome, Plan};
 
 async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
@@ -73,25 +72,6 @@ struct Windowed {
     reader: tokio::task::JoinHandle<anyhow::Result<AckTally>>,
 }
 
-struct AckTally {
-    acked: u64,
-    failed: u64,
-    first_failure: Option<String>,
-    latency: Histogram<u64>,
-}
-
-impl AckTally {
-    fn notes(&self, outcome: &mut Outcome) {
-        if self.failed > 0 {
-            outcome.notes.push(format!(
-                "{} publishes failed (first: {})",
-                self.failed,
-                self.first_failure.as_deref().unwrap_or("?")
-            ));
-        }
-    }
-}
-
 impl Windowed {
     fn open(js: jetstream::Context, window: usize) -> Windowed {
         let slots = std::sync::Arc::new(Semaphore::new(window));
@@ -100,12 +80,7 @@ impl Windowed {
         let reader = tokio::spawn({
             let slots = slots.clone();
             async move {
-                let mut tally = AckTally {
-                    acked: 0,
-                    failed: 0,
-                    first_failure: None,
-                    latency: payload::histogram()?,
-                };
+                let mut tally = AckTally::new("failed")?;
                 while let Some((sent, ack)) = acks.recv().await {
                     let result = ack.await;
                     let now = now_ns();
@@ -115,10 +90,7 @@ impl Windowed {
                             tally.acked += 1;
                             payload::record_ns(&mut tally.latency, now.saturating_sub(sent));
                         }
-                        Err(error) => {
-                            tally.failed += 1;
-                            tally.first_failure.get_or_insert_with(|| error.to_string());
-                        }
+                        Err(error) => tally.fail(error),
                     }
                 }
                 anyhow::Ok(tally)
@@ -163,21 +135,7 @@ pub async fn w1(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
         publisher.send("bench.w1.publish", seq, plan.size).await?;
     }
     let tally = publisher.finish().await?;
-    let rate = tally.acked as f64 / start.elapsed().as_secs_f64();
-    let mut outcome = Outcome::default();
-    outcome
-        .metrics
-        .push(Metric::higher("msgs/s", "msgs/s", rate));
-    outcome.metrics.push(Metric::higher(
-        "MB/s",
-        "MB/s",
-        rate * plan.size as f64 / 1e6,
-    ));
-    outcome
-        .metrics
-        .extend(payload::latency_metrics(&tally.latency, ACK_LATENCY));
-    tally.notes(&mut outcome);
-    Ok(outcome)
+    Ok(tally.throughput(start.elapsed(), plan.size))
 }
 
 /// `count` ordered push consumers of the stream filtered by `filter`, each on its own connection,

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
-use hdrhistogram::Histogram;
 use switchboard_client::{
     split_stream_ack, Client, EntityEvent, EntityUpdate, Publish, PublishAcks, Publisher, Start,
     SubscribeOptions,
@@ -16,9 +15,9 @@ use switchboard_client::{
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
-use crate::payload::{self, now_ns, ACK_LATENCY};
-use crate::tally::{self, ReaderTask, Seen};
-use crate::{Metric, Outcome, Plan};
+use crate::payload::{self, now_ns};
+use crate::tally::{self, AckTally, ReaderTask, Seen};
+use crate::{Outcome, Plan};
 
 async fn connect(url: &str) -> anyhow::Result<Client> {
     Client::connect(url.to_owned())
@@ -40,26 +39,6 @@ struct Windowed {
     slots: Arc<Semaphore>,
     sent_at: Arc<Mutex<VecDeque<u64>>>,
     reader: tokio::task::JoinHandle<anyhow::Result<AckTally>>,
-}
-
-#[derive(Debug)]
-struct AckTally {
-    acked: u64,
-    refused: u64,
-    first_refusal: Option<String>,
-    latency: Histogram<u64>,
-}
-
-impl AckTally {
-    fn notes(&self, outcome: &mut Outcome) {
-        if self.refused > 0 {
-            outcome.notes.push(format!(
-                "{} publishes refused (first: {})",
-                self.refused,
-                self.first_refusal.as_deref().unwrap_or("?")
-            ));
-        }
-    }
 }
 
 impl Windowed {
@@ -101,12 +80,7 @@ async fn read_acks(
     slots: Arc<Semaphore>,
     sent_at: Arc<Mutex<VecDeque<u64>>>,
 ) -> anyhow::Result<AckTally> {
-    let mut tally = AckTally {
-        acked: 0,
-        refused: 0,
-        first_refusal: None,
-        latency: payload::histogram()?,
-    };
+    let mut tally = AckTally::new("refused")?;
     while let Some(ack) = acks.next().await {
         let ack = ack.context("the publish stream failed")?;
         let now = now_ns();
@@ -117,12 +91,7 @@ async fn read_acks(
         slots.add_permits(1);
         match split_stream_ack(ack).1 {
             Ok(_) => tally.acked += 1,
-            Err(refusal) => {
-                tally.refused += 1;
-                tally
-                    .first_refusal
-                    .get_or_insert_with(|| refusal.to_string());
-            }
+            Err(refusal) => tally.fail(refusal),
         }
         if let Some(sent) = sent {
             payload::record_ns(&mut tally.latency, now.saturating_sub(sent));
@@ -141,21 +110,7 @@ pub async fn w1(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
         stream.send("bench.w1.publish", seq, plan.size).await?;
     }
     let tally = stream.finish().await?;
-    let rate = tally.acked as f64 / start.elapsed().as_secs_f64();
-    let mut outcome = Outcome::default();
-    outcome
-        .metrics
-        .push(Metric::higher("msgs/s", "msgs/s", rate));
-    outcome.metrics.push(Metric::higher(
-        "MB/s",
-        "MB/s",
-        rate * plan.size as f64 / 1e6,
-    ));
-    outcome
-        .metrics
-        .extend(payload::latency_metrics(&tally.latency, ACK_LATENCY));
-    tally.notes(&mut outcome);
-    Ok(outcome)
+    Ok(tally.throughput(start.elapsed(), plan.size))
 }
 
 /// `count` subscribers on `pattern`, each on its own connection, live when this returns.

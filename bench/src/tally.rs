@@ -7,8 +7,68 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::payload::{self, now_ns, DELIVERY_LATENCY, WATCH_LATENCY};
+use crate::payload::{self, now_ns, ACK_LATENCY, DELIVERY_LATENCY, WATCH_LATENCY};
 use crate::{Metric, Outcome};
+
+/// What a windowed publisher's ack reader saw: the W1 figures of either side.
+#[derive(Debug)]
+pub struct AckTally {
+    pub acked: u64,
+    pub failed: u64,
+    pub first_failure: Option<String>,
+    pub latency: Histogram<u64>,
+    /// How this side words a failed publish in the notes ("refused", "failed").
+    failure_word: &'static str,
+}
+
+impl AckTally {
+    /// An empty tally; `failure_word` names a failed publish in the notes.
+    pub fn new(failure_word: &'static str) -> anyhow::Result<AckTally> {
+        Ok(AckTally {
+            acked: 0,
+            failed: 0,
+            first_failure: None,
+            latency: payload::histogram()?,
+            failure_word,
+        })
+    }
+
+    /// Counts a failed publish, keeping the first reason.
+    pub fn fail(&mut self, reason: impl std::fmt::Display) {
+        self.failed += 1;
+        self.first_failure.get_or_insert_with(|| reason.to_string());
+    }
+
+    /// The W1 outcome: throughput over `elapsed` for messages of `size` bytes, ack latency, and a
+    /// note when publishes failed.
+    pub fn throughput(&self, elapsed: std::time::Duration, size: usize) -> Outcome {
+        let rate = self.acked as f64 / elapsed.as_secs_f64();
+        let mut outcome = Outcome::default();
+        outcome
+            .metrics
+            .push(Metric::higher("msgs/s", "msgs/s", rate));
+        outcome
+            .metrics
+            .push(Metric::higher("MB/s", "MB/s", rate * size as f64 / 1e6));
+        outcome
+            .metrics
+            .extend(payload::latency_metrics(&self.latency, ACK_LATENCY));
+        self.notes(&mut outcome);
+        outcome
+    }
+
+    /// Adds a note to `outcome` when publishes failed.
+    pub fn notes(&self, outcome: &mut Outcome) {
+        if self.failed > 0 {
+            outcome.notes.push(format!(
+                "{} publishes {} (first: {})",
+                self.failed,
+                self.failure_word,
+                self.first_failure.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+}
 
 /// What one reader (subscriber or watcher) saw.
 #[derive(Debug)]
