@@ -16,7 +16,7 @@ use super::{convert, Edge, SUBSCRIBE_STREAM_BUFFER};
 use crate::error::{BrokerError, Reason};
 use crate::message::{ConsumerState, ConsumerWrite, Item, ItemOutcome};
 use crate::subscription::registry::{Control, FlowPolicy, Opening};
-use crate::subscription::{EventSender, SubscriptionSpec};
+use crate::subscription::{self, EventSender, SubscriptionSpec};
 
 /// Longest durable consumer name.
 const MAX_NAME_LEN: usize = 64;
@@ -70,20 +70,6 @@ fn expect_consumer(outcome: ItemOutcome) -> Result<Option<ConsumerState>, Broker
 }
 
 impl Edge {
-    /// The offset a start position means now (for creating a durable consumer).
-    fn start_offset(&self, start: Start) -> Result<u64, BrokerError> {
-        let last = self.progress.borrow().last_offset;
-        Ok(match start {
-            Start::Latest => last + 1,
-            Start::Earliest => self.store.first_batch()?.map(|b| b.key).unwrap_or(last + 1),
-            Start::Offset(offset) => offset.max(1),
-            Start::Time(time_us) => self
-                .store
-                .first_offset_at_or_after(time_us)?
-                .unwrap_or(last + 1),
-        })
-    }
-
     /// Starts a subscription for a `Subscribe` call; returns the stream's receiving end.
     pub(super) async fn subscribe(
         &self,
@@ -102,7 +88,11 @@ impl Edge {
                 name: name.clone(),
                 pattern: pattern.as_str().to_owned(),
                 policy: policy_number(policy),
-                start_offset: self.start_offset(start)?,
+                start_offset: subscription::first_offset(
+                    &self.store,
+                    start,
+                    self.progress.borrow().last_offset,
+                )?,
             };
             let state = expect_consumer(self.proposer.propose(Item::Consumer(open)).await?)?
                 .ok_or_else(|| BrokerError::Consensus("a consumer was not created".into()))?;

@@ -509,8 +509,13 @@ async fn feed(
     }
 }
 
-/// The first offset to deliver, given that offsets up to `last` are already in the store.
-fn first_offset(store: &MessageStore, start: Start, last: u64) -> Result<u64, BrokerError> {
+/// The first offset to deliver, given that offsets up to `last` are already in the store. Also
+/// where a new durable consumer starts.
+pub(crate) fn first_offset(
+    store: &MessageStore,
+    start: Start,
+    last: u64,
+) -> Result<u64, BrokerError> {
     Ok(match start {
         Start::Latest => last + 1,
         Start::Earliest => store
