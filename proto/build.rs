@@ -1,7 +1,11 @@
 //! Compiles `switchboard/v1/*.proto` with protox (pure Rust), so building needs no system `protoc`.
 use prost::Message;
 
-const PROTOS: &[&str] = &["switchboard/v1/broker.proto", "switchboard/v1/entity.proto"];
+const PROTOS: &[&str] = &[
+    "switchboard/v1/auth.proto",
+    "switchboard/v1/broker.proto",
+    "switchboard/v1/entity.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, ["."])?;
