@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::security::credentials::ClientConfig;
+use crate::security::ratelimit::RateLimit;
+use crate::security::token::KeyConfig;
+
 /// The default configuration, with a comment on every setting. `--print-config` shows the result of
 /// all layers in the same shape.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.default.toml");
@@ -45,6 +49,10 @@ pub struct Config {
     pub publish_stream: PublishStream,
     pub tracing: Tracing,
     pub log: Log,
+    pub auth: Auth,
+    pub tls: Tls,
+    pub origins: Origins,
+    pub rate_limits: RateLimits,
 }
 
 /// Where the HTTP admin listener (`/metrics`, `/healthz`) binds, or `off`. Written in TOML, the
@@ -127,6 +135,8 @@ pub struct Limits {
     pub max_key_len: usize,
     #[serde(with = "humantime_serde")]
     pub max_ttl: Duration,
+    pub max_connections: usize,
+    pub max_metadata_bytes: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -253,6 +263,90 @@ pub enum LogFormat {
 pub struct Log {
     pub format: LogFormat,
     pub level: String,
+}
+
+/// Bearer-token authentication (see `docs/SECURITY.md`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Auth {
+    pub hs256_secret_file: PathBuf,
+    pub keys: Vec<KeyConfig>,
+    pub issuers: Vec<String>,
+    pub audiences: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    pub token_endpoint: TokenEndpoint,
+}
+
+impl Auth {
+    /// Whether calls must carry a token: some verification key or token-endpoint client is
+    /// configured.
+    pub fn enabled(&self) -> bool {
+        !self.hs256_secret_file.as_os_str().is_empty()
+            || !self.keys.is_empty()
+            || !self.token_endpoint.clients.is_empty()
+    }
+}
+
+/// How the token endpoint's tokens are signed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SigningKind {
+    /// A shared secret (at least 32 bytes) in `signing_key_file`.
+    Hs256,
+    /// An Ed25519 private key (PKCS#8 PEM) in `signing_key_file`.
+    Eddsa,
+}
+
+/// The client-credentials token endpoint (`switchboard.v1.Auth/IssueToken`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct TokenEndpoint {
+    pub clients: Vec<ClientConfig>,
+    pub signing_key: SigningKind,
+    pub signing_key_file: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    pub max_concurrent_checks: usize,
+    pub max_waiting_checks: usize,
+    pub per_client: RateLimit,
+}
+
+/// TLS on the public listener; off while `cert_file` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Tls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
+}
+
+impl Tls {
+    /// Whether the public listener speaks TLS.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
+}
+
+/// Browser origins allowed to call the broker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Origins {
+    pub allow: Vec<String>,
+}
+
+/// Call budgets at the edge; a `per_second` of 0 turns one off.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RateLimits {
+    pub per_principal: RateLimit,
+    pub per_connection: RateLimit,
+    pub max_tracked: usize,
 }
 
 /// What went wrong while assembling the configuration.
@@ -386,18 +480,23 @@ impl Config {
                 message: message.into(),
             })
         }
-        if !self.listen.ip().is_loopback() && !self.allow_unauthenticated_remote {
+        if !self.listen.ip().is_loopback()
+            && !self.auth.enabled()
+            && !self.allow_unauthenticated_remote
+        {
             return invalid(
                 "listen",
                 format!(
-                    "{} is not a loopback address, and this broker has no authentication yet: anyone \
-                     who can reach it could publish and read everything. Listen on 127.0.0.1, or set \
+                    "{} is not a loopback address, and no authentication is configured: anyone \
+                     who can reach it could publish and read everything. Listen on 127.0.0.1, \
+                     configure authentication ([auth], see docs/SECURITY.md), or set \
                      allow_unauthenticated_remote = true (SWITCHBOARD_ALLOW_UNAUTHENTICATED_REMOTE=true) \
                      on a network you trust",
                     self.listen
                 ),
             );
         }
+        self.validate_security()?;
         if self.node_id == 0 {
             return invalid(
                 "node_id",
@@ -532,6 +631,90 @@ impl Config {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid("log.level", format!("not a valid filter: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Checks the security settings' shapes; key files are read (and checked) at start.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        fn invalid(setting: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                setting,
+                message: message.into(),
+            })
+        }
+        let tls = &self.tls;
+        let empty = |p: &PathBuf| p.as_os_str().is_empty();
+        if empty(&tls.cert_file) != empty(&tls.key_file) {
+            return invalid(
+                "tls.cert_file",
+                "tls.cert_file and tls.key_file are set together (or both left empty for no TLS)",
+            );
+        }
+        if !empty(&tls.client_ca_file) && !tls.enabled() {
+            return invalid(
+                "tls.client_ca_file",
+                "mutual TLS needs the listener's own certificate: set tls.cert_file and tls.key_file",
+            );
+        }
+        let auth = &self.auth;
+        if auth.leeway > Duration::from_secs(600) {
+            return invalid("auth.leeway", "must be at most 10 minutes");
+        }
+        let endpoint = &auth.token_endpoint;
+        if !endpoint.clients.is_empty() {
+            if empty(&endpoint.signing_key_file) {
+                return invalid(
+                    "auth.token_endpoint.signing_key_file",
+                    "the token endpoint has clients but no key to sign their tokens with",
+                );
+            }
+            if endpoint.issuer.trim().is_empty() || endpoint.audience.trim().is_empty() {
+                return invalid(
+                    "auth.token_endpoint.issuer",
+                    "the issuer and audience of minted tokens must not be empty",
+                );
+            }
+        }
+        if endpoint.max_concurrent_checks == 0 || endpoint.max_concurrent_checks > 64 {
+            return invalid(
+                "auth.token_endpoint.max_concurrent_checks",
+                "must be between 1 and 64 (each check costs an argon2 hash)",
+            );
+        }
+        if endpoint.max_waiting_checks > 100_000 {
+            return invalid(
+                "auth.token_endpoint.max_waiting_checks",
+                "must be at most 100000",
+            );
+        }
+        let rates = [
+            ("auth.token_endpoint.per_client", &endpoint.per_client),
+            ("rate_limits.per_principal", &self.rate_limits.per_principal),
+            (
+                "rate_limits.per_connection",
+                &self.rate_limits.per_connection,
+            ),
+        ];
+        for (setting, rate) in rates {
+            if !(rate.per_second >= 0.0 && rate.per_second.is_finite()) || rate.burst == 0 {
+                return invalid(
+                    setting,
+                    "per_second must be 0 (off) or a positive number, and burst at least 1",
+                );
+            }
+        }
+        if self.rate_limits.max_tracked == 0 || self.rate_limits.max_tracked > 10_000_000 {
+            return invalid("rate_limits.max_tracked", "must be between 1 and 10000000");
+        }
+        if self.limits.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if !(1024..=1024 * 1024).contains(&self.limits.max_metadata_bytes) {
+            return invalid(
+                "limits.max_metadata_bytes",
+                "must be between 1024 and 1048576 (1 MiB)",
+            );
         }
         Ok(())
     }

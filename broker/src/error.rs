@@ -6,6 +6,11 @@
 
 use std::fmt;
 
+use crate::security::credentials::CredentialError;
+use crate::security::permissions::PermissionDenied;
+use crate::security::ratelimit::RetryAfter;
+use crate::security::token::TokenError;
+
 /// A stable, machine-readable reason, sent as `google.rpc.ErrorInfo.reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(missing_docs)]
@@ -42,6 +47,35 @@ pub enum Reason {
     ShuttingDown,
     StorageFailure,
     ConsensusFailure,
+    // Authentication (UNAUTHENTICATED), from `security::token` and `security::credentials`.
+    TokenMissing,
+    TokenMalformed,
+    TokenAlgorithmUnsupported,
+    TokenKeyUnknown,
+    TokenInvalid,
+    TokenExpired,
+    TokenNotYetValid,
+    IssuerMismatch,
+    AudienceMismatch,
+    TokenClaimsInvalid,
+    InvalidClient,
+    // Authorization (PERMISSION_DENIED), from `security::permissions` and the origin allow-list.
+    PublishDenied,
+    SubscribeDenied,
+    EntityReadDenied,
+    EntityUpdateDenied,
+    OriginNotAllowed,
+    ScopeNotAllowed,
+    OnBehalfNotAllowed,
+    // The token endpoint's requests (INVALID_ARGUMENT) and state (UNIMPLEMENTED).
+    ScopeInvalid,
+    SubjectInvalid,
+    TokenEndpointOff,
+    // Limits (RESOURCE_EXHAUSTED).
+    RateLimited,
+    CredentialChecksBusy,
+    // INTERNAL: the token endpoint's own configuration is broken.
+    CredentialsMisconfigured,
 }
 
 impl Reason {
@@ -80,6 +114,30 @@ impl Reason {
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::StorageFailure => "STORAGE_FAILURE",
             Reason::ConsensusFailure => "CONSENSUS_FAILURE",
+            Reason::TokenMissing => "TOKEN_MISSING",
+            Reason::TokenMalformed => "TOKEN_MALFORMED",
+            Reason::TokenAlgorithmUnsupported => "TOKEN_ALGORITHM_UNSUPPORTED",
+            Reason::TokenKeyUnknown => "TOKEN_KEY_UNKNOWN",
+            Reason::TokenInvalid => "TOKEN_INVALID",
+            Reason::TokenExpired => "TOKEN_EXPIRED",
+            Reason::TokenNotYetValid => "TOKEN_NOT_YET_VALID",
+            Reason::IssuerMismatch => "ISSUER_MISMATCH",
+            Reason::AudienceMismatch => "AUDIENCE_MISMATCH",
+            Reason::TokenClaimsInvalid => "TOKEN_CLAIMS_INVALID",
+            Reason::InvalidClient => "INVALID_CLIENT",
+            Reason::PublishDenied => "PUBLISH_DENIED",
+            Reason::SubscribeDenied => "SUBSCRIBE_DENIED",
+            Reason::EntityReadDenied => "ENTITY_READ_DENIED",
+            Reason::EntityUpdateDenied => "ENTITY_UPDATE_DENIED",
+            Reason::OriginNotAllowed => "ORIGIN_NOT_ALLOWED",
+            Reason::ScopeNotAllowed => "SCOPE_NOT_ALLOWED",
+            Reason::OnBehalfNotAllowed => "ON_BEHALF_NOT_ALLOWED",
+            Reason::ScopeInvalid => "SCOPE_INVALID",
+            Reason::SubjectInvalid => "SUBJECT_INVALID",
+            Reason::TokenEndpointOff => "TOKEN_ENDPOINT_OFF",
+            Reason::RateLimited => "RATE_LIMITED",
+            Reason::CredentialChecksBusy => "CREDENTIAL_CHECKS_BUSY",
+            Reason::CredentialsMisconfigured => "CREDENTIALS_MISCONFIGURED",
         }
     }
 }
@@ -171,6 +229,31 @@ pub enum BrokerError {
         /// The leader's id, when known.
         leader: Option<u64>,
     },
+    /// The call carries no acceptable token. UNAUTHENTICATED.
+    #[error("{0}")]
+    Unauthenticated(TokenError),
+    /// The caller may not do this. PERMISSION_DENIED (a publish to a `$` channel: INVALID_ARGUMENT
+    /// `CHANNEL_RESERVED`, as the validator answers it).
+    #[error("{0}")]
+    Denied(PermissionDenied),
+    /// A browser call from an origin not on the allow-list. PERMISSION_DENIED.
+    #[error("calls from origin {origin:?} are not allowed (see origins.allow)")]
+    OriginNotAllowed {
+        /// The `Origin` header, cut to a readable length.
+        origin: String,
+    },
+    /// The token endpoint refused a client or its request: UNAUTHENTICATED `INVALID_CLIENT`,
+    /// PERMISSION_DENIED for a scope or subject beyond the client's, INVALID_ARGUMENT for a
+    /// malformed request, INTERNAL for a misconfiguration.
+    #[error("{0}")]
+    Credential(CredentialError),
+    /// The token endpoint is off: no clients are configured. UNIMPLEMENTED.
+    #[error("this broker issues no tokens: no clients are configured in auth.token_endpoint")]
+    TokenEndpointOff,
+    /// The caller or its connection spent its rate budget. RESOURCE_EXHAUSTED, with the wait in
+    /// `retry_after_ms` and a `google.rpc.RetryInfo`.
+    #[error("{0}")]
+    RateLimited(RetryAfter),
     /// The broker is stopping. UNAVAILABLE; retry against another node or after restart.
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -214,7 +297,60 @@ impl BrokerError {
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::Storage(_) => Reason::StorageFailure,
             BrokerError::Consensus(_) => Reason::ConsensusFailure,
+            BrokerError::Unauthenticated(e) => token_reason(e),
+            BrokerError::Denied(e) => denied_reason(e),
+            BrokerError::OriginNotAllowed { .. } => Reason::OriginNotAllowed,
+            BrokerError::Credential(e) => credential_reason(e),
+            BrokerError::TokenEndpointOff => Reason::TokenEndpointOff,
+            BrokerError::RateLimited(_) => Reason::RateLimited,
         }
+    }
+}
+
+// The security building blocks name their reasons as strings (they know nothing of the edge); these
+// give each its `Reason`, and a test checks that the two spellings agree.
+
+fn token_reason(e: &TokenError) -> Reason {
+    match e {
+        TokenError::Missing => Reason::TokenMissing,
+        TokenError::Malformed(_) => Reason::TokenMalformed,
+        TokenError::AlgorithmUnsupported(_) => Reason::TokenAlgorithmUnsupported,
+        TokenError::KeyUnknown(_) => Reason::TokenKeyUnknown,
+        TokenError::Invalid => Reason::TokenInvalid,
+        TokenError::Expired { .. } => Reason::TokenExpired,
+        TokenError::NotYetValid { .. } => Reason::TokenNotYetValid,
+        TokenError::IssuerMismatch(_) => Reason::IssuerMismatch,
+        TokenError::AudienceMismatch(_) => Reason::AudienceMismatch,
+        TokenError::ClaimsInvalid(_) => Reason::TokenClaimsInvalid,
+    }
+}
+
+fn denied_reason(e: &PermissionDenied) -> Reason {
+    match e {
+        PermissionDenied::ReservedChannel { .. } => Reason::ChannelReserved,
+        PermissionDenied::Publish { .. } => Reason::PublishDenied,
+        PermissionDenied::Subscribe { .. } => Reason::SubscribeDenied,
+        PermissionDenied::EntityRead { .. } => Reason::EntityReadDenied,
+        PermissionDenied::EntityUpdate { .. } => Reason::EntityUpdateDenied,
+    }
+}
+
+fn credential_reason(e: &CredentialError) -> Reason {
+    match e {
+        CredentialError::InvalidClient => Reason::InvalidClient,
+        CredentialError::InvalidScope(_) => Reason::ScopeInvalid,
+        CredentialError::ScopeNotAllowed => Reason::ScopeNotAllowed,
+        CredentialError::OnBehalfNotAllowed(_) => Reason::OnBehalfNotAllowed,
+        CredentialError::InvalidSubject => Reason::SubjectInvalid,
+        CredentialError::InvalidTtl(_) => Reason::TtlInvalid,
+        // A broken client configuration or signing failure is the operator's, not the caller's.
+        CredentialError::InvalidClientId(_)
+        | CredentialError::DuplicateClient(_)
+        | CredentialError::InvalidSecretHash { .. }
+        | CredentialError::SecretLength(_)
+        | CredentialError::SigningKey(_)
+        | CredentialError::Hashing(_)
+        | CredentialError::Signing(_) => Reason::CredentialsMisconfigured,
     }
 }
 
@@ -248,5 +384,74 @@ impl From<crate::message::Refusal> for BrokerError {
 impl From<sled::Error> for BrokerError {
     fn from(e: sled::Error) -> Self {
         BrokerError::Storage(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::security::permissions::PermissionError;
+
+    /// The security modules spell their reasons themselves; the edge's `Reason` must agree.
+    #[test]
+    fn security_reasons_agree_with_the_building_blocks() {
+        let tokens = [
+            TokenError::Missing,
+            TokenError::Malformed(String::new()),
+            TokenError::AlgorithmUnsupported(String::new()),
+            TokenError::KeyUnknown(String::new()),
+            TokenError::Invalid,
+            TokenError::Expired { exp: 1 },
+            TokenError::NotYetValid { nbf: 1 },
+            TokenError::IssuerMismatch(String::new()),
+            TokenError::AudienceMismatch(String::new()),
+            TokenError::ClaimsInvalid(String::new()),
+        ];
+        for e in tokens {
+            assert_eq!(token_reason(&e).as_str(), e.reason(), "{e:?}");
+        }
+        let channel = String::from("a");
+        let denials = [
+            PermissionDenied::ReservedChannel {
+                channel: channel.clone(),
+            },
+            PermissionDenied::Publish {
+                channel: channel.clone(),
+            },
+            PermissionDenied::Subscribe {
+                pattern: channel.clone(),
+            },
+            PermissionDenied::EntityRead {
+                entity_type: channel.clone(),
+            },
+            PermissionDenied::EntityUpdate {
+                entity_type: channel,
+            },
+        ];
+        for e in denials {
+            assert_eq!(denied_reason(&e).as_str(), e.reason(), "{e:?}");
+        }
+        let credentials = [
+            CredentialError::InvalidClient,
+            CredentialError::InvalidScope(PermissionError::TooManyGrants {
+                list: "publish",
+                len: 300,
+            }),
+            CredentialError::ScopeNotAllowed,
+            CredentialError::OnBehalfNotAllowed(String::new()),
+            CredentialError::InvalidSubject,
+            CredentialError::InvalidTtl(Duration::ZERO),
+            CredentialError::SigningKey(String::new()),
+        ];
+        for e in credentials {
+            assert_eq!(credential_reason(&e).as_str(), e.reason(), "{e:?}");
+        }
+        let limited = RetryAfter(Duration::from_millis(5));
+        assert_eq!(
+            BrokerError::RateLimited(limited).reason().as_str(),
+            limited.reason()
+        );
     }
 }

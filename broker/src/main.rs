@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use switchboard_broker::config::{self, Config, FlagOverrides, LogFormat};
 use switchboard_broker::observability::trace;
 use switchboard_broker::server::Broker;
@@ -61,6 +61,55 @@ struct Args {
     /// Print the embedded default configuration, with a comment on every setting, and exit
     #[arg(long)]
     print_defaults: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Make a client secret for the token endpoint and print it with its argon2id hash: the hash
+    /// goes in `[[auth.token_endpoint.clients]]` as `secret_hash`, the secret to the client only
+    /// (the broker never stores it). With --stdin, hash a secret read from standard input instead.
+    HashSecret {
+        /// Hash the secret given on standard input (one line) rather than making a new one
+        #[arg(long)]
+        stdin: bool,
+    },
+}
+
+/// `switchboard hash-secret`.
+fn hash_secret(from_stdin: bool) -> ExitCode {
+    use switchboard_broker::security::credentials::{generate_client_secret, hash_client_secret};
+    let secret = if from_stdin {
+        let mut line = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut line) {
+            eprintln!("error: cannot read the secret from standard input: {e}");
+            return ExitCode::FAILURE;
+        }
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        match generate_client_secret() {
+            Ok(secret) => secret,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    match hash_client_secret(&secret) {
+        Ok(hash) => {
+            if !from_stdin {
+                println!("secret = \"{secret}\"   # for the client only; not stored by the broker");
+            }
+            println!("secret_hash = \"{hash}\"");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 const AFTER_HELP: &str = "\
@@ -70,6 +119,9 @@ Examples:
   SWITCHBOARD_RETENTION_MAX_AGE=1d switchboard  # keep messages one day at most
   switchboard --config switchboard.toml --print-config  # check what a file changes
   switchboard --admin-listen off                # no HTTP admin listener (/metrics, /healthz)
+  switchboard hash-secret                       # a token-endpoint client secret and its hash
+  SWITCHBOARD_AUTH_HS256_SECRET_FILE=/etc/sb/hs256 SWITCHBOARD_TLS_CERT_FILE=cert.pem \\
+    SWITCHBOARD_TLS_KEY_FILE=key.pem switchboard --listen 0.0.0.0:7400   # tokens + TLS (docs/SECURITY.md)
 
 On start the broker prints `listening on ADDR` to stdout once it accepts requests, then
 `admin listening on ADDR` when the admin listener is on (curl http://ADDR/metrics).
@@ -127,6 +179,9 @@ fn init_observability(config: &Config) -> anyhow::Result<Option<trace::Export>> 
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::HashSecret { stdin }) = args.command {
+        return hash_secret(stdin);
+    }
     if args.print_defaults {
         print!("{}", config::DEFAULT_CONFIG_TOML);
         return ExitCode::SUCCESS;
@@ -190,12 +245,26 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    if !config.listen.ip().is_loopback() {
+    let remote = !config.listen.ip().is_loopback();
+    if remote && !config.auth.enabled() {
         tracing::warn!(
             listen = %config.listen,
             "listening beyond loopback with no authentication: anyone who can reach this address can publish and read"
         );
     }
+    if remote && config.auth.enabled() && !config.tls.enabled() {
+        tracing::warn!(
+            listen = %config.listen,
+            "listening beyond loopback without TLS: bearer tokens and messages cross the network in clear text (set tls.cert_file and tls.key_file)"
+        );
+    }
+    tracing::info!(
+        authentication = config.auth.enabled(),
+        tls = config.tls.enabled(),
+        mutual_tls = !config.tls.client_ca_file.as_os_str().is_empty(),
+        origins = config.origins.allow.len(),
+        "security"
+    );
     if let Some(admin) = config.admin_listen.addr() {
         if !admin.ip().is_loopback() {
             tracing::warn!(

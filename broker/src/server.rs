@@ -10,21 +10,26 @@ use std::time::Duration;
 
 use anyhow::Context;
 use openraft::BasicNode;
+use switchboard_proto::v1::auth_server::AuthServer;
 use switchboard_proto::v1::broker_server::BrokerServer;
 use switchboard_proto::v1::entities_server::EntitiesServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
+use crate::edge::auth::{Gate, GateInterceptor};
 use crate::edge::entities::EntitiesService;
+use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
 use crate::observability::{admin, metrics};
 use crate::proposer::Proposer;
 use crate::shutdown::{self, ShutdownSignal, ShutdownTrigger};
+use crate::transport::{self, LimitedIncoming};
 use crate::{raft, retention};
 
 /// Longest wait for connections to finish after shutdown begins.
@@ -34,14 +39,18 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Room above the payload limit for the rest of a publish request (headers, ids, channel).
 const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
 
+/// How often refilled rate-limit buckets are forgotten.
+const RATE_LIMIT_SWEEP: Duration = Duration::from_secs(30);
+
 /// How often histogram samples are folded into their buckets between scrapes (bounds memory).
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 /// The services whose gRPC health is reported; "" is the whole server.
-const HEALTH_SERVICES: [&str; 3] = [
+const HEALTH_SERVICES: [&str; 4] = [
     "",
     <BrokerServer<BrokerService> as NamedService>::NAME,
     <EntitiesServer<EntitiesService> as NamedService>::NAME,
+    <AuthServer<AuthService> as NamedService>::NAME,
 ];
 
 /// A started broker.
@@ -65,6 +74,11 @@ impl Broker {
         if let Some(handle) = metrics::install() {
             spawn_metrics_upkeep(handle);
         }
+        // Security first: a bad key, certificate or origin entry stops the start before any store
+        // is opened.
+        let (endpoint, minted) = AuthService::prepare(&config)?;
+        let gate = Arc::new(Gate::from_config(&config, minted)?);
+        let tls = transport::server_tls(&config.tls)?;
         let (trigger, signal) = shutdown::channel();
         let consensus = raft::start(&config).await?;
 
@@ -87,7 +101,9 @@ impl Broker {
             consensus.raft.clone(),
             consensus.progress.clone(),
             signal.clone(),
+            Arc::clone(&gate),
         );
+        spawn_rate_limit_sweep(Arc::clone(&gate), signal.clone());
 
         let listener = TcpListener::bind(config.listen)
             .await
@@ -144,21 +160,44 @@ impl Broker {
         let max_message = config.limits.max_payload_bytes
             + config.limits.max_header_bytes
             + REQUEST_OVERHEAD_BYTES;
-        let entities =
-            EntitiesServer::new(service.entities()).max_decoding_message_size(max_message);
-        let grpc = BrokerServer::new(service).max_decoding_message_size(max_message);
-        let router = tonic::transport::Server::builder()
+        let interceptor = GateInterceptor(Arc::clone(&gate));
+        let entities = InterceptedService::new(
+            EntitiesServer::new(service.entities()).max_decoding_message_size(max_message),
+            interceptor.clone(),
+        );
+        let grpc = InterceptedService::new(
+            BrokerServer::new(service).max_decoding_message_size(max_message),
+            interceptor,
+        );
+        // Token requests are small; the default 4 MiB limit would let one cost a large buffer.
+        let auth = AuthServer::new(endpoint.with_gate(gate)).max_decoding_message_size(64 * 1024);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).context(
+                "invalid TLS settings (tls.cert_file, tls.key_file, tls.client_ca_file)",
+            )?;
+        }
+        let router = builder
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             // hyper allows 200 concurrent streams per connection unless told; tonic's default
             // removes the limit, which would let one connection open unbounded subscriptions.
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            // Metadata (the token, trace context) beyond this is refused by HTTP/2 itself.
+            .http2_max_header_list_size(Some(config.limits.max_metadata_bytes))
             .add_service(grpc)
             .add_service(entities)
+            .add_service(auth)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        let serving = tokio::spawn(serve(router, listener, signal, consensus));
+        let serving = tokio::spawn(serve(
+            router,
+            listener,
+            config.limits.max_connections,
+            signal,
+            consensus,
+        ));
         Ok(Broker {
             local_addr,
             admin_addr,
@@ -205,6 +244,20 @@ fn spawn_metrics_upkeep(handle: &'static metrics_exporter_prometheus::Prometheus
     });
 }
 
+/// Forgets refilled rate-limit buckets every [`RATE_LIMIT_SWEEP`], until shutdown.
+fn spawn_rate_limit_sweep(gate: Arc<Gate>, mut shutdown: ShutdownSignal) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RATE_LIMIT_SWEEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => gate.sweep(),
+                _ = shutdown.wait() => return,
+            }
+        }
+    });
+}
+
 async fn set_health(reporter: &HealthReporter, serving: bool) {
     let status = if serving {
         ServingStatus::Serving
@@ -246,12 +299,16 @@ async fn report_health(
 async fn serve(
     router: Router,
     listener: TcpListener,
+    max_connections: usize,
     signal: ShutdownSignal,
     consensus: raft::Consensus,
 ) -> anyhow::Result<()> {
     let mut stopping = signal.clone();
     // Nagle's algorithm would hold small acks back for the peer's delayed ACK (~40 ms each).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = LimitedIncoming::new(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        max_connections,
+    );
     let server =
         router.serve_with_incoming_shutdown(incoming, async move { stopping.wait().await });
     let mut drain_started = signal.clone();

@@ -11,6 +11,7 @@ use std::time::Duration;
 use switchboard_proto::v1 as pb;
 use tokio::sync::mpsc;
 
+use super::auth::Caller;
 use super::validate::Start;
 use super::{convert, Edge, SUBSCRIBE_STREAM_BUFFER};
 use crate::error::{BrokerError, Reason};
@@ -74,9 +75,10 @@ impl Edge {
     pub(super) async fn subscribe(
         &self,
         request: pb::SubscribeRequest,
-        peer: Option<std::net::SocketAddr>,
+        caller: &Caller,
     ) -> Result<mpsc::Receiver<Result<pb::SubscribeEvent, tonic::Status>>, BrokerError> {
         let pattern = self.validator.pattern(&request.pattern)?;
+        caller.check_subscribe(&pattern)?;
         let mut start = self.validator.start(request.start, Start::Latest, true)?;
         let policy = policy(request.policy)?;
         let settings = &self.config.subscriptions;
@@ -130,7 +132,7 @@ impl Edge {
             policy,
             durable,
             max_unacked,
-            peer,
+            peer: caller.peer(),
             acked_floor,
         })?;
         let (out, events): (EventSender, _) = mpsc::channel(SUBSCRIBE_STREAM_BUFFER);
@@ -152,6 +154,7 @@ impl Edge {
     pub(super) async fn ack(
         &self,
         request: pb::AckRequest,
+        caller: &Caller,
     ) -> Result<pb::AckResponse, BrokerError> {
         let control = self
             .registry
@@ -163,6 +166,8 @@ impl Edge {
                     request.subscription_id
                 ),
             })?;
+        // Acknowledging moves a consumer on: only a caller who could have opened it may.
+        caller.check_subscribe(&self.validator.pattern(&control.pattern)?)?;
         let (pending, floor) = control.ack(&request.offsets);
         let mut acked_offset = 0;
         if let Some(name) = &control.durable {
@@ -183,9 +188,32 @@ impl Edge {
     }
 
     /// Handles `ListSubscriptions`.
-    pub(super) fn list_subscriptions(&self) -> pb::ListSubscriptionsResponse {
+    pub(super) fn list_subscriptions(&self, caller: &Caller) -> pb::ListSubscriptionsResponse {
         pb::ListSubscriptionsResponse {
-            subscriptions: self.registry.list().iter().map(subscription_info).collect(),
+            subscriptions: self
+                .registry
+                .list()
+                .iter()
+                .filter(|control| self.visible(caller, &control.pattern))
+                .map(subscription_info)
+                .collect(),
+        }
+    }
+
+    /// Whether `caller` may see a subscription or consumer following `pattern`: only if it could
+    /// subscribe to that pattern itself.
+    fn visible(&self, caller: &Caller, pattern: &str) -> bool {
+        self.validator
+            .pattern(pattern)
+            .is_ok_and(|pattern| caller.permissions().may_subscribe(&pattern))
+    }
+
+    /// A consumer's record, if `caller` may see it (else "not found", so names do not leak).
+    fn visible_consumer(&self, name: &str, caller: &Caller) -> Result<ConsumerState, BrokerError> {
+        check_name(name)?;
+        match self.store.consumer(name)? {
+            Some(state) if self.visible(caller, &state.pattern) => Ok(state),
+            _ => Err(not_found(name)),
         }
     }
 
@@ -211,28 +239,37 @@ impl Edge {
     }
 
     /// Handles `ListConsumers`.
-    pub(super) fn list_consumers(&self) -> Result<pb::ListConsumersResponse, BrokerError> {
+    pub(super) fn list_consumers(
+        &self,
+        caller: &Caller,
+    ) -> Result<pb::ListConsumersResponse, BrokerError> {
         let mut consumers = Vec::new();
         for item in self.store.consumers() {
             let (name, state) = item?;
-            consumers.push(self.consumer_info(name, state));
+            if self.visible(caller, &state.pattern) {
+                consumers.push(self.consumer_info(name, state));
+            }
         }
         Ok(pb::ListConsumersResponse { consumers })
     }
 
     /// Handles `GetConsumer`.
-    pub(super) fn get_consumer(&self, name: &str) -> Result<pb::ConsumerInfo, BrokerError> {
-        check_name(name)?;
-        let state = self.store.consumer(name)?.ok_or_else(|| not_found(name))?;
+    pub(super) fn get_consumer(
+        &self,
+        name: &str,
+        caller: &Caller,
+    ) -> Result<pb::ConsumerInfo, BrokerError> {
+        let state = self.visible_consumer(name, caller)?;
         Ok(self.consumer_info(name.to_owned(), state))
     }
 
     /// Handles `DeleteConsumer`: removes the record and stops its live subscription.
-    pub(super) async fn delete_consumer(&self, name: &str) -> Result<(), BrokerError> {
-        check_name(name)?;
-        if self.store.consumer(name)?.is_none() {
-            return Err(not_found(name));
-        }
+    pub(super) async fn delete_consumer(
+        &self,
+        name: &str,
+        caller: &Caller,
+    ) -> Result<(), BrokerError> {
+        self.visible_consumer(name, caller)?;
         let write = ConsumerWrite::Delete {
             name: name.to_owned(),
         };

@@ -7,16 +7,15 @@
 //! version.
 
 use std::collections::{BTreeMap, HashMap};
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
 use switchboard_proto::v1 as pb;
 use switchboard_proto::v1::entities_server::Entities as EntitiesRpc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::auth::{Caller, TokenBound};
 use super::{convert, Edge};
 use crate::apply::EntityDoc;
 use crate::entity::{Change, Stamp};
@@ -148,9 +147,10 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::UpdateEntityRequest>,
     ) -> Result<Response<pb::EntityResponse>, Status> {
-        let peer = request.remote_addr();
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
+        caller.check_update_entity(&entity_type)?;
         let values = fields(&request.fields, self.edge.config.limits.max_payload_bytes)?;
         let stamp = stamp(request.stamp)?;
         self.write(
@@ -161,7 +161,7 @@ impl EntitiesRpc for EntitiesService {
                 stamp,
                 expected_version: request.expected_version,
             },
-            peer,
+            caller.peer(),
         )
         .await
     }
@@ -170,9 +170,10 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::DeleteEntityRequest>,
     ) -> Result<Response<pb::EntityResponse>, Status> {
-        let peer = request.remote_addr();
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
+        caller.check_update_entity(&entity_type)?;
         let stamp = stamp(request.stamp)?;
         self.write(
             EntityWrite {
@@ -182,7 +183,7 @@ impl EntitiesRpc for EntitiesService {
                 stamp,
                 expected_version: request.expected_version,
             },
-            peer,
+            caller.peer(),
         )
         .await
     }
@@ -191,8 +192,10 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::GetEntityRequest>,
     ) -> Result<Response<pb::GetEntityResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
+        caller.check_read_entity(&entity_type)?;
         let state = self.edge.store.entity(&entity_type, &id)?.ok_or_else(|| {
             BrokerError::EntityNotFound {
                 entity_type: entity_type.clone(),
@@ -211,18 +214,21 @@ impl EntitiesRpc for EntitiesService {
         }))
     }
 
-    type WatchEntitiesStream = Pin<Box<dyn Stream<Item = Result<pb::EntityEvent, Status>> + Send>>;
+    type WatchEntitiesStream = TokenBound<ReceiverStream<Result<pb::EntityEvent, Status>>>;
 
     async fn watch_entities(
         &self,
         request: Request<pb::WatchEntitiesRequest>,
     ) -> Result<Response<Self::WatchEntitiesStream>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let edge = &self.edge;
         let pattern = edge.validator.pattern(&request.pattern)?;
         let state_pattern = edge
             .validator
             .pattern(&format!("$state.{}", pattern.as_str()))?;
+        // A watch reads every entity type its pattern can reach.
+        caller.check_subscribe(&state_pattern)?;
         let (out, events) = mpsc::channel(WATCH_BUFFER);
         let (changes_tx, changes) = mpsc::channel(WATCH_BUFFER);
         // An entity's channel carries only its versions, so conflating per channel is conflating
@@ -238,7 +244,7 @@ impl EntitiesRpc for EntitiesService {
             policy,
             durable: None,
             max_unacked: None,
-            peer: None,
+            peer: caller.peer(),
             acked_floor: 0,
         })?;
         edge.spawn_subscription(
@@ -253,7 +259,9 @@ impl EntitiesRpc for EntitiesService {
             changes_tx,
         )?;
         tokio::spawn(watch(Arc::clone(&self.edge), pattern, changes, out));
-        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+        Ok(Response::new(
+            caller.bound_stream(ReceiverStream::new(events)),
+        ))
     }
 }
 

@@ -4,23 +4,26 @@
 //! store, hub), and map errors in one place ([`status`]). Nothing is written for a request that
 //! fails validation.
 //!
+//! - [`auth`]: the gate before every handler (origin, token, call budgets) and the [`auth::Caller`]
+//!   whose permissions each handler checks.
 //! - [`validate`]: every rule a request must pass, with its stable reason.
 //! - [`entities`]: the `switchboard.v1.Entities` service.
 //! - [`convert`]: protobuf ⇄ broker types.
 //! - [`status`]: the one mapping from errors to gRPC statuses and stream refusals.
 
+pub mod auth;
 mod consumers;
 pub mod convert;
 pub mod entities;
 pub mod status;
+pub mod token_endpoint;
 pub mod validate;
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::stream::FuturesOrdered;
-use futures::{Future, FutureExt, Stream, StreamExt};
+use futures::{Future, FutureExt, StreamExt};
 use switchboard_proto::v1 as pb;
 use switchboard_proto::v1::broker_server::Broker as BrokerRpc;
 use tokio::sync::{mpsc, watch};
@@ -40,6 +43,7 @@ use crate::shutdown::ShutdownSignal;
 use crate::store::{MessageStore, ReadRange};
 use crate::subscription::registry::{Registered, Registry};
 use crate::subscription::{self, SubscriptionSpec};
+use auth::{Caller, Gate};
 use validate::{Start, Validator};
 
 /// Events buffered per `Subscribe` stream before the subscription task waits for the client.
@@ -61,6 +65,8 @@ struct Edge {
     shutdown: ShutdownSignal,
     /// The live subscriptions of this node.
     registry: Registry,
+    /// Who may call, and how often.
+    gate: Arc<Gate>,
 }
 
 impl BrokerService {
@@ -92,6 +98,7 @@ impl BrokerService {
         raft: Raft,
         progress: watch::Receiver<AppliedProgress>,
         shutdown: ShutdownSignal,
+        gate: Arc<Gate>,
     ) -> BrokerService {
         let registry = Registry::new(
             config.subscriptions.max_per_connection,
@@ -108,6 +115,7 @@ impl BrokerService {
                 raft,
                 progress,
                 shutdown,
+                gate,
             }),
         }
     }
@@ -185,16 +193,23 @@ impl Edge {
     async fn begin_publish(
         &self,
         request: pb::PublishRequest,
-        peer: Option<SocketAddr>,
+        caller: &Caller,
         parent: Option<trace::Parent>,
     ) -> PendingAck {
         let channel = request.channel.clone();
+        let peer = caller.peer();
         let refuse = move |e: BrokerError| {
             metrics::publish(PublishResult::Refused, Some(e.reason()));
             audit::refused(peer, &channel, &e);
             e
         };
-        let mut message = match self.validator.publish(request) {
+        let mut message = match self.validator.publish(request).and_then(|message| {
+            caller
+                .permissions()
+                .check_publish(&message.channel)
+                .map_err(BrokerError::Denied)?;
+            Ok(message)
+        }) {
             Ok(message) => message,
             Err(e) => return futures::future::ready(Err(refuse(e))).boxed(),
         };
@@ -238,7 +253,7 @@ async fn publish_stream_task(
     edge: Arc<Edge>,
     mut inbound: Streaming<pb::PublishRequest>,
     out: mpsc::Sender<Result<pb::PublishStreamAck, Status>>,
-    peer: Option<SocketAddr>,
+    caller: Caller,
     parent: Option<trace::Parent>,
 ) {
     let max_unacked = edge.config.publish_stream.max_unacked;
@@ -266,7 +281,15 @@ async fn publish_stream_task(
                     // A message's own trace context (its `traceparent` header) wins over the
                     // stream's, so each telemetry event keeps the trace it belongs to.
                     let parent = trace::parent_from_headers(&request.headers).or_else(|| parent.clone());
-                    let ack = edge.begin_publish(request, peer, parent).await;
+                    // Opening the stream spent one unit of the budgets; each message spends one
+                    // more, so a stream is no way around the rate limits.
+                    let ack = match edge.gate.admit(&caller) {
+                        Ok(()) => edge.begin_publish(request, &caller, parent).await,
+                        Err(e) => {
+                            metrics::access_refused(e.reason());
+                            futures::future::ready(Err(e)).boxed()
+                        }
+                    };
                     let seq = sequence;
                     pending.push_back(ack.map(move |result| stream_ack(seq, result)).boxed());
                     sequence += 1;
@@ -292,72 +315,86 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishAck>, Status> {
-        let peer = request.remote_addr();
+        let caller = Caller::of(&request)?;
         let parent = trace::parent_from_metadata(request.metadata());
         let request = request.into_inner();
         let parent = trace::parent_from_headers(&request.headers).or(parent);
-        let ack = self.edge.begin_publish(request, peer, parent).await.await?;
+        let ack = self
+            .edge
+            .begin_publish(request, &caller, parent)
+            .await
+            .await?;
         Ok(Response::new(ack))
     }
 
     type PublishStreamStream =
-        Pin<Box<dyn Stream<Item = Result<pb::PublishStreamAck, Status>> + Send>>;
+        auth::TokenBound<ReceiverStream<Result<pb::PublishStreamAck, Status>>>;
 
     async fn publish_stream(
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let (out, acks) = mpsc::channel(PUBLISH_STREAM_BUFFER);
-        let peer = request.remote_addr();
+        let caller = Caller::of(&request)?;
         let parent = trace::parent_from_metadata(request.metadata());
+        let acks = caller.bound_stream(ReceiverStream::new(acks));
         tokio::spawn(publish_stream_task(
             Arc::clone(&self.edge),
             request.into_inner(),
             out,
-            peer,
+            caller,
             parent,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(acks))))
+        Ok(Response::new(acks))
     }
 
-    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeEvent, Status>> + Send>>;
+    type SubscribeStream = auth::TokenBound<ReceiverStream<Result<pb::SubscribeEvent, Status>>>;
 
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let peer = request.remote_addr();
-        let events = self.edge.subscribe(request.into_inner(), peer).await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+        let caller = Caller::of(&request)?;
+        let events = self.edge.subscribe(request.into_inner(), &caller).await?;
+        Ok(Response::new(
+            caller.bound_stream(ReceiverStream::new(events)),
+        ))
     }
 
     async fn ack(
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        Ok(Response::new(self.edge.ack(request.into_inner()).await?))
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(
+            self.edge.ack(request.into_inner(), &caller).await?,
+        ))
     }
 
     async fn list_subscriptions(
         &self,
-        _request: Request<pb::ListSubscriptionsRequest>,
+        request: Request<pb::ListSubscriptionsRequest>,
     ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
-        Ok(Response::new(self.edge.list_subscriptions()))
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(self.edge.list_subscriptions(&caller)))
     }
 
     async fn list_consumers(
         &self,
-        _request: Request<pb::ListConsumersRequest>,
+        request: Request<pb::ListConsumersRequest>,
     ) -> Result<Response<pb::ListConsumersResponse>, Status> {
-        Ok(Response::new(self.edge.list_consumers()?))
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(self.edge.list_consumers(&caller)?))
     }
 
     async fn get_consumer(
         &self,
         request: Request<pb::GetConsumerRequest>,
     ) -> Result<Response<pb::ConsumerInfo>, Status> {
+        let caller = Caller::of(&request)?;
         Ok(Response::new(
-            self.edge.get_consumer(&request.into_inner().name)?,
+            self.edge
+                .get_consumer(&request.into_inner().name, &caller)?,
         ))
     }
 
@@ -365,8 +402,9 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::DeleteConsumerRequest>,
     ) -> Result<Response<pb::DeleteConsumerResponse>, Status> {
+        let caller = Caller::of(&request)?;
         self.edge
-            .delete_consumer(&request.into_inner().name)
+            .delete_consumer(&request.into_inner().name, &caller)
             .await?;
         Ok(Response::new(pb::DeleteConsumerResponse {}))
     }
@@ -375,9 +413,12 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let edge = &self.edge;
         let pattern = edge.validator.pattern(&request.pattern)?;
+        // Reading history is subscribing to the past: the same grant covers it.
+        caller.check_subscribe(&pattern)?;
         let from = match edge.validator.start(request.from, Start::Earliest, false)? {
             Start::Earliest | Start::Latest => 1,
             Start::Offset(offset) => offset.max(1),

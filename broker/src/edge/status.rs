@@ -10,6 +10,8 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::BrokerError;
+use crate::security::credentials::CredentialError;
+use crate::security::permissions::PermissionDenied;
 
 /// The gRPC code for an error.
 pub fn code(error: &BrokerError) -> Code {
@@ -24,6 +26,21 @@ pub fn code(error: &BrokerError) -> Code {
         BrokerError::Precondition { .. } => Code::FailedPrecondition,
         BrokerError::NotLeader { .. } | BrokerError::ShuttingDown => Code::Unavailable,
         BrokerError::Storage(_) | BrokerError::Consensus(_) => Code::Internal,
+        BrokerError::Unauthenticated(_) => Code::Unauthenticated,
+        BrokerError::Denied(PermissionDenied::ReservedChannel { .. }) => Code::InvalidArgument,
+        BrokerError::Denied(_) | BrokerError::OriginNotAllowed { .. } => Code::PermissionDenied,
+        BrokerError::Credential(e) => match e {
+            CredentialError::InvalidClient => Code::Unauthenticated,
+            CredentialError::ScopeNotAllowed | CredentialError::OnBehalfNotAllowed(_) => {
+                Code::PermissionDenied
+            }
+            CredentialError::InvalidScope(_)
+            | CredentialError::InvalidSubject
+            | CredentialError::InvalidTtl(_) => Code::InvalidArgument,
+            _ => Code::Internal,
+        },
+        BrokerError::TokenEndpointOff => Code::Unimplemented,
+        BrokerError::RateLimited(_) => Code::ResourceExhausted,
     }
 }
 
@@ -44,6 +61,9 @@ fn metadata(error: &BrokerError) -> HashMap<String, String> {
         } => {
             metadata.insert("current_version".to_owned(), current_version.to_string());
         }
+        BrokerError::RateLimited(wait) => {
+            metadata.insert("retry_after_ms".to_owned(), wait.millis().to_string());
+        }
         _ => {}
     }
     metadata
@@ -51,8 +71,12 @@ fn metadata(error: &BrokerError) -> HashMap<String, String> {
 
 impl From<BrokerError> for Status {
     fn from(error: BrokerError) -> Status {
-        let details =
+        let mut details =
             ErrorDetails::with_error_info(error.reason().as_str(), ERROR_DOMAIN, metadata(&error));
+        if let BrokerError::RateLimited(wait) = &error {
+            // The standard retry hint, for clients that know google.rpc.RetryInfo.
+            details.set_retry_info(Some(wait.0));
+        }
         Status::with_error_details(code(&error), error.to_string(), details)
     }
 }

@@ -36,6 +36,10 @@ pub const GAP_MESSAGES: &str = "switchboard_gap_messages_total";
 pub const REDELIVERIES: &str = "switchboard_redeliveries_total";
 /// Refused entity writes, by reason.
 pub const ENTITY_REFUSALS: &str = "switchboard_entity_refusals_total";
+/// Calls refused by authentication, authorization, origin checks and rate limits, by reason.
+pub const ACCESS_REFUSALS: &str = "switchboard_access_refusals_total";
+/// Connections closed on arrival because `limits.max_connections` were open.
+pub const CONNECTIONS_REFUSED: &str = "switchboard_connections_refused_total";
 /// Proposal to applied outcome of one log entry, seconds.
 pub const COMMIT_SECONDS: &str = "switchboard_commit_seconds";
 /// Items in one committed log entry.
@@ -130,6 +134,14 @@ fn describe() {
     describe_counter!(
         ENTITY_REFUSALS,
         "Entity writes refused after ordering (STALE_UPDATE, VERSION_CONFLICT, CLOCK_SKEW), by reason"
+    );
+    describe_counter!(
+        ACCESS_REFUSALS,
+        "Calls and messages refused by authentication, permissions, origin checks or rate limits, by reason"
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed on arrival because limits.max_connections were open"
     );
     describe_histogram!(
         COMMIT_SECONDS,
@@ -241,6 +253,16 @@ pub fn redelivery() {
 /// Counts a refused entity write by reason (stale, conflict, clock skew).
 pub fn entity_refused(reason: Reason) {
     counter!(ENTITY_REFUSALS, "reason" => reason.as_str()).increment(1);
+}
+
+/// Counts a call or message refused for who made it (token, permission, origin, rate limit).
+pub fn access_refused(reason: Reason) {
+    counter!(ACCESS_REFUSALS, "reason" => reason.as_str()).increment(1);
+}
+
+/// Counts a connection closed on arrival at the connection limit.
+pub fn connection_refused() {
+    counter!(CONNECTIONS_REFUSED).increment(1);
 }
 
 /// Records one committed log entry: how many items it carried and how long from proposal to

@@ -220,7 +220,7 @@ pub enum RateKey {
     /// A principal's subject.
     Principal(String),
     /// A connection's id.
-    Connection(u64),
+    Connection(std::net::SocketAddr),
 }
 
 /// [`TokenBuckets`] shared between tasks: the keys are spread over shards, each behind its own
@@ -481,9 +481,11 @@ mod tests {
             .map(|t| t.join().unwrap_or_else(|_| panic!("thread panicked")))
             .sum();
         assert_eq!(allowed, 50);
-        assert!(limiter.check(&RateKey::Connection(7), now).is_ok());
+        assert!(limiter
+            .check(&RateKey::Connection(([127, 0, 0, 1], 7).into()), now)
+            .is_ok());
         assert_eq!(limiter.len(), 2);
-        assert!(limiter.forget(&RateKey::Connection(7)));
+        assert!(limiter.forget(&RateKey::Connection(([127, 0, 0, 1], 7).into())));
         assert_eq!(limiter.sweep(now + Duration::from_secs(60)), 1);
         assert!(limiter.is_empty());
     }

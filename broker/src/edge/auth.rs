@@ -1,0 +1,396 @@
+//! The gate every public call passes before its handler runs: the browser-origin check, bearer
+//! token authentication, and the call budgets. It turns the pure decisions of
+//! [`crate::security`] into a [`Caller`] that handlers consult for permissions.
+//!
+//! The gate runs as a tonic interceptor, on the request's metadata alone, so a call without an
+//! acceptable token is refused before its body is read. Health checks and server reflection are
+//! not gated: load balancers and `grpcurl` need them, and they reveal nothing but the schema.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use futures::{Future, Stream};
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+use crate::channel::Pattern;
+use crate::config::Config;
+use crate::error::BrokerError;
+use crate::observability::{audit, metrics};
+use crate::security::origin::OriginPolicy;
+use crate::security::permissions::{PermissionDenied, Permissions};
+use crate::security::ratelimit::{RateKey, RateLimit, RateLimiter, DEFAULT_SHARDS};
+use crate::security::token::{
+    bearer_token, KeyConfig, Principal, TokenError, TokenVerifier, VerificationKey,
+    VerifierSettings,
+};
+
+/// What a broker without authentication lets every caller do: everything but publish to `$`.
+static UNRESTRICTED: LazyLock<Permissions> = LazyLock::new(Permissions::unrestricted);
+
+/// Who made a call, as the gate established it; handlers find it in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The token's principal; `None` on a broker without authentication.
+    principal: Option<Arc<Principal>>,
+    /// The connection's remote address, when the transport knows it.
+    peer: Option<SocketAddr>,
+    /// When streams opened by this call must end: the token's `exp` plus the leeway.
+    stream_deadline: Option<SystemTime>,
+}
+
+impl Caller {
+    /// A caller on a broker without authentication (also what tests of handlers use).
+    pub fn anonymous(peer: Option<SocketAddr>) -> Caller {
+        Caller {
+            principal: None,
+            peer,
+            stream_deadline: None,
+        }
+    }
+
+    /// What this caller may do.
+    pub fn permissions(&self) -> &Permissions {
+        match &self.principal {
+            Some(principal) => &principal.permissions,
+            None => &UNRESTRICTED,
+        }
+    }
+
+    /// The connection's remote address.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// The authenticated subject, if any.
+    pub fn subject(&self) -> Option<&str> {
+        self.principal.as_deref().map(|p| p.subject.as_str())
+    }
+
+    /// Refuses, counts and audits a denied operation.
+    fn refuse(&self, check: Result<(), PermissionDenied>) -> Result<(), BrokerError> {
+        check.map_err(|denied| {
+            let error = BrokerError::Denied(denied);
+            metrics::access_refused(error.reason());
+            audit::refused(self.peer, self.subject().unwrap_or("(anonymous)"), &error);
+            error
+        })
+    }
+
+    /// Whether this caller may subscribe to `pattern` (or read its history, or follow it as a
+    /// durable consumer).
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED `SUBSCRIBE_DENIED` (or `ENTITY_READ_DENIED` for `$state.` patterns).
+    pub fn check_subscribe(&self, pattern: &Pattern) -> Result<(), BrokerError> {
+        self.refuse(self.permissions().check_subscribe(pattern))
+    }
+
+    /// Whether this caller may read entities of `entity_type`.
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED `ENTITY_READ_DENIED`.
+    pub fn check_read_entity(&self, entity_type: &str) -> Result<(), BrokerError> {
+        self.refuse(self.permissions().check_read_entity(entity_type))
+    }
+
+    /// Whether this caller may update or delete entities of `entity_type`.
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED `ENTITY_UPDATE_DENIED`.
+    pub fn check_update_entity(&self, entity_type: &str) -> Result<(), BrokerError> {
+        self.refuse(self.permissions().check_update_entity(entity_type))
+    }
+
+    /// The caller of `request`, as the gate left it.
+    ///
+    /// # Errors
+    /// INTERNAL when the request did not pass the gate: a wiring mistake, never a client's.
+    pub fn of<T>(request: &Request<T>) -> Result<Caller, Status> {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| Status::internal("the call did not pass the authentication gate"))
+    }
+
+    /// Ends `stream` with UNAUTHENTICATED `TOKEN_EXPIRED` once this caller's token expires (plus
+    /// the leeway), so a long subscription cannot outlive its credentials; the client refreshes
+    /// its token and resumes. Without a token, `stream` is returned as it is.
+    pub fn bound_stream<S, T>(&self, stream: S) -> TokenBound<S>
+    where
+        S: Stream<Item = Result<T, Status>> + Unpin,
+    {
+        let expiry =
+            self.stream_deadline
+                .zip(self.principal.as_deref())
+                .map(|(deadline, principal)| {
+                    let left = deadline
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO);
+                    let exp = principal
+                        .expires_at
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    (Box::pin(tokio::time::sleep(left)), exp)
+                });
+        TokenBound {
+            inner: stream,
+            expiry,
+            done: false,
+        }
+    }
+}
+
+/// A response stream that ends when its caller's token does (see [`Caller::bound_stream`]).
+pub struct TokenBound<S> {
+    inner: S,
+    /// The timer, and the token's `exp` for the refusal.
+    expiry: Option<(Pin<Box<tokio::time::Sleep>>, u64)>,
+    done: bool,
+}
+
+impl<S, T> Stream for TokenBound<S>
+where
+    S: Stream<Item = Result<T, Status>> + Unpin,
+{
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some((timer, exp)) = &mut self.expiry {
+            if timer.as_mut().poll(cx).is_ready() {
+                let exp = *exp;
+                self.done = true;
+                let error = BrokerError::Unauthenticated(TokenError::Expired { exp });
+                metrics::access_refused(error.reason());
+                return Poll::Ready(Some(Err(error.into())));
+            }
+        }
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(None) = next {
+            self.done = true;
+        }
+        next
+    }
+}
+
+/// The origin allow-list, the token verifier and the call budgets, built from the settings.
+pub struct Gate {
+    /// `None`: authentication is off.
+    verifier: Option<TokenVerifier>,
+    origins: OriginPolicy,
+    per_principal: Option<RateLimiter<RateKey>>,
+    per_connection: Option<RateLimiter<RateKey>>,
+    leeway: Duration,
+}
+
+fn limiter(
+    limit: RateLimit,
+    max_tracked: usize,
+    setting: &str,
+) -> anyhow::Result<Option<RateLimiter<RateKey>>> {
+    if limit.per_second == 0.0 {
+        return Ok(None);
+    }
+    RateLimiter::new(limit, max_tracked, DEFAULT_SHARDS)
+        .map(Some)
+        .with_context(|| format!("invalid setting `{setting}`"))
+}
+
+impl Gate {
+    /// Builds the gate, reading key files. `minted` is the token endpoint's own verification key
+    /// and its issuer and audience, which are accepted beside the configured ones.
+    ///
+    /// # Errors
+    /// A key file cannot be read or holds no usable key, or an origin entry does not parse.
+    pub fn from_config(
+        config: &Config,
+        minted: Option<(VerificationKey, String, String)>,
+    ) -> anyhow::Result<Gate> {
+        let auth = &config.auth;
+        let verifier = if auth.enabled() {
+            let mut keys = Vec::new();
+            if !auth.hs256_secret_file.as_os_str().is_empty() {
+                let secret = KeyConfig::Hs256 {
+                    kid: None,
+                    secret: None,
+                    secret_file: Some(auth.hs256_secret_file.clone()),
+                };
+                keys.extend(
+                    secret
+                        .load()
+                        .context("invalid setting `auth.hs256_secret_file`")?,
+                );
+            }
+            for (i, key) in auth.keys.iter().enumerate() {
+                keys.extend(
+                    key.load()
+                        .with_context(|| format!("invalid setting `auth.keys[{i}]`"))?,
+                );
+            }
+            let mut issuers = auth.issuers.clone();
+            let mut audiences = auth.audiences.clone();
+            if let Some((key, issuer, audience)) = minted {
+                keys.push(key);
+                if !issuers.is_empty() && !issuers.contains(&issuer) {
+                    issuers.push(issuer);
+                }
+                if !audiences.contains(&audience) {
+                    audiences.push(audience);
+                }
+            }
+            let settings = VerifierSettings {
+                issuers,
+                audiences,
+                leeway: auth.leeway,
+                channel_limits: crate::channel::ChannelLimits {
+                    max_len: config.limits.max_channel_len,
+                    max_depth: config.limits.max_channel_depth,
+                },
+            };
+            Some(TokenVerifier::new(keys, settings).context("invalid setting `auth.keys`")?)
+        } else {
+            None
+        };
+        let origins = OriginPolicy::parse(&config.origins.allow)
+            .context("invalid setting `origins.allow`")?;
+        let rates = &config.rate_limits;
+        Ok(Gate {
+            verifier,
+            origins,
+            per_principal: limiter(
+                rates.per_principal,
+                rates.max_tracked,
+                "rate_limits.per_principal",
+            )?,
+            per_connection: limiter(
+                rates.per_connection,
+                rates.max_tracked,
+                "rate_limits.per_connection",
+            )?,
+            leeway: auth.leeway,
+        })
+    }
+
+    /// Whether calls must carry a token.
+    pub fn authenticates(&self) -> bool {
+        self.verifier.is_some()
+    }
+
+    /// Establishes who makes `request`: a browser's `Origin` must be allowed, and with
+    /// authentication on, the bearer token must verify. Spends one unit of the call budgets.
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED `ORIGIN_NOT_ALLOWED`, UNAUTHENTICATED with the token's reason, or
+    /// RESOURCE_EXHAUSTED `RATE_LIMITED`.
+    pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, BrokerError> {
+        self.check_origin(request)?;
+        let peer = request.remote_addr();
+        let metadata = request.metadata();
+        let caller = match &self.verifier {
+            None => Caller::anonymous(peer),
+            Some(verifier) => {
+                let header = match metadata.get("authorization") {
+                    None => return Err(BrokerError::Unauthenticated(TokenError::Missing)),
+                    Some(value) => value.to_str().map_err(|_| {
+                        BrokerError::Unauthenticated(TokenError::Malformed(
+                            "the authorization value is not visible ASCII".into(),
+                        ))
+                    })?,
+                };
+                let token = bearer_token(header).map_err(BrokerError::Unauthenticated)?;
+                let principal = verifier
+                    .verify(token)
+                    .map_err(BrokerError::Unauthenticated)?;
+                let stream_deadline = principal.expires_at.checked_add(self.leeway);
+                Caller {
+                    principal: Some(Arc::new(principal)),
+                    peer,
+                    stream_deadline,
+                }
+            }
+        };
+        self.admit(&caller)?;
+        Ok(caller)
+    }
+
+    /// A call from a browser (it carries `Origin`) must come from an allowed origin; calls from
+    /// services carry none and pass.
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED `ORIGIN_NOT_ALLOWED`.
+    pub fn check_origin<T>(&self, request: &Request<T>) -> Result<(), BrokerError> {
+        match request.metadata().get("origin") {
+            None => Ok(()),
+            Some(origin) => {
+                let origin = origin.to_str().unwrap_or("");
+                if self.origins.allows(origin) {
+                    Ok(())
+                } else {
+                    Err(BrokerError::OriginNotAllowed {
+                        origin: crate::edge::validate::shorten(origin),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Spends one unit of `caller`'s budgets: its principal's and its connection's.
+    ///
+    /// # Errors
+    /// RESOURCE_EXHAUSTED `RATE_LIMITED`, with the wait after which a retry succeeds.
+    pub fn admit(&self, caller: &Caller) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        if let (Some(limiter), Some(peer)) = (&self.per_connection, caller.peer) {
+            limiter
+                .check(&RateKey::Connection(peer), now)
+                .map_err(BrokerError::RateLimited)?;
+        }
+        if let (Some(limiter), Some(subject)) = (&self.per_principal, caller.subject()) {
+            limiter
+                .check(&RateKey::Principal(subject.to_owned()), now)
+                .map_err(BrokerError::RateLimited)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the buckets that have refilled, so idle principals and closed connections cost
+    /// nothing. Called periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        for limiter in [&self.per_principal, &self.per_connection]
+            .into_iter()
+            .flatten()
+        {
+            limiter.sweep(now);
+        }
+    }
+}
+
+/// The gate as a tonic interceptor: refuses the call, or hands the handler its [`Caller`].
+#[derive(Clone)]
+pub struct GateInterceptor(pub Arc<Gate>);
+
+impl Interceptor for GateInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        match self.0.authenticate(&request) {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+                Ok(request)
+            }
+            Err(error) => {
+                metrics::access_refused(error.reason());
+                audit::refused(request.remote_addr(), "(call)", &error);
+                Err(error.into())
+            }
+        }
+    }
+}

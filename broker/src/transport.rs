@@ -1,0 +1,140 @@
+//! The public listener's transport: TLS from the settings, and the bound on open connections.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use anyhow::Context as _;
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::config::Tls;
+use crate::observability::metrics;
+
+/// The listener's TLS settings, or `None` when TLS is off. Reads the PEM files now, so a missing
+/// file stops the start with its name rather than failing every handshake later.
+///
+/// # Errors
+/// A certificate, key or CA file cannot be read.
+pub fn server_tls(tls: &Tls) -> anyhow::Result<Option<ServerTlsConfig>> {
+    if !tls.enabled() {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path, setting: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read {setting} {}", path.display()))
+    };
+    let cert = read(&tls.cert_file, "tls.cert_file")?;
+    let key = read(&tls.key_file, "tls.key_file")?;
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if !tls.client_ca_file.as_os_str().is_empty() {
+        let ca = read(&tls.client_ca_file, "tls.client_ca_file")?;
+        config = config.client_ca_root(Certificate::from_pem(ca));
+    }
+    Ok(Some(config))
+}
+
+/// Accepted connections, at most `max` open at once: a connection past the bound is closed as soon
+/// as it is accepted (its client sees the connection reset, UNAVAILABLE), so a flood of
+/// connections cannot exhaust file descriptors or memory.
+pub struct LimitedIncoming {
+    inner: TcpIncoming,
+    open: Arc<Semaphore>,
+}
+
+impl LimitedIncoming {
+    /// Bounds `inner` to `max` open connections.
+    pub fn new(inner: TcpIncoming, max: usize) -> LimitedIncoming {
+        LimitedIncoming {
+            inner,
+            open: Arc::new(Semaphore::new(max)),
+        }
+    }
+}
+
+impl Stream for LimitedIncoming {
+    type Item = io::Result<LimitedStream>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            let stream = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                None => return Poll::Ready(None),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Ok(stream)) => stream,
+            };
+            match Arc::clone(&self.open).try_acquire_owned() {
+                Ok(permit) => {
+                    return Poll::Ready(Some(Ok(LimitedStream {
+                        stream,
+                        _open: permit,
+                    })))
+                }
+                Err(_) => {
+                    metrics::connection_refused();
+                    tracing::debug!(peer = ?stream.peer_addr().ok(), "connection limit reached; closing a new connection");
+                    drop(stream);
+                }
+            }
+        }
+    }
+}
+
+/// An accepted connection holding its place under the bound until it closes.
+pub struct LimitedStream {
+    stream: TcpStream,
+    _open: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedStream {
+    type ConnectInfo = TcpConnectInfo;
+
+    /// The TCP addresses, as tonic records them for a plain `TcpStream`, so
+    /// `Request::remote_addr` works the same behind the bound (and behind TLS).
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
