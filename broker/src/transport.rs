@@ -39,7 +39,7 @@ pub fn server_tls(tls: &Tls) -> anyhow::Result<Option<ServerTlsConfig>> {
 }
 
 /// Accepted connections, at most `max` open at once: a connection past the bound is closed as soon
-/// as it is accepted (its client sees the connection reset, UNAVAILABLE), so a flood of
+/// as it is accepted (its client sees the connection reset), so a flood of
 /// connections cannot exhaust file descriptors or memory.
 pub struct LimitedIncoming {
     inner: TcpIncoming,

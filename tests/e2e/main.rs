@@ -13,6 +13,7 @@ mod persistence;
 mod pubsub;
 mod replay;
 mod resume;
+mod security;
 mod shutdown;
 mod traces;
 mod ttl;

@@ -1,0 +1,779 @@
+//! Security end to end, through the raw gRPC contract: bearer tokens (every refusal reason),
+//! per-call permissions, streams ended when their token expires, the token endpoint, TLS and
+//! mutual TLS, browser origins, rate limits, and the connection and metadata limits.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use switchboard_e2e::{broker_binary, eventually, BrokerProcess, DEADLINE};
+use switchboard_proto::v1 as pb;
+use switchboard_proto::v1::auth_client::AuthClient;
+use switchboard_proto::v1::broker_client::BrokerClient;
+use switchboard_proto::v1::entities_client::EntitiesClient;
+use tempfile::TempDir;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+const SECRET: &str = "an hs256 secret that is long enough for the verifier";
+const ISSUER: &str = "https://idp.test";
+const AUDIENCE: &str = "switchboard";
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A broker whose settings file holds `settings` (plus the HS256 key and accepted issuer and
+/// audience when `with_key`).
+struct Secured {
+    broker: BrokerProcess,
+    dir: TempDir,
+}
+
+fn start(settings: &str, with_key: bool) -> Secured {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    if with_key {
+        let key = dir.path().join("hs256.secret");
+        std::fs::write(&key, SECRET).unwrap();
+        text.push_str(&format!(
+            "[auth]\nhs256_secret_file = {:?}\nissuers = [{ISSUER:?}]\naudiences = [{AUDIENCE:?}]\n",
+            key.display().to_string()
+        ));
+    }
+    text.push_str(settings);
+    let config = dir.path().join("switchboard.toml");
+    std::fs::write(&config, text).unwrap();
+    let broker = BrokerProcess::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .expect("broker starts");
+    Secured { broker, dir }
+}
+
+/// A signed token: the standard claims for this test issuer, `extra` merged over them.
+fn token_with(extra: Value, secret: &str) -> String {
+    let mut claims = json!({
+        "sub": "agent-17",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "exp": now_s() + 600,
+    });
+    if let (Some(claims), Value::Object(extra)) = (claims.as_object_mut(), extra) {
+        claims.extend(extra);
+    }
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn token(grant: Value) -> String {
+    token_with(json!({ "sb": grant }), SECRET)
+}
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+    );
+    request
+}
+
+async fn channel(url: String) -> Channel {
+    Channel::from_shared(url).unwrap().connect().await.unwrap()
+}
+
+fn reason(status: &Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_else(|| format!("(no reason; {status:?})"))
+}
+
+fn assert_refused(status: Status, code: Code, expected: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(reason(&status), expected, "{status:?}");
+}
+
+fn publish(channel: &str) -> pb::PublishRequest {
+    pb::PublishRequest {
+        channel: channel.into(),
+        payload: bytes::Bytes::from_static(b"{}"),
+        ..Default::default()
+    }
+}
+
+fn entity_key(entity_type: &str, id: &str) -> Option<pb::EntityKey> {
+    Some(pb::EntityKey {
+        r#type: entity_type.into(),
+        id: id.into(),
+    })
+}
+
+#[tokio::test]
+async fn every_bad_token_is_refused_with_its_reason() {
+    let secured = start("", true);
+    let mut raw = BrokerClient::new(channel(secured.broker.url()).await);
+    let info = || pb::InfoRequest {};
+
+    let missing = raw.info(info()).await.unwrap_err();
+    assert_refused(missing, Code::Unauthenticated, "TOKEN_MISSING");
+    let mut basic = Request::new(info());
+    basic
+        .metadata_mut()
+        .insert("authorization", MetadataValue::from_static("Basic YTpi"));
+    assert_refused(
+        raw.info(basic).await.unwrap_err(),
+        Code::Unauthenticated,
+        "TOKEN_MALFORMED",
+    );
+
+    let cases = [
+        (
+            token_with(json!({ "exp": now_s() - 3600 }), SECRET),
+            "TOKEN_EXPIRED",
+        ),
+        (
+            token_with(json!({ "nbf": now_s() + 3600 }), SECRET),
+            "TOKEN_NOT_YET_VALID",
+        ),
+        (
+            token_with(json!({ "iss": "https://elsewhere.test" }), SECRET),
+            "ISSUER_MISMATCH",
+        ),
+        (
+            token_with(json!({ "aud": "another-service" }), SECRET),
+            "AUDIENCE_MISMATCH",
+        ),
+        (
+            token_with(json!({}), "a different secret of more than 32 bytes!!"),
+            "TOKEN_INVALID",
+        ),
+        ("not.a.jwt".to_owned(), "TOKEN_MALFORMED"),
+    ];
+    for (token, expected) in cases {
+        let status = raw.info(with_token(info(), &token)).await.unwrap_err();
+        assert_refused(status, Code::Unauthenticated, expected);
+    }
+
+    // A good token passes, and health checks need none (balancers and probes have no token).
+    raw.info(with_token(info(), &token(json!({}))))
+        .await
+        .expect("a valid token is accepted");
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(channel(secured.broker.url()).await);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health needs no token");
+}
+
+#[tokio::test]
+async fn each_permission_is_checked_on_every_call() {
+    let secured = start("", true);
+    let grant = token(json!({
+        "publish": ["crm.>"],
+        "subscribe": ["crm.*.updated"],
+        "entities": { "read": ["contact"], "update": ["contact"] },
+    }));
+    let other = token(json!({ "subscribe": ["telephony.>"] }));
+    let url = secured.broker.url();
+    let mut raw = BrokerClient::new(channel(url.clone()).await);
+    let mut entities = EntitiesClient::new(channel(url).await);
+
+    // Subscribe first (allowed), so the allowed publish below is seen delivered.
+    let mut events = raw
+        .subscribe(with_token(
+            pb::SubscribeRequest {
+                pattern: "crm.*.updated".into(),
+                ..Default::default()
+            },
+            &grant,
+        ))
+        .await
+        .expect("a covered pattern is allowed")
+        .into_inner();
+    let denied = raw
+        .subscribe(with_token(
+            pb::SubscribeRequest {
+                pattern: "crm.>".into(),
+                ..Default::default()
+            },
+            &grant,
+        ))
+        .await
+        .unwrap_err();
+    assert_refused(denied, Code::PermissionDenied, "SUBSCRIBE_DENIED");
+
+    let ack = raw
+        .publish(with_token(publish("crm.contact.updated"), &grant))
+        .await
+        .expect("an allowed publish")
+        .into_inner();
+    assert_refused(
+        raw.publish(with_token(publish("telephony.call.started"), &grant))
+            .await
+            .unwrap_err(),
+        Code::PermissionDenied,
+        "PUBLISH_DENIED",
+    );
+    assert_refused(
+        raw.publish(with_token(publish("$state.contact.1"), &grant))
+            .await
+            .unwrap_err(),
+        Code::InvalidArgument,
+        "CHANNEL_RESERVED",
+    );
+    let delivered = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match events.message().await.unwrap() {
+                Some(pb::SubscribeEvent {
+                    event: Some(pb::subscribe_event::Event::Message(m)),
+                }) => return m,
+                Some(_) => continue,
+                None => panic!("subscription ended"),
+            }
+        }
+    })
+    .await
+    .expect("the allowed publish is delivered");
+    assert_eq!(delivered.offset, ack.offset);
+
+    // A refused message in a publish stream is refused alone; the stream goes on.
+    let stream = futures::stream::iter(vec![
+        publish("telephony.call.started"),
+        publish("crm.contact.updated"),
+    ]);
+    let mut acks = raw
+        .publish_stream(with_token(stream, &grant))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = acks.message().await.unwrap().unwrap();
+    match first.result {
+        Some(pb::publish_stream_ack::Result::Refusal(refusal)) => {
+            assert_eq!(refusal.reason, "PUBLISH_DENIED");
+            assert_eq!(refusal.code, Code::PermissionDenied as i32);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(matches!(
+        acks.message().await.unwrap().unwrap().result,
+        Some(pb::publish_stream_ack::Result::Ack(_))
+    ));
+
+    // History is subscription to the past.
+    let history = |pattern: &str| pb::HistoryRequest {
+        pattern: pattern.into(),
+        ..Default::default()
+    };
+    let page = raw
+        .history(with_token(history("crm.contact.updated"), &grant))
+        .await
+        .expect("covered history")
+        .into_inner();
+    assert_eq!(page.messages.len(), 2);
+    assert_refused(
+        raw.history(with_token(history(">"), &grant))
+            .await
+            .unwrap_err(),
+        Code::PermissionDenied,
+        "SUBSCRIBE_DENIED",
+    );
+
+    // Entities: update and read are separate grants, per type.
+    let update = |entity_type: &str| pb::UpdateEntityRequest {
+        key: entity_key(entity_type, "c-1"),
+        fields: bytes::Bytes::from_static(br#"{"name":"Ada"}"#),
+        stamp: Some(pb::WriteStamp {
+            timestamp_ms: now_s() * 1000,
+            version: 1,
+            writer: "crm-panel".into(),
+        }),
+        ..Default::default()
+    };
+    entities
+        .update_entity(with_token(update("contact"), &grant))
+        .await
+        .expect("update of a granted type");
+    assert_refused(
+        entities
+            .update_entity(with_token(update("ticket"), &grant))
+            .await
+            .unwrap_err(),
+        Code::PermissionDenied,
+        "ENTITY_UPDATE_DENIED",
+    );
+    let get = |entity_type: &str| pb::GetEntityRequest {
+        key: entity_key(entity_type, "c-1"),
+        ..Default::default()
+    };
+    entities
+        .get_entity(with_token(get("contact"), &grant))
+        .await
+        .expect("read of a granted type");
+    assert_refused(
+        entities
+            .get_entity(with_token(get("contact"), &other))
+            .await
+            .unwrap_err(),
+        Code::PermissionDenied,
+        "ENTITY_READ_DENIED",
+    );
+    let watch = |pattern: &str| pb::WatchEntitiesRequest {
+        pattern: pattern.into(),
+        ..Default::default()
+    };
+    entities
+        .watch_entities(with_token(watch("contact.*"), &grant))
+        .await
+        .expect("a watch over a granted type");
+    let refused = entities
+        .watch_entities(with_token(watch("*.*"), &grant))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    // Durable consumers are visible only to callers who could follow their pattern.
+    let durable = raw
+        .subscribe(with_token(
+            pb::SubscribeRequest {
+                pattern: "crm.*.updated".into(),
+                durable_name: "crm-sync".into(),
+                ..Default::default()
+            },
+            &grant,
+        ))
+        .await
+        .expect("a durable consumer on a covered pattern");
+    let listed = |token: &str| {
+        let mut raw = raw.clone();
+        let token = token.to_owned();
+        async move {
+            raw.list_consumers(with_token(pb::ListConsumersRequest {}, &token))
+                .await
+                .unwrap()
+                .into_inner()
+                .consumers
+                .len()
+        }
+    };
+    assert_eq!(listed(&grant).await, 1);
+    assert_eq!(listed(&other).await, 0);
+    let get_consumer = pb::GetConsumerRequest {
+        name: "crm-sync".into(),
+    };
+    assert_refused(
+        raw.get_consumer(with_token(get_consumer.clone(), &other))
+            .await
+            .unwrap_err(),
+        Code::NotFound,
+        "CONSUMER_NOT_FOUND",
+    );
+    assert_refused(
+        raw.delete_consumer(with_token(
+            pb::DeleteConsumerRequest {
+                name: "crm-sync".into(),
+            },
+            &other,
+        ))
+        .await
+        .unwrap_err(),
+        Code::NotFound,
+        "CONSUMER_NOT_FOUND",
+    );
+    raw.get_consumer(with_token(get_consumer, &grant))
+        .await
+        .expect("its own consumer");
+    drop(durable);
+}
+
+#[tokio::test]
+async fn a_stream_ends_with_token_expired_when_its_token_does() {
+    // No leeway, and a token that lives two seconds: the stream must end then, not run on.
+    let secured = start("leeway = \"0s\"\n", true);
+    let mut raw = BrokerClient::new(channel(secured.broker.url()).await);
+    let short = token_with(
+        json!({ "exp": now_s() + 2, "sb": { "subscribe": ["crm.>"] } }),
+        SECRET,
+    );
+    let mut events = raw
+        .subscribe(with_token(
+            pb::SubscribeRequest {
+                pattern: "crm.>".into(),
+                ..Default::default()
+            },
+            &short,
+        ))
+        .await
+        .expect("subscribes while the token is valid")
+        .into_inner();
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends when the token expires");
+    assert_refused(ended, Code::Unauthenticated, "TOKEN_EXPIRED");
+}
+
+/// `switchboard hash-secret --stdin`: the argon2id hash of `secret`.
+fn hash_secret(secret: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new(broker_binary())
+        .args(["hash-secret", "--stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{secret}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("secret_hash = "))
+        .unwrap();
+    line.trim_matches('"').to_owned()
+}
+
+fn token_endpoint_settings(dir: &Path, per_client: &str) -> String {
+    let signing = dir.join("signing.key");
+    std::fs::write(&signing, "a token-endpoint signing secret, 32+ bytes").unwrap();
+    format!(
+        r#"
+[auth.token_endpoint]
+signing_key_file = {signing:?}
+per_client = {per_client}
+
+[[auth.token_endpoint.clients]]
+id = "crm-panel"
+secret_hash = "{hash}"
+token_ttl = "10m"
+scope = {{ publish = ["crm.>"], subscribe = ["crm.>"] }}
+"#,
+        signing = signing.display().to_string(),
+        hash = hash_secret("crm-panel-secret-0123456789"),
+    )
+}
+
+#[tokio::test]
+async fn the_token_endpoint_mints_scoped_tokens_for_configured_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = token_endpoint_settings(dir.path(), "{ per_second = 100.0, burst = 100 }");
+    let secured = start(&settings, false);
+    let url = secured.broker.url();
+    let mut auth = AuthClient::new(channel(url.clone()).await);
+    let mut raw = BrokerClient::new(channel(url).await);
+    let issue = |secret: &str| pb::IssueTokenRequest {
+        client_id: "crm-panel".into(),
+        client_secret: secret.into(),
+        ..Default::default()
+    };
+
+    assert_refused(
+        auth.issue_token(issue("wrong-secret-0123456789"))
+            .await
+            .unwrap_err(),
+        Code::Unauthenticated,
+        "INVALID_CLIENT",
+    );
+    let mut unknown = issue("crm-panel-secret-0123456789");
+    unknown.client_id = "nobody".into();
+    assert_refused(
+        auth.issue_token(unknown).await.unwrap_err(),
+        Code::Unauthenticated,
+        "INVALID_CLIENT",
+    );
+    let mut wider = issue("crm-panel-secret-0123456789");
+    wider.scope = Some(pb::Scope {
+        publish: vec![">".into()],
+        ..Default::default()
+    });
+    assert_refused(
+        auth.issue_token(wider).await.unwrap_err(),
+        Code::PermissionDenied,
+        "SCOPE_NOT_ALLOWED",
+    );
+    let mut for_agent = issue("crm-panel-secret-0123456789");
+    for_agent.subject = "agent-17".into();
+    assert_refused(
+        auth.issue_token(for_agent).await.unwrap_err(),
+        Code::PermissionDenied,
+        "ON_BEHALF_NOT_ALLOWED",
+    );
+
+    let issued = auth
+        .issue_token(issue("crm-panel-secret-0123456789"))
+        .await
+        .expect("right credentials")
+        .into_inner();
+    assert_eq!(issued.token_type, "Bearer");
+    assert!(
+        (590..=600).contains(&issued.expires_in_seconds),
+        "{issued:?}"
+    );
+    assert_eq!(issued.scope.unwrap().publish, vec!["crm.>".to_owned()]);
+    raw.publish(with_token(publish("crm.note.added"), &issued.access_token))
+        .await
+        .expect("the minted token publishes within its scope");
+    assert_refused(
+        raw.publish(with_token(publish("telephony.x"), &issued.access_token))
+            .await
+            .unwrap_err(),
+        Code::PermissionDenied,
+        "PUBLISH_DENIED",
+    );
+    assert_refused(
+        raw.info(pb::InfoRequest {}).await.unwrap_err(),
+        Code::Unauthenticated,
+        "TOKEN_MISSING",
+    );
+}
+
+#[tokio::test]
+async fn token_requests_are_rate_limited_before_any_hashing() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = token_endpoint_settings(dir.path(), "{ per_second = 0.01, burst = 2 }");
+    let secured = start(&settings, false);
+    let mut auth = AuthClient::new(channel(secured.broker.url()).await);
+    let request = pb::IssueTokenRequest {
+        client_id: "crm-panel".into(),
+        client_secret: "wrong-secret-0123456789".into(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        let status = auth.issue_token(request.clone()).await.unwrap_err();
+        assert_eq!(reason(&status), "INVALID_CLIENT");
+    }
+    let limited = auth.issue_token(request).await.unwrap_err();
+    assert_refused(limited.clone(), Code::ResourceExhausted, "RATE_LIMITED");
+    let hint = limited.get_details_error_info().unwrap().metadata["retry_after_ms"]
+        .parse::<u64>()
+        .unwrap();
+    assert!(hint > 0, "a retry hint: {hint}");
+    assert!(limited.get_details_retry_info().is_some());
+}
+
+#[tokio::test]
+async fn without_clients_the_token_endpoint_is_off() {
+    let secured = start("", true);
+    let mut auth = AuthClient::new(channel(secured.broker.url()).await);
+    let status = auth
+        .issue_token(pb::IssueTokenRequest::default())
+        .await
+        .unwrap_err();
+    assert_refused(status, Code::Unimplemented, "TOKEN_ENDPOINT_OFF");
+}
+
+#[tokio::test]
+async fn calls_from_browsers_need_an_allowed_origin() {
+    let secured = start(
+        "[origins]\nallow = [\"https://*.example.com\", \"http://localhost:3000\"]\n",
+        false,
+    );
+    let mut raw = BrokerClient::new(channel(secured.broker.url()).await);
+    let from = |origin: &'static str| {
+        let mut request = Request::new(pb::InfoRequest {});
+        request
+            .metadata_mut()
+            .insert("origin", MetadataValue::from_static(origin));
+        request
+    };
+    raw.info(Request::new(pb::InfoRequest {}))
+        .await
+        .expect("services send no Origin and pass");
+    for allowed in ["https://crm.example.com", "http://localhost:3000"] {
+        raw.info(from(allowed)).await.expect(allowed);
+    }
+    for refused in [
+        "https://crm.example.com.evil.test",
+        "http://crm.example.com",
+        "https://example.com",
+        "https://crm.example.com:8443",
+        "null",
+    ] {
+        let status = raw.info(from(refused)).await.unwrap_err();
+        assert_refused(status, Code::PermissionDenied, "ORIGIN_NOT_ALLOWED");
+    }
+}
+
+#[tokio::test]
+async fn a_connection_past_its_budget_is_told_when_to_retry() {
+    let secured = start(
+        "[rate_limits]\nper_connection = { per_second = 0.01, burst = 3 }\n",
+        false,
+    );
+    let mut raw = BrokerClient::new(channel(secured.broker.url()).await);
+    for _ in 0..3 {
+        raw.info(pb::InfoRequest {})
+            .await
+            .expect("within the burst");
+    }
+    let limited = raw.info(pb::InfoRequest {}).await.unwrap_err();
+    assert_refused(limited.clone(), Code::ResourceExhausted, "RATE_LIMITED");
+    assert!(limited.get_details_retry_info().is_some());
+    // Another connection has its own budget.
+    let mut fresh = BrokerClient::new(channel(secured.broker.url()).await);
+    fresh
+        .info(pb::InfoRequest {})
+        .await
+        .expect("a new connection");
+}
+
+#[tokio::test]
+async fn connections_and_metadata_are_bounded() {
+    let secured = start("[limits]\nmax_connections = 2\n", false);
+    let url = secured.broker.url();
+    let mut first = BrokerClient::new(channel(url.clone()).await);
+    let mut second = BrokerClient::new(channel(url.clone()).await);
+    first.info(pb::InfoRequest {}).await.unwrap();
+    second.info(pb::InfoRequest {}).await.unwrap();
+    // The third connection is closed on arrival: its call fails at the transport (reset).
+    let third = Channel::from_shared(url.clone()).unwrap().connect().await;
+    if let Ok(third) = third {
+        let refused = BrokerClient::new(third).info(pb::InfoRequest {}).await;
+        assert!(refused.is_err(), "{refused:?}");
+    }
+    // Metadata past limits.max_metadata_bytes (16 KiB by default) is refused by HTTP/2 itself.
+    let mut big = Request::new(pb::InfoRequest {});
+    big.metadata_mut().insert(
+        "x-padding",
+        MetadataValue::try_from("x".repeat(64 * 1024)).unwrap(),
+    );
+    assert!(first.info(big).await.is_err());
+    drop(second);
+    eventually("a connection accepted again once one closed", || {
+        let url = url.clone();
+        async move {
+            let channel = Channel::from_shared(url).ok()?.connect().await.ok()?;
+            BrokerClient::new(channel)
+                .info(pb::InfoRequest {})
+                .await
+                .ok()
+        }
+    })
+    .await
+    .expect("a closed connection frees its place");
+    drop(secured.dir);
+}
+
+/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, as PEM files.
+struct Pki {
+    ca: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["crm-panel".to_owned()])
+        .unwrap()
+        .signed_by(&client_key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    Pki {
+        ca: ca.pem(),
+        client_cert: client.pem(),
+        client_key: client_key.serialize_pem(),
+    }
+}
+
+fn tls_settings(dir: &Path, mutual: bool) -> String {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let mut text = format!(
+        "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        path("server.pem"),
+        path("server.key")
+    );
+    if mutual {
+        text.push_str(&format!("client_ca_file = {:?}\n", path("ca.pem")));
+    }
+    text
+}
+
+async fn tls_info(addr: std::net::SocketAddr, tls: ClientTlsConfig) -> Result<(), String> {
+    let channel = Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    BrokerClient::new(channel)
+        .info(pb::InfoRequest {})
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[tokio::test]
+async fn tls_serves_clients_that_trust_the_ca() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(pki_dir.path());
+    let secured = start(&tls_settings(pki_dir.path(), false), false);
+    let addr = secured.broker.addr;
+    let trusted = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    tls_info(addr, trusted)
+        .await
+        .expect("a client trusting the CA connects");
+    // Plain text to a TLS listener fails, and so does a client that does not trust the CA.
+    let mut plain = BrokerClient::new(channel(format!("http://{addr}")).await);
+    assert!(plain.info(pb::InfoRequest {}).await.is_err());
+    let untrusting = ClientTlsConfig::new().domain_name("localhost");
+    assert!(tls_info(addr, untrusting).await.is_err());
+}
+
+#[tokio::test]
+async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(pki_dir.path());
+    let secured = start(&tls_settings(pki_dir.path(), true), false);
+    let addr = secured.broker.addr;
+    let without = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    assert!(
+        tls_info(addr, without).await.is_err(),
+        "no client certificate"
+    );
+    let with = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .identity(Identity::from_pem(&pki.client_cert, &pki.client_key))
+        .domain_name("localhost");
+    tls_info(addr, with)
+        .await
+        .expect("a client with a certificate from the CA connects");
+}
