@@ -7,6 +7,7 @@ mod common;
 mod concurrency;
 mod entities;
 mod flow;
+mod fuzz;
 mod loops;
 mod observability;
 mod persistence;
