@@ -227,7 +227,7 @@ fn verify_secret(secret: &str, hash: &PasswordHash) -> bool {
 /// A client as written in the configuration.
 ///
 /// ```toml
-/// [[auth.clients]]
+/// [[auth.token_endpoint.clients]]
 /// id = "crm-panel"
 /// secret_hash = "$argon2id$v=19$m=19456,t=2,p=1$…$…"
 /// on_behalf_of = true          # may mint tokens whose `sub` is an agent
