@@ -39,6 +39,9 @@ pub enum Reason {
     ConsumerTakenOver,
     PolicyInvalid,
     NotLeader,
+    NoLeader,
+    LeaderUnreachable,
+    MembershipInvalid,
     ShuttingDown,
     StorageFailure,
     ConsensusFailure,
@@ -77,6 +80,9 @@ impl Reason {
             Reason::ConsumerTakenOver => "CONSUMER_TAKEN_OVER",
             Reason::PolicyInvalid => "POLICY_INVALID",
             Reason::NotLeader => "NOT_LEADER",
+            Reason::NoLeader => "NO_LEADER",
+            Reason::LeaderUnreachable => "LEADER_UNREACHABLE",
+            Reason::MembershipInvalid => "MEMBERSHIP_INVALID",
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::StorageFailure => "STORAGE_FAILURE",
             Reason::ConsensusFailure => "CONSENSUS_FAILURE",
@@ -171,6 +177,21 @@ pub enum BrokerError {
         /// The leader's id, when known.
         leader: Option<u64>,
     },
+    /// A follower could not hand the request to the leader: none was elected in time
+    /// ([`Reason::NoLeader`]), or it did not answer ([`Reason::LeaderUnreachable`]; a forwarded
+    /// write's fate is then unknown, so retry with the same idempotency key). UNAVAILABLE, with the
+    /// leader's public address as a hint when known.
+    #[error("{message}")]
+    LeaderUnavailable {
+        /// [`Reason::NoLeader`] or [`Reason::LeaderUnreachable`].
+        reason: Reason,
+        /// What happened.
+        message: String,
+        /// The leader's id, when known.
+        leader: Option<u64>,
+        /// The leader's public address (`host:port`), when known.
+        leader_address: Option<String>,
+    },
     /// The broker is stopping. UNAVAILABLE; retry against another node or after restart.
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -211,6 +232,7 @@ impl BrokerError {
             | BrokerError::Precondition { reason, .. }
             | BrokerError::NotFound { reason, .. } => *reason,
             BrokerError::NotLeader { .. } => Reason::NotLeader,
+            BrokerError::LeaderUnavailable { reason, .. } => *reason,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::Storage(_) => Reason::StorageFailure,
             BrokerError::Consensus(_) => Reason::ConsensusFailure,

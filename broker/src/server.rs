@@ -8,9 +8,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::raft::Member;
 use anyhow::Context;
-use openraft::BasicNode;
+use switchboard_proto::internal::v1::raft_server::RaftServer;
 use switchboard_proto::v1::broker_server::BrokerServer;
+use switchboard_proto::v1::cluster_server::ClusterServer;
 use switchboard_proto::v1::entities_server::EntitiesServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -19,6 +21,9 @@ use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::cluster::internal::InternalService;
+use crate::cluster::service::ClusterService;
+use crate::cluster::{self, Leader};
 use crate::config::Config;
 use crate::edge::entities::EntitiesService;
 use crate::edge::BrokerService;
@@ -50,6 +55,8 @@ pub struct Broker {
     pub local_addr: SocketAddr,
     /// The address the admin listener (`/metrics`, `/healthz`) is bound to, if it is on.
     pub admin_addr: Option<SocketAddr>,
+    /// The address the internal raft listener is bound to, if this node is clustered.
+    pub raft_addr: Option<SocketAddr>,
     trigger: ShutdownTrigger,
     serving: tokio::task::JoinHandle<anyhow::Result<()>>,
     admin: Option<tokio::task::JoinHandle<()>>,
@@ -66,10 +73,66 @@ impl Broker {
             spawn_metrics_upkeep(handle);
         }
         let (trigger, signal) = shutdown::channel();
-        let consensus = raft::start(&config).await?;
+        // Bound first, so this node's membership record can name the real port (port 0).
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let raft_listener = match config.cluster.listen.0 {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (cluster.listen)"))?,
+            ),
+            None => None,
+        };
+        let me = raft::own_member(&config, local_addr);
+        let max_frame = raft::network::max_frame_bytes(config.proposer.max_batch_bytes);
+        let peers = raft::network::Peers::new(max_frame);
+        let consensus = raft::start(&config, me.clone(), peers.clone()).await?;
+        let leader = Leader::new(
+            consensus.raft.clone(),
+            peers,
+            config.node_id,
+            config.cluster.forward_timeout,
+        );
+
+        let raft_addr = match raft_listener {
+            Some(raft_listener) => {
+                let addr = raft_listener.local_addr()?;
+                let internal =
+                    RaftServer::new(InternalService::new(consensus.raft.clone(), config.node_id))
+                        .max_decoding_message_size(max_frame)
+                        .max_encoding_message_size(max_frame);
+                let mut stopping = signal.clone();
+                let incoming = TcpIncoming::from(raft_listener).with_nodelay(Some(true));
+                let server = tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                    .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+                    .add_service(internal)
+                    .serve_with_incoming_shutdown(incoming, async move { stopping.wait().await });
+                tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        tracing::error!(error = %e, "the raft listener failed");
+                    }
+                });
+                tokio::spawn(cluster::announce(
+                    leader.clone(),
+                    me.public_addr.clone(),
+                    signal.clone(),
+                ));
+                Some(addr)
+            }
+            None => None,
+        };
 
         let rules = config.rules();
-        let proposer = Proposer::start(consensus.raft.clone(), &config.proposer, rules);
+        let proposer = Proposer::start(
+            consensus.raft.clone(),
+            leader.clone(),
+            &config.proposer,
+            rules,
+        );
         tokio::spawn(retention::run(
             consensus.raft.clone(),
             config.node_id,
@@ -89,10 +152,6 @@ impl Broker {
             signal.clone(),
         );
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let local_addr = listener.local_addr()?;
         let admin_listener = match config.admin_listen.addr() {
             Some(addr) => Some(admin::bind(addr).await?),
             None => None,
@@ -147,6 +206,7 @@ impl Broker {
         let entities =
             EntitiesServer::new(service.entities()).max_decoding_message_size(max_message);
         let grpc = BrokerServer::new(service).max_decoding_message_size(max_message);
+        let cluster_admin = ClusterServer::new(ClusterService::new(leader));
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -155,6 +215,7 @@ impl Broker {
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .add_service(grpc)
             .add_service(entities)
+            .add_service(cluster_admin)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
@@ -162,6 +223,7 @@ impl Broker {
         Ok(Broker {
             local_addr,
             admin_addr,
+            raft_addr,
             trigger,
             serving,
             admin,
@@ -220,7 +282,7 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
 /// it does not, and NOT_SERVING from the moment shutdown begins (so balancers drain it).
 async fn report_health(
     reporter: HealthReporter,
-    mut raft: watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+    mut raft: watch::Receiver<openraft::RaftMetrics<u64, Member>>,
     mut shutdown: ShutdownSignal,
     mut serving: bool,
 ) {
