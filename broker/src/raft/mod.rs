@@ -161,7 +161,9 @@ pub async fn start(
         election_timeout_min: 150,
         election_timeout_max: 300,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every_entries),
-        max_in_snapshot_log_to_keep: 1_000,
+        // Entries kept behind a snapshot, so a briefly lagging follower still gets log entries
+        // rather than a whole snapshot; never more than the snapshot interval itself.
+        max_in_snapshot_log_to_keep: config.raft.snapshot_every_entries.min(1_000),
         // Each entry is a whole proposer batch: few per message keep a replication message's size
         // within the raft listener's frame limit.
         max_payload_entries: network::MAX_ENTRIES_PER_APPEND,
@@ -192,22 +194,19 @@ pub async fn start(
     let static_member = !voters.is_empty();
     if (single || static_member) && !raft.is_initialized().await? {
         // Every static member initializes with the same voters: openraft accepts identical
-        // initial memberships from all of them, and whichever vote wins leads. Peers' public
-        // addresses are unknown here; each node announces its own once a leader is known.
+        // initial memberships from all of them, and whichever vote wins leads. Identical down to
+        // the node records, because all of them write it as the same log entry (index 0) and
+        // none is ever replaced: so no public addresses here, only what every member was given.
+        // Each node announces its own public address once a leader is known.
         let members: BTreeMap<u64, Member> = if static_member {
             voters
                 .into_iter()
                 .map(|(id, raft_addr)| {
-                    let public_addr = if id == config.node_id {
-                        me.public_addr.clone()
-                    } else {
-                        String::new()
-                    };
                     (
                         id,
                         Member {
                             raft_addr,
-                            public_addr,
+                            public_addr: String::new(),
                         },
                     )
                 })
