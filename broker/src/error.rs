@@ -41,6 +41,7 @@ pub enum Reason {
     NotLeader,
     NoLeader,
     LeaderUnreachable,
+    NoQuorum,
     MembershipInvalid,
     ShuttingDown,
     StorageFailure,
@@ -82,6 +83,7 @@ impl Reason {
             Reason::NotLeader => "NOT_LEADER",
             Reason::NoLeader => "NO_LEADER",
             Reason::LeaderUnreachable => "LEADER_UNREACHABLE",
+            Reason::NoQuorum => "NO_QUORUM",
             Reason::MembershipInvalid => "MEMBERSHIP_INVALID",
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::StorageFailure => "STORAGE_FAILURE",
@@ -192,6 +194,14 @@ pub enum BrokerError {
         /// The leader's public address (`host:port`), when known.
         leader_address: Option<String>,
     },
+    /// This node leads but a majority did not confirm the write in time (it is cut off from
+    /// them, or they are down). UNAVAILABLE. The write may still be committed later if the
+    /// majority comes back to this leader: retry with the same idempotency key.
+    #[error("no majority of the cluster confirmed the write within {waited_ms} ms; it may still be committed")]
+    NoQuorum {
+        /// How long it waited.
+        waited_ms: u64,
+    },
     /// The broker is stopping. UNAVAILABLE; retry against another node or after restart.
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -233,6 +243,7 @@ impl BrokerError {
             | BrokerError::NotFound { reason, .. } => *reason,
             BrokerError::NotLeader { .. } => Reason::NotLeader,
             BrokerError::LeaderUnavailable { reason, .. } => *reason,
+            BrokerError::NoQuorum { .. } => Reason::NoQuorum,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::Storage(_) => Reason::StorageFailure,
             BrokerError::Consensus(_) => Reason::ConsensusFailure,

@@ -268,8 +268,21 @@ async fn run(
                 continue;
             }
         };
+        let commit_timeout = leader.commit_timeout();
         tokio::spawn(async move {
-            let result = match response.await {
+            let response = match commit_timeout {
+                Some(limit) => match tokio::time::timeout(limit, response).await {
+                    Ok(response) => response,
+                    Err(_) => {
+                        drop(permit);
+                        let waited_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+                        deliver(replies, Err(BrokerError::NoQuorum { waited_ms }));
+                        return;
+                    }
+                },
+                None => response.await,
+            };
+            let result = match response {
                 Ok(Ok(written)) => batch_outcomes(written.data, item_count, proposed_at),
                 Ok(Err(e)) => Err(write_error(RaftError::APIError(e))),
                 Err(_) => Err(BrokerError::ShuttingDown),

@@ -95,6 +95,7 @@ impl Broker {
             peers,
             config.node_id,
             config.cluster.forward_timeout,
+            config.cluster.listen.0.is_some(),
         );
 
         let raft_addr = match raft_listener {

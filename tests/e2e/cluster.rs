@@ -224,3 +224,64 @@ async fn a_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed()
     let unknown = client.cluster_remove(99).await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::FailedPrecondition, "{unknown}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_without_a_majority_refuses_writes_and_linearizable_reads_but_serves_stale_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SWITCHBOARD_CLUSTER_FORWARD_TIMEOUT", "1s")];
+    let mut nodes = start_cluster(dir.path(), 3, &env).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    settled(&client, &[1, 2, 3]).await;
+    let written = client
+        .update_entity(EntityUpdate::new("contact", "7", json!({"name": "Grace"})))
+        .await
+        .unwrap();
+    // Every node has applied it before the majority goes.
+    for node in &nodes {
+        let c = connect(node).await;
+        eventually("the write is applied everywhere", || async {
+            let read = c
+                .get_entity_consistency("contact", "7", None, true)
+                .await
+                .ok()?
+                .into_entity()?;
+            (read.version == written.version).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+
+    // Node 1 is left alone, whether it led or followed.
+    nodes[1].kill9();
+    nodes[2].kill9();
+    let refused = tokio::time::timeout(
+        switchboard_e2e::DEADLINE,
+        client.publish(Publish::new("orders.eu.created", "{}")),
+    )
+    .await
+    .expect("the write is answered within the deadline")
+    .expect_err("a minority cannot commit");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    let reason = refused.reason().unwrap_or_default().to_owned();
+    assert!(
+        ["NO_LEADER", "LEADER_UNREACHABLE", "NO_QUORUM", "NOT_LEADER"].contains(&reason.as_str()),
+        "{refused}"
+    );
+
+    let refused = tokio::time::timeout(
+        switchboard_e2e::DEADLINE,
+        client.get_entity("contact", "7", None),
+    )
+    .await
+    .expect("the read is answered within the deadline")
+    .expect_err("a linearizable read needs a leader confirmed by a majority");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+
+    let stale = client
+        .get_entity_consistency("contact", "7", None, true)
+        .await
+        .expect("a stale-ok read needs nobody")
+        .into_entity()
+        .unwrap();
+    assert_eq!(stale.version, written.version);
+}

@@ -112,17 +112,28 @@ pub struct Leader {
     peers: Peers,
     me: u64,
     timeout: Duration,
+    clustered: bool,
 }
 
 impl Leader {
     /// Over this node's raft (`me` is its id); gives up on reaching a leader after `timeout`.
-    pub fn new(raft: Raft, peers: Peers, me: u64, timeout: Duration) -> Leader {
+    /// `clustered` is false for a single node, which is its own majority.
+    pub fn new(raft: Raft, peers: Peers, me: u64, timeout: Duration, clustered: bool) -> Leader {
         Leader {
             raft,
             peers,
             me,
             timeout,
+            clustered,
         }
+    }
+
+    /// How long a write proposed here may wait for a majority before the client is answered
+    /// UNAVAILABLE `NO_QUORUM`: a leader cut off from its peers keeps believing it leads (raft
+    /// has it step down only when it hears a higher term), and its writes would wait for ever.
+    /// `None` for a single node, whose writes need nobody else.
+    pub fn commit_timeout(&self) -> Option<Duration> {
+        self.clustered.then_some(self.timeout)
     }
 
     /// Whether this node leads right now (as far as it knows).
@@ -230,11 +241,19 @@ impl Leader {
     pub async fn propose(&self, command: Command) -> Result<CommandOutcome, BrokerError> {
         let frame = encode(&command).map_err(BrokerError::Consensus)?;
         let raft = self.raft.clone();
+        let limit = self.timeout;
         self.on_leader(
             "a forwarded write",
             frame,
             |mut c, r| async move { c.propose(r).await },
-            move || async move { propose_here(&raft, command).await.map_err(local_error) },
+            move || async move {
+                match tokio::time::timeout(limit, propose_here(&raft, command)).await {
+                    Ok(result) => result.map_err(local_error),
+                    Err(_) => Err(BrokerError::NoQuorum {
+                        waited_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                    }),
+                }
+            },
         )
         .await
     }

@@ -27,6 +27,7 @@ pub fn code(error: &BrokerError) -> Code {
         BrokerError::Precondition { .. } => Code::FailedPrecondition,
         BrokerError::NotLeader { .. }
         | BrokerError::LeaderUnavailable { .. }
+        | BrokerError::NoQuorum { .. }
         | BrokerError::ShuttingDown => Code::Unavailable,
         BrokerError::Storage(_) | BrokerError::Consensus(_) => Code::Internal,
     }
