@@ -507,7 +507,14 @@ impl Config {
                     ),
                 );
             }
-            if raft_listen.ip().is_unspecified() && self.cluster.advertise.trim().is_empty() {
+            let named_in_members = self
+                .cluster
+                .voters()
+                .is_ok_and(|v| v.contains_key(&self.node_id));
+            if raft_listen.ip().is_unspecified()
+                && self.cluster.advertise.trim().is_empty()
+                && !named_in_members
+            {
                 return invalid(
                     "cluster.advertise",
                     format!(
@@ -960,6 +967,20 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("cluster.advertise"), "{err}");
+        // As in a compose file: the member list already says where peers reach this node.
+        let (config, _) = load(&[
+            ("SWITCHBOARD_CLUSTER_LISTEN", "0.0.0.0:7402"),
+            (
+                "SWITCHBOARD_CLUSTER_MEMBERS",
+                "1=sb1:7402,2=sb2:7402,3=sb3:7402",
+            ),
+            ("SWITCHBOARD_ALLOW_UNAUTHENTICATED_REMOTE", "true"),
+        ])
+        .unwrap();
+        assert_eq!(
+            crate::raft::own_member(&config, "0.0.0.0:7400".parse().unwrap()).raft_addr,
+            "sb1:7402"
+        );
         let (config, _) = load(&[]).unwrap();
         assert_eq!(config.cluster.listen.0, None);
         assert!(config.cluster.voters().unwrap().is_empty());
