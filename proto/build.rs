@@ -1,11 +1,15 @@
-//! Compiles `switchboard/v1/*.proto` with protox (pure Rust), so building needs no system `protoc`.
+//! Compiles `switchboard/v1/*.proto` and `switchboard/internal/v1/*.proto` with protox (pure Rust), so building needs no system `protoc`.
 use prost::Message;
 
 const PROTOS: &[&str] = &[
     "switchboard/v1/auth.proto",
     "switchboard/v1/broker.proto",
     "switchboard/v1/entity.proto",
+    "switchboard/v1/cluster.proto",
 ];
+
+/// Node-to-node RPC: compiled separately so reflection on the public listener does not list it.
+const INTERNAL_PROTOS: &[&str] = &["switchboard/internal/v1/raft.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, ["."])?;
@@ -18,7 +22,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Payloads are `bytes::Bytes`: one reference-counted copy from decode to every subscriber.
         .bytes(".switchboard.v1")
         .compile_fds(fds)?;
-    for proto in PROTOS {
+    let internal = protox::compile(INTERNAL_PROTOS, ["."])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .bytes(".switchboard.internal.v1")
+        .compile_fds(internal)?;
+    for proto in PROTOS.iter().chain(INTERNAL_PROTOS) {
         println!("cargo:rerun-if-changed={proto}");
     }
     Ok(())

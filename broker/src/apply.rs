@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use openraft::{BasicNode, LogId, StoredMembership};
+use openraft::{LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
 
 use crate::entity::{EntityState, Stamp};
@@ -19,6 +19,7 @@ use crate::message::{
     Command, CommandOutcome, ConsumerState, ConsumerWrite, EntityWrite, Item, ItemOutcome,
     NewMessage, Refusal, Rules, StoredMessage,
 };
+use crate::raft::Member;
 use crate::store::{DedupRecord, MessageStore};
 
 /// Most batches one sweep visits, so a sweep never stalls apply for long; the next sweep goes on.
@@ -31,7 +32,7 @@ pub struct StateMeta {
     /// The last log entry whose effects are in the store.
     pub last_applied: Option<LogId<u64>>,
     /// The last membership applied.
-    pub membership: StoredMembership<u64, BasicNode>,
+    pub membership: StoredMembership<u64, Member>,
     /// The offset the next published message gets (offsets start at 1).
     pub next_offset: u64,
     /// The latest publish time given, µs since the epoch.

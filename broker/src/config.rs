@@ -37,6 +37,8 @@ pub struct Config {
     pub admin_listen: AdminListen,
     pub data_dir: PathBuf,
     pub node_id: u64,
+    pub cluster: Cluster,
+    pub raft: RaftSettings,
     pub durability: Durability,
     pub limits: Limits,
     pub retention: Retention,
@@ -102,6 +104,102 @@ impl<'de> Deserialize<'de> for AdminListen {
         let text = String::deserialize(deserializer)?;
         text.parse().map_err(serde::de::Error::custom)
     }
+}
+
+/// Where the internal raft listener binds, or `off` (a single node). Written as an address
+/// (`"10.0.0.1:7402"`) or `"off"` (an empty string means off too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for ClusterListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("off") {
+            return Ok(ClusterListen(None));
+        }
+        s.parse()
+            .map(|addr| ClusterListen(Some(addr)))
+            .map_err(|_| {
+                format!(
+                    "cluster.listen must be an address like \"0.0.0.0:7402\" or \"off\", got {s:?}"
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for ClusterListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+impl Serialize for ClusterListen {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ClusterListen {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Cluster {
+    pub listen: ClusterListen,
+    pub advertise: String,
+    pub public_advertise: String,
+    pub members: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub forward_timeout: Duration,
+}
+
+impl Cluster {
+    /// The static voters: raft id → raft address. Empty when none are configured.
+    ///
+    /// # Errors
+    /// An entry is not `id=host:port`, or an id repeats.
+    pub fn voters(&self) -> Result<std::collections::BTreeMap<u64, String>, String> {
+        let mut voters = std::collections::BTreeMap::new();
+        for entry in &self.members {
+            let (id, addr) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("{entry:?} is not \"id=host:port\""))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| format!("{entry:?}: the id must be a whole number above 0"))?;
+            let addr = addr.trim();
+            let port_ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(format!("{entry:?}: the address must be \"host:port\""));
+            }
+            if voters.insert(id, addr.to_owned()).is_some() {
+                return Err(format!("node id {id} appears twice"));
+            }
+        }
+        Ok(voters)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RaftSettings {
+    pub snapshot_every_entries: u64,
 }
 
 /// When an acknowledgement may be sent.
@@ -497,6 +595,58 @@ impl Config {
             );
         }
         self.validate_security()?;
+        if let Some(raft_listen) = self.cluster.listen.0 {
+            if !raft_listen.ip().is_loopback() && !self.allow_unauthenticated_remote {
+                return invalid(
+                    "cluster.listen",
+                    format!(
+                        "{raft_listen} is not a loopback address, and raft RPC has no authentication \
+                         yet: anyone who can reach it could rewrite the log. Listen on 127.0.0.1, or \
+                         set allow_unauthenticated_remote = true on a network you trust"
+                    ),
+                );
+            }
+            let named_in_members = self
+                .cluster
+                .voters()
+                .is_ok_and(|v| v.contains_key(&self.node_id));
+            if raft_listen.ip().is_unspecified()
+                && self.cluster.advertise.trim().is_empty()
+                && !named_in_members
+            {
+                return invalid(
+                    "cluster.advertise",
+                    format!(
+                        "cluster.listen is {raft_listen}, which peers cannot dial: set the address \
+                         they reach this node at"
+                    ),
+                );
+            }
+        }
+        match self.cluster.voters() {
+            Err(e) => return invalid("cluster.members", e),
+            Ok(voters) if !voters.is_empty() => {
+                if self.cluster.listen.0.is_none() {
+                    return invalid(
+                        "cluster.members",
+                        "a cluster needs this node's raft listener: set cluster.listen",
+                    );
+                }
+                if !voters.contains_key(&self.node_id) {
+                    return invalid(
+                        "cluster.members",
+                        format!("must include this node (node_id = {})", self.node_id),
+                    );
+                }
+            }
+            Ok(_) => {}
+        }
+        if self.cluster.forward_timeout < Duration::from_millis(10) {
+            return invalid("cluster.forward_timeout", "must be at least 10ms");
+        }
+        if self.raft.snapshot_every_entries < 10 {
+            return invalid("raft.snapshot_every_entries", "must be at least 10");
+        }
         if self.node_id == 0 {
             return invalid(
                 "node_id",
@@ -796,6 +946,15 @@ fn set_path(root: &mut toml::Table, path: &str, raw: &str, layer: &str) -> Resul
                     .map_err(|_| {
                         parse_error(format!("`{path}` must be true or false, got {raw:?}"))
                     })?,
+                // Lists come comma-separated from the environment and flags:
+                // SWITCHBOARD_CLUSTER_MEMBERS="1=sb1:7402,2=sb2:7402".
+                Some(toml::Value::Array(_)) => toml::Value::Array(
+                    raw.split(',')
+                        .map(str::trim)
+                        .filter(|item| !item.is_empty())
+                        .map(|item| toml::Value::String(item.to_owned()))
+                        .collect(),
+                ),
                 Some(toml::Value::Float(_)) => raw
                     .trim()
                     .parse::<f64>()
@@ -924,6 +1083,90 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("admin_listen"), "{err}");
+    }
+
+    #[test]
+    fn cluster_members_come_comma_separated_from_the_environment() {
+        let (config, unknown) = Config::load(
+            None,
+            env(&[
+                ("SWITCHBOARD_NODE_ID", "2"),
+                ("SWITCHBOARD_CLUSTER_LISTEN", "127.0.0.1:7402"),
+                (
+                    "SWITCHBOARD_CLUSTER_MEMBERS",
+                    "1=sb1:7402, 2=sb2:7402,3=10.0.0.3:7402,",
+                ),
+            ]),
+            &vec![],
+        )
+        .unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        let voters = config.cluster.voters().unwrap();
+        assert_eq!(voters.len(), 3);
+        assert_eq!(voters[&1], "sb1:7402");
+        assert_eq!(voters[&2], "sb2:7402");
+        assert_eq!(voters[&3], "10.0.0.3:7402");
+        let printed = config.to_toml().unwrap();
+        let reparsed: Config = toml::from_str(&printed).unwrap();
+        assert_eq!(reparsed, config);
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let load = |pairs: &[(&str, &str)]| Config::load(None, env(pairs), &vec![]);
+        // This node must be among the members, and reachable.
+        let err = load(&[
+            ("SWITCHBOARD_CLUSTER_LISTEN", "127.0.0.1:7402"),
+            ("SWITCHBOARD_CLUSTER_MEMBERS", "2=a:1,3=b:1"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("node_id = 1"), "{err}");
+        let err = load(&[("SWITCHBOARD_CLUSTER_MEMBERS", "1=a:1")]).unwrap_err();
+        assert!(err.to_string().contains("cluster.listen"), "{err}");
+        for bad in ["1=a:1,1=b:2", "x=a:1", "1=nohost", "0=a:1"] {
+            let err = load(&[
+                ("SWITCHBOARD_CLUSTER_LISTEN", "127.0.0.1:7402"),
+                ("SWITCHBOARD_CLUSTER_MEMBERS", bad),
+            ])
+            .unwrap_err();
+            assert!(err.to_string().contains("cluster.members"), "{bad}: {err}");
+        }
+        // A raft listener beyond loopback is refused without the explicit opt-in, like `listen`.
+        let err = load(&[("SWITCHBOARD_CLUSTER_LISTEN", "10.1.2.3:7402")]).unwrap_err();
+        assert!(err.to_string().contains("cluster.listen"), "{err}");
+        let (config, _) = load(&[
+            ("SWITCHBOARD_CLUSTER_LISTEN", "0.0.0.0:7402"),
+            ("SWITCHBOARD_CLUSTER_ADVERTISE", "sb1:7402"),
+            ("SWITCHBOARD_ALLOW_UNAUTHENTICATED_REMOTE", "true"),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.cluster.listen.0,
+            Some("0.0.0.0:7402".parse().unwrap())
+        );
+        let err = load(&[
+            ("SWITCHBOARD_CLUSTER_LISTEN", "0.0.0.0:7402"),
+            ("SWITCHBOARD_ALLOW_UNAUTHENTICATED_REMOTE", "true"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("cluster.advertise"), "{err}");
+        // As in a compose file: the member list already says where peers reach this node.
+        let (config, _) = load(&[
+            ("SWITCHBOARD_CLUSTER_LISTEN", "0.0.0.0:7402"),
+            (
+                "SWITCHBOARD_CLUSTER_MEMBERS",
+                "1=sb1:7402,2=sb2:7402,3=sb3:7402",
+            ),
+            ("SWITCHBOARD_ALLOW_UNAUTHENTICATED_REMOTE", "true"),
+        ])
+        .unwrap();
+        assert_eq!(
+            crate::raft::own_member(&config, "0.0.0.0:7400".parse().unwrap()).raft_addr,
+            "sb1:7402"
+        );
+        let (config, _) = load(&[]).unwrap();
+        assert_eq!(config.cluster.listen.0, None);
+        assert!(config.cluster.voters().unwrap().is_empty());
     }
 
     #[test]

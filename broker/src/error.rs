@@ -44,6 +44,10 @@ pub enum Reason {
     ConsumerTakenOver,
     PolicyInvalid,
     NotLeader,
+    NoLeader,
+    LeaderUnreachable,
+    NoQuorum,
+    MembershipInvalid,
     ShuttingDown,
     StorageFailure,
     ConsensusFailure,
@@ -64,6 +68,7 @@ pub enum Reason {
     SubscribeDenied,
     EntityReadDenied,
     EntityUpdateDenied,
+    AdminDenied,
     OriginNotAllowed,
     ScopeNotAllowed,
     OnBehalfNotAllowed,
@@ -111,6 +116,10 @@ impl Reason {
             Reason::ConsumerTakenOver => "CONSUMER_TAKEN_OVER",
             Reason::PolicyInvalid => "POLICY_INVALID",
             Reason::NotLeader => "NOT_LEADER",
+            Reason::NoLeader => "NO_LEADER",
+            Reason::LeaderUnreachable => "LEADER_UNREACHABLE",
+            Reason::NoQuorum => "NO_QUORUM",
+            Reason::MembershipInvalid => "MEMBERSHIP_INVALID",
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::StorageFailure => "STORAGE_FAILURE",
             Reason::ConsensusFailure => "CONSENSUS_FAILURE",
@@ -129,6 +138,7 @@ impl Reason {
             Reason::SubscribeDenied => "SUBSCRIBE_DENIED",
             Reason::EntityReadDenied => "ENTITY_READ_DENIED",
             Reason::EntityUpdateDenied => "ENTITY_UPDATE_DENIED",
+            Reason::AdminDenied => "ADMIN_DENIED",
             Reason::OriginNotAllowed => "ORIGIN_NOT_ALLOWED",
             Reason::ScopeNotAllowed => "SCOPE_NOT_ALLOWED",
             Reason::OnBehalfNotAllowed => "ON_BEHALF_NOT_ALLOWED",
@@ -254,6 +264,29 @@ pub enum BrokerError {
     /// `retry_after_ms` and a `google.rpc.RetryInfo`.
     #[error("{0}")]
     RateLimited(RetryAfter),
+    /// A follower could not hand the request to the leader: none was elected in time
+    /// ([`Reason::NoLeader`]), or it did not answer ([`Reason::LeaderUnreachable`]; a forwarded
+    /// write's fate is then unknown, so retry with the same idempotency key). UNAVAILABLE, with the
+    /// leader's public address as a hint when known.
+    #[error("{message}")]
+    LeaderUnavailable {
+        /// [`Reason::NoLeader`] or [`Reason::LeaderUnreachable`].
+        reason: Reason,
+        /// What happened.
+        message: String,
+        /// The leader's id, when known.
+        leader: Option<u64>,
+        /// The leader's public address (`host:port`), when known.
+        leader_address: Option<String>,
+    },
+    /// This node leads but a majority did not confirm the write in time (it is cut off from
+    /// them, or they are down). UNAVAILABLE. The write may still be committed later if the
+    /// majority comes back to this leader: retry with the same idempotency key.
+    #[error("no majority of the cluster confirmed the write within {waited_ms} ms; it may still be committed")]
+    NoQuorum {
+        /// How long it waited.
+        waited_ms: u64,
+    },
     /// The broker is stopping. UNAVAILABLE; retry against another node or after restart.
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -294,6 +327,8 @@ impl BrokerError {
             | BrokerError::Precondition { reason, .. }
             | BrokerError::NotFound { reason, .. } => *reason,
             BrokerError::NotLeader { .. } => Reason::NotLeader,
+            BrokerError::LeaderUnavailable { reason, .. } => *reason,
+            BrokerError::NoQuorum { .. } => Reason::NoQuorum,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::Storage(_) => Reason::StorageFailure,
             BrokerError::Consensus(_) => Reason::ConsensusFailure,
@@ -332,6 +367,7 @@ fn denied_reason(e: &PermissionDenied) -> Reason {
         PermissionDenied::Subscribe { .. } => Reason::SubscribeDenied,
         PermissionDenied::EntityRead { .. } => Reason::EntityReadDenied,
         PermissionDenied::EntityUpdate { .. } => Reason::EntityUpdateDenied,
+        PermissionDenied::Admin => Reason::AdminDenied,
     }
 }
 
@@ -429,6 +465,7 @@ mod tests {
             PermissionDenied::EntityUpdate {
                 entity_type: channel,
             },
+            PermissionDenied::Admin,
         ];
         for e in denials {
             assert_eq!(denied_reason(&e).as_str(), e.reason(), "{e:?}");

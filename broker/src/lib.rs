@@ -21,6 +21,7 @@
 
 pub mod apply;
 pub mod channel;
+pub mod cluster;
 pub mod config;
 pub mod edge;
 pub mod entity;

@@ -286,6 +286,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(admin) = broker.admin_addr {
         println!("admin listening on {admin}");
     }
+    if let Some(raft) = broker.raft_addr {
+        println!("raft listening on {raft}");
+    }
     let admin = broker
         .admin_addr
         .map_or_else(|| "off".to_owned(), |a| a.to_string());

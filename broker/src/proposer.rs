@@ -7,6 +7,10 @@
 //! submits entries to raft in queue order (`client_write_ff` from this one task), so the offsets of
 //! one publisher's messages increase in the order it sent them.
 //!
+//! On a follower, the batch is handed whole to the leader (`cluster::Leader::propose`), so group
+//! commit holds cluster-wide. Forwarded batches go one at a time, in queue order: while one is on
+//! its way, the next batch fills, and one publisher's messages keep their order.
+//!
 //! The queue is bounded twice: in proposals (`proposer.queue`) and in bytes
 //! (`proposer.queue_bytes`), so a burst of large messages makes publishers wait rather than the
 //! broker's memory grow.
@@ -16,6 +20,7 @@ use std::sync::Arc;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::cluster::Leader;
 use crate::config;
 use crate::error::BrokerError;
 use crate::message::{now_us, Command, CommandOutcome, Item, ItemOutcome, Rules};
@@ -25,9 +30,12 @@ use crate::raft::Raft;
 /// The answer to one proposal, once committed and applied: one outcome per item.
 pub type Pending = oneshot::Receiver<Result<Vec<ItemOutcome>, BrokerError>>;
 
+/// Where one proposal's outcomes go.
+type Reply = oneshot::Sender<Result<Vec<ItemOutcome>, BrokerError>>;
+
 struct Proposal {
     items: Vec<Item>,
-    reply: oneshot::Sender<Result<Vec<ItemOutcome>, BrokerError>>,
+    reply: Reply,
     /// The proposal's share of the queue's byte budget, returned when it leaves the queue.
     _budget: OwnedSemaphorePermit,
 }
@@ -42,13 +50,20 @@ pub struct Proposer {
     /// Bounds the bytes waiting in the queue, not only their count.
     budget: Arc<Semaphore>,
     budget_units: u32,
+    leader: Leader,
 }
 
 impl Proposer {
-    /// Starts the proposer task for `raft`; every batch carries `rules`.
-    pub fn start(raft: Raft, settings: &config::Proposer, rules: Rules) -> Proposer {
+    /// Starts the proposer task for `raft`; every batch carries `rules`. Batches go to the
+    /// leader through `leader` when this node does not lead.
+    pub fn start(
+        raft: Raft,
+        leader: Leader,
+        settings: &config::Proposer,
+        rules: Rules,
+    ) -> Proposer {
         let (queue, waiting) = mpsc::channel(settings.queue);
-        tokio::spawn(run(raft, waiting, settings.clone(), rules));
+        tokio::spawn(run(raft, leader.clone(), waiting, settings.clone(), rules));
         let budget_units = u32::try_from(settings.queue_bytes / BUDGET_UNIT)
             .unwrap_or(u32::MAX)
             .max(1);
@@ -56,7 +71,13 @@ impl Proposer {
             queue,
             budget: Arc::new(Semaphore::new(budget_units as usize)),
             budget_units,
+            leader,
         }
+    }
+
+    /// Leader-only work (reads that must be linearizable, membership) from this node.
+    pub fn leader(&self) -> &Leader {
+        &self.leader
     }
 
     /// Queues `items` to be proposed together (waiting for queue space, which is backpressure on
@@ -119,7 +140,7 @@ pub fn single(outcomes: Vec<ItemOutcome>) -> Result<ItemOutcome, BrokerError> {
 }
 
 /// Maps a failed write to what the client is told.
-pub fn write_error(e: RaftError<u64, ClientWriteError<u64, openraft::BasicNode>>) -> BrokerError {
+pub fn write_error(e: RaftError<u64, ClientWriteError<u64, crate::raft::Member>>) -> BrokerError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => BrokerError::NotLeader {
             leader: f.leader_id,
@@ -136,13 +157,50 @@ fn proposal_bytes(proposal: &Proposal) -> usize {
     proposal.items.iter().map(Item::approximate_size).sum()
 }
 
+/// Hands each proposal its share of a batch's outcomes (or the batch's error).
+fn deliver(replies: Vec<(usize, Reply)>, result: Result<Vec<ItemOutcome>, BrokerError>) {
+    match result {
+        Ok(outcomes) => {
+            let mut outcomes = outcomes.into_iter();
+            for (count, reply) in replies {
+                let _ = reply.send(Ok(outcomes.by_ref().take(count).collect()));
+            }
+        }
+        Err(e) => {
+            for (_, reply) in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// A batch's outcomes from what apply answered.
+fn batch_outcomes(
+    outcome: CommandOutcome,
+    item_count: usize,
+    proposed_at: std::time::Instant,
+) -> Result<Vec<ItemOutcome>, BrokerError> {
+    match outcome {
+        CommandOutcome::Batch(outcomes) => {
+            metrics::commit(item_count, proposed_at.elapsed().as_secs_f64());
+            Ok(outcomes)
+        }
+        other => Err(BrokerError::Consensus(format!(
+            "a batch was applied as {other:?}"
+        ))),
+    }
+}
+
 async fn run(
     raft: Raft,
+    leader: Leader,
     mut waiting: mpsc::Receiver<Proposal>,
     settings: config::Proposer,
     rules: Rules,
 ) {
     let in_flight = Arc::new(Semaphore::new(settings.max_in_flight));
+    // One forwarded batch at a time keeps a follower's batches in queue order on the leader.
+    let forwarding = Arc::new(Semaphore::new(1));
     let mut carried: Option<Proposal> = None;
     loop {
         let first = match carried.take() {
@@ -184,6 +242,22 @@ async fn run(
             items,
         };
         let proposed_at = std::time::Instant::now();
+        if !leader.is_me() {
+            let Ok(forward_turn) = Arc::clone(&forwarding).acquire_owned().await else {
+                break;
+            };
+            let leader = leader.clone();
+            tokio::spawn(async move {
+                let result = leader
+                    .propose(command)
+                    .await
+                    .and_then(|outcome| batch_outcomes(outcome, item_count, proposed_at));
+                drop(forward_turn);
+                drop(permit);
+                deliver(replies, result);
+            });
+            continue;
+        }
         let response = match raft.client_write_ff(command).await {
             Ok(response) => response,
             Err(e) => {
@@ -194,34 +268,27 @@ async fn run(
                 continue;
             }
         };
+        let commit_timeout = leader.commit_timeout();
         tokio::spawn(async move {
-            let result = match response.await {
-                Ok(Ok(written)) => match written.data {
-                    CommandOutcome::Batch(outcomes) => {
-                        metrics::commit(item_count, proposed_at.elapsed().as_secs_f64());
-                        Ok(outcomes)
+            let response = match commit_timeout {
+                Some(limit) => match tokio::time::timeout(limit, response).await {
+                    Ok(response) => response,
+                    Err(_) => {
+                        drop(permit);
+                        let waited_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+                        deliver(replies, Err(BrokerError::NoQuorum { waited_ms }));
+                        return;
                     }
-                    other => Err(BrokerError::Consensus(format!(
-                        "a batch was applied as {other:?}"
-                    ))),
                 },
+                None => response.await,
+            };
+            let result = match response {
+                Ok(Ok(written)) => batch_outcomes(written.data, item_count, proposed_at),
                 Ok(Err(e)) => Err(write_error(RaftError::APIError(e))),
                 Err(_) => Err(BrokerError::ShuttingDown),
             };
             drop(permit);
-            match result {
-                Ok(outcomes) => {
-                    let mut outcomes = outcomes.into_iter();
-                    for (count, reply) in replies {
-                        let _ = reply.send(Ok(outcomes.by_ref().take(count).collect()));
-                    }
-                }
-                Err(e) => {
-                    for (_, reply) in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
-            }
+            deliver(replies, result);
         });
     }
 }

@@ -8,10 +8,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::raft::Member;
 use anyhow::Context;
-use openraft::BasicNode;
+use switchboard_proto::internal::v1::raft_server::RaftServer;
 use switchboard_proto::v1::auth_server::AuthServer;
 use switchboard_proto::v1::broker_server::BrokerServer;
+use switchboard_proto::v1::cluster_server::ClusterServer;
 use switchboard_proto::v1::entities_server::EntitiesServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -21,6 +23,9 @@ use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::cluster::internal::InternalService;
+use crate::cluster::service::ClusterService;
+use crate::cluster::{self, Leader};
 use crate::config::Config;
 use crate::edge::auth::{Gate, GateInterceptor};
 use crate::edge::entities::EntitiesService;
@@ -59,6 +64,8 @@ pub struct Broker {
     pub local_addr: SocketAddr,
     /// The address the admin listener (`/metrics`, `/healthz`) is bound to, if it is on.
     pub admin_addr: Option<SocketAddr>,
+    /// The address the internal raft listener is bound to, if this node is clustered.
+    pub raft_addr: Option<SocketAddr>,
     trigger: ShutdownTrigger,
     serving: tokio::task::JoinHandle<anyhow::Result<()>>,
     admin: Option<tokio::task::JoinHandle<()>>,
@@ -80,10 +87,67 @@ impl Broker {
         let gate = Arc::new(Gate::from_config(&config, minted)?);
         let tls = transport::server_tls(&config.tls)?;
         let (trigger, signal) = shutdown::channel();
-        let consensus = raft::start(&config).await?;
+        // Bound first, so this node's membership record can name the real port (port 0).
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let raft_listener = match config.cluster.listen.0 {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (cluster.listen)"))?,
+            ),
+            None => None,
+        };
+        let me = raft::own_member(&config, local_addr);
+        let max_frame = raft::network::max_frame_bytes(config.proposer.max_batch_bytes);
+        let peers = raft::network::Peers::new(max_frame);
+        let consensus = raft::start(&config, me.clone(), peers.clone()).await?;
+        let leader = Leader::new(
+            consensus.raft.clone(),
+            peers,
+            config.node_id,
+            config.cluster.forward_timeout,
+            config.cluster.listen.0.is_some(),
+        );
+
+        let raft_addr = match raft_listener {
+            Some(raft_listener) => {
+                let addr = raft_listener.local_addr()?;
+                let internal =
+                    RaftServer::new(InternalService::new(consensus.raft.clone(), config.node_id))
+                        .max_decoding_message_size(max_frame)
+                        .max_encoding_message_size(max_frame);
+                let mut stopping = signal.clone();
+                let incoming = TcpIncoming::from(raft_listener).with_nodelay(Some(true));
+                let server = tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                    .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+                    .add_service(internal)
+                    .serve_with_incoming_shutdown(incoming, async move { stopping.wait().await });
+                tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        tracing::error!(error = %e, "the raft listener failed");
+                    }
+                });
+                tokio::spawn(cluster::announce(
+                    leader.clone(),
+                    me.public_addr.clone(),
+                    signal.clone(),
+                ));
+                Some(addr)
+            }
+            None => None,
+        };
 
         let rules = config.rules();
-        let proposer = Proposer::start(consensus.raft.clone(), &config.proposer, rules);
+        let proposer = Proposer::start(
+            consensus.raft.clone(),
+            leader.clone(),
+            &config.proposer,
+            rules,
+        );
         tokio::spawn(retention::run(
             consensus.raft.clone(),
             config.node_id,
@@ -105,10 +169,6 @@ impl Broker {
         );
         spawn_rate_limit_sweep(Arc::clone(&gate), signal.clone());
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let local_addr = listener.local_addr()?;
         let admin_listener = match config.admin_listen.addr() {
             Some(addr) => Some(admin::bind(addr).await?),
             None => None,
@@ -167,8 +227,10 @@ impl Broker {
         );
         let grpc = InterceptedService::new(
             BrokerServer::new(service).max_decoding_message_size(max_message),
-            interceptor,
+            interceptor.clone(),
         );
+        let cluster_admin =
+            InterceptedService::new(ClusterServer::new(ClusterService::new(leader)), interceptor);
         // Token requests are small; the default 4 MiB limit would let one cost a large buffer.
         let auth = AuthServer::new(endpoint.with_gate(gate)).max_decoding_message_size(64 * 1024);
         let mut builder = tonic::transport::Server::builder();
@@ -188,6 +250,7 @@ impl Broker {
             .add_service(grpc)
             .add_service(entities)
             .add_service(auth)
+            .add_service(cluster_admin)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
@@ -201,6 +264,7 @@ impl Broker {
         Ok(Broker {
             local_addr,
             admin_addr,
+            raft_addr,
             trigger,
             serving,
             admin,
@@ -273,7 +337,7 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
 /// it does not, and NOT_SERVING from the moment shutdown begins (so balancers drain it).
 async fn report_health(
     reporter: HealthReporter,
-    mut raft: watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+    mut raft: watch::Receiver<openraft::RaftMetrics<u64, Member>>,
     mut shutdown: ShutdownSignal,
     mut serving: bool,
 ) {

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use switchboard_proto::v1::broker_client::BrokerClient;
+use switchboard_proto::v1::cluster_client::ClusterClient;
 use switchboard_proto::v1::entities_client::EntitiesClient;
 use switchboard_proto::v1::{InfoRequest, InfoResponse, WriteStamp};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -58,6 +59,7 @@ impl Default for ConnectOptions {
 pub struct Client {
     inner: BrokerClient<Channel>,
     entities: EntitiesClient<Channel>,
+    cluster: ClusterClient<Channel>,
     url: Arc<str>,
     writer: Arc<str>,
     clock: Arc<Mutex<StampClock>>,
@@ -138,6 +140,7 @@ impl Client {
         Client {
             inner: BrokerClient::new(channel.clone())
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
+            cluster: ClusterClient::new(channel.clone()),
             entities: EntitiesClient::new(channel)
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
             url: url.into(),
@@ -211,6 +214,11 @@ impl Client {
     /// A handle on the generated `Entities` client, on the same connection.
     pub(crate) fn entities_grpc(&self) -> EntitiesClient<Channel> {
         self.entities.clone()
+    }
+
+    /// A handle on the generated `Cluster` admin client, on the same connection.
+    pub(crate) fn cluster_grpc(&self) -> ClusterClient<Channel> {
+        self.cluster.clone()
     }
 
     /// The stamp of a write that has none of its own: this client's clock (see

@@ -545,9 +545,28 @@ impl Client {
         id: impl Into<String>,
         if_none_match: Option<&str>,
     ) -> Result<EntityRead, Error> {
+        self.get_entity_consistency(entity_type, id, if_none_match, false)
+            .await
+    }
+
+    /// [`get_entity`](Self::get_entity), choosing the consistency: with `stale_ok` false (what
+    /// `get_entity` does) the answer reflects every write acknowledged before the call, on any
+    /// node of a cluster; with `stale_ok` true the node answers from its own applied state at
+    /// once, possibly behind the leader, and without needing a leader.
+    ///
+    /// # Errors
+    /// As `get_entity`; UNAVAILABLE when a linearizable read finds no leader.
+    pub async fn get_entity_consistency(
+        &self,
+        entity_type: impl Into<String>,
+        id: impl Into<String>,
+        if_none_match: Option<&str>,
+        stale_ok: bool,
+    ) -> Result<EntityRead, Error> {
         let request = GetEntityRequest {
             key: Some(key(entity_type, id)),
             if_none_match: if_none_match.unwrap_or_default().to_owned(),
+            stale_ok,
         };
         let response = self.entities_grpc().get_entity(request).await?.into_inner();
         if response.not_modified {

@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 
 mod client;
+mod cluster;
 mod entity;
 mod error;
 mod flow;
@@ -83,6 +84,6 @@ pub mod proto {
 
 pub use switchboard_proto::v1::gap::Reason as GapReason;
 pub use switchboard_proto::v1::{
-    AckResponse, ConsumerInfo, Entity, EntityKey, Gap, InfoResponse, Message, PublishAck,
-    PublishStreamAck, Refusal, SubscriptionInfo, WriteStamp,
+    AckResponse, ClusterNode, ClusterStatus, ConsumerInfo, Entity, EntityKey, Gap, InfoResponse,
+    Message, PublishAck, PublishStreamAck, Refusal, SubscriptionInfo, WriteStamp,
 };

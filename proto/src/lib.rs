@@ -12,6 +12,16 @@ pub mod v1 {
     tonic::include_proto!("switchboard.v1");
 }
 
+/// Package `switchboard.internal.v1`: node-to-node raft RPC, served only on the cluster listener.
+/// Not a public contract.
+pub mod internal {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("switchboard.internal.v1");
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every Switchboard proto, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/switchboard_descriptor.bin"));

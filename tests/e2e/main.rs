@@ -3,6 +3,7 @@
 //! build is shared; scenarios are grouped by concern.
 
 mod cli;
+mod cluster;
 mod common;
 mod concurrency;
 mod entities;

@@ -335,6 +335,121 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// `n` loopback ports that were free a moment ago: each is bound to port 0 and released. For
+/// settings that must be known before a process starts (the raft listeners every member of a
+/// static cluster names), where port 0 cannot be used.
+pub fn free_loopback_ports(n: usize) -> Result<Vec<u16>> {
+    // All bound at once, so the n ports differ.
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// One node of a loopback test cluster: how to (re)start it, and the running process.
+pub struct ClusterNode {
+    /// Its raft id.
+    pub id: u64,
+    /// Its raft listener, `127.0.0.1:port`.
+    pub raft_addr: String,
+    /// `SWITCHBOARD_CLUSTER_MEMBERS` it starts with (empty for a node that joins as a learner).
+    pub members: String,
+    /// Extra `SWITCHBOARD_*` settings.
+    pub env: Vec<(String, String)>,
+    /// The running broker; `None` after [`ClusterNode::kill9`].
+    pub process: Option<BrokerProcess>,
+    data_dir: PathBuf,
+}
+
+impl ClusterNode {
+    /// Starts node `id` with data under `root/node<id>`, its raft listener on `raft_addr`, and
+    /// `members` as its static voters (empty = a newcomer waiting to be added).
+    pub fn start(
+        root: &Path,
+        id: u64,
+        raft_addr: &str,
+        members: &str,
+        env: &[(&str, &str)],
+    ) -> Result<ClusterNode> {
+        let mut node = ClusterNode {
+            id,
+            raft_addr: raft_addr.to_owned(),
+            members: members.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            process: None,
+            data_dir: root.join(format!("node{id}")),
+        };
+        node.start_again()?;
+        Ok(node)
+    }
+
+    /// Starts the process (again, on its data): its public and admin ports are new ones.
+    pub fn start_again(&mut self) -> Result<()> {
+        let id = self.id.to_string();
+        let mut env: Vec<(&str, &str)> = vec![
+            ("SWITCHBOARD_CLUSTER_LISTEN", &self.raft_addr),
+            ("SWITCHBOARD_CLUSTER_MEMBERS", &self.members),
+        ];
+        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let process = BrokerProcess::start_with_env(
+            &self.data_dir,
+            "127.0.0.1:0",
+            &["--node-id", &id],
+            &env,
+        )?;
+        self.process = Some(process);
+        Ok(())
+    }
+
+    /// The running process.
+    ///
+    /// # Panics
+    /// If it was killed.
+    pub fn process(&self) -> &BrokerProcess {
+        self.process.as_ref().expect("this node is not running")
+    }
+
+    /// Its public URL.
+    pub fn url(&self) -> String {
+        self.process().url()
+    }
+
+    /// SIGKILL, no chance to flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill9();
+        }
+    }
+
+    /// Its data folder.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+/// Starts `n` nodes (ids 1..=n) forming one static cluster on loopback, each with `env` added.
+pub fn start_cluster(root: &Path, n: usize, env: &[(&str, &str)]) -> Result<Vec<ClusterNode>> {
+    let ports = free_loopback_ports(n)?;
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let members = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| ClusterNode::start(root, i as u64 + 1, addr, &members, env))
+        .collect()
+}
+
 /// Polls `condition` until it returns `Some` or the deadline passes.
 pub async fn eventually<T, F, Fut>(what: &str, mut condition: F) -> Result<T>
 where

@@ -106,6 +106,14 @@ impl Caller {
         self.refuse(self.permissions().check_update_entity(entity_type))
     }
 
+    /// Whether this caller may change cluster membership.
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED `ADMIN_DENIED`.
+    pub fn check_admin(&self) -> Result<(), BrokerError> {
+        self.refuse(self.permissions().check_admin())
+    }
+
     /// The caller of `request`, as the gate left it.
     ///
     /// # Errors

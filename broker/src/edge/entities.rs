@@ -196,6 +196,12 @@ impl EntitiesRpc for EntitiesService {
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
         caller.check_read_entity(&entity_type)?;
+        if !request.stale_ok {
+            // Read index: wait until this node has applied every write committed before now, as
+            // the leader confirms with a quorum; a read on a follower is then as fresh as one on
+            // the leader.
+            self.edge.proposer.leader().read_barrier().await?;
+        }
         let state = self.edge.store.entity(&entity_type, &id)?.ok_or_else(|| {
             BrokerError::EntityNotFound {
                 entity_type: entity_type.clone(),

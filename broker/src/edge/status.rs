@@ -13,6 +13,9 @@ use crate::error::BrokerError;
 use crate::security::credentials::CredentialError;
 use crate::security::permissions::PermissionDenied;
 
+/// Response metadata naming the leader's public address (`host:port`) on UNAVAILABLE answers.
+pub const LEADER_HINT_HEADER: &str = "x-switchboard-leader";
+
 /// The gRPC code for an error.
 pub fn code(error: &BrokerError) -> Code {
     match error {
@@ -24,7 +27,10 @@ pub fn code(error: &BrokerError) -> Code {
         BrokerError::EntityNotFound { .. } | BrokerError::NotFound { .. } => Code::NotFound,
         BrokerError::Exhausted { .. } => Code::ResourceExhausted,
         BrokerError::Precondition { .. } => Code::FailedPrecondition,
-        BrokerError::NotLeader { .. } | BrokerError::ShuttingDown => Code::Unavailable,
+        BrokerError::NotLeader { .. }
+        | BrokerError::LeaderUnavailable { .. }
+        | BrokerError::NoQuorum { .. }
+        | BrokerError::ShuttingDown => Code::Unavailable,
         BrokerError::Storage(_) | BrokerError::Consensus(_) => Code::Internal,
         BrokerError::Unauthenticated(_) => Code::Unauthenticated,
         BrokerError::Denied(PermissionDenied::ReservedChannel { .. }) => Code::InvalidArgument,
@@ -52,6 +58,18 @@ fn metadata(error: &BrokerError) -> HashMap<String, String> {
         } => {
             metadata.insert("leader_id".to_owned(), leader.to_string());
         }
+        BrokerError::LeaderUnavailable {
+            leader,
+            leader_address,
+            ..
+        } => {
+            if let Some(leader) = leader {
+                metadata.insert("leader_id".to_owned(), leader.to_string());
+            }
+            if let Some(address) = leader_address {
+                metadata.insert("leader_address".to_owned(), address.clone());
+            }
+        }
         BrokerError::StaleUpdate { current_version }
         | BrokerError::VersionConflict {
             current_version, ..
@@ -77,7 +95,18 @@ impl From<BrokerError> for Status {
             // The standard retry hint, for clients that know google.rpc.RetryInfo.
             details.set_retry_info(Some(wait.0));
         }
-        Status::with_error_details(code(&error), error.to_string(), details)
+        let mut status = Status::with_error_details(code(&error), error.to_string(), details);
+        // The hint also travels as plain gRPC metadata, for clients that do not decode details.
+        if let BrokerError::LeaderUnavailable {
+            leader_address: Some(address),
+            ..
+        } = &error
+        {
+            if let Ok(value) = address.parse() {
+                status.metadata_mut().insert(LEADER_HINT_HEADER, value);
+            }
+        }
+        status
     }
 }
 
@@ -115,6 +144,39 @@ mod tests {
             info.metadata.get("leader_id").map(String::as_str),
             Some("3")
         );
+    }
+
+    #[test]
+    fn leader_unavailable_carries_the_hint() {
+        let status = Status::from(BrokerError::LeaderUnavailable {
+            reason: Reason::LeaderUnreachable,
+            message: "leader 2 did not answer".into(),
+            leader: Some(2),
+            leader_address: Some("10.0.0.2:7400".into()),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "LEADER_UNREACHABLE");
+        assert_eq!(
+            info.metadata.get("leader_address").map(String::as_str),
+            Some("10.0.0.2:7400")
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get(LEADER_HINT_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("10.0.0.2:7400")
+        );
+        let status = Status::from(BrokerError::LeaderUnavailable {
+            reason: Reason::NoLeader,
+            message: "no leader".into(),
+            leader: None,
+            leader_address: None,
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.get_details_error_info().unwrap().reason, "NO_LEADER");
+        assert!(status.metadata().get(LEADER_HINT_HEADER).is_none());
     }
 
     #[test]

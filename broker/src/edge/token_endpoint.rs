@@ -138,6 +138,7 @@ fn scope_spec(scope: pb::Scope) -> PermissionSpec {
             read: scope.entity_read,
             update: scope.entity_update,
         },
+        admin: scope.admin,
     }
 }
 
@@ -147,6 +148,7 @@ fn scope_message(spec: PermissionSpec) -> pb::Scope {
         subscribe: spec.subscribe,
         entity_read: spec.entities.read,
         entity_update: spec.entities.update,
+        admin: spec.admin,
     }
 }
 

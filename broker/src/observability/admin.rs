@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::raft::Member;
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -21,7 +22,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use openraft::BasicNode;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -106,7 +106,7 @@ impl Sources {
 
 /// The highest index a majority of voters has on disk, as the leader sees it; on a follower (no
 /// replication view) the applied index, which never exceeds the committed one.
-fn committed_index(raft: &openraft::RaftMetrics<u64, BasicNode>, applied: u64) -> u64 {
+fn committed_index(raft: &openraft::RaftMetrics<u64, Member>, applied: u64) -> u64 {
     let Some(replication) = &raft.replication else {
         return applied;
     };

@@ -4,11 +4,12 @@
 //!   openraft is told an append is flushed.
 //! - [`state_machine`]: the applied state (`<data>/state`): messages, indexes, last applied.
 //! - [`sync`]: the fdatasync that sled's `flush()` does not do.
-//! - [`network`]: node-to-node RPC. A single node is a one-voter cluster, so for now this is a
-//!   stub that reaches nobody; the cluster issue replaces it with a tonic service.
+//! - [`network`]: node-to-node RPC to peers' internal raft listeners (`cluster.listen`).
 //!
-//! [`start`] opens both stores, starts raft, makes this node a one-voter cluster on first start,
-//! and waits until it leads.
+//! [`start`] opens both stores, starts raft and, on first start, initializes the membership: the
+//! configured static voters (`cluster.members`), or this node alone. A lone node waits until it
+//! leads; a cluster member does not wait (the election needs its peers, and the public listener
+//! reports NOT_SERVING until a leader is known).
 
 // openraft's StorageError is large by design and is what its traits return; boxing it here
 // would only add conversions at every trait boundary.
@@ -24,7 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use openraft::{BasicNode, SnapshotPolicy};
+use openraft::SnapshotPolicy;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -40,18 +42,34 @@ openraft::declare_raft_types!(
         D = Command,
         R = CommandOutcome,
         NodeId = u64,
-        Node = BasicNode,
+        Node = Member,
         SnapshotData = tokio::fs::File,
 );
+
+/// What the cluster knows of a member: where its peers reach its raft listener, and where clients
+/// reach its public API. Carrying the public address in the membership (rather than openraft's
+/// `BasicNode`, which holds one address) lets any node name the leader's client-facing address in
+/// an UNAVAILABLE answer without asking anyone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// `host:port` of its raft listener (`cluster.advertise`).
+    pub raft_addr: String,
+    /// `host:port` of its public gRPC listener (`cluster.public_advertise`); empty when unknown
+    /// (a static peer that has not announced it yet).
+    pub public_addr: String,
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "raft {} public {}", self.raft_addr, self.public_addr)
+    }
+}
 
 /// A running raft node.
 pub type Raft = openraft::Raft<TypeConfig>;
 
 /// How long a starting node waits to become leader of its one-voter cluster.
 const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Log entries between snapshots. A snapshot lets openraft purge the log behind it.
-const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
 
 /// Everything the rest of the broker needs from the replicated log.
 pub struct Consensus {
@@ -67,11 +85,48 @@ pub struct Consensus {
     pub state_sync: Arc<sync::SledSync>,
 }
 
-/// Opens the stores under `config.data_dir`, starts raft and waits until this node leads.
+/// This node's own membership entry, from the configuration: `public_addr` is where clients reach
+/// the public listener (bound at `public_listen`).
+pub fn own_member(config: &Config, public_listen: std::net::SocketAddr) -> Member {
+    let advertise = config.cluster.advertise.trim();
+    let raft_addr = if let Some(addr) = config
+        .cluster
+        .voters()
+        .ok()
+        .and_then(|v| v.get(&config.node_id).cloned())
+    {
+        addr
+    } else if !advertise.is_empty() {
+        advertise.to_owned()
+    } else {
+        config
+            .cluster
+            .listen
+            .0
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    };
+    let public = config.cluster.public_advertise.trim();
+    Member {
+        raft_addr,
+        public_addr: if public.is_empty() {
+            public_listen.to_string()
+        } else {
+            public.to_owned()
+        },
+    }
+}
+
+/// Opens the stores under `config.data_dir` and starts raft. A single node (no `cluster.members`)
+/// waits until it leads; a member of a static cluster returns at once.
 ///
 /// # Errors
-/// A store cannot be opened, raft fails to start, or no leader emerges in time.
-pub async fn start(config: &Config) -> anyhow::Result<Consensus> {
+/// A store cannot be opened, raft fails to start, or a single node does not lead in time.
+pub async fn start(
+    config: &Config,
+    me: Member,
+    peers: network::Peers,
+) -> anyhow::Result<Consensus> {
     let log_dir = config.data_dir.join("log");
     let state_dir = config.data_dir.join("state");
     let log_store = log_store::LogStore::open(
@@ -105,8 +160,13 @@ pub async fn start(config: &Config) -> anyhow::Result<Consensus> {
         heartbeat_interval: 50,
         election_timeout_min: 150,
         election_timeout_max: 300,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every_entries),
+        // Entries kept behind a snapshot, so a briefly lagging follower still gets log entries
+        // rather than a whole snapshot; never more than the snapshot interval itself.
+        max_in_snapshot_log_to_keep: config.raft.snapshot_every_entries.min(1_000),
+        // Each entry is a whole proposer batch: few per message keep a replication message's size
+        // within the raft listener's frame limit.
+        max_payload_entries: network::MAX_ENTRIES_PER_APPEND,
         ..Default::default()
     }
     .validate()
@@ -115,29 +175,60 @@ pub async fn start(config: &Config) -> anyhow::Result<Consensus> {
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config),
-        network::Network,
+        network::Network::new(peers),
         log_store,
         state_machine,
     )
     .await
     .context("cannot start raft")?;
 
-    if !raft.is_initialized().await? {
-        let mut members = BTreeMap::new();
-        members.insert(
-            config.node_id,
-            BasicNode {
-                addr: config.listen.to_string(),
-            },
-        );
-        raft.initialize(members)
-            .await
-            .context("cannot initialize the one-voter cluster")?;
+    let voters = config
+        .cluster
+        .voters()
+        .map_err(|e| anyhow::anyhow!("cluster.members: {e}"))?;
+    // Three ways to start: a single node (no raft listener) is a one-voter cluster; a static
+    // member (`cluster.members`) forms the cluster with its peers; a node with a raft listener but
+    // no members is a newcomer that initializes nothing and waits to be added as a learner (a
+    // membership of its own would be a second, conflicting cluster).
+    let single = config.cluster.listen.0.is_none();
+    let static_member = !voters.is_empty();
+    if (single || static_member) && !raft.is_initialized().await? {
+        // Every static member initializes with the same voters: openraft accepts identical
+        // initial memberships from all of them, and whichever vote wins leads. Identical down to
+        // the node records, because all of them write it as the same log entry (index 0) and
+        // none is ever replaced: so no public addresses here, only what every member was given.
+        // Each node announces its own public address once a leader is known.
+        let members: BTreeMap<u64, Member> = if static_member {
+            voters
+                .into_iter()
+                .map(|(id, raft_addr)| {
+                    (
+                        id,
+                        Member {
+                            raft_addr,
+                            public_addr: String::new(),
+                        },
+                    )
+                })
+                .collect()
+        } else {
+            BTreeMap::from([(config.node_id, me.clone())])
+        };
+        match raft.initialize(members).await {
+            Ok(()) => {}
+            // Another member's initial membership reached this node first: the same cluster.
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::InitializeError::NotAllowed(_),
+            )) if static_member => {}
+            Err(e) => return Err(e).context("cannot initialize the cluster membership"),
+        }
     }
-    raft.wait(Some(LEADERSHIP_TIMEOUT))
-        .current_leader(config.node_id, "waiting to lead the one-voter cluster")
-        .await
-        .context("this node did not become leader")?;
+    if single {
+        raft.wait(Some(LEADERSHIP_TIMEOUT))
+            .current_leader(config.node_id, "waiting to lead the one-voter cluster")
+            .await
+            .context("this node did not become leader")?;
+    }
 
     Ok(Consensus {
         raft,

@@ -125,7 +125,7 @@ impl StateMachine {
         Ok(machine)
     }
 
-    fn read_marker(&self) -> StorageResult<Option<SnapshotMeta<u64, openraft::BasicNode>>> {
+    fn read_marker(&self) -> StorageResult<Option<SnapshotMeta<u64, crate::raft::Member>>> {
         match std::fs::read(self.snapshot_dir.join(INSTALLING)) {
             Ok(bytes) => bincode::deserialize(&bytes).map(Some).map_err(sm_read_err),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -138,7 +138,7 @@ impl StateMachine {
     /// marked.
     fn load_snapshot(
         &mut self,
-        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        meta: &SnapshotMeta<u64, crate::raft::Member>,
     ) -> StorageResult<()> {
         let marker = bincode::serialize(meta).map_err(snapshot_err)?;
         write_durably(&self.snapshot_dir, INSTALLING, &marker).map_err(snapshot_err)?;
@@ -203,7 +203,7 @@ impl StateMachine {
         self.snapshot_dir.join(format!("{id}.snap"))
     }
 
-    fn read_current(&self) -> StorageResult<Option<SnapshotMeta<u64, openraft::BasicNode>>> {
+    fn read_current(&self) -> StorageResult<Option<SnapshotMeta<u64, crate::raft::Member>>> {
         match std::fs::read(self.snapshot_dir.join(CURRENT)) {
             Ok(bytes) => bincode::deserialize(&bytes).map(Some).map_err(sm_read_err),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -212,7 +212,7 @@ impl StateMachine {
     }
 
     /// Records `meta` as the current snapshot and removes older snapshot files.
-    fn set_current(&self, meta: &SnapshotMeta<u64, openraft::BasicNode>) -> StorageResult<()> {
+    fn set_current(&self, meta: &SnapshotMeta<u64, crate::raft::Member>) -> StorageResult<()> {
         let bytes = bincode::serialize(meta).map_err(snapshot_err)?;
         write_durably(&self.snapshot_dir, CURRENT, &bytes).map_err(snapshot_err)?;
         let keep = format!("{}.snap", meta.snapshot_id);
@@ -287,7 +287,7 @@ fn load_store(store: &MessageStore, path: &Path) -> std::io::Result<()> {
 }
 
 /// A finished snapshot: what it covers, and its file.
-type TakenSnapshot = (SnapshotMeta<u64, openraft::BasicNode>, PathBuf);
+type TakenSnapshot = (SnapshotMeta<u64, crate::raft::Member>, PathBuf);
 
 /// Hands openraft the snapshot taken when the builder was made, or the error that prevented it.
 pub struct SnapshotBuilder {
@@ -316,7 +316,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         &mut self,
     ) -> StorageResult<(
         Option<LogId<u64>>,
-        StoredMembership<u64, openraft::BasicNode>,
+        StoredMembership<u64, crate::raft::Member>,
     )> {
         Ok((self.meta.last_applied, self.meta.membership.clone()))
     }
@@ -389,7 +389,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        meta: &SnapshotMeta<u64, crate::raft::Member>,
         snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
         let mut file = *snapshot;

@@ -49,6 +49,9 @@ pub struct PermissionSpec {
     /// Entity types the holder may read and update.
     #[serde(default, skip_serializing_if = "EntitySpec::is_empty")]
     pub entities: EntitySpec,
+    /// Whether the holder may change the cluster's membership (add, promote, remove nodes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 /// Entity types a grant covers; `*` means every type.
@@ -147,6 +150,9 @@ pub enum PermissionDenied {
         /// The entity type.
         entity_type: String,
     },
+    /// Changing cluster membership without the `admin` grant.
+    #[error("not allowed to change the cluster's membership (the grant has no `admin`)")]
+    Admin,
     /// Updating an entity type not granted.
     #[error("not allowed to update entities of type {entity_type:?}")]
     EntityUpdate {
@@ -164,6 +170,7 @@ impl PermissionDenied {
             PermissionDenied::Subscribe { .. } => "SUBSCRIBE_DENIED",
             PermissionDenied::EntityRead { .. } => "ENTITY_READ_DENIED",
             PermissionDenied::EntityUpdate { .. } => "ENTITY_UPDATE_DENIED",
+            PermissionDenied::Admin => "ADMIN_DENIED",
         }
     }
 }
@@ -247,6 +254,8 @@ pub struct Permissions {
     read: EntityGrant,
     /// Entity types that may be updated.
     update: EntityGrant,
+    /// Cluster membership may be changed.
+    admin: bool,
 }
 
 impl Default for Permissions {
@@ -266,6 +275,7 @@ impl Permissions {
             subscribe_effective: Vec::new(),
             read: EntityGrant::default(),
             update: EntityGrant::default(),
+            admin: false,
         }
     }
 
@@ -274,6 +284,7 @@ impl Permissions {
     pub fn unrestricted() -> Permissions {
         Permissions {
             unrestricted: true,
+            admin: true,
             ..Permissions::none()
         }
     }
@@ -314,6 +325,7 @@ impl Permissions {
         }
         permissions.read = EntityGrant::parse("entities.read", &spec.entities.read)?;
         permissions.update = EntityGrant::parse("entities.update", &spec.entities.update)?;
+        permissions.admin = spec.admin;
         permissions.subscribe_effective = permissions.subscribe.clone();
         // The state channels of readable types; entity types are short, so these always parse.
         let state_limits = ChannelLimits::default();
@@ -348,6 +360,7 @@ impl Permissions {
                 read: self.read.to_list(),
                 update: self.update.to_list(),
             },
+            admin: self.admin && !self.unrestricted,
         }
     }
 
@@ -448,6 +461,19 @@ impl Permissions {
                 .all(|p| patterns_cover(&other.subscribe_effective, p))
             && self.read.is_within(&other.read)
             && self.update.is_within(&other.update)
+            && (!self.admin || other.admin)
+    }
+
+    /// Whether the principal may change cluster membership.
+    ///
+    /// # Errors
+    /// [`PermissionDenied::Admin`].
+    pub fn check_admin(&self) -> Result<(), PermissionDenied> {
+        if self.admin {
+            Ok(())
+        } else {
+            Err(PermissionDenied::Admin)
+        }
     }
 }
 
@@ -569,7 +595,26 @@ mod tests {
                 read: own(read),
                 update: own(update),
             },
+            admin: false,
         }
+    }
+
+    #[test]
+    fn membership_changes_need_the_admin_grant() {
+        let plain =
+            Permissions::from_spec(&spec(&["a.>"], &["a.>"], &["*"], &["*"]), &limits()).unwrap();
+        assert_eq!(plain.check_admin(), Err(PermissionDenied::Admin));
+        let admin_spec = PermissionSpec {
+            admin: true,
+            ..PermissionSpec::default()
+        };
+        let admin = Permissions::from_spec(&admin_spec, &limits()).unwrap();
+        assert_eq!(admin.check_admin(), Ok(()));
+        assert!(admin.to_spec().admin);
+        // A scope may not add `admin` to a client that lacks it; without auth, everyone is admin.
+        assert!(!admin.is_within(&plain));
+        assert!(plain.is_within(&plain));
+        assert_eq!(Permissions::unrestricted().check_admin(), Ok(()));
     }
 
     fn perms(publish: &[&str], subscribe: &[&str], read: &[&str], update: &[&str]) -> Permissions {

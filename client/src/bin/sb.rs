@@ -179,6 +179,10 @@ acknowledgement.")]
     /// Read, write and watch shared entities (records such as a contact, merged field by field).
     #[command(subcommand)]
     Entity(EntityCommand),
+
+    /// Show and change the raft cluster's membership (run on the leader wherever sent).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
 }
 
 const CONSUMER_OUTPUT: &str = "\
@@ -187,6 +191,54 @@ A consumer is printed as one line:
 \"redeliveries\":N,\"connected\":true,\"created_at\":\"2024-05-01T12:00:00.250Z\"}
 where every delivery at or below acked_offset is acknowledged, and pending counts deliveries
 waiting for an acknowledgement (0 when not connected to this node).";
+
+const CLUSTER_OUTPUT: &str = "\
+Prints the cluster as the leader sees it, one line:
+{\"leader_id\":N,\"term\":N,\"applied_index\":N,\"nodes\":[{\"id\":N,\"role\":\"leader\"|\"voter\"|\"learner\",
+\"raft_address\":\"host:port\",\"public_address\":\"host:port\",\"matched_index\":N},...]}
+where matched_index is the highest log index known to be on that node (left out when unknown).
+UNAVAILABLE NO_LEADER or LEADER_UNREACHABLE when no leader can be reached; membership changes
+that cannot be made are FAILED_PRECONDITION MEMBERSHIP_INVALID. See docs/CLUSTER.md.";
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Print the members, their roles, the leader, the term and each node's replication.
+    #[command(after_help = CLUSTER_OUTPUT)]
+    Status,
+
+    /// Add a node as a learner (it receives the log but does not vote); waits until it caught up.
+    #[command(after_help = format!("{CLUSTER_OUTPUT}
+
+The new node is started first with cluster.listen set and no cluster.members.
+Example:
+  sb cluster add 4 sb4:7402 --public sb4:7400"))]
+    Add(ClusterAddArgs),
+
+    /// Make a learner a voter.
+    #[command(after_help = CLUSTER_OUTPUT)]
+    Promote(ClusterIdArgs),
+
+    /// Remove a node (voter or learner) from the cluster.
+    #[command(after_help = CLUSTER_OUTPUT)]
+    Remove(ClusterIdArgs),
+}
+
+#[derive(Debug, Args)]
+struct ClusterAddArgs {
+    /// The node's id (its node_id setting).
+    id: u64,
+    /// Where the other nodes reach its raft listener, host:port (its cluster.advertise).
+    raft_address: String,
+    /// Where clients reach it, host:port (its cluster.public_advertise), used in leader hints.
+    #[arg(long, value_name = "HOST:PORT", default_value = "")]
+    public: String,
+}
+
+#[derive(Debug, Args)]
+struct ClusterIdArgs {
+    /// The node's id.
+    id: u64,
+}
 
 #[derive(Debug, Subcommand)]
 enum ConsumerCommand {
@@ -553,6 +605,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Consumer(command) => consumer(&client, command).await,
         Command::Entity(command) => entity(&client, command, started).await,
+        Command::Cluster(command) => {
+            let status = match command {
+                ClusterCommand::Status => client.cluster_status().await?,
+                ClusterCommand::Add(args) => {
+                    client
+                        .cluster_add_learner(args.id, args.raft_address, args.public)
+                        .await?
+                }
+                ClusterCommand::Promote(args) => client.cluster_promote(args.id).await?,
+                ClusterCommand::Remove(args) => client.cluster_remove(args.id).await?,
+            };
+            emit(&output::cluster_line(&status)?)
+        }
     }
 }
 

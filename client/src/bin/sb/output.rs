@@ -8,8 +8,8 @@ use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use switchboard_client::{
-    ConsumerInfo, Entity, EntityEvent, EntityExt as _, EntityRead, FlowPolicy, Gap, GapReason,
-    InfoResponse, Message, PublishAck, SubscriptionInfo,
+    ClusterStatus, ConsumerInfo, Entity, EntityEvent, EntityExt as _, EntityRead, FlowPolicy, Gap,
+    GapReason, InfoResponse, Message, PublishAck, SubscriptionInfo,
 };
 
 /// A protobuf timestamp as RFC 3339 in UTC with milliseconds (`2024-05-01T12:00:00.250Z`);
@@ -263,6 +263,44 @@ pub fn info_line(info: &InfoResponse) -> serde_json::Result<String> {
         term: info.term,
         applied_index: info.applied_index,
         loops_detected: info.loops_detected,
+    })
+}
+
+#[derive(Serialize)]
+struct ClusterNodeLine<'a> {
+    id: u64,
+    role: &'a str,
+    raft_address: &'a str,
+    public_address: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    matched_index: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ClusterLine<'a> {
+    leader_id: u64,
+    term: u64,
+    applied_index: u64,
+    nodes: Vec<ClusterNodeLine<'a>>,
+}
+
+/// `sb cluster ...`: the cluster as the leader sees it.
+pub fn cluster_line(status: &ClusterStatus) -> serde_json::Result<String> {
+    serde_json::to_string(&ClusterLine {
+        leader_id: status.leader_id,
+        term: status.term,
+        applied_index: status.applied_index,
+        nodes: status
+            .nodes
+            .iter()
+            .map(|n| ClusterNodeLine {
+                id: n.id,
+                role: &n.role,
+                raft_address: &n.raft_address,
+                public_address: &n.public_address,
+                matched_index: n.matched_index,
+            })
+            .collect(),
     })
 }
 

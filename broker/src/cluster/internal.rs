@@ -1,0 +1,68 @@
+//! The internal `switchboard.internal.v1.Raft` service, served on `cluster.listen`: raft's own
+//! RPCs handed to the local raft, and the leader's side of forwarded writes, read indexes and
+//! membership requests. Requests and answers are bincode frames (see the proto).
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use switchboard_proto::internal::v1::raft_server::Raft as RaftRpc;
+use switchboard_proto::internal::v1::Frame;
+use tonic::{Request, Response, Status};
+
+use super::{admin_here, propose_here, read_index_here, AdminRequest};
+use crate::message::Command;
+use crate::raft::network::{decode, encode};
+use crate::raft::Raft;
+
+/// The internal service over this node's raft.
+pub struct InternalService {
+    raft: Raft,
+    me: u64,
+}
+
+impl InternalService {
+    /// Serves `raft`, whose id is `me`.
+    pub fn new(raft: Raft, me: u64) -> InternalService {
+        InternalService { raft, me }
+    }
+}
+
+fn request<T: DeserializeOwned>(request: Request<Frame>) -> Result<T, Status> {
+    decode(request.get_ref()).map_err(Status::invalid_argument)
+}
+
+fn answer<T: Serialize>(value: &T) -> Result<Response<Frame>, Status> {
+    encode(value).map(Response::new).map_err(Status::internal)
+}
+
+#[tonic::async_trait]
+impl RaftRpc for InternalService {
+    async fn append_entries(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let result = self.raft.append_entries(request(r)?).await;
+        answer(&result)
+    }
+
+    async fn vote(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let result = self.raft.vote(request(r)?).await;
+        answer(&result)
+    }
+
+    async fn install_snapshot(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let result = self.raft.install_snapshot(request(r)?).await;
+        answer(&result)
+    }
+
+    async fn propose(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let command: Command = request(r)?;
+        answer(&propose_here(&self.raft, command).await)
+    }
+
+    async fn read_index(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let () = request(r)?;
+        answer(&read_index_here(&self.raft).await)
+    }
+
+    async fn admin(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let admin: AdminRequest = request(r)?;
+        answer(&admin_here(&self.raft, self.me, admin).await)
+    }
+}

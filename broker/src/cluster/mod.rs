@@ -1,0 +1,551 @@
+//! The cluster around raft: reaching the leader from any node.
+//!
+//! - [`Leader`]: what a node does with work only the leader can do — a proposer batch, a read
+//!   index for a linearizable read, a membership change — either itself (when it leads) or
+//!   through the leader's internal `Propose` / `ReadIndex` / `Admin` RPC, waiting at most
+//!   `cluster.forward_timeout` for a leader to be known.
+//! - [`internal`]: the leader's (and every node's) side of those RPCs, plus raft's own.
+//! - [`service`]: the public `switchboard.v1.Cluster` admin service.
+//!
+//! A forwarded write is retried only when the leader answered that it no longer leads (it then
+//! stored nothing). When the leader does not answer, the write may or may not have been
+//! committed; the client is told UNAVAILABLE `LEADER_UNREACHABLE` and a retry with the same
+//! idempotency key is deduplicated.
+
+pub mod internal;
+pub mod service;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ChangeMembers;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::error::{BrokerError, Reason};
+use crate::message::{Command, CommandOutcome};
+use crate::raft::network::{decode, encode, Peers};
+use crate::raft::{Member, Raft};
+
+/// How long a new learner may take to catch up before AddLearner answers anyway (it keeps
+/// catching up in the background).
+const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause before asking again when the node asked no longer leads and no new leader is known yet.
+const LEADER_CHANGE_PAUSE: Duration = Duration::from_millis(50);
+
+/// Why the leader (or the node that thought it was) could not do what was forwarded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Refused {
+    /// It does not lead (any more); nothing was done.
+    NotLeader {
+        /// Who it thinks leads.
+        leader: Option<u64>,
+    },
+    /// A membership change that cannot be made as asked.
+    Membership(String),
+    /// Anything else, as text.
+    Failed(String),
+}
+
+/// A membership operation or question, run on the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// The cluster as the leader sees it.
+    Status,
+    /// Add a non-voting learner.
+    AddLearner {
+        /// Its raft id.
+        id: u64,
+        /// Its addresses.
+        member: Member,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// Its raft id.
+        id: u64,
+    },
+    /// Remove a voter or learner.
+    Remove {
+        /// Its raft id.
+        id: u64,
+    },
+    /// A member tells the leader its own public address (static members start without one).
+    Announce {
+        /// Its raft id.
+        id: u64,
+        /// Its public address.
+        public_addr: String,
+    },
+}
+
+/// One member as the leader sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeView {
+    /// Raft id.
+    pub id: u64,
+    /// Addresses.
+    pub member: Member,
+    /// "leader", "voter" or "learner".
+    pub role: String,
+    /// Highest log index known to be on it.
+    pub matched_index: Option<u64>,
+}
+
+/// The cluster as the leader sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterView {
+    /// The leader's id.
+    pub leader: Option<u64>,
+    /// Its term.
+    pub term: u64,
+    /// Its last applied log index.
+    pub applied_index: u64,
+    /// Voters first, then learners, each in id order.
+    pub nodes: Vec<NodeView>,
+}
+
+/// Runs leader-only work here or on the leader. Cheap to clone.
+#[derive(Clone)]
+pub struct Leader {
+    raft: Raft,
+    peers: Peers,
+    me: u64,
+    timeout: Duration,
+    clustered: bool,
+}
+
+impl Leader {
+    /// Over this node's raft (`me` is its id); gives up on reaching a leader after `timeout`.
+    /// `clustered` is false for a single node, which is its own majority.
+    pub fn new(raft: Raft, peers: Peers, me: u64, timeout: Duration, clustered: bool) -> Leader {
+        Leader {
+            raft,
+            peers,
+            me,
+            timeout,
+            clustered,
+        }
+    }
+
+    /// How long a write proposed here may wait for a majority before the client is answered
+    /// UNAVAILABLE `NO_QUORUM`: a leader cut off from its peers keeps believing it leads (raft
+    /// has it step down only when it hears a higher term), and its writes would wait for ever.
+    /// `None` for a single node, whose writes need nobody else.
+    pub fn commit_timeout(&self) -> Option<Duration> {
+        self.clustered.then_some(self.timeout)
+    }
+
+    /// Whether this node leads right now (as far as it knows).
+    pub fn is_me(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.me)
+    }
+
+    /// The raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Waits (until `deadline`) for a known leader and its addresses.
+    async fn current(&self, deadline: Instant) -> Result<(u64, Member), BrokerError> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if let Some(id) = m.current_leader {
+                    if let Some(node) = m.membership_config.membership().get_node(&id) {
+                        return Ok((id, node.clone()));
+                    }
+                }
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(BrokerError::ShuttingDown),
+                Err(_) => {
+                    return Err(BrokerError::LeaderUnavailable {
+                        reason: Reason::NoLeader,
+                        message: format!(
+                            "no raft leader is known after {:?}: a majority of the cluster may be \
+                             down or cut off from this node",
+                            self.timeout
+                        ),
+                        leader: None,
+                        leader_address: None,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Waits a moment for leadership to settle after a node said it does not lead.
+    async fn settle(&self, deadline: Instant) {
+        let mut metrics = self.raft.metrics();
+        let until = deadline.min(Instant::now() + LEADER_CHANGE_PAUSE);
+        let _ = tokio::time::timeout_at(until, metrics.changed()).await;
+    }
+
+    /// Sends `frame` to the leader with `call`, retrying while the node asked no longer leads;
+    /// `local` runs the work here when this node is (or becomes) the leader.
+    async fn on_leader<T, Call, CallFut, Local, LocalFut>(
+        &self,
+        what: &str,
+        frame: switchboard_proto::internal::v1::Frame,
+        call: Call,
+        local: Local,
+    ) -> Result<T, BrokerError>
+    where
+        T: serde::de::DeserializeOwned,
+        Call: Fn(
+            switchboard_proto::internal::v1::raft_client::RaftClient<tonic::transport::Channel>,
+            tonic::Request<switchboard_proto::internal::v1::Frame>,
+        ) -> CallFut,
+        CallFut: std::future::Future<
+            Output = Result<tonic::Response<switchboard_proto::internal::v1::Frame>, tonic::Status>,
+        >,
+        Local: FnOnce() -> LocalFut,
+        LocalFut: std::future::Future<Output = Result<T, BrokerError>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let (leader, node) = self.current(deadline).await?;
+            if leader == self.me {
+                return local().await;
+            }
+            let unreachable = |detail: String| BrokerError::LeaderUnavailable {
+                reason: Reason::LeaderUnreachable,
+                message: format!("the leader (node {leader}) did not answer {what}: {detail}"),
+                leader: Some(leader),
+                leader_address: Some(node.public_addr.clone()).filter(|a| !a.is_empty()),
+            };
+            let client = self.peers.client(&node.raft_addr).map_err(unreachable)?;
+            let mut request = tonic::Request::new(frame.clone());
+            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            let answer = call(client, request).await.map_err(|status| {
+                unreachable(format!("{}: {}", status.code(), status.message()))
+            })?;
+            let result: Result<T, Refused> = decode(answer.get_ref()).map_err(unreachable)?;
+            match result {
+                Ok(value) => return Ok(value),
+                Err(Refused::NotLeader { .. }) if Instant::now() < deadline => {
+                    self.settle(deadline).await;
+                }
+                Err(refused) => return Err(refused_error(refused, leader)),
+            }
+        }
+    }
+
+    /// Proposes an already batched command on the leader and returns its outcome.
+    ///
+    /// # Errors
+    /// No leader, leader unreachable, or the write failed there.
+    pub async fn propose(&self, command: Command) -> Result<CommandOutcome, BrokerError> {
+        let frame = encode(&command).map_err(BrokerError::Consensus)?;
+        let raft = self.raft.clone();
+        let limit = self.timeout;
+        self.on_leader(
+            "a forwarded write",
+            frame,
+            |mut c, r| async move { c.propose(r).await },
+            move || async move {
+                match tokio::time::timeout(limit, propose_here(&raft, command)).await {
+                    Ok(result) => result.map_err(local_error),
+                    Err(_) => Err(BrokerError::NoQuorum {
+                        waited_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                    }),
+                }
+            },
+        )
+        .await
+    }
+
+    /// Waits until this node has applied everything committed before the call began, as the
+    /// leader confirms with a quorum (read index): a read after this sees every write
+    /// acknowledged before it, on any node.
+    ///
+    /// # Errors
+    /// No leader could confirm in time.
+    pub async fn read_barrier(&self) -> Result<(), BrokerError> {
+        let frame = encode(&()).map_err(BrokerError::Consensus)?;
+        let raft = self.raft.clone();
+        let index: Option<u64> = self
+            .on_leader(
+                "a read index request",
+                frame,
+                |mut c, r| async move { c.read_index(r).await },
+                move || async move { read_index_here(&raft).await.map_err(local_error) },
+            )
+            .await?;
+        let Some(index) = index else { return Ok(()) };
+        self.raft
+            .wait(Some(self.timeout))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::ShuttingDown => BrokerError::ShuttingDown,
+                openraft::metrics::WaitError::Timeout(..) => BrokerError::LeaderUnavailable {
+                    reason: Reason::NoLeader,
+                    message: format!(
+                        "this node did not apply up to the leader's read index {index} within {:?}",
+                        self.timeout
+                    ),
+                    leader: None,
+                    leader_address: None,
+                },
+            })
+    }
+
+    /// Runs a membership request on the leader.
+    ///
+    /// # Errors
+    /// No leader, leader unreachable, or the change is refused.
+    pub async fn admin(&self, request: AdminRequest) -> Result<ClusterView, BrokerError> {
+        let frame = encode(&request).map_err(BrokerError::Consensus)?;
+        let raft = self.raft.clone();
+        let me = self.me;
+        self.on_leader(
+            "a cluster admin request",
+            frame,
+            |mut c, r| async move { c.admin(r).await },
+            move || async move { admin_here(&raft, me, request).await.map_err(local_error) },
+        )
+        .await
+    }
+}
+
+/// What the client sees when the leader refused forwarded work.
+fn refused_error(refused: Refused, asked: u64) -> BrokerError {
+    match refused {
+        Refused::NotLeader { leader } => BrokerError::LeaderUnavailable {
+            reason: Reason::NoLeader,
+            message: format!(
+                "leadership is changing (node {asked} no longer leads); no leader accepted the \
+                 request in time"
+            ),
+            leader,
+            leader_address: None,
+        },
+        Refused::Membership(message) => BrokerError::Precondition {
+            reason: Reason::MembershipInvalid,
+            message,
+        },
+        Refused::Failed(message) => BrokerError::Consensus(message),
+    }
+}
+
+/// A refusal met on this node itself.
+fn local_error(refused: Refused) -> BrokerError {
+    match refused {
+        Refused::NotLeader { leader } => BrokerError::NotLeader { leader },
+        Refused::Membership(message) => BrokerError::Precondition {
+            reason: Reason::MembershipInvalid,
+            message,
+        },
+        Refused::Failed(message) => BrokerError::Consensus(message),
+    }
+}
+
+fn write_refusal(e: RaftError<u64, ClientWriteError<u64, Member>>) -> Refused {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Refused::NotLeader {
+            leader: f.leader_id,
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Refused::Membership(e.to_string())
+        }
+        RaftError::Fatal(e) => Refused::Failed(e.to_string()),
+    }
+}
+
+/// Proposes `command` on this node, which must lead.
+pub(crate) async fn propose_here(raft: &Raft, command: Command) -> Result<CommandOutcome, Refused> {
+    raft.client_write(command)
+        .await
+        .map(|written| written.data)
+        .map_err(write_refusal)
+}
+
+/// Confirms leadership with a quorum and returns the log index a linearizable read waits for.
+pub(crate) async fn read_index_here(raft: &Raft) -> Result<Option<u64>, Refused> {
+    use openraft::error::CheckIsLeaderError;
+    match raft.get_read_log_id().await {
+        Ok((read, _applied)) => Ok(read.map(|l| l.index)),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+            Err(Refused::NotLeader {
+                leader: f.leader_id,
+            })
+        }
+        // It could not hear from a majority: as good as no leader, for a reader.
+        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+            tracing::debug!(error = %e, "read index: no quorum");
+            Err(Refused::NotLeader { leader: None })
+        }
+        Err(RaftError::Fatal(e)) => Err(Refused::Failed(e.to_string())),
+    }
+}
+
+/// Runs a membership request on this node, which must lead.
+pub(crate) async fn admin_here(
+    raft: &Raft,
+    me: u64,
+    request: AdminRequest,
+) -> Result<ClusterView, Refused> {
+    let membership = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    let is_voter = |id: u64| membership.voter_ids().any(|v| v == id);
+    let is_member = |id: u64| membership.get_node(&id).is_some();
+    match request {
+        AdminRequest::Status => {}
+        AdminRequest::AddLearner { id, member } => {
+            if is_member(id) {
+                return Err(Refused::Membership(format!(
+                    "node {id} is already a member; remove it first to change its addresses"
+                )));
+            }
+            let adding = raft.add_learner(id, member, true);
+            match tokio::time::timeout(LEARNER_CATCH_UP_TIMEOUT, adding).await {
+                Ok(result) => {
+                    result.map_err(write_refusal)?;
+                }
+                Err(_) => tracing::warn!(
+                    node = id,
+                    "the new learner has not caught up within {LEARNER_CATCH_UP_TIMEOUT:?}; it keeps \
+                     catching up"
+                ),
+            }
+        }
+        AdminRequest::Promote { id } => {
+            if !is_member(id) || is_voter(id) {
+                return Err(Refused::Membership(format!(
+                    "node {id} is not a learner: add it with AddLearner first"
+                )));
+            }
+            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(write_refusal)?;
+        }
+        AdminRequest::Remove { id } => {
+            if !is_member(id) {
+                return Err(Refused::Membership(format!("node {id} is not a member")));
+            }
+            let change = if is_voter(id) {
+                if membership.voter_ids().count() == 1 {
+                    return Err(Refused::Membership(format!(
+                        "node {id} is the last voter; a cluster needs one"
+                    )));
+                }
+                ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+            } else {
+                ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+            };
+            raft.change_membership(change, false)
+                .await
+                .map_err(write_refusal)?;
+        }
+        AdminRequest::Announce { id, public_addr } => {
+            if let Some(node) = membership.get_node(&id) {
+                if node.public_addr != public_addr {
+                    // Only the public address changes: raft keeps reaching the node where it did,
+                    // which is what makes replacing a node's record safe here.
+                    let member = Member {
+                        raft_addr: node.raft_addr.clone(),
+                        public_addr,
+                    };
+                    raft.change_membership(
+                        ChangeMembers::SetNodes(BTreeMap::from([(id, member)])),
+                        false,
+                    )
+                    .await
+                    .map_err(write_refusal)?;
+                }
+            }
+        }
+    }
+    let metrics = raft.metrics().borrow().clone();
+    if metrics.current_leader != Some(me) {
+        return Err(Refused::NotLeader {
+            leader: metrics.current_leader,
+        });
+    }
+    Ok(view(&metrics))
+}
+
+/// The cluster as these (the leader's) metrics show it.
+fn view(metrics: &openraft::RaftMetrics<u64, Member>) -> ClusterView {
+    let membership = metrics.membership_config.membership();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let replication = metrics.replication.clone().unwrap_or_default();
+    let mut nodes: Vec<NodeView> = membership
+        .nodes()
+        .map(|(id, member)| {
+            let role = if Some(*id) == metrics.current_leader {
+                "leader"
+            } else if voters.contains(id) {
+                "voter"
+            } else {
+                "learner"
+            };
+            let matched_index = if Some(*id) == metrics.current_leader {
+                metrics.last_log_index
+            } else {
+                replication.get(id).cloned().flatten().map(|l| l.index)
+            };
+            NodeView {
+                id: *id,
+                member: member.clone(),
+                role: role.to_owned(),
+                matched_index,
+            }
+        })
+        .collect();
+    nodes.sort_by_key(|n| (!voters.contains(&n.id), n.id));
+    ClusterView {
+        leader: metrics.current_leader,
+        term: metrics.current_term,
+        applied_index: metrics.last_applied.map(|l| l.index).unwrap_or(0),
+        nodes,
+    }
+}
+
+/// Tells the leader this node's public address once a leader is known, if the membership does
+/// not have it yet (static members start without their peers' public addresses). Retries with a
+/// pause until done or `shutdown`.
+pub async fn announce(
+    leader: Leader,
+    public_addr: String,
+    mut shutdown: crate::shutdown::ShutdownSignal,
+) {
+    let mut metrics = leader.raft.metrics();
+    loop {
+        let known = {
+            let m = metrics.borrow_and_update();
+            m.membership_config
+                .membership()
+                .get_node(&leader.me)
+                .map(|n| n.public_addr == public_addr)
+        };
+        // Not a member (yet): a newcomer is announced by whoever adds it.
+        if known == Some(false) {
+            let request = AdminRequest::Announce {
+                id: leader.me,
+                public_addr: public_addr.clone(),
+            };
+            if let Err(e) = leader.admin(request).await {
+                tracing::debug!(error = %e, "cannot announce this node's public address yet");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.wait() => return,
+                }
+                continue;
+            }
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = shutdown.wait() => return,
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Three (and four) broker processes on loopback forming one raft cluster: writes through any node,
+//! delivery on every node, leader failover, linearizable reads on followers, and membership
+//! changes with catch-up by snapshot.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+use switchboard_client::{
+    Client, ClusterStatus, EntityExt, EntityUpdate, HistoryQuery, Publish, Start,
+};
+use switchboard_e2e::{eventually, start_cluster, ClusterNode};
+
+use crate::common::*;
+
+/// The cluster's status, once some leader is known and every node in `ids` is a member with a
+/// public address (static members announce theirs after the election).
+async fn settled(client: &Client, ids: &[u64]) -> ClusterStatus {
+    eventually("a leader and every member announced", || async {
+        let status = client.cluster_status().await.ok()?;
+        let complete = status.leader_id != 0
+            && ids.iter().all(|id| {
+                status
+                    .nodes
+                    .iter()
+                    .any(|n| n.id == *id && !n.public_address.is_empty())
+            });
+        complete.then_some(status)
+    })
+    .await
+    .expect("the cluster settles")
+}
+
+async fn connect(node: &ClusterNode) -> Client {
+    Client::connect(node.url()).await.expect("client connects")
+}
+
+/// Every stored message of a node, offset → payload.
+async fn stored(client: &Client) -> BTreeMap<u64, String> {
+    client
+        .history_all(HistoryQuery::new(">").from(Start::Earliest), 100_000)
+        .await
+        .expect("history")
+        .iter()
+        .map(|m| (m.offset, payload_text(m)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_to_a_follower_reaches_every_node_and_survives_the_leader_dying() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(connect(node).await);
+    }
+    let status = settled(&clients[0], &[1, 2, 3]).await;
+    assert_eq!(status.nodes.len(), 3);
+    assert_eq!(
+        status.nodes.iter().filter(|n| n.role == "leader").count(),
+        1,
+        "{status:?}"
+    );
+    let leader = status.leader_id;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let index = |id: u64| usize::try_from(id - 1).unwrap();
+
+    // Subscribers on every node, then 20 publishes through a follower.
+    let mut subscriptions = Vec::new();
+    for client in &clients {
+        subscriptions.push(client.subscribe("orders.>", Start::Latest).await.unwrap());
+    }
+    let mut acked = BTreeMap::new();
+    for i in 0..20 {
+        let payload = format!("{{\"i\":{i}}}");
+        let ack = clients[index(follower)]
+            .publish(Publish::new("orders.eu.created", payload.clone()))
+            .await
+            .expect("a follower accepts and forwards the publish");
+        acked.insert(ack.offset, payload);
+    }
+    assert_eq!(acked.len(), 20, "distinct offsets");
+    // Each node delivers from its own applied state: the same messages at the same offsets.
+    for (i, subscription) in subscriptions.iter_mut().enumerate() {
+        let got: BTreeMap<u64, String> = take(subscription, 20)
+            .await
+            .iter()
+            .map(|m| (m.offset, payload_text(m)))
+            .collect();
+        assert_eq!(got, acked, "node {} delivered what was acknowledged", i + 1);
+    }
+
+    // A linearizable read on a follower sees a write acknowledged by the leader just before.
+    let written = clients[index(leader)]
+        .update_entity(EntityUpdate::new("contact", "42", json!({"name": "Ada"})))
+        .await
+        .unwrap();
+    let read = clients[index(follower)]
+        .get_entity("contact", "42", None)
+        .await
+        .expect("linearizable read on a follower")
+        .into_entity()
+        .expect("the entity exists");
+    assert_eq!(read.version, written.version);
+    assert_eq!(read.fields_json().unwrap(), json!({"name": "Ada"}));
+
+    // The leader dies; the two survivors elect a new one and take writes.
+    nodes[index(leader)].kill9();
+    let survivors: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let new_status = eventually("a new leader among the survivors", || async {
+        let status = clients[index(survivors[0])].cluster_status().await.ok()?;
+        (status.leader_id != 0 && status.leader_id != leader).then_some(status)
+    })
+    .await
+    .unwrap();
+    assert!(survivors.contains(&new_status.leader_id));
+    assert!(new_status.term > status.term, "a new term");
+    for (n, id) in survivors.iter().enumerate() {
+        let payload = format!("{{\"after\":{n}}}");
+        let ack = clients[index(*id)]
+            .publish(Publish::new("orders.eu.created", payload.clone()))
+            .await
+            .expect("survivors accept writes");
+        acked.insert(ack.offset, payload);
+    }
+    // Every acknowledged message, and nothing else, is on both survivors.
+    for id in &survivors {
+        let client = &clients[index(*id)];
+        let on_node = eventually(
+            "the survivor applied every acknowledged message",
+            || async {
+                let on_node = stored(client).await;
+                (on_node.len() >= acked.len()).then_some(on_node)
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(on_node, acked, "node {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Frequent snapshots, so the log a newcomer would need is purged and it must get a snapshot.
+    let env = [("SWITCHBOARD_RAFT_SNAPSHOT_EVERY_ENTRIES", "20")];
+    let nodes = start_cluster(dir.path(), 3, &env).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    let status = settled(&client, &[1, 2, 3]).await;
+
+    // One log entry per publish: sequential publishes are not batched together.
+    let mut acked = BTreeMap::new();
+    for i in 0..120 {
+        let payload = format!("{{\"i\":{i}}}");
+        let ack = client
+            .publish(Publish::new("audit.events", payload.clone()))
+            .await
+            .unwrap();
+        acked.insert(ack.offset, payload);
+    }
+
+    // A fourth node joins with no members of its own, and is added through a follower.
+    let port = switchboard_e2e::free_loopback_ports(1).unwrap()[0];
+    let raft_addr = format!("127.0.0.1:{port}");
+    // Node 4 keeps the default snapshot interval, so it never takes a snapshot of its own here:
+    // any snapshot file it has was sent to it.
+    let fourth = ClusterNode::start(dir.path(), 4, &raft_addr, "", &[]).expect("node 4 starts");
+    let follower = (1..=3).find(|id| *id != status.leader_id).unwrap();
+    let via_follower = connect(&nodes[usize::try_from(follower - 1).unwrap()]).await;
+    let public = fourth.process().addr.to_string();
+    let added = via_follower
+        .cluster_add_learner(4, raft_addr.clone(), public.clone())
+        .await
+        .expect("the learner is added");
+    let learner = added
+        .nodes
+        .iter()
+        .find(|n| n.id == 4)
+        .expect("node 4 listed");
+    assert_eq!(learner.role, "learner");
+    assert_eq!(learner.raft_address, raft_addr);
+    assert_eq!(learner.public_address, public);
+
+    let fourth_client = connect(&fourth).await;
+    let on_fourth = eventually("node 4 has every message", || async {
+        let on_node = stored(&fourth_client).await;
+        (on_node.len() >= acked.len()).then_some(on_node)
+    })
+    .await
+    .unwrap();
+    assert_eq!(on_fourth, acked);
+    // It was sent a snapshot and installed it (the log behind the leader's snapshots is purged,
+    // so entries alone could not have brought it here).
+    let snapshots = fourth.data_dir().join("state").join("snapshots");
+    let installed = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().ends_with(".snap"));
+    assert!(installed, "a snapshot file in {}", snapshots.display());
+
+    // Promote it to voter, then remove a voter that is not the leader.
+    let promoted = client.cluster_promote(4).await.expect("promoted");
+    let four = promoted.nodes.iter().find(|n| n.id == 4).unwrap();
+    assert_eq!(four.role, "voter");
+    let again = client.cluster_promote(4).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again}");
+
+    let leader = client.cluster_status().await.unwrap().leader_id;
+    let removed_id = (1..=3).find(|id| *id != leader).unwrap();
+    let after = client
+        .cluster_remove(removed_id)
+        .await
+        .expect("a voter is removed");
+    let ids: Vec<u64> = after.nodes.iter().map(|n| n.id).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(!ids.contains(&removed_id));
+    assert!(ids.contains(&4));
+
+    // Writes through the new voter still commit, and reach it.
+    let ack = fourth_client
+        .publish(Publish::new("audit.events", "{\"last\":true}"))
+        .await
+        .expect("node 4 takes writes");
+    assert!(ack.offset > 120);
+    let unknown = client.cluster_remove(99).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::FailedPrecondition, "{unknown}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_without_a_majority_refuses_writes_and_linearizable_reads_but_serves_stale_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SWITCHBOARD_CLUSTER_FORWARD_TIMEOUT", "1s")];
+    let mut nodes = start_cluster(dir.path(), 3, &env).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    settled(&client, &[1, 2, 3]).await;
+    let written = client
+        .update_entity(EntityUpdate::new("contact", "7", json!({"name": "Grace"})))
+        .await
+        .unwrap();
+    // Every node has applied it before the majority goes.
+    for node in &nodes {
+        let c = connect(node).await;
+        eventually("the write is applied everywhere", || async {
+            let read = c
+                .get_entity_consistency("contact", "7", None, true)
+                .await
+                .ok()?
+                .into_entity()?;
+            (read.version == written.version).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+
+    // Node 1 is left alone, whether it led or followed.
+    nodes[1].kill9();
+    nodes[2].kill9();
+    let refused = tokio::time::timeout(
+        switchboard_e2e::DEADLINE,
+        client.publish(Publish::new("orders.eu.created", "{}")),
+    )
+    .await
+    .expect("the write is answered within the deadline")
+    .expect_err("a minority cannot commit");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    let reason = refused.reason().unwrap_or_default().to_owned();
+    assert!(
+        ["NO_LEADER", "LEADER_UNREACHABLE", "NO_QUORUM", "NOT_LEADER"].contains(&reason.as_str()),
+        "{refused}"
+    );
+
+    let refused = tokio::time::timeout(
+        switchboard_e2e::DEADLINE,
+        client.get_entity("contact", "7", None),
+    )
+    .await
+    .expect("the read is answered within the deadline")
+    .expect_err("a linearizable read needs a leader confirmed by a majority");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+
+    let stale = client
+        .get_entity_consistency("contact", "7", None, true)
+        .await
+        .expect("a stale-ok read needs nobody")
+        .into_entity()
+        .unwrap();
+    assert_eq!(stale.version, written.version);
+}
