@@ -488,7 +488,10 @@ impl Client {
     /// 5 s, with jitter) from the offset after the last message delivered (or from the confirmed
     /// `next_offset` if none was), and drops any message at or below the last delivered offset,
     /// so the consumer sees neither a gap nor a duplicate. A [`Gap`] counts as delivered up to
-    /// its `to_offset`.
+    /// its `to_offset`. A stream the broker ends because its bearer token expired
+    /// (`UNAUTHENTICATED TOKEN_EXPIRED`, see [`Error::is_token_expired`]) resumes the same way,
+    /// with a new token from the client's credentials; when a new token is refused as expired
+    /// twice in a row (a fixed token), the subscription ends with that error.
     ///
     /// Two kinds of subscriptions resume differently, and do not drop what looks like a
     /// duplicate:
