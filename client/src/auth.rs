@@ -436,6 +436,26 @@ mod tests {
         .expect("the fetch started");
     }
 
+    /// Waits until `n` callers wait on the fetch under way (besides the cache's own handle), so
+    /// that releasing it answers them all at once and none comes late.
+    async fn waiters_reach(cache: &TokenCache, n: usize) {
+        let waiting = || {
+            let state = cache.lock();
+            let handles = state
+                .fetch
+                .as_ref()
+                .and_then(|(_, fetch)| fetch.strong_count());
+            handles.unwrap_or(0).saturating_sub(1)
+        };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while waiting() < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every caller waits on the fetch");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hundred_concurrent_callers_cause_one_fetch() {
         let (provider, cache) = counting(Some(HOUR), true);
@@ -445,7 +465,7 @@ mod tests {
                 tokio::spawn(async move { cache.get(false).await })
             })
             .collect();
-        fetches_reach(&provider, 1).await;
+        waiters_reach(&cache, 100).await;
         // Every caller is waiting on the one fetch; release it.
         provider.gate.as_ref().unwrap().notify_one();
         for caller in callers {
@@ -498,7 +518,7 @@ mod tests {
                 tokio::spawn(async move { cache.get(false).await })
             })
             .collect();
-        fetches_reach(&provider, 1).await;
+        waiters_reach(&cache, 20).await;
         provider.gate.as_ref().unwrap().notify_one();
         for caller in callers {
             let error = caller.await.unwrap().unwrap_err();

@@ -581,7 +581,15 @@ impl Client {
             ));
         }
         let mut grpc = self.grpc();
-        let opened = open(&mut grpc, &options, &pattern, start).await?;
+        let tokens = self.tokens();
+        let opened = match open(&mut grpc, tokens.as_deref(), &options, &pattern, start).await {
+            // The broker found our token expired before we did (its clock runs ahead): the
+            // refusal dropped that token, so a second try carries a new one.
+            Err(error) if error.is_token_expired() && tokens.is_some() => {
+                open(&mut grpc, tokens.as_deref(), &options, &pattern, start).await?
+            }
+            opened => opened?,
+        };
         let next_offset = opened.next_offset;
         let acked_offset = opened.acked_offset;
         let (link, link_receiver) = watch::channel(Link::Live(opened.subscription_id));
@@ -591,7 +599,7 @@ impl Client {
         let cursor = Cursor::new(start, &options);
         let task = tokio::spawn(run(
             grpc,
-            self.tokens(),
+            tokens,
             pattern.clone(),
             cursor,
             opened,
@@ -767,9 +775,11 @@ struct Opened {
     token: Option<Arc<str>>,
 }
 
-/// Calls `Subscribe` and waits for the first event (`Subscribed`, per the contract).
+/// Calls `Subscribe` and waits for the first event (`Subscribed`, per the contract). A refusal
+/// for an expired token drops that token from `tokens`, so the next try fetches another.
 async fn open(
     grpc: &mut BrokerClient<AuthChannel>,
+    tokens: Option<&TokenCache>,
     options: &SubscribeOptions,
     pattern: &str,
     start: Start,
@@ -780,7 +790,13 @@ async fn open(
         .get::<TokenUsed>()
         .map(|used| Arc::clone(&used.0));
     let mut events = response.into_inner();
-    let mut opened = match events.message().await? {
+    let first = events.message().await.map_err(Error::from);
+    if let (Err(error), Some(tokens), Some(token)) = (&first, tokens, &token) {
+        if error.is_token_expired() {
+            tokens.refused(token);
+        }
+    }
+    let mut opened = match first? {
         Some(SubscribeEvent { event }) => Opened {
             events,
             next_offset: None,
@@ -881,7 +897,7 @@ async fn run(
             let start = cursor.resume_from(Instant::now());
             let attempt = tokio::select! {
                 _ = outlet.sender.closed() => return,
-                attempt = open(&mut grpc, &options, &pattern, start) => attempt,
+                attempt = open(&mut grpc, tokens.as_deref(), &options, &pattern, start) => attempt,
             };
             match attempt {
                 Ok(opened) => {

@@ -517,6 +517,35 @@ async fn a_subscription_ended_for_an_expired_token_resumes_with_a_new_one() {
 }
 
 #[tokio::test]
+async fn a_subscribe_refused_for_an_expired_token_is_tried_again_with_a_new_one() {
+    let mock = Mock::default();
+    mock.state.lock().unwrap().subscribe_plans.extend([
+        vec![subscribed(5), delivery(5)],
+        // The broker ends the next stream at once, before confirming it.
+        vec![Err(token_expired())],
+        vec![subscribed(9), delivery(9)],
+    ]);
+    let address = serve(mock.clone(), None).await;
+    let client = with_credentials(address, CLIENT_SECRET).await;
+    client.info().await.unwrap();
+    // Refused in the response headers: the token layer drops it.
+    mock.expire("token-1");
+    let mut subscription = client.subscribe("crm.>", Start::Latest).await.unwrap();
+    let first = tokio::time::timeout(WAIT, subscription.next())
+        .await
+        .unwrap();
+    assert_eq!(first.unwrap().unwrap().offset, 5);
+    // Refused as the first event of the stream (the plan): the subscription drops the token.
+    let mut second = client.subscribe("crm.>", Start::Latest).await.unwrap();
+    let first = tokio::time::timeout(WAIT, second.next()).await.unwrap();
+    assert_eq!(first.unwrap().unwrap().offset, 9);
+    assert_eq!(
+        mock.authorizations("Subscribe"),
+        [bearer(1), bearer(2), bearer(2), bearer(3)]
+    );
+}
+
+#[tokio::test]
 async fn a_subscription_whose_new_token_is_refused_too_ends_with_the_reason() {
     let mock = Mock::default();
     mock.state.lock().unwrap().subscribe_plans.extend([vec![
@@ -886,6 +915,10 @@ async fn sb_connects_over_mutual_tls() {
     assert_eq!(status, 1);
     assert!(
         stderr.contains("certificate not valid for name \"127.0.0.1\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("\nhint: the broker's certificate was not accepted"),
         "{stderr}"
     );
 }

@@ -217,11 +217,18 @@ fn checked_token(text: &str, flag: &str) -> anyhow::Result<String> {
     Ok(token.to_owned())
 }
 
-/// What to do about an authentication or permission refusal, printed under the error.
+/// What to do about an authentication or permission refusal, or a broker certificate that was
+/// not accepted, printed under the error.
 pub fn hint(error: &anyhow::Error) -> Option<&'static str> {
     let error = error
         .chain()
         .find_map(|cause| cause.downcast_ref::<Error>())?;
+    if let Error::Connect { message, .. } = error {
+        return message.contains("invalid peer certificate").then_some(
+            "the broker's certificate was not accepted: --ca must be the CA that signed it, and \
+             --tls-server-name a name it carries when the --server host is not one",
+        );
+    }
     Some(match error.reason()? {
         "TOKEN_MISSING" => {
             "the broker wants a bearer token: pass --token, --token-file, or --client-id and \
@@ -243,6 +250,10 @@ pub fn hint(error: &anyhow::Error) -> Option<&'static str> {
             "the token was issued by or for someone else than this broker expects"
         }
         "INVALID_CLIENT" => "check --client-id and --client-secret",
+        "TOKEN_ENDPOINT_OFF" => {
+            "this broker has no clients configured for its token endpoint: use a token from your \
+             identity provider (--token or --token-file)"
+        }
         "PUBLISH_DENIED" | "SUBSCRIBE_DENIED" | "ENTITY_READ_DENIED" | "ENTITY_UPDATE_DENIED" => {
             "the token's scope does not allow this; `sb token` shows what a client's token grants"
         }
