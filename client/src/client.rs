@@ -1,15 +1,20 @@
-//! [`Client`]: the connection to a broker, URL handling, the entity writer id, and
-//! [`Client::info`].
+//! [`Client`]: the connection to a broker (plain or TLS, with or without bearer tokens), URL
+//! handling, the entity writer id, and [`Client::info`].
 
+use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use switchboard_proto::v1::broker_client::BrokerClient;
 use switchboard_proto::v1::cluster_client::ClusterClient;
 use switchboard_proto::v1::entities_client::EntitiesClient;
-use switchboard_proto::v1::{InfoRequest, InfoResponse, WriteStamp};
-use tonic::transport::{Channel, Endpoint, Uri};
+use switchboard_proto::v1::{
+    InfoRequest, InfoResponse, IssueTokenRequest, IssueTokenResponse, WriteStamp,
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
+use crate::auth::{ClientCredentials, StaticToken, TokenCache, TokenProvider};
+use crate::bearer::AuthChannel;
 use crate::entity::StampClock;
 use crate::error::{error_chain, Error};
 
@@ -34,6 +39,160 @@ pub struct ConnectOptions {
     /// How long to wait for a keep-alive ping's answer before declaring the connection dead.
     /// Default: 10 s.
     pub keep_alive_timeout: Duration,
+    /// The CA certificate(s), in PEM, that the broker's certificate must chain to. Setting it (or
+    /// any TLS option) makes a URL without a scheme `https://`; an `https://` URL needs it (this
+    /// client trusts no system roots). Default: none.
+    pub ca_certificate: Option<Vec<u8>>,
+    /// The certificate chain and private key (PEM) this client presents, for a broker that asks
+    /// for mutual TLS. Default: none.
+    pub client_identity: Option<ClientIdentity>,
+    /// The name the broker's certificate must carry, when it is not the URL's host (for example
+    /// connecting to `https://10.0.0.5:7400` with a certificate for `broker.internal`).
+    /// Default: the URL's host.
+    pub tls_server_name: Option<String>,
+    /// Where the bearer token of every call comes from; see [`ConnectOptions::bearer_token`],
+    /// [`ConnectOptions::token_provider`] and [`ConnectOptions::client_credentials`]. Default:
+    /// none (calls carry no `authorization`).
+    pub credentials: Option<Credentials>,
+}
+
+/// A client certificate chain and its private key, both PEM, for mutual TLS.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    /// The certificate chain, leaf first.
+    pub certificate: Vec<u8>,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Vec<u8>,
+}
+
+/// The key is a secret: only the size of the certificate shows.
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("certificate_bytes", &self.certificate.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Where a client's bearer tokens come from.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum Credentials {
+    /// Tokens from this provider (a [`StaticToken`], or one of the caller's own).
+    Provider(Arc<dyn TokenProvider>),
+    /// Tokens from the broker's token endpoint, exchanged on the client's own connection for the
+    /// id and secret in this request (with its subject, scope and lifetime, if any).
+    ClientCredentials(IssueTokenRequest),
+}
+
+/// The secret and the tokens stay out of the output.
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Provider(_) => f.write_str("Provider(..)"),
+            Credentials::ClientCredentials(request) => f
+                .debug_struct("ClientCredentials")
+                .field("client_id", &request.client_id)
+                .field("subject", &request.subject)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl ConnectOptions {
+    /// Trusts the CA certificate(s) in `pem` for the broker's certificate (see
+    /// [`ConnectOptions::ca_certificate`]).
+    pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> ConnectOptions {
+        self.ca_certificate = Some(pem.into());
+        self
+    }
+
+    /// Presents this certificate chain and key (PEM) to a broker that asks for mutual TLS.
+    pub fn client_identity(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> ConnectOptions {
+        self.client_identity = Some(ClientIdentity {
+            certificate: certificate_pem.into(),
+            key: key_pem.into(),
+        });
+        self
+    }
+
+    /// Expects `name` in the broker's certificate instead of the URL's host.
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> ConnectOptions {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
+    /// Sends this token with every call, for example one issued by an external identity
+    /// provider. Nothing refreshes it: once it expires, calls fail with `UNAUTHENTICATED
+    /// TOKEN_EXPIRED`.
+    pub fn bearer_token(self, token: impl Into<String>) -> ConnectOptions {
+        self.token_provider(StaticToken::new(token))
+    }
+
+    /// Sends a token from `provider` with every call, fetched again shortly before it expires
+    /// (see [`TokenCache`]).
+    pub fn token_provider(mut self, provider: impl TokenProvider) -> ConnectOptions {
+        self.credentials = Some(Credentials::Provider(Arc::new(provider)));
+        self
+    }
+
+    /// Exchanges this client id and secret at the broker's token endpoint for tokens, fetched
+    /// again shortly before they expire (see [`ClientCredentials`] and [`TokenCache`]). Nothing
+    /// is exchanged until the first call.
+    pub fn client_credentials(
+        mut self,
+        client_id: impl Into<String>,
+        client_secret: impl Into<String>,
+    ) -> ConnectOptions {
+        self.credentials = Some(Credentials::ClientCredentials(IssueTokenRequest {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            ..IssueTokenRequest::default()
+        }));
+        self
+    }
+
+    /// Whether any TLS option is set.
+    fn wants_tls(&self) -> bool {
+        self.ca_certificate.is_some()
+            || self.client_identity.is_some()
+            || self.tls_server_name.is_some()
+    }
+
+    /// The TLS configuration for `url`, or `None` for a plain `http://` URL.
+    fn tls_config(&self, url: &str) -> Result<Option<ClientTlsConfig>, Error> {
+        let https = url
+            .parse::<Uri>()
+            .ok()
+            .is_some_and(|uri| uri.scheme_str() == Some("https"));
+        if !https {
+            if self.wants_tls() {
+                return Err(Error::InvalidArgument(format!(
+                    "TLS options are set but the server URL {url} is plain http://: use https://"
+                )));
+            }
+            return Ok(None);
+        }
+        let Some(ca) = &self.ca_certificate else {
+            return Err(Error::InvalidArgument(format!(
+                "{url} needs the CA certificate that signed the broker's certificate \
+                 (ConnectOptions::ca_certificate, sb --ca FILE): this client trusts no system roots"
+            )));
+        };
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some(identity) = &self.client_identity {
+            tls = tls.identity(Identity::from_pem(&identity.certificate, &identity.key));
+        }
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        Ok(Some(tls))
+    }
 }
 
 impl Default for ConnectOptions {
@@ -42,6 +201,10 @@ impl Default for ConnectOptions {
             connect_timeout: Duration::from_secs(5),
             keep_alive_interval: Some(Duration::from_secs(20)),
             keep_alive_timeout: Duration::from_secs(10),
+            ca_certificate: None,
+            client_identity: None,
+            tls_server_name: None,
+            credentials: None,
         }
     }
 }
@@ -57,9 +220,13 @@ impl Default for ConnectOptions {
 /// that stamps the writes that do not carry a stamp of their own; clones share both.
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: BrokerClient<Channel>,
-    entities: EntitiesClient<Channel>,
-    cluster: ClusterClient<Channel>,
+    inner: BrokerClient<AuthChannel>,
+    entities: EntitiesClient<AuthChannel>,
+    cluster: ClusterClient<AuthChannel>,
+    /// The connection without the token layer, for the token endpoint.
+    channel: Channel,
+    /// The cache in front of the token provider; `None` for a client without credentials.
+    tokens: Option<Arc<TokenCache>>,
     url: Arc<str>,
     writer: Arc<str>,
     clock: Arc<Mutex<StampClock>>,
@@ -68,14 +235,17 @@ pub struct Client {
 impl Client {
     /// Connects to the broker at `url`, with the default [`ConnectOptions`].
     ///
-    /// `url` is `http://host:port` (for example `http://127.0.0.1:7400`); a bare `host:port` is
-    /// taken as `http://host:port`, and a bare `host` as `http://host:7400` (see
-    /// [`normalize_url`]). The first connection is made before this returns, so a broker that is
+    /// `url` is `http://host:port` (for example `http://127.0.0.1:7400`) or `https://host:port`;
+    /// a bare `host:port` is taken as `http://host:port` (`https://` when a TLS option is set),
+    /// and a bare `host` as `http://host:7400` (see [`normalize_url`]). The first connection is made before this returns, so a broker that is
     /// not listening is reported at once rather than on the first call.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when `url` is not a usable `http` URL; [`Error::Connect`] (naming
-    /// the URL) when nothing answers within the connect timeout.
+    /// [`Error::InvalidArgument`] when `url` is not a usable `http` or `https` URL, or the TLS
+    /// options do not fit it (an `https://` URL without a CA certificate, TLS options with an
+    /// `http://` URL, a certificate or key that is not PEM); [`Error::Connect`] (naming the URL)
+    /// when nothing answers within the connect timeout, or the TLS handshake fails (for example
+    /// a broker certificate that does not chain to the CA, or a name that does not match).
     ///
     /// # Example
     /// ```no_run
@@ -98,13 +268,23 @@ impl Client {
         url: impl Into<String>,
         options: ConnectOptions,
     ) -> Result<Client, Error> {
-        let url = normalize_url(&url.into())?;
+        let default_scheme = if options.wants_tls() { "https" } else { "http" };
+        let url = normalize_url_with(&url.into(), default_scheme)?;
+        let invalid = |error: tonic::transport::Error| {
+            Error::InvalidArgument(format!("invalid server URL {url}: {}", error_chain(&error)))
+        };
         let mut endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|error| {
-                Error::InvalidArgument(format!("invalid server URL {url}: {}", error_chain(&error)))
-            })?
+            .map_err(invalid)?
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true);
+        if let Some(tls) = options.tls_config(&url)? {
+            endpoint = endpoint.tls_config(tls).map_err(|error| {
+                Error::InvalidArgument(format!(
+                    "the TLS settings for {url} are not usable: {}",
+                    error_chain(&error)
+                ))
+            })?;
+        }
         if let Some(interval) = options.keep_alive_interval {
             endpoint = endpoint
                 .http2_keep_alive_interval(interval)
@@ -130,19 +310,44 @@ impl Client {
                 })
             }
         };
-        Ok(Client::from_channel(channel, url))
+        let credentials = match options.credentials {
+            None => None,
+            Some(Credentials::Provider(provider)) => Some(provider),
+            Some(Credentials::ClientCredentials(request)) => Some(Arc::new(
+                ClientCredentials::from_request(channel.clone(), request),
+            )
+                as Arc<dyn TokenProvider>),
+        };
+        Ok(Client::build(channel, url, credentials))
     }
 
-    /// Wraps a tonic `Channel` built by the caller (for example with TLS or a custom connector).
-    /// `url` is only used in messages.
+    /// Wraps a tonic `Channel` built by the caller (for example with a custom connector). `url`
+    /// is only used in messages. The calls carry no token; see [`Client::from_channel_with`].
     pub fn from_channel(channel: Channel, url: impl Into<String>) -> Client {
-        let url: String = url.into();
+        Client::build(channel, url.into(), None)
+    }
+
+    /// As [`Client::from_channel`], with every call carrying a bearer token from `provider`
+    /// (behind a [`TokenCache`]).
+    pub fn from_channel_with(
+        channel: Channel,
+        url: impl Into<String>,
+        provider: impl TokenProvider,
+    ) -> Client {
+        Client::build(channel, url.into(), Some(Arc::new(provider)))
+    }
+
+    fn build(channel: Channel, url: String, provider: Option<Arc<dyn TokenProvider>>) -> Client {
+        let tokens = provider.map(|provider| Arc::new(TokenCache::from_arc(provider)));
+        let authenticated = AuthChannel::new(channel.clone(), tokens.clone());
         Client {
-            inner: BrokerClient::new(channel.clone())
+            inner: BrokerClient::new(authenticated.clone())
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
-            cluster: ClusterClient::new(channel.clone()),
-            entities: EntitiesClient::new(channel)
+            cluster: ClusterClient::new(authenticated.clone()),
+            entities: EntitiesClient::new(authenticated)
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
+            channel,
+            tokens,
             url: url.into(),
             writer: random_writer_id().into(),
             clock: Arc::default(),
@@ -206,19 +411,54 @@ impl Client {
         Ok(response.into_inner())
     }
 
+    /// Exchanges a client id and secret at the broker's token endpoint
+    /// (`switchboard.v1.Auth/IssueToken`) for a token, and returns the broker's whole answer:
+    /// the token, when it expires, and the scope it grants. The call carries no token itself.
+    ///
+    /// # Errors
+    /// As [`ClientCredentials::issue`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn run(client: switchboard_client::Client) -> Result<(), switchboard_client::Error> {
+    /// let request = switchboard_client::proto::IssueTokenRequest {
+    ///     client_id: "crm-panel".to_owned(),
+    ///     client_secret: std::env::var("CRM_PANEL_SECRET").unwrap_or_default(),
+    ///     ..Default::default()
+    /// };
+    /// let issued = client.issue_token(request).await?;
+    /// println!("token valid for {} s", issued.expires_in_seconds);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn issue_token(
+        &self,
+        request: IssueTokenRequest,
+    ) -> Result<IssueTokenResponse, Error> {
+        ClientCredentials::from_request(self.channel.clone(), request)
+            .issue()
+            .await
+    }
+
     /// A handle on the generated gRPC client (a cheap clone sharing the connection).
-    pub(crate) fn grpc(&self) -> BrokerClient<Channel> {
+    pub(crate) fn grpc(&self) -> BrokerClient<AuthChannel> {
         self.inner.clone()
     }
 
     /// A handle on the generated `Entities` client, on the same connection.
-    pub(crate) fn entities_grpc(&self) -> EntitiesClient<Channel> {
+    pub(crate) fn entities_grpc(&self) -> EntitiesClient<AuthChannel> {
         self.entities.clone()
     }
 
     /// A handle on the generated `Cluster` admin client, on the same connection.
-    pub(crate) fn cluster_grpc(&self) -> ClusterClient<Channel> {
+    pub(crate) fn cluster_grpc(&self) -> ClusterClient<AuthChannel> {
         self.cluster.clone()
+    }
+
+    /// The token cache, for a stream that learns its token was refused; `None` without
+    /// credentials.
+    pub(crate) fn tokens(&self) -> Option<Arc<TokenCache>> {
+        self.tokens.clone()
     }
 
     /// The stamp of a write that has none of its own: this client's clock (see
@@ -244,27 +484,36 @@ fn random_writer_id() -> String {
 
 /// Turns what a user typed into the URL the client connects to.
 ///
-/// - `http://host:port` (any case for the scheme) is kept as is;
+/// - `http://host:port` and `https://host:port` (any case for the scheme) are kept as they are;
 /// - a bare `host:port` (or `[v6]:port`) gets `http://` in front;
 /// - a bare `host` gets `http://` in front and `:7400` ([`DEFAULT_PORT`]) behind.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] for an empty string, a scheme other than `http` (this client is
-/// built without TLS), or something that does not parse as a URL with a host.
+/// [`Error::InvalidArgument`] for an empty string, a scheme other than `http` or `https`, or
+/// something that does not parse as a URL with a host.
 pub fn normalize_url(input: &str) -> Result<String, Error> {
+    normalize_url_with(input, "http")
+}
+
+/// [`normalize_url`], with `default_scheme` for input without one.
+fn normalize_url_with(input: &str, default_scheme: &str) -> Result<String, Error> {
     let input = input.trim();
     if input.is_empty() {
         return Err(Error::InvalidArgument("the server URL is empty".to_owned()));
     }
     let url = match input.split_once("://") {
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") => input.to_owned(),
+        Some((scheme, _))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            input.to_owned()
+        }
         Some((scheme, _)) => {
             return Err(Error::InvalidArgument(format!(
-                "unsupported scheme {scheme:?} in server URL {input}: only http:// is supported"
+                "unsupported scheme {scheme:?} in server URL {input}: use http:// or https://"
             )))
         }
         None => {
-            let url = format!("http://{input}");
+            let url = format!("{default_scheme}://{input}");
             match url.parse::<Uri>() {
                 Ok(uri) if uri.port().is_none() && uri.path() == "/" && !input.ends_with('/') => {
                     format!("{url}:{DEFAULT_PORT}")
@@ -298,18 +547,51 @@ mod tests {
         assert_eq!(ok("broker"), "http://broker:7400");
         assert_eq!(ok("[::1]:7400"), "http://[::1]:7400");
         assert_eq!(ok("[::1]"), "http://[::1]:7400");
+        assert_eq!(ok("https://broker:7400"), "https://broker:7400");
+        assert_eq!(
+            normalize_url_with("broker", "https").unwrap(),
+            "https://broker:7400"
+        );
+        assert_eq!(
+            normalize_url_with("http://broker:1", "https").unwrap(),
+            "http://broker:1"
+        );
+    }
+
+    #[test]
+    fn tls_options_must_fit_the_url() {
+        let plain = ConnectOptions::default();
+        assert!(plain.tls_config("http://b:1").unwrap().is_none());
+        let error = plain.tls_config("https://b:1").unwrap_err();
+        assert!(
+            error.to_string().contains("needs the CA certificate"),
+            "{error}"
+        );
+
+        let with_ca = ConnectOptions::default().ca_certificate("pem");
+        assert!(with_ca.tls_config("https://b:1").unwrap().is_some());
+        let error = with_ca.tls_config("http://b:1").unwrap_err();
+        assert!(error.to_string().contains("use https://"), "{error}");
+        let named = ConnectOptions::default().tls_server_name("broker.internal");
+        assert!(named.tls_config("http://b:1").is_err());
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let options = ConnectOptions::default()
+            .client_identity("CERT", "PRIVATE KEY BYTES")
+            .client_credentials("crm-panel", "s3cret");
+        let debug = format!("{options:?}");
+        assert!(debug.contains("crm-panel"), "{debug}");
+        assert!(
+            !debug.contains("s3cret") && !debug.contains("PRIVATE KEY"),
+            "{debug}"
+        );
     }
 
     #[test]
     fn bad_urls_are_refused() {
-        for bad in [
-            "",
-            "   ",
-            "https://broker:7400",
-            "ftp://x",
-            "http://",
-            "host:port:x",
-        ] {
+        for bad in ["", "   ", "ftp://x", "http://", "host:port:x"] {
             let error = normalize_url(bad).unwrap_err();
             assert!(matches!(error, Error::InvalidArgument(_)), "{bad}: {error}");
         }

@@ -15,6 +15,7 @@
 //! [writer id](Client::writer_id).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::SystemTime;
 
@@ -25,6 +26,8 @@ use switchboard_proto::v1::{
 };
 use tonic::codec::Streaming;
 
+use crate::auth::TokenCache;
+use crate::bearer::TokenUsed;
 use crate::client::Client;
 use crate::error::Error;
 
@@ -339,6 +342,9 @@ pub struct EntityWatch {
     pattern: String,
     live: bool,
     done: bool,
+    /// The client's token cache and the token this watch was opened with, so that the broker
+    /// ending the watch for an expired token drops that token and watching again gets a new one.
+    tokens: Option<(Arc<TokenCache>, TokenUsed)>,
 }
 
 impl EntityWatch {
@@ -365,7 +371,13 @@ impl Stream for EntityWatch {
                 Some(Ok(event)) => event.event,
                 Some(Err(status)) => {
                     self.done = true;
-                    return Poll::Ready(Some(Err(status.into())));
+                    let error = Error::from(status);
+                    if let Some((tokens, token)) = &self.tokens {
+                        if error.is_token_expired() {
+                            tokens.refused(&token.0);
+                        }
+                    }
+                    return Poll::Ready(Some(Err(error)));
                 }
                 None => {
                     self.done = true;
@@ -581,7 +593,9 @@ impl Client {
     /// Watches the entities matching `pattern`, a pattern over `type.id` (`contact.42`,
     /// `contact.*`, `>`): a snapshot of every matching entity's current state, then every merged
     /// change. See [`EntityWatch`]; a watch does not resume, and watching again starts with a
-    /// fresh snapshot.
+    /// fresh snapshot. When the broker ends a watch because its bearer token expired
+    /// (`UNAUTHENTICATED TOKEN_EXPIRED`, see [`Error::is_token_expired`]), the client drops that
+    /// token, so watching again carries a new one.
     ///
     /// This returns once the broker has accepted the call; the snapshot follows on the stream.
     ///
@@ -640,11 +654,13 @@ impl Client {
             min_interval_ms,
         };
         let events = self.entities_grpc().watch_entities(request).await?;
+        let token = events.extensions().get::<TokenUsed>().cloned();
         Ok(EntityWatch {
             events: Box::new(events.into_inner()),
             pattern,
             live: false,
             done: false,
+            tokens: self.tokens().zip(token),
         })
     }
 }

@@ -1,11 +1,14 @@
 //! The client's error type, and how broker statuses map onto it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use switchboard_proto::code_name;
 use switchboard_proto::v1::Refusal;
 use tonic::Code;
-use tonic_types::StatusExt;
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The reason of `UNAUTHENTICATED` when the bearer token has expired.
+pub(crate) const TOKEN_EXPIRED: &str = "TOKEN_EXPIRED";
 
 /// Everything that can go wrong when talking to a Switchboard broker.
 ///
@@ -14,7 +17,7 @@ use tonic_types::StatusExt;
 /// [`Error::code`] and [`Error::reason`]. The `Display` form of a status is
 /// `"{CODE} {REASON}: {message}"`, for example
 /// `INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty`.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// No connection could be made to the broker at `url`.
@@ -90,6 +93,39 @@ impl Error {
     /// retry. `None` when absent or not a number.
     pub fn current_version(&self) -> Option<u64> {
         self.metadata("current_version")?.parse().ok()
+    }
+
+    /// Whether the broker refused the call's bearer token as expired (`UNAUTHENTICATED
+    /// TOKEN_EXPIRED`), as it ends a stream whose token expires: a new token makes the same call
+    /// work again. A [`Subscription`](crate::Subscription) does that by itself.
+    pub fn is_token_expired(&self) -> bool {
+        self.code() == Code::Unauthenticated && self.reason() == Some(TOKEN_EXPIRED)
+    }
+
+    /// This error as a gRPC status, with its reason and metadata in a `google.rpc.ErrorInfo`:
+    /// how an error of the token provider reaches the call that needed the token.
+    pub(crate) fn to_status(&self) -> tonic::Status {
+        match self {
+            Error::Status {
+                code,
+                reason: Some(reason),
+                message,
+                metadata,
+            } => tonic::Status::with_error_details(
+                *code,
+                message.clone(),
+                ErrorDetails::with_error_info(
+                    reason.clone(),
+                    switchboard_proto::ERROR_DOMAIN,
+                    metadata
+                        .iter()
+                        .map(|(key, value)| (key.clone(), value.clone()))
+                        .collect::<HashMap<_, _>>(),
+                ),
+            ),
+            Error::Status { code, message, .. } => tonic::Status::new(*code, message.clone()),
+            other => tonic::Status::new(other.code(), other.to_string()),
+        }
     }
 
     /// Whether retrying the same call later may succeed: the connection was lost, the broker is
@@ -197,8 +233,6 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-    use tonic_types::ErrorDetails;
 
     fn status_with_reason(code: Code, reason: &str, message: &str) -> tonic::Status {
         let mut metadata = HashMap::new();
@@ -312,6 +346,41 @@ mod tests {
         ] {
             assert!(!is_transient_code(code), "{code:?}");
         }
+    }
+
+    #[test]
+    fn an_expired_token_is_recognised_and_statuses_round_trip() {
+        let expired = Error::from(status_with_reason(
+            Code::Unauthenticated,
+            "TOKEN_EXPIRED",
+            "the token expired at 12:00:00",
+        ));
+        assert!(expired.is_token_expired());
+        assert!(!expired.is_transient());
+        let again = Error::from(expired.to_status());
+        assert_eq!(again.to_string(), expired.to_string());
+        assert_eq!(again.metadata("leader"), Some("2"));
+
+        let invalid = Error::from(status_with_reason(
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+            "",
+        ));
+        assert!(!invalid.is_token_expired());
+        let denied = Error::from(status_with_reason(
+            Code::PermissionDenied,
+            "TOKEN_EXPIRED",
+            "",
+        ));
+        assert!(!denied.is_token_expired());
+
+        let connect = Error::Connect {
+            url: "https://b:1".to_owned(),
+            message: "connection refused".to_owned(),
+        };
+        let status = connect.to_status();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(Error::from(status).is_transient());
     }
 
     #[test]

@@ -14,8 +14,8 @@ use switchboard_proto::v1::{
     ListConsumersRequest, ListSubscriptionsRequest, SubscriptionInfo,
 };
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
+use crate::bearer::AuthChannel;
 use crate::client::Client;
 use crate::error::Error;
 
@@ -124,12 +124,12 @@ pub(crate) enum Link {
 /// again (with a non-zero [`Message::redelivery`](crate::Message::redelivery)).
 #[derive(Clone, Debug)]
 pub struct Acker {
-    grpc: BrokerClient<Channel>,
+    grpc: BrokerClient<AuthChannel>,
     link: watch::Receiver<Link>,
 }
 
 impl Acker {
-    pub(crate) fn new(grpc: BrokerClient<Channel>, link: watch::Receiver<Link>) -> Acker {
+    pub(crate) fn new(grpc: BrokerClient<AuthChannel>, link: watch::Receiver<Link>) -> Acker {
         Acker { grpc, link }
     }
 
@@ -368,7 +368,7 @@ mod tests {
     async fn acker_waits_while_resuming_and_fails_once_ended() {
         let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
         let (sender, link) = watch::channel(Link::Live(7));
-        let acker = Acker::new(BrokerClient::new(channel), link);
+        let acker = Acker::new(BrokerClient::new(AuthChannel::new(channel, None)), link);
         assert_eq!(acker.subscription_id(), Some(7));
         assert_eq!(acker.live_id().await.unwrap(), 7);
 

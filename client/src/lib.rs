@@ -7,8 +7,13 @@
 //!
 //! # Layout
 //! - `lib.rs`: this overview and the re-exports;
-//! - `client.rs`: [`Client`], [`ConnectOptions`], URL handling, the entity writer id
-//!   ([`Client::writer_id`]) and [`Client::info`];
+//! - `client.rs`: [`Client`], [`ConnectOptions`] (TLS: [`ClientIdentity`]; tokens:
+//!   [`Credentials`]), URL handling, the entity writer id ([`Client::writer_id`]),
+//!   [`Client::info`] and [`Client::issue_token`];
+//! - `auth.rs`: bearer tokens: [`Token`], the [`TokenProvider`] trait, [`StaticToken`],
+//!   [`ClientCredentials`] (the broker's token endpoint) and the single-flight [`TokenCache`];
+//! - `bearer.rs`: the tower service under the generated clients that puts the token on every
+//!   call;
 //! - `error.rs`: [`Error`] (built from a gRPC status and its `google.rpc.ErrorInfo` reason);
 //! - `publish.rs`: the [`Publish`] builder (with [`Publish::caused_by`] for reactions),
 //!   [`Client::publish`], [`Client::publish_stream`] and the [`Publisher`] handle;
@@ -48,6 +53,8 @@
 //! ```
 #![warn(missing_docs)]
 
+mod auth;
+mod bearer;
 mod client;
 mod cluster;
 mod entity;
@@ -58,7 +65,10 @@ mod publish;
 mod subscription;
 mod trace;
 
-pub use client::{normalize_url, Client, ConnectOptions, DEFAULT_PORT};
+pub use auth::{ClientCredentials, StaticToken, Token, TokenCache, TokenFuture, TokenProvider};
+pub use client::{
+    normalize_url, Client, ClientIdentity, ConnectOptions, Credentials, DEFAULT_PORT,
+};
 pub use entity::{EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate, EntityWatch};
 pub use error::Error;
 pub use flow::{Acker, FlowPolicy};
@@ -74,10 +84,11 @@ pub mod proto {
         gap, AckRequest, AckResponse, ConsumerInfo, DeleteConsumerRequest, DeleteConsumerResponse,
         DeleteEntityRequest, Entity, EntityEvent, EntityKey, EntityResponse, FlowPolicy, Gap,
         GetConsumerRequest, GetEntityRequest, GetEntityResponse, HistoryRequest, HistoryResponse,
-        InfoResponse, ListConsumersRequest, ListConsumersResponse, ListSubscriptionsRequest,
-        ListSubscriptionsResponse, Message, PublishAck, PublishRequest, PublishStreamAck, Refusal,
-        SnapshotComplete, StartPosition, SubscribeEvent, SubscribeRequest, Subscribed,
-        SubscriptionInfo, UpdateEntityRequest, WatchEntitiesRequest, WriteStamp,
+        InfoResponse, IssueTokenRequest, IssueTokenResponse, ListConsumersRequest,
+        ListConsumersResponse, ListSubscriptionsRequest, ListSubscriptionsResponse, Message,
+        PublishAck, PublishRequest, PublishStreamAck, Refusal, Scope, SnapshotComplete,
+        StartPosition, SubscribeEvent, SubscribeRequest, Subscribed, SubscriptionInfo,
+        UpdateEntityRequest, WatchEntitiesRequest, WriteStamp,
     };
     pub use switchboard_proto::ERROR_DOMAIN;
 }

@@ -6,7 +6,9 @@
 //! stream), the task calls `Subscribe` again after a randomized, growing delay, with the same
 //! options, starting right after the last message it handed over, so the consumer sees neither a
 //! gap nor a duplicate. Durable and throttled subscriptions resume differently: see
-//! [`Client::subscribe`].
+//! [`Client::subscribe`]. A stream the broker ends because its bearer token expired
+//! (`UNAUTHENTICATED TOKEN_EXPIRED`) resumes the same way, with a new token from the client's
+//! token cache.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -24,8 +26,9 @@ use switchboard_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::codec::Streaming;
-use tonic::transport::Channel;
 
+use crate::auth::TokenCache;
+use crate::bearer::{AuthChannel, TokenUsed};
 use crate::client::Client;
 use crate::error::Error;
 use crate::flow::{Acker, FlowPolicy, Link};
@@ -485,7 +488,10 @@ impl Client {
     /// 5 s, with jitter) from the offset after the last message delivered (or from the confirmed
     /// `next_offset` if none was), and drops any message at or below the last delivered offset,
     /// so the consumer sees neither a gap nor a duplicate. A [`Gap`] counts as delivered up to
-    /// its `to_offset`.
+    /// its `to_offset`. A stream the broker ends because its bearer token expired
+    /// (`UNAUTHENTICATED TOKEN_EXPIRED`, see [`Error::is_token_expired`]) resumes the same way,
+    /// with a new token from the client's credentials; when a new token is refused as expired
+    /// twice in a row (a fixed token), the subscription ends with that error.
     ///
     /// Two kinds of subscriptions resume differently, and do not drop what looks like a
     /// duplicate:
@@ -575,7 +581,15 @@ impl Client {
             ));
         }
         let mut grpc = self.grpc();
-        let opened = open(&mut grpc, &options, &pattern, start).await?;
+        let tokens = self.tokens();
+        let opened = match open(&mut grpc, tokens.as_deref(), &options, &pattern, start).await {
+            // The broker found our token expired before we did (its clock runs ahead): the
+            // refusal dropped that token, so a second try carries a new one.
+            Err(error) if error.is_token_expired() && tokens.is_some() => {
+                open(&mut grpc, tokens.as_deref(), &options, &pattern, start).await?
+            }
+            opened => opened?,
+        };
         let next_offset = opened.next_offset;
         let acked_offset = opened.acked_offset;
         let (link, link_receiver) = watch::channel(Link::Live(opened.subscription_id));
@@ -585,6 +599,7 @@ impl Client {
         let cursor = Cursor::new(start, &options);
         let task = tokio::spawn(run(
             grpc,
+            tokens,
             pattern.clone(),
             cursor,
             opened,
@@ -756,26 +771,39 @@ struct Opened {
     /// A first event that was not `Subscribed` (not what the contract promises, but nothing is
     /// lost by taking it).
     first_event: Option<subscribe_event::Event>,
+    /// The bearer token the call was made with, if any.
+    token: Option<Arc<str>>,
 }
 
-/// Calls `Subscribe` and waits for the first event (`Subscribed`, per the contract).
+/// Calls `Subscribe` and waits for the first event (`Subscribed`, per the contract). A refusal
+/// for an expired token drops that token from `tokens`, so the next try fetches another.
 async fn open(
-    grpc: &mut BrokerClient<Channel>,
+    grpc: &mut BrokerClient<AuthChannel>,
+    tokens: Option<&TokenCache>,
     options: &SubscribeOptions,
     pattern: &str,
     start: Start,
 ) -> Result<Opened, Error> {
-    let mut events = grpc
-        .subscribe(options.to_request(pattern, start))
-        .await?
-        .into_inner();
-    let mut opened = match events.message().await? {
+    let response = grpc.subscribe(options.to_request(pattern, start)).await?;
+    let token = response
+        .extensions()
+        .get::<TokenUsed>()
+        .map(|used| Arc::clone(&used.0));
+    let mut events = response.into_inner();
+    let first = events.message().await.map_err(Error::from);
+    if let (Err(error), Some(tokens), Some(token)) = (&first, tokens, &token) {
+        if error.is_token_expired() {
+            tokens.refused(token);
+        }
+    }
+    let mut opened = match first? {
         Some(SubscribeEvent { event }) => Opened {
             events,
             next_offset: None,
             subscription_id: 0,
             acked_offset: None,
             first_event: event,
+            token,
         },
         None => return Err(closed_by_broker("before confirming the subscription")),
     };
@@ -810,9 +838,11 @@ impl Drop for Outlet {
     }
 }
 
-/// The subscription's task: pumps events into the outlet, and resumes after transient failures.
+/// The subscription's task: pumps events into the outlet, and resumes after transient failures
+/// and after the broker ended the stream because its token expired.
 async fn run(
-    mut grpc: BrokerClient<Channel>,
+    mut grpc: BrokerClient<AuthChannel>,
+    tokens: Option<Arc<TokenCache>>,
     pattern: String,
     mut cursor: Cursor,
     mut opened: Opened,
@@ -821,14 +851,27 @@ async fn run(
 ) {
     let mut backoff = Backoff::new(options.initial_backoff, options.max_backoff);
     loop {
+        let token = opened.token.clone();
         let Some(failure) = pump(&mut cursor, opened, &outlet).await else {
             return; // The subscription was dropped.
         };
         outlet.link.send_replace(Link::Resuming);
-        if !failure.is_transient() {
+        // An expired token is dropped from the cache, so the resubscription carries a new one.
+        let token_expired = match (&tokens, &token) {
+            (Some(tokens), Some(token)) if failure.is_token_expired() => {
+                tokens.refused(token);
+                true
+            }
+            _ => false,
+        };
+        if !failure.is_transient() && !token_expired {
             let _ = outlet.sender.send(Err(failure)).await;
             return;
         }
+        // A resubscription refused for an expired token is tried once more (the refusal dropped
+        // that token, so the next attempt fetches another: this covers a broker clock ahead of
+        // ours); a second such refusal means new tokens do not help, and ends the subscription.
+        let mut token_retry_left = tokens.is_some();
         tracing::warn!(
             %pattern,
             error = %failure,
@@ -854,7 +897,7 @@ async fn run(
             let start = cursor.resume_from(Instant::now());
             let attempt = tokio::select! {
                 _ = outlet.sender.closed() => return,
-                attempt = open(&mut grpc, &options, &pattern, start) => attempt,
+                attempt = open(&mut grpc, tokens.as_deref(), &options, &pattern, start) => attempt,
             };
             match attempt {
                 Ok(opened) => {
@@ -870,6 +913,11 @@ async fn run(
                 }
                 Err(error) if error.is_transient() => {
                     tracing::debug!(%pattern, %error, attempts, "resubscribe attempt failed");
+                    last_error = error;
+                }
+                Err(error) if error.is_token_expired() && token_retry_left => {
+                    tracing::debug!(%pattern, %error, attempts, "resubscribe with a new token");
+                    token_retry_left = false;
                     last_error = error;
                 }
                 Err(error) => {
@@ -890,6 +938,7 @@ async fn pump(cursor: &mut Cursor, opened: Opened, outlet: &Outlet) -> Option<Er
         subscription_id,
         acked_offset: _,
         first_event,
+        token: _,
     } = opened;
     if let Some(next_offset) = next_offset {
         cursor.confirmed(next_offset);

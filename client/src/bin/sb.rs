@@ -5,12 +5,15 @@
 //! Layout: this file holds the argument definitions and the commands; `sb/args.rs` parses
 //! argument values (`--from`, `--to`, `--header`, `--policy`) and picks the default entity writer
 //! id;
-//! `sb/output.rs` formats the JSON lines.
+//! `sb/output.rs` formats the JSON lines; `sb/security.rs` holds the TLS and token options, `sb
+//! token` and the hints under authentication errors.
 
 #[path = "sb/args.rs"]
 mod args;
 #[path = "sb/output.rs"]
 mod output;
+#[path = "sb/security.rs"]
+mod security;
 
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
@@ -43,10 +46,15 @@ Examples:
   sb entity get contact 42 --if-none-match '\"3-5f0c6a2e\"'
   sb entity delete contact 42 --expect-version 3
   sb entity watch 'contact.*' --count 1 --timeout 30s
+  sb --ca ca.pem --server broker.example.com:7400 --token-file token.jwt info
+  SWITCHBOARD_CLIENT_ID=crm-panel SWITCHBOARD_CLIENT_SECRET=... sb --ca ca.pem token
 
 Output is one JSON object per line on stdout. Errors go to stderr as `error: CODE REASON: message`
 (for example `error: INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty`); the exit
-status is 1 for errors and 2 for usage errors.
+status is 1 for errors and 2 for usage errors. A broker with authentication refuses a call
+without a valid token with UNAUTHENTICATED and a reason (TOKEN_MISSING, TOKEN_EXPIRED, ...), and
+one its token does not allow with PERMISSION_DENIED (PUBLISH_DENIED, SUBSCRIBE_DENIED, ...); sb
+then prints a `hint:` line on what to do.
 
 Set SB_LOG (for example SB_LOG=debug) to see the client's logs on stderr; by default only warnings
 (such as a subscription resuming after a lost connection) are shown.";
@@ -59,15 +67,19 @@ Set SB_LOG (for example SB_LOG=debug) to see the client's logs on stderr; by def
 #[derive(Debug, Parser)]
 #[command(name = "sb", version, after_help = EXAMPLES)]
 struct Cli {
-    /// The broker's gRPC URL; a bare `host:port` means `http://host:port`.
+    /// The broker's gRPC URL; a bare `host:port` means `http://host:port` (`https://host:port`
+    /// with --ca).
     #[arg(
         long,
         global = true,
         env = "SWITCHBOARD_URL",
-        default_value = "http://127.0.0.1:7400",
+        default_value = "127.0.0.1:7400",
         value_name = "URL"
     )]
     server: String,
+
+    #[command(flatten)]
+    security: security::SecurityArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -183,6 +195,24 @@ acknowledgement.")]
     /// Show and change the raft cluster's membership (run on the leader wherever sent).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Exchange --client-id and --client-secret at the broker's token endpoint for a token, and
+    /// print it with its expiry and scope.
+    #[command(after_help = "\
+Prints one line:
+  {\"access_token\":\"eyJ...\",\"token_type\":\"Bearer\",\"expires_at\":\"2026-01-01T12:15:00.000Z\",
+   \"expires_in_seconds\":900,\"scope\":{\"publish\":[...],\"subscribe\":[...],\"entity_read\":[...],\"entity_update\":[...]}}
+or, with --raw, only the token. The token works until expires_at with any client, for example
+`sb --token-file FILE`; `sb --client-id ... --client-secret ...` fetches and renews tokens by itself.
+
+The broker refuses an unknown client or a wrong secret with UNAUTHENTICATED INVALID_CLIENT (the
+two are not told apart), a --subject the client may not act for with PERMISSION_DENIED
+ON_BEHALF_NOT_ALLOWED, and a broker without configured clients with UNIMPLEMENTED
+TOKEN_ENDPOINT_OFF.
+
+Examples:
+  SWITCHBOARD_CLIENT_ID=crm-panel SWITCHBOARD_CLIENT_SECRET=... sb --ca ca.pem token
+  sb token --subject agent-17 --ttl 5m --raw > token.jwt")]
+    Token(security::TokenArgs),
 }
 
 const CONSUMER_OUTPUT: &str = "\
@@ -562,6 +592,9 @@ async fn main() -> ExitCode {
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
+            if let Some(hint) = security::hint(&error) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -588,8 +621,9 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
-    let client = Client::connect(cli.server).await?;
+    let client = Client::connect_with(cli.server, cli.security.connect_options()?).await?;
     match cli.command {
+        Command::Token(args) => security::token(&client, &cli.security, args).await,
         Command::Publish(args) => publish(&client, args).await,
         Command::Subscribe(args) => subscribe(&client, args, started).await,
         Command::History(args) => history(&client, args).await,
