@@ -777,3 +777,115 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
         .await
         .expect("a client with a certificate from the CA connects");
 }
+
+#[tokio::test]
+async fn the_client_and_sb_work_end_to_end_with_tls_and_client_credentials() {
+    use futures::StreamExt;
+    use switchboard_client::{Client, ConnectOptions, Publish, Start};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let mut settings = token_endpoint_settings(dir.path(), "{ per_second = 100.0, burst = 100 }");
+    settings.push_str(&tls_settings(dir.path(), false));
+    let secured = start(&settings, false);
+    let url = format!("https://localhost:{}", secured.broker.addr.port());
+    let options = || {
+        ConnectOptions::default()
+            .ca_certificate(pki.ca.clone())
+            .client_credentials("crm-panel", "crm-panel-secret-0123456789")
+    };
+
+    // The Rust client: a token fetched on the first call, TLS verified against the CA.
+    let client = Client::connect_with(url.clone(), options()).await.unwrap();
+    let mut subscription = client.subscribe("crm.>", Start::Latest).await.unwrap();
+    let ack = client
+        .publish(Publish::new("crm.contact.updated", "{}"))
+        .await
+        .expect("a publish within the client's scope");
+    let delivered = tokio::time::timeout(DEADLINE, subscription.next())
+        .await
+        .expect("delivered in time")
+        .expect("the subscription goes on")
+        .expect("a message");
+    assert_eq!(delivered.offset, ack.offset);
+    let refused = client
+        .publish(Publish::new("telephony.call.started", "{}"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.reason(), Some("PUBLISH_DENIED"), "{refused}");
+
+    // sb, with the same credentials from the environment and the CA from a flag.
+    let ca = dir.path().join("ca.pem").display().to_string();
+    let sb = |args: &[&str]| {
+        std::process::Command::new(switchboard_e2e::sb_binary())
+            .args(["--server", &url, "--ca", &ca])
+            .args(args)
+            .env("SWITCHBOARD_CLIENT_ID", "crm-panel")
+            .env("SWITCHBOARD_CLIENT_SECRET", "crm-panel-secret-0123456789")
+            .output()
+            .unwrap()
+    };
+    let published = sb(&["publish", "crm.note.added", "{\"by\":\"sb\"}"]);
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let token = sb(&["token"]);
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token: Value = serde_json::from_slice(&token.stdout).unwrap();
+    assert_eq!(token["token_type"], "Bearer");
+    let denied = sb(&["publish", "telephony.x.y", "{}"]);
+    assert!(!denied.status.success());
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        stderr.contains("PERMISSION_DENIED PUBLISH_DENIED"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn membership_changes_need_the_admin_grant() {
+    use switchboard_proto::v1::cluster_client::ClusterClient;
+    let secured = start("", true);
+    let mut cluster = ClusterClient::new(channel(secured.broker.url()).await);
+    let add = || pb::AddLearnerRequest {
+        id: 9,
+        raft_address: "127.0.0.1:1".into(),
+        public_address: String::new(),
+    };
+    let plain = token(json!({ "publish": ["crm.>"] }));
+    assert_refused(
+        cluster
+            .add_learner(with_token(add(), &plain))
+            .await
+            .unwrap_err(),
+        Code::PermissionDenied,
+        "ADMIN_DENIED",
+    );
+    assert_refused(
+        cluster
+            .remove(with_token(pb::RemoveRequest { id: 1 }, &plain))
+            .await
+            .unwrap_err(),
+        Code::PermissionDenied,
+        "ADMIN_DENIED",
+    );
+    // Status needs only a valid token; without one, nothing.
+    cluster
+        .status(with_token(pb::ClusterStatusRequest {}, &plain))
+        .await
+        .expect("status with any valid token");
+    assert_refused(
+        cluster
+            .status(pb::ClusterStatusRequest {})
+            .await
+            .unwrap_err(),
+        Code::Unauthenticated,
+        "TOKEN_MISSING",
+    );
+}
