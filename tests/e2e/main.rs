@@ -14,6 +14,7 @@ mod pubsub;
 mod replay;
 mod resume;
 mod shutdown;
+mod sync_trace;
 mod traces;
 mod ttl;
 mod validation;
