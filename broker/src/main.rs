@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchboard_broker::config::{self, Config, FlagOverrides, LogFormat};
-use switchboard_broker::observability::trace;
+use switchboard_broker::observability::{probe, trace};
 use switchboard_broker::server::Broker;
 use switchboard_broker::shutdown;
 
@@ -61,6 +61,12 @@ struct Args {
     /// Print the embedded default configuration, with a comment on every setting, and exit
     #[arg(long)]
     print_defaults: bool,
+
+    /// Ask the running broker's admin listener (from the same settings) for /healthz and exit 0
+    /// if it answers 200, 1 otherwise: the health check of the scratch container image, which has
+    /// no shell or curl
+    #[arg(long)]
+    healthcheck: bool,
 }
 
 const AFTER_HELP: &str = "\
@@ -139,6 +145,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+    if args.healthcheck {
+        let timeout = std::time::Duration::from_secs(3);
+        return match probe::probe(config.admin_listen.addr(), timeout) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.print_config {
         return match config.to_toml() {
             Ok(text) => {
