@@ -41,6 +41,7 @@ pub enum Reason {
     NotLeader,
     ShuttingDown,
     StorageFailure,
+    DataCorrupt,
     ConsensusFailure,
 }
 
@@ -79,6 +80,7 @@ impl Reason {
             Reason::NotLeader => "NOT_LEADER",
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::StorageFailure => "STORAGE_FAILURE",
+            Reason::DataCorrupt => "DATA_CORRUPT",
             Reason::ConsensusFailure => "CONSENSUS_FAILURE",
         }
     }
@@ -177,6 +179,10 @@ pub enum BrokerError {
     /// The embedded store failed. INTERNAL.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// A stored record failed its checksum or could not be decoded: this node's files are
+    /// damaged, and the record is not served. DATA_LOSS.
+    #[error("damaged stored data: {0}")]
+    Corrupt(String),
     /// Consensus failed in a way that is not "no leader". INTERNAL.
     #[error("consensus failure: {0}")]
     Consensus(String),
@@ -213,6 +219,7 @@ impl BrokerError {
             BrokerError::NotLeader { .. } => Reason::NotLeader,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::Storage(_) => Reason::StorageFailure,
+            BrokerError::Corrupt(_) => Reason::DataCorrupt,
             BrokerError::Consensus(_) => Reason::ConsensusFailure,
         }
     }

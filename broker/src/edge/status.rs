@@ -24,6 +24,7 @@ pub fn code(error: &BrokerError) -> Code {
         BrokerError::Precondition { .. } => Code::FailedPrecondition,
         BrokerError::NotLeader { .. } | BrokerError::ShuttingDown => Code::Unavailable,
         BrokerError::Storage(_) | BrokerError::Consensus(_) => Code::Internal,
+        BrokerError::Corrupt(_) => Code::DataLoss,
     }
 }
 
