@@ -414,5 +414,6 @@ where
     }
 }
 
+pub mod history;
 pub mod otlp;
 pub mod strace;
