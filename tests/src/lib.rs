@@ -414,6 +414,7 @@ where
     }
 }
 
+pub mod compose;
 pub mod history;
 pub mod otlp;
 pub mod strace;
