@@ -50,8 +50,8 @@ impl StateMeta {
     /// The embedded store's error, or a corrupt record.
     pub fn load(store: &MessageStore) -> Result<StateMeta, BrokerError> {
         match store.meta()? {
-            Some(bytes) => bincode::deserialize(&bytes)
-                .map_err(|e| BrokerError::Storage(format!("corrupt state meta: {e}"))),
+            Some(bytes) => crate::checksum::decode(&bytes)
+                .map_err(|e| BrokerError::Corrupt(format!("state meta: {e}"))),
             None => Ok(StateMeta {
                 next_offset: 1,
                 ..StateMeta::default()
@@ -64,7 +64,7 @@ impl StateMeta {
     /// # Errors
     /// Only if encoding fails.
     pub fn write(&self, batch: &mut sled::Batch) -> Result<(), BrokerError> {
-        let bytes = bincode::serialize(self)
+        let bytes = crate::checksum::encode(self)
             .map_err(|e| BrokerError::Storage(format!("cannot encode state meta: {e}")))?;
         MessageStore::put_meta(batch, &bytes);
         Ok(())

@@ -50,6 +50,7 @@ pub enum Reason {
     MembershipInvalid,
     ShuttingDown,
     StorageFailure,
+    DataCorrupt,
     ConsensusFailure,
     // Authentication (UNAUTHENTICATED), from `security::token` and `security::credentials`.
     TokenMissing,
@@ -122,6 +123,7 @@ impl Reason {
             Reason::MembershipInvalid => "MEMBERSHIP_INVALID",
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::StorageFailure => "STORAGE_FAILURE",
+            Reason::DataCorrupt => "DATA_CORRUPT",
             Reason::ConsensusFailure => "CONSENSUS_FAILURE",
             Reason::TokenMissing => "TOKEN_MISSING",
             Reason::TokenMalformed => "TOKEN_MALFORMED",
@@ -293,6 +295,10 @@ pub enum BrokerError {
     /// The embedded store failed. INTERNAL.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// A stored record failed its checksum or could not be decoded: this node's files are
+    /// damaged, and the record is not served. DATA_LOSS.
+    #[error("damaged stored data: {0}")]
+    Corrupt(String),
     /// Consensus failed in a way that is not "no leader". INTERNAL.
     #[error("consensus failure: {0}")]
     Consensus(String),
@@ -331,6 +337,7 @@ impl BrokerError {
             BrokerError::NoQuorum { .. } => Reason::NoQuorum,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::Storage(_) => Reason::StorageFailure,
+            BrokerError::Corrupt(_) => Reason::DataCorrupt,
             BrokerError::Consensus(_) => Reason::ConsensusFailure,
             BrokerError::Unauthenticated(e) => token_reason(e),
             BrokerError::Denied(e) => denied_reason(e),

@@ -14,6 +14,7 @@
 //! - [`subscription`]: one subscriber's task — replay from the store, then live, catching up
 //!   from the store whenever it falls behind.
 //! - [`retention`]: TTL expiry and retention limits, swept through the log.
+//! - [`checksum`]: the checksum sealed into every stored value, checked on every read.
 //! - [`channel`]: channel and pattern grammar, and the segment trie used for matching.
 //! - [`message`]: the message types, and the commands the log carries.
 //! - [`config`], [`error`], [`shutdown`], [`server`]: settings, errors, stopping, wiring.
@@ -21,6 +22,7 @@
 
 pub mod apply;
 pub mod channel;
+pub mod checksum;
 pub mod cluster;
 pub mod config;
 pub mod edge;

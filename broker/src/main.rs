@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use switchboard_broker::config::{self, Config, FlagOverrides, LogFormat};
-use switchboard_broker::observability::trace;
+use switchboard_broker::observability::{probe, trace};
 use switchboard_broker::server::Broker;
 use switchboard_broker::shutdown;
 
@@ -62,6 +62,11 @@ struct Args {
     #[arg(long)]
     print_defaults: bool,
 
+    /// Ask the running broker's admin listener (from the same settings) for /healthz and exit 0
+    /// if it answers 200, 1 otherwise: the health check of the scratch container image, which has
+    /// no shell or curl
+    #[arg(long)]
+    healthcheck: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -194,6 +199,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+    if args.healthcheck {
+        let timeout = std::time::Duration::from_secs(3);
+        return match probe::probe(config.admin_listen.addr(), timeout) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.print_config {
         return match config.to_toml() {
             Ok(text) => {

@@ -19,8 +19,13 @@
 //! messages, so "the batch that may hold offset N" is always the last `b` key at or below N.
 //! Publish times never decrease with offsets (apply guarantees it), so the time index is also in
 //! offset order.
+//!
+//! Every bincode value is sealed with a checksum ([`crate::checksum`]) and checked on every read;
+//! a damaged one is a [`BrokerError::Corrupt`] (`DATA_LOSS`), never served. The index records with
+//! an empty value have nothing to check: they only point at batches, which are checked.
 
 use crate::channel::Pattern;
+use crate::checksum;
 use crate::entity::EntityState;
 use crate::error::BrokerError;
 use crate::message::{ConsumerState, StoredMessage};
@@ -119,7 +124,8 @@ fn pair_key(kind: u8, a: &str, b: &str) -> Vec<u8> {
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Storage(format!("corrupt {what}: {e}"))
+    tracing::error!(what, error = %e, "a stored record is damaged; it is not served");
+    BrokerError::Corrupt(format!("{what}: {e}"))
 }
 
 fn be_u64(bytes: &[u8]) -> Result<u64, BrokerError> {
@@ -130,8 +136,7 @@ fn be_u64(bytes: &[u8]) -> Result<u64, BrokerError> {
 }
 
 fn decode_batch(key: &[u8], value: &[u8]) -> Result<StoredBatch, BrokerError> {
-    let messages: Vec<StoredMessage> = bincode::deserialize(value)
-        .map_err(|e| BrokerError::Storage(format!("corrupt batch: {e}")))?;
+    let messages: Vec<StoredMessage> = checksum::decode(value).map_err(|e| corrupt("batch", e))?;
     Ok(StoredBatch {
         key: be_u64(&key[1..])?,
         messages,
@@ -361,7 +366,7 @@ impl MessageStore {
         key: u64,
         messages: &[StoredMessage],
     ) -> Result<usize, BrokerError> {
-        let value = bincode::serialize(messages)
+        let value = checksum::encode(messages)
             .map_err(|e| BrokerError::Storage(format!("cannot encode batch: {e}")))?;
         let len = value.len();
         batch.insert(&self::key(BATCH, key), value);
@@ -402,7 +407,7 @@ impl MessageStore {
     /// The embedded store's error, or a corrupt record.
     pub fn dedup(&self, channel: &str, key: &str) -> Result<Option<DedupRecord>, BrokerError> {
         match self.tree.get(pair_key(DEDUP, channel, key))? {
-            Some(v) => bincode::deserialize(&v)
+            Some(v) => checksum::decode(&v)
                 .map(Some)
                 .map_err(|e| corrupt("dedup record", e)),
             None => Ok(None),
@@ -420,7 +425,7 @@ impl MessageStore {
         record: &DedupRecord,
     ) -> Result<(), BrokerError> {
         let record_key = pair_key(DEDUP, channel, key);
-        let value = bincode::serialize(record).map_err(|e| corrupt("dedup record", e))?;
+        let value = checksum::encode(record).map_err(|e| corrupt("dedup record", e))?;
         batch.insert(
             key2(DEDUP_BY_TIME, record.publish_time_us, record.offset).to_vec(),
             record_key.clone(),
@@ -451,7 +456,7 @@ impl MessageStore {
             batch.remove(k);
             if let Some(v) = self.tree.get(&record_key)? {
                 let current: DedupRecord =
-                    bincode::deserialize(&v).map_err(|e| corrupt("dedup record", e))?;
+                    checksum::decode(&v).map_err(|e| corrupt("dedup record", e))?;
                 if current.offset == offset {
                     batch.remove(record_key);
                 }
@@ -480,7 +485,7 @@ impl MessageStore {
     /// The embedded store's error, or a corrupt record.
     pub fn entity(&self, entity_type: &str, id: &str) -> Result<Option<EntityState>, BrokerError> {
         match self.tree.get(pair_key(ENTITY, entity_type, id))? {
-            Some(v) => bincode::deserialize(&v)
+            Some(v) => checksum::decode(&v)
                 .map(Some)
                 .map_err(|e| corrupt("entity", e)),
             None => Ok(None),
@@ -503,7 +508,7 @@ impl MessageStore {
             let (t, id) = name
                 .split_once('\0')
                 .ok_or_else(|| corrupt("entity key", "no separator"))?;
-            let state = bincode::deserialize(&v).map_err(|e| corrupt("entity", e))?;
+            let state = checksum::decode(&v).map_err(|e| corrupt("entity", e))?;
             Ok((t.to_owned(), id.to_owned(), state))
         })
     }
@@ -518,7 +523,7 @@ impl MessageStore {
         id: &str,
         state: &EntityState,
     ) -> Result<(), BrokerError> {
-        let value = bincode::serialize(state).map_err(|e| corrupt("entity", e))?;
+        let value = checksum::encode(state).map_err(|e| corrupt("entity", e))?;
         batch.insert(pair_key(ENTITY, entity_type, id), value);
         Ok(())
     }
@@ -531,7 +536,7 @@ impl MessageStore {
         let mut k = vec![CONSUMER];
         k.extend_from_slice(name.as_bytes());
         match self.tree.get(k)? {
-            Some(v) => bincode::deserialize(&v)
+            Some(v) => checksum::decode(&v)
                 .map(Some)
                 .map_err(|e| corrupt("consumer", e)),
             None => Ok(None),
@@ -546,7 +551,7 @@ impl MessageStore {
             let (k, v) = kv?;
             let name =
                 String::from_utf8(k[1..].to_vec()).map_err(|e| corrupt("consumer key", e))?;
-            let state = bincode::deserialize(&v).map_err(|e| corrupt("consumer", e))?;
+            let state = checksum::decode(&v).map_err(|e| corrupt("consumer", e))?;
             Ok((name, state))
         })
     }
@@ -564,7 +569,7 @@ impl MessageStore {
         k.extend_from_slice(name.as_bytes());
         match state {
             Some(state) => {
-                let value = bincode::serialize(state).map_err(|e| corrupt("consumer", e))?;
+                let value = checksum::encode(state).map_err(|e| corrupt("consumer", e))?;
                 batch.insert(k, value);
             }
             None => batch.remove(k),

@@ -17,6 +17,7 @@ mod replay;
 mod resume;
 mod security;
 mod shutdown;
+mod sync_trace;
 mod traces;
 mod ttl;
 mod validation;

@@ -66,6 +66,19 @@ impl BrokerProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<BrokerProcess> {
+        Self::start_wrapped(&[], data_dir, listen, extra, env)
+    }
+
+    /// [`BrokerProcess::start_with_env`] with the broker run by a wrapper command (`wrapper` then
+    /// the broker's path and arguments), e.g. `strace -f -o FILE`. The handle's process is the
+    /// wrapper's: [`BrokerProcess::wrapped_pid`] finds the broker under it.
+    pub fn start_wrapped(
+        wrapper: &[&std::ffi::OsStr],
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<BrokerProcess> {
         let binary = broker_binary();
         if !binary.exists() {
             bail!(
@@ -85,7 +98,15 @@ impl BrokerProcess {
             Some(_) => &[],
             None => &["--admin-listen", "127.0.0.1:0"],
         };
-        let mut child = Command::new(&binary)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
+        let mut child = command
             .arg("--listen")
             .arg(listen)
             .arg("--data-dir")
@@ -178,6 +199,46 @@ impl BrokerProcess {
     /// The broker's log so far (stderr), for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The process id of the wrapper's first child: the broker, when started by
+    /// [`BrokerProcess::start_wrapped`].
+    pub fn wrapped_pid(&self) -> Option<i32> {
+        let pid = self.child.as_ref()?.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
+    /// Sends `signal` to the process `pid` (one started under a wrapper, say).
+    ///
+    /// # Errors
+    /// kill(2) failed (no such process, for example).
+    pub fn signal_pid(pid: i32, signal: i32) -> Result<()> {
+        if unsafe_kill(pid, signal) != 0 {
+            bail!(
+                "cannot signal process {pid}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits (with a deadline) for the process to exit by itself, e.g. a wrapper whose broker was
+    /// signalled directly.
+    pub fn wait_exit(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("not running"))?;
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("process did not exit within {DEADLINE:?}");
+            }
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
     }
 
     /// Kills the process with SIGKILL: no chance to flush anything.
@@ -468,4 +529,7 @@ where
     }
 }
 
+pub mod compose;
+pub mod history;
 pub mod otlp;
+pub mod strace;

@@ -47,6 +47,7 @@ pub fn code(error: &BrokerError) -> Code {
         },
         BrokerError::TokenEndpointOff => Code::Unimplemented,
         BrokerError::RateLimited(_) => Code::ResourceExhausted,
+        BrokerError::Corrupt(_) => Code::DataLoss,
     }
 }
 

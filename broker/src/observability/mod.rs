@@ -4,8 +4,10 @@
 //! - [`admin`]: the HTTP admin listener (`/metrics`).
 //! - [`audit`]: one rate-limited log line per refused request.
 //! - [`trace`]: W3C trace context in and out of messages, spans, and OTLP export.
+//! - [`probe`]: `switchboard --healthcheck`, the container health probe.
 
 pub mod admin;
 pub mod audit;
 pub mod metrics;
+pub mod probe;
 pub mod trace;

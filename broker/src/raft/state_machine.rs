@@ -429,6 +429,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 #[cfg(test)]
+// Tests that reopen sled folders are serialised by a guard held across awaits on purpose.
+#[allow(clippy::await_holding_lock)]
 mod tests {
     use super::*;
     use crate::message::{Command, Item, NewMessage, Rules};
@@ -462,8 +464,14 @@ mod tests {
         }
     }
 
+    /// Opens sled at `dir`, waiting for a dropped database's threads to release its lock.
+    fn open_db(dir: &Path) -> sled::Db {
+        crate::raft::log_store::tests::while_locked(|| sled::Config::new().path(dir).open())
+            .unwrap()
+    }
+
     fn open(dir: &Path) -> StateMachine {
-        let db = sled::Config::new().path(dir).open().unwrap();
+        let db = open_db(dir);
         let (progress, _) = watch::channel(AppliedProgress::default());
         StateMachine::open(db, dir, Hub::new(0, 16, 1 << 20), progress).unwrap()
     }
@@ -478,6 +486,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_crash_during_snapshot_install_is_finished_at_the_next_start() {
+        let _serial = crate::raft::log_store::tests::one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let snapshot_meta = {
             let mut sm = open(dir.path());
@@ -507,5 +516,55 @@ mod tests {
             !sm.snapshot_dir.join(INSTALLING).exists(),
             "the marker is gone"
         );
+    }
+
+    /// Flips the last byte of the state record under `key`, as a damaged disk would.
+    fn damage(dir: &Path, key: &[u8]) {
+        let db = open_db(dir);
+        let tree = db.open_tree("messages").unwrap();
+        let mut value = tree.get(key).unwrap().expect("record present").to_vec();
+        let last = value.len() - 1;
+        value[last] ^= 0x20;
+        tree.insert(key, value).unwrap();
+        db.flush().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_damaged_batch_is_refused_not_served() {
+        let _serial = crate::raft::log_store::tests::one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut sm = open(dir.path());
+            sm.apply(vec![entry(1, "a.one"), entry(2, "a.two")])
+                .await
+                .unwrap();
+        }
+        let mut key = vec![b'b'];
+        key.extend_from_slice(&1u64.to_be_bytes());
+        damage(dir.path(), &key);
+        let sm = open(dir.path());
+        assert!(matches!(
+            sm.store.batch(1),
+            Err(crate::error::BrokerError::Corrupt(_))
+        ));
+        // The intact batch is still served.
+        assert_eq!(sm.store.batch(2).unwrap().unwrap().messages.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_damaged_applied_position_refuses_the_start() {
+        let _serial = crate::raft::log_store::tests::one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut sm = open(dir.path());
+            sm.apply(vec![entry(1, "a.one")]).await.unwrap();
+        }
+        damage(dir.path(), b"m");
+        let db = open_db(dir.path());
+        let (progress, _) = watch::channel(AppliedProgress::default());
+        let err = StateMachine::open(db, dir.path(), Hub::new(0, 16, 1 << 20), progress)
+            .err()
+            .expect("a damaged state meta must not open");
+        assert!(err.to_string().contains("checksum mismatch"), "{err:#}");
     }
 }

@@ -1,0 +1,269 @@
+//! Fault tests against the three-node docker compose stack (`docker-compose.yml`).
+//!
+//! Each scenario starts its own stack (own project name, volumes and host ports), drives it
+//! through the real client while injecting a fault, records everything in a
+//! [`History`](switchboard_e2e::history::History), and checks it: every acknowledged message
+//! delivered to every surviving subscriber once and in offset order, no offset naming two
+//! messages, every node holding the same log.
+//!
+//! They need a Docker engine, a compose tool and the image from `deploy/build-image.sh`; without
+//! them a scenario says so and passes, unless `SWITCHBOARD_FAULT_TESTS=1` asks for them. The scenarios that need
+//! real replication are `#[ignore]`d until the cluster work (raft over the network, static
+//! bootstrap from SWITCHBOARD_CLUSTER_MEMBERS, leader forwarding) is merged: run them with
+//! `cargo test -p switchboard-e2e --test fault -- --ignored`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use switchboard_client::{Client, HistoryQuery, Publish, Start};
+use switchboard_e2e::compose::{Stack, NODES};
+use switchboard_e2e::history::{digest, History};
+
+/// How long one publish may keep being retried across nodes (covers an election).
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(60);
+/// How long subscribers and lagging nodes get to catch up at the end.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(90);
+const CHANNEL: &str = "fault.orders";
+
+/// The stack, or `None` (after saying why) when this machine cannot run one.
+fn stack(name: &str) -> Option<Stack> {
+    if let Some(missing) = Stack::unavailable() {
+        // SWITCHBOARD_FAULT_TESTS=1 (set where the image is built first) turns the skip into a
+        // failure, so a CI that means to run them cannot pass without them.
+        assert!(
+            std::env::var_os("SWITCHBOARD_FAULT_TESTS").is_none(),
+            "fault tests requested but cannot run: {missing}"
+        );
+        eprintln!("skipped: {missing}");
+        return None;
+    }
+    Some(Stack::up(name).expect("the compose stack starts"))
+}
+
+async fn connect(stack: &Stack, index: usize) -> Client {
+    Client::connect(stack.url(index))
+        .await
+        .expect("client connects")
+}
+
+/// The index (0 = sb1) of the node every reachable node names as leader.
+async fn leader(stack: &Stack) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut named = Vec::new();
+        for i in 0..NODES.len() {
+            if let Ok(client) = Client::connect(stack.url(i)).await {
+                if let Ok(info) = client.info().await {
+                    named.push(info.leader_id);
+                }
+            }
+        }
+        if named.len() == NODES.len() && named.iter().all(|l| *l == named[0] && *l >= 1) {
+            return usize::try_from(named[0] - 1).expect("node id fits");
+        }
+        assert!(Instant::now() < deadline, "no agreed leader: {named:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn message_id(payload: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v["id"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("unparsable:{}", String::from_utf8_lossy(payload)))
+}
+
+/// Publishes message `id` with its id as idempotency key, trying `targets` in turn until one
+/// acknowledges it (a retry of a message that did commit is answered as a duplicate with its
+/// original offset). Returns the offset.
+async fn publish_until_acked(clients: &[(usize, Client)], id: &str, start_at: usize) -> u64 {
+    let deadline = Instant::now() + PUBLISH_DEADLINE;
+    let mut attempt = start_at;
+    loop {
+        let (_, client) = &clients[attempt % clients.len()];
+        let publish = Publish::new(CHANNEL, format!("{{\"id\":\"{id}\"}}")).idempotency_key(id);
+        match tokio::time::timeout(Duration::from_secs(5), client.publish(publish)).await {
+            Ok(Ok(ack)) => return ack.offset,
+            Ok(Err(_)) | Err(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{id} not acknowledged within {PUBLISH_DEADLINE:?}"
+                );
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Subscribes on node `index` from the start and records every delivery as `name`.
+async fn record_deliveries(
+    stack: &Stack,
+    index: usize,
+    name: String,
+    history: Arc<Mutex<History>>,
+) {
+    let client = connect(stack, index).await;
+    history.lock().expect("history").subscriber(&name);
+    let mut subscription = client
+        .subscribe(CHANNEL, Start::Earliest)
+        .await
+        .expect("subscribe");
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = subscription.next().await {
+            let id = message_id(&message.payload);
+            history
+                .lock()
+                .expect("history")
+                .delivered(&name, message.offset, id);
+        }
+    });
+}
+
+/// Waits until each of `subscribers` has every acknowledged message.
+async fn wait_delivered(history: &Arc<Mutex<History>>, subscribers: &[String]) {
+    let deadline = Instant::now() + CATCH_UP_DEADLINE;
+    loop {
+        let missing: Vec<usize> = {
+            let h = history.lock().expect("history");
+            subscribers.iter().map(|s| h.undelivered(s)).collect()
+        };
+        if missing.iter().all(|m| *m == 0) || Instant::now() > deadline {
+            return; // The check reports what is still missing.
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Each node's digest of its stored log, once it holds at least `last_offset`.
+async fn record_digests(stack: &Stack, history: &Arc<Mutex<History>>, last_offset: u64) {
+    for (i, node) in NODES.iter().enumerate() {
+        let client = connect(stack, i).await;
+        let deadline = Instant::now() + CATCH_UP_DEADLINE;
+        let messages = loop {
+            let messages = client
+                .history_all(HistoryQuery::new(CHANNEL).from(Start::Earliest), 1_000_000)
+                .await
+                .unwrap_or_default();
+            let caught_up = messages.last().is_some_and(|m| m.offset >= last_offset);
+            if caught_up || Instant::now() > deadline {
+                break messages;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let d = digest(
+            messages
+                .iter()
+                .map(|m| (m.offset, m.channel.as_str(), m.payload.as_ref())),
+        );
+        history.lock().expect("history").node_digest(node, d);
+    }
+}
+
+fn assert_clean(history: &Arc<Mutex<History>>, surviving: &[String]) {
+    let h = history.lock().expect("history");
+    let surviving: Vec<&str> = surviving.iter().map(String::as_str).collect();
+    if let Err(anomalies) = h.check(&surviving) {
+        let shown: Vec<String> = anomalies.iter().take(20).map(ToString::to_string).collect();
+        panic!(
+            "{} anomalies after {} acks, first ones:\n{}",
+            anomalies.len(),
+            h.ack_count(),
+            shown.join("\n")
+        );
+    }
+}
+
+/// The stack starts offline and every node answers: runs wherever the image exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stack_starts_and_every_node_answers() {
+    let Some(stack) = stack("sb-fault-smoke") else {
+        return;
+    };
+    for i in 0..NODES.len() {
+        let info = connect(&stack, i).await.info().await.expect("info");
+        assert_eq!(info.node_id, u64::try_from(i + 1).expect("small"));
+    }
+}
+
+/// Scenario 1: `kill -9` the leader while a publisher streams with acks (through a follower) and
+/// a subscriber reads on each other node.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the cluster branch (raft over the network, static bootstrap, forwarding); un-ignore after merging it"]
+async fn kill_9_of_the_leader_under_load_loses_no_acknowledged_message() {
+    let Some(stack) = stack("sb-fault-kill-leader") else {
+        return;
+    };
+    let leader = leader(&stack).await;
+    let followers: Vec<usize> = (0..NODES.len()).filter(|i| *i != leader).collect();
+    let history = Arc::new(Mutex::new(History::new()));
+    let mut subscribers = Vec::new();
+    for &i in &followers {
+        let name = format!("subscriber-on-{}", NODES[i]);
+        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
+        subscribers.push(name);
+    }
+    // The publisher talks to the followers only, so the leader's death is a forwarding failure.
+    let mut clients = Vec::new();
+    for &i in &followers {
+        clients.push((i, connect(&stack, i).await));
+    }
+    let mut last_offset = 0;
+    for n in 0..300 {
+        if n == 100 {
+            stack.kill9(NODES[leader]).expect("kill -9 the leader");
+        }
+        let id = format!("m{n:04}");
+        let offset = publish_until_acked(&clients, &id, n).await;
+        last_offset = last_offset.max(offset);
+        history.lock().expect("history").acked(offset, id);
+    }
+    wait_delivered(&history, &subscribers).await;
+    stack
+        .start(NODES[leader])
+        .expect("the old leader comes back");
+    record_digests(&stack, &history, last_offset).await;
+    assert_clean(&history, &subscribers);
+}
+
+/// Scenario 5: all three nodes killed at once and restarted: every acknowledged message survives
+/// on every node.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the cluster branch (raft over the network, static bootstrap, forwarding); un-ignore after merging it"]
+async fn all_nodes_killed_at_once_keep_every_acknowledged_message() {
+    let Some(stack) = stack("sb-fault-kill-all") else {
+        return;
+    };
+    let history = Arc::new(Mutex::new(History::new()));
+    let mut clients = Vec::new();
+    for i in 0..NODES.len() {
+        clients.push((i, connect(&stack, i).await));
+    }
+    let mut last_offset = 0;
+    for n in 0..200 {
+        let id = format!("m{n:04}");
+        let offset = publish_until_acked(&clients, &id, n).await;
+        last_offset = last_offset.max(offset);
+        history.lock().expect("history").acked(offset, id);
+    }
+    for node in NODES {
+        stack.kill9(node).expect("kill -9");
+    }
+    for node in NODES {
+        stack.compose(&["start", node]).expect("start");
+    }
+    for node in NODES {
+        stack.wait_healthy(node).expect("healthy again");
+    }
+    // A fresh subscriber per node replays everything from the store.
+    let mut subscribers = Vec::new();
+    for (i, node) in NODES.iter().enumerate() {
+        let name = format!("replay-on-{node}");
+        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
+        subscribers.push(name);
+    }
+    wait_delivered(&history, &subscribers).await;
+    record_digests(&stack, &history, last_offset).await;
+    assert_clean(&history, &subscribers);
+}

@@ -1,0 +1,209 @@
+//! The top-level `docker-compose.yml` as a test fixture: a three-node stack under its own project
+//! name and host ports, with named fault helpers (kill -9 a node, start it again), torn down with
+//! its volumes when dropped.
+//!
+//! It needs a Docker engine, a compose tool (`docker compose` or Debian's `docker-compose`) and the
+//! image built by `deploy/build-image.sh`; [`Stack::unavailable`] says what is missing so a test
+//! can skip, and fail under CI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The services of the stack, in node-id order (`sb1` is node 1).
+pub const NODES: [&str; 3] = ["sb1", "sb2", "sb3"];
+
+/// How long a node may take to become healthy after a start.
+pub const HEALTHY_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The image the compose file runs (`SWITCHBOARD_IMAGE` overrides it, as in the file).
+pub fn image() -> String {
+    std::env::var("SWITCHBOARD_IMAGE").unwrap_or_else(|_| "switchboard:local".to_owned())
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+fn compose_program() -> Option<Vec<&'static str>> {
+    let works = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works("docker", &["compose", "version"]) {
+        Some(vec!["docker", "compose"])
+    } else if works("docker-compose", &["version"]) {
+        Some(vec!["docker-compose"])
+    } else {
+        None
+    }
+}
+
+/// A running stack.
+pub struct Stack {
+    project: String,
+    compose: Vec<&'static str>,
+    /// Host ports of each node's public listener, by node index (0 = sb1).
+    pub public_ports: [u16; 3],
+    admin_ports: [u16; 3],
+}
+
+impl Stack {
+    /// Why a stack cannot run here, or `None` when it can.
+    pub fn unavailable() -> Option<String> {
+        let engine = Command::new("docker")
+            .args(["info", "--format", "{{.ServerVersion}}"])
+            .output();
+        if !engine.is_ok_and(|o| o.status.success()) {
+            return Some("no Docker engine".into());
+        }
+        if compose_program().is_none() {
+            return Some("no compose tool (docker compose or docker-compose)".into());
+        }
+        let image = image();
+        let present = Command::new("docker")
+            .args(["image", "inspect", &image])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !present {
+            return Some(format!(
+                "no image {image}: build it with deploy/build-image.sh"
+            ));
+        }
+        None
+    }
+
+    /// Starts the stack as project `name` (on free host ports) and waits until every node is
+    /// healthy.
+    ///
+    /// # Errors
+    /// Compose fails, or a node is not healthy within [`HEALTHY_DEADLINE`].
+    pub fn up(name: &str) -> Result<Stack> {
+        let compose = compose_program().context("no compose tool")?;
+        let mut ports = [0u16; 6];
+        let listeners: Vec<std::net::TcpListener> = (0..6)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<_>>()?;
+        for (port, listener) in ports.iter_mut().zip(&listeners) {
+            *port = listener.local_addr()?.port();
+        }
+        drop(listeners);
+        let stack = Stack {
+            project: format!("{name}-{}", std::process::id()),
+            compose,
+            public_ports: [ports[0], ports[1], ports[2]],
+            admin_ports: [ports[3], ports[4], ports[5]],
+        };
+        stack.compose(&["up", "-d"])?;
+        for node in NODES {
+            stack.wait_healthy(node)?;
+        }
+        Ok(stack)
+    }
+
+    /// The gRPC URL of node `index` (0 = sb1) on the host.
+    pub fn url(&self, index: usize) -> String {
+        format!("http://127.0.0.1:{}", self.public_ports[index])
+    }
+
+    /// Runs the compose tool on this project with `args`.
+    ///
+    /// # Errors
+    /// It cannot run or exits non-zero (its stderr is in the error).
+    pub fn compose(&self, args: &[&str]) -> Result<Output> {
+        let (program, first) = self
+            .compose
+            .split_first()
+            .ok_or_else(|| anyhow!("no compose tool"))?;
+        let mut command = Command::new(program);
+        command
+            .args(first)
+            .arg("--project-name")
+            .arg(&self.project)
+            .arg("--file")
+            .arg(repo_root().join("docker-compose.yml"))
+            .args(args)
+            .current_dir(repo_root());
+        for (i, node) in NODES.iter().enumerate() {
+            let n = &node[2..];
+            command.env(
+                format!("SB{n}_PUBLIC_PORT"),
+                self.public_ports[i].to_string(),
+            );
+            command.env(format!("SB{n}_ADMIN_PORT"), self.admin_ports[i].to_string());
+        }
+        let output = command.output().context("cannot run compose")?;
+        if !output.status.success() {
+            bail!(
+                "compose {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(output)
+    }
+
+    fn container(&self, node: &str) -> Result<String> {
+        let output = self.compose(&["ps", "-q", node])?;
+        let id = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if id.is_empty() {
+            bail!("no container for {node}");
+        }
+        Ok(id)
+    }
+
+    /// `kill -9` of a node's broker: no chance to flush or say goodbye.
+    ///
+    /// # Errors
+    /// Docker fails.
+    pub fn kill9(&self, node: &str) -> Result<()> {
+        self.compose(&["kill", "-s", "SIGKILL", node]).map(|_| ())
+    }
+
+    /// Starts a stopped or killed node again and waits until it is healthy.
+    ///
+    /// # Errors
+    /// Docker fails, or the node is not healthy in time.
+    pub fn start(&self, node: &str) -> Result<()> {
+        self.compose(&["start", node])?;
+        self.wait_healthy(node)
+    }
+
+    /// Waits (with a deadline) for the node's health check to pass.
+    ///
+    /// # Errors
+    /// Not healthy within [`HEALTHY_DEADLINE`]; the error holds its last log lines.
+    pub fn wait_healthy(&self, node: &str) -> Result<()> {
+        let id = self.container(node)?;
+        let deadline = Instant::now() + HEALTHY_DEADLINE;
+        loop {
+            let output = Command::new("docker")
+                .args(["inspect", "--format", "{{.State.Health.Status}}", &id])
+                .output()?;
+            if String::from_utf8_lossy(&output.stdout).trim() == "healthy" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let logs = Command::new("docker")
+                    .args(["logs", "--tail", "30", &id])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                    .unwrap_or_default();
+                bail!("{node} not healthy within {HEALTHY_DEADLINE:?}; its log:\n{logs}");
+            }
+            std::thread::park_timeout(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.compose(&["down", "--volumes", "--timeout", "5"]);
+    }
+}
