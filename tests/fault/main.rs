@@ -7,10 +7,8 @@
 //! messages, every node holding the same log.
 //!
 //! They need a Docker engine, a compose tool and the image from `deploy/build-image.sh`; without
-//! them a scenario says so and passes, unless `SWITCHBOARD_FAULT_TESTS=1` asks for them. The scenarios that need
-//! real replication are `#[ignore]`d until the cluster work (raft over the network, static
-//! bootstrap from SWITCHBOARD_CLUSTER_MEMBERS, leader forwarding) is merged: run them with
-//! `cargo test -p switchboard-e2e --test fault -- --ignored`.
+//! them a scenario says so and passes, unless `SWITCHBOARD_FAULT_TESTS=1` asks for them (`.ci/run`
+//! builds the image and sets it).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -190,7 +188,6 @@ async fn the_stack_starts_and_every_node_answers() {
 /// Scenario 1: `kill -9` the leader while a publisher streams with acks (through a follower) and
 /// a subscriber reads on each other node.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the cluster branch (raft over the network, static bootstrap, forwarding); un-ignore after merging it"]
 async fn kill_9_of_the_leader_under_load_loses_no_acknowledged_message() {
     let Some(stack) = stack("sb-fault-kill-leader") else {
         return;
@@ -230,7 +227,6 @@ async fn kill_9_of_the_leader_under_load_loses_no_acknowledged_message() {
 /// Scenario 5: all three nodes killed at once and restarted: every acknowledged message survives
 /// on every node.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the cluster branch (raft over the network, static bootstrap, forwarding); un-ignore after merging it"]
 async fn all_nodes_killed_at_once_keep_every_acknowledged_message() {
     let Some(stack) = stack("sb-fault-kill-all") else {
         return;
