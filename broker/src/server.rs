@@ -21,6 +21,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::edge::entities::EntitiesService;
+use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::BrokerService;
 use crate::observability::{admin, metrics};
 use crate::proposer::Proposer;
@@ -146,7 +147,8 @@ impl Broker {
             + REQUEST_OVERHEAD_BYTES;
         let entities =
             EntitiesServer::new(service.entities()).max_decoding_message_size(max_message);
-        let grpc = BrokerServer::new(service).max_decoding_message_size(max_message);
+        // `Subscribe` is served with a codec that writes shared delivery bytes (edge::subscribe_codec).
+        let grpc = BrokerRoutes::new(service, max_message);
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))

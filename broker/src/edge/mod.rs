@@ -13,6 +13,7 @@ mod consumers;
 pub mod convert;
 pub mod entities;
 pub mod status;
+pub mod subscribe_codec;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
 use crate::store::{MessageStore, ReadRange};
+use crate::subscription::outgoing::Outgoing;
 use crate::subscription::registry::{Registered, Registry};
 use crate::subscription::{self, SubscriptionSpec};
 use validate::{Start, Validator};
@@ -110,6 +112,23 @@ impl BrokerService {
                 shutdown,
             }),
         }
+    }
+}
+
+impl BrokerService {
+    /// `Subscribe`: starts the subscription; its stream yields items ready to encode. Anything to
+    /// check before a subscription starts (authentication, permissions) belongs here, since both
+    /// ways of serving `Subscribe` go through it.
+    ///
+    /// # Errors
+    /// The request is invalid, a limit is reached, or the broker is shutting down.
+    pub async fn subscribe_outgoing(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<subscribe_codec::OutgoingStream>, Status> {
+        let peer = request.remote_addr();
+        let events = self.edge.subscribe(request.into_inner(), peer).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 }
 
@@ -322,13 +341,17 @@ impl BrokerRpc for BrokerService {
 
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeEvent, Status>> + Send>>;
 
+    /// Served through [`subscribe_codec::BrokerRoutes`], which calls
+    /// [`BrokerService::subscribe_outgoing`] and encodes deliveries from their shared bytes; this
+    /// is the same stream decoded, for a server built without the routes.
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let peer = request.remote_addr();
-        let events = self.edge.subscribe(request.into_inner(), peer).await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+        let events = self.subscribe_outgoing(request).await?.into_inner();
+        Ok(Response::new(Box::pin(
+            events.map(|item| item.map(Outgoing::into_event)),
+        )))
     }
 
     async fn ack(
