@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::channel::{Pattern, SubscriptionTrie};
 use crate::message::StoredMessage;
+use crate::subscription::outgoing::SharedMessage;
 
 /// Identifies a subscription within this node's hub.
 pub type SubscriptionId = u64;
@@ -33,7 +34,7 @@ pub struct Mailbox {
 
 #[derive(Default)]
 struct MailboxState {
-    queue: VecDeque<Arc<StoredMessage>>,
+    queue: VecDeque<Arc<SharedMessage>>,
     /// Bytes of the queued messages (their approximate size).
     bytes: usize,
     /// The most bytes ever queued.
@@ -64,7 +65,7 @@ pub struct MailboxStats {
 /// What a subscription finds in its mailbox.
 pub enum MailboxItems {
     /// Live messages, in offset order.
-    Messages(Vec<Arc<StoredMessage>>),
+    Messages(Vec<Arc<SharedMessage>>),
     /// Messages were dropped: read the store from the next offset, then [`Hub::rearm`].
     Lagging,
 }
@@ -107,7 +108,7 @@ impl Mailbox {
     }
 
     /// Queues `message` unless the mailbox is full; returns false (and marks lagging) if it is.
-    fn offer(&self, message: &Arc<StoredMessage>) -> bool {
+    fn offer(&self, message: &Arc<SharedMessage>) -> bool {
         let mut state = self.lock();
         if state.lagging {
             return false;
@@ -246,7 +247,8 @@ impl Hub {
         self.lock().subscriptions.len()
     }
 
-    /// Offers freshly applied messages (in offset order) to every matching subscription.
+    /// Offers freshly applied messages (in offset order) to every matching subscription. Every
+    /// subscription a message matches gets the same [`SharedMessage`], so it is encoded once.
     pub fn dispatch(&self, messages: &[Arc<StoredMessage>]) {
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -256,9 +258,12 @@ impl Hub {
             state
                 .trie
                 .for_each_match(&message.message.channel, |id| matched.push(*id));
-            for id in &state.matched {
-                if let Some(entry) = state.subscriptions.get(id) {
-                    entry.mailbox.offer(message);
+            if !state.matched.is_empty() {
+                let shared = SharedMessage::new(Arc::clone(message));
+                for id in &state.matched {
+                    if let Some(entry) = state.subscriptions.get(id) {
+                        entry.mailbox.offer(&shared);
+                    }
                 }
             }
             state.last_dispatched = message.offset;

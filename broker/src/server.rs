@@ -29,6 +29,7 @@ use crate::cluster::{self, Leader};
 use crate::config::Config;
 use crate::edge::auth::{Gate, GateInterceptor};
 use crate::edge::entities::EntitiesService;
+use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
 use crate::observability::{admin, metrics};
@@ -225,10 +226,10 @@ impl Broker {
             EntitiesServer::new(service.entities()).max_decoding_message_size(max_message),
             interceptor.clone(),
         );
-        let grpc = InterceptedService::new(
-            BrokerServer::new(service).max_decoding_message_size(max_message),
-            interceptor.clone(),
-        );
+        // `Subscribe` is served with a codec that writes shared delivery bytes
+        // (edge::subscribe_codec); the gate wraps the routes, so it covers that path too.
+        let grpc =
+            InterceptedService::new(BrokerRoutes::new(service, max_message), interceptor.clone());
         let cluster_admin =
             InterceptedService::new(ClusterServer::new(ClusterService::new(leader)), interceptor);
         // Token requests are small; the default 4 MiB limit would let one cost a large buffer.

@@ -16,6 +16,7 @@ use super::validate::Start;
 use super::{convert, Edge, SUBSCRIBE_STREAM_BUFFER};
 use crate::error::{BrokerError, Reason};
 use crate::message::{ConsumerState, ConsumerWrite, Item, ItemOutcome};
+use crate::subscription::outgoing::Outgoing;
 use crate::subscription::registry::{Control, FlowPolicy, Opening};
 use crate::subscription::{self, EventSender, SubscriptionSpec};
 
@@ -76,7 +77,7 @@ impl Edge {
         &self,
         request: pb::SubscribeRequest,
         caller: &Caller,
-    ) -> Result<mpsc::Receiver<Result<pb::SubscribeEvent, tonic::Status>>, BrokerError> {
+    ) -> Result<mpsc::Receiver<Result<Outgoing, tonic::Status>>, BrokerError> {
         let pattern = self.validator.pattern(&request.pattern)?;
         caller.check_subscribe(&pattern)?;
         let mut start = self.validator.start(request.start, Start::Latest, true)?;

@@ -22,6 +22,7 @@ use crate::entity::{Change, Stamp};
 use crate::error::{BrokerError, Reason};
 use crate::message::{EntityWrite, Item, ItemOutcome};
 use crate::observability::{audit, metrics};
+use crate::subscription::outgoing::Outgoing;
 use crate::subscription::registry::{FlowPolicy, Opening};
 use crate::subscription::SubscriptionSpec;
 
@@ -271,19 +272,26 @@ impl EntitiesRpc for EntitiesService {
     }
 }
 
+/// The next event of a watch's state subscription, as a protobuf event.
+async fn next_change(
+    changes: &mut mpsc::Receiver<Result<Outgoing, Status>>,
+) -> Option<Result<pb::SubscribeEvent, Status>> {
+    Some(changes.recv().await?.map(Outgoing::into_event))
+}
+
 /// Feeds one watch: waits until its state subscription is live, sends the snapshot, then the
 /// changes newer than what the snapshot showed.
 async fn watch(
     edge: Arc<Edge>,
     pattern: crate::channel::Pattern,
-    mut changes: mpsc::Receiver<Result<pb::SubscribeEvent, Status>>,
+    mut changes: mpsc::Receiver<Result<Outgoing, Status>>,
     out: mpsc::Sender<Result<pb::EntityEvent, Status>>,
 ) {
     use pb::entity_event::Event;
     use pb::subscribe_event::Event as Sub;
 
     // The subscription is registered once `Subscribed` arrives: every later change will follow.
-    match changes.recv().await {
+    match next_change(&mut changes).await {
         Some(Ok(pb::SubscribeEvent {
             event: Some(Sub::Subscribed(_)),
         })) => {}
@@ -334,7 +342,7 @@ async fn watch(
 
     loop {
         tokio::select! {
-            change = changes.recv() => match change {
+            change = next_change(&mut changes) => match change {
                 Some(Ok(pb::SubscribeEvent { event: Some(Sub::Message(message)) })) => {
                     let Ok(doc) = serde_json::from_slice::<EntityDoc>(&message.payload) else {
                         tracing::warn!(channel = %message.channel, "unreadable state message");

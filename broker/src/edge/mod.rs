@@ -16,6 +16,7 @@ mod consumers;
 pub mod convert;
 pub mod entities;
 pub mod status;
+pub mod subscribe_codec;
 pub mod token_endpoint;
 pub mod validate;
 
@@ -23,7 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::stream::FuturesOrdered;
-use futures::{Future, FutureExt, StreamExt};
+use futures::{Future, FutureExt, Stream, StreamExt};
 use switchboard_proto::v1 as pb;
 use switchboard_proto::v1::broker_server::Broker as BrokerRpc;
 use tokio::sync::{mpsc, watch};
@@ -41,6 +42,7 @@ use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
 use crate::store::{MessageStore, ReadRange};
+use crate::subscription::outgoing::Outgoing;
 use crate::subscription::registry::{Registered, Registry};
 use crate::subscription::{self, SubscriptionSpec};
 use auth::{Caller, Gate};
@@ -118,6 +120,25 @@ impl BrokerService {
                 gate,
             }),
         }
+    }
+}
+
+impl BrokerService {
+    /// `Subscribe`: starts the subscription; its stream yields items ready to encode. Anything to
+    /// check before a subscription starts (authentication, permissions) belongs here, since both
+    /// ways of serving `Subscribe` go through it.
+    ///
+    /// # Errors
+    /// The request is invalid, a limit is reached, or the broker is shutting down.
+    pub async fn subscribe_outgoing(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<subscribe_codec::OutgoingStream>, Status> {
+        let caller = Caller::of(&request)?;
+        let events = self.edge.subscribe(request.into_inner(), &caller).await?;
+        Ok(Response::new(Box::pin(
+            caller.bound_stream(ReceiverStream::new(events)),
+        )))
     }
 }
 
@@ -348,17 +369,19 @@ impl BrokerRpc for BrokerService {
         Ok(Response::new(acks))
     }
 
-    type SubscribeStream = auth::TokenBound<ReceiverStream<Result<pb::SubscribeEvent, Status>>>;
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeEvent, Status>> + Send>>;
 
+    /// Served through [`subscribe_codec::BrokerRoutes`], which calls
+    /// [`BrokerService::subscribe_outgoing`] and encodes deliveries from their shared bytes; this
+    /// is the same stream decoded, for a server built without the routes.
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let caller = Caller::of(&request)?;
-        let events = self.edge.subscribe(request.into_inner(), &caller).await?;
-        Ok(Response::new(
-            caller.bound_stream(ReceiverStream::new(events)),
-        ))
+        let events = self.subscribe_outgoing(request).await?.into_inner();
+        Ok(Response::new(Box::pin(
+            events.map(|item| item.map(Outgoing::into_event)),
+        )))
     }
 
     async fn ack(

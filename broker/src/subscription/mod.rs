@@ -22,10 +22,14 @@
 //! - **durable consumers**: deliveries not acknowledged within the ack timeout are sent again
 //!   (`redelivery`); the acknowledged offset is kept by the broker (see the edge's `Ack`).
 //!
+//! What the task sends is an [`Outgoing`] item: a delivery carries the message's protobuf encoding,
+//! made once and shared by every subscription it matches ([`outgoing`]).
+//!
 //! The task ends when the client goes away, when the broker shuts down (with UNAVAILABLE
 //! `SHUTTING_DOWN`), when a newer subscription takes over its durable name or its consumer is
 //! deleted, or on a store error.
 
+pub mod outgoing;
 pub mod registry;
 mod throttle;
 
@@ -38,14 +42,14 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::channel::Pattern;
-use crate::edge::convert;
 use crate::edge::validate::Start;
 use crate::error::{BrokerError, Reason};
 use crate::hub::{Hub, MailboxItems};
-use crate::message::{now_us, StoredMessage};
-use crate::observability::{metrics, trace};
+use crate::message::now_us;
+use crate::observability::metrics::{self, DeliveryMetrics};
 use crate::shutdown::ShutdownSignal;
 use crate::store::{MessageStore, ReadRange};
+use outgoing::{Delivery, Outgoing, SharedMessage};
 use registry::{Control, FlowPolicy, Pending, Registered};
 use throttle::Throttle;
 
@@ -60,7 +64,7 @@ const CATCH_UP_BATCHES: usize = 64;
 const CONFLATE_MAX_CHANNELS: usize = 10_000;
 
 /// The outgoing half of a `Subscribe` stream.
-pub type EventSender = mpsc::Sender<Result<pb::SubscribeEvent, Status>>;
+pub type EventSender = mpsc::Sender<Result<Outgoing, Status>>;
 
 /// What the subscription follows, from where, and how.
 pub struct SubscriptionSpec {
@@ -129,31 +133,28 @@ struct Feeder<'a> {
     /// The next offset this subscription may deliver; everything before it was handled.
     next: u64,
     throttle: Option<Throttle>,
+    /// Looked up once, not per delivery.
+    metrics: DeliveryMetrics,
 }
 
-fn delivery(
-    message: &StoredMessage,
-    skipped: u64,
-    redelivery: u32,
-    subscription: u64,
-) -> pb::SubscribeEvent {
-    let mut m = convert::message(message);
-    m.skipped = skipped;
-    m.redelivery = redelivery;
-    trace::delivered(
-        &message.message.headers,
-        &mut m.headers,
-        subscription,
-        message.offset,
-    );
-    pb::SubscribeEvent {
-        event: Some(pb::subscribe_event::Event::Message(m)),
-    }
+/// Messages read from the store, ready to deliver like live ones.
+fn shared(messages: Vec<crate::message::StoredMessage>) -> Vec<Arc<SharedMessage>> {
+    messages
+        .into_iter()
+        .map(|m| SharedMessage::new(Arc::new(m)))
+        .collect()
 }
 
 impl Feeder<'_> {
     async fn send(&self, event: pb::SubscribeEvent) -> Result<(), End> {
-        self.out.send(Ok(event)).await.map_err(|_| End::ClientGone)
+        self.send_outgoing(Outgoing::event(event)).await
+    }
+
+    async fn send_outgoing(&self, outgoing: Outgoing) -> Result<(), End> {
+        self.out
+            .send(Ok(outgoing))
+            .await
+            .map_err(|_| End::ClientGone)
     }
 
     /// Waits until a delivery may be sent (credits), redelivering what timed out meanwhile.
@@ -183,7 +184,11 @@ impl Feeder<'_> {
     }
 
     /// Sends one message now, recording it as pending when acknowledgements are tracked.
-    async fn send_message(&mut self, message: &StoredMessage, skipped: u64) -> Result<(), End> {
+    async fn send_message(
+        &mut self,
+        message: &Arc<SharedMessage>,
+        skipped: u64,
+    ) -> Result<(), End> {
         self.wait_for_credit().await?;
         {
             let mut flight = self.control.flight();
@@ -199,16 +204,16 @@ impl Feeder<'_> {
                 );
             }
         }
-        metrics::delivery(policy_name(self.control.policy), message.publish_time_us);
+        self.metrics.delivered(message.publish_time_us);
         if skipped > 0 {
             metrics::conflated(skipped);
         }
-        self.send(delivery(message, skipped, 0, self.control.id))
-            .await
+        let delivery = Delivery::new(Arc::clone(message), skipped, 0, self.control.id);
+        self.send_outgoing(Outgoing::Delivery(delivery)).await
     }
 
     /// Takes a message in offset order: sends it, or holds it for the throttle.
-    async fn deliver(&mut self, message: &StoredMessage, skipped: u64) -> Result<(), End> {
+    async fn deliver(&mut self, message: &Arc<SharedMessage>, skipped: u64) -> Result<(), End> {
         if message.offset < self.next {
             return Ok(());
         }
@@ -227,7 +232,7 @@ impl Feeder<'_> {
     }
 
     /// Delivers a run of messages under the subscription's policy.
-    async fn deliver_all(&mut self, messages: Vec<StoredMessage>) -> Result<(), End> {
+    async fn deliver_all(&mut self, messages: Vec<Arc<SharedMessage>>) -> Result<(), End> {
         if self.control.policy == FlowPolicy::Conflate && messages.len() > 1 {
             for (message, skipped) in conflate(messages) {
                 self.deliver(&message, skipped).await?;
@@ -289,14 +294,14 @@ impl Feeder<'_> {
             self.next = keep_from;
         }
         let conflating = self.control.policy == FlowPolicy::Conflate;
-        let mut held: HashMap<String, (StoredMessage, u64)> = HashMap::new();
+        let mut held: HashMap<String, (Arc<SharedMessage>, u64)> = HashMap::new();
         // Pages are read from `from`; `self.next` only moves as messages are delivered, so held
         // (conflated) messages are still ahead of it when they are flushed.
         let mut from = self.next;
         while from <= last {
             let page = self.read_page(from, last)?;
             if conflating {
-                for message in page.messages {
+                for message in shared(page.messages) {
                     let channel = message.message.channel.clone();
                     let skipped = held.remove(&channel).map(|(_, s)| s + 1).unwrap_or(0);
                     held.insert(channel, (message, skipped));
@@ -305,7 +310,7 @@ impl Feeder<'_> {
                     self.flush_conflated(&mut held).await?;
                 }
             } else {
-                for message in &page.messages {
+                for message in &shared(page.messages) {
                     self.deliver(message, 0).await?;
                 }
             }
@@ -322,9 +327,9 @@ impl Feeder<'_> {
 
     async fn flush_conflated(
         &mut self,
-        held: &mut HashMap<String, (StoredMessage, u64)>,
+        held: &mut HashMap<String, (Arc<SharedMessage>, u64)>,
     ) -> Result<(), End> {
-        let mut latest: Vec<(StoredMessage, u64)> = held.drain().map(|(_, v)| v).collect();
+        let mut latest: Vec<(Arc<SharedMessage>, u64)> = held.drain().map(|(_, v)| v).collect();
         latest.sort_by_key(|(m, _)| m.offset);
         for (message, skipped) in latest {
             self.deliver(&message, skipped).await?;
@@ -379,8 +384,9 @@ impl Feeder<'_> {
                         flight.unsaved_redeliveries += 1;
                     }
                     metrics::redelivery();
-                    self.send(delivery(&message, 0, deliveries, self.control.id))
-                        .await?;
+                    let message = SharedMessage::new(Arc::new(message));
+                    let delivery = Delivery::new(message, 0, deliveries, self.control.id);
+                    self.send_outgoing(Outgoing::Delivery(delivery)).await?;
                 }
                 // Gone (expired or removed): nothing left to redeliver.
                 _ => {
@@ -428,8 +434,8 @@ fn gap(
 }
 
 /// The latest message of each channel, in offset order, with how many earlier ones it replaces.
-fn conflate(messages: Vec<StoredMessage>) -> Vec<(StoredMessage, u64)> {
-    let mut latest: HashMap<String, (StoredMessage, u64)> = HashMap::new();
+fn conflate(messages: Vec<Arc<SharedMessage>>) -> Vec<(Arc<SharedMessage>, u64)> {
+    let mut latest: HashMap<String, (Arc<SharedMessage>, u64)> = HashMap::new();
     for message in messages {
         let channel = message.message.channel.clone();
         let skipped = latest.remove(&channel).map(|(_, s)| s + 1).unwrap_or(0);
@@ -468,7 +474,7 @@ async fn feed(
             acked_offset,
         })),
     };
-    if out.send(Ok(subscribed)).await.is_err() {
+    if out.send(Ok(Outgoing::event(subscribed))).await.is_err() {
         return End::ClientGone;
     }
     let mut feeder = Feeder {
@@ -478,6 +484,7 @@ async fn feed(
         out,
         next,
         throttle: spec.min_interval.map(Throttle::new),
+        metrics: DeliveryMetrics::new(policy_name(control.policy)),
     };
     if let Err(end) = feeder.catch_up(last).await {
         return end;
@@ -487,10 +494,7 @@ async fn feed(
         let redelivery_deadline = feeder.redelivery_deadline();
         let step = tokio::select! {
             items = registration.mailbox.next() => match items {
-                MailboxItems::Messages(messages) => {
-                    let messages = messages.iter().map(|m| StoredMessage::clone(m)).collect();
-                    feeder.deliver_all(messages).await
-                }
+                MailboxItems::Messages(messages) => feeder.deliver_all(messages).await,
                 MailboxItems::Lagging => {
                     let last = registration.rearm();
                     feeder.catch_up(last).await

@@ -4,13 +4,14 @@
 //! ends on the latest value.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::message::StoredMessage;
+use super::outgoing::SharedMessage;
 
 struct ChannelState {
     last_sent: Instant,
-    held: Option<(StoredMessage, u64)>,
+    held: Option<(Arc<SharedMessage>, u64)>,
 }
 
 /// Throttle state of one subscription. Memory follows the number of channels seen within the
@@ -33,10 +34,10 @@ impl Throttle {
     /// when it may be sent now, or holds it.
     pub fn offer(
         &mut self,
-        message: &StoredMessage,
+        message: &Arc<SharedMessage>,
         skipped: u64,
         now: Instant,
-    ) -> Option<(StoredMessage, u64)> {
+    ) -> Option<(Arc<SharedMessage>, u64)> {
         let interval = self.interval;
         match self.channels.get_mut(&message.message.channel) {
             Some(state) if now < state.last_sent + interval => {
@@ -44,12 +45,12 @@ impl Throttle {
                     Some((_, held_skipped)) => held_skipped + 1 + skipped,
                     None => skipped,
                 };
-                state.held = Some((message.clone(), skipped));
+                state.held = Some((Arc::clone(message), skipped));
                 None
             }
             Some(state) => {
                 state.last_sent = now;
-                Some((message.clone(), skipped))
+                Some((Arc::clone(message), skipped))
             }
             None => {
                 self.channels.insert(
@@ -59,7 +60,7 @@ impl Throttle {
                         held: None,
                     },
                 );
-                Some((message.clone(), skipped))
+                Some((Arc::clone(message), skipped))
             }
         }
     }
@@ -74,7 +75,7 @@ impl Throttle {
     }
 
     /// The held messages whose interval has ended, in offset order; forgets idle channels.
-    pub fn take_due(&mut self, now: Instant) -> Vec<(StoredMessage, u64)> {
+    pub fn take_due(&mut self, now: Instant) -> Vec<(Arc<SharedMessage>, u64)> {
         let interval = self.interval;
         let mut due = Vec::new();
         self.channels.retain(|_, state| {
@@ -100,8 +101,8 @@ impl Throttle {
 mod tests {
     use super::*;
 
-    fn msg(offset: u64, channel: &str) -> StoredMessage {
-        StoredMessage {
+    fn msg(offset: u64, channel: &str) -> Arc<SharedMessage> {
+        SharedMessage::new(Arc::new(crate::message::StoredMessage {
             offset,
             publish_time_us: 0,
             message: crate::message::NewMessage {
@@ -117,7 +118,7 @@ mod tests {
                 hops: 0,
             },
             chain: Vec::new(),
-        }
+        }))
     }
 
     #[test]
