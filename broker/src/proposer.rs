@@ -242,6 +242,11 @@ async fn run(
             items,
         };
         let proposed_at = std::time::Instant::now();
+        tracing::debug!(
+            items = item_count,
+            leads = leader.is_me(),
+            "proposing a batch"
+        );
         if !leader.is_me() {
             let Ok(forward_turn) = Arc::clone(&forwarding).acquire_owned().await else {
                 break;
@@ -274,6 +279,7 @@ async fn run(
                 Some(limit) => match tokio::time::timeout(limit, response).await {
                     Ok(response) => response,
                     Err(_) => {
+                        tracing::debug!("no majority confirmed a batch in time");
                         drop(permit);
                         let waited_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
                         deliver(replies, Err(BrokerError::NoQuorum { waited_ms }));

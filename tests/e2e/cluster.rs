@@ -259,7 +259,12 @@ async fn a_node_without_a_majority_refuses_writes_and_linearizable_reads_but_ser
         client.publish(Publish::new("orders.eu.created", "{}")),
     )
     .await
-    .expect("the write is answered within the deadline")
+    .unwrap_or_else(|_| {
+        panic!(
+            "the write was not answered within the deadline; node 1's log:\n{}",
+            nodes[0].process().log()
+        )
+    })
     .expect_err("a minority cannot commit");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
     let reason = refused.reason().unwrap_or_default().to_owned();
@@ -284,4 +289,58 @@ async fn a_node_without_a_majority_refuses_writes_and_linearizable_reads_but_ser
         .into_entity()
         .unwrap();
     assert_eq!(stale.version, written.version);
+}
+
+/// `sb cluster` against a three-node cluster: status from a follower names the leader and every
+/// member; a promote of a node that is not a learner fails with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_cluster_status_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    let status = settled(&client, &[1, 2, 3]).await;
+    let follower = (1..=3).find(|id| *id != status.leader_id).unwrap();
+    let url = nodes[usize::try_from(follower - 1).unwrap()].url();
+    let run = |args: &[&str]| {
+        std::process::Command::new(switchboard_e2e::sb_binary())
+            .args(args)
+            .env("SWITCHBOARD_URL", &url)
+            .output()
+            .expect("sb runs")
+    };
+    let out = run(&["cluster", "status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["leader_id"], status.leader_id);
+    let nodes_json = line["nodes"].as_array().unwrap();
+    assert_eq!(nodes_json.len(), 3);
+    let leaders: Vec<&serde_json::Value> = nodes_json
+        .iter()
+        .filter(|n| n["role"] == "leader")
+        .collect();
+    assert_eq!(leaders.len(), 1);
+    assert_eq!(leaders[0]["id"], status.leader_id);
+    assert!(leaders[0]["public_address"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+
+    let out = run(&["cluster", "promote", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FAILED_PRECONDITION MEMBERSHIP_INVALID"),
+        "{stderr}"
+    );
+    let out = run(&["cluster", "add", "0", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("INVALID_ARGUMENT MEMBERSHIP_INVALID"),
+        "{stderr}"
+    );
 }

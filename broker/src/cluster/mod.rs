@@ -220,9 +220,14 @@ impl Leader {
             let client = self.peers.client(&node.raft_addr).map_err(unreachable)?;
             let mut request = tonic::Request::new(frame.clone());
             request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-            let answer = call(client, request).await.map_err(|status| {
-                unreachable(format!("{}: {}", status.code(), status.message()))
-            })?;
+            // grpc-timeout is enforced by the server; this bounds the wait on our side too (a
+            // peer that accepted the connection and then went silent).
+            let answer = tokio::time::timeout_at(deadline, call(client, request))
+                .await
+                .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))?
+                .map_err(|status| {
+                    unreachable(format!("{}: {}", status.code(), status.message()))
+                })?;
             let result: Result<T, Refused> = decode(answer.get_ref()).map_err(unreachable)?;
             match result {
                 Ok(value) => return Ok(value),
