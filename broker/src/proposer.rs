@@ -242,11 +242,6 @@ async fn run(
             items,
         };
         let proposed_at = std::time::Instant::now();
-        tracing::debug!(
-            items = item_count,
-            leads = leader.is_me(),
-            "proposing a batch"
-        );
         if !leader.is_me() {
             let Ok(forward_turn) = Arc::clone(&forwarding).acquire_owned().await else {
                 break;
