@@ -344,3 +344,59 @@ async fn sb_cluster_status_and_refusals() {
         "{stderr}"
     );
 }
+
+/// A follower killed with SIGKILL and started again on its data catches up with what was
+/// committed while it was down, and announces its new public address.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_follower_catches_up_and_announces_its_new_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    let status = settled(&client, &[1, 2, 3]).await;
+    let leader = status.leader_id;
+    let leader_client = connect(&nodes[usize::try_from(leader - 1).unwrap()]).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let f = usize::try_from(follower - 1).unwrap();
+
+    let mut acked = BTreeMap::new();
+    let mut publish = |i: u32| {
+        let client = leader_client.clone();
+        async move {
+            let payload = format!("{{\"i\":{i}}}");
+            let ack = client
+                .publish(Publish::new("calls.q1.offered", payload.clone()))
+                .await
+                .expect("the majority takes writes");
+            (ack.offset, payload)
+        }
+    };
+    for i in 0..5 {
+        let (offset, payload) = publish(i).await;
+        acked.insert(offset, payload);
+    }
+    nodes[f].kill9();
+    for i in 5..15 {
+        let (offset, payload) = publish(i).await;
+        acked.insert(offset, payload);
+    }
+    nodes[f].start_again().expect("the follower restarts");
+    let restarted = connect(&nodes[f]).await;
+    let on_node = eventually("the restarted follower has every message", || async {
+        let on_node = stored(&restarted).await;
+        (on_node.len() >= acked.len()).then_some(on_node)
+    })
+    .await
+    .unwrap();
+    assert_eq!(on_node, acked);
+    let new_address = nodes[f].process().addr.to_string();
+    eventually("the new public address is in the membership", || async {
+        let status = leader_client.cluster_status().await.ok()?;
+        status
+            .nodes
+            .iter()
+            .any(|n| n.id == follower && n.public_address == new_address)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+}
