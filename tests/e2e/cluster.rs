@@ -359,7 +359,7 @@ async fn a_restarted_follower_catches_up_and_announces_its_new_address() {
     let f = usize::try_from(follower - 1).unwrap();
 
     let mut acked = BTreeMap::new();
-    let mut publish = |i: u32| {
+    let publish = |i: u32| {
         let client = leader_client.clone();
         async move {
             let payload = format!("{{\"i\":{i}}}");
