@@ -107,13 +107,17 @@ pub fn own_member(config: &Config, public_listen: std::net::SocketAddr) -> Membe
             .unwrap_or_default()
     };
     let public = config.cluster.public_advertise.trim();
+    let public_addr = if !public.is_empty() {
+        public.to_owned()
+    } else if public_listen.ip().is_unspecified() {
+        // 0.0.0.0 is no address to give a client: no hint beats a wrong one.
+        String::new()
+    } else {
+        public_listen.to_string()
+    };
     Member {
         raft_addr,
-        public_addr: if public.is_empty() {
-            public_listen.to_string()
-        } else {
-            public.to_owned()
-        },
+        public_addr,
     }
 }
 
