@@ -147,10 +147,13 @@ async fn a_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed()
     let client = connect(&nodes[0]).await;
     let status = settled(&client, &[1, 2, 3]).await;
 
-    // One log entry per publish: sequential publishes are not batched together.
+    // One log entry per publish: sequential publishes are not batched together. 40 KB each, so
+    // the snapshot (about 4.8 MB) is larger than openraft's 3 MiB chunk and crosses the wire in
+    // several InstallSnapshot calls that the learner must reassemble.
+    let filler = "x".repeat(40_000);
     let mut acked = BTreeMap::new();
     for i in 0..120 {
-        let payload = format!("{{\"i\":{i}}}");
+        let payload = format!("{{\"i\":{i},\"filler\":\"{filler}\"}}");
         let ack = client
             .publish(Publish::new("audit.events", payload.clone()))
             .await
@@ -186,7 +189,13 @@ async fn a_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed()
         (on_node.len() >= acked.len()).then_some(on_node)
     })
     .await
-    .unwrap();
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; node 4 has {} messages; its log:\n{}",
+            futures::executor::block_on(stored(&fourth_client)).len(),
+            fourth.process().log()
+        )
+    });
     assert_eq!(on_fourth, acked);
     // It was sent a snapshot and installed it (the log behind the leader's snapshots is purged,
     // so entries alone could not have brought it here).
