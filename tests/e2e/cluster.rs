@@ -189,13 +189,7 @@ async fn a_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed()
         (on_node.len() >= acked.len()).then_some(on_node)
     })
     .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}; node 4 has {} messages; its log:\n{}",
-            futures::executor::block_on(stored(&fourth_client)).len(),
-            fourth.process().log()
-        )
-    });
+    .unwrap_or_else(|e| panic!("{e}; node 4's log:\n{}", fourth.process().log()));
     assert_eq!(on_fourth, acked);
     // It was sent a snapshot and installed it (the log behind the leader's snapshots is purged,
     // so entries alone could not have brought it here).
@@ -232,6 +226,27 @@ async fn a_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed()
     assert!(ack.offset > 120);
     let unknown = client.cluster_remove(99).await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::FailedPrecondition, "{unknown}");
+
+    // Removing the leader itself: the remaining voters elect another, and node 4 goes on.
+    fourth_client
+        .cluster_remove(leader)
+        .await
+        .expect("the leader is removed");
+    let after = eventually("a new leader without the removed one", || async {
+        let status = fourth_client.cluster_status().await.ok()?;
+        (status.leader_id != 0 && status.leader_id != leader).then_some(status)
+    })
+    .await
+    .unwrap();
+    assert_eq!(after.nodes.len(), 2, "{after:?}");
+    assert!(after.nodes.iter().all(|n| n.id != leader));
+    fourth_client
+        .publish(Publish::new(
+            "audit.events",
+            "{\"after_leader_removed\":true}",
+        ))
+        .await
+        .expect("two voters still commit");
 }
 
 #[tokio::test(flavor = "multi_thread")]
