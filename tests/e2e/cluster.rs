@@ -484,3 +484,39 @@ async fn streams_through_a_follower_keep_their_order() {
         .collect();
     assert_eq!(delivered, acked);
 }
+
+/// A follower whose data folder is wiped comes back with the same id and member list: it joins
+/// the running cluster again and is rebuilt from the others (snapshot, then log).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wiped_follower_is_rebuilt_from_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SWITCHBOARD_RAFT_SNAPSHOT_EVERY_ENTRIES", "20")];
+    let mut nodes = start_cluster(dir.path(), 3, &env).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    let status = settled(&client, &[1, 2, 3]).await;
+    let leader = connect(&nodes[usize::try_from(status.leader_id - 1).unwrap()]).await;
+    let f = usize::try_from((1..=3).find(|id| *id != status.leader_id).unwrap() - 1).unwrap();
+
+    let mut acked = BTreeMap::new();
+    for i in 0..60 {
+        if i == 50 {
+            nodes[f].kill9();
+            std::fs::remove_dir_all(nodes[f].data_dir()).unwrap();
+        }
+        let payload = format!("{{\"i\":{i}}}");
+        let ack = leader
+            .publish(Publish::new("calls.q2.offered", payload.clone()))
+            .await
+            .expect("the majority takes writes");
+        acked.insert(ack.offset, payload);
+    }
+    nodes[f].start_again().expect("the wiped node starts");
+    let rebuilt = connect(&nodes[f]).await;
+    let on_node = eventually("the wiped node has every message again", || async {
+        let on_node = stored(&rebuilt).await;
+        (on_node.len() >= acked.len()).then_some(on_node)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; its log:\n{}", nodes[f].process().log()));
+    assert_eq!(on_node, acked);
+}
