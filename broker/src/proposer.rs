@@ -142,9 +142,25 @@ pub fn single(outcomes: Vec<ItemOutcome>) -> Result<ItemOutcome, BrokerError> {
 /// Maps a failed write to what the client is told.
 pub fn write_error(e: RaftError<u64, ClientWriteError<u64, crate::raft::Member>>) -> BrokerError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => BrokerError::NotLeader {
-            leader: f.leader_id,
-        },
+        // Leadership moved while the batch was being proposed here; nothing was written. The
+        // new leader's public address, when raft knows it, goes back as a hint.
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            match (
+                f.leader_id,
+                f.leader_node.filter(|n| !n.public_addr.is_empty()),
+            ) {
+                (Some(leader), Some(node)) => BrokerError::LeaderUnavailable {
+                    reason: crate::error::Reason::NotLeader,
+                    message: format!(
+                        "this node stopped leading while proposing the write; node {leader} leads \
+                         now (nothing was written: retry)"
+                    ),
+                    leader: Some(leader),
+                    leader_address: Some(node.public_addr),
+                },
+                (leader, _) => BrokerError::NotLeader { leader },
+            }
+        }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             BrokerError::Consensus(e.to_string())
         }
@@ -274,6 +290,7 @@ async fn run(
                 Some(limit) => match tokio::time::timeout(limit, response).await {
                     Ok(response) => response,
                     Err(_) => {
+                        tracing::debug!("no majority confirmed a batch in time");
                         drop(permit);
                         let waited_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
                         deliver(replies, Err(BrokerError::NoQuorum { waited_ms }));
@@ -290,5 +307,52 @@ async fn run(
             drop(permit);
             deliver(replies, result);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::error::ForwardToLeader;
+
+    use super::*;
+    use crate::error::Reason;
+    use crate::raft::Member;
+
+    fn forward(leader_id: Option<u64>, public_addr: &str) -> BrokerError {
+        write_error(RaftError::APIError(ClientWriteError::ForwardToLeader(
+            ForwardToLeader {
+                leader_id,
+                leader_node: leader_id.map(|_| Member {
+                    raft_addr: "10.0.0.2:7402".into(),
+                    public_addr: public_addr.into(),
+                }),
+            },
+        )))
+    }
+
+    #[test]
+    fn a_lost_leadership_names_the_new_leader_when_raft_knows_it() {
+        match forward(Some(2), "10.0.0.2:7400") {
+            BrokerError::LeaderUnavailable {
+                reason,
+                leader,
+                leader_address,
+                ..
+            } => {
+                assert_eq!(reason, Reason::NotLeader);
+                assert_eq!(leader, Some(2));
+                assert_eq!(leader_address.as_deref(), Some("10.0.0.2:7400"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // No public address known (yet): the id alone.
+        assert!(matches!(
+            forward(Some(2), ""),
+            BrokerError::NotLeader { leader: Some(2) }
+        ));
+        assert!(matches!(
+            forward(None, ""),
+            BrokerError::NotLeader { leader: None }
+        ));
     }
 }

@@ -116,10 +116,13 @@ impl Broker {
         let raft_addr = match raft_listener {
             Some(raft_listener) => {
                 let addr = raft_listener.local_addr()?;
-                let internal =
-                    RaftServer::new(InternalService::new(consensus.raft.clone(), config.node_id))
-                        .max_decoding_message_size(max_frame)
-                        .max_encoding_message_size(max_frame);
+                let internal = RaftServer::new(InternalService::new(
+                    consensus.raft.clone(),
+                    config.node_id,
+                    config.cluster.forward_timeout,
+                ))
+                .max_decoding_message_size(max_frame)
+                .max_encoding_message_size(max_frame);
                 let mut stopping = signal.clone();
                 let incoming = TcpIncoming::from(raft_listener).with_nodelay(Some(true));
                 let server = tonic::transport::Server::builder()

@@ -147,10 +147,13 @@ async fn a_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed()
     let client = connect(&nodes[0]).await;
     let status = settled(&client, &[1, 2, 3]).await;
 
-    // One log entry per publish: sequential publishes are not batched together.
+    // One log entry per publish: sequential publishes are not batched together. 40 KB each, so
+    // the snapshot (about 4.8 MB) is larger than openraft's 3 MiB chunk and crosses the wire in
+    // several InstallSnapshot calls that the learner must reassemble.
+    let filler = "x".repeat(40_000);
     let mut acked = BTreeMap::new();
     for i in 0..120 {
-        let payload = format!("{{\"i\":{i}}}");
+        let payload = format!("{{\"i\":{i},\"filler\":\"{filler}\"}}");
         let ack = client
             .publish(Publish::new("audit.events", payload.clone()))
             .await
@@ -186,7 +189,7 @@ async fn a_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed()
         (on_node.len() >= acked.len()).then_some(on_node)
     })
     .await
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}; node 4's log:\n{}", fourth.process().log()));
     assert_eq!(on_fourth, acked);
     // It was sent a snapshot and installed it (the log behind the leader's snapshots is purged,
     // so entries alone could not have brought it here).
@@ -223,6 +226,27 @@ async fn a_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed()
     assert!(ack.offset > 120);
     let unknown = client.cluster_remove(99).await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::FailedPrecondition, "{unknown}");
+
+    // Removing the leader itself: the remaining voters elect another, and node 4 goes on.
+    fourth_client
+        .cluster_remove(leader)
+        .await
+        .expect("the leader is removed");
+    let after = eventually("a new leader without the removed one", || async {
+        let status = fourth_client.cluster_status().await.ok()?;
+        (status.leader_id != 0 && status.leader_id != leader).then_some(status)
+    })
+    .await
+    .unwrap();
+    assert_eq!(after.nodes.len(), 2, "{after:?}");
+    assert!(after.nodes.iter().all(|n| n.id != leader));
+    fourth_client
+        .publish(Publish::new(
+            "audit.events",
+            "{\"after_leader_removed\":true}",
+        ))
+        .await
+        .expect("two voters still commit");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -259,7 +283,12 @@ async fn a_node_without_a_majority_refuses_writes_and_linearizable_reads_but_ser
         client.publish(Publish::new("orders.eu.created", "{}")),
     )
     .await
-    .expect("the write is answered within the deadline")
+    .unwrap_or_else(|_| {
+        panic!(
+            "the write was not answered within the deadline; node 1's log:\n{}",
+            nodes[0].process().log()
+        )
+    })
     .expect_err("a minority cannot commit");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
     let reason = refused.reason().unwrap_or_default().to_owned();
@@ -284,4 +313,210 @@ async fn a_node_without_a_majority_refuses_writes_and_linearizable_reads_but_ser
         .into_entity()
         .unwrap();
     assert_eq!(stale.version, written.version);
+}
+
+/// `sb cluster` against a three-node cluster: status from a follower names the leader and every
+/// member; a promote of a node that is not a learner fails with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_cluster_status_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    let status = settled(&client, &[1, 2, 3]).await;
+    let follower = (1..=3).find(|id| *id != status.leader_id).unwrap();
+    let url = nodes[usize::try_from(follower - 1).unwrap()].url();
+    let run = |args: &[&str]| {
+        std::process::Command::new(switchboard_e2e::sb_binary())
+            .args(args)
+            .env("SWITCHBOARD_URL", &url)
+            .output()
+            .expect("sb runs")
+    };
+    let out = run(&["cluster", "status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["leader_id"], status.leader_id);
+    let nodes_json = line["nodes"].as_array().unwrap();
+    assert_eq!(nodes_json.len(), 3);
+    let leaders: Vec<&serde_json::Value> = nodes_json
+        .iter()
+        .filter(|n| n["role"] == "leader")
+        .collect();
+    assert_eq!(leaders.len(), 1);
+    assert_eq!(leaders[0]["id"], status.leader_id);
+    assert!(leaders[0]["public_address"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+
+    let out = run(&["cluster", "promote", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FAILED_PRECONDITION MEMBERSHIP_INVALID"),
+        "{stderr}"
+    );
+    let out = run(&["cluster", "add", "0", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("INVALID_ARGUMENT MEMBERSHIP_INVALID"),
+        "{stderr}"
+    );
+}
+
+/// A follower killed with SIGKILL and started again on its data catches up with what was
+/// committed while it was down, and announces its new public address.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_follower_catches_up_and_announces_its_new_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    let status = settled(&client, &[1, 2, 3]).await;
+    let leader = status.leader_id;
+    let leader_client = connect(&nodes[usize::try_from(leader - 1).unwrap()]).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let f = usize::try_from(follower - 1).unwrap();
+
+    let mut acked = BTreeMap::new();
+    let publish = |i: u32| {
+        let client = leader_client.clone();
+        async move {
+            let payload = format!("{{\"i\":{i}}}");
+            let ack = client
+                .publish(Publish::new("calls.q1.offered", payload.clone()))
+                .await
+                .expect("the majority takes writes");
+            (ack.offset, payload)
+        }
+    };
+    for i in 0..5 {
+        let (offset, payload) = publish(i).await;
+        acked.insert(offset, payload);
+    }
+    nodes[f].kill9();
+    for i in 5..15 {
+        let (offset, payload) = publish(i).await;
+        acked.insert(offset, payload);
+    }
+    nodes[f].start_again().expect("the follower restarts");
+    let restarted = connect(&nodes[f]).await;
+    let on_node = eventually("the restarted follower has every message", || async {
+        let on_node = stored(&restarted).await;
+        (on_node.len() >= acked.len()).then_some(on_node)
+    })
+    .await
+    .unwrap();
+    assert_eq!(on_node, acked);
+    let new_address = nodes[f].process().addr.to_string();
+    eventually("the new public address is in the membership", || async {
+        let status = leader_client.cluster_status().await.ok()?;
+        status
+            .nodes
+            .iter()
+            .any(|n| n.id == follower && n.public_address == new_address)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// Pipelined publishes (PublishStream) through a follower: forwarded batches keep each stream's
+/// order, every message gets one offset, and the leader delivers them all.
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_through_a_follower_keep_their_order() {
+    use futures::StreamExt;
+    use switchboard_client::split_stream_ack;
+
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    let status = settled(&client, &[1, 2, 3]).await;
+    let follower = (1..=3).find(|id| *id != status.leader_id).unwrap();
+    let via_follower = connect(&nodes[usize::try_from(follower - 1).unwrap()]).await;
+    let leader = connect(&nodes[usize::try_from(status.leader_id - 1).unwrap()]).await;
+    let mut on_leader = leader.subscribe("stream.>", Start::Latest).await.unwrap();
+
+    let mut tasks = Vec::new();
+    for p in 0..3 {
+        let client = via_follower.clone();
+        tasks.push(tokio::spawn(async move {
+            let payloads: Vec<String> = (0..200).map(|i| format!("\"s{p}-{i}\"")).collect();
+            let stream = payloads
+                .clone()
+                .into_iter()
+                .map(move |payload| Publish::new(format!("stream.p{p}.sent"), payload));
+            let acks: Vec<_> = client
+                .publish_stream(futures::stream::iter(stream))
+                .await
+                .unwrap()
+                .collect()
+                .await;
+            acks.into_iter()
+                .zip(payloads)
+                .map(|(a, payload)| (split_stream_ack(a.unwrap()).1.unwrap().offset, payload))
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut acked = BTreeMap::new();
+    for task in tasks {
+        let per_stream = task.await.unwrap();
+        assert!(
+            per_stream.windows(2).all(|w| w[0].0 < w[1].0),
+            "a stream's offsets increase in the order it sent"
+        );
+        for (offset, payload) in per_stream {
+            assert!(
+                acked.insert(offset, payload).is_none(),
+                "offset {offset} twice"
+            );
+        }
+    }
+    assert_eq!(acked.len(), 600);
+    let delivered: BTreeMap<u64, String> = take(&mut on_leader, 600)
+        .await
+        .iter()
+        .map(|m| (m.offset, payload_text(m)))
+        .collect();
+    assert_eq!(delivered, acked);
+}
+
+/// A follower whose data folder is wiped comes back with the same id and member list: it joins
+/// the running cluster again and is rebuilt from the others (snapshot, then log).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wiped_follower_is_rebuilt_from_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SWITCHBOARD_RAFT_SNAPSHOT_EVERY_ENTRIES", "20")];
+    let mut nodes = start_cluster(dir.path(), 3, &env).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    let status = settled(&client, &[1, 2, 3]).await;
+    let leader = connect(&nodes[usize::try_from(status.leader_id - 1).unwrap()]).await;
+    let f = usize::try_from((1..=3).find(|id| *id != status.leader_id).unwrap() - 1).unwrap();
+
+    let mut acked = BTreeMap::new();
+    for i in 0..60 {
+        if i == 50 {
+            nodes[f].kill9();
+            std::fs::remove_dir_all(nodes[f].data_dir()).unwrap();
+        }
+        let payload = format!("{{\"i\":{i}}}");
+        let ack = leader
+            .publish(Publish::new("calls.q2.offered", payload.clone()))
+            .await
+            .expect("the majority takes writes");
+        acked.insert(ack.offset, payload);
+    }
+    nodes[f].start_again().expect("the wiped node starts");
+    let rebuilt = connect(&nodes[f]).await;
+    let on_node = eventually("the wiped node has every message again", || async {
+        let on_node = stored(&rebuilt).await;
+        (on_node.len() >= acked.len()).then_some(on_node)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; its log:\n{}", nodes[f].process().log()));
+    assert_eq!(on_node, acked);
 }

@@ -8,7 +8,9 @@ use switchboard_proto::internal::v1::raft_server::Raft as RaftRpc;
 use switchboard_proto::internal::v1::Frame;
 use tonic::{Request, Response, Status};
 
-use super::{admin_here, propose_here, read_index_here, AdminRequest};
+use std::time::Duration;
+
+use super::{admin_here, catch_up_wait, propose_here, read_index_here, AdminRequest};
 use crate::message::Command;
 use crate::raft::network::{decode, encode};
 use crate::raft::Raft;
@@ -17,12 +19,17 @@ use crate::raft::Raft;
 pub struct InternalService {
     raft: Raft,
     me: u64,
+    catch_up: Duration,
 }
 
 impl InternalService {
-    /// Serves `raft`, whose id is `me`.
-    pub fn new(raft: Raft, me: u64) -> InternalService {
-        InternalService { raft, me }
+    /// Serves `raft`, whose id is `me`; forwarding callers give up after `forward_timeout`.
+    pub fn new(raft: Raft, me: u64, forward_timeout: Duration) -> InternalService {
+        InternalService {
+            raft,
+            me,
+            catch_up: catch_up_wait(forward_timeout),
+        }
     }
 }
 
@@ -63,6 +70,6 @@ impl RaftRpc for InternalService {
 
     async fn admin(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
         let admin: AdminRequest = request(r)?;
-        answer(&admin_here(&self.raft, self.me, admin).await)
+        answer(&admin_here(&self.raft, self.me, admin, self.catch_up).await)
     }
 }

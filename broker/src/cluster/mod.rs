@@ -28,9 +28,6 @@ use crate::message::{Command, CommandOutcome};
 use crate::raft::network::{decode, encode, Peers};
 use crate::raft::{Member, Raft};
 
-/// How long a new learner may take to catch up before AddLearner answers anyway (it keeps
-/// catching up in the background).
-const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause before asking again when the node asked no longer leads and no new leader is known yet.
 const LEADER_CHANGE_PAUSE: Duration = Duration::from_millis(50);
 
@@ -220,9 +217,14 @@ impl Leader {
             let client = self.peers.client(&node.raft_addr).map_err(unreachable)?;
             let mut request = tonic::Request::new(frame.clone());
             request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-            let answer = call(client, request).await.map_err(|status| {
-                unreachable(format!("{}: {}", status.code(), status.message()))
-            })?;
+            // grpc-timeout is enforced by the server; this bounds the wait on our side too (a
+            // peer that accepted the connection and then went silent).
+            let answer = tokio::time::timeout_at(deadline, call(client, request))
+                .await
+                .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))?
+                .map_err(|status| {
+                    unreachable(format!("{}: {}", status.code(), status.message()))
+                })?;
             let result: Result<T, Refused> = decode(answer.get_ref()).map_err(unreachable)?;
             match result {
                 Ok(value) => return Ok(value),
@@ -303,11 +305,16 @@ impl Leader {
         let frame = encode(&request).map_err(BrokerError::Consensus)?;
         let raft = self.raft.clone();
         let me = self.me;
+        let catch_up = catch_up_wait(self.timeout);
         self.on_leader(
             "a cluster admin request",
             frame,
             |mut c, r| async move { c.admin(r).await },
-            move || async move { admin_here(&raft, me, request).await.map_err(local_error) },
+            move || async move {
+                admin_here(&raft, me, request, catch_up)
+                    .await
+                    .map_err(local_error)
+            },
         )
         .await
     }
@@ -384,11 +391,19 @@ pub(crate) async fn read_index_here(raft: &Raft) -> Result<Option<u64>, Refused>
     }
 }
 
-/// Runs a membership request on this node, which must lead.
+/// How long AddLearner waits for the learner to catch up before answering anyway (it keeps
+/// catching up in the background): half the forwarding budget, so a forwarded AddLearner is
+/// answered before the follower that forwarded it gives up on the leader.
+pub(crate) fn catch_up_wait(forward_timeout: Duration) -> Duration {
+    forward_timeout / 2
+}
+
+/// Runs a membership request on this node, which must lead. AddLearner waits up to `catch_up`.
 pub(crate) async fn admin_here(
     raft: &Raft,
     me: u64,
     request: AdminRequest,
+    catch_up: Duration,
 ) -> Result<ClusterView, Refused> {
     let membership = raft
         .metrics()
@@ -407,14 +422,13 @@ pub(crate) async fn admin_here(
                 )));
             }
             let adding = raft.add_learner(id, member, true);
-            match tokio::time::timeout(LEARNER_CATCH_UP_TIMEOUT, adding).await {
+            match tokio::time::timeout(catch_up, adding).await {
                 Ok(result) => {
                     result.map_err(write_refusal)?;
                 }
-                Err(_) => tracing::warn!(
+                Err(_) => tracing::info!(
                     node = id,
-                    "the new learner has not caught up within {LEARNER_CATCH_UP_TIMEOUT:?}; it keeps \
-                     catching up"
+                    "the new learner has not caught up within {catch_up:?}; it keeps catching up"
                 ),
             }
         }

@@ -71,6 +71,11 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// How long a starting node waits to become leader of its one-voter cluster.
 const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Bytes of snapshot per InstallSnapshot call.
+const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
+/// How long one snapshot chunk may take to be received and stored.
+const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 10_000;
+
 /// Everything the rest of the broker needs from the replicated log.
 pub struct Consensus {
     /// The raft handle: propose with `client_write_ff`, read metrics.
@@ -107,13 +112,17 @@ pub fn own_member(config: &Config, public_listen: std::net::SocketAddr) -> Membe
             .unwrap_or_default()
     };
     let public = config.cluster.public_advertise.trim();
+    let public_addr = if !public.is_empty() {
+        public.to_owned()
+    } else if public_listen.ip().is_unspecified() {
+        // 0.0.0.0 is no address to give a client: no hint beats a wrong one.
+        String::new()
+    } else {
+        public_listen.to_string()
+    };
     Member {
         raft_addr,
-        public_addr: if public.is_empty() {
-            public_listen.to_string()
-        } else {
-            public.to_owned()
-        },
+        public_addr,
     }
 }
 
@@ -155,11 +164,26 @@ pub async fn start(
     let state_machine = StateMachine::open(state_db, &state_dir, hub.clone(), progress_tx)?;
     let state_sync = state_machine.sync_handle();
 
+    // A lone node elects itself at once, so short timeouts only speed up its start. Between
+    // peers, an election timeout must outlast the pauses of a loaded machine (fdatasync stalls,
+    // snapshot dumps, CPU shared with other work): too short and followers depose a healthy
+    // leader over and over. About a second still fails over within two.
+    let (heartbeat_interval, election_timeout_min, election_timeout_max) =
+        if config.cluster.listen.0.is_none() {
+            (50, 150, 300)
+        } else {
+            (100, 700, 1_400)
+        };
     let raft_config = openraft::Config {
         cluster_name: "switchboard".into(),
-        heartbeat_interval: 50,
-        election_timeout_min: 150,
-        election_timeout_max: 300,
+        heartbeat_interval,
+        election_timeout_min,
+        election_timeout_max,
+        // One snapshot chunk per InstallSnapshot call, and the time it may take: written and
+        // synced by the receiver, on a busy machine. openraft's 200 ms default times a 3 MiB
+        // chunk out under load, and the transfer then starts over without end.
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        install_snapshot_timeout: SNAPSHOT_CHUNK_TIMEOUT_MS,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every_entries),
         // Entries kept behind a snapshot, so a briefly lagging follower still gets log entries
         // rather than a whole snapshot; never more than the snapshot interval itself.

@@ -181,9 +181,15 @@ impl PeerConnection {
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportFailure(e))))?;
         let mut request = tonic::Request::new(frame);
         request.set_timeout(timeout);
-        let answer = call(client, request)
-            .await
-            .map_err(|status| transport_error(&status))?;
+        // grpc-timeout is enforced by the server; this bounds the wait here as well.
+        let answer = match tokio::time::timeout(timeout, call(client, request)).await {
+            Ok(answer) => answer.map_err(|status| transport_error(&status))?,
+            Err(_) => {
+                return Err(transport_error(&tonic::Status::deadline_exceeded(format!(
+                    "no answer within {timeout:?}"
+                ))))
+            }
+        };
         let result: Result<Resp, E> = decode(answer.get_ref())
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportFailure(e))))?;
         result.map_err(|e| {
