@@ -251,22 +251,12 @@ impl BrokerProcess {
 
     /// Sends SIGTERM and waits (with a deadline) for the process to exit.
     pub fn terminate(&mut self) -> Result<ExitStatus> {
-        let mut child = self.child.take().ok_or_else(|| anyhow!("not running"))?;
+        let child = self.child.as_ref().ok_or_else(|| anyhow!("not running"))?;
         let pid = i32::try_from(child.id())?;
         if unsafe_kill(pid, libc::SIGTERM) != 0 {
             bail!("cannot signal the broker");
         }
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("broker did not exit within {DEADLINE:?} of SIGTERM");
-            }
-            std::thread::park_timeout(Duration::from_millis(20));
-        }
+        self.wait_exit()
     }
 }
 
