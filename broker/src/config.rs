@@ -161,9 +161,18 @@ pub struct Cluster {
     pub members: Vec<String>,
     #[serde(with = "humantime_serde")]
     pub forward_timeout: Duration,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    pub tls_ca_file: PathBuf,
 }
 
 impl Cluster {
+    /// Whether node-to-node RPC runs over mutual TLS (every node presents a certificate from
+    /// `tls_ca_file` and checks its peers' against it).
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_ca_file.as_os_str().is_empty()
+    }
+
     /// The static voters: raft id → raft address. Empty when none are configured.
     ///
     /// # Errors
@@ -596,13 +605,18 @@ impl Config {
         }
         self.validate_security()?;
         if let Some(raft_listen) = self.cluster.listen.0 {
-            if !raft_listen.ip().is_loopback() && !self.allow_unauthenticated_remote {
+            if !raft_listen.ip().is_loopback()
+                && !self.cluster.tls_enabled()
+                && !self.allow_unauthenticated_remote
+            {
                 return invalid(
                     "cluster.listen",
                     format!(
-                        "{raft_listen} is not a loopback address, and raft RPC has no authentication \
-                         yet: anyone who can reach it could rewrite the log. Listen on 127.0.0.1, or \
-                         set allow_unauthenticated_remote = true on a network you trust"
+                        "{raft_listen} is not a loopback address, and raft RPC is not authenticated: \
+                         anyone who can reach it could rewrite the log. Listen on 127.0.0.1, turn on \
+                         mutual TLS between the nodes (cluster.tls_cert_file, cluster.tls_key_file, \
+                         cluster.tls_ca_file), or set allow_unauthenticated_remote = true on a \
+                         network you trust"
                     ),
                 );
             }
@@ -805,6 +819,20 @@ impl Config {
             return invalid(
                 "tls.client_ca_file",
                 "mutual TLS needs the listener's own certificate: set tls.cert_file and tls.key_file",
+            );
+        }
+        let cluster = &self.cluster;
+        let set = [
+            &cluster.tls_cert_file,
+            &cluster.tls_key_file,
+            &cluster.tls_ca_file,
+        ]
+        .map(|p| !empty(p));
+        if set.iter().any(|s| *s) && !set.iter().all(|s| *s) {
+            return invalid(
+                "cluster.tls_cert_file",
+                "mutual TLS between nodes needs all three: cluster.tls_cert_file, \
+                 cluster.tls_key_file and cluster.tls_ca_file (or none of them)",
             );
         }
         let auth = &self.auth;

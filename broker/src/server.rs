@@ -103,7 +103,9 @@ impl Broker {
         };
         let me = raft::own_member(&config, local_addr);
         let max_frame = raft::network::max_frame_bytes(config.proposer.max_batch_bytes);
-        let peers = raft::network::Peers::new(max_frame);
+        let cluster_tls = transport::cluster_tls(&config.cluster)?;
+        let (raft_server_tls, peer_tls) = cluster_tls.unzip();
+        let peers = raft::network::Peers::new(max_frame, peer_tls);
         let consensus = raft::start(&config, me.clone(), peers.clone()).await?;
         let leader = Leader::new(
             consensus.raft.clone(),
@@ -125,7 +127,13 @@ impl Broker {
                 .max_encoding_message_size(max_frame);
                 let mut stopping = signal.clone();
                 let incoming = TcpIncoming::from(raft_listener).with_nodelay(Some(true));
-                let server = tonic::transport::Server::builder()
+                let mut builder = tonic::transport::Server::builder();
+                if let Some(tls) = raft_server_tls {
+                    builder = builder.tls_config(tls).context(
+                        "invalid cluster TLS settings (cluster.tls_cert_file, cluster.tls_key_file, cluster.tls_ca_file)",
+                    )?;
+                }
+                let server = builder
                     .http2_keepalive_interval(Some(Duration::from_secs(10)))
                     .http2_keepalive_timeout(Some(Duration::from_secs(5)))
                     .add_service(internal)

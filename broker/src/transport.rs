@@ -11,9 +11,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::config::Tls;
+use crate::config::{Cluster, Tls};
 use crate::observability::metrics;
 
 /// The listener's TLS settings, or `None` when TLS is off. Reads the PEM files now, so a missing
@@ -36,6 +36,34 @@ pub fn server_tls(tls: &Tls) -> anyhow::Result<Option<ServerTlsConfig>> {
         config = config.client_ca_root(Certificate::from_pem(ca));
     }
     Ok(Some(config))
+}
+
+/// Mutual TLS between the nodes, or `None` when it is off: what the raft listener serves with
+/// (peers must present a certificate from the cluster CA), and what this node dials its peers with
+/// (their certificate checked against that CA, its own presented).
+///
+/// # Errors
+/// A certificate, key or CA file cannot be read.
+pub fn cluster_tls(
+    cluster: &Cluster,
+) -> anyhow::Result<Option<(ServerTlsConfig, ClientTlsConfig)>> {
+    if !cluster.tls_enabled() {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path, setting: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read {setting} {}", path.display()))
+    };
+    let cert = read(&cluster.tls_cert_file, "cluster.tls_cert_file")?;
+    let key = read(&cluster.tls_key_file, "cluster.tls_key_file")?;
+    let ca = read(&cluster.tls_ca_file, "cluster.tls_ca_file")?;
+    let identity = Identity::from_pem(cert, key);
+    let server = ServerTlsConfig::new()
+        .identity(identity.clone())
+        .client_ca_root(Certificate::from_pem(&ca));
+    let client = ClientTlsConfig::new()
+        .identity(identity)
+        .ca_certificate(Certificate::from_pem(ca));
+    Ok(Some((server, client)))
 }
 
 /// Accepted connections, at most `max` open at once: a connection past the bound is closed as soon

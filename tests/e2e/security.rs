@@ -889,3 +889,90 @@ async fn membership_changes_need_the_admin_grant() {
         "TOKEN_MISSING",
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_nodes_talk_over_mutual_tls_and_refuse_peers_without_a_certificate() {
+    use switchboard_client::{Client, HistoryQuery, Publish, Start};
+    use switchboard_proto::internal::v1::raft_client::RaftClient;
+    use switchboard_proto::internal::v1::Frame;
+
+    let dir = tempfile::tempdir().unwrap();
+    // One certificate for every node (it names 127.0.0.1, the host each peer dials), from the CA.
+    let pki = make_pki(dir.path());
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    let (cert, key, ca) = (file("server.pem"), file("server.key"), file("ca.pem"));
+    let env = [
+        ("SWITCHBOARD_CLUSTER_TLS_CERT_FILE", cert.as_str()),
+        ("SWITCHBOARD_CLUSTER_TLS_KEY_FILE", key.as_str()),
+        ("SWITCHBOARD_CLUSTER_TLS_CA_FILE", ca.as_str()),
+    ];
+    let nodes = switchboard_e2e::start_cluster(&dir.path().join("nodes"), 3, &env)
+        .expect("three nodes start");
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(Client::connect(node.url()).await.unwrap());
+    }
+    // A leader is elected and writes through every node replicate: the nodes reach each other.
+    eventually("a leader elected over TLS", || async {
+        let status = clients[0].cluster_status().await.ok()?;
+        (status.leader_id != 0).then_some(())
+    })
+    .await
+    .expect("a leader");
+    for (i, client) in clients.iter().enumerate() {
+        eventually("a publish accepted", || async {
+            client
+                .publish(Publish::new(
+                    "orders.eu.created",
+                    format!("{{\"via\":{i}}}"),
+                ))
+                .await
+                .ok()
+        })
+        .await
+        .expect("each node accepts (followers forward over TLS)");
+    }
+    for client in &clients {
+        eventually("every node holding the three messages", || async {
+            let page = client
+                .history_all(HistoryQuery::new(">").from(Start::Earliest), 100)
+                .await
+                .ok()?;
+            (page.len() == 3).then_some(())
+        })
+        .await
+        .expect("replicated to every node");
+    }
+
+    // The raft listener refuses plain text, and TLS without a certificate from the cluster CA.
+    let raft_addr = nodes[0].raft_addr.clone();
+    let vote = || Frame {
+        data: Vec::new().into(),
+    };
+    if let Ok(channel) = Channel::from_shared(format!("http://{raft_addr}"))
+        .unwrap()
+        .connect()
+        .await
+    {
+        assert!(RaftClient::new(channel).vote(vote()).await.is_err());
+    }
+    let anonymous = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("127.0.0.1");
+    let refused = async {
+        let channel = Channel::from_shared(format!("https://{raft_addr}"))
+            .unwrap()
+            .tls_config(anonymous)
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        RaftClient::new(channel)
+            .vote(vote())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    assert!(refused.is_err(), "a peer without a certificate got through");
+}

@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use switchboard_proto::internal::v1::raft_client::RaftClient;
 use switchboard_proto::internal::v1::Frame;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{Member, TypeConfig};
 
@@ -64,14 +64,17 @@ pub fn decode<T: DeserializeOwned>(frame: &Frame) -> Result<T, String> {
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     max_frame: usize,
+    /// Mutual TLS to the peers, when the cluster runs it.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Peers {
-    /// No connections yet; frames up to `max_frame` bytes.
-    pub fn new(max_frame: usize) -> Peers {
+    /// No connections yet; frames up to `max_frame` bytes; over mutual TLS when `tls` is given.
+    pub fn new(max_frame: usize, tls: Option<ClientTlsConfig>) -> Peers {
         Peers {
             channels: Arc::default(),
             max_frame,
+            tls,
         }
     }
 
@@ -88,8 +91,15 @@ impl Peers {
             match channels.get(addr) {
                 Some(channel) => channel.clone(),
                 None => {
-                    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                        .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
+                    let scheme = if self.tls.is_some() { "https" } else { "http" };
+                    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+                        .map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
+                    if let Some(tls) = &self.tls {
+                        endpoint = endpoint
+                            .tls_config(tls.clone())
+                            .map_err(|e| format!("TLS to peer {addr:?}: {e}"))?;
+                    }
+                    let endpoint = endpoint
                         .connect_timeout(CONNECT_TIMEOUT)
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(10))
