@@ -26,6 +26,7 @@ pub mod config;
 pub mod edge;
 pub mod entity;
 pub mod error;
+pub mod gateway;
 pub mod hub;
 pub mod message;
 pub mod observability;

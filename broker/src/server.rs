@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
+use tonic::service::Routes;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -31,6 +32,7 @@ use crate::edge::auth::{Gate, GateInterceptor};
 use crate::edge::entities::EntitiesService;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
+use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
 use crate::proposer::Proposer;
 use crate::shutdown::{self, ShutdownSignal, ShutdownTrigger};
@@ -221,6 +223,11 @@ impl Broker {
             + config.limits.max_header_bytes
             + REQUEST_OVERHEAD_BYTES;
         let interceptor = GateInterceptor(Arc::clone(&gate));
+        // Built before the services take the broker service and the gate.
+        let gateway = config
+            .gateway
+            .enabled
+            .then(|| Gateway::new(&config, Arc::clone(&gate), service.clone()));
         let entities = InterceptedService::new(
             EntitiesServer::new(service.entities()).max_decoding_message_size(max_message),
             interceptor.clone(),
@@ -239,6 +246,21 @@ impl Broker {
                 "invalid TLS settings (tls.cert_file, tls.key_file, tls.client_ca_file)",
             )?;
         }
+        let mut routes = Routes::builder();
+        routes
+            .add_service(grpc)
+            .add_service(entities)
+            .add_service(auth)
+            .add_service(cluster_admin)
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let mut routes = routes.routes();
+        if let Some(gateway) = gateway {
+            // The browser gateway shares the port: paths under /v1/ are its own, every other
+            // path is a gRPC method.
+            routes = Routes::from(routes.into_axum_router().merge(gateway.router()));
+        }
         let router = builder
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -247,13 +269,9 @@ impl Broker {
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             // Metadata (the token, trace context) beyond this is refused by HTTP/2 itself.
             .http2_max_header_list_size(Some(config.limits.max_metadata_bytes))
-            .add_service(grpc)
-            .add_service(entities)
-            .add_service(auth)
-            .add_service(cluster_admin)
-            .add_service(health)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+            // Browsers' fetch and EventSource speak HTTP/1.1 to the gateway.
+            .accept_http1(config.gateway.enabled)
+            .add_routes(routes);
         let serving = tokio::spawn(serve(
             router,
             listener,
