@@ -23,6 +23,8 @@ use tonic::service::Routes;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+use tonic_web::GrpcWebLayer;
+use tower::Layer;
 
 use crate::cluster::internal::InternalService;
 use crate::cluster::service::ClusterService;
@@ -246,12 +248,16 @@ impl Broker {
                 "invalid TLS settings (tls.cert_file, tls.key_file, tls.client_ca_file)",
             )?;
         }
+        // The public services also answer gRPC-Web (web clients generated from proto/); the
+        // wrapper translates only requests whose content type is gRPC-Web. It wraps each service
+        // rather than the server, as it would refuse every other HTTP/1.1 request (the gateway's).
+        let web = GrpcWebLayer::new();
         let mut routes = Routes::builder();
         routes
-            .add_service(grpc)
-            .add_service(entities)
-            .add_service(auth)
-            .add_service(cluster_admin)
+            .add_service(web.layer(grpc))
+            .add_service(web.layer(entities))
+            .add_service(web.layer(auth))
+            .add_service(web.layer(cluster_admin))
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
@@ -259,7 +265,7 @@ impl Broker {
         if let Some(gateway) = gateway {
             // The browser gateway shares the port: paths under /v1/ are its own, every other
             // path is a gRPC method.
-            routes = Routes::from(routes.into_axum_router().merge(gateway.router()));
+            routes = Routes::from(gateway.around(routes.into_axum_router()));
         }
         let router = builder
             .http2_keepalive_interval(Some(Duration::from_secs(20)))

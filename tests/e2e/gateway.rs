@@ -445,3 +445,138 @@ async fn with_authentication_on_the_gateway_needs_a_token_and_checks_its_permiss
     assert_eq!(refused.status, 403);
     assert_eq!(body(&refused)["reason"], json!("SUBSCRIBE_DENIED"));
 }
+
+/// One gRPC-Web message frame (flag 0, big-endian length, the protobuf bytes), base64 for the
+/// `-text` encoding browsers use without binary streams.
+fn grpc_web_text(message: &impl prost::Message) -> String {
+    use base64::Engine as _;
+    let body = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&body);
+    base64::engine::general_purpose::STANDARD.encode(frame)
+}
+
+/// The frames of a `-text` gRPC-Web response body: (flag, bytes).
+fn grpc_web_frames(body: &str) -> Vec<(u8, Vec<u8>)> {
+    use base64::Engine as _;
+    // Each frame may be base64-encoded on its own, padding included.
+    let mut bytes = Vec::new();
+    for part in body
+        .split_inclusive('=')
+        .filter(|p| !p.trim_matches('=').is_empty())
+    {
+        bytes.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(part)
+                .unwrap(),
+        );
+    }
+    let mut frames = Vec::new();
+    let mut rest = bytes.as_slice();
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        frames.push((rest[0], rest[5..5 + len].to_vec()));
+        rest = &rest[5 + len..];
+    }
+    frames
+}
+
+#[tokio::test]
+async fn grpc_web_calls_share_the_port_and_the_origin_policy() {
+    use prost::Message as _;
+    use switchboard_proto::v1 as pb;
+
+    let (broker, _dir) = start_with("[origins]\nallow = [\"https://*.example.com\"]\n");
+    let url = format!("{}/switchboard.v1.Broker/Publish", base(&broker));
+    let good = "https://crm.example.com";
+    let request = grpc_web_text(&pb::PublishRequest {
+        channel: "web.grpcweb".into(),
+        payload: bytes::Bytes::from_static(b"{\"via\":\"grpc-web\"}"),
+        ..Default::default()
+    });
+    let headers = |origin: &'static str| {
+        [
+            ("Origin", origin),
+            ("Content-Type", "application/grpc-web-text"),
+            ("Accept", "application/grpc-web-text"),
+            ("X-Grpc-Web", "1"),
+        ]
+    };
+
+    let preflight = http_request(
+        "OPTIONS",
+        &url,
+        &[
+            ("Origin", good),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "content-type,x-grpc-web"),
+        ],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(preflight.status, 204, "{preflight:?}");
+    assert_eq!(preflight.header("access-control-allow-origin"), Some(good));
+    assert!(preflight
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("x-grpc-web"));
+
+    let answer = http_request("POST", &url, &headers(good), request.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.header("access-control-allow-origin"), Some(good));
+    let frames = grpc_web_frames(&answer.body);
+    let (_, data) = frames
+        .iter()
+        .find(|(flag, _)| *flag == 0)
+        .expect("a message");
+    let ack = pb::PublishAck::decode(data.as_slice()).unwrap();
+    assert!(ack.offset > 0);
+    let (_, trailers) = frames
+        .iter()
+        .find(|(flag, _)| *flag == 0x80)
+        .expect("trailers");
+    assert!(String::from_utf8_lossy(trailers).contains("grpc-status:0"));
+
+    // A look-alike origin: refused by the gate as a gRPC status, with no CORS header.
+    let refused = http_request(
+        "POST",
+        &url,
+        &headers("https://crm.example.com.evil.test"),
+        request.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.header("access-control-allow-origin"), None);
+    // A status known before any message comes as a header (trailers-only); else in trailers.
+    let status = match refused.header("grpc-status") {
+        Some(code) => code.to_owned(),
+        None => grpc_web_frames(&refused.body)
+            .into_iter()
+            .find(|(flag, _)| *flag == 0x80)
+            .map(|(_, t)| String::from_utf8_lossy(&t).into_owned())
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("grpc-status:").map(|c| c.trim().to_owned()))
+            })
+            .expect("a grpc-status"),
+    };
+    assert_eq!(status, "7", "PERMISSION_DENIED: {refused:?}");
+
+    // The gateway still answers HTTP/1.1 beside it, and the one accepted message is stored.
+    let mut all = SseStream::open(
+        &format!(
+            "{}/v1/subscribe?pattern=web.%3E&start=earliest",
+            base(&broker)
+        ),
+        &[("Origin", good)],
+    )
+    .await
+    .unwrap();
+    let (offset, message) = next_message(&mut all).await;
+    assert_eq!(offset, ack.offset);
+    assert_eq!(message["payload"], json!({ "via": "grpc-web" }));
+}

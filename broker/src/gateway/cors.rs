@@ -2,6 +2,9 @@
 //! before any handler runs (a `text/plain` POST needs no preflight, so the check cannot rely on
 //! one), with no `Access-Control-Allow-Origin`: the page can read nothing, not even the error.
 //! An allowed origin is echoed exactly, never `*`.
+//!
+//! The check also wraps the gRPC routes, for gRPC-Web: a refused gRPC call is left to the gate's
+//! interceptor, so its client gets a gRPC status (still without CORS headers).
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -13,19 +16,28 @@ use super::Gateway;
 use crate::observability::{audit, metrics};
 
 /// The request headers a page may send (the preflight's answer).
-const ALLOWED_HEADERS: &str =
-    "authorization, content-type, if-match, if-none-match, last-event-id, traceparent, x-switchboard-writer";
+const ALLOWED_HEADERS: &str = "authorization, content-type, if-match, if-none-match, \
+    last-event-id, traceparent, x-switchboard-writer, x-grpc-web, x-user-agent, grpc-timeout";
 /// What a page may call.
 const ALLOWED_METHODS: &str = "GET, POST, PUT, PATCH, OPTIONS";
 /// The response headers a page may read besides the simple ones.
-const EXPOSED_HEADERS: &str = "etag, retry-after";
+const EXPOSED_HEADERS: &str =
+    "etag, retry-after, grpc-status, grpc-message, grpc-status-details-bin";
 /// How long a browser may reuse a preflight's answer, in seconds.
 const PREFLIGHT_MAX_AGE: &str = "600";
 
 /// The origin check and CORS headers around every gateway route.
 pub async fn check(State(gateway): State<Gateway>, request: Request, next: Next) -> Response {
     let origin = request.headers().get(header::ORIGIN).cloned();
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|t| t.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/grpc"));
     if let Err(error) = gateway.gate().check_origin_header(origin.as_ref()) {
+        if grpc {
+            return next.run(request).await;
+        }
         metrics::access_refused(error.reason());
         audit::refused(super::peer(request.extensions()), "(http)", &error);
         return HttpError::from(error).into_response();

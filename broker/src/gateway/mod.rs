@@ -74,8 +74,14 @@ impl Gateway {
         }
     }
 
-    /// The routes, with the origin check and CORS around each of them.
-    pub fn router(self) -> Router {
+    /// `grpc` (the gRPC services' routes) with the gateway's routes beside them, and the origin
+    /// check and CORS around both: a gRPC-Web call from a browser needs CORS as a fetch does.
+    pub fn around(self, grpc: Router) -> Router {
+        grpc.merge(self.clone().routes())
+            .layer(axum::middleware::from_fn_with_state(self, cors::check))
+    }
+
+    fn routes(self) -> Router {
         Router::new()
             .route("/v1/publish", post(publish::single))
             .route("/v1/publish/batch", post(publish::batch))
@@ -87,10 +93,6 @@ impl Gateway {
                     .patch(entities::update)
                     .put(entities::update),
             )
-            .layer(axum::middleware::from_fn_with_state(
-                self.clone(),
-                cors::check,
-            ))
             .with_state(self)
     }
 
