@@ -5,6 +5,7 @@
 //! client ─gRPC─▶ edge ─▶ proposer ─▶ raft (log) ─▶ apply ─▶ store ─▶ hub ─▶ subscription ─▶ client
 //! ```
 //! - [`edge`]: the public gRPC service; validation, conversions, the one error→status mapping.
+//! - [`gateway`]: the same services for browsers: HTTP/JSON, Server-Sent Events, CORS.
 //! - [`proposer`]: group commit — concurrent publishes become one log entry.
 //! - [`raft`]: openraft over sled: the durable log ([`raft::log_store`]), the state machine
 //!   ([`raft::state_machine`]), the real fdatasync ([`raft::sync`]).
