@@ -366,16 +366,16 @@ async fn only_allowed_origins_get_cors_headers_and_data() {
     assert_eq!(next["channel"], json!("web.marker"));
 }
 
-#[tokio::test]
-async fn with_authentication_on_the_gateway_needs_a_token_and_checks_its_permissions() {
+/// A broker with authentication on (plus `settings`), and a token for `widget-1` that may publish
+/// and subscribe on `web.>`.
+fn secured(settings: &str) -> (BrokerProcess, [TempDir; 2], String) {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("hs256.secret");
     std::fs::write(&key, SECRET).unwrap();
-    let (broker, _dir) = start_with(&format!(
-        "[auth]\nhs256_secret_file = {:?}\naudiences = [\"switchboard\"]\n",
+    let (broker, config_dir) = start_with(&format!(
+        "[auth]\nhs256_secret_file = {:?}\naudiences = [\"switchboard\"]\n{settings}",
         key.display().to_string()
     ));
-    let url = base(&broker);
     let exp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -390,6 +390,13 @@ async fn with_authentication_on_the_gateway_needs_a_token_and_checks_its_permiss
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
+    (broker, [dir, config_dir], token)
+}
+
+#[tokio::test]
+async fn with_authentication_on_the_gateway_needs_a_token_and_checks_its_permissions() {
+    let (broker, _dir, token) = secured("");
+    let url = base(&broker);
     let bearer = format!("Bearer {token}");
     let message = json!({ "channel": "web.ok", "payload": 1 });
 
@@ -460,17 +467,20 @@ fn grpc_web_text(message: &impl prost::Message) -> String {
 /// The frames of a `-text` gRPC-Web response body: (flag, bytes).
 fn grpc_web_frames(body: &str) -> Vec<(u8, Vec<u8>)> {
     use base64::Engine as _;
-    // Each frame may be base64-encoded on its own, padding included.
+    // Each frame may be base64-encoded on its own: a run of `=` padding ends one.
     let mut bytes = Vec::new();
-    for part in body
-        .split_inclusive('=')
-        .filter(|p| !p.trim_matches('=').is_empty())
-    {
-        bytes.extend(
-            base64::engine::general_purpose::STANDARD
-                .decode(part)
-                .unwrap(),
-        );
+    let mut part = String::new();
+    let mut chars = body.trim().chars().peekable();
+    while let Some(c) = chars.next() {
+        part.push(c);
+        if c == '=' && chars.peek() != Some(&'=') || chars.peek().is_none() {
+            bytes.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(&part)
+                    .unwrap(),
+            );
+            part.clear();
+        }
     }
     let mut frames = Vec::new();
     let mut rest = bytes.as_slice();
@@ -579,4 +589,86 @@ async fn grpc_web_calls_share_the_port_and_the_origin_policy() {
     let (offset, message) = next_message(&mut all).await;
     assert_eq!(offset, ack.offset);
     assert_eq!(message["payload"], json!({ "via": "grpc-web" }));
+}
+
+#[tokio::test]
+async fn a_rate_limited_principal_gets_429_with_retry_after() {
+    let (broker, _dir, token) =
+        secured("[rate_limits]\nper_principal = { per_second = 0.01, burst = 2 }\n");
+    let url = format!("{}/v1/publish", base(&broker));
+    let bearer = format!("Bearer {token}");
+    let message = json!({ "channel": "web.rate", "payload": 1 });
+    for _ in 0..2 {
+        let ok = post(&url, &[("Authorization", &bearer)], &message).await;
+        assert_eq!(ok.status, 200, "{ok:?}");
+    }
+    let limited = post(&url, &[("Authorization", &bearer)], &message).await;
+    assert_eq!(limited.status, 429, "{limited:?}");
+    let seconds: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!(seconds >= 1, "{seconds}");
+    let error = body(&limited);
+    assert_eq!(error["code"], json!("RESOURCE_EXHAUSTED"));
+    assert_eq!(error["reason"], json!("RATE_LIMITED"));
+}
+
+#[tokio::test]
+async fn entity_watches_stream_a_snapshot_then_changes_with_keep_alives() {
+    let (broker, _dir) = start_with("[gateway]\nheartbeat = \"1s\"\n");
+    let url = base(&broker);
+    let entity = |id: &str| format!("{url}/v1/entities/contact/{id}");
+    let first = http_request("PATCH", &entity("1"), &[], br#"{"name":"Ada"}"#)
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200);
+    let other = http_request(
+        "PATCH",
+        &format!("{url}/v1/entities/deal/9"),
+        &[],
+        br#"{"v":1}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(other.status, 200);
+
+    let mut watch = SseStream::open(&format!("{url}/v1/entities/watch?pattern=contact.*"), &[])
+        .await
+        .unwrap();
+    assert_eq!(watch.status, 200);
+    let snapshot = watch.next_event().await.unwrap();
+    assert_eq!(snapshot.event.as_deref(), Some("snapshot"));
+    let data: Value = serde_json::from_str(&snapshot.data).unwrap();
+    assert_eq!(
+        (data["type"].clone(), data["id"].clone()),
+        (json!("contact"), json!("1"))
+    );
+    let done = watch.next_event().await.unwrap();
+    assert_eq!(done.event.as_deref(), Some("snapshot_complete"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&done.data).unwrap()["entities"],
+        json!(1)
+    );
+
+    let second = http_request("PATCH", &entity("1"), &[], br#"{"phone":"1"}"#)
+        .await
+        .unwrap();
+    assert_eq!(second.status, 200);
+    let change = watch.next_event().await.unwrap();
+    assert_eq!(change.event.as_deref(), Some("change"));
+    let data: Value = serde_json::from_str(&change.data).unwrap();
+    assert_eq!(data["version"], json!(2));
+    assert_eq!(data["fields"], json!({ "name": "Ada", "phone": "1" }));
+
+    // Idle now: a keep-alive comment arrives (every second here), and the stream still carries
+    // the next change after it.
+    watch.next_comment().await.unwrap();
+    let third = http_request("PATCH", &entity("1"), &[], br#"{"name":"Eve"}"#)
+        .await
+        .unwrap();
+    assert_eq!(third.status, 200);
+    let change = watch.next_event().await.unwrap();
+    assert_eq!(change.event.as_deref(), Some("change"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&change.data).unwrap()["version"],
+        json!(3)
+    );
 }

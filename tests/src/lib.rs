@@ -365,6 +365,8 @@ pub struct SseStream {
     raw: Vec<u8>,
     /// De-chunked text not yet parsed into events.
     text: String,
+    /// Events parsed but not yet returned.
+    pending: std::collections::VecDeque<SseEvent>,
     /// How many comment lines (keep-alives) were seen.
     pub comments: usize,
 }
@@ -408,6 +410,7 @@ impl SseStream {
             stream,
             raw,
             text: String::new(),
+            pending: std::collections::VecDeque::new(),
             comments: 0,
         })
     }
@@ -442,57 +445,90 @@ impl SseStream {
         }
     }
 
+    /// Parses every complete block received so far into `pending`, counting comment lines;
+    /// false once the stream has ended.
+    fn parse_available(&mut self) -> Result<bool> {
+        let open = self.dechunk_available()?;
+        while let Some(end) = self.text.find("\n\n") {
+            let block: String = self.text.drain(..end + 2).collect();
+            let mut event = SseEvent {
+                event: None,
+                id: None,
+                data: String::new(),
+            };
+            let mut has_data = false;
+            for line in block.lines() {
+                if line.starts_with(':') {
+                    self.comments += 1;
+                    continue;
+                }
+                let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "event" => event.event = Some(value.to_owned()),
+                    "id" => event.id = Some(value.to_owned()),
+                    "data" => {
+                        if has_data {
+                            event.data.push('\n');
+                        }
+                        event.data.push_str(value);
+                        has_data = true;
+                    }
+                    _ => {}
+                }
+            }
+            if has_data {
+                self.pending.push_back(event);
+            }
+        }
+        Ok(open)
+    }
+
+    /// Reads more of the stream, failing at `deadline` or when the connection closes.
+    async fn read_more(&mut self, deadline: tokio::time::Instant) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
+            .await
+            .map_err(|_| anyhow!("nothing arrived within {DEADLINE:?}"))??;
+        if n == 0 {
+            bail!("the connection closed");
+        }
+        self.raw.extend_from_slice(&buf[..n]);
+        Ok(())
+    }
+
     /// The next event with data (comments and `retry:` blocks are skipped), failing after
     /// [`DEADLINE`] or when the stream ends.
     pub async fn next_event(&mut self) -> Result<SseEvent> {
-        use tokio::io::AsyncReadExt;
-
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            let open = self.dechunk_available()?;
-            while let Some(end) = self.text.find("\n\n") {
-                let block: String = self.text.drain(..end + 2).collect();
-                let mut event = SseEvent {
-                    event: None,
-                    id: None,
-                    data: String::new(),
-                };
-                let mut has_data = false;
-                for line in block.lines() {
-                    if line.starts_with(':') {
-                        self.comments += 1;
-                        continue;
-                    }
-                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
-                    let value = value.strip_prefix(' ').unwrap_or(value);
-                    match field {
-                        "event" => event.event = Some(value.to_owned()),
-                        "id" => event.id = Some(value.to_owned()),
-                        "data" => {
-                            if has_data {
-                                event.data.push('\n');
-                            }
-                            event.data.push_str(value);
-                            has_data = true;
-                        }
-                        _ => {}
-                    }
-                }
-                if has_data {
-                    return Ok(event);
-                }
+            let open = self.parse_available()?;
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
             }
             if !open {
                 bail!("the event stream ended");
             }
-            let mut buf = [0u8; 4096];
-            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
-                .await
-                .map_err(|_| anyhow!("no event within {DEADLINE:?}"))??;
-            if n == 0 {
-                bail!("the connection closed");
+            self.read_more(deadline).await?;
+        }
+    }
+
+    /// Waits for one more comment line (a keep-alive); events arriving meanwhile are kept for
+    /// [`SseStream::next_event`].
+    pub async fn next_comment(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let before = self.comments;
+        loop {
+            let open = self.parse_available()?;
+            if self.comments > before {
+                return Ok(());
             }
-            self.raw.extend_from_slice(&buf[..n]);
+            if !open {
+                bail!("the event stream ended");
+            }
+            self.read_more(deadline).await?;
         }
     }
 }
