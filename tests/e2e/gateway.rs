@@ -274,6 +274,16 @@ async fn entities_answer_304_when_unchanged_and_412_on_a_stale_if_match() {
     .unwrap();
     assert_eq!(missing.status, 404);
     assert_eq!(body(&missing)["reason"], json!("ENTITY_NOT_FOUND"));
+    let nowhere = http_request(
+        "GET",
+        &format!("{}/v1/nowhere/at/all", base(&f.broker)),
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(nowhere.status, 404, "{nowhere:?}");
+    assert_eq!(body(&nowhere)["reason"], json!("ENDPOINT_NOT_FOUND"));
 }
 
 #[tokio::test]

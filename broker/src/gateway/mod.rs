@@ -93,6 +93,9 @@ impl Gateway {
                     .patch(entities::update)
                     .put(entities::update),
             )
+            // Without this, an unknown /v1/ path would reach the gRPC fallback, whose answer
+            // (HTTP 200 with grpc-status 12) a browser would take for success.
+            .route("/v1/{*rest}", axum::routing::any(not_found))
             .with_state(self)
     }
 
@@ -125,6 +128,17 @@ impl Gateway {
                 HttpError::from(error)
             })
     }
+}
+
+/// Any other path under `/v1/`.
+async fn not_found(request: axum::extract::Request) -> HttpError {
+    HttpError::from(BrokerError::NotFound {
+        reason: Reason::EndpointNotFound,
+        message: format!(
+            "no gateway endpoint at {} (see docs/GATEWAY.md)",
+            crate::edge::validate::shorten(request.uri().path())
+        ),
+    })
 }
 
 /// The connection's remote address, as the tonic server recorded it (plain TCP or TLS).
