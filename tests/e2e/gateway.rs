@@ -682,3 +682,47 @@ async fn entity_watches_stream_a_snapshot_then_changes_with_keep_alives() {
         json!(3)
     );
 }
+
+#[tokio::test]
+async fn sse_subscriptions_take_the_throttle_and_deliver_the_latest() {
+    let f = fixture(&[]).await;
+    let url = base(&f.broker);
+    let mut stream = SseStream::open(
+        &format!("{url}/v1/subscribe?pattern=agent.%3E&min_interval_ms=2000"),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(stream.status, 200);
+    assert_eq!(
+        stream.next_event().await.unwrap().event.as_deref(),
+        Some("subscribed")
+    );
+    // One batch: twenty presence updates of one channel, committed together, well inside one
+    // throttle interval.
+    let updates: Vec<Value> = (0..20)
+        .map(|i| json!({ "channel": "agent.presence", "payload": { "n": i } }))
+        .collect();
+    let batch = post(
+        &format!("{url}/v1/publish/batch"),
+        &[],
+        &Value::Array(updates),
+    )
+    .await;
+    assert_eq!(batch.status, 200);
+    let answers = body(&batch);
+    let last = answers[19]["ack"]["offset"].as_u64().unwrap();
+    let mut delivered = Vec::new();
+    loop {
+        let (offset, message) = next_message(&mut stream).await;
+        delivered.push(offset);
+        if offset == last {
+            assert_eq!(message["payload"], json!({ "n": 19 }));
+            break;
+        }
+    }
+    assert!(
+        delivered.len() <= 2,
+        "coalesced to the latest, got {delivered:?}"
+    );
+}
