@@ -1,5 +1,6 @@
 //! Wiring: opens the stores, starts raft, the proposer, the sweeper, the gRPC listener (with
-//! health and reflection) and the admin listener, and stops them in order on shutdown.
+//! health, reflection, gRPC-Web and the browser gateway) and the admin listener, and stops them
+//! in order on shutdown.
 //!
 //! Shutdown order: stop accepting and end streams (the edge sees the signal), let in-flight
 //! publishes finish, stop raft (which stops the log flusher after a last sync), sync the state.
