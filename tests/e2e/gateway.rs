@@ -726,3 +726,33 @@ async fn sse_subscriptions_take_the_throttle_and_deliver_the_latest() {
         "coalesced to the latest, got {delivered:?}"
     );
 }
+
+#[tokio::test]
+async fn with_the_gateway_off_the_port_serves_grpc_only() {
+    let (broker, _dir) = start_with("[gateway]\nenabled = false\n");
+    let answer = http_request(
+        "POST",
+        &format!("{}/v1/publish", base(&broker)),
+        &[],
+        br#"{"channel":"web.off","payload":1}"#,
+    )
+    .await;
+    // HTTP/1.1 is not spoken at all: the connection is refused an answer, or an error comes back.
+    if let Ok(response) = &answer {
+        assert_ne!(response.status, 200, "{response:?}");
+    }
+    let client = switchboard_client::Client::connect(broker.url())
+        .await
+        .unwrap();
+    let ack = client
+        .publish(switchboard_client::Publish::new("web.on", "1"))
+        .await
+        .unwrap();
+    // The refused HTTP request stored nothing: the first message in the log is the gRPC one.
+    let mut all = client.subscribe("web.>", Start::Earliest).await.unwrap();
+    let first = take(&mut all, 1).await;
+    assert_eq!(
+        (first[0].channel.as_str(), first[0].offset),
+        ("web.on", ack.offset)
+    );
+}
