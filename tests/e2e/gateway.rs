@@ -476,8 +476,14 @@ fn grpc_web_text(message: &impl prost::Message) -> String {
 
 /// The frames of a `-text` gRPC-Web response body: (flag, bytes).
 fn grpc_web_frames(body: &str) -> Vec<(u8, Vec<u8>)> {
+    try_grpc_web_frames(body).unwrap_or_else(|| panic!("not gRPC-Web text frames: {body:?}"))
+}
+
+/// [`grpc_web_frames`], or `None` while `body` is not yet whole frames.
+fn try_grpc_web_frames(body: &str) -> Option<Vec<(u8, Vec<u8>)>> {
     use base64::Engine as _;
-    // Each frame may be base64-encoded on its own: a run of `=` padding ends one.
+    // Each frame is base64-encoded on its own: a run of `=` padding ends one, and unpadded
+    // encodings concatenate cleanly with what follows.
     let mut bytes = Vec::new();
     let mut part = String::new();
     let mut chars = body.trim().chars().peekable();
@@ -487,19 +493,19 @@ fn grpc_web_frames(body: &str) -> Vec<(u8, Vec<u8>)> {
             bytes.extend(
                 base64::engine::general_purpose::STANDARD
                     .decode(&part)
-                    .unwrap(),
+                    .ok()?,
             );
             part.clear();
         }
     }
     let mut frames = Vec::new();
     let mut rest = bytes.as_slice();
-    while rest.len() >= 5 {
-        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
-        frames.push((rest[0], rest[5..5 + len].to_vec()));
+    while !rest.is_empty() {
+        let len = u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?) as usize;
+        frames.push((rest[0], rest.get(5..5 + len)?.to_vec()));
         rest = &rest[5 + len..];
     }
-    frames
+    Some(frames)
 }
 
 #[tokio::test]
@@ -754,5 +760,67 @@ async fn with_the_gateway_off_the_port_serves_grpc_only() {
     assert_eq!(
         (first[0].channel.as_str(), first[0].offset),
         ("web.on", ack.offset)
+    );
+}
+
+#[tokio::test]
+async fn grpc_web_streams_a_subscription() {
+    use prost::Message as _;
+    use switchboard_proto::v1 as pb;
+
+    let f = fixture(&[]).await;
+    let ack = f
+        .client
+        .publish(switchboard_client::Publish::new(
+            "web.streamed",
+            "{\"n\":1}",
+        ))
+        .await
+        .unwrap();
+    let request = grpc_web_text(&pb::SubscribeRequest {
+        pattern: "web.>".into(),
+        start: Some(pb::StartPosition {
+            position: Some(pb::start_position::Position::Earliest(pb::Earliest {})),
+        }),
+        ..Default::default()
+    });
+    // SseStream reads any streamed body; the request goes out as a POST here.
+    let mut stream = switchboard_e2e::SseStream::open_with(
+        "POST",
+        &format!("{}/switchboard.v1.Broker/Subscribe", base(&f.broker)),
+        &[
+            ("Content-Type", "application/grpc-web-text"),
+            ("Accept", "application/grpc-web-text"),
+            ("X-Grpc-Web", "1"),
+        ],
+        request.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stream.status, 200);
+    let events = |text: &str| -> Vec<pb::SubscribeEvent> {
+        try_grpc_web_frames(text)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(flag, _)| *flag == 0)
+            .map(|(_, bytes)| pb::SubscribeEvent::decode(bytes.as_slice()).unwrap())
+            .collect()
+    };
+    let is_message =
+        |e: &pb::SubscribeEvent| matches!(e.event, Some(pb::subscribe_event::Event::Message(_)));
+    let text = stream
+        .body_until(|text| events(text).iter().any(is_message))
+        .await
+        .unwrap();
+    let message = events(&text)
+        .into_iter()
+        .find_map(|e| match e.event {
+            Some(pb::subscribe_event::Event::Message(m)) => Some(m),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        (message.offset, message.channel.as_str()),
+        (ack.offset, "web.streamed")
     );
 }

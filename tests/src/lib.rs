@@ -374,16 +374,26 @@ pub struct SseStream {
 impl SseStream {
     /// `GET url` with `headers`; returns once the response head has arrived.
     pub async fn open(url: &str, headers: &[(&str, &str)]) -> Result<SseStream> {
+        let mut all = vec![("Accept", "text/event-stream")];
+        all.extend_from_slice(headers);
+        Self::open_with("GET", url, &all, b"").await
+    }
+
+    /// `method url` with `headers` and `body`; returns once the response head has arrived.
+    pub async fn open_with(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<SseStream> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         let (host, path) = split_url(url)?;
         let open = async {
             let mut stream = tokio::net::TcpStream::connect(host).await?;
-            let mut all = vec![("Accept", "text/event-stream")];
-            all.extend_from_slice(headers);
-            stream
-                .write_all(request_head("GET", host, path, &all, 0).as_bytes())
-                .await?;
+            let mut request = request_head(method, host, path, headers, body.len()).into_bytes();
+            request.extend_from_slice(body);
+            stream.write_all(&request).await?;
             let mut raw = Vec::new();
             let end = loop {
                 if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -402,7 +412,7 @@ impl SseStream {
         };
         let (stream, head, raw) = tokio::time::timeout(DEADLINE, open)
             .await
-            .map_err(|_| anyhow!("GET {url}: no response head within {DEADLINE:?}"))??;
+            .map_err(|_| anyhow!("{method} {url}: no response head within {DEADLINE:?}"))??;
         let (status, headers) = parse_head(url, &head)?;
         Ok(SseStream {
             status,
@@ -510,6 +520,25 @@ impl SseStream {
             }
             if !open {
                 bail!("the event stream ended");
+            }
+            self.read_more(deadline).await?;
+        }
+    }
+
+    /// For a streamed body that is not SSE (gRPC-Web): reads until the de-chunked text received
+    /// so far satisfies `done`, and returns it all.
+    pub async fn body_until(&mut self, done: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let open = self.dechunk_available()?;
+            if done(&self.text) {
+                return Ok(self.text.clone());
+            }
+            if !open {
+                bail!(
+                    "the body ended without the expected content: {:?}",
+                    self.text
+                );
             }
             self.read_more(deadline).await?;
         }
