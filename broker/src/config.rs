@@ -49,6 +49,7 @@ pub struct Config {
     pub loops: Loops,
     pub entities: Entities,
     pub publish_stream: PublishStream,
+    pub gateway: Gateway,
     pub tracing: Tracing,
     pub log: Log,
     pub auth: Auth,
@@ -321,6 +322,16 @@ pub struct Entities {
 #[allow(missing_docs)]
 pub struct PublishStream {
     pub max_unacked: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Gateway {
+    pub enabled: bool,
+    pub max_batch: usize,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -792,6 +803,12 @@ impl Config {
         }
         if self.publish_stream.max_unacked == 0 || self.publish_stream.max_unacked > 65536 {
             return invalid("publish_stream.max_unacked", "must be between 1 and 65536");
+        }
+        if self.gateway.max_batch == 0 || self.gateway.max_batch > 10_000 {
+            return invalid("gateway.max_batch", "must be between 1 and 10000");
+        }
+        if self.gateway.heartbeat < Duration::from_secs(1) {
+            return invalid("gateway.heartbeat", "must be at least 1s");
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid("log.level", format!("not a valid filter: {e}"));

@@ -37,6 +37,8 @@ pub enum Reason {
     VersionConflict,
     ClockSkew,
     EntityNotFound,
+    /// The browser gateway has no such path.
+    EndpointNotFound,
     SubscriptionLimit,
     SubscriptionNotFound,
     ConsumerInvalid,
@@ -110,6 +112,7 @@ impl Reason {
             Reason::VersionConflict => "VERSION_CONFLICT",
             Reason::ClockSkew => "CLOCK_SKEW",
             Reason::EntityNotFound => "ENTITY_NOT_FOUND",
+            Reason::EndpointNotFound => "ENDPOINT_NOT_FOUND",
             Reason::SubscriptionLimit => "SUBSCRIPTION_LIMIT",
             Reason::SubscriptionNotFound => "SUBSCRIPTION_NOT_FOUND",
             Reason::ConsumerInvalid => "CONSUMER_INVALID",

@@ -5,6 +5,7 @@
 //! client ─gRPC─▶ edge ─▶ proposer ─▶ raft (log) ─▶ apply ─▶ store ─▶ hub ─▶ subscription ─▶ client
 //! ```
 //! - [`edge`]: the public gRPC service; validation, conversions, the one error→status mapping.
+//! - [`gateway`]: the same services for browsers: HTTP/JSON, Server-Sent Events, CORS.
 //! - [`proposer`]: group commit — concurrent publishes become one log entry.
 //! - [`raft`]: openraft over sled: the durable log ([`raft::log_store`]), the state machine
 //!   ([`raft::state_machine`]), the real fdatasync ([`raft::sync`]).
@@ -28,6 +29,7 @@ pub mod config;
 pub mod edge;
 pub mod entity;
 pub mod error;
+pub mod gateway;
 pub mod hub;
 pub mod message;
 pub mod observability;

@@ -1,5 +1,6 @@
 //! Wiring: opens the stores, starts raft, the proposer, the sweeper, the gRPC listener (with
-//! health and reflection) and the admin listener, and stops them in order on shutdown.
+//! health, reflection, gRPC-Web and the browser gateway) and the admin listener, and stops them
+//! in order on shutdown.
 //!
 //! Shutdown order: stop accepting and end streams (the edge sees the signal), let in-flight
 //! publishes finish, stop raft (which stops the log flusher after a last sync), sync the state.
@@ -19,9 +20,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
+use tonic::service::Routes;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+use tonic_web::GrpcWebLayer;
+use tower::Layer;
 
 use crate::cluster::internal::InternalService;
 use crate::cluster::service::ClusterService;
@@ -32,6 +36,7 @@ use crate::edge::entities::EntitiesService;
 use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
+use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
 use crate::proposer::Proposer;
 use crate::shutdown::{self, ShutdownSignal, ShutdownTrigger};
@@ -233,6 +238,11 @@ impl Broker {
             + config.limits.max_header_bytes
             + REQUEST_OVERHEAD_BYTES;
         let interceptor = GateInterceptor(Arc::clone(&gate));
+        // Built before the services take the broker service and the gate.
+        let gateway = config
+            .gateway
+            .enabled
+            .then(|| Gateway::new(&config, Arc::clone(&gate), service.clone()));
         let entities = InterceptedService::new(
             EntitiesServer::new(service.entities()).max_decoding_message_size(max_message),
             interceptor.clone(),
@@ -251,6 +261,25 @@ impl Broker {
                 "invalid TLS settings (tls.cert_file, tls.key_file, tls.client_ca_file)",
             )?;
         }
+        // The public services also answer gRPC-Web (web clients generated from proto/); the
+        // wrapper translates only requests whose content type is gRPC-Web. It wraps each service
+        // rather than the server, as it would refuse every other HTTP/1.1 request (the gateway's).
+        let web = GrpcWebLayer::new();
+        let mut routes = Routes::builder();
+        routes
+            .add_service(web.layer(grpc))
+            .add_service(web.layer(entities))
+            .add_service(web.layer(auth))
+            .add_service(web.layer(cluster_admin))
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let mut routes = routes.routes();
+        if let Some(gateway) = gateway {
+            // The browser gateway shares the port: paths under /v1/ are its own, every other
+            // path is a gRPC method.
+            routes = Routes::from(gateway.around(routes.into_axum_router()));
+        }
         let router = builder
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -259,13 +288,9 @@ impl Broker {
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             // Metadata (the token, trace context) beyond this is refused by HTTP/2 itself.
             .http2_max_header_list_size(Some(config.limits.max_metadata_bytes))
-            .add_service(grpc)
-            .add_service(entities)
-            .add_service(auth)
-            .add_service(cluster_admin)
-            .add_service(health)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+            // Browsers' fetch and EventSource speak HTTP/1.1 to the gateway.
+            .accept_http1(config.gateway.enabled)
+            .add_routes(routes);
         let serving = tokio::spawn(serve(
             router,
             listener,

@@ -9,6 +9,7 @@ mod concurrency;
 mod entities;
 mod flow;
 mod fuzz;
+mod gateway;
 mod loops;
 mod observability;
 mod persistence;

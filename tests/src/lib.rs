@@ -303,41 +303,82 @@ impl HttpResponse {
 /// `GET url` over HTTP/1.1 (plain `http://host:port/path` only), reading the whole response: enough
 /// for the admin listener, without an HTTP client dependency.
 pub async fn http_get(url: &str) -> Result<HttpResponse> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    http_request("GET", url, &[], b"").await
+}
 
+/// Splits a plain `http://host:port/path` URL.
+fn split_url(url: &str) -> Result<(&str, &str)> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| anyhow!("only http:// URLs: {url}"))?;
-    let (host, path) = match rest.find('/') {
+    Ok(match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
-    };
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(host).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        anyhow::Ok(raw)
-    };
-    let raw = tokio::time::timeout(DEADLINE, exchange)
-        .await
-        .map_err(|_| anyhow!("GET {url}: no response within {DEADLINE:?}"))??;
-    let text = String::from_utf8(raw).context("response is not UTF-8")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("GET {url}: no end of headers in {text:?}"))?;
+    })
+}
+
+/// The request head for `method url` with `headers` and a body of `body_len` bytes.
+fn request_head(
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body_len: usize,
+) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if body_len > 0 || matches!(method, "POST" | "PUT" | "PATCH") {
+        head.push_str(&format!("Content-Length: {body_len}\r\n"));
+    }
+    head.push_str("\r\n");
+    head
+}
+
+/// Parses a status line and header lines (names in lower case).
+fn parse_head(url: &str, head: &str) -> Result<(u16, Vec<(String, String)>)> {
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status = status_line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("GET {url}: bad status line {status_line:?}"))?;
-    let headers: Vec<(String, String)> = lines
+        .ok_or_else(|| anyhow!("{url}: bad status line {status_line:?}"))?;
+    let headers = lines
         .filter_map(|line| line.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
+    Ok((status, headers))
+}
+
+/// `method url` over HTTP/1.1 with `headers` and `body`, reading the whole response.
+pub async fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (host, path) = split_url(url)?;
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(host).await?;
+        let mut request = request_head(method, host, path, headers, body.len()).into_bytes();
+        request.extend_from_slice(body);
+        stream.write_all(&request).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        anyhow::Ok(raw)
+    };
+    let raw = tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .map_err(|_| anyhow!("{method} {url}: no response within {DEADLINE:?}"))??;
+    let text = String::from_utf8(raw).context("response is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("{method} {url}: no end of headers in {text:?}"))?;
+    let (status, headers) = parse_head(url, head)?;
     let body = if headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
@@ -351,6 +392,225 @@ pub async fn http_get(url: &str) -> Result<HttpResponse> {
         headers,
         body,
     })
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` name; `None` for the default `message`.
+    pub event: Option<String>,
+    /// The `id:` field.
+    pub id: Option<String>,
+    /// The `data:` lines, joined by newlines.
+    pub data: String,
+}
+
+/// A Server-Sent-Events response read event by event (a chunked HTTP/1.1 body).
+pub struct SseStream {
+    /// The response's status.
+    pub status: u16,
+    /// The response's headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    stream: tokio::net::TcpStream,
+    /// Received bytes not yet de-chunked.
+    raw: Vec<u8>,
+    /// De-chunked text not yet parsed into events.
+    text: String,
+    /// Events parsed but not yet returned.
+    pending: std::collections::VecDeque<SseEvent>,
+    /// How many comment lines (keep-alives) were seen.
+    pub comments: usize,
+}
+
+impl SseStream {
+    /// `GET url` with `headers`; returns once the response head has arrived.
+    pub async fn open(url: &str, headers: &[(&str, &str)]) -> Result<SseStream> {
+        let mut all = vec![("Accept", "text/event-stream")];
+        all.extend_from_slice(headers);
+        Self::open_with("GET", url, &all, b"").await
+    }
+
+    /// `method url` with `headers` and `body`; returns once the response head has arrived.
+    pub async fn open_with(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<SseStream> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (host, path) = split_url(url)?;
+        let open = async {
+            let mut stream = tokio::net::TcpStream::connect(host).await?;
+            let mut request = request_head(method, host, path, headers, body.len()).into_bytes();
+            request.extend_from_slice(body);
+            stream.write_all(&request).await?;
+            let mut raw = Vec::new();
+            let end = loop {
+                if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i;
+                }
+                let mut buf = [0u8; 4096];
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    bail!("connection closed before the response head");
+                }
+                raw.extend_from_slice(&buf[..n]);
+            };
+            let head = String::from_utf8(raw[..end].to_vec())?;
+            let rest = raw[end + 4..].to_vec();
+            anyhow::Ok((stream, head, rest))
+        };
+        let (stream, head, raw) = tokio::time::timeout(DEADLINE, open)
+            .await
+            .map_err(|_| anyhow!("{method} {url}: no response head within {DEADLINE:?}"))??;
+        let (status, headers) = parse_head(url, &head)?;
+        Ok(SseStream {
+            status,
+            headers,
+            stream,
+            raw,
+            text: String::new(),
+            pending: std::collections::VecDeque::new(),
+            comments: 0,
+        })
+    }
+
+    /// The first header called `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Moves complete chunks from `raw` to `text`; false once the last chunk arrived.
+    fn dechunk_available(&mut self) -> Result<bool> {
+        loop {
+            let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return Ok(true);
+            };
+            let size_text = std::str::from_utf8(&self.raw[..line_end])?;
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .context("bad chunk size")?;
+            if size == 0 {
+                return Ok(false);
+            }
+            let start = line_end + 2;
+            if self.raw.len() < start + size + 2 {
+                return Ok(true);
+            }
+            self.text
+                .push_str(std::str::from_utf8(&self.raw[start..start + size])?);
+            self.raw.drain(..start + size + 2);
+        }
+    }
+
+    /// Parses every complete block received so far into `pending`, counting comment lines;
+    /// false once the stream has ended.
+    fn parse_available(&mut self) -> Result<bool> {
+        let open = self.dechunk_available()?;
+        while let Some(end) = self.text.find("\n\n") {
+            let block: String = self.text.drain(..end + 2).collect();
+            let mut event = SseEvent {
+                event: None,
+                id: None,
+                data: String::new(),
+            };
+            let mut has_data = false;
+            for line in block.lines() {
+                if line.starts_with(':') {
+                    self.comments += 1;
+                    continue;
+                }
+                let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "event" => event.event = Some(value.to_owned()),
+                    "id" => event.id = Some(value.to_owned()),
+                    "data" => {
+                        if has_data {
+                            event.data.push('\n');
+                        }
+                        event.data.push_str(value);
+                        has_data = true;
+                    }
+                    _ => {}
+                }
+            }
+            if has_data {
+                self.pending.push_back(event);
+            }
+        }
+        Ok(open)
+    }
+
+    /// Reads more of the stream, failing at `deadline` or when the connection closes.
+    async fn read_more(&mut self, deadline: tokio::time::Instant) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
+            .await
+            .map_err(|_| anyhow!("nothing arrived within {DEADLINE:?}"))??;
+        if n == 0 {
+            bail!("the connection closed");
+        }
+        self.raw.extend_from_slice(&buf[..n]);
+        Ok(())
+    }
+
+    /// The next event with data (comments and `retry:` blocks are skipped), failing after
+    /// [`DEADLINE`] or when the stream ends.
+    pub async fn next_event(&mut self) -> Result<SseEvent> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let open = self.parse_available()?;
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            if !open {
+                bail!("the event stream ended");
+            }
+            self.read_more(deadline).await?;
+        }
+    }
+
+    /// For a streamed body that is not SSE (gRPC-Web): reads until the de-chunked text received
+    /// so far satisfies `done`, and returns it all.
+    pub async fn body_until(&mut self, done: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let open = self.dechunk_available()?;
+            if done(&self.text) {
+                return Ok(self.text.clone());
+            }
+            if !open {
+                bail!(
+                    "the body ended without the expected content: {:?}",
+                    self.text
+                );
+            }
+            self.read_more(deadline).await?;
+        }
+    }
+
+    /// Waits for one more comment line (a keep-alive); events arriving meanwhile are kept for
+    /// [`SseStream::next_event`].
+    pub async fn next_comment(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let before = self.comments;
+        loop {
+            let open = self.parse_available()?;
+            if self.comments > before {
+                return Ok(());
+            }
+            if !open {
+                bail!("the event stream ended");
+            }
+            self.read_more(deadline).await?;
+        }
+    }
 }
 
 /// Decodes a chunked body.

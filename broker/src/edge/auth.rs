@@ -300,13 +300,24 @@ impl Gate {
     /// PERMISSION_DENIED `ORIGIN_NOT_ALLOWED`, UNAUTHENTICATED with the token's reason, or
     /// RESOURCE_EXHAUSTED `RATE_LIMITED`.
     pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, BrokerError> {
-        self.check_origin(request)?;
-        let peer = request.remote_addr();
-        let metadata = request.metadata();
+        self.authenticate_headers(request.metadata().as_ref(), request.remote_addr())
+    }
+
+    /// [`Gate::authenticate`] for the headers of any HTTP request (the gateway's too), so gRPC
+    /// and HTTP callers pass one and the same gate.
+    ///
+    /// # Errors
+    /// As [`Gate::authenticate`].
+    pub fn authenticate_headers(
+        &self,
+        headers: &http::HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Result<Caller, BrokerError> {
+        self.check_origin_header(headers.get("origin"))?;
         let caller = match &self.verifier {
             None => Caller::anonymous(peer),
             Some(verifier) => {
-                let header = match metadata.get("authorization") {
+                let header = match headers.get("authorization") {
                     None => return Err(BrokerError::Unauthenticated(TokenError::Missing)),
                     Some(value) => value.to_str().map_err(|_| {
                         BrokerError::Unauthenticated(TokenError::Malformed(
@@ -336,7 +347,18 @@ impl Gate {
     /// # Errors
     /// PERMISSION_DENIED `ORIGIN_NOT_ALLOWED`.
     pub fn check_origin<T>(&self, request: &Request<T>) -> Result<(), BrokerError> {
-        match request.metadata().get("origin") {
+        self.check_origin_header(request.metadata().as_ref().get("origin"))
+    }
+
+    /// [`Gate::check_origin`] for the `Origin` header's value, if there is one.
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED `ORIGIN_NOT_ALLOWED`.
+    pub fn check_origin_header(
+        &self,
+        origin: Option<&http::HeaderValue>,
+    ) -> Result<(), BrokerError> {
+        match origin {
             None => Ok(()),
             Some(origin) => {
                 let origin = origin.to_str().unwrap_or("");

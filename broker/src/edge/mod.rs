@@ -81,6 +81,22 @@ impl BrokerService {
     pub fn entities(&self) -> entities::EntitiesService {
         entities::EntitiesService::new(Arc::clone(&self.edge))
     }
+
+    /// Spends one unit of `caller`'s budgets and queues one publish, as each message of a
+    /// `PublishStream` does; the returned future yields its ack. Messages queued one after the
+    /// other keep that order (the gateway's batches rely on it).
+    pub(crate) async fn queue_publish(
+        &self,
+        request: pb::PublishRequest,
+        caller: &Caller,
+    ) -> PendingAck {
+        if let Err(e) = self.edge.gate.admit(caller) {
+            metrics::access_refused(e.reason());
+            return futures::future::ready(Err(e)).boxed();
+        }
+        let parent = trace::parent_from_headers(&request.headers);
+        self.edge.begin_publish(request, caller, parent).await
+    }
 }
 
 /// The `switchboard.v1.Broker` service; cheap to clone.
@@ -266,7 +282,8 @@ impl Edge {
 }
 
 /// A publish queued for commit; resolves to its ack or refusal.
-type PendingAck = Pin<Box<dyn Future<Output = Result<pb::PublishAck, BrokerError>> + Send>>;
+pub(crate) type PendingAck =
+    Pin<Box<dyn Future<Output = Result<pb::PublishAck, BrokerError>> + Send>>;
 
 /// Feeds one `PublishStream`: reads requests while fewer than `max_unacked` wait for their ack, and
 /// sends acks in request order as they complete.

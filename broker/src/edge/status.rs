@@ -9,7 +9,7 @@ use switchboard_proto::ERROR_DOMAIN;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::error::BrokerError;
+use crate::error::{BrokerError, Reason};
 use crate::security::credentials::CredentialError;
 use crate::security::permissions::PermissionDenied;
 
@@ -48,6 +48,27 @@ pub fn code(error: &BrokerError) -> Code {
         BrokerError::TokenEndpointOff => Code::Unimplemented,
         BrokerError::RateLimited(_) => Code::ResourceExhausted,
         BrokerError::Corrupt(_) => Code::DataLoss,
+    }
+}
+
+/// The HTTP status the gateway answers with for a gRPC `code` (and its `reason`), so a browser
+/// sees the classification a gRPC client does. A failed compare-and-set is `412 Precondition
+/// Failed`, the answer HTTP defines for a stale `If-Match`.
+pub fn http_status(code: Code, reason: &str) -> u16 {
+    match code {
+        Code::Ok => 200,
+        Code::Aborted if reason == Reason::VersionConflict.as_str() => 412,
+        Code::InvalidArgument | Code::OutOfRange => 400,
+        Code::Unauthenticated => 401,
+        Code::PermissionDenied => 403,
+        Code::NotFound => 404,
+        Code::AlreadyExists | Code::Aborted | Code::FailedPrecondition => 409,
+        Code::ResourceExhausted => 429,
+        Code::Cancelled => 499,
+        Code::Unimplemented => 501,
+        Code::Unavailable => 503,
+        Code::DeadlineExceeded => 504,
+        Code::Unknown | Code::Internal | Code::DataLoss => 500,
     }
 }
 
@@ -123,7 +144,30 @@ pub fn refusal(error: &BrokerError) -> Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Reason;
+
+    #[test]
+    fn http_status_follows_the_grpc_code() {
+        let cases = [
+            (BrokerError::invalid(Reason::ChannelInvalid, "x"), 400),
+            (BrokerError::ShuttingDown, 503),
+            (
+                BrokerError::VersionConflict {
+                    current_version: 4,
+                    expected_version: 3,
+                },
+                412,
+            ),
+        ];
+        for (error, http) in cases {
+            assert_eq!(
+                http_status(code(&error), error.reason().as_str()),
+                http,
+                "{error:?}"
+            );
+        }
+        assert_eq!(http_status(Code::Aborted, "SOMETHING_ELSE"), 409);
+        assert_eq!(http_status(Code::ResourceExhausted, "RATE_LIMITED"), 429);
+    }
 
     #[test]
     fn status_carries_code_reason_and_domain() {

@@ -1,0 +1,100 @@
+//! JSON in and out: request bodies parsed whatever their content type (`navigator.sendBeacon`
+//! sends `text/plain`), and the JSON shapes of acks, messages and entities.
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Map, Value};
+use switchboard_proto::v1 as pb;
+
+use crate::error::{BrokerError, Reason};
+
+/// A JSON response.
+pub fn response(status: StatusCode, body: &Value) -> Response {
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Parses a request body as JSON, whatever its declared type.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BrokerError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        BrokerError::invalid(
+            Reason::PayloadNotJson,
+            format!("the request body is not the expected JSON: {e}"),
+        )
+    })
+}
+
+fn time(timestamp: Option<&prost_types::Timestamp>) -> Value {
+    timestamp.map_or(Value::Null, |t| Value::String(t.to_string()))
+}
+
+/// A publish ack.
+pub fn ack(ack: &pb::PublishAck) -> Value {
+    json!({
+        "offset": ack.offset,
+        "publish_time": time(ack.publish_time.as_ref()),
+        "correlation_id": ack.correlation_id,
+        "duplicate": ack.duplicate,
+    })
+}
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence.is_empty() || essence == "application/json" || essence.ends_with("+json")
+}
+
+/// A delivered message. A JSON payload is inlined as `payload`; any other is `payload_base64`.
+pub fn message(message: &pb::Message) -> Value {
+    let mut out = Map::new();
+    out.insert("offset".into(), json!(message.offset));
+    out.insert("channel".into(), json!(message.channel));
+    out.insert("publish_time".into(), time(message.publish_time.as_ref()));
+    match serde_json::from_slice::<Value>(&message.payload) {
+        Ok(payload) if is_json(&message.content_type) => {
+            out.insert("payload".into(), payload);
+        }
+        _ => {
+            use base64::Engine as _;
+            out.insert(
+                "payload_base64".into(),
+                json!(base64::engine::general_purpose::STANDARD.encode(&message.payload)),
+            );
+        }
+    }
+    out.insert("content_type".into(), json!(message.content_type));
+    out.insert("schema_version".into(), json!(message.schema_version));
+    out.insert("correlation_id".into(), json!(message.correlation_id));
+    out.insert("causation_id".into(), json!(message.causation_id));
+    out.insert("headers".into(), json!(message.headers));
+    if message.redelivery > 0 {
+        out.insert("redelivery".into(), json!(message.redelivery));
+    }
+    Value::Object(out)
+}
+
+/// An entity: its key, merged fields, version and ETag.
+pub fn entity(entity: &pb::Entity) -> Value {
+    let key = entity.key.clone().unwrap_or_default();
+    let fields = serde_json::from_slice::<Value>(&entity.fields).unwrap_or(Value::Null);
+    json!({
+        "type": key.r#type,
+        "id": key.id,
+        "fields": fields,
+        "version": entity.version,
+        "etag": entity.etag,
+        "deleted": entity.deleted,
+        "updated_at": time(entity.updated_at.as_ref()),
+        "last_stamp": entity.last_stamp.as_ref().map(|s| json!({
+            "timestamp_ms": s.timestamp_ms,
+            "version": s.version,
+            "writer": s.writer,
+        })),
+    })
+}
