@@ -12,7 +12,12 @@ else
     compose=(docker-compose)
 fi
 
-deploy/build-image.sh
+# SWITCHBOARD_COMPOSE_FILES: the compose files, in order (deploy/secure/cluster-up.sh adds the
+# secured overlay); SWITCHBOARD_SKIP_BUILD=1 when the image was just built.
+for file in ${SWITCHBOARD_COMPOSE_FILES:-docker-compose.yml}; do
+    compose+=(-f "$file")
+done
+[ "${SWITCHBOARD_SKIP_BUILD:-}" = 1 ] || deploy/build-image.sh
 "${compose[@]}" up -d "$@"
 
 # Wait on the containers' own health checks (`switchboard --healthcheck`), with a deadline.
