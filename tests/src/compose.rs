@@ -1,6 +1,6 @@
 //! The top-level `docker-compose.yml` as a test fixture: a three-node stack under its own project
-//! name and host ports, with named fault helpers (kill -9 a node, start it again), torn down with
-//! its volumes when dropped.
+//! name and host ports, with named fault helpers (kill -9 a node, start it again, restart it, wipe
+//! its volume, cut it off from the others' raft traffic), torn down with its volumes when dropped.
 //!
 //! It needs a Docker engine, a compose tool (`docker compose` or Debian's `docker-compose`) and the
 //! image built by `deploy/build-image.sh`; [`Stack::unavailable`] says what is missing so a test
@@ -46,6 +46,51 @@ fn compose_program() -> Option<Vec<&'static str>> {
     }
 }
 
+/// How a test wants the stack changed from the plain `docker-compose.yml`; applied through a
+/// generated override file, so the file users run stays the one under test.
+#[derive(Clone, Debug, Default)]
+pub struct StackOptions {
+    /// Put raft traffic (replication, votes, forwarded writes) on a network of its own, `raft`,
+    /// where node `sbN` is known only as `sbN-raft`. [`Stack::partition`] then cuts a node off
+    /// from its peers while its published client port, which lives on the default network, keeps
+    /// answering — so a test can watch what a cut-off node tells its clients.
+    pub separate_raft_network: bool,
+    /// Extra `SWITCHBOARD_*` settings for every node, e.g. a low snapshot threshold.
+    pub env: Vec<(String, String)>,
+}
+
+impl StackOptions {
+    fn override_yaml(&self) -> Option<String> {
+        if !self.separate_raft_network && self.env.is_empty() {
+            return None;
+        }
+        let mut yaml = String::from("services:\n");
+        for node in NODES {
+            yaml.push_str(&format!("  {node}:\n    environment:\n"));
+            for (key, value) in &self.env {
+                yaml.push_str(&format!("      {key}: {value:?}\n"));
+            }
+            if self.separate_raft_network {
+                let members: Vec<String> = NODES
+                    .iter()
+                    .map(|n| format!("{}={n}-raft:7402", &n[2..]))
+                    .collect();
+                yaml.push_str(&format!(
+                    "      SWITCHBOARD_CLUSTER_ADVERTISE: \"{node}-raft:7402\"\n      \
+                     SWITCHBOARD_CLUSTER_MEMBERS: \"{}\"\n    networks:\n      default: {{}}\n      \
+                     raft:\n        aliases: [\"{node}-raft\"]\n",
+                    members.join(",")
+                ));
+            }
+        }
+        if self.separate_raft_network {
+            // Internal: no gateway, so the default network keeps carrying the published ports.
+            yaml.push_str("networks:\n  raft:\n    internal: true\n");
+        }
+        Some(yaml)
+    }
+}
+
 /// A running stack.
 pub struct Stack {
     project: String,
@@ -53,6 +98,8 @@ pub struct Stack {
     /// Host ports of each node's public listener, by node index (0 = sb1).
     pub public_ports: [u16; 3],
     admin_ports: [u16; 3],
+    /// The generated override file, if any; removed with the stack.
+    override_file: Option<tempfile::NamedTempFile>,
 }
 
 impl Stack {
@@ -86,6 +133,25 @@ impl Stack {
     /// # Errors
     /// Compose fails, or a node is not healthy within [`HEALTHY_DEADLINE`].
     pub fn up(name: &str) -> Result<Stack> {
+        Stack::up_with(name, &StackOptions::default())
+    }
+
+    /// [`Stack::up`] with the changes in `options`.
+    ///
+    /// # Errors
+    /// As [`Stack::up`], or the override file cannot be written.
+    pub fn up_with(name: &str, options: &StackOptions) -> Result<Stack> {
+        let override_file = match options.override_yaml() {
+            Some(yaml) => {
+                let mut file = tempfile::Builder::new()
+                    .prefix("switchboard-fault-")
+                    .suffix(".yml")
+                    .tempfile()?;
+                std::io::Write::write_all(&mut file, yaml.as_bytes())?;
+                Some(file)
+            }
+            None => None,
+        };
         let compose = compose_program().context("no compose tool")?;
         let mut ports = [0u16; 6];
         let listeners: Vec<std::net::TcpListener> = (0..6)
@@ -100,6 +166,7 @@ impl Stack {
             compose,
             public_ports: [ports[0], ports[1], ports[2]],
             admin_ports: [ports[3], ports[4], ports[5]],
+            override_file,
         };
         stack.compose(&["up", "-d"])?;
         for node in NODES {
@@ -128,9 +195,11 @@ impl Stack {
             .arg("--project-name")
             .arg(&self.project)
             .arg("--file")
-            .arg(repo_root().join("docker-compose.yml"))
-            .args(args)
-            .current_dir(repo_root());
+            .arg(repo_root().join("docker-compose.yml"));
+        if let Some(file) = &self.override_file {
+            command.arg("--file").arg(file.path());
+        }
+        command.args(args).current_dir(repo_root());
         for (i, node) in NODES.iter().enumerate() {
             let n = &node[2..];
             command.env(
@@ -173,6 +242,69 @@ impl Stack {
     pub fn start(&self, node: &str) -> Result<()> {
         self.compose(&["start", node])?;
         self.wait_healthy(node)
+    }
+
+    /// Restarts a node the polite way (SIGTERM, then start) and waits until it is healthy again.
+    ///
+    /// # Errors
+    /// Docker fails, or the node is not healthy in time.
+    pub fn restart(&self, node: &str) -> Result<()> {
+        self.compose(&["restart", "--timeout", "20", node])?;
+        self.wait_healthy(node)
+    }
+
+    /// Replaces a node's data with nothing: stops and removes its container, deletes its volume,
+    /// and creates it again (same node id and members), then waits until it is healthy.
+    ///
+    /// # Errors
+    /// Docker fails, or the node is not healthy in time.
+    pub fn wipe(&self, node: &str) -> Result<()> {
+        self.compose(&["rm", "--stop", "--force", node])?;
+        self.docker(&["volume", "rm", &format!("{}_{node}-data", self.project)])?;
+        self.compose(&["up", "-d", "--no-deps", node])?;
+        self.wait_healthy(node)
+    }
+
+    /// Cuts a node off from the other nodes' raft traffic (needs
+    /// [`StackOptions::separate_raft_network`]); its client port keeps answering.
+    ///
+    /// # Errors
+    /// Docker fails.
+    pub fn partition(&self, node: &str) -> Result<()> {
+        let id = self.container(node)?;
+        self.docker(&["network", "disconnect", &self.raft_network(), &id])
+    }
+
+    /// Undoes [`Stack::partition`]: the node is on the raft network again under its raft name.
+    ///
+    /// # Errors
+    /// Docker fails.
+    pub fn heal(&self, node: &str) -> Result<()> {
+        let id = self.container(node)?;
+        let alias = format!("{node}-raft");
+        self.docker(&[
+            "network",
+            "connect",
+            "--alias",
+            &alias,
+            &self.raft_network(),
+            &id,
+        ])
+    }
+
+    fn raft_network(&self) -> String {
+        format!("{}_raft", self.project)
+    }
+
+    fn docker(&self, args: &[&str]) -> Result<()> {
+        let output = Command::new("docker").args(args).output()?;
+        if !output.status.success() {
+            bail!(
+                "docker {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Waits (with a deadline) for the node's health check to pass.
