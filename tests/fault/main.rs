@@ -444,6 +444,61 @@ async fn a_wiped_node_is_rebuilt_from_the_others_by_snapshot_and_log() {
     wiped_node_rebuilt("sb-fault-wipe-snapshot", env).await;
 }
 
+/// Scenario 4, the damaged-files variant: a follower's raft log file is cut in half while it is
+/// stopped. It refuses to start (docs/DURABILITY.md) rather than serve or vote from it; the
+/// operator path — delete its volume, recreate it — brings it back, rebuilt from the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_a_truncated_log_refuses_to_start_and_is_rebuilt_after_a_wipe() {
+    let Some(stack) = stack("sb-fault-truncated") else {
+        return;
+    };
+    let leader = leader(&stack).await;
+    let damaged = (leader + 1) % NODES.len();
+    let others: Vec<usize> = (0..NODES.len()).filter(|i| *i != damaged).collect();
+    let history = Arc::new(Mutex::new(History::new()));
+    let mut clients = Vec::new();
+    for &i in &others {
+        clients.push((i, connect(&stack, i).await));
+    }
+    let before = (0..100).map(|n| format!("before-{n:03}"));
+    let mut last_offset = publish_all(&clients, &history, before).await;
+
+    let node = NODES[damaged];
+    let stack_ref = &stack;
+    let refusal = tokio::task::block_in_place(|| -> anyhow::Result<String> {
+        stack_ref.stop(node)?;
+        let db = stack_ref.data_path(node)?.join("log").join("db");
+        let file = std::fs::OpenOptions::new().write(true).open(&db)?;
+        let len = file.metadata()?.len();
+        file.set_len(len / 2)?;
+        file.sync_all()?;
+        stack_ref.start_expecting_refusal(node)
+    })
+    .expect("the damaged node is refused");
+    let reason = refusal
+        .lines()
+        .rev()
+        .find(|l| l.contains("damaged") || l.contains("refusing to start"))
+        .unwrap_or_else(|| panic!("the refusal names no reason:\n{refusal}"));
+    eprintln!("{node} refused to start: {reason}");
+    // The others go on without it.
+    let during = (0..50).map(|n| format!("during-{n:03}"));
+    last_offset = last_offset.max(publish_all(&clients, &history, during).await);
+
+    tokio::task::block_in_place(|| stack_ref.wipe(node)).expect("wipe and recreate");
+    let after = (0..50).map(|n| format!("after-{n:03}"));
+    last_offset = last_offset.max(publish_all(&clients, &history, after).await);
+    let mut subscribers = Vec::new();
+    for (i, node) in NODES.iter().enumerate() {
+        let name = format!("replay-on-{node}");
+        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
+        subscribers.push(name);
+    }
+    wait_delivered(&history, &subscribers).await;
+    record_digests(&stack, &history, last_offset).await;
+    assert_clean(&history, &subscribers);
+}
+
 async fn wiped_node_rebuilt(name: &str, env: Vec<(String, String)>) {
     let options = StackOptions {
         separate_raft_network: false,

@@ -265,6 +265,76 @@ impl Stack {
         self.wait_healthy(node)
     }
 
+    /// Stops a node politely (SIGTERM) and leaves it stopped.
+    ///
+    /// # Errors
+    /// Docker fails.
+    pub fn stop(&self, node: &str) -> Result<()> {
+        self.compose(&["stop", "--timeout", "20", node]).map(|_| ())
+    }
+
+    /// Where the node's data volume lives on the host (the engine is local here), to damage its
+    /// files while the node is stopped.
+    ///
+    /// # Errors
+    /// Docker fails.
+    pub fn data_path(&self, node: &str) -> Result<PathBuf> {
+        let volume = format!("{}_{node}-data", self.project);
+        let output = Command::new("docker")
+            .args(["volume", "inspect", "--format", "{{.Mountpoint}}", &volume])
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "cannot inspect {volume}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(PathBuf::from(
+            String::from_utf8_lossy(&output.stdout).trim(),
+        ))
+    }
+
+    /// Starts a node that is expected to refuse to start, and waits (with a deadline) until its
+    /// broker has exited with an error at least once; returns its log (the reason it gave). The
+    /// restart policy keeps retrying it until it is wiped.
+    ///
+    /// # Errors
+    /// Docker fails, or the node is still running after [`HEALTHY_DEADLINE`].
+    pub fn start_expecting_refusal(&self, node: &str) -> Result<String> {
+        self.compose(&["start", node])?;
+        let id = self.container(node)?;
+        let deadline = Instant::now() + HEALTHY_DEADLINE;
+        loop {
+            let output = Command::new("docker")
+                .args([
+                    "inspect",
+                    "--format",
+                    "{{.State.ExitCode}} {{.RestartCount}} {{.State.Health.Status}}",
+                    &id,
+                ])
+                .output()?;
+            let state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            let mut fields = state.split_whitespace();
+            let exit_code = fields.next().unwrap_or("0");
+            let restarts = fields.next().unwrap_or("0");
+            if fields.next() == Some("healthy") {
+                bail!("{node} started and is healthy: its damage went unnoticed");
+            }
+            if exit_code != "0" || restarts != "0" {
+                let logs = Command::new("docker").args(["logs", &id]).output()?;
+                return Ok(format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&logs.stdout),
+                    String::from_utf8_lossy(&logs.stderr)
+                ));
+            }
+            if Instant::now() > deadline {
+                bail!("{node} neither refused to start nor became healthy: {state}");
+            }
+            std::thread::park_timeout(Duration::from_millis(250));
+        }
+    }
+
     /// Cuts a node off from the other nodes' raft traffic (needs
     /// [`StackOptions::separate_raft_network`]); its client port keeps answering.
     ///
