@@ -286,19 +286,35 @@ async fn publish_all(
 }
 
 /// Scenario 2: the leader is cut off from the other two (its raft network unplugged, its client
-/// port still answering). It refuses writes with UNAVAILABLE within a bounded time, the other two
-/// elect a leader and go on, and once healed it catches up: every node stores the same log and
-/// its subscriber got every acknowledged message.
+/// port still answering). It refuses writes with UNAVAILABLE (NO_QUORUM) within a bounded time,
+/// the other two elect a leader and go on, and once healed it catches up: every node stores the
+/// same log and its subscriber got every acknowledged message.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partitioned_node_refuses_writes_and_catches_up_after_healing() {
+    partitioned_node("sb-fault-partition", true).await;
+}
+
+/// Scenario 2 with a follower cut off: it refuses writes (NO_LEADER or LEADER_UNREACHABLE: it
+/// cannot hand them to the leader), the leader and the other follower go on, and it catches up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_follower_refuses_writes_and_catches_up_after_healing() {
+    partitioned_node("sb-fault-partition-follower", false).await;
+}
+
+async fn partitioned_node(name: &str, cut_off_the_leader: bool) {
     let options = StackOptions {
         separate_raft_network: true,
         env: Vec::new(),
     };
-    let Some(stack) = stack_with("sb-fault-partition", &options) else {
+    let Some(stack) = stack_with(name, &options) else {
         return;
     };
-    let cut_off = leader(&stack).await;
+    let leader = leader(&stack).await;
+    let cut_off = if cut_off_the_leader {
+        leader
+    } else {
+        (leader + 1) % NODES.len()
+    };
     let majority: Vec<usize> = (0..NODES.len()).filter(|i| *i != cut_off).collect();
     let history = Arc::new(Mutex::new(History::new()));
     // One subscriber per node, the cut-off one included: it must catch up after healing.
