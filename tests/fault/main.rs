@@ -447,7 +447,8 @@ async fn a_wiped_node_is_rebuilt_from_the_others_by_log() {
 /// point (index 100, say) instead of sending its snapshot; the wiped node, holding only its own
 /// initial membership entry at index 0, accepts it (None always matches), is left with a hole
 /// (0, then 100..), and its raft core panics applying it (`raft_core.rs:779`, an `unwrap` on the
-/// entries it expected). Its health check keeps reporting SERVING, and it never catches up.
+/// entries it expected); it never catches up. (Its /healthz used to keep answering 200 from the
+/// dead core's last metrics; it now answers 503, so here `wipe` times out waiting for health.)
 /// `cluster::a_wiped_follower_is_rebuilt_from_the_others` (in-process, snapshots every 20) does not
 /// hit it.
 #[tokio::test(flavor = "multi_thread")]
