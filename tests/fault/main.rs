@@ -10,12 +10,13 @@
 //! them a scenario says so and passes, unless `SWITCHBOARD_FAULT_TESTS=1` asks for them (`.ci/run`
 //! builds the image and sets it).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use switchboard_client::{Client, HistoryQuery, Publish, Start};
-use switchboard_e2e::compose::{Stack, NODES};
+use switchboard_e2e::compose::{Stack, StackOptions, NODES};
 use switchboard_e2e::history::{digest, History};
 
 /// How long one publish may keep being retried across nodes (covers an election).
@@ -26,6 +27,11 @@ const CHANNEL: &str = "fault.orders";
 
 /// The stack, or `None` (after saying why) when this machine cannot run one.
 fn stack(name: &str) -> Option<Stack> {
+    stack_with(name, &StackOptions::default())
+}
+
+/// [`stack`] with changes to the plain compose file.
+fn stack_with(name: &str, options: &StackOptions) -> Option<Stack> {
     if let Some(missing) = Stack::unavailable() {
         // SWITCHBOARD_FAULT_TESTS=1 (set where the image is built first) turns the skip into a
         // failure, so a CI that means to run them cannot pass without them.
@@ -36,7 +42,7 @@ fn stack(name: &str) -> Option<Stack> {
         eprintln!("skipped: {missing}");
         return None;
     }
-    Some(Stack::up(name).expect("the compose stack starts"))
+    Some(Stack::up_with(name, options).expect("the compose stack starts"))
 }
 
 async fn connect(stack: &Stack, index: usize) -> Client {
@@ -253,6 +259,288 @@ async fn all_nodes_killed_at_once_keep_every_acknowledged_message() {
         stack.wait_healthy(node).expect("healthy again");
     }
     // A fresh subscriber per node replays everything from the store.
+    let mut subscribers = Vec::new();
+    for (i, node) in NODES.iter().enumerate() {
+        let name = format!("replay-on-{node}");
+        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
+        subscribers.push(name);
+    }
+    wait_delivered(&history, &subscribers).await;
+    record_digests(&stack, &history, last_offset).await;
+    assert_clean(&history, &subscribers);
+}
+
+/// Publishes `ids` in order through `clients`, recording each ack; returns the highest offset.
+async fn publish_all(
+    clients: &[(usize, Client)],
+    history: &Arc<Mutex<History>>,
+    ids: impl IntoIterator<Item = String>,
+) -> u64 {
+    let mut last_offset = 0;
+    for (n, id) in ids.into_iter().enumerate() {
+        let offset = publish_until_acked(clients, &id, n).await;
+        last_offset = last_offset.max(offset);
+        history.lock().expect("history").acked(offset, id);
+    }
+    last_offset
+}
+
+/// Scenario 2: the leader is cut off from the other two (its raft network unplugged, its client
+/// port still answering). It refuses writes with UNAVAILABLE (NO_QUORUM) within a bounded time,
+/// the other two elect a leader and go on, and once healed it catches up: every node stores the
+/// same log and its subscriber got every acknowledged message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_node_refuses_writes_and_catches_up_after_healing() {
+    partitioned_node("sb-fault-partition", true).await;
+}
+
+/// Scenario 2 with a follower cut off: it refuses writes (NO_LEADER or LEADER_UNREACHABLE: it
+/// cannot hand them to the leader), the leader and the other follower go on, and it catches up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_follower_refuses_writes_and_catches_up_after_healing() {
+    partitioned_node("sb-fault-partition-follower", false).await;
+}
+
+async fn partitioned_node(name: &str, cut_off_the_leader: bool) {
+    let options = StackOptions {
+        separate_raft_network: true,
+        env: Vec::new(),
+    };
+    let Some(stack) = stack_with(name, &options) else {
+        return;
+    };
+    let leader = leader(&stack).await;
+    let cut_off = if cut_off_the_leader {
+        leader
+    } else {
+        (leader + 1) % NODES.len()
+    };
+    let majority: Vec<usize> = (0..NODES.len()).filter(|i| *i != cut_off).collect();
+    let history = Arc::new(Mutex::new(History::new()));
+    // One subscriber per node, the cut-off one included: it must catch up after healing.
+    let mut subscribers = Vec::new();
+    for (i, node) in NODES.iter().enumerate() {
+        let name = format!("subscriber-on-{node}");
+        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
+        subscribers.push(name);
+    }
+    let mut majority_clients = Vec::new();
+    for &i in &majority {
+        majority_clients.push((i, connect(&stack, i).await));
+    }
+    let before = (0..100).map(|n| format!("before-{n:03}"));
+    let mut last_offset = publish_all(&majority_clients, &history, before).await;
+
+    stack.partition(NODES[cut_off]).expect("partition");
+    // The cut-off node answers a write with UNAVAILABLE and a reason, within the forward timeout
+    // (5 s) plus slack; never with an ack, since it cannot reach a majority.
+    let minority = connect(&stack, cut_off).await;
+    let started = Instant::now();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        minority
+            .publish(Publish::new(CHANNEL, "{\"id\":\"minority\"}").idempotency_key("minority")),
+    )
+    .await
+    .expect("the cut-off node answers within 20 s")
+    .expect_err("the cut-off node must not acknowledge a write");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert!(
+        matches!(
+            refused.reason(),
+            Some("NO_QUORUM" | "NO_LEADER" | "LEADER_UNREACHABLE")
+        ),
+        "unexpected refusal: {refused}"
+    );
+    eprintln!(
+        "the cut-off node refused after {:?}: {refused}",
+        started.elapsed()
+    );
+    // Meanwhile the majority elects a leader of its own and keeps acknowledging.
+    let during = (0..100).map(|n| format!("during-{n:03}"));
+    last_offset = last_offset.max(publish_all(&majority_clients, &history, during).await);
+
+    stack.heal(NODES[cut_off]).expect("heal");
+    let mut all_clients = majority_clients;
+    all_clients.push((cut_off, minority));
+    let after = (0..100).map(|n| format!("after-{n:03}"));
+    last_offset = last_offset.max(publish_all(&all_clients, &history, after).await);
+
+    wait_delivered(&history, &subscribers).await;
+    record_digests(&stack, &history, last_offset).await;
+    assert_clean(&history, &subscribers);
+}
+
+/// Scenario 3: every node restarted in turn (SIGTERM, start, wait for health) while a publisher
+/// streams: subscribers on every node resume by themselves and get every acknowledged message
+/// once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_restart_under_load_loses_no_acknowledged_message() {
+    let Some(stack) = stack("sb-fault-rolling") else {
+        return;
+    };
+    let history = Arc::new(Mutex::new(History::new()));
+    let mut subscribers = Vec::new();
+    for (i, node) in NODES.iter().enumerate() {
+        let name = format!("subscriber-on-{node}");
+        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
+        subscribers.push(name);
+    }
+    let mut clients = Vec::new();
+    for i in 0..NODES.len() {
+        clients.push((i, connect(&stack, i).await));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let history = Arc::clone(&history);
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let ids = (0..).map(|n| format!("m{n:05}"));
+            let mut last_offset = 0;
+            for (n, id) in ids.enumerate() {
+                // Stop only after the last restart, and after a minimum of traffic.
+                if stop.load(Ordering::Relaxed) && n >= 300 {
+                    break;
+                }
+                let offset = publish_until_acked(&clients, &id, n).await;
+                last_offset = last_offset.max(offset);
+                history.lock().expect("history").acked(offset, id);
+            }
+            last_offset
+        })
+    };
+    for node in NODES {
+        // Each restart happens while messages flow: wait for a few more acks first.
+        let acks = history.lock().expect("history").ack_count();
+        let deadline = Instant::now() + PUBLISH_DEADLINE;
+        while history.lock().expect("history").ack_count() < acks + 30 {
+            assert!(
+                Instant::now() < deadline,
+                "no progress before restarting {node}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stack_ref = &stack;
+        tokio::task::block_in_place(|| stack_ref.restart(node)).expect("restart");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let last_offset = publisher.await.expect("the publisher finishes");
+    wait_delivered(&history, &subscribers).await;
+    record_digests(&stack, &history, last_offset).await;
+    assert_clean(&history, &subscribers);
+}
+
+/// Scenario 4: a follower's volume deleted (the operator's answer to damaged files, see
+/// docs/DURABILITY.md) and the node created again with the same id and members: it is rebuilt
+/// from the others by log, and every node then stores every acknowledged message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wiped_node_is_rebuilt_from_the_others_by_log() {
+    wiped_node_rebuilt("sb-fault-wipe-log", Vec::new()).await;
+}
+
+/// Scenario 4 with snapshots every 50 entries, so the leader has purged the start of its log and
+/// the wiped node must be sent a snapshot.
+///
+/// Ignored: it reveals a bug this test was written to find (see the report of the `fault`
+/// branch). The leader (openraft 0.9.25, `loosen-follower-log-revert`) answers the wiped node's
+/// conflict with an AppendEntries whose `prev_log_id` is None but whose entries start at its purge
+/// point (index 100, say) instead of sending its snapshot; the wiped node, holding only its own
+/// initial membership entry at index 0, accepts it (None always matches), is left with a hole
+/// (0, then 100..), and its raft core panics applying it (`raft_core.rs:779`, an `unwrap` on the
+/// entries it expected); it never catches up. (Its /healthz used to keep answering 200 from the
+/// dead core's last metrics; it now answers 503, so here `wipe` times out waiting for health.)
+/// `cluster::a_wiped_follower_is_rebuilt_from_the_others` (in-process, snapshots every 20) does not
+/// hit it.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "reveals a bug: a wiped follower behind a purged leader log is sent entries, not the snapshot"]
+async fn a_wiped_node_is_rebuilt_from_the_others_by_snapshot_and_log() {
+    let env = vec![(
+        "SWITCHBOARD_RAFT_SNAPSHOT_EVERY_ENTRIES".to_owned(),
+        "50".to_owned(),
+    )];
+    wiped_node_rebuilt("sb-fault-wipe-snapshot", env).await;
+}
+
+/// Scenario 4, the damaged-files variant: a follower's raft log file is cut in half while it is
+/// stopped. It refuses to start (docs/DURABILITY.md) rather than serve or vote from it; the
+/// operator path — delete its volume, recreate it — brings it back, rebuilt from the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_a_truncated_log_refuses_to_start_and_is_rebuilt_after_a_wipe() {
+    let Some(stack) = stack("sb-fault-truncated") else {
+        return;
+    };
+    let leader = leader(&stack).await;
+    let damaged = (leader + 1) % NODES.len();
+    let others: Vec<usize> = (0..NODES.len()).filter(|i| *i != damaged).collect();
+    let history = Arc::new(Mutex::new(History::new()));
+    let mut clients = Vec::new();
+    for &i in &others {
+        clients.push((i, connect(&stack, i).await));
+    }
+    let before = (0..100).map(|n| format!("before-{n:03}"));
+    let mut last_offset = publish_all(&clients, &history, before).await;
+
+    let node = NODES[damaged];
+    let stack_ref = &stack;
+    let refusal = tokio::task::block_in_place(|| -> anyhow::Result<String> {
+        stack_ref.stop(node)?;
+        let db = stack_ref.data_path(node)?.join("log").join("db");
+        let file = std::fs::OpenOptions::new().write(true).open(&db)?;
+        let len = file.metadata()?.len();
+        file.set_len(len / 2)?;
+        file.sync_all()?;
+        stack_ref.start_expecting_refusal(node)
+    })
+    .expect("the damaged node is refused");
+    let reason = refusal
+        .lines()
+        .rev()
+        .find(|l| l.contains("damaged") || l.contains("refusing to start"))
+        .unwrap_or_else(|| panic!("the refusal names no reason:\n{refusal}"));
+    eprintln!("{node} refused to start: {reason}");
+    // The others go on without it.
+    let during = (0..50).map(|n| format!("during-{n:03}"));
+    last_offset = last_offset.max(publish_all(&clients, &history, during).await);
+
+    tokio::task::block_in_place(|| stack_ref.wipe(node)).expect("wipe and recreate");
+    let after = (0..50).map(|n| format!("after-{n:03}"));
+    last_offset = last_offset.max(publish_all(&clients, &history, after).await);
+    let mut subscribers = Vec::new();
+    for (i, node) in NODES.iter().enumerate() {
+        let name = format!("replay-on-{node}");
+        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
+        subscribers.push(name);
+    }
+    wait_delivered(&history, &subscribers).await;
+    record_digests(&stack, &history, last_offset).await;
+    assert_clean(&history, &subscribers);
+}
+
+async fn wiped_node_rebuilt(name: &str, env: Vec<(String, String)>) {
+    let options = StackOptions {
+        separate_raft_network: false,
+        env,
+    };
+    let Some(stack) = stack_with(name, &options) else {
+        return;
+    };
+    let leader = leader(&stack).await;
+    let wiped = (leader + 1) % NODES.len();
+    let others: Vec<usize> = (0..NODES.len()).filter(|i| *i != wiped).collect();
+    let history = Arc::new(Mutex::new(History::new()));
+    let mut clients = Vec::new();
+    for &i in &others {
+        clients.push((i, connect(&stack, i).await));
+    }
+    // Messages are published one by one, so each is its own log entry (several snapshots' worth
+    // when snapshots are taken every 50 entries).
+    let before = (0..150).map(|n| format!("before-{n:03}"));
+    let mut last_offset = publish_all(&clients, &history, before).await;
+    let stack_ref = &stack;
+    tokio::task::block_in_place(|| stack_ref.wipe(NODES[wiped])).expect("wipe and recreate");
+    let after = (0..150).map(|n| format!("after-{n:03}"));
+    last_offset = last_offset.max(publish_all(&clients, &history, after).await);
+    // A fresh subscriber on each node, the rebuilt one included, replays everything.
     let mut subscribers = Vec::new();
     for (i, node) in NODES.iter().enumerate() {
         let name = format!("replay-on-{node}");

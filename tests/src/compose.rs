@@ -1,6 +1,6 @@
 //! The top-level `docker-compose.yml` as a test fixture: a three-node stack under its own project
-//! name and host ports, with named fault helpers (kill -9 a node, start it again), torn down with
-//! its volumes when dropped.
+//! name and host ports, with named fault helpers (kill -9 a node, start it again, restart it, wipe
+//! its volume, cut it off from the others' raft traffic), torn down with its volumes when dropped.
 //!
 //! It needs a Docker engine, a compose tool (`docker compose` or Debian's `docker-compose`) and the
 //! image built by `deploy/build-image.sh`; [`Stack::unavailable`] says what is missing so a test
@@ -46,6 +46,51 @@ fn compose_program() -> Option<Vec<&'static str>> {
     }
 }
 
+/// How a test wants the stack changed from the plain `docker-compose.yml`; applied through a
+/// generated override file, so the file users run stays the one under test.
+#[derive(Clone, Debug, Default)]
+pub struct StackOptions {
+    /// Put raft traffic (replication, votes, forwarded writes) on a network of its own, `raft`,
+    /// where node `sbN` is known only as `sbN-raft`. [`Stack::partition`] then cuts a node off
+    /// from its peers while its published client port, which lives on the default network, keeps
+    /// answering — so a test can watch what a cut-off node tells its clients.
+    pub separate_raft_network: bool,
+    /// Extra `SWITCHBOARD_*` settings for every node, e.g. a low snapshot threshold.
+    pub env: Vec<(String, String)>,
+}
+
+impl StackOptions {
+    fn override_yaml(&self) -> Option<String> {
+        if !self.separate_raft_network && self.env.is_empty() {
+            return None;
+        }
+        let mut yaml = String::from("services:\n");
+        for node in NODES {
+            yaml.push_str(&format!("  {node}:\n    environment:\n"));
+            for (key, value) in &self.env {
+                yaml.push_str(&format!("      {key}: {value:?}\n"));
+            }
+            if self.separate_raft_network {
+                let members: Vec<String> = NODES
+                    .iter()
+                    .map(|n| format!("{}={n}-raft:7402", &n[2..]))
+                    .collect();
+                yaml.push_str(&format!(
+                    "      SWITCHBOARD_CLUSTER_ADVERTISE: \"{node}-raft:7402\"\n      \
+                     SWITCHBOARD_CLUSTER_MEMBERS: \"{}\"\n    networks:\n      default: {{}}\n      \
+                     raft:\n        aliases: [\"{node}-raft\"]\n",
+                    members.join(",")
+                ));
+            }
+        }
+        if self.separate_raft_network {
+            // Internal: no gateway, so the default network keeps carrying the published ports.
+            yaml.push_str("networks:\n  raft:\n    internal: true\n");
+        }
+        Some(yaml)
+    }
+}
+
 /// A running stack.
 pub struct Stack {
     project: String,
@@ -53,6 +98,8 @@ pub struct Stack {
     /// Host ports of each node's public listener, by node index (0 = sb1).
     pub public_ports: [u16; 3],
     admin_ports: [u16; 3],
+    /// The generated override file, if any; removed with the stack.
+    override_file: Option<tempfile::NamedTempFile>,
 }
 
 impl Stack {
@@ -86,6 +133,25 @@ impl Stack {
     /// # Errors
     /// Compose fails, or a node is not healthy within [`HEALTHY_DEADLINE`].
     pub fn up(name: &str) -> Result<Stack> {
+        Stack::up_with(name, &StackOptions::default())
+    }
+
+    /// [`Stack::up`] with the changes in `options`.
+    ///
+    /// # Errors
+    /// As [`Stack::up`], or the override file cannot be written.
+    pub fn up_with(name: &str, options: &StackOptions) -> Result<Stack> {
+        let override_file = match options.override_yaml() {
+            Some(yaml) => {
+                let mut file = tempfile::Builder::new()
+                    .prefix("switchboard-fault-")
+                    .suffix(".yml")
+                    .tempfile()?;
+                std::io::Write::write_all(&mut file, yaml.as_bytes())?;
+                Some(file)
+            }
+            None => None,
+        };
         let compose = compose_program().context("no compose tool")?;
         let mut ports = [0u16; 6];
         let listeners: Vec<std::net::TcpListener> = (0..6)
@@ -100,6 +166,7 @@ impl Stack {
             compose,
             public_ports: [ports[0], ports[1], ports[2]],
             admin_ports: [ports[3], ports[4], ports[5]],
+            override_file,
         };
         stack.compose(&["up", "-d"])?;
         for node in NODES {
@@ -128,9 +195,11 @@ impl Stack {
             .arg("--project-name")
             .arg(&self.project)
             .arg("--file")
-            .arg(repo_root().join("docker-compose.yml"))
-            .args(args)
-            .current_dir(repo_root());
+            .arg(repo_root().join("docker-compose.yml"));
+        if let Some(file) = &self.override_file {
+            command.arg("--file").arg(file.path());
+        }
+        command.args(args).current_dir(repo_root());
         for (i, node) in NODES.iter().enumerate() {
             let n = &node[2..];
             command.env(
@@ -173,6 +242,139 @@ impl Stack {
     pub fn start(&self, node: &str) -> Result<()> {
         self.compose(&["start", node])?;
         self.wait_healthy(node)
+    }
+
+    /// Restarts a node the polite way (SIGTERM, then start) and waits until it is healthy again.
+    ///
+    /// # Errors
+    /// Docker fails, or the node is not healthy in time.
+    pub fn restart(&self, node: &str) -> Result<()> {
+        self.compose(&["restart", "--timeout", "20", node])?;
+        self.wait_healthy(node)
+    }
+
+    /// Replaces a node's data with nothing: stops and removes its container, deletes its volume,
+    /// and creates it again (same node id and members), then waits until it is healthy.
+    ///
+    /// # Errors
+    /// Docker fails, or the node is not healthy in time.
+    pub fn wipe(&self, node: &str) -> Result<()> {
+        self.compose(&["rm", "--stop", "--force", node])?;
+        self.docker(&["volume", "rm", &format!("{}_{node}-data", self.project)])?;
+        self.compose(&["up", "-d", "--no-deps", node])?;
+        self.wait_healthy(node)
+    }
+
+    /// Stops a node politely (SIGTERM) and leaves it stopped.
+    ///
+    /// # Errors
+    /// Docker fails.
+    pub fn stop(&self, node: &str) -> Result<()> {
+        self.compose(&["stop", "--timeout", "20", node]).map(|_| ())
+    }
+
+    /// Where the node's data volume lives on the host (the engine is local here), to damage its
+    /// files while the node is stopped.
+    ///
+    /// # Errors
+    /// Docker fails.
+    pub fn data_path(&self, node: &str) -> Result<PathBuf> {
+        let volume = format!("{}_{node}-data", self.project);
+        let output = Command::new("docker")
+            .args(["volume", "inspect", "--format", "{{.Mountpoint}}", &volume])
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "cannot inspect {volume}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(PathBuf::from(
+            String::from_utf8_lossy(&output.stdout).trim(),
+        ))
+    }
+
+    /// Starts a node that is expected to refuse to start, and waits (with a deadline) until its
+    /// broker has exited with an error at least once; returns its log (the reason it gave). The
+    /// restart policy keeps retrying it until it is wiped.
+    ///
+    /// # Errors
+    /// Docker fails, or the node is still running after [`HEALTHY_DEADLINE`].
+    pub fn start_expecting_refusal(&self, node: &str) -> Result<String> {
+        self.compose(&["start", node])?;
+        let id = self.container(node)?;
+        let deadline = Instant::now() + HEALTHY_DEADLINE;
+        loop {
+            let output = Command::new("docker")
+                .args([
+                    "inspect",
+                    "--format",
+                    "{{.State.ExitCode}} {{.RestartCount}} {{.State.Health.Status}}",
+                    &id,
+                ])
+                .output()?;
+            let state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            let mut fields = state.split_whitespace();
+            let exit_code = fields.next().unwrap_or("0");
+            let restarts = fields.next().unwrap_or("0");
+            if fields.next() == Some("healthy") {
+                bail!("{node} started and is healthy: its damage went unnoticed");
+            }
+            if exit_code != "0" || restarts != "0" {
+                let logs = Command::new("docker").args(["logs", &id]).output()?;
+                return Ok(format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&logs.stdout),
+                    String::from_utf8_lossy(&logs.stderr)
+                ));
+            }
+            if Instant::now() > deadline {
+                bail!("{node} neither refused to start nor became healthy: {state}");
+            }
+            std::thread::park_timeout(Duration::from_millis(250));
+        }
+    }
+
+    /// Cuts a node off from the other nodes' raft traffic (needs
+    /// [`StackOptions::separate_raft_network`]); its client port keeps answering.
+    ///
+    /// # Errors
+    /// Docker fails.
+    pub fn partition(&self, node: &str) -> Result<()> {
+        let id = self.container(node)?;
+        self.docker(&["network", "disconnect", &self.raft_network(), &id])
+    }
+
+    /// Undoes [`Stack::partition`]: the node is on the raft network again under its raft name.
+    ///
+    /// # Errors
+    /// Docker fails.
+    pub fn heal(&self, node: &str) -> Result<()> {
+        let id = self.container(node)?;
+        let alias = format!("{node}-raft");
+        self.docker(&[
+            "network",
+            "connect",
+            "--alias",
+            &alias,
+            &self.raft_network(),
+            &id,
+        ])
+    }
+
+    fn raft_network(&self) -> String {
+        format!("{}_raft", self.project)
+    }
+
+    fn docker(&self, args: &[&str]) -> Result<()> {
+        let output = Command::new("docker").args(args).output()?;
+        if !output.status.success() {
+            bail!(
+                "docker {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Waits (with a deadline) for the node's health check to pass.

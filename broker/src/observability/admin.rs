@@ -53,9 +53,14 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Whether this node knows a leader (what `/healthz` and gRPC health report).
+    /// Whether this node knows a leader (what `/healthz` and gRPC health report), with its raft
+    /// still running.
     pub fn has_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader.is_some()
+        let metrics = self.raft.metrics();
+        // A raft core that stopped (a fatal storage error, or a panic) leaves its last metrics
+        // behind, leader included; only the closed channel says it is gone. Found by the fault
+        // test of a wiped node, whose core stopped while /healthz kept answering 200.
+        metrics.has_changed().is_ok() && metrics.borrow().current_leader.is_some()
     }
 
     /// Reads the broker's state for a scrape.
@@ -248,4 +253,35 @@ async fn respond(sources: &Sources, request: Request<Incoming>) -> Response<Full
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::raft;
+    use crate::subscription::registry::Registry;
+
+    #[tokio::test]
+    async fn healthz_turns_unhealthy_when_raft_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::defaults().unwrap();
+        config.data_dir = dir.path().to_owned();
+        let me = raft::own_member(&config, "127.0.0.1:7400".parse().unwrap());
+        let peers = raft::network::Peers::new(1 << 20, None);
+        let consensus = raft::start(&config, me, peers).await.unwrap();
+        let sources = Sources {
+            node_id: config.node_id,
+            raft: consensus.raft.clone(),
+            progress: consensus.progress.clone(),
+            registry: Registry::new(10, 10),
+            data_dir: dir.path().to_owned(),
+        };
+        // A lone node leads once start returns.
+        assert!(sources.has_leader());
+        consensus.raft.shutdown().await.unwrap();
+        // The last metrics still name this node as leader; health must not believe them.
+        assert!(consensus.raft.metrics().borrow().current_leader.is_some());
+        assert!(!sources.has_leader());
+    }
 }
