@@ -30,19 +30,26 @@ fn stack(name: &str) -> Option<Stack> {
     stack_with(name, &StackOptions::default())
 }
 
+/// Whether a stack can run here; says why not (and fails under `SWITCHBOARD_FAULT_TESTS=1`).
+fn can_run() -> bool {
+    match Stack::unavailable() {
+        None => true,
+        Some(missing) => {
+            // SWITCHBOARD_FAULT_TESTS=1 (set where the image is built first) turns the skip into
+            // a failure, so a CI that means to run them cannot pass without them.
+            assert!(
+                std::env::var_os("SWITCHBOARD_FAULT_TESTS").is_none(),
+                "fault tests requested but cannot run: {missing}"
+            );
+            eprintln!("skipped: {missing}");
+            false
+        }
+    }
+}
+
 /// [`stack`] with changes to the plain compose file.
 fn stack_with(name: &str, options: &StackOptions) -> Option<Stack> {
-    if let Some(missing) = Stack::unavailable() {
-        // SWITCHBOARD_FAULT_TESTS=1 (set where the image is built first) turns the skip into a
-        // failure, so a CI that means to run them cannot pass without them.
-        assert!(
-            std::env::var_os("SWITCHBOARD_FAULT_TESTS").is_none(),
-            "fault tests requested but cannot run: {missing}"
-        );
-        eprintln!("skipped: {missing}");
-        return None;
-    }
-    Some(Stack::up_with(name, options).expect("the compose stack starts"))
+    can_run().then(|| Stack::up_with(name, options).expect("the compose stack starts"))
 }
 
 async fn connect(stack: &Stack, index: usize) -> Client {
@@ -304,7 +311,7 @@ async fn a_partitioned_follower_refuses_writes_and_catches_up_after_healing() {
 async fn partitioned_node(name: &str, cut_off_the_leader: bool) {
     let options = StackOptions {
         separate_raft_network: true,
-        env: Vec::new(),
+        ..StackOptions::default()
     };
     let Some(stack) = stack_with(name, &options) else {
         return;
@@ -518,8 +525,8 @@ async fn a_node_with_a_truncated_log_refuses_to_start_and_is_rebuilt_after_a_wip
 
 async fn wiped_node_rebuilt(name: &str, env: Vec<(String, String)>) {
     let options = StackOptions {
-        separate_raft_network: false,
         env,
+        ..StackOptions::default()
     };
     let Some(stack) = stack_with(name, &options) else {
         return;
@@ -550,4 +557,84 @@ async fn wiped_node_rebuilt(name: &str, env: Vec<(String, String)>) {
     wait_delivered(&history, &subscribers).await;
     record_digests(&stack, &history, last_offset).await;
     assert_clean(&history, &subscribers);
+}
+
+/// The secured stack (docker-compose.secure.yml, secrets from deploy/secure/make-secrets.sh):
+/// clients reach every node over TLS with a token from the broker's endpoint, calls without one
+/// are refused, and the nodes replicate to each other over mutual TLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_secured_stack_serves_clients_over_tls_with_tokens() {
+    use switchboard_client::ConnectOptions;
+    if !can_run() {
+        return;
+    }
+    let secrets = tempfile::tempdir().expect("temp dir");
+    Stack::make_secrets(secrets.path()).expect("secrets are made");
+    let options = StackOptions {
+        secrets: Some(secrets.path().to_owned()),
+        ..StackOptions::default()
+    };
+    let stack = Stack::up_with("fault-secure", &options).expect("the secured stack starts");
+    let ca = std::fs::read(secrets.path().join("ca.pem")).expect("the CA");
+    let secret = std::fs::read_to_string(secrets.path().join("operator.secret")).expect("secret");
+    let mut clients = Vec::new();
+    for i in 0..NODES.len() {
+        let options = ConnectOptions::default()
+            .ca_certificate(ca.clone())
+            .client_credentials("operator", secret.trim());
+        clients.push(
+            Client::connect_with(stack.url(i), options)
+                .await
+                .expect("connects over TLS"),
+        );
+    }
+    // A publish through each node (followers forward to the leader over mutual TLS) reaches a
+    // subscriber on every node.
+    let mut subscriptions = Vec::new();
+    for client in &clients {
+        subscriptions.push(
+            client
+                .subscribe("secure.>", Start::Earliest)
+                .await
+                .expect("subscribes"),
+        );
+    }
+    let mut acked = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        let ack = tokio::time::timeout(
+            PUBLISH_DEADLINE,
+            client.publish(Publish::new(
+                "secure.check.done",
+                format!("{{\"via\":{i}}}"),
+            )),
+        )
+        .await
+        .expect("in time")
+        .expect("a publish with a token");
+        acked.push(ack.offset);
+    }
+    acked.sort_unstable();
+    for subscription in &mut subscriptions {
+        let mut seen = Vec::new();
+        while seen.len() < acked.len() {
+            let message = tokio::time::timeout(CATCH_UP_DEADLINE, subscription.next())
+                .await
+                .expect("delivered in time")
+                .expect("the subscription goes on")
+                .expect("a message");
+            seen.push(message.offset);
+        }
+        assert_eq!(seen, acked);
+    }
+    // Without a token: refused. Without the CA: the TLS handshake fails.
+    let anonymous =
+        Client::connect_with(stack.url(0), ConnectOptions::default().ca_certificate(ca))
+            .await
+            .expect("connects");
+    let refused = anonymous.info().await.expect_err("no token");
+    assert_eq!(refused.reason(), Some("TOKEN_MISSING"), "{refused}");
+    let plain = Client::connect(format!("http://127.0.0.1:{}", stack.public_ports[0])).await;
+    if let Ok(plain) = plain {
+        assert!(plain.info().await.is_err(), "plain text to a TLS listener");
+    }
 }

@@ -57,6 +57,9 @@ pub struct StackOptions {
     pub separate_raft_network: bool,
     /// Extra `SWITCHBOARD_*` settings for every node, e.g. a low snapshot threshold.
     pub env: Vec<(String, String)>,
+    /// Run `docker-compose.secure.yml` over the plain file (TLS, mutual TLS between nodes,
+    /// tokens), with the secrets `deploy/secure/make-secrets.sh` wrote into this folder.
+    pub secrets: Option<PathBuf>,
 }
 
 impl StackOptions {
@@ -100,6 +103,8 @@ pub struct Stack {
     admin_ports: [u16; 3],
     /// The generated override file, if any; removed with the stack.
     override_file: Option<tempfile::NamedTempFile>,
+    /// The secrets folder of a secured stack.
+    secrets: Option<PathBuf>,
 }
 
 impl Stack {
@@ -167,6 +172,7 @@ impl Stack {
             public_ports: [ports[0], ports[1], ports[2]],
             admin_ports: [ports[3], ports[4], ports[5]],
             override_file,
+            secrets: options.secrets.clone(),
         };
         stack.compose(&["up", "-d"])?;
         for node in NODES {
@@ -175,9 +181,33 @@ impl Stack {
         Ok(stack)
     }
 
-    /// The gRPC URL of node `index` (0 = sb1) on the host.
+    /// The gRPC URL of node `index` (0 = sb1) on the host: `https://localhost:…` (the name its
+    /// certificate carries) for a secured stack.
     pub fn url(&self, index: usize) -> String {
-        format!("http://127.0.0.1:{}", self.public_ports[index])
+        match self.secrets {
+            Some(_) => format!("https://localhost:{}", self.public_ports[index]),
+            None => format!("http://127.0.0.1:{}", self.public_ports[index]),
+        }
+    }
+
+    /// Makes the secrets of a secured stack into `dir` with `deploy/secure/make-secrets.sh`.
+    ///
+    /// # Errors
+    /// The script fails.
+    pub fn make_secrets(dir: &Path) -> Result<()> {
+        let output = Command::new("bash")
+            .arg(repo_root().join("deploy/secure/make-secrets.sh"))
+            .arg(dir)
+            .env("SWITCHBOARD_IMAGE", image())
+            .output()
+            .context("cannot run make-secrets.sh")?;
+        if !output.status.success() {
+            bail!(
+                "make-secrets.sh failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Runs the compose tool on this project with `args`.
@@ -196,6 +226,12 @@ impl Stack {
             .arg(&self.project)
             .arg("--file")
             .arg(repo_root().join("docker-compose.yml"));
+        if let Some(secrets) = &self.secrets {
+            command
+                .arg("--file")
+                .arg(repo_root().join("docker-compose.secure.yml"))
+                .env("SWITCHBOARD_SECRETS", secrets);
+        }
         if let Some(file) = &self.override_file {
             command.arg("--file").arg(file.path());
         }
