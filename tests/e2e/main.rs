@@ -2,6 +2,7 @@
 //! talks to them through the real client (or the `sb` command line). One test binary, so the
 //! build is shared; scenarios are grouped by concern.
 
+mod browser;
 mod cli;
 mod cluster;
 mod common;
