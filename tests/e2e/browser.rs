@@ -320,3 +320,65 @@ async fn a_page_on_an_origin_that_is_not_allowed_receives_nothing() -> Result<()
     assert!(metrics.contains("ORIGIN_NOT_ALLOWED"));
     Ok(())
 }
+
+#[tokio::test]
+async fn the_console_shows_the_channels_and_subscriptions_the_test_created() -> Result<()> {
+    if !browser_available("console") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let broker = broker_for(dir.path(), &[origin])?;
+    let (panel, console) = (Browser::start().await?, Browser::start().await?);
+    panel
+        .goto(&page(origin, "telephony", &broker, "&contact=5"))
+        .await?;
+    panel.wait_for("panel live", LIVE).await?;
+    panel
+        .wait_for(
+            "feed subscribed",
+            "return window.demo.sources[1].readyState === 1",
+        )
+        .await?;
+    publish_seqs(&broker, "telephony.call.started", 1..=3).await?;
+    panel
+        .wait_for("3 messages shown", "return window.demo.feed.length >= 3")
+        .await?;
+
+    console
+        .goto(&format!("{}/console", broker.admin_url()))
+        .await?;
+    // What the page shows, not only what its JSON says: the rendered tables' text.
+    let shown = console
+        .wait_for(
+            "the channel and the subscription in the console",
+            "const text = ['channels', 'subscriptions']
+                .map(id => document.getElementById(id).textContent);
+             return text[0].includes('telephony.call.started') && text[1].includes('telephony.>')
+                ? window.consoleState : null",
+        )
+        .await?;
+    let channel = shown["channels"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["channel"] == "telephony.call.started"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(channel["recent_messages"], 3, "{shown}");
+    let subscription = shown["subscriptions"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["pattern"] == "telephony.>"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(subscription["policy"], "lossless", "{shown}");
+    assert_eq!(
+        subscription["lag"], 0,
+        "the panel has read everything: {shown}"
+    );
+    assert_eq!(shown["cluster"]["leader"], shown["node_id"], "{shown}");
+
+    if std::env::var_os("SWITCHBOARD_SCREENSHOTS").is_some() {
+        let docs = demo_dir().join("../../docs");
+        std::fs::write(docs.join("console.png"), console.screenshot().await?)?;
+    }
+    Ok(())
+}

@@ -22,7 +22,10 @@ fn main() -> Result<()> {
     let crm = serve_dir(demo_dir(), "127.0.0.1:8081")?;
     let telephony = serve_dir(demo_dir(), "127.0.0.1:8082")?;
     println!("CRM panel:       http://localhost:{}/crm.html", crm.port());
-    println!("telephony panel: http://localhost:{}/telephony.html", telephony.port());
+    println!(
+        "telephony panel: http://localhost:{}/telephony.html",
+        telephony.port()
+    );
     println!("operator console: http://localhost:7401/console");
     let status = broker.wait()?;
     anyhow::bail!("the broker stopped: {status}")
