@@ -170,7 +170,12 @@ impl Browser {
     /// One WebDriver command; the `value` of its answer, or its error.
     async fn command(&self, method: &str, path: &str, body: &Value) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        let body = serde_json::to_vec(body)?;
+        // GET commands take no body at all: chromedriver refuses even `null`.
+        let body = if body.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(body)?
+        };
         let method_owned = method.to_owned();
         let (status, text) =
             tokio::task::spawn_blocking(move || webdriver_request(&method_owned, &url, &body))
