@@ -86,6 +86,8 @@ function followFeed() {
   window.demo.resumedFrom = last;
   const events = new EventSource(url);
   window.demo.sources.push(events);
+  // The broker has registered the subscription: what is published from now on will be shown.
+  events.addEventListener("subscribed", () => { window.demo.feedReady = true; });
   events.onmessage = (e) => {
     const message = JSON.parse(e.data);
     localStorage.setItem(key, e.lastEventId);
