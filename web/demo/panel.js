@@ -100,6 +100,7 @@ function followFeed() {
 }
 
 const telemetry = window.createTelemetry({ broker: BROKER, source: PANEL });
+window.demo.telemetry = telemetry;
 document.getElementById("form").addEventListener("submit", save);
 watchContact();
 followFeed();
