@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod common;
 mod concurrency;
+mod console;
 mod entities;
 mod flow;
 mod fuzz;
