@@ -276,6 +276,46 @@ async fn a_reloaded_panel_resumes_its_stream_from_the_last_event_id_with_no_gap_
         .eval("return window.demo.resumedFrom", json!([]))
         .await?;
     assert_eq!(from, saved);
+
+    // A reload while messages keep coming: whatever the old page showed last (the id it saved),
+    // the new page continues right after it, through to the last message.
+    let publishing = async {
+        let mut offsets = Vec::new();
+        for seq in 33..=80 {
+            offsets.push((
+                seq,
+                publish_seqs(&broker, "telephony.call", seq..=seq).await?[0],
+            ));
+        }
+        anyhow::Ok(offsets)
+    };
+    let (offsets, reloaded) = tokio::join!(publishing, browser.goto(&url));
+    let (offsets, ()) = (offsets?, reloaded?);
+    let after = browser
+        .wait_for(
+            "the last message after a reload under load",
+            "const f = window.demo.feed;
+             return f.length && f[f.length - 1].payload.seq === 80
+                 ? [window.demo.resumedFrom, f.map(m => m.payload.seq)] : null",
+        )
+        .await?;
+    let resumed_from: u64 = after[0].as_str().unwrap_or_default().parse()?;
+    let expected: Vec<u64> = offsets
+        .iter()
+        .filter(|(_, offset)| *offset > resumed_from)
+        .map(|(seq, _)| *seq)
+        .collect();
+    println!(
+        "reload under load: the old page showed up to offset {resumed_from}; the new page \
+         resumed with seq {:?}",
+        expected.first()
+    );
+    assert!(resumed_from >= second[9], "the old page had shown seq 30");
+    assert_eq!(
+        after[1],
+        json!(expected),
+        "no gap and no duplicate across the reload"
+    );
     Ok(())
 }
 
