@@ -200,6 +200,7 @@ impl Broker {
                     progress: consensus.progress.clone(),
                     registry: service.registry(),
                     data_dir: config.data_dir.clone(),
+                    store: consensus.store.clone(),
                 });
                 let task = tokio::spawn(admin::serve(admin_listener, sources, signal.clone()));
                 (Some(addr), Some(task))

@@ -2,10 +2,12 @@
 //! talks to them through the real client (or the `sb` command line). One test binary, so the
 //! build is shared; scenarios are grouped by concern.
 
+mod browser;
 mod cli;
 mod cluster;
 mod common;
 mod concurrency;
+mod console;
 mod entities;
 mod flow;
 mod fuzz;

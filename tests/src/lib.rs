@@ -783,3 +783,4 @@ pub mod compose;
 pub mod history;
 pub mod otlp;
 pub mod strace;
+pub mod web;

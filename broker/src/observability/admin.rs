@@ -1,7 +1,9 @@
 //! The HTTP admin listener (`admin_listen`, default `127.0.0.1:7401`, `off` to disable):
 //! - `GET /metrics`: Prometheus text format 0.0.4 — the recorded event metrics and the broker's
 //!   state read at scrape time (see [`super::metrics`]);
-//! - `GET /healthz`: `200 ok` while this node knows a raft leader, `503` otherwise.
+//! - `GET /healthz`: `200 ok` while this node knows a raft leader, `503` otherwise;
+//! - `GET /console` and `GET /console/api/state`: the read-only operator console
+//!   (see [`super::console`]).
 //!
 //! Anything else is 404 (405 for another method). It is plain HTTP/1.1 on hyper, the server tonic
 //! already uses; it stops accepting when shutdown begins and closes its connections gracefully.
@@ -25,6 +27,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use super::console;
 use super::metrics::{self, Scrape, SubscriptionScrape};
 use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
@@ -33,6 +36,8 @@ use crate::subscription::registry::Registry;
 
 /// The content type of the Prometheus text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+const PAGE_CONTENT_TYPE: &str = "text/html; charset=utf-8";
+const JSON_CONTENT_TYPE: &str = "application/json";
 /// Admin connections served at once; more are closed on accept.
 const MAX_CONNECTIONS: usize = 64;
 /// How long a client may take to send its request headers.
@@ -50,6 +55,8 @@ pub struct Sources {
     pub registry: Registry,
     /// The data folder, measured for `switchboard_disk_bytes`.
     pub data_dir: PathBuf,
+    /// The message log: the console reads its durable consumers and latest channels.
+    pub store: crate::store::MessageStore,
 }
 
 impl Sources {
@@ -212,6 +219,14 @@ pub async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown: Shutd
     while connections.join_next().await.is_some() {}
 }
 
+fn typed(content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, body);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
@@ -224,10 +239,10 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 async fn respond(sources: &Sources, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    if path != "/metrics" && path != "/healthz" {
+    if !["/metrics", "/healthz", "/console", "/console/api/state"].contains(&path) {
         return text(
             StatusCode::NOT_FOUND,
-            "not found: this listener serves /metrics and /healthz\n",
+            "not found: this listener serves /metrics, /healthz and /console\n",
         );
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -246,6 +261,12 @@ async fn respond(sources: &Sources, request: Request<Incoming>) -> Response<Full
                 "no leader: this node cannot accept writes\n",
             )
         };
+    }
+    if path == "/console" {
+        return typed(PAGE_CONTENT_TYPE, console::PAGE);
+    }
+    if path == "/console/api/state" {
+        return typed(JSON_CONTENT_TYPE, console::state(sources).await.to_string());
     }
     let body = metrics::render(&sources.scrape().await);
     let mut response = text(StatusCode::OK, body);
@@ -276,6 +297,7 @@ mod tests {
             progress: consensus.progress.clone(),
             registry: Registry::new(10, 10),
             data_dir: dir.path().to_owned(),
+            store: consensus.store.clone(),
         };
         // A lone node leads once start returns.
         assert!(sources.has_leader());

@@ -1,13 +1,15 @@
 //! Observability: what an operator sees of a running broker.
 //!
 //! - [`metrics`]: Prometheus metrics — the names, and the recorder behind `/metrics`.
-//! - [`admin`]: the HTTP admin listener (`/metrics`).
+//! - [`admin`]: the HTTP admin listener (`/metrics`, `/healthz`, `/console`).
+//! - [`console`]: the operator console's page and its JSON state.
 //! - [`audit`]: one rate-limited log line per refused request.
 //! - [`trace`]: W3C trace context in and out of messages, spans, and OTLP export.
 //! - [`probe`]: `switchboard --healthcheck`, the container health probe.
 
 pub mod admin;
 pub mod audit;
+pub mod console;
 pub mod metrics;
 pub mod probe;
 pub mod trace;

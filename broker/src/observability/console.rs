@@ -1,0 +1,223 @@
+//! The operator console on the admin listener: `GET /console` is one static page (embedded in
+//! the binary) that polls `GET /console/api/state`, a read-only JSON view of this node built from
+//! what `/metrics` already gathers ([`Sources::scrape`], the recorded refusal counters) plus the
+//! durable consumers and the channels of the most recent messages in the store.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use super::admin::Sources;
+use super::metrics::{self, Scrape};
+use crate::message::now_us;
+use crate::subscription::registry::FlowPolicy;
+
+/// The console page.
+pub const PAGE: &str = include_str!("console.html");
+
+/// How many of the latest messages the channel table looks at: enough to show what is busy now,
+/// bounded so that a refresh reads at most this many from the store.
+const RECENT_MESSAGES: u64 = 2_000;
+/// The window the channel rates are computed over.
+const RATE_WINDOW_US: u64 = 60_000_000;
+
+/// Everything the console shows, as JSON.
+pub async fn state(sources: &Sources) -> Value {
+    let scrape = sources.scrape().await;
+    let subscriptions = subscriptions(sources, &scrape);
+    let store = sources.store.clone();
+    let last_offset = scrape.last_offset;
+    let (channels, consumers) = tokio::task::spawn_blocking(move || {
+        (
+            recent_channels(&store, last_offset),
+            durable_consumers(&store, last_offset),
+        )
+    })
+    .await
+    .unwrap_or_default();
+    json!({
+        "node_id": scrape.node_id,
+        "now_us": now_us(),
+        "last_offset": scrape.last_offset,
+        "stored_bytes": scrape.stored_bytes,
+        "disk_bytes": scrape.disk_bytes,
+        "channels": channels,
+        "subscriptions": subscriptions,
+        "consumers": consumers,
+        "refusals": refusals(),
+        "cluster": cluster(sources, &scrape),
+    })
+}
+
+fn policy_name(policy: FlowPolicy) -> &'static str {
+    match policy {
+        FlowPolicy::Lossless => "lossless",
+        FlowPolicy::Conflate => "conflate",
+        FlowPolicy::DropOldest => "drop_oldest",
+    }
+}
+
+/// The live subscriptions of this node with their lag (the same numbers as `/metrics`).
+fn subscriptions(sources: &Sources, scrape: &Scrape) -> Vec<Value> {
+    let controls = sources.registry.list();
+    scrape
+        .subscriptions
+        .iter()
+        .map(|s| {
+            let control = controls.iter().find(|c| c.id == s.id);
+            json!({
+                "id": s.id,
+                "pattern": s.pattern,
+                "policy": control.map(|c| policy_name(c.policy)),
+                "durable": control.and_then(|c| c.durable.clone()),
+                "next_offset": s.next_offset,
+                "lag": s.lag(scrape.last_offset),
+                "queued_messages": s.queue_messages,
+                "queued_bytes": s.queue_bytes,
+            })
+        })
+        .collect()
+}
+
+/// Channels of the latest [`RECENT_MESSAGES`] messages: how many, the last offset, and the rate
+/// per second over the last minute.
+fn recent_channels(store: &crate::store::MessageStore, last_offset: u64) -> Vec<Value> {
+    #[derive(Default)]
+    struct Channel {
+        messages: u64,
+        in_window: u64,
+        last_offset: u64,
+        last_publish_us: u64,
+    }
+    let now = now_us();
+    let from = last_offset.saturating_sub(RECENT_MESSAGES - 1);
+    let mut channels: BTreeMap<String, Channel> = BTreeMap::new();
+    let messages = store
+        .batches_from(from)
+        .map_while(Result::ok)
+        .flat_map(|batch| batch.messages)
+        .filter(|m| m.offset >= from)
+        .take(RECENT_MESSAGES as usize);
+    for m in messages {
+        let channel = channels.entry(m.message.channel.clone()).or_default();
+        channel.messages += 1;
+        if now.saturating_sub(m.publish_time_us) <= RATE_WINDOW_US {
+            channel.in_window += 1;
+        }
+        channel.last_offset = m.offset;
+        channel.last_publish_us = m.publish_time_us;
+    }
+    channels
+        .into_iter()
+        .map(|(name, c)| {
+            json!({
+                "channel": name,
+                "recent_messages": c.messages,
+                "rate_per_s": c.in_window as f64 / (RATE_WINDOW_US as f64 / 1e6),
+                "last_offset": c.last_offset,
+                "last_publish_us": c.last_publish_us,
+            })
+        })
+        .collect()
+}
+
+/// The durable consumers stored in the log, with how far behind their acknowledgements are.
+fn durable_consumers(store: &crate::store::MessageStore, last_offset: u64) -> Vec<Value> {
+    store
+        .consumers()
+        .map_while(Result::ok)
+        .map(|(name, state)| {
+            json!({
+                "name": name,
+                "pattern": state.pattern,
+                "acked_offset": state.acked_offset,
+                "unacked_behind": last_offset.saturating_sub(state.acked_offset),
+                "redeliveries": state.redeliveries,
+            })
+        })
+        .collect()
+}
+
+/// The refusal counters since this process started, by metric and reason, read from the same
+/// recorder `/metrics` renders (the page turns them into recent counts by difference).
+fn refusals() -> Vec<Value> {
+    let Some(handle) = metrics::handle() else {
+        return Vec::new();
+    };
+    let text = handle.render();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{')?;
+            let counted = [
+                metrics::ACCESS_REFUSALS,
+                metrics::ENTITY_REFUSALS,
+                metrics::PUBLISHES,
+            ];
+            if !counted.contains(&name) {
+                return None;
+            }
+            let reason = label(labels, "reason")?;
+            Some(json!({
+                "metric": name,
+                "reason": reason,
+                "count": value.parse::<f64>().ok()?,
+            }))
+        })
+        .collect()
+}
+
+/// The value of `name="…"` in a Prometheus label set.
+fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+    let rest = &labels[start..];
+    Some(&rest[..rest.find('"')?])
+}
+
+/// Nodes, leader and, on the leader, how far each follower's log is behind.
+fn cluster(sources: &Sources, scrape: &Scrape) -> Value {
+    let raft = sources.raft.metrics();
+    let raft = raft.borrow();
+    let last_log = raft.last_log_index.unwrap_or(0);
+    let nodes: Vec<Value> = raft
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, member)| {
+            let matched = raft
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(id).cloned())
+                .map(|log_id| log_id.map_or(0, |l| l.index));
+            json!({
+                "id": id,
+                "raft_addr": member.raft_addr,
+                "public_addr": member.public_addr,
+                "leader": raft.current_leader == Some(*id),
+                "this_node": *id == sources.node_id,
+                "replication_lag": matched.map(|m| last_log.saturating_sub(m)),
+            })
+        })
+        .collect();
+    json!({
+        "term": scrape.raft_term,
+        "leader": scrape.raft_leader,
+        "committed_index": scrape.raft_committed_index,
+        "applied_index": scrape.raft_applied_index,
+        "nodes": nodes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::label;
+
+    #[test]
+    fn label_values_are_read_by_name() {
+        let labels = r#"result="refused",reason="ORIGIN_NOT_ALLOWED"}"#;
+        assert_eq!(label(labels, "reason"), Some("ORIGIN_NOT_ALLOWED"));
+        assert_eq!(label(labels, "result"), Some("refused"));
+        assert_eq!(label(labels, "missing"), None);
+    }
+}

@@ -1,0 +1,464 @@
+//! The demo pages in headless Chromium (`web/demo`, docs/GATEWAY.md): two panels on two origins
+//! stay in sync, a reloaded page resumes its stream exactly, and a page on an origin that is not
+//! allowed receives nothing. Skipped with a message when Chromium or chromedriver is missing,
+//! failed instead under `SWITCHBOARD_BROWSER_TESTS=1` (CI).
+
+use std::net::SocketAddr;
+
+use anyhow::{ensure, Result};
+use serde_json::{json, Value};
+use switchboard_e2e::web::{
+    browser_tests_required, chromium_missing, demo_dir, serve_dir, Browser,
+};
+use switchboard_e2e::{eventually, http_request, BrokerProcess, SseStream};
+
+/// `true` when the test may run; `false` (after saying why) when it is skipped.
+fn browser_available(test: &str) -> bool {
+    match chromium_missing() {
+        None => true,
+        Some(reason) if browser_tests_required() => {
+            panic!("{test}: SWITCHBOARD_BROWSER_TESTS=1 but {reason}")
+        }
+        Some(reason) => {
+            eprintln!("SKIPPED {test}: {reason}; set SWITCHBOARD_BROWSER_TESTS=1 to fail instead");
+            false
+        }
+    }
+}
+
+/// A broker allowing exactly the origins of `allowed` (demo servers on 127.0.0.1).
+fn broker_for(data: &std::path::Path, allowed: &[SocketAddr]) -> Result<BrokerProcess> {
+    let origins: Vec<String> = allowed.iter().map(|a| format!("http://{a}")).collect();
+    BrokerProcess::start_with_env(
+        data,
+        "127.0.0.1:0",
+        &[],
+        &[("SWITCHBOARD_ORIGINS_ALLOW", &origins.join(","))],
+    )
+}
+
+fn page(origin: SocketAddr, panel: &str, broker: &BrokerProcess, query: &str) -> String {
+    format!(
+        "http://{origin}/{panel}.html?broker={}{query}",
+        broker.url()
+    )
+}
+
+/// Publishes `seqs` on `channel` as one batch (no Origin: a service), returning their offsets.
+async fn publish_seqs(
+    broker: &BrokerProcess,
+    channel: &str,
+    seqs: std::ops::RangeInclusive<u64>,
+) -> Result<Vec<u64>> {
+    let batch: Vec<Value> = seqs
+        .map(|seq| json!({"channel": channel, "payload": {"seq": seq}}))
+        .collect();
+    let body = serde_json::to_vec(&batch)?;
+    let response = http_request(
+        "POST",
+        &format!("{}/v1/publish/batch", broker.url()),
+        &[],
+        &body,
+    )
+    .await?;
+    ensure!(response.status == 200, "batch refused: {}", response.body);
+    let acks: Vec<Value> = serde_json::from_str(&response.body)?;
+    acks.iter()
+        .map(|a| {
+            a["ack"]["offset"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("no ack in {a}"))
+        })
+        .collect()
+}
+
+const LIVE: &str = "return window.demo && window.demo.status === 'live'";
+
+/// Fills the panel's own fields and submits its form; returns the page clock at submit (ms).
+async fn edit(browser: &Browser, fields: Value) -> Result<f64> {
+    let script = "const fields = arguments[0];
+        for (const [id, value] of Object.entries(fields)) document.getElementById(id).value = value;
+        const at = Date.now();
+        document.getElementById('form').requestSubmit();
+        return at;";
+    let at = browser.eval(script, json!([fields])).await?;
+    Ok(at.as_f64().unwrap_or_default())
+}
+
+#[tokio::test]
+async fn an_edit_in_one_panel_appears_merged_in_the_other_panel_on_another_origin() -> Result<()> {
+    if !browser_available("panels_sync") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let crm_origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let telephony_origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let broker = broker_for(dir.path(), &[crm_origin, telephony_origin])?;
+    let (crm, telephony) = (Browser::start().await?, Browser::start().await?);
+    crm.goto(&page(crm_origin, "crm", &broker, "&contact=7"))
+        .await?;
+    telephony
+        .goto(&page(telephony_origin, "telephony", &broker, "&contact=7"))
+        .await?;
+    crm.wait_for("CRM panel live", LIVE).await?;
+    telephony.wait_for("telephony panel live", LIVE).await?;
+
+    let sent = edit(
+        &crm,
+        json!({"name": "Ada Lovelace", "email": "ada@example.com", "company": ""}),
+    )
+    .await?;
+    let seen = telephony
+        .wait_for(
+            "the CRM edit in the telephony panel",
+            "const c = window.demo.contact; return c && c.name === 'Ada Lovelace' ? window.demo.changedAt : null",
+        )
+        .await?;
+    let latency_ms = seen.as_f64().unwrap_or_default() - sent;
+    println!("panel sync latency: CRM save -> telephony panel shows it: {latency_ms:.0} ms");
+
+    // The telephony panel writes its own fields on top of the version it shows (If-Match): the
+    // CRM panel then shows both panels' fields merged.
+    edit(
+        &telephony,
+        json!({"phone": "+33 1 23 45 67 89", "call_status": "ringing", "last_call": ""}),
+    )
+    .await?;
+    let merged = crm
+        .wait_for(
+            "both panels' fields in the CRM panel",
+            "const c = window.demo.contact; return c && c.phone ? c : null",
+        )
+        .await?;
+    assert_eq!(merged["name"], "Ada Lovelace", "{merged}");
+    assert_eq!(merged["email"], "ada@example.com", "{merged}");
+    assert_eq!(merged["phone"], "+33 1 23 45 67 89", "{merged}");
+    assert_eq!(merged["call_status"], "ringing", "{merged}");
+    // Saved, not refused: the telephony edit was based on the current version.
+    telephony
+        .wait_for(
+            "the telephony edit saved",
+            "return window.demo.status === 'saved'",
+        )
+        .await?;
+
+    // An unchanged entity read again with its ETag is a 304; an edit based on a version that
+    // moved on is refused (412) and the panel says so, writing nothing.
+    let entity_url = format!("{}/v1/entities/contact/7", broker.url());
+    let revalidated = crm
+        .eval(
+            "return fetch(arguments[0]).then(r => {
+                 const etag = r.headers.get('ETag');
+                 return fetch(arguments[0], {headers: {'If-None-Match': etag}})
+                     .then(again => [etag, again.status]);
+             })",
+            json!([entity_url]),
+        )
+        .await?;
+    assert_eq!(revalidated, json!(["\"v2\"", 304]));
+    crm.eval("window.demo.version = 1", json!([])).await?;
+    edit(&crm, json!({"name": "Stale"})).await?;
+    crm.wait_for(
+        "the conflict reported",
+        "return window.demo.status.startsWith('conflict')",
+    )
+    .await?;
+
+    let stored = http_request(
+        "GET",
+        &format!("{}/v1/entities/contact/7", broker.url()),
+        &[],
+        b"",
+    )
+    .await?;
+    let stored: Value = serde_json::from_str(&stored.body)?;
+    assert_eq!(
+        stored["fields"], merged,
+        "the panel shows what the broker stores"
+    );
+    assert_eq!(stored["last_stamp"]["writer"], "telephony");
+
+    if std::env::var_os("SWITCHBOARD_SCREENSHOTS").is_some() {
+        let docs = demo_dir().join("../../docs");
+        std::fs::write(docs.join("demo-crm.png"), crm.screenshot().await?)?;
+        std::fs::write(
+            docs.join("demo-telephony.png"),
+            telephony.screenshot().await?,
+        )?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reloaded_panel_resumes_its_stream_from_the_last_event_id_with_no_gap_or_duplicate(
+) -> Result<()> {
+    if !browser_available("reload_resume") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let broker = broker_for(dir.path(), &[origin])?;
+    let browser = Browser::start().await?;
+    let url = page(origin, "telephony", &broker, "");
+    browser.goto(&url).await?;
+    browser.wait_for("panel live", LIVE).await?;
+    // The feed starts at the latest offset once subscribed; wait for that before publishing.
+    browser
+        .wait_for("feed subscribed", "return window.demo.feedReady === true")
+        .await?;
+
+    let first = publish_seqs(&broker, "telephony.call", 1..=20).await?;
+    let shown = browser
+        .wait_for(
+            "20 messages shown",
+            "const f = window.demo.feed; return f.length >= 20 ? f.map(m => m.payload.seq) : null",
+        )
+        .await?;
+    assert_eq!(shown, json!((1..=20).collect::<Vec<u64>>()));
+
+    browser
+        .eval("window.demo.telemetry.record('test.leaving')", json!([]))
+        .await?;
+    // Leave for another page of the same origin (the stream closes), publish while away, come back.
+    browser.goto(&format!("http://{origin}/style.css")).await?;
+    let saved = browser
+        .eval(
+            "return localStorage.getItem('switchboard.demo.lastEventId.telephony.>')",
+            json!([]),
+        )
+        .await?;
+    assert_eq!(
+        saved,
+        json!(first[19].to_string()),
+        "the page kept the id of the last event it showed"
+    );
+    // An event queued just before the page goes away still arrives: sendBeacon on pagehide
+    // (or the periodic fetch, if its timer fired first).
+    let mut telemetry = SseStream::open(
+        &format!(
+            "{}/v1/subscribe?pattern=web.telemetry&start=earliest",
+            broker.url()
+        ),
+        &[],
+    )
+    .await?;
+    loop {
+        let event = telemetry.next_event().await?;
+        if event.event.is_none() && event.data.contains("\"test.leaving\"") {
+            break;
+        }
+    }
+    let second = publish_seqs(&broker, "telephony.call", 21..=30).await?;
+    browser.goto(&url).await?;
+    let resumed = browser
+        .wait_for(
+            "10 messages after the reload",
+            "const f = window.demo.feed; return f.length >= 10 ? f : null",
+        )
+        .await?;
+    // Then live messages continue the same sequence.
+    publish_seqs(&broker, "telephony.call", 31..=32).await?;
+    let after = browser
+        .wait_for(
+            "live messages after the reload",
+            "const f = window.demo.feed; return f.length >= 12 ? f.map(m => m.payload.seq) : null",
+        )
+        .await?;
+    assert_eq!(
+        after,
+        json!((21..=32).collect::<Vec<u64>>()),
+        "no gap and no duplicate across the reload"
+    );
+    // Other channels (the pages' telemetry) share the offset sequence: the stream resumed at the
+    // first offset of its pattern after the saved id.
+    assert_eq!(resumed[0]["offset"], json!(second[0]));
+    let from = browser
+        .eval("return window.demo.resumedFrom", json!([]))
+        .await?;
+    assert_eq!(from, saved);
+
+    // A reload while messages keep coming: whatever the old page showed last (the id it saved),
+    // the new page continues right after it, through to the last message.
+    let publishing = async {
+        let mut offsets = Vec::new();
+        for seq in 33..=80 {
+            offsets.push((
+                seq,
+                publish_seqs(&broker, "telephony.call", seq..=seq).await?[0],
+            ));
+        }
+        anyhow::Ok(offsets)
+    };
+    let (offsets, reloaded) = tokio::join!(publishing, browser.goto(&url));
+    let (offsets, ()) = (offsets?, reloaded?);
+    let after = browser
+        .wait_for(
+            "the last message after a reload under load",
+            "const f = window.demo.feed;
+             return f.length && f[f.length - 1].payload.seq === 80
+                 ? [window.demo.resumedFrom, f.map(m => m.payload.seq)] : null",
+        )
+        .await?;
+    let resumed_from: u64 = after[0].as_str().unwrap_or_default().parse()?;
+    let expected: Vec<u64> = offsets
+        .iter()
+        .filter(|(_, offset)| *offset > resumed_from)
+        .map(|(seq, _)| *seq)
+        .collect();
+    println!(
+        "reload under load: the old page showed up to offset {resumed_from}; the new page \
+         resumed with seq {:?}",
+        expected.first()
+    );
+    assert!(resumed_from >= second[9], "the old page had shown seq 30");
+    assert_eq!(
+        after[1],
+        json!(expected),
+        "no gap and no duplicate across the reload"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_page_on_an_origin_that_is_not_allowed_receives_nothing() -> Result<()> {
+    if !browser_available("origin_refused") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let allowed = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    // No DNS names can be added here, so the refused origins differ from the allowed one the ways
+    // a look-alike can: another host (127.0.0.2 is loopback too, but not the allowed host), the
+    // same host on another port, and a look-alike name ending in another domain, which Chromium
+    // resolves to loopback through --host-resolver-rules (no hosts file involved).
+    let other_port = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let other_host = serve_dir(demo_dir(), "127.0.0.2:0")?;
+    let broker = broker_for(dir.path(), &[allowed])?;
+    let lookalike = format!("good.example.com.evil.test:{}", allowed.port());
+    let refused = [other_port.to_string(), other_host.to_string(), lookalike];
+    let browser = Browser::start_with(&["--host-resolver-rules=MAP *.evil.test 127.0.0.1"]).await?;
+
+    for origin in &refused {
+        browser
+            .goto(&format!(
+                "http://{origin}/crm.html?broker={}&contact=9",
+                broker.url()
+            ))
+            .await?;
+        // Both streams end for good: the broker answered 403 without CORS headers.
+        browser
+            .wait_for(
+                &format!("streams closed on {origin}"),
+                "return window.demo.sources.length === 2 && window.demo.sources.every(s => s.readyState === 2)",
+            )
+            .await?;
+        // A script cannot read the entity either, nor write one.
+        let read = browser
+            .eval(
+                "return fetch(arguments[0]).then(() => 'read', () => 'refused')",
+                json!([format!("{}/v1/entities/contact/9", broker.url())]),
+            )
+            .await?;
+        assert_eq!(read, "refused", "{origin}");
+        let published = publish_seqs(&broker, "crm.note", 1..=1).await?;
+        let write = browser
+            .eval(
+                "return fetch(arguments[0], {method: 'PATCH', body: '{\"name\":\"Mallory\"}'}).then(r => r.status, () => 'refused')",
+                json!([format!("{}/v1/entities/contact/9", broker.url())]),
+            )
+            .await?;
+        assert_eq!(write, "refused", "{origin}");
+        let state = browser
+            .eval(
+                "return [window.demo.contact, window.demo.feed.length]",
+                json!([]),
+            )
+            .await?;
+        assert_eq!(
+            state,
+            json!([null, 0]),
+            "{origin} saw data (message at {published:?})"
+        );
+    }
+    let entity = http_request(
+        "GET",
+        &format!("{}/v1/entities/contact/9", broker.url()),
+        &[],
+        b"",
+    )
+    .await?;
+    assert_eq!(entity.status, 404, "nothing was written: {}", entity.body);
+    // The refusals are counted by reason, and the console lists them.
+    let state_url = format!("{}/console/api/state", broker.admin_url());
+    let refusals = eventually("origin refusals in the console state", || async {
+        let state = switchboard_e2e::http_get(&state_url).await.ok()?;
+        let state: Value = serde_json::from_str(&state.body).ok()?;
+        state["refusals"]
+            .as_array()?
+            .iter()
+            .find(|r| r["reason"] == "ORIGIN_NOT_ALLOWED")
+            .cloned()
+    })
+    .await?;
+    assert!(refusals["count"].as_f64() >= Some(3.0), "{refusals}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_console_shows_the_channels_and_subscriptions_the_test_created() -> Result<()> {
+    if !browser_available("console") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let broker = broker_for(dir.path(), &[origin])?;
+    let (panel, console) = (Browser::start().await?, Browser::start().await?);
+    panel
+        .goto(&page(origin, "telephony", &broker, "&contact=5"))
+        .await?;
+    panel.wait_for("panel live", LIVE).await?;
+    panel
+        .wait_for("feed subscribed", "return window.demo.feedReady === true")
+        .await?;
+    let published = publish_seqs(&broker, "telephony.call.started", 1..=3).await?;
+    panel
+        .wait_for("3 messages shown", "return window.demo.feed.length >= 3")
+        .await?;
+
+    console
+        .goto(&format!("{}/console", broker.admin_url()))
+        .await?;
+    // What the page shows, not only what its JSON says: the rendered tables' text.
+    let shown = console
+        .wait_for(
+            "the channel and the subscription in the console",
+            "const text = ['channels', 'subscriptions']
+                .map(id => document.getElementById(id).textContent);
+             return text[0].includes('telephony.call.started') && text[1].includes('telephony.>')
+                ? window.consoleState : null",
+        )
+        .await?;
+    let channel = shown["channels"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["channel"] == "telephony.call.started"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(channel["recent_messages"], 3, "{shown}");
+    let subscription = shown["subscriptions"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["pattern"] == "telephony.>"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(subscription["policy"], "lossless", "{shown}");
+    // Lag counts offsets of every channel behind the log's end; the feed has passed its own.
+    assert!(
+        subscription["next_offset"].as_u64() > Some(published[2]),
+        "the panel has read its messages: {shown}"
+    );
+    assert_eq!(shown["cluster"]["leader"], shown["node_id"], "{shown}");
+
+    if std::env::var_os("SWITCHBOARD_SCREENSHOTS").is_some() {
+        let docs = demo_dir().join("../../docs");
+        std::fs::write(docs.join("console.png"), console.screenshot().await?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The operator console's state in a three-node cluster (docs/CONSOLE.md): every node lists the
+//! members and the same leader; the leader knows how far each follower's log is behind, and that
+//! lag returns to zero once a write is replicated.
+
+use anyhow::Result;
+use serde_json::Value;
+use switchboard_e2e::{eventually, http_get, http_request, start_cluster};
+
+#[tokio::test]
+async fn the_console_shows_the_cluster_nodes_leader_and_replication_lag() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let nodes = start_cluster(dir.path(), 3, &[])?;
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("{}/console/api/state", n.process().admin_url()))
+        .collect();
+    // Every node agrees on one leader among the three members.
+    let leader = eventually("one leader seen by every node's console", || async {
+        let mut leaders = Vec::new();
+        for url in &urls {
+            let state: Value = serde_json::from_str(&http_get(url).await.ok()?.body).ok()?;
+            if state["cluster"]["nodes"].as_array()?.len() != 3 {
+                return None;
+            }
+            leaders.push(state["cluster"]["leader"].as_u64()?);
+        }
+        leaders.windows(2).all(|w| w[0] == w[1]).then(|| leaders[0])
+    })
+    .await?;
+
+    // A write through the leader, then the leader's console shows every follower caught up.
+    let leader_node = &nodes[usize::try_from(leader)? - 1];
+    let published = http_request(
+        "POST",
+        &format!("{}/v1/publish", leader_node.url()),
+        &[],
+        br#"{"channel":"console.check","payload":1}"#,
+    )
+    .await?;
+    assert_eq!(published.status, 200, "{}", published.body);
+    let state = eventually("replication lag 0 on the leader's console", || async {
+        let url = &urls[usize::try_from(leader).ok()? - 1];
+        let state: Value = serde_json::from_str(&http_get(url).await.ok()?.body).ok()?;
+        let nodes = state["cluster"]["nodes"].as_array()?;
+        let caught_up = nodes.iter().all(|n| n["replication_lag"] == 0)
+            && state["channels"]
+                .as_array()?
+                .iter()
+                .any(|c| c["channel"] == "console.check");
+        caught_up.then_some(state)
+    })
+    .await?;
+    let nodes = state["cluster"]["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        nodes.iter().filter(|n| n["leader"] == true).count(),
+        1,
+        "{state}"
+    );
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["raft_addr"].as_str().is_some_and(|a| !a.is_empty())),
+        "{state}"
+    );
+    Ok(())
+}
