@@ -16,6 +16,11 @@
 //!   from the store whenever it falls behind.
 //! - [`retention`]: TTL expiry and retention limits, swept through the log.
 //! - [`checksum`]: the checksum sealed into every stored value, checked on every read.
+//! - [`cluster`]: raft between nodes — forwarding to the leader, read index, membership admin.
+//! - [`security`]: the pure security decisions (tokens, permissions, origins, rate limits, client
+//!   credentials); [`edge::auth`] is the gate that applies them to every call.
+//! - [`transport`]: TLS for the public and raft listeners, and the bound on open connections.
+//! - [`observability`]: metrics, health, the operator console, traces, the audit log.
 //! - [`channel`]: channel and pattern grammar, and the segment trie used for matching.
 //! - [`message`]: the message types, and the commands the log carries.
 //! - [`config`], [`error`], [`shutdown`], [`server`]: settings, errors, stopping, wiring.
