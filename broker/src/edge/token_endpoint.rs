@@ -53,7 +53,7 @@ pub type MintedTokens = (VerificationKey, String, String);
 impl AuthService {
     /// Builds the endpoint from the settings (reading the signing key, checking the clients), and
     /// returns what the gate must accept of its tokens. The `gate` is only for origin checks and
-    /// can be built after this; see [`AuthService::with_gate`].
+    /// can be built after this; see [`PreparedEndpoint::with_gate`].
     ///
     /// # Errors
     /// The signing key cannot be read or used, or a client's configuration is invalid.
