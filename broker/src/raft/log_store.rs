@@ -535,13 +535,17 @@ pub(crate) mod tests {
         db.flush().unwrap();
     }
 
+    /// Opens the store at `dir`, retrying while a just-dropped database still holds the folder
+    /// lock (as [`open_db`] does).
     fn open(dir: &Path) -> io::Result<LogStore> {
-        LogStore::open(
-            dir,
-            1 << 20,
-            FsyncPolicy::Always,
-            Duration::from_millis(200),
-        )
+        while_locked(|| {
+            LogStore::open(
+                dir,
+                1 << 20,
+                FsyncPolicy::Always,
+                Duration::from_millis(200),
+            )
+        })
     }
 
     #[tokio::test]
