@@ -495,50 +495,44 @@ fn render_state(out: &mut String, s: &Scrape) {
         "Live subscriptions on this node (Subscribe streams and entity watches)",
         s.subscriptions.len() as u64,
     );
-    family(
-        out,
-        "switchboard_subscription_lag",
-        "gauge",
-        "Messages given offsets that a subscription has not reached yet (last_offset - next_offset + 1)",
-    );
-    for sub in &s.subscriptions {
-        let id = sub.id.to_string();
-        sample(
-            out,
+    // The text format groups samples by family, so each per-subscription gauge is one pass over
+    // the subscriptions: (name, help, whether it carries the pattern label, value).
+    type Value = fn(&SubscriptionScrape, u64) -> u64;
+    let per_subscription: [(&str, &str, bool, Value); 3] = [
+        (
             "switchboard_subscription_lag",
-            &[("subscription", &id), ("pattern", &sub.pattern)],
-            sub.lag(s.last_offset),
-        );
-    }
-    family(
-        out,
-        "switchboard_subscription_queue_messages",
-        "gauge",
-        "Messages waiting in a subscription's in-memory queue",
-    );
-    for sub in &s.subscriptions {
-        let id = sub.id.to_string();
-        sample(
-            out,
+            "Messages given offsets that a subscription has not reached yet (last_offset - next_offset + 1)",
+            true,
+            |sub, last_offset| sub.lag(last_offset),
+        ),
+        (
             "switchboard_subscription_queue_messages",
-            &[("subscription", &id)],
-            sub.queue_messages as u64,
-        );
-    }
-    family(
-        out,
-        "switchboard_subscription_queue_bytes",
-        "gauge",
-        "Bytes waiting in a subscription's in-memory queue",
-    );
-    for sub in &s.subscriptions {
-        let id = sub.id.to_string();
-        sample(
-            out,
+            "Messages waiting in a subscription's in-memory queue",
+            false,
+            |sub, _| sub.queue_messages as u64,
+        ),
+        (
             "switchboard_subscription_queue_bytes",
-            &[("subscription", &id)],
-            sub.queue_bytes as u64,
-        );
+            "Bytes waiting in a subscription's in-memory queue",
+            false,
+            |sub, _| sub.queue_bytes as u64,
+        ),
+    ];
+    for (name, help, with_pattern, value) in per_subscription {
+        family(out, name, "gauge", help);
+        for sub in &s.subscriptions {
+            let id = sub.id.to_string();
+            let labels = [
+                ("subscription", id.as_str()),
+                ("pattern", sub.pattern.as_str()),
+            ];
+            let labels = if with_pattern {
+                &labels[..]
+            } else {
+                &labels[..1]
+            };
+            sample(out, name, labels, value(sub, s.last_offset));
+        }
     }
 }
 
