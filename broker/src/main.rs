@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use switchboard_broker::config::{self, Config, FlagOverrides, LogFormat};
 use switchboard_broker::observability::{probe, trace};
@@ -295,6 +296,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         fsync = ?config.durability.fsync,
         "starting"
     );
+    // Before the address is announced: a SIGTERM from then on must stop the broker gracefully.
+    let signal = shutdown::os_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
     let broker = Broker::start(config).await?;
     // The lines on stdout: scripts and tests read the bound addresses here.
     println!("listening on {}", broker.local_addr);
@@ -308,15 +311,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .admin_addr
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(addr = %broker.local_addr, %admin, "accepting requests");
-    let signal = shutdown::os_signal();
-    tokio::pin!(signal);
-    let stop = async {
-        if let Err(e) = signal.await {
-            tracing::error!(error = %e, "cannot wait for signals; stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    };
-    stop.await;
+    signal.await;
     tracing::info!("shutting down");
     broker.shutdown();
     broker.wait().await

@@ -43,24 +43,31 @@ impl ShutdownSignal {
     }
 }
 
-/// Waits for SIGTERM or SIGINT (Ctrl-C).
+/// Installs the SIGTERM and SIGINT (Ctrl-C) handlers now and returns the wait for either.
+///
+/// Installing is not left to the first poll: a signal that arrives between the broker announcing
+/// its address and the wait being polled would otherwise meet the default action and kill the
+/// process without a graceful shutdown.
 ///
 /// # Errors
 /// The signal handlers cannot be installed.
-pub async fn os_signal() -> std::io::Result<()> {
+pub fn os_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        Ok(())
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
     {
-        tokio::signal::ctrl_c().await
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
