@@ -448,18 +448,13 @@ async fn a_wiped_node_is_rebuilt_from_the_others_by_log() {
 /// Scenario 4 with snapshots every 50 entries, so the leader has purged the start of its log and
 /// the wiped node must be sent a snapshot.
 ///
-/// Ignored: it reveals a bug this test was written to find (see the report of the `fault`
-/// branch). The leader (openraft 0.9.25, `loosen-follower-log-revert`) answers the wiped node's
-/// conflict with an AppendEntries whose `prev_log_id` is None but whose entries start at its purge
-/// point (index 100, say) instead of sending its snapshot; the wiped node, holding only its own
-/// initial membership entry at index 0, accepts it (None always matches), is left with a hole
-/// (0, then 100..), and its raft core panics applying it (`raft_core.rs:779`, an `unwrap` on the
-/// entries it expected); it never catches up. (Its /healthz used to keep answering 200 from the
-/// dead core's last metrics; it now answers 503, so here `wipe` times out waiting for health.)
-/// `cluster::a_wiped_follower_is_rebuilt_from_the_others` (in-process, snapshots every 20) does not
-/// hit it.
+/// This is the test that found why openraft's `loosen-follower-log-revert` feature is on (see
+/// the workspace Cargo.toml): without it the leader kept the wiped node's old match position, sent
+/// it entries from its purge point instead of the snapshot, and the node's raft core stopped.
+/// openraft guards that position only with a debug_assert, so the release build in the image went
+/// wrong silently; the in-process test (`cluster::a_wiped_follower_is_rebuilt_from_the_others`,
+/// a debug build) never reached that path.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "reveals a bug: a wiped follower behind a purged leader log is sent entries, not the snapshot"]
 async fn a_wiped_node_is_rebuilt_from_the_others_by_snapshot_and_log() {
     let env = vec![(
         "SWITCHBOARD_RAFT_SNAPSHOT_EVERY_ENTRIES".to_owned(),
