@@ -464,10 +464,35 @@ mod tests {
         }
     }
 
+    /// Retries `attempt` while sled reports its folder locked: a dropped database's threads
+    /// release the lock a moment later, and the next open must not fail for that.
+    fn while_locked<T, E: std::fmt::Display>(
+        mut attempt: impl FnMut() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match attempt() {
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::park_timeout(std::time::Duration::from_millis(10));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Taken by every test here that reopens a sled folder: sled's shared I/O threads can hold a
+    /// dropped database (and its folder lock) while other tests keep them busy writing.
+    fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        static SLED_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        SLED_TESTS.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Opens sled at `dir`, waiting for a dropped database's threads to release its lock.
     fn open_db(dir: &Path) -> sled::Db {
-        crate::raft::log_store::tests::while_locked(|| sled::Config::new().path(dir).open())
-            .unwrap()
+        while_locked(|| sled::Config::new().path(dir).open()).unwrap()
     }
 
     fn open(dir: &Path) -> StateMachine {
@@ -486,7 +511,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_crash_during_snapshot_install_is_finished_at_the_next_start() {
-        let _serial = crate::raft::log_store::tests::one_at_a_time();
+        let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let snapshot_meta = {
             let mut sm = open(dir.path());
@@ -531,7 +556,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_damaged_batch_is_refused_not_served() {
-        let _serial = crate::raft::log_store::tests::one_at_a_time();
+        let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         {
             let mut sm = open(dir.path());
@@ -553,7 +578,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_damaged_applied_position_refuses_the_start() {
-        let _serial = crate::raft::log_store::tests::one_at_a_time();
+        let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         {
             let mut sm = open(dir.path());
