@@ -1,22 +1,25 @@
-//! The replicated log on sled: openraft's `RaftLogStorage`.
+//! The replicated log: openraft's `RaftLogStorage` over segment files.
 //!
-//! Entries live in the `log` tree keyed by index (u64 BE); the vote, the committed id and the last
-//! purged id in the `raft_meta` tree. An append writes the entries in one sled batch and hands the
+//! Entries go to append-only segment files ([`super::segment`]); the vote, the committed id and
+//! the purge point to a small file replaced atomically, and the highest index made durable to a
+//! watermark file ([`super::log_meta`]). An append writes its entries with one write and hands the
 //! completion callback to the flusher thread, which gathers every callback waiting, makes them all
-//! durable with one [`SledSync::sync`], and only then reports them flushed — so openraft commits
-//! (and the broker acknowledges) only what is on disk, and concurrent appends share one fdatasync.
+//! durable with one fdatasync per segment written (and a sync of the folder when a segment was
+//! created), records the watermark, and only then reports them flushed — so openraft commits (and
+//! the broker acknowledges) only what is on disk, and concurrent appends share one fdatasync.
 //!
-//! This is one implementation behind openraft's trait: a segmented append-only log could replace it
-//! without touching anything else.
+//! Sharing: clones (the reader openraft asks for is one) share one [`SegmentLog`] behind a mutex
+//! that is held only to change or look up the index, never across a sync; reads copy out where
+//! their records are and read them without it.
 
 use std::fmt::Debug;
 use std::fs::File;
 use std::io;
-use std::ops::RangeBounds;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -25,281 +28,230 @@ use openraft::{
     StorageIOError, Vote,
 };
 
-use super::sync::SledSync;
+use super::log_meta::{LogMeta, MetaFile, Watermark};
+use super::segment::{sync_dir, RecordError, SegmentLog, Unsynced, SEGMENT_BYTES};
 use super::TypeConfig;
-use crate::checksum;
 use crate::config::FsyncPolicy;
-
-const VOTE: &[u8] = b"vote";
-const COMMITTED: &[u8] = b"committed";
-const LAST_PURGED: &[u8] = b"last_purged";
 
 /// Callbacks waiting for the flusher; bounded, as openraft bounds its in-flight appends.
 const FLUSH_QUEUE: usize = 4096;
 
-type StorageResult<T> = Result<T, StorageError<u64>>;
+/// Taken (as an advisory lock) by the process that has the log open: two processes appending to
+/// the same segments, or one cutting off what it takes for a torn tail while the other writes it,
+/// would destroy the log.
+const LOCK_FILE: &str = "lock";
 
-fn read_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
-    StorageIOError::read_logs(&e).into()
-}
+type StorageResult<T> = Result<T, StorageError<u64>>;
 
 fn write_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
     StorageIOError::write_logs(&e).into()
 }
 
-fn io_other(e: impl ToString) -> io::Error {
-    io::Error::other(e.to_string())
+fn damaged(what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "the raft log is damaged ({what}); refusing to start from it: rebuild this node from \
+             the others (wipe its data folder) or restore its files"
+        ),
+    )
 }
 
-/// A stored log value failed its check (or did not decode): openraft treats the storage error as
+/// A stored entry failed its check (or did not decode): openraft treats the storage error as
 /// fatal and stops raft on this node, so it neither serves nor votes from damaged data.
-fn corrupt_err(what: &str, key: &[u8], e: &checksum::DecodeError) -> StorageError<u64> {
+fn corrupt_err(index: u64, e: &RecordError) -> StorageError<u64> {
     tracing::error!(
-        what,
-        key = ?key,
+        index,
         error = %e,
         "the raft log is damaged: this node stops raft rather than serve or vote from bad data; \
          rebuild it from the other nodes (wipe its data folder) or restore it"
     );
-    read_err(io_other(format!("damaged {what} in the raft log: {e}")))
+    StorageIOError::read_log_at_index(index, &io::Error::other(format!("damaged entry: {e}")))
+        .into()
 }
 
-/// The log store. Clones share the same trees (the reader openraft asks for is a clone).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What every clone of the store and the flusher thread share.
+struct Shared {
+    dir: PathBuf,
+    log: Mutex<SegmentLog>,
+    meta: Mutex<LogMeta>,
+    /// Serialises replacements of the meta file (held across its syncs; nothing else waits on it).
+    meta_file: Mutex<MetaFile>,
+    watermark: Watermark,
+    /// Holds the advisory lock on [`LOCK_FILE`] while the store is open.
+    _lock: File,
+}
+
+impl Shared {
+    /// Makes every entry appended so far durable, then records the watermark.
+    fn sync_and_record(&self) -> io::Result<()> {
+        let _held = lock(&self.watermark.lock);
+        let (appended, unsynced) = {
+            let mut log = lock(&self.log);
+            (
+                self.watermark.appended.load(Ordering::SeqCst),
+                log.take_unsynced(),
+            )
+        };
+        match sync_all(&self.dir, &unsynced) {
+            Ok(()) => self.watermark.write(appended),
+            Err(e) => {
+                lock(&self.log).restore_unsynced(unsynced);
+                Err(e)
+            }
+        }
+    }
+
+    /// Replaces the meta file with the in-memory metadata changed by `change`, then makes the
+    /// change visible.
+    fn write_meta(&self, change: impl FnOnce(&mut LogMeta)) -> io::Result<()> {
+        let file = lock(&self.meta_file);
+        let mut meta = lock(&self.meta).clone();
+        change(&mut meta);
+        file.write(&meta)?;
+        *lock(&self.meta) = meta;
+        Ok(())
+    }
+
+    fn meta(&self) -> LogMeta {
+        lock(&self.meta).clone()
+    }
+}
+
+fn sync_all(dir: &Path, unsynced: &Unsynced) -> io::Result<()> {
+    for file in &unsynced.files {
+        file.sync_data()?;
+    }
+    if unsynced.folder {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// The flusher thread and the queue to it; dropped with the last clone of the store, which ends
+/// the thread after a last sync and waits for it, so the files are quiet once the store is gone.
+struct Flusher {
+    queue: Option<mpsc::SyncSender<LogFlushed<TypeConfig>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The log store. Clones share the same files and index (the reader openraft asks for is a clone).
 #[derive(Clone)]
 pub struct LogStore {
-    log: sled::Tree,
-    meta: sled::Tree,
-    sync: Arc<SledSync>,
-    flusher: mpsc::SyncSender<LogFlushed<TypeConfig>>,
+    shared: Arc<Shared>,
+    flusher: Arc<Flusher>,
     policy: FsyncPolicy,
-    watermark: Arc<Watermark>,
-}
-
-/// File beside sled's, holding the highest log index known to be durable.
-const WATERMARK_FILE: &str = "durable_index";
-
-/// The highest log index made durable, kept outside sled: sled recovers a data file that lost its
-/// tail by quietly dropping the entries in it (seen: 759 of 20,000 gone after cutting 100 KB off
-/// the end), so the log alone cannot tell that it lost acknowledged entries.
-///
-/// The flusher records the index after each sync with one small write and no sync of its own: a
-/// process crash keeps it (the page cache survives), a power failure may leave it older, which only
-/// weakens the check (it is a lower bound) and never raises a false alarm. Truncation lowers it,
-/// durably, before removing entries.
-struct Watermark {
-    file: std::fs::File,
-    /// The last index appended to sled (entries up to it are in sled's buffers or on disk).
-    appended: AtomicU64,
-    /// Held across "read appended, sync, record" and across a truncation, so a sync never records
-    /// an index a concurrent truncation has just removed.
-    lock: Mutex<()>,
-}
-
-impl Watermark {
-    /// Opens (or creates) the watermark file in `dir`, and reads the index it holds.
-    fn open(dir: &Path) -> io::Result<(Watermark, Option<u64>)> {
-        let path = dir.join(WATERMARK_FILE);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        let bytes = std::fs::read(&path)?;
-        let durable = if bytes.is_empty() {
-            None
-        } else {
-            let index: u64 = checksum::decode(&bytes).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{} is damaged: {e}", path.display()),
-                )
-            })?;
-            Some(index)
-        };
-        File::open(dir)?.sync_all()?;
-        let watermark = Watermark {
-            file,
-            appended: AtomicU64::new(0),
-            lock: Mutex::new(()),
-        };
-        Ok((watermark, durable))
-    }
-
-    /// Writes `index` over the file's content (a fixed-size record at offset 0).
-    fn write(&self, index: u64) -> io::Result<()> {
-        let record = checksum::encode(&index).map_err(io_other)?;
-        self.file.write_all_at(&record, 0)
-    }
-
-    /// Syncs `sync`, then records every index appended before it as durable.
-    fn sync_and_record(&self, sync: &SledSync) -> io::Result<()> {
-        let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let appended = self.appended.load(Ordering::SeqCst);
-        sync.sync()?;
-        self.write(appended)
-    }
 }
 
 impl LogStore {
-    /// Opens the log database in `dir` and starts its flusher thread.
+    /// Opens (or creates) the log in `dir`, checking it, and starts its flusher thread.
     ///
     /// # Errors
-    /// The database cannot be opened or its files synced.
-    pub fn open(
+    /// `InvalidData` when the log is damaged, lost its tail or is in the old sled format; another
+    /// process has it open; any I/O error.
+    pub fn open(dir: &Path, policy: FsyncPolicy, sync_interval: Duration) -> io::Result<LogStore> {
+        LogStore::open_with(dir, policy, sync_interval, SEGMENT_BYTES)
+    }
+
+    fn open_with(
         dir: &Path,
-        cache_bytes: u64,
         policy: FsyncPolicy,
         sync_interval: Duration,
+        segment_bytes: u64,
     ) -> io::Result<LogStore> {
         std::fs::create_dir_all(dir)?;
-        let config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
-        // sled 0.34 panics ("tried to serialize Uninitialized") on some data files cut short
-        // instead of returning an error: turn that into a refusal to start with a clear reason.
-        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "the raft log database in {} cannot be recovered (sled panicked reading \
-                         it; its data file is probably truncated): rebuild this node from the \
-                         others (wipe its data folder) or restore its files",
-                        dir.display()
-                    ),
-                )
-            })?
-            .map_err(io_other)?;
-        let log = db.open_tree("log").map_err(io_other)?;
-        let meta = db.open_tree("raft_meta").map_err(io_other)?;
-        let sync = Arc::new(SledSync::open(db, dir)?);
-        let (watermark, durable) = Watermark::open(dir)?;
-        let (flusher, waiting) = mpsc::sync_channel(FLUSH_QUEUE);
-        let store = LogStore {
-            log,
-            meta,
-            sync,
-            flusher,
-            policy,
-            watermark: Arc::new(watermark),
-        };
-        store.verify()?;
-        let last = store.last_index().map_err(io_other)?;
-        if let Some(durable) = durable {
-            if durable > last {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "the raft log is damaged (it ends at index {last}, but entries up to \
-                         {durable} were made durable: its files lost their tail); refusing to \
-                         start from it: rebuild this node from the others (wipe its data folder) \
-                         or restore its files"
-                    ),
-                ));
-            }
-        }
-        store.watermark.appended.store(last, Ordering::SeqCst);
-        // What sled recovered is on disk: record it, so the check holds from now on. A new file
-        // is synced once, so a power failure cannot leave it present but empty.
-        if durable.is_none_or(|durable| durable < last) {
-            store.watermark.write(last)?;
-        }
-        if durable.is_none() {
-            store.watermark.file.sync_data()?;
-        }
-        let thread_sync = Arc::clone(&store.sync);
-        let thread_watermark = Arc::clone(&store.watermark);
-        std::thread::Builder::new()
-            .name("log-flusher".into())
-            .spawn(move || {
-                flusher_loop(
-                    &thread_sync,
-                    &thread_watermark,
-                    &waiting,
-                    policy,
-                    sync_interval,
-                );
-            })?;
-        Ok(store)
-    }
-
-    /// The highest index the log has covered: its last entry, else its purge point, else 0.
-    fn last_index(&self) -> StorageResult<u64> {
-        let purged: Option<LogId<u64>> = self.get_meta(LAST_PURGED)?;
-        let last = self.last_entry_id()?.or(purged);
-        Ok(last.map_or(0, |id| id.index))
-    }
-
-    /// Checks every stored value, and that the entries' indexes match their keys with no gap, so
-    /// a node with a damaged log refuses to start instead of serving or voting from it. The log
-    /// is purged behind snapshots, so this reads a bounded number of entries.
-    ///
-    /// # Errors
-    /// `InvalidData` naming the first damaged record.
-    pub fn verify(&self) -> io::Result<()> {
-        let damaged = |what: String| {
-            io::Error::new(
+        if dir.join("db").exists() {
+            return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
-                    "the raft log is damaged ({what}); refusing to start from it: rebuild this \
-                     node from the others (wipe its data folder) or restore its files"
+                    "{} holds a raft log in the sled format of earlier versions, which this \
+                     version does not read: rebuild this node from the others (wipe its data \
+                     folder)",
+                    dir.display()
                 ),
-            )
-        };
-        for kv in self.meta.iter() {
-            let (key, value) = kv.map_err(io_other)?;
-            checksum::open(&value).map_err(|e| {
-                damaged(format!("metadata {:?}: {e}", String::from_utf8_lossy(&key)))
-            })?;
+            ));
         }
-        let mut previous: Option<u64> = None;
-        for kv in self.log.iter() {
-            let (key, value) = kv.map_err(io_other)?;
-            let index = <[u8; 8]>::try_from(key.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| damaged(format!("a log key of {} bytes", key.len())))?;
-            let entry: Entry<TypeConfig> =
-                checksum::decode(&value).map_err(|e| damaged(format!("entry {index}: {e}")))?;
-            if entry.log_id.index != index {
+        let lock_file = File::create(dir.join(LOCK_FILE))?;
+        lock_file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("another process has the raft log in {} open", dir.display()),
+            ),
+            std::fs::TryLockError::Error(e) => e,
+        })?;
+        let (meta_file, meta) = MetaFile::open(dir)?;
+        let (watermark, durable) = Watermark::open(dir)?;
+        let mut log = SegmentLog::open(dir, durable, segment_bytes)?;
+        if let Some(purged) = meta.purged {
+            // Segments a crash kept from being removed after the purge point was recorded.
+            if log.purge(purged.index)? {
+                sync_dir(dir)?;
+            }
+        }
+        let last = log
+            .last()
+            .map(|id| id.index)
+            .max(meta.purged.map(|id| id.index))
+            .unwrap_or(0);
+        if let Some(durable) = durable {
+            if durable > last {
                 return Err(damaged(format!(
-                    "entry under key {index} says it is {}",
-                    entry.log_id.index
+                    "it ends at index {last}, but entries up to {durable} were made durable: its \
+                     files lost their tail"
                 )));
             }
-            if let Some(previous) = previous {
-                if index != previous + 1 {
-                    return Err(damaged(format!(
-                        "entries {previous} and {index} with a gap between"
-                    )));
-                }
-            }
-            previous = Some(index);
         }
-        Ok(())
-    }
-
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
-        match self.meta.get(key).map_err(read_err)? {
-            Some(bytes) => checksum::decode(&bytes)
-                .map(Some)
-                .map_err(|e| corrupt_err("raft metadata", key, &e)),
-            None => Ok(None),
+        watermark.appended.store(last, Ordering::SeqCst);
+        // What was recovered is on disk: record it, so the check holds from now on. A new file is
+        // synced once, so a power failure cannot leave it present but empty.
+        if durable.is_none_or(|durable| durable < last) {
+            watermark.write(last)?;
         }
+        if durable.is_none() {
+            watermark.file.sync_data()?;
+        }
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            log: Mutex::new(log),
+            meta: Mutex::new(meta),
+            meta_file: Mutex::new(meta_file),
+            watermark,
+            _lock: lock_file,
+        });
+        let (queue, waiting) = mpsc::sync_channel(FLUSH_QUEUE);
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("log-flusher".into())
+            .spawn(move || flusher_loop(&thread_shared, &waiting, policy, sync_interval))?;
+        Ok(LogStore {
+            shared,
+            flusher: Arc::new(Flusher {
+                queue: Some(queue),
+                thread: Some(thread),
+            }),
+            policy,
+        })
     }
 
-    fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> StorageResult<()> {
-        let bytes = checksum::encode(value).map_err(|e| write_err(io_other(e)))?;
-        self.meta.insert(key, bytes).map_err(write_err)?;
-        Ok(())
-    }
-
-    fn last_entry_id(&self) -> StorageResult<Option<LogId<u64>>> {
-        match self.log.last().map_err(read_err)? {
-            Some((key, bytes)) => {
-                let entry: Entry<TypeConfig> =
-                    checksum::decode(&bytes).map_err(|e| corrupt_err("entry", &key, &e))?;
-                Ok(Some(entry.log_id))
-            }
-            None => Ok(None),
+    /// The last log id: of the last entry present, or the purge point when that is later.
+    fn last_log_id(&self, purged: Option<LogId<u64>>) -> Option<LogId<u64>> {
+        let last = lock(&self.shared.log).last();
+        match (last, purged) {
+            (Some(last), Some(purged)) if purged.index >= last.index => Some(purged),
+            (last, purged) => last.or(purged),
         }
     }
 }
@@ -307,8 +259,7 @@ impl LogStore {
 /// Gathers waiting callbacks and completes them after one sync. With the periodic policy the
 /// callbacks were already completed at append time and this only syncs on a timer.
 fn flusher_loop(
-    sync: &SledSync,
-    watermark: &Watermark,
+    shared: &Shared,
     waiting: &mpsc::Receiver<LogFlushed<TypeConfig>>,
     policy: FsyncPolicy,
     interval: Duration,
@@ -318,7 +269,7 @@ fn flusher_loop(
             while let Ok(first) = waiting.recv() {
                 let mut batch = vec![first];
                 batch.extend(waiting.try_iter());
-                let result = watermark.sync_and_record(sync);
+                let result = shared.sync_and_record();
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "log sync failed; the entries are not acknowledged");
                 }
@@ -336,15 +287,21 @@ fn flusher_loop(
             match waiting.recv_timeout(interval) {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 _ => {
-                    if let Err(e) = watermark.sync_and_record(sync) {
+                    if let Err(e) = shared.sync_and_record() {
                         tracing::error!(error = %e, "periodic log sync failed");
                     }
                 }
             }
         },
     }
-    // The store is gone: a last sync so a clean shutdown leaves nothing unsynced.
-    let _ = watermark.sync_and_record(sync);
+    // The store is gone: a last sync so a clean shutdown leaves nothing unsynced, and the lazily
+    // saved committed id written down.
+    if let Err(e) = shared.sync_and_record() {
+        tracing::error!(error = %e, "the last log sync failed");
+    }
+    if let Err(e) = shared.write_meta(|_| {}) {
+        tracing::warn!(error = %e, "cannot save the committed log id at shutdown");
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -352,24 +309,24 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
-        use std::ops::Bound;
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
-        let mut entries = Vec::new();
-        for kv in self.log.range(start.to_be_bytes()..) {
-            let (k, v) = kv.map_err(read_err)?;
-            let index = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| read_err(io_other("log key is not 8 bytes")))?,
-            );
-            if !range.contains(&index) {
-                break;
-            }
-            entries.push(checksum::decode(&v).map_err(|e| corrupt_err("entry", &k, &e))?);
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        // Entries at or below the purge point may still be in a segment; they are gone all the
+        // same.
+        let purged = lock(&self.shared.meta).purged;
+        let start = purged.map_or(start, |p| start.max(p.index.saturating_add(1)));
+        let records = lock(&self.shared.log).locate(start, end);
+        let mut entries = Vec::with_capacity(records.len());
+        for record in records {
+            entries.push(record.read().map_err(|e| corrupt_err(record.index, &e))?);
         }
         Ok(entries)
     }
@@ -379,11 +336,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let last_purged_log_id: Option<LogId<u64>> = self.get_meta(LAST_PURGED)?;
-        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        let last_purged_log_id = lock(&self.shared.meta).purged;
         Ok(LogState {
             last_purged_log_id,
-            last_log_id,
+            last_log_id: self.last_log_id(last_purged_log_id),
         })
     }
 
@@ -392,24 +348,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
-        self.put_meta(VOTE, vote)?;
-        // A vote must survive a crash, or a node could vote twice in one term.
-        self.sync.sync().map_err(|e| StorageError::IO {
+        let vote_err = |e: io::Error| StorageError::IO {
             source: StorageIOError::new(ErrorSubject::Vote, ErrorVerb::Write, &e),
-        })
+        };
+        // openraft's writes must land in order: entries appended before the vote are made
+        // durable before it.
+        self.shared.sync_and_record().map_err(vote_err)?;
+        // Durable before returning, or a node could vote twice in one term.
+        let vote = *vote;
+        self.shared
+            .write_meta(|meta| meta.vote = Some(vote))
+            .map_err(vote_err)
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
-        self.get_meta(VOTE)
+        Ok(self.shared.meta().vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> StorageResult<()> {
-        // Made durable by the next sync; losing it only means re-deriving it after a restart.
-        self.put_meta(COMMITTED, &committed)
+        // Written with the next vote, purge or shutdown; losing it only means re-deriving it
+        // after a restart.
+        lock(&self.shared.meta).committed = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<u64>>> {
-        Ok(self.get_meta::<Option<LogId<u64>>>(COMMITTED)?.flatten())
+        Ok(self.shared.meta().committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -417,300 +381,431 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        let mut last = None;
-        for entry in entries {
-            let bytes = checksum::encode(&entry).map_err(|e| write_err(io_other(e)))?;
-            batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
-            last = Some(entry.log_id.index);
-        }
-        self.log.apply_batch(batch).map_err(write_err)?;
-        if let Some(last) = last {
-            self.watermark.appended.fetch_max(last, Ordering::SeqCst);
+        {
+            let mut log = lock(&self.shared.log);
+            if let Some(last) = log.append(entries).map_err(write_err)? {
+                // Under the log's lock, so the flusher reads it together with the files written.
+                self.shared.watermark.appended.store(last, Ordering::SeqCst);
+            }
         }
         match self.policy {
             FsyncPolicy::Always => self
                 .flusher
+                .queue
+                .as_ref()
+                .ok_or_else(|| write_err(io::Error::other("log flusher thread has stopped")))?
                 .send(callback)
-                .map_err(|_| write_err(io_other("log flusher thread has stopped")))?,
+                .map_err(|_| write_err(io::Error::other("log flusher thread has stopped")))?,
             FsyncPolicy::Periodic => callback.log_io_completed(Ok(())),
         }
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        let index = log_id.index;
         // Lower the durable watermark first, durably: a crash after the removal must not find a
         // watermark above the log's end and call that damage.
-        let _held = self
-            .watermark
-            .lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let below = log_id.index.saturating_sub(1);
-        self.watermark.appended.store(below, Ordering::SeqCst);
-        self.watermark
-            .write(below)
-            .and_then(|()| self.watermark.file.sync_data())
-            .map_err(write_err)?;
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(log_id.index.to_be_bytes()..) {
-            let (k, _) = kv.map_err(read_err)?;
-            batch.remove(k);
+        let _held = lock(&self.shared.watermark.lock);
+        let below = index.saturating_sub(1);
+        {
+            let _log = lock(&self.shared.log);
+            self.shared
+                .watermark
+                .appended
+                .store(below, Ordering::SeqCst);
         }
-        self.log.apply_batch(batch).map_err(write_err)
+        self.shared
+            .watermark
+            .write(below)
+            .and_then(|()| self.shared.watermark.file.sync_data())
+            .map_err(write_err)?;
+        let removed = lock(&self.shared.log).truncate(index).map_err(write_err)?;
+        let last_record = lock(&self.shared.log).last_record();
+        let last = match last_record {
+            Some(record) => Some(
+                record
+                    .read()
+                    .map_err(|e| corrupt_err(record.index, &e))?
+                    .log_id,
+            ),
+            None => None,
+        };
+        lock(&self.shared.log).set_last(last);
+        sync_all(&self.shared.dir, &removed).map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
         // Record the purge point first: a crash in between leaves extra entries, never a hole.
-        self.put_meta(LAST_PURGED, &log_id)?;
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(..=log_id.index.to_be_bytes()) {
-            let (k, _) = kv.map_err(read_err)?;
-            batch.remove(k);
+        self.shared
+            .write_meta(|meta| meta.purged = Some(log_id))
+            .map_err(write_err)?;
+        let removed = lock(&self.shared.log)
+            .purge(log_id.index)
+            .map_err(write_err)?;
+        if removed {
+            sync_dir(&self.shared.dir).map_err(write_err)?;
         }
-        self.log.apply_batch(batch).map_err(write_err)
+        Ok(())
     }
 }
 
 #[cfg(test)]
-// The guard of `one_at_a_time` is held across awaits on purpose: it serialises whole tests, each
-// on its own runtime.
-#[allow(clippy::await_holding_lock)]
-pub(crate) mod tests {
+mod tests {
+    use super::super::log_meta::WATERMARK_FILE;
+    use super::super::segment::encode_record;
     use super::*;
+    use crate::checksum;
+    use openraft::storage::RaftLogStorageExt;
     use openraft::{CommittedLeaderId, EntryPayload};
 
-    /// Retries `attempt` while sled reports its folder locked: a dropped database's threads
-    /// release the lock a moment later, and the next open must not fail for that.
-    pub(crate) fn while_locked<T, E: std::fmt::Display>(
-        mut attempt: impl FnMut() -> Result<T, E>,
-    ) -> Result<T, E> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match attempt() {
-                Err(e)
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::park_timeout(Duration::from_millis(10));
-                }
-                result => return result,
-            }
+    fn id(index: u64) -> LogId<u64> {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: id(index),
+            payload: EntryPayload::Blank,
         }
     }
 
-    fn open_db(dir: &Path) -> sled::Db {
-        while_locked(|| sled::Config::new().path(dir).open()).unwrap()
+    fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<Entry<TypeConfig>> {
+        range.map(entry).collect()
     }
 
-    /// Taken by every test here that reopens a sled folder: sled's shared I/O threads can hold a
-    /// dropped database (and its folder lock) while other tests keep them busy writing.
-    pub(crate) fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-        static SLED_TESTS: Mutex<()> = Mutex::new(());
-        SLED_TESTS.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Writes entries `1..=n` straight into a log database at `dir`, as the store would.
-    fn write_entries(dir: &Path, n: u64) {
-        let db = open_db(dir);
-        let log = db.open_tree("log").unwrap();
-        for index in 1..=n {
-            let entry: Entry<TypeConfig> = Entry {
-                log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-                payload: EntryPayload::Blank,
-            };
-            log.insert(index.to_be_bytes(), checksum::encode(&entry).unwrap())
-                .unwrap();
-        }
-        db.flush().unwrap();
-    }
-
-    /// Changes the stored value of entry `index` with `damage`.
-    fn damage_entry(dir: &Path, index: u64, damage: impl FnOnce(&mut Vec<u8>)) {
-        let db = open_db(dir);
-        let log = db.open_tree("log").unwrap();
-        let mut value = log.get(index.to_be_bytes()).unwrap().unwrap().to_vec();
-        damage(&mut value);
-        log.insert(index.to_be_bytes(), value).unwrap();
-        db.flush().unwrap();
-    }
-
-    /// Opens the store at `dir`, retrying while a just-dropped database still holds the folder
-    /// lock (as [`open_db`] does).
     fn open(dir: &Path) -> io::Result<LogStore> {
-        while_locked(|| {
-            LogStore::open(
-                dir,
-                1 << 20,
-                FsyncPolicy::Always,
-                Duration::from_millis(200),
-            )
-        })
+        LogStore::open(dir, FsyncPolicy::Always, Duration::from_millis(200))
+    }
+
+    /// A store whose every append starts a new segment.
+    fn open_tiny_segments(dir: &Path) -> io::Result<LogStore> {
+        LogStore::open_with(dir, FsyncPolicy::Always, Duration::from_millis(200), 1)
+    }
+
+    /// Appends `1..=n` through a store at `dir` and closes it (its watermark then says `n`).
+    async fn write_entries(dir: &Path, n: u64) {
+        let mut store = open(dir).unwrap();
+        store.blocking_append(entries(1..=n)).await.unwrap();
+    }
+
+    async fn indexes(store: &mut LogStore, range: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+        let got = store.try_get_log_entries(range).await.unwrap();
+        got.iter().map(|e| e.log_id.index).collect()
+    }
+
+    /// The segment files in `dir`, by name.
+    fn segments(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".seg"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn segment(dir: &Path, first: u64) -> PathBuf {
+        dir.join(format!("{first:020}.seg"))
+    }
+
+    /// Where the record of entry `index` starts in a log of blank entries from 1 in one segment.
+    fn offset_of(index: u64) -> u64 {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, &entry(1)).unwrap();
+        (index - 1) * buf.len() as u64
+    }
+
+    fn watermark(dir: &Path) -> u64 {
+        checksum::decode(&std::fs::read(dir.join(WATERMARK_FILE)).unwrap()).unwrap()
+    }
+
+    fn refusal(result: io::Result<LogStore>) -> String {
+        let err = result.err().expect("a damaged log must not open");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("refusing to start"), "{err}");
+        err.to_string()
     }
 
     #[tokio::test]
-    async fn an_intact_log_opens_and_reads() {
-        let _serial = one_at_a_time();
+    async fn reopening_keeps_entries_vote_committed_and_purge_point() {
         let dir = tempfile::tempdir().unwrap();
-        write_entries(dir.path(), 5);
+        let vote = Vote::new_committed(3, 2);
+        {
+            let mut store = open(dir.path()).unwrap();
+            store.blocking_append(entries(1..=5)).await.unwrap();
+            store.save_vote(&vote).await.unwrap();
+            store.save_committed(Some(id(4))).await.unwrap();
+            store.purge(id(2)).await.unwrap();
+        }
         let mut store = open(dir.path()).unwrap();
-        let entries = store.try_get_log_entries(1..=5).await.unwrap();
-        assert_eq!(
-            entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5]
-        );
+        assert_eq!(indexes(&mut store, 0..=10).await, [3, 4, 5]);
+        assert_eq!(store.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(store.read_committed().await.unwrap(), Some(id(4)));
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(id(2)));
+        assert_eq!(state.last_log_id, Some(id(5)));
+        // And it goes on from there.
+        store.blocking_append(entries(6..=6)).await.unwrap();
+        assert_eq!(indexes(&mut store, 0..=10).await, [3, 4, 5, 6]);
     }
 
-    #[test]
-    fn a_flipped_byte_in_an_entry_refuses_the_start() {
-        let _serial = one_at_a_time();
+    #[tokio::test]
+    async fn a_vote_is_on_disk_when_save_vote_returns() {
         let dir = tempfile::tempdir().unwrap();
-        write_entries(dir.path(), 5);
-        damage_entry(dir.path(), 3, |v| {
-            let last = v.len() - 1;
-            v[last] ^= 0x01;
-        });
-        let err = open(dir.path()).err().expect("a damaged log must not open");
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let mut store = open(dir.path()).unwrap();
+        let vote = Vote::new(7, 1);
+        store.save_vote(&vote).await.unwrap();
+        // Read from the file while the store is still open: nothing left for a shutdown to write.
+        let (_, meta) = MetaFile::open(dir.path()).unwrap();
+        assert_eq!(meta.vote, Some(vote));
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_record_above_the_watermark_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        write_entries(dir.path(), 5).await;
+        let file = segment(dir.path(), 1);
+        let intact = std::fs::metadata(&file).unwrap().len();
+        let mut record = Vec::new();
+        encode_record(&mut record, &entry(6)).unwrap();
+        for torn in [
+            record[..3].to_vec(),
+            record[..record.len() - 1].to_vec(),
+            // Whole length, but the payload never reached the disk.
+            [&record[..8], &vec![0; record.len() - 8][..]].concat(),
+            // A zero-filled tail, as a power failure can leave after the file grew.
+            vec![0; 4096],
+        ] {
+            let mut bytes = std::fs::read(&file).unwrap();
+            bytes.extend_from_slice(&torn);
+            std::fs::write(&file, bytes).unwrap();
+            let mut store = open(dir.path()).unwrap();
+            assert_eq!(indexes(&mut store, 0..=10).await, [1, 2, 3, 4, 5]);
+            assert_eq!(std::fs::metadata(&file).unwrap().len(), intact);
+        }
+        let mut store = open(dir.path()).unwrap();
+        store.blocking_append(entries(6..=6)).await.unwrap();
+        assert_eq!(indexes(&mut store, 0..=10).await, [1, 2, 3, 4, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_in_the_middle_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        write_entries(dir.path(), 5).await;
+        let file = segment(dir.path(), 1);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[offset_of(3) as usize + 9] ^= 0x01;
+        std::fs::write(&file, bytes).unwrap();
+        let err = refusal(open(dir.path()));
         assert!(
-            err.to_string().contains("entry 3") && err.to_string().contains("checksum mismatch"),
+            err.contains("entry 3") && err.contains("checksum mismatch"),
             "{err}"
         );
     }
 
-    #[test]
-    fn a_truncated_entry_refuses_the_start() {
-        let _serial = one_at_a_time();
+    /// A record the watermark says was durable cannot be a torn write, even at the very end.
+    #[tokio::test]
+    async fn a_damaged_last_record_below_the_watermark_refuses_the_start() {
         let dir = tempfile::tempdir().unwrap();
-        write_entries(dir.path(), 5);
-        damage_entry(dir.path(), 5, |v| v.truncate(v.len() / 2));
-        let err = open(dir.path())
-            .err()
-            .expect("a truncated entry must not open");
-        assert!(err.to_string().contains("entry 5"), "{err}");
-    }
-
-    #[test]
-    fn a_missing_entry_in_the_middle_refuses_the_start() {
-        let _serial = one_at_a_time();
-        let dir = tempfile::tempdir().unwrap();
-        write_entries(dir.path(), 5);
-        {
-            let db = open_db(dir.path());
-            db.open_tree("log")
-                .unwrap()
-                .remove(3u64.to_be_bytes())
-                .unwrap();
-            db.flush().unwrap();
-        }
-        let err = open(dir.path())
-            .err()
-            .expect("a log with a hole must not open");
-        assert!(err.to_string().contains("gap"), "{err}");
+        write_entries(dir.path(), 5).await;
+        let file = segment(dir.path(), 1);
+        let len = std::fs::metadata(&file).unwrap().len();
+        let handle = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        handle.set_len(len - 1).unwrap();
+        let err = refusal(open(dir.path()));
+        assert!(
+            err.contains("entry 5") && err.contains("cut short"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
-    async fn a_damaged_entry_read_at_run_time_is_a_storage_error() {
-        let _serial = one_at_a_time();
+    async fn a_log_cut_below_the_watermark_refuses_the_start() {
         let dir = tempfile::tempdir().unwrap();
-        write_entries(dir.path(), 5);
-        let mut store = open(dir.path()).unwrap();
-        // Damaged behind the running store's back (as a disk would).
-        let mut value = store.log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
-        value[OVERHEAD_FIRST_PAYLOAD_BYTE] ^= 0x80;
-        store.log.insert(2u64.to_be_bytes(), value).unwrap();
-        assert!(store.try_get_log_entries(1..=5).await.is_err());
-    }
-
-    const OVERHEAD_FIRST_PAYLOAD_BYTE: usize = checksum::OVERHEAD;
-
-    /// Cuts `dir/db` to `len(db) - cut_from_end` bytes (or to `keep` bytes).
-    fn cut_data_file(dir: &Path, new_len: impl FnOnce(u64) -> u64) {
-        let file = dir.join("db");
-        let len = std::fs::metadata(&file).unwrap().len();
+        write_entries(dir.path(), 20).await;
+        assert_eq!(watermark(dir.path()), 20);
+        let file = segment(dir.path(), 1);
         std::fs::OpenOptions::new()
             .write(true)
             .open(&file)
             .unwrap()
-            .set_len(new_len(len))
+            .set_len(offset_of(16))
             .unwrap();
-    }
-
-    /// As the flusher leaves it after syncing entries up to `index`.
-    fn record_durable(dir: &Path, index: u64) {
-        std::fs::write(dir.join(WATERMARK_FILE), checksum::encode(&index).unwrap()).unwrap();
-    }
-
-    /// sled recovers a data file that lost its tail by dropping the entries in it (measured:
-    /// DURABILITY.md), and the log left looks whole: no gap, every checksum good. The durable
-    /// watermark notices. The tail is removed through sled here, as its recovery leaves it,
-    /// because where a cut file makes sled drop entries rather than panic depends on its layout.
-    #[test]
-    fn a_data_file_that_lost_its_tail_refuses_the_start() {
-        let _serial = one_at_a_time();
-        let dir = tempfile::tempdir().unwrap();
-        write_entries(dir.path(), 20);
-        record_durable(dir.path(), 20);
-        {
-            let db = open_db(dir.path());
-            let log = db.open_tree("log").unwrap();
-            for index in 16..=20u64 {
-                log.remove(index.to_be_bytes()).unwrap();
-            }
-            db.flush().unwrap();
-        }
-        let err = open(dir.path())
-            .err()
-            .expect("a log that lost its tail must not open");
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let err = refusal(open(dir.path()));
         assert!(
-            err.to_string().contains("ends at index 15")
-                && err.to_string().contains("lost their tail"),
+            err.contains("ends at index 15") && err.contains("lost their tail"),
             "{err}"
         );
         // Without the watermark the same files would open: it is what notices.
         std::fs::remove_file(dir.path().join(WATERMARK_FILE)).unwrap();
-        assert!(open(dir.path()).is_ok());
+        let mut store = open(dir.path()).unwrap();
+        assert_eq!(
+            indexes(&mut store, 0..=30).await,
+            (1..=15).collect::<Vec<_>>()
+        );
     }
 
-    /// On other cuts sled panics or reports corruption; either way the store refuses to open.
-    #[test]
-    fn a_data_file_cut_in_half_or_to_nothing_refuses_the_start() {
-        let _serial = one_at_a_time();
-        for keep in [|len: u64| len / 2, |_| 100] {
-            let dir = tempfile::tempdir().unwrap();
-            write_entries(dir.path(), 20_000);
-            record_durable(dir.path(), 20_000);
-            cut_data_file(dir.path(), keep);
-            assert!(open(dir.path()).is_err());
+    #[tokio::test]
+    async fn a_record_holding_the_wrong_index_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        write_entries(dir.path(), 5).await;
+        let file = segment(dir.path(), 1);
+        let mut bytes = std::fs::read(&file).unwrap();
+        encode_record(&mut bytes, &entry(9)).unwrap();
+        std::fs::write(&file, bytes).unwrap();
+        let err = refusal(open(dir.path()));
+        assert!(err.contains("holds entry 9"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_segment_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = open_tiny_segments(dir.path()).unwrap();
+            for first in [1, 4, 7] {
+                store
+                    .blocking_append(entries(first..=first + 2))
+                    .await
+                    .unwrap();
+            }
         }
+        std::fs::remove_file(segment(dir.path(), 4)).unwrap();
+        let err = refusal(open(dir.path()));
+        assert!(err.contains("segment 7"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn segments_roll_over_are_truncated_across_a_boundary_and_purged_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let mut store = open_tiny_segments(path).unwrap();
+        for first in [1, 4, 7] {
+            store
+                .blocking_append(entries(first..=first + 2))
+                .await
+                .unwrap();
+        }
+        let names = |firsts: &[u64]| -> Vec<String> {
+            firsts.iter().map(|f| format!("{f:020}.seg")).collect()
+        };
+        assert_eq!(segments(path), names(&[1, 4, 7]));
+        assert_eq!(indexes(&mut store, 2..=8).await, [2, 3, 4, 5, 6, 7, 8]);
+
+        // At a segment's first entry: that segment and the later ones go.
+        store.truncate(id(4)).await.unwrap();
+        assert_eq!(segments(path), names(&[1]));
+        assert_eq!(
+            store.get_log_state().await.unwrap().last_log_id,
+            Some(id(3))
+        );
+        // Inside a segment: it is cut at that record.
+        store.truncate(id(3)).await.unwrap();
+        assert_eq!(indexes(&mut store, 0..=10).await, [1, 2]);
+        assert_eq!(
+            std::fs::metadata(segment(path, 1)).unwrap().len(),
+            offset_of(3)
+        );
+        assert_eq!(watermark(path), 2);
+
+        store.blocking_append(entries(3..=5)).await.unwrap();
+        store.blocking_append(entries(6..=8)).await.unwrap();
+        assert_eq!(segments(path), names(&[1, 3, 6]));
+        // Entries 1..=4: only the segment of 1..=2 lies wholly below; 3..=5 stays for 5.
+        store.purge(id(4)).await.unwrap();
+        assert_eq!(segments(path), names(&[3, 6]));
+        assert_eq!(indexes(&mut store, 0..=10).await, [5, 6, 7, 8]);
+        store.purge(id(5)).await.unwrap();
+        assert_eq!(segments(path), names(&[6]));
+        drop(store);
+
+        let mut store = open(path).unwrap();
+        assert_eq!(indexes(&mut store, 0..=10).await, [6, 7, 8]);
+        // Purged past its end, the log is empty and continues after the purge point.
+        store.purge(id(12)).await.unwrap();
+        assert!(segments(path).is_empty());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(id(12)));
+        store.blocking_append(entries(13..=14)).await.unwrap();
+        drop(store);
+        let mut store = open(path).unwrap();
+        assert_eq!(indexes(&mut store, 0..=20).await, [13, 14]);
+    }
+
+    #[tokio::test]
+    async fn a_read_in_progress_survives_a_purge_of_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open_tiny_segments(dir.path()).unwrap();
+        store.blocking_append(entries(1..=3)).await.unwrap();
+        store.blocking_append(entries(4..=6)).await.unwrap();
+        // A reader has found its records (the step done under the lock), then the purge runs
+        // before it reads them.
+        let located = lock(&store.shared.log).locate(1, 7);
+        store.purge(id(3)).await.unwrap();
+        assert!(!segment(dir.path(), 1).exists());
+        let read: Vec<u64> = located
+            .iter()
+            .map(|r| r.read().unwrap().log_id.index)
+            .collect();
+        assert_eq!(read, [1, 2, 3, 4, 5, 6]);
+        // A read starting now sees only what is left.
+        assert_eq!(indexes(&mut store, 0..=10).await, [4, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_entry_read_at_run_time_is_a_storage_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path()).unwrap();
+        store.blocking_append(entries(1..=5)).await.unwrap();
+        // Damaged behind the running store's back (as a disk would).
+        let file = segment(dir.path(), 1);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[offset_of(2) as usize + 9] ^= 0x80;
+        std::fs::write(&file, bytes).unwrap();
+        assert!(store.try_get_log_entries(1..=5).await.is_err());
+        assert_eq!(indexes(&mut store, 3..=5).await, [3, 4, 5]);
     }
 
     #[tokio::test]
     async fn the_watermark_follows_appends_and_truncation() {
-        let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
-        write_entries(dir.path(), 5);
-        let read = |dir: &Path| -> u64 {
-            checksum::decode(&std::fs::read(dir.join(WATERMARK_FILE)).unwrap()).unwrap()
-        };
         let mut store = open(dir.path()).unwrap();
-        // Opening records what sled recovered.
-        assert_eq!(read(dir.path()), 5);
-        store
-            .truncate(LogId::new(CommittedLeaderId::new(1, 1), 4))
-            .await
-            .unwrap();
-        assert_eq!(read(dir.path()), 3);
-        assert_eq!(store.last_index().unwrap(), 3);
+        store.blocking_append(entries(1..=5)).await.unwrap();
+        // Recorded by the flusher before the append was reported flushed.
+        assert_eq!(watermark(dir.path()), 5);
+        store.truncate(id(4)).await.unwrap();
+        assert_eq!(watermark(dir.path()), 3);
+        drop(store);
+        let mut store = open(dir.path()).unwrap();
+        assert_eq!(indexes(&mut store, 0..=10).await, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn damaged_metadata_or_watermark_refuses_the_start() {
+        for file in ["meta", WATERMARK_FILE] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let mut store = open(dir.path()).unwrap();
+                store.blocking_append(entries(1..=2)).await.unwrap();
+                store.save_vote(&Vote::new(1, 1)).await.unwrap();
+            }
+            std::fs::write(dir.path().join(file), b"garbage").unwrap();
+            refusal(open(dir.path()));
+        }
     }
 
     #[test]
-    fn a_damaged_watermark_refuses_the_start() {
-        let _serial = one_at_a_time();
+    fn a_sled_log_of_an_earlier_version_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        write_entries(dir.path(), 5);
-        std::fs::write(dir.path().join(WATERMARK_FILE), b"garbage").unwrap();
-        assert!(open(dir.path()).is_err());
+        std::fs::write(dir.path().join("db"), b"sled").unwrap();
+        let err = open(dir.path()).err().expect("must not open");
+        assert!(err.to_string().contains("sled format"), "{err}");
+    }
+
+    #[test]
+    fn a_log_open_in_another_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = open(dir.path()).unwrap();
+        let err = open(dir.path()).err().expect("must not open twice");
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
     }
 }

@@ -1,9 +1,11 @@
-//! The replicated log: openraft over two sled databases.
+//! The replicated log: openraft over segment files (the log) and sled (the applied state).
 //!
 //! - [`log_store`]: the raft log and vote (`<data>/log`), made durable with a real fdatasync before
-//!   openraft is told an append is flushed.
-//! - [`state_machine`]: the applied state (`<data>/state`): messages, indexes, last applied.
-//! - [`sync`]: the fdatasync that sled's `flush()` does not do.
+//!   openraft is told an append is flushed; its entries in [`segment`] files, its vote, committed
+//!   id, purge point and durable watermark in [`log_meta`].
+//! - [`state_machine`]: the applied state (`<data>/state`, a sled database): messages, indexes,
+//!   last applied.
+//! - [`sync`]: the fdatasync that sled's `flush()` does not do, for the state database.
 //! - [`network`]: node-to-node RPC to peers' internal raft listeners (`cluster.listen`).
 //!
 //! [`start`] opens both stores, starts raft and, on first start, initializes the membership: the
@@ -13,9 +15,11 @@
 
 // openraft's StorageError is large by design and is what its traits return; boxing it here
 // would only add conversions at every trait boundary.
+pub mod log_meta;
 #[allow(clippy::result_large_err)]
 pub mod log_store;
 pub mod network;
+pub mod segment;
 #[allow(clippy::result_large_err)]
 pub mod state_machine;
 pub mod sync;
@@ -140,7 +144,6 @@ pub async fn start(
     let state_dir = config.data_dir.join("state");
     let log_store = log_store::LogStore::open(
         &log_dir,
-        config.store.cache_bytes,
         config.durability.fsync,
         config.durability.sync_interval,
     )
@@ -263,7 +266,7 @@ pub async fn start(
     })
 }
 
-/// openraft's own storage test suite, run against the sled log store and state machine: the same
+/// openraft's own storage test suite, run against the segment log store and sled state machine: the same
 /// checks every openraft storage implementation must pass (log state, purge, truncate, vote,
 /// membership, apply, snapshot transfer).
 #[cfg(test)]
@@ -277,16 +280,15 @@ mod storage_suite {
     use crate::config::FsyncPolicy;
     use crate::hub::Hub;
 
-    struct SledBuilder;
+    struct TempDirBuilder;
 
-    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for TempDirBuilder {
         async fn build(
             &self,
         ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
             let dir = tempfile::tempdir().expect("temp dir");
             let log = LogStore::open(
                 &dir.path().join("log"),
-                8 << 20,
                 FsyncPolicy::Always,
                 std::time::Duration::from_millis(100),
             )
@@ -306,6 +308,6 @@ mod storage_suite {
 
     #[test]
     fn openraft_storage_suite_passes() {
-        Suite::test_all(SledBuilder).expect("storage suite");
+        Suite::test_all(TempDirBuilder).expect("storage suite");
     }
 }
