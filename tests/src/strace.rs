@@ -238,12 +238,12 @@ impl fmt::Display for Violation {
 
 /// For each request (named by a `marker` that occurs in its bytes, sent one at a time, each after
 /// the previous one's acknowledgement), checks that between reading the request and writing the
-/// first thing that could be its answer to the client's socket, the broker wrote the log file and
-/// then completed a sync of it.
+/// first thing that could be its answer to the client's socket, the broker wrote a log file and
+/// then completed a sync of that same file.
 ///
 /// - `server_port`: the broker's public port; the client's socket is the one whose local address
 ///   ends with it.
-/// - `log_file_suffix`: the log store's data file, e.g. `/log/db`.
+/// - `log_file_suffix`: how the log store's data files end, e.g. `.seg` for its segments.
 pub fn check_sync_before_answer(
     calls: &[Call],
     server_port: u16,
@@ -296,7 +296,7 @@ pub fn check_sync_before_answer(
             for append in appends {
                 let synced = calls.iter().find(|c| {
                     SYNCS.contains(&c.name.as_str())
-                        && on_log_file(c)
+                        && c.target == append.target
                         && c.start > append.end
                         && c.end < answer.start
                         && c.ret == Some(0)
@@ -445,6 +445,26 @@ mod tests {
             check_sync_before_answer(&parse(&other), 7400, "/log/db", &["req-one".into()])[0]
                 .is_err()
         );
+        let same_segment =
+            good_trace().replace(&log_fd(), &format!("12<{}>", hex(b"/tmp/x/log/1.seg")));
+        assert!(
+            check_sync_before_answer(&parse(&same_segment), 7400, ".seg", &["req-one".into()])[0]
+                .is_ok()
+        );
+        // Another file of the log (another segment) is not the one written.
+        let other_segment = good_trace().replace(
+            &format!("fdatasync({}", log_fd()),
+            &format!("fdatasync(14<{}>", hex(b"/tmp/x/log/2.seg")),
+        );
+        let segment_trace =
+            other_segment.replace(&log_fd(), &format!("12<{}>", hex(b"/tmp/x/log/1.seg")));
+        assert!(check_sync_before_answer(
+            &parse(&segment_trace),
+            7400,
+            ".seg",
+            &["req-one".into()]
+        )[0]
+        .is_err());
         let failed = good_trace().replace(
             "<... fdatasync resumed>) = 0",
             "<... fdatasync resumed>) = -1 EIO (Input/output error)",
