@@ -486,8 +486,21 @@ async fn a_node_with_a_truncated_log_refuses_to_start_and_is_rebuilt_after_a_wip
     let stack_ref = &stack;
     let refusal = tokio::task::block_in_place(|| -> anyhow::Result<String> {
         stack_ref.stop(node)?;
-        let db = stack_ref.data_path(node)?.join("log").join("db");
-        let file = std::fs::OpenOptions::new().write(true).open(&db)?;
+        // The newest segment of the raft log cut to half its length: it loses entries the node
+        // had made durable (below its durable watermark), which must not pass for a torn write.
+        let log_dir = stack_ref.data_path(node)?.join("log");
+        let mut segments = Vec::new();
+        for dirent in std::fs::read_dir(&log_dir)? {
+            let path = dirent?.path();
+            if path.extension().is_some_and(|e| e == "seg") {
+                segments.push(path);
+            }
+        }
+        segments.sort();
+        let newest = segments
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no log segment in {}", log_dir.display()))?;
+        let file = std::fs::OpenOptions::new().write(true).open(&newest)?;
         let len = file.metadata()?.len();
         file.set_len(len / 2)?;
         file.sync_all()?;
