@@ -8,9 +8,11 @@
 //! [format 0xC5] [crc32 of the payload, u32 LE] [payload]
 //! ```
 //!
-//! and opened with a check of both. A failed check is a [`CorruptRecord`], never a default or a
-//! skipped record: the log store turns it into a storage error that stops raft on this node (so it
-//! neither serves nor votes from bad data), and the message store into `DATA_LOSS` for the reader.
+//! and opened with a check of both (the raft log's segment records carry their length and crc32
+//! in a header of their own, see `raft::segment`; its metadata files are sealed like this). A
+//! failed check is a [`CorruptRecord`], never a default or a skipped record: the log store turns it
+//! into a storage error that stops raft on this node (so it neither serves nor votes from bad
+//! data), and the message store into `DATA_LOSS` for the reader.
 //!
 //! CRC-32 (IEEE) through `crc32fast`: it is already in the tree (sled uses it), it runs at memory
 //! speed with the CPU's carry-less multiply, and it detects every burst of up to 32 flipped bits;

@@ -7,8 +7,9 @@
 //! - [`edge`]: the public gRPC service; validation, conversions, the one error→status mapping.
 //! - [`gateway`]: the same services for browsers: HTTP/JSON, Server-Sent Events, CORS.
 //! - [`proposer`]: group commit — concurrent publishes become one log entry.
-//! - [`raft`]: openraft over sled: the durable log ([`raft::log_store`]), the state machine
-//!   ([`raft::state_machine`]), the real fdatasync ([`raft::sync`]).
+//! - [`raft`]: openraft: the durable log in segment files ([`raft::log_store`],
+//!   [`raft::segment`]), the state machine in sled ([`raft::state_machine`]), the real fdatasync
+//!   sled lacks ([`raft::sync`]).
 //! - [`apply`]: the deterministic decision of what a committed command does.
 //! - [`store`]: the on-disk layout of messages and their indexes, and reads.
 //! - [`hub`]: per-node fan-out to subscriptions, with bounded mailboxes.

@@ -266,9 +266,9 @@ pub async fn start(
     })
 }
 
-/// openraft's own storage test suite, run against the segment log store and sled state machine: the same
-/// checks every openraft storage implementation must pass (log state, purge, truncate, vote,
-/// membership, apply, snapshot transfer).
+/// openraft's own storage test suite, run against the segment log store and the sled state
+/// machine: the same checks every openraft storage implementation must pass (log state, purge,
+/// truncate, vote, membership, apply, snapshot transfer).
 #[cfg(test)]
 mod storage_suite {
     use openraft::testing::{StoreBuilder, Suite};

@@ -1,4 +1,4 @@
-//! A real sync for a sled database.
+//! A real sync for a sled database (the state store; the raft log has its own files and syncs).
 //!
 //! sled 0.34's `flush()` writes its buffers and calls `sync_file_range`, which flushes neither the
 //! disk's cache nor the file's metadata; sled's own `fsync` runs only in a background thread every
