@@ -575,6 +575,8 @@ mod tests {
             [&record[..8], &vec![0; record.len() - 8][..]].concat(),
             // A zero-filled tail, as a power failure can leave after the file grew.
             vec![0; 4096],
+            // A header that made it, then zeros past the record's end.
+            [&record[..8], &vec![0; 3 * record.len()][..]].concat(),
         ] {
             let mut bytes = std::fs::read(&file).unwrap();
             bytes.extend_from_slice(&torn);
@@ -601,6 +603,22 @@ mod tests {
             err.contains("entry 3") && err.contains("checksum mismatch"),
             "{err}"
         );
+    }
+
+    /// Above the watermark too, a bad record that a good one follows is damage, not a torn write.
+    #[tokio::test]
+    async fn a_bad_record_followed_by_a_good_one_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        write_entries(dir.path(), 5).await;
+        let file = segment(dir.path(), 1);
+        let mut bytes = std::fs::read(&file).unwrap();
+        let sixth = bytes.len();
+        encode_record(&mut bytes, &entry(6)).unwrap();
+        encode_record(&mut bytes, &entry(7)).unwrap();
+        bytes[sixth + 9] ^= 0x04;
+        std::fs::write(&file, bytes).unwrap();
+        let err = refusal(open(dir.path()));
+        assert!(err.contains("entry 6"), "{err}");
     }
 
     /// A record the watermark says was durable cannot be a torn write, even at the very end.

@@ -37,6 +37,9 @@ use crate::checksum::CorruptRecord;
 /// files stay few, small enough that purging frees space soon after a snapshot.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
+/// The append buffer is kept between appends up to this capacity.
+const KEEP_BUFFER: usize = 4 << 20;
+
 /// Length and checksum before each payload.
 const HEADER: usize = 8;
 
@@ -122,6 +125,13 @@ pub fn decode_record(record: &[u8], expected: u64) -> Result<Entry<TypeConfig>, 
         });
     }
     Ok(entry)
+}
+
+/// The entry of the record at the start of `bytes`, if it is whole, checks out and holds `index`.
+fn read_one(bytes: &[u8], index: u64) -> Option<Entry<TypeConfig>> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let record = bytes.get(..HEADER.checked_add(len)?)?;
+    decode_record(record, index).ok()
 }
 
 /// Where one record is, for a read that runs without the log's lock: the file stays readable
@@ -326,9 +336,14 @@ impl SegmentLog {
                     offset += end;
                 }
                 Err(e) => {
-                    let at_the_end = end.is_none_or(|end| end == rest.len());
+                    // A bad record followed by a good one is damage in the middle of the log. One
+                    // followed by nothing usable is where a write stopped: a crash can leave
+                    // anything (a part, zeros where the file had grown) after the last sync.
+                    let followed = end.is_some_and(|end| {
+                        end < rest.len() && read_one(&rest[end..], index + 1).is_some()
+                    });
                     let torn = is_last
-                        && at_the_end
+                        && !followed
                         && matches!(e, RecordError::Short | RecordError::Corrupt(_))
                         && durable.is_none_or(|durable| index > durable);
                     if !torn {
@@ -380,7 +395,10 @@ impl SegmentLog {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         let result = self.append_with(&mut buf, entries);
-        self.buf = buf;
+        // Kept for the next append, unless one unusually big append grew it.
+        if buf.capacity() <= KEEP_BUFFER {
+            self.buf = buf;
+        }
         result
     }
 
