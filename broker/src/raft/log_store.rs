@@ -194,7 +194,8 @@ impl LogStore {
         })?;
         let (meta_file, meta) = MetaFile::open(dir)?;
         let (watermark, durable) = Watermark::open(dir)?;
-        let mut log = SegmentLog::open(dir, durable, segment_bytes)?;
+        let mut log =
+            SegmentLog::open(dir, durable, meta.purged.map(|id| id.index), segment_bytes)?;
         if let Some(purged) = meta.purged {
             // Segments a crash kept from being removed after the purge point was recorded.
             if log.purge(purged.index)? {
@@ -419,7 +420,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .write(below)
             .and_then(|()| self.shared.watermark.file.sync_data())
             .map_err(write_err)?;
-        let removed = lock(&self.shared.log).truncate(index).map_err(write_err)?;
+        let removed = lock(&self.shared.log)
+            .remove_from(index)
+            .map_err(write_err)?;
+        if removed {
+            sync_dir(&self.shared.dir).map_err(write_err)?;
+        }
+        let cut = lock(&self.shared.log).cut(index).map_err(write_err)?;
+        if let Some(file) = cut {
+            file.sync_data().map_err(write_err)?;
+        }
         let last_record = lock(&self.shared.log).last_record();
         let last = match last_record {
             Some(record) => Some(
@@ -431,7 +441,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => None,
         };
         lock(&self.shared.log).set_last(last);
-        sync_all(&self.shared.dir, &removed).map_err(write_err)
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
@@ -747,6 +757,31 @@ mod tests {
         drop(store);
         let mut store = open(path).unwrap();
         assert_eq!(indexes(&mut store, 0..=20).await, [13, 14]);
+    }
+
+    /// The purge point is recorded before any segment is removed, and the removals may reach the
+    /// disk in any order: what a crash leaves must open.
+    #[tokio::test]
+    async fn segments_left_by_a_crash_during_a_purge_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = open_tiny_segments(dir.path()).unwrap();
+            for first in [1, 4, 7, 10] {
+                store
+                    .blocking_append(entries(first..=first + 2))
+                    .await
+                    .unwrap();
+            }
+            store
+                .shared
+                .write_meta(|meta| meta.purged = Some(id(9)))
+                .unwrap();
+        }
+        // Of the three segments to remove, only the middle one's removal reached the disk.
+        std::fs::remove_file(segment(dir.path(), 4)).unwrap();
+        let mut store = open(dir.path()).unwrap();
+        assert_eq!(indexes(&mut store, 0..=20).await, [10, 11, 12]);
+        assert_eq!(segments(dir.path()), [format!("{:020}.seg", 10)]);
     }
 
     #[tokio::test]

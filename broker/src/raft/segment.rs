@@ -254,11 +254,16 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 impl SegmentLog {
     /// Opens the segments in `dir`, checking every record and cutting off a torn last record.
     /// `durable` is the highest index known to have been made durable: a record at or below it
-    /// cannot be torn, only damaged.
+    /// cannot be torn, only damaged. Segments wholly at or below `purged` are removed unread.
     ///
     /// # Errors
     /// `InvalidData` when the log is damaged (see the module docs); any I/O error.
-    pub fn open(dir: &Path, durable: Option<u64>, segment_bytes: u64) -> io::Result<SegmentLog> {
+    pub fn open(
+        dir: &Path,
+        durable: Option<u64>,
+        purged: Option<u64>,
+        segment_bytes: u64,
+    ) -> io::Result<SegmentLog> {
         let mut firsts = Vec::new();
         for dirent in std::fs::read_dir(dir)? {
             let dirent = dirent?;
@@ -267,6 +272,21 @@ impl SegmentLog {
             }
         }
         firsts.sort_unstable();
+        // A purge removes segments oldest first, but a crash can keep any of those removals from
+        // reaching the disk: a segment is wholly purged when the next one starts at or below the
+        // entry after the purge point, whatever is missing between them.
+        if let Some(purged) = purged {
+            let keep_from = firsts
+                .windows(2)
+                .take_while(|pair| pair[1] <= purged.saturating_add(1))
+                .count();
+            if keep_from > 0 {
+                for first in firsts.drain(..keep_from) {
+                    std::fs::remove_file(segment_path(dir, first))?;
+                }
+                sync_dir(dir)?;
+            }
+        }
         let mut log = SegmentLog {
             dir: dir.to_path_buf(),
             segment_bytes,
@@ -387,7 +407,7 @@ impl SegmentLog {
     ///
     /// # Errors
     /// The entries do not follow the log, do not encode, or the write fails (the log is then left
-    /// as it was, apart from bytes past its end that the next append overwrites).
+    /// as it was).
     pub fn append(
         &mut self,
         entries: impl IntoIterator<Item = Entry<TypeConfig>>,
@@ -497,34 +517,50 @@ impl SegmentLog {
         found
     }
 
-    /// Removes the entries at `index` and after: cuts the segment holding it and removes the
-    /// segments after. Returns what must be synced for the removal to be durable; the caller then
-    /// reads the new last entry and sets it with [`SegmentLog::set_last`].
+    /// Removes the segments that start at `index` or later, the first step of removing the
+    /// entries from `index` on. Returns whether any was: their removal must be durable before the
+    /// segment holding `index` is cut ([`SegmentLog::cut`]), or a crash in between could leave
+    /// the later segments after a hole.
     ///
     /// # Errors
     /// Any I/O error.
-    pub fn truncate(&mut self, index: u64) -> io::Result<Unsynced> {
-        let mut sync = Unsynced::default();
-        while let Some(segment) = self.segments.last_mut() {
-            if segment.first >= index {
-                std::fs::remove_file(&segment.path)?;
-                self.segments.pop();
-                sync.folder = true;
-                continue;
+    pub fn remove_from(&mut self, index: u64) -> io::Result<bool> {
+        let mut removed = false;
+        while let Some(segment) = self.segments.last() {
+            if segment.first < index {
+                break;
             }
-            let keep = usize::try_from(index - segment.first).unwrap_or(usize::MAX);
-            if let Some(&(offset, _)) = segment.records.get(keep) {
-                segment.records.truncate(keep);
-                segment.file.set_len(offset)?;
-                segment.len = offset;
-                sync.files.push(Arc::clone(&segment.file));
-            }
-            break;
+            std::fs::remove_file(&segment.path)?;
+            self.segments.pop();
+            removed = true;
         }
         if self.segments.iter().all(|s| s.records.is_empty()) {
             self.last = None;
         }
-        Ok(sync)
+        Ok(removed)
+    }
+
+    /// Cuts the last segment at entry `index` (after [`SegmentLog::remove_from`]). Returns the file
+    /// to sync when it was cut. The caller then reads the new last entry and sets it with
+    /// [`SegmentLog::set_last`].
+    ///
+    /// # Errors
+    /// Any I/O error.
+    pub fn cut(&mut self, index: u64) -> io::Result<Option<Arc<File>>> {
+        let Some(segment) = self.segments.last_mut() else {
+            return Ok(None);
+        };
+        let keep = usize::try_from(index.saturating_sub(segment.first)).unwrap_or(usize::MAX);
+        let Some(&(offset, _)) = segment.records.get(keep) else {
+            return Ok(None);
+        };
+        segment.file.set_len(offset)?;
+        segment.records.truncate(keep);
+        segment.len = offset;
+        if self.segments.iter().all(|s| s.records.is_empty()) {
+            self.last = None;
+        }
+        Ok(self.segments.last().map(|s| Arc::clone(&s.file)))
     }
 
     /// The record of the last entry present.
