@@ -407,14 +407,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Lower the durable watermark first, durably: a crash after the removal must not find a
         // watermark above the log's end and call that damage.
         let _held = lock(&self.shared.watermark.lock);
-        let below = index.saturating_sub(1);
-        {
+        let below = {
             let _log = lock(&self.shared.log);
-            self.shared
-                .watermark
-                .appended
-                .store(below, Ordering::SeqCst);
-        }
+            let appended = &self.shared.watermark.appended;
+            // Never raised: a truncation past the end removes nothing.
+            let below = index.saturating_sub(1).min(appended.load(Ordering::SeqCst));
+            appended.store(below, Ordering::SeqCst);
+            below
+        };
         self.shared
             .watermark
             .write(below)
@@ -826,6 +826,9 @@ mod tests {
         // Recorded by the flusher before the append was reported flushed.
         assert_eq!(watermark(dir.path()), 5);
         store.truncate(id(4)).await.unwrap();
+        assert_eq!(watermark(dir.path()), 3);
+        // Past the end it removes nothing, and must not claim more than the log holds.
+        store.truncate(id(9)).await.unwrap();
         assert_eq!(watermark(dir.path()), 3);
         drop(store);
         let mut store = open(dir.path()).unwrap();
