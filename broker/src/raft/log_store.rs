@@ -382,6 +382,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let full = lock(&self.shared.log).is_full();
+        if full {
+            // Once per segment: the one ending is made durable before the next one gets a byte.
+            self.shared.sync_and_record().map_err(write_err)?;
+        }
         {
             let mut log = lock(&self.shared.log);
             if let Some(last) = log.append(entries).map_err(write_err)? {
@@ -782,6 +787,29 @@ mod tests {
         let mut store = open(dir.path()).unwrap();
         assert_eq!(indexes(&mut store, 0..=20).await, [10, 11, 12]);
         assert_eq!(segments(dir.path()), [format!("{:020}.seg", 10)]);
+    }
+
+    /// Even when appends are synced only on a timer, a segment is durable before the next one
+    /// starts, so a torn write can only ever be at the end of the last segment.
+    #[tokio::test]
+    async fn a_full_segment_is_synced_before_the_next_one_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open_with(
+            dir.path(),
+            FsyncPolicy::Periodic,
+            Duration::from_secs(3600),
+            1,
+        )
+        .unwrap();
+        store.blocking_append(entries(1..=3)).await.unwrap();
+        assert_eq!(
+            watermark(dir.path()),
+            0,
+            "not synced yet: the timer is an hour away"
+        );
+        store.blocking_append(entries(4..=6)).await.unwrap();
+        assert_eq!(watermark(dir.path()), 3);
+        assert_eq!(lock(&store.shared.log).take_unsynced().files.len(), 1);
     }
 
     #[tokio::test]

@@ -397,6 +397,15 @@ impl SegmentLog {
         self.last
     }
 
+    /// Whether the next append starts a new segment because the last one is full. The caller
+    /// syncs what was written before then: a torn write is only recognised at the end of the
+    /// last segment, so no unsynced tail may be left behind in an earlier one.
+    pub fn is_full(&self) -> bool {
+        self.segments
+            .last()
+            .is_some_and(|s| s.len >= self.segment_bytes)
+    }
+
     /// Appends `entries` (consecutive, and above the last one present) with one write. Returns the
     /// last index appended.
     ///
