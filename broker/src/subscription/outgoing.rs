@@ -36,6 +36,9 @@ const MESSAGE_REDELIVERY: u32 = 15;
 pub struct SharedMessage {
     stored: Arc<StoredMessage>,
     encoded: OnceLock<Bytes>,
+    /// For a message on an entity's state channel: the entity as watchers are sent it, decoded
+    /// from the payload by the first watch that needs it rather than by every watch.
+    entity: OnceLock<Option<pb::Entity>>,
 }
 
 impl SharedMessage {
@@ -44,7 +47,16 @@ impl SharedMessage {
         Arc::new(SharedMessage {
             stored,
             encoded: OnceLock::new(),
+            entity: OnceLock::new(),
         })
+    }
+
+    /// The entity state this message carries, when it is a state document (see
+    /// [`crate::apply::EntityDoc`]); decoded once, by the first caller, and shared.
+    pub fn entity(&self) -> Option<&pb::Entity> {
+        self.entity
+            .get_or_init(|| convert::entity_from_state_payload(&self.stored.message.payload))
+            .as_ref()
     }
 
     /// The stored message.
@@ -78,6 +90,11 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// The shared message this delivers.
+    pub fn shared(&self) -> &Arc<SharedMessage> {
+        &self.message
+    }
+
     /// A delivery of `message` to subscription `subscription`.
     pub fn new(
         message: Arc<SharedMessage>,
