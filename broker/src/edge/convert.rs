@@ -124,7 +124,11 @@ mod tests {
             version: 1,
             writer: "crm".into(),
         };
-        let fields = [("name", r#""Ada \"A\"""#), ("n", "1.5"), ("o", r#"{"a":[1]}"#)];
+        let fields = [
+            ("name", r#""Ada \"A\"""#),
+            ("n", "1.5"),
+            ("o", r#"{"a":[1]}"#),
+        ];
         state.merge(
             &Change::Update(
                 fields
