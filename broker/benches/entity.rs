@@ -88,7 +88,7 @@ fn state_document(c: &mut Criterion) {
     group.bench_function("direct/10_fields", |b| {
         b.iter(|| EntityDoc::encode("contact", "c42", black_box(&state)))
     });
-    let payload = EntityDoc::encode("contact", "c42", &state).expect("a state document");
+    let payload = EntityDoc::encode("contact", "c42", &state).unwrap_or_else(|e| panic!("{e}"));
     group.bench_function("watch_decode/10_fields", |b| {
         b.iter(|| {
             switchboard_broker::edge::convert::entity_from_state_payload(black_box(
