@@ -75,12 +75,28 @@ fn merge(c: &mut Criterion) {
     group.finish();
 }
 
-/// What apply does for an accepted write after the merge: the state document as JSON.
+/// What apply does for an accepted write after the merge: the state document as JSON. `via_value`
+/// is how it used to be made (fields printed, parsed into a `serde_json::Value`, printed again),
+/// `direct` how apply makes it now; `watch_decode` is what one change costs the watches of it
+/// (decoded once per message, whatever the number of watches).
 fn state_document(c: &mut Criterion) {
     let state = entity(10);
-    c.bench_function("entity_state_document/10_fields", |b| {
+    let mut group = c.benchmark_group("entity_state_document");
+    group.bench_function("via_value/10_fields", |b| {
         b.iter(|| serde_json::to_string(&EntityDoc::new("contact", "c42", black_box(&state))))
     });
+    group.bench_function("direct/10_fields", |b| {
+        b.iter(|| EntityDoc::encode("contact", "c42", black_box(&state)))
+    });
+    let payload = EntityDoc::encode("contact", "c42", &state).unwrap_or_else(|e| panic!("{e}"));
+    group.bench_function("watch_decode/10_fields", |b| {
+        b.iter(|| {
+            switchboard_broker::edge::convert::entity_from_state_payload(black_box(
+                payload.as_bytes(),
+            ))
+        })
+    });
+    group.finish();
 }
 
 criterion_group!(benches, merge, state_document);

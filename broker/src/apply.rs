@@ -106,7 +106,46 @@ pub struct EntityDoc {
     pub fields: serde_json::Value,
 }
 
+/// An entity's state document as it is written: the same JSON as [`EntityDoc`], made from the
+/// state without building a `serde_json::Value` of the fields and printing it again (the fields
+/// are kept as canonical JSON text, so they go in as they are).
+#[derive(Serialize)]
+struct EntityDocOut<'a> {
+    #[serde(rename = "type")]
+    entity_type: &'a str,
+    id: &'a str,
+    version: u64,
+    etag: String,
+    deleted: bool,
+    updated_at_us: u64,
+    last_stamp: Option<&'a Stamp>,
+    fields: &'a serde_json::value::RawValue,
+}
+
 impl EntityDoc {
+    /// The JSON text of the document for an entity's state: what [`EntityDoc::new`] would
+    /// serialize to, byte for byte, at a fraction of the cost (apply makes one per accepted
+    /// change).
+    ///
+    /// # Errors
+    /// [`BrokerError::Storage`] if the stored fields are not JSON (they are checked when written,
+    /// so only a bug gets here).
+    pub fn encode(entity_type: &str, id: &str, state: &EntityState) -> Result<String, BrokerError> {
+        let fields = serde_json::value::RawValue::from_string(state.fields_json())
+            .map_err(|e| BrokerError::Storage(format!("entity fields are not JSON: {e}")))?;
+        serde_json::to_string(&EntityDocOut {
+            entity_type,
+            id,
+            version: state.version,
+            etag: state.etag(),
+            deleted: state.is_deleted(),
+            updated_at_us: state.updated_at_us,
+            last_stamp: state.last_stamp.as_ref(),
+            fields: &fields,
+        })
+        .map_err(|e| BrokerError::Storage(format!("cannot encode entity: {e}")))
+    }
+
     /// The document for an entity's state.
     pub fn new(entity_type: &str, id: &str, state: &EntityState) -> EntityDoc {
         EntityDoc {
@@ -298,9 +337,7 @@ impl BatchApply<'_> {
         }
         next.accept(&write.stamp, self.publish_time_us);
         MessageStore::put_entity(batch, &key.0, &key.1, &next)?;
-        let doc = EntityDoc::new(&key.0, &key.1, &next);
-        let payload = serde_json::to_string(&doc)
-            .map_err(|e| BrokerError::Storage(format!("cannot encode entity: {e}")))?;
+        let payload = EntityDoc::encode(&key.0, &key.1, &next)?;
         self.store_message(
             system_message(state_channel(&key.0, &key.1), payload),
             Vec::new(),
@@ -893,6 +930,60 @@ mod tests {
             &outcomes(o)[0],
             ItemOutcome::Refused(Refusal::Loop { .. })
         ));
+    }
+
+    #[test]
+    fn the_state_document_is_written_as_serde_would_write_it() {
+        // The direct encoding must give the very bytes the document type serializes to: replicas
+        // running either version publish the same payload, and readers parse it as before.
+        let canonical = |text: &str| {
+            serde_json::from_str::<serde_json::Value>(text)
+                .unwrap()
+                .to_string()
+        };
+        let mut state = EntityState::default();
+        assert_eq!(
+            EntityDoc::encode("contact", "c1", &state).unwrap(),
+            serde_json::to_string(&EntityDoc::new("contact", "c1", &state)).unwrap()
+        );
+        let values = [
+            ("name", "\"Ada \\\"the\\\" Lovelace \u{e9}\u{1F600}\""),
+            ("n", "12345678901234567890"),
+            ("f", "-1.5e-7"),
+            ("pi", "3.141592653589793"),
+            ("nested", r#"{"b":[1,null,true],"a":{"z":"\n"}}"#),
+            ("quote\"d\\key", "false"),
+        ];
+        let change = crate::entity::Change::Update(
+            values
+                .iter()
+                .map(|(k, v)| (k.to_string(), canonical(v)))
+                .collect(),
+        );
+        let written = Stamp {
+            timestamp_ms: 7,
+            version: 3,
+            writer: "w\"1".into(),
+        };
+        assert!(state.merge(&change, &written));
+        state.accept(&written, 1_764_000_000_123_456);
+        for state in [state.clone(), {
+            let mut deleted = state.clone();
+            let later = Stamp {
+                timestamp_ms: 8,
+                ..written.clone()
+            };
+            deleted.merge(&crate::entity::Change::Delete, &later);
+            deleted.accept(&later, 1_764_000_000_223_456);
+            deleted
+        }] {
+            let direct = EntityDoc::encode("contact", "c-1_x", &state).unwrap();
+            let via_doc =
+                serde_json::to_string(&EntityDoc::new("contact", "c-1_x", &state)).unwrap();
+            assert_eq!(direct, via_doc);
+            let back: EntityDoc = serde_json::from_str(&direct).unwrap();
+            assert_eq!(back, EntityDoc::new("contact", "c-1_x", &state));
+        }
     }
 
     fn entity_write(fields: &[(&str, &str)], ts: u64, writer: &str, expected: Option<u64>) -> Item {

@@ -344,3 +344,44 @@ async fn a_throttled_watch_ends_on_the_latest_version_of_each_entity() {
     }
     assert!(versions.len() < 10, "changes were coalesced: {versions:?}");
 }
+
+#[tokio::test]
+async fn every_watcher_gets_the_same_merged_state_the_writer_was_answered() {
+    // Watches share one decoded copy of each change; each must still see exactly the entity the
+    // update returned, in the order the updates were applied.
+    let f = fixture(&[]).await;
+    let t = now_ms();
+    let mut watches = Vec::new();
+    for _ in 0..3 {
+        let mut watch = f.client.watch_entities("contact.*").await.unwrap();
+        assert_eq!(
+            next_event(&mut watch).await,
+            EntityEvent::SnapshotComplete(0)
+        );
+        watches.push(watch);
+    }
+    let updates = [
+        ("1", json!({"name": "Ada", "n": 1})),
+        ("2", json!({"name": "Bob \"B\" \u{e9}"})),
+        ("1", json!({"n": 2.5, "tags": ["a", {"b": null}]})),
+    ];
+    let mut answered = Vec::new();
+    for (i, (id, values)) in updates.into_iter().enumerate() {
+        let update = EntityUpdate::new("contact", id, values).stamp(t + i as u64, 0, "crm");
+        answered.push(f.client.update_entity(update).await.unwrap());
+    }
+    assert_eq!(
+        fields(&answered[2]),
+        json!({"name": "Ada", "n": 2.5, "tags": ["a", {"b": null}]})
+    );
+    for watch in &mut watches {
+        let mut seen = Vec::new();
+        for _ in 0..answered.len() {
+            match next_event(watch).await {
+                EntityEvent::Change(entity) => seen.push(entity),
+                other => panic!("expected a change, got {other:?}"),
+            }
+        }
+        assert_eq!(seen, answered);
+    }
+}

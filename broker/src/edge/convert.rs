@@ -1,8 +1,11 @@
 //! Conversions between the protobuf types of `switchboard.v1` and the broker's own types.
 
 use prost_types::Timestamp;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use switchboard_proto::v1 as pb;
 
+use crate::entity::{EntityState, Stamp};
 use crate::message::StoredMessage;
 
 /// µs since the epoch → protobuf timestamp.
@@ -49,29 +52,102 @@ pub fn message(stored: &StoredMessage) -> pb::Message {
     }
 }
 
-/// An entity document (as stored on its state channel) as sent to clients.
-pub fn entity(doc: &crate::apply::EntityDoc) -> pb::Entity {
+/// An entity's state as sent to clients. The fields are the state's canonical JSON text, which
+/// is exactly what the state document carries.
+pub fn entity_state(entity_type: &str, id: &str, state: &EntityState) -> pb::Entity {
     pb::Entity {
         key: Some(pb::EntityKey {
-            r#type: doc.entity_type.clone(),
-            id: doc.id.clone(),
+            r#type: entity_type.to_owned(),
+            id: id.to_owned(),
         }),
-        fields: bytes::Bytes::from(doc.fields.to_string()),
+        fields: bytes::Bytes::from(state.fields_json()),
+        version: state.version,
+        etag: state.etag(),
+        deleted: state.is_deleted(),
+        updated_at: Some(timestamp(state.updated_at_us)),
+        last_stamp: state.last_stamp.as_ref().map(write_stamp),
+    }
+}
+
+fn write_stamp(s: &Stamp) -> pb::WriteStamp {
+    pb::WriteStamp {
+        timestamp_ms: s.timestamp_ms,
+        version: s.version,
+        writer: s.writer.clone(),
+    }
+}
+
+/// The parts of a state document a watcher is sent, read without building a JSON tree of the
+/// fields: they are taken as the text they are in the document (compact, canonical JSON).
+#[derive(Deserialize)]
+struct StateDocument<'a> {
+    #[serde(rename = "type")]
+    entity_type: String,
+    id: String,
+    version: u64,
+    etag: String,
+    deleted: bool,
+    updated_at_us: u64,
+    last_stamp: Option<Stamp>,
+    #[serde(borrow)]
+    fields: &'a RawValue,
+}
+
+/// The entity a state document (the payload of a message on an entity's state channel) holds;
+/// `None` when the payload is not one.
+pub fn entity_from_state_payload(payload: &[u8]) -> Option<pb::Entity> {
+    let doc: StateDocument<'_> = serde_json::from_slice(payload).ok()?;
+    Some(pb::Entity {
+        key: Some(pb::EntityKey {
+            r#type: doc.entity_type,
+            id: doc.id,
+        }),
+        fields: bytes::Bytes::copy_from_slice(doc.fields.get().as_bytes()),
         version: doc.version,
-        etag: doc.etag.clone(),
+        etag: doc.etag,
         deleted: doc.deleted,
         updated_at: Some(timestamp(doc.updated_at_us)),
-        last_stamp: doc.last_stamp.as_ref().map(|s| pb::WriteStamp {
-            timestamp_ms: s.timestamp_ms,
-            version: s.version,
-            writer: s.writer.clone(),
-        }),
-    }
+        last_stamp: doc.last_stamp.as_ref().map(write_stamp),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watched_change_is_the_entity_as_read_from_the_state() {
+        use crate::entity::Change;
+        let mut state = EntityState::default();
+        let stamp = Stamp {
+            timestamp_ms: 5,
+            version: 1,
+            writer: "crm".into(),
+        };
+        let fields = [
+            ("name", r#""Ada \"A\"""#),
+            ("n", "1.5"),
+            ("o", r#"{"a":[1]}"#),
+        ];
+        state.merge(
+            &Change::Update(
+                fields
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            &stamp,
+        );
+        state.accept(&stamp, 1_764_000_000_000_001);
+        let payload = crate::apply::EntityDoc::encode("contact", "c1", &state).unwrap();
+        let watched = entity_from_state_payload(payload.as_bytes()).unwrap();
+        assert_eq!(watched, entity_state("contact", "c1", &state));
+        assert_eq!(
+            watched.fields.as_ref(),
+            br#"{"n":1.5,"name":"Ada \"A\"","o":{"a":[1]}}"#
+        );
+        assert_eq!(entity_from_state_payload(b"{\"not\":\"a state\"}"), None);
+    }
 
     #[test]
     fn timestamps_round_trip_and_refuse_nonsense() {

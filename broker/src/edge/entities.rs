@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Caller, TokenBound};
 use super::{convert, Edge};
-use crate::apply::EntityDoc;
+use crate::apply::state_channel;
 use crate::entity::{Change, Stamp};
 use crate::error::{BrokerError, Reason};
 use crate::message::{EntityWrite, Item, ItemOutcome};
@@ -126,7 +126,7 @@ impl EntitiesService {
         let (entity_type, id) = (write.entity_type.clone(), write.id.clone());
         match self.edge.proposer.propose(Item::Entity(write)).await? {
             ItemOutcome::Entity(state) => Ok(Response::new(pb::EntityResponse {
-                entity: Some(convert::entity(&EntityDoc::new(&entity_type, &id, &state))),
+                entity: Some(convert::entity_state(&entity_type, &id, &state)),
             })),
             ItemOutcome::Refused(refusal) => {
                 let error = BrokerError::from(refusal);
@@ -217,7 +217,7 @@ impl EntitiesRpc for EntitiesService {
         }
         Ok(Response::new(pb::GetEntityResponse {
             not_modified: false,
-            entity: Some(convert::entity(&EntityDoc::new(&entity_type, &id, &state))),
+            entity: Some(convert::entity_state(&entity_type, &id, &state)),
         }))
     }
 
@@ -272,13 +272,6 @@ impl EntitiesRpc for EntitiesService {
     }
 }
 
-/// The next event of a watch's state subscription, as a protobuf event.
-async fn next_change(
-    changes: &mut mpsc::Receiver<Result<Outgoing, Status>>,
-) -> Option<Result<pb::SubscribeEvent, Status>> {
-    Some(changes.recv().await?.map(Outgoing::into_event))
-}
-
 /// Feeds one watch: waits until its state subscription is live, sends the snapshot, then the
 /// changes newer than what the snapshot showed.
 async fn watch(
@@ -291,7 +284,7 @@ async fn watch(
     use pb::subscribe_event::Event as Sub;
 
     // The subscription is registered once `Subscribed` arrives: every later change will follow.
-    match next_change(&mut changes).await {
+    match changes.recv().await.map(|c| c.map(Outgoing::into_event)) {
         Some(Ok(pb::SubscribeEvent {
             event: Some(Sub::Subscribed(_)),
         })) => {}
@@ -308,7 +301,9 @@ async fn watch(
         .next()
         .filter(|t| *t != "*" && *t != ">")
         .map(str::to_owned);
-    let mut shown: HashMap<(String, String), u64> = HashMap::new();
+    // The version last sent, by state channel (which names the entity): a change the snapshot
+    // or an earlier event already showed is skipped.
+    let mut shown: HashMap<String, u64> = HashMap::new();
     let mut count = 0u64;
     for item in edge.store.entities(literal_type.as_deref()) {
         let (entity_type, id, state) = match item {
@@ -321,8 +316,8 @@ async fn watch(
         if !pattern.matches(&format!("{entity_type}.{id}")) {
             continue;
         }
-        let entity = convert::entity(&EntityDoc::new(&entity_type, &id, &state));
-        shown.insert((entity_type, id), state.version);
+        let entity = convert::entity_state(&entity_type, &id, &state);
+        shown.insert(state_channel(&entity_type, &id), state.version);
         count += 1;
         let event = pb::EntityEvent {
             event: Some(Event::Snapshot(entity)),
@@ -342,23 +337,29 @@ async fn watch(
 
     loop {
         tokio::select! {
-            change = next_change(&mut changes) => match change {
-                Some(Ok(pb::SubscribeEvent { event: Some(Sub::Message(message)) })) => {
-                    let Ok(doc) = serde_json::from_slice::<EntityDoc>(&message.payload) else {
-                        tracing::warn!(channel = %message.channel, "unreadable state message");
+            change = changes.recv() => match change {
+                Some(Ok(Outgoing::Delivery(delivery))) => {
+                    // Every watch of this entity shares one decoded copy of the change; this watch
+                    // only clones it into its event.
+                    let shared = delivery.shared();
+                    let Some(entity) = shared.entity() else {
+                        tracing::warn!(channel = %shared.message.channel, "unreadable state message");
                         continue;
                     };
-                    let key = (doc.entity_type.clone(), doc.id.clone());
-                    if shown.get(&key).is_some_and(|v| *v >= doc.version) {
-                        continue;
+                    let channel = shared.message.channel.as_str();
+                    match shown.get_mut(channel) {
+                        Some(version) if *version >= entity.version => continue,
+                        Some(version) => *version = entity.version,
+                        None => {
+                            shown.insert(channel.to_owned(), entity.version);
+                        }
                     }
-                    shown.insert(key, doc.version);
-                    let event = pb::EntityEvent { event: Some(Event::Change(convert::entity(&doc))) };
+                    let event = pb::EntityEvent { event: Some(Event::Change(entity.clone())) };
                     if out.send(Ok(event)).await.is_err() {
                         return;
                     }
                 }
-                Some(Ok(_)) => {}
+                Some(Ok(Outgoing::Event(_))) => {}
                 Some(Err(status)) => {
                     let _ = out.send(Err(status)).await;
                     return;

@@ -36,6 +36,10 @@ const MESSAGE_REDELIVERY: u32 = 15;
 pub struct SharedMessage {
     stored: Arc<StoredMessage>,
     encoded: OnceLock<Bytes>,
+    /// For a message on an entity's state channel: the entity as watchers are sent it, decoded
+    /// from the payload by the first watch that needs it rather than by every watch. Boxed, so
+    /// the messages no watch reads carry a pointer, not a whole `Entity`.
+    entity: OnceLock<Option<Box<pb::Entity>>>,
 }
 
 impl SharedMessage {
@@ -44,7 +48,18 @@ impl SharedMessage {
         Arc::new(SharedMessage {
             stored,
             encoded: OnceLock::new(),
+            entity: OnceLock::new(),
         })
+    }
+
+    /// The entity state this message carries, when it is a state document (see
+    /// [`crate::apply::EntityDoc`]); decoded once, by the first caller, and shared.
+    pub fn entity(&self) -> Option<&pb::Entity> {
+        self.entity
+            .get_or_init(|| {
+                convert::entity_from_state_payload(&self.stored.message.payload).map(Box::new)
+            })
+            .as_deref()
     }
 
     /// The stored message.
@@ -78,6 +93,11 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// The shared message this delivers.
+    pub fn shared(&self) -> &Arc<SharedMessage> {
+        &self.message
+    }
+
     /// A delivery of `message` to subscription `subscription`.
     pub fn new(
         message: Arc<SharedMessage>,
@@ -276,6 +296,33 @@ mod tests {
         // Both deliveries wrote the very same buffer: it was made once.
         let once = shared.encoded().as_ptr();
         assert_eq!(shared.encoded().as_ptr(), once);
+    }
+
+    #[test]
+    fn a_state_change_is_decoded_once_for_every_watch() {
+        let mut state = crate::entity::EntityState::default();
+        let stamp = crate::entity::Stamp {
+            timestamp_ms: 1,
+            version: 0,
+            writer: "w".into(),
+        };
+        let mut values = BTreeMap::new();
+        values.insert("name".to_owned(), "\"Ada\"".to_owned());
+        state.merge(&crate::entity::Change::Update(values), &stamp);
+        state.accept(&stamp, 5);
+        let mut message = (*stored()).clone();
+        message.message.channel = "$state.contact.7".into();
+        message.message.payload =
+            Bytes::from(crate::apply::EntityDoc::encode("contact", "7", &state).unwrap());
+        let shared = SharedMessage::new(Arc::new(message));
+        let first = shared.entity().unwrap();
+        assert_eq!(first, &convert::entity_state("contact", "7", &state));
+        assert!(
+            std::ptr::eq(first, shared.entity().unwrap()),
+            "decoded once"
+        );
+        // A message that is not a state document has no entity.
+        assert_eq!(SharedMessage::new(stored()).entity(), None);
     }
 
     #[test]
