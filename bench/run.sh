@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The side-by-side benchmark of Switchboard against NATS JetStream (docs/BENCHMARKS.md).
 #
-#   bench/run.sh                  # the whole comparison, ~4 minutes on 2 cores
+#   bench/run.sh                  # the whole comparison, under 2 minutes on 2 cores once built
 #   bench/run.sh --quick          # every workload scaled down ~10x: a smoke run
 #   bench/run.sh --only W1,W3     # some workloads (W1, W2, W2a, W2b, W3, W4)
 #
