@@ -7,7 +7,7 @@
 //! the leader's clock went backwards, so publish times never decrease with offsets (the time index
 //! relies on it).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use openraft::{LogId, StoredMembership};
@@ -164,16 +164,9 @@ impl EntityDoc {
 /// A message the broker itself publishes (state changes, loop reports).
 fn system_message(channel: String, payload: String) -> NewMessage {
     NewMessage {
-        channel,
-        payload: bytes::Bytes::from(payload),
         content_type: "application/json".to_owned(),
         schema_version: "1.0.0".to_owned(),
-        correlation_id: String::new(),
-        causation_id: String::new(),
-        idempotency_key: String::new(),
-        ttl_ms: 0,
-        headers: BTreeMap::new(),
-        hops: 0,
+        ..NewMessage::on_channel(channel, bytes::Bytes::from(payload))
     }
 }
 

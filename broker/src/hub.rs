@@ -295,18 +295,7 @@ mod tests {
         Arc::new(StoredMessage {
             offset,
             publish_time_us: 1,
-            message: NewMessage {
-                channel: channel.into(),
-                payload: bytes::Bytes::new(),
-                content_type: String::new(),
-                schema_version: String::new(),
-                correlation_id: String::new(),
-                causation_id: String::new(),
-                idempotency_key: String::new(),
-                ttl_ms: 0,
-                headers: Default::default(),
-                hops: 0,
-            },
+            message: NewMessage::on_channel(channel, bytes::Bytes::new()),
             chain: Vec::new(),
         })
     }

@@ -56,6 +56,23 @@ impl NewMessage {
                 .sum::<usize>()
             + 64
     }
+
+    /// A message on `channel` with `payload` and every other field empty (no content type, no
+    /// ids, no TTL, no headers); callers set what they need with struct update syntax.
+    pub fn on_channel(channel: impl Into<String>, payload: Bytes) -> NewMessage {
+        NewMessage {
+            channel: channel.into(),
+            payload,
+            content_type: String::new(),
+            schema_version: String::new(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            idempotency_key: String::new(),
+            ttl_ms: 0,
+            headers: BTreeMap::new(),
+            hops: 0,
+        }
+    }
 }
 
 /// A message in the store: what was published plus what the log assigned.

@@ -418,18 +418,8 @@ mod tests {
 
     fn proposal(bytes: usize) -> (Proposal, Pending) {
         let (reply, pending) = oneshot::channel();
-        let message = crate::message::NewMessage {
-            channel: "a.b".into(),
-            payload: bytes::Bytes::from(vec![b'x'; bytes]),
-            content_type: String::new(),
-            schema_version: String::new(),
-            correlation_id: String::new(),
-            causation_id: String::new(),
-            idempotency_key: String::new(),
-            ttl_ms: 0,
-            headers: Default::default(),
-            hops: 0,
-        };
+        let message =
+            crate::message::NewMessage::on_channel("a.b", bytes::Bytes::from(vec![b'x'; bytes]));
         let budget = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
         let proposal = Proposal {
             items: vec![Item::Publish(message)],

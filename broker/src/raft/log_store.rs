@@ -29,7 +29,7 @@ use openraft::{
 };
 
 use super::log_meta::{LogMeta, MetaFile, Watermark};
-use super::segment::{sync_dir, RecordError, SegmentLog, Unsynced, SEGMENT_BYTES};
+use super::segment::{damaged, sync_dir, RecordError, SegmentLog, Unsynced, SEGMENT_BYTES};
 use super::TypeConfig;
 use crate::config::FsyncPolicy;
 
@@ -45,16 +45,6 @@ type StorageResult<T> = Result<T, StorageError<u64>>;
 
 fn write_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
     StorageIOError::write_logs(&e).into()
-}
-
-fn damaged(what: impl std::fmt::Display) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!(
-            "the raft log is damaged ({what}); refusing to start from it: rebuild this node from \
-             the others (wipe its data folder) or restore its files"
-        ),
-    )
 }
 
 /// A stored entry failed its check (or did not decode): openraft treats the storage error as

@@ -215,7 +215,8 @@ pub struct SegmentLog {
     buf: Vec<u8>,
 }
 
-fn damaged(what: impl std::fmt::Display) -> io::Error {
+/// The refusal to start from a damaged log, naming what is wrong and the way back.
+pub(super) fn damaged(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
         format!(

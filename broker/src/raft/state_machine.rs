@@ -438,16 +438,9 @@ mod tests {
 
     fn entry(index: u64, channel: &str) -> Entry {
         let message = NewMessage {
-            channel: channel.into(),
-            payload: bytes::Bytes::from_static(b"{}"),
             content_type: "application/json".into(),
             schema_version: "1.0.0".into(),
-            correlation_id: String::new(),
-            causation_id: String::new(),
-            idempotency_key: String::new(),
-            ttl_ms: 0,
-            headers: Default::default(),
-            hops: 0,
+            ..NewMessage::on_channel(channel, bytes::Bytes::from_static(b"{}"))
         };
         RaftEntry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),

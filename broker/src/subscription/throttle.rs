@@ -105,18 +105,7 @@ mod tests {
         SharedMessage::new(Arc::new(crate::message::StoredMessage {
             offset,
             publish_time_us: 0,
-            message: crate::message::NewMessage {
-                channel: channel.into(),
-                payload: bytes::Bytes::new(),
-                content_type: String::new(),
-                schema_version: String::new(),
-                correlation_id: String::new(),
-                causation_id: String::new(),
-                idempotency_key: String::new(),
-                ttl_ms: 0,
-                headers: Default::default(),
-                hops: 0,
-            },
+            message: crate::message::NewMessage::on_channel(channel, bytes::Bytes::new()),
             chain: Vec::new(),
         }))
     }
