@@ -6,6 +6,8 @@
     bench/perf_top.py /tmp/perf-w1.data                 # the processes in the file, by samples
     bench/perf_top.py /tmp/perf-w1.data PID [N] [THREAD] # PID's top N symbols (threads named THREAD*)
 
+Recordings made with or without -g work (with -g, the leaf of each call chain is counted).
+
 `perf report --pid` filters by thread, and a broker's threads have their own names, so this
 groups `perf script` samples by process id itself. Percentages are of that process's samples.
 """
@@ -15,6 +17,8 @@ import subprocess
 import sys
 
 LINE = re.compile(r"\s*(.+?)\s+(\d+)/(\d+)\s+([0-9a-f]+)\s+(.*?)\s+\((.*)\)\s*$")
+HEADER = re.compile(r"\s*(.+?)\s+(\d+)/(\d+)\s*$")
+FRAME = re.compile(r"\s+([0-9a-f]+)\s+(.*?)\s+\((.*)\)\s*$")
 
 
 def samples(data):
@@ -22,11 +26,22 @@ def samples(data):
         ["perf", "script", "-i", data, "-F", "comm,pid,tid,ip,sym,dso"],
         capture_output=True, text=True, check=True,
     ).stdout
+    # A recording made with -g prints each sample as a "comm pid/tid" line followed by its call
+    # chain, leaf first: the leaf is the frame that self time belongs to.
+    pending = None
     for line in out.splitlines():
         match = LINE.match(line)
         if match:
             comm, pid, tid, _ip, sym, dso = match.groups()
-            yield comm, pid, tid, re.sub(r"\+0x[0-9a-f]+$", "", sym), dso.split("/")[-1]
+        elif HEADER.match(line):
+            pending = HEADER.match(line).groups()
+            continue
+        elif pending and FRAME.match(line):
+            (comm, pid, tid), (_ip, sym, dso) = pending, FRAME.match(line).groups()
+            pending = None
+        else:
+            continue
+        yield comm, pid, tid, re.sub(r"\+0x[0-9a-f]+$", "", sym), dso.split("/")[-1]
 
 
 def main():
