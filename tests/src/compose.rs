@@ -146,39 +146,49 @@ impl Stack {
     /// # Errors
     /// As [`Stack::up`], or the override file cannot be written.
     pub fn up_with(name: &str, options: &StackOptions) -> Result<Stack> {
-        let override_file = match options.override_yaml() {
-            Some(yaml) => {
-                let mut file = tempfile::Builder::new()
-                    .prefix("switchboard-fault-")
-                    .suffix(".yml")
-                    .tempfile()?;
-                std::io::Write::write_all(&mut file, yaml.as_bytes())?;
-                Some(file)
-            }
-            None => None,
-        };
         let compose = compose_program().context("no compose tool")?;
-        let mut ports = [0u16; 6];
-        let listeners: Vec<std::net::TcpListener> = (0..6)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<_>>()?;
-        for (port, listener) in ports.iter_mut().zip(&listeners) {
-            *port = listener.local_addr()?.port();
+        let mut attempt = 1;
+        loop {
+            let override_file = match options.override_yaml() {
+                Some(yaml) => {
+                    let mut file = tempfile::Builder::new()
+                        .prefix("switchboard-fault-")
+                        .suffix(".yml")
+                        .tempfile()?;
+                    std::io::Write::write_all(&mut file, yaml.as_bytes())?;
+                    Some(file)
+                }
+                None => None,
+            };
+            let ports = free_ports()?;
+            let stack = Stack {
+                project: format!("{name}-{}", std::process::id()),
+                compose: compose.clone(),
+                public_ports: [ports[0], ports[1], ports[2]],
+                admin_ports: [ports[3], ports[4], ports[5]],
+                override_file,
+                secrets: options.secrets.clone(),
+            };
+            match stack.compose(&["up", "-d"]) {
+                Ok(_) => {}
+                // A port found free here can be taken before Docker binds it (by another process,
+                // or as some connection's ephemeral port): start over on other ports. The failed
+                // stack is taken down when it is dropped.
+                Err(e)
+                    if attempt < PORT_ATTEMPTS
+                        && e.to_string().contains("port is already allocated") =>
+                {
+                    eprintln!("{name}: a host port was taken before compose bound it; retrying on other ports");
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            for node in NODES {
+                stack.wait_healthy(node)?;
+            }
+            return Ok(stack);
         }
-        drop(listeners);
-        let stack = Stack {
-            project: format!("{name}-{}", std::process::id()),
-            compose,
-            public_ports: [ports[0], ports[1], ports[2]],
-            admin_ports: [ports[3], ports[4], ports[5]],
-            override_file,
-            secrets: options.secrets.clone(),
-        };
-        stack.compose(&["up", "-d"])?;
-        for node in NODES {
-            stack.wait_healthy(node)?;
-        }
-        Ok(stack)
     }
 
     /// The gRPC URL of node `index` (0 = sb1) on the host: `https://localhost:…` (the name its
@@ -438,6 +448,34 @@ impl Stack {
             std::thread::park_timeout(Duration::from_millis(250));
         }
     }
+}
+
+/// Times [`Stack::up_with`] tries fresh host ports when one was taken before compose bound it.
+const PORT_ATTEMPTS: u32 = 3;
+
+/// Host ports already handed to a stack by this process. The kernel may give a port that was just
+/// released to the next `bind(0)`, so two stacks starting side by side could otherwise be handed
+/// the same one.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Six loopback ports free right now and never handed out before by this process.
+fn free_ports() -> Result<[u16; 6]> {
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ports = [0u16; 6];
+    // Held until all six are chosen, so `bind(0)` cannot return the same port twice meanwhile.
+    let mut held = Vec::new();
+    let mut chosen = 0;
+    while chosen < ports.len() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        if handed.insert(port) {
+            ports[chosen] = port;
+            chosen += 1;
+        }
+        held.push(listener);
+    }
+    Ok(ports)
 }
 
 impl Drop for Stack {
