@@ -132,6 +132,34 @@ async fn record_deliveries(
     });
 }
 
+/// Records deliveries on each of `nodes` (indexes) as `<prefix>-<node name>`; returns the names.
+async fn record_deliveries_on(
+    stack: &Stack,
+    nodes: impl IntoIterator<Item = usize>,
+    prefix: &str,
+    history: &Arc<Mutex<History>>,
+) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in nodes {
+        let name = format!("{prefix}-{}", NODES[i]);
+        record_deliveries(stack, i, name.clone(), Arc::clone(history)).await;
+        names.push(name);
+    }
+    names
+}
+
+/// A client on each of `nodes` (indexes), paired with its index for [`publish_all`].
+async fn connect_each(
+    stack: &Stack,
+    nodes: impl IntoIterator<Item = usize>,
+) -> Vec<(usize, Client)> {
+    let mut clients = Vec::new();
+    for i in nodes {
+        clients.push((i, connect(stack, i).await));
+    }
+    clients
+}
+
 /// Waits until each of `subscribers` has every acknowledged message.
 async fn wait_delivered(history: &Arc<Mutex<History>>, subscribers: &[String]) {
     let deadline = Instant::now() + CATCH_UP_DEADLINE;
@@ -208,17 +236,10 @@ async fn kill_9_of_the_leader_under_load_loses_no_acknowledged_message() {
     let leader = leader(&stack).await;
     let followers: Vec<usize> = (0..NODES.len()).filter(|i| *i != leader).collect();
     let history = Arc::new(Mutex::new(History::new()));
-    let mut subscribers = Vec::new();
-    for &i in &followers {
-        let name = format!("subscriber-on-{}", NODES[i]);
-        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
-        subscribers.push(name);
-    }
+    let subscribers =
+        record_deliveries_on(&stack, followers.iter().copied(), "subscriber-on", &history).await;
     // The publisher talks to the followers only, so the leader's death is a forwarding failure.
-    let mut clients = Vec::new();
-    for &i in &followers {
-        clients.push((i, connect(&stack, i).await));
-    }
+    let clients = connect_each(&stack, followers.iter().copied()).await;
     let mut last_offset = 0;
     for n in 0..300 {
         if n == 100 {
@@ -245,10 +266,7 @@ async fn all_nodes_killed_at_once_keep_every_acknowledged_message() {
         return;
     };
     let history = Arc::new(Mutex::new(History::new()));
-    let mut clients = Vec::new();
-    for i in 0..NODES.len() {
-        clients.push((i, connect(&stack, i).await));
-    }
+    let clients = connect_each(&stack, 0..NODES.len()).await;
     let mut last_offset = 0;
     for n in 0..200 {
         let id = format!("m{n:04}");
@@ -266,12 +284,7 @@ async fn all_nodes_killed_at_once_keep_every_acknowledged_message() {
         stack.wait_healthy(node).expect("healthy again");
     }
     // A fresh subscriber per node replays everything from the store.
-    let mut subscribers = Vec::new();
-    for (i, node) in NODES.iter().enumerate() {
-        let name = format!("replay-on-{node}");
-        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
-        subscribers.push(name);
-    }
+    let subscribers = record_deliveries_on(&stack, 0..NODES.len(), "replay-on", &history).await;
     wait_delivered(&history, &subscribers).await;
     record_digests(&stack, &history, last_offset).await;
     assert_clean(&history, &subscribers);
@@ -325,12 +338,7 @@ async fn partitioned_node(name: &str, cut_off_the_leader: bool) {
     let majority: Vec<usize> = (0..NODES.len()).filter(|i| *i != cut_off).collect();
     let history = Arc::new(Mutex::new(History::new()));
     // One subscriber per node, the cut-off one included: it must catch up after healing.
-    let mut subscribers = Vec::new();
-    for (i, node) in NODES.iter().enumerate() {
-        let name = format!("subscriber-on-{node}");
-        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
-        subscribers.push(name);
-    }
+    let subscribers = record_deliveries_on(&stack, 0..NODES.len(), "subscriber-on", &history).await;
     let mut majority_clients = Vec::new();
     for &i in &majority {
         majority_clients.push((i, connect(&stack, i).await));
@@ -387,16 +395,8 @@ async fn a_rolling_restart_under_load_loses_no_acknowledged_message() {
         return;
     };
     let history = Arc::new(Mutex::new(History::new()));
-    let mut subscribers = Vec::new();
-    for (i, node) in NODES.iter().enumerate() {
-        let name = format!("subscriber-on-{node}");
-        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
-        subscribers.push(name);
-    }
-    let mut clients = Vec::new();
-    for i in 0..NODES.len() {
-        clients.push((i, connect(&stack, i).await));
-    }
+    let subscribers = record_deliveries_on(&stack, 0..NODES.len(), "subscriber-on", &history).await;
+    let clients = connect_each(&stack, 0..NODES.len()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = {
         let history = Arc::clone(&history);
@@ -475,10 +475,7 @@ async fn a_node_with_a_truncated_log_refuses_to_start_and_is_rebuilt_after_a_wip
     let damaged = (leader + 1) % NODES.len();
     let others: Vec<usize> = (0..NODES.len()).filter(|i| *i != damaged).collect();
     let history = Arc::new(Mutex::new(History::new()));
-    let mut clients = Vec::new();
-    for &i in &others {
-        clients.push((i, connect(&stack, i).await));
-    }
+    let clients = connect_each(&stack, others.iter().copied()).await;
     let before = (0..100).map(|n| format!("before-{n:03}"));
     let mut last_offset = publish_all(&clients, &history, before).await;
 
@@ -520,12 +517,7 @@ async fn a_node_with_a_truncated_log_refuses_to_start_and_is_rebuilt_after_a_wip
     tokio::task::block_in_place(|| stack_ref.wipe(node)).expect("wipe and recreate");
     let after = (0..50).map(|n| format!("after-{n:03}"));
     last_offset = last_offset.max(publish_all(&clients, &history, after).await);
-    let mut subscribers = Vec::new();
-    for (i, node) in NODES.iter().enumerate() {
-        let name = format!("replay-on-{node}");
-        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
-        subscribers.push(name);
-    }
+    let subscribers = record_deliveries_on(&stack, 0..NODES.len(), "replay-on", &history).await;
     wait_delivered(&history, &subscribers).await;
     record_digests(&stack, &history, last_offset).await;
     assert_clean(&history, &subscribers);
@@ -543,10 +535,7 @@ async fn wiped_node_rebuilt(name: &str, env: Vec<(String, String)>) {
     let wiped = (leader + 1) % NODES.len();
     let others: Vec<usize> = (0..NODES.len()).filter(|i| *i != wiped).collect();
     let history = Arc::new(Mutex::new(History::new()));
-    let mut clients = Vec::new();
-    for &i in &others {
-        clients.push((i, connect(&stack, i).await));
-    }
+    let clients = connect_each(&stack, others.iter().copied()).await;
     // Messages are published one by one, so each is its own log entry (several snapshots' worth
     // when snapshots are taken every 50 entries).
     let before = (0..150).map(|n| format!("before-{n:03}"));
@@ -556,12 +545,7 @@ async fn wiped_node_rebuilt(name: &str, env: Vec<(String, String)>) {
     let after = (0..150).map(|n| format!("after-{n:03}"));
     last_offset = last_offset.max(publish_all(&clients, &history, after).await);
     // A fresh subscriber on each node, the rebuilt one included, replays everything.
-    let mut subscribers = Vec::new();
-    for (i, node) in NODES.iter().enumerate() {
-        let name = format!("replay-on-{node}");
-        record_deliveries(&stack, i, name.clone(), Arc::clone(&history)).await;
-        subscribers.push(name);
-    }
+    let subscribers = record_deliveries_on(&stack, 0..NODES.len(), "replay-on", &history).await;
     wait_delivered(&history, &subscribers).await;
     record_digests(&stack, &history, last_offset).await;
     assert_clean(&history, &subscribers);
