@@ -429,9 +429,6 @@ async fn a_restarted_follower_catches_up_and_announces_its_new_address() {
 /// order, every message gets one offset, and the leader delivers them all.
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_through_a_follower_keep_their_order() {
-    use futures::StreamExt;
-    use switchboard_client::split_stream_ack;
-
     let dir = tempfile::tempdir().unwrap();
     let nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
     let client = connect(&nodes[0]).await;
@@ -446,36 +443,14 @@ async fn streams_through_a_follower_keep_their_order() {
         let client = via_follower.clone();
         tasks.push(tokio::spawn(async move {
             let payloads: Vec<String> = (0..200).map(|i| format!("\"s{p}-{i}\"")).collect();
-            let stream = payloads
-                .clone()
-                .into_iter()
-                .map(move |payload| Publish::new(format!("stream.p{p}.sent"), payload));
-            let acks: Vec<_> = client
-                .publish_stream(futures::stream::iter(stream))
-                .await
-                .unwrap()
-                .collect()
-                .await;
-            acks.into_iter()
-                .zip(payloads)
-                .map(|(a, payload)| (split_stream_ack(a.unwrap()).1.unwrap().offset, payload))
-                .collect::<Vec<_>>()
+            publish_stream_acked(&client, format!("stream.p{p}.sent"), payloads).await
         }));
     }
-    let mut acked = BTreeMap::new();
+    let mut per_stream = Vec::new();
     for task in tasks {
-        let per_stream = task.await.unwrap();
-        assert!(
-            per_stream.windows(2).all(|w| w[0].0 < w[1].0),
-            "a stream's offsets increase in the order it sent"
-        );
-        for (offset, payload) in per_stream {
-            assert!(
-                acked.insert(offset, payload).is_none(),
-                "offset {offset} twice"
-            );
-        }
+        per_stream.push(task.await.unwrap());
     }
+    let acked = merge_acked(per_stream);
     assert_eq!(acked.len(), 600);
     let delivered: BTreeMap<u64, String> = take(&mut on_leader, 600)
         .await

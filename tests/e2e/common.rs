@@ -1,9 +1,10 @@
 //! Helpers shared by the scenarios.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use switchboard_client::{Client, Subscription};
+use switchboard_client::{split_stream_ack, Client, Publish, Subscription};
 use switchboard_e2e::{BrokerProcess, DEADLINE};
 use switchboard_proto::v1::Message;
 use tempfile::TempDir;
@@ -58,4 +59,46 @@ pub fn offsets(messages: &[Message]) -> Vec<u64> {
 
 pub fn payload_text(message: &Message) -> String {
     String::from_utf8_lossy(&message.payload).into_owned()
+}
+
+/// Publishes `payloads` (JSON texts) on `channel` through one `PublishStream`; returns each
+/// acknowledged offset with its payload, in the order sent.
+pub async fn publish_stream_acked(
+    client: &Client,
+    channel: String,
+    payloads: Vec<String>,
+) -> Vec<(u64, String)> {
+    let stream = payloads
+        .clone()
+        .into_iter()
+        .map(move |payload| Publish::new(channel.clone(), payload));
+    let acks: Vec<_> = client
+        .publish_stream(futures::stream::iter(stream))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    acks.into_iter()
+        .zip(payloads)
+        .map(|(a, payload)| (split_stream_ack(a.unwrap()).1.unwrap().offset, payload))
+        .collect()
+}
+
+/// Merges what several publishers were acknowledged into offset → payload, asserting that each
+/// publisher's offsets increase in the order it sent and that no offset was given twice.
+pub fn merge_acked(per_publisher: Vec<Vec<(u64, String)>>) -> BTreeMap<u64, String> {
+    let mut acked = BTreeMap::new();
+    for acks in per_publisher {
+        assert!(
+            acks.windows(2).all(|w| w[0].0 < w[1].0),
+            "a publisher's offsets increase in the order it sent"
+        );
+        for (offset, payload) in acks {
+            assert!(
+                acked.insert(offset, payload).is_none(),
+                "offset {offset} given twice"
+            );
+        }
+    }
+    acked
 }

@@ -2,8 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use futures::StreamExt;
-use switchboard_client::{split_stream_ack, Publish, Start};
+use switchboard_client::{Publish, Start};
 
 use crate::common::*;
 
@@ -34,34 +33,15 @@ async fn concurrent_publishers_get_distinct_increasing_offsets_that_match_delive
         let client = f.client.clone();
         tasks.push(tokio::spawn(async move {
             let payloads: Vec<String> = (0..200).map(|i| format!("\"s{p}-{i}\"")).collect();
-            let stream = payloads
-                .clone()
-                .into_iter()
-                .map(move |payload| Publish::new(format!("conc.stream.p{p}"), payload));
-            let acks = client
-                .publish_stream(futures::stream::iter(stream))
-                .await
-                .unwrap();
-            let acks: Vec<_> = acks.collect().await;
-            acks.into_iter()
-                .zip(payloads)
-                .map(|(a, payload)| (split_stream_ack(a.unwrap()).1.unwrap().offset, payload))
-                .collect::<Vec<_>>()
+            publish_stream_acked(&client, format!("conc.stream.p{p}"), payloads).await
         }));
     }
 
-    let mut acked = BTreeMap::new();
+    let mut per_publisher = Vec::new();
     for task in tasks {
-        let per_publisher = task.await.unwrap();
-        // Each publisher's offsets increase in the order it sent.
-        assert!(per_publisher.windows(2).all(|w| w[0].0 < w[1].0));
-        for (offset, payload) in per_publisher {
-            assert!(
-                acked.insert(offset, payload).is_none(),
-                "offset {offset} given twice"
-            );
-        }
+        per_publisher.push(task.await.unwrap());
     }
+    let acked = merge_acked(per_publisher);
     assert_eq!(acked.len(), 700);
 
     let got = take(&mut sub, 700).await;
