@@ -20,7 +20,7 @@ use crate::message::{
     NewMessage, Refusal, Rules, StoredMessage,
 };
 use crate::raft::Member;
-use crate::store::{DedupRecord, MessageStore};
+use crate::store::{DedupRecord, MessageStore, WriteBatch};
 
 /// Most batches one sweep visits, so a sweep never stalls apply for long; the next sweep goes on.
 const SWEEP_BATCH_LIMIT: usize = 512;
@@ -63,7 +63,7 @@ impl StateMeta {
     ///
     /// # Errors
     /// Only if encoding fails.
-    pub fn write(&self, batch: &mut sled::Batch) -> Result<(), BrokerError> {
+    pub fn write(&self, batch: &mut WriteBatch) -> Result<(), BrokerError> {
         let bytes = crate::checksum::encode(self)
             .map_err(|e| BrokerError::Storage(format!("cannot encode state meta: {e}")))?;
         MessageStore::put_meta(batch, &bytes);
@@ -210,7 +210,7 @@ impl BatchApply<'_> {
     fn publish(
         &mut self,
         mut message: NewMessage,
-        batch: &mut sled::Batch,
+        batch: &mut WriteBatch,
     ) -> Result<ItemOutcome, BrokerError> {
         let now = self.publish_time_us;
         // A retry is answered with the original before anything else: it is never a loop.
@@ -299,7 +299,7 @@ impl BatchApply<'_> {
     fn entity(
         &mut self,
         write: &EntityWrite,
-        batch: &mut sled::Batch,
+        batch: &mut WriteBatch,
     ) -> Result<ItemOutcome, BrokerError> {
         let key = (write.entity_type.clone(), write.id.clone());
         let current = match self.entities.get(&key) {
@@ -344,7 +344,7 @@ impl BatchApply<'_> {
     fn consumer(
         &mut self,
         write: &ConsumerWrite,
-        batch: &mut sled::Batch,
+        batch: &mut WriteBatch,
     ) -> Result<ItemOutcome, BrokerError> {
         let name = match write {
             ConsumerWrite::Open { name, .. }
@@ -406,7 +406,7 @@ pub fn apply_command(
     store: &MessageStore,
     meta: &mut StateMeta,
     command: &Command,
-    batch: &mut sled::Batch,
+    batch: &mut WriteBatch,
 ) -> Result<(CommandOutcome, Vec<Arc<StoredMessage>>), BrokerError> {
     match command {
         Command::Batch {
@@ -435,7 +435,7 @@ pub fn apply_command(
                 });
             }
             if let Some(first) = decide.stored.first() {
-                let len = MessageStore::put_batch(batch, first.offset, &decide.stored)?;
+                let len = store.put_batch(batch, first.offset, &decide.stored)?;
                 meta.stored_bytes += len as u64;
                 meta.last_publish_time_us = publish_time_us;
             }
@@ -471,7 +471,7 @@ fn sweep(
     now_us: u64,
     max_age_us: u64,
     max_bytes: u64,
-    batch: &mut sled::Batch,
+    batch: &mut WriteBatch,
 ) -> Result<u64, BrokerError> {
     let mut removed = 0u64;
     let mut bytes = meta.stored_bytes;
@@ -509,7 +509,7 @@ fn sweep(
         bytes = bytes.saturating_sub(old.encoded_len as u64);
         MessageStore::delete_batch(batch, &old);
         if !keep.is_empty() {
-            bytes += MessageStore::put_batch(batch, key, &keep)? as u64;
+            bytes += store.put_batch(batch, key, &keep)? as u64;
         }
     }
 
@@ -568,7 +568,7 @@ mod tests {
     }
 
     fn run(store: &MessageStore, meta: &mut StateMeta, command: Command) -> CommandOutcome {
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteBatch::default();
         let (outcome, _) = apply_command(store, meta, &command, &mut batch).unwrap();
         meta.write(&mut batch).unwrap();
         store.apply(batch).unwrap();
@@ -585,7 +585,9 @@ mod tests {
     fn temp_store() -> (tempfile::TempDir, MessageStore) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        (dir, MessageStore::open(&db).unwrap())
+        let (store, lost) = MessageStore::open(&db, &dir.path().join("batches")).unwrap();
+        assert!(lost.is_empty());
+        (dir, store)
     }
 
     #[test]
@@ -636,10 +638,10 @@ mod tests {
                     run(&store, &mut meta, c.clone());
                 }
                 store
-                    .iter_raw()
+                    .snapshot_records()
                     .map(|kv| {
                         let (k, v) = kv.unwrap();
-                        (k.to_vec(), v.to_vec())
+                        (k.to_vec(), v)
                     })
                     .collect()
             })
@@ -907,7 +909,7 @@ mod tests {
             max_hops: 5,
             ..RULES
         };
-        let mut sled_batch = sled::Batch::default();
+        let mut writes = WriteBatch::default();
         let (o, _) = apply_command(
             &store,
             &mut meta2,
@@ -916,7 +918,7 @@ mod tests {
                 rules,
                 items: vec![Item::Publish(long)],
             },
-            &mut sled_batch,
+            &mut writes,
         )
         .unwrap();
         assert!(matches!(

@@ -6,7 +6,7 @@
 //!
 //! | key | value | what |
 //! |---|---|---|
-//! | `b` + first offset (u64 BE) | bincode `Vec<StoredMessage>` | one group-committed batch, the unit of storage |
+//! | `b` + first offset (u64 BE) | bincode [`BodyLocation`] | one group-committed batch, the unit of storage: where its body (bincode `Vec<StoredMessage>`) is in the [batch files](batch_files) |
 //! | `t` + publish time µs + first offset | empty | time index: where a time-based start begins |
 //! | `x` + earliest expiry µs + first offset | empty | expiry index: which batches the sweep must visit |
 //! | `i` + channel + 0 + idempotency key | bincode (offset, publish time µs) | dedup: the message a key names |
@@ -20,9 +20,21 @@
 //! Publish times never decrease with offsets (apply guarantees it), so the time index is also in
 //! offset order.
 //!
-//! Every bincode value is sealed with a checksum ([`crate::checksum`]) and checked on every read;
+//! Batch bodies live outside the tree, in append-only files ([`batch_files`]), because sled
+//! handles values of tens of KiB poorly; the tree keeps only where each one is. A [`WriteBatch`]
+//! carries the tree writes of one applied entry and the bodies they stop pointing at.
+//!
+//! Every bincode value (and every body) is sealed with a checksum ([`crate::checksum`]) and checked on every read;
 //! a damaged one is a [`BrokerError::Corrupt`] (`DATA_LOSS`), never served. The index records with
 //! an empty value have nothing to check: they only point at batches, which are checked.
+
+mod batch_files;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use batch_files::BatchFiles;
+pub use batch_files::BodyLocation;
 
 use crate::channel::Pattern;
 use crate::checksum;
@@ -43,6 +55,26 @@ const META: &[u8] = b"m";
 #[derive(Clone)]
 pub struct MessageStore {
     tree: sled::Tree,
+    bodies: Arc<BatchFiles>,
+}
+
+/// The writes of one applied entry: tree writes applied atomically by [`MessageStore::apply`],
+/// and the batch bodies they start and stop pointing at, accounted once they are applied.
+#[derive(Default)]
+pub struct WriteBatch {
+    writes: sled::Batch,
+    added: Vec<BodyLocation>,
+    released: Vec<BodyLocation>,
+}
+
+impl WriteBatch {
+    fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
+        self.writes.insert(key, value);
+    }
+
+    fn remove(&mut self, key: impl Into<sled::IVec>) {
+        self.writes.remove(key);
+    }
 }
 
 /// What to read: matching, unexpired messages from `from` on, within bounds.
@@ -95,6 +127,8 @@ pub struct StoredBatch {
     pub messages: Vec<StoredMessage>,
     /// Encoded size, as counted in the stored-bytes total.
     pub encoded_len: usize,
+    /// Where its body is.
+    location: BodyLocation,
 }
 
 fn key(kind: u8, a: u64) -> [u8; 9] {
@@ -135,24 +169,72 @@ fn be_u64(bytes: &[u8]) -> Result<u64, BrokerError> {
         .map_err(|_| BrokerError::Storage(format!("corrupt key of {} bytes", bytes.len())))
 }
 
-fn decode_batch(key: &[u8], value: &[u8]) -> Result<StoredBatch, BrokerError> {
-    let messages: Vec<StoredMessage> = checksum::decode(value).map_err(|e| corrupt("batch", e))?;
-    Ok(StoredBatch {
-        key: be_u64(&key[1..])?,
-        messages,
-        encoded_len: value.len(),
-    })
+fn decode_location(value: &[u8]) -> Result<BodyLocation, BrokerError> {
+    checksum::decode(value).map_err(|e| corrupt("batch location", e))
 }
 
 impl MessageStore {
-    /// Opens (or creates) the store's tree in `db`.
+    /// Opens (or creates) the store's tree in `db`, with its batch bodies in `batches_dir`.
+    /// Also returns the bodies the tree points at that are missing or damaged: after a power
+    /// loss the tree can be ahead of its bodies, and the caller must then rebuild the store.
     ///
     /// # Errors
-    /// The embedded store's error.
-    pub fn open(db: &sled::Db) -> Result<Self, BrokerError> {
-        Ok(MessageStore {
-            tree: db.open_tree("messages")?,
+    /// The embedded store's error, a corrupt location, or the batch files cannot be opened.
+    pub fn open(
+        db: &sled::Db,
+        batches_dir: &Path,
+    ) -> Result<(Self, Vec<BodyLocation>), BrokerError> {
+        let tree = db.open_tree("messages")?;
+        let mut locations = Vec::new();
+        for kv in tree.scan_prefix([BATCH]) {
+            let (_, v) = kv?;
+            // A damaged location is logged and later refused when read, like any damaged record;
+            // it does not stop the start.
+            if let Ok(location) = decode_location(&v) {
+                locations.push(location);
+            }
+        }
+        let opened = BatchFiles::open(batches_dir, &locations).map_err(|e| {
+            BrokerError::Storage(format!(
+                "cannot open the batch files in {}: {e}",
+                batches_dir.display()
+            ))
+        })?;
+        Ok((
+            MessageStore {
+                tree,
+                bodies: Arc::new(opened.files),
+            },
+            opened.lost,
+        ))
+    }
+
+    fn load_batch(&self, key: &[u8], value: &[u8]) -> Result<StoredBatch, BrokerError> {
+        let location = decode_location(value)?;
+        let body = self.read_body(&location)?;
+        let messages: Vec<StoredMessage> =
+            checksum::decode(&body).map_err(|e| corrupt("batch", e))?;
+        Ok(StoredBatch {
+            key: be_u64(&key[1..])?,
+            messages,
+            encoded_len: body.len(),
+            location,
         })
+    }
+
+    fn read_body(&self, location: &BodyLocation) -> Result<Vec<u8>, BrokerError> {
+        self.bodies
+            .read(location)
+            .map_err(|e| corrupt("batch body", e))
+    }
+
+    /// Makes every batch body written so far durable, runs `sync_database` (which must make the
+    /// tree durable), then frees the batch files no batch points into any more.
+    ///
+    /// # Errors
+    /// Any I/O error; the writes since the last sync are then not known to be durable.
+    pub fn sync(&self, sync_database: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+        self.bodies.sync(sync_database)
     }
 
     /// The raw meta record, if any.
@@ -167,29 +249,68 @@ impl MessageStore {
     ///
     /// # Errors
     /// The embedded store's error.
-    pub fn apply(&self, batch: sled::Batch) -> Result<(), BrokerError> {
-        Ok(self.tree.apply_batch(batch)?)
+    pub fn apply(&self, batch: WriteBatch) -> Result<(), BrokerError> {
+        self.tree.apply_batch(batch.writes)?;
+        self.bodies.commit(&batch.added, &batch.released);
+        Ok(())
     }
 
-    /// Removes every record (before installing a snapshot).
+    /// Removes every record and batch body (before installing a snapshot).
     ///
     /// # Errors
-    /// The embedded store's error.
+    /// The embedded store's error, or a batch file that cannot be removed.
     pub fn clear(&self) -> Result<(), BrokerError> {
-        Ok(self.tree.clear()?)
+        self.tree.clear()?;
+        self.bodies
+            .clear()
+            .map_err(|e| BrokerError::Storage(format!("cannot remove the batch files: {e}")))
     }
 
-    /// Every record, for building a snapshot.
-    pub fn iter_raw(&self) -> sled::Iter {
-        self.tree.iter()
+    /// Every record in key order, for building a snapshot: a batch's record holds its body, as it
+    /// would if the tree stored bodies itself, so a snapshot is whole on its own.
+    pub fn snapshot_records(
+        &self,
+    ) -> impl Iterator<Item = Result<(sled::IVec, Vec<u8>), BrokerError>> + '_ {
+        self.tree.iter().map(|kv| {
+            let (k, v) = kv?;
+            if k.first() == Some(&BATCH) {
+                let body = self.read_body(&decode_location(&v)?)?;
+                Ok((k, body))
+            } else {
+                Ok((k, v.to_vec()))
+            }
+        })
     }
 
-    /// Writes one raw record (when installing a snapshot).
+    /// Writes one record of a snapshot (see [`MessageStore::snapshot_records`]).
     ///
     /// # Errors
-    /// The embedded store's error.
-    pub fn insert_raw(&self, key: &[u8], value: &[u8]) -> Result<(), BrokerError> {
+    /// The embedded store's error, or the batch body cannot be written.
+    pub fn insert_snapshot_record(&self, key: &[u8], value: &[u8]) -> Result<(), BrokerError> {
+        if key.first() == Some(&BATCH) {
+            let mut batch = WriteBatch::default();
+            self.put_body(&mut batch, key.to_vec(), value)?;
+            return self.apply(batch);
+        }
         self.tree.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Appends a sealed body to the batch files and adds the write of its location under `key`.
+    fn put_body(
+        &self,
+        batch: &mut WriteBatch,
+        key: impl Into<sled::IVec>,
+        sealed: &[u8],
+    ) -> Result<(), BrokerError> {
+        let location = self
+            .bodies
+            .append(sealed)
+            .map_err(|e| BrokerError::Storage(format!("cannot write a batch body: {e}")))?;
+        let value = checksum::encode(&location)
+            .map_err(|e| BrokerError::Storage(format!("cannot encode a batch location: {e}")))?;
+        batch.insert(key, value);
+        batch.added.push(location);
         Ok(())
     }
 
@@ -200,7 +321,7 @@ impl MessageStore {
     pub fn batch(&self, key: u64) -> Result<Option<StoredBatch>, BrokerError> {
         let k = self::key(BATCH, key);
         match self.tree.get(k)? {
-            Some(v) => decode_batch(&k, &v).map(Some),
+            Some(v) => self.load_batch(&k, &v).map(Some),
             None => Ok(None),
         }
     }
@@ -213,7 +334,7 @@ impl MessageStore {
         match self.tree.scan_prefix([BATCH]).next() {
             Some(kv) => {
                 let (k, v) = kv?;
-                decode_batch(&k, &v).map(Some)
+                self.load_batch(&k, &v).map(Some)
             }
             None => Ok(None),
         }
@@ -243,7 +364,7 @@ impl MessageStore {
                 .range(key(BATCH, start)..=key(BATCH, u64::MAX))
                 .map(|kv| {
                     let (k, v) = kv?;
-                    decode_batch(&k, &v)
+                    self.load_batch(&k, &v)
                 }),
         )
     }
@@ -362,14 +483,15 @@ impl MessageStore {
     /// # Errors
     /// Only if encoding fails.
     pub fn put_batch(
-        batch: &mut sled::Batch,
+        &self,
+        batch: &mut WriteBatch,
         key: u64,
         messages: &[StoredMessage],
     ) -> Result<usize, BrokerError> {
-        let value = checksum::encode(messages)
+        let body = checksum::encode(messages)
             .map_err(|e| BrokerError::Storage(format!("cannot encode batch: {e}")))?;
-        let len = value.len();
-        batch.insert(&self::key(BATCH, key), value);
+        self.put_body(batch, &self::key(BATCH, key), &body)?;
+        let len = body.len();
         if let Some(first) = messages.first() {
             batch.insert(&key2(TIME, first.publish_time_us, key), &[]);
         }
@@ -379,8 +501,10 @@ impl MessageStore {
         Ok(len)
     }
 
-    /// Adds the writes that remove the stored batch `old` (its record and index entries).
-    pub fn delete_batch(batch: &mut sled::Batch, old: &StoredBatch) {
+    /// Adds the writes that remove the stored batch `old` (its record and index entries); its
+    /// body's space is freed once no batch in its file is left.
+    pub fn delete_batch(batch: &mut WriteBatch, old: &StoredBatch) {
+        batch.released.push(old.location);
         batch.remove(&key(BATCH, old.key));
         if let Some(first) = old.messages.first() {
             batch.remove(&key2(TIME, first.publish_time_us, old.key));
@@ -419,7 +543,7 @@ impl MessageStore {
     /// # Errors
     /// Only if encoding fails.
     pub fn put_dedup(
-        batch: &mut sled::Batch,
+        batch: &mut WriteBatch,
         channel: &str,
         key: &str,
         record: &DedupRecord,
@@ -441,7 +565,7 @@ impl MessageStore {
     /// The embedded store's error, or a corrupt record.
     pub fn forget_dedup_before(
         &self,
-        batch: &mut sled::Batch,
+        batch: &mut WriteBatch,
         before_us: u64,
         limit: usize,
     ) -> Result<usize, BrokerError> {
@@ -518,7 +642,7 @@ impl MessageStore {
     /// # Errors
     /// Only if encoding fails.
     pub fn put_entity(
-        batch: &mut sled::Batch,
+        batch: &mut WriteBatch,
         entity_type: &str,
         id: &str,
         state: &EntityState,
@@ -561,7 +685,7 @@ impl MessageStore {
     /// # Errors
     /// Only if encoding fails.
     pub fn put_consumer(
-        batch: &mut sled::Batch,
+        batch: &mut WriteBatch,
         name: &str,
         state: Option<&ConsumerState>,
     ) -> Result<(), BrokerError> {
@@ -578,7 +702,7 @@ impl MessageStore {
     }
 
     /// Adds the write of the meta record.
-    pub fn put_meta(batch: &mut sled::Batch, meta: &[u8]) {
+    pub fn put_meta(batch: &mut WriteBatch, meta: &[u8]) {
         batch.insert(META, meta);
     }
 }

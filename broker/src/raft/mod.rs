@@ -156,16 +156,17 @@ pub async fn start(
         .cache_capacity(config.store.cache_bytes)
         .open()
         .with_context(|| format!("cannot open the state store in {}", state_dir.display()))?;
-    let store = MessageStore::open(&state_db)?;
-    let last_offset = crate::apply::StateMeta::load(&store)?.last_offset();
+    // The state machine sets the hub to the store's last offset once it has opened (and, if need
+    // be, rebuilt) the store.
     let hub = Hub::new(
-        last_offset,
+        0,
         config.subscriptions.queue_depth,
         config.subscriptions.queue_bytes,
     );
     let (progress_tx, progress) = watch::channel(AppliedProgress::default());
     let state_machine = StateMachine::open(state_db, &state_dir, hub.clone(), progress_tx)?;
     let state_sync = state_machine.sync_handle();
+    let store = state_machine.store();
 
     // A lone node elects itself at once, so short timeouts only speed up its start. Between
     // peers, an election timeout must outlast the pauses of a loaded machine (fdatasync stalls,

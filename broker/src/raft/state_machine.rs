@@ -6,6 +6,10 @@
 //! is the durable record — but it is synced before a snapshot is reported, because openraft purges
 //! the log behind a snapshot.
 //!
+//! Batch bodies live in their own files ([`crate::store`]); after a power loss the database can
+//! point at bodies that never reached the disk. Opening finds that, and the state machine then
+//! rebuilds itself from its snapshot (or from nothing) and lets openraft replay the log.
+//!
 //! After an entry is in the store its messages go to the [`Hub`], so a subscriber that then reads
 //! the store finds everything the hub has announced.
 //!
@@ -29,7 +33,7 @@ use super::TypeConfig;
 use crate::apply::{apply_command, StateMeta};
 use crate::hub::Hub;
 use crate::message::CommandOutcome;
-use crate::store::MessageStore;
+use crate::store::{MessageStore, WriteBatch};
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
 type Entry = openraft::Entry<TypeConfig>;
@@ -89,8 +93,8 @@ const CURRENT: &str = "current";
 const INSTALLING: &str = "installing";
 
 impl StateMachine {
-    /// Opens the state database in `dir`. The hub must start at the store's last offset:
-    /// use [`StateMachine::last_offset`] to build it first.
+    /// Opens the state database in `dir` (sled) with its batch files in `dir/batches`, and sets
+    /// `hub` to the store's last offset.
     ///
     /// # Errors
     /// The database cannot be opened or read.
@@ -100,8 +104,8 @@ impl StateMachine {
         hub: Hub,
         progress: watch::Sender<AppliedProgress>,
     ) -> anyhow::Result<StateMachine> {
-        let store = MessageStore::open(&db)?;
-        let sync = Arc::new(SledSync::open(db, dir)?);
+        let (store, lost) = MessageStore::open(&db, &dir.join("batches"))?;
+        let sync = Arc::new(SledSync::open(db, store.clone(), dir)?);
         let snapshot_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)?;
         let mut machine = StateMachine {
@@ -118,7 +122,10 @@ impl StateMachine {
         if let Some(meta) = machine.read_marker()? {
             tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install interrupted by a crash");
             machine.load_snapshot(&meta)?;
+        } else if let Some(first) = lost.first() {
+            machine.rebuild(lost.len(), first)?;
         }
+        machine.hub.reset(machine.meta.last_offset());
         machine
             .progress
             .send_replace(AppliedProgress::from(&machine.meta));
@@ -147,7 +154,7 @@ impl StateMachine {
         self.meta = StateMeta::load(&self.store).map_err(sm_read_err)?;
         self.meta.last_applied = meta.last_log_id;
         self.meta.membership = meta.last_membership.clone();
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteBatch::default();
         self.meta.write(&mut batch).map_err(sm_write_err)?;
         self.store.apply(batch).map_err(sm_write_err)?;
         self.sync.sync().map_err(snapshot_err)?;
@@ -157,6 +164,29 @@ impl StateMachine {
             .and_then(|d| d.sync_all())
             .map_err(snapshot_err)?;
         Ok(())
+    }
+
+    /// Goes back to the current snapshot (or to an empty store when there is none) after the
+    /// store was found pointing at batch bodies that are not on disk. openraft then applies the
+    /// log from there again: the log keeps every entry after the snapshot.
+    fn rebuild(&mut self, lost: usize, first: &crate::store::BodyLocation) -> StorageResult<()> {
+        let snapshot = self.read_current()?;
+        tracing::warn!(
+            lost,
+            file = first.file,
+            position = first.pos,
+            from_snapshot = snapshot.as_ref().map(|m| m.snapshot_id.as_str()),
+            "the state store points at batch bodies lost in a crash; rebuilding it from the \
+             snapshot and the log"
+        );
+        match snapshot {
+            Some(meta) => self.load_snapshot(&meta),
+            None => {
+                self.store.clear().map_err(sm_write_err)?;
+                self.meta = StateMeta::default();
+                self.sync.sync().map_err(sm_write_err)
+            }
+        }
     }
 
     /// The message store, for readers.
@@ -170,7 +200,7 @@ impl StateMachine {
     }
 
     fn apply_entry(&mut self, entry: &Entry) -> StorageResult<CommandOutcome> {
-        let mut batch = sled::Batch::default();
+        let mut batch = WriteBatch::default();
         let mut meta = self.meta.clone();
         let (outcome, messages) = match &entry.payload {
             EntryPayload::Blank => (CommandOutcome::Nothing, Vec::new()),
@@ -246,7 +276,7 @@ fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
 fn dump_store(store: &MessageStore, path: &Path) -> std::io::Result<()> {
     let file = std::fs::File::create(path)?;
     let mut out = BufWriter::new(file);
-    for kv in store.iter_raw() {
+    for kv in store.snapshot_records() {
         let (k, v) = kv.map_err(std::io::Error::other)?;
         for part in [k.as_ref(), v.as_ref()] {
             let len = u32::try_from(part.len()).map_err(std::io::Error::other)?;
@@ -280,7 +310,7 @@ fn load_store(store: &MessageStore, path: &Path) -> std::io::Result<()> {
             )
         })?;
         store
-            .insert_raw(&key, &value)
+            .insert_snapshot_record(&key, &value)
             .map_err(std::io::Error::other)?;
     }
     Ok(())
@@ -502,17 +532,29 @@ mod tests {
             .collect()
     }
 
+    /// A state machine at `dir` that applied `a.one` and `a.two`.
+    async fn two_entries(dir: &Path) -> StateMachine {
+        let mut sm = open(dir);
+        sm.apply(vec![entry(1, "a.one"), entry(2, "a.two")])
+            .await
+            .unwrap();
+        sm
+    }
+
+    /// The same, and a snapshot of them.
+    async fn two_entries_and_a_snapshot(dir: &Path) -> (StateMachine, Snapshot<TypeConfig>) {
+        let mut sm = two_entries(dir).await;
+        let mut builder = sm.get_snapshot_builder().await;
+        let snapshot = builder.build_snapshot().await.unwrap();
+        (sm, snapshot)
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_crash_during_snapshot_install_is_finished_at_the_next_start() {
         let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let snapshot_meta = {
-            let mut sm = open(dir.path());
-            sm.apply(vec![entry(1, "a.one"), entry(2, "a.two")])
-                .await
-                .unwrap();
-            let mut builder = sm.get_snapshot_builder().await;
-            let snapshot = builder.build_snapshot().await.unwrap();
+            let (mut sm, snapshot) = two_entries_and_a_snapshot(dir.path()).await;
             sm.apply(vec![entry(3, "a.three")]).await.unwrap();
             assert_eq!(channels(&sm.store), vec!["a.one", "a.two", "a.three"]);
             // The install crashes half way: marker written, store cleared, nothing loaded yet.
@@ -551,15 +593,8 @@ mod tests {
     async fn a_damaged_batch_is_refused_not_served() {
         let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut sm = open(dir.path());
-            sm.apply(vec![entry(1, "a.one"), entry(2, "a.two")])
-                .await
-                .unwrap();
-        }
-        let mut key = vec![b'b'];
-        key.extend_from_slice(&1u64.to_be_bytes());
-        damage(dir.path(), &key);
+        drop(two_entries(dir.path()).await);
+        damage(dir.path(), &batch_key(1));
         let sm = open(dir.path());
         assert!(matches!(
             sm.store.batch(1),
@@ -567,6 +602,78 @@ mod tests {
         ));
         // The intact batch is still served.
         assert_eq!(sm.store.batch(2).unwrap().unwrap().messages.len(), 1);
+    }
+
+    /// Cuts the state's one batch file short at `len` bytes, as a power loss can leave it when the
+    /// database's writes reached the disk and the file's did not.
+    fn cut_batch_file(dir: &Path, len: impl FnOnce(&sled::Tree) -> u64) {
+        let len = {
+            let db = open_db(dir);
+            len(&db.open_tree("messages").unwrap())
+        };
+        let files: Vec<_> = std::fs::read_dir(dir.join("batches"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&files[0])
+            .unwrap();
+        file.set_len(len).unwrap();
+    }
+
+    /// The state tree's key of the batch whose first offset is `first_offset`.
+    fn batch_key(first_offset: u64) -> Vec<u8> {
+        let mut key = vec![b'b'];
+        key.extend_from_slice(&first_offset.to_be_bytes());
+        key
+    }
+
+    fn location_of_batch(tree: &sled::Tree, first_offset: u64) -> crate::store::BodyLocation {
+        let value = tree.get(batch_key(first_offset)).unwrap();
+        crate::checksum::decode(&value.expect("batch present")).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bodies_lost_in_a_crash_rebuild_the_store_from_the_snapshot() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot_meta = {
+            let (mut sm, snapshot) = two_entries_and_a_snapshot(dir.path()).await;
+            sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+            sm.sync.sync().unwrap();
+            snapshot.meta
+        };
+        // The snapshot's own dump of the store refers to no batch file; the database's record of
+        // batch 3 survived the power loss, its body did not.
+        cut_batch_file(dir.path(), |tree| location_of_batch(tree, 3).pos);
+        let sm = open(dir.path());
+        assert_eq!(channels(&sm.store), vec!["a.one", "a.two"]);
+        assert_eq!(sm.meta.last_applied, snapshot_meta.last_log_id);
+        assert_eq!(
+            sm.meta.next_offset, 3,
+            "offset 3 is given again by the replay"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bodies_lost_before_any_snapshot_empty_the_store_for_a_full_replay() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let sm = two_entries(dir.path()).await;
+            sm.sync.sync().unwrap();
+        }
+        cut_batch_file(dir.path(), |tree| location_of_batch(tree, 2).pos + 3);
+        let mut sm = open(dir.path());
+        assert!(channels(&sm.store).is_empty());
+        assert_eq!(sm.meta.last_applied, None);
+        // The replay writes the same state again.
+        sm.apply(vec![entry(1, "a.one"), entry(2, "a.two")])
+            .await
+            .unwrap();
+        assert_eq!(channels(&sm.store), vec!["a.one", "a.two"]);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -5,17 +5,21 @@
 //! 500 ms. Values too big for a log segment go to separate files under `blobs/`, which sled never
 //! syncs at all. An acknowledgement that followed `flush()` alone could be lost on power failure.
 //!
-//! [`SledSync::sync`] therefore flushes, then `fdatasync`s the data file, every blob file written
-//! since the last sync, and the blob folder (so the new names survive too).
+//! [`SledSync::sync`] therefore first syncs the message store's batch files (a location must not
+//! become durable before its body), then flushes, then `fdatasync`s the data file, every blob
+//! file written since the last sync, and the blob folder (so the new names survive too).
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::store::MessageStore;
+
 /// Makes everything written to one sled database so far durable.
 pub struct SledSync {
     db: sled::Db,
+    store: MessageStore,
     data_file: File,
     blobs_dir: PathBuf,
     /// Highest blob id already synced, and its length then: blob files are named by increasing log
@@ -29,11 +33,12 @@ impl SledSync {
     ///
     /// # Errors
     /// The data file cannot be opened or `dir` cannot be synced.
-    pub fn open(db: sled::Db, dir: &Path) -> io::Result<SledSync> {
+    pub fn open(db: sled::Db, store: MessageStore, dir: &Path) -> io::Result<SledSync> {
         let data_file = File::open(dir.join("db"))?;
         File::open(dir)?.sync_all()?;
         Ok(SledSync {
             db,
+            store,
             data_file,
             blobs_dir: dir.join("blobs"),
             last_blob: Mutex::new((0, 0)),
@@ -45,9 +50,11 @@ impl SledSync {
     /// # Errors
     /// Any I/O error; the caller must treat the data written since the last sync as not durable.
     pub fn sync(&self) -> io::Result<()> {
-        self.db.flush().map_err(io::Error::other)?;
-        self.data_file.sync_data()?;
-        self.sync_new_blobs()
+        self.store.sync(|| {
+            self.db.flush().map_err(io::Error::other)?;
+            self.data_file.sync_data()?;
+            self.sync_new_blobs()
+        })
     }
 
     fn sync_new_blobs(&self) -> io::Result<()> {
