@@ -288,30 +288,27 @@ impl MessageStore {
     /// The embedded store's error, or the batch body cannot be written.
     pub fn insert_snapshot_record(&self, key: &[u8], value: &[u8]) -> Result<(), BrokerError> {
         if key.first() == Some(&BATCH) {
-            let mut batch = WriteBatch::default();
-            self.put_body(&mut batch, key.to_vec(), value)?;
-            return self.apply(batch);
+            // A plain insert, like every other record of an install: a sled batch per record
+            // would roll sled's I/O buffer once per batch of the snapshot.
+            let (location, sealed_location) = self.append_body(value)?;
+            self.tree.insert(key, sealed_location)?;
+            self.bodies.commit(&[location], &[]);
+            return Ok(());
         }
         self.tree.insert(key, value)?;
         Ok(())
     }
 
-    /// Appends a sealed body to the batch files and adds the write of its location under `key`.
-    fn put_body(
-        &self,
-        batch: &mut WriteBatch,
-        key: impl Into<sled::IVec>,
-        sealed: &[u8],
-    ) -> Result<(), BrokerError> {
+    /// Appends a sealed body to the batch files; returns its location, and the location sealed
+    /// as the tree stores it.
+    fn append_body(&self, sealed: &[u8]) -> Result<(BodyLocation, Vec<u8>), BrokerError> {
         let location = self
             .bodies
             .append(sealed)
             .map_err(|e| BrokerError::Storage(format!("cannot write a batch body: {e}")))?;
         let value = checksum::encode(&location)
             .map_err(|e| BrokerError::Storage(format!("cannot encode a batch location: {e}")))?;
-        batch.insert(key, value);
-        batch.added.push(location);
-        Ok(())
+        Ok((location, value))
     }
 
     /// Reads the batch stored under `key`.
@@ -490,7 +487,9 @@ impl MessageStore {
     ) -> Result<usize, BrokerError> {
         let body = checksum::encode(messages)
             .map_err(|e| BrokerError::Storage(format!("cannot encode batch: {e}")))?;
-        self.put_body(batch, &self::key(BATCH, key), &body)?;
+        let (location, sealed_location) = self.append_body(&body)?;
+        batch.insert(&self::key(BATCH, key), sealed_location);
+        batch.added.push(location);
         let len = body.len();
         if let Some(first) = messages.first() {
             batch.insert(&key2(TIME, first.publish_time_us, key), &[]);

@@ -21,7 +21,7 @@
 //! Space: a file no batch points into any more is removed, but only after the next sync has made
 //! that durable in the database, so a crash can never bring back a pointer to a removed file.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -60,10 +60,21 @@ struct Inner {
     next_file: u64,
     /// Read handles of every file present.
     files: BTreeMap<u64, Arc<File>>,
-    /// How many stored batches point into each file.
+    /// How many stored batches point into each file; a file with none has no entry.
     live: BTreeMap<u64, u64>,
-    /// Files no batch points into: removed by the next [`BatchFiles::sync`].
-    unreferenced: BTreeSet<u64>,
+}
+
+impl Inner {
+    /// Files present that no batch points into and that take no appends: what the next
+    /// [`BatchFiles::sync`] removes.
+    fn unreferenced(&self) -> Vec<u64> {
+        let current = self.current.as_ref().map(|c| c.number);
+        self.files
+            .keys()
+            .copied()
+            .filter(|n| Some(*n) != current && !self.live.contains_key(n))
+            .collect()
+    }
 }
 
 struct Current {
@@ -149,7 +160,6 @@ impl BatchFiles {
                     next_file,
                     files,
                     live,
-                    unreferenced: BTreeSet::new(),
                 }),
             },
             lost,
@@ -197,9 +207,6 @@ impl BatchFiles {
     fn start_file(&self, inner: &mut Inner) -> io::Result<()> {
         if let Some(old) = inner.current.take() {
             old.file.sync_data()?;
-            if !inner.live.contains_key(&old.number) {
-                inner.unreferenced.insert(old.number);
-            }
         }
         let number = inner.next_file;
         let file = OpenOptions::new()
@@ -243,21 +250,12 @@ impl BatchFiles {
         let mut inner = self.lock();
         for loc in added {
             *inner.live.entry(loc.file).or_default() += 1;
-            inner.unreferenced.remove(&loc.file);
         }
         for loc in released {
-            let left = match inner.live.get_mut(&loc.file) {
-                Some(n) => {
-                    *n = n.saturating_sub(1);
-                    *n
-                }
-                None => continue,
-            };
-            let is_current = inner.current.as_ref().is_some_and(|c| c.number == loc.file);
-            if left == 0 {
-                inner.live.remove(&loc.file);
-                if !is_current {
-                    inner.unreferenced.insert(loc.file);
+            if let Some(n) = inner.live.get_mut(&loc.file) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    inner.live.remove(&loc.file);
                 }
             }
         }
@@ -273,7 +271,7 @@ impl BatchFiles {
             let inner = self.lock();
             (
                 inner.current.as_ref().map(|c| Arc::clone(&c.file)),
-                inner.unreferenced.clone(),
+                inner.unreferenced(),
             )
         };
         if let Some(file) = current {
@@ -284,12 +282,12 @@ impl BatchFiles {
         // before its file filled up): only the files still without batches go.
         let removable: Vec<u64> = {
             let mut inner = self.lock();
+            let still = inner.unreferenced();
             let removable: Vec<u64> = unreferenced
                 .into_iter()
-                .filter(|n| inner.unreferenced.contains(n) && !inner.live.contains_key(n))
+                .filter(|n| still.contains(n))
                 .collect();
             for number in &removable {
-                inner.unreferenced.remove(number);
                 inner.files.remove(number);
             }
             removable
@@ -297,14 +295,7 @@ impl BatchFiles {
         if removable.is_empty() {
             return Ok(());
         }
-        for number in &removable {
-            match std::fs::remove_file(self.dir.join(file_name(*number))) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        sync_dir(&self.dir)
+        self.remove_files(&removable)
     }
 
     /// Removes every file (the database is being cleared for a snapshot install, and a marker
@@ -316,9 +307,14 @@ impl BatchFiles {
         let mut inner = self.lock();
         inner.current = None;
         inner.live.clear();
-        inner.unreferenced.clear();
-        for number in std::mem::take(&mut inner.files).into_keys() {
-            match std::fs::remove_file(self.dir.join(file_name(number))) {
+        let numbers: Vec<u64> = std::mem::take(&mut inner.files).into_keys().collect();
+        self.remove_files(&numbers)
+    }
+
+    /// Removes the files `numbers` (one already gone is fine) and syncs the folder.
+    fn remove_files(&self, numbers: &[u64]) -> io::Result<()> {
+        for number in numbers {
+            match std::fs::remove_file(self.dir.join(file_name(*number))) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
