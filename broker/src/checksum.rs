@@ -72,6 +72,16 @@ pub fn open(value: &[u8]) -> Result<&[u8], CorruptRecord> {
         return Err(CorruptRecord::UnknownFormat { found: header[0] });
     }
     let stored = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
+    verify(stored, payload)?;
+    Ok(payload)
+}
+
+/// Checks `payload` against the checksum `stored` with it (for formats that keep the checksum in
+/// a header of their own, like the raft log's records).
+///
+/// # Errors
+/// [`CorruptRecord::Mismatch`] when they differ.
+pub fn verify(stored: u32, payload: &[u8]) -> Result<(), CorruptRecord> {
     let computed = crc32fast::hash(payload);
     if stored != computed {
         return Err(CorruptRecord::Mismatch {
@@ -80,7 +90,7 @@ pub fn open(value: &[u8]) -> Result<&[u8], CorruptRecord> {
             len: payload.len(),
         });
     }
-    Ok(payload)
+    Ok(())
 }
 
 /// A decoding failure of a checked value: either the check or the decoding itself.

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use openraft::{Entry, LogId};
 
 use super::TypeConfig;
-use crate::checksum::CorruptRecord;
+use crate::checksum::{self, CorruptRecord};
 
 /// A segment that has reached this many bytes takes no more appends: big enough that segment
 /// files stay few, small enough that purging frees space soon after a snapshot.
@@ -108,15 +108,7 @@ pub fn decode_record(record: &[u8], expected: u64) -> Result<Entry<TypeConfig>, 
         return Err(RecordError::Short);
     }
     let stored = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    let computed = crc32fast::hash(payload);
-    if stored != computed {
-        return Err(CorruptRecord::Mismatch {
-            stored,
-            computed,
-            len,
-        }
-        .into());
-    }
+    checksum::verify(stored, payload)?;
     let entry: Entry<TypeConfig> = bincode::deserialize(payload)?;
     if entry.log_id.index != expected {
         return Err(RecordError::WrongIndex {
