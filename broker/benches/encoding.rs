@@ -157,7 +157,7 @@ fn stored_batch(c: &mut Criterion) {
         .path(dir.path())
         .open()
         .unwrap_or_else(|e| panic!("{e}"));
-    let (store, _) =
+    let store =
         MessageStore::open(&db, &dir.path().join("batches")).unwrap_or_else(|e| panic!("{e}"));
     let mut writes = WriteBatch::default();
     store

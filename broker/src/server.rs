@@ -427,7 +427,7 @@ async fn serve(
         tracing::warn!(error = %e, "raft did not stop cleanly");
     }
     let state_sync = consensus.state_sync;
-    tokio::task::spawn_blocking(move || state_sync.sync())
+    tokio::task::spawn_blocking(move || state_sync.stop())
         .await
         .context("state sync task failed")?
         .context("cannot sync the state store")?;

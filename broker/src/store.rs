@@ -1,8 +1,7 @@
 //! The message store: the state machine's on-disk layout in one sled tree, and the reads that
 //! History and lagging subscribers make.
 //!
-//! One tree, with the kind of each record in its first key byte, so that one `sled::Batch` can
-//! change messages, indexes and the applied position atomically (sled batches are per tree):
+//! One tree, with the kind of each record in its first key byte:
 //!
 //! | key | value | what |
 //! |---|---|---|
@@ -23,6 +22,14 @@
 //! Batch bodies live outside the tree, in append-only files ([`batch_files`]), because sled
 //! handles values of tens of KiB poorly; the tree keeps only where each one is. A [`WriteBatch`]
 //! carries the tree writes of one applied entry and the bodies they stop pointing at.
+//!
+//! An entry's writes go into the tree as plain inserts, in order, not as one `sled::Batch`: sled
+//! 0.34 rolls its I/O buffer before and after every batch (a `write` and a `sync_file_range` on
+//! its I/O thread per applied entry), which was most of what the state store cost the publish
+//! pipeline (docs/BENCHMARKS.md). So a crash can leave part of an entry in the tree; the state
+//! machine trusts the tree only after a clean stop and otherwise rebuilds it from its snapshot and
+//! the log ([`crate::raft::state_machine`]). Readers may see an entry's records appear one by one:
+//! every read tolerates a batch record without its index entries and the reverse.
 //!
 //! Every bincode value (and every body) is sealed with a checksum ([`crate::checksum`]) and checked on every read;
 //! a damaged one is a [`BrokerError::Corrupt`] (`DATA_LOSS`), never served. The index records with
@@ -62,18 +69,18 @@ pub struct MessageStore {
 /// and the batch bodies they start and stop pointing at, accounted once they are applied.
 #[derive(Default)]
 pub struct WriteBatch {
-    writes: sled::Batch,
+    writes: Vec<(sled::IVec, Option<sled::IVec>)>,
     added: Vec<BodyLocation>,
     released: Vec<BodyLocation>,
 }
 
 impl WriteBatch {
     fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
-        self.writes.insert(key, value);
+        self.writes.push((key.into(), Some(value.into())));
     }
 
     fn remove(&mut self, key: impl Into<sled::IVec>) {
-        self.writes.remove(key);
+        self.writes.push((key.into(), None));
     }
 }
 
@@ -175,15 +182,10 @@ fn decode_location(value: &[u8]) -> Result<BodyLocation, BrokerError> {
 
 impl MessageStore {
     /// Opens (or creates) the store's tree in `db`, with its batch bodies in `batches_dir`.
-    /// Also returns the bodies the tree points at that are missing or damaged: after a power
-    /// loss the tree can be ahead of its bodies, and the caller must then rebuild the store.
     ///
     /// # Errors
-    /// The embedded store's error, a corrupt location, or the batch files cannot be opened.
-    pub fn open(
-        db: &sled::Db,
-        batches_dir: &Path,
-    ) -> Result<(Self, Vec<BodyLocation>), BrokerError> {
+    /// The embedded store's error, or the batch files cannot be opened.
+    pub fn open(db: &sled::Db, batches_dir: &Path) -> Result<Self, BrokerError> {
         let tree = db.open_tree("messages")?;
         let mut locations = Vec::new();
         for kv in tree.scan_prefix([BATCH]) {
@@ -194,19 +196,21 @@ impl MessageStore {
                 locations.push(location);
             }
         }
-        let opened = BatchFiles::open(batches_dir, &locations).map_err(|e| {
+        let bodies = BatchFiles::open(batches_dir, &locations).map_err(|e| {
             BrokerError::Storage(format!(
                 "cannot open the batch files in {}: {e}",
                 batches_dir.display()
             ))
         })?;
-        Ok((
-            MessageStore {
-                tree,
-                bodies: Arc::new(opened.files),
-            },
-            opened.lost,
-        ))
+        Ok(MessageStore {
+            tree,
+            bodies: Arc::new(bodies),
+        })
+    }
+
+    /// True when the store holds no record at all (a new state folder).
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
     }
 
     fn load_batch(&self, key: &[u8], value: &[u8]) -> Result<StoredBatch, BrokerError> {
@@ -245,12 +249,18 @@ impl MessageStore {
         Ok(self.tree.get(META)?)
     }
 
-    /// Applies a batch of writes atomically.
+    /// Applies a batch of writes, in order (not atomically: see the module docs).
     ///
     /// # Errors
-    /// The embedded store's error.
+    /// The embedded store's error; the tree may then hold part of the batch, and the caller must
+    /// not trust it again before rebuilding it.
     pub fn apply(&self, batch: WriteBatch) -> Result<(), BrokerError> {
-        self.tree.apply_batch(batch.writes)?;
+        for (key, value) in batch.writes {
+            match value {
+                Some(value) => self.tree.insert(key, value)?,
+                None => self.tree.remove(key)?,
+            };
+        }
         self.bodies.commit(&batch.added, &batch.released);
         Ok(())
     }

@@ -256,6 +256,21 @@ pub async fn start(
             .current_leader(config.node_id, "waiting to lead the one-voter cluster")
             .await
             .context("this node did not become leader")?;
+        // Every entry in a lone voter's log was acknowledged or is about to be: serve nothing
+        // before all of it is applied. After a crash the state is rebuilt from the snapshot and
+        // openraft re-applies at start only up to the committed id it last wrote down (lazily),
+        // so without this wait a reader could see the store while the rest is applied again.
+        let last_log_index = raft.metrics().borrow().last_log_index;
+        if last_log_index > raft.metrics().borrow().last_applied.map(|l| l.index) {
+            tracing::info!(
+                last_log_index,
+                "applying the log before serving (the state is being rebuilt)"
+            );
+            raft.wait(None)
+                .applied_index_at_least(last_log_index, "applying the log before serving")
+                .await
+                .context("the log was not applied")?;
+        }
     }
 
     Ok(Consensus {

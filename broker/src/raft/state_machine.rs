@@ -1,14 +1,16 @@
 //! The state machine: openraft's `RaftStateMachine` over the message store.
 //!
-//! Each committed entry is applied by [`crate::apply::apply_command`] into one sled batch together
-//! with the new last-applied id, so the store never holds half an entry: after a crash openraft
-//! replays the log from the last applied id. The state database is not synced per entry — the log
-//! is the durable record — but it is synced before a snapshot is reported, because openraft purges
+//! Each committed entry is applied by [`crate::apply::apply_command`] into the store's writes,
+//! followed by the new last-applied id. The state database is not synced per entry — the log is
+//! the durable record — but it is synced before a snapshot is reported, because openraft purges
 //! the log behind a snapshot.
 //!
-//! Batch bodies live in their own files ([`crate::store`]); after a power loss the database can
-//! point at bodies that never reached the disk. Opening finds that, and the state machine then
-//! rebuilds itself from its snapshot (or from nothing) and lets openraft replay the log.
+//! The writes of an entry are not atomic ([`crate::store`] says why), so the store is known to be
+//! whole only after a clean stop, which syncs it and leaves a marker ([`SledSync::stop`]). A start
+//! without the marker (a crash, a kill, a power loss, a failed write) rebuilds the store from the
+//! current snapshot — or empties it when there is none — and openraft applies the log from there
+//! again: it keeps every entry after the snapshot. Restarting after a crash therefore takes a
+//! snapshot load and a replay of at most `raft.snapshot_every_entries` entries.
 //!
 //! After an entry is in the store its messages go to the [`Hub`], so a subscriber that then reads
 //! the store finds everything the hub has announced.
@@ -104,8 +106,9 @@ impl StateMachine {
         hub: Hub,
         progress: watch::Sender<AppliedProgress>,
     ) -> anyhow::Result<StateMachine> {
-        let (store, lost) = MessageStore::open(&db, &dir.join("batches"))?;
+        let store = MessageStore::open(&db, &dir.join("batches"))?;
         let sync = Arc::new(SledSync::open(db, store.clone(), dir)?);
+        let stopped_cleanly = sync.take_clean_stop()?;
         let snapshot_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)?;
         let mut machine = StateMachine {
@@ -122,8 +125,8 @@ impl StateMachine {
         if let Some(meta) = machine.read_marker()? {
             tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install interrupted by a crash");
             machine.load_snapshot(&meta)?;
-        } else if let Some(first) = lost.first() {
-            machine.rebuild(lost.len(), first)?;
+        } else if !stopped_cleanly {
+            machine.rebuild()?;
         }
         machine.hub.reset(machine.meta.last_offset());
         machine
@@ -166,24 +169,26 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Goes back to the current snapshot (or to an empty store when there is none) after the
-    /// store was found pointing at batch bodies that are not on disk. openraft then applies the
-    /// log from there again: the log keeps every entry after the snapshot.
-    fn rebuild(&mut self, lost: usize, first: &crate::store::BodyLocation) -> StorageResult<()> {
+    /// Goes back to the current snapshot (or to an empty store when there is none) after a start
+    /// that did not follow a clean stop: the store may hold part of an entry. openraft then
+    /// applies the log from there again: the log keeps every entry after the snapshot.
+    fn rebuild(&mut self) -> StorageResult<()> {
         let snapshot = self.read_current()?;
+        if snapshot.is_none() && self.store.is_empty() {
+            // A new state folder: nothing to rebuild (batch files no record points into were
+            // removed when the store opened).
+            return Ok(());
+        }
         tracing::warn!(
-            lost,
-            file = first.file,
-            position = first.pos,
             from_snapshot = snapshot.as_ref().map(|m| m.snapshot_id.as_str()),
-            "the state store points at batch bodies lost in a crash; rebuilding it from the \
-             snapshot and the log"
+            applied_before = ?self.meta.last_applied,
+            "the state store was not stopped cleanly; rebuilding it from the snapshot and the log"
         );
         match snapshot {
             Some(meta) => self.load_snapshot(&meta),
             None => {
                 self.store.clear().map_err(sm_write_err)?;
-                self.meta = StateMeta::default();
+                self.meta = StateMeta::load(&self.store).map_err(sm_read_err)?;
                 self.sync.sync().map_err(sm_write_err)
             }
         }
@@ -216,7 +221,10 @@ impl StateMachine {
         };
         meta.last_applied = Some(entry.log_id);
         meta.write(&mut batch).map_err(sm_write_err)?;
-        self.store.apply(batch).map_err(sm_write_err)?;
+        if let Err(e) = self.store.apply(batch) {
+            self.sync.mark_torn();
+            return Err(sm_write_err(e));
+        }
         self.meta = meta;
         if !messages.is_empty() {
             if crate::observability::trace::enabled() {
@@ -524,6 +532,11 @@ mod tests {
         StateMachine::open(db, dir, Hub::new(0, 16, 1 << 20), progress).unwrap()
     }
 
+    /// Stops `sm` cleanly, as the broker does at shutdown.
+    fn stop(sm: StateMachine) {
+        sm.sync.stop().unwrap();
+    }
+
     fn channels(store: &MessageStore) -> Vec<String> {
         store
             .batches_from(0)
@@ -593,7 +606,7 @@ mod tests {
     async fn a_damaged_batch_is_refused_not_served() {
         let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
-        drop(two_entries(dir.path()).await);
+        stop(two_entries(dir.path()).await);
         damage(dir.path(), &batch_key(1));
         let sm = open(dir.path());
         assert!(matches!(
@@ -604,25 +617,6 @@ mod tests {
         assert_eq!(sm.store.batch(2).unwrap().unwrap().messages.len(), 1);
     }
 
-    /// Cuts the state's one batch file short at `len` bytes, as a power loss can leave it when the
-    /// database's writes reached the disk and the file's did not.
-    fn cut_batch_file(dir: &Path, len: impl FnOnce(&sled::Tree) -> u64) {
-        let len = {
-            let db = open_db(dir);
-            len(&db.open_tree("messages").unwrap())
-        };
-        let files: Vec<_> = std::fs::read_dir(dir.join("batches"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        assert_eq!(files.len(), 1, "{files:?}");
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&files[0])
-            .unwrap();
-        file.set_len(len).unwrap();
-    }
-
     /// The state tree's key of the batch whose first offset is `first_offset`.
     fn batch_key(first_offset: u64) -> Vec<u8> {
         let mut key = vec![b'b'];
@@ -630,50 +624,83 @@ mod tests {
         key
     }
 
-    fn location_of_batch(tree: &sled::Tree, first_offset: u64) -> crate::store::BodyLocation {
-        let value = tree.get(batch_key(first_offset)).unwrap();
-        crate::checksum::decode(&value.expect("batch present")).unwrap()
+    fn offsets(store: &MessageStore) -> Vec<u64> {
+        store
+            .batches_from(0)
+            .flat_map(|b| b.unwrap().messages)
+            .map(|m| m.offset)
+            .collect()
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn bodies_lost_in_a_crash_rebuild_the_store_from_the_snapshot() {
+    async fn a_clean_stop_keeps_the_store_and_the_next_crash_is_still_seen() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        stop(two_entries(dir.path()).await);
+        let mut sm = open(dir.path());
+        assert_eq!(channels(&sm.store), vec!["a.one", "a.two"]);
+        assert_eq!(sm.meta.last_applied.map(|l| l.index), Some(2));
+        // The marker was taken at the start: a crash of this run is a crash.
+        sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+        drop(sm);
+        let sm = open(dir.path());
+        assert!(channels(&sm.store).is_empty(), "no snapshot: rebuilt empty");
+        assert_eq!(sm.meta.last_applied, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_crash_rebuilds_the_store_from_the_snapshot() {
         let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let snapshot_meta = {
             let (mut sm, snapshot) = two_entries_and_a_snapshot(dir.path()).await;
             sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+            // Synced, even: only a clean stop says the store is whole.
             sm.sync.sync().unwrap();
             snapshot.meta
         };
-        // The snapshot's own dump of the store refers to no batch file; the database's record of
-        // batch 3 survived the power loss, its body did not.
-        cut_batch_file(dir.path(), |tree| location_of_batch(tree, 3).pos);
-        let sm = open(dir.path());
+        let mut sm = open(dir.path());
         assert_eq!(channels(&sm.store), vec!["a.one", "a.two"]);
         assert_eq!(sm.meta.last_applied, snapshot_meta.last_log_id);
-        assert_eq!(
-            sm.meta.next_offset, 3,
-            "offset 3 is given again by the replay"
-        );
+        // openraft applies the log after the snapshot again; the offset is given again.
+        sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+        assert_eq!(offsets(&sm.store), vec![1, 2, 3]);
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn bodies_lost_before_any_snapshot_empty_the_store_for_a_full_replay() {
+    async fn a_crash_before_any_snapshot_empties_the_store_for_a_full_replay() {
         let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
-        {
-            let sm = two_entries(dir.path()).await;
-            sm.sync.sync().unwrap();
-        }
-        cut_batch_file(dir.path(), |tree| location_of_batch(tree, 2).pos + 3);
+        drop(two_entries(dir.path()).await);
         let mut sm = open(dir.path());
         assert!(channels(&sm.store).is_empty());
         assert_eq!(sm.meta.last_applied, None);
-        // The replay writes the same state again.
+        assert!(
+            std::fs::read_dir(dir.path().join("batches"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "no batch file is left behind"
+        );
+        // The replay writes the same state again, from offset 1.
         sm.apply(vec![entry(1, "a.one"), entry(2, "a.two")])
             .await
             .unwrap();
         assert_eq!(channels(&sm.store), vec!["a.one", "a.two"]);
+        assert_eq!(offsets(&sm.store), vec![1, 2]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failed_write_leaves_no_clean_marker() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let sm = two_entries(dir.path()).await;
+            sm.sync.mark_torn();
+            sm.sync.stop().unwrap();
+        }
+        let sm = open(dir.path());
+        assert!(channels(&sm.store).is_empty(), "rebuilt, not trusted");
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -683,6 +710,7 @@ mod tests {
         {
             let mut sm = open(dir.path());
             sm.apply(vec![entry(1, "a.one")]).await.unwrap();
+            stop(sm);
         }
         damage(dir.path(), b"m");
         let db = open_db(dir.path());

@@ -8,20 +8,33 @@
 //! [`SledSync::sync`] therefore first syncs the message store's batch files (a location must not
 //! become durable before its body), then flushes, then `fdatasync`s the data file, every blob
 //! file written since the last sync, and the blob folder (so the new names survive too).
+//!
+//! The state store is written without atomic batches (see [`crate::store`]), so it is whole only
+//! after a clean stop: [`SledSync::stop`] syncs and then leaves a durable marker, and
+//! [`SledSync::take_clean_stop`] at the next start tells whether the marker was there, removing
+//! it before anything else is applied.
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::store::MessageStore;
+
+/// The marker a clean stop leaves in the state folder: the store there is whole.
+const CLEAN_STOP: &str = "clean-stop";
 
 /// Makes everything written to one sled database so far durable.
 pub struct SledSync {
     db: sled::Db,
     store: MessageStore,
     data_file: File,
+    dir: PathBuf,
     blobs_dir: PathBuf,
+    /// Set once a write to the store failed part way: the store may hold half an entry, and a
+    /// stop must then not call it whole.
+    torn: AtomicBool,
     /// Highest blob id already synced, and its length then: blob files are named by increasing log
     /// sequence numbers, and one still being written when it was synced has grown since.
     last_blob: Mutex<(u64, u64)>,
@@ -40,7 +53,9 @@ impl SledSync {
             db,
             store,
             data_file,
+            dir: dir.to_owned(),
             blobs_dir: dir.join("blobs"),
+            torn: AtomicBool::new(false),
             last_blob: Mutex::new((0, 0)),
         })
     }
@@ -55,6 +70,45 @@ impl SledSync {
             self.data_file.sync_data()?;
             self.sync_new_blobs()
         })
+    }
+
+    /// Whether the last run stopped cleanly (the store is whole), removing the marker durably so
+    /// that a crash from now on is seen as one.
+    ///
+    /// # Errors
+    /// The marker cannot be removed or the folder cannot be synced.
+    pub fn take_clean_stop(&self) -> io::Result<bool> {
+        match std::fs::remove_file(self.dir.join(CLEAN_STOP)) {
+            Ok(()) => {
+                File::open(&self.dir)?.sync_all()?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records that a write to the store failed part way, so [`SledSync::stop`] leaves no marker.
+    pub fn mark_torn(&self) {
+        self.torn.store(true, Ordering::Release);
+    }
+
+    /// Syncs, then marks the store whole for the next start. Call it only once nothing is applied
+    /// any more.
+    ///
+    /// # Errors
+    /// Any I/O error; the next start then rebuilds the store, as after a crash.
+    pub fn stop(&self) -> io::Result<()> {
+        self.sync()?;
+        if self.torn.load(Ordering::Acquire) {
+            tracing::warn!(
+                "a write to the state store failed earlier; the next start rebuilds it from the \
+                 snapshot and the log"
+            );
+            return Ok(());
+        }
+        File::create(self.dir.join(CLEAN_STOP))?.sync_all()?;
+        File::open(&self.dir)?.sync_all()
     }
 
     fn sync_new_blobs(&self) -> io::Result<()> {

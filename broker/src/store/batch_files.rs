@@ -13,10 +13,9 @@
 //! neither are these files — but a location must never become durable before its body does.
 //! Only the newest file is ever written: a file is synced before the next one starts, and every
 //! run starts a new file, so a file that a crash may have cut short is never written again.
-//! [`BatchFiles::sync`] syncs the newest file before the database is synced, and at open
-//! [`BatchFiles::open`] checks every body the database points at in the newest file (or in a file
-//! that is missing): if one is gone, the database is ahead of its bodies (a power loss) and the
-//! state machine rebuilds itself from its snapshot and the log.
+//! [`BatchFiles::sync`] syncs the newest file before the database is synced. The state machine
+//! trusts the files only after a clean stop (which ends with that sync); after a crash it rebuilds
+//! the store from its snapshot and the log, so a body a crash cut short is never read as stored.
 //!
 //! Space: a file no batch points into any more is removed, but only after the next sync has made
 //! that durable in the database, so a crash can never bring back a pointer to a removed file.
@@ -83,15 +82,6 @@ struct Current {
     len: u64,
 }
 
-/// What [`BatchFiles::open`] found.
-pub struct Opened {
-    /// The files, ready for appends and reads.
-    pub files: BatchFiles,
-    /// Bodies the database points at that are missing or damaged: the database is ahead of its
-    /// bodies and must be rebuilt. Empty after any clean stop or process crash.
-    pub lost: Vec<BodyLocation>,
-}
-
 fn file_name(number: u64) -> String {
     format!("{number:020}{SUFFIX}")
 }
@@ -102,12 +92,11 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 impl BatchFiles {
     /// Opens the batch files in `dir` (created if missing) for a database whose batches point at
-    /// `locations`. Files nothing points into are removed; the bodies in the newest file, and any
-    /// pointing into a missing file, are checked.
+    /// `locations`. Files nothing points into are removed.
     ///
     /// # Errors
     /// The folder cannot be read or created, or a file cannot be opened or removed.
-    pub fn open(dir: &Path, locations: &[BodyLocation]) -> io::Result<Opened> {
+    pub fn open(dir: &Path, locations: &[BodyLocation]) -> io::Result<BatchFiles> {
         std::fs::create_dir_all(dir)?;
         let mut present = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
@@ -140,29 +129,15 @@ impl BatchFiles {
         if removed_any {
             sync_dir(dir)?;
         }
-        let mut lost = Vec::new();
-        for loc in locations {
-            let readable = match files.get(&loc.file) {
-                None => false,
-                Some(_) if Some(loc.file) != newest => continue,
-                Some(file) => read_body(file, loc).is_ok(),
-            };
-            if !readable {
-                lost.push(*loc);
-            }
-        }
         let next_file = newest.map_or(1, |n| n + 1);
-        Ok(Opened {
-            files: BatchFiles {
-                dir: dir.to_owned(),
-                inner: Mutex::new(Inner {
-                    current: None,
-                    next_file,
-                    files,
-                    live,
-                }),
-            },
-            lost,
+        Ok(BatchFiles {
+            dir: dir.to_owned(),
+            inner: Mutex::new(Inner {
+                current: None,
+                next_file,
+                files,
+                live,
+            }),
         })
     }
 
@@ -348,68 +323,36 @@ mod tests {
     #[test]
     fn bodies_read_back_as_appended_across_reopens() {
         let dir = tempfile::tempdir().unwrap();
-        let opened = BatchFiles::open(dir.path(), &[]).unwrap();
-        assert!(opened.lost.is_empty());
-        let a = opened.files.append(&body(1, 100)).unwrap();
-        let b = opened.files.append(&body(2, 5_000)).unwrap();
-        assert_eq!(opened.files.read(&a).unwrap(), body(1, 100));
-        assert_eq!(opened.files.read(&b).unwrap(), body(2, 5_000));
-        drop(opened);
+        let files = BatchFiles::open(dir.path(), &[]).unwrap();
+        let a = files.append(&body(1, 100)).unwrap();
+        let b = files.append(&body(2, 5_000)).unwrap();
+        assert_eq!(files.read(&a).unwrap(), body(1, 100));
+        assert_eq!(files.read(&b).unwrap(), body(2, 5_000));
+        drop(files);
 
-        let opened = BatchFiles::open(dir.path(), &[a, b]).unwrap();
-        assert!(opened.lost.is_empty());
-        assert_eq!(opened.files.read(&b).unwrap(), body(2, 5_000));
+        let files = BatchFiles::open(dir.path(), &[a, b]).unwrap();
+        assert_eq!(files.read(&b).unwrap(), body(2, 5_000));
         // A new run never appends to an old file.
-        let c = opened.files.append(&body(3, 10)).unwrap();
+        let c = files.append(&body(3, 10)).unwrap();
         assert_eq!(c.file, a.file + 1);
-    }
-
-    #[test]
-    fn a_body_cut_short_in_the_newest_file_is_reported_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        let opened = BatchFiles::open(dir.path(), &[]).unwrap();
-        let a = opened.files.append(&body(1, 100)).unwrap();
-        let b = opened.files.append(&body(2, 100)).unwrap();
-        drop(opened);
-        let path = dir.path().join(file_name(b.file));
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(b.pos + 10).unwrap();
-        let opened = BatchFiles::open(dir.path(), &[a, b]).unwrap();
-        assert_eq!(opened.lost, vec![b]);
     }
 
     #[test]
     fn a_damaged_body_fails_its_check_on_read() {
         let dir = tempfile::tempdir().unwrap();
-        let opened = BatchFiles::open(dir.path(), &[]).unwrap();
-        let a = opened.files.append(&body(1, 100)).unwrap();
+        let files = BatchFiles::open(dir.path(), &[]).unwrap();
+        let a = files.append(&body(1, 100)).unwrap();
         let path = dir.path().join(file_name(a.file));
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff], a.pos + 50).unwrap();
-        let err = opened.files.read(&a).unwrap_err();
+        let err = files.read(&a).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        drop(opened);
-        assert_eq!(BatchFiles::open(dir.path(), &[a]).unwrap().lost, vec![a]);
-    }
-
-    #[test]
-    fn a_pointer_into_a_missing_file_is_reported_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        let ghost = BodyLocation {
-            file: 7,
-            pos: 0,
-            len: 10,
-        };
-        assert_eq!(
-            BatchFiles::open(dir.path(), &[ghost]).unwrap().lost,
-            vec![ghost]
-        );
     }
 
     #[test]
     fn a_file_with_no_batches_left_goes_at_the_sync_after_it_is_full() {
         let dir = tempfile::tempdir().unwrap();
-        let files = BatchFiles::open(dir.path(), &[]).unwrap().files;
+        let files = BatchFiles::open(dir.path(), &[]).unwrap();
         let big = body(9, (FILE_BYTES / 2) as usize - 16);
         let first = files.append(&big).unwrap();
         let second = files.append(&big).unwrap();
@@ -445,7 +388,7 @@ mod tests {
     #[test]
     fn a_body_committed_after_its_file_filled_up_keeps_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let files = BatchFiles::open(dir.path(), &[]).unwrap().files;
+        let files = BatchFiles::open(dir.path(), &[]).unwrap();
         let big = body(9, (FILE_BYTES / 2) as usize - 16);
         // One entry's bodies: the second fills the first file, the third starts another, and
         // only then is the entry committed.
@@ -460,18 +403,18 @@ mod tests {
     #[test]
     fn files_nothing_points_into_are_removed_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let files = BatchFiles::open(dir.path(), &[]).unwrap().files;
+        let files = BatchFiles::open(dir.path(), &[]).unwrap();
         let orphan = files.append(&body(1, 10)).unwrap();
         drop(files);
-        let opened = BatchFiles::open(dir.path(), &[]).unwrap();
-        assert!(opened.files.file_numbers().is_empty());
+        let reopened = BatchFiles::open(dir.path(), &[]).unwrap();
+        assert!(reopened.file_numbers().is_empty());
         assert!(!dir.path().join(file_name(orphan.file)).exists());
     }
 
     #[test]
     fn clear_removes_every_file() {
         let dir = tempfile::tempdir().unwrap();
-        let files = BatchFiles::open(dir.path(), &[]).unwrap().files;
+        let files = BatchFiles::open(dir.path(), &[]).unwrap();
         let a = files.append(&body(1, 10)).unwrap();
         files.clear().unwrap();
         assert!(files.read(&a).is_err());
