@@ -10,7 +10,8 @@
 //!
 //! Sharing: clones (the reader openraft asks for is one) share one [`SegmentLog`] behind a mutex
 //! that is held only to change or look up the index, never across a sync; reads copy out where
-//! their records are and read them without it.
+//! their records are and read them without it. The first read of entries just appended takes them
+//! from memory instead ([`super::recent`]).
 
 use std::fmt::Debug;
 use std::fs::File;
@@ -29,6 +30,7 @@ use openraft::{
 };
 
 use super::log_meta::{LogMeta, MetaFile, Watermark};
+use super::recent::RecentEntries;
 use super::segment::{damaged, sync_dir, RecordError, SegmentLog, Unsynced, SEGMENT_BYTES};
 use super::TypeConfig;
 use crate::config::FsyncPolicy;
@@ -72,6 +74,8 @@ struct Shared {
     /// Serialises replacements of the meta file (held across its syncs; nothing else waits on it).
     meta_file: Mutex<MetaFile>,
     watermark: Watermark,
+    /// Entries just appended, so the first reader of them need not decode them again.
+    recent: Mutex<RecentEntries>,
     /// Holds the advisory lock on [`LOCK_FILE`] while the store is open.
     _lock: File,
 }
@@ -220,6 +224,7 @@ impl LogStore {
             meta: Mutex::new(meta),
             meta_file: Mutex::new(meta_file),
             watermark,
+            recent: Mutex::new(RecentEntries::default()),
             _lock: lock_file,
         });
         let (queue, waiting) = mpsc::sync_channel(FLUSH_QUEUE);
@@ -314,6 +319,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // same.
         let purged = lock(&self.shared.meta).purged;
         let start = purged.map_or(start, |p| start.max(p.index.saturating_add(1)));
+        if let Some(entries) = lock(&self.shared.recent).take(start, end) {
+            return Ok(entries);
+        }
         let records = lock(&self.shared.log).locate(start, end);
         let mut entries = Vec::with_capacity(records.len());
         for record in records {
@@ -377,13 +385,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // Once per segment: the one ending is made durable before the next one gets a byte.
             self.shared.sync_and_record().map_err(write_err)?;
         }
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         {
             let mut log = lock(&self.shared.log);
-            if let Some(last) = log.append(entries).map_err(write_err)? {
+            if let Some(last) = log.append(&entries).map_err(write_err)? {
                 // Under the log's lock, so the flusher reads it together with the files written.
                 self.shared.watermark.appended.store(last, Ordering::SeqCst);
             }
         }
+        // Before the flush is reported: the entries are read (to be applied) only after it.
+        lock(&self.shared.recent).push(entries);
         match self.policy {
             FsyncPolicy::Always => self
                 .flusher
@@ -415,6 +426,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .write(below)
             .and_then(|()| self.shared.watermark.file.sync_data())
             .map_err(write_err)?;
+        lock(&self.shared.recent).truncate(index);
         let removed = lock(&self.shared.log)
             .remove_from(index)
             .map_err(write_err)?;
@@ -444,6 +456,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.shared
             .write_meta(|meta| meta.purged = Some(log_id))
             .map_err(write_err)?;
+        lock(&self.shared.recent).purge(log_id.index);
         let removed = lock(&self.shared.log)
             .purge(log_id.index)
             .map_err(write_err)?;
@@ -827,6 +840,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(dir.path()).unwrap();
         store.blocking_append(entries(1..=5)).await.unwrap();
+        // The first read takes the entries from memory; later ones read the files.
+        assert_eq!(indexes(&mut store, 1..=5).await, [1, 2, 3, 4, 5]);
         // Damaged behind the running store's back (as a disk would).
         let file = segment(dir.path(), 1);
         let mut bytes = std::fs::read(&file).unwrap();
@@ -834,6 +849,29 @@ mod tests {
         std::fs::write(&file, bytes).unwrap();
         assert!(store.try_get_log_entries(1..=5).await.is_err());
         assert_eq!(indexes(&mut store, 3..=5).await, [3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn the_first_read_of_entries_just_appended_does_not_decode_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path()).unwrap();
+        store.blocking_append(entries(1..=5)).await.unwrap();
+        let file = segment(dir.path(), 1);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[offset_of(2) as usize + 9] ^= 0x80;
+        bytes[offset_of(4) as usize + 9] ^= 0x80;
+        std::fs::write(&file, bytes).unwrap();
+        // Served from memory: the damage is not even seen.
+        assert_eq!(indexes(&mut store, 2..=3).await, [2, 3]);
+        // Taken: the same entries again, and the older ones, come from the files.
+        assert!(store.try_get_log_entries(2..=3).await.is_err());
+        assert!(store.try_get_log_entries(1..=1).await.is_ok());
+        // The rest is still in memory (entry 4 is damaged in the file), up to the log's end.
+        let rest = store.try_get_log_entries(4..).await.unwrap();
+        assert_eq!(
+            rest.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            [4, 5]
+        );
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ pub mod log_meta;
 #[allow(clippy::result_large_err)]
 pub mod log_store;
 pub mod network;
+mod recent;
 pub mod segment;
 #[allow(clippy::result_large_err)]
 pub mod state_machine;

@@ -21,6 +21,7 @@
 //! crash during a write leaves, and is cut off. Anything else refuses to start, because serving or
 //! voting from a log with a hole or bad data could undo acknowledged writes.
 
+use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -410,9 +411,9 @@ impl SegmentLog {
     /// # Errors
     /// The entries do not follow the log, do not encode, or the write fails (the log is then left
     /// as it was).
-    pub fn append(
+    pub fn append<E: Borrow<Entry<TypeConfig>>>(
         &mut self,
-        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+        entries: impl IntoIterator<Item = E>,
     ) -> Result<Option<u64>, RecordError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
@@ -424,15 +425,16 @@ impl SegmentLog {
         result
     }
 
-    fn append_with(
+    fn append_with<E: Borrow<Entry<TypeConfig>>>(
         &mut self,
         buf: &mut Vec<u8>,
-        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+        entries: impl IntoIterator<Item = E>,
     ) -> Result<Option<u64>, RecordError> {
         let mut ends = Vec::new();
         let mut first = None;
         let mut last: Option<LogId<u64>> = None;
         for entry in entries {
+            let entry = entry.borrow();
             let index = entry.log_id.index;
             match (last, self.last) {
                 (Some(previous), _) if index != previous.index + 1 => {
@@ -450,7 +452,7 @@ impl SegmentLog {
                 }
                 _ => {}
             }
-            encode_record(buf, &entry)?;
+            encode_record(buf, entry)?;
             ends.push(buf.len());
             first.get_or_insert(index);
             last = Some(entry.log_id);
