@@ -167,3 +167,60 @@ async fn a_slow_subscriber_catches_up_from_the_store_without_gap_or_duplicate() 
         .unwrap();
     assert_eq!(offsets(&take(&mut slow, 1).await), vec![marker.offset]);
 }
+
+#[tokio::test]
+async fn a_stream_answers_every_message_in_order_with_refusals_in_their_place() {
+    let f = fixture(&[]).await;
+    // All of it is sent at once, so the broker reads many messages together and proposes them
+    // as groups: the answers must still come one per message, in order, each for its own.
+    let total = 500usize;
+    let publishes = (0..total).map(|i| {
+        let channel = if i % 5 == 0 {
+            format!("grp..{i}")
+        } else {
+            format!("grp.c.{i}")
+        };
+        Publish::new(channel, i.to_string())
+    });
+    let acks = f
+        .client
+        .publish_stream(futures::stream::iter(publishes))
+        .await
+        .unwrap();
+    let acks: Vec<_> = futures::StreamExt::collect::<Vec<_>>(acks).await;
+    assert_eq!(acks.len(), total);
+    let mut offsets = Vec::new();
+    for (i, ack) in acks.into_iter().enumerate() {
+        let (sequence, answer) = switchboard_client::split_stream_ack(ack.unwrap());
+        assert_eq!(sequence, i as u64);
+        match answer {
+            Ok(ack) => {
+                assert_ne!(i % 5, 0, "message {i} has an invalid channel");
+                offsets.push(ack.offset);
+            }
+            Err(e) => {
+                assert_eq!(i % 5, 0, "message {i} was refused: {e}");
+                assert_eq!(e.reason(), Some("CHANNEL_INVALID"));
+            }
+        }
+    }
+    assert_eq!(offsets.len(), total - total / 5);
+    assert!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1),
+        "accepted messages get consecutive offsets in the order sent"
+    );
+    let stored = f
+        .client
+        .history_all(
+            switchboard_client::HistoryQuery::new("grp.>").from(Start::Earliest),
+            10_000,
+        )
+        .await
+        .unwrap();
+    let payloads: Vec<String> = stored.iter().map(payload_text).collect();
+    let expected: Vec<String> = (0..total)
+        .filter(|i| i % 5 != 0)
+        .map(|i| i.to_string())
+        .collect();
+    assert_eq!(payloads, expected, "nothing refused was stored");
+}

@@ -90,12 +90,10 @@ impl BrokerService {
         request: pb::PublishRequest,
         caller: &Caller,
     ) -> PendingAck {
-        if let Err(e) = self.edge.gate.admit(caller) {
-            metrics::access_refused(e.reason());
-            return futures::future::ready(Err(e)).boxed();
+        match admit_publish(&self.edge, caller, request, &None) {
+            Ok((request, parent)) => self.edge.begin_publish(request, caller, parent).await,
+            Err(e) => futures::future::ready(Err(e)).boxed(),
         }
-        let parent = trace::parent_from_headers(&request.headers);
-        self.edge.begin_publish(request, caller, parent).await
     }
 }
 
@@ -186,7 +184,71 @@ fn ack(outcome: ItemOutcome, correlation_id: String) -> Result<pb::PublishAck, B
     })
 }
 
-type BoxedAck = Pin<Box<dyn Future<Output = pb::PublishStreamAck> + Send>>;
+/// The acks of one group of a stream's messages, in order.
+type BoxedAcks = Pin<Box<dyn Future<Output = Vec<pb::PublishStreamAck>> + Send>>;
+
+/// Most messages a `PublishStream` gathers into one proposal from what has already arrived.
+const STREAM_GROUP_MESSAGES: usize = 256;
+
+/// Stop gathering a stream's group once its payloads reach this many bytes (a group always takes
+/// at least one message), so one group stays a modest part of a log entry.
+const STREAM_GROUP_BYTES: usize = 256 * 1024;
+
+/// One publish of a group: admitted, with its trace parent, or already refused.
+pub(crate) type PublishAttempt = Result<(pb::PublishRequest, Option<trace::Parent>), BrokerError>;
+
+/// What a publish keeps while it is being committed: what its ack needs, what its refusal is
+/// accounted under, and its trace spans (ended with the answer).
+struct InFlight {
+    correlation_id: String,
+    channel: String,
+    peer: Option<std::net::SocketAddr>,
+    receive: tracing::Span,
+    commit: tracing::Span,
+}
+
+impl InFlight {
+    fn answer(
+        self,
+        outcome: Result<ItemOutcome, BrokerError>,
+    ) -> Result<pb::PublishAck, BrokerError> {
+        let InFlight {
+            correlation_id,
+            channel,
+            peer,
+            receive,
+            commit,
+        } = self;
+        let acked = outcome.and_then(|outcome| ack(outcome, correlation_id));
+        drop(commit);
+        drop(receive);
+        match acked {
+            Ok(ack) => {
+                let result = if ack.duplicate {
+                    PublishResult::Duplicate
+                } else {
+                    PublishResult::Accepted
+                };
+                metrics::publish(result, None);
+                Ok(ack)
+            }
+            Err(e) => Err(refused(peer, &channel, e)),
+        }
+    }
+}
+
+/// Accounts for a refused publish (metrics and the audit log) and hands the error back.
+fn refused(peer: Option<std::net::SocketAddr>, channel: &str, e: BrokerError) -> BrokerError {
+    metrics::publish(PublishResult::Refused, Some(e.reason()));
+    audit::refused(peer, channel, &e);
+    e
+}
+
+/// Where each publish of a group stands once it was read.
+enum Slot {
+    Refused(BrokerError),
+    Proposed(InFlight),
+}
 
 fn stream_ack(sequence: u64, result: Result<pb::PublishAck, BrokerError>) -> pb::PublishStreamAck {
     let result = match result {
@@ -227,19 +289,16 @@ impl Edge {
     /// Validates and queues one publish; the returned future yields its ack. Used by `Publish`
     /// and `PublishStream` alike, so the metrics and the audit log of refusals are recorded in one
     /// place. Queueing happens before this returns, which keeps a stream's messages in order.
-    async fn begin_publish(
+    /// Validates a publish and checks the caller may publish there; on success the message to
+    /// propose and what its answer needs. A refusal is accounted here.
+    fn prepare_publish(
         &self,
         request: pb::PublishRequest,
         caller: &Caller,
         parent: Option<trace::Parent>,
-    ) -> PendingAck {
+    ) -> Result<(crate::message::NewMessage, InFlight), BrokerError> {
         let channel = request.channel.clone();
         let peer = caller.peer();
-        let refuse = move |e: BrokerError| {
-            metrics::publish(PublishResult::Refused, Some(e.reason()));
-            audit::refused(peer, &channel, &e);
-            e
-        };
         let mut message = match self.validator.publish(request).and_then(|message| {
             caller
                 .permissions()
@@ -248,36 +307,87 @@ impl Edge {
             Ok(message)
         }) {
             Ok(message) => message,
-            Err(e) => return futures::future::ready(Err(refuse(e))).boxed(),
+            Err(e) => return Err(refused(peer, &channel, e)),
         };
         let receive = trace::receive_span(parent.as_ref(), &message.channel);
         trace::stamp_message(&receive, &mut message.headers);
-        let correlation_id = message.correlation_id.clone();
         let commit = trace::child_span(&receive, "switchboard.commit");
-        match self.proposer.submit(vec![Item::Publish(message)]).await {
-            Ok(pending) => async move {
-                let acked = proposer::outcome(pending)
-                    .await
-                    .and_then(proposer::single)
-                    .and_then(|outcome| ack(outcome, correlation_id));
-                drop(commit);
-                drop(receive);
-                match acked {
-                    Ok(ack) => {
-                        let result = if ack.duplicate {
-                            PublishResult::Duplicate
-                        } else {
-                            PublishResult::Accepted
-                        };
-                        metrics::publish(result, None);
-                        Ok(ack)
-                    }
-                    Err(e) => Err(refuse(e)),
+        let flight = InFlight {
+            correlation_id: message.correlation_id.clone(),
+            channel,
+            peer,
+            receive,
+            commit,
+        };
+        Ok((message, flight))
+    }
+
+    /// Queues a group of publishes as one proposal (in order, after anything queued before);
+    /// the returned future yields one answer per attempt, in order. Refused attempts keep their
+    /// place. One proposal rather than one per message: a stream's messages then cost the
+    /// proposer, the queue and the wake-ups once per group.
+    async fn begin_publishes(&self, attempts: Vec<PublishAttempt>, caller: &Caller) -> PendingAcks {
+        let mut items = Vec::with_capacity(attempts.len());
+        let mut slots = Vec::with_capacity(attempts.len());
+        for attempt in attempts {
+            let prepared =
+                attempt.and_then(|(request, parent)| self.prepare_publish(request, caller, parent));
+            slots.push(match prepared {
+                Ok((message, flight)) => {
+                    items.push(Item::Publish(message));
+                    Slot::Proposed(flight)
                 }
-            }
-            .boxed(),
-            Err(e) => futures::future::ready(Err(refuse(e))).boxed(),
+                Err(e) => Slot::Refused(e),
+            });
         }
+        let submitted = if items.is_empty() {
+            None
+        } else {
+            Some(self.proposer.submit(items).await)
+        };
+        async move {
+            let mut outcomes = match submitted {
+                None => Ok(Vec::new().into_iter()),
+                Some(Ok(pending)) => proposer::outcome(pending).await.map(Vec::into_iter),
+                Some(Err(e)) => Err(e),
+            };
+            slots
+                .into_iter()
+                .map(|slot| match slot {
+                    Slot::Refused(e) => Err(e),
+                    Slot::Proposed(flight) => {
+                        let outcome = match &mut outcomes {
+                            Ok(outcomes) => outcomes.next().ok_or_else(|| {
+                                BrokerError::Consensus(
+                                    "apply answered a proposal with fewer outcomes than items"
+                                        .into(),
+                                )
+                            }),
+                            Err(e) => Err(e.clone()),
+                        };
+                        flight.answer(outcome)
+                    }
+                })
+                .collect()
+        }
+        .boxed()
+    }
+
+    /// [`Edge::begin_publishes`] for one publish.
+    async fn begin_publish(
+        &self,
+        request: pb::PublishRequest,
+        caller: &Caller,
+        parent: Option<trace::Parent>,
+    ) -> PendingAck {
+        self.begin_publishes(vec![Ok((request, parent))], caller)
+            .await
+            .map(|answers| {
+                answers.into_iter().next().unwrap_or_else(|| {
+                    Err(BrokerError::Consensus("a publish got no answer".into()))
+                })
+            })
+            .boxed()
     }
 }
 
@@ -285,8 +395,32 @@ impl Edge {
 pub(crate) type PendingAck =
     Pin<Box<dyn Future<Output = Result<pb::PublishAck, BrokerError>> + Send>>;
 
+/// A group of publishes queued for commit; resolves to their answers, in order.
+pub(crate) type PendingAcks =
+    Pin<Box<dyn Future<Output = Vec<Result<pb::PublishAck, BrokerError>>> + Send>>;
+
+/// Spends one unit of `caller`'s budgets for one message of a stream or a gateway batch: the
+/// message with its trace parent (its own `traceparent` header wins over the stream's), or the
+/// refusal.
+fn admit_publish(
+    edge: &Edge,
+    caller: &Caller,
+    request: pb::PublishRequest,
+    stream_parent: &Option<trace::Parent>,
+) -> PublishAttempt {
+    // Opening a stream spent one unit of the budgets; each message spends one more, so a stream
+    // is no way around the rate limits.
+    if let Err(e) = edge.gate.admit(caller) {
+        metrics::access_refused(e.reason());
+        return Err(e);
+    }
+    let parent = trace::parent_from_headers(&request.headers).or_else(|| stream_parent.clone());
+    Ok((request, parent))
+}
+
 /// Feeds one `PublishStream`: reads requests while fewer than `max_unacked` wait for their ack, and
-/// sends acks in request order as they complete.
+/// sends acks in request order as they complete. Requests that have already arrived when one is
+/// read join it in one proposal (up to [`STREAM_GROUP_MESSAGES`] and [`STREAM_GROUP_BYTES`]).
 async fn publish_stream_task(
     edge: Arc<Edge>,
     mut inbound: Streaming<pb::PublishRequest>,
@@ -296,7 +430,8 @@ async fn publish_stream_task(
 ) {
     let max_unacked = edge.config.publish_stream.max_unacked;
     let mut shutdown = edge.shutdown.clone();
-    let mut pending: FuturesOrdered<BoxedAck> = FuturesOrdered::new();
+    let mut pending: FuturesOrdered<BoxedAcks> = FuturesOrdered::new();
+    let mut unacked = 0usize;
     let mut sequence = 0u64;
     let mut inbound_open = true;
     let mut shutting_down = false;
@@ -309,28 +444,52 @@ async fn publish_stream_task(
         }
         tokio::select! {
             biased;
-            Some(ack) = pending.next(), if !pending.is_empty() => {
-                if out.send(Ok(ack)).await.is_err() {
-                    return;
+            Some(acks) = pending.next(), if !pending.is_empty() => {
+                unacked -= acks.len();
+                for ack in acks {
+                    if out.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
                 }
             }
-            item = inbound.message(), if inbound_open && pending.len() < max_unacked => match item {
+            item = inbound.message(), if inbound_open && unacked < max_unacked => match item {
                 Ok(Some(request)) => {
-                    // A message's own trace context (its `traceparent` header) wins over the
-                    // stream's, so each telemetry event keeps the trace it belongs to.
-                    let parent = trace::parent_from_headers(&request.headers).or_else(|| parent.clone());
-                    // Opening the stream spent one unit of the budgets; each message spends one
-                    // more, so a stream is no way around the rate limits.
-                    let ack = match edge.gate.admit(&caller) {
-                        Ok(()) => edge.begin_publish(request, &caller, parent).await,
-                        Err(e) => {
-                            metrics::access_refused(e.reason());
-                            futures::future::ready(Err(e)).boxed()
+                    let room = (max_unacked - unacked).min(STREAM_GROUP_MESSAGES);
+                    let mut bytes = request.payload.len();
+                    let mut group = vec![admit_publish(&edge, &caller, request, &parent)];
+                    while group.len() < room && bytes < STREAM_GROUP_BYTES {
+                        // Only what is already here: `message` keeps its state in the stream,
+                        // so dropping it unfinished loses nothing.
+                        match inbound.message().now_or_never() {
+                            Some(Ok(Some(request))) => {
+                                bytes += request.payload.len();
+                                group.push(admit_publish(&edge, &caller, request, &parent));
+                            }
+                            Some(Ok(None)) => {
+                                inbound_open = false;
+                                break;
+                            }
+                            Some(Err(status)) => {
+                                tracing::debug!(%status, "publish stream broken by the client");
+                                return;
+                            }
+                            None => break,
                         }
-                    };
-                    let seq = sequence;
-                    pending.push_back(ack.map(move |result| stream_ack(seq, result)).boxed());
-                    sequence += 1;
+                    }
+                    let first = sequence;
+                    sequence += group.len() as u64;
+                    unacked += group.len();
+                    let answers = edge.begin_publishes(group, &caller).await;
+                    pending.push_back(
+                        answers
+                            .map(move |answers| {
+                                (first..)
+                                    .zip(answers)
+                                    .map(|(sequence, answer)| stream_ack(sequence, answer))
+                                    .collect()
+                            })
+                            .boxed(),
+                    );
                 }
                 Ok(None) => inbound_open = false,
                 Err(status) => {
