@@ -186,9 +186,9 @@ fn proposal_bytes(proposal: &Proposal) -> usize {
 const SMALL_IN_FLIGHT: usize = 1;
 
 /// Below this size an entry counts as small (see [`SMALL_IN_FLIGHT`]). Larger entries may use
-/// every `proposer.max_in_flight` slot (2 by default: with the segment log and the batch files,
-/// fewer and larger entries are the faster way for W1 too, 1.35x its throughput at 8 slots). W4's
-/// entries stay well below it (an update is a few hundred bytes).
+/// every `proposer.max_in_flight` slot (1 by default: with the segment log, the batch files and
+/// a stream's messages proposed in groups, fewer and larger entries are the faster way for W1 too;
+/// docs/BENCHMARKS.md). W4's entries stay well below it (an update is a few hundred bytes).
 const SMALL_ENTRY_BYTES: usize = 16 * 1024;
 
 /// The log entry being gathered: its items and where their outcomes go.
