@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::store::MessageStore;
 
@@ -35,6 +35,10 @@ pub struct SledSync {
     /// Set once a write to the store failed part way: the store may hold half an entry, and a
     /// stop must then not call it whole.
     torn: AtomicBool,
+    /// Held while the state machine writes the store; `true` once [`SledSync::stop`] closed it.
+    /// openraft's shutdown does not wait for its state machine worker, so without this a last
+    /// apply could still be writing when the store is marked whole.
+    writes: Mutex<bool>,
     /// Highest blob id already synced, and its length then: blob files are named by increasing log
     /// sequence numbers, and one still being written when it was synced has grown since.
     last_blob: Mutex<(u64, u64)>,
@@ -56,6 +60,7 @@ impl SledSync {
             dir: dir.to_owned(),
             blobs_dir: dir.join("blobs"),
             torn: AtomicBool::new(false),
+            writes: Mutex::new(false),
             last_blob: Mutex::new((0, 0)),
         })
     }
@@ -93,12 +98,21 @@ impl SledSync {
         self.torn.store(true, Ordering::Release);
     }
 
-    /// Syncs, then marks the store whole for the next start. Call it only once nothing is applied
-    /// any more.
+    /// Lets the state machine write the store until the guard is dropped; `None` once the store
+    /// was closed by [`SledSync::stop`] (nothing may be written after it is marked whole).
+    pub fn begin_writes(&self) -> Option<MutexGuard<'_, bool>> {
+        let closed = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        (!*closed).then_some(closed)
+    }
+
+    /// Closes the store to writes (waiting for one in progress), syncs, and marks the store whole
+    /// for the next start.
     ///
     /// # Errors
     /// Any I/O error; the next start then rebuilds the store, as after a crash.
     pub fn stop(&self) -> io::Result<()> {
+        let mut closed = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        *closed = true;
         self.sync()?;
         if self.torn.load(Ordering::Acquire) {
             tracing::warn!(
