@@ -65,7 +65,7 @@ pub struct MessageStore {
     bodies: Arc<BatchFiles>,
 }
 
-/// The writes of one applied entry: tree writes applied atomically by [`MessageStore::apply`],
+/// The writes of one applied entry: tree writes applied in order by [`MessageStore::apply`],
 /// and the batch bodies they start and stop pointing at, accounted once they are applied.
 #[derive(Default)]
 pub struct WriteBatch {
@@ -298,8 +298,7 @@ impl MessageStore {
     /// The embedded store's error, or the batch body cannot be written.
     pub fn insert_snapshot_record(&self, key: &[u8], value: &[u8]) -> Result<(), BrokerError> {
         if key.first() == Some(&BATCH) {
-            // A plain insert, like every other record of an install: a sled batch per record
-            // would roll sled's I/O buffer once per batch of the snapshot.
+            // The body goes to the batch files; the tree keeps where it is, as `put_batch` does.
             let (location, sealed_location) = self.append_body(value)?;
             self.tree.insert(key, sealed_location)?;
             self.bodies.commit(&[location], &[]);

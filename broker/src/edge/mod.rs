@@ -286,9 +286,6 @@ impl Edge {
         Ok(())
     }
 
-    /// Validates and queues one publish; the returned future yields its ack. Used by `Publish`
-    /// and `PublishStream` alike, so the metrics and the audit log of refusals are recorded in one
-    /// place. Queueing happens before this returns, which keeps a stream's messages in order.
     /// Validates a publish and checks the caller may publish there; on success the message to
     /// propose and what its answer needs. A refusal is accounted here.
     fn prepare_publish(
@@ -324,8 +321,10 @@ impl Edge {
 
     /// Queues a group of publishes as one proposal (in order, after anything queued before);
     /// the returned future yields one answer per attempt, in order. Refused attempts keep their
-    /// place. One proposal rather than one per message: a stream's messages then cost the
-    /// proposer, the queue and the wake-ups once per group.
+    /// place. `Publish`, `PublishStream` and the gateway all come through here, so the metrics and
+    /// the audit log of refusals are recorded in one place; queueing happens before this returns,
+    /// which keeps a stream's messages in order. One proposal rather than one per message: a
+    /// stream's messages then cost the proposer, the queue and the wake-ups once per group.
     async fn begin_publishes(&self, attempts: Vec<PublishAttempt>, caller: &Caller) -> PendingAcks {
         let mut items = Vec::with_capacity(attempts.len());
         let mut slots = Vec::with_capacity(attempts.len());

@@ -261,8 +261,15 @@ pub async fn start(
         // before all of it is applied. After a crash the state is rebuilt from the snapshot and
         // openraft re-applies at start only up to the committed id it last wrote down (lazily),
         // so without this wait a reader could see the store while the rest is applied again.
-        let last_log_index = raft.metrics().borrow().last_log_index;
-        if last_log_index > raft.metrics().borrow().last_applied.map(|l| l.index) {
+        let (last_log_index, last_applied) = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            (
+                metrics.last_log_index,
+                metrics.last_applied.map(|l| l.index),
+            )
+        };
+        if last_log_index > last_applied {
             tracing::info!(
                 last_log_index,
                 "applying the log before serving (the state is being rebuilt)"

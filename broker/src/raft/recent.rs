@@ -60,10 +60,10 @@ impl RecentEntries {
         self.bytes = 0;
     }
 
-    fn pop_front(&mut self) {
-        if let Some((_, size)) = self.entries.pop_front() {
-            self.bytes -= size;
-        }
+    fn pop_front(&mut self) -> Option<Entry<TypeConfig>> {
+        let (entry, size) = self.entries.pop_front()?;
+        self.bytes -= size;
+        Some(entry)
     }
 
     /// Keeps `appended`, which were just written after every entry already in the log, in order.
@@ -98,10 +98,7 @@ impl RecentEntries {
         }
         let mut taken = Vec::new();
         while self.first_index().is_some_and(|i| i < end) {
-            if let Some((entry, size)) = self.entries.pop_front() {
-                self.bytes -= size;
-                taken.push(entry);
-            }
+            taken.extend(self.pop_front());
         }
         Some(taken)
     }

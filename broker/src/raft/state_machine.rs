@@ -204,6 +204,19 @@ impl StateMachine {
         Arc::clone(&self.sync)
     }
 
+    /// Runs `write` while the store is open to the state machine's writes: never after a stop
+    /// marked it whole ([`SledSync::begin_writes`]).
+    fn while_open<T>(
+        &mut self,
+        write: impl FnOnce(&mut Self) -> StorageResult<T>,
+    ) -> StorageResult<T> {
+        let sync = Arc::clone(&self.sync);
+        let _writing = sync
+            .begin_writes()
+            .ok_or_else(|| sm_write_err("the state store is closed: the broker is stopping"))?;
+        write(self)
+    }
+
     fn apply_entry(&mut self, entry: &Entry) -> StorageResult<CommandOutcome> {
         let mut batch = WriteBatch::default();
         let mut meta = self.meta.clone();
@@ -364,16 +377,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut outcomes = Vec::new();
-        {
-            let sync = Arc::clone(&self.sync);
-            let _writing = sync
-                .begin_writes()
-                .ok_or_else(|| sm_write_err("the state store is closed: the broker is stopping"))?;
-            for entry in entries {
-                outcomes.push(self.apply_entry(&entry)?);
-            }
-        }
+        let outcomes = self.while_open(|machine| {
+            entries
+                .into_iter()
+                .map(|entry| machine.apply_entry(&entry))
+                .collect::<StorageResult<Vec<_>>>()
+        })?;
         self.progress
             .send_replace(AppliedProgress::from(&self.meta));
         Ok(outcomes)
@@ -449,13 +458,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .ok_or_else(|| snapshot_err("no snapshot is being received"))?;
         let path = self.snapshot_path(&meta.snapshot_id);
         std::fs::rename(&incoming, &path).map_err(snapshot_err)?;
-        {
-            let sync = Arc::clone(&self.sync);
-            let _writing = sync
-                .begin_writes()
-                .ok_or_else(|| snapshot_err("the state store is closed: the broker is stopping"))?;
-            self.load_snapshot(meta)?;
-        }
+        self.while_open(|machine| machine.load_snapshot(meta))?;
         self.hub.reset(self.meta.last_offset());
         self.progress
             .send_replace(AppliedProgress::from(&self.meta));
