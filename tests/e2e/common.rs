@@ -61,6 +61,30 @@ pub fn payload_text(message: &Message) -> String {
     String::from_utf8_lossy(&message.payload).into_owned()
 }
 
+/// Sends `publishes` through one `PublishStream` and returns every answer as it came: the
+/// sequence number and the ack or refusal.
+pub async fn publish_stream_answers<P>(
+    client: &Client,
+    publishes: P,
+) -> Vec<(
+    u64,
+    Result<switchboard_client::proto::PublishAck, switchboard_client::Error>,
+)>
+where
+    P: IntoIterator<Item = Publish>,
+    P::IntoIter: Send + 'static,
+{
+    let acks: Vec<_> = client
+        .publish_stream(futures::stream::iter(publishes))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    acks.into_iter()
+        .map(|a| split_stream_ack(a.unwrap()))
+        .collect()
+}
+
 /// Publishes `payloads` (JSON texts) on `channel` through one `PublishStream`; returns each
 /// acknowledged offset with its payload, in the order sent.
 pub async fn publish_stream_acked(
@@ -72,15 +96,11 @@ pub async fn publish_stream_acked(
         .clone()
         .into_iter()
         .map(move |payload| Publish::new(channel.clone(), payload));
-    let acks: Vec<_> = client
-        .publish_stream(futures::stream::iter(stream))
+    publish_stream_answers(client, stream)
         .await
-        .unwrap()
-        .collect()
-        .await;
-    acks.into_iter()
+        .into_iter()
         .zip(payloads)
-        .map(|(a, payload)| (split_stream_ack(a.unwrap()).1.unwrap().offset, payload))
+        .map(|((_, answer), payload)| (answer.unwrap().offset, payload))
         .collect()
 }
 

@@ -137,20 +137,13 @@ async fn a_slow_subscriber_catches_up_from_the_store_without_gap_or_duplicate() 
 
     let total = 600u64;
     let publishes = (0..total).map(|i| Publish::new(format!("load.c{}", i % 3), i.to_string()));
-    let acks = f
-        .client
-        .publish_stream(futures::stream::iter(publishes))
+    let acked: Vec<u64> = publish_stream_answers(&f.client, publishes)
         .await
-        .unwrap();
-    let acks: Vec<_> = futures::StreamExt::collect::<Vec<_>>(acks).await;
-    let acked: Vec<u64> = acks
         .into_iter()
-        .map(
-            |a| match switchboard_client::split_stream_ack(a.unwrap()).1 {
-                Ok(ack) => ack.offset,
-                Err(e) => panic!("refused: {e}"),
-            },
-        )
+        .map(|(_, answer)| match answer {
+            Ok(ack) => ack.offset,
+            Err(e) => panic!("refused: {e}"),
+        })
         .collect();
     assert_eq!(acked.len() as u64, total);
 
@@ -182,16 +175,10 @@ async fn a_stream_answers_every_message_in_order_with_refusals_in_their_place() 
         };
         Publish::new(channel, i.to_string())
     });
-    let acks = f
-        .client
-        .publish_stream(futures::stream::iter(publishes))
-        .await
-        .unwrap();
-    let acks: Vec<_> = futures::StreamExt::collect::<Vec<_>>(acks).await;
-    assert_eq!(acks.len(), total);
+    let answers = publish_stream_answers(&f.client, publishes).await;
+    assert_eq!(answers.len(), total);
     let mut offsets = Vec::new();
-    for (i, ack) in acks.into_iter().enumerate() {
-        let (sequence, answer) = switchboard_client::split_stream_ack(ack.unwrap());
+    for (i, (sequence, answer)) in answers.into_iter().enumerate() {
         assert_eq!(sequence, i as u64);
         match answer {
             Ok(ack) => {

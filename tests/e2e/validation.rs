@@ -1,7 +1,7 @@
 //! Validation at the edge: each rule refused with its code and reason, nothing stored on refusal,
 //! and a refused message in a stream does not end the stream.
 
-use switchboard_client::{split_stream_ack, HistoryQuery, Publish, Start};
+use switchboard_client::{HistoryQuery, Publish, Start};
 
 use tonic::Code;
 
@@ -120,17 +120,8 @@ async fn a_refused_message_in_a_stream_gets_its_own_refusal_and_the_stream_goes_
         Publish::new("tele.widget.click", "not json"),
         Publish::new("tele.widget.view", "{}"),
     ];
-    let acks = f
-        .client
-        .publish_stream(futures::stream::iter(messages))
-        .await
-        .unwrap();
-    let acks: Vec<_> = futures::StreamExt::collect::<Vec<_>>(acks).await;
-    assert_eq!(acks.len(), 4);
-    let results: Vec<_> = acks
-        .into_iter()
-        .map(|a| split_stream_ack(a.unwrap()))
-        .collect();
+    let results = publish_stream_answers(&f.client, messages).await;
+    assert_eq!(results.len(), 4);
     assert_eq!(
         results.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
         vec![0, 1, 2, 3]
