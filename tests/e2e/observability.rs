@@ -258,6 +258,8 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
         ("switchboard_publish_to_deliver_seconds", "histogram"),
         ("switchboard_commit_seconds", "histogram"),
         ("switchboard_commit_batch_items", "histogram"),
+        ("switchboard_log_sync_seconds", "histogram"),
+        ("switchboard_apply_seconds", "histogram"),
         ("switchboard_store_bytes", "gauge"),
         ("switchboard_disk_bytes", "gauge"),
         ("switchboard_last_offset", "gauge"),
@@ -341,6 +343,17 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
             - before.sum("switchboard_commit_batch_items_sum", &[])
             >= ACCEPTED as f64
     );
+    // ... made durable by a sync round of the log (the fixture syncs before every ack) and
+    // applied.
+    for stage in [
+        "switchboard_log_sync_seconds_count",
+        "switchboard_apply_seconds_count",
+    ] {
+        assert!(
+            after.sum(stage, &[]) - before.sum(stage, &[]) >= 1.0,
+            "{stage} did not move"
+        );
+    }
     assert!(after.sum("switchboard_store_bytes", &[]) > 0.0);
     assert!(after.sum("switchboard_disk_bytes", &[]) > 0.0);
     let applied = after.sum("switchboard_raft_applied_index", &[]);

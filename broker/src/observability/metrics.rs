@@ -44,6 +44,10 @@ pub const CONNECTIONS_REFUSED: &str = "switchboard_connections_refused_total";
 pub const COMMIT_SECONDS: &str = "switchboard_commit_seconds";
 /// Items in one committed log entry.
 pub const COMMIT_BATCH_ITEMS: &str = "switchboard_commit_batch_items";
+/// One sync round of the raft log (the fdatasync of what was appended since the last), seconds.
+pub const LOG_SYNC_SECONDS: &str = "switchboard_log_sync_seconds";
+/// Applying committed log entries to the state (one call of openraft's apply), seconds.
+pub const APPLY_SECONDS: &str = "switchboard_apply_seconds";
 /// Retention sweeps committed.
 pub const SWEEPS: &str = "switchboard_sweeps_total";
 /// Messages removed by sweeps.
@@ -97,6 +101,8 @@ fn build() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError>
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(PUBLISH_TO_DELIVER.into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(COMMIT_SECONDS.into()), COMMIT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(LOG_SYNC_SECONDS.into()), COMMIT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(APPLY_SECONDS.into()), COMMIT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(COMMIT_BATCH_ITEMS.into()), BATCH_BUCKETS)
 }
 
@@ -152,6 +158,16 @@ fn describe() {
         COMMIT_BATCH_ITEMS,
         Unit::Count,
         "Items (publishes and entity writes) carried by one committed log entry"
+    );
+    describe_histogram!(
+        LOG_SYNC_SECONDS,
+        Unit::Seconds,
+        "One sync round of the raft log: the fdatasync of every entry appended since the last one"
+    );
+    describe_histogram!(
+        APPLY_SECONDS,
+        Unit::Seconds,
+        "Applying committed log entries to the state store and handing their messages to the hub"
     );
     describe_counter!(SWEEPS, "Retention sweeps committed by this node as leader");
     describe_counter!(
@@ -297,6 +313,16 @@ pub fn connection_refused() {
 pub fn commit(items: usize, seconds: f64) {
     histogram!(COMMIT_SECONDS).record(seconds);
     histogram!(COMMIT_BATCH_ITEMS).record(items as f64);
+}
+
+/// Records one sync round of the raft log.
+pub fn log_sync(seconds: f64) {
+    histogram!(LOG_SYNC_SECONDS).record(seconds);
+}
+
+/// Records one apply of committed entries to the state.
+pub fn apply(seconds: f64) {
+    histogram!(APPLY_SECONDS).record(seconds);
 }
 
 /// Records a committed retention sweep and the messages it removed.

@@ -91,7 +91,10 @@ impl Shared {
                 log.take_unsynced(),
             )
         };
-        match sync_all(&self.dir, &unsynced) {
+        let started = std::time::Instant::now();
+        let synced = sync_all(&self.dir, &unsynced);
+        crate::observability::metrics::log_sync(started.elapsed().as_secs_f64());
+        match synced {
             Ok(()) => self.watermark.write(appended),
             Err(e) => {
                 lock(&self.log).restore_unsynced(unsynced);

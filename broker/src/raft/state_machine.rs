@@ -35,6 +35,7 @@ use super::TypeConfig;
 use crate::apply::{apply_command, StateMeta};
 use crate::hub::Hub;
 use crate::message::CommandOutcome;
+use crate::observability::metrics;
 use crate::store::{MessageStore, WriteBatch};
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
@@ -377,6 +378,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let started = std::time::Instant::now();
         let outcomes = self.while_open(|machine| {
             entries
                 .into_iter()
@@ -385,6 +387,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })?;
         self.progress
             .send_replace(AppliedProgress::from(&self.meta));
+        metrics::apply(started.elapsed().as_secs_f64());
         Ok(outcomes)
     }
 
