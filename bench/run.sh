@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The side-by-side benchmark of Switchboard against NATS JetStream (docs/BENCHMARKS.md).
 #
-#   bench/run.sh                  # the whole comparison, under 2 minutes on 2 cores once built
-#   bench/run.sh --quick          # every workload scaled down ~10x: a smoke run
+#   bench/run.sh                  # the whole comparison, three rounds: ~5 minutes on 2 cores once built
+#   bench/run.sh --quick          # every workload scaled down ~10x, one round: a smoke run
 #   bench/run.sh --only W1,W3     # some workloads (W1, W2, W2a, W2b, W3, W4)
+#   bench/run.sh --rounds 5       # more rounds (the table shows each figure's median)
 #
 # Installs Debian's nats-server when it is missing (apt-get, as root or through sudo), builds the
 # release binaries, runs bench/ (switchboard-bench) with any flags given here, prints the table
-# and writes the results to bench/results/<date>.json (<date>-quick.json for --quick runs).
+# and writes the results to bench/results/<date>.json (<date>-quick.json for --quick runs; a
+# later run of the same day adds its time, <date>-<hhmmss>.json, rather than replace a file).
 # Loads go to loopback only; every broker is started, measured and stopped by the tool, with its
 # data in a temporary folder it removes. Not part of the test suite: CI never runs this.
 set -euo pipefail
@@ -38,6 +40,9 @@ for arg in "$@"; do
 done
 mkdir -p bench/results
 out="bench/results/$(date -u +%Y-%m-%d)${suffix}.json"
+if [ -e "$out" ]; then
+    out="bench/results/$(date -u +%Y-%m-%d-%H%M%S)${suffix}.json"
+fi
 
 echo "== running the comparison (results: $out)" >&2
 ./target/release/switchboard-bench \

@@ -72,11 +72,20 @@ struct Args {
     /// Most messages published and not yet acknowledged (W1, W2, W3).
     #[arg(long, default_value_t = 256)]
     window: usize,
+
+    /// Run every chosen workload this many times, each round against fresh brokers, and print
+    /// the median of the rounds with the range of the ratio. A single run of this machine's W1
+    /// varies by a quarter on either broker, more than most changes being measured. Default 3,
+    /// or 1 with --quick.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=20))]
+    rounds: Option<u16>,
 }
 
 /// The size of each workload, full or `--quick`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
+    /// Each workload runs this many times on each side; the table shows the medians.
+    pub rounds: usize,
     pub size: usize,
     pub window: usize,
     pub w1_messages: usize,
@@ -109,6 +118,7 @@ impl Plan {
 
     fn new(args: &Args) -> Plan {
         let full = Plan {
+            rounds: usize::from(args.rounds.unwrap_or(if args.quick { 1 } else { 3 })),
             size: args.size,
             window: args.window,
             w1_messages: 200_000,
@@ -181,6 +191,8 @@ pub struct Outcome {
 /// One workload against one broker, with the broker's own consumption.
 #[derive(Clone, Debug, Serialize)]
 struct Run {
+    /// Which round this run belongs to, from 1.
+    round: usize,
     workload: &'static str,
     broker: &'static str,
     outcome: Option<Outcome>,
@@ -200,8 +212,11 @@ struct Row {
     switchboard_variant: &'static str,
     switchboard: Option<f64>,
     nats: Option<f64>,
-    /// Switchboard's figure divided by NATS's.
+    /// Switchboard's figure divided by NATS's (of the medians, when there are several rounds).
     ratio: Option<f64>,
+    /// The lowest and highest ratio of one round's figures (Switchboard's over NATS's in the
+    /// same round).
+    ratio_range: Option<(f64, f64)>,
     higher_is_better: bool,
 }
 
@@ -261,6 +276,7 @@ where
         Err(error) => {
             eprintln!("[bench] {workload} on {broker}: cannot start the broker: {error:#}");
             return Run {
+                round: 0,
                 workload,
                 broker,
                 outcome: None,
@@ -296,6 +312,7 @@ where
         Ok(outcome) => {
             eprintln!("[bench] {workload} on {broker}: done in {seconds:.1} s");
             Run {
+                round: 0,
                 workload,
                 broker,
                 outcome: Some(outcome),
@@ -308,6 +325,7 @@ where
         Err(error) => {
             eprintln!("[bench] {workload} on {broker}: failed: {error:#}");
             Run {
+                round: 0,
                 workload,
                 broker,
                 outcome: None,
@@ -374,6 +392,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         data_root.display(),
         if args.quick { "quick run" } else { "full run" }
     );
+    if plan.rounds > 1 {
+        eprintln!(
+            "[bench] {} rounds: every workload runs {} times on each side; the table shows medians",
+            plan.rounds, plan.rounds
+        );
+    }
 
     let mut runs = Vec::new();
     let sb = |fsync: &'static str| {
@@ -387,96 +411,105 @@ async fn run(args: Args) -> anyhow::Result<()> {
         move || NatsServer::start(binary, root)
     };
 
-    if chosen.contains("W1") {
-        let limit = Duration::from_secs(600);
-        for (variant, fsync) in [
-            ("switchboard", "always"),
-            ("switchboard-periodic", "periodic"),
-        ] {
+    for round in 1..=plan.rounds {
+        if plan.rounds > 1 {
+            eprintln!("[bench] round {round} of {}", plan.rounds);
+        }
+        let first = runs.len();
+        if chosen.contains("W1") {
+            let limit = Duration::from_secs(600);
+            for (variant, fsync) in [
+                ("switchboard", "always"),
+                ("switchboard-periodic", "periodic"),
+            ] {
+                let p = plan.clone();
+                runs.push(
+                    run_one("W1", variant, limit, sb(fsync), move |url| async move {
+                        sb::w1(&url, &p).await
+                    })
+                    .await,
+                );
+            }
             let p = plan.clone();
             runs.push(
-                run_one("W1", variant, limit, sb(fsync), move |url| async move {
-                    sb::w1(&url, &p).await
+                run_one("W1", "nats", limit, nats(), move |url| async move {
+                    nats::w1(&url, &p).await
                 })
                 .await,
             );
         }
-        let p = plan.clone();
-        runs.push(
-            run_one("W1", "nats", limit, nats(), move |url| async move {
-                nats::w1(&url, &p).await
-            })
-            .await,
-        );
-    }
-    for (id, subscribers, wildcard) in [
-        ("W2a", 1, false),
-        ("W2b", plan.w2_wildcard_subscribers, true),
-    ] {
-        if !chosen.contains(id) {
-            continue;
+        for (id, subscribers, wildcard) in [
+            ("W2a", 1, false),
+            ("W2b", plan.w2_wildcard_subscribers, true),
+        ] {
+            if !chosen.contains(id) {
+                continue;
+            }
+            let limit = plan.w2_warmup + plan.w2_duration + Duration::from_secs(60);
+            let p = plan.clone();
+            runs.push(
+                run_one(
+                    id,
+                    "switchboard",
+                    limit,
+                    sb("always"),
+                    move |url| async move { sb::w2(&url, &p, subscribers, wildcard).await },
+                )
+                .await,
+            );
+            let p = plan.clone();
+            runs.push(
+                run_one(id, "nats", limit, nats(), move |url| async move {
+                    nats::w2(&url, &p, subscribers, wildcard).await
+                })
+                .await,
+            );
         }
-        let limit = plan.w2_warmup + plan.w2_duration + Duration::from_secs(60);
-        let p = plan.clone();
-        runs.push(
-            run_one(
-                id,
-                "switchboard",
-                limit,
-                sb("always"),
-                move |url| async move { sb::w2(&url, &p, subscribers, wildcard).await },
-            )
-            .await,
-        );
-        let p = plan.clone();
-        runs.push(
-            run_one(id, "nats", limit, nats(), move |url| async move {
-                nats::w2(&url, &p, subscribers, wildcard).await
-            })
-            .await,
-        );
-    }
-    if chosen.contains("W3") {
-        let limit = plan.w3_duration + plan.w3_drain + Duration::from_secs(60);
-        let p = plan.clone();
-        runs.push(
-            run_one(
-                "W3",
-                "switchboard",
-                limit,
-                sb("always"),
-                move |url| async move { sb::w3(&url, &p).await },
-            )
-            .await,
-        );
-        let p = plan.clone();
-        runs.push(
-            run_one("W3", "nats", limit, nats(), move |url| async move {
-                nats::w3(&url, &p).await
-            })
-            .await,
-        );
-    }
-    if chosen.contains("W4") {
-        let limit = Duration::from_secs(300);
-        let p = plan.clone();
-        runs.push(
-            run_one(
-                "W4",
-                "switchboard",
-                limit,
-                sb("always"),
-                move |url| async move { sb::w4(&url, &p).await },
-            )
-            .await,
-        );
-        let p = plan.clone();
-        runs.push(
-            run_one("W4", "nats", limit, nats(), move |url| async move {
-                nats::w4(&url, &p).await
-            })
-            .await,
-        );
+        if chosen.contains("W3") {
+            let limit = plan.w3_duration + plan.w3_drain + Duration::from_secs(60);
+            let p = plan.clone();
+            runs.push(
+                run_one(
+                    "W3",
+                    "switchboard",
+                    limit,
+                    sb("always"),
+                    move |url| async move { sb::w3(&url, &p).await },
+                )
+                .await,
+            );
+            let p = plan.clone();
+            runs.push(
+                run_one("W3", "nats", limit, nats(), move |url| async move {
+                    nats::w3(&url, &p).await
+                })
+                .await,
+            );
+        }
+        if chosen.contains("W4") {
+            let limit = Duration::from_secs(300);
+            let p = plan.clone();
+            runs.push(
+                run_one(
+                    "W4",
+                    "switchboard",
+                    limit,
+                    sb("always"),
+                    move |url| async move { sb::w4(&url, &p).await },
+                )
+                .await,
+            );
+            let p = plan.clone();
+            runs.push(
+                run_one("W4", "nats", limit, nats(), move |url| async move {
+                    nats::w4(&url, &p).await
+                })
+                .await,
+            );
+        }
+        for run in &mut runs[first..] {
+            run.round = round;
+        }
     }
 
     let rows = rows(&runs);
@@ -518,83 +551,102 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Pairs every Switchboard figure with NATS's figure for the same workload and metric, and adds
-/// the brokers' peak RSS and CPU seconds.
+/// the brokers' peak RSS and CPU seconds; with several rounds, each figure is the median of the
+/// rounds.
 fn rows(runs: &[Run]) -> Vec<Row> {
     let mut rows = Vec::new();
     for (workload, _) in WORKLOADS {
-        let nats_run = runs
-            .iter()
-            .find(|run| run.workload == workload && run.broker == "nats");
-        for sb_run in runs
+        let of = |broker: &str| -> Vec<&Run> {
+            runs.iter()
+                .filter(|run| run.workload == workload && run.broker == broker)
+                .collect()
+        };
+        let nats_runs = of("nats");
+        let mut variants: Vec<&'static str> = Vec::new();
+        for run in runs
             .iter()
             .filter(|run| run.workload == workload && run.broker != "nats")
         {
-            let variant = sb_run.broker;
-            let nats_metric = |name: &str| {
-                nats_run
-                    .and_then(|run| run.outcome.as_ref())
-                    .and_then(|outcome| outcome.metrics.iter().find(|m| m.name == name))
-                    .map(|m| m.value)
-            };
-            let names: Vec<Metric> = sb_run
-                .outcome
-                .as_ref()
+            if !variants.contains(&run.broker) {
+                variants.push(run.broker);
+            }
+        }
+        for variant in variants {
+            let sb_runs = of(variant);
+            let side_by_side =
+                |metric: String,
+                 unit: &'static str,
+                 higher_is_better: bool,
+                 figure: &dyn Fn(&Run) -> Option<f64>| {
+                    row(
+                        workload,
+                        metric,
+                        unit,
+                        variant,
+                        &figures(&sb_runs, figure),
+                        &figures(&nats_runs, figure),
+                        higher_is_better,
+                    )
+                };
+            // The metrics the first run that finished reported (either side), in its order.
+            let metrics: Vec<Metric> = sb_runs
+                .iter()
+                .chain(&nats_runs)
+                .find_map(|run| run.outcome.as_ref())
                 .map(|o| o.metrics.clone())
-                .or_else(|| {
-                    nats_run
-                        .and_then(|run| run.outcome.as_ref())
-                        .map(|o| o.metrics.clone())
-                })
                 .unwrap_or_default();
-            for metric in names {
-                let switchboard = sb_run
-                    .outcome
-                    .as_ref()
-                    .and_then(|o| o.metrics.iter().find(|m| m.name == metric.name))
-                    .map(|m| m.value);
-                let nats = nats_metric(metric.name);
-                rows.push(row(
-                    workload,
+            for metric in metrics {
+                rows.push(side_by_side(
                     metric.name.to_owned(),
                     metric.unit,
-                    variant,
-                    switchboard,
-                    nats,
                     metric.higher_is_better,
+                    &|run| {
+                        run.outcome
+                            .as_ref()
+                            .and_then(|o| o.metrics.iter().find(|m| m.name == metric.name))
+                            .map(|m| m.value)
+                    },
                 ));
             }
-            let sb_stats = sb_run.stats.as_ref();
-            let nats_stats = nats_run.and_then(|run| run.stats.as_ref());
-            rows.push(row(
-                workload,
+            rows.push(side_by_side(
                 "broker peak RSS".to_owned(),
                 "MB",
-                variant,
-                sb_stats.map(|s| s.peak_rss_kib as f64 / 1024.0),
-                nats_stats.map(|s| s.peak_rss_kib as f64 / 1024.0),
                 false,
+                &|run| run.stats.as_ref().map(|s| s.peak_rss_kib as f64 / 1024.0),
             ));
-            rows.push(row(
-                workload,
-                "broker CPU".to_owned(),
-                "s",
-                variant,
-                sb_stats.map(|s| s.cpu_seconds),
-                nats_stats.map(|s| s.cpu_seconds),
-                false,
-            ));
-            rows.push(row(
-                workload,
+            rows.push(side_by_side("broker CPU".to_owned(), "s", false, &|run| {
+                run.stats.as_ref().map(|s| s.cpu_seconds)
+            }));
+            rows.push(side_by_side(
                 "bench client CPU".to_owned(),
                 "s",
-                variant,
-                sb_run.client_cpu_seconds,
-                nats_run.and_then(|run| run.client_cpu_seconds),
                 false,
+                &|run| run.client_cpu_seconds,
             ));
         }
     }
     rows
+}
+
+/// One figure of one side in every round that has it: (round, value).
+type Figures = Vec<(usize, f64)>;
+
+fn figures(runs: &[&Run], figure: &dyn Fn(&Run) -> Option<f64>) -> Figures {
+    runs.iter()
+        .filter_map(|run| figure(run).map(|value| (run.round, value)))
+        .collect()
+}
+
+/// The median of `values` (the mean of the middle two when their number is even).
+fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(values[middle]),
+        _ => Some((values[middle - 1] + values[middle]) / 2.0),
+    }
 }
 
 fn row(
@@ -602,22 +654,37 @@ fn row(
     metric: String,
     unit: &'static str,
     switchboard_variant: &'static str,
-    switchboard: Option<f64>,
-    nats: Option<f64>,
+    switchboard: &Figures,
+    nats: &Figures,
     higher_is_better: bool,
 ) -> Row {
-    let ratio = match (switchboard, nats) {
+    let switchboard_median = median(switchboard.iter().map(|(_, v)| *v));
+    let nats_median = median(nats.iter().map(|(_, v)| *v));
+    let ratio = match (switchboard_median, nats_median) {
         (Some(s), Some(n)) if n != 0.0 => Some(s / n),
         _ => None,
     };
+    // Each round's ratio pairs the two sides measured in that round, minutes apart.
+    let ratio_range = switchboard
+        .iter()
+        .filter_map(|(round, s)| {
+            nats.iter()
+                .find(|(r, n)| r == round && *n != 0.0)
+                .map(|(_, n)| s / n)
+        })
+        .fold(None, |range, r| match range {
+            None => Some((r, r)),
+            Some((low, high)) => Some((f64::min(low, r), f64::max(high, r))),
+        });
     Row {
         workload,
         metric,
         unit,
         switchboard_variant,
-        switchboard,
-        nats,
+        switchboard: switchboard_median,
+        nats: nats_median,
         ratio,
+        ratio_range,
         higher_is_better,
     }
 }
@@ -650,15 +717,28 @@ fn group_thousands(value: i64) -> String {
 /// The table, as Markdown so it can go into docs/BENCHMARKS.md as printed.
 fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
     println!();
+    let rounds = plan.rounds > 1;
     println!(
-        "Switchboard vs NATS JetStream ({}; payload {} B, window {})",
+        "Switchboard vs NATS JetStream ({}; payload {} B, window {}{})",
         if quick { "--quick" } else { "full run" },
         plan.size,
-        plan.window
+        plan.window,
+        if rounds {
+            format!("; median of {} rounds", plan.rounds)
+        } else {
+            String::new()
+        }
     );
     println!();
-    println!("| workload | metric | Switchboard | NATS JetStream | ratio SB/NATS | better |");
-    println!("|---|---|---:|---:|---:|---|");
+    if rounds {
+        println!(
+            "| workload | metric | Switchboard | NATS JetStream | ratio SB/NATS | ratio in each round | better |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---|");
+    } else {
+        println!("| workload | metric | Switchboard | NATS JetStream | ratio SB/NATS | better |");
+        println!("|---|---|---:|---:|---:|---|");
+    }
     for row in rows {
         let variant = match row.switchboard_variant {
             "switchboard-periodic" => " (SB fsync periodic)",
@@ -680,8 +760,17 @@ fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
         } else {
             format!(" ({})", row.unit)
         };
+        let range = if rounds {
+            let range = row
+                .ratio_range
+                .map(|(low, high)| format!("{low:.2}–{high:.2}×"))
+                .unwrap_or_else(|| "—".to_owned());
+            format!(" {range} |")
+        } else {
+            String::new()
+        };
         println!(
-            "| {} | {}{}{} | {} | {} | {} | {} |",
+            "| {} | {}{}{} | {} | {} | {} |{} {} |",
             row.workload,
             row.metric,
             unit,
@@ -689,6 +778,7 @@ fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
             format_value(row.switchboard),
             format_value(row.nats),
             ratio,
+            range,
             better
         );
     }
@@ -699,12 +789,21 @@ fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
                 .outcome
                 .iter()
                 .flat_map(|o| o.notes.iter())
-                .map(|note| format!("- {} on {}: {note}", run.workload, run.broker))
+                .map(|note| {
+                    format!(
+                        "- {} on {}{}: {note}",
+                        run.workload,
+                        run.broker,
+                        round_label(run.round, plan.rounds)
+                    )
+                })
                 .collect();
             if let Some(error) = &run.error {
                 lines.push(format!(
-                    "- {} on {}: FAILED: {error}",
-                    run.workload, run.broker
+                    "- {} on {}{}: FAILED: {error}",
+                    run.workload,
+                    run.broker,
+                    round_label(run.round, plan.rounds)
                 ));
             }
             lines
@@ -715,6 +814,15 @@ fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
         for note in notes {
             println!("{note}");
         }
+    }
+}
+
+/// " (round 2)" when there are several rounds, else nothing.
+fn round_label(round: usize, rounds: usize) -> String {
+    if rounds > 1 {
+        format!(" (round {round})")
+    } else {
+        String::new()
     }
 }
 
@@ -733,6 +841,64 @@ mod tests {
         let w2b = selected(&["W2b".to_owned()]).unwrap();
         assert_eq!(w2b.into_iter().collect::<Vec<_>>(), vec!["W2b"]);
         assert!(selected(&["W9".to_owned()]).is_err());
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median([3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median([]), None);
+    }
+
+    fn run(round: usize, broker: &'static str, rate: f64) -> Run {
+        Run {
+            round,
+            workload: "W1",
+            broker,
+            outcome: Some(Outcome {
+                metrics: vec![Metric::higher("msgs/s", "msgs/s", rate)],
+                notes: Vec::new(),
+            }),
+            error: None,
+            stats: None,
+            client_cpu_seconds: None,
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn rounds_give_medians_and_the_range_of_each_rounds_ratio() {
+        let runs = vec![
+            run(1, "switchboard", 100.0),
+            run(1, "nats", 200.0),
+            run(2, "switchboard", 300.0),
+            run(2, "nats", 150.0),
+            run(3, "switchboard", 120.0),
+            // NATS failed in round 3: its figure is missing, and so is that round's ratio.
+            Run {
+                outcome: None,
+                error: Some("failed".into()),
+                ..run(3, "nats", 0.0)
+            },
+        ];
+        let rows = rows(&runs);
+        let rate = rows
+            .iter()
+            .find(|r| r.metric == "msgs/s")
+            .expect("a msgs/s row");
+        assert_eq!(rate.switchboard, Some(120.0));
+        assert_eq!(rate.nats, Some(175.0));
+        assert_eq!(rate.ratio, Some(120.0 / 175.0));
+        assert_eq!(rate.ratio_range, Some((0.5, 2.0)));
+        // Rows without figures on either side are still there, empty.
+        let rss = rows
+            .iter()
+            .find(|r| r.metric == "broker peak RSS")
+            .expect("an RSS row");
+        assert_eq!(
+            (rss.switchboard, rss.nats, rss.ratio_range),
+            (None, None, None)
+        );
     }
 
     #[test]
