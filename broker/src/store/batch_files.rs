@@ -39,8 +39,9 @@ pub const FILE_BYTES: u64 = 64 << 20;
 
 /// Every this many bytes appended, the file's sync starts ahead of time, so no later sync finds
 /// more than about this much to write. `publish_load 30000 4096 1` (docs/BENCHMARKS.md): the
-/// longest ack 32–42 ms → 5–18 ms; with 1 KiB messages and 256 unacknowledged the rate is
-/// unchanged and the ack p99 rises from ~2 to ~3 ms.
+/// longest ack 32–42 ms → 5–18 ms; with 1 KiB messages and 256 unacknowledged the rate moves
+/// within its spread (~2% lower on average) and the ack p99 rises from ~2–3 to ~3.5 ms. 16 MiB
+/// was worse on both.
 const SYNC_AHEAD_BYTES: u64 = 4 << 20;
 
 const SUFFIX: &str = ".batches";
