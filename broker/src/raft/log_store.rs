@@ -389,15 +389,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.shared.sync_and_record().map_err(write_err)?;
         }
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        {
+        let lengths = {
             let mut log = lock(&self.shared.log);
-            if let Some(last) = log.append(&entries).map_err(write_err)? {
+            let lengths = log.append(&entries).map_err(write_err)?;
+            if let Some(last) = entries.last() {
                 // Under the log's lock, so the flusher reads it together with the files written.
-                self.shared.watermark.appended.store(last, Ordering::SeqCst);
+                self.shared
+                    .watermark
+                    .appended
+                    .store(last.log_id.index, Ordering::SeqCst);
             }
-        }
+            lengths
+        };
         // Before the flush is reported: the entries are read (to be applied) only after it.
-        lock(&self.shared.recent).push(entries);
+        lock(&self.shared.recent).push(entries, &lengths);
         match self.policy {
             FsyncPolicy::Always => self
                 .flusher

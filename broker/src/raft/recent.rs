@@ -9,21 +9,21 @@
 //!
 //! What is kept is always a suffix of the log (or nothing), so "wholly here" is a range check:
 //! an append that does not follow the last kept entry, a truncation, a purge and a take all keep
-//! it so. Bounded in entries and in approximate bytes; past either bound the oldest go first.
+//! it so. Bounded in entries and in bytes (as encoded in the segment); past either bound the
+//! oldest go first.
 
 use std::collections::VecDeque;
 
-use openraft::{Entry, EntryPayload};
+use openraft::Entry;
 
 use super::TypeConfig;
-use crate::message::Command;
 
 /// Most entries kept: a lone node applies an entry within a sync round of appending it, so a few
 /// are enough; the rest of the bound is for a moment of lag.
 const MAX_ENTRIES: usize = 64;
 
-/// Most bytes kept (approximate, as the proposer counts them): an entry can be as large as
-/// `proposer.max_batch_bytes` (4 MiB by default).
+/// Most bytes kept, counted as the entries' encoded lengths in the segment: an entry can be as
+/// large as `proposer.max_batch_bytes` (4 MiB by default).
 const MAX_BYTES: usize = 16 << 20;
 
 /// Appended entries not yet read, oldest first.
@@ -31,19 +31,6 @@ const MAX_BYTES: usize = 16 << 20;
 pub struct RecentEntries {
     entries: VecDeque<(Entry<TypeConfig>, usize)>,
     bytes: usize,
-}
-
-fn approximate_size(entry: &Entry<TypeConfig>) -> usize {
-    match &entry.payload {
-        EntryPayload::Normal(Command::Batch { items, .. }) => {
-            items
-                .iter()
-                .map(|item| item.approximate_size())
-                .sum::<usize>()
-                + 64
-        }
-        _ => 256,
-    }
 }
 
 impl RecentEntries {
@@ -66,16 +53,22 @@ impl RecentEntries {
         Some(entry)
     }
 
-    /// Keeps `appended`, which were just written after every entry already in the log, in order.
-    pub fn push(&mut self, appended: Vec<Entry<TypeConfig>>) {
+    /// Keeps `appended`, which were just written after every entry already in the log, in order,
+    /// with `lengths`, their encoded lengths in the segment.
+    pub fn push(&mut self, appended: Vec<Entry<TypeConfig>>, lengths: &[u32]) {
         let Some(first) = appended.first().map(|e| e.log_id.index) else {
             return;
         };
+        if lengths.len() != appended.len() {
+            // Kept entries must end where the log does: without a length for each, keep none.
+            self.clear();
+            return;
+        }
         if self.last_index().is_some_and(|last| last + 1 != first) {
             self.clear();
         }
-        for entry in appended {
-            let size = approximate_size(&entry);
+        for (entry, length) in appended.into_iter().zip(lengths) {
+            let size = *length as usize;
             self.bytes += size;
             self.entries.push_back((entry, size));
         }
@@ -123,7 +116,7 @@ impl RecentEntries {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::{CommittedLeaderId, LogId};
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
 
     fn entry(index: u64) -> Entry<TypeConfig> {
         Entry {
@@ -136,6 +129,13 @@ mod tests {
         indexes.map(entry).collect()
     }
 
+    /// Appends the entries `indexes`, each `length` bytes long in the segment.
+    fn push(recent: &mut RecentEntries, indexes: std::ops::RangeInclusive<u64>, length: u32) {
+        let appended = entries(indexes);
+        let lengths = vec![length; appended.len()];
+        recent.push(appended, &lengths);
+    }
+
     fn indexes(entries: &[Entry<TypeConfig>]) -> Vec<u64> {
         entries.iter().map(|e| e.log_id.index).collect()
     }
@@ -143,8 +143,8 @@ mod tests {
     #[test]
     fn a_range_wholly_kept_is_taken_once_with_everything_older() {
         let mut recent = RecentEntries::default();
-        recent.push(entries(1..=3));
-        recent.push(entries(4..=5));
+        push(&mut recent, 1..=3, 100);
+        push(&mut recent, 4..=5, 100);
         assert_eq!(indexes(&recent.take(2, 4).unwrap()), vec![2, 3]);
         // Taken (and entry 1 with them): the next read of them goes to the files.
         assert!(recent.take(2, 4).is_none());
@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn a_range_that_starts_before_the_kept_entries_is_not_served() {
         let mut recent = RecentEntries::default();
-        recent.push(entries(5..=6));
+        push(&mut recent, 5..=6, 100);
         assert!(recent.take(4, 6).is_none());
         assert_eq!(indexes(&recent.take(5, 7).unwrap()), vec![5, 6]);
     }
@@ -165,8 +165,8 @@ mod tests {
     #[test]
     fn an_append_that_does_not_follow_starts_over() {
         let mut recent = RecentEntries::default();
-        recent.push(entries(1..=3));
-        recent.push(entries(7..=8));
+        push(&mut recent, 1..=3, 100);
+        push(&mut recent, 7..=8, 100);
         assert!(recent.take(1, 4).is_none());
         assert_eq!(indexes(&recent.take(7, 9).unwrap()), vec![7, 8]);
     }
@@ -174,21 +174,37 @@ mod tests {
     #[test]
     fn truncate_and_purge_keep_a_suffix_of_the_log() {
         let mut recent = RecentEntries::default();
-        recent.push(entries(1..=6));
+        push(&mut recent, 1..=6, 100);
         recent.truncate(5);
         recent.purge(2);
         assert!(
             recent.take(5, 6).is_none(),
             "cut off: 5 is no longer the one appended"
         );
-        recent.push(entries(5..=5));
+        push(&mut recent, 5..=5, 100);
         assert_eq!(indexes(&recent.take(3, u64::MAX).unwrap()), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn the_oldest_go_past_the_byte_bound() {
+        let mut recent = RecentEntries::default();
+        push(&mut recent, 1..=3, (MAX_BYTES / 2) as u32);
+        assert!(recent.take(1, 2).is_none(), "three halves do not fit");
+        assert_eq!(indexes(&recent.take(2, u64::MAX).unwrap()), vec![2, 3]);
+    }
+
+    #[test]
+    fn an_append_without_a_length_for_each_entry_keeps_nothing() {
+        let mut recent = RecentEntries::default();
+        push(&mut recent, 1..=2, 100);
+        recent.push(entries(3..=4), &[100]);
+        assert!(recent.take(1, u64::MAX).is_none());
     }
 
     #[test]
     fn the_oldest_go_past_the_entry_bound() {
         let mut recent = RecentEntries::default();
-        recent.push(entries(1..=(MAX_ENTRIES as u64 + 10)));
+        push(&mut recent, 1..=(MAX_ENTRIES as u64 + 10), 100);
         assert!(recent.take(1, 2).is_none());
         let kept = recent.take(11, u64::MAX).unwrap();
         assert_eq!(kept.len(), MAX_ENTRIES);

@@ -401,7 +401,7 @@ impl SegmentLog {
     }
 
     /// Appends `entries` (consecutive, and above the last one present) with one write. Returns the
-    /// last index appended.
+    /// encoded length of each entry appended, in order (none when `entries` is empty).
     ///
     /// Entries that leave a hole after the last one present start a new segment. Raft never does
     /// that (it appends after its last entry, or to a log purged empty), and opening refuses such
@@ -414,7 +414,7 @@ impl SegmentLog {
     pub fn append<E: Borrow<Entry<TypeConfig>>>(
         &mut self,
         entries: impl IntoIterator<Item = E>,
-    ) -> Result<Option<u64>, RecordError> {
+    ) -> Result<Vec<u32>, RecordError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         let result = self.append_with(&mut buf, entries);
@@ -429,7 +429,7 @@ impl SegmentLog {
         &mut self,
         buf: &mut Vec<u8>,
         entries: impl IntoIterator<Item = E>,
-    ) -> Result<Option<u64>, RecordError> {
+    ) -> Result<Vec<u32>, RecordError> {
         let mut ends = Vec::new();
         let mut first = None;
         let mut last: Option<LogId<u64>> = None;
@@ -458,7 +458,7 @@ impl SegmentLog {
             last = Some(entry.log_id);
         }
         let (Some(first), Some(last)) = (first, last) else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         let roll = self
             .segments
@@ -484,11 +484,14 @@ impl SegmentLog {
             let _ = segment.file.set_len(segment.len);
             return Err(e.into());
         }
+        let mut lengths = Vec::with_capacity(ends.len());
         let mut start = 0;
         for end in ends {
+            let length = (end - start) as u32;
             segment
                 .records
-                .push_back((segment.len + start as u64, (end - start) as u32));
+                .push_back((segment.len + start as u64, length));
+            lengths.push(length);
             start = end;
         }
         segment.len += buf.len() as u64;
@@ -501,7 +504,7 @@ impl SegmentLog {
             self.unsynced.files.push(Arc::clone(&segment.file));
         }
         self.last = Some(last);
-        Ok(Some(last.index))
+        Ok(lengths)
     }
 
     /// Where the entries with indexes in `start..end` are (as many as are present, in order).
