@@ -16,9 +16,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use prost::Message as _;
 use switchboard_broker::checksum;
 use switchboard_broker::edge::convert;
+use switchboard_broker::fanout::outgoing::{Delivery, Outgoing, SharedMessage};
 use switchboard_broker::message::{Command, Item, NewMessage, Rules, StoredMessage};
-use switchboard_broker::store::{MessageStore, WriteBatch};
-use switchboard_broker::subscription::outgoing::{Delivery, Outgoing, SharedMessage};
+use switchboard_broker::state::store::{MessageStore, WriteBatch};
 use switchboard_proto::v1 as pb;
 
 /// Messages in one group-committed batch.

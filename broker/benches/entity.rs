@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use switchboard_broker::apply::EntityDoc;
 use switchboard_broker::entity::{Change, EntityState, Stamp};
+use switchboard_broker::state::apply::EntityDoc;
 
 fn stamp(timestamp_ms: u64, writer: &str) -> Stamp {
     Stamp {

@@ -27,7 +27,6 @@
 //! - [`config`], [`error`], [`shutdown`], [`server`]: settings, errors, stopping, wiring.
 #![warn(missing_docs)]
 
-pub mod apply;
 pub mod channel;
 pub mod checksum;
 pub mod cluster;
@@ -35,16 +34,14 @@ pub mod config;
 pub mod edge;
 pub mod entity;
 pub mod error;
+pub mod fanout;
 pub mod gateway;
-pub mod hub;
 pub mod message;
 pub mod observability;
-pub mod proposer;
 pub mod raft;
-pub mod retention;
 pub mod security;
 pub mod server;
 pub mod shutdown;
-pub mod store;
-pub mod subscription;
+pub mod state;
 pub mod transport;
+pub mod write;

@@ -36,12 +36,17 @@ use crate::edge::entities::EntitiesService;
 use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
+use crate::fanout::hub::Hub;
 use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
-use crate::proposer::Proposer;
+use crate::raft;
 use crate::shutdown::{self, ShutdownSignal, ShutdownTrigger};
+use crate::state::sled_sync::SledSync;
+use crate::state::store::MessageStore;
+use crate::state::{self, AppliedProgress};
 use crate::transport::{self, LimitedIncoming};
-use crate::{raft, retention};
+use crate::write::proposer::Proposer;
+use crate::write::sweeper;
 
 /// Longest wait for connections to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,7 +116,7 @@ impl Broker {
         let cluster_tls = transport::cluster_tls(&config.cluster)?;
         let (raft_server_tls, peer_tls) = cluster_tls.unzip();
         let peers = raft::network::Peers::new(max_frame, peer_tls);
-        let consensus = raft::start(&config, me.clone(), peers.clone()).await?;
+        let consensus = Replicated::start(&config, me.clone(), peers.clone()).await?;
         let leader = Leader::new(
             consensus.raft.clone(),
             peers,
@@ -165,7 +170,7 @@ impl Broker {
             &config.proposer,
             rules,
         );
-        tokio::spawn(retention::run(
+        tokio::spawn(sweeper::run(
             consensus.raft.clone(),
             config.node_id,
             consensus.store.clone(),
@@ -398,12 +403,51 @@ async fn report_health(
     set_health(&reporter, false).await;
 }
 
+/// The replicated log and what it feeds on this node: the state (its store, progress and sync),
+/// and the hub it announces applied messages to.
+pub(crate) struct Replicated {
+    pub(crate) raft: raft::Raft,
+    pub(crate) store: MessageStore,
+    pub(crate) hub: Hub,
+    pub(crate) progress: watch::Receiver<AppliedProgress>,
+    pub(crate) state_sync: Arc<SledSync>,
+}
+
+impl Replicated {
+    /// Opens the state (announcing to a new hub) and starts raft over it.
+    pub(crate) async fn start(
+        config: &Config,
+        me: raft::Member,
+        peers: raft::network::Peers,
+    ) -> anyhow::Result<Replicated> {
+        // The state resets the hub to the store's last offset once it has opened (and, if need
+        // be, rebuilt) the store.
+        let hub = Hub::new(
+            0,
+            config.subscriptions.queue_depth,
+            config.subscriptions.queue_bytes,
+        );
+        let (state, progress) = state::open(config, Arc::new(hub.clone()))?;
+        let store = state.store();
+        let state_sync = state.sync_handle();
+        let snapshot_dir = state::snapshot_dir(&state::state_dir(config));
+        let raft = raft::start(config, me, peers, state, &snapshot_dir).await?;
+        Ok(Replicated {
+            raft,
+            store,
+            hub,
+            progress,
+            state_sync,
+        })
+    }
+}
+
 async fn serve(
     router: Router,
     listener: TcpListener,
     max_connections: usize,
     signal: ShutdownSignal,
-    consensus: raft::Consensus,
+    consensus: Replicated,
 ) -> anyhow::Result<()> {
     let mut stopping = signal.clone();
     // Nagle's algorithm would hold small acks back for the peer's delayed ACK (~40 ms each).

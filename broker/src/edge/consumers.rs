@@ -3,7 +3,7 @@
 //!
 //! A durable consumer's record (pattern, policy, acknowledged offset) lives in the replicated
 //! state, written through the proposer like a publish; which subscription currently serves it, and
-//! what it has in flight, is this node's [`Registry`](crate::subscription::registry::Registry).
+//! what it has in flight, is this node's [`Registry`](crate::fanout::registry::Registry).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +15,10 @@ use super::auth::Caller;
 use super::validate::Start;
 use super::{convert, Edge, SUBSCRIBE_STREAM_BUFFER};
 use crate::error::{BrokerError, Reason};
+use crate::fanout::outgoing::Outgoing;
+use crate::fanout::registry::{Control, FlowPolicy, Opening};
+use crate::fanout::subscription::{self, EventSender, SubscriptionSpec};
 use crate::message::{ConsumerState, ConsumerWrite, Item, ItemOutcome};
-use crate::subscription::outgoing::Outgoing;
-use crate::subscription::registry::{Control, FlowPolicy, Opening};
-use crate::subscription::{self, EventSender, SubscriptionSpec};
 
 /// Longest durable consumer name.
 const MAX_NAME_LEN: usize = 64;

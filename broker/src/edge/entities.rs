@@ -17,14 +17,14 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Caller, TokenBound};
 use super::{convert, Edge};
-use crate::apply::state_channel;
 use crate::entity::{Change, Stamp};
 use crate::error::{BrokerError, Reason};
+use crate::fanout::outgoing::Outgoing;
+use crate::fanout::registry::{FlowPolicy, Opening};
+use crate::fanout::subscription::SubscriptionSpec;
 use crate::message::{EntityWrite, Item, ItemOutcome};
 use crate::observability::{audit, metrics};
-use crate::subscription::outgoing::Outgoing;
-use crate::subscription::registry::{FlowPolicy, Opening};
-use crate::subscription::SubscriptionSpec;
+use crate::state::apply::state_channel;
 
 /// Longest entity type or id.
 const MAX_KEY_PART: usize = 64;

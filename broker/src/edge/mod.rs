@@ -33,18 +33,18 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Config;
 use crate::error::BrokerError;
-use crate::hub::Hub;
+use crate::fanout::hub::Hub;
+use crate::fanout::outgoing::Outgoing;
+use crate::fanout::registry::{Registered, Registry};
+use crate::fanout::subscription::{self, SubscriptionSpec};
 use crate::message::{now_us, Item, ItemOutcome};
 use crate::observability::metrics::{self, PublishResult};
 use crate::observability::{audit, trace};
-use crate::proposer::{self, Proposer};
-use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
-use crate::store::{MessageStore, ReadRange};
-use crate::subscription::outgoing::Outgoing;
-use crate::subscription::registry::{Registered, Registry};
-use crate::subscription::{self, SubscriptionSpec};
+use crate::state::store::{MessageStore, ReadRange};
+use crate::state::AppliedProgress;
+use crate::write::proposer::{self, Proposer};
 use auth::{Caller, Gate};
 use validate::{Start, Validator};
 

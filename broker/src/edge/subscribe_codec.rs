@@ -1,5 +1,5 @@
 //! `Subscribe` served with its own codec, so a delivery's shared encoding is written straight
-//! into the stream (see [`crate::subscription::outgoing`]).
+//! into the stream (see [`crate::fanout::outgoing`]).
 //!
 //! The generated `BrokerServer` encodes every stream item with prost, from a `SubscribeEvent`
 //! value: that would mean rebuilding the message for every subscriber. [`BrokerRoutes`] wraps the
@@ -21,7 +21,7 @@ use tonic::server::{NamedService, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
 use super::BrokerService;
-use crate::subscription::outgoing::Outgoing;
+use crate::fanout::outgoing::Outgoing;
 
 const SUBSCRIBE_PATH: &str = "/switchboard.v1.Broker/Subscribe";
 

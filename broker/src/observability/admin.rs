@@ -29,10 +29,10 @@ use tokio::sync::{watch, Semaphore};
 
 use super::console;
 use super::metrics::{self, Scrape, SubscriptionScrape};
-use crate::raft::state_machine::AppliedProgress;
+use crate::fanout::registry::Registry;
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
-use crate::subscription::registry::Registry;
+use crate::state::AppliedProgress;
 
 /// The content type of the Prometheus text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -56,7 +56,7 @@ pub struct Sources {
     /// The data folder, measured for `switchboard_disk_bytes`.
     pub data_dir: PathBuf,
     /// The message log: the console reads its durable consumers and latest channels.
-    pub store: crate::store::MessageStore,
+    pub store: crate::state::store::MessageStore,
 }
 
 impl Sources {
@@ -280,8 +280,8 @@ async fn respond(sources: &Sources, request: Request<Incoming>) -> Response<Full
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::fanout::registry::Registry;
     use crate::raft;
-    use crate::subscription::registry::Registry;
 
     #[tokio::test]
     async fn healthz_turns_unhealthy_when_raft_stops() {
@@ -290,7 +290,9 @@ mod tests {
         config.data_dir = dir.path().to_owned();
         let me = raft::own_member(&config, "127.0.0.1:7400".parse().unwrap());
         let peers = raft::network::Peers::new(1 << 20, None);
-        let consensus = raft::start(&config, me, peers).await.unwrap();
+        let consensus = crate::server::Replicated::start(&config, me, peers)
+            .await
+            .unwrap();
         let sources = Sources {
             node_id: config.node_id,
             raft: consensus.raft.clone(),

@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 
 use super::admin::Sources;
 use super::metrics::{self, Scrape};
+use crate::fanout::registry::FlowPolicy;
 use crate::message::now_us;
-use crate::subscription::registry::FlowPolicy;
 
 /// The console page.
 pub const PAGE: &str = include_str!("console.html");
@@ -81,7 +81,7 @@ fn subscriptions(sources: &Sources, scrape: &Scrape) -> Vec<Value> {
 
 /// Channels of the latest [`RECENT_MESSAGES`] messages: how many, the last offset, and the rate
 /// per second over the last minute.
-fn recent_channels(store: &crate::store::MessageStore, last_offset: u64) -> Vec<Value> {
+fn recent_channels(store: &crate::state::store::MessageStore, last_offset: u64) -> Vec<Value> {
     #[derive(Default)]
     struct Channel {
         messages: u64,
@@ -122,7 +122,7 @@ fn recent_channels(store: &crate::store::MessageStore, last_offset: u64) -> Vec<
 }
 
 /// The durable consumers stored in the log, with how far behind their acknowledgements are.
-fn durable_consumers(store: &crate::store::MessageStore, last_offset: u64) -> Vec<Value> {
+fn durable_consumers(store: &crate::state::store::MessageStore, last_offset: u64) -> Vec<Value> {
     store
         .consumers()
         .map_while(Result::ok)

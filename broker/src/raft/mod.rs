@@ -1,14 +1,14 @@
-//! The replicated log: openraft over segment files (the log) and sled (the applied state).
+//! The replicated log: openraft over segment files, driving a state it is given.
 //!
 //! - [`log_store`]: the raft log and vote (`<data>/log`), made durable with a real fdatasync before
 //!   openraft is told an append is flushed; its entries in [`segment`] files, its vote, committed
 //!   id, purge point and durable watermark in [`log_meta`].
-//! - [`state_machine`]: the applied state (`<data>/state`, a sled database): messages, indexes,
-//!   last applied.
-//! - [`sync`]: the fdatasync that sled's `flush()` does not do, for the state database.
+//! - [`state_machine`]: the adapter openraft applies entries through: raft's bookkeeping and the
+//!   snapshot files, around an [`AppliedState`] — the trait the broker's state
+//!   ([`crate::state`]) implements. Raft knows nothing of messages, stores or subscribers.
 //! - [`network`]: node-to-node RPC to peers' internal raft listeners (`cluster.listen`).
 //!
-//! [`start`] opens both stores, starts raft and, on first start, initializes the membership: the
+//! [`start`] opens the log, starts raft over the state and, on first start, initializes the membership: the
 //! configured static voters (`cluster.members`), or this node alone. A lone node waits until it
 //! leads; a cluster member does not wait (the election needs its peers, and the public listener
 //! reports NOT_SERVING until a leader is known).
@@ -23,7 +23,6 @@ mod recent;
 pub mod segment;
 #[allow(clippy::result_large_err)]
 pub mod state_machine;
-pub mod sync;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,13 +31,11 @@ use std::time::Duration;
 use anyhow::Context;
 use openraft::SnapshotPolicy;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::hub::Hub;
 use crate::message::{Command, CommandOutcome};
-use crate::store::MessageStore;
-use state_machine::{AppliedProgress, StateMachine};
+pub use state_machine::AppliedState;
+use state_machine::StateMachine;
 
 openraft::declare_raft_types!(
     /// Switchboard's raft types: the log carries [`Command`]s and apply answers with
@@ -81,20 +78,6 @@ const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 /// How long one snapshot chunk may take to be received and stored.
 const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 10_000;
 
-/// Everything the rest of the broker needs from the replicated log.
-pub struct Consensus {
-    /// The raft handle: propose with `client_write_ff`, read metrics.
-    pub raft: Raft,
-    /// The applied messages, for readers.
-    pub store: MessageStore,
-    /// Fan-out of applied messages to local subscribers.
-    pub hub: Hub,
-    /// Applied offsets and sizes, for Info and readers.
-    pub progress: watch::Receiver<AppliedProgress>,
-    /// Syncs the state database (at shutdown).
-    pub state_sync: Arc<sync::SledSync>,
-}
-
 /// This node's own membership entry, from the configuration: `public_addr` is where clients reach
 /// the public listener (bound at `public_listen`).
 pub fn own_member(config: &Config, public_listen: std::net::SocketAddr) -> Member {
@@ -131,18 +114,21 @@ pub fn own_member(config: &Config, public_listen: std::net::SocketAddr) -> Membe
     }
 }
 
-/// Opens the stores under `config.data_dir` and starts raft. A single node (no `cluster.members`)
-/// waits until it leads; a member of a static cluster returns at once.
+/// Opens the log under `config.data_dir` and starts raft over `state`, whose snapshots go to
+/// `snapshot_dir`. A single node (no `cluster.members`) waits until it leads and has applied its
+/// whole log; a member of a static cluster returns at once.
 ///
 /// # Errors
-/// A store cannot be opened, raft fails to start, or a single node does not lead in time.
-pub async fn start(
+/// The log or the snapshots cannot be opened, raft fails to start, or a single node does not lead
+/// in time.
+pub async fn start<S: AppliedState>(
     config: &Config,
     me: Member,
     peers: network::Peers,
-) -> anyhow::Result<Consensus> {
+    state: S,
+    snapshot_dir: &std::path::Path,
+) -> anyhow::Result<Raft> {
     let log_dir = config.data_dir.join("log");
-    let state_dir = config.data_dir.join("state");
     let log_store = log_store::LogStore::open(
         &log_dir,
         config.durability.fsync,
@@ -150,24 +136,7 @@ pub async fn start(
     )
     .with_context(|| format!("cannot open the log store in {}", log_dir.display()))?;
 
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("cannot create {}", state_dir.display()))?;
-    let state_db = sled::Config::new()
-        .path(&state_dir)
-        .cache_capacity(config.store.cache_bytes)
-        .open()
-        .with_context(|| format!("cannot open the state store in {}", state_dir.display()))?;
-    // The state machine sets the hub to the store's last offset once it has opened (and, if need
-    // be, rebuilt) the store.
-    let hub = Hub::new(
-        0,
-        config.subscriptions.queue_depth,
-        config.subscriptions.queue_bytes,
-    );
-    let (progress_tx, progress) = watch::channel(AppliedProgress::default());
-    let state_machine = StateMachine::open(state_db, &state_dir, hub.clone(), progress_tx)?;
-    let state_sync = state_machine.sync_handle();
-    let store = state_machine.store();
+    let state_machine = StateMachine::open(state, snapshot_dir)?;
 
     // A lone node elects itself at once, so short timeouts only speed up its start. Between
     // peers, an election timeout must outlast the pauses of a loaded machine (fdatasync stalls,
@@ -281,57 +250,5 @@ pub async fn start(
         }
     }
 
-    Ok(Consensus {
-        raft,
-        store,
-        hub,
-        progress,
-        state_sync,
-    })
-}
-
-/// openraft's own storage test suite, run against the segment log store and the sled state
-/// machine: the same checks every openraft storage implementation must pass (log state, purge,
-/// truncate, vote, membership, apply, snapshot transfer).
-#[cfg(test)]
-mod storage_suite {
-    use openraft::testing::{StoreBuilder, Suite};
-    use openraft::StorageError;
-
-    use super::log_store::LogStore;
-    use super::state_machine::StateMachine;
-    use super::TypeConfig;
-    use crate::config::FsyncPolicy;
-    use crate::hub::Hub;
-
-    struct TempDirBuilder;
-
-    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for TempDirBuilder {
-        async fn build(
-            &self,
-        ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let log = LogStore::open(
-                &dir.path().join("log"),
-                FsyncPolicy::Always,
-                std::time::Duration::from_millis(100),
-            )
-            .expect("log store opens");
-            let state_dir = dir.path().join("state");
-            let db = sled::Config::new()
-                .path(&state_dir)
-                .cache_capacity(8 << 20)
-                .open()
-                .expect("state db opens");
-            let (progress, _) = tokio::sync::watch::channel(Default::default());
-            let sm = StateMachine::open(db, &state_dir, Hub::new(0, 16, 1 << 20), progress)
-                .expect("state machine opens");
-            Ok((dir, log, sm))
-        }
-    }
-
-    #[test]
-    fn openraft_storage_suite_passes() {
-        Suite::test_all(TempDirBuilder).expect("storage suite");
-    }
+    Ok(raft)
 }

@@ -10,71 +10,19 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use openraft::{LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
 
+use super::position::Position;
+use super::store::{DedupRecord, MessageStore, WriteBatch};
 use crate::entity::{EntityState, Stamp};
 use crate::error::BrokerError;
 use crate::message::{
     Command, CommandOutcome, ConsumerState, ConsumerWrite, EntityWrite, Item, ItemOutcome,
     NewMessage, Refusal, Rules, StoredMessage,
 };
-use crate::raft::Member;
-use crate::store::{DedupRecord, MessageStore, WriteBatch};
 
 /// Most batches one sweep visits, so a sweep never stalls apply for long; the next sweep goes on.
 const SWEEP_BATCH_LIMIT: usize = 512;
-
-/// The state machine's small, always-in-memory state, persisted as the store's meta record in the
-/// same atomic write as the data it describes.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct StateMeta {
-    /// The last log entry whose effects are in the store.
-    pub last_applied: Option<LogId<u64>>,
-    /// The last membership applied.
-    pub membership: StoredMembership<u64, Member>,
-    /// The offset the next published message gets (offsets start at 1).
-    pub next_offset: u64,
-    /// The latest publish time given, µs since the epoch.
-    pub last_publish_time_us: u64,
-    /// Encoded bytes of all stored batches.
-    pub stored_bytes: u64,
-    /// Publishes refused as loops so far.
-    pub loops_detected: u64,
-}
-
-impl StateMeta {
-    /// Reads the meta record, or the initial state for an empty store.
-    ///
-    /// # Errors
-    /// The embedded store's error, or a corrupt record.
-    pub fn load(store: &MessageStore) -> Result<StateMeta, BrokerError> {
-        match store.meta()? {
-            Some(bytes) => crate::checksum::decode(&bytes)
-                .map_err(|e| BrokerError::Corrupt(format!("state meta: {e}"))),
-            None => Ok(StateMeta {
-                next_offset: 1,
-                ..StateMeta::default()
-            }),
-        }
-    }
-
-    /// Adds the write of this meta record to `batch`.
-    ///
-    /// # Errors
-    /// Only if encoding fails.
-    pub fn write(&self, batch: &mut WriteBatch) -> Result<(), BrokerError> {
-        let bytes = crate::checksum::encode(self)
-            .map_err(|e| BrokerError::Storage(format!("cannot encode state meta: {e}")))?;
-        MessageStore::put_meta(batch, &bytes);
-        Ok(())
-    }
-
-    /// The highest offset given so far (0 when none).
-    pub fn last_offset(&self) -> u64 {
-        self.next_offset.saturating_sub(1)
-    }
-}
 
 /// The reserved channel on which the broker reports refused publish loops.
 pub const LOOP_CHANNEL: &str = "$sys.loop.detected";
@@ -404,7 +352,7 @@ impl BatchApply<'_> {
 /// The embedded store's error, or a corrupt record.
 pub fn apply_command(
     store: &MessageStore,
-    meta: &mut StateMeta,
+    meta: &mut Position,
     command: &Command,
     batch: &mut WriteBatch,
 ) -> Result<(CommandOutcome, Vec<Arc<StoredMessage>>), BrokerError> {
@@ -467,7 +415,7 @@ pub fn apply_command(
 /// the store is over its byte limit. Visits at most [`SWEEP_BATCH_LIMIT`] batches.
 fn sweep(
     store: &MessageStore,
-    meta: &mut StateMeta,
+    meta: &mut Position,
     now_us: u64,
     max_age_us: u64,
     max_bytes: u64,
@@ -536,6 +484,7 @@ fn sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::position;
 
     fn message(channel: &str, ttl_ms: u64) -> NewMessage {
         NewMessage {
@@ -567,10 +516,10 @@ mod tests {
         }
     }
 
-    fn run(store: &MessageStore, meta: &mut StateMeta, command: Command) -> CommandOutcome {
+    fn run(store: &MessageStore, meta: &mut Position, command: Command) -> CommandOutcome {
         let mut batch = WriteBatch::default();
         let (outcome, _) = apply_command(store, meta, &command, &mut batch).unwrap();
-        meta.write(&mut batch).unwrap();
+        meta.write(&Default::default(), &mut batch).unwrap();
         store.apply(batch).unwrap();
         outcome
     }
@@ -592,7 +541,7 @@ mod tests {
     #[test]
     fn offsets_are_consecutive_and_times_never_decrease() {
         let (_dir, store) = temp_store();
-        let mut meta = StateMeta::load(&store).unwrap();
+        let mut meta = position::load(&store).unwrap().1;
         let a = run(
             &store,
             &mut meta,
@@ -614,7 +563,7 @@ mod tests {
         );
         assert_eq!(b, CommandOutcome::Batch(vec![stored(4)]));
         assert_eq!(all_offsets(&store), vec![1, 2, 3, 4]);
-        assert_eq!(StateMeta::load(&store).unwrap(), meta);
+        assert_eq!(position::load(&store).unwrap().1, meta);
     }
 
     #[test]
@@ -632,7 +581,7 @@ mod tests {
         let dumps: Vec<Vec<(Vec<u8>, Vec<u8>)>> = (0..2)
             .map(|_| {
                 let (_dir, store) = temp_store();
-                let mut meta = StateMeta::load(&store).unwrap();
+                let mut meta = position::load(&store).unwrap().1;
                 for c in &commands {
                     run(&store, &mut meta, c.clone());
                 }
@@ -651,7 +600,7 @@ mod tests {
     #[test]
     fn sweep_removes_expired_messages_and_keeps_the_rest() {
         let (_dir, store) = temp_store();
-        let mut meta = StateMeta::load(&store).unwrap();
+        let mut meta = position::load(&store).unwrap().1;
         // ttl 1 ms = 1000 µs: expires at 1_000 + 1_000.
         run(
             &store,
@@ -711,7 +660,7 @@ mod tests {
     #[test]
     fn retention_by_age_and_by_bytes_removes_oldest_batches() {
         let (_dir, store) = temp_store();
-        let mut meta = StateMeta::load(&store).unwrap();
+        let mut meta = position::load(&store).unwrap().1;
         for t in 1..=4u64 {
             run(
                 &store,
@@ -777,7 +726,7 @@ mod tests {
     #[test]
     fn a_retry_within_the_window_names_the_original_and_after_it_is_stored_anew() {
         let (_dir, store) = temp_store();
-        let mut meta = StateMeta::load(&store).unwrap();
+        let mut meta = position::load(&store).unwrap().1;
         // The retry in the same batch, in a later batch, and after the window.
         let first = outcomes(run(
             &store,
@@ -857,7 +806,7 @@ mod tests {
     #[test]
     fn a_chain_that_reenters_a_channel_is_refused_and_reported() {
         let (_dir, store) = temp_store();
-        let mut meta = StateMeta::load(&store).unwrap();
+        let mut meta = position::load(&store).unwrap().1;
         let c = "11111111-1111-4111-8111-111111111111";
         let a1 = outcomes(run(
             &store,
@@ -1002,7 +951,7 @@ mod tests {
     #[test]
     fn entity_writes_merge_refuse_and_publish_their_state() {
         let (_dir, store) = temp_store();
-        let mut meta = StateMeta::load(&store).unwrap();
+        let mut meta = position::load(&store).unwrap().1;
         let now_us = 10_000_000; // leader time: 10 s
         let o = outcomes(run(
             &store,
@@ -1063,7 +1012,7 @@ mod tests {
     #[test]
     fn durable_consumers_open_once_ack_forward_only_and_delete() {
         let (_dir, store) = temp_store();
-        let mut meta = StateMeta::load(&store).unwrap();
+        let mut meta = position::load(&store).unwrap().1;
         let open = |start| {
             Item::Consumer(ConsumerWrite::Open {
                 name: "panel".into(),

@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::channel::{Pattern, SubscriptionTrie};
+use crate::fanout::outgoing::SharedMessage;
 use crate::message::StoredMessage;
-use crate::subscription::outgoing::SharedMessage;
+use crate::state::Announce;
 
 /// Identifies a subscription within this node's hub.
 pub type SubscriptionId = u64;
@@ -282,6 +283,17 @@ impl Hub {
             drop(mb);
             entry.mailbox.ready.notify_one();
         }
+    }
+}
+
+/// The state announces applied messages to the hub.
+impl Announce for Hub {
+    fn applied(&self, messages: &[Arc<StoredMessage>]) {
+        self.dispatch(messages);
+    }
+
+    fn reset(&self, last_offset: u64) {
+        Hub::reset(self, last_offset);
     }
 }
 

@@ -12,7 +12,7 @@
 //! | `k` + publish time µs + offset | the `i` key | dedup records in time order, for forgetting them |
 //! | `e` + type + 0 + id | bincode [`EntityState`] | an entity's merged state |
 //! | `c` + name | bincode [`ConsumerState`] | a durable consumer |
-//! | `m` | bincode [`StateMeta`](crate::apply::StateMeta) | last applied log id, next offset, totals |
+//! | `m` | bincode [`StateMeta`](crate::state::apply::StateMeta) | last applied log id, next offset, totals |
 //!
 //! A batch keeps its original first offset as its key even after the sweep removed some of its
 //! messages, so "the batch that may hold offset N" is always the last `b` key at or below N.
@@ -35,13 +35,11 @@
 //! a damaged one is a [`BrokerError::Corrupt`] (`DATA_LOSS`), never served. The index records with
 //! an empty value have nothing to check: they only point at batches, which are checked.
 
-mod batch_files;
-
 use std::path::Path;
 use std::sync::Arc;
 
-use batch_files::BatchFiles;
-pub use batch_files::BodyLocation;
+use super::batch_files::BatchFiles;
+pub use super::batch_files::BodyLocation;
 
 use crate::channel::Pattern;
 use crate::checksum;

@@ -9,7 +9,7 @@
 //! become durable before its body), then flushes, then `fdatasync`s the data file, every blob
 //! file written since the last sync, and the blob folder (so the new names survive too).
 //!
-//! The state store is written without atomic batches (see [`crate::store`]), so it is whole only
+//! The state store is written without atomic batches (see [`crate::state::store`]), so it is whole only
 //! after a clean stop: [`SledSync::stop`] syncs and then leaves a durable marker, and
 //! [`SledSync::take_clean_stop`] at the next start tells whether the marker was there, removing
 //! it before anything else is applied.
@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::store::MessageStore;
+use crate::state::store::MessageStore;
 
 /// The marker a clean stop leaves in the state folder: the store there is whole.
 const CLEAN_STOP: &str = "clean-stop";

@@ -13,10 +13,10 @@ use tokio::sync::watch;
 use crate::config::Retention;
 use crate::message::{now_us, Command, CommandOutcome, Rules};
 use crate::observability::metrics;
-use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
-use crate::store::MessageStore;
+use crate::state::store::MessageStore;
+use crate::state::AppliedProgress;
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)

@@ -8,7 +8,7 @@
 //! The task registers with the [`Hub`], works out its first offset, sends `Subscribed`, reads what
 //! it must from the store (replay), then follows its mailbox. When the hub marks it lagging (its
 //! mailbox overflowed) it reads the store again from its own next offset and re-arms (see
-//! [`crate::hub`] for why that has no gap and no duplicate). So memory per subscription is bounded
+//! [`crate::fanout::hub`] for why that has no gap and no duplicate). So memory per subscription is bounded
 //! by its mailbox, and a slow consumer never slows anyone else.
 //!
 //! On top of that path, per subscription (see docs/FLOW.md):
@@ -29,10 +29,6 @@
 //! `SHUTTING_DOWN`), when a newer subscription takes over its durable name or its consumer is
 //! deleted, or on a store error.
 
-pub mod outgoing;
-pub mod registry;
-mod throttle;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,17 +37,17 @@ use switchboard_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::outgoing::{Delivery, Outgoing, SharedMessage};
+use super::registry::{Control, FlowPolicy, Pending, Registered};
+use super::throttle::Throttle;
 use crate::channel::Pattern;
 use crate::edge::validate::Start;
 use crate::error::{BrokerError, Reason};
-use crate::hub::{Hub, MailboxItems};
+use crate::fanout::hub::{Hub, MailboxItems};
 use crate::message::now_us;
 use crate::observability::metrics::{self, DeliveryMetrics};
 use crate::shutdown::ShutdownSignal;
-use crate::store::{MessageStore, ReadRange};
-use outgoing::{Delivery, Outgoing, SharedMessage};
-use registry::{Control, FlowPolicy, Pending, Registered};
-use throttle::Throttle;
+use crate::state::store::{MessageStore, ReadRange};
 
 /// Messages read from the store per page while catching up.
 const CATCH_UP_PAGE: usize = 256;
@@ -245,7 +241,7 @@ impl Feeder<'_> {
         Ok(())
     }
 
-    fn read_page(&self, from: u64, last: u64) -> Result<crate::store::ReadPage, End> {
+    fn read_page(&self, from: u64, last: u64) -> Result<crate::state::store::ReadPage, End> {
         self.store
             .read(&ReadRange {
                 from,

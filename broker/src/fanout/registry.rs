@@ -11,7 +11,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use crate::error::{BrokerError, Reason};
-use crate::hub::{Mailbox, MailboxStats};
+use crate::fanout::hub::{Mailbox, MailboxStats};
 
 /// What a subscription does when its consumer falls behind (see docs/FLOW.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

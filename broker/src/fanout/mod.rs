@@ -1,0 +1,18 @@
+//! Fan-out: applied messages to this node's subscribers.
+//!
+//! - [`hub`]: per-node dispatch of applied messages to the subscriptions whose pattern they
+//!   match, into bounded mailboxes.
+//! - [`subscription`]: one subscriber's task — replay from the store, then live from the hub,
+//!   catching up from the store whenever it falls behind.
+//! - [`registry`]: every open subscription and durable consumer of this node (limits, listing).
+//! - [`outgoing`]: a delivery encoded once per message, not once per subscriber.
+//! - `throttle`: at most one delivery per channel per interval, latest last.
+//!
+//! The state hands applied messages here through [`crate::state::Announce`], which the hub
+//! implements; `server.rs` passes the hub to the state when it opens it.
+
+pub mod hub;
+pub mod outgoing;
+pub mod registry;
+pub mod subscription;
+mod throttle;

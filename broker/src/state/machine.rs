@@ -1,0 +1,628 @@
+//! The broker's state as raft drives it: [`BrokerState`] implements
+//! [`AppliedState`](crate::raft::state_machine::AppliedState) over the message store.
+//!
+//! Each committed entry is decided by [`super::apply::apply_command`] into the store's writes,
+//! followed by the meta record (the new [`Position`] and raft's bookkeeping). The state database
+//! is not synced per entry — the log is the durable record — but it is synced before a snapshot is
+//! reported, because openraft purges the log behind a snapshot.
+//!
+//! The writes of an entry are not atomic ([`super::store`] says why), so the store is known to be
+//! whole only after a clean stop, which syncs it and leaves a marker ([`SledSync::stop`]); raft's
+//! adapter goes back to a snapshot when it is not.
+//!
+//! After an entry is in the store its messages are announced ([`Announce`]), so a subscriber that
+//! then reads the store finds everything the hub has announced.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::apply::apply_command;
+use super::position::{self, Position};
+use super::sled_sync::SledSync;
+use super::store::{MessageStore, WriteBatch};
+use super::Announce;
+use crate::error::BrokerError;
+use crate::message::{Command, CommandOutcome};
+use crate::raft::state_machine::{AppliedState, Bookkeeping, SnapshotJob};
+
+/// What readers (Info, subscriptions, the sweeper) need to know about the applied state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppliedProgress {
+    /// Highest offset given (0 when none).
+    pub last_offset: u64,
+    /// Encoded bytes of stored batches.
+    pub stored_bytes: u64,
+    /// Index of the last applied log entry.
+    pub applied_index: u64,
+    /// Publishes refused as loops so far.
+    pub loops_detected: u64,
+}
+
+impl AppliedProgress {
+    fn new(position: &Position, bookkeeping: &Bookkeeping) -> AppliedProgress {
+        AppliedProgress {
+            last_offset: position.last_offset(),
+            stored_bytes: position.stored_bytes,
+            applied_index: bookkeeping.last_applied.map(|l| l.index).unwrap_or(0),
+            loops_detected: position.loops_detected,
+        }
+    }
+}
+
+/// The message store with its position, as the replicated log has made it.
+pub struct BrokerState {
+    store: MessageStore,
+    position: Position,
+    /// The bookkeeping last saved (kept to report progress).
+    bookkeeping: Bookkeeping,
+    sync: Arc<SledSync>,
+    announce: Arc<dyn Announce>,
+    progress: watch::Sender<AppliedProgress>,
+    /// Whether the last run stopped cleanly, taken at open.
+    whole: bool,
+}
+
+impl BrokerState {
+    /// Opens the state database in `dir` (sled) with its batch files in `dir/batches`, and
+    /// announces the store's last offset.
+    ///
+    /// # Errors
+    /// The database cannot be opened or read, or its meta record is damaged.
+    pub fn open(
+        db: sled::Db,
+        dir: &Path,
+        announce: Arc<dyn Announce>,
+        progress: watch::Sender<AppliedProgress>,
+    ) -> anyhow::Result<BrokerState> {
+        let store = MessageStore::open(&db, &dir.join("batches"))?;
+        let sync = Arc::new(SledSync::open(db, store.clone(), dir)?);
+        let whole = sync.take_clean_stop()?;
+        let (bookkeeping, position) = position::load(&store)?;
+        let state = BrokerState {
+            store,
+            position,
+            bookkeeping,
+            sync,
+            announce,
+            progress,
+            whole,
+        };
+        state.announce_position();
+        Ok(state)
+    }
+
+    /// The message store, for readers.
+    pub fn store(&self) -> MessageStore {
+        self.store.clone()
+    }
+
+    /// The sync handle of the state database (used at shutdown).
+    pub fn sync_handle(&self) -> Arc<SledSync> {
+        Arc::clone(&self.sync)
+    }
+
+    /// The position after the last applied entry.
+    pub fn position(&self) -> &Position {
+        &self.position
+    }
+
+    /// Tells readers and the hub where the state now is, after it was replaced or reopened.
+    fn announce_position(&self) {
+        self.announce.reset(self.position.last_offset());
+        self.progress
+            .send_replace(AppliedProgress::new(&self.position, &self.bookkeeping));
+    }
+
+    /// Runs `write` while the store is open to writes: never after a stop marked it whole
+    /// ([`SledSync::begin_writes`]).
+    fn while_open<T>(
+        &mut self,
+        write: impl FnOnce(&mut Self) -> Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        let sync = Arc::clone(&self.sync);
+        let _writing = sync.begin_writes().ok_or_else(|| {
+            BrokerError::Storage("the state store is closed: the broker is stopping".into())
+        })?;
+        write(self)
+    }
+
+    /// Writes `batch` to the store; a failure part way marks the store torn, so no stop calls it
+    /// whole.
+    fn write(&self, batch: WriteBatch) -> Result<(), BrokerError> {
+        self.store
+            .apply(batch)
+            .inspect_err(|_| self.sync.mark_torn())
+    }
+}
+
+impl AppliedState for BrokerState {
+    fn is_whole(&self) -> bool {
+        self.whole
+    }
+
+    fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    fn saved(&self) -> Result<Bookkeeping, BrokerError> {
+        Ok(position::load(&self.store)?.0)
+    }
+
+    fn apply(
+        &mut self,
+        command: Option<&Command>,
+        bookkeeping: &Bookkeeping,
+    ) -> Result<CommandOutcome, BrokerError> {
+        self.while_open(|state| {
+            let mut batch = WriteBatch::default();
+            let mut position = state.position.clone();
+            let (outcome, messages) = match command {
+                Some(command) => apply_command(&state.store, &mut position, command, &mut batch)?,
+                None => (CommandOutcome::Nothing, Vec::new()),
+            };
+            position.write(bookkeeping, &mut batch)?;
+            state.write(batch)?;
+            state.position = position;
+            state.bookkeeping = bookkeeping.clone();
+            if !messages.is_empty() {
+                if crate::observability::trace::enabled() {
+                    for m in &messages {
+                        crate::observability::trace::applied(&m.message.headers, m.offset);
+                    }
+                }
+                state.announce.applied(&messages);
+            }
+            Ok(outcome)
+        })
+    }
+
+    fn applied(&mut self) {
+        self.progress
+            .send_replace(AppliedProgress::new(&self.position, &self.bookkeeping));
+    }
+
+    fn snapshot_job(&self) -> SnapshotJob {
+        let store = self.store.clone();
+        let sync = Arc::clone(&self.sync);
+        Box::new(move |path| {
+            sync.sync()?;
+            dump_store(&store, path)
+        })
+    }
+
+    fn install(&mut self, path: &Path, bookkeeping: &Bookkeeping) -> Result<(), BrokerError> {
+        self.while_open(|state| {
+            load_store(&state.store, path)
+                .map_err(|e| BrokerError::Storage(format!("cannot load a snapshot: {e}")))?;
+            let (_, position) = position::load(&state.store)?;
+            let mut batch = WriteBatch::default();
+            position.write(bookkeeping, &mut batch)?;
+            state.write(batch)?;
+            state.sync_now()?;
+            state.position = position;
+            state.bookkeeping = bookkeeping.clone();
+            Ok(())
+        })?;
+        self.announce_position();
+        Ok(())
+    }
+
+    fn clear(&mut self) -> Result<(), BrokerError> {
+        self.while_open(|state| {
+            state.store.clear()?;
+            let (bookkeeping, position) = position::load(&state.store)?;
+            state.sync_now()?;
+            state.position = position;
+            state.bookkeeping = bookkeeping;
+            Ok(())
+        })?;
+        self.announce_position();
+        Ok(())
+    }
+}
+
+impl BrokerState {
+    fn sync_now(&self) -> Result<(), BrokerError> {
+        self.sync
+            .sync()
+            .map_err(|e| BrokerError::Storage(format!("cannot sync the state store: {e}")))
+    }
+}
+
+/// Snapshot file format: records of (key length u32 LE, key, value length u32 LE, value), every
+/// record of the store, in key order.
+fn dump_store(store: &MessageStore, path: &Path) -> std::io::Result<()> {
+    let file = std::fs::File::create(path)?;
+    let mut out = BufWriter::new(file);
+    for kv in store.snapshot_records() {
+        let (k, v) = kv.map_err(std::io::Error::other)?;
+        for part in [k.as_ref(), v.as_ref()] {
+            let len = u32::try_from(part.len()).map_err(std::io::Error::other)?;
+            out.write_all(&len.to_le_bytes())?;
+            out.write_all(part)?;
+        }
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()
+}
+
+fn load_store(store: &MessageStore, path: &Path) -> std::io::Result<()> {
+    let mut input = BufReader::new(std::fs::File::open(path)?);
+    store.clear().map_err(std::io::Error::other)?;
+    let read_part = |input: &mut BufReader<std::fs::File>| -> std::io::Result<Option<Vec<u8>>> {
+        let mut len = [0u8; 4];
+        match input.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
+        input.read_exact(&mut buf)?;
+        Ok(Some(buf))
+    };
+    while let Some(key) = read_part(&mut input)? {
+        let value = read_part(&mut input)?.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "snapshot ends inside a record",
+            )
+        })?;
+        store
+            .insert_snapshot_record(&key, &value)
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+// Tests that reopen sled folders are serialised by a guard held across awaits on purpose.
+#[allow(clippy::await_holding_lock)]
+mod tests {
+    use super::*;
+    use crate::message::{Item, NewMessage, Rules};
+    use crate::raft::state_machine::{write_durably, StateMachine, INSTALLING};
+    use crate::raft::TypeConfig;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+    use openraft::{CommittedLeaderId, Entry as RaftEntry, EntryPayload, LogId};
+
+    type Entry = openraft::Entry<TypeConfig>;
+    type Machine = StateMachine<BrokerState>;
+
+    /// Announces to no one.
+    struct Nobody;
+
+    impl Announce for Nobody {
+        fn applied(&self, _: &[Arc<crate::message::StoredMessage>]) {}
+        fn reset(&self, _: u64) {}
+    }
+
+    fn entry(index: u64, channel: &str) -> Entry {
+        let message = NewMessage {
+            content_type: "application/json".into(),
+            schema_version: "1.0.0".into(),
+            ..NewMessage::on_channel(channel, bytes::Bytes::from_static(b"{}"))
+        };
+        RaftEntry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::Batch {
+                stamped_at_us: index * 1_000,
+                rules: Rules {
+                    dedup_window_us: 0,
+                    loop_window_us: 0,
+                    max_hops: 16,
+                    max_clock_skew_ms: 0,
+                },
+                items: vec![Item::Publish(message)],
+            }),
+        }
+    }
+
+    /// Retries `attempt` while sled reports its folder locked: a dropped database's threads
+    /// release the lock a moment later, and the next open must not fail for that.
+    fn while_locked<T, E: std::fmt::Display>(
+        mut attempt: impl FnMut() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match attempt() {
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::park_timeout(std::time::Duration::from_millis(10));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Taken by every test here that reopens a sled folder: sled's shared I/O threads can hold a
+    /// dropped database (and its folder lock) while other tests keep them busy writing.
+    fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        static SLED_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        SLED_TESTS.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens sled at `dir`, waiting for a dropped database's threads to release its lock.
+    fn open_db(dir: &Path) -> sled::Db {
+        while_locked(|| sled::Config::new().path(dir).open()).unwrap()
+    }
+
+    fn open_state(dir: &Path) -> anyhow::Result<Machine> {
+        let db = open_db(dir);
+        let (progress, _) = watch::channel(AppliedProgress::default());
+        let state = BrokerState::open(db, dir, Arc::new(Nobody), progress)?;
+        StateMachine::open(state, &dir.join("snapshots"))
+    }
+
+    fn open(dir: &Path) -> Machine {
+        open_state(dir).unwrap()
+    }
+
+    /// Stops `sm` cleanly, as the broker does at shutdown.
+    fn stop(sm: Machine) {
+        sm.state().sync.stop().unwrap();
+    }
+
+    fn store(sm: &Machine) -> &MessageStore {
+        &sm.state().store
+    }
+
+    fn channels(store: &MessageStore) -> Vec<String> {
+        store
+            .batches_from(0)
+            .flat_map(|b| b.unwrap().messages)
+            .map(|m| m.message.channel)
+            .collect()
+    }
+
+    /// A state machine at `dir` that applied `a.one` and `a.two`.
+    async fn two_entries(dir: &Path) -> Machine {
+        let mut sm = open(dir);
+        sm.apply(vec![entry(1, "a.one"), entry(2, "a.two")])
+            .await
+            .unwrap();
+        sm
+    }
+
+    /// The same, and a snapshot of them.
+    async fn two_entries_and_a_snapshot(dir: &Path) -> (Machine, Snapshot<TypeConfig>) {
+        let mut sm = two_entries(dir).await;
+        let mut builder = sm.get_snapshot_builder().await;
+        let snapshot = builder.build_snapshot().await.unwrap();
+        (sm, snapshot)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_crash_during_snapshot_install_is_finished_at_the_next_start() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot_meta = {
+            let (mut sm, snapshot) = two_entries_and_a_snapshot(dir.path()).await;
+            sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+            assert_eq!(channels(store(&sm)), vec!["a.one", "a.two", "a.three"]);
+            // The install crashes half way: marker written, store cleared, nothing loaded yet.
+            let marker = bincode::serialize(&snapshot.meta).unwrap();
+            write_durably(sm.snapshot_dir(), INSTALLING, &marker).unwrap();
+            store(&sm).clear().unwrap();
+            sm.state().sync.sync().unwrap();
+            snapshot.meta
+        };
+        let sm = open(dir.path());
+        assert_eq!(
+            channels(store(&sm)),
+            vec!["a.one", "a.two"],
+            "the snapshot's state, whole"
+        );
+        assert_eq!(sm.bookkeeping().last_applied, snapshot_meta.last_log_id);
+        assert_eq!(sm.state().position.next_offset, 3);
+        assert!(
+            !sm.snapshot_dir().join(INSTALLING).exists(),
+            "the marker is gone"
+        );
+    }
+
+    /// Flips the last byte of the state record under `key`, as a damaged disk would.
+    fn damage(dir: &Path, key: &[u8]) {
+        let db = open_db(dir);
+        let tree = db.open_tree("messages").unwrap();
+        let mut value = tree.get(key).unwrap().expect("record present").to_vec();
+        let last = value.len() - 1;
+        value[last] ^= 0x20;
+        tree.insert(key, value).unwrap();
+        db.flush().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_damaged_batch_is_refused_not_served() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        stop(two_entries(dir.path()).await);
+        damage(dir.path(), &batch_key(1));
+        let sm = open(dir.path());
+        assert!(matches!(
+            store(&sm).batch(1),
+            Err(crate::error::BrokerError::Corrupt(_))
+        ));
+        // The intact batch is still served.
+        assert_eq!(store(&sm).batch(2).unwrap().unwrap().messages.len(), 1);
+    }
+
+    /// The state tree's key of the batch whose first offset is `first_offset`.
+    fn batch_key(first_offset: u64) -> Vec<u8> {
+        let mut key = vec![b'b'];
+        key.extend_from_slice(&first_offset.to_be_bytes());
+        key
+    }
+
+    fn offsets(store: &MessageStore) -> Vec<u64> {
+        store
+            .batches_from(0)
+            .flat_map(|b| b.unwrap().messages)
+            .map(|m| m.offset)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_clean_stop_keeps_the_store_and_the_next_crash_is_still_seen() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        stop(two_entries(dir.path()).await);
+        let mut sm = open(dir.path());
+        assert_eq!(channels(store(&sm)), vec!["a.one", "a.two"]);
+        assert_eq!(sm.bookkeeping().last_applied.map(|l| l.index), Some(2));
+        // The marker was taken at the start: a crash of this run is a crash.
+        sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+        drop(sm);
+        let sm = open(dir.path());
+        assert!(
+            channels(store(&sm)).is_empty(),
+            "no snapshot: rebuilt empty"
+        );
+        assert_eq!(sm.bookkeeping().last_applied, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_crash_rebuilds_the_store_from_the_snapshot() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot_meta = {
+            let (mut sm, snapshot) = two_entries_and_a_snapshot(dir.path()).await;
+            sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+            // Synced, even: only a clean stop says the store is whole.
+            sm.state().sync.sync().unwrap();
+            snapshot.meta
+        };
+        let mut sm = open(dir.path());
+        assert_eq!(channels(store(&sm)), vec!["a.one", "a.two"]);
+        assert_eq!(sm.bookkeeping().last_applied, snapshot_meta.last_log_id);
+        // openraft applies the log after the snapshot again; the offset is given again.
+        sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+        assert_eq!(offsets(store(&sm)), vec![1, 2, 3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_crash_before_any_snapshot_empties_the_store_for_a_full_replay() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        drop(two_entries(dir.path()).await);
+        let mut sm = open(dir.path());
+        assert!(channels(store(&sm)).is_empty());
+        assert_eq!(sm.bookkeeping().last_applied, None);
+        assert!(
+            std::fs::read_dir(dir.path().join("batches"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "no batch file is left behind"
+        );
+        // The replay writes the same state again, from offset 1.
+        sm.apply(vec![entry(1, "a.one"), entry(2, "a.two")])
+            .await
+            .unwrap();
+        assert_eq!(channels(store(&sm)), vec!["a.one", "a.two"]);
+        assert_eq!(offsets(store(&sm)), vec![1, 2]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn nothing_is_applied_after_the_store_was_marked_whole() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut sm = two_entries(dir.path()).await;
+            sm.state().sync.stop().unwrap();
+            // openraft's shutdown does not wait for its apply worker: a late apply is refused.
+            assert!(sm.apply(vec![entry(3, "a.three")]).await.is_err());
+        }
+        let sm = open(dir.path());
+        assert_eq!(channels(store(&sm)), vec!["a.one", "a.two"]);
+        assert_eq!(sm.bookkeeping().last_applied.map(|l| l.index), Some(2));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failed_write_leaves_no_clean_marker() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let sm = two_entries(dir.path()).await;
+            sm.state().sync.mark_torn();
+            sm.state().sync.stop().unwrap();
+        }
+        let sm = open(dir.path());
+        assert!(channels(store(&sm)).is_empty(), "rebuilt, not trusted");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_damaged_applied_position_refuses_the_start() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut sm = open(dir.path());
+            sm.apply(vec![entry(1, "a.one")]).await.unwrap();
+            stop(sm);
+        }
+        damage(dir.path(), b"m");
+        let err = open_state(dir.path())
+            .err()
+            .expect("a damaged state meta must not open");
+        assert!(err.to_string().contains("checksum mismatch"), "{err:#}");
+    }
+}
+
+/// openraft's own storage test suite, run against the segment log store and this state machine:
+/// the same checks every openraft storage implementation must pass (log state, purge, truncate,
+/// vote, membership, apply, snapshot transfer).
+#[cfg(test)]
+mod storage_suite {
+    use std::sync::Arc;
+
+    use openraft::testing::{StoreBuilder, Suite};
+    use openraft::StorageError;
+
+    use super::BrokerState;
+    use crate::config::FsyncPolicy;
+    use crate::fanout::hub::Hub;
+    use crate::raft::log_store::LogStore;
+    use crate::raft::state_machine::StateMachine;
+    use crate::raft::TypeConfig;
+
+    struct TempDirBuilder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine<BrokerState>, tempfile::TempDir>
+        for TempDirBuilder
+    {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachine<BrokerState>), StorageError<u64>>
+        {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let log = LogStore::open(
+                &dir.path().join("log"),
+                FsyncPolicy::Always,
+                std::time::Duration::from_millis(100),
+            )
+            .expect("log store opens");
+            let state_dir = dir.path().join("state");
+            let db = sled::Config::new()
+                .path(&state_dir)
+                .cache_capacity(8 << 20)
+                .open()
+                .expect("state db opens");
+            let (progress, _) = tokio::sync::watch::channel(Default::default());
+            let state =
+                BrokerState::open(db, &state_dir, Arc::new(Hub::new(0, 16, 1 << 20)), progress)
+                    .expect("state opens");
+            let sm = StateMachine::open(state, &state_dir.join("snapshots"))
+                .expect("state machine opens");
+            Ok((dir, log, sm))
+        }
+    }
+
+    #[test]
+    fn openraft_storage_suite_passes() {
+        Suite::test_all(TempDirBuilder).expect("storage suite");
+    }
+}

@@ -1,0 +1,72 @@
+//! Where the state is: the next offset, the latest publish time and the totals — the small,
+//! always-in-memory part of the state, saved in the store's meta record (`m`) together with raft's
+//! [`Bookkeeping`] of which entry it reflects.
+//!
+//! The record is the checksummed bincode of the pair (bookkeeping, position): bincode writes a
+//! pair as its two halves one after the other, so the record reads the same as before the two
+//! were split apart.
+
+use serde::{Deserialize, Serialize};
+
+use super::store::{MessageStore, WriteBatch};
+use crate::error::BrokerError;
+use crate::raft::state_machine::Bookkeeping;
+
+/// The domain position after the last applied entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Position {
+    /// The offset the next published message gets (offsets start at 1).
+    pub next_offset: u64,
+    /// The latest publish time given, µs since the epoch.
+    pub last_publish_time_us: u64,
+    /// Encoded bytes of all stored batches.
+    pub stored_bytes: u64,
+    /// Publishes refused as loops so far.
+    pub loops_detected: u64,
+}
+
+impl Default for Position {
+    /// The position of an empty store.
+    fn default() -> Self {
+        Position {
+            next_offset: 1,
+            last_publish_time_us: 0,
+            stored_bytes: 0,
+            loops_detected: 0,
+        }
+    }
+}
+
+impl Position {
+    /// The highest offset given so far (0 when none).
+    pub fn last_offset(&self) -> u64 {
+        self.next_offset.saturating_sub(1)
+    }
+
+    /// Adds the write of the meta record — this position and `bookkeeping` — to `batch`.
+    ///
+    /// # Errors
+    /// Only if encoding fails.
+    pub fn write(
+        &self,
+        bookkeeping: &Bookkeeping,
+        batch: &mut WriteBatch,
+    ) -> Result<(), BrokerError> {
+        let bytes = crate::checksum::encode(&(bookkeeping, self))
+            .map_err(|e| BrokerError::Storage(format!("cannot encode state meta: {e}")))?;
+        MessageStore::put_meta(batch, &bytes);
+        Ok(())
+    }
+}
+
+/// Reads the meta record, or the initial state for an empty store.
+///
+/// # Errors
+/// The embedded store's error, or a damaged record.
+pub fn load(store: &MessageStore) -> Result<(Bookkeeping, Position), BrokerError> {
+    match store.meta()? {
+        Some(bytes) => crate::checksum::decode(&bytes)
+            .map_err(|e| BrokerError::Corrupt(format!("state meta: {e}"))),
+        None => Ok((Bookkeeping::default(), Position::default())),
+    }
+}
