@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use switchboard_broker::entity::{Change, EntityState, Stamp};
-use switchboard_broker::state::apply::EntityDoc;
+use switchboard_broker::state::entity_doc::EntityDoc;
 
 fn stamp(timestamp_ms: u64, writer: &str) -> Stamp {
     Stamp {

@@ -73,6 +73,16 @@ impl NewMessage {
             hops: 0,
         }
     }
+
+    /// A message the broker itself publishes (entity state changes, loop reports): JSON, schema
+    /// 1.0.0.
+    pub fn system(channel: String, payload: String) -> NewMessage {
+        NewMessage {
+            content_type: "application/json".to_owned(),
+            schema_version: "1.0.0".to_owned(),
+            ..NewMessage::on_channel(channel, Bytes::from(payload))
+        }
+    }
 }
 
 /// A message in the store: what was published plus what the log assigned.

@@ -139,7 +139,7 @@ mod tests {
             &stamp,
         );
         state.accept(&stamp, 1_764_000_000_000_001);
-        let payload = crate::state::apply::EntityDoc::encode("contact", "c1", &state).unwrap();
+        let payload = crate::state::entity_doc::EntityDoc::encode("contact", "c1", &state).unwrap();
         let watched = entity_from_state_payload(payload.as_bytes()).unwrap();
         assert_eq!(watched, entity_state("contact", "c1", &state));
         assert_eq!(

@@ -24,7 +24,7 @@ use crate::fanout::registry::{FlowPolicy, Opening};
 use crate::fanout::subscription::SubscriptionSpec;
 use crate::message::{EntityWrite, Item, ItemOutcome};
 use crate::observability::{audit, metrics};
-use crate::state::apply::state_channel;
+use crate::state::entity_doc::state_channel;
 
 /// Longest entity type or id.
 const MAX_KEY_PART: usize = 64;

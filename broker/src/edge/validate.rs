@@ -21,18 +21,7 @@ const MAX_CONTENT_TYPE_LEN: usize = 128;
 /// Longest accepted header name.
 const MAX_HEADER_NAME_LEN: usize = 128;
 
-/// Where a subscription or read starts, validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    /// After everything already published.
-    Latest,
-    /// The oldest stored message.
-    Earliest,
-    /// This offset, inclusive.
-    Offset(u64),
-    /// The first message published at or after this time, µs since the epoch.
-    Time(u64),
-}
+pub use crate::fanout::subscription::Start;
 
 /// Applies the configured limits to requests.
 #[derive(Debug, Clone)]

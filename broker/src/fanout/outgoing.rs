@@ -53,7 +53,7 @@ impl SharedMessage {
     }
 
     /// The entity state this message carries, when it is a state document (see
-    /// [`crate::state::apply::EntityDoc`]); decoded once, by the first caller, and shared.
+    /// [`crate::state::entity_doc::EntityDoc`]); decoded once, by the first caller, and shared.
     pub fn entity(&self) -> Option<&pb::Entity> {
         self.entity
             .get_or_init(|| {
@@ -312,8 +312,9 @@ mod tests {
         state.accept(&stamp, 5);
         let mut message = (*stored()).clone();
         message.message.channel = "$state.contact.7".into();
-        message.message.payload =
-            Bytes::from(crate::state::apply::EntityDoc::encode("contact", "7", &state).unwrap());
+        message.message.payload = Bytes::from(
+            crate::state::entity_doc::EntityDoc::encode("contact", "7", &state).unwrap(),
+        );
         let shared = SharedMessage::new(Arc::new(message));
         let first = shared.entity().unwrap();
         assert_eq!(first, &convert::entity_state("contact", "7", &state));

@@ -41,7 +41,6 @@ use super::outgoing::{Delivery, Outgoing, SharedMessage};
 use super::registry::{Control, FlowPolicy, Pending, Registered};
 use super::throttle::Throttle;
 use crate::channel::Pattern;
-use crate::edge::validate::Start;
 use crate::error::{BrokerError, Reason};
 use crate::fanout::hub::{Hub, MailboxItems};
 use crate::message::now_us;
@@ -58,6 +57,19 @@ const CATCH_UP_BATCHES: usize = 64;
 /// CONFLATE keeps at most this many channels' latest messages at once while catching up; past
 /// it, what it holds is delivered early (still the latest so far per channel).
 const CONFLATE_MAX_CHANNELS: usize = 10_000;
+
+/// Where a subscription or read starts (the edge validates and builds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// After everything already published.
+    Latest,
+    /// The oldest stored message.
+    Earliest,
+    /// This offset, inclusive.
+    Offset(u64),
+    /// The first message published at or after this time, µs since the epoch.
+    Time(u64),
+}
 
 /// The outgoing half of a `Subscribe` stream.
 pub type EventSender = mpsc::Sender<Result<Outgoing, Status>>;

@@ -10,113 +10,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
+use super::entity_doc::{state_channel, EntityDoc};
 use super::position::Position;
-use super::store::{DedupRecord, MessageStore, WriteBatch};
-use crate::entity::{EntityState, Stamp};
+use super::store::{MessageStore, WriteBatch};
+use super::{dedup, loops, ttl};
+use crate::entity::EntityState;
 use crate::error::BrokerError;
 use crate::message::{
     Command, CommandOutcome, ConsumerState, ConsumerWrite, EntityWrite, Item, ItemOutcome,
     NewMessage, Refusal, Rules, StoredMessage,
 };
-
-/// Most batches one sweep visits, so a sweep never stalls apply for long; the next sweep goes on.
-const SWEEP_BATCH_LIMIT: usize = 512;
-
-/// The reserved channel on which the broker reports refused publish loops.
-pub const LOOP_CHANNEL: &str = "$sys.loop.detected";
-
-/// The reserved channel that carries every accepted change of an entity.
-pub fn state_channel(entity_type: &str, id: &str) -> String {
-    format!("$state.{entity_type}.{id}")
-}
-
-/// The JSON document published on an entity's state channel, and sent to watchers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EntityDoc {
-    /// The entity's type.
-    #[serde(rename = "type")]
-    pub entity_type: String,
-    /// The entity's id.
-    pub id: String,
-    /// Accepted changes so far.
-    pub version: u64,
-    /// The ETag of this version.
-    pub etag: String,
-    /// True when a delete won and nothing was set since.
-    pub deleted: bool,
-    /// When the change was applied, µs since the epoch.
-    pub updated_at_us: u64,
-    /// The stamp of the change.
-    pub last_stamp: Option<Stamp>,
-    /// The merged fields.
-    pub fields: serde_json::Value,
-}
-
-/// An entity's state document as it is written: the same JSON as [`EntityDoc`], made from the
-/// state without building a `serde_json::Value` of the fields and printing it again (the fields
-/// are kept as canonical JSON text, so they go in as they are).
-#[derive(Serialize)]
-struct EntityDocOut<'a> {
-    #[serde(rename = "type")]
-    entity_type: &'a str,
-    id: &'a str,
-    version: u64,
-    etag: String,
-    deleted: bool,
-    updated_at_us: u64,
-    last_stamp: Option<&'a Stamp>,
-    fields: &'a serde_json::value::RawValue,
-}
-
-impl EntityDoc {
-    /// The JSON text of the document for an entity's state: what [`EntityDoc::new`] would
-    /// serialize to, byte for byte, at a fraction of the cost (apply makes one per accepted
-    /// change).
-    ///
-    /// # Errors
-    /// [`BrokerError::Storage`] if the stored fields are not JSON (they are checked when written,
-    /// so only a bug gets here).
-    pub fn encode(entity_type: &str, id: &str, state: &EntityState) -> Result<String, BrokerError> {
-        let fields = serde_json::value::RawValue::from_string(state.fields_json())
-            .map_err(|e| BrokerError::Storage(format!("entity fields are not JSON: {e}")))?;
-        serde_json::to_string(&EntityDocOut {
-            entity_type,
-            id,
-            version: state.version,
-            etag: state.etag(),
-            deleted: state.is_deleted(),
-            updated_at_us: state.updated_at_us,
-            last_stamp: state.last_stamp.as_ref(),
-            fields: &fields,
-        })
-        .map_err(|e| BrokerError::Storage(format!("cannot encode entity: {e}")))
-    }
-
-    /// The document for an entity's state.
-    pub fn new(entity_type: &str, id: &str, state: &EntityState) -> EntityDoc {
-        EntityDoc {
-            entity_type: entity_type.to_owned(),
-            id: id.to_owned(),
-            version: state.version,
-            etag: state.etag(),
-            deleted: state.is_deleted(),
-            updated_at_us: state.updated_at_us,
-            last_stamp: state.last_stamp.clone(),
-            fields: serde_json::from_str(&state.fields_json()).unwrap_or(serde_json::Value::Null),
-        }
-    }
-}
-
-/// A message the broker itself publishes (state changes, loop reports).
-fn system_message(channel: String, payload: String) -> NewMessage {
-    NewMessage {
-        content_type: "application/json".to_owned(),
-        schema_version: "1.0.0".to_owned(),
-        ..NewMessage::on_channel(channel, bytes::Bytes::from(payload))
-    }
-}
 
 /// Decides the items of one batch, in order. See the module docs.
 struct BatchApply<'a> {
@@ -126,8 +29,8 @@ struct BatchApply<'a> {
     next_offset: u64,
     /// Messages stored by this batch so far, in offset order.
     stored: Vec<StoredMessage>,
-    /// Dedup records written by this batch (the sled batch is not readable yet).
-    dedup: HashMap<(String, String), DedupRecord>,
+    /// Idempotency keys recorded by this batch (its writes are not readable yet).
+    dedup: dedup::Recorded,
     /// Entities written by this batch.
     entities: HashMap<(String, String), EntityState>,
     /// Consumers written by this batch (`None`: deleted).
@@ -162,21 +65,15 @@ impl BatchApply<'_> {
     ) -> Result<ItemOutcome, BrokerError> {
         let now = self.publish_time_us;
         // A retry is answered with the original before anything else: it is never a loop.
-        if !message.idempotency_key.is_empty() {
-            let key = (message.channel.clone(), message.idempotency_key.clone());
-            let seen = match self.dedup.get(&key) {
-                Some(seen) => Some(seen.clone()),
-                None => self.store.dedup(&key.0, &key.1)?,
-            };
-            if let Some(original) = seen {
-                if now.saturating_sub(original.publish_time_us) < self.rules.dedup_window_us {
-                    return Ok(ItemOutcome::Duplicate {
-                        offset: original.offset,
-                        publish_time_us: original.publish_time_us,
-                        correlation_id: original.correlation_id,
-                    });
-                }
-            }
+        if let Some(original) = self
+            .dedup
+            .original(self.store, &message, now, &self.rules)?
+        {
+            return Ok(ItemOutcome::Duplicate {
+                offset: original.offset,
+                publish_time_us: original.publish_time_us,
+                correlation_id: original.correlation_id,
+            });
         }
 
         // Loops: follow the cause, when it is a message this broker still holds.
@@ -184,59 +81,21 @@ impl BatchApply<'_> {
             Ok(offset) => self.known_message(offset)?,
             Err(_) => None,
         };
-        let mut chain = Vec::new();
-        if let Some(cause) =
-            cause.filter(|c| now.saturating_sub(c.publish_time_us) <= self.rules.loop_window_us)
-        {
-            chain = cause.chain.clone();
-            chain.push(cause.message.channel.clone());
-            message.hops = message.hops.max(cause.message.hops.saturating_add(1));
-        }
-        let reentry = chain.contains(&message.channel);
-        if reentry || message.hops > self.rules.max_hops {
-            let detail = if reentry {
-                format!(
-                    "the causal chain already passed through {:?} (chain: {})",
-                    message.channel,
-                    chain.join(" -> ")
-                )
-            } else {
-                format!(
-                    "{} hops exceed the limit of {}",
-                    message.hops, self.rules.max_hops
-                )
-            };
-            let report = serde_json::json!({
-                "channel": message.channel,
-                "correlation_id": message.correlation_id,
-                "causation_id": message.causation_id,
-                "hops": message.hops,
-                "chain": chain,
-                "detail": detail,
-            });
-            self.store_message(
-                system_message(LOOP_CHANNEL.to_owned(), report.to_string()),
-                Vec::new(),
-            );
-            self.loops_detected += 1;
-            return Ok(ItemOutcome::Refused(Refusal::Loop { detail }));
-        }
+        let chain = match loops::chain(&mut message, cause.as_ref(), now, &self.rules) {
+            Ok(chain) => chain,
+            Err(detected) => {
+                self.store_message(detected.report, Vec::new());
+                self.loops_detected += 1;
+                return Ok(ItemOutcome::Refused(Refusal::Loop {
+                    detail: detected.detail,
+                }));
+            }
+        };
 
-        let dedup_key = (!message.idempotency_key.is_empty()).then(|| {
-            (
-                (message.channel.clone(), message.idempotency_key.clone()),
-                message.correlation_id.clone(),
-            )
-        });
+        let retry_key = dedup::Key::of(&message);
         let offset = self.store_message(message, chain);
-        if let Some((key, correlation_id)) = dedup_key {
-            let record = DedupRecord {
-                offset,
-                publish_time_us: now,
-                correlation_id,
-            };
-            MessageStore::put_dedup(batch, &key.0, &key.1, &record)?;
-            self.dedup.insert(key, record);
+        if let Some(key) = retry_key {
+            self.dedup.record(batch, key, offset, now)?;
         }
         Ok(ItemOutcome::Stored {
             offset,
@@ -280,7 +139,7 @@ impl BatchApply<'_> {
         MessageStore::put_entity(batch, &key.0, &key.1, &next)?;
         let payload = EntityDoc::encode(&key.0, &key.1, &next)?;
         self.store_message(
-            system_message(state_channel(&key.0, &key.1), payload),
+            NewMessage::system(state_channel(&key.0, &key.1), payload),
             Vec::new(),
         );
         self.entities.insert(key, next.clone());
@@ -369,7 +228,7 @@ pub fn apply_command(
                 publish_time_us,
                 next_offset: meta.next_offset,
                 stored: Vec::new(),
-                dedup: HashMap::new(),
+                dedup: dedup::Recorded::default(),
                 entities: HashMap::new(),
                 consumers: HashMap::new(),
                 loops_detected: 0,
@@ -400,90 +259,18 @@ pub fn apply_command(
             max_bytes,
             dedup_window_us,
         } => {
-            let removed = sweep(store, meta, *now_us, *max_age_us, *max_bytes, batch)?;
-            store.forget_dedup_before(
-                batch,
-                now_us.saturating_sub(*dedup_window_us),
-                SWEEP_BATCH_LIMIT,
-            )?;
+            let removed = ttl::sweep(store, meta, *now_us, *max_age_us, *max_bytes, batch)?;
+            dedup::forget(store, batch, *now_us, *dedup_window_us)?;
             Ok((CommandOutcome::Swept { removed }, Vec::new()))
         }
     }
 }
 
-/// Removes expired messages, then whole batches past the age limit, then the oldest batches while
-/// the store is over its byte limit. Visits at most [`SWEEP_BATCH_LIMIT`] batches.
-fn sweep(
-    store: &MessageStore,
-    meta: &mut Position,
-    now_us: u64,
-    max_age_us: u64,
-    max_bytes: u64,
-    batch: &mut WriteBatch,
-) -> Result<u64, BrokerError> {
-    let mut removed = 0u64;
-    let mut bytes = meta.stored_bytes;
-    let mut visited = std::collections::HashSet::new();
-
-    // Age: every message of a batch shares one publish time, so whole batches go.
-    for key in
-        store.batch_keys_published_before(now_us.saturating_sub(max_age_us), SWEEP_BATCH_LIMIT)?
-    {
-        if let Some(old) = store.batch(key)? {
-            MessageStore::delete_batch(batch, &old);
-            removed += old.messages.len() as u64;
-            bytes = bytes.saturating_sub(old.encoded_len as u64);
-            visited.insert(key);
-        }
-    }
-
-    // TTL: drop the expired messages of each batch the expiry index points at; rewrite the rest.
-    let budget = SWEEP_BATCH_LIMIT.saturating_sub(visited.len());
-    for key in store.expired_batch_keys(now_us, budget)? {
-        if visited.contains(&key) {
-            continue;
-        }
-        let Some(old) = store.batch(key)? else {
-            continue;
-        };
-        visited.insert(key);
-        let keep: Vec<StoredMessage> = old
-            .messages
-            .iter()
-            .filter(|m| !m.is_expired(now_us))
-            .cloned()
-            .collect();
-        removed += (old.messages.len() - keep.len()) as u64;
-        bytes = bytes.saturating_sub(old.encoded_len as u64);
-        MessageStore::delete_batch(batch, &old);
-        if !keep.is_empty() {
-            bytes += store.put_batch(batch, key, &keep)? as u64;
-        }
-    }
-
-    // Bytes: oldest first. Batches already handled above are skipped (their size is counted).
-    if bytes > max_bytes {
-        for item in store.batches_from(0) {
-            if bytes <= max_bytes || visited.len() >= SWEEP_BATCH_LIMIT {
-                break;
-            }
-            let old = item?;
-            if !visited.insert(old.key) {
-                continue;
-            }
-            MessageStore::delete_batch(batch, &old);
-            removed += old.messages.len() as u64;
-            bytes = bytes.saturating_sub(old.encoded_len as u64);
-        }
-    }
-
-    meta.stored_bytes = bytes;
-    Ok(removed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entity::Stamp;
+    use crate::state::loops::LOOP_CHANNEL;
     use crate::state::position;
 
     fn message(channel: &str, ttl_ms: u64) -> NewMessage {

@@ -2,7 +2,10 @@
 //!
 //! - [`machine`]: [`BrokerState`], what raft applies committed entries to
 //!   ([`crate::raft::AppliedState`]), and the progress readers watch.
-//! - [`apply`]: the only place that decides — a committed command becomes store writes.
+//! - [`apply`]: the only place that decides — a committed command becomes store writes; each
+//!   rule it applies has its own module: [`dedup`] (idempotent retries), [`loops`] (loop
+//!   detection), [`ttl`] (expiry and retention sweeps), [`entity_doc`] (the published state of an
+//!   entity; the merge itself is [`crate::entity`]).
 //! - [`position`]: the next offset, latest publish time and totals, saved with raft's bookkeeping.
 //! - [`store`]: the on-disk layout (one sled tree) and the reads History and subscribers make;
 //!   [`batch_files`] hold the message bodies.
@@ -13,10 +16,14 @@
 
 pub mod apply;
 pub mod batch_files;
+pub mod dedup;
+pub mod entity_doc;
+pub mod loops;
 pub mod machine;
 pub mod position;
 pub mod sled_sync;
 pub mod store;
+pub mod ttl;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -70,3 +70,54 @@ pub fn load(store: &MessageStore) -> Result<(Bookkeeping, Position), BrokerError
         None => Ok((Bookkeeping::default(), Position::default())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, LogId};
+
+    use super::*;
+
+    /// The meta record as it was written before raft's bookkeeping and the position were split.
+    #[derive(Serialize)]
+    struct FlatMeta {
+        last_applied: Option<LogId<u64>>,
+        membership: openraft::StoredMembership<u64, crate::raft::Member>,
+        next_offset: u64,
+        last_publish_time_us: u64,
+        stored_bytes: u64,
+        loops_detected: u64,
+    }
+
+    #[test]
+    fn a_record_written_before_the_split_reads_the_same() {
+        let last_applied = Some(LogId::new(CommittedLeaderId::new(3, 1), 42));
+        let old = crate::checksum::encode(&FlatMeta {
+            last_applied,
+            membership: Default::default(),
+            next_offset: 7,
+            last_publish_time_us: 1_000,
+            stored_bytes: 512,
+            loops_detected: 2,
+        })
+        .unwrap();
+        let (bookkeeping, position): (Bookkeeping, Position) =
+            crate::checksum::decode(&old).unwrap();
+        assert_eq!(bookkeeping.last_applied, last_applied);
+        assert_eq!(
+            position,
+            Position {
+                next_offset: 7,
+                last_publish_time_us: 1_000,
+                stored_bytes: 512,
+                loops_detected: 2,
+            }
+        );
+        let mut batch = WriteBatch::default();
+        position.write(&bookkeeping, &mut batch).unwrap();
+        assert_eq!(
+            crate::checksum::encode(&(&bookkeeping, &position)).unwrap(),
+            old,
+            "written back byte for byte"
+        );
+    }
+}

@@ -41,6 +41,7 @@ use std::sync::Arc;
 use super::batch_files::BatchFiles;
 pub use super::batch_files::BodyLocation;
 
+use super::dedup::DedupRecord;
 use crate::channel::Pattern;
 use crate::checksum;
 use crate::entity::EntityState;
@@ -111,17 +112,6 @@ pub struct ReadPage {
     pub next: u64,
     /// True when the range is exhausted: nothing at or after `next` is within bounds yet.
     pub done: bool,
-}
-
-/// What an idempotency key names: the stored message a retry is answered with.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DedupRecord {
-    /// The original's offset.
-    pub offset: u64,
-    /// The original's publish time, µs.
-    pub publish_time_us: u64,
-    /// The original's correlation id, so a retry's ack names the same conversation.
-    pub correlation_id: String,
 }
 
 /// A batch as read back: its key (original first offset) and its remaining messages.
