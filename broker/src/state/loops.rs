@@ -29,7 +29,7 @@ pub fn chain(
     cause: Option<&StoredMessage>,
     now_us: u64,
     rules: &Rules,
-) -> Result<Vec<String>, Detected> {
+) -> Result<Vec<String>, Box<Detected>> {
     let mut chain = Vec::new();
     if let Some(cause) =
         cause.filter(|c| now_us.saturating_sub(c.publish_time_us) <= rules.loop_window_us)
@@ -62,8 +62,8 @@ pub fn chain(
         "chain": chain,
         "detail": detail,
     });
-    Err(Detected {
+    Err(Box::new(Detected {
         report: NewMessage::system(LOOP_CHANNEL.to_owned(), report.to_string()),
         detail,
-    })
+    }))
 }
