@@ -1,30 +1,31 @@
 //! The Switchboard broker.
 //!
-//! # Layout: the path a message takes, one file per step
+//! # Layout: the path a message takes, one folder per step
 //! ```text
-//! client ─gRPC─▶ edge ─▶ proposer ─▶ raft (log) ─▶ apply ─▶ store ─▶ hub ─▶ subscription ─▶ client
+//! client ─gRPC─▶ edge ─▶ write ─▶ raft ─▶ state ─▶ fanout ─▶ client
 //! ```
-//! - [`edge`]: the public gRPC service; validation, conversions, the one error→status mapping.
-//! - [`gateway`]: the same services for browsers: HTTP/JSON, Server-Sent Events, CORS.
-//! - [`proposer`]: group commit — concurrent publishes become one log entry.
-//! - [`raft`]: openraft: the durable log in segment files ([`raft::log_store`],
-//!   [`raft::segment`]), the state machine in sled ([`raft::state_machine`]), the real fdatasync
-//!   sled lacks ([`raft::sync`]).
-//! - [`apply`]: the deterministic decision of what a committed command does.
-//! - [`store`]: the on-disk layout of messages and their indexes, and reads.
-//! - [`hub`]: per-node fan-out to subscriptions, with bounded mailboxes.
-//! - [`subscription`]: one subscriber's task — replay from the store, then live, catching up
-//!   from the store whenever it falls behind.
-//! - [`retention`]: TTL expiry and retention limits, swept through the log.
-//! - [`checksum`]: the checksum sealed into every stored value, checked on every read.
-//! - [`cluster`]: raft between nodes — forwarding to the leader, read index, membership admin.
-//! - [`security`]: the pure security decisions (tokens, permissions, origins, rate limits, client
-//!   credentials); [`edge::auth`] is the gate that applies them to every call.
-//! - [`transport`]: TLS for the public and raft listeners, and the bound on open connections.
-//! - [`observability`]: metrics, health, the operator console, traces, the audit log.
-//! - [`channel`]: channel and pattern grammar, and the segment trie used for matching.
-//! - [`message`]: the message types, and the commands the log carries.
-//! - [`config`], [`error`], [`shutdown`], [`server`]: settings, errors, stopping, wiring.
+//! 1. [`edge`]: the public gRPC services — validation, conversions to and from the wire, grants,
+//!    the one error→status mapping. [`gateway`]: the same services for browsers (HTTP/JSON,
+//!    Server-Sent Events, CORS).
+//! 2. [`write`](mod@write): the write path — group commit ([`proposer`](write::proposer)) and the leader's sweep timer
+//!    ([`write::sweeper`]).
+//! 3. [`raft`]: the replicated log — openraft over segment files, and the adapter that hands
+//!    committed entries to the state it is given ([`raft::AppliedState`]).
+//! 4. [`state`]: what the log amounts to — the deterministic apply, one module per rule (dedup,
+//!   loops, TTL, entity documents), the sled store and its batch files, the real fdatasync.
+//! 5. [`fanout`]: applied messages to this node's subscribers — the hub, subscriptions that replay
+//!    and then follow live, and the once-per-message encoding of deliveries.
+//!
+//! Imports point along this path (or down to the shared types), never back: raft knows nothing
+//! of the state or the hub; the state announces applied messages through [`state::Announce`],
+//! which the hub implements; [`server`] wires them.
+//!
+//! Beside the path: [`cluster`] (raft between nodes, forwarding, membership admin), [`security`]
+//! (tokens, permissions, origins, rate limits, client credentials), [`transport`] (TLS, the
+//! connection bound), [`observability`] (metrics, health, console, traces, audit log).
+//! Shared types: [`message`] (messages and the commands the log carries), [`channel`] (grammar and
+//! the matching trie), [`entity`] (the field-level merge), [`checksum`] (sealed into every stored
+//! value). And [`config`], [`error`], [`shutdown`], [`server`]: settings, errors, stopping, wiring.
 #![warn(missing_docs)]
 
 pub mod channel;

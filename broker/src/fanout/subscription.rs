@@ -23,7 +23,7 @@
 //!   (`redelivery`); the acknowledged offset is kept by the broker (see the edge's `Ack`).
 //!
 //! What the task sends is an [`Outgoing`] item: a delivery carries the message's protobuf encoding,
-//! made once and shared by every subscription it matches ([`outgoing`]).
+//! made once and shared by every subscription it matches ([`super::outgoing`]).
 //!
 //! The task ends when the client goes away, when the broker shuts down (with UNAVAILABLE
 //! `SHUTTING_DOWN`), when a newer subscription takes over its durable name or its consumer is

@@ -98,7 +98,7 @@ impl Recorded {
 }
 
 /// Adds the writes that forget the records older than the dedup window at `now_us` (at most
-/// [`FORGET_LIMIT`]); a key reused since keeps its newer record.
+/// `FORGET_LIMIT`); a key reused since keeps its newer record.
 ///
 /// # Errors
 /// The embedded store's error, or a damaged record.

@@ -1,5 +1,5 @@
 //! The broker's state as raft drives it: [`BrokerState`] implements
-//! [`AppliedState`](crate::raft::state_machine::AppliedState) over the message store.
+//! [`AppliedState`] over the message store.
 //!
 //! Each committed entry is decided by [`super::apply::apply_command`] into the store's writes,
 //! followed by the meta record (the new [`Position`] and raft's bookkeeping). The state database

@@ -5,21 +5,21 @@
 //!
 //! | key | value | what |
 //! |---|---|---|
-//! | `b` + first offset (u64 BE) | bincode [`BodyLocation`] | one group-committed batch, the unit of storage: where its body (bincode `Vec<StoredMessage>`) is in the [batch files](batch_files) |
+//! | `b` + first offset (u64 BE) | bincode [`BodyLocation`] | one group-committed batch, the unit of storage: where its body (bincode `Vec<StoredMessage>`) is in the [batch files](super::batch_files) |
 //! | `t` + publish time µs + first offset | empty | time index: where a time-based start begins |
 //! | `x` + earliest expiry µs + first offset | empty | expiry index: which batches the sweep must visit |
 //! | `i` + channel + 0 + idempotency key | bincode (offset, publish time µs) | dedup: the message a key names |
 //! | `k` + publish time µs + offset | the `i` key | dedup records in time order, for forgetting them |
 //! | `e` + type + 0 + id | bincode [`EntityState`] | an entity's merged state |
 //! | `c` + name | bincode [`ConsumerState`] | a durable consumer |
-//! | `m` | bincode [`StateMeta`](crate::state::apply::StateMeta) | last applied log id, next offset, totals |
+//! | `m` | bincode (raft's [`Bookkeeping`](crate::raft::state_machine::Bookkeeping), [`Position`](super::position::Position)) | last applied log id and membership; next offset, totals |
 //!
 //! A batch keeps its original first offset as its key even after the sweep removed some of its
 //! messages, so "the batch that may hold offset N" is always the last `b` key at or below N.
 //! Publish times never decrease with offsets (apply guarantees it), so the time index is also in
 //! offset order.
 //!
-//! Batch bodies live outside the tree, in append-only files ([`batch_files`]), because sled
+//! Batch bodies live outside the tree, in append-only files ([`super::batch_files`]), because sled
 //! handles values of tens of KiB poorly; the tree keeps only where each one is. A [`WriteBatch`]
 //! carries the tree writes of one applied entry and the bodies they stop pointing at.
 //!
