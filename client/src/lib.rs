@@ -30,8 +30,10 @@
 //!   publisher's trace;
 //! - `entity.rs`: shared entity state: [`EntityUpdate`], [`EntityDelete`], [`EntityRead`],
 //!   [`EntityWatch`] and [`EntityEvent`], [`EntityExt`], and [`Client::update_entity`],
-//!   [`Client::delete_entity`], [`Client::get_entity`], [`Client::watch_entities`];
-//! - `bin/sb.rs` (with `bin/sb/`): the `sb` command line.
+//!   [`Client::delete_entity`], [`Client::get_entity`], [`Client::watch_entities`].
+//!
+//! The `sb` command line is built on this crate in its own crate, `switchboard-cli` (`cli/`), so
+//! that users of the library do not compile its argument parsing and log formatting.
 //!
 //! # Example
 //! ```no_run

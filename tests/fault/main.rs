@@ -9,6 +9,8 @@
 //! They need a Docker engine, a compose tool and the image from `deploy/build-image.sh`; without
 //! them a scenario says so and passes, unless `SWITCHBOARD_FAULT_TESTS=1` asks for them (`.ci/run`
 //! builds the image and sets it).
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
