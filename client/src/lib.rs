@@ -14,7 +14,8 @@
 //!   [`ClientCredentials`] (the broker's token endpoint) and the single-flight [`TokenCache`];
 //! - `bearer.rs`: the tower service under the generated clients that puts the token on every
 //!   call;
-//! - `error.rs`: [`Error`] (built from a gRPC status and its `google.rpc.ErrorInfo` reason);
+//! - `error.rs`: [`Error`] (built from a gRPC status and its `google.rpc.ErrorInfo` reason, a
+//!   [`Reason`] shared with the broker through `switchboard_proto`);
 //! - `publish.rs`: the [`Publish`] builder (with [`Publish::caused_by`] for reactions),
 //!   [`Client::publish`], [`Client::publish_stream`] and the [`Publisher`] handle;
 //! - `subscription.rs`: [`Start`], [`SubscribeOptions`] (with the flow settings), [`Backoff`], the
@@ -77,7 +78,7 @@ pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
 pub use publish::{split_stream_ack, Publish, PublishAcks, Publisher};
 pub use subscription::{Backoff, Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
-pub use switchboard_proto::code_name;
+pub use switchboard_proto::{code_name, Reason};
 pub use trace::{current_context, delivery_span, trace_context, TRACEPARENT, TRACESTATE};
 
 /// The generated messages of package `switchboard.v1` (re-exported from `switchboard_proto`).

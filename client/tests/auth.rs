@@ -7,6 +7,8 @@
 
 include!("support/auth_mock.rs");
 
+use switchboard_client::Reason;
+
 #[tokio::test]
 async fn every_call_carries_the_token_from_one_exchange() {
     let mock = Mock::default();
@@ -24,7 +26,7 @@ async fn every_call_carries_the_token_from_one_exchange() {
         .await
         .unwrap();
     let error = client.get_entity("contact", "42", None).await.unwrap_err();
-    assert_eq!(error.reason(), Some("ENTITY_NOT_FOUND"));
+    assert_eq!(error.reason(), Some(Reason::EntityNotFound));
     client.list_consumers().await.unwrap();
     mock.state
         .lock()
@@ -72,7 +74,7 @@ async fn a_refused_token_is_replaced_on_the_next_call() {
 
     let error = client.info().await.unwrap_err();
     assert_eq!(error.code(), Code::Unauthenticated);
-    assert_eq!(error.reason(), Some("TOKEN_EXPIRED"));
+    assert_eq!(error.reason(), Some(Reason::TokenExpired));
     assert!(error.is_token_expired());
     client.info().await.unwrap();
     client.info().await.unwrap();
@@ -92,7 +94,7 @@ async fn a_wrong_secret_fails_the_call_with_the_endpoint_reason() {
     for _ in 0..2 {
         let error = client.info().await.unwrap_err();
         assert_eq!(error.code(), Code::Unauthenticated);
-        assert_eq!(error.reason(), Some("INVALID_CLIENT"));
+        assert_eq!(error.reason(), Some(Reason::InvalidClient));
         assert_eq!(
             error.to_string(),
             "UNAUTHENTICATED INVALID_CLIENT: unknown client or wrong secret"

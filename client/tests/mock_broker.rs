@@ -6,6 +6,8 @@
 
 include!("support/mock_broker.rs");
 
+use switchboard_client::Reason;
+
 #[tokio::test]
 async fn resumes_after_errors_and_closes_without_gaps_or_duplicates() {
     let (mock, client) = start().await;
@@ -152,7 +154,7 @@ async fn the_first_subscribe_error_is_returned_with_its_reason() {
         error.to_string(),
         "INVALID_ARGUMENT PATTERN_INVALID: pattern has a space"
     );
-    assert_eq!(error.reason(), Some("PATTERN_INVALID"));
+    assert_eq!(error.reason(), Some(Reason::PatternInvalid));
 }
 
 #[tokio::test]
@@ -230,7 +232,7 @@ async fn publish_stream_acks_in_order_with_refusals() {
     assert_eq!(acks[0].1.as_ref().unwrap().offset, 1);
     assert_eq!(
         acks[1].1.as_ref().unwrap_err().reason(),
-        Some("CHANNEL_INVALID")
+        Some(Reason::ChannelInvalid)
     );
     assert_eq!(acks[2].1.as_ref().unwrap().offset, 2);
 }
@@ -407,7 +409,7 @@ async fn entity_update_get_and_delete() {
         missing.to_string(),
         "NOT_FOUND ENTITY_NOT_FOUND: no entity contact.404"
     );
-    assert_eq!(missing.reason(), Some("ENTITY_NOT_FOUND"));
+    assert_eq!(missing.reason(), Some(Reason::EntityNotFound));
 }
 
 #[tokio::test]
@@ -432,7 +434,7 @@ async fn entity_refusals_carry_the_current_version() {
         "ABORTED VERSION_CONFLICT: expected version 0, the entity is at 1"
     );
     assert_eq!(conflict.code(), Code::Aborted);
-    assert_eq!(conflict.reason(), Some("VERSION_CONFLICT"));
+    assert_eq!(conflict.reason(), Some(Reason::VersionConflict));
     assert_eq!(conflict.current_version(), Some(1));
     assert!(!conflict.is_transient());
     match &conflict {
@@ -876,7 +878,7 @@ async fn subscriptions_and_consumers_round_trip() {
             .await
             .unwrap_err()
             .reason(),
-        Some("CONSUMER_NOT_FOUND")
+        Some(Reason::ConsumerNotFound)
     );
     assert!(matches!(
         client.consumer("").await.unwrap_err(),
