@@ -12,7 +12,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// Broker refusals keep the gRPC code and the machine-readable reason from the
 /// `google.rpc.ErrorInfo` the broker attaches, so callers can branch on them with
 /// [`Error::code`] and [`Error::reason`] (a typed [`Reason`]; [`Error::reason_str`] keeps a reason
-/// this client version does not know). The `Display` form of a status is
+/// this client version does not know). A publish error can also be sorted by what the caller
+/// should do with [`Error::publish_kind`]. The `Display` form of a status is
 /// `"{CODE} {REASON}: {message}"`, for example
 /// `INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty`.
 #[derive(Clone, Debug, thiserror::Error)]

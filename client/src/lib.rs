@@ -17,7 +17,8 @@
 //! - `error.rs`: [`Error`] (built from a gRPC status and its `google.rpc.ErrorInfo` reason, a
 //!   [`Reason`] shared with the broker through `switchboard_proto`);
 //! - `publish.rs`: the [`Publish`] builder (with [`Publish::caused_by`] for reactions),
-//!   [`Client::publish`], [`Client::publish_stream`] and the [`Publisher`] handle;
+//!   [`Client::publish`], [`Client::publish_stream`], the [`Publisher`] handle and
+//!   [`PublishErrorKind`] ([`Error::publish_kind`]);
 //! - `subscription.rs`: [`Start`], [`SubscribeOptions`] (with the flow settings), [`Backoff`], the
 //!   resuming [`Subscription`] ([`Client::subscribe`]) and its [`SubscriptionEvent`]s (messages
 //!   and [`Gap`]s, through [`Subscription::events`]);
@@ -76,7 +77,7 @@ pub use entity::{EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate,
 pub use error::Error;
 pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
-pub use publish::{split_stream_ack, Publish, PublishAcks, Publisher};
+pub use publish::{split_stream_ack, Publish, PublishAcks, PublishErrorKind, Publisher};
 pub use subscription::{Backoff, Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
 pub use switchboard_proto::{code_name, Reason};
 pub use trace::{current_context, delivery_span, trace_context, TRACEPARENT, TRACESTATE};
