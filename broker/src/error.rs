@@ -2,166 +2,18 @@
 //!
 //! Every refusal a client can see is a [`BrokerError`]; `edge::status` maps it, in one place, to a
 //! gRPC status carrying a `google.rpc.ErrorInfo` whose `reason` is a [`Reason`] string. Reason
-//! strings are part of the public contract: they are never renamed or reused for another meaning.
-
-use std::fmt;
+//! strings are part of the public contract: they are never renamed or reused for another meaning,
+//! and [`Reason`] is defined with the contract, in `switchboard_proto` (`proto/src/reason.rs`),
+//! so the broker and the client share one list.
 
 use crate::security::credentials::CredentialError;
 use crate::security::permissions::PermissionDenied;
 use crate::security::ratelimit::RetryAfter;
 use crate::security::token::TokenError;
 
-/// A stable, machine-readable reason, sent as `google.rpc.ErrorInfo.reason`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[allow(missing_docs)]
-pub enum Reason {
-    ChannelInvalid,
-    ChannelReserved,
-    PatternInvalid,
-    PayloadTooLarge,
-    PayloadNotJson,
-    ContentTypeInvalid,
-    SchemaVersionInvalid,
-    CorrelationIdInvalid,
-    CausationIdInvalid,
-    IdempotencyKeyInvalid,
-    HeadersInvalid,
-    TtlInvalid,
-    StartInvalid,
-    RangeInvalid,
-    EntityKeyInvalid,
-    EntityFieldsInvalid,
-    WriteStampInvalid,
-    LoopDetected,
-    StaleUpdate,
-    VersionConflict,
-    ClockSkew,
-    EntityNotFound,
-    /// The browser gateway has no such path.
-    EndpointNotFound,
-    SubscriptionLimit,
-    SubscriptionNotFound,
-    ConsumerInvalid,
-    ConsumerNotFound,
-    ConsumerTakenOver,
-    PolicyInvalid,
-    NotLeader,
-    NoLeader,
-    LeaderUnreachable,
-    NoQuorum,
-    MembershipInvalid,
-    ShuttingDown,
-    StorageFailure,
-    DataCorrupt,
-    ConsensusFailure,
-    // Authentication (UNAUTHENTICATED), from `security::token` and `security::credentials`.
-    TokenMissing,
-    TokenMalformed,
-    TokenAlgorithmUnsupported,
-    TokenKeyUnknown,
-    TokenInvalid,
-    TokenExpired,
-    TokenNotYetValid,
-    IssuerMismatch,
-    AudienceMismatch,
-    TokenClaimsInvalid,
-    InvalidClient,
-    // Authorization (PERMISSION_DENIED), from `security::permissions` and the origin allow-list.
-    PublishDenied,
-    SubscribeDenied,
-    EntityReadDenied,
-    EntityUpdateDenied,
-    AdminDenied,
-    OriginNotAllowed,
-    ScopeNotAllowed,
-    OnBehalfNotAllowed,
-    // The token endpoint's requests (INVALID_ARGUMENT) and state (UNIMPLEMENTED).
-    ScopeInvalid,
-    SubjectInvalid,
-    TokenEndpointOff,
-    // Limits (RESOURCE_EXHAUSTED).
-    RateLimited,
-    CredentialChecksBusy,
-    // INTERNAL: the token endpoint's own configuration is broken.
-    CredentialsMisconfigured,
-}
-
-impl Reason {
-    /// The reason as sent on the wire.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Reason::ChannelInvalid => "CHANNEL_INVALID",
-            Reason::ChannelReserved => "CHANNEL_RESERVED",
-            Reason::PatternInvalid => "PATTERN_INVALID",
-            Reason::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
-            Reason::PayloadNotJson => "PAYLOAD_NOT_JSON",
-            Reason::ContentTypeInvalid => "CONTENT_TYPE_INVALID",
-            Reason::SchemaVersionInvalid => "SCHEMA_VERSION_INVALID",
-            Reason::CorrelationIdInvalid => "CORRELATION_ID_INVALID",
-            Reason::CausationIdInvalid => "CAUSATION_ID_INVALID",
-            Reason::IdempotencyKeyInvalid => "IDEMPOTENCY_KEY_INVALID",
-            Reason::HeadersInvalid => "HEADERS_INVALID",
-            Reason::TtlInvalid => "TTL_INVALID",
-            Reason::StartInvalid => "START_INVALID",
-            Reason::RangeInvalid => "RANGE_INVALID",
-            Reason::EntityKeyInvalid => "ENTITY_KEY_INVALID",
-            Reason::EntityFieldsInvalid => "ENTITY_FIELDS_INVALID",
-            Reason::WriteStampInvalid => "WRITE_STAMP_INVALID",
-            Reason::LoopDetected => "LOOP_DETECTED",
-            Reason::StaleUpdate => "STALE_UPDATE",
-            Reason::VersionConflict => "VERSION_CONFLICT",
-            Reason::ClockSkew => "CLOCK_SKEW",
-            Reason::EntityNotFound => "ENTITY_NOT_FOUND",
-            Reason::EndpointNotFound => "ENDPOINT_NOT_FOUND",
-            Reason::SubscriptionLimit => "SUBSCRIPTION_LIMIT",
-            Reason::SubscriptionNotFound => "SUBSCRIPTION_NOT_FOUND",
-            Reason::ConsumerInvalid => "CONSUMER_INVALID",
-            Reason::ConsumerNotFound => "CONSUMER_NOT_FOUND",
-            Reason::ConsumerTakenOver => "CONSUMER_TAKEN_OVER",
-            Reason::PolicyInvalid => "POLICY_INVALID",
-            Reason::NotLeader => "NOT_LEADER",
-            Reason::NoLeader => "NO_LEADER",
-            Reason::LeaderUnreachable => "LEADER_UNREACHABLE",
-            Reason::NoQuorum => "NO_QUORUM",
-            Reason::MembershipInvalid => "MEMBERSHIP_INVALID",
-            Reason::ShuttingDown => "SHUTTING_DOWN",
-            Reason::StorageFailure => "STORAGE_FAILURE",
-            Reason::DataCorrupt => "DATA_CORRUPT",
-            Reason::ConsensusFailure => "CONSENSUS_FAILURE",
-            Reason::TokenMissing => "TOKEN_MISSING",
-            Reason::TokenMalformed => "TOKEN_MALFORMED",
-            Reason::TokenAlgorithmUnsupported => "TOKEN_ALGORITHM_UNSUPPORTED",
-            Reason::TokenKeyUnknown => "TOKEN_KEY_UNKNOWN",
-            Reason::TokenInvalid => "TOKEN_INVALID",
-            Reason::TokenExpired => "TOKEN_EXPIRED",
-            Reason::TokenNotYetValid => "TOKEN_NOT_YET_VALID",
-            Reason::IssuerMismatch => "ISSUER_MISMATCH",
-            Reason::AudienceMismatch => "AUDIENCE_MISMATCH",
-            Reason::TokenClaimsInvalid => "TOKEN_CLAIMS_INVALID",
-            Reason::InvalidClient => "INVALID_CLIENT",
-            Reason::PublishDenied => "PUBLISH_DENIED",
-            Reason::SubscribeDenied => "SUBSCRIBE_DENIED",
-            Reason::EntityReadDenied => "ENTITY_READ_DENIED",
-            Reason::EntityUpdateDenied => "ENTITY_UPDATE_DENIED",
-            Reason::AdminDenied => "ADMIN_DENIED",
-            Reason::OriginNotAllowed => "ORIGIN_NOT_ALLOWED",
-            Reason::ScopeNotAllowed => "SCOPE_NOT_ALLOWED",
-            Reason::OnBehalfNotAllowed => "ON_BEHALF_NOT_ALLOWED",
-            Reason::ScopeInvalid => "SCOPE_INVALID",
-            Reason::SubjectInvalid => "SUBJECT_INVALID",
-            Reason::TokenEndpointOff => "TOKEN_ENDPOINT_OFF",
-            Reason::RateLimited => "RATE_LIMITED",
-            Reason::CredentialChecksBusy => "CREDENTIAL_CHECKS_BUSY",
-            Reason::CredentialsMisconfigured => "CREDENTIALS_MISCONFIGURED",
-        }
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The stable reasons live in the contract crate, where the client reads them too; this
+/// re-export keeps `crate::error::Reason` the broker's one path to them.
+pub use switchboard_proto::Reason;
 
 /// Everything that can go wrong on a client's behalf.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -345,15 +197,16 @@ impl BrokerError {
             BrokerError::Unauthenticated(e) => token_reason(e),
             BrokerError::Denied(e) => denied_reason(e),
             BrokerError::OriginNotAllowed { .. } => Reason::OriginNotAllowed,
-            BrokerError::Credential(e) => credential_reason(e),
+            BrokerError::Credential(e) => e.reason(),
             BrokerError::TokenEndpointOff => Reason::TokenEndpointOff,
             BrokerError::RateLimited(_) => Reason::RateLimited,
         }
     }
 }
 
-// The security building blocks name their reasons as strings (they know nothing of the edge); these
-// give each its `Reason`, and a test checks that the two spellings agree.
+// The token and permission building blocks name their reasons as strings; these give each its
+// `Reason`, and a test checks that the two spellings agree. A `CredentialError` names its own
+// `Reason` (`security::credentials`), so that mapping has one table, there.
 
 fn token_reason(e: &TokenError) -> Reason {
     match e {
@@ -378,25 +231,6 @@ fn denied_reason(e: &PermissionDenied) -> Reason {
         PermissionDenied::EntityRead { .. } => Reason::EntityReadDenied,
         PermissionDenied::EntityUpdate { .. } => Reason::EntityUpdateDenied,
         PermissionDenied::Admin => Reason::AdminDenied,
-    }
-}
-
-fn credential_reason(e: &CredentialError) -> Reason {
-    match e {
-        CredentialError::InvalidClient => Reason::InvalidClient,
-        CredentialError::InvalidScope(_) => Reason::ScopeInvalid,
-        CredentialError::ScopeNotAllowed => Reason::ScopeNotAllowed,
-        CredentialError::OnBehalfNotAllowed(_) => Reason::OnBehalfNotAllowed,
-        CredentialError::InvalidSubject => Reason::SubjectInvalid,
-        CredentialError::InvalidTtl(_) => Reason::TtlInvalid,
-        // A broken client configuration or signing failure is the operator's, not the caller's.
-        CredentialError::InvalidClientId(_)
-        | CredentialError::DuplicateClient(_)
-        | CredentialError::InvalidSecretHash { .. }
-        | CredentialError::SecretLength(_)
-        | CredentialError::SigningKey(_)
-        | CredentialError::Hashing(_)
-        | CredentialError::Signing(_) => Reason::CredentialsMisconfigured,
     }
 }
 
@@ -438,7 +272,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::security::permissions::PermissionError;
 
     /// The security modules spell their reasons themselves; the edge's `Reason` must agree.
     #[test]
@@ -479,21 +312,6 @@ mod tests {
         ];
         for e in denials {
             assert_eq!(denied_reason(&e).as_str(), e.reason(), "{e:?}");
-        }
-        let credentials = [
-            CredentialError::InvalidClient,
-            CredentialError::InvalidScope(PermissionError::TooManyGrants {
-                list: "publish",
-                len: 300,
-            }),
-            CredentialError::ScopeNotAllowed,
-            CredentialError::OnBehalfNotAllowed(String::new()),
-            CredentialError::InvalidSubject,
-            CredentialError::InvalidTtl(Duration::ZERO),
-            CredentialError::SigningKey(String::new()),
-        ];
-        for e in credentials {
-            assert_eq!(credential_reason(&e).as_str(), e.reason(), "{e:?}");
         }
         let limited = RetryAfter(Duration::from_millis(5));
         assert_eq!(

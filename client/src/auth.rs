@@ -522,7 +522,10 @@ mod tests {
         provider.gate.as_ref().unwrap().notify_one();
         for caller in callers {
             let error = caller.await.unwrap().unwrap_err();
-            assert_eq!(error.reason(), Some("INVALID_CLIENT"));
+            assert_eq!(
+                error.reason(),
+                Some(switchboard_proto::Reason::InvalidClient)
+            );
             assert!(error.to_string().ends_with("fetch 1 refused"), "{error}");
         }
         assert_eq!(provider.fetches.load(Ordering::SeqCst), 1);

@@ -474,7 +474,7 @@ impl Client {
     /// # Example
     /// ```no_run
     /// use serde_json::json;
-    /// use switchboard_client::{Client, EntityExt, EntityUpdate};
+    /// use switchboard_client::{Client, EntityExt, EntityUpdate, Reason};
     ///
     /// # async fn run(client: Client) -> Result<(), switchboard_client::Error> {
     /// let entity = client
@@ -487,7 +487,7 @@ impl Client {
     ///     .expect_version(entity.version);
     /// match client.update_entity(update).await {
     ///     Ok(entity) => println!("now at version {}", entity.version),
-    ///     Err(error) if error.reason() == Some("VERSION_CONFLICT") => {
+    ///     Err(error) if error.reason() == Some(Reason::VersionConflict) => {
     ///         println!("changed meanwhile, now at {:?}", error.current_version())
     ///     }
     ///     Err(error) => return Err(error),

@@ -2,19 +2,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use switchboard_proto::code_name;
 use switchboard_proto::v1::Refusal;
+use switchboard_proto::{code_name, Reason};
 use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};
-
-/// The reason of `UNAUTHENTICATED` when the bearer token has expired.
-pub(crate) const TOKEN_EXPIRED: &str = "TOKEN_EXPIRED";
 
 /// Everything that can go wrong when talking to a Switchboard broker.
 ///
 /// Broker refusals keep the gRPC code and the machine-readable reason from the
 /// `google.rpc.ErrorInfo` the broker attaches, so callers can branch on them with
-/// [`Error::code`] and [`Error::reason`]. The `Display` form of a status is
+/// [`Error::code`] and [`Error::reason`] (a typed [`Reason`]; [`Error::reason_str`] keeps a reason
+/// this client version does not know). A publish error can also be sorted by what the caller
+/// should do with [`Error::publish_kind`]. The `Display` form of a status is
 /// `"{CODE} {REASON}: {message}"`, for example
 /// `INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty`.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -33,8 +32,9 @@ pub enum Error {
     Status {
         /// The gRPC status code.
         code: Code,
-        /// The `google.rpc.ErrorInfo` reason, for example `CHANNEL_INVALID`, when the status
-        /// carried one.
+        /// The `google.rpc.ErrorInfo` reason as sent, for example `CHANNEL_INVALID`, when the
+        /// status carried one. Kept as a string so that a reason from a newer broker survives;
+        /// [`Error::reason`] gives the typed [`Reason`].
         reason: Option<String>,
         /// The human-readable message of the status.
         message: String,
@@ -68,8 +68,28 @@ impl Error {
     }
 
     /// The broker's machine-readable reason (`google.rpc.ErrorInfo.reason`), for example
-    /// `CHANNEL_INVALID`, when there is one.
-    pub fn reason(&self) -> Option<&str> {
+    /// [`Reason::ChannelInvalid`], when there is one this client version knows. `docs/ERRORS.md`
+    /// says when each is sent.
+    ///
+    /// A newer broker may send a reason this version does not know: then this is `None` and
+    /// [`Error::reason_str`] still has it.
+    ///
+    /// # Examples
+    /// ```
+    /// use switchboard_client::{Error, Reason};
+    ///
+    /// fn should_reread(error: &Error) -> bool {
+    ///     error.reason() == Some(Reason::VersionConflict)
+    /// }
+    /// # assert!(!should_reread(&Error::Closed));
+    /// ```
+    pub fn reason(&self) -> Option<Reason> {
+        self.reason_str().and_then(Reason::from_wire)
+    }
+
+    /// The reason exactly as the broker sent it, known to this client version or not (for logs,
+    /// or for a reason newer than this client). `None` when the error carries no reason.
+    pub fn reason_str(&self) -> Option<&str> {
         match self {
             Error::Status { reason, .. } => reason.as_deref(),
             Error::Refused(refusal) if !refusal.reason.is_empty() => Some(&refusal.reason),
@@ -99,7 +119,7 @@ impl Error {
     /// TOKEN_EXPIRED`), as it ends a stream whose token expires: a new token makes the same call
     /// work again. A [`Subscription`](crate::Subscription) does that by itself.
     pub fn is_token_expired(&self) -> bool {
-        self.code() == Code::Unauthenticated && self.reason() == Some(TOKEN_EXPIRED)
+        self.code() == Code::Unauthenticated && self.reason() == Some(Reason::TokenExpired)
     }
 
     /// This error as a gRPC status, with its reason and metadata in a `google.rpc.ErrorInfo`:
@@ -141,8 +161,9 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Connect { .. } => true,
-            Error::Status { reason, .. } if reason.as_deref() == Some("VERSION_CONFLICT") => false,
-            Error::Status { code, .. } => is_transient_code(*code),
+            Error::Status { code, .. } => {
+                is_transient_code(*code) && self.reason() != Some(Reason::VersionConflict)
+            }
             Error::Refused(_) | Error::InvalidArgument(_) | Error::Closed => false,
         }
     }
@@ -256,7 +277,8 @@ mod tests {
             "INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty"
         );
         assert_eq!(error.code(), Code::InvalidArgument);
-        assert_eq!(error.reason(), Some("CHANNEL_INVALID"));
+        assert_eq!(error.reason(), Some(Reason::ChannelInvalid));
+        assert_eq!(error.reason_str(), Some("CHANNEL_INVALID"));
         assert!(!error.is_transient());
         match &error {
             Error::Status { metadata, .. } => {
@@ -299,6 +321,7 @@ mod tests {
         let error = Error::from(tonic::Status::unavailable("no leader"));
         assert_eq!(error.to_string(), "UNAVAILABLE: no leader");
         assert_eq!(error.reason(), None);
+        assert_eq!(error.reason_str(), None);
         assert!(error.is_transient());
 
         let empty = Error::from(tonic::Status::new(Code::PermissionDenied, ""));
@@ -317,7 +340,29 @@ mod tests {
             "FAILED_PRECONDITION LOOP_DETECTED: channel a.b already in the causation chain"
         );
         assert_eq!(error.code(), Code::FailedPrecondition);
-        assert_eq!(error.reason(), Some("LOOP_DETECTED"));
+        assert_eq!(error.reason(), Some(Reason::LoopDetected));
+    }
+
+    #[test]
+    fn a_reason_unknown_to_this_version_is_kept_as_sent() {
+        let error = Error::from(status_with_reason(
+            Code::FailedPrecondition,
+            "SOMETHING_NEWER",
+            "a newer broker's refusal",
+        ));
+        assert_eq!(error.reason(), None);
+        assert_eq!(error.reason_str(), Some("SOMETHING_NEWER"));
+        assert_eq!(
+            error.to_string(),
+            "FAILED_PRECONDITION SOMETHING_NEWER: a newer broker's refusal"
+        );
+        // An empty refusal reason is no reason.
+        let refused = Error::from(Refusal {
+            code: 3,
+            reason: String::new(),
+            message: "x".to_owned(),
+        });
+        assert_eq!((refused.reason(), refused.reason_str()), (None, None));
     }
 
     #[test]

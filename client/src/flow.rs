@@ -13,6 +13,7 @@ use switchboard_proto::v1::{
     AckRequest, AckResponse, ConsumerInfo, DeleteConsumerRequest, GetConsumerRequest,
     ListConsumersRequest, ListSubscriptionsRequest, SubscriptionInfo,
 };
+use switchboard_proto::Reason;
 use tokio::sync::watch;
 
 use crate::bearer::AuthChannel;
@@ -196,7 +197,8 @@ impl Acker {
                 Err(status) => {
                     let error = Error::from(status);
                     let moved_on = *self.link.borrow() != Link::Live(subscription_id);
-                    if retried || !moved_on || error.reason() != Some("SUBSCRIPTION_NOT_FOUND") {
+                    if retried || !moved_on || error.reason() != Some(Reason::SubscriptionNotFound)
+                    {
                         return Err(error);
                     }
                     retried = true;

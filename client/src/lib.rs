@@ -14,9 +14,11 @@
 //!   [`ClientCredentials`] (the broker's token endpoint) and the single-flight [`TokenCache`];
 //! - `bearer.rs`: the tower service under the generated clients that puts the token on every
 //!   call;
-//! - `error.rs`: [`Error`] (built from a gRPC status and its `google.rpc.ErrorInfo` reason);
+//! - `error.rs`: [`Error`] (built from a gRPC status and its `google.rpc.ErrorInfo` reason, a
+//!   [`Reason`] shared with the broker through `switchboard_proto`);
 //! - `publish.rs`: the [`Publish`] builder (with [`Publish::caused_by`] for reactions),
-//!   [`Client::publish`], [`Client::publish_stream`] and the [`Publisher`] handle;
+//!   [`Client::publish`], [`Client::publish_stream`], the [`Publisher`] handle and
+//!   [`PublishErrorKind`] ([`Error::publish_kind`]);
 //! - `subscription.rs`: [`Start`], [`SubscribeOptions`] (with the flow settings), [`Backoff`], the
 //!   resuming [`Subscription`] ([`Client::subscribe`]) and its [`SubscriptionEvent`]s (messages
 //!   and [`Gap`]s, through [`Subscription::events`]);
@@ -30,8 +32,10 @@
 //!   publisher's trace;
 //! - `entity.rs`: shared entity state: [`EntityUpdate`], [`EntityDelete`], [`EntityRead`],
 //!   [`EntityWatch`] and [`EntityEvent`], [`EntityExt`], and [`Client::update_entity`],
-//!   [`Client::delete_entity`], [`Client::get_entity`], [`Client::watch_entities`];
-//! - `bin/sb.rs` (with `bin/sb/`): the `sb` command line.
+//!   [`Client::delete_entity`], [`Client::get_entity`], [`Client::watch_entities`].
+//!
+//! The `sb` command line is built on this crate in its own crate, `switchboard-cli` (`cli/`), so
+//! that users of the library do not compile its argument parsing and log formatting.
 //!
 //! # Example
 //! ```no_run
@@ -73,9 +77,9 @@ pub use entity::{EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate,
 pub use error::Error;
 pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
-pub use publish::{split_stream_ack, Publish, PublishAcks, Publisher};
+pub use publish::{split_stream_ack, Publish, PublishAcks, PublishErrorKind, Publisher};
 pub use subscription::{Backoff, Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
-pub use switchboard_proto::code_name;
+pub use switchboard_proto::{code_name, Reason};
 pub use trace::{current_context, delivery_span, trace_context, TRACEPARENT, TRACESTATE};
 
 /// The generated messages of package `switchboard.v1` (re-exported from `switchboard_proto`).

@@ -1,5 +1,5 @@
-//! Publishing: the [`Publish`] builder, [`Client::publish`], [`Client::publish_stream`] and the
-//! [`Publisher`] handle.
+//! Publishing: the [`Publish`] builder, [`Client::publish`], [`Client::publish_stream`], the
+//! [`Publisher`] handle, and [`PublishErrorKind`], what a failed publish asks of the caller.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -247,6 +247,79 @@ fn ttl_millis(ttl: Duration) -> u64 {
     u64::try_from(millis).unwrap_or(u64::MAX)
 }
 
+/// What a failed publish asks of the caller, from [`Error::publish_kind`]: fix the message, fix
+/// the credentials, give up on this message, or retry.
+///
+/// It is read from the gRPC code, one table in [`Error::publish_kind`], so a refusal in a publish
+/// stream ([`Error::Refused`]) sorts the same as the same refusal of a single publish.
+/// `docs/ERRORS.md` lists the reasons behind each code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PublishErrorKind {
+    /// The message is malformed (`INVALID_ARGUMENT`: `CHANNEL_INVALID`, `PAYLOAD_TOO_LARGE`,
+    /// `HEADERS_INVALID`, ...; `OUT_OF_RANGE` for a request the transport finds too large; or
+    /// [`Error::InvalidArgument`] from the client). Sending it again fails again: fix it.
+    Invalid,
+    /// The call's credentials do not allow it (`UNAUTHENTICATED`: no, a bad or an expired token;
+    /// `PERMISSION_DENIED`: `PUBLISH_DENIED`, `ORIGIN_NOT_ALLOWED`). An expired token
+    /// ([`Error::is_token_expired`]) works again with a new one; the others need other grants.
+    Denied,
+    /// The message is well-formed and allowed, but the broker's rules refuse it
+    /// (`FAILED_PRECONDITION`: `LOOP_DETECTED`, see [`Publish::caused_by`]). Not worth a retry.
+    Refused,
+    /// The broker could not take the message now: the connection failed, there is no leader or
+    /// quorum, the broker is stopping, or a limit was reached (`RATE_LIMITED`, whose wait is in
+    /// the `retry_after_ms` [metadata](Error::metadata)). Retry later with the same idempotency
+    /// key: a write whose fate is unknown (`LEADER_UNREACHABLE`, `NO_QUORUM`) is then stored once.
+    Unavailable,
+    /// The [`Publisher`] was used after its stream ended ([`Error::Closed`]); the acks stream says
+    /// why it ended.
+    Closed,
+    /// Anything else: a failure of the broker itself (`INTERNAL`, `DATA_LOSS`), or a code a publish
+    /// does not answer with. Report it.
+    Other,
+}
+
+impl Error {
+    /// What this error, returned by a publish ([`Client::publish`], [`Publisher::send`],
+    /// [`Publisher::publish`], a refusal from [`split_stream_ack`]), asks of the caller; see
+    /// [`PublishErrorKind`]. Meant for publish errors, though it sorts any error.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// use switchboard_client::{Client, Publish, PublishErrorKind};
+    ///
+    /// # async fn run(client: Client) -> Result<(), switchboard_client::Error> {
+    /// let message = Publish::new("crm.contact.updated", r#"{"id":42}"#).idempotency_key("c42-v7");
+    /// match client.publish(message).await {
+    ///     Ok(ack) => println!("stored at offset {}", ack.offset),
+    ///     Err(error) if error.publish_kind() == PublishErrorKind::Unavailable => {
+    ///         // Keep the message (with its idempotency key) and send it again later.
+    ///     }
+    ///     Err(error) => return Err(error),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn publish_kind(&self) -> PublishErrorKind {
+        let code = match self {
+            Error::Closed => return PublishErrorKind::Closed,
+            Error::InvalidArgument(_) => return PublishErrorKind::Invalid,
+            Error::Connect { .. } => return PublishErrorKind::Unavailable,
+            Error::Status { .. } | Error::Refused(_) => self.code(),
+        };
+        match code {
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => PublishErrorKind::Invalid,
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                PublishErrorKind::Denied
+            }
+            tonic::Code::FailedPrecondition => PublishErrorKind::Refused,
+            code if crate::error::is_transient_code(code) => PublishErrorKind::Unavailable,
+            _ => PublishErrorKind::Other,
+        }
+    }
+}
+
 /// Splits one answer of a publish stream into its sequence number (the zero-based position of the
 /// request it answers) and its outcome: the ack, or the refusal as an [`Error::Refused`].
 pub fn split_stream_ack(ack: PublishStreamAck) -> (u64, Result<PublishAck, Error>) {
@@ -388,7 +461,8 @@ impl Client {
     /// # Errors
     /// [`Error::Status`] with the broker's code and reason when the message is refused (for
     /// example `INVALID_ARGUMENT CHANNEL_INVALID`, `FAILED_PRECONDITION LOOP_DETECTED` for a
-    /// publish loop, see [`Publish::caused_by`]) or the call fails (`UNAVAILABLE`).
+    /// publish loop, see [`Publish::caused_by`]) or the call fails (`UNAVAILABLE`);
+    /// [`Error::publish_kind`] sorts them by what to do (fix, give up, retry).
     ///
     /// # Example
     /// ```no_run
@@ -648,5 +722,64 @@ mod tests {
             outcome.unwrap_err().to_string(),
             "INVALID_ARGUMENT CHANNEL_INVALID: bad"
         );
+    }
+
+    #[test]
+    fn publish_errors_sort_by_what_the_caller_should_do() {
+        let status = |code: tonic::Code| Error::from(tonic::Status::new(code, "x"));
+        let refusal = |code: i32| {
+            Error::Refused(Refusal {
+                code,
+                reason: "R".to_owned(),
+                message: String::new(),
+            })
+        };
+        let cases = [
+            (
+                status(tonic::Code::InvalidArgument),
+                PublishErrorKind::Invalid,
+            ),
+            (status(tonic::Code::OutOfRange), PublishErrorKind::Invalid),
+            (
+                Error::InvalidArgument("x".to_owned()),
+                PublishErrorKind::Invalid,
+            ),
+            (
+                status(tonic::Code::Unauthenticated),
+                PublishErrorKind::Denied,
+            ),
+            (
+                status(tonic::Code::PermissionDenied),
+                PublishErrorKind::Denied,
+            ),
+            (
+                status(tonic::Code::FailedPrecondition),
+                PublishErrorKind::Refused,
+            ),
+            (refusal(9), PublishErrorKind::Refused),
+            (refusal(3), PublishErrorKind::Invalid),
+            (refusal(8), PublishErrorKind::Unavailable),
+            (
+                status(tonic::Code::Unavailable),
+                PublishErrorKind::Unavailable,
+            ),
+            (
+                status(tonic::Code::ResourceExhausted),
+                PublishErrorKind::Unavailable,
+            ),
+            (
+                Error::Connect {
+                    url: "http://b:1".to_owned(),
+                    message: "refused".to_owned(),
+                },
+                PublishErrorKind::Unavailable,
+            ),
+            (Error::Closed, PublishErrorKind::Closed),
+            (status(tonic::Code::DataLoss), PublishErrorKind::Other),
+            (status(tonic::Code::Unimplemented), PublishErrorKind::Other),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(error.publish_kind(), kind, "{error}");
+        }
     }
 }

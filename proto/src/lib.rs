@@ -3,8 +3,13 @@
 //! The `.proto` files are the documentation of record: every message and field is described there.
 //! This crate only compiles them (with protox, so no system `protoc` is needed) and exposes:
 //! - [`v1`]: messages, the `Broker` client (`v1::broker_client`) and server (`v1::broker_server`);
-//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection;
+//! - [`Reason`] (`reason.rs`): the stable reasons of refusals, shared by the broker and clients.
 #![allow(missing_docs)]
+
+mod reason;
+
+pub use reason::{Reason, UnknownReason};
 
 /// Package `switchboard.v1`.
 pub mod v1 {

@@ -4,6 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
+use switchboard_client::Reason;
 use switchboard_client::{
     Client, EntityDelete, EntityEvent, EntityRead, EntityUpdate, Error, Publish, Start,
 };
@@ -158,7 +159,7 @@ async fn stale_conflicting_skewed_and_malformed_writes_are_refused_with_their_re
         .unwrap_err();
     assert_eq!(
         (stale.code(), stale.reason()),
-        (Code::FailedPrecondition, Some("STALE_UPDATE"))
+        (Code::FailedPrecondition, Some(Reason::StaleUpdate))
     );
     assert_eq!(metadata(&stale, "current_version"), Some("1"));
 
@@ -173,7 +174,7 @@ async fn stale_conflicting_skewed_and_malformed_writes_are_refused_with_their_re
         .unwrap_err();
     assert_eq!(
         (conflict.code(), conflict.reason()),
-        (Code::Aborted, Some("VERSION_CONFLICT"))
+        (Code::Aborted, Some(Reason::VersionConflict))
     );
     assert_eq!(metadata(&conflict, "current_version"), Some("1"));
 
@@ -186,20 +187,20 @@ async fn stale_conflicting_skewed_and_malformed_writes_are_refused_with_their_re
         .unwrap_err();
     assert_eq!(
         (skew.code(), skew.reason()),
-        (Code::FailedPrecondition, Some("CLOCK_SKEW"))
+        (Code::FailedPrecondition, Some(Reason::ClockSkew))
     );
 
     let missing = f.client.get_entity("case", "404", None).await.unwrap_err();
     assert_eq!(
         (missing.code(), missing.reason()),
-        (Code::NotFound, Some("ENTITY_NOT_FOUND"))
+        (Code::NotFound, Some(Reason::EntityNotFound))
     );
     let bad_key = f
         .client
         .update_entity(EntityUpdate::new("ca.se", "1", json!({"a": 1})).stamp(t, 1, "w"))
         .await
         .unwrap_err();
-    assert_eq!(bad_key.reason(), Some("ENTITY_KEY_INVALID"));
+    assert_eq!(bad_key.reason(), Some(Reason::EntityKeyInvalid));
 
     // Compare-and-set that matches, then a delete that beats older writes.
     let ok = f
@@ -228,7 +229,7 @@ async fn stale_conflicting_skewed_and_malformed_writes_are_refused_with_their_re
         .unwrap_err();
     assert_eq!(
         late.reason(),
-        Some("STALE_UPDATE"),
+        Some(Reason::StaleUpdate),
         "an older write cannot resurrect a deleted entity"
     );
     assert_eq!(
@@ -299,7 +300,7 @@ async fn a_restart_keeps_entities_versions_and_the_dedup_and_loop_windows() {
         .publish(Publish::new("svc.a", "{}").caused_by(&b_message))
         .await
         .unwrap_err();
-    assert_eq!(looped.reason(), Some("LOOP_DETECTED"));
+    assert_eq!(looped.reason(), Some(Reason::LoopDetected));
 }
 
 #[tokio::test]

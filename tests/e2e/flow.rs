@@ -454,7 +454,7 @@ async fn subscriptions_past_a_limit_are_refused_with_resource_exhausted() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(
         switchboard_client::Error::from(err).reason(),
-        Some("SUBSCRIPTION_LIMIT")
+        Some(switchboard_client::Reason::SubscriptionLimit)
     );
 
     let mut two = raw(f.broker.url()).await;

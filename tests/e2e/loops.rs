@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use switchboard_client::{Client, Publish, Start};
+use switchboard_client::{Client, Publish, Reason, Start};
 use switchboard_e2e::eventually;
 use tonic::Code;
 
@@ -62,7 +62,7 @@ async fn two_services_republishing_each_other_are_stopped_on_the_second_entry_an
     let err = second.unwrap_err();
     assert_eq!(
         (err.code(), err.reason()),
-        (Code::FailedPrecondition, Some("LOOP_DETECTED"))
+        (Code::FailedPrecondition, Some(Reason::LoopDetected))
     );
 
     let report = take(&mut reports, 1).await.remove(0);
@@ -101,7 +101,7 @@ async fn a_long_chain_through_distinct_channels_is_accepted_up_to_the_hop_limit(
         .publish(Publish::new("chain.c17", "{}").caused_by(&cause))
         .await
         .unwrap_err();
-    assert_eq!(err.reason(), Some("LOOP_DETECTED"));
+    assert_eq!(err.reason(), Some(Reason::LoopDetected));
 }
 
 #[tokio::test]

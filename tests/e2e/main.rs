@@ -1,6 +1,8 @@
 //! End-to-end tests: each starts real `switchboard` processes on port 0 in a temporary folder and
 //! talks to them through the real client (or the `sb` command line). One test binary, so the
 //! build is shared; scenarios are grouped by concern.
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod browser;
 mod cli;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use futures::StreamExt;
-use switchboard_client::{Publish, Start};
+use switchboard_client::{Publish, Reason, Start};
 use switchboard_e2e::{eventually, http_get, BrokerProcess};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -299,7 +299,7 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
             .publish(Publish::new("obs..bad", "{}"))
             .await
             .expect_err("a bad channel is refused");
-        assert_eq!(err.reason(), Some("CHANNEL_INVALID"));
+        assert_eq!(err.reason(), Some(Reason::ChannelInvalid));
     }
     let delivered = take(&mut subscription, ACCEPTED).await;
     assert_eq!(delivered.len(), ACCEPTED);
@@ -524,7 +524,7 @@ async fn a_refused_publish_is_an_audit_line() {
         .publish(Publish::new("audit..channel", "{}"))
         .await
         .expect_err("refused");
-    assert_eq!(err.reason(), Some("CHANNEL_INVALID"));
+    assert_eq!(err.reason(), Some(Reason::ChannelInvalid));
     eventually("the audit line", || async {
         let log = f.broker.log();
         log.lines()

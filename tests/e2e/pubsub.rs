@@ -1,6 +1,6 @@
 //! Publish and wildcard subscribe: what is delivered, to whom, with what.
 
-use switchboard_client::{Publish, Start};
+use switchboard_client::{Publish, Reason, Start};
 
 use crate::common::*;
 
@@ -187,7 +187,7 @@ async fn a_stream_answers_every_message_in_order_with_refusals_in_their_place() 
             }
             Err(e) => {
                 assert_eq!(i % 5, 0, "message {i} was refused: {e}");
-                assert_eq!(e.reason(), Some("CHANNEL_INVALID"));
+                assert_eq!(e.reason(), Some(Reason::ChannelInvalid));
             }
         }
     }

@@ -812,7 +812,11 @@ async fn the_client_and_sb_work_end_to_end_with_tls_and_client_credentials() {
         .publish(Publish::new("telephony.call.started", "{}"))
         .await
         .unwrap_err();
-    assert_eq!(refused.reason(), Some("PUBLISH_DENIED"), "{refused}");
+    assert_eq!(
+        refused.reason(),
+        Some(switchboard_client::Reason::PublishDenied),
+        "{refused}"
+    );
 
     // sb, with the same credentials from the environment and the CA from a flag.
     let ca = dir.path().join("ca.pem").display().to_string();

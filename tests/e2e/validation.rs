@@ -1,7 +1,7 @@
 //! Validation at the edge: each rule refused with its code and reason, nothing stored on refusal,
 //! and a refused message in a stream does not end the stream.
 
-use switchboard_client::{HistoryQuery, Publish, Start};
+use switchboard_client::{HistoryQuery, Publish, Reason, Start};
 
 use tonic::Code;
 
@@ -16,43 +16,49 @@ fn big_payload() -> Vec<u8> {
 #[tokio::test]
 async fn each_rule_is_refused_with_its_reason_and_nothing_is_stored() {
     let f = fixture(&[]).await;
-    let cases: Vec<(Publish, &str)> = vec![
-        (Publish::new("crm", "{}"), "CHANNEL_INVALID"),
-        (Publish::new("crm..updated", "{}"), "CHANNEL_INVALID"),
-        (Publish::new("crm.contact updated", "{}"), "CHANNEL_INVALID"),
-        (Publish::new("crm.*.updated", "{}"), "CHANNEL_INVALID"),
+    let cases: Vec<(Publish, Reason)> = vec![
+        (Publish::new("crm", "{}"), Reason::ChannelInvalid),
+        (Publish::new("crm..updated", "{}"), Reason::ChannelInvalid),
+        (
+            Publish::new("crm.contact updated", "{}"),
+            Reason::ChannelInvalid,
+        ),
+        (Publish::new("crm.*.updated", "{}"), Reason::ChannelInvalid),
         (
             Publish::new(format!("a.{}", "b".repeat(300)), "{}"),
-            "CHANNEL_INVALID",
+            Reason::ChannelInvalid,
         ),
-        (Publish::new("$state.contact.1", "{}"), "CHANNEL_RESERVED"),
+        (
+            Publish::new("$state.contact.1", "{}"),
+            Reason::ChannelReserved,
+        ),
         (
             Publish::new("crm.contact.updated", big_payload()),
-            "PAYLOAD_TOO_LARGE",
+            Reason::PayloadTooLarge,
         ),
         (
             Publish::new("crm.contact.updated", "{oops"),
-            "PAYLOAD_NOT_JSON",
+            Reason::PayloadNotJson,
         ),
         (
             Publish::new("crm.contact.updated", "{}").schema_version("v1"),
-            "SCHEMA_VERSION_INVALID",
+            Reason::SchemaVersionInvalid,
         ),
         (
             Publish::new("crm.contact.updated", "{}").correlation_id("not-a-uuid"),
-            "CORRELATION_ID_INVALID",
+            Reason::CorrelationIdInvalid,
         ),
         (
             Publish::new("crm.contact.updated", "{}").content_type("text"),
-            "CONTENT_TYPE_INVALID",
+            Reason::ContentTypeInvalid,
         ),
         (
             Publish::new("crm.contact.updated", "{}").idempotency_key("k".repeat(300)),
-            "IDEMPOTENCY_KEY_INVALID",
+            Reason::IdempotencyKeyInvalid,
         ),
         (
             Publish::new("crm.contact.updated", "{}").header("bad name", "x"),
-            "HEADERS_INVALID",
+            Reason::HeadersInvalid,
         ),
     ];
     for (publish, reason) in cases {
@@ -70,7 +76,7 @@ async fn each_rule_is_refused_with_its_reason_and_nothing_is_stored() {
     let Err(err) = f.client.subscribe("crm.>.x", Start::Latest).await else {
         panic!("a bad pattern is refused");
     };
-    assert_eq!(err.reason(), Some("PATTERN_INVALID"));
+    assert_eq!(err.reason(), Some(Reason::PatternInvalid));
     // The client library refuses `latest` for history itself; the broker must too, for clients
     // generated in other languages.
     let mut raw = switchboard_proto::v1::broker_client::BrokerClient::connect(f.broker.url())
@@ -87,7 +93,7 @@ async fn each_rule_is_refused_with_its_reason_and_nothing_is_stored() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(
         switchboard_client::Error::from(status).reason(),
-        Some("START_INVALID")
+        Some(Reason::StartInvalid)
     );
 
     // Nothing was stored: the log is empty and the next accepted message gets offset 1.
@@ -129,11 +135,11 @@ async fn a_refused_message_in_a_stream_gets_its_own_refusal_and_the_stream_goes_
     assert_eq!(results[0].1.as_ref().unwrap().offset, 1);
     assert_eq!(
         results[1].1.as_ref().unwrap_err().reason(),
-        Some("CHANNEL_INVALID")
+        Some(Reason::ChannelInvalid)
     );
     assert_eq!(
         results[2].1.as_ref().unwrap_err().reason(),
-        Some("PAYLOAD_NOT_JSON")
+        Some(Reason::PayloadNotJson)
     );
     assert_eq!(results[3].1.as_ref().unwrap().offset, 2);
     let page = f.client.history(HistoryQuery::new(">")).await.unwrap();

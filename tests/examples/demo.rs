@@ -5,6 +5,8 @@
 //! ```sh
 //! cargo build -p switchboard-broker && cargo run -p switchboard-e2e --example demo
 //! ```
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 

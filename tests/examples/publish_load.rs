@@ -5,6 +5,8 @@
 //! ```text
 //! cargo run --release -p switchboard-e2e --example publish_load -- http://127.0.0.1:7400 200000 1024 256
 //! ```
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

@@ -9,13 +9,15 @@
 //! They need a Docker engine, a compose tool and the image from `deploy/build-image.sh`; without
 //! them a scenario says so and passes, unless `SWITCHBOARD_FAULT_TESTS=1` asks for them (`.ci/run`
 //! builds the image and sets it).
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use switchboard_client::{Client, HistoryQuery, Publish, Start};
+use switchboard_client::{Client, HistoryQuery, Publish, Reason, Start};
 use switchboard_e2e::compose::{Stack, StackOptions, NODES};
 use switchboard_e2e::history::{digest, History};
 
@@ -363,7 +365,7 @@ async fn partitioned_node(name: &str, cut_off_the_leader: bool) {
     assert!(
         matches!(
             refused.reason(),
-            Some("NO_QUORUM" | "NO_LEADER" | "LEADER_UNREACHABLE")
+            Some(Reason::NoQuorum | Reason::NoLeader | Reason::LeaderUnreachable)
         ),
         "unexpected refusal: {refused}"
     );
@@ -624,7 +626,7 @@ async fn the_secured_stack_serves_clients_over_tls_with_tokens() {
             .await
             .expect("connects");
     let refused = anonymous.info().await.expect_err("no token");
-    assert_eq!(refused.reason(), Some("TOKEN_MISSING"), "{refused}");
+    assert_eq!(refused.reason(), Some(Reason::TokenMissing), "{refused}");
     let plain = Client::connect(format!("http://127.0.0.1:{}", stack.public_ports[0])).await;
     if let Ok(plain) = plain {
         assert!(plain.info().await.is_err(), "plain text to a TLS listener");

@@ -5,6 +5,8 @@
 //! `admin listening on ADDR` for its admin listener; [`BrokerProcess::start`] waits for those lines
 //! (with a deadline) instead of sleeping. Waiting for anything else is [`eventually`]: poll a
 //! condition until a deadline. [`http_get`] reads the admin endpoints.
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -34,7 +36,8 @@ pub fn broker_binary() -> PathBuf {
     profile_dir.join(format!("switchboard{}", std::env::consts::EXE_SUFFIX))
 }
 
-/// Path of the `sb` binary, beside the broker's.
+/// Path of the `sb` binary (crate `switchboard-cli`), beside the broker's: `cargo test --workspace`
+/// builds it; alone, `cargo build -p switchboard-cli` does.
 pub fn sb_binary() -> PathBuf {
     broker_binary().with_file_name(format!("sb{}", std::env::consts::EXE_SUFFIX))
 }

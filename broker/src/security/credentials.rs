@@ -29,6 +29,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use switchboard_proto::Reason;
 
 use super::permissions::{PermissionError, PermissionSpec, Permissions};
 use super::token::{VerificationKey, MAX_SUBJECT_LEN, PERMISSIONS_CLAIM};
@@ -130,24 +131,26 @@ pub enum CredentialError {
 }
 
 impl CredentialError {
-    /// The stable reason string for refusals at the token endpoint (`INVALID_CLIENT` is
+    /// The stable reason for refusals at the token endpoint (`INVALID_CLIENT` is
     /// `UNAUTHENTICATED`; the scope and subject ones `PERMISSION_DENIED` or `INVALID_ARGUMENT`);
-    /// configuration and internal failures are `INTERNAL`.
-    pub fn reason(&self) -> &'static str {
+    /// configuration and internal failures are `INTERNAL`. The broker's one table for this
+    /// mapping: `BrokerError::reason` calls it.
+    pub fn reason(&self) -> Reason {
         match self {
-            CredentialError::InvalidClient => "INVALID_CLIENT",
-            CredentialError::InvalidScope(_) => "SCOPE_INVALID",
-            CredentialError::ScopeNotAllowed => "SCOPE_NOT_ALLOWED",
-            CredentialError::OnBehalfNotAllowed(_) => "ON_BEHALF_NOT_ALLOWED",
-            CredentialError::InvalidSubject => "SUBJECT_INVALID",
-            CredentialError::InvalidTtl(_) => "TTL_INVALID",
+            CredentialError::InvalidClient => Reason::InvalidClient,
+            CredentialError::InvalidScope(_) => Reason::ScopeInvalid,
+            CredentialError::ScopeNotAllowed => Reason::ScopeNotAllowed,
+            CredentialError::OnBehalfNotAllowed(_) => Reason::OnBehalfNotAllowed,
+            CredentialError::InvalidSubject => Reason::SubjectInvalid,
+            CredentialError::InvalidTtl(_) => Reason::TtlInvalid,
+            // A broken client configuration or signing failure is the operator's, not the caller's.
             CredentialError::InvalidClientId(_)
             | CredentialError::DuplicateClient(_)
             | CredentialError::InvalidSecretHash { .. }
             | CredentialError::SecretLength(_)
             | CredentialError::SigningKey(_)
             | CredentialError::Hashing(_)
-            | CredentialError::Signing(_) => "CREDENTIALS_MISCONFIGURED",
+            | CredentialError::Signing(_) => Reason::CredentialsMisconfigured,
         }
     }
 }
@@ -730,7 +733,10 @@ mod tests {
             r.authenticate("crm-panel", &long).err(),
             Some(CredentialError::InvalidClient)
         );
-        assert_eq!(CredentialError::InvalidClient.reason(), "INVALID_CLIENT");
+        assert_eq!(
+            CredentialError::InvalidClient.reason(),
+            Reason::InvalidClient
+        );
         assert!(r.get("telephony").is_some() && r.get("nobody").is_none());
         // Debug output shows no hash.
         assert!(!format!("{c:?}").contains("argon2"), "{c:?}");
@@ -987,7 +993,7 @@ mod tests {
             assert_eq!(e, Some(CredentialError::ScopeNotAllowed), "{wider}");
             assert_eq!(
                 CredentialError::ScopeNotAllowed.reason(),
-                "SCOPE_NOT_ALLOWED"
+                Reason::ScopeNotAllowed
             );
         }
         assert!(matches!(

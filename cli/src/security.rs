@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use clap::Args;
 use switchboard_client::proto::{IssueTokenRequest, IssueTokenResponse};
-use switchboard_client::{Client, ConnectOptions, Error};
+use switchboard_client::{Client, ConnectOptions, Error, Reason};
 
 use crate::output::format_timestamp;
 
@@ -230,31 +230,34 @@ pub fn hint(error: &anyhow::Error) -> Option<&'static str> {
         );
     }
     Some(match error.reason()? {
-        "TOKEN_MISSING" => {
+        Reason::TokenMissing => {
             "the broker wants a bearer token: pass --token, --token-file, or --client-id and \
              --client-secret"
         }
-        "TOKEN_EXPIRED" => {
+        Reason::TokenExpired => {
             "the token has expired: get a new one (sb token), or use --client-id and \
              --client-secret so that sb fetches fresh tokens itself"
         }
-        "TOKEN_MALFORMED"
-        | "TOKEN_INVALID"
-        | "TOKEN_KEY_UNKNOWN"
-        | "TOKEN_ALGORITHM_UNSUPPORTED" => {
+        Reason::TokenMalformed
+        | Reason::TokenInvalid
+        | Reason::TokenKeyUnknown
+        | Reason::TokenAlgorithmUnsupported => {
             "the broker does not accept this token: check that it is the whole token, issued for \
              this broker"
         }
-        "TOKEN_NOT_YET_VALID" => "the token is not valid yet: check this machine's clock",
-        "ISSUER_MISMATCH" | "AUDIENCE_MISMATCH" => {
+        Reason::TokenNotYetValid => "the token is not valid yet: check this machine's clock",
+        Reason::IssuerMismatch | Reason::AudienceMismatch => {
             "the token was issued by or for someone else than this broker expects"
         }
-        "INVALID_CLIENT" => "check --client-id and --client-secret",
-        "TOKEN_ENDPOINT_OFF" => {
+        Reason::InvalidClient => "check --client-id and --client-secret",
+        Reason::TokenEndpointOff => {
             "this broker has no clients configured for its token endpoint: use a token from your \
              identity provider (--token or --token-file)"
         }
-        "PUBLISH_DENIED" | "SUBSCRIBE_DENIED" | "ENTITY_READ_DENIED" | "ENTITY_UPDATE_DENIED" => {
+        Reason::PublishDenied
+        | Reason::SubscribeDenied
+        | Reason::EntityReadDenied
+        | Reason::EntityUpdateDenied => {
             "the token's scope does not allow this; `sb token` shows what a client's token grants"
         }
         _ => return None,

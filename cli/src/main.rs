@@ -2,17 +2,19 @@
 //! consumers), reads history, describes the broker, its live subscriptions and durable consumers,
 //! and reads, writes and watches shared entities, printing one JSON object per line on stdout.
 //!
-//! Layout: this file holds the argument definitions and the commands; `sb/args.rs` parses
-//! argument values (`--from`, `--to`, `--header`, `--policy`) and picks the default entity writer
-//! id;
-//! `sb/output.rs` formats the JSON lines; `sb/security.rs` holds the TLS and token options, `sb
-//! token` and the hints under authentication errors.
+//! It is its own crate (`switchboard-cli`, binary `sb`) on top of `switchboard-client`, so that
+//! library users of the client do not compile clap, chrono and tracing-subscriber.
+//!
+//! # Layout
+//! - `main.rs`: the argument definitions and the commands;
+//! - `args.rs`: parses argument values (`--from`, `--to`, `--header`, `--policy`) and picks the
+//!   default entity writer id;
+//! - `output.rs`: formats the JSON lines;
+//! - `security.rs`: the TLS and token options, `sb token` and the hints under authentication
+//!   errors.
 
-#[path = "sb/args.rs"]
 mod args;
-#[path = "sb/output.rs"]
 mod output;
-#[path = "sb/security.rs"]
 mod security;
 
 use std::io::{IsTerminal, Read, Write};
