@@ -134,7 +134,7 @@ On start the broker prints `listening on ADDR` to stdout once it accepts request
 Logs go to stderr. SIGTERM or Ctrl-C stops it gracefully: streams end, in-flight publishes are
 acknowledged, the stores are synced, and it exits 0.
 
-Talk to it with `sb` (from the switchboard-client crate): sb publish, sb subscribe, sb history, sb info.";
+Talk to it with `sb` (the switchboard-cli crate: cargo build --release --bin sb): sb publish, sb subscribe, sb history, sb info.";
 
 impl Args {
     fn overrides(&self) -> FlagOverrides {
