@@ -366,7 +366,7 @@ impl Gate {
                     Ok(())
                 } else {
                     Err(BrokerError::OriginNotAllowed {
-                        origin: crate::edge::validate::shorten(origin),
+                        origin: crate::error::shorten(origin),
                     })
                 }
             }

@@ -56,7 +56,7 @@ fn check_name(name: &str) -> Result<(), BrokerError> {
             Reason::ConsumerInvalid,
             format!(
                 "consumer name must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9_-], got {:?}",
-                super::validate::shorten(name)
+                crate::error::shorten(name)
             ),
         ))
     }

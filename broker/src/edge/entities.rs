@@ -62,7 +62,7 @@ fn key(key: Option<pb::EntityKey>) -> Result<(String, String), BrokerError> {
                 Reason::EntityKeyInvalid,
                 format!(
                     "entity {what} must be 1 to {MAX_KEY_PART} characters of [A-Za-z0-9_-], got {:?}",
-                    super::validate::shorten(part)
+                    crate::error::shorten(part)
                 ),
             ));
         }

@@ -243,7 +243,7 @@ impl AuthRpc for AuthService {
             return Err(Status::from(BrokerError::TokenEndpointOff));
         };
         let request = request.into_inner();
-        let client_id = super::validate::shorten(&request.client_id);
+        let client_id = crate::error::shorten(&request.client_id);
         match endpoint.issue(request, peer).await {
             Ok(response) => {
                 tracing::info!(client_id = %client_id, expires_in_s = response.expires_in_seconds, "token issued");

@@ -136,7 +136,7 @@ async fn not_found(request: axum::extract::Request) -> HttpError {
         reason: Reason::EndpointNotFound,
         message: format!(
             "no gateway endpoint at {} (see docs/GATEWAY.md)",
-            crate::edge::validate::shorten(request.uri().path())
+            crate::error::shorten(request.uri().path())
         ),
     })
 }

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use switchboard_proto::code_name;
 
-use crate::edge::validate::shorten;
-use crate::error::BrokerError;
+use crate::error::{shorten, BrokerError};
 
 /// Audit lines written per second at most, over all clients.
 pub const LINES_PER_SECOND: u32 = 20;
@@ -49,7 +48,7 @@ pub fn refused(peer: Option<SocketAddr>, subject: &str, error: &BrokerError) {
         target: "audit",
         peer = %peer,
         subject = %shorten(subject),
-        code = code_name(crate::edge::status::code(error)),
+        code = code_name(error.code()),
         reason = error.reason().as_str(),
         detail = %error,
         "refused"
@@ -181,10 +180,7 @@ mod tests {
     #[test]
     fn observability_audit_line_names_the_code() {
         let error = BrokerError::invalid(Reason::ChannelInvalid, "segment 1 is empty");
-        assert_eq!(
-            code_name(crate::edge::status::code(&error)),
-            "INVALID_ARGUMENT"
-        );
+        assert_eq!(code_name(error.code()), "INVALID_ARGUMENT");
         // Logging with no subscriber installed must not panic.
         refused(None, "crm..x", &error);
     }
