@@ -36,7 +36,7 @@ use crate::error::BrokerError;
 use crate::hub::Hub;
 use crate::message::{now_us, Item, ItemOutcome};
 use crate::observability::metrics::{self, PublishResult};
-use crate::observability::{audit, trace};
+use crate::observability::{admin, audit, trace};
 use crate::proposer::{self, Proposer};
 use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
@@ -677,10 +677,7 @@ impl BrokerRpc for BrokerService {
             .first_batch()?
             .and_then(|b| b.messages.first().map(|m| m.offset))
             .unwrap_or(0);
-        let data_dir = edge.config.data_dir.clone();
-        let disk_bytes = tokio::task::spawn_blocking(move || dir_size(&data_dir))
-            .await
-            .unwrap_or(0);
+        let disk_bytes = admin::disk_bytes(edge.config.data_dir.clone()).await;
         Ok(Response::new(pb::InfoResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             node_id: edge.config.node_id,
@@ -694,19 +691,4 @@ impl BrokerRpc for BrokerService {
             loops_detected: progress.loops_detected,
         }))
     }
-}
-
-/// Total size of the files under `dir`.
-fn dir_size(dir: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
