@@ -11,11 +11,11 @@ use std::time::Duration;
 use switchboard_proto::v1 as pb;
 use tokio::sync::mpsc;
 
-use super::auth::Caller;
 use super::validate::Start;
 use super::{convert, Edge, SUBSCRIBE_STREAM_BUFFER};
 use crate::error::{BrokerError, Reason};
 use crate::message::{ConsumerState, ConsumerWrite, Item, ItemOutcome};
+use crate::security::caller::Caller;
 use crate::subscription::outgoing::Outgoing;
 use crate::subscription::registry::{Control, FlowPolicy, Opening};
 use crate::subscription::{self, EventSender, SubscriptionSpec};

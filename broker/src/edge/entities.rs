@@ -15,13 +15,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::auth::{Caller, TokenBound};
+use super::auth::TokenBound;
 use super::{convert, Edge};
 use crate::apply::state_channel;
 use crate::entity::{Change, Stamp};
 use crate::error::{BrokerError, Reason};
 use crate::message::{EntityWrite, Item, ItemOutcome};
 use crate::observability::{audit, metrics};
+use crate::security::caller::Caller;
 use crate::subscription::outgoing::Outgoing;
 use crate::subscription::registry::{FlowPolicy, Opening};
 use crate::subscription::SubscriptionSpec;
@@ -148,7 +149,7 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::UpdateEntityRequest>,
     ) -> Result<Response<pb::EntityResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
         caller.check_update_entity(&entity_type)?;
@@ -171,7 +172,7 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::DeleteEntityRequest>,
     ) -> Result<Response<pb::EntityResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
         caller.check_update_entity(&entity_type)?;
@@ -193,7 +194,7 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::GetEntityRequest>,
     ) -> Result<Response<pb::GetEntityResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
         caller.check_read_entity(&entity_type)?;
@@ -227,7 +228,7 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::WatchEntitiesRequest>,
     ) -> Result<Response<Self::WatchEntitiesStream>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let edge = &self.edge;
         let pattern = edge.validator.pattern(&request.pattern)?;
@@ -266,9 +267,10 @@ impl EntitiesRpc for EntitiesService {
             changes_tx,
         )?;
         tokio::spawn(watch(Arc::clone(&self.edge), pattern, changes, out));
-        Ok(Response::new(
-            caller.bound_stream(ReceiverStream::new(events)),
-        ))
+        Ok(Response::new(TokenBound::new(
+            &caller,
+            ReceiverStream::new(events),
+        )))
     }
 }
 

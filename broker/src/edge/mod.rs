@@ -4,8 +4,8 @@
 //! store, hub), and map errors in one place ([`status`]). Nothing is written for a request that
 //! fails validation.
 //!
-//! - [`auth`]: the gate before every handler (origin, token, call budgets) and the [`auth::Caller`]
-//!   whose permissions each handler checks.
+//! - [`auth`]: the gate before every handler (origin, token, call budgets), which leaves each
+//!   call its [`Caller`](crate::security::caller::Caller), through which every grant is checked.
 //! - [`validate`]: every rule a request must pass, with its stable reason.
 //! - [`entities`]: the `switchboard.v1.Entities` service.
 //! - [`convert`]: protobuf ⇄ broker types.
@@ -40,12 +40,13 @@ use crate::observability::{admin, audit, trace};
 use crate::proposer::{self, Proposer};
 use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
+use crate::security::caller::Caller;
 use crate::shutdown::ShutdownSignal;
 use crate::store::{MessageStore, ReadRange};
 use crate::subscription::outgoing::Outgoing;
 use crate::subscription::registry::{Registered, Registry};
 use crate::subscription::{self, SubscriptionSpec};
-use auth::{Caller, Gate};
+use auth::{Gate, TokenBound};
 use validate::{Start, Validator};
 
 /// Events buffered per `Subscribe` stream before the subscription task waits for the client.
@@ -148,11 +149,12 @@ impl BrokerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<subscribe_codec::OutgoingStream>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let events = self.edge.subscribe(request.into_inner(), &caller).await?;
-        Ok(Response::new(Box::pin(
-            caller.bound_stream(ReceiverStream::new(events)),
-        )))
+        Ok(Response::new(Box::pin(TokenBound::new(
+            &caller,
+            ReceiverStream::new(events),
+        ))))
     }
 }
 
@@ -511,7 +513,7 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishAck>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let parent = trace::parent_from_metadata(request.metadata());
         let request = request.into_inner();
         let parent = trace::parent_from_headers(&request.headers).or(parent);
@@ -531,9 +533,9 @@ impl BrokerRpc for BrokerService {
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let (out, acks) = mpsc::channel(PUBLISH_STREAM_BUFFER);
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let parent = trace::parent_from_metadata(request.metadata());
-        let acks = caller.bound_stream(ReceiverStream::new(acks));
+        let acks = TokenBound::new(&caller, ReceiverStream::new(acks));
         tokio::spawn(publish_stream_task(
             Arc::clone(&self.edge),
             request.into_inner(),
@@ -563,7 +565,7 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         Ok(Response::new(
             self.edge.ack(request.into_inner(), &caller).await?,
         ))
@@ -573,7 +575,7 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::ListSubscriptionsRequest>,
     ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         Ok(Response::new(self.edge.list_subscriptions(&caller)))
     }
 
@@ -581,7 +583,7 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::ListConsumersRequest>,
     ) -> Result<Response<pb::ListConsumersResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         Ok(Response::new(self.edge.list_consumers(&caller)?))
     }
 
@@ -589,7 +591,7 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::GetConsumerRequest>,
     ) -> Result<Response<pb::ConsumerInfo>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         Ok(Response::new(
             self.edge
                 .get_consumer(&request.into_inner().name, &caller)?,
@@ -600,7 +602,7 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::DeleteConsumerRequest>,
     ) -> Result<Response<pb::DeleteConsumerResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         self.edge
             .delete_consumer(&request.into_inner().name, &caller)
             .await?;
@@ -611,7 +613,7 @@ impl BrokerRpc for BrokerService {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let edge = &self.edge;
         let pattern = edge.validator.pattern(&request.pattern)?;

@@ -11,6 +11,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::{BrokerError, Reason};
+use crate::security::caller::Ungated;
 
 /// Response metadata naming the leader's public address (`host:port`) on UNAVAILABLE answers.
 pub const LEADER_HINT_HEADER: &str = "x-switchboard-leader";
@@ -93,6 +94,13 @@ impl From<BrokerError> for Status {
             }
         }
         status
+    }
+}
+
+/// A handler found no caller: the call bypassed the gate, a wiring mistake (INTERNAL).
+impl From<Ungated> for Status {
+    fn from(error: Ungated) -> Status {
+        Status::internal(error.to_string())
     }
 }
 

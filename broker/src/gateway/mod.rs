@@ -30,11 +30,12 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpConnectInfo;
 
 use crate::config::Config;
-use crate::edge::auth::{Caller, Gate};
+use crate::edge::auth::Gate;
 use crate::edge::entities::EntitiesService;
 use crate::edge::BrokerService;
 use crate::error::{BrokerError, Reason};
 use crate::observability::{audit, metrics};
+use crate::security::caller::Caller;
 use error::HttpError;
 
 /// What the gateway's handlers share; cheap to clone.
