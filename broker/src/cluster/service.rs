@@ -88,7 +88,7 @@ impl ClusterRpc for ClusterService {
         request: Request<pb::AddLearnerRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         // Membership decides who holds the data: only an `admin` grant may change it.
-        Caller::of(request.extensions())?.check_admin()?;
+        Caller::of(request.extensions())?.check_admin("Cluster/AddLearner")?;
         let r = request.into_inner();
         let id = node_id(r.id)?;
         let member = Member {
@@ -103,7 +103,7 @@ impl ClusterRpc for ClusterService {
         request: Request<pb::PromoteRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         // Membership decides who holds the data: only an `admin` grant may change it.
-        Caller::of(request.extensions())?.check_admin()?;
+        Caller::of(request.extensions())?.check_admin("Cluster/Promote")?;
         let id = node_id(request.into_inner().id)?;
         self.run(AdminRequest::Promote { id }).await
     }
@@ -113,7 +113,7 @@ impl ClusterRpc for ClusterService {
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         // Membership decides who holds the data: only an `admin` grant may change it.
-        Caller::of(request.extensions())?.check_admin()?;
+        Caller::of(request.extensions())?.check_admin("Cluster/Remove")?;
         let id = node_id(request.into_inner().id)?;
         self.run(AdminRequest::Remove { id }).await
     }

@@ -318,7 +318,8 @@ impl Interceptor for GateInterceptor {
             }
             Err(error) => {
                 metrics::access_refused(error.reason());
-                audit::refused(request.remote_addr(), "(call)", &error);
+                // Refused before a principal was established or the call named anything.
+                audit::refused(request.remote_addr(), None, None, &error);
                 Err(error.into())
             }
         }

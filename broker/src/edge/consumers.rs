@@ -206,7 +206,7 @@ impl Edge {
     fn visible(&self, caller: &Caller, pattern: &str) -> bool {
         self.validator
             .pattern(pattern)
-            .is_ok_and(|pattern| caller.permissions().may_subscribe(&pattern))
+            .is_ok_and(|pattern| caller.may_subscribe(&pattern))
     }
 
     /// A consumer's record, if `caller` may see it (else "not found", so names do not leak).

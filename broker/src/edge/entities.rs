@@ -21,7 +21,7 @@ use crate::apply::state_channel;
 use crate::entity::{Change, Stamp};
 use crate::error::{BrokerError, Reason};
 use crate::message::{EntityWrite, Item, ItemOutcome};
-use crate::observability::{audit, metrics};
+use crate::observability::metrics;
 use crate::security::caller::Caller;
 use crate::subscription::outgoing::Outgoing;
 use crate::subscription::registry::{FlowPolicy, Opening};
@@ -122,7 +122,7 @@ impl EntitiesService {
     async fn write(
         &self,
         write: EntityWrite,
-        peer: Option<std::net::SocketAddr>,
+        caller: &Caller,
     ) -> Result<Response<pb::EntityResponse>, Status> {
         let (entity_type, id) = (write.entity_type.clone(), write.id.clone());
         match self.edge.proposer.propose(Item::Entity(write)).await? {
@@ -132,7 +132,7 @@ impl EntitiesService {
             ItemOutcome::Refused(refusal) => {
                 let error = BrokerError::from(refusal);
                 metrics::entity_refused(error.reason());
-                audit::refused(peer, &format!("{entity_type}.{id}"), &error);
+                caller.audit_refused(&format!("{entity_type}.{id}"), &error);
                 Err(error.into())
             }
             other => Err(BrokerError::Consensus(format!(
@@ -152,7 +152,7 @@ impl EntitiesRpc for EntitiesService {
         let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
-        caller.check_update_entity(&entity_type)?;
+        caller.check_update_entity(&entity_type, &id)?;
         let values = fields(&request.fields, self.edge.config.limits.max_payload_bytes)?;
         let stamp = stamp(request.stamp)?;
         self.write(
@@ -163,7 +163,7 @@ impl EntitiesRpc for EntitiesService {
                 stamp,
                 expected_version: request.expected_version,
             },
-            caller.peer(),
+            &caller,
         )
         .await
     }
@@ -175,7 +175,7 @@ impl EntitiesRpc for EntitiesService {
         let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
-        caller.check_update_entity(&entity_type)?;
+        caller.check_update_entity(&entity_type, &id)?;
         let stamp = stamp(request.stamp)?;
         self.write(
             EntityWrite {
@@ -185,7 +185,7 @@ impl EntitiesRpc for EntitiesService {
                 stamp,
                 expected_version: request.expected_version,
             },
-            caller.peer(),
+            &caller,
         )
         .await
     }
@@ -197,7 +197,7 @@ impl EntitiesRpc for EntitiesService {
         let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
-        caller.check_read_entity(&entity_type)?;
+        caller.check_read_entity(&entity_type, &id)?;
         if !request.stale_ok {
             // Read index: wait until this node has applied every write committed before now, as
             // the leader confirms with a quorum; a read on a follower is then as fresh as one on

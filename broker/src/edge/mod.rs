@@ -36,7 +36,7 @@ use crate::error::BrokerError;
 use crate::hub::Hub;
 use crate::message::{now_us, Item, ItemOutcome};
 use crate::observability::metrics::{self, PublishResult};
-use crate::observability::{admin, audit, trace};
+use crate::observability::{admin, trace};
 use crate::proposer::{self, Proposer};
 use crate::raft::state_machine::AppliedProgress;
 use crate::raft::Raft;
@@ -204,7 +204,7 @@ pub(crate) type PublishAttempt = Result<(pb::PublishRequest, Option<trace::Paren
 struct InFlight {
     correlation_id: String,
     channel: String,
-    peer: Option<std::net::SocketAddr>,
+    caller: Caller,
     receive: tracing::Span,
     commit: tracing::Span,
 }
@@ -217,7 +217,7 @@ impl InFlight {
         let InFlight {
             correlation_id,
             channel,
-            peer,
+            caller,
             receive,
             commit,
         } = self;
@@ -234,15 +234,15 @@ impl InFlight {
                 metrics::publish(result, None);
                 Ok(ack)
             }
-            Err(e) => Err(refused(peer, &channel, e)),
+            Err(e) => Err(refused(&caller, &channel, e)),
         }
     }
 }
 
 /// Accounts for a refused publish (metrics and the audit log) and hands the error back.
-fn refused(peer: Option<std::net::SocketAddr>, channel: &str, e: BrokerError) -> BrokerError {
+fn refused(caller: &Caller, channel: &str, e: BrokerError) -> BrokerError {
     metrics::publish(PublishResult::Refused, Some(e.reason()));
-    audit::refused(peer, channel, &e);
+    caller.audit_refused(channel, &e);
     e
 }
 
@@ -297,7 +297,6 @@ impl Edge {
         parent: Option<trace::Parent>,
     ) -> Result<(crate::message::NewMessage, InFlight), BrokerError> {
         let channel = request.channel.clone();
-        let peer = caller.peer();
         let mut message = match self.validator.publish(request).and_then(|message| {
             caller
                 .permissions()
@@ -306,7 +305,7 @@ impl Edge {
             Ok(message)
         }) {
             Ok(message) => message,
-            Err(e) => return Err(refused(peer, &channel, e)),
+            Err(e) => return Err(refused(caller, &channel, e)),
         };
         let receive = trace::receive_span(parent.as_ref(), &message.channel);
         trace::stamp_message(&receive, &mut message.headers);
@@ -314,7 +313,7 @@ impl Edge {
         let flight = InFlight {
             correlation_id: message.correlation_id.clone(),
             channel,
-            peer,
+            caller: caller.clone(),
             receive,
             commit,
         };

@@ -125,7 +125,7 @@ impl Gateway {
             .authenticate_headers(headers, peer)
             .map_err(|error| {
                 metrics::access_refused(error.reason());
-                audit::refused(peer, "(http)", &error);
+                audit::refused(peer, None, Some(parts.uri.path()), &error);
                 HttpError::from(error)
             })
     }

@@ -95,12 +95,23 @@ impl Caller {
         self.stream_deadline
     }
 
-    /// Refuses, counts and audits a denied operation.
-    fn refuse(&self, check: Result<(), PermissionDenied>) -> Result<(), BrokerError> {
+    /// Writes the audit line for a refusal of this caller's request about `target` (a channel,
+    /// a pattern, `type.id`): who from this caller, what from `target`.
+    pub(crate) fn audit_refused(&self, target: &str, error: &BrokerError) {
+        audit::refused(self.peer, self.subject(), Some(target), error);
+    }
+
+    /// Refuses, counts and audits a denied operation; `target` names what was refused (built
+    /// only for a refusal).
+    fn refuse(
+        &self,
+        check: Result<(), PermissionDenied>,
+        target: impl FnOnce() -> String,
+    ) -> Result<(), BrokerError> {
         check.map_err(|denied| {
             let error = BrokerError::Denied(denied);
             metrics::access_refused(error.reason());
-            audit::refused(self.peer, self.subject().unwrap_or("(anonymous)"), &error);
+            self.audit_refused(&target(), &error);
             error
         })
     }
@@ -111,30 +122,44 @@ impl Caller {
     /// # Errors
     /// PERMISSION_DENIED `SUBSCRIBE_DENIED` (or `ENTITY_READ_DENIED` for `$state.` patterns).
     pub fn check_subscribe(&self, pattern: &Pattern) -> Result<(), BrokerError> {
-        self.refuse(self.permissions().check_subscribe(pattern))
+        self.refuse(self.permissions().check_subscribe(pattern), || {
+            pattern.as_str().to_owned()
+        })
     }
 
-    /// Whether this caller may read entities of `entity_type`.
+    /// Whether this caller could subscribe to `pattern`, asked to decide what it may see (a
+    /// listing), not to refuse it: nothing is counted or audited.
+    pub fn may_subscribe(&self, pattern: &Pattern) -> bool {
+        self.permissions().may_subscribe(pattern)
+    }
+
+    /// Whether this caller may read entity `entity_type`.`id` (the grant is per type).
     ///
     /// # Errors
     /// PERMISSION_DENIED `ENTITY_READ_DENIED`.
-    pub fn check_read_entity(&self, entity_type: &str) -> Result<(), BrokerError> {
-        self.refuse(self.permissions().check_read_entity(entity_type))
+    pub fn check_read_entity(&self, entity_type: &str, id: &str) -> Result<(), BrokerError> {
+        self.refuse(self.permissions().check_read_entity(entity_type), || {
+            format!("{entity_type}.{id}")
+        })
     }
 
-    /// Whether this caller may update or delete entities of `entity_type`.
+    /// Whether this caller may update or delete entity `entity_type`.`id` (the grant is per
+    /// type).
     ///
     /// # Errors
     /// PERMISSION_DENIED `ENTITY_UPDATE_DENIED`.
-    pub fn check_update_entity(&self, entity_type: &str) -> Result<(), BrokerError> {
-        self.refuse(self.permissions().check_update_entity(entity_type))
+    pub fn check_update_entity(&self, entity_type: &str, id: &str) -> Result<(), BrokerError> {
+        self.refuse(self.permissions().check_update_entity(entity_type), || {
+            format!("{entity_type}.{id}")
+        })
     }
 
-    /// Whether this caller may change cluster membership.
+    /// Whether this caller may change cluster membership; `operation` names the change for the
+    /// audit log (`Cluster/AddLearner`, …).
     ///
     /// # Errors
     /// PERMISSION_DENIED `ADMIN_DENIED`.
-    pub fn check_admin(&self) -> Result<(), BrokerError> {
-        self.refuse(self.permissions().check_admin())
+    pub fn check_admin(&self, operation: &str) -> Result<(), BrokerError> {
+        self.refuse(self.permissions().check_admin(), || operation.to_owned())
     }
 }
