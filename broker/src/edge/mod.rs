@@ -297,16 +297,16 @@ impl Edge {
         parent: Option<trace::Parent>,
     ) -> Result<(crate::message::NewMessage, InFlight), BrokerError> {
         let channel = request.channel.clone();
-        let mut message = match self.validator.publish(request).and_then(|message| {
-            caller
-                .permissions()
-                .check_publish(&message.channel)
-                .map_err(BrokerError::Denied)?;
-            Ok(message)
-        }) {
+        let mut message = match self.validator.publish(request) {
             Ok(message) => message,
             Err(e) => return Err(refused(caller, &channel, e)),
         };
+        // The caller's check counts the denial as an access refusal and audits it, as for every
+        // grant; it is still a refused publish.
+        if let Err(e) = caller.check_publish(&message.channel) {
+            metrics::publish(PublishResult::Refused, Some(e.reason()));
+            return Err(e);
+        }
         let receive = trace::receive_span(parent.as_ref(), &message.channel);
         trace::stamp_message(&receive, &mut message.headers);
         let commit = trace::child_span(&receive, "switchboard.commit");

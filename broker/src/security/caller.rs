@@ -66,8 +66,9 @@ impl Caller {
         extensions.get::<Caller>().cloned().ok_or(Ungated)
     }
 
-    /// What this caller may do.
-    pub fn permissions(&self) -> &Permissions {
+    /// What this caller may do; asked only through the checks below, so every refusal is
+    /// counted and audited the same way.
+    fn permissions(&self) -> &Permissions {
         match &self.principal {
             Some(principal) => &principal.permissions,
             None => &UNRESTRICTED,
@@ -113,6 +114,17 @@ impl Caller {
             metrics::access_refused(error.reason());
             self.audit_refused(&target(), &error);
             error
+        })
+    }
+
+    /// Whether this caller may publish to `channel`.
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED `PUBLISH_DENIED`, or INVALID_ARGUMENT `CHANNEL_RESERVED` for a `$`
+    /// channel.
+    pub fn check_publish(&self, channel: &str) -> Result<(), BrokerError> {
+        self.refuse(self.permissions().check_publish(channel), || {
+            channel.to_owned()
         })
     }
 
