@@ -27,8 +27,9 @@ const WINDOW: Duration = Duration::from_secs(1);
 static LIMITER: Mutex<Limiter> = Mutex::new(Limiter::new(LINES_PER_SECOND));
 
 /// Logs that a request was refused: from `peer`, made by `principal` (the verified token's
-/// subject; `None` without authentication, or before a token was verified), about `target` (what
-/// was refused; `None` when the request was refused before it named anything).
+/// subject; `None` without authentication, and for refusals at the gate or the token endpoint),
+/// about `target` (what was refused; `None` when the request was refused before it named
+/// anything).
 pub fn refused(
     peer: Option<SocketAddr>,
     principal: Option<&str>,
