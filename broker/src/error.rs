@@ -1,7 +1,8 @@
 //! The broker's error type and the stable reasons sent to clients.
 //!
-//! Every refusal a client can see is a [`BrokerError`]; `edge::status` maps it, in one place, to a
-//! gRPC status carrying a `google.rpc.ErrorInfo` whose `reason` is a [`Reason`] string. Reason
+//! Every refusal a client can see is a [`BrokerError`]; [`BrokerError::code`] is its gRPC code and
+//! [`BrokerError::reason`] its reason, each one table; `edge::status` builds from them the gRPC
+//! status carrying a `google.rpc.ErrorInfo` whose `reason` is a [`Reason`] string. Reason
 //! strings are part of the public contract: they are never renamed or reused for another meaning,
 //! and [`Reason`] is defined with the contract, in `switchboard_proto` (`proto/src/reason.rs`),
 //! so the broker and the client share one list.
@@ -267,11 +268,75 @@ impl From<sled::Error> for BrokerError {
     }
 }
 
+impl BrokerError {
+    /// The gRPC code a client sees for this error: the one table, used by the edge for statuses
+    /// and stream refusals and by the audit log.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            BrokerError::Invalid { .. } => Code::InvalidArgument,
+            BrokerError::LoopDetected { .. }
+            | BrokerError::StaleUpdate { .. }
+            | BrokerError::ClockSkew { .. } => Code::FailedPrecondition,
+            BrokerError::VersionConflict { .. } => Code::Aborted,
+            BrokerError::EntityNotFound { .. } | BrokerError::NotFound { .. } => Code::NotFound,
+            BrokerError::Exhausted { .. } => Code::ResourceExhausted,
+            BrokerError::Precondition { .. } => Code::FailedPrecondition,
+            BrokerError::NotLeader { .. }
+            | BrokerError::LeaderUnavailable { .. }
+            | BrokerError::NoQuorum { .. }
+            | BrokerError::ShuttingDown => Code::Unavailable,
+            BrokerError::Storage(_) | BrokerError::Consensus(_) => Code::Internal,
+            BrokerError::Unauthenticated(_) => Code::Unauthenticated,
+            BrokerError::Denied(PermissionDenied::ReservedChannel { .. }) => Code::InvalidArgument,
+            BrokerError::Denied(_) | BrokerError::OriginNotAllowed { .. } => Code::PermissionDenied,
+            BrokerError::Credential(e) => match e {
+                CredentialError::InvalidClient => Code::Unauthenticated,
+                CredentialError::ScopeNotAllowed | CredentialError::OnBehalfNotAllowed(_) => {
+                    Code::PermissionDenied
+                }
+                CredentialError::InvalidScope(_)
+                | CredentialError::InvalidSubject
+                | CredentialError::InvalidTtl(_) => Code::InvalidArgument,
+                _ => Code::Internal,
+            },
+            BrokerError::TokenEndpointOff => Code::Unimplemented,
+            BrokerError::RateLimited(_) => Code::ResourceExhausted,
+            BrokerError::Corrupt(_) => Code::DataLoss,
+        }
+    }
+}
+
+/// Echoed client strings are cut to this many bytes, so an error message or an audit line stays
+/// small whatever was sent.
+const MAX_ECHO: usize = 100;
+
+/// A client string as quoted in an error or an audit line: at most [`MAX_ECHO`] bytes, cut on a
+/// char boundary (and then ending in `…`).
+pub fn shorten(s: &str) -> String {
+    if s.len() <= MAX_ECHO {
+        return s.to_owned();
+    }
+    let mut end = MAX_ECHO;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn echoed_strings_are_cut_at_a_character_boundary() {
+        assert_eq!(shorten("crm.contact"), "crm.contact");
+        let cut = shorten(&"é".repeat(80)); // 160 bytes
+        assert!(cut.ends_with('…'));
+        assert_eq!(cut.len(), 100 + '…'.len_utf8());
+    }
 
     /// The security modules spell their reasons themselves; the edge's `Reason` must agree.
     #[test]

@@ -12,7 +12,7 @@
 //! 3. [`raft`]: the replicated log — openraft over segment files, and the adapter that hands
 //!    committed entries to the state it is given ([`raft::AppliedState`]).
 //! 4. [`state`]: what the log amounts to — the deterministic apply, one module per rule (dedup,
-//!   loops, TTL, entity documents), the sled store and its batch files, the real fdatasync.
+//!    loops, TTL, entity documents), the sled store and its batch files, the real fdatasync.
 //! 5. [`fanout`]: applied messages to this node's subscribers — the hub, subscriptions that replay
 //!    and then follow live, and the once-per-message encoding of deliveries.
 //!

@@ -215,6 +215,22 @@ async fn each_permission_is_checked_on_every_call() {
         .await
         .unwrap_err();
     assert_refused(denied, Code::PermissionDenied, "SUBSCRIBE_DENIED");
+    // The audit line says who was refused (the token's subject) apart from what (the pattern).
+    eventually("the audit line of the denied subscribe", || async {
+        secured
+            .broker
+            .log()
+            .lines()
+            .find(|line| {
+                line.contains("audit")
+                    && line.contains("SUBSCRIBE_DENIED")
+                    && line.contains(r#"principal="agent-17""#)
+                    && line.contains(r#"target="crm.>""#)
+            })
+            .map(str::to_owned)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; the log:\n{}", secured.broker.log()));
 
     let ack = raw
         .publish(with_token(publish("crm.contact.updated"), &grant))

@@ -6,9 +6,9 @@ use switchboard_proto::v1::cluster_server::Cluster as ClusterRpc;
 use tonic::{Request, Response, Status};
 
 use super::{AdminRequest, ClusterView, Leader};
-use crate::edge::auth::Caller;
 use crate::error::{BrokerError, Reason};
 use crate::raft::Member;
+use crate::security::caller::Caller;
 
 /// The admin service over this node's [`Leader`] handle.
 pub struct ClusterService {
@@ -88,7 +88,7 @@ impl ClusterRpc for ClusterService {
         request: Request<pb::AddLearnerRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         // Membership decides who holds the data: only an `admin` grant may change it.
-        Caller::of(&request)?.check_admin()?;
+        Caller::of(request.extensions())?.check_admin("Cluster/AddLearner")?;
         let r = request.into_inner();
         let id = node_id(r.id)?;
         let member = Member {
@@ -103,7 +103,7 @@ impl ClusterRpc for ClusterService {
         request: Request<pb::PromoteRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         // Membership decides who holds the data: only an `admin` grant may change it.
-        Caller::of(&request)?.check_admin()?;
+        Caller::of(request.extensions())?.check_admin("Cluster/Promote")?;
         let id = node_id(request.into_inner().id)?;
         self.run(AdminRequest::Promote { id }).await
     }
@@ -113,7 +113,7 @@ impl ClusterRpc for ClusterService {
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         // Membership decides who holds the data: only an `admin` grant may change it.
-        Caller::of(&request)?.check_admin()?;
+        Caller::of(request.extensions())?.check_admin("Cluster/Remove")?;
         let id = node_id(request.into_inner().id)?;
         self.run(AdminRequest::Remove { id }).await
     }

@@ -1,6 +1,7 @@
 //! The gate every public call passes before its handler runs: the browser-origin check, bearer
 //! token authentication, and the call budgets. It turns the pure decisions of
-//! [`crate::security`] into a [`Caller`] that handlers consult for permissions.
+//! [`crate::security`] into a [`Caller`] (a security concept, defined there) that handlers consult
+//! for permissions, and bounds streams by the caller's token ([`TokenBound`]).
 //!
 //! The gate runs as a tonic interceptor, on the request's metadata alone, so a call without an
 //! acceptable token is refused before its body is read. Health checks and server reflection are
@@ -8,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,125 +18,28 @@ use futures::{Future, Stream};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::channel::Pattern;
 use crate::config::Config;
 use crate::error::BrokerError;
 use crate::observability::{audit, metrics};
+use crate::security::caller::Caller;
 use crate::security::origin::OriginPolicy;
-use crate::security::permissions::{PermissionDenied, Permissions};
 use crate::security::ratelimit::{RateKey, RateLimit, RateLimiter, DEFAULT_SHARDS};
 use crate::security::token::{
-    bearer_token, KeyConfig, Principal, TokenError, TokenVerifier, VerificationKey,
-    VerifierSettings,
+    bearer_token, KeyConfig, TokenError, TokenVerifier, VerificationKey, VerifierSettings,
 };
 
-/// What a broker without authentication lets every caller do: everything but publish to `$`.
-static UNRESTRICTED: LazyLock<Permissions> = LazyLock::new(Permissions::unrestricted);
-
-/// Who made a call, as the gate established it; handlers find it in the request's extensions.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The token's principal; `None` on a broker without authentication.
-    principal: Option<Arc<Principal>>,
-    /// The connection's remote address, when the transport knows it.
-    peer: Option<SocketAddr>,
-    /// When streams opened by this call must end: the token's `exp` plus the leeway.
-    stream_deadline: Option<SystemTime>,
-}
-
-impl Caller {
-    /// A caller on a broker without authentication (also what tests of handlers use).
-    pub fn anonymous(peer: Option<SocketAddr>) -> Caller {
-        Caller {
-            principal: None,
-            peer,
-            stream_deadline: None,
-        }
-    }
-
-    /// What this caller may do.
-    pub fn permissions(&self) -> &Permissions {
-        match &self.principal {
-            Some(principal) => &principal.permissions,
-            None => &UNRESTRICTED,
-        }
-    }
-
-    /// The connection's remote address.
-    pub fn peer(&self) -> Option<SocketAddr> {
-        self.peer
-    }
-
-    /// The authenticated subject, if any.
-    pub fn subject(&self) -> Option<&str> {
-        self.principal.as_deref().map(|p| p.subject.as_str())
-    }
-
-    /// Refuses, counts and audits a denied operation.
-    fn refuse(&self, check: Result<(), PermissionDenied>) -> Result<(), BrokerError> {
-        check.map_err(|denied| {
-            let error = BrokerError::Denied(denied);
-            metrics::access_refused(error.reason());
-            audit::refused(self.peer, self.subject().unwrap_or("(anonymous)"), &error);
-            error
-        })
-    }
-
-    /// Whether this caller may subscribe to `pattern` (or read its history, or follow it as a
-    /// durable consumer).
-    ///
-    /// # Errors
-    /// PERMISSION_DENIED `SUBSCRIBE_DENIED` (or `ENTITY_READ_DENIED` for `$state.` patterns).
-    pub fn check_subscribe(&self, pattern: &Pattern) -> Result<(), BrokerError> {
-        self.refuse(self.permissions().check_subscribe(pattern))
-    }
-
-    /// Whether this caller may read entities of `entity_type`.
-    ///
-    /// # Errors
-    /// PERMISSION_DENIED `ENTITY_READ_DENIED`.
-    pub fn check_read_entity(&self, entity_type: &str) -> Result<(), BrokerError> {
-        self.refuse(self.permissions().check_read_entity(entity_type))
-    }
-
-    /// Whether this caller may update or delete entities of `entity_type`.
-    ///
-    /// # Errors
-    /// PERMISSION_DENIED `ENTITY_UPDATE_DENIED`.
-    pub fn check_update_entity(&self, entity_type: &str) -> Result<(), BrokerError> {
-        self.refuse(self.permissions().check_update_entity(entity_type))
-    }
-
-    /// Whether this caller may change cluster membership.
-    ///
-    /// # Errors
-    /// PERMISSION_DENIED `ADMIN_DENIED`.
-    pub fn check_admin(&self) -> Result<(), BrokerError> {
-        self.refuse(self.permissions().check_admin())
-    }
-
-    /// The caller of `request`, as the gate left it.
-    ///
-    /// # Errors
-    /// INTERNAL when the request did not pass the gate: a wiring mistake, never a client's.
-    pub fn of<T>(request: &Request<T>) -> Result<Caller, Status> {
-        request
-            .extensions()
-            .get::<Caller>()
-            .cloned()
-            .ok_or_else(|| Status::internal("the call did not pass the authentication gate"))
-    }
-
-    /// Ends `stream` with UNAUTHENTICATED `TOKEN_EXPIRED` once this caller's token expires (plus
+impl<S> TokenBound<S> {
+    /// Ends `stream` with UNAUTHENTICATED `TOKEN_EXPIRED` once `caller`'s token expires (plus
     /// the leeway), so a long subscription cannot outlive its credentials; the client refreshes
-    /// its token and resumes. Without a token, `stream` is returned as it is.
-    pub fn bound_stream<S, T>(&self, stream: S) -> TokenBound<S>
+    /// its token and resumes. Without a token, `stream` runs to its own end.
+    pub fn new<T>(caller: &Caller, stream: S) -> TokenBound<S>
     where
         S: Stream<Item = Result<T, Status>> + Unpin,
     {
         let expiry =
-            self.stream_deadline
-                .zip(self.principal.as_deref())
+            caller
+                .stream_deadline()
+                .zip(caller.principal())
                 .map(|(deadline, principal)| {
                     let left = deadline
                         .duration_since(SystemTime::now())
@@ -155,7 +59,7 @@ impl Caller {
     }
 }
 
-/// A response stream that ends when its caller's token does (see [`Caller::bound_stream`]).
+/// A response stream that ends when its caller's token does (see [`TokenBound::new`]).
 pub struct TokenBound<S> {
     inner: S,
     /// The timer, and the token's `exp` for the refusal.
@@ -330,11 +234,7 @@ impl Gate {
                     .verify(token)
                     .map_err(BrokerError::Unauthenticated)?;
                 let stream_deadline = principal.expires_at.checked_add(self.leeway);
-                Caller {
-                    principal: Some(Arc::new(principal)),
-                    peer,
-                    stream_deadline,
-                }
+                Caller::authenticated(principal, peer, stream_deadline)
             }
         };
         self.admit(&caller)?;
@@ -366,7 +266,7 @@ impl Gate {
                     Ok(())
                 } else {
                     Err(BrokerError::OriginNotAllowed {
-                        origin: crate::edge::validate::shorten(origin),
+                        origin: crate::error::shorten(origin),
                     })
                 }
             }
@@ -379,7 +279,7 @@ impl Gate {
     /// RESOURCE_EXHAUSTED `RATE_LIMITED`, with the wait after which a retry succeeds.
     pub fn admit(&self, caller: &Caller) -> Result<(), BrokerError> {
         let now = Instant::now();
-        if let (Some(limiter), Some(peer)) = (&self.per_connection, caller.peer) {
+        if let (Some(limiter), Some(peer)) = (&self.per_connection, caller.peer()) {
             limiter
                 .check(&RateKey::Connection(peer), now)
                 .map_err(BrokerError::RateLimited)?;
@@ -418,7 +318,8 @@ impl Interceptor for GateInterceptor {
             }
             Err(error) => {
                 metrics::access_refused(error.reason());
-                audit::refused(request.remote_addr(), "(call)", &error);
+                // Refused before a principal was established or the call named anything.
+                audit::refused(request.remote_addr(), None, None, &error);
                 Err(error.into())
             }
         }

@@ -1,49 +1,25 @@
-//! Subscriptions with flow control, acknowledgements and durable consumers: the handlers behind
-//! `Subscribe`, `Ack`, `ListSubscriptions`, `ListConsumers`, `GetConsumer` and `DeleteConsumer`.
+//! Acknowledgements and durable consumers: the handlers behind `Ack`, `ListSubscriptions`,
+//! `ListConsumers`, `GetConsumer` and `DeleteConsumer` (a `Subscribe` naming a consumer opens it:
+//! [`super::subscribe`]).
 //!
 //! A durable consumer's record (pattern, policy, acknowledged offset) lives in the replicated
 //! state, written through the proposer like a publish; which subscription currently serves it, and
 //! what it has in flight, is this node's [`Registry`](crate::fanout::registry::Registry).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use switchboard_proto::v1 as pb;
-use tokio::sync::mpsc;
 
-use super::auth::Caller;
-use super::validate::Start;
-use super::{convert, Edge, SUBSCRIBE_STREAM_BUFFER};
+use super::{convert, Edge};
 use crate::error::{BrokerError, Reason};
-use crate::fanout::outgoing::Outgoing;
-use crate::fanout::registry::{Control, FlowPolicy, Opening};
-use crate::fanout::subscription::{self, EventSender, SubscriptionSpec};
+use crate::fanout::registry::Control;
 use crate::message::{ConsumerState, ConsumerWrite, Item, ItemOutcome};
+use crate::security::caller::Caller;
 
 /// Longest durable consumer name.
 const MAX_NAME_LEN: usize = 64;
 
-fn policy(value: i32) -> Result<FlowPolicy, BrokerError> {
-    match pb::FlowPolicy::try_from(value) {
-        Ok(pb::FlowPolicy::Unspecified | pb::FlowPolicy::Lossless) => Ok(FlowPolicy::Lossless),
-        Ok(pb::FlowPolicy::Conflate) => Ok(FlowPolicy::Conflate),
-        Ok(pb::FlowPolicy::DropOldest) => Ok(FlowPolicy::DropOldest),
-        Err(_) => Err(BrokerError::invalid(
-            Reason::PolicyInvalid,
-            format!("unknown flow policy {value}"),
-        )),
-    }
-}
-
-fn policy_number(policy: FlowPolicy) -> i32 {
-    match policy {
-        FlowPolicy::Lossless => pb::FlowPolicy::Lossless as i32,
-        FlowPolicy::Conflate => pb::FlowPolicy::Conflate as i32,
-        FlowPolicy::DropOldest => pb::FlowPolicy::DropOldest as i32,
-    }
-}
-
-fn check_name(name: &str) -> Result<(), BrokerError> {
+pub(super) fn check_name(name: &str) -> Result<(), BrokerError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
@@ -56,13 +32,13 @@ fn check_name(name: &str) -> Result<(), BrokerError> {
             Reason::ConsumerInvalid,
             format!(
                 "consumer name must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9_-], got {:?}",
-                super::validate::shorten(name)
+                crate::error::shorten(name)
             ),
         ))
     }
 }
 
-fn expect_consumer(outcome: ItemOutcome) -> Result<Option<ConsumerState>, BrokerError> {
+pub(super) fn expect_consumer(outcome: ItemOutcome) -> Result<Option<ConsumerState>, BrokerError> {
     match outcome {
         ItemOutcome::Consumer(state) => Ok(state),
         other => Err(BrokerError::Consensus(format!(
@@ -72,85 +48,6 @@ fn expect_consumer(outcome: ItemOutcome) -> Result<Option<ConsumerState>, Broker
 }
 
 impl Edge {
-    /// Starts a subscription for a `Subscribe` call; returns the stream's receiving end.
-    pub(super) async fn subscribe(
-        &self,
-        request: pb::SubscribeRequest,
-        caller: &Caller,
-    ) -> Result<mpsc::Receiver<Result<Outgoing, tonic::Status>>, BrokerError> {
-        let pattern = self.validator.pattern(&request.pattern)?;
-        caller.check_subscribe(&pattern)?;
-        let mut start = self.validator.start(request.start, Start::Latest, true)?;
-        let policy = policy(request.policy)?;
-        let settings = &self.config.subscriptions;
-        let durable = (!request.durable_name.is_empty()).then_some(request.durable_name);
-        let mut acked_floor = 0;
-        if let Some(name) = &durable {
-            check_name(name)?;
-            let open = ConsumerWrite::Open {
-                name: name.clone(),
-                pattern: pattern.as_str().to_owned(),
-                policy: policy_number(policy),
-                start_offset: subscription::first_offset(
-                    &self.store,
-                    start,
-                    self.progress.borrow().last_offset,
-                )?,
-            };
-            let state = expect_consumer(self.proposer.propose(Item::Consumer(open)).await?)?
-                .ok_or_else(|| BrokerError::Consensus("a consumer was not created".into()))?;
-            if state.pattern != pattern.as_str() {
-                return Err(BrokerError::Precondition {
-                    reason: Reason::ConsumerInvalid,
-                    message: format!(
-                        "durable consumer {name:?} follows {:?}, not {:?}; delete it to change its pattern",
-                        state.pattern,
-                        pattern.as_str()
-                    ),
-                });
-            }
-            acked_floor = state.acked_offset;
-            start = Start::Offset(state.acked_offset + 1);
-        }
-        let max_unacked = match (request.max_unacked, &durable) {
-            (0, None) => None,
-            (0, Some(_)) => Some(settings.default_max_unacked),
-            (n, _) => Some(n),
-        };
-        let ack_timeout = durable.as_ref().map(|_| match request.ack_timeout_ms {
-            0 => settings.ack_timeout,
-            ms => Duration::from_millis(u64::from(ms)),
-        });
-        let window = match request.window {
-            0 => settings.queue_depth as u64,
-            n => u64::from(n),
-        };
-        let min_interval = (request.min_interval_ms > 0)
-            .then(|| Duration::from_millis(u64::from(request.min_interval_ms)));
-
-        let registered = self.registry.open(Opening {
-            pattern: pattern.as_str().to_owned(),
-            policy,
-            durable,
-            max_unacked,
-            peer: caller.peer(),
-            acked_floor,
-        })?;
-        let (out, events): (EventSender, _) = mpsc::channel(SUBSCRIBE_STREAM_BUFFER);
-        self.spawn_subscription(
-            registered,
-            SubscriptionSpec {
-                pattern,
-                start,
-                window,
-                min_interval,
-                ack_timeout,
-            },
-            out,
-        )?;
-        Ok(events)
-    }
-
     /// Handles `Ack`.
     pub(super) async fn ack(
         &self,
@@ -206,7 +103,7 @@ impl Edge {
     fn visible(&self, caller: &Caller, pattern: &str) -> bool {
         self.validator
             .pattern(pattern)
-            .is_ok_and(|pattern| caller.permissions().may_subscribe(&pattern))
+            .is_ok_and(|pattern| caller.may_subscribe(&pattern))
     }
 
     /// A consumer's record, if `caller` may see it (else "not found", so names do not leak).
@@ -295,7 +192,7 @@ fn subscription_info(control: &Arc<Control>) -> pb::SubscriptionInfo {
     pb::SubscriptionInfo {
         subscription_id: control.id,
         pattern: control.pattern.clone(),
-        policy: policy_number(control.policy),
+        policy: convert::policy_number(control.policy),
         durable_name: control.durable.clone().unwrap_or_default(),
         next_offset: flight.next_offset,
         lagging: stats.lagging,

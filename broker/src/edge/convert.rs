@@ -6,6 +6,8 @@ use serde_json::value::RawValue;
 use switchboard_proto::v1 as pb;
 
 use crate::entity::{EntityState, Stamp};
+use crate::error::{BrokerError, Reason};
+use crate::fanout::registry::FlowPolicy;
 use crate::message::StoredMessage;
 
 /// µs since the epoch → protobuf timestamp.
@@ -109,6 +111,28 @@ pub fn entity_from_state_payload(payload: &[u8]) -> Option<pb::Entity> {
         updated_at: Some(timestamp(doc.updated_at_us)),
         last_stamp: doc.last_stamp.as_ref().map(write_stamp),
     })
+}
+
+/// A request's flow policy number → the registry's policy (unspecified is lossless).
+pub(crate) fn policy(value: i32) -> Result<FlowPolicy, BrokerError> {
+    match pb::FlowPolicy::try_from(value) {
+        Ok(pb::FlowPolicy::Unspecified | pb::FlowPolicy::Lossless) => Ok(FlowPolicy::Lossless),
+        Ok(pb::FlowPolicy::Conflate) => Ok(FlowPolicy::Conflate),
+        Ok(pb::FlowPolicy::DropOldest) => Ok(FlowPolicy::DropOldest),
+        Err(_) => Err(BrokerError::invalid(
+            Reason::PolicyInvalid,
+            format!("unknown flow policy {value}"),
+        )),
+    }
+}
+
+/// The registry's flow policy → its protobuf number.
+pub(crate) fn policy_number(policy: FlowPolicy) -> i32 {
+    match policy {
+        FlowPolicy::Lossless => pb::FlowPolicy::Lossless as i32,
+        FlowPolicy::Conflate => pb::FlowPolicy::Conflate as i32,
+        FlowPolicy::DropOldest => pb::FlowPolicy::DropOldest as i32,
+    }
 }
 
 #[cfg(test)]

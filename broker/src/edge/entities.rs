@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::auth::{Caller, TokenBound};
+use super::auth::TokenBound;
 use super::{convert, Edge};
 use crate::entity::{Change, Stamp};
 use crate::error::{BrokerError, Reason};
@@ -23,7 +23,8 @@ use crate::fanout::outgoing::Outgoing;
 use crate::fanout::registry::{FlowPolicy, Opening};
 use crate::fanout::subscription::SubscriptionSpec;
 use crate::message::{EntityWrite, Item, ItemOutcome};
-use crate::observability::{audit, metrics};
+use crate::observability::metrics;
+use crate::security::caller::Caller;
 use crate::state::entity_doc::state_channel;
 
 /// Longest entity type or id.
@@ -62,7 +63,7 @@ fn key(key: Option<pb::EntityKey>) -> Result<(String, String), BrokerError> {
                 Reason::EntityKeyInvalid,
                 format!(
                     "entity {what} must be 1 to {MAX_KEY_PART} characters of [A-Za-z0-9_-], got {:?}",
-                    super::validate::shorten(part)
+                    crate::error::shorten(part)
                 ),
             ));
         }
@@ -121,7 +122,7 @@ impl EntitiesService {
     async fn write(
         &self,
         write: EntityWrite,
-        peer: Option<std::net::SocketAddr>,
+        caller: &Caller,
     ) -> Result<Response<pb::EntityResponse>, Status> {
         let (entity_type, id) = (write.entity_type.clone(), write.id.clone());
         match self.edge.proposer.propose(Item::Entity(write)).await? {
@@ -131,7 +132,7 @@ impl EntitiesService {
             ItemOutcome::Refused(refusal) => {
                 let error = BrokerError::from(refusal);
                 metrics::entity_refused(error.reason());
-                audit::refused(peer, &format!("{entity_type}.{id}"), &error);
+                caller.audit_refused(&format!("{entity_type}.{id}"), &error);
                 Err(error.into())
             }
             other => Err(BrokerError::Consensus(format!(
@@ -148,10 +149,10 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::UpdateEntityRequest>,
     ) -> Result<Response<pb::EntityResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
-        caller.check_update_entity(&entity_type)?;
+        caller.check_update_entity(&entity_type, &id)?;
         let values = fields(&request.fields, self.edge.config.limits.max_payload_bytes)?;
         let stamp = stamp(request.stamp)?;
         self.write(
@@ -162,7 +163,7 @@ impl EntitiesRpc for EntitiesService {
                 stamp,
                 expected_version: request.expected_version,
             },
-            caller.peer(),
+            &caller,
         )
         .await
     }
@@ -171,10 +172,10 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::DeleteEntityRequest>,
     ) -> Result<Response<pb::EntityResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
-        caller.check_update_entity(&entity_type)?;
+        caller.check_update_entity(&entity_type, &id)?;
         let stamp = stamp(request.stamp)?;
         self.write(
             EntityWrite {
@@ -184,7 +185,7 @@ impl EntitiesRpc for EntitiesService {
                 stamp,
                 expected_version: request.expected_version,
             },
-            caller.peer(),
+            &caller,
         )
         .await
     }
@@ -193,10 +194,10 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::GetEntityRequest>,
     ) -> Result<Response<pb::GetEntityResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let (entity_type, id) = key(request.key)?;
-        caller.check_read_entity(&entity_type)?;
+        caller.check_read_entity(&entity_type, &id)?;
         if !request.stale_ok {
             // Read index: wait until this node has applied every write committed before now, as
             // the leader confirms with a quorum; a read on a follower is then as fresh as one on
@@ -227,7 +228,7 @@ impl EntitiesRpc for EntitiesService {
         &self,
         request: Request<pb::WatchEntitiesRequest>,
     ) -> Result<Response<Self::WatchEntitiesStream>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let edge = &self.edge;
         let pattern = edge.validator.pattern(&request.pattern)?;
@@ -266,9 +267,10 @@ impl EntitiesRpc for EntitiesService {
             changes_tx,
         )?;
         tokio::spawn(watch(Arc::clone(&self.edge), pattern, changes, out));
-        Ok(Response::new(
-            caller.bound_stream(ReceiverStream::new(events)),
-        ))
+        Ok(Response::new(TokenBound::new(
+            &caller,
+            ReceiverStream::new(events),
+        )))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The one mapping from [`BrokerError`] to what a client sees: a gRPC status whose details carry a
 //! `google.rpc.ErrorInfo` (domain `switchboard`, the stable reason), or, inside a `PublishStream`,
-//! a [`Refusal`] with the same code and reason.
+//! a [`Refusal`] with the same code and reason. The code is [`BrokerError::code`], the table the
+//! audit log names too.
 
 use std::collections::HashMap;
 
@@ -10,46 +11,10 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::{BrokerError, Reason};
-use crate::security::credentials::CredentialError;
-use crate::security::permissions::PermissionDenied;
+use crate::security::caller::Ungated;
 
 /// Response metadata naming the leader's public address (`host:port`) on UNAVAILABLE answers.
 pub const LEADER_HINT_HEADER: &str = "x-switchboard-leader";
-
-/// The gRPC code for an error.
-pub fn code(error: &BrokerError) -> Code {
-    match error {
-        BrokerError::Invalid { .. } => Code::InvalidArgument,
-        BrokerError::LoopDetected { .. }
-        | BrokerError::StaleUpdate { .. }
-        | BrokerError::ClockSkew { .. } => Code::FailedPrecondition,
-        BrokerError::VersionConflict { .. } => Code::Aborted,
-        BrokerError::EntityNotFound { .. } | BrokerError::NotFound { .. } => Code::NotFound,
-        BrokerError::Exhausted { .. } => Code::ResourceExhausted,
-        BrokerError::Precondition { .. } => Code::FailedPrecondition,
-        BrokerError::NotLeader { .. }
-        | BrokerError::LeaderUnavailable { .. }
-        | BrokerError::NoQuorum { .. }
-        | BrokerError::ShuttingDown => Code::Unavailable,
-        BrokerError::Storage(_) | BrokerError::Consensus(_) => Code::Internal,
-        BrokerError::Unauthenticated(_) => Code::Unauthenticated,
-        BrokerError::Denied(PermissionDenied::ReservedChannel { .. }) => Code::InvalidArgument,
-        BrokerError::Denied(_) | BrokerError::OriginNotAllowed { .. } => Code::PermissionDenied,
-        BrokerError::Credential(e) => match e {
-            CredentialError::InvalidClient => Code::Unauthenticated,
-            CredentialError::ScopeNotAllowed | CredentialError::OnBehalfNotAllowed(_) => {
-                Code::PermissionDenied
-            }
-            CredentialError::InvalidScope(_)
-            | CredentialError::InvalidSubject
-            | CredentialError::InvalidTtl(_) => Code::InvalidArgument,
-            _ => Code::Internal,
-        },
-        BrokerError::TokenEndpointOff => Code::Unimplemented,
-        BrokerError::RateLimited(_) => Code::ResourceExhausted,
-        BrokerError::Corrupt(_) => Code::DataLoss,
-    }
-}
 
 /// The HTTP status the gateway answers with for a gRPC `code` (and its `reason`), so a browser
 /// sees the classification a gRPC client does. A failed compare-and-set is `412 Precondition
@@ -117,7 +82,7 @@ impl From<BrokerError> for Status {
             // The standard retry hint, for clients that know google.rpc.RetryInfo.
             details.set_retry_info(Some(wait.0));
         }
-        let mut status = Status::with_error_details(code(&error), error.to_string(), details);
+        let mut status = Status::with_error_details(error.code(), error.to_string(), details);
         // The hint also travels as plain gRPC metadata, for clients that do not decode details.
         if let BrokerError::LeaderUnavailable {
             leader_address: Some(address),
@@ -132,10 +97,17 @@ impl From<BrokerError> for Status {
     }
 }
 
+/// A handler found no caller: the call bypassed the gate, a wiring mistake (INTERNAL).
+impl From<Ungated> for Status {
+    fn from(error: Ungated) -> Status {
+        Status::internal(error.to_string())
+    }
+}
+
 /// The refusal of one message in a `PublishStream`.
 pub fn refusal(error: &BrokerError) -> Refusal {
     Refusal {
-        code: code(error) as i32,
+        code: error.code() as i32,
         reason: error.reason().as_str().to_owned(),
         message: error.to_string(),
     }
@@ -160,7 +132,7 @@ mod tests {
         ];
         for (error, http) in cases {
             assert_eq!(
-                http_status(code(&error), error.reason().as_str()),
+                http_status(error.code(), error.reason().as_str()),
                 http,
                 "{error:?}"
             );

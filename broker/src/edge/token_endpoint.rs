@@ -231,19 +231,20 @@ impl AuthRpc for AuthService {
         request: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
         let peer = request.remote_addr();
+        // No principal here (the caller is after a token); what was refused is the client's.
         let refused = |error: BrokerError, client_id: &str| {
             metrics::access_refused(error.reason());
-            audit::refused(peer, client_id, &error);
+            audit::refused(peer, None, Some(client_id), &error);
             Status::from(error)
         };
         if let Err(error) = self.gate.check_origin(&request) {
-            return Err(refused(error, "(token endpoint)"));
+            return Err(refused(error, &request.get_ref().client_id));
         }
         let Some(endpoint) = &self.endpoint else {
             return Err(Status::from(BrokerError::TokenEndpointOff));
         };
         let request = request.into_inner();
-        let client_id = super::validate::shorten(&request.client_id);
+        let client_id = crate::error::shorten(&request.client_id);
         match endpoint.issue(request, peer).await {
             Ok(response) => {
                 tracing::info!(client_id = %client_id, expires_in_s = response.expires_in_seconds, "token issued");

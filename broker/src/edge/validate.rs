@@ -9,7 +9,7 @@ use switchboard_proto::v1::start_position::Position;
 
 use crate::channel::{self, ChannelLimits, Pattern};
 use crate::config::Limits;
-use crate::error::{BrokerError, Reason};
+use crate::error::{shorten, BrokerError, Reason};
 use crate::message::NewMessage;
 
 /// Content type used when a publisher sends none.
@@ -28,22 +28,6 @@ pub use crate::fanout::subscription::Start;
 pub struct Validator {
     limits: Limits,
     channel_limits: ChannelLimits,
-}
-
-/// Echoed client strings are cut to this many bytes, so an error message stays small whatever
-/// was sent.
-const MAX_ECHO: usize = 100;
-
-/// A client string as quoted in an error: at most [`MAX_ECHO`] bytes, cut on a char boundary.
-pub fn shorten(s: &str) -> String {
-    if s.len() <= MAX_ECHO {
-        return s.to_owned();
-    }
-    let mut end = MAX_ECHO;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 fn invalid(reason: Reason, message: impl Into<String>) -> BrokerError {
@@ -409,14 +393,6 @@ mod tests {
         let mut r = request("a.b", b"{}");
         r.headers.insert("big".into(), "v".repeat(9000));
         assert_eq!(reason_of(v.publish(r)), Reason::HeadersInvalid);
-    }
-
-    #[test]
-    fn echoed_strings_are_cut_at_a_character_boundary() {
-        assert_eq!(shorten("crm.contact"), "crm.contact");
-        let cut = shorten(&"é".repeat(80)); // 160 bytes
-        assert!(cut.ends_with('…'));
-        assert_eq!(cut.len(), 100 + '…'.len_utf8());
     }
 
     #[test]

@@ -39,7 +39,12 @@ pub async fn check(State(gateway): State<Gateway>, request: Request, next: Next)
             return next.run(request).await;
         }
         metrics::access_refused(error.reason());
-        audit::refused(super::peer(request.extensions()), "(http)", &error);
+        audit::refused(
+            super::peer(request.extensions()),
+            None,
+            Some(request.uri().path()),
+            &error,
+        );
         return HttpError::from(error).into_response();
     }
     let Some(origin) = origin else {

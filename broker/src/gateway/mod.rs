@@ -30,11 +30,12 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpConnectInfo;
 
 use crate::config::Config;
-use crate::edge::auth::{Caller, Gate};
+use crate::edge::auth::Gate;
 use crate::edge::entities::EntitiesService;
 use crate::edge::BrokerService;
 use crate::error::{BrokerError, Reason};
 use crate::observability::{audit, metrics};
+use crate::security::caller::Caller;
 use error::HttpError;
 
 /// What the gateway's handlers share; cheap to clone.
@@ -124,7 +125,7 @@ impl Gateway {
             .authenticate_headers(headers, peer)
             .map_err(|error| {
                 metrics::access_refused(error.reason());
-                audit::refused(peer, "(http)", &error);
+                audit::refused(peer, None, Some(parts.uri.path()), &error);
                 HttpError::from(error)
             })
     }
@@ -136,7 +137,7 @@ async fn not_found(request: axum::extract::Request) -> HttpError {
         reason: Reason::EndpointNotFound,
         message: format!(
             "no gateway endpoint at {} (see docs/GATEWAY.md)",
-            crate::edge::validate::shorten(request.uri().path())
+            crate::error::shorten(request.uri().path())
         ),
     })
 }

@@ -97,10 +97,7 @@ impl Sources {
                 }
             })
             .collect();
-        let data_dir = self.data_dir.clone();
-        let disk_bytes = tokio::task::spawn_blocking(move || dir_size(&data_dir))
-            .await
-            .unwrap_or(0);
+        let disk_bytes = disk_bytes(self.data_dir.clone()).await;
         Scrape {
             node_id: self.node_id,
             last_offset: progress.last_offset,
@@ -139,6 +136,14 @@ fn committed_index(raft: &openraft::RaftMetrics<u64, Member>, applied: u64) -> u
     matched.sort_unstable_by(|a, b| b.cmp(a));
     // With n voters, the (n/2 + 1)-th highest is on a majority.
     matched[matched.len() / 2].max(applied)
+}
+
+/// Total size of the files under the data directory, walked on a blocking thread (0 if the walk
+/// fails): `switchboard_disk_bytes` here and `disk_bytes` in the `Info` call.
+pub(crate) async fn disk_bytes(data_dir: PathBuf) -> u64 {
+    tokio::task::spawn_blocking(move || dir_size(&data_dir))
+        .await
+        .unwrap_or(0)
 }
 
 /// Total size of the files under `dir`.

@@ -1,6 +1,10 @@
 //! The audit log of refusals: one line per refused request (who, what, code, reason), rate-limited
 //! so a flood of bad input cannot flood the log.
 //!
+//! Who and what are separate fields, each with one meaning: `peer` and `principal` say who was
+//! refused (the connection, and the token's subject when one was verified); `target` says what
+//! was refused (a channel, a pattern, `type.id`, a client id). docs/OBSERVABILITY.md lists them.
+//!
 //! Lines are `tracing` events at WARN with target `audit`, so they follow the log format (text or
 //! JSON) and can be filtered on their own (`--log-level info,audit=off` silences them). At most
 //! [`LINES_PER_SECOND`] lines are written per second, over all clients; the rest are counted, and
@@ -13,8 +17,7 @@ use std::time::{Duration, Instant};
 
 use switchboard_proto::code_name;
 
-use crate::edge::validate::shorten;
-use crate::error::BrokerError;
+use crate::error::{shorten, BrokerError};
 
 /// Audit lines written per second at most, over all clients.
 pub const LINES_PER_SECOND: u32 = 20;
@@ -23,8 +26,16 @@ const WINDOW: Duration = Duration::from_secs(1);
 
 static LIMITER: Mutex<Limiter> = Mutex::new(Limiter::new(LINES_PER_SECOND));
 
-/// Logs that a request from `peer` about `subject` (a channel, an entity, a consumer) was refused.
-pub fn refused(peer: Option<SocketAddr>, subject: &str, error: &BrokerError) {
+/// Logs that a request was refused: from `peer`, made by `principal` (the verified token's
+/// subject; `None` without authentication, and for refusals at the gate or the token endpoint),
+/// about `target` (what was refused; `None` when the request was refused before it named
+/// anything).
+pub fn refused(
+    peer: Option<SocketAddr>,
+    principal: Option<&str>,
+    target: Option<&str>,
+    error: &BrokerError,
+) {
     let admitted = LIMITER
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -41,19 +52,47 @@ pub fn refused(peer: Option<SocketAddr>, subject: &str, error: &BrokerError) {
     if !admitted.write {
         return;
     }
-    let peer = match peer {
-        Some(peer) => peer.to_string(),
-        None => "unknown".to_owned(),
-    };
+    let line = Line::new(peer, principal, target, error);
     tracing::warn!(
         target: "audit",
-        peer = %peer,
-        subject = %shorten(subject),
-        code = code_name(crate::edge::status::code(error)),
-        reason = error.reason().as_str(),
+        peer = %line.peer,
+        principal = line.principal,
+        target = line.target,
+        code = line.code,
+        reason = line.reason,
         detail = %error,
         "refused"
     );
+}
+
+/// The fields of one audit line, as written (client strings cut by [`shorten`]).
+#[derive(Debug, PartialEq, Eq)]
+struct Line {
+    peer: String,
+    principal: Option<String>,
+    target: Option<String>,
+    code: &'static str,
+    reason: &'static str,
+}
+
+impl Line {
+    fn new(
+        peer: Option<SocketAddr>,
+        principal: Option<&str>,
+        target: Option<&str>,
+        error: &BrokerError,
+    ) -> Line {
+        Line {
+            peer: match peer {
+                Some(peer) => peer.to_string(),
+                None => "unknown".to_owned(),
+            },
+            principal: principal.map(shorten),
+            target: target.map(shorten),
+            code: code_name(error.code()),
+            reason: error.reason().as_str(),
+        }
+    }
 }
 
 /// A fixed one-second window: the first `limit` lines of a window are written, the rest counted.
@@ -115,6 +154,8 @@ impl Limiter {
 mod tests {
     use super::*;
     use crate::error::Reason;
+    use crate::security::permissions::PermissionDenied;
+    use crate::security::token::TokenError;
 
     #[test]
     fn observability_audit_limiter_writes_the_first_n_per_second_and_reports_the_rest() {
@@ -181,11 +222,37 @@ mod tests {
     #[test]
     fn observability_audit_line_names_the_code() {
         let error = BrokerError::invalid(Reason::ChannelInvalid, "segment 1 is empty");
-        assert_eq!(
-            code_name(crate::edge::status::code(&error)),
-            "INVALID_ARGUMENT"
-        );
+        assert_eq!(code_name(error.code()), "INVALID_ARGUMENT");
         // Logging with no subscriber installed must not panic.
-        refused(None, "crm..x", &error);
+        refused(None, None, Some("crm..x"), &error);
+    }
+
+    #[test]
+    fn observability_audit_line_separates_who_from_what() {
+        let peer: SocketAddr = "10.0.0.7:5000".parse().unwrap();
+        let denied = BrokerError::Denied(PermissionDenied::Subscribe {
+            pattern: "billing.>".into(),
+        });
+        assert_eq!(
+            Line::new(Some(peer), Some("alice"), Some("billing.>"), &denied),
+            Line {
+                peer: "10.0.0.7:5000".into(),
+                principal: Some("alice".into()),
+                target: Some("billing.>".into()),
+                code: "PERMISSION_DENIED",
+                reason: "SUBSCRIBE_DENIED",
+            }
+        );
+        // Refused at the gate: no principal was established, nothing was named yet.
+        let missing = BrokerError::Unauthenticated(TokenError::Missing);
+        let line = Line::new(None, None, None, &missing);
+        assert_eq!(line.peer, "unknown");
+        assert_eq!((line.principal, line.target), (None, None));
+        assert_eq!(line.code, "UNAUTHENTICATED");
+        // Client strings are cut like every echo.
+        let long = "a".repeat(300);
+        let line = Line::new(None, Some(&long), Some(&long), &missing);
+        assert_eq!(line.principal, Some(shorten(&long)));
+        assert_eq!(line.target, Some(shorten(&long)));
     }
 }

@@ -4,9 +4,11 @@
 //! header belong to the allow-list, is this token genuine and what does it grant, may this
 //! principal subscribe to that pattern, has this key spent its budget) that can be tested
 //! exhaustively without a server. The gRPC edge wires them in; nothing in this module knows about
-//! tonic, requests or connections.
+//! tonic or request framing.
 //!
 //! # Layout
+//! - [`caller`]: who made a call (principal, peer, stream deadline) and the one path every grant
+//!   check takes, counting and auditing each refusal.
 //! - [`origin`]: the allow-list of browser origins (exact and `https://*.example.com`), matched on
 //!   parsed scheme, host and port — never on substrings.
 //! - [`ratelimit`]: token buckets keyed by principal or connection, with a bounded number of keys
@@ -18,8 +20,10 @@
 //! - [`credentials`]: client-credentials for a token endpoint — argon2id-hashed client secrets and
 //!   minting of short-lived, scoped tokens.
 //!
-//! None of this is wired into the server yet; `docs/SECURITY.md` lists what remains.
+//! The edge's gate (`edge::auth`) applies them to every call; `docs/SECURITY.md` describes the
+//! whole.
 
+pub mod caller;
 pub mod credentials;
 pub mod origin;
 pub mod permissions;
