@@ -14,11 +14,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prost::Message as _;
-use switchboard_broker::checksum;
-use switchboard_broker::edge::convert;
-use switchboard_broker::fanout::outgoing::{Delivery, Outgoing, SharedMessage};
-use switchboard_broker::message::{Command, Item, NewMessage, Rules, StoredMessage};
-use switchboard_broker::state::store::{MessageStore, WriteBatch};
+use switchboard_broker::bench_api::{checksum_encode, convert};
+use switchboard_broker::bench_api::{Command, Item, NewMessage, Rules, StoredMessage};
+use switchboard_broker::bench_api::{Delivery, Outgoing, SharedMessage};
+use switchboard_broker::bench_api::{MessageStore, WriteBatch};
 use switchboard_proto::v1 as pb;
 
 /// Messages in one group-committed batch.
@@ -149,7 +148,7 @@ fn stored_batch(c: &mut Criterion) {
     // What apply encodes per batch; writing the body to its batch file is left out, so that
     // criterion's many iterations measure the encoding and do not fill the disk.
     group.bench_function("store_encode", |b| {
-        b.iter(|| checksum::encode(black_box(&messages)))
+        b.iter(|| checksum_encode(black_box(&messages)))
     });
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use switchboard_broker::entity::{Change, EntityState, Stamp};
-use switchboard_broker::state::entity_doc::EntityDoc;
+use switchboard_broker::bench_api::EntityDoc;
+use switchboard_broker::bench_api::{Change, EntityState, Stamp};
 
 fn stamp(timestamp_ms: u64, writer: &str) -> Stamp {
     Stamp {
@@ -91,7 +91,7 @@ fn state_document(c: &mut Criterion) {
     let payload = EntityDoc::encode("contact", "c42", &state).unwrap_or_else(|e| panic!("{e}"));
     group.bench_function("watch_decode/10_fields", |b| {
         b.iter(|| {
-            switchboard_broker::edge::convert::entity_from_state_payload(black_box(
+            switchboard_broker::bench_api::convert::entity_from_state_payload(black_box(
                 payload.as_bytes(),
             ))
         })

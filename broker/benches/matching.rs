@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use switchboard_broker::channel::{ChannelLimits, Pattern, SubscriptionTrie};
+use switchboard_broker::bench_api::{ChannelLimits, Pattern, SubscriptionTrie};
 
 /// Patterns every subscription set contains: a few broad, cross-tenant subscriptions.
 const GLOBAL_PATTERNS: &[&str] = &[

@@ -130,12 +130,12 @@ pub enum ChannelError {
 }
 
 /// Checks that `channel` is a valid channel name (no wildcards) within `limits`.
-pub fn validate_channel(channel: &str, limits: &ChannelLimits) -> Result<(), ChannelError> {
+pub(crate) fn validate_channel(channel: &str, limits: &ChannelLimits) -> Result<(), ChannelError> {
     check(channel, limits, Grammar::Channel, |_| {})
 }
 
 /// Whether `channel` (or pattern) lies in the broker's reserved namespace, i.e. starts with `$`.
-pub fn is_reserved(channel: &str) -> bool {
+pub(crate) fn is_reserved(channel: &str) -> bool {
     channel.starts_with(RESERVED_PREFIX)
 }
 

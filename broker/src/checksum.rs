@@ -22,11 +22,11 @@
 /// format (or its first byte is damaged).
 const FORMAT: u8 = 0xC5;
 /// Format byte and checksum.
-pub const OVERHEAD: usize = 5;
+pub(crate) const OVERHEAD: usize = 5;
 
 /// A stored value failed its check.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CorruptRecord {
+pub(crate) enum CorruptRecord {
     /// Shorter than the header: cut short.
     #[error("truncated value: {len} bytes, shorter than the {OVERHEAD}-byte header")]
     Truncated {
@@ -52,7 +52,7 @@ pub enum CorruptRecord {
 }
 
 /// `payload` with its header, ready to store.
-pub fn seal(payload: &[u8]) -> Vec<u8> {
+pub(crate) fn seal(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(OVERHEAD + payload.len());
     out.push(FORMAT);
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
@@ -64,7 +64,7 @@ pub fn seal(payload: &[u8]) -> Vec<u8> {
 ///
 /// # Errors
 /// [`CorruptRecord`] when the value is too short, not sealed, or does not match its checksum.
-pub fn open(value: &[u8]) -> Result<&[u8], CorruptRecord> {
+pub(crate) fn open(value: &[u8]) -> Result<&[u8], CorruptRecord> {
     let (header, payload) = value
         .split_at_checked(OVERHEAD)
         .ok_or(CorruptRecord::Truncated { len: value.len() })?;
@@ -81,7 +81,7 @@ pub fn open(value: &[u8]) -> Result<&[u8], CorruptRecord> {
 ///
 /// # Errors
 /// [`CorruptRecord::Mismatch`] when they differ.
-pub fn verify(stored: u32, payload: &[u8]) -> Result<(), CorruptRecord> {
+pub(crate) fn verify(stored: u32, payload: &[u8]) -> Result<(), CorruptRecord> {
     let computed = crc32fast::hash(payload);
     if stored != computed {
         return Err(CorruptRecord::Mismatch {
@@ -95,7 +95,7 @@ pub fn verify(stored: u32, payload: &[u8]) -> Result<(), CorruptRecord> {
 
 /// A decoding failure of a checked value: either the check or the decoding itself.
 #[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     /// The value failed its check.
     #[error(transparent)]
     Corrupt(#[from] CorruptRecord),
@@ -116,7 +116,7 @@ pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, bincod
 ///
 /// # Errors
 /// [`DecodeError`] when the check or the decoding fails.
-pub fn decode<T: serde::de::DeserializeOwned>(value: &[u8]) -> Result<T, DecodeError> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(value: &[u8]) -> Result<T, DecodeError> {
     Ok(bincode::deserialize(open(value)?)?)
 }
 

@@ -14,7 +14,7 @@ use crate::security::token::TokenError;
 
 /// The stable reasons live in the contract crate, where the client reads them too; this
 /// re-export keeps `crate::error::Reason` the broker's one path to them.
-pub use switchboard_proto::Reason;
+pub(crate) use switchboard_proto::Reason;
 
 /// Everything that can go wrong on a client's behalf.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -313,7 +313,7 @@ const MAX_ECHO: usize = 100;
 
 /// A client string as quoted in an error or an audit line: at most [`MAX_ECHO`] bytes, cut on a
 /// char boundary (and then ending in `…`).
-pub fn shorten(s: &str) -> String {
+pub(crate) fn shorten(s: &str) -> String {
     if s.len() <= MAX_ECHO {
         return s.to_owned();
     }

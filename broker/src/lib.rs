@@ -27,22 +27,45 @@
 //! the matching trie), [`entity`] (the field-level merge), [`checksum`] (sealed into every stored
 //! value). And [`config`], [`error`], [`shutdown`], [`server`]: settings, errors, stopping, wiring.
 #![warn(missing_docs)]
+// Everything inside is `pub(crate)` unless the binary or the benches reach it through the
+// re-exports below: the dead-code lint then finds what nothing uses.
+#![warn(unreachable_pub)]
 
-pub mod channel;
-pub mod checksum;
-pub mod cluster;
+pub(crate) mod channel;
+pub(crate) mod checksum;
+pub(crate) mod cluster;
 pub mod config;
-pub mod edge;
-pub mod entity;
-pub mod error;
-pub mod fanout;
-pub mod gateway;
-pub mod message;
-pub mod observability;
-pub mod raft;
-pub mod security;
+pub(crate) mod edge;
+pub(crate) mod entity;
+pub(crate) mod error;
+pub(crate) mod fanout;
+pub(crate) mod gateway;
+pub(crate) mod message;
+pub(crate) mod observability;
+pub(crate) mod raft;
+pub(crate) mod security;
 pub mod server;
 pub mod shutdown;
-pub mod state;
-pub mod transport;
-pub mod write;
+pub(crate) mod state;
+pub(crate) mod transport;
+pub(crate) mod write;
+
+/// What the `switchboard` binary uses besides [`config`], [`server`] and [`shutdown`].
+pub mod run {
+    pub use crate::observability::probe::probe;
+    pub use crate::observability::trace::{install_subscriber, Export};
+    pub use crate::security::credentials::{generate_client_secret, hash_client_secret};
+}
+
+/// What the micro-benchmarks in `benches/` measure. Not an API: it changes with the code.
+#[doc(hidden)]
+pub mod bench_api {
+    pub use crate::channel::{ChannelLimits, Pattern, SubscriptionTrie};
+    pub use crate::checksum::encode as checksum_encode;
+    pub use crate::edge::convert;
+    pub use crate::entity::{Change, EntityState, Stamp};
+    pub use crate::fanout::outgoing::{Delivery, Outgoing, SharedMessage};
+    pub use crate::message::{Command, Item, NewMessage, Rules, StoredMessage};
+    pub use crate::state::entity_doc::EntityDoc;
+    pub use crate::state::store::{MessageStore, WriteBatch};
+}

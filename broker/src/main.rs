@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use switchboard_broker::config::{self, Config, FlagOverrides, LogFormat};
-use switchboard_broker::observability::{probe, trace};
+use switchboard_broker::run;
 use switchboard_broker::server::Broker;
 use switchboard_broker::shutdown;
 
@@ -86,7 +86,7 @@ enum Command {
 
 /// `switchboard hash-secret`.
 fn hash_secret(from_stdin: bool) -> ExitCode {
-    use switchboard_broker::security::credentials::{generate_client_secret, hash_client_secret};
+    use switchboard_broker::run::{generate_client_secret, hash_client_secret};
     let secret = if from_stdin {
         let mut line = String::new();
         if let Err(e) = std::io::stdin().read_line(&mut line) {
@@ -169,14 +169,14 @@ impl Args {
 
 /// Installs logging, and trace export when configured. Runs inside the runtime: the OTLP
 /// exporter's gRPC client needs it.
-fn init_observability(config: &Config) -> anyhow::Result<Option<trace::Export>> {
+fn init_observability(config: &Config) -> anyhow::Result<Option<run::Export>> {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
     let otlp = config.tracing.otlp(|name| std::env::var(name).ok());
     let export =
-        trace::install_subscriber(filter, config.log.format == LogFormat::Json, otlp.as_ref())?;
+        run::install_subscriber(filter, config.log.format == LogFormat::Json, otlp.as_ref())?;
     if let Some(otlp) = &otlp {
         tracing::info!(endpoint = %otlp.endpoint, service = %otlp.service_name, "exporting traces over OTLP");
     }
@@ -202,7 +202,7 @@ fn main() -> ExitCode {
         };
     if args.healthcheck {
         let timeout = std::time::Duration::from_secs(3);
-        return match probe::probe(config.admin_listen.addr(), timeout) {
+        return match run::probe(config.admin_listen.addr(), timeout) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{e}");

@@ -6,7 +6,6 @@
 //! every node.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -113,9 +112,6 @@ impl StoredMessage {
         self.expires_at_us().is_some_and(|at| at <= now_us)
     }
 }
-
-/// Messages just applied, in offset order, shared by every subscriber that receives them.
-pub type AppliedMessages = Arc<[Arc<StoredMessage>]>;
 
 /// The rules apply follows, decided by the leader's configuration and carried in every batch so
 /// every replica (and every replay) decides the same way even if settings change between restarts.
@@ -279,7 +275,7 @@ pub enum Refusal {
 
 /// What apply decided for one item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ItemOutcome {
+pub(crate) enum ItemOutcome {
     /// The message was stored.
     Stored {
         /// Its offset.
@@ -306,7 +302,7 @@ pub enum ItemOutcome {
 
 /// What applying a [`Command`] produced, returned to whoever proposed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CommandOutcome {
+pub(crate) enum CommandOutcome {
     /// One outcome per item, in order.
     Batch(Vec<ItemOutcome>),
     /// A sweep removed this many messages.
@@ -320,7 +316,7 @@ pub enum CommandOutcome {
 
 /// Microseconds since the Unix epoch by this node's clock. Only the edge, the proposer and readers
 /// use it; apply never does (it uses the time stamped into the entry).
-pub fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)

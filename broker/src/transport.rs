@@ -21,7 +21,7 @@ use crate::observability::metrics;
 ///
 /// # Errors
 /// A certificate, key or CA file cannot be read.
-pub fn server_tls(tls: &Tls) -> anyhow::Result<Option<ServerTlsConfig>> {
+pub(crate) fn server_tls(tls: &Tls) -> anyhow::Result<Option<ServerTlsConfig>> {
     if !tls.enabled() {
         return Ok(None);
     }
@@ -44,7 +44,7 @@ pub fn server_tls(tls: &Tls) -> anyhow::Result<Option<ServerTlsConfig>> {
 ///
 /// # Errors
 /// A certificate, key or CA file cannot be read.
-pub fn cluster_tls(
+pub(crate) fn cluster_tls(
     cluster: &Cluster,
 ) -> anyhow::Result<Option<(ServerTlsConfig, ClientTlsConfig)>> {
     if !cluster.tls_enabled() {
@@ -69,14 +69,14 @@ pub fn cluster_tls(
 /// Accepted connections, at most `max` open at once: a connection past the bound is closed as soon
 /// as it is accepted (its client sees the connection reset), so a flood of
 /// connections cannot exhaust file descriptors or memory.
-pub struct LimitedIncoming {
+pub(crate) struct LimitedIncoming {
     inner: TcpIncoming,
     open: Arc<Semaphore>,
 }
 
 impl LimitedIncoming {
     /// Bounds `inner` to `max` open connections.
-    pub fn new(inner: TcpIncoming, max: usize) -> LimitedIncoming {
+    pub(crate) fn new(inner: TcpIncoming, max: usize) -> LimitedIncoming {
         LimitedIncoming {
             inner,
             open: Arc::new(Semaphore::new(max)),
@@ -112,7 +112,7 @@ impl Stream for LimitedIncoming {
 }
 
 /// An accepted connection holding its place under the bound until it closes.
-pub struct LimitedStream {
+pub(crate) struct LimitedStream {
     stream: TcpStream,
     _open: OwnedSemaphorePermit,
 }

@@ -16,7 +16,7 @@ use crate::raft::network::{decode, encode};
 use crate::raft::Raft;
 
 /// The internal service over this node's raft.
-pub struct InternalService {
+pub(crate) struct InternalService {
     raft: Raft,
     me: u64,
     catch_up: Duration,
@@ -24,7 +24,7 @@ pub struct InternalService {
 
 impl InternalService {
     /// Serves `raft`, whose id is `me`; forwarding callers give up after `forward_timeout`.
-    pub fn new(raft: Raft, me: u64, forward_timeout: Duration) -> InternalService {
+    pub(crate) fn new(raft: Raft, me: u64, forward_timeout: Duration) -> InternalService {
         InternalService {
             raft,
             me,

@@ -12,8 +12,8 @@
 //! committed; the client is told UNAVAILABLE `LEADER_UNREACHABLE` and a retry with the same
 //! idempotency key is deduplicated.
 
-pub mod internal;
-pub mod service;
+pub(crate) mod internal;
+pub(crate) mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -33,7 +33,7 @@ const LEADER_CHANGE_PAUSE: Duration = Duration::from_millis(50);
 
 /// Why the leader (or the node that thought it was) could not do what was forwarded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Refused {
+pub(crate) enum Refused {
     /// It does not lead (any more); nothing was done.
     NotLeader {
         /// Who it thinks leads.
@@ -47,7 +47,7 @@ pub enum Refused {
 
 /// A membership operation or question, run on the leader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum AdminRequest {
+pub(crate) enum AdminRequest {
     /// The cluster as the leader sees it.
     Status,
     /// Add a non-voting learner.
@@ -78,7 +78,7 @@ pub enum AdminRequest {
 
 /// One member as the leader sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NodeView {
+pub(crate) struct NodeView {
     /// Raft id.
     pub id: u64,
     /// Addresses.
@@ -91,7 +91,7 @@ pub struct NodeView {
 
 /// The cluster as the leader sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ClusterView {
+pub(crate) struct ClusterView {
     /// The leader's id.
     pub leader: Option<u64>,
     /// Its term.
@@ -104,7 +104,7 @@ pub struct ClusterView {
 
 /// Runs leader-only work here or on the leader. Cheap to clone.
 #[derive(Clone)]
-pub struct Leader {
+pub(crate) struct Leader {
     raft: Raft,
     peers: Peers,
     me: u64,
@@ -115,7 +115,13 @@ pub struct Leader {
 impl Leader {
     /// Over this node's raft (`me` is its id); gives up on reaching a leader after `timeout`.
     /// `clustered` is false for a single node, which is its own majority.
-    pub fn new(raft: Raft, peers: Peers, me: u64, timeout: Duration, clustered: bool) -> Leader {
+    pub(crate) fn new(
+        raft: Raft,
+        peers: Peers,
+        me: u64,
+        timeout: Duration,
+        clustered: bool,
+    ) -> Leader {
         Leader {
             raft,
             peers,
@@ -129,18 +135,13 @@ impl Leader {
     /// UNAVAILABLE `NO_QUORUM`: a leader cut off from its peers keeps believing it leads (raft
     /// has it step down only when it hears a higher term), and its writes would wait for ever.
     /// `None` for a single node, whose writes need nobody else.
-    pub fn commit_timeout(&self) -> Option<Duration> {
+    pub(crate) fn commit_timeout(&self) -> Option<Duration> {
         self.clustered.then_some(self.timeout)
     }
 
     /// Whether this node leads right now (as far as it knows).
-    pub fn is_me(&self) -> bool {
+    pub(crate) fn is_me(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.me)
-    }
-
-    /// The raft handle.
-    pub fn raft(&self) -> &Raft {
-        &self.raft
     }
 
     /// Waits (until `deadline`) for a known leader and its addresses.
@@ -240,7 +241,7 @@ impl Leader {
     ///
     /// # Errors
     /// No leader, leader unreachable, or the write failed there.
-    pub async fn propose(&self, command: Command) -> Result<CommandOutcome, BrokerError> {
+    pub(crate) async fn propose(&self, command: Command) -> Result<CommandOutcome, BrokerError> {
         let frame = encode(&command).map_err(BrokerError::Consensus)?;
         let raft = self.raft.clone();
         let limit = self.timeout;
@@ -266,7 +267,7 @@ impl Leader {
     ///
     /// # Errors
     /// No leader could confirm in time.
-    pub async fn read_barrier(&self) -> Result<(), BrokerError> {
+    pub(crate) async fn read_barrier(&self) -> Result<(), BrokerError> {
         let frame = encode(&()).map_err(BrokerError::Consensus)?;
         let raft = self.raft.clone();
         let index: Option<u64> = self
@@ -301,7 +302,7 @@ impl Leader {
     ///
     /// # Errors
     /// No leader, leader unreachable, or the change is refused.
-    pub async fn admin(&self, request: AdminRequest) -> Result<ClusterView, BrokerError> {
+    pub(crate) async fn admin(&self, request: AdminRequest) -> Result<ClusterView, BrokerError> {
         let frame = encode(&request).map_err(BrokerError::Consensus)?;
         let raft = self.raft.clone();
         let me = self.me;
@@ -528,7 +529,7 @@ fn view(metrics: &openraft::RaftMetrics<u64, Member>) -> ClusterView {
 /// Tells the leader this node's public address once a leader is known, if the membership does
 /// not have it yet (static members start without their peers' public addresses). Retries with a
 /// pause until done or `shutdown`.
-pub async fn announce(
+pub(crate) async fn announce(
     leader: Leader,
     public_addr: String,
     mut shutdown: crate::shutdown::ShutdownSignal,

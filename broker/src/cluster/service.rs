@@ -11,13 +11,13 @@ use crate::raft::Member;
 use crate::security::caller::Caller;
 
 /// The admin service over this node's [`Leader`] handle.
-pub struct ClusterService {
+pub(crate) struct ClusterService {
     leader: Leader,
 }
 
 impl ClusterService {
     /// Serves membership requests through `leader`.
-    pub fn new(leader: Leader) -> ClusterService {
+    pub(crate) fn new(leader: Leader) -> ClusterService {
         ClusterService { leader }
     }
 

@@ -32,7 +32,7 @@ impl<S> TokenBound<S> {
     /// Ends `stream` with UNAUTHENTICATED `TOKEN_EXPIRED` once `caller`'s token expires (plus
     /// the leeway), so a long subscription cannot outlive its credentials; the client refreshes
     /// its token and resumes. Without a token, `stream` runs to its own end.
-    pub fn new<T>(caller: &Caller, stream: S) -> TokenBound<S>
+    pub(crate) fn new<T>(caller: &Caller, stream: S) -> TokenBound<S>
     where
         S: Stream<Item = Result<T, Status>> + Unpin,
     {
@@ -60,7 +60,7 @@ impl<S> TokenBound<S> {
 }
 
 /// A response stream that ends when its caller's token does (see [`TokenBound::new`]).
-pub struct TokenBound<S> {
+pub(crate) struct TokenBound<S> {
     inner: S,
     /// The timer, and the token's `exp` for the refusal.
     expiry: Option<(Pin<Box<tokio::time::Sleep>>, u64)>,
@@ -95,7 +95,7 @@ where
 }
 
 /// The origin allow-list, the token verifier and the call budgets, built from the settings.
-pub struct Gate {
+pub(crate) struct Gate {
     /// `None`: authentication is off.
     verifier: Option<TokenVerifier>,
     origins: OriginPolicy,
@@ -123,7 +123,7 @@ impl Gate {
     ///
     /// # Errors
     /// A key file cannot be read or holds no usable key, or an origin entry does not parse.
-    pub fn from_config(
+    pub(crate) fn from_config(
         config: &Config,
         minted: Option<(VerificationKey, String, String)>,
     ) -> anyhow::Result<Gate> {
@@ -192,18 +192,13 @@ impl Gate {
         })
     }
 
-    /// Whether calls must carry a token.
-    pub fn authenticates(&self) -> bool {
-        self.verifier.is_some()
-    }
-
     /// Establishes who makes `request`: a browser's `Origin` must be allowed, and with
     /// authentication on, the bearer token must verify. Spends one unit of the call budgets.
     ///
     /// # Errors
     /// PERMISSION_DENIED `ORIGIN_NOT_ALLOWED`, UNAUTHENTICATED with the token's reason, or
     /// RESOURCE_EXHAUSTED `RATE_LIMITED`.
-    pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, BrokerError> {
+    pub(crate) fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, BrokerError> {
         self.authenticate_headers(request.metadata().as_ref(), request.remote_addr())
     }
 
@@ -212,7 +207,7 @@ impl Gate {
     ///
     /// # Errors
     /// As [`Gate::authenticate`].
-    pub fn authenticate_headers(
+    pub(crate) fn authenticate_headers(
         &self,
         headers: &http::HeaderMap,
         peer: Option<SocketAddr>,
@@ -246,7 +241,7 @@ impl Gate {
     ///
     /// # Errors
     /// PERMISSION_DENIED `ORIGIN_NOT_ALLOWED`.
-    pub fn check_origin<T>(&self, request: &Request<T>) -> Result<(), BrokerError> {
+    pub(crate) fn check_origin<T>(&self, request: &Request<T>) -> Result<(), BrokerError> {
         self.check_origin_header(request.metadata().as_ref().get("origin"))
     }
 
@@ -254,7 +249,7 @@ impl Gate {
     ///
     /// # Errors
     /// PERMISSION_DENIED `ORIGIN_NOT_ALLOWED`.
-    pub fn check_origin_header(
+    pub(crate) fn check_origin_header(
         &self,
         origin: Option<&http::HeaderValue>,
     ) -> Result<(), BrokerError> {
@@ -277,7 +272,7 @@ impl Gate {
     ///
     /// # Errors
     /// RESOURCE_EXHAUSTED `RATE_LIMITED`, with the wait after which a retry succeeds.
-    pub fn admit(&self, caller: &Caller) -> Result<(), BrokerError> {
+    pub(crate) fn admit(&self, caller: &Caller) -> Result<(), BrokerError> {
         let now = Instant::now();
         if let (Some(limiter), Some(peer)) = (&self.per_connection, caller.peer()) {
             limiter
@@ -294,7 +289,7 @@ impl Gate {
 
     /// Forgets the buckets that have refilled, so idle principals and closed connections cost
     /// nothing. Called periodically.
-    pub fn sweep(&self) {
+    pub(crate) fn sweep(&self) {
         let now = Instant::now();
         for limiter in [&self.per_principal, &self.per_connection]
             .into_iter()
@@ -307,7 +302,7 @@ impl Gate {
 
 /// The gate as a tonic interceptor: refuses the call, or hands the handler its [`Caller`].
 #[derive(Clone)]
-pub struct GateInterceptor(pub Arc<Gate>);
+pub(crate) struct GateInterceptor(pub Arc<Gate>);
 
 impl Interceptor for GateInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {

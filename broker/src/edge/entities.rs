@@ -36,7 +36,7 @@ const WATCH_BUFFER: usize = 64;
 
 /// The `switchboard.v1.Entities` service; cheap to clone.
 #[derive(Clone)]
-pub struct EntitiesService {
+pub(crate) struct EntitiesService {
     edge: Arc<Edge>,
 }
 

@@ -21,16 +21,16 @@
 //! This file holds the `Broker` service itself (its RPCs, `History` and `Info` inline) and the
 //! parts every handler shares (`Edge`).
 
-pub mod auth;
+pub(crate) mod auth;
 mod consumers;
 pub mod convert;
-pub mod entities;
+pub(crate) mod entities;
 mod publish;
-pub mod status;
+pub(crate) mod status;
 mod subscribe;
-pub mod subscribe_codec;
-pub mod token_endpoint;
-pub mod validate;
+pub(crate) mod subscribe_codec;
+pub(crate) mod token_endpoint;
+pub(crate) mod validate;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -65,14 +65,14 @@ const HISTORY_MAX_BATCHES: usize = 4096;
 
 /// The `switchboard.v1.Broker` service; cheap to clone.
 #[derive(Clone)]
-pub struct BrokerService {
+pub(crate) struct BrokerService {
     edge: Arc<Edge>,
 }
 
 impl BrokerService {
     /// Builds the service over the broker's parts.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         config: Arc<Config>,
         proposer: Proposer,
         store: MessageStore,
@@ -103,12 +103,12 @@ impl BrokerService {
     }
 
     /// The live subscriptions of this node (for metrics).
-    pub fn registry(&self) -> Registry {
+    pub(crate) fn registry(&self) -> Registry {
         self.edge.registry.clone()
     }
 
     /// The `switchboard.v1.Entities` service over the same parts.
-    pub fn entities(&self) -> entities::EntitiesService {
+    pub(crate) fn entities(&self) -> entities::EntitiesService {
         entities::EntitiesService::new(Arc::clone(&self.edge))
     }
 
@@ -132,7 +132,7 @@ impl BrokerService {
     ///
     /// # Errors
     /// The request is invalid, a limit is reached, or the broker is shutting down.
-    pub async fn subscribe_outgoing(
+    pub(crate) async fn subscribe_outgoing(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<subscribe_codec::OutgoingStream>, Status> {

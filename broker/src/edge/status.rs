@@ -14,12 +14,12 @@ use crate::error::{BrokerError, Reason};
 use crate::security::caller::Ungated;
 
 /// Response metadata naming the leader's public address (`host:port`) on UNAVAILABLE answers.
-pub const LEADER_HINT_HEADER: &str = "x-switchboard-leader";
+pub(crate) const LEADER_HINT_HEADER: &str = "x-switchboard-leader";
 
 /// The HTTP status the gateway answers with for a gRPC `code` (and its `reason`), so a browser
 /// sees the classification a gRPC client does. A failed compare-and-set is `412 Precondition
 /// Failed`, the answer HTTP defines for a stale `If-Match`.
-pub fn http_status(code: Code, reason: &str) -> u16 {
+pub(crate) fn http_status(code: Code, reason: &str) -> u16 {
     match code {
         Code::Ok => 200,
         Code::Aborted if reason == Reason::VersionConflict.as_str() => 412,
@@ -105,7 +105,7 @@ impl From<Ungated> for Status {
 }
 
 /// The refusal of one message in a `PublishStream`.
-pub fn refusal(error: &BrokerError) -> Refusal {
+pub(crate) fn refusal(error: &BrokerError) -> Refusal {
     Refusal {
         code: error.code() as i32,
         reason: error.reason().as_str().to_owned(),

@@ -27,15 +27,15 @@ const SUBSCRIBE_PATH: &str = "/switchboard.v1.Broker/Subscribe";
 
 /// Encodes [`Outgoing`] items and decodes `SubscribeRequest`s.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SubscribeCodec;
+pub(crate) struct SubscribeCodec;
 
 /// The encoding half of [`SubscribeCodec`].
 #[derive(Debug, Clone, Copy, Default)]
-pub struct OutgoingEncoder;
+pub(crate) struct OutgoingEncoder;
 
 /// The decoding half of [`SubscribeCodec`].
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SubscribeRequestDecoder;
+pub(crate) struct SubscribeRequestDecoder;
 
 impl Codec for SubscribeCodec {
     type Encode = Outgoing;
@@ -73,7 +73,8 @@ impl Decoder for SubscribeRequestDecoder {
 }
 
 /// The stream `Subscribe` returns when served through [`BrokerRoutes`].
-pub type OutgoingStream = std::pin::Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send>>;
+pub(crate) type OutgoingStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send>>;
 
 struct SubscribeSvc(BrokerService);
 
@@ -90,7 +91,7 @@ impl ServerStreamingService<pb::SubscribeRequest> for SubscribeSvc {
 
 /// The `switchboard.v1.Broker` service: the generated server, with `Subscribe` taken over.
 #[derive(Clone)]
-pub struct BrokerRoutes {
+pub(crate) struct BrokerRoutes {
     service: BrokerService,
     generated: BrokerServer<BrokerService>,
     max_decoding_message_size: usize,
@@ -98,7 +99,7 @@ pub struct BrokerRoutes {
 
 impl BrokerRoutes {
     /// Serves `service`; requests larger than `max_decoding_message_size` bytes are refused.
-    pub fn new(service: BrokerService, max_decoding_message_size: usize) -> BrokerRoutes {
+    pub(crate) fn new(service: BrokerService, max_decoding_message_size: usize) -> BrokerRoutes {
         BrokerRoutes {
             generated: BrokerServer::new(service.clone())
                 .max_decoding_message_size(max_decoding_message_size),

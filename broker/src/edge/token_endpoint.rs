@@ -41,14 +41,14 @@ struct Endpoint {
 
 /// The `switchboard.v1.Auth` service; cheap to clone.
 #[derive(Clone)]
-pub struct AuthService {
+pub(crate) struct AuthService {
     /// `None`: no clients are configured and every call is UNIMPLEMENTED.
     endpoint: Option<Arc<Endpoint>>,
     gate: Arc<Gate>,
 }
 
 /// The key minted tokens verify with, and their issuer and audience, for the gate.
-pub type MintedTokens = (VerificationKey, String, String);
+pub(crate) type MintedTokens = (VerificationKey, String, String);
 
 impl AuthService {
     /// Builds the endpoint from the settings (reading the signing key, checking the clients), and
@@ -57,7 +57,9 @@ impl AuthService {
     ///
     /// # Errors
     /// The signing key cannot be read or used, or a client's configuration is invalid.
-    pub fn prepare(config: &Config) -> anyhow::Result<(PreparedEndpoint, Option<MintedTokens>)> {
+    pub(crate) fn prepare(
+        config: &Config,
+    ) -> anyhow::Result<(PreparedEndpoint, Option<MintedTokens>)> {
         let settings = &config.auth.token_endpoint;
         if settings.clients.is_empty() {
             return Ok((PreparedEndpoint(None), None));
@@ -109,11 +111,11 @@ impl AuthService {
 }
 
 /// A token endpoint built before the gate that must trust its tokens.
-pub struct PreparedEndpoint(Option<Arc<Endpoint>>);
+pub(crate) struct PreparedEndpoint(Option<Arc<Endpoint>>);
 
 impl PreparedEndpoint {
     /// The service, with the gate whose origin checks it applies.
-    pub fn with_gate(self, gate: Arc<Gate>) -> AuthService {
+    pub(crate) fn with_gate(self, gate: Arc<Gate>) -> AuthService {
         AuthService {
             endpoint: self.0,
             gate,

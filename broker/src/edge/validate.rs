@@ -13,19 +13,19 @@ use crate::error::{shorten, BrokerError, Reason};
 use crate::message::NewMessage;
 
 /// Content type used when a publisher sends none.
-pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
+pub(crate) const DEFAULT_CONTENT_TYPE: &str = "application/json";
 /// Schema version used when a publisher sends none.
-pub const DEFAULT_SCHEMA_VERSION: &str = "1.0.0";
+pub(crate) const DEFAULT_SCHEMA_VERSION: &str = "1.0.0";
 /// Longest accepted content type.
 const MAX_CONTENT_TYPE_LEN: usize = 128;
 /// Longest accepted header name.
 const MAX_HEADER_NAME_LEN: usize = 128;
 
-pub use crate::fanout::subscription::Start;
+pub(crate) use crate::fanout::subscription::Start;
 
 /// Applies the configured limits to requests.
 #[derive(Debug, Clone)]
-pub struct Validator {
+pub(crate) struct Validator {
     limits: Limits,
     channel_limits: ChannelLimits,
 }
@@ -35,7 +35,7 @@ fn invalid(reason: Reason, message: impl Into<String>) -> BrokerError {
 }
 
 /// Whether a media type is JSON: `application/json` or any `+json` suffix, parameters ignored.
-pub fn is_json(content_type: &str) -> bool {
+pub(crate) fn is_json(content_type: &str) -> bool {
     let essence = content_type
         .split(';')
         .next()
@@ -53,7 +53,7 @@ fn is_token(s: &str) -> bool {
 
 impl Validator {
     /// A validator for these limits.
-    pub fn new(limits: Limits) -> Validator {
+    pub(crate) fn new(limits: Limits) -> Validator {
         let channel_limits = ChannelLimits {
             max_len: limits.max_channel_len,
             max_depth: limits.max_channel_depth,
@@ -64,16 +64,11 @@ impl Validator {
         }
     }
 
-    /// The channel limits in force.
-    pub fn channel_limits(&self) -> &ChannelLimits {
-        &self.channel_limits
-    }
-
     /// Checks a publish and fills in its defaults.
     ///
     /// # Errors
     /// [`BrokerError::Invalid`] naming the first rule broken.
-    pub fn publish(&self, request: pb::PublishRequest) -> Result<NewMessage, BrokerError> {
+    pub(crate) fn publish(&self, request: pb::PublishRequest) -> Result<NewMessage, BrokerError> {
         let l = &self.limits;
         channel::validate_channel(&request.channel, &self.channel_limits).map_err(|e| {
             invalid(
@@ -241,7 +236,7 @@ impl Validator {
     ///
     /// # Errors
     /// [`BrokerError::Invalid`] with reason `PATTERN_INVALID`.
-    pub fn pattern(&self, pattern: &str) -> Result<Pattern, BrokerError> {
+    pub(crate) fn pattern(&self, pattern: &str) -> Result<Pattern, BrokerError> {
         Pattern::parse(pattern, &self.channel_limits).map_err(|e| {
             invalid(
                 Reason::PatternInvalid,
@@ -255,7 +250,7 @@ impl Validator {
     /// # Errors
     /// [`BrokerError::Invalid`] with reason `START_INVALID` for a malformed time, or `latest` where
     /// it makes no sense (`allow_latest` false).
-    pub fn start(
+    pub(crate) fn start(
         &self,
         start: Option<pb::StartPosition>,
         default: Start,

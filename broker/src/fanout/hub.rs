@@ -23,10 +23,10 @@ use crate::message::StoredMessage;
 use crate::state::Announce;
 
 /// Identifies a subscription within this node's hub.
-pub type SubscriptionId = u64;
+pub(crate) type SubscriptionId = u64;
 
 /// A subscription's bounded queue of live messages: bounded in messages and in bytes.
-pub struct Mailbox {
+pub(crate) struct Mailbox {
     state: Mutex<MailboxState>,
     ready: Notify,
     capacity: usize,
@@ -48,7 +48,7 @@ struct MailboxState {
 
 /// A mailbox's accounting, for `ListSubscriptions`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MailboxStats {
+pub(crate) struct MailboxStats {
     /// Messages queued now.
     pub messages: usize,
     /// Bytes queued now.
@@ -64,7 +64,7 @@ pub struct MailboxStats {
 }
 
 /// What a subscription finds in its mailbox.
-pub enum MailboxItems {
+pub(crate) enum MailboxItems {
     /// Live messages, in offset order.
     Messages(Vec<Arc<SharedMessage>>),
     /// Messages were dropped: read the store from the next offset, then [`Hub::rearm`].
@@ -73,7 +73,7 @@ pub enum MailboxItems {
 
 impl Mailbox {
     /// The mailbox's accounting now.
-    pub fn stats(&self) -> MailboxStats {
+    pub(crate) fn stats(&self) -> MailboxStats {
         let state = self.lock();
         MailboxStats {
             messages: state.queue.len(),
@@ -90,7 +90,7 @@ impl Mailbox {
     }
 
     /// Waits until there is something: queued messages (all of them are taken), or the lagging mark.
-    pub async fn next(&self) -> MailboxItems {
+    pub(crate) async fn next(&self) -> MailboxItems {
         loop {
             {
                 let mut state = self.lock();
@@ -151,14 +151,14 @@ struct HubState {
 
 /// The hub; cheap to clone.
 #[derive(Clone)]
-pub struct Hub {
+pub(crate) struct Hub {
     state: Arc<Mutex<HubState>>,
     mailbox_capacity: usize,
     mailbox_capacity_bytes: usize,
 }
 
 /// A live registration; dropping it removes the subscription from the hub.
-pub struct Registration {
+pub(crate) struct Registration {
     hub: Hub,
     id: SubscriptionId,
     /// Where the hub puts this subscription's messages.
@@ -176,7 +176,7 @@ impl Drop for Registration {
 
 impl Registration {
     /// Clears the lagging mark; returns the last offset dispatched. See the module docs.
-    pub fn rearm(&self) -> u64 {
+    pub(crate) fn rearm(&self) -> u64 {
         self.hub.rearm(&self.mailbox)
     }
 }
@@ -184,7 +184,11 @@ impl Registration {
 impl Hub {
     /// A hub whose store already holds offsets up to `last_offset`; each mailbox holds at most
     /// `mailbox_capacity` messages and `mailbox_capacity_bytes` bytes.
-    pub fn new(last_offset: u64, mailbox_capacity: usize, mailbox_capacity_bytes: usize) -> Hub {
+    pub(crate) fn new(
+        last_offset: u64,
+        mailbox_capacity: usize,
+        mailbox_capacity_bytes: usize,
+    ) -> Hub {
         Hub {
             state: Arc::new(Mutex::new(HubState {
                 trie: SubscriptionTrie::new(),
@@ -204,7 +208,7 @@ impl Hub {
 
     /// Registers a subscription; returns it with the last offset dispatched so far. Messages after
     /// that offset will arrive in its mailbox; earlier ones are in the store.
-    pub fn register(&self, pattern: Pattern) -> (Registration, u64) {
+    pub(crate) fn register(&self, pattern: Pattern) -> (Registration, u64) {
         let mailbox = Arc::new(Mailbox {
             state: Mutex::new(MailboxState::default()),
             ready: Notify::new(),
@@ -244,13 +248,14 @@ impl Hub {
     }
 
     /// Number of live subscriptions on this node.
-    pub fn subscription_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn subscription_count(&self) -> usize {
         self.lock().subscriptions.len()
     }
 
     /// Offers freshly applied messages (in offset order) to every matching subscription. Every
     /// subscription a message matches gets the same [`SharedMessage`], so it is encoded once.
-    pub fn dispatch(&self, messages: &[Arc<StoredMessage>]) {
+    pub(crate) fn dispatch(&self, messages: &[Arc<StoredMessage>]) {
         let mut guard = self.lock();
         let state = &mut *guard;
         for message in messages {
@@ -272,7 +277,7 @@ impl Hub {
     }
 
     /// The store was replaced (a snapshot was installed): every subscription re-reads it.
-    pub fn reset(&self, last_offset: u64) {
+    pub(crate) fn reset(&self, last_offset: u64) {
         let mut state = self.lock();
         state.last_dispatched = last_offset;
         for entry in state.subscriptions.values() {

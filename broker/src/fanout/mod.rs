@@ -11,8 +11,8 @@
 //! The state hands applied messages here through [`crate::state::Announce`], which the hub
 //! implements; `server.rs` passes the hub to the state when it opens it.
 
-pub mod hub;
-pub mod outgoing;
-pub mod registry;
-pub mod subscription;
+pub(crate) mod hub;
+pub(crate) mod outgoing;
+pub(crate) mod registry;
+pub(crate) mod subscription;
 mod throttle;

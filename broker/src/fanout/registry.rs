@@ -15,7 +15,7 @@ use crate::fanout::hub::{Mailbox, MailboxStats};
 
 /// What a subscription does when its consumer falls behind (see docs/FLOW.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlowPolicy {
+pub(crate) enum FlowPolicy {
     /// Every matching message, in order, however slow the consumer.
     Lossless,
     /// When behind, only the latest message per channel.
@@ -26,7 +26,7 @@ pub enum FlowPolicy {
 
 /// A delivery sent and not yet acknowledged.
 #[derive(Debug, Clone, Copy)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// When it was (last) sent.
     pub sent_at: Instant,
     /// How many times it was sent.
@@ -35,7 +35,7 @@ pub struct Pending {
 
 /// A subscription's delivery bookkeeping, shared by its task and the `Ack` handler.
 #[derive(Debug, Default)]
-pub struct Flight {
+pub(crate) struct Flight {
     /// Deliveries sent and not acknowledged, by offset (tracked with credits or when durable).
     pub pending: BTreeMap<u64, Pending>,
     /// The next offset the subscription may deliver.
@@ -65,7 +65,7 @@ impl Flight {
 }
 
 /// One live subscription's shared state.
-pub struct Control {
+pub(crate) struct Control {
     /// Its id on this node.
     pub id: u64,
     /// Its pattern.
@@ -88,17 +88,17 @@ pub struct Control {
 
 impl Control {
     /// The delivery bookkeeping.
-    pub fn flight(&self) -> MutexGuard<'_, Flight> {
+    pub(crate) fn flight(&self) -> MutexGuard<'_, Flight> {
         self.flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records the mailbox the hub feeds, for accounting.
-    pub fn set_mailbox(&self, mailbox: Arc<Mailbox>) {
+    pub(crate) fn set_mailbox(&self, mailbox: Arc<Mailbox>) {
         *self.mailbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(mailbox);
     }
 
     /// The mailbox's accounting.
-    pub fn mailbox_stats(&self) -> MailboxStats {
+    pub(crate) fn mailbox_stats(&self) -> MailboxStats {
         self.mailbox
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -108,12 +108,12 @@ impl Control {
     }
 
     /// Whether this subscription tracks pending deliveries (credits or durable).
-    pub fn tracks_pending(&self) -> bool {
+    pub(crate) fn tracks_pending(&self) -> bool {
         self.max_unacked.is_some() || self.durable.is_some()
     }
 
     /// Whether another delivery may be sent now.
-    pub fn has_credit(&self) -> bool {
+    pub(crate) fn has_credit(&self) -> bool {
         match self.max_unacked {
             Some(max) => self.flight().pending.len() < max as usize,
             None => true,
@@ -121,7 +121,7 @@ impl Control {
     }
 
     /// Acknowledges `offsets`; returns the pending count and the new floor.
-    pub fn ack(&self, offsets: &[u64]) -> (usize, u64) {
+    pub(crate) fn ack(&self, offsets: &[u64]) -> (usize, u64) {
         let mut flight = self.flight();
         for offset in offsets {
             flight.pending.remove(offset);
@@ -135,19 +135,19 @@ impl Control {
     }
 
     /// Asks the subscription to stop.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
         self.cancel.notify_one();
     }
 
     /// Whether the subscription was asked to stop.
-    pub fn is_stopped(&self) -> bool {
+    pub(crate) fn is_stopped(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
     }
 }
 
 /// What a new subscription is.
-pub struct Opening {
+pub(crate) struct Opening {
     /// Its pattern.
     pub pattern: String,
     /// Its policy.
@@ -172,14 +172,14 @@ struct RegistryState {
 
 /// The live subscriptions of this node; cheap to clone.
 #[derive(Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     state: Arc<Mutex<RegistryState>>,
     max_per_connection: usize,
     max_per_broker: usize,
 }
 
 /// Removes its subscription from the registry when dropped.
-pub struct Registered {
+pub(crate) struct Registered {
     registry: Registry,
     /// The subscription's shared state.
     pub control: Arc<Control>,
@@ -207,7 +207,7 @@ impl Drop for Registered {
 
 impl Registry {
     /// A registry with these limits.
-    pub fn new(max_per_connection: usize, max_per_broker: usize) -> Registry {
+    pub(crate) fn new(max_per_connection: usize, max_per_broker: usize) -> Registry {
         Registry {
             state: Arc::new(Mutex::new(RegistryState {
                 next_id: 1,
@@ -227,7 +227,7 @@ impl Registry {
     ///
     /// # Errors
     /// RESOURCE_EXHAUSTED `SUBSCRIPTION_LIMIT` past a limit.
-    pub fn open(&self, opening: Opening) -> Result<Registered, BrokerError> {
+    pub(crate) fn open(&self, opening: Opening) -> Result<Registered, BrokerError> {
         let mut state = self.lock();
         if state.by_id.len() >= self.max_per_broker {
             return Err(BrokerError::Exhausted {
@@ -283,12 +283,12 @@ impl Registry {
     }
 
     /// A live subscription by id.
-    pub fn get(&self, id: u64) -> Option<Arc<Control>> {
+    pub(crate) fn get(&self, id: u64) -> Option<Arc<Control>> {
         self.lock().by_id.get(&id).cloned()
     }
 
     /// The live subscription of a durable consumer.
-    pub fn durable(&self, name: &str) -> Option<Arc<Control>> {
+    pub(crate) fn durable(&self, name: &str) -> Option<Arc<Control>> {
         let state = self.lock();
         state
             .durable
@@ -298,7 +298,7 @@ impl Registry {
     }
 
     /// Every live subscription, by id.
-    pub fn list(&self) -> Vec<Arc<Control>> {
+    pub(crate) fn list(&self) -> Vec<Arc<Control>> {
         let mut all: Vec<_> = self.lock().by_id.values().cloned().collect();
         all.sort_by_key(|c| c.id);
         all

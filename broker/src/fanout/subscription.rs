@@ -60,7 +60,7 @@ const CONFLATE_MAX_CHANNELS: usize = 10_000;
 
 /// Where a subscription or read starts (the edge validates and builds it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
+pub(crate) enum Start {
     /// After everything already published.
     Latest,
     /// The oldest stored message.
@@ -72,10 +72,10 @@ pub enum Start {
 }
 
 /// The outgoing half of a `Subscribe` stream.
-pub type EventSender = mpsc::Sender<Result<Outgoing, Status>>;
+pub(crate) type EventSender = mpsc::Sender<Result<Outgoing, Status>>;
 
 /// What the subscription follows, from where, and how.
-pub struct SubscriptionSpec {
+pub(crate) struct SubscriptionSpec {
     /// Channels to deliver.
     pub pattern: Pattern,
     /// Where to begin.
@@ -97,7 +97,7 @@ enum End {
 }
 
 /// Runs the subscription until it ends. See the module docs.
-pub async fn run(
+pub(crate) async fn run(
     hub: Hub,
     store: MessageStore,
     registered: Registered,

@@ -16,14 +16,14 @@ struct ChannelState {
 
 /// Throttle state of one subscription. Memory follows the number of channels seen within the
 /// last interval: idle channels are forgotten.
-pub struct Throttle {
+pub(super) struct Throttle {
     interval: Duration,
     channels: HashMap<String, ChannelState>,
 }
 
 impl Throttle {
     /// A throttle of `interval` per channel.
-    pub fn new(interval: Duration) -> Throttle {
+    pub(super) fn new(interval: Duration) -> Throttle {
         Throttle {
             interval,
             channels: HashMap::new(),
@@ -32,7 +32,7 @@ impl Throttle {
 
     /// Takes `message` (which replaces `skipped` earlier ones); returns it with its skipped count
     /// when it may be sent now, or holds it.
-    pub fn offer(
+    pub(super) fn offer(
         &mut self,
         message: &Arc<SharedMessage>,
         skipped: u64,
@@ -66,7 +66,7 @@ impl Throttle {
     }
 
     /// When the next held message is due.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub(super) fn deadline(&self) -> Option<Instant> {
         self.channels
             .values()
             .filter(|s| s.held.is_some())
@@ -75,7 +75,7 @@ impl Throttle {
     }
 
     /// The held messages whose interval has ended, in offset order; forgets idle channels.
-    pub fn take_due(&mut self, now: Instant) -> Vec<(Arc<SharedMessage>, u64)> {
+    pub(super) fn take_due(&mut self, now: Instant) -> Vec<(Arc<SharedMessage>, u64)> {
         let interval = self.interval;
         let mut due = Vec::new();
         self.channels.retain(|_, state| {

@@ -27,7 +27,11 @@ const EXPOSED_HEADERS: &str =
 const PREFLIGHT_MAX_AGE: &str = "600";
 
 /// The origin check and CORS headers around every gateway route.
-pub async fn check(State(gateway): State<Gateway>, request: Request, next: Next) -> Response {
+pub(super) async fn check(
+    State(gateway): State<Gateway>,
+    request: Request,
+    next: Next,
+) -> Response {
     let origin = request.headers().get(header::ORIGIN).cloned();
     let grpc = request
         .headers()

@@ -56,7 +56,7 @@ fn expected_version(headers: &HeaderMap) -> Result<Option<u64>, BrokerError> {
 }
 
 /// `GET /v1/entities/{type}/{id}[?stale_ok=true]`.
-pub async fn get(
+pub(super) async fn get(
     State(gateway): State<Gateway>,
     Path((entity_type, id)): Path<(String, String)>,
     request: Request,
@@ -93,7 +93,7 @@ pub async fn get(
 
 /// `PATCH` or `PUT /v1/entities/{type}/{id}`: merges the body's fields; `If-Match` makes it a
 /// compare-and-set on the version.
-pub async fn update(
+pub(super) async fn update(
     State(gateway): State<Gateway>,
     Path((entity_type, id)): Path<(String, String)>,
     request: Request,

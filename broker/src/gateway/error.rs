@@ -14,7 +14,7 @@ use crate::error::BrokerError;
 
 /// A refusal on its way to an HTTP client.
 #[derive(Debug)]
-pub struct HttpError(pub Status);
+pub(super) struct HttpError(pub Status);
 
 impl From<Status> for HttpError {
     fn from(status: Status) -> Self {
@@ -30,7 +30,7 @@ impl From<BrokerError> for HttpError {
 
 impl HttpError {
     /// The JSON body and HTTP status; also the shape of a refused message in a batch.
-    pub fn parts(&self) -> (u16, serde_json::Value, Option<u64>) {
+    pub(super) fn parts(&self) -> (u16, serde_json::Value, Option<u64>) {
         let info = self.0.get_details_error_info();
         let reason = info.as_ref().map(|i| i.reason.clone()).unwrap_or_default();
         let metadata = info.map(|i| i.metadata).unwrap_or_default();

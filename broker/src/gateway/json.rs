@@ -11,7 +11,7 @@ use switchboard_proto::v1 as pb;
 use crate::error::{BrokerError, Reason};
 
 /// A JSON response.
-pub fn response(status: StatusCode, body: &Value) -> Response {
+pub(super) fn response(status: StatusCode, body: &Value) -> Response {
     let mut response = Response::new(Body::from(body.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -22,7 +22,7 @@ pub fn response(status: StatusCode, body: &Value) -> Response {
 }
 
 /// Parses a request body as JSON, whatever its declared type.
-pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BrokerError> {
+pub(super) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BrokerError> {
     serde_json::from_slice(bytes).map_err(|e| {
         BrokerError::invalid(
             Reason::PayloadNotJson,
@@ -36,7 +36,7 @@ fn time(timestamp: Option<&prost_types::Timestamp>) -> Value {
 }
 
 /// A publish ack.
-pub fn ack(ack: &pb::PublishAck) -> Value {
+pub(super) fn ack(ack: &pb::PublishAck) -> Value {
     json!({
         "offset": ack.offset,
         "publish_time": time(ack.publish_time.as_ref()),
@@ -51,7 +51,7 @@ fn is_json(content_type: &str) -> bool {
 }
 
 /// A delivered message. A JSON payload is inlined as `payload`; any other is `payload_base64`.
-pub fn message(message: &pb::Message) -> Value {
+pub(super) fn message(message: &pb::Message) -> Value {
     let mut out = Map::new();
     out.insert("offset".into(), json!(message.offset));
     out.insert("channel".into(), json!(message.channel));
@@ -80,7 +80,7 @@ pub fn message(message: &pb::Message) -> Value {
 }
 
 /// An entity: its key, merged fields, version and ETag.
-pub fn entity(entity: &pb::Entity) -> Value {
+pub(super) fn entity(entity: &pb::Entity) -> Value {
     let key = entity.key.clone().unwrap_or_default();
     let fields = serde_json::from_slice::<Value>(&entity.fields).unwrap_or(Value::Null);
     json!({

@@ -40,7 +40,7 @@ use error::HttpError;
 
 /// What the gateway's handlers share; cheap to clone.
 #[derive(Clone)]
-pub struct Gateway {
+pub(crate) struct Gateway {
     inner: Arc<Inner>,
 }
 
@@ -56,7 +56,7 @@ struct Inner {
 
 impl Gateway {
     /// The gateway over the broker's gRPC services and its gate.
-    pub fn new(config: &Config, gate: Arc<Gate>, broker: BrokerService) -> Gateway {
+    pub(crate) fn new(config: &Config, gate: Arc<Gate>, broker: BrokerService) -> Gateway {
         let entities = broker.entities();
         let max_batch = config.gateway.max_batch;
         // JSON can spell a payload byte as up to six characters (`\u0000`); one message at the
@@ -77,7 +77,7 @@ impl Gateway {
 
     /// `grpc` (the gRPC services' routes) with the gateway's routes beside them, and the origin
     /// check and CORS around both: a gRPC-Web call from a browser needs CORS as a fetch does.
-    pub fn around(self, grpc: Router) -> Router {
+    pub(crate) fn around(self, grpc: Router) -> Router {
         grpc.merge(self.clone().routes())
             .layer(axum::middleware::from_fn_with_state(self, cors::check))
     }

@@ -57,7 +57,7 @@ impl PublishBody {
 }
 
 /// `POST /v1/publish`: the ack once the message is durable, or the refusal.
-pub async fn single(
+pub(super) async fn single(
     State(gateway): State<Gateway>,
     request: Request,
 ) -> Result<Response, HttpError> {
@@ -77,7 +77,7 @@ pub async fn single(
 /// `POST /v1/publish/batch`: an array of messages in, an array of `{"ack": ...}` or
 /// `{"error": ...}` out, in the same order. The messages are queued in order (so their offsets
 /// follow it) and committed together; each spends one unit of the caller's rate budget.
-pub async fn batch(
+pub(super) async fn batch(
     State(gateway): State<Gateway>,
     request: Request,
 ) -> Result<Response, HttpError> {

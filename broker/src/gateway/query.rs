@@ -5,11 +5,11 @@ use percent_encoding::percent_decode_str;
 use crate::error::{BrokerError, Reason};
 
 /// A request's query parameters.
-pub struct Query(Vec<(String, String)>);
+pub(super) struct Query(Vec<(String, String)>);
 
 impl Query {
     /// Decodes `query` (what follows `?`, if anything).
-    pub fn parse(query: Option<&str>) -> Query {
+    pub(super) fn parse(query: Option<&str>) -> Query {
         let decode = |s: &str| {
             let spaced = s.replace('+', " ");
             percent_decode_str(&spaced).decode_utf8_lossy().into_owned()
@@ -28,7 +28,7 @@ impl Query {
     }
 
     /// The first value of `name`.
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub(super) fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == name)
@@ -39,7 +39,7 @@ impl Query {
     ///
     /// # Errors
     /// INVALID_ARGUMENT with `reason` when it is not a number.
-    pub fn number<T: std::str::FromStr>(
+    pub(super) fn number<T: std::str::FromStr>(
         &self,
         name: &str,
         reason: Reason,

@@ -164,7 +164,7 @@ where
 }
 
 /// `GET /v1/subscribe?pattern=&policy=&min_interval_ms=&window=&start=&last_event_id=`.
-pub async fn subscribe(
+pub(super) async fn subscribe(
     State(gateway): State<Gateway>,
     request: Request,
 ) -> Result<Response, HttpError> {
@@ -227,7 +227,7 @@ pub async fn subscribe(
 
 /// `GET /v1/entities/watch?pattern=&policy=&min_interval_ms=`: a snapshot of the matching
 /// entities, then their changes.
-pub async fn watch(
+pub(super) async fn watch(
     State(gateway): State<Gateway>,
     request: Request,
 ) -> Result<Response, HttpError> {

@@ -35,7 +35,7 @@ use crate::shutdown::ShutdownSignal;
 use crate::state::AppliedProgress;
 
 /// The content type of the Prometheus text exposition format.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const PAGE_CONTENT_TYPE: &str = "text/html; charset=utf-8";
 const JSON_CONTENT_TYPE: &str = "application/json";
 /// Admin connections served at once; more are closed on accept.
@@ -44,7 +44,7 @@ const MAX_CONNECTIONS: usize = 64;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the admin endpoints read: the broker's parts, shared with the gRPC service.
-pub struct Sources {
+pub(crate) struct Sources {
     /// This node's raft id.
     pub node_id: u64,
     /// The raft handle, for its metrics.
@@ -62,7 +62,7 @@ pub struct Sources {
 impl Sources {
     /// Whether this node knows a leader (what `/healthz` and gRPC health report), with its raft
     /// still running.
-    pub fn has_leader(&self) -> bool {
+    pub(crate) fn has_leader(&self) -> bool {
         let metrics = self.raft.metrics();
         // A raft core that stopped (a fatal storage error, or a panic) leaves its last metrics
         // behind, leader included; only the closed channel says it is gone. Found by the fault
@@ -71,7 +71,7 @@ impl Sources {
     }
 
     /// Reads the broker's state for a scrape.
-    pub async fn scrape(&self) -> Scrape {
+    pub(crate) async fn scrape(&self) -> Scrape {
         let progress = *self.progress.borrow();
         let (term, leader, committed) = {
             let raft = self.raft.metrics();
@@ -165,7 +165,7 @@ fn dir_size(dir: &Path) -> u64 {
 ///
 /// # Errors
 /// The address cannot be bound.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (admin_listen; \"off\" disables it)"))
@@ -173,7 +173,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves the admin endpoints on `listener` until shutdown begins, then closes connections
 /// gracefully (an in-flight scrape is answered).
-pub async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown: ShutdownSignal) {
+pub(crate) async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown: ShutdownSignal) {
     let mut stopping = shutdown.clone();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = tokio::task::JoinSet::new();

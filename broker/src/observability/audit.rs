@@ -20,7 +20,7 @@ use switchboard_proto::code_name;
 use crate::error::{shorten, BrokerError};
 
 /// Audit lines written per second at most, over all clients.
-pub const LINES_PER_SECOND: u32 = 20;
+pub(crate) const LINES_PER_SECOND: u32 = 20;
 
 const WINDOW: Duration = Duration::from_secs(1);
 
@@ -30,7 +30,7 @@ static LIMITER: Mutex<Limiter> = Mutex::new(Limiter::new(LINES_PER_SECOND));
 /// subject; `None` without authentication, and for refusals at the gate or the token endpoint),
 /// about `target` (what was refused; `None` when the request was refused before it named
 /// anything).
-pub fn refused(
+pub(crate) fn refused(
     peer: Option<SocketAddr>,
     principal: Option<&str>,
     target: Option<&str>,

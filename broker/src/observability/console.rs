@@ -13,7 +13,7 @@ use crate::fanout::registry::FlowPolicy;
 use crate::message::now_us;
 
 /// The console page.
-pub const PAGE: &str = include_str!("console.html");
+pub(crate) const PAGE: &str = include_str!("console.html");
 
 /// How many of the latest messages the channel table looks at: enough to show what is busy now,
 /// bounded so that a refresh reads at most this many from the store.
@@ -22,7 +22,7 @@ const RECENT_MESSAGES: u64 = 2_000;
 const RATE_WINDOW_US: u64 = 60_000_000;
 
 /// Everything the console shows, as JSON.
-pub async fn state(sources: &Sources) -> Value {
+pub(crate) async fn state(sources: &Sources) -> Value {
     let scrape = sources.scrape().await;
     let subscriptions = subscriptions(sources, &scrape);
     let store = sources.store.clone();

@@ -19,41 +19,41 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::error::Reason;
 
 /// Publishes by result and reason.
-pub const PUBLISHES: &str = "switchboard_publishes_total";
+pub(crate) const PUBLISHES: &str = "switchboard_publishes_total";
 /// Deliveries by flow policy.
-pub const DELIVERIES: &str = "switchboard_deliveries_total";
+pub(crate) const DELIVERIES: &str = "switchboard_deliveries_total";
 /// Publish time to delivery, seconds.
-pub const PUBLISH_TO_DELIVER: &str = "switchboard_publish_to_deliver_seconds";
+pub(crate) const PUBLISH_TO_DELIVER: &str = "switchboard_publish_to_deliver_seconds";
 /// Subscriptions switched from memory to the store.
-pub const SLOW_CONSUMER_SWITCHES: &str = "switchboard_slow_consumer_switches_total";
+pub(crate) const SLOW_CONSUMER_SWITCHES: &str = "switchboard_slow_consumer_switches_total";
 /// Messages conflated away.
-pub const CONFLATED: &str = "switchboard_conflated_messages_total";
+pub(crate) const CONFLATED: &str = "switchboard_conflated_messages_total";
 /// Gaps announced to subscribers, by reason.
-pub const GAPS: &str = "switchboard_gaps_total";
+pub(crate) const GAPS: &str = "switchboard_gaps_total";
 /// Messages covered by gaps, by reason.
-pub const GAP_MESSAGES: &str = "switchboard_gap_messages_total";
+pub(crate) const GAP_MESSAGES: &str = "switchboard_gap_messages_total";
 /// Redeliveries to durable consumers.
-pub const REDELIVERIES: &str = "switchboard_redeliveries_total";
+pub(crate) const REDELIVERIES: &str = "switchboard_redeliveries_total";
 /// Refused entity writes, by reason.
-pub const ENTITY_REFUSALS: &str = "switchboard_entity_refusals_total";
+pub(crate) const ENTITY_REFUSALS: &str = "switchboard_entity_refusals_total";
 /// Calls refused by authentication, authorization, origin checks and rate limits, by reason.
-pub const ACCESS_REFUSALS: &str = "switchboard_access_refusals_total";
+pub(crate) const ACCESS_REFUSALS: &str = "switchboard_access_refusals_total";
 /// Connections closed on arrival because `limits.max_connections` were open.
-pub const CONNECTIONS_REFUSED: &str = "switchboard_connections_refused_total";
+pub(crate) const CONNECTIONS_REFUSED: &str = "switchboard_connections_refused_total";
 /// Proposal to applied outcome of one log entry, seconds.
-pub const COMMIT_SECONDS: &str = "switchboard_commit_seconds";
+pub(crate) const COMMIT_SECONDS: &str = "switchboard_commit_seconds";
 /// Items in one committed log entry.
-pub const COMMIT_BATCH_ITEMS: &str = "switchboard_commit_batch_items";
+pub(crate) const COMMIT_BATCH_ITEMS: &str = "switchboard_commit_batch_items";
 /// One sync round of the raft log (the fdatasync of what was appended since the last), seconds.
-pub const LOG_SYNC_SECONDS: &str = "switchboard_log_sync_seconds";
+pub(crate) const LOG_SYNC_SECONDS: &str = "switchboard_log_sync_seconds";
 /// Applying committed log entries to the state (one call of openraft's apply), seconds.
-pub const APPLY_SECONDS: &str = "switchboard_apply_seconds";
+pub(crate) const APPLY_SECONDS: &str = "switchboard_apply_seconds";
 /// Retention sweeps committed.
-pub const SWEEPS: &str = "switchboard_sweeps_total";
+pub(crate) const SWEEPS: &str = "switchboard_sweeps_total";
 /// Messages removed by sweeps.
-pub const SWEPT_MESSAGES: &str = "switchboard_swept_messages_total";
+pub(crate) const SWEPT_MESSAGES: &str = "switchboard_swept_messages_total";
 /// Audit lines dropped by the audit log's rate limit.
-pub const AUDIT_SUPPRESSED: &str = "switchboard_audit_lines_suppressed_total";
+pub(crate) const AUDIT_SUPPRESSED: &str = "switchboard_audit_lines_suppressed_total";
 
 /// Buckets of [`PUBLISH_TO_DELIVER`]: sub-millisecond live delivery up to replays of old messages.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -74,7 +74,7 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// Installs the process-wide Prometheus recorder and describes every metric; later calls return
 /// the same handle. `None` if another recorder was installed first (events are then recorded there
 /// and `/metrics` shows only the state read at scrape time).
-pub fn install() -> Option<&'static PrometheusHandle> {
+pub(crate) fn install() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let handle = build().and_then(|b| b.install_recorder());
@@ -93,7 +93,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 }
 
 /// The process-wide handle, if [`install`] succeeded.
-pub fn handle() -> Option<&'static PrometheusHandle> {
+pub(crate) fn handle() -> Option<&'static PrometheusHandle> {
     HANDLE.get().and_then(Option::as_ref)
 }
 
@@ -196,7 +196,7 @@ fn describe() {
 
 /// How a publish ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PublishResult {
+pub(crate) enum PublishResult {
     /// Stored.
     Accepted,
     /// A retry of a stored message.
@@ -207,7 +207,7 @@ pub enum PublishResult {
 
 impl PublishResult {
     /// The `result` label.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             PublishResult::Accepted => "accepted",
             PublishResult::Duplicate => "duplicate",
@@ -220,7 +220,7 @@ impl PublishResult {
 ///
 /// Accepted publishes, the common case, go through handles looked up once: building a labelled
 /// key and finding it in the registry for every publish showed in the profile.
-pub fn publish(result: PublishResult, reason: Option<Reason>) {
+pub(crate) fn publish(result: PublishResult, reason: Option<Reason>) {
     static ACCEPTED: OnceLock<Counter> = OnceLock::new();
     match (result, reason) {
         (_, Some(reason)) => {
@@ -238,14 +238,14 @@ pub fn publish(result: PublishResult, reason: Option<Reason>) {
 
 /// One subscription's delivery metrics, looked up once when it starts rather than per delivery.
 #[derive(Clone)]
-pub struct DeliveryMetrics {
+pub(crate) struct DeliveryMetrics {
     deliveries: Counter,
     latency: Histogram,
 }
 
 impl DeliveryMetrics {
     /// The handles for deliveries under flow policy `policy`.
-    pub fn new(policy: &'static str) -> DeliveryMetrics {
+    pub(crate) fn new(policy: &'static str) -> DeliveryMetrics {
         DeliveryMetrics {
             deliveries: counter!(DELIVERIES, "policy" => policy),
             latency: histogram!(PUBLISH_TO_DELIVER),
@@ -253,7 +253,7 @@ impl DeliveryMetrics {
     }
 
     /// Counts a delivery to the subscriber and records publish→deliver latency.
-    pub fn delivered(&self, publish_time_us: u64) {
+    pub(crate) fn delivered(&self, publish_time_us: u64) {
         self.deliveries.increment(1);
         self.latency
             .record(seconds_since(publish_time_us, now_us()));
@@ -273,72 +273,72 @@ fn now_us() -> u64 {
 }
 
 /// Counts a subscription switched from memory to the store.
-pub fn slow_consumer_switch() {
+pub(crate) fn slow_consumer_switch() {
     counter!(SLOW_CONSUMER_SWITCHES).increment(1);
 }
 
 /// Counts messages conflated away (not delivered because a later one of their channel was).
-pub fn conflated(skipped: u64) {
+pub(crate) fn conflated(skipped: u64) {
     counter!(CONFLATED).increment(skipped);
 }
 
 /// Counts a gap announced to a subscriber and the messages it covers.
-pub fn gap(reason: &'static str, count: u64) {
+pub(crate) fn gap(reason: &'static str, count: u64) {
     counter!(GAPS, "reason" => reason).increment(1);
     counter!(GAP_MESSAGES, "reason" => reason).increment(count);
 }
 
 /// Counts a redelivery to a durable consumer.
-pub fn redelivery() {
+pub(crate) fn redelivery() {
     counter!(REDELIVERIES).increment(1);
 }
 
 /// Counts a refused entity write by reason (stale, conflict, clock skew).
-pub fn entity_refused(reason: Reason) {
+pub(crate) fn entity_refused(reason: Reason) {
     counter!(ENTITY_REFUSALS, "reason" => reason.as_str()).increment(1);
 }
 
 /// Counts a call or message refused for who made it (token, permission, origin, rate limit).
-pub fn access_refused(reason: Reason) {
+pub(crate) fn access_refused(reason: Reason) {
     counter!(ACCESS_REFUSALS, "reason" => reason.as_str()).increment(1);
 }
 
 /// Counts a connection closed on arrival at the connection limit.
-pub fn connection_refused() {
+pub(crate) fn connection_refused() {
     counter!(CONNECTIONS_REFUSED).increment(1);
 }
 
 /// Records one committed log entry: how many items it carried and how long from proposal to
 /// applied outcome.
-pub fn commit(items: usize, seconds: f64) {
+pub(crate) fn commit(items: usize, seconds: f64) {
     histogram!(COMMIT_SECONDS).record(seconds);
     histogram!(COMMIT_BATCH_ITEMS).record(items as f64);
 }
 
 /// Records one sync round of the raft log.
-pub fn log_sync(seconds: f64) {
+pub(crate) fn log_sync(seconds: f64) {
     histogram!(LOG_SYNC_SECONDS).record(seconds);
 }
 
 /// Records one apply of committed entries to the state.
-pub fn apply(seconds: f64) {
+pub(crate) fn apply(seconds: f64) {
     histogram!(APPLY_SECONDS).record(seconds);
 }
 
 /// Records a committed retention sweep and the messages it removed.
-pub fn sweep(removed: u64) {
+pub(crate) fn sweep(removed: u64) {
     counter!(SWEEPS).increment(1);
     counter!(SWEPT_MESSAGES).increment(removed);
 }
 
 /// Counts audit lines dropped by the audit log's rate limit.
-pub fn audit_suppressed(lines: u64) {
+pub(crate) fn audit_suppressed(lines: u64) {
     counter!(AUDIT_SUPPRESSED).increment(lines);
 }
 
 /// The broker's state, read when `/metrics` is scraped.
 #[derive(Debug, Clone, Default)]
-pub struct Scrape {
+pub(crate) struct Scrape {
     /// This node's raft id.
     pub node_id: u64,
     /// Highest offset given (0 when none).
@@ -363,7 +363,7 @@ pub struct Scrape {
 
 /// One live subscription's state at scrape time.
 #[derive(Debug, Clone, Default)]
-pub struct SubscriptionScrape {
+pub(crate) struct SubscriptionScrape {
     /// Its id on this node.
     pub id: u64,
     /// Its pattern.
@@ -379,7 +379,7 @@ pub struct SubscriptionScrape {
 impl SubscriptionScrape {
     /// Offsets given that it has not passed yet: `last_offset - next_offset + 1`, at least 0 (0
     /// before its task has started).
-    pub fn lag(&self, last_offset: u64) -> u64 {
+    pub(crate) fn lag(&self, last_offset: u64) -> u64 {
         if self.next_offset == 0 {
             return 0;
         }
@@ -389,7 +389,7 @@ impl SubscriptionScrape {
 
 /// The text served at `/metrics`: every recorded event metric, then the state in `scrape`, in the
 /// Prometheus text exposition format 0.0.4.
-pub fn render(scrape: &Scrape) -> String {
+pub(crate) fn render(scrape: &Scrape) -> String {
     let mut out = handle().map(PrometheusHandle::render).unwrap_or_default();
     if !out.is_empty() && !out.ends_with('\n') {
         out.push('\n');

@@ -7,9 +7,9 @@
 //! - [`trace`]: W3C trace context in and out of messages, spans, and OTLP export.
 //! - [`probe`]: `switchboard --healthcheck`, the container health probe.
 
-pub mod admin;
-pub mod audit;
-pub mod console;
-pub mod metrics;
-pub mod probe;
-pub mod trace;
+pub(crate) mod admin;
+pub(crate) mod audit;
+pub(crate) mod console;
+pub(crate) mod metrics;
+pub(crate) mod probe;
+pub(crate) mod trace;

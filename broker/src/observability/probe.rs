@@ -30,7 +30,7 @@ pub enum ProbeError {
 
 /// The address to dial for a listener bound to `bound`: a wildcard bind (`0.0.0.0`, `::`) is
 /// reached on loopback, which is where the probe runs (inside the node's own container).
-pub fn dial_addr(bound: SocketAddr) -> SocketAddr {
+pub(crate) fn dial_addr(bound: SocketAddr) -> SocketAddr {
     let ip = match bound.ip() {
         IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),

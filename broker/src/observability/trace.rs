@@ -26,17 +26,17 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Whether trace export is on.
-pub fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
 /// Turns context propagation on (done once export is set up).
-pub fn enable() {
+pub(crate) fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }
 
 /// A remote parent: the trace context a publisher sent.
-pub type Parent = opentelemetry::Context;
+pub(crate) type Parent = opentelemetry::Context;
 
 struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
 
@@ -94,7 +94,7 @@ fn valid(context: opentelemetry::Context) -> Option<Parent> {
 }
 
 /// The trace context in a request's metadata, if any (and if tracing is on).
-pub fn parent_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Parent> {
+pub(crate) fn parent_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Parent> {
     if !enabled() {
         return None;
     }
@@ -102,7 +102,7 @@ pub fn parent_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<P
 }
 
 /// The trace context in a message's headers, if any (and if tracing is on).
-pub fn parent_from_headers(headers: &HashMap<String, String>) -> Option<Parent> {
+pub(crate) fn parent_from_headers(headers: &HashMap<String, String>) -> Option<Parent> {
     if !enabled() || !headers.contains_key("traceparent") {
         return None;
     }
@@ -117,7 +117,7 @@ fn stored_parent(headers: &BTreeMap<String, String>) -> Option<Parent> {
 }
 
 /// The span of one publish arriving at the broker.
-pub fn receive_span(parent: Option<&Parent>, channel: &str) -> Span {
+pub(crate) fn receive_span(parent: Option<&Parent>, channel: &str) -> Span {
     if !enabled() {
         return Span::none();
     }
@@ -129,7 +129,7 @@ pub fn receive_span(parent: Option<&Parent>, channel: &str) -> Span {
 }
 
 /// A child of `parent` (commit, apply): ends when dropped.
-pub fn child_span(parent: &Span, name: &'static str) -> Span {
+pub(crate) fn child_span(parent: &Span, name: &'static str) -> Span {
     if !enabled() || parent.is_none() {
         return Span::none();
     }
@@ -141,7 +141,7 @@ pub fn child_span(parent: &Span, name: &'static str) -> Span {
 
 /// Writes `span`'s context into a message's headers (replacing the publisher's `traceparent`), so
 /// everything that later happens to the message joins the trace under it.
-pub fn stamp_message(span: &Span, headers: &mut BTreeMap<String, String>) {
+pub(crate) fn stamp_message(span: &Span, headers: &mut BTreeMap<String, String>) {
     if !enabled() || span.is_none() {
         return;
     }
@@ -149,7 +149,7 @@ pub fn stamp_message(span: &Span, headers: &mut BTreeMap<String, String>) {
 }
 
 /// Records that a stored message was applied (a span under its receive span).
-pub fn applied(headers: &BTreeMap<String, String>, offset: u64) {
+pub(crate) fn applied(headers: &BTreeMap<String, String>, offset: u64) {
     if let Some(parent) = stored_parent(headers) {
         let span = tracing::info_span!("switchboard.apply", offset);
         let _ = span.set_parent(parent);
@@ -157,7 +157,7 @@ pub fn applied(headers: &BTreeMap<String, String>, offset: u64) {
 }
 
 /// Records one delivery of a stored message and points the delivered copy's `traceparent` at it.
-pub fn delivered(
+pub(crate) fn delivered(
     stored: &BTreeMap<String, String>,
     outgoing: &mut HashMap<String, String>,
     subscription: u64,

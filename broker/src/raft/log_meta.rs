@@ -22,11 +22,11 @@ use crate::checksum;
 const META_FILE: &str = "meta";
 const META_TEMP: &str = "meta.tmp";
 /// File holding the highest log index known to be durable.
-pub const WATERMARK_FILE: &str = "durable_index";
+pub(crate) const WATERMARK_FILE: &str = "durable_index";
 
 /// What the log keeps besides its entries.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogMeta {
+pub(crate) struct LogMeta {
     /// The last vote saved.
     pub vote: Option<Vote<u64>>,
     /// The last committed id saved (lazily: it may lag).
@@ -47,7 +47,7 @@ fn invalid(path: &Path, e: impl std::fmt::Display) -> io::Error {
 }
 
 /// The `meta` file of one log folder.
-pub struct MetaFile {
+pub(crate) struct MetaFile {
     dir: PathBuf,
 }
 
@@ -56,7 +56,7 @@ impl MetaFile {
     ///
     /// # Errors
     /// `InvalidData` when the file fails its check; any I/O error.
-    pub fn open(dir: &Path) -> io::Result<(MetaFile, LogMeta)> {
+    pub(crate) fn open(dir: &Path) -> io::Result<(MetaFile, LogMeta)> {
         let path = dir.join(META_FILE);
         let meta = match std::fs::read(&path) {
             Ok(bytes) => checksum::decode(&bytes).map_err(|e| invalid(&path, e))?,
@@ -80,7 +80,7 @@ impl MetaFile {
     ///
     /// # Errors
     /// Any I/O error; the old content may then still be the one on disk.
-    pub fn write(&self, meta: &LogMeta) -> io::Result<()> {
+    pub(crate) fn write(&self, meta: &LogMeta) -> io::Result<()> {
         let bytes = checksum::encode(meta).map_err(io::Error::other)?;
         let temp = self.dir.join(META_TEMP);
         let mut file = File::create(&temp)?;
@@ -99,7 +99,7 @@ impl MetaFile {
 /// process crash keeps it (the page cache survives), a power failure may leave it older, which only
 /// weakens the check (it is a lower bound) and never raises a false alarm. Truncation lowers it,
 /// durably, before removing entries.
-pub struct Watermark {
+pub(crate) struct Watermark {
     pub(super) file: File,
     /// The last index appended (entries up to it are in the page cache or on disk).
     pub(super) appended: AtomicU64,
@@ -114,7 +114,7 @@ impl Watermark {
     ///
     /// # Errors
     /// `InvalidData` when the file fails its check; any I/O error.
-    pub fn open(dir: &Path) -> io::Result<(Watermark, Option<u64>)> {
+    pub(crate) fn open(dir: &Path) -> io::Result<(Watermark, Option<u64>)> {
         let path = dir.join(WATERMARK_FILE);
         let file = OpenOptions::new()
             .read(true)
@@ -141,7 +141,7 @@ impl Watermark {
     ///
     /// # Errors
     /// Any I/O error.
-    pub fn write(&self, index: u64) -> io::Result<()> {
+    pub(crate) fn write(&self, index: u64) -> io::Result<()> {
         let record = checksum::encode(&index).map_err(io::Error::other)?;
         self.file.write_all_at(&record, 0)
     }

@@ -147,7 +147,7 @@ impl Drop for Flusher {
 
 /// The log store. Clones share the same files and index (the reader openraft asks for is a clone).
 #[derive(Clone)]
-pub struct LogStore {
+pub(crate) struct LogStore {
     shared: Arc<Shared>,
     flusher: Arc<Flusher>,
     policy: FsyncPolicy,
@@ -159,7 +159,11 @@ impl LogStore {
     /// # Errors
     /// `InvalidData` when the log is damaged, lost its tail or is in the old sled format; another
     /// process has it open; any I/O error.
-    pub fn open(dir: &Path, policy: FsyncPolicy, sync_interval: Duration) -> io::Result<LogStore> {
+    pub(crate) fn open(
+        dir: &Path,
+        policy: FsyncPolicy,
+        sync_interval: Duration,
+    ) -> io::Result<LogStore> {
         LogStore::open_with(dir, policy, sync_interval, SEGMENT_BYTES)
     }
 

@@ -15,14 +15,14 @@
 
 // openraft's StorageError is large by design and is what its traits return; boxing it here
 // would only add conversions at every trait boundary.
-pub mod log_meta;
+pub(crate) mod log_meta;
 #[allow(clippy::result_large_err)]
-pub mod log_store;
-pub mod network;
+pub(crate) mod log_store;
+pub(crate) mod network;
 mod recent;
-pub mod segment;
+pub(crate) mod segment;
 #[allow(clippy::result_large_err)]
-pub mod state_machine;
+pub(crate) mod state_machine;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,13 +34,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::message::{Command, CommandOutcome};
-pub use state_machine::AppliedState;
+pub(crate) use state_machine::AppliedState;
 use state_machine::StateMachine;
 
 openraft::declare_raft_types!(
     /// Switchboard's raft types: the log carries [`Command`]s and apply answers with
     /// [`CommandOutcome`]s; snapshots are files.
-    pub TypeConfig:
+    pub(crate) TypeConfig:
         D = Command,
         R = CommandOutcome,
         NodeId = u64,
@@ -53,7 +53,7 @@ openraft::declare_raft_types!(
 /// `BasicNode`, which holds one address) lets any node name the leader's client-facing address in
 /// an UNAVAILABLE answer without asking anyone.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
+pub(crate) struct Member {
     /// `host:port` of its raft listener (`cluster.advertise`).
     pub raft_addr: String,
     /// `host:port` of its public gRPC listener (`cluster.public_advertise`); empty when unknown
@@ -68,7 +68,7 @@ impl std::fmt::Display for Member {
 }
 
 /// A running raft node.
-pub type Raft = openraft::Raft<TypeConfig>;
+pub(crate) type Raft = openraft::Raft<TypeConfig>;
 
 /// How long a starting node waits to become leader of its one-voter cluster.
 const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -80,7 +80,7 @@ const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 10_000;
 
 /// This node's own membership entry, from the configuration: `public_addr` is where clients reach
 /// the public listener (bound at `public_listen`).
-pub fn own_member(config: &Config, public_listen: std::net::SocketAddr) -> Member {
+pub(crate) fn own_member(config: &Config, public_listen: std::net::SocketAddr) -> Member {
     let advertise = config.cluster.advertise.trim();
     let raft_addr = if let Some(addr) = config
         .cluster
@@ -121,7 +121,7 @@ pub fn own_member(config: &Config, public_listen: std::net::SocketAddr) -> Membe
 /// # Errors
 /// The log or the snapshots cannot be opened, raft fails to start, or a single node does not lead
 /// in time.
-pub async fn start<S: AppliedState>(
+pub(crate) async fn start<S: AppliedState>(
     config: &Config,
     me: Member,
     peers: network::Peers,

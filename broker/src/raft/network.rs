@@ -32,21 +32,21 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use super::{Member, TypeConfig};
 
 /// Longest wait for a TCP connection to a peer.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Most log entries in one AppendEntries call. Each entry is one proposer batch of up to
 /// `proposer.max_batch_bytes`, so this bounds a replication message to about this many batches.
-pub const MAX_ENTRIES_PER_APPEND: u64 = 16;
+pub(crate) const MAX_ENTRIES_PER_APPEND: u64 = 16;
 
 /// Largest raft frame accepted or sent: [`MAX_ENTRIES_PER_APPEND`] batches of `max_batch_bytes`,
 /// plus room for entry framing.
-pub fn max_frame_bytes(max_batch_bytes: usize) -> usize {
+pub(crate) fn max_frame_bytes(max_batch_bytes: usize) -> usize {
     let entries = usize::try_from(MAX_ENTRIES_PER_APPEND).unwrap_or(16);
     entries.saturating_mul(max_batch_bytes.saturating_add(64 * 1024))
 }
 
 /// Encodes a value carried in a [`Frame`] (bincode: compact, and both ends run the same build).
-pub fn encode<T: Serialize>(value: &T) -> Result<Frame, String> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Frame, String> {
     bincode::serialize(value)
         .map(|data| Frame {
             data: Bytes::from(data),
@@ -55,13 +55,13 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Frame, String> {
 }
 
 /// Decodes a value carried in a [`Frame`].
-pub fn decode<T: DeserializeOwned>(frame: &Frame) -> Result<T, String> {
+pub(crate) fn decode<T: DeserializeOwned>(frame: &Frame) -> Result<T, String> {
     bincode::deserialize(&frame.data).map_err(|e| format!("cannot decode a raft frame: {e}"))
 }
 
 /// One channel per peer address, shared by everything that talks to peers. Cheap to clone.
 #[derive(Clone)]
-pub struct Peers {
+pub(crate) struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     max_frame: usize,
     /// Mutual TLS to the peers, when the cluster runs it.
@@ -70,7 +70,7 @@ pub struct Peers {
 
 impl Peers {
     /// No connections yet; frames up to `max_frame` bytes; over mutual TLS when `tls` is given.
-    pub fn new(max_frame: usize, tls: Option<ClientTlsConfig>) -> Peers {
+    pub(crate) fn new(max_frame: usize, tls: Option<ClientTlsConfig>) -> Peers {
         Peers {
             channels: Arc::default(),
             max_frame,
@@ -82,7 +82,7 @@ impl Peers {
     ///
     /// # Errors
     /// `addr` is not a usable address.
-    pub fn client(&self, addr: &str) -> Result<RaftClient<Channel>, String> {
+    pub(crate) fn client(&self, addr: &str) -> Result<RaftClient<Channel>, String> {
         let channel = {
             let mut channels = self
                 .channels
@@ -117,19 +117,19 @@ impl Peers {
 }
 
 /// The network factory openraft asks for a connection to each peer.
-pub struct Network {
+pub(crate) struct Network {
     peers: Peers,
 }
 
 impl Network {
     /// A factory over the shared peer channels.
-    pub fn new(peers: Peers) -> Network {
+    pub(crate) fn new(peers: Peers) -> Network {
         Network { peers }
     }
 }
 
 /// A connection to one peer.
-pub struct PeerConnection {
+pub(crate) struct PeerConnection {
     target: u64,
     node: Member,
     client: Result<RaftClient<Channel>, String>,

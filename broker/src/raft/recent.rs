@@ -28,7 +28,7 @@ const MAX_BYTES: usize = 16 << 20;
 
 /// Appended entries not yet read, oldest first.
 #[derive(Default)]
-pub struct RecentEntries {
+pub(super) struct RecentEntries {
     entries: VecDeque<(Entry<TypeConfig>, usize)>,
     bytes: usize,
 }
@@ -55,7 +55,7 @@ impl RecentEntries {
 
     /// Keeps `appended`, which were just written after every entry already in the log, in order,
     /// with `lengths`, their encoded lengths in the segment.
-    pub fn push(&mut self, appended: Vec<Entry<TypeConfig>>, lengths: &[u32]) {
+    pub(super) fn push(&mut self, appended: Vec<Entry<TypeConfig>>, lengths: &[u32]) {
         let Some(first) = appended.first().map(|e| e.log_id.index) else {
             return;
         };
@@ -81,7 +81,7 @@ impl RecentEntries {
     /// is asked for), taken out together with every older one; otherwise `None`, and nothing
     /// changes. `end` may lie past the log's end (an unbounded read), as the kept entries end
     /// where the log does.
-    pub fn take(&mut self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
+    pub(super) fn take(&mut self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
         let (first, last) = (self.first_index()?, self.last_index()?);
         if start < first || start > last || end <= start {
             return None;
@@ -97,7 +97,7 @@ impl RecentEntries {
     }
 
     /// Forgets the entries at `index` and after (the log was cut there).
-    pub fn truncate(&mut self, index: u64) {
+    pub(super) fn truncate(&mut self, index: u64) {
         while self.last_index().is_some_and(|i| i >= index) {
             if let Some((_, size)) = self.entries.pop_back() {
                 self.bytes -= size;
@@ -106,7 +106,7 @@ impl RecentEntries {
     }
 
     /// Forgets the entries at `index` and before (the log was purged up to there).
-    pub fn purge(&mut self, index: u64) {
+    pub(super) fn purge(&mut self, index: u64) {
         while self.first_index().is_some_and(|i| i <= index) {
             self.pop_front();
         }

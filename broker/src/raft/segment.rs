@@ -36,7 +36,7 @@ use crate::checksum::{self, CorruptRecord};
 
 /// A segment that has reached this many bytes takes no more appends: big enough that segment
 /// files stay few, small enough that purging frees space soon after a snapshot.
-pub const SEGMENT_BYTES: u64 = 64 << 20;
+pub(crate) const SEGMENT_BYTES: u64 = 64 << 20;
 
 /// The append buffer is kept between appends up to this capacity.
 const KEEP_BUFFER: usize = 4 << 20;
@@ -48,7 +48,7 @@ const SUFFIX: &str = ".seg";
 
 /// A record of the log that cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum RecordError {
+pub(crate) enum RecordError {
     /// The record ends past the end of its file, or declares an impossible length.
     #[error("record cut short")]
     Short,
@@ -86,7 +86,10 @@ pub enum RecordError {
 ///
 /// # Errors
 /// The entry does not encode or is bigger than a record can hold.
-pub fn encode_record(buf: &mut Vec<u8>, entry: &Entry<TypeConfig>) -> Result<(), RecordError> {
+pub(crate) fn encode_record(
+    buf: &mut Vec<u8>,
+    entry: &Entry<TypeConfig>,
+) -> Result<(), RecordError> {
     let start = buf.len();
     buf.extend_from_slice(&[0; HEADER]);
     bincode::serialize_into(&mut *buf, entry)?;
@@ -102,7 +105,10 @@ pub fn encode_record(buf: &mut Vec<u8>, entry: &Entry<TypeConfig>) -> Result<(),
 ///
 /// # Errors
 /// The record is short, fails its check, does not decode or holds another index.
-pub fn decode_record(record: &[u8], expected: u64) -> Result<Entry<TypeConfig>, RecordError> {
+pub(crate) fn decode_record(
+    record: &[u8],
+    expected: u64,
+) -> Result<Entry<TypeConfig>, RecordError> {
     let (header, payload) = record.split_at_checked(HEADER).ok_or(RecordError::Short)?;
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     if len != payload.len() {
@@ -129,7 +135,7 @@ fn read_one(bytes: &[u8], index: u64) -> Option<Entry<TypeConfig>> {
 
 /// Where one record is, for a read that runs without the log's lock: the file stays readable
 /// through the `Arc` even if a purge removes its name meanwhile.
-pub struct RecordRef {
+pub(crate) struct RecordRef {
     /// The segment file.
     pub file: Arc<File>,
     /// Index of the entry.
@@ -145,7 +151,7 @@ impl RecordRef {
     ///
     /// # Errors
     /// The read fails or the record is damaged.
-    pub fn read(&self) -> Result<Entry<TypeConfig>, RecordError> {
+    pub(crate) fn read(&self) -> Result<Entry<TypeConfig>, RecordError> {
         let mut record = vec![0; self.len as usize];
         self.file.read_exact_at(&mut record, self.offset)?;
         decode_record(&record, self.index)
@@ -189,7 +195,7 @@ impl Segment {
 
 /// Files the flusher must sync to make everything appended so far durable.
 #[derive(Default)]
-pub struct Unsynced {
+pub(crate) struct Unsynced {
     /// Segment files written since the last sync.
     pub files: Vec<Arc<File>>,
     /// Whether a segment was created or removed (its name must be made durable too).
@@ -197,7 +203,7 @@ pub struct Unsynced {
 }
 
 /// The segments of one log folder and the index over them.
-pub struct SegmentLog {
+pub(crate) struct SegmentLog {
     dir: PathBuf,
     /// [`SEGMENT_BYTES`], smaller in tests that need many segments.
     segment_bytes: u64,
@@ -241,7 +247,7 @@ fn open_segment_file(path: &Path, create: bool) -> io::Result<File> {
 }
 
 /// Syncs a folder, so names created or removed in it survive a crash.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -252,7 +258,7 @@ impl SegmentLog {
     ///
     /// # Errors
     /// `InvalidData` when the log is damaged (see the module docs); any I/O error.
-    pub fn open(
+    pub(crate) fn open(
         dir: &Path,
         durable: Option<u64>,
         purged: Option<u64>,
@@ -387,14 +393,14 @@ impl SegmentLog {
     }
 
     /// The id of the last entry present.
-    pub fn last(&self) -> Option<LogId<u64>> {
+    pub(crate) fn last(&self) -> Option<LogId<u64>> {
         self.last
     }
 
     /// Whether the next append starts a new segment because the last one is full. The caller
     /// syncs what was written before then: a torn write is only recognised at the end of the
     /// last segment, so no unsynced tail may be left behind in an earlier one.
-    pub fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.segments
             .last()
             .is_some_and(|s| s.len >= self.segment_bytes)
@@ -411,7 +417,7 @@ impl SegmentLog {
     /// # Errors
     /// The entries do not follow the log, do not encode, or the write fails (the log is then left
     /// as it was).
-    pub fn append<E: Borrow<Entry<TypeConfig>>>(
+    pub(crate) fn append<E: Borrow<Entry<TypeConfig>>>(
         &mut self,
         entries: impl IntoIterator<Item = E>,
     ) -> Result<Vec<u32>, RecordError> {
@@ -508,7 +514,7 @@ impl SegmentLog {
     }
 
     /// Where the entries with indexes in `start..end` are (as many as are present, in order).
-    pub fn locate(&self, start: u64, end: u64) -> Vec<RecordRef> {
+    pub(crate) fn locate(&self, start: u64, end: u64) -> Vec<RecordRef> {
         let mut found = Vec::new();
         for segment in &self.segments {
             let Some(last) = segment.last_index() else {
@@ -531,7 +537,7 @@ impl SegmentLog {
     ///
     /// # Errors
     /// Any I/O error.
-    pub fn remove_from(&mut self, index: u64) -> io::Result<bool> {
+    pub(crate) fn remove_from(&mut self, index: u64) -> io::Result<bool> {
         let mut removed = false;
         while let Some(segment) = self.segments.last() {
             if segment.first < index {
@@ -553,7 +559,7 @@ impl SegmentLog {
     ///
     /// # Errors
     /// Any I/O error.
-    pub fn cut(&mut self, index: u64) -> io::Result<Option<Arc<File>>> {
+    pub(crate) fn cut(&mut self, index: u64) -> io::Result<Option<Arc<File>>> {
         let Some(segment) = self.segments.last_mut() else {
             return Ok(None);
         };
@@ -571,13 +577,13 @@ impl SegmentLog {
     }
 
     /// The record of the last entry present.
-    pub fn last_record(&self) -> Option<RecordRef> {
+    pub(crate) fn last_record(&self) -> Option<RecordRef> {
         let segment = self.segments.iter().rev().find(|s| !s.records.is_empty())?;
         segment.record(segment.last_index()?)
     }
 
     /// Sets the id of the last entry present, after a truncation.
-    pub fn set_last(&mut self, last: Option<LogId<u64>>) {
+    pub(crate) fn set_last(&mut self, last: Option<LogId<u64>>) {
         self.last = last;
     }
 
@@ -585,7 +591,7 @@ impl SegmentLog {
     ///
     /// # Errors
     /// A file cannot be removed (the segments before it were).
-    pub fn purge(&mut self, index: u64) -> io::Result<bool> {
+    pub(crate) fn purge(&mut self, index: u64) -> io::Result<bool> {
         let mut removed = false;
         while let Some(segment) = self.segments.first() {
             if segment.last_index().is_some_and(|last| last > index) {
@@ -602,12 +608,12 @@ impl SegmentLog {
     }
 
     /// Takes the list of what was written since the last call, for the flusher to sync.
-    pub fn take_unsynced(&mut self) -> Unsynced {
+    pub(crate) fn take_unsynced(&mut self) -> Unsynced {
         std::mem::take(&mut self.unsynced)
     }
 
     /// Puts back what a failed sync did not make durable.
-    pub fn restore_unsynced(&mut self, unsynced: Unsynced) {
+    pub(crate) fn restore_unsynced(&mut self, unsynced: Unsynced) {
         for file in unsynced.files {
             if !self.unsynced.files.iter().any(|f| Arc::ptr_eq(f, &file)) {
                 self.unsynced.files.push(file);

@@ -40,7 +40,7 @@ type Entry = openraft::Entry<TypeConfig>;
 /// Raft's record of what the state holds: saved by the state with every apply, in the same
 /// record as its own position, and handed back at the next start.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Bookkeeping {
+pub(crate) struct Bookkeeping {
     /// The last log entry whose effects are in the state.
     pub last_applied: Option<LogId<u64>>,
     /// The last membership applied.
@@ -48,13 +48,13 @@ pub struct Bookkeeping {
 }
 
 /// Writes a snapshot of the state to the path it is given, made durable; run on a blocking thread.
-pub type SnapshotJob = Box<dyn FnOnce(&Path) -> std::io::Result<()> + Send>;
+pub(crate) type SnapshotJob = Box<dyn FnOnce(&Path) -> std::io::Result<()> + Send>;
 
 /// What raft hands committed entries to: the broker's state ([`crate::state`]).
 ///
 /// Each call that changes the state saves the [`Bookkeeping`] it is given with its own writes, so
 /// that [`AppliedState::saved`] returns it after a restart.
-pub trait AppliedState: Send + Sync + 'static {
+pub(crate) trait AppliedState: Send + Sync + 'static {
     /// Whether the state on disk was whole when it was opened (the last run stopped cleanly).
     fn is_whole(&self) -> bool;
     /// Whether the state holds nothing at all.
@@ -105,7 +105,7 @@ fn snapshot_err(e: impl std::fmt::Display) -> StorageError<u64> {
 }
 
 /// The state machine openraft runs: bookkeeping and snapshot files around an [`AppliedState`].
-pub struct StateMachine<S> {
+pub(crate) struct StateMachine<S> {
     state: S,
     bookkeeping: Bookkeeping,
     snapshot_dir: PathBuf,
@@ -125,7 +125,7 @@ impl<S: AppliedState> StateMachine<S> {
     ///
     /// # Errors
     /// The state or the snapshot files cannot be read or written.
-    pub fn open(state: S, snapshot_dir: &Path) -> anyhow::Result<StateMachine<S>> {
+    pub(crate) fn open(state: S, snapshot_dir: &Path) -> anyhow::Result<StateMachine<S>> {
         std::fs::create_dir_all(snapshot_dir)?;
         let mut machine = StateMachine {
             bookkeeping: state.saved()?,
@@ -145,17 +145,20 @@ impl<S: AppliedState> StateMachine<S> {
     }
 
     /// The state raft drives.
-    pub fn state(&self) -> &S {
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> &S {
         &self.state
     }
 
     /// The bookkeeping of what the state holds.
-    pub fn bookkeeping(&self) -> &Bookkeeping {
+    #[cfg(test)]
+    pub(crate) fn bookkeeping(&self) -> &Bookkeeping {
         &self.bookkeeping
     }
 
     /// Where the snapshot files are.
-    pub fn snapshot_dir(&self) -> &Path {
+    #[cfg(test)]
+    pub(crate) fn snapshot_dir(&self) -> &Path {
         &self.snapshot_dir
     }
 
@@ -281,7 +284,7 @@ pub(crate) fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Re
 type TakenSnapshot = (SnapshotMeta<u64, Member>, PathBuf);
 
 /// Hands openraft the snapshot taken when the builder was made, or the error that prevented it.
-pub struct SnapshotBuilder {
+pub(crate) struct SnapshotBuilder {
     snapshot: Option<Result<TakenSnapshot, String>>,
 }
 

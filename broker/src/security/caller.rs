@@ -21,7 +21,7 @@ static UNRESTRICTED: LazyLock<Permissions> = LazyLock::new(Permissions::unrestri
 
 /// Who made a call, as the gate established it; handlers find it in the request's extensions.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// The token's principal; `None` on a broker without authentication.
     principal: Option<Arc<Principal>>,
     /// The connection's remote address, when the transport knows it.
@@ -37,7 +37,7 @@ pub struct Ungated;
 
 impl Caller {
     /// A caller on a broker without authentication (also what tests of handlers use).
-    pub fn anonymous(peer: Option<SocketAddr>) -> Caller {
+    pub(crate) fn anonymous(peer: Option<SocketAddr>) -> Caller {
         Caller {
             principal: None,
             peer,
@@ -62,7 +62,7 @@ impl Caller {
     ///
     /// # Errors
     /// [`Ungated`] when the call did not pass the gate.
-    pub fn of(extensions: &http::Extensions) -> Result<Caller, Ungated> {
+    pub(crate) fn of(extensions: &http::Extensions) -> Result<Caller, Ungated> {
         extensions.get::<Caller>().cloned().ok_or(Ungated)
     }
 
@@ -76,12 +76,12 @@ impl Caller {
     }
 
     /// The connection's remote address.
-    pub fn peer(&self) -> Option<SocketAddr> {
+    pub(crate) fn peer(&self) -> Option<SocketAddr> {
         self.peer
     }
 
     /// The authenticated subject, if any.
-    pub fn subject(&self) -> Option<&str> {
+    pub(crate) fn subject(&self) -> Option<&str> {
         self.principal.as_deref().map(|p| p.subject.as_str())
     }
 
@@ -122,7 +122,7 @@ impl Caller {
     /// # Errors
     /// PERMISSION_DENIED `PUBLISH_DENIED`, or INVALID_ARGUMENT `CHANNEL_RESERVED` for a `$`
     /// channel.
-    pub fn check_publish(&self, channel: &str) -> Result<(), BrokerError> {
+    pub(crate) fn check_publish(&self, channel: &str) -> Result<(), BrokerError> {
         self.refuse(self.permissions().check_publish(channel), || {
             channel.to_owned()
         })
@@ -133,7 +133,7 @@ impl Caller {
     ///
     /// # Errors
     /// PERMISSION_DENIED `SUBSCRIBE_DENIED` (or `ENTITY_READ_DENIED` for `$state.` patterns).
-    pub fn check_subscribe(&self, pattern: &Pattern) -> Result<(), BrokerError> {
+    pub(crate) fn check_subscribe(&self, pattern: &Pattern) -> Result<(), BrokerError> {
         self.refuse(self.permissions().check_subscribe(pattern), || {
             pattern.as_str().to_owned()
         })
@@ -141,7 +141,7 @@ impl Caller {
 
     /// Whether this caller could subscribe to `pattern`, asked to decide what it may see (a
     /// listing), not to refuse it: nothing is counted or audited.
-    pub fn may_subscribe(&self, pattern: &Pattern) -> bool {
+    pub(crate) fn may_subscribe(&self, pattern: &Pattern) -> bool {
         self.permissions().may_subscribe(pattern)
     }
 
@@ -149,7 +149,7 @@ impl Caller {
     ///
     /// # Errors
     /// PERMISSION_DENIED `ENTITY_READ_DENIED`.
-    pub fn check_read_entity(&self, entity_type: &str, id: &str) -> Result<(), BrokerError> {
+    pub(crate) fn check_read_entity(&self, entity_type: &str, id: &str) -> Result<(), BrokerError> {
         self.refuse(self.permissions().check_read_entity(entity_type), || {
             format!("{entity_type}.{id}")
         })
@@ -160,7 +160,11 @@ impl Caller {
     ///
     /// # Errors
     /// PERMISSION_DENIED `ENTITY_UPDATE_DENIED`.
-    pub fn check_update_entity(&self, entity_type: &str, id: &str) -> Result<(), BrokerError> {
+    pub(crate) fn check_update_entity(
+        &self,
+        entity_type: &str,
+        id: &str,
+    ) -> Result<(), BrokerError> {
         self.refuse(self.permissions().check_update_entity(entity_type), || {
             format!("{entity_type}.{id}")
         })
@@ -171,7 +175,7 @@ impl Caller {
     ///
     /// # Errors
     /// PERMISSION_DENIED `ADMIN_DENIED`.
-    pub fn check_admin(&self, operation: &str) -> Result<(), BrokerError> {
+    pub(crate) fn check_admin(&self, operation: &str) -> Result<(), BrokerError> {
         self.refuse(self.permissions().check_admin(), || operation.to_owned())
     }
 }

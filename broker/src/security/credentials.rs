@@ -36,21 +36,21 @@ use super::token::{VerificationKey, MAX_SUBJECT_LEN, PERMISSIONS_CLAIM};
 use crate::channel::ChannelLimits;
 
 /// Lifetime of a minted token when neither the client nor the request says otherwise.
-pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+pub(crate) const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 /// Longest lifetime a minted token can have.
-pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// Shortest client secret accepted for hashing, in bytes.
-pub const MIN_CLIENT_SECRET_LEN: usize = 16;
+pub(crate) const MIN_CLIENT_SECRET_LEN: usize = 16;
 /// Longest client secret accepted, in bytes (longer ones are refused before hashing).
-pub const MAX_CLIENT_SECRET_LEN: usize = 1024;
+pub(crate) const MAX_CLIENT_SECRET_LEN: usize = 1024;
 /// Longest client id, in bytes.
-pub const MAX_CLIENT_ID_LEN: usize = 128;
+pub(crate) const MAX_CLIENT_ID_LEN: usize = 128;
 /// Random bytes in a secret from [`generate_client_secret`].
 const GENERATED_SECRET_BYTES: usize = 32;
 
 /// The cost of an argon2id hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HashCost {
+pub(crate) struct HashCost {
     /// Memory, in KiB.
     pub memory_kib: u32,
     /// Passes over the memory.
@@ -61,13 +61,13 @@ pub struct HashCost {
 
 impl HashCost {
     /// OWASP's first recommended argon2id setting: 19 MiB, 2 passes, 1 lane.
-    pub const DEFAULT: HashCost = HashCost {
+    pub(crate) const DEFAULT: HashCost = HashCost {
         memory_kib: 19 * 1024,
         iterations: 2,
         parallelism: 1,
     };
     /// The most a configured hash may cost per check: 256 MiB, 10 passes, 8 lanes.
-    pub const MAX: HashCost = HashCost {
+    pub(crate) const MAX: HashCost = HashCost {
         memory_kib: 256 * 1024,
         iterations: 10,
         parallelism: 8,
@@ -170,7 +170,10 @@ pub fn hash_client_secret(secret: &str) -> Result<String, CredentialError> {
 }
 
 /// Hashes a client secret with the given cost and a random salt, as an argon2id PHC string.
-pub fn hash_client_secret_with(secret: &str, cost: HashCost) -> Result<String, CredentialError> {
+pub(crate) fn hash_client_secret_with(
+    secret: &str,
+    cost: HashCost,
+) -> Result<String, CredentialError> {
     if !(MIN_CLIENT_SECRET_LEN..=MAX_CLIENT_SECRET_LEN).contains(&secret.len()) {
         return Err(CredentialError::SecretLength(secret.len()));
     }
@@ -261,7 +264,7 @@ pub struct ClientConfig {
 
 /// A configured client, ready to authenticate.
 #[derive(Clone)]
-pub struct Client {
+pub(crate) struct Client {
     id: String,
     hash: PasswordHash,
     scope: Permissions,
@@ -282,22 +285,26 @@ impl fmt::Debug for Client {
 
 impl Client {
     /// The client id.
-    pub fn id(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> &str {
         &self.id
     }
 
     /// The most its tokens may grant.
-    pub fn scope(&self) -> &Permissions {
+    #[cfg(test)]
+    pub(crate) fn scope(&self) -> &Permissions {
         &self.scope
     }
 
     /// Whether it may mint tokens for other subjects.
-    pub fn on_behalf_of(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn on_behalf_of(&self) -> bool {
         self.on_behalf_of
     }
 
     /// The lifetime of its tokens.
-    pub fn token_ttl(&self) -> Duration {
+    #[cfg(test)]
+    pub(crate) fn token_ttl(&self) -> Duration {
         self.token_ttl
     }
 }
@@ -318,7 +325,7 @@ fn is_subject(subject: &str) -> bool {
 
 /// The configured clients.
 #[derive(Debug, Clone)]
-pub struct ClientRegistry {
+pub(crate) struct ClientRegistry {
     clients: HashMap<String, Client>,
     /// Checked when the client id is unknown, so that costs what a real check costs.
     dummy: PasswordHash,
@@ -329,7 +336,7 @@ pub struct ClientRegistry {
 impl ClientRegistry {
     /// Loads and validates the clients; scopes are parsed with `limits`. Costs one hash (the dummy
     /// for unknown ids, at the first client's cost).
-    pub fn new(
+    pub(crate) fn new(
         configs: &[ClientConfig],
         limits: &ChannelLimits,
     ) -> Result<ClientRegistry, CredentialError> {
@@ -378,7 +385,11 @@ impl ClientRegistry {
 
     /// Checks a client id and secret. An unknown id and a wrong secret are the same error, found
     /// in about the same time.
-    pub fn authenticate(&self, client_id: &str, secret: &str) -> Result<&Client, CredentialError> {
+    pub(crate) fn authenticate(
+        &self,
+        client_id: &str,
+        secret: &str,
+    ) -> Result<&Client, CredentialError> {
         let secret = if secret.len() > MAX_CLIENT_SECRET_LEN {
             // Still spend the time of a check, on something that cannot match.
             ""
@@ -396,29 +407,35 @@ impl ClientRegistry {
     }
 
     /// The client with this id.
-    pub fn get(&self, client_id: &str) -> Option<&Client> {
+    #[cfg(test)]
+    pub(crate) fn get(&self, client_id: &str) -> Option<&Client> {
         self.clients.get(client_id)
     }
 
     /// How many clients are configured.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.clients.len()
     }
 
     /// Whether no client is configured.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.clients.is_empty()
     }
 
     /// Parses a requested scope with the registry's limits.
-    pub fn parse_scope(&self, spec: &PermissionSpec) -> Result<Permissions, CredentialError> {
+    pub(crate) fn parse_scope(
+        &self,
+        spec: &PermissionSpec,
+    ) -> Result<Permissions, CredentialError> {
         Permissions::from_spec(spec, &self.limits).map_err(CredentialError::InvalidScope)
     }
 }
 
 /// What minted tokens say about who issued them and for whom.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MinterSettings {
+pub(crate) struct MinterSettings {
     /// The `iss` of minted tokens (list it in the verifier's accepted issuers).
     pub issuer: String,
     /// The `aud` of minted tokens (list it in the verifier's accepted audiences).
@@ -427,7 +444,7 @@ pub struct MinterSettings {
 
 /// A token asked for by an authenticated client.
 #[derive(Debug, Clone, Default)]
-pub struct MintRequest {
+pub(crate) struct MintRequest {
     /// The subject to mint for, when not the client itself (needs [`Client::on_behalf_of`]).
     pub subject: Option<String>,
     /// A narrower grant than the client's scope; the whole scope when `None`.
@@ -438,7 +455,7 @@ pub struct MintRequest {
 
 /// A minted token.
 #[derive(Debug, Clone)]
-pub struct MintedToken {
+pub(crate) struct MintedToken {
     /// The JWT.
     pub token: String,
     /// Its `exp`.
@@ -451,13 +468,15 @@ pub struct MintedToken {
 
 /// Signs tokens for authenticated clients.
 #[derive(Clone)]
-pub struct TokenMinter {
+pub(crate) struct TokenMinter {
     key: EncodingKey,
     algorithm: Algorithm,
     kid: Option<String>,
     /// The verification key for the minted tokens.
     verification: VerificationKey,
     /// The public JWK (EdDSA only), for publishing.
+    // Checked by the tests; nothing serves a JWKS from it yet.
+    #[cfg_attr(not(test), allow(dead_code))]
     public_jwk: Option<Jwk>,
     settings: MinterSettings,
 }
@@ -474,7 +493,7 @@ impl fmt::Debug for TokenMinter {
 
 impl TokenMinter {
     /// A minter signing with an HS256 secret (at least 32 bytes), shared with the verifier.
-    pub fn hs256(
+    pub(crate) fn hs256(
         secret: &[u8],
         kid: Option<String>,
         settings: MinterSettings,
@@ -493,7 +512,7 @@ impl TokenMinter {
     }
 
     /// A minter signing with an Ed25519 private key in PKCS#8 PEM; its public key verifies.
-    pub fn eddsa_pem(
+    pub(crate) fn eddsa_pem(
         private_pem: &[u8],
         kid: Option<String>,
         settings: MinterSettings,
@@ -521,22 +540,18 @@ impl TokenMinter {
     }
 
     /// The key that verifies this minter's tokens, for the broker's own verifier.
-    pub fn verification_key(&self) -> &VerificationKey {
+    pub(crate) fn verification_key(&self) -> &VerificationKey {
         &self.verification
     }
 
     /// The public key as a JWK (EdDSA only), for a JWKS other services can fetch.
-    pub fn public_jwk(&self) -> Option<&Jwk> {
+    #[cfg(test)]
+    pub(crate) fn public_jwk(&self) -> Option<&Jwk> {
         self.public_jwk.as_ref()
     }
 
-    /// The minter's settings.
-    pub fn settings(&self) -> &MinterSettings {
-        &self.settings
-    }
-
     /// Mints a token for `client` (already authenticated) at `now`.
-    pub fn mint(
+    pub(crate) fn mint(
         &self,
         client: &Client,
         request: &MintRequest,

@@ -23,12 +23,12 @@
 //! The edge's gate (`edge::auth`) applies them to every call; `docs/SECURITY.md` describes the
 //! whole.
 
-pub mod caller;
-pub mod credentials;
-pub mod origin;
-pub mod permissions;
-pub mod ratelimit;
-pub mod token;
+pub(crate) mod caller;
+pub(crate) mod credentials;
+pub(crate) mod origin;
+pub(crate) mod permissions;
+pub(crate) mod ratelimit;
+pub(crate) mod token;
 
 #[cfg(test)]
 mod test_keys;

@@ -32,7 +32,7 @@ const MAX_ECHO_LEN: usize = 120;
 
 /// A URL scheme an origin may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Scheme {
+pub(crate) enum Scheme {
     /// `http`, default port 80.
     Http,
     /// `https`, default port 443.
@@ -41,7 +41,7 @@ pub enum Scheme {
 
 impl Scheme {
     /// The port implied when an origin names none.
-    pub fn default_port(self) -> u16 {
+    pub(crate) fn default_port(self) -> u16 {
         match self {
             Scheme::Http => 80,
             Scheme::Https => 443,
@@ -49,7 +49,7 @@ impl Scheme {
     }
 
     /// The scheme as written in an origin.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Scheme::Http => "http",
             Scheme::Https => "https",
@@ -59,7 +59,7 @@ impl Scheme {
 
 /// The host of an origin, normalised.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Host {
+pub(crate) enum Host {
     /// A DNS name: lowercase ASCII labels of `[a-z0-9_-]`, without a trailing dot.
     Domain(String),
     /// A dotted-quad IPv4 address.
@@ -80,7 +80,7 @@ impl fmt::Display for Host {
 
 /// A parsed, normalised origin: scheme, host and port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Origin {
+pub(crate) struct Origin {
     /// The scheme.
     pub scheme: Scheme,
     /// The host.
@@ -91,7 +91,7 @@ pub struct Origin {
 
 impl Origin {
     /// Parses an origin such as `https://crm.example.com` or `http://[::1]:3000`.
-    pub fn parse(input: &str) -> Result<Origin, OriginError> {
+    pub(crate) fn parse(input: &str) -> Result<Origin, OriginError> {
         match parse_origin(input, false)? {
             Parsed::Exact(origin) => Ok(origin),
             // Unreachable with wildcards refused, but refusing is the safe answer.
@@ -114,7 +114,7 @@ impl fmt::Display for Origin {
 /// A wildcard-subdomain entry such as `https://*.example.com`: any host with at least one more
 /// label in front of `example.com`, with the same scheme and port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct WildcardOrigin {
+pub(crate) struct WildcardOrigin {
     /// The scheme an origin must have.
     pub scheme: Scheme,
     /// The domain an origin's host must be a proper subdomain of (`example.com`).
@@ -125,7 +125,7 @@ pub struct WildcardOrigin {
 
 impl WildcardOrigin {
     /// Whether `origin` has this scheme and port and a host that is a proper subdomain of `base`.
-    pub fn matches(&self, origin: &Origin) -> bool {
+    pub(crate) fn matches(&self, origin: &Origin) -> bool {
         if origin.scheme != self.scheme || origin.port != self.port {
             return false;
         }
@@ -152,7 +152,7 @@ impl fmt::Display for WildcardOrigin {
 
 /// What is wrong with an origin or allow-list entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum OriginProblem {
+pub(crate) enum OriginProblem {
     /// Nothing was given.
     #[error("it is empty")]
     Empty,
@@ -229,7 +229,7 @@ pub enum OriginProblem {
 /// An origin or allow-list entry that could not be parsed, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid origin {input:?}: {problem}")]
-pub struct OriginError {
+pub(crate) struct OriginError {
     /// The refused input (cut to 120 bytes).
     pub input: String,
     /// What is wrong with it.
@@ -251,7 +251,7 @@ impl OriginError {
 
 /// The browser origins allowed to call the broker.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OriginPolicy {
+pub(crate) struct OriginPolicy {
     /// Entries naming one origin.
     exact: HashSet<Origin>,
     /// Wildcard-subdomain entries.
@@ -262,7 +262,7 @@ impl OriginPolicy {
     /// Parses allow-list entries: exact origins (`https://crm.example.com`,
     /// `http://localhost:3000`) and wildcard-subdomain origins (`https://*.example.com`). The first
     /// malformed entry is the error.
-    pub fn parse<I, S>(entries: I) -> Result<OriginPolicy, OriginError>
+    pub(crate) fn parse<I, S>(entries: I) -> Result<OriginPolicy, OriginError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -284,22 +284,24 @@ impl OriginPolicy {
     }
 
     /// Whether the value of an `Origin` header is allowed. A malformed header is not.
-    pub fn allows(&self, origin_header: &str) -> bool {
+    pub(crate) fn allows(&self, origin_header: &str) -> bool {
         Origin::parse(origin_header).is_ok_and(|origin| self.allows_origin(&origin))
     }
 
     /// Whether a parsed origin is allowed.
-    pub fn allows_origin(&self, origin: &Origin) -> bool {
+    pub(crate) fn allows_origin(&self, origin: &Origin) -> bool {
         self.exact.contains(origin) || self.wildcards.iter().any(|w| w.matches(origin))
     }
 
     /// Whether the allow-list is empty, so no browser origin is allowed.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.wildcards.is_empty()
     }
 
     /// The entries in canonical form, exact ones sorted first, for logs and `--print-config`.
-    pub fn entries(&self) -> Vec<String> {
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> Vec<String> {
         let mut exact: Vec<String> = self.exact.iter().map(Origin::to_string).collect();
         exact.sort();
         exact.extend(self.wildcards.iter().map(WildcardOrigin::to_string));

@@ -23,9 +23,9 @@ use crate::channel::{is_reserved, ChannelError, ChannelLimits, Pattern, Subscrip
 
 /// Most entries in any one list of a grant (publish, subscribe, entity read, entity update): checks
 /// cost time proportional to the grant, and a grant is carried in every token.
-pub const MAX_GRANTS: usize = 256;
+pub(crate) const MAX_GRANTS: usize = 256;
 /// The entity type that stands for every type in an entity grant.
-pub const ALL_ENTITY_TYPES: &str = "*";
+pub(crate) const ALL_ENTITY_TYPES: &str = "*";
 /// Longest entity type, as the entity service enforces.
 const MAX_ENTITY_TYPE_LEN: usize = 64;
 /// Fewest segments of a channel (as in [`crate::channel`]).
@@ -238,7 +238,7 @@ fn check_len(list: &'static str, len: usize) -> Result<(), PermissionError> {
 
 /// What a principal may do, parsed from a [`PermissionSpec`] and ready for the per-call checks.
 #[derive(Debug, Clone)]
-pub struct Permissions {
+pub(crate) struct Permissions {
     /// Everything is allowed except publishing to `$` channels (no authentication configured).
     unrestricted: bool,
     /// The publish grant as parsed, in order.
@@ -266,7 +266,7 @@ impl Default for Permissions {
 
 impl Permissions {
     /// Nothing is allowed.
-    pub fn none() -> Permissions {
+    pub(crate) fn none() -> Permissions {
         Permissions {
             unrestricted: false,
             publish: Vec::new(),
@@ -281,7 +281,7 @@ impl Permissions {
 
     /// Everything is allowed except publishing to reserved `$` channels: the permissions of every
     /// caller when the broker runs without authentication (loopback only).
-    pub fn unrestricted() -> Permissions {
+    pub(crate) fn unrestricted() -> Permissions {
         Permissions {
             unrestricted: true,
             admin: true,
@@ -290,7 +290,7 @@ impl Permissions {
     }
 
     /// Parses and validates a grant; patterns are checked against `limits`.
-    pub fn from_spec(
+    pub(crate) fn from_spec(
         spec: &PermissionSpec,
         limits: &ChannelLimits,
     ) -> Result<Permissions, PermissionError> {
@@ -348,7 +348,7 @@ impl Permissions {
 
     /// The grant as a [`PermissionSpec`] (for minting a token that carries it). Empty for
     /// [`Permissions::unrestricted`], which no token can carry.
-    pub fn to_spec(&self) -> PermissionSpec {
+    pub(crate) fn to_spec(&self) -> PermissionSpec {
         PermissionSpec {
             publish: self.publish.iter().map(|p| p.as_str().to_owned()).collect(),
             subscribe: self
@@ -365,17 +365,19 @@ impl Permissions {
     }
 
     /// Whether this is [`Permissions::unrestricted`].
-    pub fn is_unrestricted(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_unrestricted(&self) -> bool {
         self.unrestricted
     }
 
     /// Whether the principal may publish to `channel` (a channel the edge has validated).
-    pub fn may_publish(&self, channel: &str) -> bool {
+    #[cfg(test)]
+    pub(crate) fn may_publish(&self, channel: &str) -> bool {
         self.check_publish(channel).is_ok()
     }
 
     /// [`Permissions::may_publish`], with the reason when refused.
-    pub fn check_publish(&self, channel: &str) -> Result<(), PermissionDenied> {
+    pub(crate) fn check_publish(&self, channel: &str) -> Result<(), PermissionDenied> {
         if is_reserved(channel) {
             return Err(PermissionDenied::ReservedChannel {
                 channel: channel.to_owned(),
@@ -397,12 +399,12 @@ impl Permissions {
 
     /// Whether the principal may subscribe to `pattern`: every channel it could match is matched by
     /// some subscribe grant, or is the `$state` channel of a readable entity type.
-    pub fn may_subscribe(&self, pattern: &Pattern) -> bool {
+    pub(crate) fn may_subscribe(&self, pattern: &Pattern) -> bool {
         self.unrestricted || patterns_cover(&self.subscribe_effective, pattern)
     }
 
     /// [`Permissions::may_subscribe`], with the reason when refused.
-    pub fn check_subscribe(&self, pattern: &Pattern) -> Result<(), PermissionDenied> {
+    pub(crate) fn check_subscribe(&self, pattern: &Pattern) -> Result<(), PermissionDenied> {
         if self.may_subscribe(pattern) {
             Ok(())
         } else {
@@ -413,12 +415,12 @@ impl Permissions {
     }
 
     /// Whether the principal may get or watch entities of `entity_type`.
-    pub fn may_read_entity(&self, entity_type: &str) -> bool {
+    pub(crate) fn may_read_entity(&self, entity_type: &str) -> bool {
         self.unrestricted || self.read.allows(entity_type)
     }
 
     /// [`Permissions::may_read_entity`], with the reason when refused.
-    pub fn check_read_entity(&self, entity_type: &str) -> Result<(), PermissionDenied> {
+    pub(crate) fn check_read_entity(&self, entity_type: &str) -> Result<(), PermissionDenied> {
         if self.may_read_entity(entity_type) {
             Ok(())
         } else {
@@ -429,12 +431,12 @@ impl Permissions {
     }
 
     /// Whether the principal may update or delete entities of `entity_type`.
-    pub fn may_update_entity(&self, entity_type: &str) -> bool {
+    pub(crate) fn may_update_entity(&self, entity_type: &str) -> bool {
         self.unrestricted || self.update.allows(entity_type)
     }
 
     /// [`Permissions::may_update_entity`], with the reason when refused.
-    pub fn check_update_entity(&self, entity_type: &str) -> Result<(), PermissionDenied> {
+    pub(crate) fn check_update_entity(&self, entity_type: &str) -> Result<(), PermissionDenied> {
         if self.may_update_entity(entity_type) {
             Ok(())
         } else {
@@ -446,7 +448,7 @@ impl Permissions {
 
     /// Whether everything this grant allows, `other` allows too: the check that a scoped token
     /// asks for no more than its client was given.
-    pub fn is_within(&self, other: &Permissions) -> bool {
+    pub(crate) fn is_within(&self, other: &Permissions) -> bool {
         if other.unrestricted {
             return true;
         }
@@ -468,7 +470,7 @@ impl Permissions {
     ///
     /// # Errors
     /// [`PermissionDenied::Admin`].
-    pub fn check_admin(&self) -> Result<(), PermissionDenied> {
+    pub(crate) fn check_admin(&self) -> Result<(), PermissionDenied> {
         if self.admin {
             Ok(())
         } else {
@@ -478,7 +480,8 @@ impl Permissions {
 }
 
 /// Whether every channel `requested` could match is matched by `allowed`.
-pub fn pattern_covers(allowed: &Pattern, requested: &Pattern) -> bool {
+#[cfg(test)]
+pub(crate) fn pattern_covers(allowed: &Pattern, requested: &Pattern) -> bool {
     patterns_cover(std::slice::from_ref(allowed), requested)
 }
 
@@ -488,7 +491,7 @@ pub fn pattern_covers(allowed: &Pattern, requested: &Pattern) -> bool {
 /// Channels have at least two segments, so `*.>` covers `>`, and a one-segment pattern without
 /// `>` (such as `a`), which matches no channel, is covered by anything. The depth and length
 /// limits of channels are ignored, which can only make the answer more conservative.
-pub fn patterns_cover(allowed: &[Pattern], requested: &Pattern) -> bool {
+pub(crate) fn patterns_cover(allowed: &[Pattern], requested: &Pattern) -> bool {
     let allowed: Vec<Vec<&str>> = allowed.iter().map(|p| segments(p)).collect();
     let candidates: Vec<&[&str]> = allowed.iter().map(Vec::as_slice).collect();
     covers(candidates, &segments(requested), 0)

@@ -34,7 +34,7 @@ pub struct RateLimit {
 
 /// A [`RateLimit`] or limiter that cannot work.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum RateLimitError {
+pub(crate) enum RateLimitError {
     /// The rate is not a finite number above zero, or so small or large that one call's interval
     /// is not representable (over ~584 years, or under a nanosecond).
     #[error("rate limit per_second must be a positive finite number with an interval from 1 ns to ~584 years, got {0}")]
@@ -110,7 +110,7 @@ struct Bucket {
 /// Token buckets for many keys, at most `max_keys` of them, for one owner (see [`RateLimiter`] to
 /// share them).
 #[derive(Debug)]
-pub struct TokenBuckets<K> {
+pub(crate) struct TokenBuckets<K> {
     gcra: Gcra,
     max_keys: usize,
     buckets: HashMap<K, Bucket>,
@@ -122,7 +122,10 @@ pub struct TokenBuckets<K> {
 
 impl<K: Hash + Eq + Clone> TokenBuckets<K> {
     /// Buckets of `limit` for at most `max_keys` keys.
-    pub fn new(limit: RateLimit, max_keys: usize) -> Result<TokenBuckets<K>, RateLimitError> {
+    pub(crate) fn new(
+        limit: RateLimit,
+        max_keys: usize,
+    ) -> Result<TokenBuckets<K>, RateLimitError> {
         if max_keys == 0 {
             return Err(RateLimitError::NoCapacity);
         }
@@ -138,7 +141,7 @@ impl<K: Hash + Eq + Clone> TokenBuckets<K> {
     /// Takes one call from `key`'s bucket at `now`, or says how long until one is available. A
     /// refused call takes nothing. An unknown key starts with a full bucket; a `now` earlier than
     /// one already seen counts as no time passing.
-    pub fn check(&mut self, key: &K, now: Instant) -> Result<(), RetryAfter> {
+    pub(crate) fn check(&mut self, key: &K, now: Instant) -> Result<(), RetryAfter> {
         let used = self.next_use;
         self.next_use += 1;
         match self.buckets.get(key) {
@@ -178,7 +181,7 @@ impl<K: Hash + Eq + Clone> TokenBuckets<K> {
 
     /// Drops every bucket that has refilled completely by `now`: each would behave exactly as an
     /// unknown key. Returns how many were dropped.
-    pub fn sweep(&mut self, now: Instant) -> usize {
+    pub(crate) fn sweep(&mut self, now: Instant) -> usize {
         let before = self.buckets.len();
         let order = &mut self.order;
         self.buckets.retain(|_, bucket| {
@@ -192,7 +195,8 @@ impl<K: Hash + Eq + Clone> TokenBuckets<K> {
     }
 
     /// Drops `key`'s bucket (its connection closed). Returns whether there was one.
-    pub fn forget(&mut self, key: &K) -> bool {
+    #[cfg(test)]
+    pub(crate) fn forget(&mut self, key: &K) -> bool {
         match self.buckets.remove(key) {
             Some(bucket) => {
                 self.order.remove(&bucket.used);
@@ -203,12 +207,14 @@ impl<K: Hash + Eq + Clone> TokenBuckets<K> {
     }
 
     /// How many keys have a bucket.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.buckets.len()
     }
 
     /// Whether no key has a bucket.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
 }
@@ -216,7 +222,7 @@ impl<K: Hash + Eq + Clone> TokenBuckets<K> {
 /// What a limit is keyed by: the authenticated principal, or the connection for calls made before
 /// or without authentication.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum RateKey {
+pub(crate) enum RateKey {
     /// A principal's subject.
     Principal(String),
     /// A connection's id.
@@ -226,18 +232,18 @@ pub enum RateKey {
 /// [`TokenBuckets`] shared between tasks: the keys are spread over shards, each behind its own
 /// mutex, and the bound on keys is divided among the shards.
 #[derive(Debug)]
-pub struct RateLimiter<K> {
+pub(crate) struct RateLimiter<K> {
     shards: Box<[Mutex<TokenBuckets<K>>]>,
     hasher: RandomState,
 }
 
 /// Shards when the caller has no opinion: enough that a few busy keys rarely share a lock.
-pub const DEFAULT_SHARDS: usize = 16;
+pub(crate) const DEFAULT_SHARDS: usize = 16;
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// A limiter of `limit` for at most `max_keys` keys (rounded up to a multiple of `shards`),
     /// spread over `shards` mutexes.
-    pub fn new(
+    pub(crate) fn new(
         limit: RateLimit,
         max_keys: usize,
         shards: usize,
@@ -266,17 +272,18 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     }
 
     /// [`TokenBuckets::check`] for `key`.
-    pub fn check(&self, key: &K, now: Instant) -> Result<(), RetryAfter> {
+    pub(crate) fn check(&self, key: &K, now: Instant) -> Result<(), RetryAfter> {
         self.shard(key).check(key, now)
     }
 
     /// [`TokenBuckets::forget`] for `key`.
-    pub fn forget(&self, key: &K) -> bool {
+    #[cfg(test)]
+    pub(crate) fn forget(&self, key: &K) -> bool {
         self.shard(key).forget(key)
     }
 
     /// [`TokenBuckets::sweep`] over every shard; returns how many buckets were dropped.
-    pub fn sweep(&self, now: Instant) -> usize {
+    pub(crate) fn sweep(&self, now: Instant) -> usize {
         self.shards
             .iter()
             .map(|shard| {
@@ -289,7 +296,8 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     }
 
     /// How many keys have a bucket.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()
             .map(|shard| shard.lock().unwrap_or_else(PoisonError::into_inner).len())
@@ -297,7 +305,8 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     }
 
     /// Whether no key has a bucket.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

@@ -3,35 +3,35 @@
 //! tests deterministic. Never use them for anything else.
 
 /// Ed25519 private key (PKCS#8).
-pub const ED25519_PRIVATE: &str = "\
+pub(super) const ED25519_PRIVATE: &str = "\
 -----BEGIN PRIVATE KEY-----
 MC4CAQAwBQYDK2VwBCIEIAyxYI03PLNCkULl23bJZlzdlMEdtzoQO5ranoUPlhd/
 -----END PRIVATE KEY-----
 ";
 
 /// The public half of [`ED25519_PRIVATE`] (SPKI).
-pub const ED25519_PUBLIC: &str = "\
+pub(super) const ED25519_PUBLIC: &str = "\
 -----BEGIN PUBLIC KEY-----
 MCowBQYDK2VwAyEA77geftc115oy1/7q+ochya52S2CrWga0f5wXxucnuIU=
 -----END PUBLIC KEY-----
 ";
 
 /// A second, unrelated Ed25519 private key.
-pub const ED25519_OTHER_PRIVATE: &str = "\
+pub(super) const ED25519_OTHER_PRIVATE: &str = "\
 -----BEGIN PRIVATE KEY-----
 MC4CAQAwBQYDK2VwBCIEIFtIFknP1I4INa9vS6tTI5DCTIHVoEQ5fEH2w7UkJ2Tp
 -----END PRIVATE KEY-----
 ";
 
 /// The public half of [`ED25519_OTHER_PRIVATE`].
-pub const ED25519_OTHER_PUBLIC: &str = "\
+pub(super) const ED25519_OTHER_PUBLIC: &str = "\
 -----BEGIN PUBLIC KEY-----
 MCowBQYDK2VwAyEAtoR9Fixym7/o2GnzMUxPlTeKbwDOkvOJuEeDZBHoyp0=
 -----END PUBLIC KEY-----
 ";
 
 /// P-256 private key (PKCS#8), for ES256.
-pub const P256_PRIVATE: &str = "\
+pub(super) const P256_PRIVATE: &str = "\
 -----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgwOE81lZftLoYVFgH
 qZw36GzD/QmUqpLWP+EOas2Dpa+hRANCAAS6so/DOgxQug0LP+JvUa82fUTr+MA0
@@ -40,7 +40,7 @@ lafP9pVKhg1DGMJ7ExoYT0vyKxUKohJUL/NlcnZC4u1mPVq44xTa9VKN
 ";
 
 /// The public half of [`P256_PRIVATE`].
-pub const P256_PUBLIC: &str = "\
+pub(super) const P256_PUBLIC: &str = "\
 -----BEGIN PUBLIC KEY-----
 MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEurKPwzoMULoNCz/ib1GvNn1E6/jA
 NJWnz/aVSoYNQxjCexMaGE9L8isVCqISVC/zZXJ2QuLtZj1auOMU2vVSjQ==
@@ -48,7 +48,7 @@ NJWnz/aVSoYNQxjCexMaGE9L8isVCqISVC/zZXJ2QuLtZj1auOMU2vVSjQ==
 ";
 
 /// RSA-2048 private key (PKCS#8), for RS256.
-pub const RSA_PRIVATE: &str = "\
+pub(super) const RSA_PRIVATE: &str = "\
 -----BEGIN PRIVATE KEY-----
 MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCLp6KMuQWkNpbK
 r/0RdlDqpKVBLfsn2rFTUKeRfmmLV2AMRGqt19TwaHNarcPckJiQ34E7J+78ceRK
@@ -80,7 +80,7 @@ Qu7QEq6u+FqIRheaHkyKbbQp
 ";
 
 /// The public half of [`RSA_PRIVATE`].
-pub const RSA_PUBLIC: &str = "\
+pub(super) const RSA_PUBLIC: &str = "\
 -----BEGIN PUBLIC KEY-----
 MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAi6eijLkFpDaWyq/9EXZQ
 6qSlQS37J9qxU1CnkX5pi1dgDERqrdfU8GhzWq3D3JCYkN+BOyfu/HHkSgu/fdd6

@@ -209,7 +209,7 @@ impl BatchApply<'_> {
 ///
 /// # Errors
 /// The embedded store's error, or a corrupt record.
-pub fn apply_command(
+pub(crate) fn apply_command(
     store: &MessageStore,
     meta: &mut Position,
     command: &Command,

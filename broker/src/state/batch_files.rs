@@ -35,7 +35,7 @@ use crate::checksum;
 
 /// A file that has reached this many bytes takes no more bodies: few files, yet the space of
 /// expired batches comes back in steps no bigger than this.
-pub const FILE_BYTES: u64 = 64 << 20;
+pub(crate) const FILE_BYTES: u64 = 64 << 20;
 
 /// Every this many bytes appended, the file's sync starts ahead of time, so no later sync finds
 /// more than about this much to write. `publish_load 30000 4096 1` (docs/BENCHMARKS.md): the
@@ -48,7 +48,7 @@ const SUFFIX: &str = ".batches";
 
 /// Where one batch's body is: the database's value under the batch's key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BodyLocation {
+pub(crate) struct BodyLocation {
     /// Number of the file.
     pub file: u64,
     /// Byte position in the file.
@@ -58,7 +58,7 @@ pub struct BodyLocation {
 }
 
 /// The batch files of one state database.
-pub struct BatchFiles {
+pub(crate) struct BatchFiles {
     dir: PathBuf,
     inner: Mutex<Inner>,
 }
@@ -152,7 +152,7 @@ impl BatchFiles {
     ///
     /// # Errors
     /// The folder cannot be read or created, or a file cannot be opened or removed.
-    pub fn open(dir: &Path, locations: &[BodyLocation]) -> io::Result<BatchFiles> {
+    pub(crate) fn open(dir: &Path, locations: &[BodyLocation]) -> io::Result<BatchFiles> {
         std::fs::create_dir_all(dir)?;
         let mut present = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
@@ -209,7 +209,7 @@ impl BatchFiles {
     /// Writing or starting a file failed; the body is then not stored.
     ///
     /// [`sync`]: BatchFiles::sync
-    pub fn append(&self, sealed: &[u8]) -> io::Result<BodyLocation> {
+    pub(crate) fn append(&self, sealed: &[u8]) -> io::Result<BodyLocation> {
         let len = u32::try_from(sealed.len())
             .map_err(|_| io::Error::other("a batch body of 4 GiB or more"))?;
         let mut inner = self.lock();
@@ -268,7 +268,7 @@ impl BatchFiles {
     ///
     /// # Errors
     /// The file is missing, the body is cut short, or it fails its check.
-    pub fn read(&self, loc: &BodyLocation) -> io::Result<Vec<u8>> {
+    pub(crate) fn read(&self, loc: &BodyLocation) -> io::Result<Vec<u8>> {
         let file = self
             .lock()
             .files
@@ -284,7 +284,7 @@ impl BatchFiles {
     /// bytes nothing points at.
     ///
     /// [`sync`]: BatchFiles::sync
-    pub fn commit(&self, added: &[BodyLocation], released: &[BodyLocation]) {
+    pub(crate) fn commit(&self, added: &[BodyLocation], released: &[BodyLocation]) {
         let mut inner = self.lock();
         for loc in added {
             *inner.live.entry(loc.file).or_default() += 1;
@@ -304,7 +304,7 @@ impl BatchFiles {
     ///
     /// # Errors
     /// A sync or a removal failed; what was appended since the last sync is then not durable.
-    pub fn sync(&self, sync_database: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    pub(crate) fn sync(&self, sync_database: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         let (filled, current, unreferenced) = {
             let mut inner = self.lock();
             (
@@ -348,7 +348,7 @@ impl BatchFiles {
     ///
     /// # Errors
     /// A file cannot be removed.
-    pub fn clear(&self) -> io::Result<()> {
+    pub(crate) fn clear(&self) -> io::Result<()> {
         let mut inner = self.lock();
         inner.current = None;
         inner.filled.clear();
@@ -371,7 +371,7 @@ impl BatchFiles {
 
     /// Numbers of the files present, oldest first.
     #[cfg(test)]
-    pub fn file_numbers(&self) -> Vec<u64> {
+    pub(crate) fn file_numbers(&self) -> Vec<u64> {
         self.lock().files.keys().copied().collect()
     }
 }

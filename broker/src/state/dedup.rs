@@ -27,7 +27,7 @@ pub struct DedupRecord {
 }
 
 /// A message's idempotency key on its channel, with what its record will say.
-pub struct Key {
+pub(crate) struct Key {
     channel: String,
     key: String,
     correlation_id: String,
@@ -35,7 +35,7 @@ pub struct Key {
 
 impl Key {
     /// The key `message` carries, if any.
-    pub fn of(message: &NewMessage) -> Option<Key> {
+    pub(crate) fn of(message: &NewMessage) -> Option<Key> {
         (!message.idempotency_key.is_empty()).then(|| Key {
             channel: message.channel.clone(),
             key: message.idempotency_key.clone(),
@@ -47,7 +47,7 @@ impl Key {
 /// The keys one batch recorded: its writes are not readable from the store until it is applied,
 /// and a retry may come in the same batch.
 #[derive(Default)]
-pub struct Recorded(HashMap<(String, String), DedupRecord>);
+pub(crate) struct Recorded(HashMap<(String, String), DedupRecord>);
 
 impl Recorded {
     /// The original a retry of `message` at `now_us` is answered with: recorded by this batch or
@@ -55,7 +55,7 @@ impl Recorded {
     ///
     /// # Errors
     /// The embedded store's error, or a damaged record.
-    pub fn original(
+    pub(crate) fn original(
         &self,
         store: &MessageStore,
         message: &NewMessage,
@@ -79,7 +79,7 @@ impl Recorded {
     ///
     /// # Errors
     /// Only if encoding fails.
-    pub fn record(
+    pub(crate) fn record(
         &mut self,
         batch: &mut WriteBatch,
         key: Key,
@@ -102,7 +102,7 @@ impl Recorded {
 ///
 /// # Errors
 /// The embedded store's error, or a damaged record.
-pub fn forget(
+pub(crate) fn forget(
     store: &MessageStore,
     batch: &mut WriteBatch,
     now_us: u64,
@@ -115,7 +115,7 @@ pub fn forget(
 ///
 /// # Errors
 /// The embedded store's error.
-pub fn any_to_forget(
+pub(crate) fn any_to_forget(
     store: &MessageStore,
     now_us: u64,
     window_us: u64,

@@ -7,7 +7,7 @@ use crate::entity::{EntityState, Stamp};
 use crate::error::BrokerError;
 
 /// The reserved channel that carries every accepted change of an entity.
-pub fn state_channel(entity_type: &str, id: &str) -> String {
+pub(crate) fn state_channel(entity_type: &str, id: &str) -> String {
     format!("$state.{entity_type}.{id}")
 }
 

@@ -8,10 +8,10 @@
 use crate::message::{NewMessage, Rules, StoredMessage};
 
 /// The reserved channel on which the broker reports refused publish loops.
-pub const LOOP_CHANNEL: &str = "$sys.loop.detected";
+pub(crate) const LOOP_CHANNEL: &str = "$sys.loop.detected";
 
 /// A publish that would loop: why, and the report to publish on [`LOOP_CHANNEL`].
-pub struct Detected {
+pub(crate) struct Detected {
     /// What the refusal says.
     pub detail: String,
     /// The message reporting it.
@@ -24,7 +24,7 @@ pub struct Detected {
 ///
 /// # Errors
 /// [`Detected`] when the message would re-enter a channel on its chain or exceed the hop limit.
-pub fn chain(
+pub(crate) fn chain(
     message: &mut NewMessage,
     cause: Option<&StoredMessage>,
     now_us: u64,

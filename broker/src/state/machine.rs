@@ -30,7 +30,7 @@ use crate::raft::state_machine::{AppliedState, Bookkeeping, SnapshotJob};
 
 /// What readers (Info, subscriptions, the sweeper) need to know about the applied state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AppliedProgress {
+pub(crate) struct AppliedProgress {
     /// Highest offset given (0 when none).
     pub last_offset: u64,
     /// Encoded bytes of stored batches.
@@ -53,7 +53,7 @@ impl AppliedProgress {
 }
 
 /// The message store with its position, as the replicated log has made it.
-pub struct BrokerState {
+pub(crate) struct BrokerState {
     store: MessageStore,
     position: Position,
     /// The bookkeeping last saved (kept to report progress).
@@ -71,7 +71,7 @@ impl BrokerState {
     ///
     /// # Errors
     /// The database cannot be opened or read, or its meta record is damaged.
-    pub fn open(
+    pub(crate) fn open(
         db: sled::Db,
         dir: &Path,
         announce: Arc<dyn Announce>,
@@ -95,18 +95,13 @@ impl BrokerState {
     }
 
     /// The message store, for readers.
-    pub fn store(&self) -> MessageStore {
+    pub(crate) fn store(&self) -> MessageStore {
         self.store.clone()
     }
 
     /// The sync handle of the state database (used at shutdown).
-    pub fn sync_handle(&self) -> Arc<SledSync> {
+    pub(crate) fn sync_handle(&self) -> Arc<SledSync> {
         Arc::clone(&self.sync)
-    }
-
-    /// The position after the last applied entry.
-    pub fn position(&self) -> &Position {
-        &self.position
     }
 
     /// Tells readers and the hub where the state now is, after it was replaced or reopened.

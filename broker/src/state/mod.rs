@@ -14,16 +14,16 @@
 //! Applied messages leave the state through [`Announce`], which the fan-out's hub implements: the
 //! state does not know who listens.
 
-pub mod apply;
-pub mod batch_files;
-pub mod dedup;
-pub mod entity_doc;
-pub mod loops;
-pub mod machine;
-pub mod position;
-pub mod sled_sync;
-pub mod store;
-pub mod ttl;
+pub(crate) mod apply;
+pub(crate) mod batch_files;
+pub(crate) mod dedup;
+pub(crate) mod entity_doc;
+pub(crate) mod loops;
+pub(crate) mod machine;
+pub(crate) mod position;
+pub(crate) mod sled_sync;
+pub(crate) mod store;
+pub(crate) mod ttl;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,13 +31,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::sync::watch;
 
-pub use machine::{AppliedProgress, BrokerState};
+pub(crate) use machine::{AppliedProgress, BrokerState};
 
 use crate::config::Config;
 use crate::message::StoredMessage;
 
 /// Where applied messages go: told after their entry is in the store, in offset order.
-pub trait Announce: Send + Sync + 'static {
+pub(crate) trait Announce: Send + Sync + 'static {
     /// `messages` were applied, in offset order.
     fn applied(&self, messages: &[Arc<StoredMessage>]);
     /// The state was replaced (opened, rebuilt, or a snapshot installed): `last_offset` is now the
@@ -46,12 +46,12 @@ pub trait Announce: Send + Sync + 'static {
 }
 
 /// The state folder's place in the data folder.
-pub fn state_dir(config: &Config) -> PathBuf {
+pub(crate) fn state_dir(config: &Config) -> PathBuf {
     config.data_dir.join("state")
 }
 
 /// Where raft keeps the state's snapshots.
-pub fn snapshot_dir(state_dir: &Path) -> PathBuf {
+pub(crate) fn snapshot_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("snapshots")
 }
 
@@ -59,7 +59,7 @@ pub fn snapshot_dir(state_dir: &Path) -> PathBuf {
 ///
 /// # Errors
 /// The folder or the database cannot be opened, or its meta record is damaged.
-pub fn open(
+pub(crate) fn open(
     config: &Config,
     announce: Arc<dyn Announce>,
 ) -> anyhow::Result<(BrokerState, watch::Receiver<AppliedProgress>)> {

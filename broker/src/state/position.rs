@@ -14,7 +14,7 @@ use crate::raft::state_machine::Bookkeeping;
 
 /// The domain position after the last applied entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Position {
+pub(crate) struct Position {
     /// The offset the next published message gets (offsets start at 1).
     pub next_offset: u64,
     /// The latest publish time given, µs since the epoch.
@@ -39,7 +39,7 @@ impl Default for Position {
 
 impl Position {
     /// The highest offset given so far (0 when none).
-    pub fn last_offset(&self) -> u64 {
+    pub(crate) fn last_offset(&self) -> u64 {
         self.next_offset.saturating_sub(1)
     }
 
@@ -47,7 +47,7 @@ impl Position {
     ///
     /// # Errors
     /// Only if encoding fails.
-    pub fn write(
+    pub(crate) fn write(
         &self,
         bookkeeping: &Bookkeeping,
         batch: &mut WriteBatch,
@@ -63,7 +63,7 @@ impl Position {
 ///
 /// # Errors
 /// The embedded store's error, or a damaged record.
-pub fn load(store: &MessageStore) -> Result<(Bookkeeping, Position), BrokerError> {
+pub(crate) fn load(store: &MessageStore) -> Result<(Bookkeeping, Position), BrokerError> {
     match store.meta()? {
         Some(bytes) => crate::checksum::decode(&bytes)
             .map_err(|e| BrokerError::Corrupt(format!("state meta: {e}"))),

@@ -26,7 +26,7 @@ use crate::state::store::MessageStore;
 const CLEAN_STOP: &str = "clean-stop";
 
 /// Makes everything written to one sled database so far durable.
-pub struct SledSync {
+pub(crate) struct SledSync {
     db: sled::Db,
     store: MessageStore,
     data_file: File,
@@ -50,7 +50,7 @@ impl SledSync {
     ///
     /// # Errors
     /// The data file cannot be opened or `dir` cannot be synced.
-    pub fn open(db: sled::Db, store: MessageStore, dir: &Path) -> io::Result<SledSync> {
+    pub(crate) fn open(db: sled::Db, store: MessageStore, dir: &Path) -> io::Result<SledSync> {
         let data_file = File::open(dir.join("db"))?;
         File::open(dir)?.sync_all()?;
         Ok(SledSync {
@@ -69,7 +69,7 @@ impl SledSync {
     ///
     /// # Errors
     /// Any I/O error; the caller must treat the data written since the last sync as not durable.
-    pub fn sync(&self) -> io::Result<()> {
+    pub(crate) fn sync(&self) -> io::Result<()> {
         self.store.sync(|| {
             self.db.flush().map_err(io::Error::other)?;
             self.data_file.sync_data()?;
@@ -82,7 +82,7 @@ impl SledSync {
     ///
     /// # Errors
     /// The marker cannot be removed or the folder cannot be synced.
-    pub fn take_clean_stop(&self) -> io::Result<bool> {
+    pub(crate) fn take_clean_stop(&self) -> io::Result<bool> {
         match std::fs::remove_file(self.dir.join(CLEAN_STOP)) {
             Ok(()) => {
                 File::open(&self.dir)?.sync_all()?;
@@ -94,13 +94,13 @@ impl SledSync {
     }
 
     /// Records that a write to the store failed part way, so [`SledSync::stop`] leaves no marker.
-    pub fn mark_torn(&self) {
+    pub(crate) fn mark_torn(&self) {
         self.torn.store(true, Ordering::Release);
     }
 
     /// Lets the state machine write the store until the guard is dropped; `None` once the store
     /// was closed by [`SledSync::stop`] (nothing may be written after it is marked whole).
-    pub fn begin_writes(&self) -> Option<MutexGuard<'_, bool>> {
+    pub(crate) fn begin_writes(&self) -> Option<MutexGuard<'_, bool>> {
         let closed = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         (!*closed).then_some(closed)
     }
@@ -110,7 +110,7 @@ impl SledSync {
     ///
     /// # Errors
     /// Any I/O error; the next start then rebuilds the store, as after a crash.
-    pub fn stop(&self) -> io::Result<()> {
+    pub(crate) fn stop(&self) -> io::Result<()> {
         let mut closed = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         *closed = true;
         self.sync()?;

@@ -39,7 +39,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::batch_files::BatchFiles;
-pub use super::batch_files::BodyLocation;
+pub(crate) use super::batch_files::BodyLocation;
 
 use super::dedup::DedupRecord;
 use crate::channel::Pattern;

@@ -19,11 +19,11 @@ use crate::error::BrokerError;
 use crate::message::{Command, Rules, StoredMessage};
 
 /// Most batches one sweep visits, so a sweep never stalls apply for long; the next sweep goes on.
-pub const SWEEP_BATCH_LIMIT: usize = 512;
+pub(crate) const SWEEP_BATCH_LIMIT: usize = 512;
 
 /// Removes expired messages, then whole batches past the age limit, then the oldest batches while
 /// the store is over its byte limit. Visits at most [`SWEEP_BATCH_LIMIT`] batches.
-pub fn sweep(
+pub(crate) fn sweep(
     store: &MessageStore,
     meta: &mut Position,
     now_us: u64,
@@ -100,7 +100,7 @@ fn micros(d: Duration) -> u64 {
 ///
 /// # Errors
 /// The embedded store's error.
-pub fn sweep_due(
+pub(crate) fn sweep_due(
     store: &MessageStore,
     stored_bytes: u64,
     settings: &Retention,
@@ -116,7 +116,7 @@ pub fn sweep_due(
 }
 
 /// The sweep the leader proposes at `now_us` (its clock), with the limits in force.
-pub fn sweep_command(settings: &Retention, rules: &Rules, now_us: u64) -> Command {
+pub(crate) fn sweep_command(settings: &Retention, rules: &Rules, now_us: u64) -> Command {
     Command::Sweep {
         now_us,
         max_age_us: micros(settings.max_age),

@@ -8,5 +8,5 @@
 //! Nothing here decides what a command does: that is [`crate::state`]'s job, the same on every
 //! replica.
 
-pub mod proposer;
-pub mod sweeper;
+pub(crate) mod proposer;
+pub(crate) mod sweeper;

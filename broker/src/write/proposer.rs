@@ -28,7 +28,7 @@ use crate::observability::metrics;
 use crate::raft::Raft;
 
 /// The answer to one proposal, once committed and applied: one outcome per item.
-pub type Pending = oneshot::Receiver<Result<Vec<ItemOutcome>, BrokerError>>;
+pub(crate) type Pending = oneshot::Receiver<Result<Vec<ItemOutcome>, BrokerError>>;
 
 /// Where one proposal's outcomes go.
 type Reply = oneshot::Sender<Result<Vec<ItemOutcome>, BrokerError>>;
@@ -45,7 +45,7 @@ const BUDGET_UNIT: usize = 1024;
 
 /// Handle to the proposer task; cheap to clone. The task ends when every handle is dropped.
 #[derive(Clone)]
-pub struct Proposer {
+pub(crate) struct Proposer {
     queue: mpsc::Sender<Proposal>,
     /// Bounds the bytes waiting in the queue, not only their count.
     budget: Arc<Semaphore>,
@@ -56,7 +56,7 @@ pub struct Proposer {
 impl Proposer {
     /// Starts the proposer task for `raft`; every batch carries `rules`. Batches go to the
     /// leader through `leader` when this node does not lead.
-    pub fn start(
+    pub(crate) fn start(
         raft: Raft,
         leader: Leader,
         settings: &config::Proposer,
@@ -76,7 +76,7 @@ impl Proposer {
     }
 
     /// Leader-only work (reads that must be linearizable, membership) from this node.
-    pub fn leader(&self) -> &Leader {
+    pub(crate) fn leader(&self) -> &Leader {
         &self.leader
     }
 
@@ -86,7 +86,7 @@ impl Proposer {
     ///
     /// # Errors
     /// [`BrokerError::ShuttingDown`] when the proposer has stopped.
-    pub async fn submit(&self, items: Vec<Item>) -> Result<Pending, BrokerError> {
+    pub(crate) async fn submit(&self, items: Vec<Item>) -> Result<Pending, BrokerError> {
         let (reply, pending) = oneshot::channel();
         let bytes: usize = items.iter().map(Item::approximate_size).sum();
         let units = u32::try_from(bytes.div_ceil(BUDGET_UNIT))
@@ -112,7 +112,7 @@ impl Proposer {
     ///
     /// # Errors
     /// Whatever kept it from being committed; nothing was stored then.
-    pub async fn propose(&self, item: Item) -> Result<ItemOutcome, BrokerError> {
+    pub(crate) async fn propose(&self, item: Item) -> Result<ItemOutcome, BrokerError> {
         single(outcome(self.submit(vec![item]).await?).await?)
     }
 }
@@ -121,7 +121,7 @@ impl Proposer {
 ///
 /// # Errors
 /// Whatever kept it from being committed.
-pub async fn outcome(pending: Pending) -> Result<Vec<ItemOutcome>, BrokerError> {
+pub(crate) async fn outcome(pending: Pending) -> Result<Vec<ItemOutcome>, BrokerError> {
     pending.await.unwrap_or(Err(BrokerError::ShuttingDown))
 }
 
@@ -129,7 +129,7 @@ pub async fn outcome(pending: Pending) -> Result<Vec<ItemOutcome>, BrokerError> 
 ///
 /// # Errors
 /// [`BrokerError::Consensus`] if apply answered with another number of outcomes.
-pub fn single(outcomes: Vec<ItemOutcome>) -> Result<ItemOutcome, BrokerError> {
+pub(crate) fn single(outcomes: Vec<ItemOutcome>) -> Result<ItemOutcome, BrokerError> {
     let mut outcomes = outcomes.into_iter();
     match (outcomes.next(), outcomes.next()) {
         (Some(outcome), None) => Ok(outcome),
@@ -140,7 +140,9 @@ pub fn single(outcomes: Vec<ItemOutcome>) -> Result<ItemOutcome, BrokerError> {
 }
 
 /// Maps a failed write to what the client is told.
-pub fn write_error(e: RaftError<u64, ClientWriteError<u64, crate::raft::Member>>) -> BrokerError {
+pub(crate) fn write_error(
+    e: RaftError<u64, ClientWriteError<u64, crate::raft::Member>>,
+) -> BrokerError {
     match e {
         // Leadership moved while the batch was being proposed here; nothing was written. The
         // new leader's public address, when raft knows it, goes back as a hint.

@@ -15,7 +15,7 @@ use crate::state::store::MessageStore;
 use crate::state::{ttl, AppliedProgress};
 
 /// Runs the sweeper until shutdown.
-pub async fn run(
+pub(crate) async fn run(
     raft: Raft,
     node_id: u64,
     store: MessageStore,
