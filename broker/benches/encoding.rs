@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prost::Message as _;
-use switchboard_broker::bench_api::{checksum_encode, convert};
+use switchboard_broker::bench_api::{checksum_encode, convert, encode_outgoing};
 use switchboard_broker::bench_api::{Command, Item, NewMessage, Rules, StoredMessage};
 use switchboard_broker::bench_api::{Delivery, Outgoing, SharedMessage};
 use switchboard_broker::bench_api::{MessageStore, WriteBatch};
@@ -95,8 +95,7 @@ fn delivery(c: &mut Criterion) {
                     for id in 0..n {
                         buf.clear();
                         let delivery = Delivery::new(Arc::clone(&shared), 0, 0, id);
-                        Outgoing::Delivery(delivery)
-                            .encode(&mut buf)
+                        encode_outgoing(&Outgoing::Delivery(delivery), &mut buf)
                             .unwrap_or_else(|e| panic!("{e}"));
                     }
                 })

@@ -63,6 +63,7 @@ pub mod bench_api {
     pub use crate::channel::{ChannelLimits, Pattern, SubscriptionTrie};
     pub use crate::checksum::encode as checksum_encode;
     pub use crate::edge::convert;
+    pub use crate::edge::delivery::encode as encode_outgoing;
     pub use crate::entity::{Change, EntityState, Stamp};
     pub use crate::fanout::outgoing::{Delivery, Outgoing, SharedMessage};
     pub use crate::message::{Command, Item, NewMessage, Rules, StoredMessage};

@@ -279,19 +279,16 @@ impl EntitiesRpc for EntitiesService {
 async fn watch(
     edge: Arc<Edge>,
     pattern: crate::channel::Pattern,
-    mut changes: mpsc::Receiver<Result<Outgoing, Status>>,
+    mut changes: mpsc::Receiver<Result<Outgoing, BrokerError>>,
     out: mpsc::Sender<Result<pb::EntityEvent, Status>>,
 ) {
     use pb::entity_event::Event;
-    use pb::subscribe_event::Event as Sub;
 
     // The subscription is registered once `Subscribed` arrives: every later change will follow.
-    match changes.recv().await.map(|c| c.map(Outgoing::into_event)) {
-        Some(Ok(pb::SubscribeEvent {
-            event: Some(Sub::Subscribed(_)),
-        })) => {}
-        Some(Err(status)) => {
-            let _ = out.send(Err(status)).await;
+    match changes.recv().await {
+        Some(Ok(Outgoing::Subscribed { .. })) => {}
+        Some(Err(e)) => {
+            let _ = out.send(Err(e.into())).await;
             return;
         }
         _ => return,
@@ -344,7 +341,7 @@ async fn watch(
                     // Every watch of this entity shares one decoded copy of the change; this watch
                     // only clones it into its event.
                     let shared = delivery.shared();
-                    let Some(entity) = shared.entity() else {
+                    let Some(entity) = super::delivery::entity(shared) else {
                         tracing::warn!(channel = %shared.message.channel, "unreadable state message");
                         continue;
                     };
@@ -361,9 +358,9 @@ async fn watch(
                         return;
                     }
                 }
-                Some(Ok(Outgoing::Event(_))) => {}
-                Some(Err(status)) => {
-                    let _ = out.send(Err(status)).await;
+                Some(Ok(Outgoing::Subscribed { .. } | Outgoing::Gap { .. })) => {}
+                Some(Err(e)) => {
+                    let _ = out.send(Err(e.into())).await;
                     return;
                 }
                 None => return,

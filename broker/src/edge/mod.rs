@@ -24,6 +24,7 @@
 pub(crate) mod auth;
 mod consumers;
 pub mod convert;
+pub(crate) mod delivery;
 pub(crate) mod entities;
 mod publish;
 pub(crate) mod status;
@@ -45,7 +46,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::Config;
 use crate::error::BrokerError;
 use crate::fanout::hub::Hub;
-use crate::fanout::outgoing::Outgoing;
 use crate::fanout::registry::{Registered, Registry};
 use crate::fanout::subscription::{self, SubscriptionSpec};
 use crate::message::now_us;
@@ -138,10 +138,8 @@ impl BrokerService {
     ) -> Result<Response<subscribe_codec::OutgoingStream>, Status> {
         let caller = Caller::of(request.extensions())?;
         let events = self.edge.subscribe(request.into_inner(), &caller).await?;
-        Ok(Response::new(Box::pin(TokenBound::new(
-            &caller,
-            ReceiverStream::new(events),
-        ))))
+        let events = ReceiverStream::new(events).map(|item| item.map_err(Status::from));
+        Ok(Response::new(Box::pin(TokenBound::new(&caller, events))))
     }
 }
 
@@ -194,7 +192,7 @@ impl BrokerRpc for BrokerService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let events = self.subscribe_outgoing(request).await?.into_inner();
         Ok(Response::new(Box::pin(
-            events.map(|item| item.map(Outgoing::into_event)),
+            events.map(|item| item.map(delivery::into_event)),
         )))
     }
 

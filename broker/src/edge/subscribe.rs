@@ -27,7 +27,7 @@ impl Edge {
         &self,
         request: pb::SubscribeRequest,
         caller: &Caller,
-    ) -> Result<mpsc::Receiver<Result<Outgoing, tonic::Status>>, BrokerError> {
+    ) -> Result<mpsc::Receiver<Result<Outgoing, BrokerError>>, BrokerError> {
         let pattern = self.validator.pattern(&request.pattern)?;
         caller.check_subscribe(&pattern)?;
         let mut start = self.validator.start(request.start, Start::Latest, true)?;

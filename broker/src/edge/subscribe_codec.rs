@@ -1,5 +1,5 @@
 //! `Subscribe` served with its own codec, so a delivery's shared encoding is written straight
-//! into the stream (see [`crate::fanout::outgoing`]).
+//! into the stream (see [`super::delivery`]).
 //!
 //! The generated `BrokerServer` encodes every stream item with prost, from a `SubscribeEvent`
 //! value: that would mean rebuilding the message for every subscriber. [`BrokerRoutes`] wraps the
@@ -57,7 +57,7 @@ impl Encoder for OutgoingEncoder {
     type Error = Status;
 
     fn encode(&mut self, item: Outgoing, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst)
+        super::delivery::encode(&item, dst)
     }
 }
 

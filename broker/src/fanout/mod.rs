@@ -5,7 +5,8 @@
 //! - [`subscription`]: one subscriber's task — replay from the store, then live from the hub,
 //!   catching up from the store whenever it falls behind.
 //! - [`registry`]: every open subscription and durable consumer of this node (limits, listing).
-//! - [`outgoing`]: a delivery encoded once per message, not once per subscriber.
+//! - [`outgoing`]: what a subscription sends, in the broker's terms; a message's wire form is kept
+//!   once for all its subscribers (the edge makes it: [`crate::edge::delivery`]).
 //! - `throttle`: at most one delivery per channel per interval, latest last.
 //!
 //! The state hands applied messages here through [`crate::state::Announce`], which the hub

@@ -1,45 +1,30 @@
-//! What a subscription task sends down its stream, and how a delivery is encoded once per message
-//! rather than once per subscriber.
+//! What a subscription task sends down its stream: [`Outgoing`] items, in the broker's own terms.
+//! The edge puts them on the wire ([`crate::edge::delivery`]).
 //!
-//! A message that matches a hundred subscriptions used to be converted to its protobuf form and
-//! encoded a hundred times: every string and header copied, allocated and freed per subscriber. Now
-//! the hub hands every matching subscription the same [`SharedMessage`], whose protobuf encoding is
-//! made the first time a subscriber needs it and then shared (a reference-counted [`Bytes`]). What
-//! differs per subscriber — `skipped`, `redelivery` and, with tracing on, the `traceparent` header
-//! of its own delivery span — is appended after the shared bytes: in protobuf a field that appears
-//! again overrides the earlier value (for a map, the later entry of a key wins), so the appended
-//! fields mean exactly what setting them on the message would. The stream's codec
-//! ([`crate::edge::subscribe_codec`]) writes the shared bytes straight into the HTTP/2 frame.
+//! A message that matches a hundred subscriptions must not be converted and encoded a hundred
+//! times: the hub hands every matching subscription the same [`SharedMessage`], which keeps the
+//! message's wire form once the first subscriber that sends it has made it ([`SharedMessage::wire`]),
+//! and, for a state message, the entity decoded from it once for every watch
+//! ([`SharedMessage::decoded`]). What differs per subscriber — `skipped`, `redelivery` and, with
+//! tracing on, the trace context of its own delivery span — is in the [`Delivery`].
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
 
-use bytes::{BufMut, Bytes};
-use prost::encoding::{self, WireType};
-use prost::Message as _;
-use switchboard_proto::v1 as pb;
-use tonic::Status;
+use bytes::Bytes;
 
-use crate::edge::convert;
 use crate::message::StoredMessage;
 use crate::observability::trace;
 
-/// Field number of `SubscribeEvent.message`.
-const EVENT_MESSAGE: u32 = 2;
-/// Field numbers of `Message.headers`, `Message.skipped` and `Message.redelivery`.
-const MESSAGE_HEADERS: u32 = 11;
-const MESSAGE_SKIPPED: u32 = 14;
-const MESSAGE_REDELIVERY: u32 = 15;
-
-/// A stored message on its way to subscribers, with its protobuf encoding made at most once.
+/// A stored message on its way to subscribers, with its wire form made at most once.
 pub struct SharedMessage {
     stored: Arc<StoredMessage>,
-    encoded: OnceLock<Bytes>,
-    /// For a message on an entity's state channel: the entity as watchers are sent it, decoded
-    /// from the payload by the first watch that needs it rather than by every watch. Boxed, so
-    /// the messages no watch reads carry a pointer, not a whole `Entity`.
-    entity: OnceLock<Option<Box<pb::Entity>>>,
+    wire: OnceLock<Bytes>,
+    /// One form decoded from the message for every reader (an entity watch's entity), made by
+    /// the first reader; boxed, so the messages no one decodes carry a pointer.
+    decoded: OnceLock<Option<Box<dyn Any + Send + Sync>>>,
 }
 
 impl SharedMessage {
@@ -47,19 +32,9 @@ impl SharedMessage {
     pub fn new(stored: Arc<StoredMessage>) -> Arc<SharedMessage> {
         Arc::new(SharedMessage {
             stored,
-            encoded: OnceLock::new(),
-            entity: OnceLock::new(),
+            wire: OnceLock::new(),
+            decoded: OnceLock::new(),
         })
-    }
-
-    /// The entity state this message carries, when it is a state document (see
-    /// [`crate::state::entity_doc::EntityDoc`]); decoded once, by the first caller, and shared.
-    pub fn entity(&self) -> Option<&pb::Entity> {
-        self.entity
-            .get_or_init(|| {
-                convert::entity_from_state_payload(&self.stored.message.payload).map(Box::new)
-            })
-            .as_deref()
     }
 
     /// The stored message.
@@ -67,10 +42,24 @@ impl SharedMessage {
         &self.stored
     }
 
-    /// `Message` as protobuf, without the per-delivery fields; made by the first caller.
-    fn encoded(&self) -> &Bytes {
-        self.encoded
-            .get_or_init(|| Bytes::from(convert::message(&self.stored).encode_to_vec()))
+    /// The message's wire form: made by `encode` for the first caller, then shared by every
+    /// subscription the message matched.
+    pub(crate) fn wire(&self, encode: impl FnOnce(&StoredMessage) -> Bytes) -> &Bytes {
+        self.wire.get_or_init(|| encode(&self.stored))
+    }
+
+    /// A form of the message decoded once for every reader by `decode` (`None`: the message has
+    /// none). There is one such form per message: a reader asking for another type gets `None`.
+    pub(crate) fn decoded<T: Any + Send + Sync>(
+        &self,
+        decode: impl FnOnce(&StoredMessage) -> Option<T>,
+    ) -> Option<&T> {
+        self.decoded
+            .get_or_init(|| {
+                decode(&self.stored).map(|value| Box::new(value) as Box<dyn Any + Send + Sync>)
+            })
+            .as_deref()
+            .and_then(|value| value.downcast_ref())
     }
 }
 
@@ -93,11 +82,6 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// The shared message this delivers.
-    pub fn shared(&self) -> &Arc<SharedMessage> {
-        &self.message
-    }
-
     /// A delivery of `message` to subscription `subscription`.
     pub fn new(
         message: Arc<SharedMessage>,
@@ -120,221 +104,66 @@ impl Delivery {
         }
     }
 
-    /// Bytes of the per-delivery fields appended after the shared encoding.
-    fn extra_len(&self) -> usize {
-        let mut len = 0;
-        if self.skipped != 0 {
-            len += encoding::uint64::encoded_len(MESSAGE_SKIPPED, &self.skipped);
-        }
-        if self.redelivery != 0 {
-            len += encoding::uint32::encoded_len(MESSAGE_REDELIVERY, &self.redelivery);
-        }
-        len + encoding::hash_map::encoded_len(
-            encoding::string::encoded_len,
-            encoding::string::encoded_len,
-            MESSAGE_HEADERS,
-            &self.headers,
-        )
+    /// The shared message this delivers.
+    pub fn shared(&self) -> &Arc<SharedMessage> {
+        &self.message
     }
 
-    /// Writes the delivery as an encoded `SubscribeEvent`.
-    fn encode(&self, buf: &mut impl BufMut) {
-        let shared = self.message.encoded();
-        encoding::encode_key(EVENT_MESSAGE, WireType::LengthDelimited, buf);
-        encoding::encode_varint((shared.len() + self.extra_len()) as u64, buf);
-        buf.put_slice(shared);
-        if self.skipped != 0 {
-            encoding::uint64::encode(MESSAGE_SKIPPED, &self.skipped, buf);
-        }
-        if self.redelivery != 0 {
-            encoding::uint32::encode(MESSAGE_REDELIVERY, &self.redelivery, buf);
-        }
-        encoding::hash_map::encode(
-            encoding::string::encode,
-            encoding::string::encoded_len,
-            encoding::string::encode,
-            encoding::string::encoded_len,
-            MESSAGE_HEADERS,
-            &self.headers,
-            buf,
-        );
+    /// Earlier messages of the channel this one replaces (conflation, throttling).
+    pub(crate) fn skipped(&self) -> u64 {
+        self.skipped
     }
 
-    /// The delivery as a protobuf event (what a client decodes from [`Delivery::encode`]).
-    fn into_event(self) -> pb::SubscribeEvent {
-        let mut m = convert::message(&self.message.stored);
-        m.skipped = self.skipped;
-        m.redelivery = self.redelivery;
-        m.headers.extend(self.headers);
-        pb::SubscribeEvent {
-            event: Some(pb::subscribe_event::Event::Message(m)),
-        }
+    /// How many times this message was delivered to this consumer before (0 the first time).
+    pub(crate) fn redelivery(&self) -> u32 {
+        self.redelivery
+    }
+
+    /// Headers that replace the stored ones in this delivery.
+    pub(crate) fn headers(&self) -> &HashMap<String, String> {
+        &self.headers
+    }
+
+    /// Sets a header of this delivery only.
+    #[cfg(test)]
+    pub(crate) fn set_header(&mut self, name: &str, value: &str) {
+        self.headers.insert(name.to_owned(), value.to_owned());
     }
 }
 
-/// One item of a `Subscribe` stream (and of the subscription behind an entity watch).
+/// Why a range of offsets was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapReason {
+    /// The consumer was further behind than its window (drop-oldest).
+    Dropped,
+    /// Retention or TTL removed the messages before the consumer read them.
+    Retention,
+}
+
+/// One item of a subscription's stream (a `Subscribe` stream, or the subscription behind an
+/// entity watch).
 pub enum Outgoing {
-    /// Anything but a message delivery (`Subscribed`, `Gap`): rare, so boxed to keep the
-    /// stream's queue slots small.
-    Event(Box<pb::SubscribeEvent>),
-    /// A message delivery, encoded from its shared bytes.
+    /// The subscription is registered: every matching message from `next_offset` on follows.
+    Subscribed {
+        /// The lowest offset this subscription can still deliver.
+        next_offset: u64,
+        /// The subscription's id on this node.
+        subscription_id: u64,
+        /// For a durable consumer, the acknowledged offset it resumes after.
+        acked_offset: u64,
+    },
+    /// Offsets `from_offset..=to_offset` were skipped; `count` matching messages were in them
+    /// (0 when they were removed before they could be counted).
+    Gap {
+        /// First skipped offset.
+        from_offset: u64,
+        /// Last skipped offset.
+        to_offset: u64,
+        /// Matching messages skipped.
+        count: u64,
+        /// Why.
+        reason: GapReason,
+    },
+    /// A message delivery.
     Delivery(Delivery),
-}
-
-impl Outgoing {
-    /// An event that is not a delivery.
-    pub fn event(event: pb::SubscribeEvent) -> Outgoing {
-        Outgoing::Event(Box::new(event))
-    }
-
-    /// The item as a protobuf event, for code that reads events rather than sending them.
-    pub fn into_event(self) -> pb::SubscribeEvent {
-        match self {
-            Outgoing::Event(event) => *event,
-            Outgoing::Delivery(delivery) => delivery.into_event(),
-        }
-    }
-
-    /// Writes the item as an encoded `SubscribeEvent`.
-    pub fn encode(&self, buf: &mut impl BufMut) -> Result<(), Status> {
-        match self {
-            Outgoing::Event(event) => event
-                .encode(buf)
-                .map_err(|e| Status::internal(format!("cannot encode an event: {e}"))),
-            Outgoing::Delivery(delivery) => {
-                delivery.encode(buf);
-                Ok(())
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-    use crate::message::NewMessage;
-
-    fn stored() -> Arc<StoredMessage> {
-        let mut headers = BTreeMap::new();
-        headers.insert("traceparent".to_owned(), "stored".to_owned());
-        headers.insert("tenant".to_owned(), "t1".to_owned());
-        Arc::new(StoredMessage {
-            offset: 42,
-            publish_time_us: 1_764_000_000_123_456,
-            message: NewMessage {
-                channel: "crm.contact.updated".into(),
-                payload: Bytes::from_static(b"{\"id\":1}"),
-                content_type: "application/json".into(),
-                schema_version: "1.2.3".into(),
-                correlation_id: "c0ffee".into(),
-                causation_id: "cause".into(),
-                idempotency_key: "key".into(),
-                ttl_ms: 5_000,
-                headers,
-                hops: 2,
-            },
-            chain: vec!["a.b".into()],
-        })
-    }
-
-    fn decoded(outgoing: &Outgoing) -> pb::SubscribeEvent {
-        let mut buf = Vec::new();
-        outgoing.encode(&mut buf).unwrap();
-        pb::SubscribeEvent::decode(buf.as_slice()).unwrap()
-    }
-
-    #[test]
-    fn a_shared_delivery_decodes_as_the_event_built_field_by_field() {
-        let shared = SharedMessage::new(stored());
-        for (skipped, redelivery) in [(0, 0), (3, 0), (0, 2), (7, 1)] {
-            let delivery = Delivery::new(Arc::clone(&shared), skipped, redelivery, 9);
-            let outgoing = Outgoing::Delivery(delivery);
-            let on_the_wire = decoded(&outgoing);
-            let expected = outgoing.into_event();
-            assert_eq!(
-                on_the_wire, expected,
-                "skipped {skipped}, redelivery {redelivery}"
-            );
-            let Some(pb::subscribe_event::Event::Message(m)) = expected.event else {
-                panic!("not a message");
-            };
-            assert_eq!(
-                (m.offset, m.skipped, m.redelivery),
-                (42, skipped, redelivery)
-            );
-            assert_eq!(m.payload.as_ref(), b"{\"id\":1}");
-        }
-    }
-
-    #[test]
-    fn a_per_delivery_header_replaces_the_stored_one_on_the_wire() {
-        let shared = SharedMessage::new(stored());
-        let mut delivery = Delivery::new(shared, 0, 0, 9);
-        delivery
-            .headers
-            .insert("traceparent".to_owned(), "delivery-span".to_owned());
-        let event = decoded(&Outgoing::Delivery(delivery));
-        let Some(pb::subscribe_event::Event::Message(m)) = event.event else {
-            panic!("not a message");
-        };
-        assert_eq!(m.headers["traceparent"], "delivery-span");
-        assert_eq!(m.headers["tenant"], "t1");
-        assert_eq!(m.headers.len(), 2);
-    }
-
-    #[test]
-    fn the_message_is_encoded_once_for_every_subscriber() {
-        let shared = SharedMessage::new(stored());
-        let first = Outgoing::Delivery(Delivery::new(Arc::clone(&shared), 0, 0, 1));
-        let second = Outgoing::Delivery(Delivery::new(Arc::clone(&shared), 0, 0, 2));
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        first.encode(&mut a).unwrap();
-        second.encode(&mut b).unwrap();
-        assert_eq!(a, b);
-        // Both deliveries wrote the very same buffer: it was made once.
-        let once = shared.encoded().as_ptr();
-        assert_eq!(shared.encoded().as_ptr(), once);
-    }
-
-    #[test]
-    fn a_state_change_is_decoded_once_for_every_watch() {
-        let mut state = crate::entity::EntityState::default();
-        let stamp = crate::entity::Stamp {
-            timestamp_ms: 1,
-            version: 0,
-            writer: "w".into(),
-        };
-        let mut values = BTreeMap::new();
-        values.insert("name".to_owned(), "\"Ada\"".to_owned());
-        state.merge(&crate::entity::Change::Update(values), &stamp);
-        state.accept(&stamp, 5);
-        let mut message = (*stored()).clone();
-        message.message.channel = "$state.contact.7".into();
-        message.message.payload = Bytes::from(
-            crate::state::entity_doc::EntityDoc::encode("contact", "7", &state).unwrap(),
-        );
-        let shared = SharedMessage::new(Arc::new(message));
-        let first = shared.entity().unwrap();
-        assert_eq!(first, &convert::entity_state("contact", "7", &state));
-        assert!(
-            std::ptr::eq(first, shared.entity().unwrap()),
-            "decoded once"
-        );
-        // A message that is not a state document has no entity.
-        assert_eq!(SharedMessage::new(stored()).entity(), None);
-    }
-
-    #[test]
-    fn other_events_encode_as_prost_does() {
-        let event = pb::SubscribeEvent {
-            event: Some(pb::subscribe_event::Event::Subscribed(pb::Subscribed {
-                next_offset: 5,
-                subscription_id: 1,
-                acked_offset: 4,
-            })),
-        };
-        assert_eq!(decoded(&Outgoing::Event(Box::new(event.clone()))), event);
-    }
 }

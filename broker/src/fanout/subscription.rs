@@ -33,11 +33,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchboard_proto::v1 as pb;
 use tokio::sync::mpsc;
-use tonic::Status;
 
-use super::outgoing::{Delivery, Outgoing, SharedMessage};
+use super::outgoing::{Delivery, GapReason, Outgoing, SharedMessage};
 use super::registry::{Control, FlowPolicy, Pending, Registered};
 use super::throttle::Throttle;
 use crate::channel::Pattern;
@@ -72,7 +70,7 @@ pub(crate) enum Start {
 }
 
 /// The outgoing half of a `Subscribe` stream.
-pub(crate) type EventSender = mpsc::Sender<Result<Outgoing, Status>>;
+pub(crate) type EventSender = mpsc::Sender<Result<Outgoing, BrokerError>>;
 
 /// What the subscription follows, from where, and how.
 pub(crate) struct SubscriptionSpec {
@@ -114,20 +112,20 @@ pub(crate) async fn run(
     match end {
         End::ClientGone => {}
         End::ShuttingDown => {
-            let _ = out.try_send(Err(Status::from(BrokerError::ShuttingDown)));
+            let _ = out.try_send(Err(BrokerError::ShuttingDown));
         }
         End::Stopped => {
             let name = control.durable.clone().unwrap_or_default();
-            let _ = out.try_send(Err(Status::from(BrokerError::Precondition {
+            let _ = out.try_send(Err(BrokerError::Precondition {
                 reason: Reason::ConsumerTakenOver,
                 message: format!(
                     "durable consumer {name:?} was taken over by a newer subscription or deleted"
                 ),
-            })));
+            }));
         }
         End::Failed(e) => {
             tracing::error!(pattern = %spec.pattern, error = %e, "subscription failed");
-            let _ = out.try_send(Err(Status::from(e)));
+            let _ = out.try_send(Err(e));
         }
     }
     drop(registered);
@@ -154,10 +152,6 @@ fn shared(messages: Vec<crate::message::StoredMessage>) -> Vec<Arc<SharedMessage
 }
 
 impl Feeder<'_> {
-    async fn send(&self, event: pb::SubscribeEvent) -> Result<(), End> {
-        self.send_outgoing(Outgoing::event(event)).await
-    }
-
     async fn send_outgoing(&self, outgoing: Outgoing) -> Result<(), End> {
         self.out
             .send(Ok(outgoing))
@@ -282,8 +276,8 @@ impl Feeder<'_> {
         {
             if self.next < first && first <= last + 1 {
                 metrics::gap("retention", 0);
-                let gap = gap(self.next, first - 1, 0, pb::gap::Reason::Retention);
-                self.send(gap).await?;
+                let gap = gap(self.next, first - 1, 0, GapReason::Retention);
+                self.send_outgoing(gap).await?;
                 self.next = first;
             }
         }
@@ -292,13 +286,8 @@ impl Feeder<'_> {
             let keep_from = last + 1 - self.spec.window;
             let count = self.count_matching(self.next, keep_from - 1)?;
             metrics::gap("dropped", count);
-            self.send(gap(
-                self.next,
-                keep_from - 1,
-                count,
-                pb::gap::Reason::Dropped,
-            ))
-            .await?;
+            self.send_outgoing(gap(self.next, keep_from - 1, count, GapReason::Dropped))
+                .await?;
             self.next = keep_from;
         }
         let conflating = self.control.policy == FlowPolicy::Conflate;
@@ -425,19 +414,12 @@ fn policy_name(policy: FlowPolicy) -> &'static str {
     }
 }
 
-fn gap(
-    from_offset: u64,
-    to_offset: u64,
-    count: u64,
-    reason: pb::gap::Reason,
-) -> pb::SubscribeEvent {
-    pb::SubscribeEvent {
-        event: Some(pb::subscribe_event::Event::Gap(pb::Gap {
-            from_offset,
-            to_offset,
-            count,
-            reason: reason as i32,
-        })),
+fn gap(from_offset: u64, to_offset: u64, count: u64, reason: GapReason) -> Outgoing {
+    Outgoing::Gap {
+        from_offset,
+        to_offset,
+        count,
+        reason,
     }
 }
 
@@ -475,14 +457,12 @@ async fn feed(
         Err(e) => return End::Failed(e),
     };
     let acked_offset = control.flight().acked_floor;
-    let subscribed = pb::SubscribeEvent {
-        event: Some(pb::subscribe_event::Event::Subscribed(pb::Subscribed {
-            next_offset: next,
-            subscription_id: control.id,
-            acked_offset,
-        })),
+    let subscribed = Outgoing::Subscribed {
+        next_offset: next,
+        subscription_id: control.id,
+        acked_offset,
     };
-    if out.send(Ok(Outgoing::event(subscribed))).await.is_err() {
+    if out.send(Ok(subscribed)).await.is_err() {
         return End::ClientGone;
     }
     let mut feeder = Feeder {
