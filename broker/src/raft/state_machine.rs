@@ -52,18 +52,15 @@ pub(crate) type SnapshotJob = Box<dyn FnOnce(&Path) -> std::io::Result<()> + Sen
 
 /// What raft hands committed entries to: the broker's state ([`crate::state`]).
 ///
-/// Each call that changes the state saves the [`Bookkeeping`] it is given with its own writes, so
-/// that [`AppliedState::saved`] returns it after a restart.
+/// Each call that changes the state saves the [`Bookkeeping`] it is given with its own writes and
+/// keeps it: [`AppliedState::bookkeeping`] is the one copy, also after a restart.
 pub(crate) trait AppliedState: Send + Sync + 'static {
     /// Whether the state on disk was whole when it was opened (the last run stopped cleanly).
     fn is_whole(&self) -> bool;
     /// Whether the state holds nothing at all.
     fn is_empty(&self) -> bool;
-    /// The bookkeeping saved last.
-    ///
-    /// # Errors
-    /// The state cannot be read.
-    fn saved(&self) -> Result<Bookkeeping, BrokerError>;
+    /// The bookkeeping saved last (the default for an empty state).
+    fn bookkeeping(&self) -> &Bookkeeping;
     /// Applies one committed entry — `None` for an entry that carries nothing for the state (a
     /// blank or a membership change) — and saves `bookkeeping` with its writes.
     ///
@@ -72,7 +69,7 @@ pub(crate) trait AppliedState: Send + Sync + 'static {
     fn apply(
         &mut self,
         command: Option<&Command>,
-        bookkeeping: &Bookkeeping,
+        bookkeeping: Bookkeeping,
     ) -> Result<CommandOutcome, BrokerError>;
     /// Called once after every group of applied entries.
     fn applied(&mut self);
@@ -84,8 +81,8 @@ pub(crate) trait AppliedState: Send + Sync + 'static {
     ///
     /// # Errors
     /// The file cannot be read or the state cannot be written.
-    fn install(&mut self, path: &Path, bookkeeping: &Bookkeeping) -> Result<(), BrokerError>;
-    /// Empties the state, durably.
+    fn install(&mut self, path: &Path, bookkeeping: Bookkeeping) -> Result<(), BrokerError>;
+    /// Empties the state, durably (its bookkeeping back to the default).
     ///
     /// # Errors
     /// The state cannot be written.
@@ -104,10 +101,9 @@ fn snapshot_err(e: impl std::fmt::Display) -> StorageError<u64> {
     StorageIOError::write_snapshot(None, AnyError::error(e)).into()
 }
 
-/// The state machine openraft runs: bookkeeping and snapshot files around an [`AppliedState`].
+/// The state machine openraft runs: the snapshot files around an [`AppliedState`].
 pub(crate) struct StateMachine<S> {
     state: S,
-    bookkeeping: Bookkeeping,
     snapshot_dir: PathBuf,
     /// The file a snapshot from the leader is being received into.
     receiving: Option<PathBuf>,
@@ -128,7 +124,6 @@ impl<S: AppliedState> StateMachine<S> {
     pub(crate) fn open(state: S, snapshot_dir: &Path) -> anyhow::Result<StateMachine<S>> {
         std::fs::create_dir_all(snapshot_dir)?;
         let mut machine = StateMachine {
-            bookkeeping: state.saved()?,
             state,
             snapshot_dir: snapshot_dir.to_owned(),
             receiving: None,
@@ -153,7 +148,7 @@ impl<S: AppliedState> StateMachine<S> {
     /// The bookkeeping of what the state holds.
     #[cfg(test)]
     pub(crate) fn bookkeeping(&self) -> &Bookkeeping {
-        &self.bookkeeping
+        self.state.bookkeeping()
     }
 
     /// Where the snapshot files are.
@@ -182,9 +177,8 @@ impl<S: AppliedState> StateMachine<S> {
         };
         let path = self.snapshot_path(&meta.snapshot_id);
         self.state
-            .install(&path, &bookkeeping)
+            .install(&path, bookkeeping)
             .map_err(snapshot_err)?;
-        self.bookkeeping = bookkeeping;
         self.set_current(meta)?;
         std::fs::remove_file(self.snapshot_dir.join(INSTALLING)).map_err(snapshot_err)?;
         std::fs::File::open(&self.snapshot_dir)
@@ -204,23 +198,19 @@ impl<S: AppliedState> StateMachine<S> {
         }
         tracing::warn!(
             from_snapshot = snapshot.as_ref().map(|m| m.snapshot_id.as_str()),
-            applied_before = ?self.bookkeeping.last_applied,
+            applied_before = ?self.state.bookkeeping().last_applied,
             "the state store was not stopped cleanly; rebuilding it from the snapshot and the log"
         );
         match snapshot {
             Some(meta) => self.load_snapshot(&meta),
-            None => {
-                self.state.clear().map_err(sm_write_err)?;
-                self.bookkeeping = self.state.saved().map_err(sm_read_err)?;
-                Ok(())
-            }
+            None => self.state.clear().map_err(sm_write_err),
         }
     }
 
     fn apply_entry(&mut self, entry: &Entry) -> StorageResult<CommandOutcome> {
         let mut bookkeeping = Bookkeeping {
             last_applied: Some(entry.log_id),
-            membership: self.bookkeeping.membership.clone(),
+            membership: self.state.bookkeeping().membership.clone(),
         };
         let command = match &entry.payload {
             EntryPayload::Blank => None,
@@ -231,11 +221,9 @@ impl<S: AppliedState> StateMachine<S> {
                 None
             }
         };
-        let outcome = self.state.apply(command, &bookkeeping).map_err(|e| {
+        self.state.apply(command, bookkeeping).map_err(|e| {
             StorageError::from(StorageIOError::apply(entry.log_id, AnyError::error(e)))
-        })?;
-        self.bookkeeping = bookkeeping;
-        Ok(outcome)
+        })
     }
 
     fn snapshot_path(&self, id: &str) -> PathBuf {
@@ -309,10 +297,8 @@ impl<S: AppliedState> RaftStateMachine<TypeConfig> for StateMachine<S> {
     async fn applied_state(
         &mut self,
     ) -> StorageResult<(Option<LogId<u64>>, StoredMembership<u64, Member>)> {
-        Ok((
-            self.bookkeeping.last_applied,
-            self.bookkeeping.membership.clone(),
-        ))
+        let bookkeeping = self.state.bookkeeping();
+        Ok((bookkeeping.last_applied, bookkeeping.membership.clone()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<CommandOutcome>>
@@ -333,10 +319,11 @@ impl<S: AppliedState> RaftStateMachine<TypeConfig> for StateMachine<S> {
     /// Takes the snapshot here, while openraft holds apply, so it is exactly the state at
     /// `last_applied`; the returned builder only opens the finished file.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        let signature = self.bookkeeping.last_applied;
+        let bookkeeping = self.state.bookkeeping();
+        let signature = bookkeeping.last_applied;
         let meta = SnapshotMeta {
             last_log_id: signature,
-            last_membership: self.bookkeeping.membership.clone(),
+            last_membership: bookkeeping.membership.clone(),
             snapshot_id: format!(
                 "{}-{}",
                 signature.map(|l| l.leader_id.term).unwrap_or(0),

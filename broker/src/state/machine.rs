@@ -56,7 +56,7 @@ impl AppliedProgress {
 pub(crate) struct BrokerState {
     store: MessageStore,
     position: Position,
-    /// The bookkeeping last saved (kept to report progress).
+    /// Raft's bookkeeping, as last saved with the position.
     bookkeeping: Bookkeeping,
     sync: Arc<SledSync>,
     announce: Arc<dyn Announce>,
@@ -142,14 +142,14 @@ impl AppliedState for BrokerState {
         self.store.is_empty()
     }
 
-    fn saved(&self) -> Result<Bookkeeping, BrokerError> {
-        Ok(position::load(&self.store)?.0)
+    fn bookkeeping(&self) -> &Bookkeeping {
+        &self.bookkeeping
     }
 
     fn apply(
         &mut self,
         command: Option<&Command>,
-        bookkeeping: &Bookkeeping,
+        bookkeeping: Bookkeeping,
     ) -> Result<CommandOutcome, BrokerError> {
         self.while_open(|state| {
             let mut batch = WriteBatch::default();
@@ -158,10 +158,10 @@ impl AppliedState for BrokerState {
                 Some(command) => apply_command(&state.store, &mut position, command, &mut batch)?,
                 None => (CommandOutcome::Nothing, Vec::new()),
             };
-            position.write(bookkeeping, &mut batch)?;
+            position.write(&bookkeeping, &mut batch)?;
             state.write(batch)?;
             state.position = position;
-            state.bookkeeping = bookkeeping.clone();
+            state.bookkeeping = bookkeeping;
             if !messages.is_empty() {
                 if crate::observability::trace::enabled() {
                     for m in &messages {
@@ -188,17 +188,17 @@ impl AppliedState for BrokerState {
         })
     }
 
-    fn install(&mut self, path: &Path, bookkeeping: &Bookkeeping) -> Result<(), BrokerError> {
+    fn install(&mut self, path: &Path, bookkeeping: Bookkeeping) -> Result<(), BrokerError> {
         self.while_open(|state| {
             load_store(&state.store, path)
                 .map_err(|e| BrokerError::Storage(format!("cannot load a snapshot: {e}")))?;
             let (_, position) = position::load(&state.store)?;
             let mut batch = WriteBatch::default();
-            position.write(bookkeeping, &mut batch)?;
+            position.write(&bookkeeping, &mut batch)?;
             state.write(batch)?;
             state.sync_now()?;
             state.position = position;
-            state.bookkeeping = bookkeeping.clone();
+            state.bookkeeping = bookkeeping;
             Ok(())
         })?;
         self.announce_position();
@@ -208,10 +208,9 @@ impl AppliedState for BrokerState {
     fn clear(&mut self) -> Result<(), BrokerError> {
         self.while_open(|state| {
             state.store.clear()?;
-            let (bookkeeping, position) = position::load(&state.store)?;
             state.sync_now()?;
-            state.position = position;
-            state.bookkeeping = bookkeeping;
+            state.position = Position::default();
+            state.bookkeeping = Bookkeeping::default();
             Ok(())
         })?;
         self.announce_position();
