@@ -3,8 +3,8 @@
 //! Raft drives the state through [`AppliedState`], which [`crate::state`] implements; this file
 //! knows nothing of messages, stores or subscribers. What it owns is raft's side of applying:
 //!
-//! - the **bookkeeping** ([`Bookkeeping`]: the last applied log id and membership), which the state
-//!   saves with its own writes and hands back at the next start;
+//! - the **bookkeeping** ([`Bookkeeping`]: the last applied log id and membership) of each entry,
+//!   which it hands the state to save with its own writes and keep (the one copy);
 //! - **snapshots as files** in `<data>/state/snapshots`: `current` names the snapshot in force,
 //!   `installing` marks an install in progress so a crash half way is finished at the next start,
 //!   and a snapshot received from the leader is written to a `.partial` file first.
@@ -110,7 +110,7 @@ pub(crate) struct StateMachine<S> {
 }
 
 /// Name of the file describing the current snapshot, beside the snapshot files.
-pub(crate) const CURRENT: &str = "current";
+const CURRENT: &str = "current";
 /// Present while a snapshot is being installed; names it, so a crash mid-install is finished at
 /// the next start instead of leaving a half-replaced state.
 pub(crate) const INSTALLING: &str = "installing";
