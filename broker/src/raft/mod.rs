@@ -129,14 +129,17 @@ pub(crate) async fn start<S: AppliedState>(
     snapshot_dir: &std::path::Path,
 ) -> anyhow::Result<Raft> {
     let log_dir = config.data_dir.join("log");
-    let log_store = log_store::LogStore::open(
+    let mut log_store = log_store::LogStore::open(
         &log_dir,
         config.durability.fsync,
         config.durability.sync_interval,
     )
     .with_context(|| format!("cannot open the log store in {}", log_dir.display()))?;
 
-    let state_machine = StateMachine::open(state, snapshot_dir)?;
+    let log_state = openraft::storage::RaftLogStorage::get_log_state(&mut log_store)
+        .await
+        .with_context(|| format!("cannot read the log store in {}", log_dir.display()))?;
+    let state_machine = StateMachine::open(state, snapshot_dir, &log_state)?;
 
     // A lone node elects itself at once, so short timeouts only speed up its start. Between
     // peers, an election timeout must outlast the pauses of a loaded machine (fdatasync stalls,

@@ -22,7 +22,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::storage::{LogState, RaftStateMachine, Snapshot};
 use openraft::{
     AnyError, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
     StorageIOError, StoredMembership,
@@ -76,11 +76,19 @@ pub(crate) trait AppliedState: Send + Sync + 'static {
     /// A job that makes the state durable and writes all of it to a snapshot file: taken while
     /// apply is held, run on a blocking thread.
     fn snapshot_job(&self) -> SnapshotJob;
-    /// Replaces the state with the snapshot file at `path` and saves `bookkeeping`; durable when it
-    /// returns.
+    /// Which entry the snapshot file at `path` is the state after, read from the file itself
+    /// (checked whole): how a damaged pointer is repaired, and how a file is told from another.
     ///
     /// # Errors
-    /// The file cannot be read or the state cannot be written.
+    /// The file is damaged or cannot be read.
+    fn snapshot_bookkeeping(&self, path: &Path) -> Result<Bookkeeping, BrokerError>;
+    /// Replaces the state with the snapshot file at `path` and saves `bookkeeping`; durable when it
+    /// returns. A file that is damaged, or is not the state after `bookkeeping.last_applied`,
+    /// changes nothing.
+    ///
+    /// # Errors
+    /// The file is damaged, is another snapshot, or cannot be read, or the state cannot be
+    /// written.
     fn install(&mut self, path: &Path, bookkeeping: Bookkeeping) -> Result<(), BrokerError>;
     /// Empties the state, durably (its bookkeeping back to the default).
     ///
@@ -116,12 +124,19 @@ const CURRENT: &str = "current";
 pub(crate) const INSTALLING: &str = "installing";
 
 impl<S: AppliedState> StateMachine<S> {
-    /// Wraps `state`, with its snapshots in `snapshot_dir`. Finishes a snapshot install a crash
-    /// interrupted, and goes back to the current snapshot when the state is not whole.
+    /// Wraps `state`, with its snapshots in `snapshot_dir`, for a log that holds `log`. Finishes a
+    /// snapshot install a crash interrupted, goes back to the current snapshot when the state is
+    /// not whole, and checks that the log continues the state: a state behind the log's first
+    /// entry (a damaged or lost state store) is rebuilt from a snapshot that covers the gap,
+    /// anything else that does not fit is refused, naming the file.
     ///
     /// # Errors
-    /// The state or the snapshot files cannot be read or written.
-    pub(crate) fn open(state: S, snapshot_dir: &Path) -> anyhow::Result<StateMachine<S>> {
+    /// The state or the snapshot files cannot be read or written, or are damaged beyond repair.
+    pub(crate) fn open(
+        state: S,
+        snapshot_dir: &Path,
+        log: &LogState<TypeConfig>,
+    ) -> anyhow::Result<StateMachine<S>> {
         std::fs::create_dir_all(snapshot_dir)?;
         let mut machine = StateMachine {
             state,
@@ -130,12 +145,21 @@ impl<S: AppliedState> StateMachine<S> {
         };
         // A crash while installing a snapshot leaves the state half replaced: finish the job from
         // the snapshot file the marker names before anyone reads the state.
-        if let Some(meta) = machine.read_marker()? {
-            tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install interrupted by a crash");
-            machine.load_snapshot(&meta)?;
-        } else if !machine.state.is_whole() {
-            machine.rebuild()?;
+        match machine.read_pointer(INSTALLING) {
+            Ok(Some(meta)) => {
+                tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install interrupted by a crash");
+                machine.load_snapshot(&meta)?;
+            }
+            Ok(None) if machine.state.is_whole() => {}
+            Ok(None) => machine.rebuild()?,
+            Err(damage) => {
+                // The install it marks was cut short: the state is half replaced whatever the
+                // marker said, and the snapshot files themselves say what they hold.
+                tracing::warn!(%damage, "the snapshot install marker is damaged; rebuilding the state");
+                machine.rebuild()?;
+            }
         }
+        machine.check_against_log(log)?;
         Ok(machine)
     }
 
@@ -157,25 +181,155 @@ impl<S: AppliedState> StateMachine<S> {
         &self.snapshot_dir
     }
 
-    fn read_marker(&self) -> StorageResult<Option<SnapshotMeta<u64, Member>>> {
-        match std::fs::read(self.snapshot_dir.join(INSTALLING)) {
-            Ok(bytes) => bincode::deserialize(&bytes).map(Some).map_err(sm_read_err),
+    /// The snapshot meta in the pointer file `name` (`current` or `installing`), checked; `None`
+    /// when there is no such file.
+    ///
+    /// # Errors
+    /// What is wrong with it, naming it.
+    fn read_pointer(&self, name: &str) -> Result<Option<SnapshotMeta<u64, Member>>, String> {
+        let path = self.snapshot_dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => decode_pointer(&bytes)
+                .map(Some)
+                .map_err(|what| format!("{} is damaged: {what}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(sm_read_err(e)),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
+    }
+
+    /// The snapshot in force: the one `current` names or, when that file is damaged, the newest
+    /// snapshot file that reads whole (written back to `current`).
+    ///
+    /// # Errors
+    /// `current` is damaged and no snapshot file is whole.
+    fn current_or_repair(&self) -> anyhow::Result<Option<SnapshotMeta<u64, Member>>> {
+        match self.read_pointer(CURRENT) {
+            Ok(meta) => Ok(meta),
+            Err(damage) => match self.newest_whole_snapshot() {
+                Some(meta) => {
+                    tracing::warn!(
+                        %damage,
+                        snapshot = %meta.snapshot_id,
+                        "the snapshot pointer is damaged; repaired from the newest whole snapshot file"
+                    );
+                    self.set_current(&meta)?;
+                    Ok(Some(meta))
+                }
+                None => anyhow::bail!(
+                    "{damage}, and no snapshot file beside it reads whole: this node cannot tell \
+                     which state the log continues. {WAY_BACK}"
+                ),
+            },
+        }
+    }
+
+    /// The newest snapshot file in the folder that reads whole, with the meta it holds.
+    fn newest_whole_snapshot(&self) -> Option<SnapshotMeta<u64, Member>> {
+        let entries = std::fs::read_dir(&self.snapshot_dir).ok()?;
+        let mut newest: Option<SnapshotMeta<u64, Member>> = None;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".snap")) else {
+                continue;
+            };
+            let bookkeeping = match self.state.snapshot_bookkeeping(&entry.path()) {
+                Ok(bookkeeping) => bookkeeping,
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "a snapshot file is not whole");
+                    continue;
+                }
+            };
+            if snapshot_id(bookkeeping.last_applied) != id {
+                tracing::warn!(file = %entry.path().display(), "a snapshot file holds another snapshot than its name says");
+                continue;
+            }
+            if newest
+                .as_ref()
+                .is_some_and(|n| n.last_log_id >= bookkeeping.last_applied)
+            {
+                continue;
+            }
+            newest = Some(SnapshotMeta {
+                last_log_id: bookkeeping.last_applied,
+                last_membership: bookkeeping.membership,
+                snapshot_id: id.to_owned(),
+            });
+        }
+        newest
+    }
+
+    /// Refuses a state the log does not continue. A state behind the log's first entry lost what
+    /// the purged entries did: it is rebuilt from the newest whole snapshot that covers them.
+    fn check_against_log(&mut self, log: &LogState<TypeConfig>) -> anyhow::Result<()> {
+        let applied = self.state.bookkeeping().last_applied;
+        let index = |id: Option<LogId<u64>>| id.map(|id| id.index);
+        if index(applied) < index(log.last_purged_log_id) {
+            let purged = describe(log.last_purged_log_id);
+            let snapshot = [
+                self.current_or_repair().ok().flatten(),
+                self.newest_whole_snapshot(),
+            ]
+            .into_iter()
+            .flatten()
+            .filter(|meta| index(meta.last_log_id) >= index(log.last_purged_log_id))
+            .max_by_key(|meta| meta.last_log_id);
+            let Some(meta) = snapshot else {
+                anyhow::bail!(
+                    "the state store (state/db) holds the state after log entry {} but the raft \
+                     log (log/) starts after entry {purged}, and no snapshot in {} covers the \
+                     entries between: the state store is damaged or was lost, or the snapshots \
+                     were. {WAY_BACK}",
+                    describe(applied),
+                    self.snapshot_dir.display(),
+                );
+            };
+            tracing::warn!(
+                applied = %describe(applied),
+                log_starts_after = %purged,
+                snapshot = %meta.snapshot_id,
+                "the state store (state/db) is behind the raft log (damaged or lost); rebuilding it from a snapshot"
+            );
+            self.load_snapshot(&meta)?;
+        }
+        let applied = self.state.bookkeeping().last_applied;
+        if index(applied) > index(log.last_log_id) {
+            anyhow::bail!(
+                "the state store (state/db) holds the state after log entry {} but the raft log \
+                 (log/) ends at entry {}: the log lost entries the state was built from (damaged, \
+                 replaced or removed). {WAY_BACK}",
+                describe(applied),
+                describe(log.last_log_id),
+            );
+        }
+        Ok(())
     }
 
     /// Replaces the state with the snapshot `meta` names, crash-safely: a durable marker is
     /// written first and removed last, and [`StateMachine::open`] finishes an install it finds
     /// marked.
     fn load_snapshot(&mut self, meta: &SnapshotMeta<u64, Member>) -> StorageResult<()> {
-        let marker = bincode::serialize(meta).map_err(snapshot_err)?;
-        write_durably(&self.snapshot_dir, INSTALLING, &marker).map_err(snapshot_err)?;
+        // Checked before the marker: a damaged file, or one holding another state than `meta`
+        // says, changes nothing (and is not retried at every start).
+        let path = self.snapshot_path(&meta.snapshot_id);
+        let holds = self
+            .state
+            .snapshot_bookkeeping(&path)
+            .map_err(snapshot_err)?;
+        if holds.last_applied != meta.last_log_id {
+            return Err(snapshot_err(format!(
+                "the snapshot {} holds the state after log entry {} but is recorded as the state \
+                 after {}",
+                path.display(),
+                describe(holds.last_applied),
+                describe(meta.last_log_id),
+            )));
+        }
+        write_durably(&self.snapshot_dir, INSTALLING, &encode_pointer(meta)?)
+            .map_err(snapshot_err)?;
         let bookkeeping = Bookkeeping {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        let path = self.snapshot_path(&meta.snapshot_id);
         self.state
             .install(&path, bookkeeping)
             .map_err(snapshot_err)?;
@@ -190,8 +344,8 @@ impl<S: AppliedState> StateMachine<S> {
     /// Goes back to the current snapshot (or to an empty state when there is none) after a start
     /// that did not follow a clean stop: the state may hold part of an entry. openraft then
     /// applies the log from there again: the log keeps every entry after the snapshot.
-    fn rebuild(&mut self) -> StorageResult<()> {
-        let snapshot = self.read_current()?;
+    fn rebuild(&mut self) -> anyhow::Result<()> {
+        let snapshot = self.current_or_repair()?;
         if snapshot.is_none() && self.state.is_empty() {
             // A new state folder: nothing to rebuild.
             return Ok(());
@@ -202,8 +356,8 @@ impl<S: AppliedState> StateMachine<S> {
             "the state store was not stopped cleanly; rebuilding it from the snapshot and the log"
         );
         match snapshot {
-            Some(meta) => self.load_snapshot(&meta),
-            None => self.state.clear().map_err(sm_write_err),
+            Some(meta) => Ok(self.load_snapshot(&meta)?),
+            None => Ok(self.state.clear().map_err(sm_write_err)?),
         }
     }
 
@@ -230,18 +384,15 @@ impl<S: AppliedState> StateMachine<S> {
         self.snapshot_dir.join(format!("{id}.snap"))
     }
 
+    /// The current snapshot, for openraft (a damaged pointer is a storage error here: it was
+    /// repaired or refused at start, so damage now happened while running).
     fn read_current(&self) -> StorageResult<Option<SnapshotMeta<u64, Member>>> {
-        match std::fs::read(self.snapshot_dir.join(CURRENT)) {
-            Ok(bytes) => bincode::deserialize(&bytes).map(Some).map_err(sm_read_err),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(sm_read_err(e)),
-        }
+        self.read_pointer(CURRENT).map_err(sm_read_err)
     }
 
     /// Records `meta` as the current snapshot and removes older snapshot files.
     fn set_current(&self, meta: &SnapshotMeta<u64, Member>) -> StorageResult<()> {
-        let bytes = bincode::serialize(meta).map_err(snapshot_err)?;
-        write_durably(&self.snapshot_dir, CURRENT, &bytes).map_err(snapshot_err)?;
+        write_durably(&self.snapshot_dir, CURRENT, &encode_pointer(meta)?).map_err(snapshot_err)?;
         let keep = format!("{}.snap", meta.snapshot_id);
         if let Ok(entries) = std::fs::read_dir(&self.snapshot_dir) {
             for entry in entries.flatten() {
@@ -257,6 +408,72 @@ impl<S: AppliedState> StateMachine<S> {
     }
 }
 
+/// What to do about a data folder that cannot be trusted (docs/DURABILITY.md says more).
+const WAY_BACK: &str =
+    "The way back: in a cluster, stop this node, wipe its data folder and start \
+     it again, and it is rebuilt from the others; a single node has no others: restore its data \
+     folder from a backup (see docs/DURABILITY.md)";
+
+/// The id of the snapshot of the state after `last_applied`; also its file's name.
+fn snapshot_id(last_applied: Option<LogId<u64>>) -> String {
+    format!(
+        "{}-{}",
+        last_applied.map(|l| l.leader_id.term).unwrap_or(0),
+        last_applied.map(|l| l.index).unwrap_or(0)
+    )
+}
+
+/// A log position for a message: `term-index`, or `none`.
+pub(crate) fn describe(id: Option<LogId<u64>>) -> String {
+    id.map_or_else(
+        || "none".into(),
+        |id| format!("{}-{}", id.leader_id.term, id.index),
+    )
+}
+
+/// A snapshot pointer (`current`, `installing`) as stored: the sealed bincode of the meta.
+fn encode_pointer(meta: &SnapshotMeta<u64, Member>) -> StorageResult<Vec<u8>> {
+    crate::checksum::encode(meta).map_err(snapshot_err)
+}
+
+/// Reads a snapshot pointer, sealed or as earlier versions wrote it (plain bincode), and checks
+/// that it says one consistent thing.
+///
+/// # Errors
+/// What is wrong with it.
+fn decode_pointer(bytes: &[u8]) -> Result<SnapshotMeta<u64, Member>, String> {
+    let meta: SnapshotMeta<u64, Member> = match crate::checksum::open(bytes) {
+        Ok(payload) => {
+            bincode::deserialize(payload).map_err(|e| format!("cannot decode it: {e}"))?
+        }
+        // Unsealed bincode starts with the tag of an `Option` (the last log id): 0 or 1.
+        Err(crate::checksum::CorruptRecord::UnknownFormat { found: 0 | 1 }) => {
+            bincode::deserialize(bytes).map_err(|e| format!("cannot decode it: {e}"))?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    if meta.snapshot_id != snapshot_id(meta.last_log_id) {
+        return Err(format!(
+            "it names snapshot {:?} as the state after log entry {}",
+            meta.snapshot_id,
+            describe(meta.last_log_id)
+        ));
+    }
+    if meta.last_membership.log_id() > &meta.last_log_id {
+        return Err("its membership is later than the state it names".into());
+    }
+    let membership = meta.last_membership.membership();
+    if let Some(voter) = membership
+        .voter_ids()
+        .find(|id| membership.get_node(id).is_none())
+    {
+        return Err(format!(
+            "its membership names voter {voter} without its address"
+        ));
+    }
+    Ok(meta)
+}
+
 /// Writes `bytes` to `dir/name` so that after a crash the file holds either the old or the new
 /// content: a temporary file, fsync, rename, fsync of the folder.
 pub(crate) fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
@@ -266,6 +483,21 @@ pub(crate) fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Re
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Whether the open `file` is the file at `path`.
+fn same_file(file: &std::fs::File, path: &Path) -> std::io::Result<bool> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let (open, named) = (file.metadata()?, std::fs::metadata(path)?);
+        Ok((open.dev(), open.ino()) == (named.dev(), named.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        Ok(true)
+    }
 }
 
 /// A finished snapshot: what it covers, and its file.
@@ -324,11 +556,7 @@ impl<S: AppliedState> RaftStateMachine<TypeConfig> for StateMachine<S> {
         let meta = SnapshotMeta {
             last_log_id: signature,
             last_membership: bookkeeping.membership.clone(),
-            snapshot_id: format!(
-                "{}-{}",
-                signature.map(|l| l.leader_id.term).unwrap_or(0),
-                signature.map(|l| l.index).unwrap_or(0)
-            ),
+            snapshot_id: snapshot_id(signature),
         };
         let path = self.snapshot_path(&meta.snapshot_id);
         let job = self.state.snapshot_job();
@@ -376,13 +604,22 @@ impl<S: AppliedState> RaftStateMachine<TypeConfig> for StateMachine<S> {
         tokio::io::AsyncWriteExt::flush(&mut file)
             .await
             .map_err(snapshot_err)?;
-        let std_file = file.into_std().await;
-        std_file.sync_all().map_err(snapshot_err)?;
-        drop(std_file);
+        let mut std_file = file.into_std().await;
         let incoming = self
             .receiving
             .take()
             .ok_or_else(|| snapshot_err("no snapshot is being received"))?;
+        // openraft may hand back another file than the one it was given to receive into (its
+        // storage suite passes the leader's own snapshot file): then that file is the snapshot.
+        if !same_file(&std_file, &incoming).map_err(snapshot_err)? {
+            use std::io::Seek;
+            std_file.rewind().map_err(snapshot_err)?;
+            let mut copy = std::fs::File::create(&incoming).map_err(snapshot_err)?;
+            std::io::copy(&mut std_file, &mut copy).map_err(snapshot_err)?;
+            std_file = copy;
+        }
+        std_file.sync_all().map_err(snapshot_err)?;
+        drop(std_file);
         let path = self.snapshot_path(&meta.snapshot_id);
         std::fs::rename(&incoming, &path).map_err(snapshot_err)?;
         self.load_snapshot(meta)

@@ -13,7 +13,6 @@
 //! After an entry is in the store its messages are announced ([`Announce`]), so a subscriber that
 //! then reads the store finds everything the hub has announced.
 
-use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,11 +21,12 @@ use tokio::sync::watch;
 use super::apply::apply_command;
 use super::position::{self, Position};
 use super::sled_sync::SledSync;
+use super::snapshot_file;
 use super::store::{MessageStore, WriteBatch};
 use super::Announce;
 use crate::error::BrokerError;
 use crate::message::{Command, CommandOutcome};
-use crate::raft::state_machine::{AppliedState, Bookkeeping, SnapshotJob};
+use crate::raft::state_machine::{describe, AppliedState, Bookkeeping, SnapshotJob};
 
 /// What readers (Info, subscriptions, the sweeper) need to know about the applied state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -184,15 +184,31 @@ impl AppliedState for BrokerState {
         let sync = Arc::clone(&self.sync);
         Box::new(move |path| {
             sync.sync()?;
-            dump_store(&store, path)
+            snapshot_file::write(&store, path)
         })
+    }
+
+    fn snapshot_bookkeeping(&self, path: &Path) -> Result<Bookkeeping, BrokerError> {
+        snapshot_bookkeeping(path)
     }
 
     fn install(&mut self, path: &Path, bookkeeping: Bookkeeping) -> Result<(), BrokerError> {
         self.while_open(|state| {
-            load_store(&state.store, path)
-                .map_err(|e| BrokerError::Storage(format!("cannot load a snapshot: {e}")))?;
-            let (_, position) = position::load(&state.store)?;
+            snapshot_file::load(&state.store, path).map_err(|e| snapshot_error(path, e))?;
+            let (holds, position) = position::load(&state.store)?;
+            // The file names the entry it is the state after: one recorded as another (a
+            // damaged pointer, a renamed file) would replay the log from the wrong place. The
+            // adapter checks before it marks the install; this catches a file changed since.
+            if holds.last_applied != bookkeeping.last_applied {
+                state.sync.mark_torn();
+                return Err(BrokerError::Corrupt(format!(
+                    "the snapshot {} holds the state after log entry {} but is recorded as the \
+                     state after {}",
+                    path.display(),
+                    describe(holds.last_applied),
+                    describe(bookkeeping.last_applied),
+                )));
+            }
             let mut batch = WriteBatch::default();
             position.write(&bookkeeping, &mut batch)?;
             state.write(batch)?;
@@ -218,57 +234,33 @@ impl AppliedState for BrokerState {
     }
 }
 
+/// Which entry the snapshot file at `path` is the state after, from the meta record it holds;
+/// the file is checked whole.
+fn snapshot_bookkeeping(path: &Path) -> Result<Bookkeeping, BrokerError> {
+    let checked = snapshot_file::check(path).map_err(|e| snapshot_error(path, e))?;
+    match checked.meta {
+        Some(bytes) => position::decode(&bytes)
+            .map(|(bookkeeping, _)| bookkeeping)
+            .map_err(|e| BrokerError::Corrupt(format!("the snapshot {}: {e}", path.display()))),
+        None => Ok(Bookkeeping::default()),
+    }
+}
+
+fn snapshot_error(path: &Path, e: std::io::Error) -> BrokerError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => {
+            BrokerError::Corrupt(format!("the snapshot {} is damaged: {e}", path.display()))
+        }
+        _ => BrokerError::Storage(format!("cannot read the snapshot {}: {e}", path.display())),
+    }
+}
+
 impl BrokerState {
     fn sync_now(&self) -> Result<(), BrokerError> {
         self.sync
             .sync()
             .map_err(|e| BrokerError::Storage(format!("cannot sync the state store: {e}")))
     }
-}
-
-/// Snapshot file format: records of (key length u32 LE, key, value length u32 LE, value), every
-/// record of the store, in key order.
-fn dump_store(store: &MessageStore, path: &Path) -> std::io::Result<()> {
-    let file = std::fs::File::create(path)?;
-    let mut out = BufWriter::new(file);
-    for kv in store.snapshot_records() {
-        let (k, v) = kv.map_err(std::io::Error::other)?;
-        for part in [k.as_ref(), v.as_ref()] {
-            let len = u32::try_from(part.len()).map_err(std::io::Error::other)?;
-            out.write_all(&len.to_le_bytes())?;
-            out.write_all(part)?;
-        }
-    }
-    let file = out.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()
-}
-
-fn load_store(store: &MessageStore, path: &Path) -> std::io::Result<()> {
-    let mut input = BufReader::new(std::fs::File::open(path)?);
-    store.clear().map_err(std::io::Error::other)?;
-    let read_part = |input: &mut BufReader<std::fs::File>| -> std::io::Result<Option<Vec<u8>>> {
-        let mut len = [0u8; 4];
-        match input.read_exact(&mut len) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-        input.read_exact(&mut buf)?;
-        Ok(Some(buf))
-    };
-    while let Some(key) = read_part(&mut input)? {
-        let value = read_part(&mut input)?.ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "snapshot ends inside a record",
-            )
-        })?;
-        store
-            .insert_snapshot_record(&key, &value)
-            .map_err(std::io::Error::other)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -279,7 +271,7 @@ mod tests {
     use crate::message::{Item, NewMessage, Rules};
     use crate::raft::state_machine::{write_durably, StateMachine, INSTALLING};
     use crate::raft::TypeConfig;
-    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+    use openraft::storage::{LogState, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
     use openraft::{CommittedLeaderId, Entry as RaftEntry, EntryPayload, LogId};
 
     type Entry = openraft::Entry<TypeConfig>;
@@ -346,10 +338,24 @@ mod tests {
     }
 
     fn open_state(dir: &Path) -> anyhow::Result<Machine> {
+        open_with_log(dir, &log_with(None, 1_000))
+    }
+
+    fn open_with_log(dir: &Path, log: &LogState<TypeConfig>) -> anyhow::Result<Machine> {
         let db = open_db(dir);
         let (progress, _) = watch::channel(AppliedProgress::default());
         let state = BrokerState::open(db, dir, Arc::new(Nobody), progress)?;
-        StateMachine::open(state, &dir.join("snapshots"))
+        StateMachine::open(state, &dir.join("snapshots"), log)
+    }
+
+    /// What a raft log holds, for the state machine's start-up checks: entries after `purged`
+    /// through `last`.
+    fn log_with(purged: Option<u64>, last: u64) -> LogState<TypeConfig> {
+        let id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+        LogState {
+            last_purged_log_id: purged.map(id),
+            last_log_id: Some(id(last)),
+        }
     }
 
     fn open(dir: &Path) -> Machine {
@@ -549,6 +555,212 @@ mod tests {
         assert!(channels(store(&sm)).is_empty(), "rebuilt, not trusted");
     }
 
+    /// A state machine at `dir` that took a snapshot of entries 1–2, applied entry 3 and crashed:
+    /// its next start goes back to the snapshot. Returns the snapshot's meta.
+    async fn crashed_after_a_snapshot(
+        dir: &Path,
+    ) -> openraft::SnapshotMeta<u64, crate::raft::Member> {
+        let (mut sm, snapshot) = two_entries_and_a_snapshot(dir).await;
+        sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+        snapshot.meta
+    }
+
+    fn pointer(dir: &Path) -> std::path::PathBuf {
+        dir.join("snapshots").join("current")
+    }
+
+    /// The start went back to the snapshot of entries 1–2, whatever the pointer said.
+    fn assert_back_at_the_snapshot(sm: &Machine) {
+        assert_eq!(channels(store(sm)), vec!["a.one", "a.two"]);
+        assert_eq!(sm.bookkeeping().last_applied.map(|l| l.index), Some(2));
+        assert_eq!(sm.state().position.next_offset, 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_damaged_snapshot_pointer_is_repaired_from_the_snapshot_file() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        crashed_after_a_snapshot(dir.path()).await;
+        let sealed = std::fs::read(pointer(dir.path())).unwrap();
+        // A flipped byte anywhere: in the header, the index, the membership, the id.
+        for at in [0, 3, 6, 12, sealed.len() / 2, sealed.len() - 1] {
+            let mut bytes = sealed.clone();
+            bytes[at] ^= 0x04;
+            std::fs::write(pointer(dir.path()), &bytes).unwrap();
+            let sm = open(dir.path());
+            assert_back_at_the_snapshot(&sm);
+            assert_eq!(
+                std::fs::read(pointer(dir.path())).unwrap(),
+                sealed,
+                "the pointer is written back (byte {at})"
+            );
+            // No clean stop: the next start is a crash again.
+            drop(sm);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_unsealed_pointer_of_an_earlier_version_is_read_and_checked() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let meta = crashed_after_a_snapshot(dir.path()).await;
+        // As earlier versions wrote it: plain bincode.
+        std::fs::write(pointer(dir.path()), bincode::serialize(&meta).unwrap()).unwrap();
+        assert_back_at_the_snapshot(&open(dir.path()));
+
+        // Its index edited, up or down: it no longer matches the snapshot it names, and is
+        // repaired from the file rather than trusted (which would lose or replay entries).
+        for index in [52, 1] {
+            let mut edited = meta.clone();
+            edited.last_log_id = Some(LogId::new(CommittedLeaderId::new(1, 1), index));
+            std::fs::write(pointer(dir.path()), bincode::serialize(&edited).unwrap()).unwrap();
+            assert_back_at_the_snapshot(&open(dir.path()));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_pointer_naming_another_state_than_its_file_holds_is_refused() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let meta = crashed_after_a_snapshot(dir.path()).await;
+        // Consistent in itself (id and index agree) but not with the file: the file is renamed
+        // to match, as a tool or a person might.
+        let mut edited = meta.clone();
+        edited.last_log_id = Some(LogId::new(CommittedLeaderId::new(1, 1), 52));
+        edited.snapshot_id = "1-52".into();
+        let snapshots = dir.path().join("snapshots");
+        std::fs::rename(snapshots.join("1-2.snap"), snapshots.join("1-52.snap")).unwrap();
+        std::fs::write(pointer(dir.path()), bincode::serialize(&edited).unwrap()).unwrap();
+        let err = open_state(dir.path()).err().expect("must not start");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("1-52.snap holds the state after log entry 1-2 but is recorded as the state after 1-52"),
+            "{text}"
+        );
+        assert!(!snapshots.join(INSTALLING).exists(), "nothing was started");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_damaged_pointer_and_no_whole_snapshot_is_refused_naming_the_pointer() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        crashed_after_a_snapshot(dir.path()).await;
+        let snap = dir.path().join("snapshots").join("1-2.snap");
+        let len = std::fs::metadata(&snap).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&snap).unwrap();
+        file.set_len(len - 3).unwrap();
+        let mut bytes = std::fs::read(pointer(dir.path())).unwrap();
+        bytes[10] ^= 0xff;
+        std::fs::write(pointer(dir.path()), &bytes).unwrap();
+        let err = open_state(dir.path()).err().expect("must not start");
+        let text = format!("{err:#}");
+        assert!(text.contains("snapshots/current is damaged"), "{text}");
+        assert!(
+            text.contains("no snapshot file beside it reads whole"),
+            "{text}"
+        );
+        assert!(text.contains("The way back"), "{text}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_truncated_or_flipped_snapshot_file_is_refused_naming_it() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        crashed_after_a_snapshot(dir.path()).await;
+        let snap = dir.path().join("snapshots").join("1-2.snap");
+        let whole = std::fs::read(&snap).unwrap();
+        for (what, bytes) in [
+            ("cut short", whole[..whole.len() - 20].to_vec()),
+            ("cut at a record", whole[..12].to_vec()),
+            ("flipped", {
+                let mut b = whole.clone();
+                b[whole.len() / 2] ^= 1;
+                b
+            }),
+        ] {
+            std::fs::write(&snap, &bytes).unwrap();
+            let err = open_state(dir.path()).err().expect(what);
+            let text = format!("{err:#}");
+            assert!(text.contains("1-2.snap is damaged"), "{what}: {text}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_state_store_behind_the_log_is_rebuilt_from_a_snapshot_or_refused() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut sm, _) = two_entries_and_a_snapshot(dir.path()).await;
+            sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+            stop(sm);
+        }
+        // The state database lost (deleted, or a damaged file sled could only read the start
+        // of): the clean-stop marker says whole, but the store holds nothing of entries 1–2,
+        // which the log no longer has.
+        std::fs::remove_file(dir.path().join("db")).unwrap();
+        let purged_through_2 = log_with(Some(2), 3);
+        let sm = open_with_log(dir.path(), &purged_through_2).unwrap();
+        assert_back_at_the_snapshot(&sm);
+        stop(sm);
+
+        // Without a snapshot that covers the purged entries, it is refused.
+        std::fs::remove_file(dir.path().join("db")).unwrap();
+        std::fs::remove_dir_all(dir.path().join("snapshots")).unwrap();
+        let err = open_with_log(dir.path(), &purged_through_2)
+            .err()
+            .expect("must not start");
+        let text = format!("{err:#}");
+        assert!(text.contains("the state store (state/db) holds the state after log entry none but the raft log (log/) starts after entry 1-2"), "{text}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_state_ahead_of_the_log_is_refused() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        stop(two_entries(dir.path()).await);
+        let err = open_with_log(dir.path(), &log_with(None, 1))
+            .err()
+            .expect("must not start");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("the raft log (log/) ends at entry 1-1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_received_snapshot_that_is_not_what_it_claims_changes_nothing() {
+        let _serial = one_at_a_time();
+        let leader = tempfile::tempdir().unwrap();
+        let (_leader, snapshot) = two_entries_and_a_snapshot(leader.path()).await;
+        let file = leader.path().join("snapshots").join("1-2.snap");
+        let follower = tempfile::tempdir().unwrap();
+        let mut sm = open(follower.path());
+        sm.apply(vec![entry(1, "b.one")]).await.unwrap();
+        let mut claims = snapshot.meta.clone();
+        claims.last_log_id = Some(LogId::new(CommittedLeaderId::new(1, 1), 9));
+        claims.snapshot_id = "1-9".into();
+        for (meta, bytes) in [
+            (claims, std::fs::read(&file).unwrap()),
+            (
+                snapshot.meta.clone(),
+                std::fs::read(&file).unwrap()[..30].to_vec(),
+            ),
+        ] {
+            let mut receiving = sm.begin_receiving_snapshot().await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut receiving, &bytes)
+                .await
+                .unwrap();
+            assert!(sm.install_snapshot(&meta, receiving).await.is_err());
+            assert_eq!(
+                channels(store(&sm)),
+                vec!["b.one"],
+                "the state is untouched"
+            );
+            assert!(!sm.snapshot_dir().join(INSTALLING).exists());
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_damaged_applied_position_refuses_the_start() {
         let _serial = one_at_a_time();
@@ -609,7 +821,7 @@ mod storage_suite {
             let state =
                 BrokerState::open(db, &state_dir, Arc::new(Hub::new(0, 16, 1 << 20)), progress)
                     .expect("state opens");
-            let sm = StateMachine::open(state, &state_dir.join("snapshots"))
+            let sm = StateMachine::open(state, &state_dir.join("snapshots"), &Default::default())
                 .expect("state machine opens");
             Ok((dir, log, sm))
         }

@@ -10,6 +10,7 @@
 //! - [`store`]: the on-disk layout (one sled tree) and the reads History and subscribers make;
 //!   [`batch_files`] hold the message bodies.
 //! - [`sled_sync`]: the real fdatasync sled's `flush()` lacks, and the clean-stop marker.
+//! - [`snapshot_file`]: the snapshot's file format, checked whole before it replaces anything.
 //!
 //! Applied messages leave the state through [`Announce`], which the fan-out's hub implements: the
 //! state does not know who listens.
@@ -22,6 +23,7 @@ pub(crate) mod loops;
 pub(crate) mod machine;
 pub(crate) mod position;
 pub(crate) mod sled_sync;
+pub(crate) mod snapshot_file;
 pub(crate) mod store;
 pub(crate) mod ttl;
 
@@ -57,6 +59,11 @@ pub(crate) fn snapshot_dir(state_dir: &Path) -> PathBuf {
 
 /// Opens the state database under `config.data_dir`, announcing to `announce`.
 ///
+/// A database sled finds damaged is not fatal: the state is what the log and the snapshots
+/// amount to, so its files are set aside (into `state/damaged-<time>/`, kept for a post-mortem)
+/// and an empty one is opened; raft's adapter then rebuilds it from the snapshot and the log, or
+/// refuses the start when they no longer cover it.
+///
 /// # Errors
 /// The folder or the database cannot be opened, or its meta record is damaged.
 pub(crate) fn open(
@@ -65,12 +72,54 @@ pub(crate) fn open(
 ) -> anyhow::Result<(BrokerState, watch::Receiver<AppliedProgress>)> {
     let dir = state_dir(config);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let db = sled::Config::new()
-        .path(&dir)
-        .cache_capacity(config.store.cache_bytes)
-        .open()
-        .with_context(|| format!("cannot open the state store in {}", dir.display()))?;
+    let open_db = || {
+        sled::Config::new()
+            .path(&dir)
+            .cache_capacity(config.store.cache_bytes)
+            .open()
+    };
+    let db = match open_db() {
+        Ok(db) => db,
+        Err(damage @ sled::Error::Corruption { .. }) => {
+            let aside = set_aside(&dir).with_context(|| {
+                format!("the state store (state/db) is damaged ({damage}) and cannot be set aside")
+            })?;
+            tracing::warn!(
+                %damage,
+                set_aside = %aside.display(),
+                "the state store (state/db) is damaged; set aside, to be rebuilt from the snapshot and the log"
+            );
+            open_db()
+                .with_context(|| format!("cannot open a new state store in {}", dir.display()))?
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot open the state store (state/db) in {}",
+                    dir.display()
+                )
+            })
+        }
+    };
     let (progress_tx, progress) = watch::channel(AppliedProgress::default());
-    let state = BrokerState::open(db, &dir, announce, progress_tx)?;
+    let state = BrokerState::open(db, &dir, announce, progress_tx)
+        .with_context(|| format!("the state store (state/db) in {} is damaged", dir.display()))?;
     Ok((state, progress))
+}
+
+/// Moves everything in the state folder but the snapshots into a new `damaged-<time>` folder
+/// there, and returns it.
+fn set_aside(dir: &Path) -> std::io::Result<PathBuf> {
+    let aside = dir.join(format!("damaged-{}", crate::message::now_us()));
+    std::fs::create_dir(&aside)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let keep = name == "snapshots" || name.to_string_lossy().starts_with("damaged-");
+        if !keep {
+            std::fs::rename(entry.path(), aside.join(&name))?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(aside)
 }

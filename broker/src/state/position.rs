@@ -65,10 +65,17 @@ impl Position {
 /// The embedded store's error, or a damaged record.
 pub(crate) fn load(store: &MessageStore) -> Result<(Bookkeeping, Position), BrokerError> {
     match store.meta()? {
-        Some(bytes) => crate::checksum::decode(&bytes)
-            .map_err(|e| BrokerError::Corrupt(format!("state meta: {e}"))),
+        Some(bytes) => decode(&bytes),
         None => Ok((Bookkeeping::default(), Position::default())),
     }
+}
+
+/// Decodes a meta record's bytes.
+///
+/// # Errors
+/// A damaged record.
+pub(crate) fn decode(bytes: &[u8]) -> Result<(Bookkeeping, Position), BrokerError> {
+    crate::checksum::decode(bytes).map_err(|e| BrokerError::Corrupt(format!("state meta: {e}")))
 }
 
 #[cfg(test)]
