@@ -263,6 +263,7 @@ pub struct Retention {
 #[allow(missing_docs)]
 pub struct Store {
     pub cache_bytes: u64,
+    pub min_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -713,6 +714,12 @@ impl Config {
         }
         if l.max_ttl.is_zero() || l.max_ttl > Duration::from_secs(100 * 365 * 24 * 3600) {
             return invalid("limits.max_ttl", "must be between 1ms and 100 years");
+        }
+        if self.store.min_free_bytes > 0 && self.store.min_free_bytes < 1024 * 1024 {
+            return invalid(
+                "store.min_free_bytes",
+                "must be 0 (no floor) or at least 1048576 (1 MiB)",
+            );
         }
         let r = &self.retention;
         if r.max_age.is_zero() || r.max_age > Duration::from_secs(100 * 365 * 24 * 3600) {

@@ -311,8 +311,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .admin_addr
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(addr = %broker.local_addr, %admin, "accepting requests");
-    signal.await;
-    tracing::info!("shutting down");
+    tokio::select! {
+        () = signal => tracing::info!("shutting down"),
+        why = broker.fatal_error() => tracing::error!(error = %why, "shutting down after a fatal error"),
+    }
     broker.shutdown();
     broker.wait().await
 }

@@ -199,6 +199,17 @@ pub enum Item {
 }
 
 impl Item {
+    /// Whether the item is admitted even when the disk is nearly full
+    /// ([`crate::write::admission`]): an entity delete frees room, and durable consumer writes are
+    /// small and keep subscriptions going.
+    pub(crate) fn needs_no_room(&self) -> bool {
+        match self {
+            Item::Publish(_) => false,
+            Item::Entity(w) => matches!(w.change, crate::entity::Change::Delete),
+            Item::Consumer(_) => true,
+        }
+    }
+
     /// Bytes this item takes in a batch, for batch sizing.
     pub fn approximate_size(&self) -> usize {
         match self {

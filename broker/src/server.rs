@@ -45,6 +45,7 @@ use crate::state::sled_sync::SledSync;
 use crate::state::store::MessageStore;
 use crate::state::{self, AppliedProgress};
 use crate::transport::{self, LimitedIncoming};
+use crate::write::admission::Admission;
 use crate::write::proposer::Proposer;
 use crate::write::sweeper;
 
@@ -78,6 +79,8 @@ pub struct Broker {
     /// The address the internal raft listener is bound to, if this node is clustered.
     pub raft_addr: Option<SocketAddr>,
     trigger: ShutdownTrigger,
+    /// Why raft stopped on this node, once it has (see [`Broker::fatal_error`]).
+    fatal: watch::Receiver<Option<String>>,
     serving: tokio::task::JoinHandle<anyhow::Result<()>>,
     admin: Option<tokio::task::JoinHandle<()>>,
 }
@@ -163,12 +166,22 @@ impl Broker {
             None => None,
         };
 
+        let admission = Admission::new(&config.data_dir, config.store.min_free_bytes);
+        tokio::spawn(admission.clone().measure_until(signal.clone()));
+        let (fatal_tx, fatal) = watch::channel(None);
+        tokio::spawn(watch_for_fatal(
+            consensus.raft.clone(),
+            admission.clone(),
+            fatal_tx,
+            signal.clone(),
+        ));
         let rules = config.rules();
         let proposer = Proposer::start(
             consensus.raft.clone(),
             leader.clone(),
             &config.proposer,
             rules,
+            admission.clone(),
         );
         tokio::spawn(sweeper::run(
             consensus.raft.clone(),
@@ -206,6 +219,7 @@ impl Broker {
                     registry: service.registry(),
                     data_dir: config.data_dir.clone(),
                     store: consensus.store.clone(),
+                    admission,
                 });
                 let task = tokio::spawn(admin::serve(admin_listener, sources, signal.clone()));
                 (Some(addr), Some(task))
@@ -309,9 +323,25 @@ impl Broker {
             admin_addr,
             raft_addr,
             trigger,
+            fatal,
             serving,
             admin,
         })
+    }
+
+    /// Resolves, with the reason, once raft has stopped on a fatal error (a storage error, say):
+    /// the node can then neither write nor vote, and should stop — `main` shuts it down and exits
+    /// non-zero so a supervisor restarts it. Never resolves otherwise.
+    pub async fn fatal_error(&self) -> String {
+        let mut fatal = self.fatal.clone();
+        let why = match fatal.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
     }
 
     /// Begins graceful shutdown.
@@ -322,7 +352,8 @@ impl Broker {
     /// Waits until the broker has stopped.
     ///
     /// # Errors
-    /// Serving failed, or the stores could not be synced on the way out.
+    /// Serving failed, the stores could not be synced on the way out, or raft had stopped on a
+    /// fatal error.
     pub async fn wait(self) -> anyhow::Result<()> {
         let served = self.serving.await.context("broker task panicked")?;
         if let Some(admin) = self.admin {
@@ -331,7 +362,13 @@ impl Broker {
                 tracing::warn!("the admin listener task panicked");
             }
         }
-        served
+        served?;
+        match self.fatal.borrow().clone() {
+            Some(why) => Err(anyhow::anyhow!(
+                "stopped because raft failed on this node: {why}"
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -373,6 +410,45 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
     };
     for service in HEALTH_SERVICES {
         reporter.set_service_status(service, status).await;
+    }
+}
+
+/// Watches raft for a fatal stop (a storage error it cannot go on from, or its core ending) until
+/// shutdown: refuses writes from then on and reports why through `fatal`.
+async fn watch_for_fatal(
+    raft: raft::Raft,
+    admission: Admission,
+    fatal: watch::Sender<Option<String>>,
+    mut shutdown: ShutdownSignal,
+) {
+    let mut metrics = raft.metrics();
+    loop {
+        let stopped = match &metrics.borrow_and_update().running_state {
+            Err(e) => Some(e.to_string()),
+            Ok(()) => None,
+        };
+        let stopped = match stopped {
+            Some(why) => why,
+            None => {
+                tokio::select! {
+                    changed = metrics.changed() => match changed {
+                        Ok(()) => continue,
+                        Err(_) => "the raft core stopped".to_owned(),
+                    },
+                    _ = shutdown.wait() => return,
+                }
+            }
+        };
+        if shutdown.is_triggered() {
+            return;
+        }
+        tracing::error!(
+            error = %stopped,
+            "raft stopped on this node: writes are refused, and the broker stops so that a supervisor restarts it"
+        );
+        admission.set_fatal(stopped.clone());
+        fatal.send_replace(Some(stopped));
+        return;
     }
 }
 

@@ -126,6 +126,9 @@ reasons! {
     // The node's own failures.
     /// The embedded store failed (INTERNAL).
     StorageFailure => "STORAGE_FAILURE",
+    /// The broker's disk is nearly full: writes are refused until there is room
+    /// (RESOURCE_EXHAUSTED).
+    StorageFull => "STORAGE_FULL",
     /// A stored record failed its checksum (DATA_LOSS).
     DataCorrupt => "DATA_CORRUPT",
     /// The replicated log failed for a reason other than leadership (INTERNAL).

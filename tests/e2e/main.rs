@@ -10,6 +10,7 @@ mod cluster;
 mod common;
 mod concurrency;
 mod console;
+mod disk_full;
 mod entities;
 mod flow;
 mod fuzz;

@@ -262,6 +262,7 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
         ("switchboard_apply_seconds", "histogram"),
         ("switchboard_store_bytes", "gauge"),
         ("switchboard_disk_bytes", "gauge"),
+        ("switchboard_storage_full", "gauge"),
         ("switchboard_last_offset", "gauge"),
         ("switchboard_loops_detected_total", "counter"),
         ("switchboard_raft_term", "gauge"),
@@ -356,6 +357,8 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
     }
     assert!(after.sum("switchboard_store_bytes", &[]) > 0.0);
     assert!(after.sum("switchboard_disk_bytes", &[]) > 0.0);
+    assert!(after.sum("switchboard_disk_free_bytes", &[]) > 0.0);
+    assert_eq!(after.sum("switchboard_storage_full", &[]), 0.0);
     let applied = after.sum("switchboard_raft_applied_index", &[]);
     assert!(applied >= 1.0);
     assert!(after.sum("switchboard_raft_committed_index", &[]) >= applied);

@@ -787,3 +787,53 @@ pub mod history;
 pub mod otlp;
 pub mod strace;
 pub mod web;
+
+/// A small file system of its own (a tmpfs) for a test that fills a disk; unmounted when dropped.
+pub struct SmallDisk {
+    /// Where it is mounted.
+    pub path: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `bytes` at `path` (created if missing).
+    ///
+    /// # Errors
+    /// Mounting is not possible here (it needs root, or CAP_SYS_ADMIN).
+    pub fn mount(path: &Path, bytes: u64) -> Result<SmallDisk> {
+        std::fs::create_dir_all(path)?;
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .context("cannot run mount")?;
+        if !output.status.success() {
+            bail!(
+                "cannot mount a tmpfs at {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(SmallDisk {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Mounts one for a test, or says why the test is skipped (`None`); under CI (`CI` set) a
+    /// disk that cannot be mounted fails the test instead.
+    pub fn for_test(path: &Path, bytes: u64) -> Option<SmallDisk> {
+        match SmallDisk::mount(path, bytes) {
+            Ok(disk) => Some(disk),
+            Err(e) if std::env::var_os("CI").is_some() => panic!("{e:#}"),
+            Err(e) => {
+                eprintln!("skipped: {e:#} (run as root to include this test)");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}

@@ -1,7 +1,8 @@
 //! The HTTP admin listener (`admin_listen`, default `127.0.0.1:7401`, `off` to disable):
 //! - `GET /metrics`: Prometheus text format 0.0.4 — the recorded event metrics and the broker's
 //!   state read at scrape time (see [`super::metrics`]);
-//! - `GET /healthz`: `200 ok` while this node knows a raft leader, `503` otherwise;
+//! - `GET /healthz`: `200 ok` while this node knows a raft leader and has room to write, `503`
+//!   with the reason otherwise (no leader; storage full);
 //! - `GET /console` and `GET /console/api/state`: the read-only operator console
 //!   (see [`super::console`]).
 //!
@@ -57,6 +58,8 @@ pub(crate) struct Sources {
     pub data_dir: PathBuf,
     /// The message log: the console reads its durable consumers and latest channels.
     pub store: crate::state::store::MessageStore,
+    /// Write admission: free space and whether writes are refused for it.
+    pub admission: crate::write::admission::Admission,
 }
 
 impl Sources {
@@ -98,7 +101,10 @@ impl Sources {
             })
             .collect();
         let disk_bytes = disk_bytes(self.data_dir.clone()).await;
+        let (disk_free_bytes, storage_full) = self.admission.free_space();
         Scrape {
+            disk_free_bytes,
+            storage_full,
             node_id: self.node_id,
             last_offset: progress.last_offset,
             stored_bytes: progress.stored_bytes,
@@ -258,13 +264,15 @@ async fn respond(sources: &Sources, request: Request<Incoming>) -> Response<Full
         return response;
     }
     if path == "/healthz" {
-        return if sources.has_leader() {
-            text(StatusCode::OK, "ok\n")
-        } else {
+        return if !sources.has_leader() {
             text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no leader: this node cannot accept writes\n",
             )
+        } else if let Some(why) = sources.admission.storage_full() {
+            text(StatusCode::SERVICE_UNAVAILABLE, why)
+        } else {
+            text(StatusCode::OK, "ok\n")
         };
     }
     if path == "/console" {
@@ -305,6 +313,7 @@ mod tests {
             registry: Registry::new(10, 10),
             data_dir: dir.path().to_owned(),
             store: consensus.store.clone(),
+            admission: crate::write::admission::Admission::new(dir.path(), 0),
         };
         // A lone node leads once start returns.
         assert!(sources.has_leader());

@@ -347,6 +347,10 @@ pub(crate) struct Scrape {
     pub stored_bytes: u64,
     /// Bytes of every file under the data folder.
     pub disk_bytes: u64,
+    /// Free bytes on the data folder's file system at the last measurement.
+    pub disk_free_bytes: Option<u64>,
+    /// Whether writes are refused because free space is below `store.min_free_bytes`.
+    pub storage_full: bool,
     /// Publishes refused as loops since the store was created.
     pub loops_detected: u64,
     /// The raft term this node is in.
@@ -466,6 +470,20 @@ fn render_state(out: &mut String, s: &Scrape) {
         "switchboard_disk_bytes",
         "Bytes of every file under the data folder (log, state, snapshots)",
         s.disk_bytes,
+    );
+    if let Some(free) = s.disk_free_bytes {
+        gauge(
+            out,
+            "switchboard_disk_free_bytes",
+            "Free bytes on the data folder's file system (what store.min_free_bytes guards)",
+            free,
+        );
+    }
+    gauge(
+        out,
+        "switchboard_storage_full",
+        "1 while writes are refused (STORAGE_FULL) because free space is below store.min_free_bytes",
+        u64::from(s.storage_full),
     );
     gauge(
         out,

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use super::admission::Admission;
 use crate::cluster::Leader;
 use crate::config;
 use crate::error::BrokerError;
@@ -51,19 +52,29 @@ pub(crate) struct Proposer {
     budget: Arc<Semaphore>,
     budget_units: u32,
     leader: Leader,
+    admission: Admission,
 }
 
 impl Proposer {
     /// Starts the proposer task for `raft`; every batch carries `rules`. Batches go to the
     /// leader through `leader` when this node does not lead.
+    /// Writes are admitted by `admission` first.
     pub(crate) fn start(
         raft: Raft,
         leader: Leader,
         settings: &config::Proposer,
         rules: Rules,
+        admission: Admission,
     ) -> Proposer {
         let (queue, waiting) = mpsc::channel(settings.queue);
-        tokio::spawn(run(raft, leader.clone(), waiting, settings.clone(), rules));
+        tokio::spawn(run(
+            raft,
+            leader.clone(),
+            waiting,
+            settings.clone(),
+            rules,
+            admission.clone(),
+        ));
         let budget_units = u32::try_from(settings.queue_bytes / BUDGET_UNIT)
             .unwrap_or(u32::MAX)
             .max(1);
@@ -72,6 +83,7 @@ impl Proposer {
             budget: Arc::new(Semaphore::new(budget_units as usize)),
             budget_units,
             leader,
+            admission,
         }
     }
 
@@ -85,8 +97,10 @@ impl Proposer {
     /// keeps that task's items in order.
     ///
     /// # Errors
-    /// [`BrokerError::ShuttingDown`] when the proposer has stopped.
+    /// [`BrokerError::ShuttingDown`] when the proposer has stopped; the refusal of
+    /// [`Admission::admit`] (the disk is nearly full, or raft stopped).
     pub(crate) async fn submit(&self, items: Vec<Item>) -> Result<Pending, BrokerError> {
+        self.admission.admit(&items)?;
         let (reply, pending) = oneshot::channel();
         let bytes: usize = items.iter().map(Item::approximate_size).sum();
         let units = u32::try_from(bytes.div_ceil(BUDGET_UNIT))
@@ -278,6 +292,7 @@ async fn run(
     mut waiting: mpsc::Receiver<Proposal>,
     settings: config::Proposer,
     rules: Rules,
+    admission: Admission,
 ) {
     let in_flight = Arc::new(Semaphore::new(settings.max_in_flight));
     let small = Arc::new(Semaphore::new(SMALL_IN_FLIGHT));
@@ -339,6 +354,12 @@ async fn run(
             bytes: _,
         } = entry;
 
+        // Raft stopped while these waited: refuse them all at once rather than one entry at a
+        // time through openraft's stopped core.
+        if let Err(e) = admission.check_alive() {
+            deliver(replies, Err(e));
+            continue;
+        }
         let item_count = items.len();
         let command = Command::Batch {
             stamped_at_us: now_us(),
