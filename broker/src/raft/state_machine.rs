@@ -16,11 +16,13 @@
 //! after a crash therefore takes a snapshot load and a replay of at most
 //! `raft.snapshot_every_entries` entries.
 //!
-//! A snapshot is taken while openraft holds apply (the state has no point-in-time view), which is
-//! acceptable while snapshots are rare; see docs/ARCHITECTURE.md.
+//! A snapshot is built off the apply path: while openraft holds apply, the state hands over a job
+//! that has captured a view of it ([`AppliedState::snapshot_job`]); openraft runs the builder in a
+//! task of its own while entries go on being applied.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogState, RaftStateMachine, Snapshot};
 use openraft::{
@@ -48,7 +50,7 @@ pub(crate) struct Bookkeeping {
 }
 
 /// Writes a snapshot of the state to the path it is given, made durable; run on a blocking thread.
-pub(crate) type SnapshotJob = Box<dyn FnOnce(&Path) -> std::io::Result<()> + Send>;
+pub(crate) type SnapshotJob = Box<dyn FnOnce(&Path) -> std::io::Result<()> + Send + Sync>;
 
 /// What raft hands committed entries to: the broker's state ([`crate::state`]).
 ///
@@ -73,8 +75,9 @@ pub(crate) trait AppliedState: Send + Sync + 'static {
     ) -> Result<CommandOutcome, BrokerError>;
     /// Called once after every group of applied entries.
     fn applied(&mut self);
-    /// A job that makes the state durable and writes all of it to a snapshot file: taken while
-    /// apply is held, run on a blocking thread.
+    /// A job that writes the state as it is now to a snapshot file: taken while apply is held
+    /// (it must capture its view of the state then), run on a blocking thread while entries go
+    /// on being applied.
     fn snapshot_job(&self) -> SnapshotJob;
     /// Which entry the snapshot file at `path` is the state after, read from the file itself
     /// (checked whole): how a damaged pointer is repaired, and how a file is told from another.
@@ -115,6 +118,8 @@ pub(crate) struct StateMachine<S> {
     snapshot_dir: PathBuf,
     /// The file a snapshot from the leader is being received into.
     receiving: Option<PathBuf>,
+    /// Held while `current` is read and replaced: snapshots are built in tasks of their own.
+    pointer: Arc<Mutex<()>>,
 }
 
 /// Name of the file describing the current snapshot, beside the snapshot files.
@@ -142,7 +147,9 @@ impl<S: AppliedState> StateMachine<S> {
             state,
             snapshot_dir: snapshot_dir.to_owned(),
             receiving: None,
+            pointer: Arc::default(),
         };
+        machine.remove_leftovers();
         // A crash while installing a snapshot leaves the state half replaced: finish the job from
         // the snapshot file the marker names before anyone reads the state.
         match machine.read_pointer(INSTALLING) {
@@ -161,6 +168,21 @@ impl<S: AppliedState> StateMachine<S> {
         }
         machine.check_against_log(log)?;
         Ok(machine)
+    }
+
+    /// Removes what a crash left half written: snapshot dumps (`.snap.tmp`) and snapshots being
+    /// received (`.partial`).
+    fn remove_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.snapshot_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".snap.tmp") || name.ends_with(".partial") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// The state raft drives.
@@ -381,7 +403,7 @@ impl<S: AppliedState> StateMachine<S> {
     }
 
     fn snapshot_path(&self, id: &str) -> PathBuf {
-        self.snapshot_dir.join(format!("{id}.snap"))
+        snapshot_path(&self.snapshot_dir, id)
     }
 
     /// The current snapshot, for openraft (a damaged pointer is a storage error here: it was
@@ -392,20 +414,42 @@ impl<S: AppliedState> StateMachine<S> {
 
     /// Records `meta` as the current snapshot and removes older snapshot files.
     fn set_current(&self, meta: &SnapshotMeta<u64, Member>) -> StorageResult<()> {
-        write_durably(&self.snapshot_dir, CURRENT, &encode_pointer(meta)?).map_err(snapshot_err)?;
-        let keep = format!("{}.snap", meta.snapshot_id);
-        if let Ok(entries) = std::fs::read_dir(&self.snapshot_dir) {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                // Received (`.partial`) files are left to the install that owns them.
-                if (name.ends_with(".snap") && name != keep) || name.ends_with(".snap.tmp") {
-                    let _ = std::fs::remove_file(entry.path());
-                }
+        record_current(&self.snapshot_dir, meta, &self.pointer)
+    }
+}
+
+/// The file of snapshot `id` in `dir`.
+fn snapshot_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.snap"))
+}
+
+/// Records `meta` as the current snapshot in `dir` unless a later one is recorded already (a
+/// snapshot installed while this one was being built), and removes the other snapshot files.
+fn record_current(
+    dir: &Path,
+    meta: &SnapshotMeta<u64, Member>,
+    pointer: &Mutex<()>,
+) -> StorageResult<()> {
+    let _recording = pointer.lock().unwrap_or_else(|p| p.into_inner());
+    if let Ok(bytes) = std::fs::read(dir.join(CURRENT)) {
+        if decode_pointer(&bytes).is_ok_and(|current| current.last_log_id > meta.last_log_id) {
+            return Ok(());
+        }
+    }
+    write_durably(dir, CURRENT, &encode_pointer(meta)?).map_err(snapshot_err)?;
+    let keep = format!("{}.snap", meta.snapshot_id);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            // Files being written (`.snap.tmp`) or received (`.partial`) are left to whoever
+            // writes them; the start removes those a crash left.
+            if name.ends_with(".snap") && name != keep {
+                let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// What to do about a data folder that cannot be trusted (docs/DURABILITY.md says more).
@@ -500,24 +544,44 @@ fn same_file(file: &std::fs::File, path: &Path) -> std::io::Result<bool> {
     }
 }
 
-/// A finished snapshot: what it covers, and its file.
-type TakenSnapshot = (SnapshotMeta<u64, Member>, PathBuf);
-
-/// Hands openraft the snapshot taken when the builder was made, or the error that prevented it.
+/// Builds the snapshot whose view was taken when the builder was made, off the apply path.
 pub(crate) struct SnapshotBuilder {
-    snapshot: Option<Result<TakenSnapshot, String>>,
+    meta: SnapshotMeta<u64, Member>,
+    snapshot_dir: PathBuf,
+    job: Option<SnapshotJob>,
+    /// Shared with the state machine: `current` is read and replaced under it.
+    pointer: Arc<Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let (meta, path) = self
-            .snapshot
+        let job = self
+            .job
             .take()
-            .ok_or_else(|| snapshot_err("snapshot builder used twice"))?
-            .map_err(snapshot_err)?;
+            .ok_or_else(|| snapshot_err("snapshot builder used twice"))?;
+        let path = snapshot_path(&self.snapshot_dir, &self.meta.snapshot_id);
+        let dump_path = path.clone();
+        // The dump goes to a temporary name, so a crash never leaves a partial file under the
+        // name `current` points at.
+        let result = tokio::task::spawn_blocking(move || {
+            let tmp = dump_path.with_extension("snap.tmp");
+            job(&tmp)?;
+            std::fs::rename(&tmp, &dump_path)
+        })
+        .await;
+        let recorded = match result {
+            Ok(Ok(())) => record_current(&self.snapshot_dir, &self.meta, &self.pointer)
+                .map_err(|e| format!("cannot record the snapshot: {e}")),
+            Ok(Err(e)) => Err(format!("cannot write a snapshot: {e}")),
+            Err(e) => Err(format!("snapshot task failed: {e}")),
+        };
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, "snapshot failed");
+            return Err(snapshot_err(e));
+        }
         let file = tokio::fs::File::open(&path).await.map_err(snapshot_err)?;
         Ok(Snapshot {
-            meta,
+            meta: self.meta.clone(),
             snapshot: Box::new(file),
         })
     }
@@ -548,41 +612,20 @@ impl<S: AppliedState> RaftStateMachine<TypeConfig> for StateMachine<S> {
         outcomes
     }
 
-    /// Takes the snapshot here, while openraft holds apply, so it is exactly the state at
-    /// `last_applied`; the returned builder only opens the finished file.
+    /// Takes the view of the state here, while openraft holds apply, so the snapshot is exactly
+    /// the state at `last_applied`; openraft builds it in a task of its own while apply goes on.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let bookkeeping = self.state.bookkeeping();
         let signature = bookkeeping.last_applied;
-        let meta = SnapshotMeta {
-            last_log_id: signature,
-            last_membership: bookkeeping.membership.clone(),
-            snapshot_id: snapshot_id(signature),
-        };
-        let path = self.snapshot_path(&meta.snapshot_id);
-        let job = self.state.snapshot_job();
-        let dump_path = path.clone();
-        // The state must be durable before openraft purges the log entries it covers (the job
-        // syncs it first). The dump goes to a temporary name, so a crash never leaves a partial
-        // file under the name `current` points at.
-        let result = tokio::task::spawn_blocking(move || {
-            let tmp = dump_path.with_extension("snap.tmp");
-            job(&tmp)?;
-            std::fs::rename(&tmp, &dump_path)
-        })
-        .await;
-        let snapshot = match result {
-            Ok(Ok(())) => self
-                .set_current(&meta)
-                .map(|()| (meta, path))
-                .map_err(|e| format!("cannot record the snapshot: {e}")),
-            Ok(Err(e)) => Err(format!("cannot write a snapshot: {e}")),
-            Err(e) => Err(format!("snapshot task failed: {e}")),
-        };
-        if let Err(e) = &snapshot {
-            tracing::error!(error = %e, "snapshot failed");
-        }
         SnapshotBuilder {
-            snapshot: Some(snapshot),
+            meta: SnapshotMeta {
+                last_log_id: signature,
+                last_membership: bookkeeping.membership.clone(),
+                snapshot_id: snapshot_id(signature),
+            },
+            snapshot_dir: self.snapshot_dir.clone(),
+            job: Some(self.state.snapshot_job()),
+            pointer: Arc::clone(&self.pointer),
         }
     }
 

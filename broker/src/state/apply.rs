@@ -373,7 +373,9 @@ mod tests {
                     run(&store, &mut meta, c.clone());
                 }
                 store
-                    .snapshot_records()
+                    .snapshot_view()
+                    .unwrap()
+                    .records()
                     .map(|kv| {
                         let (k, v) = kv.unwrap();
                         (k.to_vec(), v)

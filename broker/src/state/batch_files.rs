@@ -76,6 +76,8 @@ struct Inner {
     files: BTreeMap<u64, Arc<File>>,
     /// How many stored batches point into each file; a file with none has no entry.
     live: BTreeMap<u64, u64>,
+    /// Holds taken ([`BatchFiles::hold`]): while there is one, no file is removed.
+    holds: usize,
 }
 
 impl Inner {
@@ -195,8 +197,19 @@ impl BatchFiles {
                 next_file,
                 files,
                 live,
+                holds: 0,
             }),
         })
+    }
+
+    /// Keeps every file present until the hold is dropped (a snapshot being written from a view
+    /// of the store reads bodies the store may release meanwhile); the files freed meanwhile go
+    /// at the first sync after.
+    pub(crate) fn hold(self: &Arc<Self>) -> FilesHold {
+        self.lock().holds += 1;
+        FilesHold {
+            files: Arc::clone(self),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -330,7 +343,7 @@ impl BatchFiles {
             let still = inner.unreferenced();
             let removable: Vec<u64> = unreferenced
                 .into_iter()
-                .filter(|n| still.contains(n))
+                .filter(|n| still.contains(n) && inner.holds == 0)
                 .collect();
             for number in &removable {
                 inner.files.remove(number);
@@ -376,6 +389,18 @@ impl BatchFiles {
     }
 }
 
+/// Keeps the batch files from removal while it lives ([`BatchFiles::hold`]).
+pub(crate) struct FilesHold {
+    files: Arc<BatchFiles>,
+}
+
+impl Drop for FilesHold {
+    fn drop(&mut self) {
+        let mut inner = self.files.lock();
+        inner.holds = inner.holds.saturating_sub(1);
+    }
+}
+
 fn read_body(file: &File, loc: &BodyLocation) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; loc.len as usize];
     file.read_exact_at(&mut buf, loc.pos)?;
@@ -418,6 +443,33 @@ mod tests {
         f.write_all_at(&[0xff], a.pos + 50).unwrap();
         let err = files.read(&a).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_held_file_stays_readable_until_the_hold_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Arc::new(BatchFiles::open(dir.path(), &[]).unwrap());
+        let big = body(9, (FILE_BYTES / 2) as usize - 16);
+        let first = files.append(&big).unwrap();
+        let second = files.append(&big).unwrap();
+        let third = files.append(&big).unwrap();
+        files.commit(&[first, second, third], &[]);
+        // A snapshot's view is taken, then the first file's batches are released and synced.
+        let hold = files.hold();
+        files.commit(&[], &[first, second]);
+        files.sync(|| Ok(())).unwrap();
+        assert_eq!(
+            files.read(&first).unwrap(),
+            big,
+            "still readable for the view"
+        );
+        drop(hold);
+        files.sync(|| Ok(())).unwrap();
+        assert_eq!(
+            files.file_numbers(),
+            vec![third.file],
+            "removed once released"
+        );
     }
 
     #[test]

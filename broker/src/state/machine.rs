@@ -180,11 +180,16 @@ impl AppliedState for BrokerState {
     }
 
     fn snapshot_job(&self) -> SnapshotJob {
-        let store = self.store.clone();
+        // The view is all that is taken while apply is held; the bodies are read and written
+        // after, while entries go on being applied.
+        let view = self.store.snapshot_view();
         let sync = Arc::clone(&self.sync);
         Box::new(move |path| {
-            sync.sync()?;
-            snapshot_file::write(&store, path)
+            let view = view.map_err(std::io::Error::other)?;
+            snapshot_file::write(&view, path)?;
+            // Released first, so the sync can remove the batch files freed meanwhile.
+            drop(view);
+            sync.sync()
         })
     }
 
@@ -553,6 +558,30 @@ mod tests {
         }
         let sm = open(dir.path());
         assert!(channels(store(&sm)).is_empty(), "rebuilt, not trusted");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_snapshot_is_the_state_when_its_view_was_taken_though_apply_goes_on() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = two_entries(dir.path()).await;
+        let mut builder = sm.get_snapshot_builder().await;
+        // Applied while the snapshot is being built.
+        sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+        let snapshot = builder.build_snapshot().await.unwrap();
+        assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(2));
+
+        let follower = tempfile::tempdir().unwrap();
+        let mut other = open(follower.path());
+        let mut receiving = other.begin_receiving_snapshot().await.unwrap();
+        let mut file = *snapshot.snapshot;
+        tokio::io::copy(&mut file, &mut *receiving).await.unwrap();
+        other
+            .install_snapshot(&snapshot.meta, receiving)
+            .await
+            .unwrap();
+        assert_eq!(channels(store(&other)), vec!["a.one", "a.two"]);
+        assert_eq!(other.bookkeeping().last_applied.map(|l| l.index), Some(2));
     }
 
     /// A state machine at `dir` that took a snapshot of entries 1–2, applied entry 3 and crashed:

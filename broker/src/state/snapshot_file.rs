@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
-use super::store::MessageStore;
+use super::store::{MessageStore, SnapshotView};
 
 /// First bytes of a framed snapshot file.
 const MAGIC: &[u8; 8] = b"SBSNAP\x00\x02";
@@ -28,17 +28,17 @@ const END: u32 = u32::MAX;
 /// The store's meta record key (`state::store`), looked for while checking.
 const META_KEY: &[u8] = b"m";
 
-/// Writes every record of `store` to `path` and syncs the file.
+/// Writes every record of `view` to `path` and syncs the file.
 ///
 /// # Errors
 /// The store cannot be read or the file written.
-pub(crate) fn write(store: &MessageStore, path: &Path) -> io::Result<()> {
+pub(crate) fn write(view: &SnapshotView, path: &Path) -> io::Result<()> {
     let mut out = Hashing::new(BufWriter::new(File::create(path)?));
     out.write_all(MAGIC)?;
     let mut count = 0u64;
-    for kv in store.snapshot_records() {
+    for kv in view.records() {
         let (key, value) = kv.map_err(io::Error::other)?;
-        for part in [key.as_ref(), value.as_ref()] {
+        for part in [key, value.as_slice()] {
             let len = u32::try_from(part.len())
                 .ok()
                 .filter(|&len| len != END)
@@ -271,7 +271,9 @@ mod tests {
 
     fn records(store: &MessageStore) -> Vec<(Vec<u8>, Vec<u8>)> {
         store
-            .snapshot_records()
+            .snapshot_view()
+            .unwrap()
+            .records()
             .map(|kv| kv.map(|(k, v)| (k.to_vec(), v)).unwrap())
             .collect()
     }
@@ -282,7 +284,7 @@ mod tests {
     fn a_written_file_loads_the_same_records_and_names_its_meta() {
         let (dir, store) = store_with(RECORDS);
         let path = dir.path().join("s.snap");
-        write(&store, &path).unwrap();
+        write(&store.snapshot_view().unwrap(), &path).unwrap();
         assert_eq!(check(&path).unwrap().meta.as_deref(), Some(&b"meta"[..]));
         let (_other_dir, other) = store_with(&[(b"gone", b"x")]);
         load(&other, &path).unwrap();
@@ -293,7 +295,7 @@ mod tests {
     fn every_truncation_and_every_flipped_byte_is_found_before_anything_changes() {
         let (dir, store) = store_with(RECORDS);
         let path = dir.path().join("s.snap");
-        write(&store, &path).unwrap();
+        write(&store.snapshot_view().unwrap(), &path).unwrap();
         let whole = std::fs::read(&path).unwrap();
         let (_other_dir, other) = store_with(&[(b"kept", b"x")]);
         let damaged_path = dir.path().join("damaged.snap");

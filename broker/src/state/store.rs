@@ -64,6 +64,31 @@ pub struct MessageStore {
     bodies: Arc<BatchFiles>,
 }
 
+/// The store's records at one moment, for a snapshot built off the apply path: the records are
+/// copied when the view is taken, and the bodies of its batches are read later from the batch
+/// files, which are append-only and kept from removal while the view lives (a sweep meanwhile
+/// releases bodies but removes no file).
+pub struct SnapshotView {
+    records: Vec<(sled::IVec, sled::IVec)>,
+    store: MessageStore,
+    _hold: super::batch_files::FilesHold,
+}
+
+impl SnapshotView {
+    /// Every record in key order: a batch's record holds its body, as it would if the tree stored
+    /// bodies itself, so a snapshot is whole on its own.
+    pub fn records(&self) -> impl Iterator<Item = Result<(&[u8], Vec<u8>), BrokerError>> + '_ {
+        self.records.iter().map(|(k, v)| {
+            if k.first() == Some(&BATCH) {
+                let body = self.store.read_body(&decode_location(v)?)?;
+                Ok((k.as_ref(), body))
+            } else {
+                Ok((k.as_ref(), v.to_vec()))
+            }
+        })
+    }
+}
+
 /// The writes of one applied entry: tree writes applied in order by [`MessageStore::apply`],
 /// and the batch bodies they start and stop pointing at, accounted once they are applied.
 #[derive(Default)]
@@ -264,23 +289,23 @@ impl MessageStore {
             .map_err(|e| BrokerError::Storage(format!("cannot remove the batch files: {e}")))
     }
 
-    /// Every record in key order, for building a snapshot: a batch's record holds its body, as it
-    /// would if the tree stored bodies itself, so a snapshot is whole on its own.
-    pub fn snapshot_records(
-        &self,
-    ) -> impl Iterator<Item = Result<(sled::IVec, Vec<u8>), BrokerError>> + '_ {
-        self.tree.iter().map(|kv| {
-            let (k, v) = kv?;
-            if k.first() == Some(&BATCH) {
-                let body = self.read_body(&decode_location(&v)?)?;
-                Ok((k, body))
-            } else {
-                Ok((k, v.to_vec()))
-            }
+    /// A view of every record as it is now, for a snapshot written while the store goes on
+    /// changing (see [`SnapshotView`]). Taken while apply is held; cheap next to the snapshot's
+    /// bodies: the records are small (a batch's record is its location).
+    ///
+    /// # Errors
+    /// The embedded store's error.
+    pub fn snapshot_view(&self) -> Result<SnapshotView, BrokerError> {
+        let hold = self.bodies.hold();
+        let records = self.tree.iter().collect::<Result<Vec<_>, sled::Error>>()?;
+        Ok(SnapshotView {
+            records,
+            store: self.clone(),
+            _hold: hold,
         })
     }
 
-    /// Writes one record of a snapshot (see [`MessageStore::snapshot_records`]).
+    /// Writes one record of a snapshot (see [`SnapshotView::records`]).
     ///
     /// # Errors
     /// The embedded store's error, or the batch body cannot be written.
