@@ -210,6 +210,7 @@ impl Cluster {
 #[allow(missing_docs)]
 pub struct RaftSettings {
     pub snapshot_every_entries: u64,
+    pub snapshot_log_bytes: u64,
 }
 
 /// When an acknowledgement may be sent.
@@ -672,6 +673,12 @@ impl Config {
         }
         if self.raft.snapshot_every_entries < 10 {
             return invalid("raft.snapshot_every_entries", "must be at least 10");
+        }
+        if self.raft.snapshot_log_bytes < 1024 * 1024 {
+            return invalid(
+                "raft.snapshot_log_bytes",
+                "must be at least 1048576 (1 MiB)",
+            );
         }
         if self.node_id == 0 {
             return invalid(

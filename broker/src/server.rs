@@ -56,6 +56,9 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Room above the payload limit for the rest of a publish request (headers, ids, channel).
 const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
 
+/// How often batch files nothing points into are looked for, to be removed.
+const BATCH_FILE_RECLAIM: Duration = Duration::from_millis(100);
+
 /// How often refilled rate-limit buckets are forgotten.
 const RATE_LIMIT_SWEEP: Duration = Duration::from_secs(30);
 
@@ -203,6 +206,11 @@ impl Broker {
             Arc::clone(&gate),
         );
         spawn_rate_limit_sweep(Arc::clone(&gate), signal.clone());
+        spawn_batch_file_reclaim(
+            consensus.store.clone(),
+            Arc::clone(&consensus.state_sync),
+            signal.clone(),
+        );
 
         let admin_listener = match config.admin_listen.addr() {
             Some(addr) => Some(admin::bind(addr).await?),
@@ -402,6 +410,38 @@ fn spawn_rate_limit_sweep(gate: Arc<Gate>, mut shutdown: ShutdownSignal) {
     });
 }
 
+/// Gives back the space of batch files no batch points into any more, every
+/// [`BATCH_FILE_RECLAIM`], until shutdown: a file is removed only after a sync of the state has
+/// made its release durable, and without this the next sync would wait for a snapshot — while a
+/// nearly full disk refuses the writes that would lead to one.
+fn spawn_batch_file_reclaim(
+    store: MessageStore,
+    state_sync: Arc<SledSync>,
+    mut shutdown: ShutdownSignal,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(BATCH_FILE_RECLAIM);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait() => return,
+            }
+            if !store.has_removable_files() {
+                continue;
+            }
+            let sync = Arc::clone(&state_sync);
+            match tokio::task::spawn_blocking(move || sync.sync()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot sync the state to free batch files")
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}
+
 async fn set_health(reporter: &HealthReporter, serving: bool) {
     let status = if serving {
         ServingStatus::Serving
@@ -507,7 +547,9 @@ impl Replicated {
         let store = state.store();
         let state_sync = state.sync_handle();
         let snapshot_dir = state::snapshot_dir(&state::state_dir(config));
-        let raft = raft::start(config, me, peers, state, &snapshot_dir).await?;
+        let sizes = progress.clone();
+        let stored_bytes = move || sizes.borrow().stored_bytes;
+        let raft = raft::start(config, me, peers, state, &snapshot_dir, stored_bytes).await?;
         Ok(Replicated {
             raft,
             store,

@@ -160,3 +160,68 @@ async fn a_disk_filled_without_a_floor_stops_the_broker_with_a_clear_error_and_l
         .await
         .unwrap();
 }
+
+/// Bytes of every file under `dir`.
+fn folder_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => folder_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn retention_bounds_the_whole_data_folder() {
+    const MAX_BYTES: u64 = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let max_bytes = MAX_BYTES.to_string();
+    let broker = BrokerProcess::start_with_env(
+        &data_dir,
+        "127.0.0.1:0",
+        &[],
+        &[
+            ("SWITCHBOARD_RETENTION_MAX_BYTES", max_bytes.as_str()),
+            ("SWITCHBOARD_RETENTION_SWEEP_INTERVAL", "50ms"),
+            ("SWITCHBOARD_RAFT_SNAPSHOT_LOG_BYTES", max_bytes.as_str()),
+        ],
+    )
+    .unwrap();
+    let client = Client::connect(broker.url()).await.unwrap();
+    // 30 times the bound, from eight publishers at once.
+    let filler = "x".repeat(PAYLOAD_BYTES);
+    let rounds = 30 * MAX_BYTES as usize / PAYLOAD_BYTES / 8;
+    let mut largest = 0;
+    for round in 0..rounds {
+        let mut publishes = Vec::new();
+        for p in 0..8 {
+            let payload = format!("{{\"r\":{round},\"p\":{p},\"fill\":\"{filler}\"}}");
+            publishes.push(client.publish(Publish::new(format!("fill.p{p}"), payload)));
+        }
+        for ack in futures::future::join_all(publishes).await {
+            ack.unwrap();
+        }
+        largest = largest.max(folder_bytes(&data_dir));
+    }
+    eprintln!("largest data folder while publishing: {largest} bytes");
+    // docs/DURABILITY.md: about 4 × retention.max_bytes + raft.snapshot_log_bytes + 16 MiB,
+    // plus what arrives while sweeps, snapshots and reclaims catch up (~100 ms each); measured
+    // here ~36 MiB at ~48 MB/s of publishes.
+    let bound = 5 * MAX_BYTES + 2 * MAX_BYTES + (16 << 20);
+    assert!(largest < bound, "{largest} bytes > {bound}");
+    // Once sweeps, snapshots and reclaims caught up, it is back within a small multiple.
+    let settled = eventually("the data folder to shrink", || async {
+        let now = folder_bytes(&data_dir);
+        (now < 5 * MAX_BYTES + (8 << 20)).then_some(now)
+    })
+    .await
+    .unwrap();
+    eprintln!("settled at {settled} bytes");
+}

@@ -31,7 +31,7 @@ use openraft::{
 
 use super::log_meta::{LogMeta, MetaFile, Watermark};
 use super::recent::RecentEntries;
-use super::segment::{damaged, sync_dir, RecordError, SegmentLog, Unsynced, SEGMENT_BYTES};
+use super::segment::{damaged, sync_dir, RecordError, SegmentLog, Unsynced};
 use super::TypeConfig;
 use crate::config::FsyncPolicy;
 
@@ -154,20 +154,23 @@ pub(crate) struct LogStore {
 }
 
 impl LogStore {
-    /// Opens (or creates) the log in `dir`, checking it, and starts its flusher thread.
-    ///
-    /// # Errors
-    /// `InvalidData` when the log is damaged, lost its tail or is in the old sled format; another
-    /// process has it open; any I/O error.
+    /// [`LogStore::open_with`] with segments of the largest size.
+    #[cfg(test)]
     pub(crate) fn open(
         dir: &Path,
         policy: FsyncPolicy,
         sync_interval: Duration,
     ) -> io::Result<LogStore> {
-        LogStore::open_with(dir, policy, sync_interval, SEGMENT_BYTES)
+        LogStore::open_with(dir, policy, sync_interval, super::segment::SEGMENT_BYTES)
     }
 
-    fn open_with(
+    /// Opens (or creates) the log in `dir`, checking it, and starts its flusher thread; segment
+    /// files fill up at `segment_bytes`.
+    ///
+    /// # Errors
+    /// `InvalidData` when the log is damaged, lost its tail or is in the old sled format; another
+    /// process has it open; any I/O error.
+    pub(crate) fn open_with(
         dir: &Path,
         policy: FsyncPolicy,
         sync_interval: Duration,
@@ -335,6 +338,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             entries.push(record.read().map_err(|e| corrupt_err(record.index, &e))?);
         }
         Ok(entries)
+    }
+}
+
+impl LogStore {
+    /// Bytes of the log's entries after `index` (all of them for `None`): what a crash replays
+    /// on top of the snapshot at `index`.
+    pub(crate) fn bytes_after(&self, index: Option<u64>) -> u64 {
+        lock(&self.shared.log).bytes_after(index)
     }
 }
 

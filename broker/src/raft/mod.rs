@@ -78,6 +78,58 @@ const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 /// How long one snapshot chunk may take to be received and stored.
 const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 10_000;
 
+/// How often the log's size since the last snapshot is looked at.
+const SNAPSHOT_SIZE_CHECK: Duration = Duration::from_millis(100);
+
+/// Segment files of the log: a quarter of `raft.snapshot_log_bytes`, between 1 and 64 MiB, so a
+/// purge after a snapshot frees space in steps small next to the log it bounds.
+fn segment_bytes(snapshot_log_bytes: u64) -> u64 {
+    (snapshot_log_bytes / 4).clamp(1 << 20, segment::SEGMENT_BYTES)
+}
+
+/// Takes a snapshot whenever the applied log since the last one holds more bytes than `floor`
+/// or than the stored messages (`stored_bytes`), whichever is more — openraft's own policy
+/// counts entries only, and an entry can be one message or a thousand. So a crash replays at most
+/// that much on top of the snapshot, and the log on disk stays within it (plus a segment, and the
+/// entries a cluster keeps for lagging followers). Snapshotting at the store's size keeps the
+/// cost of writing snapshots to about one store's worth per store's worth of log. Ends when raft
+/// stops.
+async fn snapshot_by_size(
+    raft: Raft,
+    log: log_store::LogStore,
+    floor: u64,
+    stored_bytes: impl Fn() -> u64,
+) {
+    let mut tick = tokio::time::interval(SNAPSHOT_SIZE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let metrics = raft.metrics();
+    loop {
+        tick.tick().await;
+        if metrics.has_changed().is_err() {
+            return;
+        }
+        let (snapshot, applied) = {
+            let m = metrics.borrow();
+            (m.snapshot.map(|l| l.index), m.last_applied.map(|l| l.index))
+        };
+        // What a snapshot now would cover: the log between the last one and what is applied.
+        let covered = log
+            .bytes_after(snapshot)
+            .saturating_sub(log.bytes_after(applied));
+        if covered < floor.max(stored_bytes()) {
+            continue;
+        }
+        tracing::debug!(
+            covered,
+            "the log since the last snapshot is large: taking one"
+        );
+        // openraft ignores the trigger while a snapshot is being built.
+        if raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// This node's own membership entry, from the configuration: `public_addr` is where clients reach
 /// the public listener (bound at `public_listen`).
 pub(crate) fn own_member(config: &Config, public_listen: std::net::SocketAddr) -> Member {
@@ -115,7 +167,8 @@ pub(crate) fn own_member(config: &Config, public_listen: std::net::SocketAddr) -
 }
 
 /// Opens the log under `config.data_dir` and starts raft over `state`, whose snapshots go to
-/// `snapshot_dir`. A single node (no `cluster.members`) waits until it leads and has applied its
+/// `snapshot_dir`; `stored_bytes` tells the size of the state's messages, for the snapshot policy
+/// ([`snapshot_by_size`]). A single node (no `cluster.members`) waits until it leads and has applied its
 /// whole log; a member of a static cluster returns at once.
 ///
 /// # Errors
@@ -127,12 +180,14 @@ pub(crate) async fn start<S: AppliedState>(
     peers: network::Peers,
     state: S,
     snapshot_dir: &std::path::Path,
+    stored_bytes: impl Fn() -> u64 + Send + 'static,
 ) -> anyhow::Result<Raft> {
     let log_dir = config.data_dir.join("log");
-    let mut log_store = log_store::LogStore::open(
+    let mut log_store = log_store::LogStore::open_with(
         &log_dir,
         config.durability.fsync,
         config.durability.sync_interval,
+        segment_bytes(config.raft.snapshot_log_bytes),
     )
     .with_context(|| format!("cannot open the log store in {}", log_dir.display()))?;
 
@@ -163,8 +218,13 @@ pub(crate) async fn start<S: AppliedState>(
         install_snapshot_timeout: SNAPSHOT_CHUNK_TIMEOUT_MS,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every_entries),
         // Entries kept behind a snapshot, so a briefly lagging follower still gets log entries
-        // rather than a whole snapshot; never more than the snapshot interval itself.
-        max_in_snapshot_log_to_keep: config.raft.snapshot_every_entries.min(1_000),
+        // rather than a whole snapshot; never more than the snapshot interval itself. A lone
+        // node has no follower: it keeps none, so its log is bounded by the snapshot policy.
+        max_in_snapshot_log_to_keep: if config.cluster.listen.0.is_none() {
+            0
+        } else {
+            config.raft.snapshot_every_entries.min(1_000)
+        },
         // Each entry is a whole proposer batch: few per message keep a replication message's size
         // within the raft listener's frame limit.
         max_payload_entries: network::MAX_ENTRIES_PER_APPEND,
@@ -173,6 +233,7 @@ pub(crate) async fn start<S: AppliedState>(
     .validate()
     .context("invalid raft configuration")?;
 
+    let log_size = log_store.clone();
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config),
@@ -182,6 +243,12 @@ pub(crate) async fn start<S: AppliedState>(
     )
     .await
     .context("cannot start raft")?;
+    tokio::spawn(snapshot_by_size(
+        raft.clone(),
+        log_size,
+        config.raft.snapshot_log_bytes,
+        stored_bytes,
+    ));
 
     let voters = config
         .cluster

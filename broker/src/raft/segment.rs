@@ -587,6 +587,20 @@ impl SegmentLog {
         self.last = last;
     }
 
+    /// Bytes of the records of the entries after `index` (all of them for `None`).
+    pub(crate) fn bytes_after(&self, index: Option<u64>) -> u64 {
+        self.segments
+            .iter()
+            .map(|segment| match index {
+                None => segment.len,
+                Some(index) if segment.first > index => segment.len,
+                Some(index) => segment
+                    .record(index + 1)
+                    .map_or(0, |record| segment.len.saturating_sub(record.offset)),
+            })
+            .sum()
+    }
+
     /// Removes the segments whose entries are all at or below `index`. Returns whether any was.
     ///
     /// # Errors

@@ -34,7 +34,8 @@ use std::thread::JoinHandle;
 use crate::checksum;
 
 /// A file that has reached this many bytes takes no more bodies: few files, yet the space of
-/// expired batches comes back in steps no bigger than this.
+/// expired batches comes back in steps no bigger than this. The broker sets a smaller size for a
+/// small `retention.max_bytes` ([`BatchFiles::set_file_bytes`]).
 pub(crate) const FILE_BYTES: u64 = 64 << 20;
 
 /// Every this many bytes appended, the file's sync starts ahead of time, so no later sync finds
@@ -61,6 +62,8 @@ pub(crate) struct BodyLocation {
 pub(crate) struct BatchFiles {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// Size at which a file takes no more bodies.
+    file_bytes: std::sync::atomic::AtomicU64,
 }
 
 struct Inner {
@@ -190,6 +193,7 @@ impl BatchFiles {
         let next_file = newest.map_or(1, |n| n + 1);
         Ok(BatchFiles {
             dir: dir.to_owned(),
+            file_bytes: std::sync::atomic::AtomicU64::new(FILE_BYTES),
             inner: Mutex::new(Inner {
                 current: None,
                 filled: Vec::new(),
@@ -216,6 +220,19 @@ impl BatchFiles {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Files fill up at `bytes` from now on (the space of expired batches comes back in steps of
+    /// this size).
+    pub(crate) fn set_file_bytes(&self, bytes: u64) {
+        self.file_bytes
+            .store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the next [`BatchFiles::sync`] would remove a file.
+    pub(crate) fn has_removable(&self) -> bool {
+        let inner = self.lock();
+        inner.holds == 0 && !inner.unreferenced().is_empty()
+    }
+
     /// Appends a sealed body; it is readable at once and durable after the next [`sync`].
     ///
     /// # Errors
@@ -225,11 +242,12 @@ impl BatchFiles {
     pub(crate) fn append(&self, sealed: &[u8]) -> io::Result<BodyLocation> {
         let len = u32::try_from(sealed.len())
             .map_err(|_| io::Error::other("a batch body of 4 GiB or more"))?;
+        let file_bytes = self.file_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let mut inner = self.lock();
         let full = inner
             .current
             .as_ref()
-            .is_none_or(|c| c.len > 0 && c.len + u64::from(len) > FILE_BYTES);
+            .is_none_or(|c| c.len > 0 && c.len + u64::from(len) > file_bytes);
         if full {
             self.start_file(&mut inner)?;
         }

@@ -104,7 +104,17 @@ pub(crate) fn open(
     let (progress_tx, progress) = watch::channel(AppliedProgress::default());
     let state = BrokerState::open(db, &dir, announce, progress_tx)
         .with_context(|| format!("the state store (state/db) in {} is damaged", dir.display()))?;
+    // Space of expired batches comes back a file at a time: small files for a small retention
+    // bound, so the folder stays near it (docs/DURABILITY.md).
+    state
+        .store()
+        .set_batch_file_bytes(batch_file_bytes(config.retention.max_bytes));
     Ok((state, progress))
+}
+
+/// Batch files of a sixteenth of `retention.max_bytes`, between 1 and 64 MiB.
+fn batch_file_bytes(retention_max_bytes: u64) -> u64 {
+    (retention_max_bytes / 16).clamp(1 << 20, batch_files::FILE_BYTES)
 }
 
 /// Moves everything in the state folder but the snapshots into a new `damaged-<time>` folder

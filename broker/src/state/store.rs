@@ -221,6 +221,17 @@ impl MessageStore {
         })
     }
 
+    /// Batch files fill up at `bytes` from now on: the step in which the space of expired batches
+    /// comes back.
+    pub fn set_batch_file_bytes(&self, bytes: u64) {
+        self.bodies.set_file_bytes(bytes);
+    }
+
+    /// Whether a sync would now remove batch files no batch points into.
+    pub fn has_removable_files(&self) -> bool {
+        self.bodies.has_removable()
+    }
+
     /// True when the store holds no record at all (a new state folder).
     pub fn is_empty(&self) -> bool {
         self.tree.is_empty()
