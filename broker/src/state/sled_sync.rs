@@ -77,20 +77,39 @@ impl SledSync {
         })
     }
 
-    /// Whether the last run stopped cleanly (the store is whole), removing the marker durably so
-    /// that a crash from now on is seen as one.
+    /// Whether the last run stopped cleanly and left the store as it is now (whole), removing the
+    /// marker durably so that a crash from now on is seen as one.
+    ///
+    /// The marker holds the store's meta record (its applied position) as it was at the stop: a
+    /// store that reads another one now (a file cut short, replaced or rolled back since, which
+    /// sled may open as an older prefix of itself, torn mid-entry) is not whole. A marker of an
+    /// earlier version is empty and says only that the stop was clean.
     ///
     /// # Errors
-    /// The marker cannot be removed or the folder cannot be synced.
+    /// The marker or the store cannot be read, the marker cannot be removed or the folder cannot
+    /// be synced.
     pub(crate) fn take_clean_stop(&self) -> io::Result<bool> {
-        match std::fs::remove_file(self.dir.join(CLEAN_STOP)) {
-            Ok(()) => {
-                File::open(&self.dir)?.sync_all()?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
+        let path = self.dir.join(CLEAN_STOP);
+        let recorded = match std::fs::read(&path) {
+            Ok(recorded) => recorded,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        std::fs::remove_file(&path)?;
+        File::open(&self.dir)?.sync_all()?;
+        if recorded.is_empty() {
+            return Ok(true);
         }
+        let now = self.store.meta().map_err(io::Error::other)?;
+        if now.as_deref() == Some(recorded.as_slice()) {
+            return Ok(true);
+        }
+        tracing::warn!(
+            "the state store (state/db) is not as it was stopped: its applied position differs \
+             from the one recorded at the clean stop (the file was cut short, replaced or rolled \
+             back)"
+        );
+        Ok(false)
     }
 
     /// Records that a write to the store failed part way, so [`SledSync::stop`] leaves no marker.
@@ -121,7 +140,10 @@ impl SledSync {
             );
             return Ok(());
         }
-        File::create(self.dir.join(CLEAN_STOP))?.sync_all()?;
+        let position = self.store.meta().map_err(io::Error::other)?;
+        let mut marker = File::create(self.dir.join(CLEAN_STOP))?;
+        std::io::Write::write_all(&mut marker, position.as_deref().unwrap_or_default())?;
+        marker.sync_all()?;
         File::open(&self.dir)?.sync_all()
     }
 
