@@ -437,14 +437,20 @@ fn record_current(
         }
     }
     write_durably(dir, CURRENT, &encode_pointer(meta)?).map_err(snapshot_err)?;
-    let keep = format!("{}.snap", meta.snapshot_id);
+    // Only older snapshots go: a newer one may have just been received and be about to be
+    // installed. Files being written (`.snap.tmp`) or received (`.partial`) are left to whoever
+    // writes them; the start removes those a crash left.
+    let this = meta.last_log_id.map(|id| id.index);
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let name = name.to_string_lossy();
-            // Files being written (`.snap.tmp`) or received (`.partial`) are left to whoever
-            // writes them; the start removes those a crash left.
-            if name.ends_with(".snap") && name != keep {
+            let older = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".snap"))
+                .and_then(|id| id.split_once('-'))
+                .and_then(|(_, index)| index.parse::<u64>().ok())
+                .is_some_and(|index| Some(index) < this);
+            if older {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
