@@ -157,7 +157,11 @@ impl<S: AppliedState> StateMachine<S> {
                 tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install interrupted by a crash");
                 machine.load_snapshot(&meta)?;
             }
-            Ok(None) if machine.state.is_whole() => {}
+            Ok(None) if machine.state.is_whole() => {
+                // Not needed to start, but checked now: openraft reads it when it sends a
+                // snapshot, and a damaged one found then would stop raft.
+                machine.current_or_repair()?;
+            }
             Ok(None) => machine.rebuild()?,
             Err(damage) => {
                 // The install it marks was cut short: the state is half replaced whatever the

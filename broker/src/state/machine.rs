@@ -23,6 +23,7 @@ use super::position::{self, Position};
 use super::sled_sync::SledSync;
 use super::snapshot_file;
 use super::store::{MessageStore, WriteBatch};
+use super::undo::{AfterCrash, UndoFile};
 use super::Announce;
 use crate::error::BrokerError;
 use crate::message::{Command, CommandOutcome};
@@ -61,8 +62,10 @@ pub(crate) struct BrokerState {
     sync: Arc<SledSync>,
     announce: Arc<dyn Announce>,
     progress: watch::Sender<AppliedProgress>,
-    /// Whether the last run stopped cleanly, taken at open.
+    /// Whether the store is whole at open: the last run stopped cleanly, or its crash was undone.
     whole: bool,
+    /// The before-images of the entries applied since the store was last written out.
+    undo: UndoFile,
 }
 
 impl BrokerState {
@@ -77,9 +80,42 @@ impl BrokerState {
         announce: Arc<dyn Announce>,
         progress: watch::Sender<AppliedProgress>,
     ) -> anyhow::Result<BrokerState> {
-        let store = MessageStore::open(&db, &dir.join("batches"))?;
-        let sync = Arc::new(SledSync::open(db, store.clone(), dir)?);
-        let whole = sync.take_clean_stop()?;
+        let batches = dir.join("batches");
+        let mut store = MessageStore::open(&db, &batches)?;
+        let mut sync = Arc::new(SledSync::open(db.clone(), store.clone(), dir)?);
+        let undo = UndoFile::open(dir)?;
+        let mut whole = sync.take_clean_stop()?;
+        let applied = |store: &MessageStore| -> Result<Option<u64>, BrokerError> {
+            Ok(position::load(store)?.0.last_applied.map(|l| l.index))
+        };
+        if !whole && !store.is_empty() {
+            match undo.after_crash(applied(&store)?) {
+                AfterCrash::Undoable(images) => {
+                    if !images.is_empty() {
+                        tracing::warn!(
+                            keys = images.len(),
+                            "undoing the entries a crash cut short"
+                        );
+                        store.put_back(images)?;
+                        // The batch files' accounting follows the tree as it is now.
+                        store = MessageStore::open(&db, &batches)?;
+                        sync = Arc::new(SledSync::open(db, store.clone(), dir)?);
+                    }
+                    tracing::info!(
+                        "the state store was not stopped cleanly, but it is whole: the log is applied from its position on"
+                    );
+                    whole = true;
+                }
+                AfterCrash::Unknown(why) => {
+                    tracing::info!(why, "the state store cannot be recovered in place");
+                }
+            }
+        }
+        if whole || store.is_empty() {
+            // What the store holds is in the files now: the undo log starts over from it.
+            sync.write_out()?;
+            undo.restart(applied(&store)?)?;
+        }
         let (bookkeeping, position) = position::load(&store)?;
         let state = BrokerState {
             store,
@@ -89,6 +125,7 @@ impl BrokerState {
             announce,
             progress,
             whole,
+            undo,
         };
         state.announce_position();
         Ok(state)
@@ -124,12 +161,25 @@ impl BrokerState {
         write(self)
     }
 
-    /// Writes `batch` to the store; a failure part way marks the store torn, so no stop calls it
-    /// whole.
-    fn write(&self, batch: WriteBatch) -> Result<(), BrokerError> {
+    /// Writes `batch`, the writes of entry `index`, to the store, its before-images recorded
+    /// first ([`super::undo`]); a failure part way marks the store torn, so no stop calls it
+    /// whole (the next start undoes it).
+    fn write(&self, index: u64, batch: WriteBatch) -> Result<(), BrokerError> {
+        let images = self.store.before_images(&batch)?;
+        self.undo
+            .record(index, &images)
+            .map_err(|e| BrokerError::Storage(format!("cannot write the undo record: {e}")))?;
         self.store
             .apply(batch)
             .inspect_err(|_| self.sync.mark_torn())
+    }
+
+    /// Records that the whole store is about to be replaced, so a crash before the next entry
+    /// goes back to the snapshot rather than trusting a half-replaced store.
+    fn replacing(&self) -> Result<(), BrokerError> {
+        self.undo
+            .replacing()
+            .map_err(|e| BrokerError::Storage(format!("cannot write the undo record: {e}")))
     }
 }
 
@@ -159,7 +209,8 @@ impl AppliedState for BrokerState {
                 None => (CommandOutcome::Nothing, Vec::new()),
             };
             position.write(&bookkeeping, &mut batch)?;
-            state.write(batch)?;
+            let index = bookkeeping.last_applied.map_or(0, |l| l.index);
+            state.write(index, batch)?;
             state.position = position;
             state.bookkeeping = bookkeeping;
             if !messages.is_empty() {
@@ -177,6 +228,16 @@ impl AppliedState for BrokerState {
     fn applied(&mut self) {
         self.progress
             .send_replace(AppliedProgress::new(&self.position, &self.bookkeeping));
+        if self.undo.due() {
+            // The store's buffers written out, the entries so far need no undoing.
+            let restarted = self.sync.write_out().and_then(|()| {
+                self.undo
+                    .restart(self.bookkeeping.last_applied.map(|l| l.index))
+            });
+            if let Err(e) = restarted {
+                tracing::warn!(error = %e, "cannot start the undo log over; it grows until it can");
+            }
+        }
     }
 
     fn snapshot_job(&self) -> SnapshotJob {
@@ -199,6 +260,7 @@ impl AppliedState for BrokerState {
 
     fn install(&mut self, path: &Path, bookkeeping: Bookkeeping) -> Result<(), BrokerError> {
         self.while_open(|state| {
+            state.replacing()?;
             snapshot_file::load(&state.store, path).map_err(|e| snapshot_error(path, e))?;
             let (holds, position) = position::load(&state.store)?;
             // The file names the entry it is the state after: one recorded as another (a
@@ -216,8 +278,9 @@ impl AppliedState for BrokerState {
             }
             let mut batch = WriteBatch::default();
             position.write(&bookkeeping, &mut batch)?;
-            state.write(batch)?;
+            state.store.apply(batch)?;
             state.sync_now()?;
+            state.restart_undo(bookkeeping.last_applied)?;
             state.position = position;
             state.bookkeeping = bookkeeping;
             Ok(())
@@ -228,8 +291,10 @@ impl AppliedState for BrokerState {
 
     fn clear(&mut self) -> Result<(), BrokerError> {
         self.while_open(|state| {
+            state.replacing()?;
             state.store.clear()?;
             state.sync_now()?;
+            state.restart_undo(None)?;
             state.position = Position::default();
             state.bookkeeping = Bookkeeping::default();
             Ok(())
@@ -261,6 +326,13 @@ fn snapshot_error(path: &Path, e: std::io::Error) -> BrokerError {
 }
 
 impl BrokerState {
+    /// Starts the undo log over after the store was synced holding the state after `applied`.
+    fn restart_undo(&self, applied: Option<openraft::LogId<u64>>) -> Result<(), BrokerError> {
+        self.undo
+            .restart(applied.map(|l| l.index))
+            .map_err(|e| BrokerError::Storage(format!("cannot write the undo log: {e}")))
+    }
+
     fn sync_now(&self) -> Result<(), BrokerError> {
         self.sync
             .sync()
@@ -291,9 +363,16 @@ mod tests {
     }
 
     fn entry(index: u64, channel: &str) -> Entry {
+        keyed_entry(index, channel, "")
+    }
+
+    /// An entry publishing one message on `channel`, with `key` as its idempotency key (none
+    /// when empty), under a dedup window of a minute.
+    fn keyed_entry(index: u64, channel: &str, key: &str) -> Entry {
         let message = NewMessage {
             content_type: "application/json".into(),
             schema_version: "1.0.0".into(),
+            idempotency_key: key.into(),
             ..NewMessage::on_channel(channel, bytes::Bytes::from_static(b"{}"))
         };
         RaftEntry {
@@ -301,7 +380,7 @@ mod tests {
             payload: EntryPayload::Normal(Command::Batch {
                 stamped_at_us: index * 1_000,
                 rules: Rules {
-                    dedup_window_us: 0,
+                    dedup_window_us: 60_000_000,
                     loop_window_us: 0,
                     max_hops: 16,
                     max_clock_skew_ms: 0,
@@ -365,6 +444,13 @@ mod tests {
 
     fn open(dir: &Path) -> Machine {
         open_state(dir).unwrap()
+    }
+
+    /// Ends `sm` as a crash the undo record cannot speak for (a reboot or a power loss after it):
+    /// the next start goes back to the snapshot.
+    fn crash_beyond_undo(sm: Machine, dir: &Path) {
+        drop(sm);
+        std::fs::remove_file(dir.join("undo")).unwrap();
     }
 
     /// Stops `sm` cleanly, as the broker does at shutdown.
@@ -481,7 +567,7 @@ mod tests {
         assert_eq!(sm.bookkeeping().last_applied.map(|l| l.index), Some(2));
         // The marker was taken at the start: a crash of this run is a crash.
         sm.apply(vec![entry(3, "a.three")]).await.unwrap();
-        drop(sm);
+        crash_beyond_undo(sm, dir.path());
         let sm = open(dir.path());
         assert!(
             channels(store(&sm)).is_empty(),
@@ -497,8 +583,9 @@ mod tests {
         let snapshot_meta = {
             let (mut sm, snapshot) = two_entries_and_a_snapshot(dir.path()).await;
             sm.apply(vec![entry(3, "a.three")]).await.unwrap();
-            // Synced, even: only a clean stop says the store is whole.
+            // Synced, even: only a clean stop (or an undo record) says the store is whole.
             sm.state().sync.sync().unwrap();
+            crash_beyond_undo(sm, dir.path());
             snapshot.meta
         };
         let mut sm = open(dir.path());
@@ -513,7 +600,7 @@ mod tests {
     async fn a_crash_before_any_snapshot_empties_the_store_for_a_full_replay() {
         let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
-        drop(two_entries(dir.path()).await);
+        crash_beyond_undo(two_entries(dir.path()).await, dir.path());
         let mut sm = open(dir.path());
         assert!(channels(store(&sm)).is_empty());
         assert_eq!(sm.bookkeeping().last_applied, None);
@@ -556,8 +643,55 @@ mod tests {
             sm.state().sync.mark_torn();
             sm.state().sync.stop().unwrap();
         }
+        assert!(!dir.path().join("clean-stop").exists(), "not called whole");
+        // The next start goes by the undo record (here: the last entry was whole).
         let sm = open(dir.path());
-        assert!(channels(store(&sm)).is_empty(), "rebuilt, not trusted");
+        assert_eq!(channels(store(&sm)), vec!["a.one", "a.two"]);
+        crash_beyond_undo(sm, dir.path());
+        let sm = open(dir.path());
+        assert!(channels(store(&sm)).is_empty(), "without it, rebuilt");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_crash_part_way_through_an_entry_is_undone_and_the_entry_applied_again() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let third = keyed_entry(3, "a.three", "key-3");
+        {
+            let sm = two_entries(dir.path()).await;
+            // Entry 3 begins as apply would: its undo record, then the first half of its writes
+            // (its batch and its dedup record, not yet the applied position).
+            let state = sm.state();
+            let mut position = state.position.clone();
+            let mut batch = WriteBatch::default();
+            let EntryPayload::Normal(command) = &third.payload else {
+                unreachable!()
+            };
+            apply_command(&state.store, &mut position, command, &mut batch).unwrap();
+            state
+                .undo
+                .record(3, &state.store.before_images(&batch).unwrap())
+                .unwrap();
+            state.store.apply(batch.first_half()).unwrap();
+            // The process dies here.
+        }
+        let mut sm = open(dir.path());
+        assert_eq!(channels(store(&sm)), vec!["a.one", "a.two"], "undone");
+        assert_eq!(sm.bookkeeping().last_applied.map(|l| l.index), Some(2));
+        // openraft applies entry 3 again: stored once, not taken for its own duplicate.
+        let outcomes = sm.apply(vec![third]).await.unwrap();
+        assert_eq!(channels(store(&sm)), vec!["a.one", "a.two", "a.three"]);
+        assert_eq!(offsets(store(&sm)), vec![1, 2, 3]);
+        let CommandOutcome::Batch(items) = &outcomes[0] else {
+            panic!("{outcomes:?}")
+        };
+        assert!(
+            matches!(
+                items[0],
+                crate::message::ItemOutcome::Stored { offset: 3, .. }
+            ),
+            "{items:?}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -591,6 +725,7 @@ mod tests {
     ) -> openraft::SnapshotMeta<u64, crate::raft::Member> {
         let (mut sm, snapshot) = two_entries_and_a_snapshot(dir).await;
         sm.apply(vec![entry(3, "a.three")]).await.unwrap();
+        crash_beyond_undo(sm, dir);
         snapshot.meta
     }
 
@@ -791,7 +926,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn a_store_rolled_back_after_a_clean_stop_is_rebuilt_not_trusted() {
+    async fn a_store_rolled_back_after_a_clean_stop_is_undone_or_rebuilt_not_trusted() {
         let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let after_one = {
@@ -810,6 +945,12 @@ mod tests {
             tree.insert(b"m", after_one).unwrap();
             db.flush().unwrap();
         }
+        // The undo record (entry 2's) fits the position it now holds: entry 2 is undone, and
+        // openraft applies it again. Without the record, the store is rebuilt.
+        let sm = open(dir.path());
+        assert_eq!(channels(store(&sm)), vec!["a.one"]);
+        assert_eq!(sm.bookkeeping().last_applied.map(|l| l.index), Some(1));
+        crash_beyond_undo(sm, dir.path());
         let sm = open(dir.path());
         assert!(channels(store(&sm)).is_empty(), "rebuilt for a full replay");
         assert_eq!(sm.bookkeeping().last_applied, None);

@@ -10,6 +10,8 @@
 //! - [`store`]: the on-disk layout (one sled tree) and the reads History and subscribers make;
 //!   [`batch_files`] hold the message bodies.
 //! - [`sled_sync`]: the real fdatasync sled's `flush()` lacks, and the clean-stop marker.
+//! - [`undo`]: the before-images of the entry being applied, so a crash part way through it is
+//!   undone at the next start rather than rebuilt from the snapshot.
 //! - [`snapshot_file`]: the snapshot's file format, checked whole before it replaces anything.
 //!
 //! Applied messages leave the state through [`Announce`], which the fan-out's hub implements: the
@@ -26,6 +28,7 @@ pub(crate) mod sled_sync;
 pub(crate) mod snapshot_file;
 pub(crate) mod store;
 pub(crate) mod ttl;
+pub(crate) mod undo;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -77,6 +77,15 @@ impl SledSync {
         })
     }
 
+    /// Writes sled's buffers out to its files (no sync): what a crash of the process then loses
+    /// is only what is written after.
+    ///
+    /// # Errors
+    /// sled's error.
+    pub(crate) fn write_out(&self) -> io::Result<()> {
+        self.db.flush().map(|_| ()).map_err(io::Error::other)
+    }
+
     /// Whether the last run stopped cleanly and left the store as it is now (whole), removing the
     /// marker durably so that a crash from now on is seen as one.
     ///

@@ -106,6 +106,18 @@ impl WriteBatch {
     fn remove(&mut self, key: impl Into<sled::IVec>) {
         self.writes.push((key.into(), None));
     }
+
+    /// The first half of the writes, as a crash part way through applying them would leave.
+    #[cfg(test)]
+    pub(crate) fn first_half(mut self) -> WriteBatch {
+        let half = self.writes.len() / 2;
+        self.writes.truncate(half.max(1));
+        WriteBatch {
+            writes: self.writes,
+            added: Vec::new(),
+            released: Vec::new(),
+        }
+    }
 }
 
 /// What to read: matching, unexpired messages from `from` on, within bounds.
@@ -273,11 +285,48 @@ impl MessageStore {
         Ok(self.tree.get(META)?)
     }
 
+    /// What each key `batch` writes holds now (its first write's before-image), for the undo
+    /// record ([`super::undo`]).
+    ///
+    /// # Errors
+    /// The embedded store's error.
+    pub(crate) fn before_images(
+        &self,
+        batch: &WriteBatch,
+    ) -> Result<Vec<super::undo::BeforeImage>, BrokerError> {
+        let mut seen = std::collections::HashSet::with_capacity(batch.writes.len());
+        let mut images = Vec::with_capacity(batch.writes.len());
+        for (key, _) in &batch.writes {
+            if seen.insert(key.clone()) {
+                images.push((key.clone(), self.tree.get(key)?));
+            }
+        }
+        Ok(images)
+    }
+
+    /// Puts back the before-images of an entry a crash cut short ([`super::undo`]). The batch
+    /// files' accounting is not updated: reopen the store after.
+    ///
+    /// # Errors
+    /// The embedded store's error.
+    pub(crate) fn put_back(
+        &self,
+        images: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<(), BrokerError> {
+        for (key, value) in images {
+            match value {
+                Some(value) => self.tree.insert(key, value)?,
+                None => self.tree.remove(key)?,
+            };
+        }
+        Ok(())
+    }
+
     /// Applies a batch of writes, in order (not atomically: see the module docs).
     ///
     /// # Errors
     /// The embedded store's error; the tree may then hold part of the batch, and the caller must
-    /// not trust it again before rebuilding it.
+    /// not trust it again before undoing it ([`super::undo`]) or rebuilding it.
     pub fn apply(&self, batch: WriteBatch) -> Result<(), BrokerError> {
         for (key, value) in batch.writes {
             match value {
