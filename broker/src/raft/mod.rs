@@ -310,8 +310,9 @@ pub(crate) async fn start<S: AppliedState>(
         };
         if last_log_index > last_applied {
             tracing::info!(
+                last_applied,
                 last_log_index,
-                "applying the log before serving (the state is being rebuilt)"
+                "applying the rest of the log before serving"
             );
             raft.wait(None)
                 .applied_index_at_least(last_log_index, "applying the log before serving")
