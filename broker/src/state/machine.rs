@@ -22,7 +22,7 @@ use super::apply::apply_command;
 use super::position::{self, Position};
 use super::sled_sync::SledSync;
 use super::snapshot_file;
-use super::store::{MessageStore, WriteBatch};
+use super::store::{self, MessageStore, WriteBatch};
 use super::undo::{AfterCrash, UndoFile};
 use super::Announce;
 use crate::error::BrokerError;
@@ -80,26 +80,30 @@ impl BrokerState {
         announce: Arc<dyn Announce>,
         progress: watch::Sender<AppliedProgress>,
     ) -> anyhow::Result<BrokerState> {
-        let batches = dir.join("batches");
-        let mut store = MessageStore::open(&db, &batches)?;
-        let mut sync = Arc::new(SledSync::open(db.clone(), store.clone(), dir)?);
+        // Whether the store is whole is decided on the bare tree, and a crash undone there,
+        // before the batch files are opened: they remove the files nothing points into, and an
+        // undone sweep points into files again.
+        let tree = store::tree(&db)?;
         let undo = UndoFile::open(dir)?;
-        let mut whole = sync.take_clean_stop()?;
-        let applied = |store: &MessageStore| -> Result<Option<u64>, BrokerError> {
-            Ok(position::load(store)?.0.last_applied.map(|l| l.index))
+        let meta = |tree: &sled::Tree| -> Result<Option<sled::IVec>, BrokerError> {
+            Ok(store::meta(tree)?)
         };
-        if !whole && !store.is_empty() {
-            match undo.after_crash(applied(&store)?) {
+        let applied = |meta: Option<&[u8]>| -> Result<Option<u64>, BrokerError> {
+            Ok(match meta {
+                Some(bytes) => position::decode(bytes)?.0.last_applied.map(|l| l.index),
+                None => None,
+            })
+        };
+        let mut whole = SledSync::take_clean_stop(dir, meta(&tree)?.as_deref())?;
+        if !whole && !tree.is_empty() {
+            match undo.after_crash(applied(meta(&tree)?.as_deref())?) {
                 AfterCrash::Undoable(images) => {
                     if !images.is_empty() {
                         tracing::warn!(
                             keys = images.len(),
                             "undoing the entries a crash cut short"
                         );
-                        store.put_back(images)?;
-                        // The batch files' accounting follows the tree as it is now.
-                        store = MessageStore::open(&db, &batches)?;
-                        sync = Arc::new(SledSync::open(db, store.clone(), dir)?);
+                        store::put_back(&tree, images)?;
                     }
                     tracing::info!(
                         "the state store was not stopped cleanly, but it is whole: the log is applied from its position on"
@@ -111,10 +115,12 @@ impl BrokerState {
                 }
             }
         }
+        let store = MessageStore::open(&db, &dir.join("batches"))?;
+        let sync = Arc::new(SledSync::open(db, store.clone(), dir)?);
         if whole || store.is_empty() {
             // What the store holds is in the files now: the undo log starts over from it.
             sync.write_out()?;
-            undo.restart(applied(&store)?)?;
+            undo.restart(applied(store.meta()?.as_deref())?)?;
         }
         let (bookkeeping, position) = position::load(&store)?;
         let state = BrokerState {

@@ -86,8 +86,9 @@ impl SledSync {
         self.db.flush().map(|_| ()).map_err(io::Error::other)
     }
 
-    /// Whether the last run stopped cleanly and left the store as it is now (whole), removing the
-    /// marker durably so that a crash from now on is seen as one.
+    /// Whether the last run stopped cleanly and left the store in `dir` as it is now (whole: its
+    /// meta record is `meta_now`), removing the marker durably so that a crash from now on is
+    /// seen as one.
     ///
     /// The marker holds the store's meta record (its applied position) as it was at the stop: a
     /// store that reads another one now (a file cut short, replaced or rolled back since, which
@@ -97,20 +98,16 @@ impl SledSync {
     /// # Errors
     /// The marker or the store cannot be read, the marker cannot be removed or the folder cannot
     /// be synced.
-    pub(crate) fn take_clean_stop(&self) -> io::Result<bool> {
-        let path = self.dir.join(CLEAN_STOP);
+    pub(crate) fn take_clean_stop(dir: &Path, meta_now: Option<&[u8]>) -> io::Result<bool> {
+        let path = dir.join(CLEAN_STOP);
         let recorded = match std::fs::read(&path) {
             Ok(recorded) => recorded,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         };
         std::fs::remove_file(&path)?;
-        File::open(&self.dir)?.sync_all()?;
-        if recorded.is_empty() {
-            return Ok(true);
-        }
-        let now = self.store.meta().map_err(io::Error::other)?;
-        if now.as_deref() == Some(recorded.as_slice()) {
+        File::open(dir)?.sync_all()?;
+        if recorded.is_empty() || meta_now == Some(recorded.as_slice()) {
             return Ok(true);
         }
         tracing::warn!(

@@ -57,6 +57,40 @@ const ENTITY: u8 = b'e';
 const CONSUMER: u8 = b'c';
 const META: &[u8] = b"m";
 
+/// The store's tree in the state database.
+///
+/// # Errors
+/// sled's error.
+pub(crate) fn tree(db: &sled::Db) -> sled::Result<sled::Tree> {
+    db.open_tree("messages")
+}
+
+/// The meta record (applied position) of the store's `tree`, before the store is opened.
+///
+/// # Errors
+/// sled's error.
+pub(crate) fn meta(tree: &sled::Tree) -> sled::Result<Option<sled::IVec>> {
+    tree.get(META)
+}
+
+/// Puts back the before-images of the entries a crash cut short ([`super::undo`]), on the bare
+/// tree, before the store (and its batch files' accounting) is opened.
+///
+/// # Errors
+/// sled's error.
+pub(crate) fn put_back(
+    tree: &sled::Tree,
+    images: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+) -> sled::Result<()> {
+    for (key, value) in images {
+        match value {
+            Some(value) => tree.insert(key, value)?,
+            None => tree.remove(key)?,
+        };
+    }
+    Ok(())
+}
+
 /// Handle to the message store; cheap to clone (sled trees are reference-counted).
 #[derive(Clone)]
 pub struct MessageStore {
@@ -211,7 +245,7 @@ impl MessageStore {
     /// # Errors
     /// The embedded store's error, or the batch files cannot be opened.
     pub fn open(db: &sled::Db, batches_dir: &Path) -> Result<Self, BrokerError> {
-        let tree = db.open_tree("messages")?;
+        let tree = tree(db)?;
         let mut locations = Vec::new();
         for kv in tree.scan_prefix([BATCH]) {
             let (_, v) = kv?;
@@ -302,24 +336,6 @@ impl MessageStore {
             }
         }
         Ok(images)
-    }
-
-    /// Puts back the before-images of an entry a crash cut short ([`super::undo`]). The batch
-    /// files' accounting is not updated: reopen the store after.
-    ///
-    /// # Errors
-    /// The embedded store's error.
-    pub(crate) fn put_back(
-        &self,
-        images: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    ) -> Result<(), BrokerError> {
-        for (key, value) in images {
-            match value {
-                Some(value) => self.tree.insert(key, value)?,
-                None => self.tree.remove(key)?,
-            };
-        }
-        Ok(())
     }
 
     /// Applies a batch of writes, in order (not atomically: see the module docs).
