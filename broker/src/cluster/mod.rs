@@ -376,8 +376,16 @@ pub(crate) async fn propose_here(raft: &Raft, command: Command) -> Result<Comman
 /// Confirms leadership with a quorum and returns the log index a linearizable read waits for.
 pub(crate) async fn read_index_here(raft: &Raft) -> Result<Option<u64>, Refused> {
     use openraft::error::CheckIsLeaderError;
+    // Every write acknowledged before this read is in the leader's log by now. openraft's read
+    // index is the larger of its committed id and the first entry of its term; a leader that
+    // came back from a crash as leader (its vote saved as committed, no election) resumes with
+    // the committed id it saved last, lazily, so older than what it acknowledged, and reads
+    // waiting only for that went back in time (issue 19). Waiting for its last log entry too
+    // makes them see every acknowledged write; it costs a read the commit of the entries in
+    // flight when it arrives.
+    let last_log = raft.metrics().borrow().last_log_index;
     match raft.get_read_log_id().await {
-        Ok((read, _applied)) => Ok(read.map(|l| l.index)),
+        Ok((read, _applied)) => Ok(read.map(|l| l.index).max(last_log)),
         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
             Err(Refused::NotLeader {
                 leader: f.leader_id,
