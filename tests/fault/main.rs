@@ -292,6 +292,70 @@ async fn all_nodes_killed_at_once_keep_every_acknowledged_message() {
     assert_clean(&history, &subscribers);
 }
 
+/// Scenario 5b: the same whole-stack crash with an entity written through the leader: its old
+/// leader comes back as leader without an election, and linearizable reads on every node, from
+/// the moment each answers, never return a version older than one acknowledged before the crash
+/// (issue 19, finding 1).
+#[tokio::test(flavor = "multi_thread")]
+async fn linearizable_reads_after_all_nodes_were_killed_see_every_acknowledged_write() {
+    let Some(stack) = stack("sb-fault-kill-all-reads") else {
+        return;
+    };
+    let first = leader(&stack).await;
+    let writer = connect(&stack, first).await;
+    let mut acknowledged = 0;
+    for n in 0..200 {
+        acknowledged = writer
+            .update_entity(switchboard_client::EntityUpdate::new(
+                "contact",
+                "1",
+                serde_json::json!({ "n": n }),
+            ))
+            .await
+            .expect("an update through the leader")
+            .version;
+    }
+    drop(writer);
+    for node in NODES {
+        stack.kill9(node).expect("kill -9");
+    }
+    // The old leader first, then the others; each is read from the moment it answers.
+    let mut readers = Vec::new();
+    for i in [first, (first + 1) % NODES.len(), (first + 2) % NODES.len()] {
+        stack.compose(&["start", NODES[i]]).expect("start");
+        let url = stack.url(i);
+        readers.push(tokio::spawn(async move {
+            let deadline = Instant::now() + CATCH_UP_DEADLINE;
+            let mut answered = Vec::new();
+            while answered.len() < 20 {
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} answered {} linearizable reads in time",
+                    i + 1,
+                    answered.len()
+                );
+                let Ok(client) = Client::connect(url.clone()).await else {
+                    continue;
+                };
+                match client.get_entity("contact", "1", None).await {
+                    Ok(read) => answered.push(read.into_entity().map_or(0, |e| e.version)),
+                    Err(e) if e.code() == tonic::Code::NotFound => answered.push(0),
+                    // Not serving yet: ask again shortly.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            (i + 1, answered)
+        }));
+    }
+    for reader in readers {
+        let (id, versions) = reader.await.expect("reader");
+        assert!(
+            versions.iter().all(|v| *v >= acknowledged),
+            "node {id} read versions {versions:?} after {acknowledged} was acknowledged"
+        );
+    }
+}
+
 /// Publishes `ids` in order through `clients`, recording each ack; returns the highest offset.
 async fn publish_all(
     clients: &[(usize, Client)],
