@@ -310,6 +310,8 @@ async fn a_node_without_a_majority_refuses_writes_and_linearizable_reads_but_ser
     .expect("the read is answered within the deadline")
     .expect_err("a linearizable read needs a leader confirmed by a majority");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    // Said in terms of the read (issue 19: it used to speak of writes).
+    assert!(!refused.to_string().contains("write"), "{refused}");
 
     let stale = client
         .get_entity_consistency("contact", "7", None, true)

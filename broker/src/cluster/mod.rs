@@ -275,7 +275,7 @@ impl Leader {
                 "a read index request",
                 frame,
                 |mut c, r| async move { c.read_index(r).await },
-                move || async move { read_index_here(&raft).await.map_err(local_error) },
+                move || async move { read_index_here(&raft).await.map_err(read_error) },
             )
             .await?;
         let Some(index) = index else { return Ok(()) };
@@ -338,6 +338,22 @@ fn refused_error(refused: Refused, asked: u64) -> BrokerError {
             message,
         },
         Refused::Failed(message) => BrokerError::Consensus(message),
+    }
+}
+
+/// A read index refused on this node itself: said in terms of the read, not of writes.
+fn read_error(refused: Refused) -> BrokerError {
+    match refused {
+        Refused::NotLeader { leader } => BrokerError::LeaderUnavailable {
+            reason: Reason::NoLeader,
+            message: "no leader could confirm with a majority that it still leads, so a \
+                      linearizable read cannot be answered now (a stale_ok read is answered from \
+                      this node's own state)"
+                .into(),
+            leader,
+            leader_address: None,
+        },
+        other => local_error(other),
     }
 }
 
