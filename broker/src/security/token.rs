@@ -783,15 +783,28 @@ fn numeric_date(claim: &str, value: &Value) -> Result<Duration, TokenError> {
     let Value::Number(number) = value else {
         return Err(invalid());
     };
-    if let Some(seconds) = number.as_u64() {
-        return Ok(Duration::from_secs(seconds));
+    let seconds = match number.as_u64() {
+        Some(seconds) => seconds as f64,
+        None => number
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .ok_or_else(invalid)?,
+    };
+    // A date past what the clock can hold (2^63 seconds overflowed `SystemTime` and panicked
+    // the request, issue 20) is no date a token needs.
+    if seconds > MAX_NUMERIC_DATE.as_secs_f64() {
+        return Err(TokenError::ClaimsInvalid(format!(
+            "`{claim}` is after the year 9999"
+        )));
     }
-    number
-        .as_f64()
-        .filter(|f| f.is_finite() && *f >= 0.0)
-        .and_then(|f| Duration::try_from_secs_f64(f).ok())
-        .ok_or_else(invalid)
+    match number.as_u64() {
+        Some(seconds) => Ok(Duration::from_secs(seconds)),
+        None => Duration::try_from_secs_f64(seconds).map_err(|_| invalid()),
+    }
 }
+
+/// The latest NumericDate a claim may hold: 9999-12-31T23:59:59Z.
+const MAX_NUMERIC_DATE: Duration = Duration::from_secs(253_402_300_799);
 
 /// A subject: 1 to [`MAX_SUBJECT_LEN`] bytes without control characters.
 fn check_subject(claim: &str, subject: String) -> Result<String, TokenError> {
@@ -1644,7 +1657,7 @@ mod tests {
         /// A validly signed token with arbitrary claim values is judged without panicking.
         #[test]
         fn arbitrary_signed_claims_never_panic(
-            exp in proptest::prelude::any::<i64>(),
+            exp in proptest::prelude::any::<u64>(),
             nbf in proptest::prelude::any::<f64>(),
             sub in ".{0,20}",
             publish in proptest::collection::vec("[a-z*>$.]{0,8}", 0..3),
@@ -1652,6 +1665,24 @@ mod tests {
             let claims = json!({"sub": sub, "exp": exp, "nbf": nbf, "iss": "https://idp.example.com",
                                 "aud": "switchboard", "sb": {"publish": publish}});
             let _ = hs_verifier().verify_at(&hs(&claims), now());
+        }
+    }
+
+    #[test]
+    fn a_date_beyond_the_clock_is_refused_not_a_panic() {
+        let v = hs_verifier();
+        for exp in [
+            json!(1u64 << 63),
+            json!(u64::MAX),
+            json!(1e300),
+            json!(253_402_300_800u64),
+        ] {
+            let claims = json!({"sub": "alice", "exp": exp, "iss": "https://idp.example.com",
+                                "aud": "switchboard"});
+            match v.verify_at(&hs(&claims), now()) {
+                Err(TokenError::ClaimsInvalid(why)) => assert!(why.contains("9999"), "{why}"),
+                other => panic!("exp {exp}: {other:?}"),
+            }
         }
     }
 
