@@ -464,3 +464,59 @@ async fn subscriptions_past_a_limit_are_refused_with_resource_exhausted() {
     };
     assert_eq!(err.code(), Code::ResourceExhausted);
 }
+
+#[tokio::test]
+async fn a_message_that_expires_while_held_for_a_credit_is_never_delivered() {
+    let f = fixture(&[]).await;
+    let mut client = raw(f.broker.url()).await;
+    let mut request = subscribe("held.>");
+    request.max_unacked = 1;
+    let (mut events, sub) = open(&mut client, request).await;
+    let first = f
+        .client
+        .publish(switchboard_client::Publish::new("held.a", "{}"))
+        .await
+        .unwrap()
+        .offset;
+    f.client
+        .publish(
+            switchboard_client::Publish::new("held.b", "{}")
+                .ttl(std::time::Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(message(next(&mut events).await).offset, first);
+    // The second waits for a credit until it has expired (History no longer returns it).
+    eventually("the short-lived message to expire", || async {
+        let left = f
+            .client
+            .history_all(
+                switchboard_client::HistoryQuery::new("held.b")
+                    .from(switchboard_client::Start::Earliest),
+                10,
+            )
+            .await
+            .ok()?;
+        left.is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+    client
+        .ack(pb::AckRequest {
+            subscription_id: sub.subscription_id,
+            offsets: vec![first],
+        })
+        .await
+        .unwrap();
+    let last = f
+        .client
+        .publish(switchboard_client::Publish::new("held.c", "{}"))
+        .await
+        .unwrap()
+        .offset;
+    assert_eq!(
+        message(next(&mut events).await).offset,
+        last,
+        "the expired message is skipped"
+    );
+}

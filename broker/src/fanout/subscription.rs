@@ -192,6 +192,11 @@ impl Feeder<'_> {
         skipped: u64,
     ) -> Result<(), End> {
         self.wait_for_credit().await?;
+        // It may have expired while it waited for a credit (or in the throttle): an expired
+        // message is never delivered (issue 20).
+        if message.is_expired(now_us()) {
+            return Ok(());
+        }
         {
             let mut flight = self.control.flight();
             flight.delivered += 1;
