@@ -517,6 +517,30 @@ async fn reflection_lists_and_describes_the_switchboard_services() {
     };
     assert!(mentions(b"switchboard/v1/broker.proto"));
     assert!(mentions(b"Publish"));
+
+    // The error details every refusal carries, so grpcurl can decode them (issue 20).
+    for symbol in [
+        "google.rpc.ErrorInfo",
+        "google.rpc.RetryInfo",
+        "google.rpc.Status",
+    ] {
+        let MessageResponse::FileDescriptorResponse(files) = reflect(
+            &mut client,
+            MessageRequest::FileContainingSymbol(symbol.to_owned()),
+        )
+        .await
+        else {
+            panic!("FileContainingSymbol({symbol}) answered with something else");
+        };
+        let name = symbol.rsplit('.').next().unwrap().as_bytes();
+        assert!(
+            files
+                .file_descriptor_proto
+                .iter()
+                .any(|file| file.windows(name.len()).any(|w| w == name)),
+            "{symbol}"
+        );
+    }
 }
 
 #[tokio::test]
