@@ -91,6 +91,15 @@ pub enum BrokerError {
         /// What was asked for.
         message: String,
     },
+    /// What the request asks is not offered (a gateway path asked with another method).
+    /// UNIMPLEMENTED.
+    #[error("{message}")]
+    Unsupported {
+        /// Which.
+        reason: Reason,
+        /// What was asked.
+        message: String,
+    },
     /// This node cannot accept writes now: there is no leader, or it is another node. UNAVAILABLE.
     #[error("no leader is available to accept writes{}", leader_hint(.leader))]
     NotLeader {
@@ -187,7 +196,8 @@ impl BrokerError {
             BrokerError::EntityNotFound { .. } => Reason::EntityNotFound,
             BrokerError::Exhausted { reason, .. }
             | BrokerError::Precondition { reason, .. }
-            | BrokerError::NotFound { reason, .. } => *reason,
+            | BrokerError::NotFound { reason, .. }
+            | BrokerError::Unsupported { reason, .. } => *reason,
             BrokerError::NotLeader { .. } => Reason::NotLeader,
             BrokerError::LeaderUnavailable { reason, .. } => *reason,
             BrokerError::NoQuorum { .. } => Reason::NoQuorum,
@@ -282,6 +292,7 @@ impl BrokerError {
             BrokerError::EntityNotFound { .. } | BrokerError::NotFound { .. } => Code::NotFound,
             BrokerError::Exhausted { .. } => Code::ResourceExhausted,
             BrokerError::Precondition { .. } => Code::FailedPrecondition,
+            BrokerError::Unsupported { .. } => Code::Unimplemented,
             BrokerError::NotLeader { .. }
             | BrokerError::LeaderUnavailable { .. }
             | BrokerError::NoQuorum { .. }

@@ -97,6 +97,8 @@ reasons! {
     EntityNotFound => "ENTITY_NOT_FOUND",
     /// The browser gateway has no such path (NOT_FOUND).
     EndpointNotFound => "ENDPOINT_NOT_FOUND",
+    /// A browser gateway path asked with a method it does not take (UNIMPLEMENTED; HTTP 405).
+    MethodNotAllowed => "METHOD_NOT_ALLOWED",
     // Subscriptions and durable consumers.
     /// Too many subscriptions on the connection or the node (RESOURCE_EXHAUSTED).
     SubscriptionLimit => "SUBSCRIPTION_LIMIT",

@@ -284,6 +284,17 @@ async fn entities_answer_304_when_unchanged_and_412_on_a_stale_if_match() {
     .unwrap();
     assert_eq!(nowhere.status, 404, "{nowhere:?}");
     assert_eq!(body(&nowhere)["reason"], json!("ENDPOINT_NOT_FOUND"));
+    // A known path with another method: 405, with a JSON body (it used to be empty).
+    let wrong_method = http_request(
+        "DELETE",
+        &format!("{}/v1/publish", base(&f.broker)),
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(wrong_method.status, 405, "{wrong_method:?}");
+    assert_eq!(body(&wrong_method)["reason"], json!("METHOD_NOT_ALLOWED"));
 }
 
 #[tokio::test]

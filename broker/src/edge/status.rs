@@ -23,6 +23,7 @@ pub(crate) fn http_status(code: Code, reason: &str) -> u16 {
     match code {
         Code::Ok => 200,
         Code::Aborted if reason == Reason::VersionConflict.as_str() => 412,
+        Code::Unimplemented if reason == Reason::MethodNotAllowed.as_str() => 405,
         Code::InvalidArgument | Code::OutOfRange => 400,
         Code::Unauthenticated => 401,
         Code::PermissionDenied => 403,

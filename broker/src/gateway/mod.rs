@@ -97,6 +97,8 @@ impl Gateway {
             // Without this, an unknown /v1/ path would reach the gRPC fallback, whose answer
             // (HTTP 200 with grpc-status 12) a browser would take for success.
             .route("/v1/{*rest}", axum::routing::any(not_found))
+            // A known path asked with another method: a JSON error like every other.
+            .method_not_allowed_fallback(method_not_allowed)
             .with_state(self)
     }
 
@@ -138,6 +140,18 @@ async fn not_found(request: axum::extract::Request) -> HttpError {
         message: format!(
             "no gateway endpoint at {} (see docs/GATEWAY.md)",
             crate::error::shorten(request.uri().path())
+        ),
+    })
+}
+
+/// A known path asked with a method it does not take.
+async fn method_not_allowed(request: axum::extract::Request) -> HttpError {
+    HttpError::from(BrokerError::Unsupported {
+        reason: Reason::MethodNotAllowed,
+        message: format!(
+            "{} does not take {} (see docs/GATEWAY.md)",
+            crate::error::shorten(request.uri().path()),
+            crate::error::shorten(request.method().as_str()),
         ),
     })
 }
