@@ -87,30 +87,39 @@ async fn state(client: &Client) -> (u64, serde_json::Value, Vec<(u64, String)>) 
     (entity.version, fields, stored)
 }
 
-#[tokio::test]
-async fn a_crash_after_snapshots_recovers_the_same_state_in_place_and_a_clean_stop_needs_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    // Snapshots every 10 entries, so the crash comes after several of them and a rebuild must load
-    // the latest one and apply only the log after it.
-    let config = dir.path().join("switchboard.toml");
+/// A config file in `dir` that takes a snapshot every 10 log entries; its path.
+fn snapshots_every_10_entries(dir: &std::path::Path) -> String {
+    let config = dir.join("switchboard.toml");
     std::fs::write(&config, "[raft]\nsnapshot_every_entries = 10\n").unwrap();
-    let config = config.to_str().unwrap().to_owned();
-    let args = ["--config", config.as_str()];
-    let mut f = fixture(&args).await;
+    config.to_str().unwrap().to_owned()
+}
 
-    // Entity merges count versions: applying any entry twice would show.
+/// Updates entity `contact.1` 35 times (its `calls` field 0 to 34). Entity merges count
+/// versions: applying any entry twice would show in the version.
+async fn update_one_entity_35_times(client: &Client) {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
     for i in 0..35u64 {
-        f.client
+        client
             .update_entity(
                 EntityUpdate::new("contact", "1", json!({ "calls": i })).stamp(t + i, 1, "crm"),
             )
             .await
             .unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_crash_after_snapshots_recovers_the_same_state_in_place_and_a_clean_stop_needs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Snapshots every 10 entries, so the crash comes after several of them and a rebuild must load
+    // the latest one and apply only the log after it.
+    let config = snapshots_every_10_entries(dir.path());
+    let args = ["--config", config.as_str()];
+    let mut f = fixture(&args).await;
+    update_one_entity_35_times(&f.client).await;
     let original = f
         .client
         .publish(Publish::new("orders.placed", "{}").idempotency_key("order-1"))
@@ -171,23 +180,10 @@ fn flip(path: &std::path::Path, at: usize) {
 #[tokio::test]
 async fn damaged_snapshot_files_and_a_lost_state_store_are_repaired_or_refused_never_trusted() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("switchboard.toml");
-    std::fs::write(&config, "[raft]\nsnapshot_every_entries = 10\n").unwrap();
-    let config = config.to_str().unwrap().to_owned();
+    let config = snapshots_every_10_entries(dir.path());
     let args = ["--config", config.as_str()];
     let mut f = fixture(&args).await;
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    for i in 0..35u64 {
-        f.client
-            .update_entity(
-                EntityUpdate::new("contact", "1", json!({ "calls": i })).stamp(t + i, 1, "crm"),
-            )
-            .await
-            .unwrap();
-    }
+    update_one_entity_35_times(&f.client).await;
     for i in 0..40 {
         f.client
             .publish(Publish::new(format!("orders.p{i}"), "{}"))
