@@ -291,14 +291,11 @@ impl<S: AppliedState> StateMachine<S> {
         let index = |id: Option<LogId<u64>>| id.map(|id| id.index);
         if index(applied) < index(log.last_purged_log_id) {
             let purged = describe(log.last_purged_log_id);
-            let snapshot = [
-                self.current_or_repair().ok().flatten(),
-                self.newest_whole_snapshot(),
-            ]
-            .into_iter()
-            .flatten()
-            .filter(|meta| index(meta.last_log_id) >= index(log.last_purged_log_id))
-            .max_by_key(|meta| meta.last_log_id);
+            // The newest whole file, whatever `current` says: it is `current`'s own file when
+            // that one is whole and newest.
+            let snapshot = self
+                .newest_whole_snapshot()
+                .filter(|meta| index(meta.last_log_id) >= index(log.last_purged_log_id));
             let Some(meta) = snapshot else {
                 anyhow::bail!(
                     "the state store (state/db) holds the state after log entry {} but the raft \

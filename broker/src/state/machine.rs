@@ -85,18 +85,14 @@ impl BrokerState {
         // undone sweep points into files again.
         let tree = store::tree(&db)?;
         let undo = UndoFile::open(dir)?;
-        let meta = |tree: &sled::Tree| -> Result<Option<sled::IVec>, BrokerError> {
-            Ok(store::meta(tree)?)
-        };
-        let applied = |meta: Option<&[u8]>| -> Result<Option<u64>, BrokerError> {
-            Ok(match meta {
+        let meta = store::meta(&tree)?;
+        let mut whole = SledSync::take_clean_stop(dir, meta.as_deref())?;
+        if !whole && !tree.is_empty() {
+            let applied = match &meta {
                 Some(bytes) => position::decode(bytes)?.0.last_applied.map(|l| l.index),
                 None => None,
-            })
-        };
-        let mut whole = SledSync::take_clean_stop(dir, meta(&tree)?.as_deref())?;
-        if !whole && !tree.is_empty() {
-            match undo.after_crash(applied(meta(&tree)?.as_deref())?) {
+            };
+            match undo.after_crash(applied) {
                 AfterCrash::Undoable(images) => {
                     if !images.is_empty() {
                         tracing::warn!(
@@ -117,12 +113,12 @@ impl BrokerState {
         }
         let store = MessageStore::open(&db, &dir.join("batches"))?;
         let sync = Arc::new(SledSync::open(db, store.clone(), dir)?);
+        let (bookkeeping, position) = position::load(&store)?;
         if whole || store.is_empty() {
             // What the store holds is in the files now: the undo log starts over from it.
             sync.write_out()?;
-            undo.restart(applied(store.meta()?.as_deref())?)?;
+            undo.restart(bookkeeping.last_applied.map(|l| l.index))?;
         }
-        let (bookkeeping, position) = position::load(&store)?;
         let state = BrokerState {
             store,
             position,

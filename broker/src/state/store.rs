@@ -316,7 +316,7 @@ impl MessageStore {
     /// # Errors
     /// The embedded store's error.
     pub fn meta(&self) -> Result<Option<sled::IVec>, BrokerError> {
-        Ok(self.tree.get(META)?)
+        Ok(meta(&self.tree)?)
     }
 
     /// What each key `batch` writes holds now (its first write's before-image), for the undo
