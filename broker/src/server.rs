@@ -82,8 +82,8 @@ pub struct Broker {
     /// The address the internal raft listener is bound to, if this node is clustered.
     pub raft_addr: Option<SocketAddr>,
     trigger: ShutdownTrigger,
-    /// Why raft stopped on this node, once it has (see [`Broker::fatal_error`]).
-    fatal: watch::Receiver<Option<String>>,
+    /// Write admission, which knows why raft stopped once it has (see [`Broker::fatal_error`]).
+    admission: Admission,
     serving: tokio::task::JoinHandle<anyhow::Result<()>>,
     admin: Option<tokio::task::JoinHandle<()>>,
 }
@@ -171,11 +171,9 @@ impl Broker {
 
         let admission = Admission::new(&config.data_dir, config.store.min_free_bytes);
         tokio::spawn(admission.clone().measure_until(signal.clone()));
-        let (fatal_tx, fatal) = watch::channel(None);
         tokio::spawn(watch_for_fatal(
             consensus.raft.clone(),
             admission.clone(),
-            fatal_tx,
             signal.clone(),
         ));
         let rules = config.rules();
@@ -227,7 +225,7 @@ impl Broker {
                     registry: service.registry(),
                     data_dir: config.data_dir.clone(),
                     store: consensus.store.clone(),
-                    admission,
+                    admission: admission.clone(),
                 });
                 let task = tokio::spawn(admin::serve(admin_listener, sources, signal.clone()));
                 (Some(addr), Some(task))
@@ -335,7 +333,7 @@ impl Broker {
             admin_addr,
             raft_addr,
             trigger,
-            fatal,
+            admission,
             serving,
             admin,
         })
@@ -345,15 +343,7 @@ impl Broker {
     /// the node can then neither write nor vote, and should stop — `main` shuts it down and exits
     /// non-zero so a supervisor restarts it. Never resolves otherwise.
     pub async fn fatal_error(&self) -> String {
-        let mut fatal = self.fatal.clone();
-        let why = match fatal.wait_for(Option::is_some).await {
-            Ok(why) => why.clone(),
-            Err(_) => None,
-        };
-        match why {
-            Some(why) => why,
-            None => std::future::pending().await,
-        }
+        self.admission.stopped().await
     }
 
     /// Begins graceful shutdown.
@@ -375,7 +365,7 @@ impl Broker {
             }
         }
         served?;
-        match self.fatal.borrow().clone() {
+        match self.admission.fatal() {
             Some(why) => Err(anyhow::anyhow!(
                 "stopped because raft failed on this node: {why}"
             )),
@@ -458,42 +448,28 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
 }
 
 /// Watches raft for a fatal stop (a storage error it cannot go on from, or its core ending) until
-/// shutdown: refuses writes from then on and reports why through `fatal`.
-async fn watch_for_fatal(
-    raft: raft::Raft,
-    admission: Admission,
-    fatal: watch::Sender<Option<String>>,
-    mut shutdown: ShutdownSignal,
-) {
+/// shutdown, and tells `admission`, which refuses writes from then on and says why.
+async fn watch_for_fatal(raft: raft::Raft, admission: Admission, mut shutdown: ShutdownSignal) {
     let mut metrics = raft.metrics();
-    loop {
-        let stopped = match &metrics.borrow_and_update().running_state {
-            Err(e) => Some(e.to_string()),
-            Ok(()) => None,
-        };
-        let stopped = match stopped {
-            Some(why) => why,
-            None => {
-                tokio::select! {
-                    changed = metrics.changed() => match changed {
-                        Ok(()) => continue,
-                        Err(_) => "the raft core stopped".to_owned(),
-                    },
-                    _ = shutdown.wait() => return,
-                }
-            }
-        };
-        if shutdown.is_triggered() {
-            return;
+    let stopped = loop {
+        if let Err(e) = &metrics.borrow_and_update().running_state {
+            break e.to_string();
         }
-        tracing::error!(
-            error = %stopped,
-            "raft stopped on this node: writes are refused, and the broker stops so that a supervisor restarts it"
-        );
-        admission.set_fatal(stopped.clone());
-        fatal.send_replace(Some(stopped));
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() {
+                break "the raft core stopped".to_owned();
+            },
+            _ = shutdown.wait() => return,
+        }
+    };
+    if shutdown.is_triggered() {
         return;
     }
+    tracing::error!(
+        error = %stopped,
+        "raft stopped on this node: writes are refused, and the broker stops so that a supervisor restarts it"
+    );
+    admission.set_fatal(stopped);
 }
 
 /// Keeps gRPC health in step with raft: SERVING while this node knows a leader, NOT_SERVING while

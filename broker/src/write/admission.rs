@@ -14,8 +14,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::error::{BrokerError, Reason};
 use crate::message::Item;
@@ -43,8 +45,8 @@ struct Inner {
     admitted_since: AtomicU64,
     /// Whether writes are refused for room (for the log line on each change and for health).
     full: AtomicBool,
-    /// Why raft stopped, once it has.
-    fatal: OnceLock<String>,
+    /// Why raft stopped, once it has (watched by `main`, which then stops the broker).
+    fatal: watch::Sender<Option<String>>,
 }
 
 impl Admission {
@@ -58,7 +60,7 @@ impl Admission {
                 free_bytes: AtomicU64::new(u64::MAX),
                 admitted_since: AtomicU64::new(0),
                 full: AtomicBool::new(false),
-                fatal: OnceLock::new(),
+                fatal: watch::Sender::new(None),
             }),
         }
     }
@@ -146,7 +148,7 @@ impl Admission {
     /// # Errors
     /// [`BrokerError::Consensus`] naming why raft stopped.
     pub(crate) fn check_alive(&self) -> Result<(), BrokerError> {
-        match self.inner.fatal.get() {
+        match &*self.inner.fatal.borrow() {
             Some(why) => Err(BrokerError::Consensus(format!(
                 "raft stopped on this node ({why}); it is exiting to be restarted"
             ))),
@@ -154,9 +156,35 @@ impl Admission {
         }
     }
 
-    /// Records that raft stopped for `why`; from now on every write is refused.
+    /// Records that raft stopped for `why` (the first reason stands); from now on every write
+    /// is refused.
     pub(crate) fn set_fatal(&self, why: String) {
-        let _ = self.inner.fatal.set(why);
+        self.inner.fatal.send_if_modified(|fatal| {
+            let first = fatal.is_none();
+            if first {
+                *fatal = Some(why);
+            }
+            first
+        });
+    }
+
+    /// Why raft stopped, if it has.
+    pub(crate) fn fatal(&self) -> Option<String> {
+        self.inner.fatal.borrow().clone()
+    }
+
+    /// Resolves, with the reason, once raft has stopped; never otherwise.
+    pub(crate) async fn stopped(&self) -> String {
+        let mut fatal = self.inner.fatal.subscribe();
+        // The sender lives as long as `self`, so the wait ends only with a reason.
+        let why = match fatal.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
     }
 
     /// Why writes are refused for room, when they are (for `/healthz`).
