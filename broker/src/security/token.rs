@@ -783,24 +783,24 @@ fn numeric_date(claim: &str, value: &Value) -> Result<Duration, TokenError> {
     let Value::Number(number) = value else {
         return Err(invalid());
     };
-    let seconds = match number.as_u64() {
-        Some(seconds) => seconds as f64,
-        None => number
-            .as_f64()
-            .filter(|f| f.is_finite() && *f >= 0.0)
-            .ok_or_else(invalid)?,
-    };
     // A date past what the clock can hold (2^63 seconds overflowed `SystemTime` and panicked
     // the request, issue 20) is no date a token needs.
-    if seconds > MAX_NUMERIC_DATE.as_secs_f64() {
-        return Err(TokenError::ClaimsInvalid(format!(
-            "`{claim}` is after the year 9999"
-        )));
+    let too_late = || TokenError::ClaimsInvalid(format!("`{claim}` is after the year 9999"));
+    let date = match number.as_u64() {
+        Some(seconds) => Duration::from_secs(seconds),
+        None => {
+            let seconds = number
+                .as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .ok_or_else(invalid)?;
+            // A finite, non-negative number fails only for being too large.
+            Duration::try_from_secs_f64(seconds).map_err(|_| too_late())?
+        }
+    };
+    if date > MAX_NUMERIC_DATE {
+        return Err(too_late());
     }
-    match number.as_u64() {
-        Some(seconds) => Ok(Duration::from_secs(seconds)),
-        None => Duration::try_from_secs_f64(seconds).map_err(|_| invalid()),
-    }
+    Ok(date)
 }
 
 /// The latest NumericDate a claim may hold: 9999-12-31T23:59:59Z.
