@@ -245,6 +245,9 @@ pub struct Limits {
     #[serde(with = "humantime_serde")]
     pub max_ttl: Duration,
     pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
     pub max_metadata_bytes: u32,
 }
 
@@ -918,6 +921,17 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");
+        }
+        if self.limits.max_connections_per_address == 0 {
+            return invalid(
+                "limits.max_connections_per_address",
+                "must be at least 1 (set it to limits.max_connections to bound only the total)",
+            );
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600))
+            .contains(&self.limits.handshake_timeout)
+        {
+            return invalid("limits.handshake_timeout", "must be between 100ms and 1h");
         }
         if !(1024..=1024 * 1024).contains(&self.limits.max_metadata_bytes) {
             return invalid(

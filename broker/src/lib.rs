@@ -55,6 +55,7 @@ pub mod run {
     pub use crate::observability::probe::probe;
     pub use crate::observability::trace::{install_subscriber, Export};
     pub use crate::security::credentials::{generate_client_secret, hash_client_secret};
+    pub use crate::transport::raise_open_file_limit;
 }
 
 /// What the micro-benchmarks in `benches/` measure. Not an API: it changes with the code.

@@ -125,12 +125,16 @@ Examples:
   SWITCHBOARD_RETENTION_MAX_AGE=1d switchboard  # keep messages one day at most
   switchboard --config switchboard.toml --print-config  # check what a file changes
   switchboard --admin-listen off                # no HTTP admin listener (/metrics, /healthz)
+  SWITCHBOARD_LIMITS_MAX_CONNECTIONS_PER_ADDRESS=10000 switchboard   # behind a TCP load balancer
   switchboard hash-secret                       # a token-endpoint client secret and its hash
   SWITCHBOARD_AUTH_HS256_SECRET_FILE=/etc/sb/hs256 SWITCHBOARD_TLS_CERT_FILE=cert.pem \\
     SWITCHBOARD_TLS_KEY_FILE=key.pem switchboard --listen 0.0.0.0:7400   # tokens + TLS (docs/SECURITY.md)
 
 On start the broker prints `listening on ADDR` to stdout once it accepts requests, then
 `admin listening on ADDR` when the admin listener is on (curl http://ADDR/metrics).
+Connections: at most limits.max_connections (10000) open, limits.max_connections_per_address
+(256) from one address; a new one must send its opening (HTTP/2 preface) within
+limits.handshake_timeout (10s). At start the soft open-file limit is raised to the hard one.
 Logs go to stderr. SIGTERM or Ctrl-C stops it gracefully: streams end, in-flight publishes are
 acknowledged, the stores are synced, and it exits 0.
 
@@ -298,6 +302,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     // Before the address is announced: a SIGTERM from then on must stop the broker gracefully.
     let signal = shutdown::os_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
+    // Every connection is a descriptor: the soft limit is often far below what the hard one allows.
+    run::raise_open_file_limit(config.limits.max_connections);
     let broker = Broker::start(config).await?;
     // The lines on stdout: scripts and tests read the bound addresses here.
     println!("listening on {}", broker.local_addr);

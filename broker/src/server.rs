@@ -44,7 +44,7 @@ use crate::shutdown::{self, ShutdownSignal, ShutdownTrigger};
 use crate::state::sled_sync::SledSync;
 use crate::state::store::MessageStore;
 use crate::state::{self, AppliedProgress};
-use crate::transport::{self, LimitedIncoming};
+use crate::transport::{self, ConnectionLimits, LimitedIncoming, PacedIncoming};
 use crate::write::admission::Admission;
 use crate::write::proposer::Proposer;
 use crate::write::sweeper;
@@ -142,7 +142,10 @@ impl Broker {
                 .max_decoding_message_size(max_frame)
                 .max_encoding_message_size(max_frame);
                 let mut stopping = signal.clone();
-                let incoming = TcpIncoming::from(raft_listener).with_nodelay(Some(true));
+                let incoming = PacedIncoming::new(
+                    TcpIncoming::from(raft_listener).with_nodelay(Some(true)),
+                    "raft",
+                );
                 let mut builder = tonic::transport::Server::builder();
                 if let Some(tls) = raft_server_tls {
                     builder = builder.tls_config(tls).context(
@@ -321,13 +324,12 @@ impl Broker {
             // Browsers' fetch and EventSource speak HTTP/1.1 to the gateway.
             .accept_http1(config.gateway.enabled)
             .add_routes(routes);
-        let serving = tokio::spawn(serve(
-            router,
-            listener,
-            config.limits.max_connections,
-            signal,
-            consensus,
-        ));
+        let limits = ConnectionLimits {
+            max: config.limits.max_connections,
+            max_per_address: config.limits.max_connections_per_address,
+            handshake_timeout: config.limits.handshake_timeout,
+        };
+        let serving = tokio::spawn(serve(router, listener, limits, signal, consensus));
         Ok(Broker {
             local_addr,
             admin_addr,
@@ -543,16 +545,14 @@ impl Replicated {
 async fn serve(
     router: Router,
     listener: TcpListener,
-    max_connections: usize,
+    limits: ConnectionLimits,
     signal: ShutdownSignal,
     consensus: Replicated,
 ) -> anyhow::Result<()> {
     let mut stopping = signal.clone();
     // Nagle's algorithm would hold small acks back for the peer's delayed ACK (~40 ms each).
-    let incoming = LimitedIncoming::new(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
-        max_connections,
-    );
+    let incoming =
+        LimitedIncoming::new(TcpIncoming::from(listener).with_nodelay(Some(true)), limits);
     let server =
         router.serve_with_incoming_shutdown(incoming, async move { stopping.wait().await });
     let mut drain_started = signal.clone();

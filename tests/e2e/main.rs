@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod common;
 mod concurrency;
+mod connections;
 mod console;
 mod disk_full;
 mod entities;

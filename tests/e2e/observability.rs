@@ -27,7 +27,7 @@ struct Sample {
 
 /// A parsed `/metrics` page.
 #[derive(Debug)]
-struct Scrape {
+pub(crate) struct Scrape {
     samples: Vec<Sample>,
     types: BTreeMap<String, String>,
 }
@@ -35,7 +35,7 @@ struct Scrape {
 impl Scrape {
     /// The sum of the samples called `name` whose labels include every pair of `labels` (0 when
     /// there is none: a counter not incremented yet is absent).
-    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.samples
             .iter()
             .filter(|s| s.name == name)
@@ -213,7 +213,7 @@ fn parse_prometheus(text: &str) -> Result<Scrape, String> {
     Ok(Scrape { samples, types })
 }
 
-async fn scrape(broker: &BrokerProcess) -> Scrape {
+pub(crate) async fn scrape(broker: &BrokerProcess) -> Scrape {
     let response = http_get(&format!("{}/metrics", broker.admin_url()))
         .await
         .expect("GET /metrics");

@@ -204,6 +204,13 @@ impl BrokerProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The process id of the started process: the broker's, or the wrapper's when started by
+    /// [`BrokerProcess::start_wrapped`] (the broker's too for a wrapper that executes it, like
+    /// `prlimit`). `None` once stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The process id of the wrapper's first child: the broker, when started by
     /// [`BrokerProcess::start_wrapped`].
     pub fn wrapped_pid(&self) -> Option<i32> {

@@ -34,6 +34,7 @@ use crate::fanout::registry::Registry;
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
 use crate::state::AppliedProgress;
+use crate::transport::{is_resource_exhaustion, AcceptPacing};
 
 /// The content type of the Prometheus text exposition format.
 pub(crate) const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -183,10 +184,21 @@ pub(crate) async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown
     let mut stopping = shutdown.clone();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = tokio::task::JoinSet::new();
+    let mut pacing = AcceptPacing::new("admin");
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    pacing.accepted();
+                    accepted
+                }
+                Err(e) if is_resource_exhaustion(&e) => {
+                    let pause = pacing.failed(&e, std::time::Instant::now());
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = stopping.wait() => break,
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "admin accept failed");
                     continue;

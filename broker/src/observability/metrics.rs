@@ -38,8 +38,12 @@ pub(crate) const REDELIVERIES: &str = "switchboard_redeliveries_total";
 pub(crate) const ENTITY_REFUSALS: &str = "switchboard_entity_refusals_total";
 /// Calls refused by authentication, authorization, origin checks and rate limits, by reason.
 pub(crate) const ACCESS_REFUSALS: &str = "switchboard_access_refusals_total";
-/// Connections closed on arrival because `limits.max_connections` were open.
+/// Connections closed on arrival at a connection limit, by limit.
 pub(crate) const CONNECTIONS_REFUSED: &str = "switchboard_connections_refused_total";
+/// Connections closed because their opening did not arrive within `limits.handshake_timeout`.
+pub(crate) const HANDSHAKE_TIMEOUTS: &str = "switchboard_handshake_timeouts_total";
+/// Accepts that failed for want of file descriptors or socket memory, by listener.
+pub(crate) const ACCEPT_ERRORS: &str = "switchboard_accept_errors_total";
 /// Proposal to applied outcome of one log entry, seconds.
 pub(crate) const COMMIT_SECONDS: &str = "switchboard_commit_seconds";
 /// Items in one committed log entry.
@@ -147,7 +151,15 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_REFUSED,
-        "Connections closed on arrival because limits.max_connections were open"
+        "Connections closed on arrival because limits.max_connections (limit=total) or limits.max_connections_per_address (limit=per_address) were open"
+    );
+    describe_counter!(
+        HANDSHAKE_TIMEOUTS,
+        "Connections closed because the client did not send its opening (HTTP/2 preface and SETTINGS, TLS handshake, HTTP/1.1 request head) within limits.handshake_timeout"
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "Accepts that failed for want of file descriptors or socket memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), each followed by a pause, by listener"
     );
     describe_histogram!(
         COMMIT_SECONDS,
@@ -186,9 +198,14 @@ fn describe() {
         SWEEPS,
         SWEPT_MESSAGES,
         AUDIT_SUPPRESSED,
+        HANDSHAKE_TIMEOUTS,
     ] {
         counter!(name).absolute(0);
     }
+    for limit in [ConnectionLimit::Total, ConnectionLimit::PerAddress] {
+        counter!(CONNECTIONS_REFUSED, "limit" => limit.as_str()).absolute(0);
+    }
+    counter!(ACCEPT_ERRORS, "listener" => "public").absolute(0);
     for result in ["accepted", "duplicate"] {
         counter!(PUBLISHES, "result" => result).absolute(0);
     }
@@ -303,9 +320,38 @@ pub(crate) fn access_refused(reason: Reason) {
     counter!(ACCESS_REFUSALS, "reason" => reason.as_str()).increment(1);
 }
 
-/// Counts a connection closed on arrival at the connection limit.
-pub(crate) fn connection_refused() {
-    counter!(CONNECTIONS_REFUSED).increment(1);
+/// The connection limit that refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectionLimit {
+    /// `limits.max_connections`.
+    Total,
+    /// `limits.max_connections_per_address`.
+    PerAddress,
+}
+
+impl ConnectionLimit {
+    /// The `limit` label.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            ConnectionLimit::Total => "total",
+            ConnectionLimit::PerAddress => "per_address",
+        }
+    }
+}
+
+/// Counts a connection closed on arrival at a connection limit.
+pub(crate) fn connection_refused(limit: ConnectionLimit) {
+    counter!(CONNECTIONS_REFUSED, "limit" => limit.as_str()).increment(1);
+}
+
+/// Counts a connection closed for not sending its opening in time.
+pub(crate) fn handshake_timeout() {
+    counter!(HANDSHAKE_TIMEOUTS).increment(1);
+}
+
+/// Counts an accept that failed for want of resources on the listener named `listener`.
+pub(crate) fn accept_error(listener: &'static str) {
+    counter!(ACCEPT_ERRORS, "listener" => listener).increment(1);
 }
 
 /// Records one committed log entry: how many items it carried and how long from proposal to

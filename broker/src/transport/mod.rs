@@ -1,20 +1,33 @@
-//! The public listener's transport: TLS from the settings, and the bound on open connections.
+//! The listeners' transport: TLS from the settings, the bounds on open connections and on how long
+//! a new one may take to open, and accept loops that pause rather than spin when out of descriptors.
 
+mod accept;
+mod handshake;
+mod nofile;
+
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::config::{Cluster, Tls};
 use crate::observability::metrics;
+pub(crate) use accept::{is_resource_exhaustion, AcceptPacing, PacedIncoming};
+use handshake::Opening;
+pub use nofile::raise_open_file_limit;
 
 /// The listener's TLS settings, or `None` when TLS is off. Reads the PEM files now, so a missing
 /// file stops the start with its name rather than failing every handshake later.
@@ -66,21 +79,62 @@ pub(crate) fn cluster_tls(
     Ok(Some((server, client)))
 }
 
-/// Accepted connections, at most `max` open at once: a connection past the bound is closed as soon
-/// as it is accepted (its client sees the connection reset), so a flood of
-/// connections cannot exhaust file descriptors or memory.
+/// What bounds the public listener's connections (`limits.*`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectionLimits {
+    /// Open connections in all (`limits.max_connections`).
+    pub(crate) max: usize,
+    /// Open connections from one source address (`limits.max_connections_per_address`).
+    pub(crate) max_per_address: usize,
+    /// How long a new connection has to send its opening (`limits.handshake_timeout`).
+    pub(crate) handshake_timeout: Duration,
+}
+
+/// Accepted connections, within [`ConnectionLimits`]: a connection past `max` open, or past
+/// `max_per_address` open from its source address, is closed as soon as it is accepted (its
+/// client sees the connection reset), so a flood of connections cannot exhaust file descriptors
+/// or memory, nor one address take every place. Each connection then has `handshake_timeout` to
+/// send its opening (see [`handshake`]), and is closed if it has not: a socket that never sends a
+/// byte does not hold its place for ever. Accepting pauses while the process is out of file
+/// descriptors (see [`accept`]).
+///
+/// The gRPC services, gRPC-Web and the HTTP gateway share this listener, so all of them are
+/// covered.
 pub(crate) struct LimitedIncoming {
-    inner: TcpIncoming,
+    inner: PacedIncoming<TcpIncoming>,
     open: Arc<Semaphore>,
+    per_address: Arc<OpenPerAddress>,
+    limits: ConnectionLimits,
 }
 
 impl LimitedIncoming {
-    /// Bounds `inner` to `max` open connections.
-    pub(crate) fn new(inner: TcpIncoming, max: usize) -> LimitedIncoming {
+    /// Bounds `inner` to `limits`.
+    pub(crate) fn new(inner: TcpIncoming, limits: ConnectionLimits) -> LimitedIncoming {
         LimitedIncoming {
-            inner,
-            open: Arc::new(Semaphore::new(max)),
+            inner: PacedIncoming::new(inner, "public"),
+            open: Arc::new(Semaphore::new(limits.max)),
+            per_address: Arc::new(OpenPerAddress::default()),
+            limits,
         }
+    }
+
+    /// A place for `stream` under both bounds, or the bound that refuses it.
+    fn admit(&self, stream: &TcpStream) -> Result<Places, metrics::ConnectionLimit> {
+        let open = Arc::clone(&self.open)
+            .try_acquire_owned()
+            .map_err(|_| metrics::ConnectionLimit::Total)?;
+        // Without a peer address (the socket is already gone) only the total bound applies.
+        let address = match stream.peer_addr() {
+            Ok(peer) => Some(
+                OpenPerAddress::enter(&self.per_address, peer.ip(), self.limits.max_per_address)
+                    .ok_or(metrics::ConnectionLimit::PerAddress)?,
+            ),
+            Err(_) => None,
+        };
+        Ok(Places {
+            _open: open,
+            _address: address,
+        })
     }
 }
 
@@ -94,16 +148,21 @@ impl Stream for LimitedIncoming {
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 Some(Ok(stream)) => stream,
             };
-            match Arc::clone(&self.open).try_acquire_owned() {
-                Ok(permit) => {
+            match self.admit(&stream) {
+                Ok(places) => {
                     return Poll::Ready(Some(Ok(LimitedStream {
                         stream,
-                        _open: permit,
+                        _places: places,
+                        handshake: Some(Handshake {
+                            opening: Opening::new(),
+                            deadline: Box::pin(tokio::time::sleep(self.limits.handshake_timeout)),
+                            expired: false,
+                        }),
                     })))
                 }
-                Err(_) => {
-                    metrics::connection_refused();
-                    tracing::debug!(peer = ?stream.peer_addr().ok(), "connection limit reached; closing a new connection");
+                Err(limit) => {
+                    metrics::connection_refused(limit);
+                    tracing::debug!(peer = ?stream.peer_addr().ok(), limit = limit.as_str(), "connection limit reached; closing a new connection");
                     drop(stream);
                 }
             }
@@ -111,10 +170,69 @@ impl Stream for LimitedIncoming {
     }
 }
 
-/// An accepted connection holding its place under the bound until it closes.
+/// Open connections per source address. Only addresses with a connection open have an entry, so
+/// it holds at most `limits.max_connections` of them.
+#[derive(Debug, Default)]
+struct OpenPerAddress(Mutex<HashMap<IpAddr, usize>>);
+
+impl OpenPerAddress {
+    /// Takes a place for a connection from `address`, unless `max` are open from it.
+    fn enter(this: &Arc<OpenPerAddress>, address: IpAddr, max: usize) -> Option<AddressPlace> {
+        // An IPv4 client of a dual-stack listener is one address whichever way it is written.
+        let address = address.to_canonical();
+        let mut open = this.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.get(&address).copied().unwrap_or(0);
+        if count >= max {
+            return None;
+        }
+        open.insert(address, count + 1);
+        Some(AddressPlace {
+            open: Arc::clone(this),
+            address,
+        })
+    }
+}
+
+/// A connection's place among those of its source address, given back when it closes.
+#[derive(Debug)]
+struct AddressPlace {
+    open: Arc<OpenPerAddress>,
+    address: IpAddr,
+}
+
+impl Drop for AddressPlace {
+    fn drop(&mut self) {
+        let mut open = self.open.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// A connection's places under the bounds, held until it closes.
+struct Places {
+    _open: OwnedSemaphorePermit,
+    _address: Option<AddressPlace>,
+}
+
+/// A new connection's opening and the deadline for it; dropped once the opening is complete.
+struct Handshake {
+    opening: Opening,
+    deadline: Pin<Box<Sleep>>,
+    /// The deadline passed (counted once; every later read fails too).
+    expired: bool,
+}
+
+/// An accepted connection holding its place under the bounds until it closes. Until the client
+/// has sent its opening, a read fails (`TimedOut`) once the handshake deadline has passed, which
+/// ends the connection — whether hyper or the TLS handshake is reading.
 pub(crate) struct LimitedStream {
     stream: TcpStream,
-    _open: OwnedSemaphorePermit,
+    _places: Places,
+    handshake: Option<Handshake>,
 }
 
 impl Connected for LimitedStream {
@@ -133,7 +251,30 @@ impl AsyncRead for LimitedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        let Some(handshake) = &mut this.handshake else {
+            return Pin::new(&mut this.stream).poll_read(cx, buf);
+        };
+        // Polled first, so the deadline wakes the reader even while no byte arrives, and a client
+        // trickling bytes is closed at the deadline too.
+        if handshake.deadline.as_mut().poll(cx).is_ready() {
+            if !handshake.expired {
+                handshake.expired = true;
+                metrics::handshake_timeout();
+                tracing::debug!(peer = ?this.stream.peer_addr().ok(), "no complete opening within limits.handshake_timeout; closing the connection");
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client did not send its opening within limits.handshake_timeout",
+            )));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
+        if handshake.opening.feed(&buf.filled()[before..]) {
+            // Established: from here on the connection may stay idle as long as it likes.
+            this.handshake = None;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
