@@ -434,7 +434,8 @@ pub struct TokenEndpoint {
     pub audience: String,
     pub max_concurrent_checks: usize,
     pub max_waiting_checks: usize,
-    pub per_client: RateLimit,
+    pub failures_per_client_address: RateLimit,
+    pub per_connection: RateLimit,
 }
 
 /// TLS on the public listener; off while `cert_file` is empty.
@@ -901,7 +902,14 @@ impl Config {
             );
         }
         let rates = [
-            ("auth.token_endpoint.per_client", &endpoint.per_client),
+            (
+                "auth.token_endpoint.failures_per_client_address",
+                &endpoint.failures_per_client_address,
+            ),
+            (
+                "auth.token_endpoint.per_connection",
+                &endpoint.per_connection,
+            ),
             ("rate_limits.per_principal", &self.rate_limits.per_principal),
             (
                 "rate_limits.per_connection",

@@ -469,14 +469,15 @@ fn hash_secret(secret: &str) -> String {
     line.trim_matches('"').to_owned()
 }
 
-fn token_endpoint_settings(dir: &Path, per_client: &str) -> String {
+/// Token-endpoint settings with one client, `crm-panel`, and `limits` (its rate-limit lines).
+fn token_endpoint_settings(dir: &Path, limits: &str) -> String {
     let signing = dir.join("signing.key");
     std::fs::write(&signing, "a token-endpoint signing secret, 32+ bytes").unwrap();
     format!(
         r#"
 [auth.token_endpoint]
 signing_key_file = {signing:?}
-per_client = {per_client}
+{limits}
 
 [[auth.token_endpoint.clients]]
 id = "crm-panel"
@@ -492,7 +493,11 @@ scope = {{ publish = ["crm.>"], subscribe = ["crm.>"] }}
 #[tokio::test]
 async fn the_token_endpoint_mints_scoped_tokens_for_configured_clients() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = token_endpoint_settings(dir.path(), "{ per_second = 100.0, burst = 100 }");
+    let settings = token_endpoint_settings(
+        dir.path(),
+        "failures_per_client_address = { per_second = 100.0, burst = 100 }\n\
+         per_connection = { per_second = 100.0, burst = 100 }",
+    );
     let secured = start(&settings, false);
     let url = secured.broker.url();
     let mut auth = AuthClient::new(channel(url.clone()).await);
@@ -566,7 +571,10 @@ async fn the_token_endpoint_mints_scoped_tokens_for_configured_clients() {
 #[tokio::test]
 async fn token_requests_are_rate_limited_before_any_hashing() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = token_endpoint_settings(dir.path(), "{ per_second = 0.01, burst = 2 }");
+    let settings = token_endpoint_settings(
+        dir.path(),
+        "failures_per_client_address = { per_second = 0.01, burst = 2 }",
+    );
     let secured = start(&settings, false);
     let mut auth = AuthClient::new(channel(secured.broker.url()).await);
     let request = pb::IssueTokenRequest {
@@ -585,6 +593,71 @@ async fn token_requests_are_rate_limited_before_any_hashing() {
         .unwrap();
     assert!(hint > 0, "a retry hint: {hint}");
     assert!(limited.get_details_retry_info().is_some());
+}
+
+/// A gRPC connection to `url` from the local address `from` (any 127.x.y.z reaches a broker on
+/// 127.0.0.1, from an address of its own).
+async fn channel_from(url: String, from: [u8; 4]) -> Channel {
+    tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .local_address(Some(std::net::IpAddr::from(from)))
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn failed_secrets_from_one_address_do_not_lock_the_client_out_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = token_endpoint_settings(
+        dir.path(),
+        "failures_per_client_address = { per_second = 0.01, burst = 2 }\n\
+         per_connection = { per_second = 100.0, burst = 100 }",
+    );
+    let secured = start(&settings, false);
+    let url = secured.broker.url();
+    let issue = |secret: &str| pb::IssueTokenRequest {
+        client_id: "crm-panel".into(),
+        client_secret: secret.into(),
+        ..Default::default()
+    };
+    let right = issue("crm-panel-secret-0123456789");
+    let wrong = issue("wrong-secret-0123456789");
+
+    // The real client, at 127.0.0.2, before and after the attack: right secrets, more of them than
+    // the failure burst, spend nothing.
+    let mut client = AuthClient::new(channel_from(url.clone(), [127, 0, 0, 2]).await);
+    for _ in 0..3 {
+        client
+            .issue_token(right.clone())
+            .await
+            .expect("right secrets take nothing from the failure budget");
+    }
+
+    // Someone at 127.0.0.1 guesses: its failures run out, on any connection from that address.
+    let mut attacker = AuthClient::new(channel_from(url.clone(), [127, 0, 0, 1]).await);
+    for _ in 0..2 {
+        let status = attacker.issue_token(wrong.clone()).await.unwrap_err();
+        assert_refused(status, Code::Unauthenticated, "INVALID_CLIENT");
+    }
+    let limited = attacker.issue_token(wrong.clone()).await.unwrap_err();
+    assert_refused(limited, Code::ResourceExhausted, "RATE_LIMITED");
+    let mut again = AuthClient::new(channel_from(url.clone(), [127, 0, 0, 1]).await);
+    assert_refused(
+        again.issue_token(wrong).await.unwrap_err(),
+        Code::ResourceExhausted,
+        "RATE_LIMITED",
+    );
+
+    // The real client elsewhere is not refused for the failures at 127.0.0.1.
+    for _ in 0..3 {
+        let issued = client
+            .issue_token(right.clone())
+            .await
+            .expect("a right secret from another address gets a token")
+            .into_inner();
+        assert_eq!(issued.token_type, "Bearer");
+    }
 }
 
 #[tokio::test]
@@ -691,13 +764,13 @@ async fn connections_and_metadata_are_bounded() {
 }
 
 /// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, as PEM files.
-struct Pki {
-    ca: String,
+pub(crate) struct Pki {
+    pub(crate) ca: String,
     client_cert: String,
     client_key: String,
 }
 
-fn make_pki(dir: &Path) -> Pki {
+pub(crate) fn make_pki(dir: &Path) -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -801,7 +874,11 @@ async fn the_client_and_sb_work_end_to_end_with_tls_and_client_credentials() {
 
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki(dir.path());
-    let mut settings = token_endpoint_settings(dir.path(), "{ per_second = 100.0, burst = 100 }");
+    let mut settings = token_endpoint_settings(
+        dir.path(),
+        "failures_per_client_address = { per_second = 100.0, burst = 100 }\n\
+         per_connection = { per_second = 100.0, burst = 100 }",
+    );
     settings.push_str(&tls_settings(dir.path(), false));
     let secured = start(&settings, false);
     let url = format!("https://localhost:{}", secured.broker.addr.port());

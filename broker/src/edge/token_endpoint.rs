@@ -1,10 +1,18 @@
 //! The `switchboard.v1.Auth` service: client credentials in, a short-lived scoped token out.
 //!
 //! Checking a secret is an argon2id hash, slow on purpose, so the endpoint guards the broker from
-//! its own cost: calls are rate-limited per client id and per connection before any hashing, at
-//! most `max_concurrent_checks` hashes run at once (on blocking threads, never on the runtime's),
-//! and at most `max_waiting_checks` calls queue for one; beyond that the call is refused at once.
+//! its own cost: calls are rate-limited per connection before any hashing, at most
+//! `max_concurrent_checks` hashes run at once (on blocking threads, never on the runtime's), and at
+//! most `max_waiting_checks` calls queue for one; beyond that the call is refused at once.
+//!
+//! Guessing is limited by failures, per client id and source address
+//! (`failures_per_client_address`): a failure is taken from the budget before the hash (so
+//! concurrent guesses cannot overdraw it) and given back when the secret was right. A budget per
+//! client id alone, charged whatever the outcome, let anyone who knows a client id keep the real
+//! client locked out with one wrong secret a second; now failures at one address refuse that
+//! client id at that address only, and the real client never spends its budget.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -20,13 +28,39 @@ use super::convert;
 use crate::config::{Config, SigningKind};
 use crate::error::{BrokerError, Reason};
 use crate::observability::{audit, metrics};
-use crate::security::credentials::{ClientRegistry, MintRequest, MinterSettings, TokenMinter};
+use crate::security::credentials::{
+    ClientRegistry, MintRequest, MinterSettings, TokenMinter, MAX_CLIENT_ID_LEN,
+};
 use crate::security::permissions::{EntitySpec, PermissionSpec};
-use crate::security::ratelimit::{RateKey, RateLimiter, DEFAULT_SHARDS};
+use crate::security::ratelimit::{RateLimit, RateLimiter, DEFAULT_SHARDS};
 use crate::security::token::VerificationKey;
 
-/// Client ids and connections whose request budgets are tracked at once.
+/// Budgets tracked at once, per kind (client id at an address, connection).
 const MAX_TRACKED: usize = 10_000;
+
+/// Whose failures a failure budget counts: one client id, tried from one source address (`None`
+/// when the transport has no address).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ClientAt {
+    client_id: String,
+    address: Option<IpAddr>,
+}
+
+impl ClientAt {
+    fn new(client_id: &str, peer: Option<SocketAddr>) -> ClientAt {
+        // Every configured id is at most MAX_CLIENT_ID_LEN bytes: longer ones are all unknown, and
+        // share a budget by their first bytes rather than each holding a key as long as a request.
+        let mut end = client_id.len().min(MAX_CLIENT_ID_LEN + 1);
+        while !client_id.is_char_boundary(end) {
+            end -= 1;
+        }
+        ClientAt {
+            client_id: client_id[..end].to_owned(),
+            // An IPv4 client of a dual-stack listener is one address whichever way it is written.
+            address: peer.map(|peer| peer.ip().to_canonical()),
+        }
+    }
+}
 
 /// The configured clients, the signing key and the guards around the hashing.
 struct Endpoint {
@@ -36,7 +70,10 @@ struct Endpoint {
     /// Calls hashing or waiting to; at most `max_pending`.
     pending: AtomicUsize,
     max_pending: usize,
-    budgets: Option<RateLimiter<RateKey>>,
+    /// Failed secret checks per client id and source address; `None` when off.
+    failures: Option<RateLimiter<ClientAt>>,
+    /// Token requests per connection, whatever their outcome; `None` when off.
+    per_connection: Option<RateLimiter<SocketAddr>>,
 }
 
 /// The `switchboard.v1.Auth` service; cheap to clone.
@@ -90,24 +127,38 @@ impl AuthService {
             settings.issuer.clone(),
             settings.audience.clone(),
         );
-        let budgets = if settings.per_client.per_second == 0.0 {
-            None
-        } else {
-            Some(
-                RateLimiter::new(settings.per_client, MAX_TRACKED, DEFAULT_SHARDS)
-                    .context("invalid setting `auth.token_endpoint.per_client`")?,
-            )
-        };
+        let failures = limiter(
+            settings.failures_per_client_address,
+            "auth.token_endpoint.failures_per_client_address",
+        )?;
+        let per_connection = limiter(
+            settings.per_connection,
+            "auth.token_endpoint.per_connection",
+        )?;
         let endpoint = Endpoint {
             clients: Arc::new(clients),
             minter,
             checks: Arc::new(Semaphore::new(settings.max_concurrent_checks)),
             pending: AtomicUsize::new(0),
             max_pending: settings.max_concurrent_checks + settings.max_waiting_checks,
-            budgets,
+            failures,
+            per_connection,
         };
         Ok((PreparedEndpoint(Some(Arc::new(endpoint))), Some(minted)))
     }
+}
+
+/// A limiter of `limit`, or `None` when its rate is 0 (off).
+fn limiter<K: std::hash::Hash + Eq + Clone>(
+    limit: RateLimit,
+    setting: &str,
+) -> anyhow::Result<Option<RateLimiter<K>>> {
+    if limit.per_second == 0.0 {
+        return Ok(None);
+    }
+    RateLimiter::new(limit, MAX_TRACKED, DEFAULT_SHARDS)
+        .map(Some)
+        .with_context(|| format!("invalid setting `{setting}`"))
 }
 
 /// A token endpoint built before the gate that must trust its tokens.
@@ -155,21 +206,23 @@ fn scope_message(spec: PermissionSpec) -> pb::Scope {
 }
 
 impl Endpoint {
+    /// Gives back the failure charged for `attempt`: its secret was right, or was not checked.
+    fn not_a_failure(&self, attempt: &ClientAt) {
+        if let Some(failures) = &self.failures {
+            failures.refund(attempt);
+        }
+    }
+
     async fn issue(
         &self,
         request: pb::IssueTokenRequest,
         peer: Option<std::net::SocketAddr>,
     ) -> Result<pb::IssueTokenResponse, BrokerError> {
-        if let Some(budgets) = &self.budgets {
-            let now = Instant::now();
-            budgets
-                .check(&RateKey::Principal(request.client_id.clone()), now)
+        let now = Instant::now();
+        if let (Some(per_connection), Some(peer)) = (&self.per_connection, peer) {
+            per_connection
+                .check(&peer, now)
                 .map_err(BrokerError::RateLimited)?;
-            if let Some(peer) = peer {
-                budgets
-                    .check(&RateKey::Connection(peer), now)
-                    .map_err(BrokerError::RateLimited)?;
-            }
         }
         // Parsed before the hash: a malformed request costs no hashing.
         let scope = request
@@ -184,8 +237,17 @@ impl Endpoint {
                 .then(|| Duration::from_secs(u64::from(request.ttl_seconds))),
         };
 
+        // A failure is charged now, before the hash, and given back below if the secret was right
+        // (or was never checked).
+        let attempt = ClientAt::new(&request.client_id, peer);
+        if let Some(failures) = &self.failures {
+            failures
+                .check(&attempt, now)
+                .map_err(BrokerError::RateLimited)?;
+        }
         let pending = Pending(&self.pending);
         if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
+            self.not_a_failure(&attempt);
             return Err(BrokerError::Exhausted {
                 reason: Reason::CredentialChecksBusy,
                 message: "too many credential checks are waiting; retry shortly".into(),
@@ -203,7 +265,10 @@ impl Endpoint {
         })
         .await
         .map_err(|e| BrokerError::Consensus(format!("a credential check failed: {e}")))?
+        // A wrong secret (or unknown id) keeps its charge. So does a call whose client went away
+        // during the hash: its outcome was never seen, and hanging up must not undo a guess.
         .map_err(BrokerError::Credential)?;
+        self.not_a_failure(&attempt);
 
         drop(pending);
         let minted = self
@@ -254,5 +319,82 @@ impl AuthRpc for AuthService {
             }
             Err(error) => Err(refused(error, &client_id)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(address: [u8; 4], port: u16) -> Option<SocketAddr> {
+        Some(SocketAddr::from((address, port)))
+    }
+
+    /// The failure budgets as `issue` uses them, without the hashing: failures at one address
+    /// spend that address's budget only, on any connection from it; right secrets spend nothing.
+    #[test]
+    fn failures_are_counted_per_client_and_address() {
+        let failures: RateLimiter<ClientAt> = limiter(
+            RateLimit {
+                per_second: 0.01,
+                burst: 2,
+            },
+            "test",
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("on"));
+        let now = Instant::now();
+        let attacker = ClientAt::new("crm-panel", peer([10, 0, 0, 9], 40_000));
+        for _ in 0..2 {
+            assert!(
+                failures.check(&attacker, now).is_ok(),
+                "a wrong secret, checked"
+            );
+        }
+        assert!(
+            failures.check(&attacker, now).is_err(),
+            "refused before hashing"
+        );
+        let other_port = ClientAt::new("crm-panel", peer([10, 0, 0, 9], 40_001));
+        assert_eq!(
+            other_port, attacker,
+            "a new connection from the address shares it"
+        );
+        assert!(failures.check(&other_port, now).is_err());
+
+        let client = ClientAt::new("crm-panel", peer([10, 0, 0, 7], 50_000));
+        for _ in 0..10 {
+            assert!(
+                failures.check(&client, now).is_ok(),
+                "not refused for 10.0.0.9"
+            );
+            failures.refund(&client);
+        }
+        let other_client = ClientAt::new("billing", peer([10, 0, 0, 9], 40_000));
+        assert!(
+            failures.check(&other_client, now).is_ok(),
+            "another id at the address"
+        );
+    }
+
+    #[test]
+    fn budget_keys_are_canonical_and_bounded() {
+        let v4 = ClientAt::new(
+            "a",
+            Some("10.0.0.9:1".parse().unwrap_or_else(|e| panic!("{e}"))),
+        );
+        let mapped = ClientAt::new(
+            "a",
+            Some(
+                "[::ffff:10.0.0.9]:2"
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ),
+        );
+        assert_eq!(v4, mapped);
+        let long = "é".repeat(10_000);
+        let key = ClientAt::new(&long, None);
+        assert!(key.client_id.len() <= MAX_CLIENT_ID_LEN + 1);
+        assert!(long.starts_with(&key.client_id));
     }
 }

@@ -179,6 +179,17 @@ impl<K: Hash + Eq + Clone> TokenBuckets<K> {
         }
     }
 
+    /// Gives back one call [`TokenBuckets::check`] took from `key`, for a call that turned out not
+    /// to count (a budget of failures, charged before the outcome is known). The bucket never
+    /// holds more than its burst; an unknown key (refilled and swept, or evicted) is left alone.
+    pub(crate) fn refund(&mut self, key: &K) {
+        if let Some(bucket) = self.buckets.get_mut(key) {
+            if let Some(tat) = bucket.tat.checked_sub(self.gcra.interval) {
+                bucket.tat = tat;
+            }
+        }
+    }
+
     /// Drops every bucket that has refilled completely by `now`: each would behave exactly as an
     /// unknown key. Returns how many were dropped.
     pub(crate) fn sweep(&mut self, now: Instant) -> usize {
@@ -274,6 +285,11 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// [`TokenBuckets::check`] for `key`.
     pub(crate) fn check(&self, key: &K, now: Instant) -> Result<(), RetryAfter> {
         self.shard(key).check(key, now)
+    }
+
+    /// [`TokenBuckets::refund`] for `key`.
+    pub(crate) fn refund(&self, key: &K) {
+        self.shard(key).refund(key);
     }
 
     /// [`TokenBuckets::forget`] for `key`.
@@ -417,6 +433,27 @@ mod tests {
         assert_eq!(b.sweep(t0 + ms(3000)), 1);
         assert!(b.is_empty());
         assert!(b.order.is_empty());
+    }
+
+    #[test]
+    fn a_refund_gives_back_one_call_and_never_more_than_the_burst() {
+        let mut b = buckets(1.0, 2, 10);
+        let t0 = Instant::now();
+        assert!(b.check(&1, t0).is_ok());
+        assert!(b.check(&1, t0).is_ok());
+        assert!(b.check(&1, t0).is_err());
+        b.refund(&1);
+        assert!(b.check(&1, t0).is_ok(), "the refunded call");
+        assert!(b.check(&1, t0).is_err());
+        // Refunds beyond what was taken (or for an unknown key) add nothing.
+        for _ in 0..5 {
+            b.refund(&1);
+            b.refund(&2);
+        }
+        assert!(b.check(&1, t0).is_ok());
+        assert!(b.check(&1, t0).is_ok());
+        assert!(b.check(&1, t0).is_err(), "still a burst of 2");
+        assert_eq!(b.len(), 1, "a refund creates no bucket");
     }
 
     #[test]
