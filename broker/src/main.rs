@@ -132,11 +132,13 @@ Examples:
 
 On start the broker prints `listening on ADDR` to stdout once it accepts requests, then
 `admin listening on ADDR` when the admin listener is on (curl http://ADDR/metrics).
-Connections: at most limits.max_connections (10000) open, limits.max_connections_per_address
-(256) from one address; a new one must send its opening (HTTP/2 preface) within
-limits.handshake_timeout (10s). At start the soft open-file limit is raised to the hard one.
 Logs go to stderr. SIGTERM or Ctrl-C stops it gracefully: streams end, in-flight publishes are
 acknowledged, the stores are synced, and it exits 0.
+
+Connections: at most limits.max_connections (10000) open, and limits.max_connections_per_address
+(256) from one source address; a new one must send its opening (the HTTP/2 preface) within
+limits.handshake_timeout (10s). At start the soft open-file limit (nofile) is raised to the hard
+one, with a warning if that is below max_connections + 256.
 
 Talk to it with `sb` (the switchboard-cli crate: cargo build --release --bin sb): sb publish, sb subscribe, sb history, sb info.";
 

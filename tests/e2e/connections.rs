@@ -10,9 +10,10 @@ use switchboard_proto::v1 as pb;
 use switchboard_proto::v1::broker_client::BrokerClient;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::observability::scrape;
+use crate::security::make_pki;
 
 /// Whether the broker has closed `socket` (end of file or reset); what it sent before (its HTTP/2
 /// SETTINGS) is read and dropped.
@@ -125,6 +126,61 @@ async fn silent_connections_are_closed_at_the_deadline_and_bounded_per_address()
         .info(pb::InfoRequest {})
         .await
         .expect("a new client once the stalled sockets are gone");
+}
+
+#[tokio::test]
+async fn over_tls_only_the_opening_is_timed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    let (cert, key) = (file("server.pem"), file("server.key"));
+    let broker = BrokerProcess::start_with_env(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &[],
+        &[
+            ("SWITCHBOARD_TLS_CERT_FILE", cert.as_str()),
+            ("SWITCHBOARD_TLS_KEY_FILE", key.as_str()),
+            ("SWITCHBOARD_LIMITS_HANDSHAKE_TIMEOUT", "1s"),
+        ],
+    )
+    .expect("broker starts with TLS");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{}", broker.addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("a TLS client connects");
+    let mut client = BrokerClient::new(channel);
+    client.info(pb::InfoRequest {}).await.expect("served");
+
+    // A silent socket, and one that stops inside its ClientHello record.
+    let silent = TcpStream::connect(broker.addr).await.unwrap();
+    let mut hello = TcpStream::connect(broker.addr).await.unwrap();
+    hello
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+        .await
+        .unwrap();
+    eventually("the stalled TLS sockets closed at the deadline", || async {
+        (closed_by_broker(&silent) && closed_by_broker(&hello)).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // The TLS client, idle past the deadline, still has its connection.
+    client
+        .info(pb::InfoRequest {})
+        .await
+        .expect("an established TLS connection has no deadline");
+    assert_eq!(
+        counter(&broker, "switchboard_handshake_timeouts_total", &[]).await,
+        2.0,
+        "only the two stalled sockets timed out"
+    );
 }
 
 /// Ticks of CPU time (user and system) the process `pid` has used.
