@@ -275,7 +275,7 @@ async fn at_the_descriptor_limit_accepting_pauses_instead_of_spinning() {
     .await;
     assert!(errors >= 1.0, "accept errors counted: {errors}");
     assert!(
-        broker.log().contains("open-file limit"),
+        broker.log().contains("is below limits.max_connections"),
         "warned at start that nofile is below max_connections:\n{}",
         broker.log()
     );
