@@ -307,3 +307,33 @@ impl AsyncWrite for LimitedStream {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_per_address_are_bounded_and_given_back() {
+        let open = Arc::new(OpenPerAddress::default());
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let first = OpenPerAddress::enter(&open, a, 2);
+        let second = OpenPerAddress::enter(&open, a, 2);
+        assert!(first.is_some() && second.is_some());
+        assert!(
+            OpenPerAddress::enter(&open, a, 2).is_none(),
+            "a third from a"
+        );
+        // The same address written as IPv4-mapped IPv6 is the same address.
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert!(OpenPerAddress::enter(&open, mapped, 2).is_none());
+        let other = OpenPerAddress::enter(&open, b, 2);
+        assert!(other.is_some(), "another address has its own places");
+        drop(first);
+        let again = OpenPerAddress::enter(&open, a, 2);
+        assert!(again.is_some(), "a closed connection gives its place back");
+        drop((second, again, other));
+        let entries = open.0.lock().unwrap_or_else(PoisonError::into_inner).len();
+        assert_eq!(entries, 0, "no entry for an address with nothing open");
+    }
+}
