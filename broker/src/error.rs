@@ -239,7 +239,9 @@ fn denied_reason(e: &PermissionDenied) -> Reason {
         PermissionDenied::ReservedChannel { .. } => Reason::ChannelReserved,
         PermissionDenied::Publish { .. } => Reason::PublishDenied,
         PermissionDenied::Subscribe { .. } => Reason::SubscribeDenied,
-        PermissionDenied::EntityRead { .. } => Reason::EntityReadDenied,
+        PermissionDenied::EntityRead { .. } | PermissionDenied::EntityStateRead { .. } => {
+            Reason::EntityReadDenied
+        }
         PermissionDenied::EntityUpdate { .. } => Reason::EntityUpdateDenied,
         PermissionDenied::Admin => Reason::AdminDenied,
     }
@@ -380,6 +382,9 @@ mod tests {
             },
             PermissionDenied::EntityRead {
                 entity_type: channel.clone(),
+            },
+            PermissionDenied::EntityStateRead {
+                pattern: channel.clone(),
             },
             PermissionDenied::EntityUpdate {
                 entity_type: channel,

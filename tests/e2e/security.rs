@@ -355,11 +355,43 @@ async fn each_permission_is_checked_on_every_call() {
         .watch_entities(with_token(watch("contact.*"), &grant))
         .await
         .expect("a watch over a granted type");
-    let refused = entities
-        .watch_entities(with_token(watch("*.*"), &grant))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // Entity state is granted by `entities.read`, so reading it without is refused as such,
+    // whether watched or subscribed to as `$state.…` (live or as history).
+    assert_refused(
+        entities
+            .watch_entities(with_token(watch("*.*"), &grant))
+            .await
+            .unwrap_err(),
+        Code::PermissionDenied,
+        "ENTITY_READ_DENIED",
+    );
+    for pattern in ["$state.order.>", "$state.*.*", "$state.>"] {
+        let refused = raw
+            .subscribe(with_token(
+                pb::SubscribeRequest {
+                    pattern: pattern.into(),
+                    ..Default::default()
+                },
+                &grant,
+            ))
+            .await
+            .unwrap_err();
+        assert_refused(refused, Code::PermissionDenied, "ENTITY_READ_DENIED");
+        let refused = raw
+            .history(with_token(history(pattern), &grant))
+            .await
+            .unwrap_err();
+        assert_refused(refused, Code::PermissionDenied, "ENTITY_READ_DENIED");
+    }
+    raw.subscribe(with_token(
+        pb::SubscribeRequest {
+            pattern: "$state.contact.>".into(),
+            ..Default::default()
+        },
+        &grant,
+    ))
+    .await
+    .expect("the state of a readable type");
 
     // Durable consumers are visible only to callers who could follow their pattern.
     let durable = raw
