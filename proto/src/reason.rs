@@ -112,6 +112,9 @@ reasons! {
     ConsumerTakenOver => "CONSUMER_TAKEN_OVER",
     /// An unknown flow policy.
     PolicyInvalid => "POLICY_INVALID",
+    /// A subscription's start offset is beyond the next offset (OUT_OF_RANGE; `next_offset`
+    /// metadata).
+    StartBeyondEnd => "START_BEYOND_END",
     // The cluster (UNAVAILABLE unless said otherwise).
     /// No leader can accept the write now; `leader_id` metadata when known.
     NotLeader => "NOT_LEADER",

@@ -242,3 +242,73 @@ async fn a_pattern_of_one_segment_matches_nothing_and_is_refused_on_every_route(
         .await
         .expect("a watch of every entity");
 }
+
+#[tokio::test]
+async fn a_start_beyond_the_next_offset_is_refused_and_the_next_offset_waits() {
+    let f = fixture(&[]).await;
+    let mut raw = BrokerClient::connect(f.broker.url()).await.unwrap();
+    for _ in 0..3 {
+        f.client
+            .publish(Publish::new("orders.created", "{}"))
+            .await
+            .unwrap();
+    }
+    let next = f.client.info().await.unwrap().last_offset + 1;
+    let beyond = (Code::OutOfRange, "START_BEYOND_END".to_owned());
+
+    for start in [next + 1, u64::MAX] {
+        let status = raw
+            .subscribe(subscribe_request("orders.>", Some(Start::Offset(start))))
+            .await
+            .expect_err("a start beyond the end");
+        assert_eq!(refusal(status), beyond, "start {start}");
+    }
+    // A durable consumer is not created from such a start.
+    let durable = pb::SubscribeRequest {
+        durable_name: "from-the-future".into(),
+        ..subscribe_request("orders.>", Some(Start::Offset(next + 1_000)))
+    };
+    assert_eq!(refusal(raw.subscribe(durable).await.unwrap_err()), beyond);
+    assert!(raw
+        .list_consumers(pb::ListConsumersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .consumers
+        .is_empty());
+    // EventSource's `Last-Event-ID` resumes after the id it names: the same rule.
+    let sse = SseStream::open(
+        &format!("http://{}/v1/subscribe?pattern=orders.%3E", f.broker.addr),
+        &[("Last-Event-ID", &u64::MAX.to_string())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(sse.status, 400);
+    let sse = http_request(
+        "GET",
+        &format!(
+            "http://{}/v1/subscribe?pattern=orders.%3E&last_event_id={next}",
+            f.broker.addr
+        ),
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(sse.status, 400, "{sse:?}");
+    assert!(sse.body.contains("\"START_BEYOND_END\""), "{sse:?}");
+
+    // The next offset itself is the live tail: it waits for the next message.
+    let mut at_next = f
+        .client
+        .subscribe("orders.>", Start::Offset(next))
+        .await
+        .unwrap();
+    let ack = f
+        .client
+        .publish(Publish::new("orders.created", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(ack.offset, next);
+    assert_eq!(offsets(&take(&mut at_next, 1).await), vec![next]);
+}
