@@ -447,6 +447,36 @@ mod tests {
     }
 
     #[test]
+    fn the_first_present_offset_skips_removed_and_expired_messages() {
+        let (_dir, store) = temp_store();
+        let mut meta = position::load(&store).unwrap().1;
+        // Offsets 1..=5; 2, 3 and 5 live 1 ms (expire at 2_000), 1 and 4 forever.
+        let ttls = [0, 1, 1, 0, 1];
+        run(
+            &store,
+            &mut meta,
+            publish_command(1_000, ttls.iter().map(|t| message("a.b", *t)).collect()),
+        );
+        assert_eq!(store.first_present_offset(2, 5, 1_999).unwrap(), Some(2));
+        // Expired, not yet swept: gone for readers all the same.
+        assert_eq!(store.first_present_offset(2, 5, 2_000).unwrap(), Some(4));
+        let sweep = Command::Sweep {
+            now_us: 2_000,
+            max_age_us: u64::MAX,
+            max_bytes: u64::MAX,
+            dedup_window_us: 0,
+        };
+        run(&store, &mut meta, sweep);
+        assert_eq!(all_offsets(&store), vec![1, 4]);
+        assert_eq!(store.first_present_offset(0, 5, 2_000).unwrap(), Some(1));
+        assert_eq!(store.first_present_offset(2, 5, 2_000).unwrap(), Some(4));
+        assert_eq!(store.first_present_offset(3, 5, 2_000).unwrap(), Some(4));
+        assert_eq!(store.first_present_offset(2, 3, 2_000).unwrap(), None);
+        assert_eq!(store.first_present_offset(5, 5, 2_000).unwrap(), None);
+        assert_eq!(store.first_present_offset(6, 9, 2_000).unwrap(), None);
+    }
+
+    #[test]
     fn retention_by_age_and_by_bytes_removes_oldest_batches() {
         let (_dir, store) = temp_store();
         let mut meta = position::load(&store).unwrap().1;

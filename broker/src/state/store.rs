@@ -513,6 +513,35 @@ impl MessageStore {
         })
     }
 
+    /// The offset of the first message at or after `from`, and at or before `to`, that is still
+    /// stored and not expired at `now_us` (whatever its channel); `None` when retention or TTL
+    /// removed all of them. Offsets are given to stored messages only, one after the other, so
+    /// every offset below the one returned and from `from` on names a removed message.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn first_present_offset(
+        &self,
+        from: u64,
+        to: u64,
+        now_us: u64,
+    ) -> Result<Option<u64>, BrokerError> {
+        for batch in self.batches_from(from) {
+            for m in batch?.messages {
+                if m.offset < from {
+                    continue;
+                }
+                if m.offset > to {
+                    return Ok(None);
+                }
+                if !m.is_expired(now_us) {
+                    return Ok(Some(m.offset));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The first offset of the first batch published at or after `time_us`, if any.
     ///
     /// # Errors
