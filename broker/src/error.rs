@@ -257,6 +257,7 @@ fn denied_reason(e: &PermissionDenied) -> Reason {
         }
         PermissionDenied::EntityUpdate { .. } => Reason::EntityUpdateDenied,
         PermissionDenied::Admin => Reason::AdminDenied,
+        PermissionDenied::ConsumerNotOwned { .. } => Reason::ConsumerNotOwned,
     }
 }
 
@@ -401,9 +402,10 @@ mod tests {
                 pattern: channel.clone(),
             },
             PermissionDenied::EntityUpdate {
-                entity_type: channel,
+                entity_type: channel.clone(),
             },
             PermissionDenied::Admin,
+            PermissionDenied::ConsumerNotOwned { name: channel },
         ];
         for e in denials {
             assert_eq!(denied_reason(&e).as_str(), e.reason(), "{e:?}");

@@ -48,9 +48,14 @@ impl Edge {
                     start,
                     self.progress.borrow().last_offset,
                 )?,
+                owner: caller.owner(),
             };
             let state = expect_consumer(self.proposer.propose(Item::Consumer(open)).await?)?
                 .ok_or_else(|| BrokerError::Consensus("a consumer was not created".into()))?;
+            // An existing consumer is taken over only by its owner (or an admin); the check is on
+            // the state the log returned, so two principals racing to create a name cannot both
+            // get it.
+            caller.check_consumer_owner(name, state.owner.as_ref())?;
             if state.pattern != pattern.as_str() {
                 return Err(BrokerError::Precondition {
                     reason: Reason::ConsumerInvalid,
@@ -84,6 +89,7 @@ impl Edge {
             pattern: pattern.as_str().to_owned(),
             policy,
             durable,
+            owner: caller.owner(),
             max_unacked,
             peer: caller.peer(),
             acked_floor,

@@ -162,6 +162,15 @@ pub enum PermissionDenied {
     /// Changing cluster membership without the `admin` grant.
     #[error("not allowed to change the cluster's membership (the grant has no `admin`)")]
     Admin,
+    /// Managing a durable consumer another principal created, without the `admin` grant.
+    #[error(
+        "durable consumer {name:?} belongs to another principal; only it (or an `admin`) may \
+         open, acknowledge for or delete it"
+    )]
+    ConsumerNotOwned {
+        /// The consumer's name.
+        name: String,
+    },
     /// Updating an entity type not granted.
     #[error("not allowed to update entities of type {entity_type:?}")]
     EntityUpdate {
@@ -182,6 +191,7 @@ impl PermissionDenied {
             }
             PermissionDenied::EntityUpdate { .. } => "ENTITY_UPDATE_DENIED",
             PermissionDenied::Admin => "ADMIN_DENIED",
+            PermissionDenied::ConsumerNotOwned { .. } => "CONSUMER_NOT_OWNED",
         }
     }
 }
