@@ -298,6 +298,14 @@ impl Pattern {
         parts.next().is_none()
     }
 
+    /// Whether some channel can match it. Channels have at least two segments, so a pattern of
+    /// one segment matches nothing unless it is `>` (every channel). The grammar accepts such a
+    /// pattern (a grant naming one is harmless); a subscription refuses it rather than wait
+    /// forever for nothing.
+    pub fn can_match(&self) -> bool {
+        self.segments.len() >= MIN_CHANNEL_SEGMENTS || self.segments == [Segment::Tail]
+    }
+
     /// Whether the pattern has no wildcards, so it matches exactly one channel.
     pub fn is_exact(&self) -> bool {
         self.segments
@@ -697,6 +705,20 @@ mod tests {
             let p = pattern(ok);
             assert_eq!(p.as_str(), ok);
             assert_eq!(p.to_string(), ok);
+        }
+    }
+
+    #[test]
+    fn a_pattern_of_one_segment_other_than_the_tail_wildcard_can_match_nothing() {
+        for some in [">", "a.>", "*.*", "$state.>", "a.b"] {
+            assert!(pattern(some).can_match(), "{some}");
+        }
+        for none in ["*", "a", "$state"] {
+            let p = pattern(none);
+            assert!(!p.can_match(), "{none}");
+            for channel in ["a.b", "a.b.c", "$state.x"] {
+                assert!(!p.matches(channel), "{none} matched {channel}");
+            }
         }
     }
 

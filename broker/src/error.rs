@@ -157,6 +157,18 @@ pub enum BrokerError {
     /// The broker is stopping. UNAVAILABLE; retry against another node or after restart.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// A subscription's start offset is beyond the next offset: no such message exists.
+    /// OUT_OF_RANGE, with `next_offset` in the metadata.
+    #[error(
+        "start offset {start} is beyond the end of the log: the next offset is {next_offset}; \
+         start there (or earlier) to wait for new messages"
+    )]
+    StartBeyondEnd {
+        /// The start asked for.
+        start: u64,
+        /// The offset the next published message gets, on the node that answered.
+        next_offset: u64,
+    },
     /// The embedded store failed. INTERNAL.
     #[error("storage failure: {0}")]
     Storage(String),
@@ -202,6 +214,7 @@ impl BrokerError {
             BrokerError::LeaderUnavailable { reason, .. } => *reason,
             BrokerError::NoQuorum { .. } => Reason::NoQuorum,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
+            BrokerError::StartBeyondEnd { .. } => Reason::StartBeyondEnd,
             BrokerError::Storage(_) => Reason::StorageFailure,
             BrokerError::Corrupt(_) => Reason::DataCorrupt,
             BrokerError::Consensus(_) => Reason::ConsensusFailure,
@@ -239,9 +252,12 @@ fn denied_reason(e: &PermissionDenied) -> Reason {
         PermissionDenied::ReservedChannel { .. } => Reason::ChannelReserved,
         PermissionDenied::Publish { .. } => Reason::PublishDenied,
         PermissionDenied::Subscribe { .. } => Reason::SubscribeDenied,
-        PermissionDenied::EntityRead { .. } => Reason::EntityReadDenied,
+        PermissionDenied::EntityRead { .. } | PermissionDenied::EntityStateRead { .. } => {
+            Reason::EntityReadDenied
+        }
         PermissionDenied::EntityUpdate { .. } => Reason::EntityUpdateDenied,
         PermissionDenied::Admin => Reason::AdminDenied,
+        PermissionDenied::ConsumerNotOwned { .. } => Reason::ConsumerNotOwned,
     }
 }
 
@@ -314,6 +330,7 @@ impl BrokerError {
             BrokerError::TokenEndpointOff => Code::Unimplemented,
             BrokerError::RateLimited(_) => Code::ResourceExhausted,
             BrokerError::Corrupt(_) => Code::DataLoss,
+            BrokerError::StartBeyondEnd { .. } => Code::OutOfRange,
         }
     }
 }
@@ -381,10 +398,14 @@ mod tests {
             PermissionDenied::EntityRead {
                 entity_type: channel.clone(),
             },
+            PermissionDenied::EntityStateRead {
+                pattern: channel.clone(),
+            },
             PermissionDenied::EntityUpdate {
-                entity_type: channel,
+                entity_type: channel.clone(),
             },
             PermissionDenied::Admin,
+            PermissionDenied::ConsumerNotOwned { name: channel },
         ];
         for e in denials {
             assert_eq!(denied_reason(&e).as_str(), e.reason(), "{e:?}");

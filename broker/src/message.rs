@@ -142,7 +142,21 @@ pub struct EntityWrite {
     pub expected_version: Option<u64>,
 }
 
+/// The principal a durable consumer belongs to: the one whose call created it, named by its
+/// token's `iss` (empty when the token has none) and `sub`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner {
+    /// The token's `iss`.
+    pub issuer: String,
+    /// The token's `sub`.
+    pub subject: String,
+}
+
 /// A durable consumer, as the broker keeps it.
+///
+/// Stored as bincode, which has no field names: `owner` is last, so a record written before
+/// owners were recorded is the same bytes without it, and reads as owned by nobody
+/// ([`crate::state::store::MessageStore::consumer`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerState {
     /// The pattern it follows.
@@ -155,13 +169,20 @@ pub struct ConsumerState {
     pub redeliveries: u64,
     /// When it was created, µs since the epoch (leader's time).
     pub created_at_us: u64,
+    /// Who created it; `None` when nobody authenticated did (a broker without authentication, or
+    /// a consumer created before owners were recorded): then only an `admin` may manage it.
+    pub owner: Option<Owner>,
 }
 
 /// A change to a durable consumer.
+///
+/// In the replicated log as bincode, which names a variant by its position: variants keep their
+/// places, and new ones go last, so every log entry written by an earlier version still reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConsumerWrite {
-    /// Creates the consumer unless it exists; either way the outcome is its state.
-    Open {
+    /// [`ConsumerWrite::Open`] as versions before owners were recorded wrote it: read from their
+    /// log entries (the consumer it creates has no owner), never proposed any more.
+    OpenWithoutOwner {
         /// Its name.
         name: String,
         /// The pattern it follows.
@@ -184,6 +205,20 @@ pub enum ConsumerWrite {
     Delete {
         /// Its name.
         name: String,
+    },
+    /// Creates the consumer unless it exists; either way the outcome is its state (whose owner
+    /// the edge checks against the caller).
+    Open {
+        /// Its name.
+        name: String,
+        /// The pattern it follows.
+        pattern: String,
+        /// Its policy.
+        policy: i32,
+        /// A new consumer starts here (its acknowledged offset is one less).
+        start_offset: u64,
+        /// Who creates it.
+        owner: Option<Owner>,
     },
 }
 

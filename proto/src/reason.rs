@@ -110,8 +110,13 @@ reasons! {
     ConsumerNotFound => "CONSUMER_NOT_FOUND",
     /// A durable subscription taken over by a newer one, or whose consumer was deleted.
     ConsumerTakenOver => "CONSUMER_TAKEN_OVER",
+    /// A durable consumer another principal created (PERMISSION_DENIED).
+    ConsumerNotOwned => "CONSUMER_NOT_OWNED",
     /// An unknown flow policy.
     PolicyInvalid => "POLICY_INVALID",
+    /// A subscription's start offset is beyond the next offset (OUT_OF_RANGE; `next_offset`
+    /// metadata).
+    StartBeyondEnd => "START_BEYOND_END",
     // The cluster (UNAVAILABLE unless said otherwise).
     /// No leader can accept the write now; `leader_id` metadata when known.
     NotLeader => "NOT_LEADER",

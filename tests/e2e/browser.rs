@@ -319,6 +319,45 @@ async fn a_reloaded_panel_resumes_its_stream_from_the_last_event_id_with_no_gap_
     Ok(())
 }
 
+/// A page that saved an id from a broker whose data has since been wiped asks to resume beyond the
+/// end of the log: refused (`START_BEYOND_END`), it forgets the id and follows from now on.
+#[tokio::test]
+async fn a_panel_whose_saved_id_is_beyond_the_log_follows_from_now_on() -> Result<()> {
+    if !browser_available("stale_id") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let broker = broker_for(dir.path(), &[origin])?;
+    let browser = Browser::start().await?;
+    // Any page of the origin reaches its storage.
+    browser.goto(&format!("http://{origin}/style.css")).await?;
+    browser
+        .eval(
+            "localStorage.setItem('switchboard.demo.lastEventId.telephony.>', '1000000')",
+            json!([]),
+        )
+        .await?;
+    browser
+        .goto(&page(origin, "telephony", &broker, ""))
+        .await?;
+    browser
+        .wait_for(
+            "the feed subscribed without the stale id",
+            "return window.demo.feedReady === true",
+        )
+        .await?;
+    publish_seqs(&broker, "telephony.call", 1..=2).await?;
+    let shown = browser
+        .wait_for(
+            "2 messages shown",
+            "const f = window.demo.feed; return f.length >= 2 ? f.map(m => m.payload.seq) : null",
+        )
+        .await?;
+    assert_eq!(shown, json!([1, 2]));
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_page_on_an_origin_that_is_not_allowed_receives_nothing() -> Result<()> {
     if !browser_available("origin_refused") {

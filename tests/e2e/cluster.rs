@@ -465,6 +465,25 @@ async fn streams_through_a_follower_keep_their_order() {
         .map(|m| (m.offset, payload_text(m)))
         .collect();
     assert_eq!(delivered, acked);
+
+    // A resume position learnt from the leader is good on a follower that may still be applying
+    // the last writes: it waits for them rather than refusing a start beyond its own end.
+    let last = *acked.keys().last().unwrap();
+    let mut from_last = via_follower
+        .subscribe("stream.>", Start::Offset(last))
+        .await
+        .expect("the last acknowledged offset, on a follower");
+    assert_eq!(offsets(&take(&mut from_last, 1).await), vec![last]);
+    let mut at_next = via_follower
+        .subscribe("stream.>", Start::Offset(last + 1))
+        .await
+        .expect("the leader's next offset, on a follower");
+    let ack = leader
+        .publish(Publish::new("stream.p0.sent", "\"after\""))
+        .await
+        .unwrap();
+    assert_eq!(ack.offset, last + 1);
+    assert_eq!(offsets(&take(&mut at_next, 1).await), vec![last + 1]);
 }
 
 /// A follower whose data folder is wiped comes back with the same id and member list: it joins

@@ -355,11 +355,43 @@ async fn each_permission_is_checked_on_every_call() {
         .watch_entities(with_token(watch("contact.*"), &grant))
         .await
         .expect("a watch over a granted type");
-    let refused = entities
-        .watch_entities(with_token(watch("*.*"), &grant))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // Entity state is granted by `entities.read`, so reading it without is refused as such,
+    // whether watched or subscribed to as `$state.…` (live or as history).
+    assert_refused(
+        entities
+            .watch_entities(with_token(watch("*.*"), &grant))
+            .await
+            .unwrap_err(),
+        Code::PermissionDenied,
+        "ENTITY_READ_DENIED",
+    );
+    for pattern in ["$state.order.>", "$state.*.*", "$state.>"] {
+        let refused = raw
+            .subscribe(with_token(
+                pb::SubscribeRequest {
+                    pattern: pattern.into(),
+                    ..Default::default()
+                },
+                &grant,
+            ))
+            .await
+            .unwrap_err();
+        assert_refused(refused, Code::PermissionDenied, "ENTITY_READ_DENIED");
+        let refused = raw
+            .history(with_token(history(pattern), &grant))
+            .await
+            .unwrap_err();
+        assert_refused(refused, Code::PermissionDenied, "ENTITY_READ_DENIED");
+    }
+    raw.subscribe(with_token(
+        pb::SubscribeRequest {
+            pattern: "$state.contact.>".into(),
+            ..Default::default()
+        },
+        &grant,
+    ))
+    .await
+    .expect("the state of a readable type");
 
     // Durable consumers are visible only to callers who could follow their pattern.
     let durable = raw
@@ -413,6 +445,183 @@ async fn each_permission_is_checked_on_every_call() {
         .await
         .expect("its own consumer");
     drop(durable);
+}
+
+/// The next event of a raw subscription, failing after the deadline.
+async fn next_event(
+    events: &mut tonic::Streaming<pb::SubscribeEvent>,
+) -> Result<pb::subscribe_event::Event, Status> {
+    tokio::time::timeout(DEADLINE, events.message())
+        .await
+        .expect("an event within the deadline")?
+        .and_then(|event| event.event)
+        .ok_or_else(|| Status::cancelled("the subscription ended"))
+}
+
+/// The next message's offset, skipping other events.
+async fn next_offset(events: &mut tonic::Streaming<pb::SubscribeEvent>) -> u64 {
+    loop {
+        if let pb::subscribe_event::Event::Message(m) = next_event(events).await.unwrap() {
+            return m.offset;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_durable_consumer_belongs_to_the_principal_that_created_it() {
+    let mut secured = start("", true);
+    let grant = json!({ "publish": ["crm.>"], "subscribe": ["crm.>"] });
+    let alice = token_with(json!({ "sub": "alice", "sb": grant }), SECRET);
+    // Bob has exactly Alice's grant: only ownership tells them apart.
+    let bob = token_with(json!({ "sub": "bob", "sb": grant }), SECRET);
+    let ops = token_with(
+        json!({ "sub": "ops", "sb": { "subscribe": ["crm.>"], "admin": true } }),
+        SECRET,
+    );
+    let mut raw = BrokerClient::new(channel(secured.broker.url()).await);
+    let durable = |token: &str| {
+        with_token(
+            pb::SubscribeRequest {
+                pattern: "crm.>".into(),
+                durable_name: "alice-sync".into(),
+                max_unacked: 10,
+                ..Default::default()
+            },
+            token,
+        )
+    };
+    let consumer = || pb::GetConsumerRequest {
+        name: "alice-sync".into(),
+    };
+    let delete = || pb::DeleteConsumerRequest {
+        name: "alice-sync".into(),
+    };
+    let not_owned = |status: Status| {
+        assert_refused(status, Code::PermissionDenied, "CONSUMER_NOT_OWNED");
+    };
+
+    let mut events = raw.subscribe(durable(&alice)).await.unwrap().into_inner();
+    let subscription_id = match next_event(&mut events).await.unwrap() {
+        pb::subscribe_event::Event::Subscribed(s) => s.subscription_id,
+        other => panic!("expected Subscribed, got {other:?}"),
+    };
+    let first = raw
+        .publish(with_token(publish("crm.deal.won"), &alice))
+        .await
+        .unwrap()
+        .into_inner()
+        .offset;
+    assert_eq!(next_offset(&mut events).await, first);
+
+    // Bob does not see it listed, and is refused reading, acknowledging for, taking over or
+    // deleting it.
+    let listed = |token: &str| {
+        let mut raw = raw.clone();
+        let token = token.to_owned();
+        async move {
+            let consumers = raw
+                .list_consumers(with_token(pb::ListConsumersRequest {}, &token))
+                .await
+                .unwrap()
+                .into_inner()
+                .consumers;
+            let subscriptions = raw
+                .list_subscriptions(with_token(pb::ListSubscriptionsRequest {}, &token))
+                .await
+                .unwrap()
+                .into_inner()
+                .subscriptions;
+            (consumers.len(), subscriptions.len())
+        }
+    };
+    assert_eq!(listed(&alice).await, (1, 1));
+    assert_eq!(listed(&bob).await, (0, 0));
+    assert_eq!(listed(&ops).await, (1, 1), "an admin sees every consumer");
+    not_owned(
+        raw.get_consumer(with_token(consumer(), &bob))
+            .await
+            .unwrap_err(),
+    );
+    // Subscription ids are small numbers: an id that is not the caller's is as good as unknown.
+    let ack = |token: &str| {
+        with_token(
+            pb::AckRequest {
+                subscription_id,
+                offsets: vec![first],
+            },
+            token,
+        )
+    };
+    assert_refused(
+        raw.ack(ack(&bob)).await.unwrap_err(),
+        Code::NotFound,
+        "SUBSCRIPTION_NOT_FOUND",
+    );
+    let info = raw
+        .get_consumer(with_token(consumer(), &alice))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.acked_offset, info.pending), (first - 1, 1));
+    not_owned(raw.subscribe(durable(&bob)).await.unwrap_err());
+    not_owned(
+        raw.delete_consumer(with_token(delete(), &bob))
+            .await
+            .unwrap_err(),
+    );
+    // Alice's stream was neither taken over nor ended: it goes on.
+    let second = raw
+        .publish(with_token(publish("crm.deal.lost"), &alice))
+        .await
+        .unwrap()
+        .into_inner()
+        .offset;
+    assert_eq!(next_offset(&mut events).await, second);
+    let acked = raw.ack(ack(&alice)).await.unwrap().into_inner();
+    assert_eq!(acked.acked_offset, first);
+
+    // An admin manages any consumer: deleting Alice's ends her stream.
+    raw.get_consumer(with_token(consumer(), &ops))
+        .await
+        .expect("an admin reads any consumer");
+    raw.delete_consumer(with_token(delete(), &ops))
+        .await
+        .expect("an admin deletes any consumer");
+    let ended = loop {
+        match next_event(&mut events).await {
+            Ok(_) => continue,
+            Err(status) => break status,
+        }
+    };
+    assert_refused(ended, Code::FailedPrecondition, "CONSUMER_TAKEN_OVER");
+    // Once deleted, the name is free: whoever opens it next owns it.
+    let mut bobs = raw.subscribe(durable(&bob)).await.unwrap().into_inner();
+    assert!(matches!(
+        next_event(&mut bobs).await,
+        Ok(pb::subscribe_event::Event::Subscribed(_))
+    ));
+    not_owned(
+        raw.get_consumer(with_token(consumer(), &alice))
+            .await
+            .unwrap_err(),
+    );
+
+    // The owner is part of the consumer's replicated record: it survives a restart.
+    drop(bobs);
+    let config = secured.dir.path().join("switchboard.toml");
+    secured
+        .broker
+        .restart(&["--config", config.to_str().unwrap()])
+        .unwrap();
+    let mut raw = BrokerClient::new(channel(secured.broker.url()).await);
+    raw.get_consumer(with_token(consumer(), &bob))
+        .await
+        .expect("its owner reads it after a restart");
+    not_owned(
+        raw.get_consumer(with_token(consumer(), &alice))
+            .await
+            .unwrap_err(),
+    );
 }
 
 #[tokio::test]

@@ -2,7 +2,10 @@
 //! and a refused message in a stream does not end the stream.
 
 use switchboard_client::{HistoryQuery, Publish, Reason, Start};
-
+use switchboard_e2e::{http_request, SseStream};
+use switchboard_proto::v1 as pb;
+use switchboard_proto::v1::broker_client::BrokerClient;
+use switchboard_proto::v1::entities_client::EntitiesClient;
 use tonic::Code;
 
 use crate::common::*;
@@ -144,4 +147,168 @@ async fn a_refused_message_in_a_stream_gets_its_own_refusal_and_the_stream_goes_
     assert_eq!(results[3].1.as_ref().unwrap().offset, 2);
     let page = f.client.history(HistoryQuery::new(">")).await.unwrap();
     assert_eq!(offsets(&page.messages), vec![1, 2]);
+}
+
+/// The code and reason a refused call carries, the reason as sent on the wire.
+fn refusal(status: tonic::Status) -> (Code, String) {
+    let error = switchboard_client::Error::from(status);
+    (error.code(), error.reason_str().unwrap_or("").to_owned())
+}
+
+fn subscribe_request(pattern: &str, start: Option<Start>) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        pattern: pattern.into(),
+        start: start.map(Into::into),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_pattern_of_one_segment_matches_nothing_and_is_refused_on_every_route() {
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let mut raw = BrokerClient::connect(url.clone()).await.unwrap();
+    let mut entities = EntitiesClient::connect(url).await.unwrap();
+    let invalid = (Code::InvalidArgument, "PATTERN_INVALID".to_owned());
+
+    // Channels have at least two segments, so `orders` or `*` could never deliver anything.
+    for pattern in ["orders", "*", "$state"] {
+        let status = raw
+            .subscribe(subscribe_request(pattern, None))
+            .await
+            .expect_err(pattern);
+        assert_eq!(refusal(status), invalid, "Subscribe {pattern:?}");
+        let durable = pb::SubscribeRequest {
+            durable_name: "one-segment".into(),
+            ..subscribe_request(pattern, None)
+        };
+        let status = raw.subscribe(durable).await.expect_err(pattern);
+        assert_eq!(refusal(status), invalid, "durable Subscribe {pattern:?}");
+        let status = raw
+            .history(pb::HistoryRequest {
+                pattern: pattern.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err(pattern);
+        assert_eq!(refusal(status), invalid, "History {pattern:?}");
+        let sse = http_request(
+            "GET",
+            &format!(
+                "http://{}/v1/subscribe?pattern={}",
+                f.broker.addr,
+                pattern.replace('$', "%24").replace('*', "%2A")
+            ),
+            &[],
+            b"",
+        )
+        .await
+        .unwrap();
+        assert_eq!(sse.status, 400, "SSE {pattern:?}: {sse:?}");
+        assert!(sse.body.contains("\"PATTERN_INVALID\""), "{sse:?}");
+    }
+    // A watch's pattern is over `type.id`: one segment names no entity either.
+    for pattern in ["contact", "*"] {
+        let status = entities
+            .watch_entities(pb::WatchEntitiesRequest {
+                pattern: pattern.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err(pattern);
+        assert_eq!(refusal(status), invalid, "WatchEntities {pattern:?}");
+    }
+    assert!(raw
+        .list_consumers(pb::ListConsumersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .consumers
+        .is_empty());
+
+    // `>` alone is every channel, and stays allowed.
+    let mut all = f.client.subscribe(">", Start::Latest).await.unwrap();
+    let ack = f
+        .client
+        .publish(Publish::new("orders.created", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(offsets(&take(&mut all, 1).await), vec![ack.offset]);
+    entities
+        .watch_entities(pb::WatchEntitiesRequest {
+            pattern: ">".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a watch of every entity");
+}
+
+#[tokio::test]
+async fn a_start_beyond_the_next_offset_is_refused_and_the_next_offset_waits() {
+    let f = fixture(&[]).await;
+    let mut raw = BrokerClient::connect(f.broker.url()).await.unwrap();
+    for _ in 0..3 {
+        f.client
+            .publish(Publish::new("orders.created", "{}"))
+            .await
+            .unwrap();
+    }
+    let next = f.client.info().await.unwrap().last_offset + 1;
+    let beyond = (Code::OutOfRange, "START_BEYOND_END".to_owned());
+
+    for start in [next + 1, u64::MAX] {
+        let status = raw
+            .subscribe(subscribe_request("orders.>", Some(Start::Offset(start))))
+            .await
+            .expect_err("a start beyond the end");
+        assert_eq!(refusal(status), beyond, "start {start}");
+    }
+    // A durable consumer is not created from such a start.
+    let durable = pb::SubscribeRequest {
+        durable_name: "from-the-future".into(),
+        ..subscribe_request("orders.>", Some(Start::Offset(next + 1_000)))
+    };
+    assert_eq!(refusal(raw.subscribe(durable).await.unwrap_err()), beyond);
+    assert!(raw
+        .list_consumers(pb::ListConsumersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .consumers
+        .is_empty());
+    // EventSource's `Last-Event-ID` resumes after the id it names: the same rule.
+    let sse = SseStream::open(
+        &format!("http://{}/v1/subscribe?pattern=orders.%3E", f.broker.addr),
+        &[("Last-Event-ID", &u64::MAX.to_string())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(sse.status, 400);
+    let sse = http_request(
+        "GET",
+        &format!(
+            "http://{}/v1/subscribe?pattern=orders.%3E&last_event_id={next}",
+            f.broker.addr
+        ),
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(sse.status, 400, "{sse:?}");
+    assert!(sse.body.contains("\"START_BEYOND_END\""), "{sse:?}");
+
+    // The next offset itself is the live tail: it waits for the next message.
+    let mut at_next = f
+        .client
+        .subscribe("orders.>", Start::Offset(next))
+        .await
+        .unwrap();
+    let ack = f
+        .client
+        .publish(Publish::new("orders.created", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(ack.offset, next);
+    assert_eq!(offsets(&take(&mut at_next, 1).await), vec![next]);
 }

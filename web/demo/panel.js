@@ -88,6 +88,22 @@ function followFeed() {
   window.demo.sources.push(events);
   // The broker has registered the subscription: what is published from now on will be shown.
   events.addEventListener("subscribed", () => { window.demo.feedReady = true; });
+  // A saved id beyond the end of the broker's log (its data was wiped since) is refused with
+  // START_BEYOND_END, and EventSource does not retry a refusal (nor show why): ask again to read
+  // the JSON error, and only for that one forget the id and follow from now on.
+  events.onerror = async () => {
+    if (events.readyState !== EventSource.CLOSED || !last) return;
+    const response = await fetch(url).catch(() => null);
+    if (!response || response.ok) {
+      response?.body?.cancel();
+      return;
+    }
+    const error = await response.json().catch(() => ({}));
+    if (error.reason === "START_BEYOND_END") {
+      localStorage.removeItem(key);
+      followFeed();
+    }
+  };
   events.onmessage = (e) => {
     const message = JSON.parse(e.data);
     localStorage.setItem(key, e.lastEventId);

@@ -2,9 +2,17 @@
 //! `ListConsumers`, `GetConsumer` and `DeleteConsumer` (a `Subscribe` naming a consumer opens it:
 //! [`super::subscribe`]).
 //!
-//! A durable consumer's record (pattern, policy, acknowledged offset) lives in the replicated
-//! state, written through the proposer like a publish; which subscription currently serves it, and
-//! what it has in flight, is this node's [`Registry`](crate::fanout::registry::Registry).
+//! A durable consumer's record (pattern, policy, acknowledged offset, owner) lives in the
+//! replicated state, written through the proposer like a publish; which subscription currently
+//! serves it, and what it has in flight, is this node's
+//! [`Registry`](crate::fanout::registry::Registry).
+//!
+//! Ownership: a durable consumer belongs to the principal that created it, and a subscription to
+//! the one that opened it. Only that principal, or one with the `admin` grant, sees them listed,
+//! reads, acknowledges for, takes over or deletes them; another is refused `CONSUMER_NOT_OWNED`,
+//! or, for a subscription id (a small number anyone could guess), told the id is not live. A
+//! caller who could not even follow a consumer's pattern is told it does not exist, so names do
+//! not leak. Without authentication every caller is the same anonymous `admin`, as before.
 
 use std::sync::Arc;
 
@@ -13,7 +21,7 @@ use switchboard_proto::v1 as pb;
 use super::{convert, Edge};
 use crate::error::{BrokerError, Reason};
 use crate::fanout::registry::Control;
-use crate::message::{ConsumerState, ConsumerWrite, Item, ItemOutcome};
+use crate::message::{ConsumerState, ConsumerWrite, Item, ItemOutcome, Owner};
 use crate::security::caller::Caller;
 
 /// Longest durable consumer name.
@@ -57,6 +65,8 @@ impl Edge {
         let control = self
             .registry
             .get(request.subscription_id)
+            // Another principal's subscription is as good as unknown: ids are guessable.
+            .filter(|control| caller.may_manage(control.owner.as_ref()))
             .ok_or_else(|| BrokerError::NotFound {
                 reason: Reason::SubscriptionNotFound,
                 message: format!(
@@ -92,7 +102,7 @@ impl Edge {
                 .registry
                 .list()
                 .iter()
-                .filter(|control| self.visible(caller, &control.pattern))
+                .filter(|control| self.listed(caller, control.owner.as_ref(), &control.pattern))
                 .map(subscription_info)
                 .collect(),
         }
@@ -106,13 +116,25 @@ impl Edge {
             .is_ok_and(|pattern| caller.may_subscribe(&pattern))
     }
 
-    /// A consumer's record, if `caller` may see it (else "not found", so names do not leak).
-    fn visible_consumer(&self, name: &str, caller: &Caller) -> Result<ConsumerState, BrokerError> {
+    /// Whether `caller` sees a subscription or consumer listed: an `admin` sees every one; anyone
+    /// else those it owns and whose pattern it could still follow.
+    fn listed(&self, caller: &Caller, owner: Option<&Owner>, pattern: &str) -> bool {
+        caller.is_admin() || (caller.may_manage(owner) && self.visible(caller, pattern))
+    }
+
+    /// A consumer's record, if `caller` may manage it: an `admin` any; anyone else only one it
+    /// owns. One whose pattern the caller could not follow is "not found", so names do not leak.
+    ///
+    /// # Errors
+    /// NOT_FOUND `CONSUMER_NOT_FOUND`, or PERMISSION_DENIED `CONSUMER_NOT_OWNED`.
+    fn owned_consumer(&self, name: &str, caller: &Caller) -> Result<ConsumerState, BrokerError> {
         check_name(name)?;
-        match self.store.consumer(name)? {
-            Some(state) if self.visible(caller, &state.pattern) => Ok(state),
-            _ => Err(not_found(name)),
-        }
+        let state = match self.store.consumer(name)? {
+            Some(state) if caller.is_admin() || self.visible(caller, &state.pattern) => state,
+            _ => return Err(not_found(name)),
+        };
+        caller.check_consumer_owner(name, state.owner.as_ref())?;
+        Ok(state)
     }
 
     fn consumer_info(&self, name: String, state: ConsumerState) -> pb::ConsumerInfo {
@@ -144,7 +166,7 @@ impl Edge {
         let mut consumers = Vec::new();
         for item in self.store.consumers() {
             let (name, state) = item?;
-            if self.visible(caller, &state.pattern) {
+            if self.listed(caller, state.owner.as_ref(), &state.pattern) {
                 consumers.push(self.consumer_info(name, state));
             }
         }
@@ -157,7 +179,7 @@ impl Edge {
         name: &str,
         caller: &Caller,
     ) -> Result<pb::ConsumerInfo, BrokerError> {
-        let state = self.visible_consumer(name, caller)?;
+        let state = self.owned_consumer(name, caller)?;
         Ok(self.consumer_info(name.to_owned(), state))
     }
 
@@ -167,7 +189,7 @@ impl Edge {
         name: &str,
         caller: &Caller,
     ) -> Result<(), BrokerError> {
-        self.visible_consumer(name, caller)?;
+        self.owned_consumer(name, caller)?;
         let write = ConsumerWrite::Delete {
             name: name.to_owned(),
         };

@@ -251,6 +251,7 @@ impl EntitiesRpc for EntitiesService {
             pattern: state_pattern.as_str().to_owned(),
             policy,
             durable: None,
+            owner: caller.owner(),
             max_unacked: None,
             peer: caller.peer(),
             acked_floor: 0,

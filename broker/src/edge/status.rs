@@ -70,6 +70,9 @@ fn metadata(error: &BrokerError) -> HashMap<String, String> {
         BrokerError::RateLimited(wait) => {
             metadata.insert("retry_after_ms".to_owned(), wait.millis().to_string());
         }
+        BrokerError::StartBeyondEnd { next_offset, .. } => {
+            metadata.insert("next_offset".to_owned(), next_offset.to_string());
+        }
         _ => {}
     }
     metadata

@@ -17,6 +17,7 @@ use crate::fanout::registry::Opening;
 use crate::fanout::subscription::{self, EventSender, SubscriptionSpec};
 use crate::message::{ConsumerWrite, Item};
 use crate::security::caller::Caller;
+use crate::state::machine::AppliedProgress;
 
 /// Events buffered per `Subscribe` stream before the subscription task waits for the client.
 const STREAM_BUFFER: usize = 64;
@@ -31,6 +32,7 @@ impl Edge {
         let pattern = self.validator.pattern(&request.pattern)?;
         caller.check_subscribe(&pattern)?;
         let mut start = self.validator.start(request.start, Start::Latest, true)?;
+        self.check_start_exists(start).await?;
         let policy = convert::policy(request.policy)?;
         let settings = &self.config.subscriptions;
         let durable = (!request.durable_name.is_empty()).then_some(request.durable_name);
@@ -46,9 +48,14 @@ impl Edge {
                     start,
                     self.progress.borrow().last_offset,
                 )?,
+                owner: caller.owner(),
             };
             let state = expect_consumer(self.proposer.propose(Item::Consumer(open)).await?)?
                 .ok_or_else(|| BrokerError::Consensus("a consumer was not created".into()))?;
+            // An existing consumer is taken over only by its owner (or an admin); the check is on
+            // the state the log returned, so two principals racing to create a name cannot both
+            // get it.
+            caller.check_consumer_owner(name, state.owner.as_ref())?;
             if state.pattern != pattern.as_str() {
                 return Err(BrokerError::Precondition {
                     reason: Reason::ConsumerInvalid,
@@ -82,6 +89,7 @@ impl Edge {
             pattern: pattern.as_str().to_owned(),
             policy,
             durable,
+            owner: caller.owner(),
             max_unacked,
             peer: caller.peer(),
             acked_floor,
@@ -99,5 +107,52 @@ impl Edge {
             out,
         )?;
         Ok(events)
+    }
+
+    /// Refuses a start offset beyond the next offset: it names a message that does not exist, so
+    /// the subscription would wait for nothing (a durable consumer created there would count
+    /// messages never sent as acknowledged). The next offset itself is the live tail, and waits.
+    ///
+    /// Every offset a client can have been told of (a publish's ack, a delivery, `Subscribed`) is
+    /// in the leader's log, but this node may not have applied it yet: a follower behind its
+    /// leader, or a leader with entries still to apply. So a leader decides once it has applied
+    /// what its log holds now, and any other node waits for its state to reach the offset, at most
+    /// `cluster.forward_timeout` (the bound a follower already gives the leader), before refusing.
+    ///
+    /// # Errors
+    /// OUT_OF_RANGE `START_BEYOND_END`, with the next offset this node has.
+    async fn check_start_exists(&self, start: Start) -> Result<(), BrokerError> {
+        let Start::Offset(offset) = start else {
+            return Ok(());
+        };
+        let exists = |p: &AppliedProgress| offset <= p.last_offset.saturating_add(1);
+        if exists(&self.progress.borrow()) {
+            return Ok(());
+        }
+        let leader_log = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            (metrics.current_leader == Some(metrics.id))
+                .then(|| metrics.last_log_index.unwrap_or(0))
+        };
+        let decided = |p: &AppliedProgress| {
+            exists(p) || leader_log.is_some_and(|last| p.applied_index >= last)
+        };
+        let mut progress = self.progress.clone();
+        // Timing out, or the state machine going away, leaves the answer to the check below.
+        let _ = tokio::time::timeout(
+            self.config.cluster.forward_timeout,
+            progress.wait_for(decided),
+        )
+        .await;
+        let now = *self.progress.borrow();
+        if exists(&now) {
+            Ok(())
+        } else {
+            Err(BrokerError::StartBeyondEnd {
+                start: offset,
+                next_offset: now.last_offset.saturating_add(1),
+            })
+        }
     }
 }

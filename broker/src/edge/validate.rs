@@ -232,17 +232,30 @@ impl Validator {
         })
     }
 
-    /// Parses a subscription or history pattern.
+    /// Parses a subscription, history or watch pattern: one that breaks the grammar, or that
+    /// no channel can ever match (one segment other than `>`), is refused.
     ///
     /// # Errors
     /// [`BrokerError::Invalid`] with reason `PATTERN_INVALID`.
     pub(crate) fn pattern(&self, pattern: &str) -> Result<Pattern, BrokerError> {
-        Pattern::parse(pattern, &self.channel_limits).map_err(|e| {
+        let parsed = Pattern::parse(pattern, &self.channel_limits).map_err(|e| {
             invalid(
                 Reason::PatternInvalid,
                 format!("pattern {:?}: {e}", shorten(pattern)),
             )
-        })
+        })?;
+        if !parsed.can_match() {
+            return Err(invalid(
+                Reason::PatternInvalid,
+                format!(
+                    "pattern {:?} has one segment and channels have at least two, so it would \
+                     match nothing; use `{}.>` for every channel under it, or `>` for all",
+                    shorten(pattern),
+                    shorten(pattern)
+                ),
+            ));
+        }
+        Ok(parsed)
     }
 
     /// Reads a start position; unset means `default`.
@@ -395,6 +408,14 @@ mod tests {
         let v = validator();
         assert!(v.pattern("crm.*.updated").is_ok());
         assert!(v.pattern(">").is_ok());
+        // One segment matches no channel (channels have two or more); `>` is every channel.
+        for never in ["orders", "*", "$state"] {
+            assert_eq!(
+                v.pattern(never).unwrap_err().reason(),
+                Reason::PatternInvalid,
+                "{never}"
+            );
+        }
         assert_eq!(
             v.pattern("a.>.b").unwrap_err().reason(),
             Reason::PatternInvalid

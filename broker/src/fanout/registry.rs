@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::error::{BrokerError, Reason};
 use crate::fanout::hub::{Mailbox, MailboxStats};
+use crate::message::Owner;
 
 /// What a subscription does when its consumer falls behind (see docs/FLOW.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +75,9 @@ pub(crate) struct Control {
     pub policy: FlowPolicy,
     /// Its durable name, if any.
     pub durable: Option<String>,
+    /// Who opened it (`None` without authentication): only it, or an `admin`, may acknowledge
+    /// for it or see it listed.
+    pub owner: Option<Owner>,
     /// The most unacknowledged deliveries, if limited.
     pub max_unacked: Option<u32>,
     peer: Option<SocketAddr>,
@@ -154,6 +158,8 @@ pub(crate) struct Opening {
     pub policy: FlowPolicy,
     /// Its durable name.
     pub durable: Option<String>,
+    /// Who opens it.
+    pub owner: Option<Owner>,
     /// Its credit limit.
     pub max_unacked: Option<u32>,
     /// The client connection it belongs to.
@@ -257,6 +263,7 @@ impl Registry {
             pattern: opening.pattern,
             policy: opening.policy,
             durable: opening.durable,
+            owner: opening.owner,
             max_unacked: opening.max_unacked,
             peer: opening.peer,
             mailbox: Mutex::new(None),

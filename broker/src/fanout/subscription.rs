@@ -267,6 +267,32 @@ impl Feeder<'_> {
             .map_err(End::Failed)
     }
 
+    /// Tells a subscription that starts at an offset (asked for, or a durable consumer's resume
+    /// point) whose message retention or TTL removed (or that has expired) so, with one
+    /// `RETENTION` gap from there to just before the first message still stored: it asked for a
+    /// position the log no longer holds, and cannot tell the removed messages from messages that
+    /// did not match (count 0: they can no longer be counted). Messages that expire later on
+    /// are skipped without a gap, like any expired message: their TTL said they could go
+    /// (docs/FLOW.md).
+    async fn announce_removed_start(&mut self, last: u64) -> Result<(), End> {
+        if self.next > last {
+            return Ok(());
+        }
+        let present = self
+            .store
+            .first_present_offset(self.next, last, now_us())
+            .map_err(End::Failed)?;
+        let resume = present.unwrap_or(last + 1);
+        if resume > self.next {
+            metrics::gap("retention", 0);
+            self.send_outgoing(gap(self.next, resume - 1, 0, GapReason::Retention))
+                .await?;
+            self.next = resume;
+            self.control.flight().next_offset = resume;
+        }
+        Ok(())
+    }
+
     /// Brings the subscription from `self.next` through `last` from the store.
     async fn catch_up(&mut self, last: u64) -> Result<(), End> {
         if self.next > last {
@@ -479,6 +505,11 @@ async fn feed(
         throttle: spec.min_interval.map(Throttle::new),
         metrics: DeliveryMetrics::new(policy_name(control.policy)),
     };
+    if let Start::Offset(_) = spec.start {
+        if let Err(end) = feeder.announce_removed_start(last).await {
+            return end;
+        }
+    }
     if let Err(end) = feeder.catch_up(last).await {
         return end;
     }
@@ -508,22 +539,27 @@ async fn feed(
 
 /// The first offset to deliver, given that offsets up to `last` are already in the store. Also
 /// where a new durable consumer starts.
+///
+/// `earliest` and a time name the first message still there (not one retention or TTL removed,
+/// nor an expired one), so they never start on a removed position; an offset is taken as given,
+/// and [`Feeder::announce_removed_start`] tells the subscriber if its message is gone.
 pub(crate) fn first_offset(
     store: &MessageStore,
     start: Start,
     last: u64,
 ) -> Result<u64, BrokerError> {
+    let present_from = |from: u64| -> Result<u64, BrokerError> {
+        Ok(store
+            .first_present_offset(from, last, now_us())?
+            .unwrap_or(last + 1))
+    };
     Ok(match start {
         Start::Latest => last + 1,
-        Start::Earliest => store
-            .first_batch()?
-            .map(|b| b.key)
-            .unwrap_or(last + 1)
-            .min(last + 1),
+        Start::Earliest => present_from(1)?,
         Start::Offset(offset) => offset.max(1),
-        Start::Time(time_us) => store
-            .first_offset_at_or_after(time_us)?
-            .unwrap_or(last + 1)
-            .min(last + 1),
+        Start::Time(time_us) => match store.first_offset_at_or_after(time_us)? {
+            Some(offset) => present_from(offset)?,
+            None => last + 1,
+        },
     })
 }

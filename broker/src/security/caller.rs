@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use crate::channel::Pattern;
 use crate::error::BrokerError;
+use crate::message::Owner;
 use crate::observability::{audit, metrics};
 use crate::security::permissions::{PermissionDenied, Permissions};
 use crate::security::token::Principal;
@@ -168,6 +169,48 @@ impl Caller {
         self.refuse(self.permissions().check_update_entity(entity_type), || {
             format!("{entity_type}.{id}")
         })
+    }
+
+    /// What this caller creates belongs to: its token's issuer and subject; `None` without
+    /// authentication (every caller is then the same anonymous one).
+    pub(crate) fn owner(&self) -> Option<Owner> {
+        self.principal.as_deref().map(|p| Owner {
+            issuer: p.issuer.clone().unwrap_or_default(),
+            subject: p.subject.clone(),
+        })
+    }
+
+    /// Whether this caller has the `admin` grant (every caller on a broker without
+    /// authentication has it).
+    pub(crate) fn is_admin(&self) -> bool {
+        self.permissions().check_admin().is_ok()
+    }
+
+    /// Whether this caller may manage what `owner` created: it is the owner, or an `admin`.
+    /// Something owned by nobody (created without authentication, or before owners were
+    /// recorded) is an `admin`'s alone.
+    pub(crate) fn may_manage(&self, owner: Option<&Owner>) -> bool {
+        self.is_admin() || owner.is_some_and(|owner| self.owner().as_ref() == Some(owner))
+    }
+
+    /// Whether this caller may open, acknowledge for or delete durable consumer `name`, which
+    /// belongs to `owner`.
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED `CONSUMER_NOT_OWNED`.
+    pub(crate) fn check_consumer_owner(
+        &self,
+        name: &str,
+        owner: Option<&Owner>,
+    ) -> Result<(), BrokerError> {
+        let check = if self.may_manage(owner) {
+            Ok(())
+        } else {
+            Err(PermissionDenied::ConsumerNotOwned {
+                name: name.to_owned(),
+            })
+        };
+        self.refuse(check, || format!("consumer {name}"))
     }
 
     /// Whether this caller may change cluster membership; `operation` names the change for the

@@ -150,9 +150,27 @@ pub enum PermissionDenied {
         /// The entity type.
         entity_type: String,
     },
+    /// A subscription to entity state (`$state.…`, or a watch) reaching types not all granted.
+    #[error(
+        "not allowed to read the entity state {pattern:?} covers: `entities.read` does not grant \
+         every type it reaches"
+    )]
+    EntityStateRead {
+        /// The `$state.…` pattern.
+        pattern: String,
+    },
     /// Changing cluster membership without the `admin` grant.
     #[error("not allowed to change the cluster's membership (the grant has no `admin`)")]
     Admin,
+    /// Managing a durable consumer another principal created, without the `admin` grant.
+    #[error(
+        "durable consumer {name:?} belongs to another principal; only it (or an `admin`) may \
+         open, acknowledge for or delete it"
+    )]
+    ConsumerNotOwned {
+        /// The consumer's name.
+        name: String,
+    },
     /// Updating an entity type not granted.
     #[error("not allowed to update entities of type {entity_type:?}")]
     EntityUpdate {
@@ -168,9 +186,12 @@ impl PermissionDenied {
             PermissionDenied::ReservedChannel { .. } => "CHANNEL_RESERVED",
             PermissionDenied::Publish { .. } => "PUBLISH_DENIED",
             PermissionDenied::Subscribe { .. } => "SUBSCRIBE_DENIED",
-            PermissionDenied::EntityRead { .. } => "ENTITY_READ_DENIED",
+            PermissionDenied::EntityRead { .. } | PermissionDenied::EntityStateRead { .. } => {
+                "ENTITY_READ_DENIED"
+            }
             PermissionDenied::EntityUpdate { .. } => "ENTITY_UPDATE_DENIED",
             PermissionDenied::Admin => "ADMIN_DENIED",
+            PermissionDenied::ConsumerNotOwned { .. } => "CONSUMER_NOT_OWNED",
         }
     }
 }
@@ -403,14 +424,18 @@ impl Permissions {
         self.unrestricted || patterns_cover(&self.subscribe_effective, pattern)
     }
 
-    /// [`Permissions::may_subscribe`], with the reason when refused.
+    /// [`Permissions::may_subscribe`], with the reason when refused: entity state is granted
+    /// by `entities.read` alone (a subscribe grant may not name `$state.`), so a `$state.…`
+    /// pattern is refused for want of a read grant, as a watch is.
     pub(crate) fn check_subscribe(&self, pattern: &Pattern) -> Result<(), PermissionDenied> {
         if self.may_subscribe(pattern) {
-            Ok(())
+            return Ok(());
+        }
+        let pattern = pattern.as_str().to_owned();
+        if pattern.split('.').next() == Some(STATE_NAMESPACE) {
+            Err(PermissionDenied::EntityStateRead { pattern })
         } else {
-            Err(PermissionDenied::Subscribe {
-                pattern: pattern.as_str().to_owned(),
-            })
+            Err(PermissionDenied::Subscribe { pattern })
         }
     }
 
@@ -763,7 +788,6 @@ mod tests {
             "telemetry.>",
             "telemetry.*.*",
             "telemetry.node1.mem",
-            "$state.contact.>",
             "$other.>",
         ] {
             let denied = p.check_subscribe(&pattern(refused));
@@ -773,6 +797,12 @@ mod tests {
                 "{refused} should be refused"
             );
         }
+        // Entity state is refused for want of the read grant.
+        assert_eq!(
+            p.check_subscribe(&pattern("$state.contact.>"))
+                .map_err(|e| e.reason()),
+            Err("ENTITY_READ_DENIED")
+        );
     }
 
     #[test]
@@ -788,6 +818,14 @@ mod tests {
         );
         assert!(!p.may_subscribe(&pattern("$state.>")));
         assert!(!p.may_subscribe(&pattern("$state.*.42")));
+        // Refused for want of a read grant, not a subscribe grant (which cannot name `$state`).
+        for refused in ["$state.deal.>", "$state.>", "$state.*.42"] {
+            assert_eq!(
+                p.check_subscribe(&pattern(refused)).map_err(|e| e.reason()),
+                Err("ENTITY_READ_DENIED"),
+                "{refused}"
+            );
+        }
         // `>` does not reach into `$state`.
         assert!(!perms(&[], &[">"], &[], &[]).may_subscribe(&pattern("$state.contact.>")));
 

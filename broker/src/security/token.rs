@@ -503,12 +503,11 @@ impl Default for VerifierSettings {
 pub(crate) struct Principal {
     /// The token's `sub`: the user or service the calls are made for.
     pub subject: String,
-    /// The token's `iss`, when it has one.
-    // This and the next two are verified claims kept with the principal; no decision reads them
-    // yet (the tests check them).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// The token's `iss`, when it has one: with the subject, whom a durable consumer belongs to.
     pub issuer: Option<String>,
     /// `act.sub`: who acts on the subject's behalf (a client minting for an agent), if anyone.
+    // This and the next are verified claims kept with the principal; no decision reads them yet
+    // (the tests check them).
     #[cfg_attr(not(test), allow(dead_code))]
     pub actor: Option<String>,
     /// The token's `client_id`, when it has one.

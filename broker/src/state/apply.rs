@@ -18,7 +18,7 @@ use crate::entity::EntityState;
 use crate::error::BrokerError;
 use crate::message::{
     Command, CommandOutcome, ConsumerState, ConsumerWrite, EntityWrite, Item, ItemOutcome,
-    NewMessage, Refusal, Rules, StoredMessage,
+    NewMessage, Owner, Refusal, Rules, StoredMessage,
 };
 
 /// Decides the items of one batch, in order. See the module docs.
@@ -155,6 +155,7 @@ impl BatchApply<'_> {
     ) -> Result<ItemOutcome, BrokerError> {
         let name = match write {
             ConsumerWrite::Open { name, .. }
+            | ConsumerWrite::OpenWithoutOwner { name, .. }
             | ConsumerWrite::Ack { name, .. }
             | ConsumerWrite::Delete { name } => name,
         };
@@ -163,24 +164,29 @@ impl BatchApply<'_> {
             None => self.store.consumer(name)?,
         };
         let next = match (write, current) {
-            (ConsumerWrite::Open { .. }, Some(existing)) => {
-                return Ok(ItemOutcome::Consumer(Some(existing)))
-            }
+            (
+                ConsumerWrite::Open { .. } | ConsumerWrite::OpenWithoutOwner { .. },
+                Some(existing),
+            ) => return Ok(ItemOutcome::Consumer(Some(existing))),
             (
                 ConsumerWrite::Open {
+                    pattern,
+                    policy,
+                    start_offset,
+                    owner,
+                    ..
+                },
+                None,
+            ) => Some(self.new_consumer(pattern, *policy, *start_offset, owner.clone())),
+            (
+                ConsumerWrite::OpenWithoutOwner {
                     pattern,
                     policy,
                     start_offset,
                     ..
                 },
                 None,
-            ) => Some(ConsumerState {
-                pattern: pattern.clone(),
-                policy: *policy,
-                acked_offset: start_offset.saturating_sub(1),
-                redeliveries: 0,
-                created_at_us: self.publish_time_us,
-            }),
+            ) => Some(self.new_consumer(pattern, *policy, *start_offset, None)),
             (
                 ConsumerWrite::Ack {
                     acked_offset,
@@ -199,6 +205,24 @@ impl BatchApply<'_> {
         MessageStore::put_consumer(batch, name, next.as_ref())?;
         self.consumers.insert(name.clone(), next.clone());
         Ok(ItemOutcome::Consumer(next))
+    }
+
+    /// A consumer created now, starting at `start_offset`.
+    fn new_consumer(
+        &self,
+        pattern: &str,
+        policy: i32,
+        start_offset: u64,
+        owner: Option<Owner>,
+    ) -> ConsumerState {
+        ConsumerState {
+            pattern: pattern.to_owned(),
+            policy,
+            acked_offset: start_offset.saturating_sub(1),
+            redeliveries: 0,
+            created_at_us: self.publish_time_us,
+            owner,
+        }
     }
 }
 
@@ -444,6 +468,36 @@ mod tests {
         assert_eq!(all_offsets(&store), vec![2]);
         // Nothing with a TTL is left, so the expiry index is empty.
         assert!(store.expired_batch_keys(u64::MAX, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_first_present_offset_skips_removed_and_expired_messages() {
+        let (_dir, store) = temp_store();
+        let mut meta = position::load(&store).unwrap().1;
+        // Offsets 1..=5; 2, 3 and 5 live 1 ms (expire at 2_000), 1 and 4 forever.
+        let ttls = [0, 1, 1, 0, 1];
+        run(
+            &store,
+            &mut meta,
+            publish_command(1_000, ttls.iter().map(|t| message("a.b", *t)).collect()),
+        );
+        assert_eq!(store.first_present_offset(2, 5, 1_999).unwrap(), Some(2));
+        // Expired, not yet swept: gone for readers all the same.
+        assert_eq!(store.first_present_offset(2, 5, 2_000).unwrap(), Some(4));
+        let sweep = Command::Sweep {
+            now_us: 2_000,
+            max_age_us: u64::MAX,
+            max_bytes: u64::MAX,
+            dedup_window_us: 0,
+        };
+        run(&store, &mut meta, sweep);
+        assert_eq!(all_offsets(&store), vec![1, 4]);
+        assert_eq!(store.first_present_offset(0, 5, 2_000).unwrap(), Some(1));
+        assert_eq!(store.first_present_offset(2, 5, 2_000).unwrap(), Some(4));
+        assert_eq!(store.first_present_offset(3, 5, 2_000).unwrap(), Some(4));
+        assert_eq!(store.first_present_offset(2, 3, 2_000).unwrap(), None);
+        assert_eq!(store.first_present_offset(5, 5, 2_000).unwrap(), None);
+        assert_eq!(store.first_present_offset(6, 9, 2_000).unwrap(), None);
     }
 
     #[test]
@@ -802,12 +856,20 @@ mod tests {
     fn durable_consumers_open_once_ack_forward_only_and_delete() {
         let (_dir, store) = temp_store();
         let mut meta = position::load(&store).unwrap().1;
-        let open = |start| {
+        let alice = Owner {
+            issuer: "https://idp.test".into(),
+            subject: "alice".into(),
+        };
+        let open = |start, subject: &str| {
             Item::Consumer(ConsumerWrite::Open {
                 name: "panel".into(),
                 pattern: "a.>".into(),
                 policy: 1,
                 start_offset: start,
+                owner: Some(Owner {
+                    subject: subject.into(),
+                    ..alice.clone()
+                }),
             })
         };
         let ack = |offset| {
@@ -820,7 +882,10 @@ mod tests {
         let o = outcomes(run(
             &store,
             &mut meta,
-            batch(1_000, vec![open(5), open(99), ack(7), ack(6)]),
+            batch(
+                1_000,
+                vec![open(5, "alice"), open(99, "bob"), ack(7), ack(6)],
+            ),
         ));
         let state = |o: &ItemOutcome| match o {
             ItemOutcome::Consumer(Some(s)) => s.clone(),
@@ -835,6 +900,11 @@ mod tests {
             state(&o[1]).acked_offset,
             4,
             "opening an existing consumer keeps it"
+        );
+        assert_eq!(
+            state(&o[1]).owner,
+            Some(alice),
+            "and its owner: the edge refuses the other caller"
         );
         assert_eq!(state(&o[2]).acked_offset, 7);
         assert_eq!(state(&o[3]).acked_offset, 7, "acks never move back");
@@ -858,5 +928,76 @@ mod tests {
             vec![ItemOutcome::Consumer(None), ItemOutcome::Consumer(None)]
         );
         assert!(store.consumer("panel").unwrap().is_none());
+    }
+
+    /// `ConsumerWrite` as versions before owners were recorded wrote it into the log.
+    #[derive(serde::Serialize)]
+    enum ConsumerWriteWithoutOwners {
+        Open {
+            name: String,
+            pattern: String,
+            policy: i32,
+            start_offset: u64,
+        },
+        Ack {
+            name: String,
+            acked_offset: u64,
+            redeliveries: u64,
+        },
+        Delete {
+            name: String,
+        },
+    }
+
+    #[test]
+    fn consumer_writes_in_a_log_from_before_owners_still_read_and_create_unowned_consumers() {
+        let old = [
+            ConsumerWriteWithoutOwners::Open {
+                name: "panel".into(),
+                pattern: "a.>".into(),
+                policy: 1,
+                start_offset: 5,
+            },
+            ConsumerWriteWithoutOwners::Ack {
+                name: "panel".into(),
+                acked_offset: 6,
+                redeliveries: 0,
+            },
+            ConsumerWriteWithoutOwners::Delete {
+                name: "other".into(),
+            },
+        ];
+        let read: Vec<ConsumerWrite> = old
+            .iter()
+            .map(|w| bincode::deserialize(&bincode::serialize(w).unwrap()).unwrap())
+            .collect();
+        assert_eq!(
+            read,
+            vec![
+                ConsumerWrite::OpenWithoutOwner {
+                    name: "panel".into(),
+                    pattern: "a.>".into(),
+                    policy: 1,
+                    start_offset: 5,
+                },
+                ConsumerWrite::Ack {
+                    name: "panel".into(),
+                    acked_offset: 6,
+                    redeliveries: 0,
+                },
+                ConsumerWrite::Delete {
+                    name: "other".into(),
+                },
+            ]
+        );
+        let (_dir, store) = temp_store();
+        let mut meta = position::load(&store).unwrap().1;
+        run(
+            &store,
+            &mut meta,
+            batch(1_000, read.into_iter().map(Item::Consumer).collect()),
+        );
+        let state = store.consumer("panel").unwrap().unwrap();
+        assert_eq!((state.acked_offset, state.owner), (6, None));
     }
 }

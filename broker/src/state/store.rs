@@ -235,6 +235,39 @@ fn be_u64(bytes: &[u8]) -> Result<u64, BrokerError> {
         .map_err(|_| BrokerError::Storage(format!("corrupt key of {} bytes", bytes.len())))
 }
 
+/// A consumer record as versions before owners were recorded wrote it: [`ConsumerState`] without
+/// its last field.
+#[derive(serde::Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct ConsumerStateWithoutOwner {
+    pattern: String,
+    policy: i32,
+    acked_offset: u64,
+    redeliveries: u64,
+    created_at_us: u64,
+}
+
+/// A consumer record, in today's layout or the one before owners were recorded (the same bytes
+/// without the owner, so it is tried second): such a consumer is owned by nobody, which leaves it
+/// to `admin`s rather than to anyone (docs/FLOW.md).
+fn decode_consumer(value: &[u8]) -> Result<ConsumerState, BrokerError> {
+    let payload = checksum::open(value).map_err(|e| corrupt("consumer", e))?;
+    match bincode::deserialize::<ConsumerState>(payload) {
+        Ok(state) => Ok(state),
+        Err(current) => match bincode::deserialize::<ConsumerStateWithoutOwner>(payload) {
+            Ok(old) => Ok(ConsumerState {
+                pattern: old.pattern,
+                policy: old.policy,
+                acked_offset: old.acked_offset,
+                redeliveries: old.redeliveries,
+                created_at_us: old.created_at_us,
+                owner: None,
+            }),
+            Err(_) => Err(corrupt("consumer", current)),
+        },
+    }
+}
+
 fn decode_location(value: &[u8]) -> Result<BodyLocation, BrokerError> {
     checksum::decode(value).map_err(|e| corrupt("batch location", e))
 }
@@ -513,6 +546,35 @@ impl MessageStore {
         })
     }
 
+    /// The offset of the first message at or after `from`, and at or before `to`, that is still
+    /// stored and not expired at `now_us` (whatever its channel); `None` when retention or TTL
+    /// removed all of them. Offsets are given to stored messages only, one after the other, so
+    /// every offset below the one returned and from `from` on names a removed message.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub fn first_present_offset(
+        &self,
+        from: u64,
+        to: u64,
+        now_us: u64,
+    ) -> Result<Option<u64>, BrokerError> {
+        for batch in self.batches_from(from) {
+            for m in batch?.messages {
+                if m.offset < from {
+                    continue;
+                }
+                if m.offset > to {
+                    return Ok(None);
+                }
+                if !m.is_expired(now_us) {
+                    return Ok(Some(m.offset));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The first offset of the first batch published at or after `time_us`, if any.
     ///
     /// # Errors
@@ -757,9 +819,7 @@ impl MessageStore {
         let mut k = vec![CONSUMER];
         k.extend_from_slice(name.as_bytes());
         match self.tree.get(k)? {
-            Some(v) => checksum::decode(&v)
-                .map(Some)
-                .map_err(|e| corrupt("consumer", e)),
+            Some(v) => decode_consumer(&v).map(Some),
             None => Ok(None),
         }
     }
@@ -772,8 +832,7 @@ impl MessageStore {
             let (k, v) = kv?;
             let name =
                 String::from_utf8(k[1..].to_vec()).map_err(|e| corrupt("consumer key", e))?;
-            let state = checksum::decode(&v).map_err(|e| corrupt("consumer", e))?;
-            Ok((name, state))
+            Ok((name, decode_consumer(&v)?))
         })
     }
 
@@ -801,5 +860,58 @@ impl MessageStore {
     /// Adds the write of the meta record.
     pub fn put_meta(batch: &mut WriteBatch, meta: &[u8]) {
         batch.insert(META, meta);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Owner;
+
+    #[test]
+    fn a_consumer_written_before_owners_were_recorded_reads_as_owned_by_nobody() {
+        let old = ConsumerStateWithoutOwner {
+            pattern: "a.>".into(),
+            policy: 1,
+            acked_offset: 7,
+            redeliveries: 2,
+            created_at_us: 1_000,
+        };
+        let sealed = checksum::encode(&old).unwrap();
+        let state = decode_consumer(&sealed).unwrap();
+        assert_eq!(
+            state,
+            ConsumerState {
+                pattern: "a.>".into(),
+                policy: 1,
+                acked_offset: 7,
+                redeliveries: 2,
+                created_at_us: 1_000,
+                owner: None,
+            }
+        );
+        let owned = ConsumerState {
+            owner: Some(Owner {
+                issuer: "https://idp.test".into(),
+                subject: "alice".into(),
+            }),
+            ..state
+        };
+        assert_eq!(
+            decode_consumer(&checksum::encode(&owned).unwrap()).unwrap(),
+            owned
+        );
+        // Damage is still damage, in either layout.
+        let mut damaged = sealed;
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert!(matches!(
+            decode_consumer(&damaged),
+            Err(BrokerError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode_consumer(&checksum::seal(&[1, 2, 3])),
+            Err(BrokerError::Corrupt(_))
+        ));
     }
 }
