@@ -22,7 +22,8 @@
 //!
 //! Beside the path: [`cluster`] (raft between nodes, forwarding, membership admin), [`security`]
 //! (tokens, permissions, origins, rate limits, client credentials), [`transport`] (TLS, the
-//! connection bound), [`observability`] (metrics, health, console, traces, audit log).
+//! connection bound), [`send_buffers`] (what connections hold for clients that stop reading, and
+//! its broker-wide bound), [`observability`] (metrics, health, console, traces, audit log).
 //! Shared types: [`message`] (messages and the commands the log carries), [`channel`] (grammar and
 //! the matching trie), [`entity`] (the field-level merge), [`checksum`] (sealed into every stored
 //! value). And [`config`], [`error`], [`shutdown`], [`server`]: settings, errors, stopping, wiring.
@@ -44,6 +45,7 @@ pub(crate) mod message;
 pub(crate) mod observability;
 pub(crate) mod raft;
 pub(crate) mod security;
+pub(crate) mod send_buffers;
 pub mod server;
 pub mod shutdown;
 pub(crate) mod state;

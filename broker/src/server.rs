@@ -25,6 +25,7 @@ use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tonic_web::GrpcWebLayer;
+use tower::layer::util::{Identity, Stack};
 use tower::Layer;
 
 use crate::cluster::internal::InternalService;
@@ -36,10 +37,11 @@ use crate::edge::entities::EntitiesService;
 use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
-use crate::fanout::hub::Hub;
+use crate::fanout::hub::{Hub, MailboxLimits};
 use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
 use crate::raft;
+use crate::send_buffers::{self, Connections, CountingLayer};
 use crate::shutdown::{self, ShutdownSignal, ShutdownTrigger};
 use crate::state::sled_sync::SledSync;
 use crate::state::store::MessageStore;
@@ -204,6 +206,14 @@ impl Broker {
             Arc::clone(&gate),
         );
         spawn_rate_limit_sweep(Arc::clone(&gate), signal.clone());
+        // What the public listener's connections hold for their clients, bounded broker-wide.
+        let connections = Connections::default();
+        tokio::spawn(send_buffers::watch(
+            connections.clone(),
+            config.limits.max_send_buffer_bytes,
+            config.limits.stalled_connection_timeout,
+            signal.clone(),
+        ));
         spawn_batch_file_reclaim(
             consensus.store.clone(),
             Arc::clone(&consensus.state_sync),
@@ -226,6 +236,8 @@ impl Broker {
                     data_dir: config.data_dir.clone(),
                     store: consensus.store.clone(),
                     admission: admission.clone(),
+                    hub: consensus.hub.clone(),
+                    connections: connections.clone(),
                 });
                 let task = tokio::spawn(admin::serve(admin_listener, sources, signal.clone()));
                 (Some(addr), Some(task))
@@ -320,11 +332,13 @@ impl Broker {
             .http2_max_header_list_size(Some(config.limits.max_metadata_bytes))
             // Browsers' fetch and EventSource speak HTTP/1.1 to the gateway.
             .accept_http1(config.gateway.enabled)
+            .layer(CountingLayer::new(connections.clone()))
             .add_routes(routes);
         let serving = tokio::spawn(serve(
             router,
             listener,
             config.limits.max_connections,
+            connections,
             signal,
             consensus,
         ));
@@ -520,8 +534,11 @@ impl Replicated {
         // be, rebuilt) the store.
         let hub = Hub::new(
             0,
-            config.subscriptions.queue_depth,
-            config.subscriptions.queue_bytes,
+            MailboxLimits {
+                depth: config.subscriptions.queue_depth,
+                bytes: config.subscriptions.queue_bytes,
+                total_bytes: config.subscriptions.max_buffered_bytes,
+            },
         );
         let (state, progress) = state::open(config, Arc::new(hub.clone()))?;
         let store = state.store();
@@ -541,9 +558,10 @@ impl Replicated {
 }
 
 async fn serve(
-    router: Router,
+    router: Router<Stack<CountingLayer, Identity>>,
     listener: TcpListener,
     max_connections: usize,
+    connections: Connections,
     signal: ShutdownSignal,
     consensus: Replicated,
 ) -> anyhow::Result<()> {
@@ -552,6 +570,7 @@ async fn serve(
     let incoming = LimitedIncoming::new(
         TcpIncoming::from(listener).with_nodelay(Some(true)),
         max_connections,
+        connections,
     );
     let server =
         router.serve_with_incoming_shutdown(incoming, async move { stopping.wait().await });

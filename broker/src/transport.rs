@@ -15,6 +15,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::config::{Cluster, Tls};
 use crate::observability::metrics;
+use crate::send_buffers::{Connections, Ledger};
 
 /// The listener's TLS settings, or `None` when TLS is off. Reads the PEM files now, so a missing
 /// file stops the start with its name rather than failing every handshake later.
@@ -72,14 +73,16 @@ pub(crate) fn cluster_tls(
 pub(crate) struct LimitedIncoming {
     inner: TcpIncoming,
     open: Arc<Semaphore>,
+    connections: Connections,
 }
 
 impl LimitedIncoming {
-    /// Bounds `inner` to `max` open connections.
-    pub(crate) fn new(inner: TcpIncoming, max: usize) -> LimitedIncoming {
+    /// Bounds `inner` to `max` open connections, each with its ledger in `connections`.
+    pub(crate) fn new(inner: TcpIncoming, max: usize, connections: Connections) -> LimitedIncoming {
         LimitedIncoming {
             inner,
             open: Arc::new(Semaphore::new(max)),
+            connections,
         }
     }
 }
@@ -96,10 +99,16 @@ impl Stream for LimitedIncoming {
             };
             match Arc::clone(&self.open).try_acquire_owned() {
                 Ok(permit) => {
+                    let ledger = stream
+                        .peer_addr()
+                        .ok()
+                        .map(|peer| self.connections.open(peer));
                     return Poll::Ready(Some(Ok(LimitedStream {
                         stream,
+                        ledger,
+                        connections: self.connections.clone(),
                         _open: permit,
-                    })))
+                    })));
                 }
                 Err(_) => {
                     metrics::connection_refused();
@@ -111,10 +120,45 @@ impl Stream for LimitedIncoming {
     }
 }
 
-/// An accepted connection holding its place under the bound until it closes.
+/// An accepted connection holding its place under the bound until it closes. It counts what its
+/// socket accepts in its ledger, and fails every read and write once the ledger is closed (a
+/// client that stopped reading while send buffers are over their bound: [`crate::send_buffers`]).
 pub(crate) struct LimitedStream {
     stream: TcpStream,
+    ledger: Option<Arc<Ledger>>,
+    connections: Connections,
     _open: OwnedSemaphorePermit,
+}
+
+impl LimitedStream {
+    /// An error once the connection is being closed for its send buffers.
+    fn closed(&self) -> Option<io::Error> {
+        self.ledger.as_ref().filter(|l| l.is_closing()).map(|_| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed: the client stopped reading while send buffers were over their bound",
+            )
+        })
+    }
+
+    /// Counts a write's outcome in the ledger; a write that waits is woken if the connection is
+    /// closed meanwhile.
+    fn count_written(&self, cx: &Context<'_>, written: &Poll<io::Result<usize>>) {
+        let Some(ledger) = &self.ledger else { return };
+        match written {
+            Poll::Ready(Ok(n)) => ledger.written(*n),
+            Poll::Pending => ledger.wake_writer_on_close(cx),
+            Poll::Ready(Err(_)) => {}
+        }
+    }
+}
+
+impl Drop for LimitedStream {
+    fn drop(&mut self) {
+        if let Some(ledger) = &self.ledger {
+            self.connections.close(ledger);
+        }
+    }
 }
 
 impl Connected for LimitedStream {
@@ -133,7 +177,14 @@ impl AsyncRead for LimitedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        if let Some(e) = self.closed() {
+            return Poll::Ready(Err(e));
+        }
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let (Poll::Pending, Some(ledger)) = (&read, &self.ledger) {
+            ledger.wake_reader_on_close(cx);
+        }
+        read
     }
 }
 
@@ -143,7 +194,12 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        if let Some(e) = self.closed() {
+            return Poll::Ready(Err(e));
+        }
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.count_written(cx, &written);
+        written
     }
 
     fn poll_write_vectored(
@@ -151,7 +207,12 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        if let Some(e) = self.closed() {
+            return Poll::Ready(Err(e));
+        }
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.count_written(cx, &written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
