@@ -249,6 +249,9 @@ pub struct Limits {
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     pub max_metadata_bytes: u32,
+    pub max_send_buffer_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub stalled_connection_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -287,6 +290,7 @@ pub struct Proposer {
 pub struct Subscriptions {
     pub queue_depth: usize,
     pub queue_bytes: usize,
+    pub max_buffered_bytes: usize,
     pub max_per_connection: usize,
     pub max_per_broker: usize,
     pub default_max_unacked: u32,
@@ -782,6 +786,12 @@ impl Config {
                 "must hold at least one largest message (limits.max_payload_bytes + limits.max_header_bytes)",
             );
         }
+        if sub.max_buffered_bytes < sub.queue_bytes {
+            return invalid(
+                "subscriptions.max_buffered_bytes",
+                "must be at least subscriptions.queue_bytes",
+            );
+        }
         if sub.max_per_connection == 0 || sub.max_per_broker < sub.max_per_connection {
             return invalid(
                 "subscriptions.max_per_connection",
@@ -926,6 +936,18 @@ impl Config {
         }
         if self.rate_limits.max_tracked == 0 || self.rate_limits.max_tracked > 10_000_000 {
             return invalid("rate_limits.max_tracked", "must be between 1 and 10000000");
+        }
+        if self.limits.max_send_buffer_bytes < 1024 * 1024 {
+            return invalid(
+                "limits.max_send_buffer_bytes",
+                "must be at least 1 MiB (1048576)",
+            );
+        }
+        if self.limits.stalled_connection_timeout < Duration::from_millis(100) {
+            return invalid(
+                "limits.stalled_connection_timeout",
+                "must be at least 100ms",
+            );
         }
         if self.limits.max_connections == 0 {
             return invalid("limits.max_connections", "must be at least 1");

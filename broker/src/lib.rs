@@ -22,7 +22,7 @@
 //!
 //! Beside the path: [`cluster`] (raft between nodes, forwarding, membership admin), [`security`]
 //! (tokens, permissions, origins, rate limits, client credentials), [`transport`] (TLS, the
-//! connection bound), [`observability`] (metrics, health, console, traces, audit log).
+//! connection bounds, what connections hold for clients that stop reading), [`observability`] (metrics, health, console, traces, audit log).
 //! Shared types: [`message`] (messages and the commands the log carries), [`channel`] (grammar and
 //! the matching trie), [`entity`] (the field-level merge), [`checksum`] (sealed into every stored
 //! value). And [`config`], [`error`], [`shutdown`], [`server`]: settings, errors, stopping, wiring.

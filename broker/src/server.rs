@@ -25,6 +25,7 @@ use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tonic_web::GrpcWebLayer;
+use tower::layer::util::{Identity, Stack};
 use tower::Layer;
 
 use crate::cluster::internal::InternalService;
@@ -36,7 +37,7 @@ use crate::edge::entities::EntitiesService;
 use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
-use crate::fanout::hub::Hub;
+use crate::fanout::hub::{Hub, MailboxLimits};
 use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
 use crate::raft;
@@ -44,6 +45,7 @@ use crate::shutdown::{self, ShutdownSignal, ShutdownTrigger};
 use crate::state::sled_sync::SledSync;
 use crate::state::store::MessageStore;
 use crate::state::{self, AppliedProgress};
+use crate::transport::send_buffers::{self, Connections, CountingLayer};
 use crate::transport::{self, ConnectionLimits, LimitedIncoming, PacedIncoming};
 use crate::write::admission::Admission;
 use crate::write::proposer::Proposer;
@@ -207,6 +209,14 @@ impl Broker {
             Arc::clone(&gate),
         );
         spawn_rate_limit_sweep(Arc::clone(&gate), signal.clone());
+        // What the public listener's connections hold for their clients, bounded broker-wide.
+        let connections = Connections::default();
+        tokio::spawn(send_buffers::watch(
+            connections.clone(),
+            config.limits.max_send_buffer_bytes,
+            config.limits.stalled_connection_timeout,
+            signal.clone(),
+        ));
         spawn_batch_file_reclaim(
             consensus.store.clone(),
             Arc::clone(&consensus.state_sync),
@@ -229,6 +239,8 @@ impl Broker {
                     data_dir: config.data_dir.clone(),
                     store: consensus.store.clone(),
                     admission: admission.clone(),
+                    hub: consensus.hub.clone(),
+                    connections: connections.clone(),
                 });
                 let task = tokio::spawn(admin::serve(admin_listener, sources, signal.clone()));
                 (Some(addr), Some(task))
@@ -323,13 +335,21 @@ impl Broker {
             .http2_max_header_list_size(Some(config.limits.max_metadata_bytes))
             // Browsers' fetch and EventSource speak HTTP/1.1 to the gateway.
             .accept_http1(config.gateway.enabled)
+            .layer(CountingLayer::new(connections.clone()))
             .add_routes(routes);
         let limits = ConnectionLimits {
             max: config.limits.max_connections,
             max_per_address: config.limits.max_connections_per_address,
             handshake_timeout: config.limits.handshake_timeout,
         };
-        let serving = tokio::spawn(serve(router, listener, limits, signal, consensus));
+        let serving = tokio::spawn(serve(
+            router,
+            listener,
+            limits,
+            connections,
+            signal,
+            consensus,
+        ));
         Ok(Broker {
             local_addr,
             admin_addr,
@@ -522,8 +542,11 @@ impl Replicated {
         // be, rebuilt) the store.
         let hub = Hub::new(
             0,
-            config.subscriptions.queue_depth,
-            config.subscriptions.queue_bytes,
+            MailboxLimits {
+                depth: config.subscriptions.queue_depth,
+                bytes: config.subscriptions.queue_bytes,
+                total_bytes: config.subscriptions.max_buffered_bytes,
+            },
         );
         let (state, progress) = state::open(config, Arc::new(hub.clone()))?;
         let store = state.store();
@@ -543,16 +566,20 @@ impl Replicated {
 }
 
 async fn serve(
-    router: Router,
+    router: Router<Stack<CountingLayer, Identity>>,
     listener: TcpListener,
     limits: ConnectionLimits,
+    connections: Connections,
     signal: ShutdownSignal,
     consensus: Replicated,
 ) -> anyhow::Result<()> {
     let mut stopping = signal.clone();
     // Nagle's algorithm would hold small acks back for the peer's delayed ACK (~40 ms each).
-    let incoming =
-        LimitedIncoming::new(TcpIncoming::from(listener).with_nodelay(Some(true)), limits);
+    let incoming = LimitedIncoming::new(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        limits,
+        connections,
+    );
     let server =
         router.serve_with_incoming_shutdown(incoming, async move { stopping.wait().await });
     let mut drain_started = signal.clone();

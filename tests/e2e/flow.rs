@@ -2,9 +2,15 @@
 //! bounded memory, conflation, throttling, DROP_OLDEST gaps, credits, durable consumers, limits.
 
 use std::collections::HashMap;
-use switchboard_e2e::{eventually, DEADLINE};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use switchboard_e2e::{eventually, http_get, BrokerProcess, DEADLINE};
 use switchboard_proto::v1 as pb;
 use switchboard_proto::v1::broker_client::BrokerClient;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -519,4 +525,169 @@ async fn a_message_that_expires_while_held_for_a_credit_is_never_delivered() {
         last,
         "the expired message is skipped"
     );
+}
+
+/// A counter or gauge without labels, from the broker's /metrics.
+async fn metric(broker: &BrokerProcess, name: &str) -> Option<u64> {
+    let scrape = http_get(&format!("{}/metrics", broker.admin_url()))
+        .await
+        .ok()?;
+    scrape.body.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.parse::<f64>().ok().map(|v| v as u64)
+    })
+}
+
+#[tokio::test]
+async fn subscribers_that_never_read_share_one_memory_bound_and_then_get_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    // Alone, each queue could hold 1 MiB; all of them together may hold 2 MiB.
+    let settings = "[subscriptions]\nqueue_bytes = 1048576\nmax_buffered_bytes = 2097152\n";
+    let f = fixture(&["--config", &config(&dir, settings)]).await;
+    let mut client = raw(f.broker.url()).await;
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        stalled.push(open(&mut client, subscribe("bulk.>")).await.0);
+    }
+    // About 6 MB, which each of the ten would queue up to its own 1 MiB. The publisher has its
+    // own connection: unread streams use up their connection's HTTP/2 window.
+    let mut publisher = raw(f.broker.url()).await;
+    let payloads = (0..6_000)
+        .map(|i| (format!("bulk.c{}", i % 10), padded(i)))
+        .collect();
+    let offsets = publish_all(&mut publisher, payloads).await;
+
+    let switched = metric(&f.broker, "switchboard_buffer_budget_switches_total").await;
+    assert!(
+        switched.is_some_and(|n| n >= 1),
+        "the queues together went over their bound: {switched:?}"
+    );
+    let queued = metric(&f.broker, "switchboard_subscription_queued_bytes_total").await;
+    assert!(
+        queued.is_some_and(|bytes| bytes <= 2 * 1024 * 1024),
+        "the queues hold at most subscriptions.max_buffered_bytes: {queued:?}"
+    );
+    // Served from the store, every one of them still gets everything, in order. They are read
+    // together: they share a connection, and so its HTTP/2 window.
+    let offsets = &offsets;
+    futures::future::join_all(
+        stalled
+            .iter_mut()
+            .enumerate()
+            .map(|(s, events)| async move {
+                for expected in offsets {
+                    let m = message(next(events).await);
+                    assert_eq!(m.offset, *expected, "subscriber {s}");
+                }
+            }),
+    )
+    .await;
+}
+
+/// A socket whose reading stops for good once `stalled` is set: the client then never takes
+/// another byte, as a client that stopped reading would.
+struct StallingSocket {
+    stream: tokio::net::TcpStream,
+    stalled: Arc<AtomicBool>,
+}
+
+impl AsyncRead for StallingSocket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.stalled.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for StallingSocket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A client on its own connection that advertises the largest HTTP/2 windows and a small socket
+/// receive buffer, and stops reading its socket once `stalled` is set.
+async fn stalling_client(url: &str, stalled: Arc<AtomicBool>) -> Raw {
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let stalled = Arc::clone(&stalled);
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_recv_buffer_size(4096)?;
+            let stream = socket.connect(addr).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(StallingSocket {
+                stream,
+                stalled,
+            }))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .initial_stream_window_size(i32::MAX as u32)
+        .initial_connection_window_size(i32::MAX as u32)
+        .connect_with_connector(connector)
+        .await
+        .expect("connects");
+    BrokerClient::new(channel)
+}
+
+#[tokio::test]
+async fn connections_that_stop_reading_are_closed_once_send_buffers_pass_their_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings =
+        "[limits]\nmax_send_buffer_bytes = 1048576\nstalled_connection_timeout = \"500ms\"\n";
+    let f = fixture(&["--config", &config(&dir, settings)]).await;
+    let stalled = Arc::new(AtomicBool::new(false));
+    let mut stalled_streams = Vec::new();
+    for _ in 0..4 {
+        let mut client = stalling_client(&f.broker.url(), Arc::clone(&stalled)).await;
+        for _ in 0..8 {
+            stalled_streams.push(open(&mut client, subscribe("bulk.>")).await.0);
+        }
+    }
+    stalled.store(true, Ordering::Relaxed);
+    let mut reader = raw(f.broker.url()).await;
+    let (mut reading, _) = open(&mut reader, subscribe("bulk.>")).await;
+
+    // About 3 MB, for each of the 32 stalled subscriptions: without a bound, HTTP/2 would keep
+    // up to ~400 KiB of it per stream once the sockets stop taking any.
+    let mut publisher = raw(f.broker.url()).await;
+    let payloads = (0..3_000)
+        .map(|i| (format!("bulk.c{}", i % 10), padded(i)))
+        .collect();
+    let offsets = publish_all(&mut publisher, payloads).await;
+
+    // A client that reads is served in full, in order, whatever the stalled ones do.
+    for expected in &offsets {
+        assert_eq!(message(next(&mut reading).await).offset, *expected);
+    }
+    let broker = &f.broker;
+    eventually(
+        "stalled connections closed and send buffers back under their bound",
+        || async {
+            let closed = metric(broker, "switchboard_stalled_connections_closed_total").await?;
+            let waiting = metric(broker, "switchboard_send_buffered_bytes").await?;
+            (closed >= 1 && waiting <= 1024 * 1024).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    drop(stalled_streams);
 }

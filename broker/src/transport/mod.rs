@@ -1,9 +1,12 @@
 //! The listeners' transport: TLS from the settings, the bounds on open connections and on how long
-//! a new one may take to open, and accept loops that pause rather than spin when out of descriptors.
+//! a new one may take to open, accept loops that pause rather than spin when out of descriptors,
+//! and the broker-wide bound on what connections hold for clients that stop reading
+//! ([`send_buffers`]).
 
 mod accept;
 mod handshake;
 mod nofile;
+pub(crate) mod send_buffers;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,6 +31,7 @@ use crate::observability::metrics;
 pub(crate) use accept::{is_resource_exhaustion, AcceptPacing, PacedIncoming};
 use handshake::Opening;
 pub use nofile::raise_open_file_limit;
+use send_buffers::{Connections, OpenLedger};
 
 /// The listener's TLS settings, or `None` when TLS is off. Reads the PEM files now, so a missing
 /// file stops the start with its name rather than failing every handshake later.
@@ -105,16 +109,22 @@ pub(crate) struct LimitedIncoming {
     open: Arc<Semaphore>,
     per_address: Arc<OpenPerAddress>,
     limits: ConnectionLimits,
+    connections: Connections,
 }
 
 impl LimitedIncoming {
-    /// Bounds `inner` to `limits`.
-    pub(crate) fn new(inner: TcpIncoming, limits: ConnectionLimits) -> LimitedIncoming {
+    /// Bounds `inner` to `limits`; each connection keeps its ledger in `connections`.
+    pub(crate) fn new(
+        inner: TcpIncoming,
+        limits: ConnectionLimits,
+        connections: Connections,
+    ) -> LimitedIncoming {
         LimitedIncoming {
             inner: PacedIncoming::new(inner, "public"),
             open: Arc::new(Semaphore::new(limits.max)),
             per_address: Arc::new(OpenPerAddress::default()),
             limits,
+            connections,
         }
     }
 
@@ -150,15 +160,20 @@ impl Stream for LimitedIncoming {
             };
             match self.admit(&stream) {
                 Ok(places) => {
+                    let ledger = stream
+                        .peer_addr()
+                        .ok()
+                        .map(|peer| self.connections.open(peer));
                     return Poll::Ready(Some(Ok(LimitedStream {
                         stream,
                         _places: places,
+                        ledger,
                         handshake: Some(Handshake {
                             opening: Opening::new(),
                             deadline: Box::pin(tokio::time::sleep(self.limits.handshake_timeout)),
                             expired: false,
                         }),
-                    })))
+                    })));
                 }
                 Err(limit) => {
                     metrics::connection_refused(limit);
@@ -229,10 +244,69 @@ struct Handshake {
 /// An accepted connection holding its place under the bounds until it closes. Until the client
 /// has sent its opening, a read fails (`TimedOut`) once the handshake deadline has passed, which
 /// ends the connection — whether hyper or the TLS handshake is reading.
+///
+/// It also counts what its socket accepts in its ledger, and fails every read and write once the
+/// ledger is closed: a client that stopped reading while the send buffers of all connections
+/// were over their bound ([`send_buffers`]).
 pub(crate) struct LimitedStream {
     stream: TcpStream,
     _places: Places,
     handshake: Option<Handshake>,
+    ledger: Option<OpenLedger>,
+}
+
+impl LimitedStream {
+    /// An error once the connection is being closed for its send buffers.
+    fn closed(&self) -> Option<io::Error> {
+        self.ledger.as_ref().filter(|l| l.is_closing()).map(|_| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed: the client stopped reading while send buffers were over their bound",
+            )
+        })
+    }
+
+    /// Counts a write's outcome in the ledger; a write that waits is woken if the connection is
+    /// closed meanwhile.
+    fn count_written(&self, cx: &Context<'_>, written: &Poll<io::Result<usize>>) {
+        let Some(ledger) = &self.ledger else { return };
+        match written {
+            Poll::Ready(Ok(n)) => ledger.written(*n),
+            Poll::Pending => ledger.wake_writer_on_close(cx),
+            Poll::Ready(Err(_)) => {}
+        }
+    }
+
+    /// Reads, holding the connection to its handshake deadline until its opening is complete.
+    fn read_within_handshake(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let Some(handshake) = &mut self.handshake else {
+            return Pin::new(&mut self.stream).poll_read(cx, buf);
+        };
+        // Polled first, so the deadline wakes the reader even while no byte arrives, and a client
+        // trickling bytes is closed at the deadline too.
+        if handshake.deadline.as_mut().poll(cx).is_ready() {
+            if !handshake.expired {
+                handshake.expired = true;
+                metrics::handshake_timeout();
+                tracing::debug!(peer = ?self.stream.peer_addr().ok(), "no complete opening within limits.handshake_timeout; closing the connection");
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client did not send its opening within limits.handshake_timeout",
+            )));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.stream).poll_read(cx, buf))?;
+        if handshake.opening.feed(&buf.filled()[before..]) {
+            // Established: from here on the connection may stay idle as long as it likes.
+            self.handshake = None;
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl Connected for LimitedStream {
@@ -251,30 +325,14 @@ impl AsyncRead for LimitedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let Some(handshake) = &mut this.handshake else {
-            return Pin::new(&mut this.stream).poll_read(cx, buf);
-        };
-        // Polled first, so the deadline wakes the reader even while no byte arrives, and a client
-        // trickling bytes is closed at the deadline too.
-        if handshake.deadline.as_mut().poll(cx).is_ready() {
-            if !handshake.expired {
-                handshake.expired = true;
-                metrics::handshake_timeout();
-                tracing::debug!(peer = ?this.stream.peer_addr().ok(), "no complete opening within limits.handshake_timeout; closing the connection");
-            }
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client did not send its opening within limits.handshake_timeout",
-            )));
+        if let Some(e) = self.closed() {
+            return Poll::Ready(Err(e));
         }
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
-        if handshake.opening.feed(&buf.filled()[before..]) {
-            // Established: from here on the connection may stay idle as long as it likes.
-            this.handshake = None;
+        let read = self.read_within_handshake(cx, buf);
+        if let (Poll::Pending, Some(ledger)) = (&read, &self.ledger) {
+            ledger.wake_reader_on_close(cx);
         }
-        Poll::Ready(Ok(()))
+        read
     }
 }
 
@@ -284,7 +342,12 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        if let Some(e) = self.closed() {
+            return Poll::Ready(Err(e));
+        }
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.count_written(cx, &written);
+        written
     }
 
     fn poll_write_vectored(
@@ -292,7 +355,12 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        if let Some(e) = self.closed() {
+            return Poll::Ready(Err(e));
+        }
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.count_written(cx, &written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -1,0 +1,408 @@
+//! What the public listener's connections hold in memory for their clients, and the broker-wide
+//! bound on it.
+//!
+//! A response's data waits in the HTTP layer until the connection's socket takes it: h2 buffers up
+//! to about 400 KiB per stream when a client advertises a large flow-control window and then stops
+//! reading, hyper's HTTP/1 writer about as much per connection, and tonic does not let us lower
+//! either. Per stream that is bounded; over thousands of streams that never read it is not (issue
+//! 20: 10,240 stalled subscriptions took the broker to 7 GiB). So every connection keeps a
+//! [`Ledger`]: bytes of response data the HTTP layer took from a response body
+//! ([`CountingLayer`]) minus bytes its socket accepted (counted by the connection's stream,
+//! [`super::LimitedStream`]).
+//!
+//! [`watch`] sums the ledgers. While the sum is over `limits.max_send_buffer_bytes`, it closes
+//! the *stalled* connections — holding bytes their socket has not taken for
+//! `limits.stalled_connection_timeout` — those holding the most first, until the sum is back under
+//! the bound. Closing a connection frees everything buffered for it; its client sees the
+//! connection drop, and a subscription resumes from its next offset without a gap. A client that
+//! reads, however slowly, keeps making progress and is never closed for this.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::task::AtomicWaker;
+use http_body::{Body, Frame, SizeHint};
+use tonic::codegen::{http, BoxFuture, Service};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use crate::observability::metrics;
+use crate::shutdown::ShutdownSignal;
+
+/// How often the watcher sums the ledgers.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The open connections of the public listener, by peer address; cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct Connections {
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    open: Mutex<HashMap<SocketAddr, Arc<Ledger>>>,
+}
+
+/// One connection's account of the bytes waiting for its socket.
+pub(crate) struct Ledger {
+    peer: SocketAddr,
+    /// Response data taken from bodies and not yet accepted by the socket. Socket writes also
+    /// carry frame headers and control frames, so it is kept from going below zero rather than
+    /// computed as a difference: bytes written while nothing waits give no credit later.
+    waiting: AtomicUsize,
+    /// When the socket last took bytes, or when bytes started waiting after none did: ms since
+    /// `epoch`. A connection holding bytes with no progress since is stalled.
+    progress_ms: AtomicU64,
+    epoch: Instant,
+    closing: AtomicBool,
+    read_waker: AtomicWaker,
+    write_waker: AtomicWaker,
+}
+
+impl Connections {
+    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, Arc<Ledger>>> {
+        self.shared.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the ledger of a connection just accepted from `peer`; it is forgotten when the
+    /// returned guard is dropped (the connection closed).
+    pub(crate) fn open(&self, peer: SocketAddr) -> OpenLedger {
+        let ledger = Arc::new(Ledger {
+            peer,
+            waiting: AtomicUsize::new(0),
+            progress_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            closing: AtomicBool::new(false),
+            read_waker: AtomicWaker::new(),
+            write_waker: AtomicWaker::new(),
+        });
+        self.lock().insert(peer, Arc::clone(&ledger));
+        OpenLedger {
+            ledger,
+            connections: self.clone(),
+        }
+    }
+
+    /// Forgets a closed connection's ledger.
+    fn close(&self, ledger: &Ledger) {
+        let mut open = self.lock();
+        // A new connection from the same address may already have taken the entry.
+        if open
+            .get(&ledger.peer)
+            .is_some_and(|l| std::ptr::eq(Arc::as_ptr(l), ledger))
+        {
+            open.remove(&ledger.peer);
+        }
+    }
+
+    fn ledger(&self, peer: &SocketAddr) -> Option<Arc<Ledger>> {
+        self.lock().get(peer).cloned()
+    }
+
+    /// Bytes waiting for the sockets of all open connections.
+    pub(crate) fn waiting_bytes(&self) -> usize {
+        self.lock().values().map(|l| l.waiting()).sum()
+    }
+
+    /// Closes stalled connections, those holding the most first, until the bytes waiting for
+    /// every socket are at most `limit`; returns how many it closed.
+    fn enforce(&self, limit: usize, stalled_after: Duration) -> usize {
+        let ledgers: Vec<Arc<Ledger>> = self.lock().values().cloned().collect();
+        let mut total: usize = ledgers.iter().map(|l| l.waiting()).sum();
+        if total <= limit {
+            return 0;
+        }
+        let mut stalled: Vec<(usize, &Arc<Ledger>)> = ledgers
+            .iter()
+            .filter(|l| !l.closing.load(Ordering::Relaxed) && l.stalled_for() >= stalled_after)
+            .map(|l| (l.waiting(), l))
+            .collect();
+        stalled.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut closed = 0;
+        for (waiting, ledger) in stalled {
+            if total <= limit {
+                break;
+            }
+            tracing::warn!(
+                peer = %ledger.peer,
+                waiting_bytes = waiting,
+                "closing a connection whose client stopped reading: the connections' send \
+                 buffers are over limits.max_send_buffer_bytes"
+            );
+            ledger.shut();
+            total -= waiting;
+            closed += 1;
+        }
+        closed
+    }
+}
+
+/// An open connection's ledger; dropping it (the connection closed) forgets the ledger.
+pub(crate) struct OpenLedger {
+    ledger: Arc<Ledger>,
+    connections: Connections,
+}
+
+impl std::ops::Deref for OpenLedger {
+    type Target = Ledger;
+
+    fn deref(&self) -> &Ledger {
+        &self.ledger
+    }
+}
+
+impl Drop for OpenLedger {
+    fn drop(&mut self) {
+        self.connections.close(&self.ledger);
+    }
+}
+
+impl Ledger {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    fn stalled_for(&self) -> Duration {
+        if self.waiting() == 0 {
+            return Duration::ZERO;
+        }
+        let since = self.progress_ms.load(Ordering::Relaxed);
+        Duration::from_millis(self.now_ms().saturating_sub(since))
+    }
+
+    /// The HTTP layer took `bytes` of response data for this connection.
+    fn handed(&self, bytes: usize) {
+        if self.waiting.fetch_add(bytes, Ordering::Relaxed) == 0 {
+            self.progress_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The socket accepted `bytes`.
+    pub(crate) fn written(&self, bytes: usize) {
+        let _ = self
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                Some(w.saturating_sub(bytes))
+            });
+        self.progress_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the connection is being closed; its stream then fails every read and write.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Remembers who to wake when the connection is closed while a read waits.
+    pub(crate) fn wake_reader_on_close(&self, cx: &Context<'_>) {
+        self.register(&self.read_waker, cx);
+    }
+
+    /// Remembers who to wake when the connection is closed while a write waits.
+    pub(crate) fn wake_writer_on_close(&self, cx: &Context<'_>) {
+        self.register(&self.write_waker, cx);
+    }
+
+    fn register(&self, waker: &AtomicWaker, cx: &Context<'_>) {
+        waker.register(cx.waker());
+        // Closed between the caller's check and the registration: that wake-up was missed.
+        if self.is_closing() {
+            cx.waker().wake_by_ref();
+        }
+    }
+
+    fn shut(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.read_waker.wake();
+        self.write_waker.wake();
+    }
+}
+
+/// Sums the ledgers every [`WATCH_INTERVAL`] and closes stalled connections while the sum is over
+/// `limit` (see the module docs), until `shutdown`.
+pub(crate) async fn watch(
+    connections: Connections,
+    limit: usize,
+    stalled_after: Duration,
+    mut shutdown: ShutdownSignal,
+) {
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait() => return,
+        }
+        let closed = connections.enforce(limit, stalled_after);
+        if closed > 0 {
+            metrics::stalled_connections_closed(closed as u64);
+        }
+    }
+}
+
+/// Counts the response data the HTTP layer takes, in the ledger of the request's connection.
+#[derive(Clone)]
+pub(crate) struct CountingLayer {
+    connections: Connections,
+}
+
+impl CountingLayer {
+    /// Counts into the ledgers of `connections`.
+    pub(crate) fn new(connections: Connections) -> CountingLayer {
+        CountingLayer { connections }
+    }
+}
+
+impl<S> tower::Layer<S> for CountingLayer {
+    type Service = Counting<S>;
+
+    fn layer(&self, inner: S) -> Counting<S> {
+        Counting {
+            inner,
+            connections: self.connections.clone(),
+        }
+    }
+}
+
+/// The service [`CountingLayer`] makes.
+#[derive(Clone)]
+pub(crate) struct Counting<S> {
+    inner: S,
+    connections: Connections,
+}
+
+/// The peer address tonic records for a plain or a TLS connection.
+fn peer_of<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Counting<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<CountedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let ledger = peer_of(&request).and_then(|peer| self.connections.ledger(&peer));
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|inner| CountedBody { inner, ledger }))
+        })
+    }
+}
+
+/// A response body whose data is counted in its connection's ledger as the HTTP layer takes it.
+pub(crate) struct CountedBody<B> {
+    inner: B,
+    ledger: Option<Arc<Ledger>>,
+}
+
+impl<B> Body for CountedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(ledger)) = (&polled, &self.ledger) {
+            if let Some(data) = frame.data_ref() {
+                ledger.handed(data.len());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn writes_take_back_what_was_handed_and_never_go_below_zero() {
+        let connections = Connections::default();
+        let ledger = connections.open(peer(1));
+        ledger.written(500);
+        ledger.handed(300);
+        assert_eq!(connections.waiting_bytes(), 300);
+        ledger.written(1000);
+        assert_eq!(connections.waiting_bytes(), 0);
+        drop(ledger);
+        assert_eq!(
+            connections.lock().len(),
+            0,
+            "a closed connection is forgotten"
+        );
+    }
+
+    #[test]
+    fn over_the_limit_only_stalled_connections_are_closed_the_largest_first() {
+        let connections = Connections::default();
+        let small = connections.open(peer(1));
+        let large = connections.open(peer(2));
+        let reading = connections.open(peer(3));
+        small.handed(100);
+        large.handed(1000);
+        reading.handed(5000);
+        // Under the limit nothing is closed, stalled or not.
+        assert_eq!(connections.enforce(10_000, Duration::ZERO), 0);
+        // Bytes started waiting just now: with a grace of an hour nobody counts as stalled yet.
+        assert_eq!(connections.enforce(1_000, Duration::from_secs(3600)), 0);
+        // Without grace everyone holding bytes is stalled: the largest go first, and closing
+        // stops once the rest fit (5000 + 1000 + 100 > 1000: `reading`, then `large`).
+        assert_eq!(connections.enforce(1_000, Duration::ZERO), 2);
+        assert!(reading.is_closing());
+        assert!(large.is_closing());
+        assert!(!small.is_closing());
+    }
+
+    #[test]
+    fn a_reused_address_keeps_the_newer_connections_ledger() {
+        let connections = Connections::default();
+        let old = connections.open(peer(1));
+        let new = connections.open(peer(1));
+        drop(old);
+        new.handed(7);
+        assert_eq!(connections.waiting_bytes(), 7);
+    }
+}
