@@ -357,7 +357,7 @@ impl Hub {
             .map(|entry| (entry.mailbox.lock().bytes, &entry.mailbox))
             .filter(|(bytes, _)| *bytes > 0)
             .collect();
-        queued.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        queued.sort_unstable_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
         let target = self.limits.total_bytes / 4 * 3;
         let mut switched = 0u64;
         for (_, mailbox) in queued {

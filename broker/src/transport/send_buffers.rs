@@ -122,7 +122,7 @@ impl Connections {
             .filter(|l| !l.closing.load(Ordering::Relaxed) && l.stalled_for() >= stalled_after)
             .map(|l| (l.waiting(), l))
             .collect();
-        stalled.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        stalled.sort_unstable_by_key(|(waiting, _)| std::cmp::Reverse(*waiting));
         let mut closed = 0;
         for (waiting, ledger) in stalled {
             if total <= limit {
