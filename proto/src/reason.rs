@@ -84,6 +84,10 @@ reasons! {
     EntityFieldsInvalid => "ENTITY_FIELDS_INVALID",
     /// A missing or malformed write stamp.
     WriteStampInvalid => "WRITE_STAMP_INVALID",
+    /// A gRPC request that is not one valid protobuf message of the method's request type.
+    MalformedRequest => "MALFORMED_REQUEST",
+    /// Request metadata (HTTP/2 headers) above the broker's limit.
+    MetadataTooLarge => "METADATA_TOO_LARGE",
     // Loops and entity writes.
     /// The publish would continue a loop (FAILED_PRECONDITION).
     LoopDetected => "LOOP_DETECTED",

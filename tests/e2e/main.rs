@@ -16,6 +16,7 @@ mod flow;
 mod fuzz;
 mod gateway;
 mod loops;
+mod malformed;
 mod observability;
 mod persistence;
 mod pubsub;

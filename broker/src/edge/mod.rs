@@ -7,6 +7,8 @@
 //!
 //! - [`auth`]: the gate before every handler (origin, token, call budgets), which leaves each
 //!   call its [`Caller`], through which every grant is checked.
+//! - [`grpc_guard`]: per-call checks before tonic decodes a call (metadata size, one request
+//!   message per unary call); malformed protobuf is refused by `switchboard_proto::codec`.
 //! - [`validate`]: every rule a request must pass, with its stable reason.
 //! - `publish`: `Publish` and `PublishStream` (and the gateway's publishes), grouped into
 //!   proposals, with the metrics and audit lines of refusals.
@@ -26,6 +28,7 @@ mod consumers;
 pub mod convert;
 pub(crate) mod delivery;
 pub(crate) mod entities;
+pub(crate) mod grpc_guard;
 mod publish;
 pub(crate) mod status;
 mod subscribe;
