@@ -15,6 +15,7 @@ mod entities;
 mod flow;
 mod fuzz;
 mod gateway;
+mod gateway_errors;
 mod loops;
 mod malformed;
 mod observability;

@@ -101,7 +101,7 @@ pub(super) async fn update(
     let (parts, body) = request.into_parts();
     let caller = gateway.caller(&parts, None)?;
     let expected_version = expected_version(&parts.headers)?;
-    let fields = read_body(&gateway, body).await?;
+    let fields = read_body(&gateway, &parts.headers, body).await?;
     let writer = parts
         .headers
         .get(WRITER_HEADER)

@@ -63,7 +63,7 @@ pub(super) async fn single(
 ) -> Result<Response, HttpError> {
     let (parts, body) = request.into_parts();
     let caller = gateway.caller(&parts, None)?;
-    let body = read_body(&gateway, body).await?;
+    let body = read_body(&gateway, &parts.headers, body).await?;
     let message = json::parse::<PublishBody>(&body)?.into_request()?;
     let ack = gateway
         .inner
@@ -83,7 +83,7 @@ pub(super) async fn batch(
 ) -> Result<Response, HttpError> {
     let (parts, body) = request.into_parts();
     let caller = gateway.caller(&parts, None)?;
-    let body = read_body(&gateway, body).await?;
+    let body = read_body(&gateway, &parts.headers, body).await?;
     let items: Vec<Value> = json::parse(&body)?;
     let max = gateway.inner.max_batch;
     if items.len() > max {
