@@ -12,7 +12,6 @@ use super::error::HttpError;
 use super::query::Query;
 use super::{grpc_request, json, read_body, Gateway};
 use crate::error::{BrokerError, Reason};
-use crate::message::now_us;
 
 /// Names the writer of an update in its stamp; the token's subject, else `http`, when absent.
 const WRITER_HEADER: &str = "x-switchboard-writer";
@@ -115,8 +114,11 @@ pub(super) async fn update(
             id,
         }),
         fields,
+        // Timestamp 0: the broker stamps the write as it applies it, after every stamp the
+        // entity holds, so a write sent after another was acknowledged is never stale (an HTTP
+        // client has no clock of its own to order its writes with).
         stamp: Some(pb::WriteStamp {
-            timestamp_ms: now_us() / 1000,
+            timestamp_ms: 0,
             version: 0,
             writer,
         }),
