@@ -103,6 +103,12 @@ reasons! {
     EndpointNotFound => "ENDPOINT_NOT_FOUND",
     /// A browser gateway path asked with a method it does not take (UNIMPLEMENTED; HTTP 405).
     MethodNotAllowed => "METHOD_NOT_ALLOWED",
+    /// A browser gateway request body that is not the JSON its endpoint takes.
+    BodyMalformed => "BODY_MALFORMED",
+    /// A browser gateway request body naming a field its endpoint does not take.
+    UnknownField => "UNKNOWN_FIELD",
+    /// A browser gateway batch with more messages than `gateway.max_batch`.
+    BatchTooLarge => "BATCH_TOO_LARGE",
     // Subscriptions and durable consumers.
     /// Too many subscriptions on the connection or the node (RESOURCE_EXHAUSTED).
     SubscriptionLimit => "SUBSCRIPTION_LIMIT",

@@ -115,7 +115,7 @@ async fn http_publishes_reach_grpc_subscribers_and_batches_ack_each_message() {
         .await
         .unwrap();
     assert_eq!(bad.status, 400);
-    assert_eq!(body(&bad)["reason"], json!("PAYLOAD_NOT_JSON"));
+    assert_eq!(body(&bad)["reason"], json!("BODY_MALFORMED"));
     let marker = post(
         &format!("{url}/v1/publish"),
         &[],

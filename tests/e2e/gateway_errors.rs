@@ -60,3 +60,106 @@ async fn a_body_over_the_limit_is_413_payload_too_large() {
     .unwrap();
     assert_error(&response, 413, "PAYLOAD_TOO_LARGE");
 }
+
+async fn post(url: &str, body: &str) -> HttpResponse {
+    http_request("POST", url, &[], body.as_bytes())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bodies_that_are_not_the_endpoints_json_get_their_own_reasons() {
+    let f = fixture(&[]).await;
+    let publish = format!("{}/v1/publish", base(&f.broker));
+    let batch = format!("{}/v1/publish/batch", base(&f.broker));
+
+    assert_error(&post(&publish, "not json").await, 400, "BODY_MALFORMED");
+    assert_error(&post(&publish, "[1, 2]").await, 400, "BODY_MALFORMED");
+    assert_error(
+        &post(
+            &publish,
+            r#"{"channel":"web.x","payload":1,"colour":"red"}"#,
+        )
+        .await,
+        400,
+        "UNKNOWN_FIELD",
+    );
+    // A message needs a payload; `null` is one.
+    assert_error(
+        &post(&publish, r#"{"channel":"web.x"}"#).await,
+        400,
+        "BODY_MALFORMED",
+    );
+    let null = post(&publish, r#"{"channel":"web.x","payload":null}"#).await;
+    assert_eq!(null.status, 200, "{null:?}");
+
+    let too_many = format!(
+        "[{}]",
+        vec![r#"{"channel":"web.x","payload":1}"#; 501].join(",")
+    );
+    assert_error(&post(&batch, &too_many).await, 400, "BATCH_TOO_LARGE");
+    assert_error(
+        &post(&batch, r#"{"channel":"web.x"}"#).await,
+        400,
+        "BODY_MALFORMED",
+    );
+    let mixed = post(
+        &batch,
+        r#"[{"channel":"web.x","payload":1},{"channel":"web.x","payload":2,"extra":0},{"channel":"web.x"}]"#,
+    )
+    .await;
+    assert_eq!(mixed.status, 200, "{mixed:?}");
+    let answers = body(&mixed);
+    assert!(answers[0]["ack"].is_object(), "{answers}");
+    assert_eq!(
+        answers[1]["error"]["reason"],
+        json!("UNKNOWN_FIELD"),
+        "{answers}"
+    );
+    assert_eq!(
+        answers[2]["error"]["reason"],
+        json!("BODY_MALFORMED"),
+        "{answers}"
+    );
+
+    // Stored: the `null` payload and the batch's one acked message; nothing refused.
+    let stored = f
+        .client
+        .history_all(switchboard_client::HistoryQuery::new("web.>"), usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+}
+
+#[tokio::test]
+async fn if_none_match_takes_a_list_weak_tags_and_a_star() {
+    let f = fixture(&[]).await;
+    let entity = format!("{}/v1/entities/contact/7", base(&f.broker));
+    let written = http_request("PATCH", &entity, &[], br#"{"name":"Ada"}"#)
+        .await
+        .unwrap();
+    assert_eq!(written.header("etag"), Some("\"v1\""), "{written:?}");
+
+    for matching in [r#""v0", "v1""#, r#"W/"v1""#, r#""v9",W/"v1""#, "*"] {
+        let read = http_request("GET", &entity, &[("If-None-Match", matching)], b"")
+            .await
+            .unwrap();
+        assert_eq!(read.status, 304, "If-None-Match: {matching}: {read:?}");
+        assert_eq!(read.header("etag"), Some("\"v1\""), "{matching}");
+    }
+    for other in [r#""v2""#, r#""v0", W/"v2""#] {
+        let read = http_request("GET", &entity, &[("If-None-Match", other)], b"")
+            .await
+            .unwrap();
+        assert_eq!(read.status, 200, "If-None-Match: {other}: {read:?}");
+    }
+    let missing = http_request(
+        "GET",
+        &format!("{}/v1/entities/contact/none", base(&f.broker)),
+        &[("If-None-Match", "*")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_error(&missing, 404, "ENTITY_NOT_FOUND");
+}

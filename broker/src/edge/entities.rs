@@ -118,6 +118,22 @@ fn fields(bytes: &[u8], max: usize) -> Result<BTreeMap<String, String>, BrokerEr
         .collect())
 }
 
+/// Whether an `If-None-Match` condition matches an existing entity whose ETag is `etag`
+/// (RFC 9110 §13.1.2): `*`, or a comma-separated list of entity tags one of which is `etag` by
+/// weak comparison (a `W/` prefix is ignored). An empty condition matches nothing.
+pub(crate) fn if_none_match(condition: &str, etag: &str) -> bool {
+    let opaque = |tag: &str| {
+        let tag = tag.trim();
+        tag.strip_prefix("W/").unwrap_or(tag).to_owned()
+    };
+    let etag = opaque(etag);
+    condition.trim() == "*"
+        || condition
+            .split(',')
+            .map(opaque)
+            .any(|tag| !tag.is_empty() && tag == etag)
+}
+
 impl EntitiesService {
     async fn write(
         &self,
@@ -210,7 +226,7 @@ impl EntitiesRpc for EntitiesService {
                 id: id.clone(),
             }
         })?;
-        if !request.if_none_match.is_empty() && request.if_none_match == state.etag() {
+        if if_none_match(&request.if_none_match, &state.etag()) {
             return Ok(Response::new(pb::GetEntityResponse {
                 not_modified: true,
                 entity: None,
@@ -366,6 +382,27 @@ async fn watch(
                 None => return,
             },
             _ = out.closed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_none_match_takes_a_star_or_a_list_compared_weakly() {
+        for matching in [
+            "\"v3\"",
+            "W/\"v3\"",
+            "\"v1\", \"v3\"",
+            " \"v1\",W/\"v3\" ",
+            "*",
+        ] {
+            assert!(if_none_match(matching, "\"v3\""), "{matching}");
+        }
+        for other in ["", "\"v4\"", "\"v1\", W/\"v2\"", "v3", ",", "**"] {
+            assert!(!if_none_match(other, "\"v3\""), "{other}");
         }
     }
 }

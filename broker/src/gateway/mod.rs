@@ -203,7 +203,7 @@ async fn read_body(
             too_large()
         } else {
             HttpError::from(BrokerError::invalid(
-                Reason::PayloadTooLarge,
+                Reason::BodyMalformed,
                 format!("the request body could not be read: {e}"),
             ))
         }

@@ -21,7 +21,7 @@ use crate::error::{BrokerError, Reason};
 #[serde(deny_unknown_fields)]
 struct PublishBody {
     channel: String,
-    #[serde(default)]
+    /// Required: a message without one is more likely a mistake than an intended `null`.
     payload: Value,
     #[serde(default)]
     headers: HashMap<String, String>,
@@ -88,7 +88,7 @@ pub(super) async fn batch(
     let max = gateway.inner.max_batch;
     if items.len() > max {
         return Err(BrokerError::invalid(
-            Reason::PayloadTooLarge,
+            Reason::BatchTooLarge,
             format!(
                 "a batch holds at most {max} messages (gateway.max_batch), got {}",
                 items.len()
@@ -99,9 +99,7 @@ pub(super) async fn batch(
     let mut pending = Vec::with_capacity(items.len());
     for item in items {
         let message = serde_json::from_value::<PublishBody>(item)
-            .map_err(|e| {
-                BrokerError::invalid(Reason::PayloadNotJson, format!("not a message: {e}"))
-            })
+            .map_err(|e| json::body_error("the message", &e))
             .and_then(PublishBody::into_request);
         pending.push(match message {
             Ok(message) => gateway.inner.broker.queue_publish(message, &caller).await,
