@@ -94,12 +94,15 @@ fn fields(bytes: &[u8], max: usize) -> Result<BTreeMap<String, String>, BrokerEr
             format!("fields take {} bytes; the limit is {max}", bytes.len()),
         ));
     }
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+    // The same check as a JSON payload's (UTF-8, depth, numbers), then the object itself.
+    let not_json = |e: serde_json::Error| {
         invalid(
             Reason::EntityFieldsInvalid,
             format!("fields are not JSON: {e}"),
         )
-    })?;
+    };
+    super::validate::check_json(bytes).map_err(not_json)?;
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(not_json)?;
     let serde_json::Value::Object(map) = value else {
         return Err(invalid(
             Reason::EntityFieldsInvalid,
