@@ -22,6 +22,7 @@ mod observability;
 mod persistence;
 mod pubsub;
 mod replay;
+mod response_size;
 mod resume;
 mod security;
 mod shutdown;

@@ -299,10 +299,7 @@ impl BrokerRpc for BrokerService {
         })
         .await
         .map_err(|e| Status::internal(format!("history read failed: {e}")))??;
-        Ok(Response::new(pb::HistoryResponse {
-            messages: page.messages.iter().map(convert::message).collect(),
-            next_offset: if page.done { 0 } else { page.next },
-        }))
+        Ok(Response::new(history_page(page, max_bytes)))
     }
 
     async fn info(
@@ -330,6 +327,38 @@ impl BrokerRpc for BrokerService {
             applied_index: progress.applied_index,
             loops_detected: progress.loops_detected,
         }))
+    }
+}
+
+/// Room in a `HistoryResponse` for its `next_offset` field: a tag byte and a 10-byte varint.
+const NEXT_OFFSET_FIELD_BYTES: usize = 11;
+
+/// The response for a page read from the store, cut so that it encodes to at most `max_bytes`
+/// (`history.max_page_bytes`, 4 MiB by default: what stock gRPC clients accept): the store's
+/// page is bounded by an estimate of each message's size, this by its encoding. It keeps at least
+/// one message, and `next_offset` then names the first message left out.
+fn history_page(page: crate::state::store::ReadPage, max_bytes: usize) -> pb::HistoryResponse {
+    use prost::Message as _;
+
+    let budget = max_bytes.saturating_sub(NEXT_OFFSET_FIELD_BYTES);
+    let mut messages = Vec::with_capacity(page.messages.len());
+    let mut bytes = 0;
+    let mut next_offset = if page.done { 0 } else { page.next };
+    for stored in &page.messages {
+        let message = convert::message(stored);
+        // As a `repeated Message messages = 1` entry: a tag byte, the length, the message.
+        let len = message.encoded_len();
+        let entry = 1 + prost::length_delimiter_len(len) + len;
+        if !messages.is_empty() && bytes + entry > budget {
+            next_offset = stored.offset;
+            break;
+        }
+        bytes += entry;
+        messages.push(message);
+    }
+    pb::HistoryResponse {
+        messages,
+        next_offset,
     }
 }
 
