@@ -108,6 +108,35 @@ impl EntityState {
         self.last_stamp = Some(stamp.clone());
     }
 
+    /// The stamp of a write the broker stamps (one sent with timestamp 0, as the browser gateway
+    /// sends every write), applied at `now_ms` (the leader's time in the log entry): `now_ms`, or,
+    /// when the entity already holds a stamp at or after it (a writer whose clock is ahead, or an
+    /// earlier write in the same millisecond), that stamp's time with the next counter. So it is
+    /// greater than every stamp the entity holds, and a write stamped by the broker is never stale:
+    /// a hybrid logical clock per entity. Every replica applies the same log to the same state,
+    /// so every replica gives the write the same stamp.
+    pub fn broker_stamp(&self, now_ms: u64, writer: String) -> Stamp {
+        let newest = self
+            .fields
+            .values()
+            .map(|field| &field.stamp)
+            .chain(&self.tombstone)
+            .chain(&self.last_stamp)
+            .max();
+        let (timestamp_ms, version) = match newest {
+            Some(newest) if newest.timestamp_ms >= now_ms => match newest.version.checked_add(1) {
+                Some(next) => (newest.timestamp_ms, next),
+                None => (newest.timestamp_ms.saturating_add(1), 0),
+            },
+            _ => (now_ms, 0),
+        };
+        Stamp {
+            timestamp_ms,
+            version,
+            writer,
+        }
+    }
+
     /// True when a delete won and no later write set a field since.
     pub fn is_deleted(&self) -> bool {
         self.fields.is_empty() && self.tombstone.is_some()

@@ -34,6 +34,7 @@ use crate::cluster::{self, Leader};
 use crate::config::Config;
 use crate::edge::auth::{Gate, GateInterceptor};
 use crate::edge::entities::EntitiesService;
+use crate::edge::grpc_guard::GrpcGuard;
 use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
@@ -55,6 +56,9 @@ use crate::write::sweeper;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent calls (streams included) on one connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// How many times `limits.max_metadata_bytes` HTTP/2 accepts, so the limit is enforced per call
+/// with a status rather than by HTTP/2 (edge::grpc_guard).
+const HEADER_LIST_CEILING_FACTOR: u32 = 4;
 /// Room above the payload limit for the rest of a publish request (headers, ids, channel).
 const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
 
@@ -319,20 +323,45 @@ impl Broker {
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        let mut routes = routes.routes();
-        if let Some(gateway) = gateway {
+        // Metadata over the limit and unary calls with a second message are refused here, per
+        // call (edge::grpc_guard); the gateway's routes, merged below, are not gRPC.
+        let guard = GrpcGuard::new(
+            config.limits.max_metadata_bytes as usize,
+            &[
+                switchboard_proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+            ],
+        )?;
+        let grpc_routes =
+            routes
+                .routes()
+                .into_axum_router()
+                .layer(axum::middleware::from_fn_with_state(
+                    guard,
+                    GrpcGuard::check,
+                ));
+        let routes = match gateway {
             // The browser gateway shares the port: paths under /v1/ are its own, every other
             // path is a gRPC method.
-            routes = Routes::from(gateway.around(routes.into_axum_router()));
-        }
+            Some(gateway) => Routes::from(gateway.around(grpc_routes)),
+            None => Routes::from(grpc_routes),
+        };
         let router = builder
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             // hyper allows 200 concurrent streams per connection unless told; tonic's default
             // removes the limit, which would let one connection open unbounded subscriptions.
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-            // Metadata (the token, trace context) beyond this is refused by HTTP/2 itself.
-            .http2_max_header_list_size(Some(config.limits.max_metadata_bytes))
+            // Metadata (the token, trace context) is bounded by limits.max_metadata_bytes in
+            // edge::grpc_guard, per call. HTTP/2 accepts four times as much, because it can only
+            // refuse a larger header list with a bare 431 or by closing the connection (GOAWAY),
+            // which would end the connection's other calls too.
+            .http2_max_header_list_size(Some(
+                config
+                    .limits
+                    .max_metadata_bytes
+                    .saturating_mul(HEADER_LIST_CEILING_FACTOR),
+            ))
             // Browsers' fetch and EventSource speak HTTP/1.1 to the gateway.
             .accept_http1(config.gateway.enabled)
             .layer(CountingLayer::new(connections.clone()))

@@ -3,10 +3,12 @@
 //! The `.proto` files are the documentation of record: every message and field is described there.
 //! This crate only compiles them (with protox, so no system `protoc` is needed) and exposes:
 //! - [`v1`]: messages, the `Broker` client (`v1::broker_client`) and server (`v1::broker_server`);
+//! - [`codec`]: how the servers decode requests (a malformed one is INVALID_ARGUMENT);
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection;
 //! - [`Reason`] (`reason.rs`): the stable reasons of refusals, shared by the broker and clients.
 #![allow(missing_docs)]
 
+pub mod codec;
 mod reason;
 
 pub use reason::{Reason, UnknownReason};
@@ -15,6 +17,7 @@ pub use reason::{Reason, UnknownReason};
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("switchboard.v1");
+    include!(concat!(env!("OUT_DIR"), "/server/switchboard.v1.rs"));
 }
 
 /// Package `switchboard.internal.v1`: node-to-node raft RPC, served only on the cluster listener.

@@ -84,6 +84,10 @@ reasons! {
     EntityFieldsInvalid => "ENTITY_FIELDS_INVALID",
     /// A missing or malformed write stamp.
     WriteStampInvalid => "WRITE_STAMP_INVALID",
+    /// A gRPC request that is not one valid protobuf message of the method's request type.
+    MalformedRequest => "MALFORMED_REQUEST",
+    /// Request metadata (HTTP/2 headers) above the broker's limit.
+    MetadataTooLarge => "METADATA_TOO_LARGE",
     // Loops and entity writes.
     /// The publish would continue a loop (FAILED_PRECONDITION).
     LoopDetected => "LOOP_DETECTED",
@@ -99,6 +103,12 @@ reasons! {
     EndpointNotFound => "ENDPOINT_NOT_FOUND",
     /// A browser gateway path asked with a method it does not take (UNIMPLEMENTED; HTTP 405).
     MethodNotAllowed => "METHOD_NOT_ALLOWED",
+    /// A browser gateway request body that is not the JSON its endpoint takes.
+    BodyMalformed => "BODY_MALFORMED",
+    /// A browser gateway request body naming a field its endpoint does not take.
+    UnknownField => "UNKNOWN_FIELD",
+    /// A browser gateway batch with more messages than `gateway.max_batch`.
+    BatchTooLarge => "BATCH_TOO_LARGE",
     // Subscriptions and durable consumers.
     /// Too many subscriptions on the connection or the node (RESOURCE_EXHAUSTED).
     SubscriptionLimit => "SUBSCRIPTION_LIMIT",

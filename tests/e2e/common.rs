@@ -3,11 +3,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::{Buf, BufMut, Bytes};
 use futures::StreamExt;
 use switchboard_client::{split_stream_ack, Client, Publish, Subscription};
 use switchboard_e2e::{BrokerProcess, DEADLINE};
 use switchboard_proto::v1::Message;
 use tempfile::TempDir;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Status;
 
 /// A broker in a fresh folder, and a client connected to it.
 pub struct Fixture {
@@ -121,4 +124,48 @@ pub fn merge_acked(per_publisher: Vec<Vec<(u64, String)>>) -> BTreeMap<u64, Stri
         }
     }
     acked
+}
+
+/// Passes bodies through untouched, so a test can send bytes no generated client would.
+#[derive(Debug, Clone, Default)]
+pub struct RawCodec;
+
+#[derive(Debug, Clone, Default)]
+pub struct RawEncoder;
+
+#[derive(Debug, Clone, Default)]
+pub struct RawDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
 }

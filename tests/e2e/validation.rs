@@ -312,3 +312,125 @@ async fn a_start_beyond_the_next_offset_is_refused_and_the_next_offset_waits() {
     assert_eq!(ack.offset, next);
     assert_eq!(offsets(&take(&mut at_next, 1).await), vec![next]);
 }
+
+/// JSON is checked alike wherever it enters: a publish over gRPC, a publish through the browser
+/// gateway, entity fields over gRPC and through a gateway `PATCH`. Each refuses text that is not
+/// UTF-8 (RFC 8259 §8.1), nesting deeper than 64, and a number beyond a double's range, and
+/// accepts what is just inside those bounds.
+#[tokio::test]
+async fn json_is_checked_alike_on_every_route() {
+    use switchboard_proto::v1 as pb;
+    use tonic_types::StatusExt;
+
+    let f = fixture(&[]).await;
+    let gateway = format!("http://{}", f.broker.addr);
+    let channel = tonic::transport::Channel::from_shared(f.broker.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut broker = pb::broker_client::BrokerClient::new(channel.clone());
+    let mut entities = pb::entities_client::EntitiesClient::new(channel);
+    let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let refused: Vec<(&str, Vec<u8>)> = vec![
+        ("not UTF-8", b"{\"s\":\"\xff\"}".to_vec()),
+        ("65 deep", format!("{{\"a\":{}}}", nested(64)).into_bytes()),
+        ("out of range", br#"{"n":1e400}"#.to_vec()),
+    ];
+    let accepted: Vec<(&str, Vec<u8>)> = vec![
+        ("64 deep", format!("{{\"a\":{}}}", nested(63)).into_bytes()),
+        (
+            "a large integer",
+            br#"{"n":123456789012345678901234567890}"#.to_vec(),
+        ),
+    ];
+    let reason = |status: &tonic::Status| status.get_details_error_info().unwrap().reason;
+
+    for (i, (case, json)) in refused.iter().chain(&accepted).enumerate() {
+        let ok = i >= refused.len();
+        let grpc_publish = broker
+            .publish(pb::PublishRequest {
+                channel: "json.grpc".into(),
+                payload: json.clone().into(),
+                ..Default::default()
+            })
+            .await;
+        match &grpc_publish {
+            Ok(_) => assert!(ok, "gRPC publish, {case}: accepted"),
+            Err(status) => {
+                assert!(!ok, "gRPC publish, {case}: {status:?}");
+                assert_eq!(status.code(), Code::InvalidArgument, "{case}");
+                assert_eq!(reason(status), "PAYLOAD_NOT_JSON", "gRPC publish, {case}");
+            }
+        }
+
+        // The gateway's body holds the payload: text that is not UTF-8 spoils the body itself.
+        let mut body = br#"{"channel":"json.http","payload":"#.to_vec();
+        body.extend_from_slice(json);
+        body.push(b'}');
+        let http_publish =
+            switchboard_e2e::http_request("POST", &format!("{gateway}/v1/publish"), &[], &body)
+                .await
+                .unwrap();
+        let expected = match (ok, *case) {
+            (true, _) => None,
+            (false, "not UTF-8") => Some("BODY_MALFORMED"),
+            (false, _) => Some("PAYLOAD_NOT_JSON"),
+        };
+        assert_http(&http_publish, expected, &format!("gateway publish, {case}"));
+
+        let grpc_update = entities
+            .update_entity(pb::UpdateEntityRequest {
+                key: Some(pb::EntityKey {
+                    r#type: "doc".into(),
+                    id: format!("g{i}"),
+                }),
+                fields: json.clone().into(),
+                stamp: Some(pb::WriteStamp {
+                    timestamp_ms: 0,
+                    version: 0,
+                    writer: "test".into(),
+                }),
+                expected_version: None,
+            })
+            .await;
+        match &grpc_update {
+            Ok(_) => assert!(ok, "gRPC entity update, {case}: accepted"),
+            Err(status) => {
+                assert!(!ok, "gRPC entity update, {case}: {status:?}");
+                assert_eq!(status.code(), Code::InvalidArgument, "{case}");
+                assert_eq!(
+                    reason(status),
+                    "ENTITY_FIELDS_INVALID",
+                    "entity update, {case}"
+                );
+            }
+        }
+
+        let http_update = switchboard_e2e::http_request(
+            "PATCH",
+            &format!("{gateway}/v1/entities/doc/h{i}"),
+            &[],
+            json,
+        )
+        .await
+        .unwrap();
+        let expected = (!ok).then_some("ENTITY_FIELDS_INVALID");
+        assert_http(&http_update, expected, &format!("gateway PATCH, {case}"));
+    }
+}
+
+fn assert_http(response: &switchboard_e2e::HttpResponse, refused: Option<&str>, what: &str) {
+    match refused {
+        None => assert_eq!(response.status, 200, "{what}: {response:?}"),
+        Some(reason) => {
+            assert_eq!(response.status, 400, "{what}: {response:?}");
+            let body: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+            assert_eq!(
+                body["reason"],
+                serde_json::json!(reason),
+                "{what}: {response:?}"
+            );
+        }
+    }
+}

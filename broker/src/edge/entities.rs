@@ -94,12 +94,15 @@ fn fields(bytes: &[u8], max: usize) -> Result<BTreeMap<String, String>, BrokerEr
             format!("fields take {} bytes; the limit is {max}", bytes.len()),
         ));
     }
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+    // The same check as a JSON payload's (UTF-8, depth, numbers), then the object itself.
+    let not_json = |e: serde_json::Error| {
         invalid(
             Reason::EntityFieldsInvalid,
             format!("fields are not JSON: {e}"),
         )
-    })?;
+    };
+    super::validate::check_json(bytes).map_err(not_json)?;
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(not_json)?;
     let serde_json::Value::Object(map) = value else {
         return Err(invalid(
             Reason::EntityFieldsInvalid,
@@ -116,6 +119,22 @@ fn fields(bytes: &[u8], max: usize) -> Result<BTreeMap<String, String>, BrokerEr
         .into_iter()
         .map(|(name, value)| (name, value.to_string()))
         .collect())
+}
+
+/// Whether an `If-None-Match` condition matches an existing entity whose ETag is `etag`
+/// (RFC 9110 §13.1.2): `*`, or a comma-separated list of entity tags one of which is `etag` by
+/// weak comparison (a `W/` prefix is ignored). An empty condition matches nothing.
+pub(crate) fn if_none_match(condition: &str, etag: &str) -> bool {
+    let opaque = |tag: &str| {
+        let tag = tag.trim();
+        tag.strip_prefix("W/").unwrap_or(tag).to_owned()
+    };
+    let etag = opaque(etag);
+    condition.trim() == "*"
+        || condition
+            .split(',')
+            .map(opaque)
+            .any(|tag| !tag.is_empty() && tag == etag)
 }
 
 impl EntitiesService {
@@ -210,7 +229,7 @@ impl EntitiesRpc for EntitiesService {
                 id: id.clone(),
             }
         })?;
-        if !request.if_none_match.is_empty() && request.if_none_match == state.etag() {
+        if if_none_match(&request.if_none_match, &state.etag()) {
             return Ok(Response::new(pb::GetEntityResponse {
                 not_modified: true,
                 entity: None,
@@ -367,6 +386,27 @@ async fn watch(
                 None => return,
             },
             _ = out.closed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_none_match_takes_a_star_or_a_list_compared_weakly() {
+        for matching in [
+            "\"v3\"",
+            "W/\"v3\"",
+            "\"v1\", \"v3\"",
+            " \"v1\",W/\"v3\" ",
+            "*",
+        ] {
+            assert!(if_none_match(matching, "\"v3\""), "{matching}");
+        }
+        for other in ["", "\"v4\"", "\"v1\", W/\"v2\"", "v3", ",", "**"] {
+            assert!(!if_none_match(other, "\"v3\""), "{other}");
         }
     }
 }

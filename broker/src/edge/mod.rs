@@ -7,6 +7,8 @@
 //!
 //! - [`auth`]: the gate before every handler (origin, token, call budgets), which leaves each
 //!   call its [`Caller`], through which every grant is checked.
+//! - [`grpc_guard`]: per-call checks before tonic decodes a call (metadata size, one request
+//!   message per unary call); malformed protobuf is refused by `switchboard_proto::codec`.
 //! - [`validate`]: every rule a request must pass, with its stable reason.
 //! - `publish`: `Publish` and `PublishStream` (and the gateway's publishes), grouped into
 //!   proposals, with the metrics and audit lines of refusals.
@@ -26,6 +28,7 @@ mod consumers;
 pub mod convert;
 pub(crate) mod delivery;
 pub(crate) mod entities;
+pub(crate) mod grpc_guard;
 mod publish;
 pub(crate) mod status;
 mod subscribe;
@@ -296,10 +299,7 @@ impl BrokerRpc for BrokerService {
         })
         .await
         .map_err(|e| Status::internal(format!("history read failed: {e}")))??;
-        Ok(Response::new(pb::HistoryResponse {
-            messages: page.messages.iter().map(convert::message).collect(),
-            next_offset: if page.done { 0 } else { page.next },
-        }))
+        Ok(Response::new(history_page(page, max_bytes)))
     }
 
     async fn info(
@@ -327,6 +327,38 @@ impl BrokerRpc for BrokerService {
             applied_index: progress.applied_index,
             loops_detected: progress.loops_detected,
         }))
+    }
+}
+
+/// Room in a `HistoryResponse` for its `next_offset` field: a tag byte and a 10-byte varint.
+const NEXT_OFFSET_FIELD_BYTES: usize = 11;
+
+/// The response for a page read from the store, cut so that it encodes to at most `max_bytes`
+/// (`history.max_page_bytes`, 4 MiB by default: what stock gRPC clients accept): the store's
+/// page is bounded by an estimate of each message's size, this by its encoding. It keeps at least
+/// one message, and `next_offset` then names the first message left out.
+fn history_page(page: crate::state::store::ReadPage, max_bytes: usize) -> pb::HistoryResponse {
+    use prost::Message as _;
+
+    let budget = max_bytes.saturating_sub(NEXT_OFFSET_FIELD_BYTES);
+    let mut messages = Vec::with_capacity(page.messages.len());
+    let mut bytes = 0;
+    let mut next_offset = if page.done { 0 } else { page.next };
+    for stored in &page.messages {
+        let message = convert::message(stored);
+        // As a `repeated Message messages = 1` entry: a tag byte, the length, the message.
+        let len = message.encoded_len();
+        let entry = 1 + prost::length_delimiter_len(len) + len;
+        if !messages.is_empty() && bytes + entry > budget {
+            next_offset = stored.offset;
+            break;
+        }
+        bytes += entry;
+        messages.push(message);
+    }
+    pb::HistoryResponse {
+        messages,
+        next_offset,
     }
 }
 

@@ -276,10 +276,15 @@ pub(super) async fn publish_stream_task(
     let mut sequence = 0u64;
     let mut inbound_open = true;
     let mut shutting_down = false;
+    // Why reading stopped early (a request that does not decode), told once the acks owed for
+    // the requests before it are sent.
+    let mut broken: Option<Status> = None;
     loop {
         if !inbound_open && pending.is_empty() {
             if shutting_down {
                 let _ = out.send(Err(Status::from(BrokerError::ShuttingDown))).await;
+            } else if let Some(status) = broken {
+                let _ = out.send(Err(status)).await;
             }
             return;
         }
@@ -312,7 +317,9 @@ pub(super) async fn publish_stream_task(
                             }
                             Some(Err(status)) => {
                                 tracing::debug!(%status, "publish stream broken by the client");
-                                return;
+                                inbound_open = false;
+                                broken = Some(status);
+                                break;
                             }
                             None => break,
                         }
@@ -335,7 +342,8 @@ pub(super) async fn publish_stream_task(
                 Ok(None) => inbound_open = false,
                 Err(status) => {
                     tracing::debug!(%status, "publish stream broken by the client");
-                    return;
+                    inbound_open = false;
+                    broken = Some(status);
                 }
             },
             _ = shutdown.wait(), if inbound_open => {

@@ -18,11 +18,13 @@ pub(crate) const LEADER_HINT_HEADER: &str = "x-switchboard-leader";
 
 /// The HTTP status the gateway answers with for a gRPC `code` (and its `reason`), so a browser
 /// sees the classification a gRPC client does. A failed compare-and-set is `412 Precondition
-/// Failed`, the answer HTTP defines for a stale `If-Match`.
+/// Failed`, the answer HTTP defines for a stale `If-Match`; a request too large is `413 Content
+/// Too Large`.
 pub(crate) fn http_status(code: Code, reason: &str) -> u16 {
     match code {
         Code::Ok => 200,
         Code::Aborted if reason == Reason::VersionConflict.as_str() => 412,
+        Code::InvalidArgument if reason == Reason::PayloadTooLarge.as_str() => 413,
         Code::Unimplemented if reason == Reason::MethodNotAllowed.as_str() => 405,
         Code::InvalidArgument | Code::OutOfRange => 400,
         Code::Unauthenticated => 401,
@@ -142,6 +144,10 @@ mod tests {
             );
         }
         assert_eq!(http_status(Code::Aborted, "SOMETHING_ELSE"), 409);
+        assert_eq!(
+            http_status(Code::InvalidArgument, Reason::PayloadTooLarge.as_str()),
+            413
+        );
         assert_eq!(http_status(Code::ResourceExhausted, "RATE_LIMITED"), 429);
     }
 

@@ -12,7 +12,6 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use prost::Message as _;
 use switchboard_proto::v1 as pb;
 use switchboard_proto::v1::broker_server::BrokerServer;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -66,9 +65,7 @@ impl Decoder for SubscribeRequestDecoder {
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<pb::SubscribeRequest>, Status> {
-        pb::SubscribeRequest::decode(src)
-            .map(Some)
-            .map_err(|e| Status::internal(format!("cannot decode a SubscribeRequest: {e}")))
+        switchboard_proto::codec::decode_request(src).map(Some)
     }
 }
 

@@ -45,6 +45,103 @@ pub(crate) fn is_json(content_type: &str) -> bool {
     essence == "application/json" || essence.ends_with("+json")
 }
 
+/// The deepest nesting of arrays and objects a JSON text may have, wherever it enters (a message
+/// payload, entity fields): well below serde_json's own limit (128), so a checked value still
+/// parses inside the documents that embed it (a gateway body, an entity's state document).
+pub(crate) const MAX_JSON_DEPTH: usize = 64;
+
+/// Checks that `bytes` are one JSON text as every consumer can read it: UTF-8 throughout
+/// (RFC 8259 §8.1), arrays and objects nested at most [`MAX_JSON_DEPTH`] deep, and every number
+/// within a double's range (`1e400` is refused; a large integer is read as a double, as in
+/// JavaScript). The one JSON check of every route: publishes over gRPC and through the gateway,
+/// entity fields over both. Walks the text without building it.
+///
+/// # Errors
+/// What is wrong, and where.
+pub(crate) fn check_json(bytes: &[u8]) -> Result<(), serde_json::Error> {
+    use serde::de::DeserializeSeed as _;
+
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    JsonCheck { depth: 0 }.deserialize(&mut deserializer)?;
+    deserializer.end()
+}
+
+/// One value of a JSON text being checked, `depth` arrays and objects down.
+#[derive(Clone, Copy)]
+struct JsonCheck {
+    depth: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonCheck {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        // `deserialize_any` makes serde_json read every string as UTF-8 and every number's
+        // value; skipping (`IgnoredAny`) checks neither.
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl JsonCheck {
+    fn inner<E: serde::de::Error>(self) -> Result<JsonCheck, E> {
+        if self.depth >= MAX_JSON_DEPTH {
+            return Err(E::custom(format_args!(
+                "arrays and objects nested deeper than {MAX_JSON_DEPTH}"
+            )));
+        }
+        Ok(JsonCheck {
+            depth: self.depth + 1,
+        })
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonCheck {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.inner()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.inner()?;
+        // Keys are strings, read (and so checked) like values.
+        while map.next_key_seed(inner)?.is_some() {
+            map.next_value_seed(inner)?;
+        }
+        Ok(())
+    }
+}
+
 fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
@@ -115,7 +212,7 @@ impl Validator {
             ));
         }
         if is_json(&content_type) {
-            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&request.payload) {
+            if let Err(e) = check_json(&request.payload) {
                 return Err(invalid(
                     Reason::PayloadNotJson,
                     format!("content type is {content_type} but the payload is not JSON: {e}"),
@@ -297,6 +394,39 @@ impl Validator {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn json_is_utf8_bounded_in_depth_and_in_range() {
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let good = [
+            "null".to_owned(),
+            r#"{"a":[1,-2,3.5,"\u00e9",true,null,{}],"é":"ü"}"#.to_owned(),
+            "123456789012345678901234567890".to_owned(),
+            nested(MAX_JSON_DEPTH),
+            format!("{{\"a\":{}}}", nested(MAX_JSON_DEPTH - 1)),
+        ];
+        for text in &good {
+            assert!(check_json(text.as_bytes()).is_ok(), "{text}");
+        }
+        let bad: Vec<Vec<u8>> = vec![
+            b"{\"s\":\"\xff\"}".to_vec(),
+            b"{\"\xff\":1}".to_vec(),
+            nested(MAX_JSON_DEPTH + 1).into_bytes(),
+            format!("{{\"a\":{}}}", nested(MAX_JSON_DEPTH)).into_bytes(),
+            b"1e400".to_vec(),
+            b"[-1e400]".to_vec(),
+            b"{} {}".to_vec(),
+            b"".to_vec(),
+            b"{\"a\":}".to_vec(),
+        ];
+        for bytes in &bad {
+            assert!(
+                check_json(bytes).is_err(),
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
 
     fn validator() -> Validator {
         Validator::new(Config::defaults().unwrap().limits)

@@ -1,4 +1,5 @@
-//! `GET /v1/entities/{type}/{id}` with `ETag` and `If-None-Match` (→ 304), and `PATCH` or `PUT`
+//! `GET /v1/entities/{type}/{id}` with `ETag` and `If-None-Match` (→ 304 when any tag matches,
+//! or `*`), and `PATCH` or `PUT`
 //! with a JSON object of fields and `If-Match` (→ 412 when the entity has moved on). Both merge
 //! the given fields; neither removes the others.
 
@@ -11,8 +12,8 @@ use switchboard_proto::v1::entities_server::Entities as EntitiesRpc;
 use super::error::HttpError;
 use super::query::Query;
 use super::{grpc_request, json, read_body, Gateway};
+use crate::edge::entities::if_none_match;
 use crate::error::{BrokerError, Reason};
-use crate::message::now_us;
 
 /// Names the writer of an update in its stamp; the token's subject, else `http`, when absent.
 const WRITER_HEADER: &str = "x-switchboard-writer";
@@ -28,7 +29,7 @@ fn entity_response(status: StatusCode, entity: &pb::Entity) -> Response {
     response
 }
 
-/// The first tag of an `If-None-Match` or `If-Match` list, weak marker removed.
+/// The first tag of an `If-Match` list, weak marker removed.
 fn first_tag(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
     let value = headers.get(name)?.to_str().ok()?;
     let tag = value.split(',').next()?.trim();
@@ -64,30 +65,43 @@ pub(super) async fn get(
     let (parts, _) = request.into_parts();
     let caller = gateway.caller(&parts, None)?;
     let query = Query::parse(parts.uri.query());
+    // The entity is read whole and the condition checked here, so a 304 can name the ETag
+    // that matched (the gRPC answer to a matching `if_none_match` carries no entity).
     let get = pb::GetEntityRequest {
         key: Some(pb::EntityKey {
             r#type: entity_type,
             id,
         }),
-        if_none_match: first_tag(&parts.headers, header::IF_NONE_MATCH).unwrap_or_default(),
+        if_none_match: String::new(),
         stale_ok: matches!(query.get("stale_ok"), Some("true" | "1")),
     };
     let answer = gateway
         .inner
         .entities
-        .get_entity(grpc_request(&parts.headers, caller, get.clone()))
+        .get_entity(grpc_request(&parts.headers, caller, get))
         .await?
         .into_inner();
-    if answer.not_modified {
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
-        if let Ok(etag) = HeaderValue::from_str(&get.if_none_match) {
-            response.headers_mut().insert(header::ETAG, etag);
-        }
-        return Ok(response);
-    }
     let entity = answer
         .entity
         .ok_or_else(|| BrokerError::Consensus("an entity read returned nothing".into()))?;
+    let condition = parts
+        .headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    if if_none_match(&condition, &entity.etag) {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        if let Ok(etag) = HeaderValue::from_str(&entity.etag) {
+            response.headers_mut().insert(header::ETAG, etag);
+        }
+        // As on the 200 it stands for: a browser revalidates every time.
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(response);
+    }
     Ok(entity_response(StatusCode::OK, &entity))
 }
 
@@ -101,7 +115,7 @@ pub(super) async fn update(
     let (parts, body) = request.into_parts();
     let caller = gateway.caller(&parts, None)?;
     let expected_version = expected_version(&parts.headers)?;
-    let fields = read_body(&gateway, body).await?;
+    let fields = read_body(&gateway, &parts.headers, body).await?;
     let writer = parts
         .headers
         .get(WRITER_HEADER)
@@ -115,8 +129,11 @@ pub(super) async fn update(
             id,
         }),
         fields,
+        // Timestamp 0: the broker stamps the write as it applies it, after every stamp the
+        // entity holds, so a write sent after another was acknowledged is never stale (an HTTP
+        // client has no clock of its own to order its writes with).
         stamp: Some(pb::WriteStamp {
-            timestamp_ms: now_us() / 1000,
+            timestamp_ms: 0,
             version: 0,
             writer,
         }),

@@ -22,13 +22,28 @@ pub(super) fn response(status: StatusCode, body: &Value) -> Response {
 }
 
 /// Parses a request body as JSON, whatever its declared type.
+///
+/// # Errors
+/// [`body_error`].
 pub(super) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BrokerError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        BrokerError::invalid(
-            Reason::PayloadNotJson,
-            format!("the request body is not the expected JSON: {e}"),
-        )
-    })
+    serde_json::from_slice(bytes).map_err(|e| body_error("the request body", &e))
+}
+
+/// The refusal of a body (or of one message of a batch, `what`) that does not deserialize:
+/// `UNKNOWN_FIELD` for a field the endpoint does not take, `BODY_MALFORMED` for anything else.
+pub(super) fn body_error(what: &str, e: &serde_json::Error) -> BrokerError {
+    // serde's derive reports a field outside the struct (`deny_unknown_fields`) with this
+    // wording, fixed by `serde::de::Error::unknown_field`.
+    let message = e.to_string();
+    let reason = if message.starts_with("unknown field") {
+        Reason::UnknownField
+    } else {
+        Reason::BodyMalformed
+    };
+    BrokerError::invalid(
+        reason,
+        format!("{what} is not what the endpoint takes (docs/GATEWAY.md): {message}"),
+    )
 }
 
 fn time(timestamp: Option<&prost_types::Timestamp>) -> Value {

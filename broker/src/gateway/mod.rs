@@ -177,13 +177,47 @@ fn grpc_request<T>(headers: &HeaderMap, caller: Caller, message: T) -> tonic::Re
     request
 }
 
-/// Reads a request body of at most `max_body` bytes.
-async fn read_body(gateway: &Gateway, body: axum::body::Body) -> Result<bytes::Bytes, HttpError> {
+/// Reads a request body of at most `max_body` bytes. A body declared larger (`Content-Length`) is
+/// refused before any of it is read, so a client that waits for `100 Continue` sends nothing.
+async fn read_body(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<bytes::Bytes, HttpError> {
     let max = gateway.inner.max_body;
-    axum::body::to_bytes(body, max).await.map_err(|_| {
+    let too_large = || {
         HttpError::from(BrokerError::invalid(
             Reason::PayloadTooLarge,
-            format!("the request body is unreadable or larger than {max} bytes"),
+            format!("the request body is larger than {max} bytes"),
         ))
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        if is_length_limit(&e) {
+            too_large()
+        } else {
+            HttpError::from(BrokerError::invalid(
+                Reason::BodyMalformed,
+                format!("the request body could not be read: {e}"),
+            ))
+        }
     })
+}
+
+/// Whether reading a body failed on its length limit (rather than on the connection).
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }

@@ -8,6 +8,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use switchboard_proto::v1 as pb;
 use switchboard_proto::v1::broker_server::Broker as BrokerRpc;
@@ -21,8 +22,9 @@ use crate::error::{BrokerError, Reason};
 #[serde(deny_unknown_fields)]
 struct PublishBody {
     channel: String,
-    #[serde(default)]
-    payload: Value,
+    /// Required: a message without one is more likely a mistake than an intended `null`. Kept
+    /// as sent, so it is stored byte for byte and checked as a gRPC publish's payload is.
+    payload: Box<RawValue>,
     #[serde(default)]
     headers: HashMap<String, String>,
     #[serde(default)]
@@ -38,12 +40,11 @@ struct PublishBody {
 }
 
 impl PublishBody {
-    fn into_request(self) -> Result<pb::PublishRequest, BrokerError> {
-        let payload = serde_json::to_vec(&self.payload)
-            .map_err(|e| BrokerError::invalid(Reason::PayloadNotJson, format!("payload: {e}")))?;
-        Ok(pb::PublishRequest {
+    fn into_request(self) -> pb::PublishRequest {
+        let payload: Box<str> = self.payload.into();
+        pb::PublishRequest {
             channel: self.channel,
-            payload: payload.into(),
+            payload: String::from(payload).into_bytes().into(),
             content_type: "application/json".into(),
             schema_version: self.schema_version,
             correlation_id: self.correlation_id,
@@ -52,7 +53,7 @@ impl PublishBody {
             ttl_ms: self.ttl_ms,
             headers: self.headers,
             hops: 0,
-        })
+        }
     }
 }
 
@@ -63,8 +64,8 @@ pub(super) async fn single(
 ) -> Result<Response, HttpError> {
     let (parts, body) = request.into_parts();
     let caller = gateway.caller(&parts, None)?;
-    let body = read_body(&gateway, body).await?;
-    let message = json::parse::<PublishBody>(&body)?.into_request()?;
+    let body = read_body(&gateway, &parts.headers, body).await?;
+    let message = json::parse::<PublishBody>(&body)?.into_request();
     let ack = gateway
         .inner
         .broker
@@ -83,12 +84,13 @@ pub(super) async fn batch(
 ) -> Result<Response, HttpError> {
     let (parts, body) = request.into_parts();
     let caller = gateway.caller(&parts, None)?;
-    let body = read_body(&gateway, body).await?;
-    let items: Vec<Value> = json::parse(&body)?;
+    let body = read_body(&gateway, &parts.headers, body).await?;
+    // Each message is kept as text until it is read on its own, so its payload stays as sent.
+    let items: Vec<Box<RawValue>> = json::parse(&body)?;
     let max = gateway.inner.max_batch;
     if items.len() > max {
         return Err(BrokerError::invalid(
-            Reason::PayloadTooLarge,
+            Reason::BatchTooLarge,
             format!(
                 "a batch holds at most {max} messages (gateway.max_batch), got {}",
                 items.len()
@@ -98,11 +100,9 @@ pub(super) async fn batch(
     }
     let mut pending = Vec::with_capacity(items.len());
     for item in items {
-        let message = serde_json::from_value::<PublishBody>(item)
-            .map_err(|e| {
-                BrokerError::invalid(Reason::PayloadNotJson, format!("not a message: {e}"))
-            })
-            .and_then(PublishBody::into_request);
+        let message = serde_json::from_str::<PublishBody>(item.get())
+            .map(PublishBody::into_request)
+            .map_err(|e| json::body_error("the message", &e));
         pending.push(match message {
             Ok(message) => gateway.inner.broker.queue_publish(message, &caller).await,
             Err(e) => Box::pin(futures::future::ready(Err(e))),

@@ -64,6 +64,15 @@ fn frame(event: Option<&str>, id: Option<u64>, data: &Value) -> Bytes {
     Bytes::from(out)
 }
 
+/// A gap's reason as docs/FLOW.md spells it: `DROPPED`, `RETENTION` (the protobuf enum's names
+/// without their `REASON_` prefix).
+fn gap_reason(reason: i32) -> &'static str {
+    let name = pb::gap::Reason::try_from(reason)
+        .unwrap_or(pb::gap::Reason::Unspecified)
+        .as_str_name();
+    name.strip_prefix("REASON_").unwrap_or(name)
+}
+
 fn subscribe_frame(event: pb::SubscribeEvent) -> Option<Bytes> {
     use pb::subscribe_event::Event;
     match event.event? {
@@ -76,9 +85,7 @@ fn subscribe_frame(event: pb::SubscribeEvent) -> Option<Bytes> {
             Some(frame(None, Some(message.offset), &json::message(&message)))
         }
         Event::Gap(gap) => {
-            let reason = pb::gap::Reason::try_from(gap.reason)
-                .map(|r| r.as_str_name())
-                .unwrap_or("REASON_UNSPECIFIED");
+            let reason = gap_reason(gap.reason);
             Some(frame(
                 Some("gap"),
                 Some(gap.to_offset),
@@ -248,4 +255,27 @@ pub(super) async fn watch(
         .await?
         .into_inner();
     Ok(event_stream(events, watch_frame, gateway.inner.heartbeat))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gap_reasons_are_spelled_as_flow_md_says() {
+        assert_eq!(gap_reason(pb::gap::Reason::Dropped as i32), "DROPPED");
+        assert_eq!(gap_reason(pb::gap::Reason::Retention as i32), "RETENTION");
+        assert_eq!(gap_reason(99), "UNSPECIFIED");
+        let gap = pb::SubscribeEvent {
+            event: Some(pb::subscribe_event::Event::Gap(pb::Gap {
+                from_offset: 3,
+                to_offset: 5,
+                count: 2,
+                reason: pb::gap::Reason::Dropped as i32,
+            })),
+        };
+        let frame = subscribe_frame(gap).unwrap();
+        let text = std::str::from_utf8(&frame).unwrap();
+        assert!(text.contains(r#""reason":"DROPPED""#), "{text}");
+    }
 }

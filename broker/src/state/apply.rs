@@ -115,7 +115,15 @@ impl BatchApply<'_> {
         };
         let current_version = current.version;
         let leader_ms = self.publish_time_us / 1000;
-        let ahead_ms = write.stamp.timestamp_ms.saturating_sub(leader_ms);
+        // Timestamp 0 asks the broker to stamp the write, here, where the log order is known.
+        let broker_stamp;
+        let stamp = if write.stamp.timestamp_ms == 0 {
+            broker_stamp = current.broker_stamp(leader_ms, write.stamp.writer.clone());
+            &broker_stamp
+        } else {
+            &write.stamp
+        };
+        let ahead_ms = stamp.timestamp_ms.saturating_sub(leader_ms);
         if ahead_ms > self.rules.max_clock_skew_ms {
             return Ok(ItemOutcome::Refused(Refusal::ClockSkew {
                 current_version,
@@ -132,10 +140,10 @@ impl BatchApply<'_> {
             }
         }
         let mut next = current;
-        if !next.merge(&write.change, &write.stamp) {
+        if !next.merge(&write.change, stamp) {
             return Ok(ItemOutcome::Refused(Refusal::Stale { current_version }));
         }
-        next.accept(&write.stamp, self.publish_time_us);
+        next.accept(stamp, self.publish_time_us);
         MessageStore::put_entity(batch, &key.0, &key.1, &next)?;
         let payload = EntityDoc::encode(&key.0, &key.1, &next)?;
         self.store_message(
@@ -789,6 +797,53 @@ mod tests {
             },
             expected_version: expected,
         })
+    }
+
+    /// A write with timestamp 0 is stamped by the broker as it is applied: after every stamp the
+    /// entity holds, so writes the broker stamps are never stale, even within one millisecond
+    /// and behind a writer whose clock is ahead.
+    #[test]
+    fn writes_the_broker_stamps_follow_every_stamp_the_entity_holds() {
+        let (_dir, store) = temp_store();
+        let mut meta = position::load(&store).unwrap().1;
+        let now_us = 10_000_000; // leader time: 10 s
+        let o = outcomes(run(
+            &store,
+            &mut meta,
+            batch(
+                now_us,
+                vec![
+                    entity_write(&[("name", "1")], 0, "http", None),
+                    entity_write(&[("name", "2")], 0, "http", None),
+                    // A writer 5 s ahead of the leader, then the broker again.
+                    entity_write(&[("name", "3")], 15_000, "crm", None),
+                    entity_write(&[("name", "4")], 0, "http", None),
+                ],
+            ),
+        ));
+        let stamps: Vec<Stamp> = o
+            .iter()
+            .map(|outcome| match outcome {
+                ItemOutcome::Entity(state) => state.last_stamp.clone().unwrap(),
+                other => panic!("refused: {other:?} in {o:?}"),
+            })
+            .collect();
+        let stamp = |ts: u64, version: u64, writer: &str| Stamp {
+            timestamp_ms: ts,
+            version,
+            writer: writer.into(),
+        };
+        assert_eq!(
+            stamps,
+            [
+                stamp(10_000, 0, "http"),
+                stamp(10_000, 1, "http"),
+                stamp(15_000, 0, "crm"),
+                stamp(15_000, 1, "http"),
+            ]
+        );
+        let stored = store.entity("contact", "42").unwrap().unwrap();
+        assert_eq!(stored.fields_json(), r#"{"name":4}"#);
     }
 
     #[test]
