@@ -29,6 +29,7 @@ use tower::layer::util::{Identity, Stack};
 use tower::Layer;
 
 use crate::cluster::internal::InternalService;
+use crate::cluster::pre_vote::{self, LeaderContact};
 use crate::cluster::service::ClusterService;
 use crate::cluster::{self, Leader};
 use crate::config::Config;
@@ -131,7 +132,7 @@ impl Broker {
         let consensus = Replicated::start(&config, me.clone(), peers.clone()).await?;
         let leader = Leader::new(
             consensus.raft.clone(),
-            peers,
+            peers.clone(),
             config.node_id,
             config.cluster.forward_timeout,
             config.cluster.listen.0.is_some(),
@@ -140,10 +141,22 @@ impl Broker {
         let raft_addr = match raft_listener {
             Some(raft_listener) => {
                 let addr = raft_listener.local_addr()?;
+                let timing = raft::Timing::of(&config);
+                let contact =
+                    LeaderContact::new(Duration::from_millis(timing.election_timeout_min_ms));
+                tokio::spawn(pre_vote::run(
+                    consensus.raft.clone(),
+                    config.node_id,
+                    peers.clone(),
+                    contact.clone(),
+                    Duration::from_millis(timing.heartbeat_ms),
+                    signal.clone(),
+                ));
                 let internal = RaftServer::new(InternalService::new(
                     consensus.raft.clone(),
                     config.node_id,
                     config.cluster.forward_timeout,
+                    contact,
                 ))
                 .max_decoding_message_size(max_frame)
                 .max_encoding_message_size(max_frame);

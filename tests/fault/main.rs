@@ -452,6 +452,74 @@ async fn partitioned_node(name: &str, cut_off_the_leader: bool) {
     assert_clean(&history, &subscribers);
 }
 
+/// Issue 19, finding 2: a follower cut off from the others asks for pre-votes, gets none, and so
+/// never raises its term; when it comes back the leader stays leader (same node, same term, on
+/// every node) and the follower catches up. Without pre-vote its term climbed by one per election
+/// timeout, and the leader stepped down at the heal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_back_from_a_partition_does_not_depose_the_leader() {
+    let options = StackOptions {
+        separate_raft_network: true,
+        ..StackOptions::default()
+    };
+    let Some(stack) = stack_with("sb-fault-prevote", &options) else {
+        return;
+    };
+    let leader = leader(&stack).await;
+    let follower = (leader + 1) % NODES.len();
+    let majority: Vec<usize> = (0..NODES.len()).filter(|i| *i != follower).collect();
+    let mut majority_clients = Vec::new();
+    for &i in &majority {
+        majority_clients.push((i, connect(&stack, i).await));
+    }
+    let before = connect(&stack, leader).await.info().await.expect("info");
+    let history = Arc::new(Mutex::new(History::new()));
+
+    stack.partition(NODES[follower]).expect("partition");
+    // About ten election timeouts cut off, with the majority acknowledging meanwhile.
+    let cut_off_since = Instant::now();
+    let mut n = 0;
+    while cut_off_since.elapsed() < Duration::from_secs(10) {
+        publish_all(&majority_clients, &history, [format!("cut-off-{n:04}")]).await;
+        n += 1;
+    }
+    let cut_off = connect(&stack, follower).await;
+    let during = cut_off.info().await.expect("the cut-off node answers Info");
+    assert_eq!(
+        during.term, before.term,
+        "the cut-off follower raised its term from {} to {}",
+        before.term, during.term
+    );
+
+    stack.heal(NODES[follower]).expect("heal");
+    let healed_at = Instant::now();
+    let after = (0..50).map(|n| format!("healed-{n:03}"));
+    let last_offset = publish_all(&majority_clients, &history, after).await;
+    eprintln!("50 publishes after the heal took {:?}", healed_at.elapsed());
+    // The follower catches up under the same leader; nobody changed term.
+    let deadline = Instant::now() + CATCH_UP_DEADLINE;
+    loop {
+        let info = cut_off.info().await.expect("info");
+        if info.leader_id == before.leader_id && info.last_offset >= last_offset {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower did not catch up: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..NODES.len() {
+        let info = connect(&stack, i).await.info().await.expect("info");
+        assert_eq!(
+            (info.leader_id, info.term),
+            (before.leader_id, before.term),
+            "{} after the heal",
+            NODES[i]
+        );
+    }
+}
+
 /// Scenario 3: every node restarted in turn (SIGTERM, start, wait for health) while a publisher
 /// streams: subscribers on every node resume by themselves and get every acknowledged message
 /// once, in order.

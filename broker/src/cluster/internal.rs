@@ -10,6 +10,9 @@ use tonic::{Request, Response, Status};
 
 use std::time::Duration;
 
+use openraft::raft::AppendEntriesResponse;
+
+use super::pre_vote::{LeaderContact, PreVoteRequest};
 use super::{admin_here, catch_up_wait, propose_here, read_index_here, AdminRequest};
 use crate::message::Command;
 use crate::raft::network::{decode, encode};
@@ -20,15 +23,24 @@ pub(crate) struct InternalService {
     raft: Raft,
     me: u64,
     catch_up: Duration,
+    /// Recorded whenever raft accepts a leader's AppendEntries or snapshot chunk.
+    contact: LeaderContact,
 }
 
 impl InternalService {
-    /// Serves `raft`, whose id is `me`; forwarding callers give up after `forward_timeout`.
-    pub(crate) fn new(raft: Raft, me: u64, forward_timeout: Duration) -> InternalService {
+    /// Serves `raft`, whose id is `me`; forwarding callers give up after `forward_timeout`;
+    /// contact with a leader is recorded in `contact`.
+    pub(crate) fn new(
+        raft: Raft,
+        me: u64,
+        forward_timeout: Duration,
+        contact: LeaderContact,
+    ) -> InternalService {
         InternalService {
             raft,
             me,
             catch_up: catch_up_wait(forward_timeout),
+            contact,
         }
     }
 }
@@ -45,6 +57,11 @@ fn answer<T: Serialize>(value: &T) -> Result<Response<Frame>, Status> {
 impl RaftRpc for InternalService {
     async fn append_entries(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
         let result = self.raft.append_entries(request(r)?).await;
+        // Anything but a higher vote means the sender leads this node's term.
+        if matches!(&result, Ok(answer) if !matches!(answer, AppendEntriesResponse::HigherVote(_)))
+        {
+            self.contact.heard();
+        }
         answer(&result)
     }
 
@@ -55,6 +72,9 @@ impl RaftRpc for InternalService {
 
     async fn install_snapshot(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
         let result = self.raft.install_snapshot(request(r)?).await;
+        if result.is_ok() {
+            self.contact.heard();
+        }
         answer(&result)
     }
 
@@ -66,6 +86,11 @@ impl RaftRpc for InternalService {
     async fn read_index(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
         let () = request(r)?;
         answer(&read_index_here(&self.raft).await)
+    }
+
+    async fn pre_vote(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let asked: PreVoteRequest = request(r)?;
+        answer(&self.contact.answer(&self.raft, &asked))
     }
 
     async fn admin(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {

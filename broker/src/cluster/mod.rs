@@ -6,6 +6,8 @@
 //!   `cluster.forward_timeout` for a leader to be known.
 //! - [`internal`]: the leader's (and every node's) side of those RPCs, plus raft's own.
 //! - [`service`]: the public `switchboard.v1.Cluster` admin service.
+//! - [`pre_vote`]: elections only when a majority of the voters has lost its leader, so a node
+//!   that was cut off cannot depose a healthy leader when it comes back.
 //!
 //! A forwarded write is retried only when the leader answered that it no longer leads (it then
 //! stored nothing). When the leader does not answer, the write may or may not have been
@@ -13,6 +15,7 @@
 //! idempotency key is deduplicated.
 
 pub(crate) mod internal;
+pub(crate) mod pre_vote;
 pub(crate) mod service;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -166,6 +166,38 @@ pub(crate) fn own_member(config: &Config, public_listen: std::net::SocketAddr) -
     }
 }
 
+/// Raft's timers, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// How often a leader sends heartbeats.
+    pub heartbeat_ms: u64,
+    /// The shortest election timeout: also how long a voter goes without a leader before it
+    /// asks for pre-votes, and before it grants one.
+    pub election_timeout_min_ms: u64,
+    /// The longest election timeout.
+    pub election_timeout_max_ms: u64,
+}
+
+impl Timing {
+    /// The timers for `config`. A lone node elects itself at once, so short timeouts only speed up
+    /// its start. Between peers, an election timeout must outlast the pauses of a loaded machine
+    /// (fdatasync stalls, snapshot dumps, CPU shared with other work): too short and followers
+    /// depose a healthy leader over and over. About a second still fails over within two.
+    pub(crate) fn of(config: &Config) -> Timing {
+        let (heartbeat_ms, election_timeout_min_ms, election_timeout_max_ms) =
+            if config.cluster.listen.0.is_none() {
+                (50, 150, 300)
+            } else {
+                (100, 700, 1_400)
+            };
+        Timing {
+            heartbeat_ms,
+            election_timeout_min_ms,
+            election_timeout_max_ms,
+        }
+    }
+}
+
 /// Opens the log under `config.data_dir` and starts raft over `state`, whose snapshots go to
 /// `snapshot_dir`; `stored_bytes` tells the size of the state's messages, for the snapshot policy
 /// ([`snapshot_by_size`]). A single node (no `cluster.members`) waits until it leads and has applied its
@@ -196,21 +228,15 @@ pub(crate) async fn start<S: AppliedState>(
         .with_context(|| format!("cannot read the log store in {}", log_dir.display()))?;
     let state_machine = StateMachine::open(state, snapshot_dir, &log_state)?;
 
-    // A lone node elects itself at once, so short timeouts only speed up its start. Between
-    // peers, an election timeout must outlast the pauses of a loaded machine (fdatasync stalls,
-    // snapshot dumps, CPU shared with other work): too short and followers depose a healthy
-    // leader over and over. About a second still fails over within two.
-    let (heartbeat_interval, election_timeout_min, election_timeout_max) =
-        if config.cluster.listen.0.is_none() {
-            (50, 150, 300)
-        } else {
-            (100, 700, 1_400)
-        };
+    let timing = Timing::of(config);
     let raft_config = openraft::Config {
         cluster_name: "switchboard".into(),
-        heartbeat_interval,
-        election_timeout_min,
-        election_timeout_max,
+        heartbeat_interval: timing.heartbeat_ms,
+        election_timeout_min: timing.election_timeout_min_ms,
+        election_timeout_max: timing.election_timeout_max_ms,
+        // Between peers, elections start off and are turned on only while a pre-vote would win
+        // (`cluster::pre_vote`); a lone node elects itself as openraft would.
+        enable_elect: config.cluster.listen.0.is_none(),
         // One snapshot chunk per InstallSnapshot call, and the time it may take: written and
         // synced by the receiver, on a busy machine. openraft's 200 ms default times a 3 MiB
         // chunk out under load, and the transfer then starts over without end.
