@@ -509,13 +509,12 @@ async fn a_follower_back_from_a_partition_does_not_depose_the_leader() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for i in 0..NODES.len() {
+    for (i, node) in NODES.iter().enumerate() {
         let info = connect(&stack, i).await.info().await.expect("info");
         assert_eq!(
             (info.leader_id, info.term),
             (before.leader_id, before.term),
-            "{} after the heal",
-            NODES[i]
+            "{node} after the heal"
         );
     }
 }
