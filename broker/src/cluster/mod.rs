@@ -142,6 +142,46 @@ impl Leader {
         self.clustered.then_some(self.timeout)
     }
 
+    /// The refusal of an entry this node proposed as leader that no majority confirmed by its
+    /// writes' due time.
+    pub(crate) fn overdue_on_lead(&self) -> BrokerError {
+        BrokerError::NoQuorum {
+            waited_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The refusal of a write that could not be committed within [`Leader::commit_timeout`] of its
+    /// arrival, because earlier writes still held the way: `NO_QUORUM` when this node leads (no
+    /// majority confirms its entries), `LEADER_UNREACHABLE` when the known leader did not take
+    /// the earlier writes, `NO_LEADER` when none is known.
+    pub(crate) fn overdue(&self) -> BrokerError {
+        let waited_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+        let leader = self.raft.metrics().borrow().current_leader;
+        match leader {
+            Some(id) if id == self.me => BrokerError::NoQuorum { waited_ms },
+            Some(id) => BrokerError::LeaderUnavailable {
+                reason: Reason::LeaderUnreachable,
+                message: format!(
+                    "the leader (node {id}) did not take the writes queued before this one within \
+                     {:?}",
+                    self.timeout
+                ),
+                leader: Some(id),
+                leader_address: None,
+            },
+            None => BrokerError::LeaderUnavailable {
+                reason: Reason::NoLeader,
+                message: format!(
+                    "no raft leader took the writes queued before this one within {:?}: a \
+                     majority of the cluster may be down or cut off from this node",
+                    self.timeout
+                ),
+                leader: None,
+                leader_address: None,
+            },
+        }
+    }
+
     /// Whether this node leads right now (as far as it knows).
     pub(crate) fn is_me(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.me)
@@ -190,6 +230,7 @@ impl Leader {
     async fn on_leader<T, Call, CallFut, Local, LocalFut>(
         &self,
         what: &str,
+        deadline: Instant,
         frame: switchboard_proto::internal::v1::Frame,
         call: Call,
         local: Local,
@@ -206,7 +247,6 @@ impl Leader {
         Local: FnOnce() -> LocalFut,
         LocalFut: std::future::Future<Output = Result<T, BrokerError>>,
     {
-        let deadline = Instant::now() + self.timeout;
         loop {
             let (leader, node) = self.current(deadline).await?;
             if leader == self.me {
@@ -240,24 +280,28 @@ impl Leader {
         }
     }
 
-    /// Proposes an already batched command on the leader and returns its outcome.
+    /// Proposes an already batched command on the leader and returns its outcome, by `deadline`
+    /// (a batch's is [`Leader::commit_timeout`] after its first write arrived).
     ///
     /// # Errors
     /// No leader, leader unreachable, or the write failed there.
-    pub(crate) async fn propose(&self, command: Command) -> Result<CommandOutcome, BrokerError> {
+    pub(crate) async fn propose(
+        &self,
+        command: Command,
+        deadline: Instant,
+    ) -> Result<CommandOutcome, BrokerError> {
         let frame = encode(&command).map_err(BrokerError::Consensus)?;
         let raft = self.raft.clone();
-        let limit = self.timeout;
+        let waited_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
         self.on_leader(
             "a forwarded write",
+            deadline,
             frame,
             |mut c, r| async move { c.propose(r).await },
             move || async move {
-                match tokio::time::timeout(limit, propose_here(&raft, command)).await {
+                match tokio::time::timeout_at(deadline, propose_here(&raft, command)).await {
                     Ok(result) => result.map_err(local_error),
-                    Err(_) => Err(BrokerError::NoQuorum {
-                        waited_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-                    }),
+                    Err(_) => Err(BrokerError::NoQuorum { waited_ms }),
                 }
             },
         )
@@ -276,6 +320,7 @@ impl Leader {
         let index: Option<u64> = self
             .on_leader(
                 "a read index request",
+                Instant::now() + self.timeout,
                 frame,
                 |mut c, r| async move { c.read_index(r).await },
                 move || async move { read_index_here(&raft).await.map_err(read_error) },
@@ -312,6 +357,7 @@ impl Leader {
         let catch_up = catch_up_wait(self.timeout);
         self.on_leader(
             "a cluster admin request",
+            Instant::now() + self.timeout,
             frame,
             |mut c, r| async move { c.admin(r).await },
             move || async move {
