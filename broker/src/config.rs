@@ -290,7 +290,6 @@ pub struct Proposer {
 pub struct Subscriptions {
     pub queue_depth: usize,
     pub queue_bytes: usize,
-    pub max_buffered_bytes: usize,
     pub max_per_connection: usize,
     pub max_per_broker: usize,
     pub default_max_unacked: u32,
@@ -784,12 +783,6 @@ impl Config {
             return invalid(
                 "subscriptions.queue_bytes",
                 "must hold at least one largest message (limits.max_payload_bytes + limits.max_header_bytes)",
-            );
-        }
-        if sub.max_buffered_bytes < sub.queue_bytes {
-            return invalid(
-                "subscriptions.max_buffered_bytes",
-                "must be at least subscriptions.queue_bytes",
             );
         }
         if sub.max_per_connection == 0 || sub.max_per_broker < sub.max_per_connection {

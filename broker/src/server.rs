@@ -39,7 +39,7 @@ use crate::edge::grpc_guard::GrpcGuard;
 use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
-use crate::fanout::hub::{Hub, MailboxLimits};
+use crate::fanout::hub::Hub;
 use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
 use crate::raft;
@@ -256,7 +256,6 @@ impl Broker {
                     data_dir: config.data_dir.clone(),
                     store: consensus.store.clone(),
                     admission: admission.clone(),
-                    hub: consensus.hub.clone(),
                     connections: connections.clone(),
                 });
                 let task = tokio::spawn(admin::serve(admin_listener, sources, signal.clone()));
@@ -584,11 +583,8 @@ impl Replicated {
         // be, rebuilt) the store.
         let hub = Hub::new(
             0,
-            MailboxLimits {
-                depth: config.subscriptions.queue_depth,
-                bytes: config.subscriptions.queue_bytes,
-                total_bytes: config.subscriptions.max_buffered_bytes,
-            },
+            config.subscriptions.queue_depth,
+            config.subscriptions.queue_bytes,
         );
         let (state, progress) = state::open(config, Arc::new(hub.clone()))?;
         let store = state.store();

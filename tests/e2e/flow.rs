@@ -538,52 +538,6 @@ async fn metric(broker: &BrokerProcess, name: &str) -> Option<u64> {
     })
 }
 
-#[tokio::test]
-async fn subscribers_that_never_read_share_one_memory_bound_and_then_get_everything() {
-    let dir = tempfile::tempdir().unwrap();
-    // Alone, each queue could hold 1 MiB; all of them together may hold 2 MiB.
-    let settings = "[subscriptions]\nqueue_bytes = 1048576\nmax_buffered_bytes = 2097152\n";
-    let f = fixture(&["--config", &config(&dir, settings)]).await;
-    let mut client = raw(f.broker.url()).await;
-    let mut stalled = Vec::new();
-    for _ in 0..10 {
-        stalled.push(open(&mut client, subscribe("bulk.>")).await.0);
-    }
-    // About 6 MB, which each of the ten would queue up to its own 1 MiB. The publisher has its
-    // own connection: unread streams use up their connection's HTTP/2 window.
-    let mut publisher = raw(f.broker.url()).await;
-    let payloads = (0..6_000)
-        .map(|i| (format!("bulk.c{}", i % 10), padded(i)))
-        .collect();
-    let offsets = publish_all(&mut publisher, payloads).await;
-
-    let switched = metric(&f.broker, "switchboard_buffer_budget_switches_total").await;
-    assert!(
-        switched.is_some_and(|n| n >= 1),
-        "the queues together went over their bound: {switched:?}"
-    );
-    let queued = metric(&f.broker, "switchboard_subscription_queued_bytes_total").await;
-    assert!(
-        queued.is_some_and(|bytes| bytes <= 2 * 1024 * 1024),
-        "the queues hold at most subscriptions.max_buffered_bytes: {queued:?}"
-    );
-    // Served from the store, every one of them still gets everything, in order. They are read
-    // together: they share a connection, and so its HTTP/2 window.
-    let offsets = &offsets;
-    futures::future::join_all(
-        stalled
-            .iter_mut()
-            .enumerate()
-            .map(|(s, events)| async move {
-                for expected in offsets {
-                    let m = message(next(events).await);
-                    assert_eq!(m.offset, *expected, "subscriber {s}");
-                }
-            }),
-    )
-    .await;
-}
-
 /// A socket whose reading stops for good once `stalled` is set: the client then never takes
 /// another byte, as a client that stopped reading would.
 struct StallingSocket {

@@ -9,17 +9,10 @@
 //! memory has no gap and no duplicate. A slow consumer therefore never slows a publisher, another
 //! consumer, or the broker's memory.
 //!
-//! Mailboxes are also bounded together: the bytes queued in all of them are counted against
-//! `subscriptions.max_buffered_bytes`. When a dispatch leaves the sum over it, the hub switches the
-//! subscriptions with the most bytes queued (the furthest behind) to the store the same way, until
-//! the sum is back under three quarters of the bound, so thousands of consumers that never read
-//! cost at most that bound here, however many there are (issue 20).
-//!
 //! Matching uses a segment trie ([`SubscriptionTrie`]), so its cost follows the channel's depth and
 //! the number of matches, not the number of subscriptions.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -32,47 +25,12 @@ use crate::state::Announce;
 /// Identifies a subscription within this node's hub.
 pub(crate) type SubscriptionId = u64;
 
-/// A subscription task takes at most this many messages from its mailbox at once, so what it
-/// holds while it waits for its client stays small; the rest stay queued and counted.
-const TAKE_AT_MOST: usize = 256;
-
-/// The bounds on mailboxes: each one's, and all of theirs together.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct MailboxLimits {
-    /// Messages one mailbox may hold.
-    pub depth: usize,
-    /// Bytes one mailbox may hold.
-    pub bytes: usize,
-    /// Bytes all mailboxes may hold together.
-    pub total_bytes: usize,
-}
-
-/// Bytes queued in every mailbox of a hub.
-#[derive(Default)]
-struct QueuedBytes(AtomicUsize);
-
-impl QueuedBytes {
-    fn add(&self, bytes: usize) {
-        self.0.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    fn remove(&self, bytes: usize) {
-        self.0.fetch_sub(bytes, Ordering::Relaxed);
-    }
-
-    fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 /// A subscription's bounded queue of live messages: bounded in messages and in bytes.
 pub(crate) struct Mailbox {
     state: Mutex<MailboxState>,
     ready: Notify,
     capacity: usize,
     capacity_bytes: usize,
-    /// The hub's sum over all mailboxes, kept up to date with this one's `bytes`.
-    queued: Arc<QueuedBytes>,
 }
 
 #[derive(Default)]
@@ -131,23 +89,14 @@ impl Mailbox {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until there is something: queued messages (the oldest, at most [`TAKE_AT_MOST`]), or
-    /// the lagging mark.
+    /// Waits until there is something: queued messages (all of them are taken), or the lagging mark.
     pub(crate) async fn next(&self) -> MailboxItems {
         loop {
             {
                 let mut state = self.lock();
                 if !state.queue.is_empty() {
-                    let take = state.queue.len().min(TAKE_AT_MOST);
-                    let taken: Vec<_> = state.queue.drain(..take).collect();
-                    let bytes: usize = taken.iter().map(|m| m.message.approximate_size()).sum();
-                    state.bytes -= bytes;
-                    self.queued.remove(bytes);
-                    if !state.queue.is_empty() {
-                        // Keep the permit so the rest is taken without waiting for a push.
-                        self.ready.notify_one();
-                    }
-                    return MailboxItems::Messages(taken);
+                    state.bytes = 0;
+                    return MailboxItems::Messages(state.queue.drain(..).collect());
                 }
                 if state.lagging {
                     return MailboxItems::Lagging;
@@ -167,34 +116,21 @@ impl Mailbox {
         }
         let size = message.message.approximate_size();
         if state.queue.len() >= self.capacity || state.bytes + size > self.capacity_bytes {
-            self.switch_to_store(state);
+            state.queue.clear();
+            state.bytes = 0;
+            state.lagging = true;
+            state.slow_switches += 1;
+            drop(state);
+            crate::observability::metrics::slow_consumer_switch();
+            self.ready.notify_one();
             return false;
         }
         state.bytes += size;
         state.peak_bytes = state.peak_bytes.max(state.bytes);
         state.queue.push_back(Arc::clone(message));
         drop(state);
-        self.queued.add(size);
         self.ready.notify_one();
         true
-    }
-
-    /// Empties the queue (its bytes are returned to the hub's sum) and marks the subscription
-    /// lagging, so its task reads the store from its own position.
-    fn switch_to_store(&self, mut state: MutexGuard<'_, MailboxState>) {
-        self.empty(&mut state);
-        state.lagging = true;
-        state.slow_switches += 1;
-        drop(state);
-        crate::observability::metrics::slow_consumer_switch();
-        self.ready.notify_one();
-    }
-
-    /// Empties the queue, returning its bytes to the hub's sum.
-    fn empty(&self, state: &mut MailboxState) {
-        state.queue.clear();
-        self.queued.remove(state.bytes);
-        state.bytes = 0;
     }
 }
 
@@ -217,8 +153,8 @@ struct HubState {
 #[derive(Clone)]
 pub(crate) struct Hub {
     state: Arc<Mutex<HubState>>,
-    limits: MailboxLimits,
-    queued: Arc<QueuedBytes>,
+    mailbox_capacity: usize,
+    mailbox_capacity_bytes: usize,
 }
 
 /// A live registration; dropping it removes the subscription from the hub.
@@ -235,9 +171,6 @@ impl Drop for Registration {
         if let Some(entry) = state.subscriptions.remove(&self.id) {
             state.trie.remove(&entry.pattern, &self.id);
         }
-        drop(state);
-        // What it still held is no longer queued for anyone.
-        self.mailbox.empty(&mut self.mailbox.lock());
     }
 }
 
@@ -249,9 +182,13 @@ impl Registration {
 }
 
 impl Hub {
-    /// A hub whose store already holds offsets up to `last_offset`, with mailboxes bounded by
-    /// `limits`.
-    pub(crate) fn new(last_offset: u64, limits: MailboxLimits) -> Hub {
+    /// A hub whose store already holds offsets up to `last_offset`; each mailbox holds at most
+    /// `mailbox_capacity` messages and `mailbox_capacity_bytes` bytes.
+    pub(crate) fn new(
+        last_offset: u64,
+        mailbox_capacity: usize,
+        mailbox_capacity_bytes: usize,
+    ) -> Hub {
         Hub {
             state: Arc::new(Mutex::new(HubState {
                 trie: SubscriptionTrie::new(),
@@ -260,14 +197,9 @@ impl Hub {
                 last_dispatched: last_offset,
                 matched: Vec::new(),
             })),
-            limits,
-            queued: Arc::default(),
+            mailbox_capacity,
+            mailbox_capacity_bytes,
         }
-    }
-
-    /// Bytes queued in all mailboxes now.
-    pub(crate) fn queued_bytes(&self) -> usize {
-        self.queued.get()
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
@@ -280,9 +212,8 @@ impl Hub {
         let mailbox = Arc::new(Mailbox {
             state: Mutex::new(MailboxState::default()),
             ready: Notify::new(),
-            capacity: self.limits.depth,
-            capacity_bytes: self.limits.bytes,
-            queued: Arc::clone(&self.queued),
+            capacity: self.mailbox_capacity,
+            capacity_bytes: self.mailbox_capacity_bytes,
         });
         let mut state = self.lock();
         let id = state.next_id;
@@ -311,7 +242,8 @@ impl Hub {
         let state = self.lock();
         let mut mb = mailbox.lock();
         mb.lagging = false;
-        mailbox.empty(&mut mb);
+        mb.queue.clear();
+        mb.bytes = 0;
         state.last_dispatched
     }
 
@@ -342,35 +274,6 @@ impl Hub {
             }
             state.last_dispatched = message.offset;
         }
-        if self.queued.get() > self.limits.total_bytes {
-            self.shed(state);
-        }
-    }
-
-    /// Switches the subscriptions with the most bytes queued to the store until the mailboxes
-    /// together hold at most three quarters of their bound (the room left keeps this from running
-    /// on every dispatch while consumers stay stalled).
-    fn shed(&self, state: &HubState) {
-        let mut queued: Vec<(usize, &Arc<Mailbox>)> = state
-            .subscriptions
-            .values()
-            .map(|entry| (entry.mailbox.lock().bytes, &entry.mailbox))
-            .filter(|(bytes, _)| *bytes > 0)
-            .collect();
-        queued.sort_unstable_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
-        let target = self.limits.total_bytes / 4 * 3;
-        let mut switched = 0u64;
-        for (_, mailbox) in queued {
-            if self.queued.get() <= target {
-                break;
-            }
-            let mb = mailbox.lock();
-            if !mb.lagging {
-                mailbox.switch_to_store(mb);
-                switched += 1;
-            }
-        }
-        crate::observability::metrics::buffer_budget_switches(switched);
     }
 
     /// The store was replaced (a snapshot was installed): every subscription re-reads it.
@@ -379,7 +282,8 @@ impl Hub {
         state.last_dispatched = last_offset;
         for entry in state.subscriptions.values() {
             let mut mb = entry.mailbox.lock();
-            entry.mailbox.empty(&mut mb);
+            mb.queue.clear();
+            mb.bytes = 0;
             mb.lagging = true;
             drop(mb);
             entry.mailbox.ready.notify_one();
@@ -417,21 +321,9 @@ mod tests {
         Pattern::parse(p, &ChannelLimits::default()).unwrap()
     }
 
-    fn limits(depth: usize, bytes: usize, total_bytes: usize) -> MailboxLimits {
-        MailboxLimits {
-            depth,
-            bytes,
-            total_bytes,
-        }
-    }
-
-    fn is_lagging(registration: &Registration) -> bool {
-        registration.mailbox.stats().lagging
-    }
-
     #[tokio::test]
     async fn delivers_matching_messages_only() {
-        let hub = Hub::new(0, limits(8, 1 << 20, usize::MAX));
+        let hub = Hub::new(0, 8, 1 << 20);
         let (reg, last) = hub.register(pattern("a.*"));
         assert_eq!(last, 0);
         hub.dispatch(&[msg(1, "a.b"), msg(2, "c.d"), msg(3, "a.c")]);
@@ -448,7 +340,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_marks_lagging_and_rearm_returns_the_last_offset() {
-        let hub = Hub::new(10, limits(2, 1 << 20, usize::MAX));
+        let hub = Hub::new(10, 2, 1 << 20);
         let (reg, last) = hub.register(pattern(">"));
         assert_eq!(last, 10);
         hub.dispatch(&[
@@ -464,61 +356,5 @@ mod tests {
             MailboxItems::Messages(m) => assert_eq!(m[0].offset, 15),
             MailboxItems::Lagging => panic!("re-armed"),
         }
-    }
-
-    #[tokio::test]
-    async fn over_the_total_bound_the_furthest_behind_are_switched_to_the_store() {
-        let size = msg(1, "a.b").message.approximate_size();
-        // Each mailbox alone could hold 100 messages; together they may hold 10.
-        let hub = Hub::new(0, limits(100, 100 * size, 10 * size));
-        let (behind, _) = hub.register(pattern("a.*"));
-        let (also_behind, _) = hub.register(pattern("a.*"));
-        let (keeping_up, _) = hub.register(pattern("a.*"));
-        // Four messages for all three: 12 queued, over the bound of 10.
-        hub.dispatch(&[msg(1, "a.b"), msg(2, "a.b")]);
-        assert!(
-            matches!(keeping_up.mailbox.next().await, MailboxItems::Messages(m) if m.len() == 2)
-        );
-        assert_eq!(hub.queued_bytes(), 4 * size);
-        hub.dispatch(&[msg(3, "a.b"), msg(4, "a.b"), msg(5, "a.b"), msg(6, "a.b")]);
-        // 6 + 6 + 4 = 16 > 10: the two holding 6 are switched; 4 (under 3/4 of 10) remain.
-        assert!(is_lagging(&behind));
-        assert!(is_lagging(&also_behind));
-        assert!(!is_lagging(&keeping_up));
-        assert_eq!(hub.queued_bytes(), 4 * size);
-        assert!(matches!(behind.mailbox.next().await, MailboxItems::Lagging));
-        // A switched subscription catches up from the store and is fed from memory again.
-        assert_eq!(behind.rearm(), 6);
-        hub.dispatch(&[msg(7, "a.b")]);
-        assert!(
-            matches!(behind.mailbox.next().await, MailboxItems::Messages(m) if m[0].offset == 7)
-        );
-        // Memory goes back when subscriptions go.
-        drop(keeping_up);
-        drop(also_behind);
-        drop(behind);
-        assert_eq!(hub.queued_bytes(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_task_takes_a_bounded_part_of_its_mailbox_and_the_rest_stays_counted() {
-        let size = msg(1, "a.b").message.approximate_size();
-        let hub = Hub::new(0, limits(1000, 1000 * size, usize::MAX));
-        let (reg, _) = hub.register(pattern(">"));
-        let batch: Vec<_> = (1..=300).map(|o| msg(o, "a.b")).collect();
-        hub.dispatch(&batch);
-        let MailboxItems::Messages(first) = reg.mailbox.next().await else {
-            panic!("not lagging")
-        };
-        assert_eq!(first.len(), TAKE_AT_MOST);
-        assert_eq!(hub.queued_bytes(), (300 - TAKE_AT_MOST) * size);
-        let MailboxItems::Messages(rest) = reg.mailbox.next().await else {
-            panic!("not lagging")
-        };
-        assert_eq!(
-            rest.first().map(|m| m.offset),
-            Some(TAKE_AT_MOST as u64 + 1)
-        );
-        assert_eq!(hub.queued_bytes(), 0);
     }
 }

@@ -61,8 +61,6 @@ pub(crate) struct Sources {
     pub store: crate::state::store::MessageStore,
     /// Write admission: free space and whether writes are refused for it.
     pub admission: crate::write::admission::Admission,
-    /// The hub: bytes queued in subscription mailboxes.
-    pub hub: crate::fanout::hub::Hub,
     /// The public listener's connections: bytes waiting for their sockets.
     pub connections: crate::transport::send_buffers::Connections,
 }
@@ -120,7 +118,6 @@ impl Sources {
             raft_committed_index: committed,
             raft_applied_index: progress.applied_index,
             subscriptions,
-            queued_bytes: self.hub.queued_bytes() as u64,
             send_buffered_bytes: self.connections.waiting_bytes() as u64,
         }
     }
@@ -332,7 +329,6 @@ mod tests {
             data_dir: dir.path().to_owned(),
             store: consensus.store.clone(),
             admission: crate::write::admission::Admission::new(dir.path(), 0),
-            hub: consensus.hub.clone(),
             connections: crate::transport::send_buffers::Connections::default(),
         };
         // A lone node leads once start returns.

@@ -26,8 +26,6 @@ pub(crate) const DELIVERIES: &str = "switchboard_deliveries_total";
 pub(crate) const PUBLISH_TO_DELIVER: &str = "switchboard_publish_to_deliver_seconds";
 /// Subscriptions switched from memory to the store.
 pub(crate) const SLOW_CONSUMER_SWITCHES: &str = "switchboard_slow_consumer_switches_total";
-/// Subscriptions switched to the store because all queues together were over their bound.
-pub(crate) const BUFFER_BUDGET_SWITCHES: &str = "switchboard_buffer_budget_switches_total";
 /// Client connections closed because they stopped reading while send buffers were over their bound.
 pub(crate) const STALLED_CONNECTIONS_CLOSED: &str = "switchboard_stalled_connections_closed_total";
 /// Messages conflated away.
@@ -133,10 +131,6 @@ fn describe() {
         "Subscriptions switched from their in-memory queue to reading the store because they fell behind"
     );
     describe_counter!(
-        BUFFER_BUDGET_SWITCHES,
-        "Subscriptions switched to reading the store because the in-memory queues of all subscriptions together were over subscriptions.max_buffered_bytes"
-    );
-    describe_counter!(
         STALLED_CONNECTIONS_CLOSED,
         "Client connections closed because they stopped reading while the send buffers of all connections were over limits.max_send_buffer_bytes"
     );
@@ -205,7 +199,6 @@ fn describe() {
     // Series without labels start at 0, so rate() works from the first scrape.
     for name in [
         SLOW_CONSUMER_SWITCHES,
-        BUFFER_BUDGET_SWITCHES,
         STALLED_CONNECTIONS_CLOSED,
         CONFLATED,
         REDELIVERIES,
@@ -306,12 +299,6 @@ fn now_us() -> u64 {
 /// Counts a subscription switched from memory to the store.
 pub(crate) fn slow_consumer_switch() {
     counter!(SLOW_CONSUMER_SWITCHES).increment(1);
-}
-
-/// Counts subscriptions switched to the store because the queues of all subscriptions together
-/// were over `subscriptions.max_buffered_bytes`.
-pub(crate) fn buffer_budget_switches(count: u64) {
-    counter!(BUFFER_BUDGET_SWITCHES).increment(count);
 }
 
 /// Counts client connections closed because they stopped reading while the send buffers of all
@@ -435,8 +422,6 @@ pub(crate) struct Scrape {
     pub raft_applied_index: u64,
     /// The live subscriptions of this node.
     pub subscriptions: Vec<SubscriptionScrape>,
-    /// Bytes queued in all subscription mailboxes.
-    pub queued_bytes: u64,
     /// Bytes of responses waiting for the sockets of all client connections.
     pub send_buffered_bytes: u64,
 }
@@ -555,12 +540,6 @@ fn render_state(out: &mut String, s: &Scrape) {
             free,
         );
     }
-    gauge(
-        out,
-        "switchboard_subscription_queued_bytes_total",
-        "Bytes queued in the in-memory queues of all subscriptions (bounded by subscriptions.max_buffered_bytes)",
-        s.queued_bytes,
-    );
     gauge(
         out,
         "switchboard_send_buffered_bytes",

@@ -1015,20 +1015,9 @@ mod storage_suite {
                 .open()
                 .expect("state db opens");
             let (progress, _) = tokio::sync::watch::channel(Default::default());
-            let state = BrokerState::open(
-                db,
-                &state_dir,
-                Arc::new(Hub::new(
-                    0,
-                    crate::fanout::hub::MailboxLimits {
-                        depth: 16,
-                        bytes: 1 << 20,
-                        total_bytes: usize::MAX,
-                    },
-                )),
-                progress,
-            )
-            .expect("state opens");
+            let state =
+                BrokerState::open(db, &state_dir, Arc::new(Hub::new(0, 16, 1 << 20)), progress)
+                    .expect("state opens");
             let sm = StateMachine::open(state, &state_dir.join("snapshots"), &Default::default())
                 .expect("state machine opens");
             Ok((dir, log, sm))
