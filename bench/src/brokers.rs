@@ -94,12 +94,8 @@ fn clock_ticks_per_second() -> f64 {
 pub fn process_stats(pid: u32) -> anyhow::Result<BrokerStats> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-    let peak_rss_kib = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse::<u64>().ok())
-        .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))?;
+    let peak_rss_kib =
+        status_kib(&status, "VmHWM:").ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     let cpu_seconds = cpu_seconds_from_stat(&stat, clock_ticks_per_second())
@@ -108,6 +104,37 @@ pub fn process_stats(pid: u32) -> anyhow::Result<BrokerStats> {
         peak_rss_kib,
         cpu_seconds,
     })
+}
+
+/// The resident set of a process from `/proc/PID/status`, in KiB.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Resident {
+    /// `VmRSS`: resident now.
+    pub rss_kib: u64,
+    /// `VmHWM`: the most it has been resident since it started.
+    pub hwm_kib: u64,
+}
+
+/// `VmRSS` and `VmHWM` of process `pid`.
+pub fn resident(pid: u32) -> anyhow::Result<Resident> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status_kib(&status, name).ok_or_else(|| anyhow!("no {name} in /proc/{pid}/status"))
+    };
+    Ok(Resident {
+        rss_kib: field("VmRSS:")?,
+        hwm_kib: field("VmHWM:")?,
+    })
+}
+
+/// The value in KiB of the `/proc/PID/status` line starting with `name` (e.g. `VmHWM:`).
+fn status_kib(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
 }
 
 /// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line, in seconds. The command name
@@ -128,10 +155,12 @@ fn data_dir(root: &Path, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
         .with_context(|| format!("cannot create a temporary folder in {}", root.display()))
 }
 
-/// A `switchboard` broker on `127.0.0.1:0` (it prints the port it bound), admin listener off.
+/// A `switchboard` broker on `127.0.0.1:0` (it prints the port it bound), admin listener off
+/// unless asked for.
 pub struct SwitchboardBroker {
     process: Process,
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
 }
 
 impl SwitchboardBroker {
@@ -140,13 +169,26 @@ impl SwitchboardBroker {
         root: PathBuf,
         fsync: &'static str,
     ) -> anyhow::Result<RunningBroker> {
+        Ok(RunningBroker::Switchboard(
+            SwitchboardBroker::launch(binary, root, fsync, false).await?,
+        ))
+    }
+
+    /// Starts the broker; with `admin`, its admin listener (`/metrics`) is on a free loopback
+    /// port too, and this waits until the broker has said where both listen.
+    pub async fn launch(
+        binary: PathBuf,
+        root: PathBuf,
+        fsync: &'static str,
+        admin: bool,
+    ) -> anyhow::Result<SwitchboardBroker> {
         let dir = data_dir(&root, "sb-bench-switchboard-")?;
         let log = std::fs::File::create(dir.path().join("broker.log"))?;
         let mut child = Command::new(&binary)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--admin-listen")
-            .arg("off")
+            .arg(if admin { "127.0.0.1:0" } else { "off" })
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--fsync")
@@ -168,16 +210,25 @@ impl SwitchboardBroker {
             .ok_or_else(|| anyhow!("no stdout from the broker"))?;
         let mut lines = BufReader::new(stdout).lines();
         let found = tokio::time::timeout(Duration::from_secs(30), async {
+            let (mut addr, mut admin_addr) = (None, None);
             while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line.trim().strip_prefix("listening on ") {
-                    return Ok::<_, anyhow::Error>(Some(addr.trim().parse::<SocketAddr>()?));
+                let line = line.trim();
+                if let Some(found) = line.strip_prefix("listening on ") {
+                    addr = Some(found.trim().parse::<SocketAddr>()?);
+                } else if let Some(found) = line.strip_prefix("admin listening on ") {
+                    admin_addr = Some(found.trim().parse::<SocketAddr>()?);
+                }
+                if let Some(addr) = addr {
+                    if !admin || admin_addr.is_some() {
+                        return Ok::<_, anyhow::Error>(Some((addr, admin_addr)));
+                    }
                 }
             }
             Ok(None)
         })
         .await;
-        let addr = match found {
-            Ok(Ok(Some(addr))) => addr,
+        let (addr, admin_addr) = match found {
+            Ok(Ok(Some(found))) => found,
             other => {
                 let _ = child.start_kill();
                 let log =
@@ -187,14 +238,33 @@ impl SwitchboardBroker {
         };
         // Keep reading its stdout so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(RunningBroker::Switchboard(SwitchboardBroker {
+        Ok(SwitchboardBroker {
             process: Process {
                 child,
                 pid,
                 _dir: dir,
             },
             addr,
-        }))
+            admin_addr,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The admin listener's address, when it was started with one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid
+    }
+
+    /// Stops it (SIGTERM, then SIGKILL after 10 s) and waits for it.
+    pub async fn stop(&mut self) {
+        self.process.stop().await;
     }
 }
 
@@ -290,7 +360,7 @@ impl RunningBroker {
 impl Broker for RunningBroker {
     fn url(&self) -> String {
         match self {
-            RunningBroker::Switchboard(broker) => format!("http://{}", broker.addr),
+            RunningBroker::Switchboard(broker) => broker.url(),
             RunningBroker::Nats(server) => format!("nats://127.0.0.1:{}", server.port),
         }
     }
@@ -403,6 +473,8 @@ mod tests {
     fn own_process_stats_are_readable() {
         let stats = process_stats(std::process::id()).unwrap();
         assert!(stats.peak_rss_kib > 0);
+        let resident = resident(std::process::id()).unwrap();
+        assert!(resident.rss_kib > 0 && resident.hwm_kib >= resident.rss_kib);
     }
 
     #[test]

@@ -12,12 +12,15 @@
 //! - `payload.rs`: the message bodies (sequence number and send time inside) and histograms;
 //! - `tally.rs`: reading subscriptions and watches, and the figures made of what they saw;
 //! - `sb.rs`: the workloads against Switchboard (`switchboard-client`);
-//! - `nats.rs`: the same workloads against NATS JetStream (`async-nats`).
+//! - `nats.rs`: the same workloads against NATS JetStream (`async-nats`);
+//! - `stalled.rs`: `--stalled`, the broker's memory with subscribers that never read (Switchboard
+//!   alone, no comparison).
 
 mod brokers;
 mod nats;
 mod payload;
 mod sb;
+mod stalled;
 mod tally;
 
 use std::collections::BTreeSet;
@@ -79,6 +82,37 @@ struct Args {
     /// or 1 with --quick.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=20))]
     rounds: Option<u16>,
+
+    /// Instead of the comparison, measure Switchboard's memory with subscribers that never read
+    /// (docs/BENCHMARKS.md, "Memory with subscribers that never read"). `--window` applies.
+    #[arg(long)]
+    stalled: bool,
+
+    /// --stalled: client connections whose subscriptions never read.
+    #[arg(long, default_value_t = 40, requires = "stalled")]
+    connections: usize,
+
+    /// --stalled: subscriptions on each of those connections.
+    #[arg(long, default_value_t = 256, requires = "stalled")]
+    streams: usize,
+
+    /// --stalled: MiB published (in messages of --message-size bytes).
+    #[arg(long, default_value_t = 256, requires = "stalled")]
+    publish_mib: u64,
+
+    /// --stalled: payload size in bytes.
+    #[arg(long, default_value_t = 4096, requires = "stalled")]
+    message_size: usize,
+
+    /// --stalled: the stalled connections advertise the client's default HTTP/2 windows instead
+    /// of the largest (2^31 - 1 bytes).
+    #[arg(long, requires = "stalled")]
+    default_windows: bool,
+
+    /// --stalled: stop publishing when the broker's RSS passes this many MiB, and kill it past a
+    /// quarter more (a broker without a bound can take the whole machine).
+    #[arg(long, default_value_t = 12_288, requires = "stalled")]
+    rss_cap_mib: u64,
 }
 
 /// The size of each workload, full or `--quick`.
@@ -378,6 +412,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             args.switchboard.display()
         );
     }
+    if args.stalled {
+        return run_stalled(&args, data_root).await;
+    }
     let nats_version = brokers::nats_version(&args.nats_server)
         .await
         .with_context(|| {
@@ -546,6 +583,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if failed {
         bail!("some runs failed (see above)");
+    }
+    Ok(())
+}
+
+/// `--stalled`: the memory benchmark, printed as a table (and written as JSON with `--json`).
+async fn run_stalled(args: &Args, data_root: PathBuf) -> anyhow::Result<()> {
+    let plan = stalled::StalledPlan {
+        connections: args.connections,
+        streams: args.streams,
+        publish_bytes: args.publish_mib << 20,
+        message_size: args.message_size,
+        window: args.window,
+        huge_windows: !args.default_windows,
+        rss_cap_kib: args.rss_cap_mib << 10,
+        fsync: "always",
+    };
+    let report = stalled::run(args.switchboard.clone(), data_root.clone(), plan).await?;
+    stalled::print(&report);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&serde_json::json!({
+            "date": chrono::Utc::now().to_rfc3339(),
+            "machine": brokers::machine(&data_root).await,
+            "report": report,
+        }))?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("[membench] results written to {}", path.display());
     }
     Ok(())
 }

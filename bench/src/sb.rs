@@ -34,7 +34,7 @@ fn subscribe_options() -> SubscribeOptions {
 
 /// A publish stream with at most `window` messages unacknowledged: [`Windowed::send`] waits for a
 /// free slot, and a task reads the acks (one per message, in order), recording their latency.
-struct Windowed {
+pub(crate) struct Windowed {
     publisher: Publisher,
     slots: Arc<Semaphore>,
     sent_at: Arc<Mutex<VecDeque<u64>>>,
@@ -42,11 +42,21 @@ struct Windowed {
 }
 
 impl Windowed {
-    fn open(client: &Client, window: usize) -> Windowed {
+    pub(crate) fn open(client: &Client, window: usize) -> Windowed {
         let (publisher, acks) = client.publisher(window);
         let slots = Arc::new(Semaphore::new(window));
         let sent_at = Arc::new(Mutex::new(VecDeque::with_capacity(window)));
-        let reader = tokio::spawn(read_acks(acks, slots.clone(), sent_at.clone()));
+        let reader = tokio::spawn({
+            let slots = slots.clone();
+            let sent_at = sent_at.clone();
+            async move {
+                let tally = read_acks(acks, slots.clone(), sent_at).await;
+                // No more acks will free a slot: a sender waiting for one fails instead of
+                // waiting forever (the broker died, or the stream failed).
+                slots.close();
+                tally
+            }
+        });
         Windowed {
             publisher,
             slots,
@@ -55,7 +65,7 @@ impl Windowed {
         }
     }
 
-    async fn send(&self, channel: &str, seq: u64, size: usize) -> anyhow::Result<()> {
+    pub(crate) async fn send(&self, channel: &str, seq: u64, size: usize) -> anyhow::Result<()> {
         self.slots.acquire().await?.forget();
         let sent = now_ns();
         self.sent_at
@@ -69,7 +79,7 @@ impl Windowed {
     }
 
     /// Ends the stream and waits for the acks of everything sent.
-    async fn finish(self) -> anyhow::Result<AckTally> {
+    pub(crate) async fn finish(self) -> anyhow::Result<AckTally> {
         drop(self.publisher);
         self.reader.await?
     }
@@ -114,7 +124,7 @@ pub async fn w1(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
 }
 
 /// `count` subscribers on `pattern`, each on its own connection, live when this returns.
-async fn subscribers(
+pub(crate) async fn subscribers(
     url: &str,
     pattern: &str,
     count: usize,
