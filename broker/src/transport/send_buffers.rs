@@ -236,17 +236,43 @@ pub(crate) async fn watch(
 ) {
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trim_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.wait() => return,
         }
+        if trim_at.is_some_and(|at| Instant::now() >= at) {
+            trim_at = None;
+            tokio::task::spawn_blocking(return_free_memory);
+        }
         let closed = connections.enforce(limit, stalled_after);
         if closed > 0 {
             metrics::stalled_connections_closed(closed as u64);
+            // Once their tasks have dropped what they held, give it back to the system.
+            trim_at = Some(Instant::now() + TRIM_DELAY);
         }
     }
 }
+
+/// How long after closing connections the freed memory is handed back to the system.
+const TRIM_DELAY: Duration = Duration::from_secs(1);
+
+/// Hands the memory the allocator keeps free back to the system. glibc's malloc keeps what its
+/// arenas freed: after thousands of stalled streams were closed, RSS stayed at its peak
+/// (6.7 GiB in the memory benchmark) until `malloc_trim` returned it (30 MiB).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn return_free_memory() {
+    // SAFETY: malloc_trim takes a padding size and only releases free memory from glibc's
+    // arenas; it is thread-safe and touches no memory the program holds.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_free_memory() {}
 
 /// Counts the response data the HTTP layer takes, in the ledger of the request's connection.
 #[derive(Clone)]
