@@ -635,14 +635,23 @@ async fn writes_queued_behind_a_stuck_one_are_refused_within_the_timeout_of_thei
     }
 }
 
+/// Starts node `id` under `root` as a newcomer: a raft listener and no members, waiting to be added.
+fn start_newcomer(root: &std::path::Path, id: u64) -> ClusterNode {
+    let port = switchboard_e2e::free_loopback_ports(1).unwrap()[0];
+    let raft_addr = format!("127.0.0.1:{port}");
+    ClusterNode::start(root, id, &raft_addr, "", &[]).expect("the newcomer starts")
+}
+
 /// Starts node `id` under `root` as a newcomer (a raft listener, no members) and adds it through
 /// `via` as a read replica: a learner that is never promoted.
 async fn start_replica(root: &std::path::Path, id: u64, via: &Client) -> ClusterNode {
-    let port = switchboard_e2e::free_loopback_ports(1).unwrap()[0];
-    let raft_addr = format!("127.0.0.1:{port}");
-    let replica = ClusterNode::start(root, id, &raft_addr, "", &[]).expect("the replica starts");
+    let replica = start_newcomer(root, id);
     let added = via
-        .cluster_add_learner(id, raft_addr, replica.process().addr.to_string())
+        .cluster_add_learner(
+            id,
+            replica.raft_addr.clone(),
+            replica.process().addr.to_string(),
+        )
         .await
         .expect("the replica is added");
     let listed = added.nodes.iter().find(|n| n.id == id).expect("listed");
@@ -850,4 +859,84 @@ async fn a_replica_never_counts_toward_the_quorum_and_its_death_does_not_stop_wr
         .await
         .expect_err("nor through the replica");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+}
+
+/// `sb cluster add --replica`: the node is listed as a replica (the API's role "learner"), running
+/// the command again succeeds with the same status (the compose replica profile runs it at every
+/// start), and `--replica` for a node that is a voter is still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_cluster_add_replica_lists_a_replica_and_can_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    settled(&client, &[1, 2, 3]).await;
+    let replica = start_newcomer(dir.path(), 4);
+    let url = nodes[0].url();
+    let run = |args: &[&str]| {
+        std::process::Command::new(switchboard_e2e::sb_binary())
+            .args(args)
+            .env("SWITCHBOARD_URL", &url)
+            .output()
+            .expect("sb runs")
+    };
+    let public = replica.process().addr.to_string();
+    let add = [
+        "cluster",
+        "add",
+        "--replica",
+        "4",
+        replica.raft_addr.as_str(),
+        "--public",
+        public.as_str(),
+    ];
+    let role_of_4 = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        line["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == 4)
+            .map(|n| n["role"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(role_of_4(&run(&add)).as_deref(), Some("replica"));
+    assert_eq!(
+        role_of_4(&run(&add)).as_deref(),
+        Some("replica"),
+        "a second add --replica of the same replica succeeds"
+    );
+    assert_eq!(
+        role_of_4(&run(&["cluster", "status"])).as_deref(),
+        Some("replica")
+    );
+    let status = client.cluster_status().await.unwrap();
+    let four = status.nodes.iter().find(|n| n.id == 4).unwrap();
+    assert_eq!(four.role, "learner", "the API keeps its role name");
+
+    // Without --replica, adding it again is refused as before; so is --replica for a voter.
+    let out = run(&["cluster", "add", "4", replica.raft_addr.as_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FAILED_PRECONDITION MEMBERSHIP_INVALID"),
+        "{stderr}"
+    );
+    let voter = status.nodes.iter().find(|n| n.id == 2).unwrap();
+    let out = run(&[
+        "cluster",
+        "add",
+        "--replica",
+        "2",
+        voter.raft_address.as_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FAILED_PRECONDITION MEMBERSHIP_INVALID"),
+        "{stderr}"
+    );
 }
