@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the three-node stack, offline: build the image from this checkout (no registry,
 # no base image), start docker-compose.yml, and wait until every node reports healthy.
+# COMPOSE_PROFILES=replicas adds the two read replicas sb4 and sb5 (docs/CLUSTER.md).
 # Extra arguments go to `up` (e.g. --force-recreate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +21,15 @@ done
 [ "${SWITCHBOARD_SKIP_BUILD:-}" = 1 ] || deploy/build-image.sh
 "${compose[@]}" up -d "$@"
 
-# Wait on the containers' own health checks (`switchboard --healthcheck`), with a deadline.
+# Wait on the containers' own health checks (`switchboard --healthcheck`), with a deadline. With
+# the replicas profile (COMPOSE_PROFILES=replicas), sb4 and sb5 too: a replica reports healthy once
+# it was added and knows the leader, so this also waits for sb4-join and sb5-join to have run.
+services=(sb1 sb2 sb3)
+case ",${COMPOSE_PROFILES:-}," in
+    *,replicas,*) services+=(sb4 sb5) ;;
+esac
 deadline=$((SECONDS + ${SWITCHBOARD_UP_TIMEOUT:-120}))
-for service in sb1 sb2 sb3; do
+for service in "${services[@]}"; do
     id="$("${compose[@]}" ps -q "$service")"
     while true; do
         health="$(docker inspect --format '{{.State.Health.Status}}' "$id")"

@@ -25,8 +25,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use switchboard_client::{
-    Client, EntityDelete, EntityEvent, EntityUpdate, Error, FlowPolicy, HistoryQuery, Publish,
-    Start, SubscribeOptions, Subscription, SubscriptionEvent,
+    Client, ClusterStatus, EntityDelete, EntityEvent, EntityUpdate, Error, FlowPolicy,
+    HistoryQuery, Publish, Start, SubscribeOptions, Subscription, SubscriptionEvent,
 };
 use tokio::time::Instant;
 
@@ -194,7 +194,8 @@ acknowledgement.")]
     #[command(subcommand)]
     Entity(EntityCommand),
 
-    /// Show and change the raft cluster's membership (run on the leader wherever sent).
+    /// Show and change the raft cluster's membership (run on the leader wherever sent): voters, and
+    /// read replicas that carry subscriptions and reads without counting toward the quorum.
     #[command(subcommand)]
     Cluster(ClusterCommand),
     /// Exchange --client-id and --client-secret at the broker's token endpoint for a token, and
@@ -226,9 +227,11 @@ waiting for an acknowledgement (0 when not connected to this node).";
 
 const CLUSTER_OUTPUT: &str = "\
 Prints the cluster as the leader sees it, one line:
-{\"leader_id\":N,\"term\":N,\"applied_index\":N,\"nodes\":[{\"id\":N,\"role\":\"leader\"|\"voter\"|\"learner\",
+{\"leader_id\":N,\"term\":N,\"applied_index\":N,\"nodes\":[{\"id\":N,\"role\":\"leader\"|\"voter\"|\"replica\",
 \"raft_address\":\"host:port\",\"public_address\":\"host:port\",\"matched_index\":N},...]}
-where matched_index is the highest log index known to be on that node (left out when unknown).
+where matched_index is the highest log index known to be on that node (left out when unknown),
+and a replica is a raft learner (the API's role \"learner\"): it receives the log and serves
+subscriptions, history and reads, forwards writes, and never votes or counts toward the quorum.
 UNAVAILABLE NO_LEADER or LEADER_UNREACHABLE when no leader can be reached; membership changes
 that cannot be made are FAILED_PRECONDITION MEMBERSHIP_INVALID. See docs/CLUSTER.md.";
 
@@ -238,19 +241,24 @@ enum ClusterCommand {
     #[command(after_help = CLUSTER_OUTPUT)]
     Status,
 
-    /// Add a node as a learner (it receives the log but does not vote); waits until it caught up.
+    /// Add a node as a read replica (a raft learner: it receives the log and serves reads but does
+    /// not vote); waits until it caught up.
     #[command(after_help = format!("{CLUSTER_OUTPUT}
 
-The new node is started first with cluster.listen set and no cluster.members.
-Example:
-  sb cluster add 4 sb4:7402 --public sb4:7400"))]
+The new node is started first with cluster.listen set and no cluster.members. It stays a replica
+until `sb cluster promote` makes it a voter: nothing promotes it by itself. With --replica, adding
+a node that already is a replica at the same raft address succeeds too (prints the status), so a
+deployment can run the command at every start.
+Examples:
+  sb cluster add 4 sb4:7402 --public sb4:7400               # then `sb cluster promote 4`, or not
+  sb cluster add --replica 5 sb5:7402 --public sb5:7400     # a read replica for good"))]
     Add(ClusterAddArgs),
 
-    /// Make a learner a voter.
+    /// Make a replica (learner) a voter.
     #[command(after_help = CLUSTER_OUTPUT)]
     Promote(ClusterIdArgs),
 
-    /// Remove a node (voter or learner) from the cluster.
+    /// Remove a node (voter or replica) from the cluster.
     #[command(after_help = CLUSTER_OUTPUT)]
     Remove(ClusterIdArgs),
 }
@@ -264,6 +272,9 @@ struct ClusterAddArgs {
     /// Where clients reach it, host:port (its cluster.public_advertise), used in leader hints.
     #[arg(long, value_name = "HOST:PORT", default_value = "")]
     public: String,
+    /// Meant to stay a read replica: also succeed when it already is one at this raft address.
+    #[arg(long)]
+    replica: bool,
 }
 
 #[derive(Debug, Args)]
@@ -644,16 +655,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(command) => {
             let status = match command {
                 ClusterCommand::Status => client.cluster_status().await?,
-                ClusterCommand::Add(args) => {
-                    client
-                        .cluster_add_learner(args.id, args.raft_address, args.public)
-                        .await?
-                }
+                ClusterCommand::Add(args) => cluster_add(&client, args).await?,
                 ClusterCommand::Promote(args) => client.cluster_promote(args.id).await?,
                 ClusterCommand::Remove(args) => client.cluster_remove(args.id).await?,
             };
             emit(&output::cluster_line(&status)?)
         }
+    }
+}
+
+/// `sb cluster add`: adds a learner. With `--replica`, a node that already is a learner at the same
+/// raft address counts as added, so the command can run at every start of a deployment (the
+/// compose file's replica profile does).
+async fn cluster_add(client: &Client, args: ClusterAddArgs) -> anyhow::Result<ClusterStatus> {
+    let added = client
+        .cluster_add_learner(args.id, args.raft_address.clone(), args.public)
+        .await;
+    match added {
+        Ok(status) => Ok(status),
+        // Adding a member twice is refused MEMBERSHIP_INVALID; whether it is the same replica,
+        // the status says.
+        Err(refused)
+            if args.replica
+                && refused.reason() == Some(switchboard_client::Reason::MembershipInvalid) =>
+        {
+            let status = client.cluster_status().await?;
+            let already = status.nodes.iter().any(|n| {
+                n.id == args.id && n.role == "learner" && n.raft_address == args.raft_address
+            });
+            if already {
+                Ok(status)
+            } else {
+                Err(refused.into())
+            }
+        }
+        Err(refused) => Err(refused.into()),
     }
 }
 

@@ -284,6 +284,14 @@ struct ClusterLine<'a> {
     nodes: Vec<ClusterNodeLine<'a>>,
 }
 
+/// The role as `sb` names it: a raft learner is a read replica (docs/CLUSTER.md).
+fn role_name(wire: &str) -> &str {
+    match wire {
+        "learner" => "replica",
+        other => other,
+    }
+}
+
 /// `sb cluster ...`: the cluster as the leader sees it.
 pub fn cluster_line(status: &ClusterStatus) -> serde_json::Result<String> {
     serde_json::to_string(&ClusterLine {
@@ -295,7 +303,7 @@ pub fn cluster_line(status: &ClusterStatus) -> serde_json::Result<String> {
             .iter()
             .map(|n| ClusterNodeLine {
                 id: n.id,
-                role: &n.role,
+                role: role_name(&n.role),
                 raft_address: &n.raft_address,
                 public_address: &n.public_address,
                 matched_index: n.matched_index,

@@ -1,6 +1,6 @@
 //! Three (and four) broker processes on loopback forming one raft cluster: writes through any node,
 //! delivery on every node, leader failover, linearizable reads on followers, and membership
-//! changes with catch-up by snapshot.
+//! changes with catch-up by snapshot, and read replicas (learners that are never promoted).
 
 use std::collections::BTreeMap;
 
@@ -633,4 +633,310 @@ async fn writes_queued_behind_a_stuck_one_are_refused_within_the_timeout_of_thei
             "write {n}: {refused}"
         );
     }
+}
+
+/// Starts node `id` under `root` as a newcomer: a raft listener and no members, waiting to be added.
+fn start_newcomer(root: &std::path::Path, id: u64) -> ClusterNode {
+    let port = switchboard_e2e::free_loopback_ports(1).unwrap()[0];
+    let raft_addr = format!("127.0.0.1:{port}");
+    ClusterNode::start(root, id, &raft_addr, "", &[]).expect("the newcomer starts")
+}
+
+/// Starts node `id` under `root` as a newcomer (a raft listener, no members) and adds it through
+/// `via` as a read replica: a learner that is never promoted.
+async fn start_replica(root: &std::path::Path, id: u64, via: &Client) -> ClusterNode {
+    let replica = start_newcomer(root, id);
+    let added = via
+        .cluster_add_learner(
+            id,
+            replica.raft_addr.clone(),
+            replica.process().addr.to_string(),
+        )
+        .await
+        .expect("the replica is added");
+    let listed = added.nodes.iter().find(|n| n.id == id).expect("listed");
+    assert_eq!(listed.role, "learner", "{added:?}");
+    replica
+}
+
+/// Publishes `payload` with `key` as its idempotency key, trying `targets` in turn (from
+/// `first`) until one acknowledges it; a retry of a publish that did commit is answered as a
+/// duplicate with its original offset. Returns the offset.
+async fn publish_until_acked(targets: &[Client], first: usize, key: &str, payload: &str) -> u64 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut attempt = first;
+    loop {
+        let publish = Publish::new("orders.eu.created", payload.to_owned()).idempotency_key(key);
+        let client = &targets[attempt % targets.len()];
+        match tokio::time::timeout(std::time::Duration::from_secs(5), client.publish(publish)).await
+        {
+            Ok(Ok(ack)) => return ack.offset,
+            Ok(Err(_)) | Err(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{key} not acknowledged within 30 s"
+                );
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Issue 19, read replicas: three voters and a replica. A subscriber on the replica receives every
+/// acknowledged message once, in offset order, with no gap, while publishers (one of them through
+/// the replica, which forwards) retry with idempotency keys across a kill -9 of the leader. The
+/// replica also serves history, stale_ok and linearizable reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_on_a_replica_sees_every_acknowledged_message_in_order_across_a_leader_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let mut voters = Vec::new();
+    for node in &nodes {
+        voters.push(connect(node).await);
+    }
+    let status = settled(&voters[0], &[1, 2, 3]).await;
+    let replica = start_replica(dir.path(), 4, &voters[0]).await;
+    let on_replica = connect(&replica).await;
+    let mut subscription = on_replica
+        .subscribe("orders.>", Start::Earliest)
+        .await
+        .expect("a replica serves subscriptions");
+
+    // Three publishers, each cycling over every node from a different one (publisher 0 starts on
+    // the replica); the leader is killed once a third of the messages are acknowledged.
+    let mut targets = vec![on_replica.clone()];
+    targets.extend(voters.iter().cloned());
+    let acked_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let per_publisher = 30;
+    let mut publishers = Vec::new();
+    for p in 0..3 {
+        let targets = targets.clone();
+        let acked_so_far = acked_so_far.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..per_publisher {
+                let key = format!("p{p}-{i}");
+                let payload = format!("{{\"id\":\"{key}\"}}");
+                let offset = publish_until_acked(&targets, p, &key, &payload).await;
+                acked_so_far.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                acked.push((offset, payload));
+            }
+            acked
+        }));
+    }
+    eventually("a third of the messages acknowledged", || async {
+        (acked_so_far.load(std::sync::atomic::Ordering::SeqCst) >= per_publisher).then_some(())
+    })
+    .await
+    .unwrap();
+    let old_leader = status.leader_id;
+    nodes[usize::try_from(old_leader - 1).unwrap()].kill9();
+    let mut per_publisher_acks = Vec::new();
+    for publisher in publishers {
+        per_publisher_acks.push(publisher.await.expect("publisher"));
+    }
+    let acked = merge_acked(per_publisher_acks);
+    assert_eq!(acked.len(), 3 * per_publisher, "one offset per message");
+    let after = eventually("a new leader", || async {
+        let status = on_replica.cluster_status().await.ok()?;
+        (status.leader_id != 0 && status.leader_id != old_leader).then_some(status)
+    })
+    .await
+    .unwrap();
+    assert_ne!(after.leader_id, 4, "a replica never leads: {after:?}");
+
+    // Every acknowledged message, once each, in offset order, no gap, nothing else.
+    let delivered = take(&mut subscription, acked.len()).await;
+    let got: Vec<(u64, String)> = delivered
+        .iter()
+        .map(|m| (m.offset, payload_text(m)))
+        .collect();
+    let want: Vec<(u64, String)> = acked.clone().into_iter().collect();
+    assert_eq!(
+        got, want,
+        "the replica's subscriber saw exactly what was acknowledged"
+    );
+    let first = got[0].0;
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, (offset, _))| *offset == first + i as u64),
+        "consecutive offsets: {:?}",
+        offsets(&delivered)
+    );
+    assert_eq!(stored(&on_replica).await, acked, "history on the replica");
+
+    // Reads on the replica: linearizable (read index from the leader) and stale_ok (local).
+    let written = on_replica
+        .update_entity(EntityUpdate::new("contact", "7", json!({"name": "Grace"})))
+        .await
+        .expect("a replica forwards entity writes");
+    let read = on_replica
+        .get_entity("contact", "7", None)
+        .await
+        .expect("a linearizable read on a replica")
+        .into_entity()
+        .expect("exists");
+    assert_eq!(read.version, written.version);
+    let stale = on_replica
+        .get_entity_consistency("contact", "7", None, true)
+        .await
+        .expect("a stale_ok read on a replica")
+        .into_entity()
+        .expect("exists");
+    assert_eq!(stale.version, written.version);
+    let roles = on_replica.cluster_status().await.unwrap();
+    let four = roles.nodes.iter().find(|n| n.id == 4).unwrap();
+    assert_eq!(
+        four.role, "learner",
+        "still a replica after the leader change: {roles:?}"
+    );
+}
+
+/// Issue 19, read replicas: a replica's death does not affect writes (same leader, same term,
+/// every publish acknowledged, also with a voter down: were the replica a voter, 2 of 4 would be
+/// no majority), and a replica never counts toward the quorum: with it alive and receiving the
+/// log, two voters down refuses writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_never_counts_toward_the_quorum_and_its_death_does_not_stop_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SWITCHBOARD_CLUSTER_FORWARD_TIMEOUT", "1s")];
+    let mut nodes = start_cluster(dir.path(), 3, &env).expect("three nodes start");
+    let first = connect(&nodes[0]).await;
+    let status = settled(&first, &[1, 2, 3]).await;
+    let leader = usize::try_from(status.leader_id - 1).unwrap();
+    let on_leader = connect(&nodes[leader]).await;
+    let mut replica = start_replica(dir.path(), 4, &on_leader).await;
+    let publish = |n: u32| {
+        let client = on_leader.clone();
+        async move {
+            client
+                .publish(Publish::new("orders.eu.created", format!("{{\"n\":{n}}}")))
+                .await
+        }
+    };
+    publish(0).await.expect("writes with the replica up");
+
+    replica.kill9();
+    for n in 1..=10 {
+        publish(n)
+            .await
+            .expect("writes go on while the replica is dead");
+    }
+    let now = on_leader.cluster_status().await.unwrap();
+    assert_eq!(now.leader_id, status.leader_id, "{now:?}");
+    assert_eq!(now.term, status.term, "no election: {now:?}");
+
+    // One voter down too: the leader and the other voter are a majority of the three voters.
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    nodes[others[0]].kill9();
+    let committed = publish(11)
+        .await
+        .expect("2 of 3 voters commit without the replica")
+        .offset;
+
+    // The replica comes back and catches up from the two voters left.
+    replica.start_again().expect("the replica restarts");
+    let on_replica = connect(&replica).await;
+    eventually("the replica caught up", || async {
+        stored(&on_replica)
+            .await
+            .contains_key(&committed)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Two voters down: the leader, with the replica alive and receiving its log, is no majority.
+    nodes[others[1]].kill9();
+    let refused = publish(12)
+        .await
+        .expect_err("a leader and a replica are not a quorum");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert_eq!(refused.reason(), Some(Reason::NoQuorum), "{refused}");
+    let refused = on_replica
+        .publish(Publish::new("orders.eu.created", "{\"n\":13}"))
+        .await
+        .expect_err("nor through the replica");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+}
+
+/// `sb cluster add --replica`: the node is listed as a replica (the API's role "learner"), running
+/// the command again succeeds with the same status (the compose replica profile runs it at every
+/// start), and `--replica` for a node that is a voter is still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_cluster_add_replica_lists_a_replica_and_can_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let client = connect(&nodes[0]).await;
+    settled(&client, &[1, 2, 3]).await;
+    let replica = start_newcomer(dir.path(), 4);
+    let url = nodes[0].url();
+    let run = |args: &[&str]| {
+        std::process::Command::new(switchboard_e2e::sb_binary())
+            .args(args)
+            .env("SWITCHBOARD_URL", &url)
+            .output()
+            .expect("sb runs")
+    };
+    let public = replica.process().addr.to_string();
+    let add = [
+        "cluster",
+        "add",
+        "--replica",
+        "4",
+        replica.raft_addr.as_str(),
+        "--public",
+        public.as_str(),
+    ];
+    let role_of_4 = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        line["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == 4)
+            .map(|n| n["role"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(role_of_4(&run(&add)).as_deref(), Some("replica"));
+    assert_eq!(
+        role_of_4(&run(&add)).as_deref(),
+        Some("replica"),
+        "a second add --replica of the same replica succeeds"
+    );
+    assert_eq!(
+        role_of_4(&run(&["cluster", "status"])).as_deref(),
+        Some("replica")
+    );
+    let status = client.cluster_status().await.unwrap();
+    let four = status.nodes.iter().find(|n| n.id == 4).unwrap();
+    assert_eq!(four.role, "learner", "the API keeps its role name");
+
+    // Without --replica, adding it again is refused as before; so is --replica for a voter.
+    let out = run(&["cluster", "add", "4", replica.raft_addr.as_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FAILED_PRECONDITION MEMBERSHIP_INVALID"),
+        "{stderr}"
+    );
+    let voter = status.nodes.iter().find(|n| n.id == 2).unwrap();
+    let out = run(&[
+        "cluster",
+        "add",
+        "--replica",
+        "2",
+        voter.raft_address.as_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FAILED_PRECONDITION MEMBERSHIP_INVALID"),
+        "{stderr}"
+    );
 }

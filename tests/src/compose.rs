@@ -245,7 +245,12 @@ impl Stack {
         if let Some(file) = &self.override_file {
             command.arg("--file").arg(file.path());
         }
-        command.args(args).current_dir(repo_root());
+        // The stack under test is the three voters: a COMPOSE_PROFILES=replicas of the caller's
+        // shell would add sb4 and sb5 on their default host ports.
+        command
+            .args(args)
+            .current_dir(repo_root())
+            .env_remove("COMPOSE_PROFILES");
         for (i, node) in NODES.iter().enumerate() {
             let n = &node[2..];
             command.env(

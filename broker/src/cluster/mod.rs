@@ -53,7 +53,7 @@ pub(crate) enum Refused {
 pub(crate) enum AdminRequest {
     /// The cluster as the leader sees it.
     Status,
-    /// Add a non-voting learner.
+    /// Add a non-voting learner: a read replica until Promote, which nothing sends by itself.
     AddLearner {
         /// Its raft id.
         id: u64,
@@ -86,7 +86,7 @@ pub(crate) struct NodeView {
     pub id: u64,
     /// Addresses.
     pub member: Member,
-    /// "leader", "voter" or "learner".
+    /// "leader", "voter" or "learner" (a read replica, as `sb` and the console name it).
     pub role: String,
     /// Highest log index known to be on it.
     pub matched_index: Option<u64>,

@@ -175,14 +175,23 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
     Some(&rest[..rest.find('"')?])
 }
 
-/// Nodes, leader and, on the leader, how far each follower's log is behind.
+/// A node's role as the console shows it: a raft learner is a read replica (docs/CLUSTER.md).
+fn console_role(leads: bool, votes: bool) -> &'static str {
+    match (leads, votes) {
+        (true, _) => "leader",
+        (false, true) => "voter",
+        (false, false) => "replica",
+    }
+}
+
+/// Nodes with their roles (leader, voter, replica), the leader and, on the leader, how far each
+/// other node's log is behind.
 fn cluster(sources: &Sources, scrape: &Scrape) -> Value {
     let raft = sources.raft.metrics();
     let raft = raft.borrow();
     let last_log = raft.last_log_index.unwrap_or(0);
-    let nodes: Vec<Value> = raft
-        .membership_config
-        .membership()
+    let membership = raft.membership_config.membership();
+    let nodes: Vec<Value> = membership
         .nodes()
         .map(|(id, member)| {
             let matched = raft
@@ -195,6 +204,7 @@ fn cluster(sources: &Sources, scrape: &Scrape) -> Value {
                 "raft_addr": member.raft_addr,
                 "public_addr": member.public_addr,
                 "leader": raft.current_leader == Some(*id),
+                "role": console_role(raft.current_leader == Some(*id), membership.voter_ids().any(|v| v == *id)),
                 "this_node": *id == sources.node_id,
                 "replication_lag": matched.map(|m| last_log.saturating_sub(m)),
             })
