@@ -42,11 +42,9 @@ const SCRAPE_EVERY: Duration = Duration::from_millis(250);
 /// After the stalled connections are closed, the RSS is reported this long later, twice.
 const AFTER_CLOSE: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(15)];
 /// The broker metrics reported at the end of publishing and after the close.
-const METRICS: [&str; 4] = [
+const METRICS: [&str; 2] = [
     "switchboard_send_buffered_bytes",
-    "switchboard_subscription_queued_bytes_total",
     "switchboard_stalled_connections_closed_total",
-    "switchboard_buffer_budget_switches_total",
 ];
 
 /// The size of one run.
