@@ -188,12 +188,17 @@ impl Ledger {
 
     /// The socket accepted `bytes`.
     pub(crate) fn written(&self, bytes: usize) {
+        self.take_back(bytes);
+        self.progress_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// `bytes` no longer wait (written, or discarded with their stream); never below zero.
+    fn take_back(&self, bytes: usize) {
         let _ = self
             .waiting
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
                 Some(w.saturating_sub(bytes))
             });
-        self.progress_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// Whether the connection is being closed; its stream then fails every read and write.
@@ -336,15 +341,35 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|inner| CountedBody { inner, ledger }))
+            Ok(response.map(|inner| CountedBody {
+                inner,
+                ledger,
+                handed: 0,
+            }))
         })
     }
 }
 
 /// A response body whose data is counted in its connection's ledger as the HTTP layer takes it.
+///
+/// When the body goes (its stream ended, or the client reset it), what it handed is taken back
+/// from the ledger: HTTP/2 discards the unsent data of a reset stream, and those bytes would
+/// otherwise count as waiting for ever, until an idle connection looked stalled. Data of a stream
+/// that ended normally and is still being written is then counted low for a moment (the
+/// ledger's writes stop at zero), never high.
 pub(crate) struct CountedBody<B> {
     inner: B,
     ledger: Option<Arc<Ledger>>,
+    /// Data this body handed to the HTTP layer.
+    handed: usize,
+}
+
+impl<B> Drop for CountedBody<B> {
+    fn drop(&mut self) {
+        if let Some(ledger) = &self.ledger {
+            ledger.take_back(self.handed);
+        }
+    }
 }
 
 impl<B> Body for CountedBody<B>
@@ -359,10 +384,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(frame))), Some(ledger)) = (&polled, &self.ledger) {
-            if let Some(data) = frame.data_ref() {
-                ledger.handed(data.len());
-            }
+        let data_len = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.data_ref().map_or(0, Bytes::len),
+            _ => 0,
+        };
+        if let (Some(ledger), true) = (&self.ledger, data_len > 0) {
+            ledger.handed(data_len);
+            self.handed += data_len;
         }
         polled
     }
@@ -420,6 +448,28 @@ mod tests {
         assert!(reading.is_closing());
         assert!(large.is_closing());
         assert!(!small.is_closing());
+    }
+
+    #[test]
+    fn a_body_that_goes_takes_back_what_it_handed() {
+        let connections = Connections::default();
+        let ledger = connections.open(peer(1));
+        ledger.handed(100);
+        let mut body = CountedBody {
+            inner: http_body_util::Full::new(Bytes::from_static(b"0123456789")),
+            ledger: connections.ledger(&peer(1)),
+            handed: 0,
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(
+            Pin::new(&mut body).poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert_eq!(connections.waiting_bytes(), 110);
+        // Its stream was reset: HTTP/2 drops the 10 bytes it had not sent.
+        drop(body);
+        assert_eq!(connections.waiting_bytes(), 100);
     }
 
     #[test]
