@@ -142,9 +142,9 @@ impl Leader {
         self.clustered.then_some(self.timeout)
     }
 
-    /// The refusal of an entry this node proposed as leader that no majority confirmed by its
-    /// writes' due time.
-    pub(crate) fn overdue_on_lead(&self) -> BrokerError {
+    /// The refusal of a write this node proposed as leader that no majority confirmed within
+    /// [`Leader::commit_timeout`].
+    pub(crate) fn no_quorum(&self) -> BrokerError {
         BrokerError::NoQuorum {
             waited_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
         }
@@ -155,10 +155,9 @@ impl Leader {
     /// majority confirms its entries), `LEADER_UNREACHABLE` when the known leader did not take
     /// the earlier writes, `NO_LEADER` when none is known.
     pub(crate) fn overdue(&self) -> BrokerError {
-        let waited_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
         let leader = self.raft.metrics().borrow().current_leader;
         match leader {
-            Some(id) if id == self.me => BrokerError::NoQuorum { waited_ms },
+            Some(id) if id == self.me => self.no_quorum(),
             Some(id) => BrokerError::LeaderUnavailable {
                 reason: Reason::LeaderUnreachable,
                 message: format!(
@@ -292,7 +291,7 @@ impl Leader {
     ) -> Result<CommandOutcome, BrokerError> {
         let frame = encode(&command).map_err(BrokerError::Consensus)?;
         let raft = self.raft.clone();
-        let waited_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+        let no_quorum = self.no_quorum();
         self.on_leader(
             "a forwarded write",
             deadline,
@@ -301,7 +300,7 @@ impl Leader {
             move || async move {
                 match tokio::time::timeout_at(deadline, propose_here(&raft, command)).await {
                     Ok(result) => result.map_err(local_error),
-                    Err(_) => Err(BrokerError::NoQuorum { waited_ms }),
+                    Err(_) => Err(no_quorum),
                 }
             },
         )

@@ -21,7 +21,7 @@
 //! disturb anyone, and it may when a majority has no leader. A lone node has no peers to ask and
 //! keeps openraft's own elections.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -109,9 +109,9 @@ pub(crate) async fn run(
     tick: Duration,
     mut shutdown: ShutdownSignal,
 ) {
-    let elections = Elections {
+    let mut elections = Elections {
         raft: raft.clone(),
-        on: AtomicBool::new(false),
+        on: false,
     };
     let mut ticks = tokio::time::interval(tick);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -159,12 +159,13 @@ pub(crate) async fn run(
 /// This node's elections, switched only when they change.
 struct Elections {
     raft: Raft,
-    on: AtomicBool,
+    on: bool,
 }
 
 impl Elections {
-    fn set(&self, on: bool) {
-        if self.on.swap(on, Ordering::Relaxed) != on {
+    fn set(&mut self, on: bool) {
+        if self.on != on {
+            self.on = on;
             tracing::info!(
                 elections = on,
                 "{}",

@@ -11,7 +11,7 @@ pub(crate) mod send_buffers;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -128,18 +128,18 @@ impl LimitedIncoming {
         }
     }
 
-    /// A place for `stream` under both bounds, or the bound that refuses it.
-    fn admit(&self, stream: &TcpStream) -> Result<Places, metrics::ConnectionLimit> {
+    /// A place for a connection from `peer` under both bounds, or the bound that refuses it.
+    fn admit(&self, peer: Option<SocketAddr>) -> Result<Places, metrics::ConnectionLimit> {
         let open = Arc::clone(&self.open)
             .try_acquire_owned()
             .map_err(|_| metrics::ConnectionLimit::Total)?;
         // Without a peer address (the socket is already gone) only the total bound applies.
-        let address = match stream.peer_addr() {
-            Ok(peer) => Some(
+        let address = match peer {
+            Some(peer) => Some(
                 OpenPerAddress::enter(&self.per_address, peer.ip(), self.limits.max_per_address)
                     .ok_or(metrics::ConnectionLimit::PerAddress)?,
             ),
-            Err(_) => None,
+            None => None,
         };
         Ok(Places {
             _open: open,
@@ -158,12 +158,10 @@ impl Stream for LimitedIncoming {
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 Some(Ok(stream)) => stream,
             };
-            match self.admit(&stream) {
+            let peer = stream.peer_addr().ok();
+            match self.admit(peer) {
                 Ok(places) => {
-                    let ledger = stream
-                        .peer_addr()
-                        .ok()
-                        .map(|peer| self.connections.open(peer));
+                    let ledger = peer.map(|peer| self.connections.open(peer));
                     return Poll::Ready(Some(Ok(LimitedStream {
                         stream,
                         _places: places,
@@ -177,7 +175,7 @@ impl Stream for LimitedIncoming {
                 }
                 Err(limit) => {
                     metrics::connection_refused(limit);
-                    tracing::debug!(peer = ?stream.peer_addr().ok(), limit = limit.as_str(), "connection limit reached; closing a new connection");
+                    tracing::debug!(peer = ?peer, limit = limit.as_str(), "connection limit reached; closing a new connection");
                     drop(stream);
                 }
             }

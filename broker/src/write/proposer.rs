@@ -439,7 +439,7 @@ async fn run(
                 continue;
             }
         };
-        let overdue = leader.overdue_on_lead();
+        let overdue = leader.no_quorum();
         tokio::spawn(async move {
             let response = match due {
                 Some(due) => match tokio::time::timeout_at(due, response).await {
