@@ -292,6 +292,7 @@ pub struct Subscriptions {
     pub queue_bytes: usize,
     pub max_per_connection: usize,
     pub max_per_broker: usize,
+    pub catch_up_bytes: usize,
     pub default_max_unacked: u32,
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
@@ -783,6 +784,12 @@ impl Config {
             return invalid(
                 "subscriptions.queue_bytes",
                 "must hold at least one largest message (limits.max_payload_bytes + limits.max_header_bytes)",
+            );
+        }
+        if sub.catch_up_bytes < 1024 * 1024 {
+            return invalid(
+                "subscriptions.catch_up_bytes",
+                "must be at least 1 MiB (1048576)",
             );
         }
         if sub.max_per_connection == 0 || sub.max_per_broker < sub.max_per_connection {

@@ -140,9 +140,11 @@ Connections: at most limits.max_connections (10000) open, and limits.max_connect
 limits.handshake_timeout (10s). At start the soft open-file limit (nofile) is raised to the hard
 one, with a warning if that is below max_connections + 256.
 
-Bytes waiting for the sockets of clients that stop reading are bounded broker-wide by
-limits.max_send_buffer_bytes (256 MiB): past it, connections that took nothing for
-limits.stalled_connection_timeout (2s) are closed, those holding the most first. docs/FLOW.md.
+Memory for clients that stop reading is bounded broker-wide: bytes waiting for their sockets by
+limits.max_send_buffer_bytes (256 MiB; past it a connection holding more than 256 KiB gets no
+more data until its socket takes some, and past three quarters of it connections that took
+nothing for limits.stalled_connection_timeout (2s) are closed), and messages read back from the
+store for subscriptions that fell behind by subscriptions.catch_up_bytes (128 MiB). docs/FLOW.md.
 
 Talk to it with `sb` (the switchboard-cli crate: cargo build --release --bin sb): sb publish, sb subscribe, sb history, sb info.";
 

@@ -40,6 +40,7 @@ use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
 use crate::fanout::hub::Hub;
+use crate::fanout::catch_up_budget::CatchUpBudget;
 use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
 use crate::raft;
@@ -227,10 +228,9 @@ impl Broker {
         );
         spawn_rate_limit_sweep(Arc::clone(&gate), signal.clone());
         // What the public listener's connections hold for their clients, bounded broker-wide.
-        let connections = Connections::default();
+        let connections = Connections::new(config.limits.max_send_buffer_bytes);
         tokio::spawn(send_buffers::watch(
             connections.clone(),
-            config.limits.max_send_buffer_bytes,
             config.limits.stalled_connection_timeout,
             signal.clone(),
         ));
@@ -257,6 +257,7 @@ impl Broker {
                     store: consensus.store.clone(),
                     admission: admission.clone(),
                     connections: connections.clone(),
+                    catch_up: Arc::clone(consensus.hub.catch_up_budget()),
                 });
                 let task = tokio::spawn(admin::serve(admin_listener, sources, signal.clone()));
                 (Some(addr), Some(task))
@@ -585,6 +586,7 @@ impl Replicated {
             0,
             config.subscriptions.queue_depth,
             config.subscriptions.queue_bytes,
+            CatchUpBudget::new(config.subscriptions.catch_up_bytes),
         );
         let (state, progress) = state::open(config, Arc::new(hub.clone()))?;
         let store = state.store();

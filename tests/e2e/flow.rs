@@ -538,11 +538,31 @@ async fn metric(broker: &BrokerProcess, name: &str) -> Option<u64> {
     })
 }
 
-/// A socket whose reading stops for good once `stalled` is set: the client then never takes
-/// another byte, as a client that stopped reading would.
+/// Stops the reading of [`StallingSocket`]s, and lets it go on.
+#[derive(Default)]
+struct Stall {
+    stalled: AtomicBool,
+    readers: std::sync::Mutex<Vec<std::task::Waker>>,
+}
+
+impl Stall {
+    fn stop_reading(&self) {
+        self.stalled.store(true, Ordering::Relaxed);
+    }
+
+    fn read_again(&self) {
+        self.stalled.store(false, Ordering::Relaxed);
+        for reader in std::mem::take(&mut *self.readers.lock().unwrap()) {
+            reader.wake();
+        }
+    }
+}
+
+/// A socket whose reading stops while its [`Stall`] says so: the client then takes no byte, as a
+/// client that stopped reading would.
 struct StallingSocket {
     stream: tokio::net::TcpStream,
-    stalled: Arc<AtomicBool>,
+    stall: Arc<Stall>,
 }
 
 impl AsyncRead for StallingSocket {
@@ -551,8 +571,11 @@ impl AsyncRead for StallingSocket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if self.stalled.load(Ordering::Relaxed) {
-            return Poll::Pending;
+        if self.stall.stalled.load(Ordering::Relaxed) {
+            self.stall.readers.lock().unwrap().push(cx.waker().clone());
+            if self.stall.stalled.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
@@ -577,18 +600,18 @@ impl AsyncWrite for StallingSocket {
 }
 
 /// A client on its own connection that advertises the largest HTTP/2 windows and a small socket
-/// receive buffer, and stops reading its socket once `stalled` is set.
-async fn stalling_client(url: &str, stalled: Arc<AtomicBool>) -> Raw {
+/// receive buffer, and stops reading its socket while `stall` says so.
+async fn stalling_client(url: &str, stall: Arc<Stall>) -> Raw {
     let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
     let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-        let stalled = Arc::clone(&stalled);
+        let stall = Arc::clone(&stall);
         async move {
             let socket = tokio::net::TcpSocket::new_v4()?;
             socket.set_recv_buffer_size(4096)?;
             let stream = socket.connect(addr).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(StallingSocket {
                 stream,
-                stalled,
+                stall,
             }))
         }
     });
@@ -608,15 +631,15 @@ async fn connections_that_stop_reading_are_closed_once_send_buffers_pass_their_b
     let settings =
         "[limits]\nmax_send_buffer_bytes = 1048576\nstalled_connection_timeout = \"500ms\"\n";
     let f = fixture(&["--config", &config(&dir, settings)]).await;
-    let stalled = Arc::new(AtomicBool::new(false));
+    let stall = Arc::new(Stall::default());
     let mut stalled_streams = Vec::new();
     for _ in 0..4 {
-        let mut client = stalling_client(&f.broker.url(), Arc::clone(&stalled)).await;
+        let mut client = stalling_client(&f.broker.url(), Arc::clone(&stall)).await;
         for _ in 0..8 {
             stalled_streams.push(open(&mut client, subscribe("bulk.>")).await.0);
         }
     }
-    stalled.store(true, Ordering::Relaxed);
+    stall.stop_reading();
     let mut reader = raw(f.broker.url()).await;
     let (mut reading, _) = open(&mut reader, subscribe("bulk.>")).await;
 
@@ -644,4 +667,75 @@ async fn connections_that_stop_reading_are_closed_once_send_buffers_pass_their_b
     .await
     .unwrap();
     drop(stalled_streams);
+}
+
+#[tokio::test]
+async fn a_connection_that_stops_reading_is_held_to_a_share_of_the_bound_and_resumes_without_a_gap(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    // The watcher never closes anyone here (1 h): only the gate keeps the buffers bounded.
+    let settings = "[limits]\nmax_send_buffer_bytes = 1048576\n\
+                    stalled_connection_timeout = \"1h\"\n\
+                    [subscriptions]\ncatch_up_bytes = 1048576\n";
+    let f = fixture(&["--config", &config(&dir, settings)]).await;
+    let stall = Arc::new(Stall::default());
+    let mut stalled_streams = Vec::new();
+    let mut stalled_clients = Vec::new();
+    for _ in 0..4 {
+        let mut client = stalling_client(&f.broker.url(), Arc::clone(&stall)).await;
+        for _ in 0..8 {
+            stalled_streams.push(open(&mut client, subscribe("bulk.>")).await.0);
+        }
+        stalled_clients.push(client);
+    }
+    stall.stop_reading();
+    let mut reader = raw(f.broker.url()).await;
+    let (mut reading, _) = open(&mut reader, subscribe("bulk.>")).await;
+
+    // About 3 MB for each of the 32 stalled subscriptions: without the gate HTTP/2 would keep up
+    // to ~400 KiB of it per stream (~12 MB), with it the stalled connections hold at most the
+    // bound plus, each, their floor (256 KiB) and one chunk of a response (32 KiB and a message).
+    let mut publisher = raw(f.broker.url()).await;
+    let payloads = (0..3_000)
+        .map(|i| (format!("bulk.c{}", i % 10), padded(i)))
+        .collect();
+    let offsets = publish_all(&mut publisher, payloads).await;
+    for expected in &offsets {
+        assert_eq!(message(next(&mut reading).await).offset, *expected);
+    }
+    let waiting = metric(&f.broker, "switchboard_send_buffered_bytes")
+        .await
+        .unwrap();
+    let bound = 1024 * 1024 + 4 * (256 + 34) * 1024;
+    assert!(
+        waiting <= bound,
+        "{waiting} bytes wait for the stalled sockets, bound {bound}"
+    );
+    let held = metric(&f.broker, "switchboard_catch_up_held_bytes")
+        .await
+        .unwrap();
+    let bound = 1024 * 1024 + 32 * (32 + 2) * 1024;
+    assert!(
+        held <= bound,
+        "{held} bytes read from the store held for the stalled subscriptions, bound {bound}"
+    );
+
+    // Once their clients read again, every stalled subscription gets everything, in order.
+    stall.read_again();
+    let last = *offsets.last().unwrap();
+    let mut readers = tokio::task::JoinSet::new();
+    for mut events in stalled_streams {
+        let offsets = offsets.clone();
+        readers.spawn(async move {
+            let mut got = Vec::new();
+            while got.last() != Some(&last) {
+                got.push(message(next(&mut events).await).offset);
+            }
+            assert_eq!(got, offsets, "no gap and no duplicate");
+        });
+    }
+    while let Some(done) = readers.join_next().await {
+        done.unwrap();
+    }
+    drop(stalled_clients);
 }

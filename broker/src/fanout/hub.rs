@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::channel::{Pattern, SubscriptionTrie};
+use crate::fanout::catch_up_budget::CatchUpBudget;
 use crate::fanout::outgoing::SharedMessage;
 use crate::message::StoredMessage;
 use crate::state::Announce;
@@ -155,6 +156,7 @@ pub(crate) struct Hub {
     state: Arc<Mutex<HubState>>,
     mailbox_capacity: usize,
     mailbox_capacity_bytes: usize,
+    catch_up: Arc<CatchUpBudget>,
 }
 
 /// A live registration; dropping it removes the subscription from the hub.
@@ -183,11 +185,13 @@ impl Registration {
 
 impl Hub {
     /// A hub whose store already holds offsets up to `last_offset`; each mailbox holds at most
-    /// `mailbox_capacity` messages and `mailbox_capacity_bytes` bytes.
+    /// `mailbox_capacity` messages and `mailbox_capacity_bytes` bytes, and what its subscriptions
+    /// read from the store is bounded by `catch_up`.
     pub(crate) fn new(
         last_offset: u64,
         mailbox_capacity: usize,
         mailbox_capacity_bytes: usize,
+        catch_up: Arc<CatchUpBudget>,
     ) -> Hub {
         Hub {
             state: Arc::new(Mutex::new(HubState {
@@ -199,7 +203,13 @@ impl Hub {
             })),
             mailbox_capacity,
             mailbox_capacity_bytes,
+            catch_up,
         }
+    }
+
+    /// The budget for what this hub's subscriptions read from the store.
+    pub(crate) fn catch_up_budget(&self) -> &Arc<CatchUpBudget> {
+        &self.catch_up
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
@@ -323,7 +333,7 @@ mod tests {
 
     #[tokio::test]
     async fn delivers_matching_messages_only() {
-        let hub = Hub::new(0, 8, 1 << 20);
+        let hub = Hub::new(0, 8, 1 << 20, CatchUpBudget::new(1 << 20));
         let (reg, last) = hub.register(pattern("a.*"));
         assert_eq!(last, 0);
         hub.dispatch(&[msg(1, "a.b"), msg(2, "c.d"), msg(3, "a.c")]);
@@ -340,7 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_marks_lagging_and_rearm_returns_the_last_offset() {
-        let hub = Hub::new(10, 2, 1 << 20);
+        let hub = Hub::new(10, 2, 1 << 20, CatchUpBudget::new(1 << 20));
         let (reg, last) = hub.register(pattern(">"));
         assert_eq!(last, 10);
         hub.dispatch(&[

@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
+use super::catch_up_budget::Charge;
 use crate::message::StoredMessage;
 use crate::observability::trace;
 
@@ -25,6 +26,9 @@ pub struct SharedMessage {
     /// One form decoded from the message for every reader (an entity watch's entity), made by
     /// the first reader; boxed, so the messages no one decodes carry a pointer.
     decoded: OnceLock<Option<Box<dyn Any + Send + Sync>>>,
+    /// A message read from the store for one subscription is charged to the catch-up budget
+    /// while it is held ([`super::catch_up_budget`]); a live one, shared by all, is not.
+    _charge: Option<Charge>,
 }
 
 impl SharedMessage {
@@ -34,6 +38,18 @@ impl SharedMessage {
             stored,
             wire: OnceLock::new(),
             decoded: OnceLock::new(),
+            _charge: None,
+        })
+    }
+
+    /// Wraps a message read from the store for one subscription, holding `charge` as long as
+    /// the message is held.
+    pub(crate) fn charged(stored: Arc<StoredMessage>, charge: Charge) -> Arc<SharedMessage> {
+        Arc::new(SharedMessage {
+            stored,
+            wire: OnceLock::new(),
+            decoded: OnceLock::new(),
+            _charge: Some(charge),
         })
     }
 

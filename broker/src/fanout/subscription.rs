@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::catch_up_budget::Reader;
 use super::outgoing::{Delivery, GapReason, Outgoing, SharedMessage};
 use super::registry::{Control, FlowPolicy, Pending, Registered};
 use super::throttle::Throttle;
@@ -48,7 +49,7 @@ use crate::state::store::{MessageStore, ReadRange};
 
 /// Messages read from the store per page while catching up.
 const CATCH_UP_PAGE: usize = 256;
-/// Bytes read per page while catching up.
+/// Bytes read per page while catching up, when the catch-up budget has them.
 const CATCH_UP_BYTES: usize = 1024 * 1024;
 /// Batches visited per page while catching up.
 const CATCH_UP_BATCHES: usize = 64;
@@ -136,6 +137,8 @@ struct Feeder<'a> {
     control: &'a Control,
     spec: &'a SubscriptionSpec,
     out: &'a EventSender,
+    /// This subscription's account for what it reads from the store.
+    catch_up: Reader,
     /// The next offset this subscription may deliver; everything before it was handled.
     next: u64,
     throttle: Option<Throttle>,
@@ -143,15 +146,19 @@ struct Feeder<'a> {
     metrics: DeliveryMetrics,
 }
 
-/// Messages read from the store, ready to deliver like live ones.
-fn shared(messages: Vec<crate::message::StoredMessage>) -> Vec<Arc<SharedMessage>> {
-    messages
-        .into_iter()
-        .map(|m| SharedMessage::new(Arc::new(m)))
-        .collect()
-}
-
 impl Feeder<'_> {
+    /// Messages read from the store, ready to deliver like live ones, each charged to the
+    /// catch-up budget while it is held.
+    fn shared(&self, messages: Vec<crate::message::StoredMessage>) -> Vec<Arc<SharedMessage>> {
+        messages
+            .into_iter()
+            .map(|m| {
+                let charge = self.catch_up.charge(m.message.approximate_size());
+                SharedMessage::charged(Arc::new(m), charge)
+            })
+            .collect()
+    }
+
     async fn send_outgoing(&self, outgoing: Outgoing) -> Result<(), End> {
         self.out
             .send(Ok(outgoing))
@@ -252,7 +259,22 @@ impl Feeder<'_> {
         Ok(())
     }
 
-    fn read_page(&self, from: u64, last: u64) -> Result<crate::state::store::ReadPage, End> {
+    /// Reads the next page of messages to deliver, as large as the catch-up budget allows.
+    async fn read_page(
+        &self,
+        from: u64,
+        last: u64,
+    ) -> Result<crate::state::store::ReadPage, End> {
+        let max_bytes = self.catch_up.page_bytes(CATCH_UP_BYTES).await;
+        self.read(from, last, max_bytes)
+    }
+
+    fn read(
+        &self,
+        from: u64,
+        last: u64,
+        max_bytes: usize,
+    ) -> Result<crate::state::store::ReadPage, End> {
         self.store
             .read(&ReadRange {
                 from,
@@ -261,7 +283,7 @@ impl Feeder<'_> {
                 pattern: &self.spec.pattern,
                 now_us: now_us(),
                 limit: CATCH_UP_PAGE,
-                max_bytes: CATCH_UP_BYTES,
+                max_bytes,
                 max_batches: CATCH_UP_BATCHES,
             })
             .map_err(End::Failed)
@@ -327,9 +349,9 @@ impl Feeder<'_> {
         // (conflated) messages are still ahead of it when they are flushed.
         let mut from = self.next;
         while from <= last {
-            let page = self.read_page(from, last)?;
+            let page = self.read_page(from, last).await?;
             if conflating {
-                for message in shared(page.messages) {
+                for message in self.shared(page.messages) {
                     let channel = message.message.channel.clone();
                     let skipped = held.remove(&channel).map(|(_, s)| s + 1).unwrap_or(0);
                     held.insert(channel, (message, skipped));
@@ -338,7 +360,7 @@ impl Feeder<'_> {
                     self.flush_conflated(&mut held).await?;
                 }
             } else {
-                for message in &shared(page.messages) {
+                for message in &self.shared(page.messages) {
                     self.deliver(message, 0).await?;
                 }
             }
@@ -370,7 +392,8 @@ impl Feeder<'_> {
         let mut count = 0u64;
         let mut next = from;
         while next <= to {
-            let page = self.read_page(next, to)?;
+            // Counted and dropped at once: not charged to the budget.
+            let page = self.read(next, to, CATCH_UP_BYTES)?;
             count += page.messages.len() as u64;
             next = page.next.max(next + 1);
             if page.done {
@@ -412,7 +435,8 @@ impl Feeder<'_> {
                         flight.unsaved_redeliveries += 1;
                     }
                     metrics::redelivery();
-                    let message = SharedMessage::new(Arc::new(message));
+                    let charge = self.catch_up.charge(message.message.approximate_size());
+                    let message = SharedMessage::charged(Arc::new(message), charge);
                     let delivery = Delivery::new(message, 0, deliveries, self.control.id);
                     self.send_outgoing(Outgoing::Delivery(delivery)).await?;
                 }
@@ -501,6 +525,7 @@ async fn feed(
         control,
         spec,
         out,
+        catch_up: hub.catch_up_budget().reader(),
         next,
         throttle: spec.min_interval.map(Throttle::new),
         metrics: DeliveryMetrics::new(policy_name(control.policy)),

@@ -63,6 +63,8 @@ pub(crate) struct Sources {
     pub admission: crate::write::admission::Admission,
     /// The public listener's connections: bytes waiting for their sockets.
     pub connections: crate::transport::send_buffers::Connections,
+    /// Messages read from the store and held for subscriptions that fell behind.
+    pub catch_up: Arc<crate::fanout::catch_up_budget::CatchUpBudget>,
 }
 
 impl Sources {
@@ -119,6 +121,7 @@ impl Sources {
             raft_applied_index: progress.applied_index,
             subscriptions,
             send_buffered_bytes: self.connections.waiting_bytes() as u64,
+            catch_up_held_bytes: self.catch_up.held() as u64,
         }
     }
 }
@@ -329,7 +332,8 @@ mod tests {
             data_dir: dir.path().to_owned(),
             store: consensus.store.clone(),
             admission: crate::write::admission::Admission::new(dir.path(), 0),
-            connections: crate::transport::send_buffers::Connections::default(),
+            connections: crate::transport::send_buffers::Connections::new(usize::MAX),
+            catch_up: crate::fanout::catch_up_budget::CatchUpBudget::new(1 << 20),
         };
         // A lone node leads once start returns.
         assert!(sources.has_leader());

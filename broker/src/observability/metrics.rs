@@ -424,6 +424,8 @@ pub(crate) struct Scrape {
     pub subscriptions: Vec<SubscriptionScrape>,
     /// Bytes of responses waiting for the sockets of all client connections.
     pub send_buffered_bytes: u64,
+    /// Bytes of messages read from the store and held for subscriptions that fell behind.
+    pub catch_up_held_bytes: u64,
 }
 
 /// One live subscription's state at scrape time.
@@ -545,6 +547,12 @@ fn render_state(out: &mut String, s: &Scrape) {
         "switchboard_send_buffered_bytes",
         "Bytes of responses handed to client connections and not yet taken by their sockets (bounded by limits.max_send_buffer_bytes)",
         s.send_buffered_bytes,
+    );
+    gauge(
+        out,
+        "switchboard_catch_up_held_bytes",
+        "Bytes of messages read from the store and held for subscriptions that fell behind (bounded by subscriptions.catch_up_bytes plus one message per subscription)",
+        s.catch_up_held_bytes,
     );
     gauge(
         out,

@@ -1016,7 +1016,12 @@ mod storage_suite {
                 .expect("state db opens");
             let (progress, _) = tokio::sync::watch::channel(Default::default());
             let state =
-                BrokerState::open(db, &state_dir, Arc::new(Hub::new(0, 16, 1 << 20)), progress)
+                BrokerState::open(db, &state_dir, Arc::new(Hub::new(
+                    0,
+                    16,
+                    1 << 20,
+                    crate::fanout::catch_up_budget::CatchUpBudget::new(1 << 20),
+                )), progress)
                     .expect("state opens");
             let sm = StateMachine::open(state, &state_dir.join("snapshots"), &Default::default())
                 .expect("state machine opens");

@@ -10,19 +10,29 @@
 //! ([`CountingLayer`]) minus bytes its socket accepted (counted by the connection's stream,
 //! [`super::LimitedStream`]).
 //!
-//! [`watch`] sums the ledgers. While the sum is over `limits.max_send_buffer_bytes`, it closes
-//! the *stalled* connections — holding bytes their socket has not taken for
-//! `limits.stalled_connection_timeout` — those holding the most first, until the sum is back under
-//! the bound. Closing a connection frees everything buffered for it; its client sees the
-//! connection drop, and a subscription resumes from its next offset without a gap. A client that
-//! reads, however slowly, keeps making progress and is never closed for this.
+//! Two rules keep the sum near `limits.max_send_buffer_bytes`:
+//!
+//! - **The gate** ([`CountedBody`]): while the sum is over the bound, a connection that already
+//!   holds more than [`CONNECTION_FLOOR`] gets no more response data until its socket takes some.
+//!   Its response bodies are simply not polled, so nothing more is encoded for it; its
+//!   subscriptions' tasks then block, their mailboxes overflow, and they are served from the store
+//!   once the client reads again — as a single lagging subscription already was. A connection that
+//!   holds less than the floor (one whose client reads) always gets data, so a client that keeps up
+//!   is not slowed by those that do not. The sum is thereby at most the bound plus, per
+//!   connection, the floor and one chunk of a response.
+//! - **The watcher** ([`watch`]): while the sum is over three quarters of the bound, it closes the
+//!   *stalled* connections — holding bytes their socket has not taken for
+//!   `limits.stalled_connection_timeout` — those holding the most first. Closing a connection frees
+//!   everything buffered for it; its client sees the connection drop, and a subscription resumes
+//!   from its next offset without a gap. A client that reads, however slowly, keeps making
+//!   progress and is never closed for this.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -34,23 +44,41 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use crate::observability::metrics;
 use crate::shutdown::ShutdownSignal;
 
-/// How often the watcher sums the ledgers.
+/// How often the watcher looks at the ledgers.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
+/// What a connection may always hold, whatever the sum: a client that reads keeps getting data
+/// while others fill the bound. Larger than what a reading connection holds between two socket
+/// writes (a few chunks of at most 32 KiB each, plus a message).
+pub(crate) const CONNECTION_FLOOR: usize = 256 * 1024;
+
 /// The open connections of the public listener, by peer address; cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct Connections {
     shared: Arc<Shared>,
 }
 
-#[derive(Default)]
 struct Shared {
     open: Mutex<HashMap<SocketAddr, Arc<Ledger>>>,
+    sum: Arc<Sum>,
+}
+
+/// The bytes waiting for every socket, and the bound on them.
+struct Sum {
+    waiting: AtomicUsize,
+    limit: usize,
+}
+
+impl Sum {
+    fn over(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > self.limit
+    }
 }
 
 /// One connection's account of the bytes waiting for its socket.
 pub(crate) struct Ledger {
     peer: SocketAddr,
+    sum: Arc<Sum>,
     /// Response data taken from bodies and not yet accepted by the socket. Socket writes also
     /// carry frame headers and control frames, so it is kept from going below zero rather than
     /// computed as a difference: bytes written while nothing waits give no credit later.
@@ -62,9 +90,27 @@ pub(crate) struct Ledger {
     closing: AtomicBool,
     read_waker: AtomicWaker,
     write_waker: AtomicWaker,
+    /// Response bodies held back by the gate, woken when the socket takes bytes, when the sum is
+    /// back under the bound, or when the connection closes. At most one per open stream.
+    held: Mutex<Vec<Waker>>,
+    /// Whether `held` may be non-empty: socket writes check it without taking the lock.
+    any_held: AtomicBool,
 }
 
 impl Connections {
+    /// No connections yet; their send buffers together are bounded by `limit` bytes.
+    pub(crate) fn new(limit: usize) -> Connections {
+        Connections {
+            shared: Arc::new(Shared {
+                open: Mutex::new(HashMap::new()),
+                sum: Arc::new(Sum {
+                    waiting: AtomicUsize::new(0),
+                    limit,
+                }),
+            }),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, Arc<Ledger>>> {
         self.shared.open.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -74,12 +120,15 @@ impl Connections {
     pub(crate) fn open(&self, peer: SocketAddr) -> OpenLedger {
         let ledger = Arc::new(Ledger {
             peer,
+            sum: Arc::clone(&self.shared.sum),
             waiting: AtomicUsize::new(0),
             progress_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             closing: AtomicBool::new(false),
             read_waker: AtomicWaker::new(),
             write_waker: AtomicWaker::new(),
+            held: Mutex::new(Vec::new()),
+            any_held: AtomicBool::new(false),
         });
         self.lock().insert(peer, Arc::clone(&ledger));
         OpenLedger {
@@ -106,7 +155,20 @@ impl Connections {
 
     /// Bytes waiting for the sockets of all open connections.
     pub(crate) fn waiting_bytes(&self) -> usize {
-        self.lock().values().map(|l| l.waiting()).sum()
+        self.shared.sum.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Lets the gate's held-back bodies go on, once the sum is back under the bound. (A held
+    /// connection is woken by its own socket's progress too; this covers one whose socket has
+    /// nothing it may send until the others drain.)
+    fn release_held(&self) {
+        if self.shared.sum.over() {
+            return;
+        }
+        let ledgers: Vec<Arc<Ledger>> = self.lock().values().cloned().collect();
+        for ledger in ledgers {
+            ledger.wake_held();
+        }
     }
 
     /// Closes stalled connections, those holding the most first, until the bytes waiting for
@@ -181,6 +243,7 @@ impl Ledger {
 
     /// The HTTP layer took `bytes` of response data for this connection.
     fn handed(&self, bytes: usize) {
+        self.sum.waiting.fetch_add(bytes, Ordering::Relaxed);
         if self.waiting.fetch_add(bytes, Ordering::Relaxed) == 0 {
             self.progress_ms.store(self.now_ms(), Ordering::Relaxed);
         }
@@ -194,11 +257,50 @@ impl Ledger {
 
     /// `bytes` no longer wait (written, or discarded with their stream); never below zero.
     fn take_back(&self, bytes: usize) {
-        let _ = self
+        let before = self
             .waiting
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
                 Some(w.saturating_sub(bytes))
-            });
+            })
+            .unwrap_or_else(|w| w);
+        let taken = before.min(bytes);
+        if taken > 0 {
+            self.sum.waiting.fetch_sub(taken, Ordering::Relaxed);
+        }
+        self.wake_held();
+    }
+
+    /// Whether the gate holds back this connection's response data: it holds more than
+    /// [`CONNECTION_FLOOR`] while the sum is over the bound.
+    fn gated(&self) -> bool {
+        self.waiting() > CONNECTION_FLOOR && self.sum.over() && !self.is_closing()
+    }
+
+    /// Whether a body of this connection must wait before handing more data; if so, it is woken
+    /// when that may change.
+    fn must_wait(&self, cx: &Context<'_>) -> bool {
+        if !self.gated() {
+            return false;
+        }
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if !held.iter().any(|w| w.will_wake(cx.waker())) {
+                held.push(cx.waker().clone());
+            }
+            self.any_held.store(true, Ordering::Release);
+        }
+        // The socket may have taken bytes between the check and the registration.
+        self.gated()
+    }
+
+    fn wake_held(&self) {
+        if !self.any_held.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
+        for waker in held {
+            waker.wake();
+        }
     }
 
     /// Whether the connection is being closed; its stream then fails every read and write.
@@ -228,14 +330,15 @@ impl Ledger {
         self.closing.store(true, Ordering::Release);
         self.read_waker.wake();
         self.write_waker.wake();
+        self.wake_held();
     }
 }
 
-/// Sums the ledgers every [`WATCH_INTERVAL`] and closes stalled connections while the sum is over
-/// `limit` (see the module docs), until `shutdown`.
+/// Every [`WATCH_INTERVAL`], closes stalled connections while the sum is over three quarters of
+/// the bound and releases the gate's held bodies once it is under the bound (see the module docs),
+/// until `shutdown`.
 pub(crate) async fn watch(
     connections: Connections,
-    limit: usize,
     stalled_after: Duration,
     mut shutdown: ShutdownSignal,
 ) {
@@ -251,7 +354,8 @@ pub(crate) async fn watch(
             trim_at = None;
             tokio::task::spawn_blocking(return_free_memory);
         }
-        let closed = connections.enforce(limit, stalled_after);
+        let closed = connections.enforce(connections.shared.sum.limit / 4 * 3, stalled_after);
+        connections.release_held();
         if closed > 0 {
             metrics::stalled_connections_closed(closed as u64);
             // Once their tasks have dropped what they held, give it back to the system.
@@ -383,6 +487,11 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        // Checked before the inner body is polled, so that nothing is encoded for a connection
+        // the gate holds back.
+        if self.ledger.as_ref().is_some_and(|l| l.must_wait(cx)) {
+            return Poll::Pending;
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let data_len = match &polled {
             Poll::Ready(Some(Ok(frame))) => frame.data_ref().map_or(0, Bytes::len),
@@ -414,7 +523,7 @@ mod tests {
 
     #[test]
     fn writes_take_back_what_was_handed_and_never_go_below_zero() {
-        let connections = Connections::default();
+        let connections = Connections::new(usize::MAX);
         let ledger = connections.open(peer(1));
         ledger.written(500);
         ledger.handed(300);
@@ -431,7 +540,7 @@ mod tests {
 
     #[test]
     fn over_the_limit_only_stalled_connections_are_closed_the_largest_first() {
-        let connections = Connections::default();
+        let connections = Connections::new(usize::MAX);
         let small = connections.open(peer(1));
         let large = connections.open(peer(2));
         let reading = connections.open(peer(3));
@@ -452,7 +561,7 @@ mod tests {
 
     #[test]
     fn a_body_that_goes_takes_back_what_it_handed() {
-        let connections = Connections::default();
+        let connections = Connections::new(usize::MAX);
         let ledger = connections.open(peer(1));
         ledger.handed(100);
         let mut body = CountedBody {
@@ -474,11 +583,91 @@ mod tests {
 
     #[test]
     fn a_reused_address_keeps_the_newer_connections_ledger() {
-        let connections = Connections::default();
+        let connections = Connections::new(usize::MAX);
         let old = connections.open(peer(1));
         let new = connections.open(peer(1));
         drop(old);
         new.handed(7);
         assert_eq!(connections.waiting_bytes(), 7);
+    }
+
+    /// A body whose inner body counts how often it was polled.
+    struct Polled {
+        polls: Arc<AtomicUsize>,
+    }
+
+    impl Body for Polled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&[0; 1000])))))
+        }
+    }
+
+    #[test]
+    fn over_the_bound_a_connection_past_its_floor_gets_no_data_until_its_socket_takes_some() {
+        let limit = 2 * CONNECTION_FLOOR;
+        let connections = Connections::new(limit);
+        let stalled = connections.open(peer(1));
+        let reading = connections.open(peer(2));
+        let other = connections.open(peer(3));
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut body = CountedBody {
+            inner: Polled {
+                polls: Arc::clone(&polls),
+            },
+            ledger: connections.ledger(&peer(1)),
+            handed: 0,
+        };
+        let woken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waker = waker_setting(&woken);
+        let mut cx = Context::from_waker(&waker);
+        // Under the bound, past the floor: data flows.
+        stalled.handed(CONNECTION_FLOOR + 1);
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_ready());
+        // Over the bound, with a connection under its floor: that one is not held back...
+        other.handed(limit);
+        reading.handed(100);
+        assert!(!reading.gated());
+        // ...but the one past its floor is, without its inner body being polled.
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        assert!(!woken.load(Ordering::Relaxed));
+        // Its socket takes a little: the body is woken and tries again (still held back).
+        stalled.written(10);
+        assert!(woken.swap(false, Ordering::Relaxed));
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        // The others drain: the watcher releases it.
+        other.written(limit);
+        connections.release_held();
+        assert!(woken.load(Ordering::Relaxed));
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_closing_connection_is_not_held_back() {
+        let connections = Connections::new(CONNECTION_FLOOR);
+        let ledger = connections.open(peer(1));
+        ledger.handed(2 * CONNECTION_FLOOR);
+        assert!(ledger.gated());
+        ledger.shut();
+        assert!(!ledger.gated(), "its bodies must run to see the connection go");
+    }
+
+    /// A waker that sets `flag`.
+    fn waker_setting(flag: &Arc<std::sync::atomic::AtomicBool>) -> Waker {
+        struct SetFlag(Arc<std::sync::atomic::AtomicBool>);
+        impl std::task::Wake for SetFlag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        Waker::from(Arc::new(SetFlag(Arc::clone(flag))))
     }
 }
