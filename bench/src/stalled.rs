@@ -42,8 +42,9 @@ const SCRAPE_EVERY: Duration = Duration::from_millis(250);
 /// After the stalled connections are closed, the RSS is reported this long later, twice.
 const AFTER_CLOSE: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(15)];
 /// The broker metrics reported at the end of publishing and after the close.
-const METRICS: [&str; 2] = [
+const METRICS: [&str; 3] = [
     "switchboard_send_buffered_bytes",
+    "switchboard_catch_up_held_bytes",
     "switchboard_stalled_connections_closed_total",
 ];
 

@@ -39,8 +39,8 @@ use crate::edge::grpc_guard::GrpcGuard;
 use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
-use crate::fanout::hub::Hub;
 use crate::fanout::catch_up_budget::CatchUpBudget;
+use crate::fanout::hub::Hub;
 use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
 use crate::raft;
@@ -53,6 +53,11 @@ use crate::transport::{self, ConnectionLimits, LimitedIncoming, PacedIncoming};
 use crate::write::admission::Admission;
 use crate::write::proposer::Proposer;
 use crate::write::sweeper;
+
+/// About what one open subscription costs the broker (its task, mailbox, stream and HTTP/2
+/// stream): 10,240 of them took 147 MiB in the memory benchmark (docs/BENCHMARKS.md). Counted so
+/// that memory is handed back once many of them close.
+const SUBSCRIPTION_MEMORY: usize = 16 * 1024;
 
 /// Longest wait for connections to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -229,9 +234,12 @@ impl Broker {
         spawn_rate_limit_sweep(Arc::clone(&gate), signal.clone());
         // What the public listener's connections hold for their clients, bounded broker-wide.
         let connections = Connections::new(config.limits.max_send_buffer_bytes);
+        let catch_up = Arc::clone(consensus.hub.catch_up_budget());
+        let registry = service.registry();
         tokio::spawn(send_buffers::watch(
             connections.clone(),
             config.limits.stalled_connection_timeout,
+            move || catch_up.held() + registry.len() * SUBSCRIPTION_MEMORY,
             signal.clone(),
         ));
         spawn_batch_file_reclaim(

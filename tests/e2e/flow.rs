@@ -670,8 +670,8 @@ async fn connections_that_stop_reading_are_closed_once_send_buffers_pass_their_b
 }
 
 #[tokio::test]
-async fn a_connection_that_stops_reading_is_held_to_a_share_of_the_bound_and_resumes_without_a_gap(
-) {
+async fn a_connection_that_stops_reading_is_held_to_a_share_of_the_bound_and_resumes_without_a_gap()
+{
     let dir = tempfile::tempdir().unwrap();
     // The watcher never closes anyone here (1 h): only the gate keeps the buffers bounded.
     let settings = "[limits]\nmax_send_buffer_bytes = 1048576\n\

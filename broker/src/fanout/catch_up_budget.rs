@@ -147,9 +147,15 @@ mod tests {
         assert!(now(b.page_bytes(1 << 20)).is_pending());
         assert!(now(a.page_bytes(1 << 20)).is_pending());
         // A third subscription still gets its floor.
-        assert_eq!(now(budget.reader().page_bytes(1 << 20)), Poll::Ready(READER_FLOOR));
+        assert_eq!(
+            now(budget.reader().page_bytes(1 << 20)),
+            Poll::Ready(READER_FLOOR)
+        );
         drop(first);
-        assert_eq!(now(a.page_bytes(1 << 20)), Poll::Ready(3 * READER_FLOOR - 10));
+        assert_eq!(
+            now(a.page_bytes(1 << 20)),
+            Poll::Ready(3 * READER_FLOOR - 10)
+        );
         drop(second);
         assert_eq!(budget.held(), 0);
     }

@@ -228,6 +228,11 @@ impl Registry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Live subscriptions.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().by_id.len()
+    }
+
     /// Registers a subscription, within the limits. A durable name already live is taken over:
     /// the older subscription is stopped.
     ///

@@ -260,11 +260,7 @@ impl Feeder<'_> {
     }
 
     /// Reads the next page of messages to deliver, as large as the catch-up budget allows.
-    async fn read_page(
-        &self,
-        from: u64,
-        last: u64,
-    ) -> Result<crate::state::store::ReadPage, End> {
+    async fn read_page(&self, from: u64, last: u64) -> Result<crate::state::store::ReadPage, End> {
         let max_bytes = self.catch_up.page_bytes(CATCH_UP_BYTES).await;
         self.read(from, last, max_bytes)
     }

@@ -1015,14 +1015,18 @@ mod storage_suite {
                 .open()
                 .expect("state db opens");
             let (progress, _) = tokio::sync::watch::channel(Default::default());
-            let state =
-                BrokerState::open(db, &state_dir, Arc::new(Hub::new(
+            let state = BrokerState::open(
+                db,
+                &state_dir,
+                Arc::new(Hub::new(
                     0,
                     16,
                     1 << 20,
                     crate::fanout::catch_up_budget::CatchUpBudget::new(1 << 20),
-                )), progress)
-                    .expect("state opens");
+                )),
+                progress,
+            )
+            .expect("state opens");
             let sm = StateMachine::open(state, &state_dir.join("snapshots"), &Default::default())
                 .expect("state machine opens");
             Ok((dir, log, sm))

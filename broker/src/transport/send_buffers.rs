@@ -336,15 +336,19 @@ impl Ledger {
 
 /// Every [`WATCH_INTERVAL`], closes stalled connections while the sum is over three quarters of
 /// the bound and releases the gate's held bodies once it is under the bound (see the module docs),
-/// until `shutdown`.
+/// until `shutdown`. When what clients hold — these send buffers plus `held_elsewhere` (the
+/// broker's estimate of the rest: catch-up reads, subscriptions) — has drained from a large peak,
+/// the freed memory is handed back to the system.
 pub(crate) async fn watch(
     connections: Connections,
     stalled_after: Duration,
+    held_elsewhere: impl Fn() -> usize,
     mut shutdown: ShutdownSignal,
 ) {
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trim_at: Option<Instant> = None;
+    let mut drain = Drain::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -358,14 +362,40 @@ pub(crate) async fn watch(
         connections.release_held();
         if closed > 0 {
             metrics::stalled_connections_closed(closed as u64);
-            // Once their tasks have dropped what they held, give it back to the system.
+        }
+        let drained = drain.drained(connections.waiting_bytes() + held_elsewhere());
+        if (closed > 0 || drained) && trim_at.is_none() {
+            // Once the tasks have dropped what they held, give it back to the system.
             trim_at = Some(Instant::now() + TRIM_DELAY);
         }
     }
 }
 
-/// How long after closing connections the freed memory is handed back to the system.
+/// How long after buffers drained (or connections were closed) the freed memory is handed back
+/// to the system.
 const TRIM_DELAY: Duration = Duration::from_secs(1);
+
+/// Below this peak, what drained is not worth a trim.
+const TRIM_PEAK: usize = 32 * 1024 * 1024;
+
+/// Tells when what clients hold has drained from a peak worth handing back.
+#[derive(Default)]
+struct Drain {
+    peak: usize,
+}
+
+impl Drain {
+    /// Given what is held now: whether it fell to a quarter of a peak of at least [`TRIM_PEAK`]
+    /// since the last time this said so.
+    fn drained(&mut self, held: usize) -> bool {
+        self.peak = self.peak.max(held);
+        if self.peak >= TRIM_PEAK && held <= self.peak / 4 {
+            self.peak = held;
+            return true;
+        }
+        false
+    }
+}
 
 /// Hands the memory the allocator keeps free back to the system. glibc's malloc keeps what its
 /// arenas freed: after thousands of stalled streams were closed, RSS stayed at its peak
@@ -582,6 +612,17 @@ mod tests {
     }
 
     #[test]
+    fn memory_is_handed_back_once_a_large_peak_drained_to_a_quarter() {
+        let mut drain = Drain::default();
+        assert!(!drain.drained(TRIM_PEAK - 1));
+        assert!(!drain.drained(0), "a small peak is not worth a trim");
+        assert!(!drain.drained(4 * TRIM_PEAK));
+        assert!(!drain.drained(2 * TRIM_PEAK));
+        assert!(drain.drained(TRIM_PEAK));
+        assert!(!drain.drained(TRIM_PEAK / 2), "once per drain");
+    }
+
+    #[test]
     fn a_reused_address_keeps_the_newer_connections_ledger() {
         let connections = Connections::new(usize::MAX);
         let old = connections.open(peer(1));
@@ -657,7 +698,10 @@ mod tests {
         ledger.handed(2 * CONNECTION_FLOOR);
         assert!(ledger.gated());
         ledger.shut();
-        assert!(!ledger.gated(), "its bodies must run to see the connection go");
+        assert!(
+            !ledger.gated(),
+            "its bodies must run to see the connection go"
+        );
     }
 
     /// A waker that sets `flag`.
