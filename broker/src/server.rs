@@ -39,8 +39,8 @@ use crate::edge::grpc_guard::GrpcGuard;
 use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
-use crate::fanout::hub::Hub;
 use crate::fanout::catch_up_budget::CatchUpBudget;
+use crate::fanout::hub::Hub;
 use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
 use crate::raft;
@@ -126,6 +126,7 @@ impl Broker {
             None => None,
         };
         let me = raft::own_member(&config, local_addr);
+        let initial_membership = raft::initial_membership(&config, &me)?;
         let max_frame = raft::network::max_frame_bytes(config.proposer.max_batch_bytes);
         let cluster_tls = transport::cluster_tls(&config.cluster)?;
         let (raft_server_tls, peer_tls) = cluster_tls.unzip();
@@ -151,6 +152,7 @@ impl Broker {
                     peers.clone(),
                     contact.clone(),
                     Duration::from_millis(timing.heartbeat_ms),
+                    initial_membership,
                     signal.clone(),
                 ));
                 let internal = RaftServer::new(InternalService::new(

@@ -1056,3 +1056,86 @@ async fn membership_changes_retried_across_a_leader_kill_are_answered_with_the_s
         .expect("writes commit");
 }
 
+/// A voter started long after the other two elected a leader joins their term: it hears from the
+/// leader before its pre-vote could win, so the leader and the term stay (issue 19: a late node was
+/// reported to depose the first leader).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_voter_started_late_does_not_depose_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = switchboard_e2e::free_loopback_ports(3).unwrap();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let members = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let first_two: Vec<ClusterNode> = (0..2)
+        .map(|i| ClusterNode::start(dir.path(), i as u64 + 1, &addrs[i], &members, &[]))
+        .collect::<Result<_, _>>()
+        .expect("two nodes start");
+    let client = connect(&first_two[0]).await;
+    let before = settled(&client, &[1, 2]).await;
+    let mut acked = BTreeMap::new();
+    for i in 0..20 {
+        let payload = format!("{{\"i\":{i}}}");
+        let ack = client
+            .publish(Publish::new("orders.eu.created", payload.clone()))
+            .await
+            .expect("two of three voters commit");
+        acked.insert(ack.offset, payload);
+    }
+
+    let late = ClusterNode::start(dir.path(), 3, &addrs[2], &members, &[]).expect("node 3 starts");
+    let on_late = connect(&late).await;
+    eventually("node 3 has every message", || async {
+        (stored(&on_late).await == acked).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; node 3's log:\n{}", late.process().log()));
+    // Writes go on for several election timeouts (at most 1.4 s each) after node 3 is up: long
+    // enough for a node that raised its term to have been heard.
+    let watch_until = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    let mut i = 20;
+    while std::time::Instant::now() < watch_until {
+        let payload = format!("{{\"i\":{i}}}");
+        let ack = client
+            .publish(Publish::new("orders.eu.created", payload.clone()))
+            .await
+            .expect("writes go on");
+        acked.insert(ack.offset, payload);
+        i += 1;
+    }
+    let all = [
+        client.clone(),
+        connect(&first_two[1]).await,
+        on_late.clone(),
+    ];
+    let logs = || {
+        [
+            first_two[0].process(),
+            first_two[1].process(),
+            late.process(),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(n, p)| format!("node {}'s log:\n{}", n + 1, p.log()))
+        .collect::<Vec<_>>()
+        .join("\n")
+    };
+    for (n, c) in all.iter().enumerate() {
+        let now = c.cluster_status().await.expect("status");
+        assert_eq!(
+            (now.leader_id, now.term),
+            (before.leader_id, before.term),
+            "node {}: the leader and term are the first election's; {}",
+            n + 1,
+            logs()
+        );
+    }
+    eventually("node 3 has every message", || async {
+        (stored(&on_late).await == acked).then_some(())
+    })
+    .await
+    .unwrap();
+}
