@@ -131,6 +131,7 @@ impl Broker {
             None => None,
         };
         let me = raft::own_member(&config, local_addr);
+        let initial_membership = raft::initial_membership(&config, &me)?;
         let max_frame = raft::network::max_frame_bytes(config.proposer.max_batch_bytes);
         let cluster_tls = transport::cluster_tls(&config.cluster)?;
         let (raft_server_tls, peer_tls) = cluster_tls.unzip();
@@ -156,6 +157,7 @@ impl Broker {
                     peers.clone(),
                     contact.clone(),
                     Duration::from_millis(timing.heartbeat_ms),
+                    initial_membership,
                     signal.clone(),
                 ));
                 let internal = RaftServer::new(InternalService::new(

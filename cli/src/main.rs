@@ -673,8 +673,8 @@ async fn cluster_add(client: &Client, args: ClusterAddArgs) -> anyhow::Result<Cl
         .await;
     match added {
         Ok(status) => Ok(status),
-        // Adding a member twice is refused MEMBERSHIP_INVALID; whether it is the same replica,
-        // the status says.
+        // Adding a member with other addresses (here: another public address, or none) is
+        // refused MEMBERSHIP_INVALID; whether it is the same replica, the status says.
         Err(refused)
             if args.replica
                 && refused.reason() == Some(switchboard_client::Reason::MembershipInvalid) =>

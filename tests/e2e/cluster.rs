@@ -205,8 +205,10 @@ async fn a_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed()
     let promoted = client.cluster_promote(4).await.expect("promoted");
     let four = promoted.nodes.iter().find(|n| n.id == 4).unwrap();
     assert_eq!(four.role, "voter");
-    let again = client.cluster_promote(4).await.unwrap_err();
-    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again}");
+    // Promoting a voter again (a client's retry) answers with the state it asked for.
+    let again = client.cluster_promote(4).await.expect("a second promote");
+    let four = again.nodes.iter().find(|n| n.id == 4).unwrap();
+    assert_eq!(four.role, "voter");
 
     let leader = client.cluster_status().await.unwrap().leader_id;
     let removed_id = (1..=3).find(|id| *id != leader).unwrap();
@@ -323,7 +325,7 @@ async fn a_node_without_a_majority_refuses_writes_and_linearizable_reads_but_ser
 }
 
 /// `sb cluster` against a three-node cluster: status from a follower names the leader and every
-/// member; a promote of a node that is not a learner fails with the reason.
+/// member; a promote of a voter succeeds (a retry) and one of a non-member fails with the reason.
 #[tokio::test(flavor = "multi_thread")]
 async fn sb_cluster_status_and_refusals() {
     let dir = tempfile::tempdir().unwrap();
@@ -360,7 +362,16 @@ async fn sb_cluster_status_and_refusals() {
         .unwrap()
         .starts_with("127.0.0.1:"));
 
+    // Promoting a voter is a retry of a promote that did commit: it succeeds and changes nothing.
     let out = run(&["cluster", "promote", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["nodes"].as_array().unwrap().len(), 3, "{line}");
+    let out = run(&["cluster", "promote", "9"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -917,7 +928,18 @@ async fn sb_cluster_add_replica_lists_a_replica_and_can_run_again() {
     let four = status.nodes.iter().find(|n| n.id == 4).unwrap();
     assert_eq!(four.role, "learner", "the API keeps its role name");
 
-    // Without --replica, adding it again is refused as before; so is --replica for a voter.
+    // Adding it again with the same addresses succeeds without --replica too (a retry); without
+    // its public address (other addresses than its record's) it is refused, and so is --replica
+    // for a voter.
+    let out = run(&[
+        "cluster",
+        "add",
+        "4",
+        replica.raft_addr.as_str(),
+        "--public",
+        public.as_str(),
+    ]);
+    assert_eq!(role_of_4(&out).as_deref(), Some("replica"));
     let out = run(&["cluster", "add", "4", replica.raft_addr.as_str()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -939,4 +961,181 @@ async fn sb_cluster_add_replica_lists_a_replica_and_can_run_again() {
         stderr.contains("FAILED_PRECONDITION MEMBERSHIP_INVALID"),
         "{stderr}"
     );
+}
+
+/// A client that retries a membership change after the leader it asked died gets the state it
+/// asked for, not a refusal for a change that did commit: AddLearner of a member with the same
+/// addresses and Promote of a voter answer with the cluster's view. Other addresses for a member,
+/// a promote of a non-member and a remove of a non-member stay refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn membership_changes_retried_across_a_leader_kill_are_answered_with_the_state_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(connect(node).await);
+    }
+    let status = settled(&clients[0], &[1, 2, 3]).await;
+    let index = |id: u64| usize::try_from(id - 1).unwrap();
+    let old_leader = status.leader_id;
+    let survivor = &clients[index((1..=3).find(|id| *id != old_leader).unwrap())];
+
+    // Added through the leader, which dies before the client hears of anything else: the client
+    // asks again through a survivor.
+    let fourth = start_newcomer(dir.path(), 4);
+    let public = fourth.process().addr.to_string();
+    clients[index(old_leader)]
+        .cluster_add_learner(4, fourth.raft_addr.clone(), public.clone())
+        .await
+        .expect("the learner is added");
+    nodes[index(old_leader)].kill9();
+    eventually("a new leader among the survivors", || async {
+        let status = survivor.cluster_status().await.ok()?;
+        (status.leader_id != 0 && status.leader_id != old_leader).then_some(())
+    })
+    .await
+    .unwrap();
+    let retried = survivor
+        .cluster_add_learner(4, fourth.raft_addr.clone(), public.clone())
+        .await
+        .expect("a retried add with the same addresses succeeds");
+    let four = retried.nodes.iter().find(|n| n.id == 4).expect("listed");
+    assert_eq!(four.role, "learner", "{retried:?}");
+    assert_eq!(four.raft_address, fourth.raft_addr);
+
+    let moved = survivor
+        .cluster_add_learner(4, fourth.raft_addr.clone(), "127.0.0.1:1")
+        .await
+        .expect_err("other addresses for a member are refused");
+    assert_eq!(moved.code(), tonic::Code::FailedPrecondition, "{moved}");
+    assert_eq!(moved.reason(), Some(Reason::MembershipInvalid), "{moved}");
+    assert!(moved.to_string().contains("already a member"), "{moved}");
+
+    // Promote, and the promote retried: both answer with node 4 a voter (three of the four voters
+    // are alive, a majority).
+    for attempt in ["first", "retried"] {
+        let promoted = survivor
+            .cluster_promote(4)
+            .await
+            .unwrap_or_else(|e| panic!("the {attempt} promote: {e}"));
+        let four = promoted.nodes.iter().find(|n| n.id == 4).unwrap();
+        assert_eq!(four.role, "voter", "{attempt}: {promoted:?}");
+    }
+    // An add retried after the promote finds the state it asked for (and more): it succeeds and
+    // leaves node 4 a voter.
+    let added_again = survivor
+        .cluster_add_learner(4, fourth.raft_addr.clone(), public.clone())
+        .await
+        .expect("an add of a voter with the same addresses succeeds");
+    let four = added_again.nodes.iter().find(|n| n.id == 4).unwrap();
+    assert_eq!(four.role, "voter", "{added_again:?}");
+
+    for refused in [
+        survivor.cluster_promote(99).await.unwrap_err(),
+        survivor.cluster_remove(99).await.unwrap_err(),
+    ] {
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+        assert_eq!(
+            refused.reason(),
+            Some(Reason::MembershipInvalid),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("not a member"), "{refused}");
+    }
+
+    // The dead leader is removed; the three voters left take writes, node 4 among them.
+    let after = survivor
+        .cluster_remove(old_leader)
+        .await
+        .expect("the dead leader is removed");
+    assert!(after.nodes.iter().all(|n| n.id != old_leader), "{after:?}");
+    connect(&fourth)
+        .await
+        .publish(Publish::new("orders.eu.created", "{\"after\":true}"))
+        .await
+        .expect("writes commit");
+}
+
+/// A voter started long after the other two elected a leader joins their term: it hears from the
+/// leader before its pre-vote could win, so the leader and the term stay (issue 19: a late node was
+/// reported to depose the first leader).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_voter_started_late_does_not_depose_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = switchboard_e2e::free_loopback_ports(3).unwrap();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let members = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let first_two: Vec<ClusterNode> = (0..2)
+        .map(|i| ClusterNode::start(dir.path(), i as u64 + 1, &addrs[i], &members, &[]))
+        .collect::<Result<_, _>>()
+        .expect("two nodes start");
+    let client = connect(&first_two[0]).await;
+    let before = settled(&client, &[1, 2]).await;
+    let mut acked = BTreeMap::new();
+    for i in 0..20 {
+        let payload = format!("{{\"i\":{i}}}");
+        let ack = client
+            .publish(Publish::new("orders.eu.created", payload.clone()))
+            .await
+            .expect("two of three voters commit");
+        acked.insert(ack.offset, payload);
+    }
+
+    let late = ClusterNode::start(dir.path(), 3, &addrs[2], &members, &[]).expect("node 3 starts");
+    let on_late = connect(&late).await;
+    eventually("node 3 has every message", || async {
+        (stored(&on_late).await == acked).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; node 3's log:\n{}", late.process().log()));
+    // Writes go on for several election timeouts (at most 1.4 s each) after node 3 is up: long
+    // enough for a node that raised its term to have been heard.
+    let watch_until = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    let mut i = 20;
+    while std::time::Instant::now() < watch_until {
+        let payload = format!("{{\"i\":{i}}}");
+        let ack = client
+            .publish(Publish::new("orders.eu.created", payload.clone()))
+            .await
+            .expect("writes go on");
+        acked.insert(ack.offset, payload);
+        i += 1;
+    }
+    let all = [
+        client.clone(),
+        connect(&first_two[1]).await,
+        on_late.clone(),
+    ];
+    let logs = || {
+        [
+            first_two[0].process(),
+            first_two[1].process(),
+            late.process(),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(n, p)| format!("node {}'s log:\n{}", n + 1, p.log()))
+        .collect::<Vec<_>>()
+        .join("\n")
+    };
+    for (n, c) in all.iter().enumerate() {
+        let now = c.cluster_status().await.expect("status");
+        assert_eq!(
+            (now.leader_id, now.term),
+            (before.leader_id, before.term),
+            "node {}: the leader and term are the first election's; {}",
+            n + 1,
+            logs()
+        );
+    }
+    eventually("node 3 has every message", || async {
+        (stored(&on_late).await == acked).then_some(())
+    })
+    .await
+    .unwrap();
 }

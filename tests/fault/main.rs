@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use switchboard_client::{Client, HistoryQuery, Publish, Reason, Start};
-use switchboard_e2e::compose::{Stack, StackOptions, NODES};
+use switchboard_client::{Client, ClusterStatus, HistoryQuery, Publish, Reason, Start};
+use switchboard_e2e::compose::{Stack, StackOptions, NODES, SERVICES};
 use switchboard_e2e::history::{digest, History};
 
 /// How long one publish may keep being retried across nodes (covers an election).
@@ -143,7 +143,7 @@ async fn record_deliveries_on(
 ) -> Vec<String> {
     let mut names = Vec::new();
     for i in nodes {
-        let name = format!("{prefix}-{}", NODES[i]);
+        let name = format!("{prefix}-{}", SERVICES[i]);
         record_deliveries(stack, i, name.clone(), Arc::clone(history)).await;
         names.push(name);
     }
@@ -179,7 +179,18 @@ async fn wait_delivered(history: &Arc<Mutex<History>>, subscribers: &[String]) {
 
 /// Each node's digest of its stored log, once it holds at least `last_offset`.
 async fn record_digests(stack: &Stack, history: &Arc<Mutex<History>>, last_offset: u64) {
-    for (i, node) in NODES.iter().enumerate() {
+    record_digests_on(stack, history, last_offset, 0..NODES.len()).await;
+}
+
+/// [`record_digests`] for the nodes `nodes` (indexes into [`SERVICES`]).
+async fn record_digests_on(
+    stack: &Stack,
+    history: &Arc<Mutex<History>>,
+    last_offset: u64,
+    nodes: impl IntoIterator<Item = usize>,
+) {
+    for i in nodes {
+        let node = SERVICES[i];
         let client = connect(stack, i).await;
         let deadline = Instant::now() + CATCH_UP_DEADLINE;
         let messages = loop {
@@ -762,4 +773,190 @@ async fn the_secured_stack_serves_clients_over_tls_with_tokens() {
     if let Ok(plain) = plain {
         assert!(plain.info().await.is_err(), "plain text to a TLS listener");
     }
+}
+
+/// Waits until `more` acknowledgements beyond the `acks` already counted are recorded.
+async fn await_acks(history: &Arc<Mutex<History>>, more: usize, before: &str) {
+    let acks = history.lock().expect("history").ack_count();
+    let deadline = Instant::now() + PUBLISH_DEADLINE;
+    while history.lock().expect("history").ack_count() < acks + more {
+        assert!(Instant::now() < deadline, "no progress before {before}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The node (an index into [`SERVICES`], 0 = sb1) that every one of `nodes` names as leader.
+async fn leader_among(stack: &Stack, nodes: &[usize]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut named = Vec::new();
+        for &i in nodes {
+            if let Ok(client) = Client::connect(stack.url(i)).await {
+                if let Ok(info) = client.info().await {
+                    named.push(info.leader_id);
+                }
+            }
+        }
+        if named.len() == nodes.len() && named.iter().all(|l| *l == named[0] && *l >= 1) {
+            return usize::try_from(named[0] - 1).expect("node id fits");
+        }
+        assert!(Instant::now() < deadline, "no agreed leader: {named:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Sends a membership change through `clients` in turn until one answers it, as a client that
+/// lost an answer with a leader does: the same request again, on another node. Unavailable
+/// answers and timeouts are retried; any other refusal fails the test (a retry of a change that
+/// did commit must be answered with the state asked for, not refused).
+async fn change_until_answered<F, Fut>(
+    clients: &[(usize, Client)],
+    what: &str,
+    change: F,
+) -> ClusterStatus
+where
+    F: Fn(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<ClusterStatus, switchboard_client::Error>>,
+{
+    let deadline = Instant::now() + PUBLISH_DEADLINE;
+    let mut attempt = 0;
+    loop {
+        let (_, client) = &clients[attempt % clients.len()];
+        match tokio::time::timeout(Duration::from_secs(10), change(client.clone())).await {
+            Ok(Ok(status)) => return status,
+            Ok(Err(e)) if e.code() == tonic::Code::Unavailable => {
+                eprintln!("{what}, attempt {attempt}: {e}");
+            }
+            Ok(Err(e)) => panic!("{what}, attempt {attempt}: refused: {e}"),
+            Err(_) => eprintln!("{what}, attempt {attempt}: no answer within 10 s"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not answered within {PUBLISH_DEADLINE:?}"
+        );
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Scenario 7 (issue 19, membership under faults), with a publisher streaming throughout and a
+/// subscriber on every member: `sb4` of the compose file's `replicas` profile starts as a newcomer
+/// and is added as a learner; its promotion to a voter is sent to the leader, which is killed with
+/// -9 at once, and sent again to the others, as is the killed leader's removal, while they elect a
+/// new one. Each change is sent as a client does that loses answers: again, on another node, until
+/// one answers, and a retry of a change that committed must not be refused. The history checker
+/// then finds every acknowledged message with every surviving subscriber (the one on sb4 from its
+/// start) once and in order, no offset naming two messages, and the same log on the three members
+/// left.
+#[tokio::test(flavor = "multi_thread")]
+async fn membership_changes_under_load_and_a_leader_kill_lose_no_acknowledged_message() {
+    let options = StackOptions {
+        replicas: true,
+        ..StackOptions::default()
+    };
+    let Some(stack) = stack_with("sb-fault-membership", &options) else {
+        return;
+    };
+    let fourth = 3; // sb4, node 4
+    let history = Arc::new(Mutex::new(History::new()));
+    let mut subscribers =
+        record_deliveries_on(&stack, 0..NODES.len(), "subscriber-on", &history).await;
+    let clients = connect_each(&stack, 0..NODES.len()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let history = Arc::clone(&history);
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let ids = (0..).map(|n| format!("m{n:05}"));
+            let mut last_offset = 0;
+            for (n, id) in ids.enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let offset = publish_until_acked(&clients, &id, n).await;
+                last_offset = last_offset.max(offset);
+                history.lock().expect("history").acked(offset, id);
+            }
+            last_offset
+        })
+    };
+    await_acks(&history, 50, "adding sb4").await;
+
+    // Added as a learner through every voter in turn (sb1 first, whichever leads).
+    let stack_ref = &stack;
+    tokio::task::block_in_place(|| stack_ref.start_service(SERVICES[fourth])).expect("sb4 starts");
+    let voters = connect_each(&stack, 0..NODES.len()).await;
+    let public = format!("localhost:{}", stack.public_ports[fourth]);
+    let added = change_until_answered(&voters, "add sb4", |c| {
+        let public = public.clone();
+        async move { c.cluster_add_learner(4, "sb4:7402", public).await }
+    })
+    .await;
+    let four = added.nodes.iter().find(|n| n.id == 4).expect("sb4 listed");
+    assert_eq!(four.role, "learner", "{added:?}");
+    tokio::task::block_in_place(|| stack_ref.wait_healthy(SERVICES[fourth]))
+        .expect("sb4 knows the leader");
+    subscribers.extend(record_deliveries_on(&stack, [fourth], "subscriber-on", &history).await);
+    await_acks(&history, 50, "promoting sb4 and killing the leader").await;
+
+    // The promote is sent to the leader, which is killed with -9 as soon as it is on its way: its
+    // answer is lost, whether it committed or not. The client sends it again to the three others
+    // until the new leader answers: sb4 a voter (promoted then, or already, which must not be
+    // refused). At once too, the killed leader's removal, sent the same way. A remove whose first
+    // attempt committed is refused "not a member" when retried: the status then says it is gone.
+    let members: Vec<usize> = (0..=fourth).collect();
+    let killed = leader_among(&stack, &members).await;
+    let killed_id = u64::try_from(killed + 1).expect("small");
+    let on_leader = connect(&stack, killed).await;
+    let first_promote = tokio::spawn(async move { on_leader.cluster_promote(4).await });
+    tokio::task::block_in_place(|| stack_ref.kill9(SERVICES[killed])).expect("kill -9 the leader");
+    match first_promote.await.expect("the first promote returns") {
+        Ok(status) => eprintln!("the killed leader answered the promote first: {status:?}"),
+        Err(e) => eprintln!("the promote sent to the killed leader: {e}"),
+    }
+    let survivors: Vec<usize> = members.iter().copied().filter(|i| *i != killed).collect();
+    let on_survivors = connect_each(&stack, survivors.iter().copied()).await;
+    let promoted = change_until_answered(&on_survivors, "promote sb4 again", |c| async move {
+        c.cluster_promote(4).await
+    })
+    .await;
+    let four = promoted
+        .nodes
+        .iter()
+        .find(|n| n.id == 4)
+        .expect("sb4 listed");
+    assert_eq!(four.role, "voter", "{promoted:?}");
+    let removed =
+        change_until_answered(&on_survivors, "remove the killed leader", |c| async move {
+            match c.cluster_remove(killed_id).await {
+                Err(e) if e.reason() == Some(Reason::MembershipInvalid) => {
+                    let status = c.cluster_status().await?;
+                    assert!(
+                        status.nodes.iter().all(|n| n.id != killed_id),
+                        "remove refused, yet node {killed_id} is a member: {e}; {status:?}"
+                    );
+                    Ok(status)
+                }
+                answer => answer,
+            }
+        })
+        .await;
+    let ids: Vec<u64> = removed.nodes.iter().map(|n| n.id).collect();
+    assert_eq!(ids.len(), 3, "{removed:?}");
+    assert!(!ids.contains(&killed_id), "{removed:?}");
+    assert!(
+        removed.nodes.iter().all(|n| n.role != "learner"),
+        "three voters: {removed:?}"
+    );
+    await_acks(&history, 100, "stopping").await;
+    stop.store(true, Ordering::Relaxed);
+    let last_offset = publisher.await.expect("the publisher finishes");
+
+    let now_leader = leader_among(&stack, &survivors).await;
+    assert!(survivors.contains(&now_leader), "{now_leader}");
+    let killed_subscriber = format!("subscriber-on-{}", SERVICES[killed]);
+    subscribers.retain(|s| *s != killed_subscriber);
+    wait_delivered(&history, &subscribers).await;
+    record_digests_on(&stack, &history, last_offset, survivors.iter().copied()).await;
+    assert_clean(&history, &subscribers);
 }

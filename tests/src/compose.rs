@@ -15,6 +15,10 @@ use anyhow::{anyhow, bail, Context, Result};
 /// The services of the stack, in node-id order (`sb1` is node 1).
 pub const NODES: [&str; 3] = ["sb1", "sb2", "sb3"];
 
+/// Every node service of the compose file, in node-id order: the three voters and the two of the
+/// `replicas` profile ([`StackOptions::replicas`]), newcomers with no members until added.
+pub const SERVICES: [&str; 5] = ["sb1", "sb2", "sb3", "sb4", "sb5"];
+
 /// How long a node may take to become healthy after a start.
 pub const HEALTHY_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -60,6 +64,10 @@ pub struct StackOptions {
     /// Run `docker-compose.secure.yml` over the plain file (TLS, mutual TLS between nodes,
     /// tokens), with the secrets `deploy/secure/make-secrets.sh` wrote into this folder.
     pub secrets: Option<PathBuf>,
+    /// Turn on the compose file's `replicas` profile, so a test can start `sb4` and `sb5` by name
+    /// ([`Stack::start_service`]); `up` still starts only the three voters (not the profile's
+    /// one-shot join services, which would add the newcomers as replicas by themselves).
+    pub replicas: bool,
 }
 
 impl StackOptions {
@@ -98,13 +106,16 @@ impl StackOptions {
 pub struct Stack {
     project: String,
     compose: Vec<&'static str>,
-    /// Host ports of each node's public listener, by node index (0 = sb1).
-    pub public_ports: [u16; 3],
-    admin_ports: [u16; 3],
+    /// Host ports of each node's public listener, by node index (0 = sb1, 3 = sb4), for every
+    /// service in [`SERVICES`].
+    pub public_ports: [u16; 5],
+    admin_ports: [u16; 5],
     /// The generated override file, if any; removed with the stack.
     override_file: Option<tempfile::NamedTempFile>,
     /// The secrets folder of a secured stack.
     secrets: Option<PathBuf>,
+    /// Whether the `replicas` profile is on.
+    replicas: bool,
 }
 
 impl Stack {
@@ -164,12 +175,18 @@ impl Stack {
             let stack = Stack {
                 project: format!("{name}-{}", std::process::id()),
                 compose: compose.clone(),
-                public_ports: [ports[0], ports[1], ports[2]],
-                admin_ports: [ports[3], ports[4], ports[5]],
+                public_ports: [ports[0], ports[1], ports[2], ports[3], ports[4]],
+                admin_ports: [ports[5], ports[6], ports[7], ports[8], ports[9]],
                 override_file,
                 secrets: options.secrets.clone(),
+                replicas: options.replicas,
             };
-            match stack.compose(&["up", "-d"]) {
+            let mut up = vec!["up", "-d"];
+            if options.replicas {
+                // Named, so the profile's services stay down until a test starts them.
+                up.extend(NODES);
+            }
+            match stack.compose(&up) {
                 Ok(_) => {}
                 // A port found free here can be taken before Docker binds it (by another process,
                 // or as some connection's ephemeral port): start over on other ports. The failed
@@ -245,13 +262,17 @@ impl Stack {
         if let Some(file) = &self.override_file {
             command.arg("--file").arg(file.path());
         }
-        // The stack under test is the three voters: a COMPOSE_PROFILES=replicas of the caller's
-        // shell would add sb4 and sb5 on their default host ports.
+        // The stack under test is the three voters unless the test asks for the profile: a
+        // COMPOSE_PROFILES=replicas of the caller's shell would add sb4 and sb5 on their default
+        // host ports.
+        if self.replicas {
+            command.args(["--profile", "replicas"]);
+        }
         command
             .args(args)
             .current_dir(repo_root())
             .env_remove("COMPOSE_PROFILES");
-        for (i, node) in NODES.iter().enumerate() {
+        for (i, node) in SERVICES.iter().enumerate() {
             let n = &node[2..];
             command.env(
                 format!("SB{n}_PUBLIC_PORT"),
@@ -284,6 +305,16 @@ impl Stack {
     /// Docker fails.
     pub fn kill9(&self, node: &str) -> Result<()> {
         self.compose(&["kill", "-s", "SIGKILL", node]).map(|_| ())
+    }
+
+    /// Creates and starts a service that [`Stack::up_with`] left down (`sb4` or `sb5` with
+    /// [`StackOptions::replicas`]), without its dependencies and without waiting: a newcomer is
+    /// healthy only once it has been added to the cluster ([`Stack::wait_healthy`] then).
+    ///
+    /// # Errors
+    /// Docker fails.
+    pub fn start_service(&self, node: &str) -> Result<()> {
+        self.compose(&["up", "-d", "--no-deps", node]).map(|_| ())
     }
 
     /// Starts a stopped or killed node again and waits until it is healthy.
@@ -464,11 +495,12 @@ const PORT_ATTEMPTS: u32 = 3;
 static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
-/// Six loopback ports free right now and never handed out before by this process.
-fn free_ports() -> Result<[u16; 6]> {
+/// Ten loopback ports (a public and an admin one for each of [`SERVICES`]) free right now and
+/// never handed out before by this process.
+fn free_ports() -> Result<[u16; 10]> {
     let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-    let mut ports = [0u16; 6];
-    // Held until all six are chosen, so `bind(0)` cannot return the same port twice meanwhile.
+    let mut ports = [0u16; 10];
+    // Held until all ten are chosen, so `bind(0)` cannot return the same port twice meanwhile.
     let mut held = Vec::new();
     let mut chosen = 0;
     while chosen < ports.len() {

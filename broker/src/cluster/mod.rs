@@ -489,31 +489,43 @@ pub(crate) async fn admin_here(
     match request {
         AdminRequest::Status => {}
         AdminRequest::AddLearner { id, member } => {
-            if is_member(id) {
-                return Err(Refused::Membership(format!(
-                    "node {id} is already a member; remove it first to change its addresses"
-                )));
-            }
-            let adding = raft.add_learner(id, member, true);
-            match tokio::time::timeout(catch_up, adding).await {
-                Ok(result) => {
-                    result.map_err(write_refusal)?;
+            if let Some(existing) = membership.get_node(&id) {
+                // A retry of an add that did commit (its answer lost with a leader that died, or
+                // a deployment that adds its replicas at every start) finds the node there with
+                // the addresses it asks for: the state it wants holds, whether the node is still
+                // a learner or was promoted since. Other addresses are a different request.
+                if *existing != member {
+                    return Err(Refused::Membership(format!(
+                        "node {id} is already a member at {existing}; remove it first to change \
+                         its addresses"
+                    )));
                 }
-                Err(_) => tracing::info!(
-                    node = id,
-                    "the new learner has not caught up within {catch_up:?}; it keeps catching up"
-                ),
+            } else {
+                let adding = raft.add_learner(id, member, true);
+                match tokio::time::timeout(catch_up, adding).await {
+                    Ok(result) => {
+                        result.map_err(write_refusal)?;
+                    }
+                    Err(_) => tracing::info!(
+                        node = id,
+                        "the new learner has not caught up within {catch_up:?}; it keeps catching \
+                         up"
+                    ),
+                }
             }
         }
         AdminRequest::Promote { id } => {
-            if !is_member(id) || is_voter(id) {
+            if !is_member(id) {
                 return Err(Refused::Membership(format!(
-                    "node {id} is not a learner: add it with AddLearner first"
+                    "node {id} is not a member: add it with AddLearner first"
                 )));
             }
-            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                .await
-                .map_err(write_refusal)?;
+            // Promoting a voter is a retry of a promote that did commit: nothing to change.
+            if !is_voter(id) {
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(write_refusal)?;
+            }
         }
         AdminRequest::Remove { id } => {
             if !is_member(id) {

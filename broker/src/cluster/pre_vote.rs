@@ -20,7 +20,15 @@
 //! check of a real vote is left to the real vote: a pre-vote only decides whether an election may
 //! disturb anyone, and it may when a majority has no leader. A lone node has no peers to ask and
 //! keeps openraft's own elections.
+//!
+//! The first start of a static member goes through the same gate. openraft's `initialize` starts
+//! an election at once, whatever the election switch says: a member started after the others had
+//! elected their first leader became a candidate in that leader's term, refused its appends (a
+//! vote of the same term for another node), and deposed it (issue 19). So [`run`] initializes a
+//! member with its static voters only when a pre-vote among them wins; until then it waits, and
+//! a leader that is already there brings it the membership with its log.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +37,7 @@ use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
 use crate::raft::network::{decode, encode, Peers};
-use crate::raft::Raft;
+use crate::raft::{Member, Raft};
 use crate::shutdown::ShutdownSignal;
 
 /// When this node last heard from a leader; cheap to clone.
@@ -100,13 +108,15 @@ pub(crate) struct PreVoteAnswer {
 }
 
 /// Turns this node's elections on while a pre-vote would win and off otherwise, every `tick`,
-/// until `shutdown`. See the module docs.
+/// until `shutdown`; first initializes `initial` (the static voters, `None` for a newcomer) when a
+/// pre-vote among them wins, unless raft was initialized already. See the module docs.
 pub(crate) async fn run(
     raft: Raft,
     me: u64,
     peers: Peers,
     contact: LeaderContact,
     tick: Duration,
+    mut initial: Option<BTreeMap<u64, Member>>,
     mut shutdown: ShutdownSignal,
 ) {
     let mut elections = Elections {
@@ -119,6 +129,28 @@ pub(crate) async fn run(
         tokio::select! {
             _ = ticks.tick() => {}
             _ = shutdown.wait() => return,
+        }
+        if let Some(members) = &initial {
+            // Initialized already: by an earlier start, or by a leader's appends.
+            if raft.is_initialized().await.unwrap_or(true) {
+                initial = None;
+            } else {
+                if contact.leader_is_quiet() {
+                    let voters: Vec<(u64, String)> = members
+                        .iter()
+                        .map(|(id, member)| (*id, member.raft_addr.clone()))
+                        .collect();
+                    if pre_vote_wins(&peers, me, &voters, contact.inner.quiet).await {
+                        tracing::info!(
+                            "no leader heard from by a majority of the static voters: \
+                             initializing the cluster"
+                        );
+                        initialize(&raft, members.clone()).await;
+                        initial = None;
+                    }
+                }
+                continue;
+            }
         }
         let (state, voters) = {
             let metrics = raft.metrics();
@@ -139,20 +171,39 @@ pub(crate) async fn run(
             elections.set(false);
             continue;
         }
-        let others: Vec<&str> = voters
-            .iter()
-            .filter(|(id, _)| *id != me)
-            .map(|(_, addr)| addr.as_str())
-            .collect();
-        // Bounded by the quiet time, so an unreachable voter delays the next round by no more.
-        let asked = futures::future::join_all(
-            others
-                .iter()
-                .map(|addr| ask(&peers, addr, me, contact.inner.quiet)),
-        )
-        .await;
-        let granted = 1 + asked.into_iter().filter(|yes| *yes).count();
-        elections.set(granted * 2 > voters.len());
+        elections.set(pre_vote_wins(&peers, me, &voters, contact.inner.quiet).await);
+    }
+}
+
+/// Whether a majority of `voters` (this node, `me`, among them) grants a pre-vote; each answer is
+/// awaited for at most `timeout`.
+async fn pre_vote_wins(
+    peers: &Peers,
+    me: u64,
+    voters: &[(u64, String)],
+    timeout: Duration,
+) -> bool {
+    let others: Vec<&str> = voters
+        .iter()
+        .filter(|(id, _)| *id != me)
+        .map(|(_, addr)| addr.as_str())
+        .collect();
+    // Bounded by the timeout, so an unreachable voter delays the next round by no more.
+    let asked =
+        futures::future::join_all(others.iter().map(|addr| ask(peers, addr, me, timeout))).await;
+    let granted = 1 + asked.into_iter().filter(|yes| *yes).count();
+    granted * 2 > voters.len()
+}
+
+/// Initializes raft with `members`; openraft starts an election at once.
+async fn initialize(raft: &Raft, members: BTreeMap<u64, Member>) {
+    match raft.initialize(members).await {
+        Ok(()) => {}
+        // A leader's appends got here first: the same cluster.
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::InitializeError::NotAllowed(_),
+        )) => {}
+        Err(e) => tracing::error!(error = %e, "cannot initialize the cluster membership"),
     }
 }
 

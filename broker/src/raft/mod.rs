@@ -8,10 +8,11 @@
 //!   ([`crate::state`]) implements. Raft knows nothing of messages, stores or subscribers.
 //! - [`network`]: node-to-node RPC to peers' internal raft listeners (`cluster.listen`).
 //!
-//! [`start`] opens the log, starts raft over the state and, on first start, initializes the membership: the
-//! configured static voters (`cluster.members`), or this node alone. A lone node waits until it
-//! leads; a cluster member does not wait (the election needs its peers, and the public listener
-//! reports NOT_SERVING until a leader is known).
+//! [`start`] opens the log and starts raft over the state; a lone node initializes its membership
+//! (itself) on first start and waits until it leads. A cluster member does not wait (the election
+//! needs its peers, and the public listener reports NOT_SERVING until a leader is known); it
+//! initializes its static voters ([`initial_membership`]) later, once a pre-vote finds no leader
+//! (`cluster::pre_vote`).
 
 // openraft's StorageError is large by design and is what its traits return; boxing it here
 // would only add conversions at every trait boundary.
@@ -198,6 +199,45 @@ impl Timing {
     }
 }
 
+/// The membership this node starts a new cluster with, if it starts one: the static voters
+/// (`cluster.members`), or this node alone when it has no raft listener; `None` for a newcomer,
+/// which waits to be added.
+///
+/// # Errors
+/// `cluster.members` does not parse.
+pub(crate) fn initial_membership(
+    config: &Config,
+    me: &Member,
+) -> anyhow::Result<Option<BTreeMap<u64, Member>>> {
+    let voters = config
+        .cluster
+        .voters()
+        .map_err(|e| anyhow::anyhow!("cluster.members: {e}"))?;
+    if !voters.is_empty() {
+        // Every static member initializes with the same voters: openraft accepts identical
+        // initial memberships from all of them, and whichever vote wins leads. Identical down to
+        // the node records, because all of them write it as the same log entry (index 0) and
+        // none is ever replaced: so no public addresses here, only what every member was given.
+        // Each node announces its own public address once a leader is known.
+        Ok(Some(
+            voters
+                .into_iter()
+                .map(|(id, raft_addr)| {
+                    let member = Member {
+                        raft_addr,
+                        public_addr: String::new(),
+                    };
+                    (id, member)
+                })
+                .collect(),
+        ))
+    } else if config.cluster.listen.0.is_none() {
+        Ok(Some(BTreeMap::from([(config.node_id, me.clone())])))
+    } else {
+        Ok(None)
+    }
+}
+
 /// Opens the log under `config.data_dir` and starts raft over `state`, whose snapshots go to
 /// `snapshot_dir`; `stored_bytes` tells the size of the state's messages, for the snapshot policy
 /// ([`snapshot_by_size`]). A single node (no `cluster.members`) waits until it leads and has applied its
@@ -276,45 +316,21 @@ pub(crate) async fn start<S: AppliedState>(
         stored_bytes,
     ));
 
-    let voters = config
-        .cluster
-        .voters()
-        .map_err(|e| anyhow::anyhow!("cluster.members: {e}"))?;
-    // Three ways to start: a single node (no raft listener) is a one-voter cluster; a static
-    // member (`cluster.members`) forms the cluster with its peers; a node with a raft listener but
-    // no members is a newcomer that initializes nothing and waits to be added as a learner (a
-    // membership of its own would be a second, conflicting cluster).
+    // Three ways to start: a single node (no raft listener) is a one-voter cluster and initializes
+    // here; a static member (`cluster.members`) forms the cluster with its peers, initializing only
+    // once a pre-vote says no leader is there (`cluster::pre_vote::run`); a node with a raft
+    // listener but no members is a newcomer that initializes nothing and waits to be added as a
+    // learner (a membership of its own would be a second, conflicting cluster).
     let single = config.cluster.listen.0.is_none();
-    let static_member = !voters.is_empty();
-    if (single || static_member) && !raft.is_initialized().await? {
-        // Every static member initializes with the same voters: openraft accepts identical
-        // initial memberships from all of them, and whichever vote wins leads. Identical down to
-        // the node records, because all of them write it as the same log entry (index 0) and
-        // none is ever replaced: so no public addresses here, only what every member was given.
-        // Each node announces its own public address once a leader is known.
-        let members: BTreeMap<u64, Member> = if static_member {
-            voters
-                .into_iter()
-                .map(|(id, raft_addr)| {
-                    (
-                        id,
-                        Member {
-                            raft_addr,
-                            public_addr: String::new(),
-                        },
-                    )
-                })
-                .collect()
-        } else {
-            BTreeMap::from([(config.node_id, me.clone())])
-        };
-        match raft.initialize(members).await {
-            Ok(()) => {}
-            // Another member's initial membership reached this node first: the same cluster.
-            Err(openraft::error::RaftError::APIError(
-                openraft::error::InitializeError::NotAllowed(_),
-            )) if static_member => {}
-            Err(e) => return Err(e).context("cannot initialize the cluster membership"),
+    if single && !raft.is_initialized().await? {
+        if let Some(members) = initial_membership(config, &me)? {
+            match raft.initialize(members).await {
+                Ok(()) => {}
+                Err(openraft::error::RaftError::APIError(
+                    openraft::error::InitializeError::NotAllowed(_),
+                )) => {}
+                Err(e) => return Err(e).context("cannot initialize the cluster membership"),
+            }
         }
     }
     if single {
