@@ -960,3 +960,159 @@ async fn membership_changes_under_load_and_a_leader_kill_lose_no_acknowledged_me
     record_digests_on(&stack, &history, last_offset, survivors.iter().copied()).await;
     assert_clean(&history, &subscribers);
 }
+
+/// `cluster.forward_timeout` as the compose stack runs it (the default, docs/CLUSTER.md): the
+/// longest a node takes to answer a write it cannot get acknowledged.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits until the cluster's status, asked through `clients` in turn, lists each of `ids` with the
+/// role `learner` (a replica); returns that status.
+async fn wait_replicas(clients: &[(usize, Client)], ids: &[u64]) -> ClusterStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut attempt = 0;
+    loop {
+        let (_, client) = &clients[attempt % clients.len()];
+        let status = client.cluster_status().await;
+        if let Ok(status) = &status {
+            let learner = |id: &u64| {
+                status
+                    .nodes
+                    .iter()
+                    .any(|n| n.id == *id && n.role == "learner")
+            };
+            if ids.iter().all(learner) {
+                return status.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes {ids:?} are not all replicas: {status:?}"
+        );
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The longest time between consecutive acks (and from `since` to the first) among the acks at
+/// `times` from `since` until `until`.
+fn longest_pause(times: &Mutex<Vec<Instant>>, since: Instant, until: Option<Instant>) -> Duration {
+    let times = times.lock().expect("ack times");
+    let mut previous = since;
+    let mut longest = Duration::ZERO;
+    for &at in times
+        .iter()
+        .filter(|at| **at >= since && until.is_none_or(|until| **at < until))
+    {
+        longest = longest.max(at - previous);
+        previous = at;
+    }
+    longest
+}
+
+/// `(leader id, term)` as each of `nodes` (indexes into [`SERVICES`]) reports it.
+async fn leaders_and_terms(stack: &Stack, nodes: &[usize]) -> Vec<(String, (u64, u64))> {
+    let mut seen = Vec::new();
+    for &i in nodes {
+        let info = connect(stack, i).await.info().await.expect("info");
+        seen.push((SERVICES[i].to_owned(), (info.leader_id, info.term)));
+    }
+    seen
+}
+
+/// Scenario 8 (issue 19, read replicas on the compose stack): the `replicas` profile started as
+/// its users start it, so `sb4` and `sb5` join as replicas through their one-shot join services.
+/// A publisher streams with idempotent retries through the two voters that are not the leader and
+/// through `sb4` (which forwards), with a subscriber on one voter, `sb4` and `sb5`. The leader is
+/// killed with -9 and publishing goes on under the new one; then `sb5` is killed with -9, and the
+/// next acks follow each other with no pause as long as `cluster.forward_timeout`, under the same
+/// leader and term. `sb5` is started again at the end and its subscription resumes by itself. The
+/// history checker then finds every acknowledged message with the subscribers on the voter, on
+/// `sb4` and on `sb5` once and in order, no offset naming two messages, and the same log on the
+/// two voters left and both replicas.
+#[tokio::test(flavor = "multi_thread")]
+async fn read_replicas_follow_a_leader_kill_and_their_death_does_not_stop_writes() {
+    let options = StackOptions {
+        joined_replicas: true,
+        ..StackOptions::default()
+    };
+    let Some(stack) = stack_with("sb-fault-replicas", &options) else {
+        return;
+    };
+    let (fourth, fifth) = (3, 4); // sb4 and sb5, nodes 4 and 5
+    let voters = connect_each(&stack, 0..NODES.len()).await;
+    let status = wait_replicas(&voters, &[4, 5]).await;
+    assert_eq!(status.nodes.len(), 5, "{status:?}");
+    let killed = leader(&stack).await;
+    let voters_left: Vec<usize> = (0..NODES.len()).filter(|i| *i != killed).collect();
+
+    let history = Arc::new(Mutex::new(History::new()));
+    let subscribers = record_deliveries_on(
+        &stack,
+        [voters_left[0], fourth, fifth],
+        "subscriber-on",
+        &history,
+    )
+    .await;
+    // Not through the leader (its death is then a forwarding failure, as in scenario 1) nor
+    // through sb5 (whose death must not touch these writes).
+    let publish_through: Vec<usize> = voters_left.iter().copied().chain([fourth]).collect();
+    let clients = connect_each(&stack, publish_through.iter().copied()).await;
+    let ack_times = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let history = Arc::clone(&history);
+        let ack_times = Arc::clone(&ack_times);
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let ids = (0..).map(|n| format!("m{n:05}"));
+            let mut last_offset = 0;
+            for (n, id) in ids.enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let offset = publish_until_acked(&clients, &id, n).await;
+                last_offset = last_offset.max(offset);
+                history.lock().expect("history").acked(offset, id);
+                ack_times.lock().expect("ack times").push(Instant::now());
+            }
+            last_offset
+        })
+    };
+    await_acks(&history, 100, "killing the leader").await;
+
+    let stack_ref = &stack;
+    let leader_killed_at = Instant::now();
+    tokio::task::block_in_place(|| stack_ref.kill9(NODES[killed])).expect("kill -9 the leader");
+    await_acks(&history, 100, "killing sb5").await;
+    let survivors: Vec<usize> = voters_left.iter().copied().chain([fourth]).collect();
+    let new_leader = leader_among(&stack, &survivors).await;
+    assert!(voters_left.contains(&new_leader), "{new_leader}");
+    let before = leaders_and_terms(&stack, &survivors).await;
+
+    let replica_killed_at = Instant::now();
+    tokio::task::block_in_place(|| stack_ref.kill9(SERVICES[fifth])).expect("kill -9 sb5");
+    await_acks(&history, 200, "stopping").await;
+    // Every ack since the kill came within the forward timeout of the one before (or of the kill):
+    // no publish waited for the dead replica, none timed out and was retried.
+    let after_the_replica = longest_pause(&ack_times, replica_killed_at, None);
+    eprintln!(
+        "longest pause between acks: {:?} from the leader's kill to sb5's, {after_the_replica:?} \
+         after sb5's",
+        longest_pause(&ack_times, leader_killed_at, Some(replica_killed_at))
+    );
+    assert!(
+        after_the_replica < FORWARD_TIMEOUT,
+        "writes paused {after_the_replica:?} after a replica was killed"
+    );
+    let after = leaders_and_terms(&stack, &survivors).await;
+    assert_eq!(before, after, "the leader or term changed when sb5 died");
+    stop.store(true, Ordering::Relaxed);
+    let last_offset = publisher.await.expect("the publisher finishes");
+
+    // sb5 restarted on its data catches up, and its subscription resumes where it stopped.
+    tokio::task::block_in_place(|| stack_ref.start(SERVICES[fifth])).expect("sb5 comes back");
+    wait_delivered(&history, &subscribers).await;
+    let holders = survivors.iter().copied().chain([fifth]);
+    record_digests_on(&stack, &history, last_offset, holders).await;
+    assert_clean(&history, &subscribers);
+}

@@ -68,6 +68,12 @@ pub struct StackOptions {
     /// ([`Stack::start_service`]); `up` still starts only the three voters (not the profile's
     /// one-shot join services, which would add the newcomers as replicas by themselves).
     pub replicas: bool,
+    /// Start the `replicas` profile the way its users do (`docker compose --profile replicas up
+    /// -d`): `sb4` and `sb5` and the one-shot `sb4-join` and `sb5-join`, which add them as replicas
+    /// through `sb1`. [`Stack::up_with`] then also waits until `sb4` and `sb5` are healthy, which a
+    /// newcomer is only once it was added and knows the leader. Turns the profile on, as
+    /// [`StackOptions::replicas`] does.
+    pub joined_replicas: bool,
 }
 
 impl StackOptions {
@@ -179,10 +185,10 @@ impl Stack {
                 admin_ports: [ports[5], ports[6], ports[7], ports[8], ports[9]],
                 override_file,
                 secrets: options.secrets.clone(),
-                replicas: options.replicas,
+                replicas: options.replicas || options.joined_replicas,
             };
             let mut up = vec!["up", "-d"];
-            if options.replicas {
+            if options.replicas && !options.joined_replicas {
                 // Named, so the profile's services stay down until a test starts them.
                 up.extend(NODES);
             }
@@ -201,7 +207,12 @@ impl Stack {
                 }
                 Err(e) => return Err(e),
             }
-            for node in NODES {
+            let started: &[&str] = if options.joined_replicas {
+                &SERVICES
+            } else {
+                &NODES
+            };
+            for node in started {
                 stack.wait_healthy(node)?;
             }
             return Ok(stack);
