@@ -40,6 +40,7 @@ use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
 use crate::fanout::catch_up_budget::CatchUpBudget;
+use crate::fanout::ephemeral::Broadcaster;
 use crate::fanout::hub::Hub;
 use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
@@ -165,6 +166,7 @@ impl Broker {
                     config.node_id,
                     config.cluster.forward_timeout,
                     contact,
+                    consensus.hub.clone(),
                 ))
                 .max_decoding_message_size(max_frame)
                 .max_encoding_message_size(max_frame);
@@ -223,6 +225,17 @@ impl Broker {
             rules,
             signal.clone(),
         ));
+        // Ephemeral messages reach the other members directly, not through the log.
+        let ephemeral = match raft_addr {
+            Some(_) => Broadcaster::clustered(
+                consensus.hub.clone(),
+                consensus.raft.clone(),
+                config.node_id,
+                peers.clone(),
+                signal.clone(),
+            ),
+            None => Broadcaster::local(consensus.hub.clone()),
+        };
         let service = BrokerService::new(
             Arc::clone(&config),
             proposer,
@@ -232,6 +245,7 @@ impl Broker {
             consensus.progress.clone(),
             signal.clone(),
             Arc::clone(&gate),
+            ephemeral,
         );
         spawn_rate_limit_sweep(Arc::clone(&gate), signal.clone());
         // What the public listener's connections hold for their clients, bounded broker-wide.

@@ -501,6 +501,11 @@ struct PublishArgs {
     /// default.
     #[arg(long, value_name = "N")]
     hops: Option<u32>,
+
+    /// Deliver at once to live subscribers on every node and never store it (offset 0, no
+    /// history, no replay, at most once): typing indicators, cursors, presence.
+    #[arg(long)]
+    ephemeral: bool,
 }
 
 #[derive(Debug, Args)]
@@ -723,6 +728,9 @@ async fn publish(client: &Client, args: PublishArgs) -> anyhow::Result<()> {
         _ => read_stdin("the payload").await?,
     };
     let mut message = Publish::new(args.channel, payload).headers(args.headers);
+    if args.ephemeral {
+        message = message.ephemeral();
+    }
     if let Some(ttl) = args.ttl {
         message = message.ttl(ttl);
     }

@@ -492,6 +492,7 @@ mod tests {
             hops: 0,
             skipped: 0,
             redelivery: 0,
+            ephemeral: false,
         }
     }
 

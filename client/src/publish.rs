@@ -152,6 +152,14 @@ impl Publish {
         self
     }
 
+    /// Makes the message ephemeral: delivered at once to the live subscribers that match on every
+    /// node and never stored — no offset (the ack's is 0), no history, no replay, at most once.
+    /// For typing indicators, cursor positions, presence. TTL and idempotency key are ignored.
+    pub fn ephemeral(mut self) -> Publish {
+        self.request.ephemeral = true;
+        self
+    }
+
     /// Adds a header (a later value for the same name replaces an earlier one). W3C trace context
     /// (`traceparent`, `tracestate`) travels here: a `traceparent` set explicitly is sent as is,
     /// instead of the caller's current context (see [`Publish::trace_context`]).

@@ -109,6 +109,9 @@ pub struct SubscribeOptions {
     /// Durable consumers: the broker redelivers a delivery not acknowledged within this long.
     /// Sent in whole milliseconds (rounded up). `None` (the default): the broker's default.
     pub ack_timeout: Option<Duration>,
+    /// Leave out ephemeral messages (never stored, offset 0; see [`crate::Publish::ephemeral`]).
+    /// `false` (the default): they are delivered, except to durable consumers.
+    pub exclude_ephemeral: bool,
 }
 
 impl Default for SubscribeOptions {
@@ -124,6 +127,7 @@ impl Default for SubscribeOptions {
             max_unacked: None,
             durable_name: None,
             ack_timeout: None,
+            exclude_ephemeral: false,
         }
     }
 }
@@ -176,6 +180,12 @@ impl SubscribeOptions {
         self
     }
 
+    /// Sets [`SubscribeOptions::exclude_ephemeral`].
+    pub fn exclude_ephemeral(mut self, exclude: bool) -> Self {
+        self.exclude_ephemeral = exclude;
+        self
+    }
+
     /// Sets [`SubscribeOptions::durable_name`]: the subscription is the durable consumer `name`.
     pub fn durable(mut self, name: impl Into<String>) -> Self {
         self.durable_name = Some(name.into());
@@ -211,6 +221,7 @@ impl SubscribeOptions {
             max_unacked: self.max_unacked.unwrap_or(0),
             durable_name: self.durable_name.clone().unwrap_or_default(),
             ack_timeout_ms: self.ack_timeout.map_or(0, whole_millis),
+            exclude_ephemeral: self.exclude_ephemeral,
         }
     }
 }
@@ -972,7 +983,11 @@ async fn hand_over(
 ) -> Option<()> {
     let event = match event {
         subscribe_event::Event::Message(message) => {
-            if !cursor.accept(message.offset, message.redelivery, Instant::now()) {
+            // An ephemeral message has no offset: it moves no resume point and is never a
+            // duplicate of a stored one.
+            if !message.ephemeral
+                && !cursor.accept(message.offset, message.redelivery, Instant::now())
+            {
                 tracing::debug!(
                     offset = message.offset,
                     "dropping a message delivered already"

@@ -869,3 +869,42 @@ async fn gateway_writes_are_never_stale_sequential_or_concurrent() {
     let read = http_request("GET", &entity, &[], b"").await.unwrap();
     assert_eq!(body(&read)["version"], json!(100 + 3 * 40));
 }
+
+#[tokio::test]
+async fn an_ephemeral_http_publish_reaches_sse_without_an_event_id() {
+    let f = fixture(&[]).await;
+    let url = base(&f.broker);
+    let stream_url = format!("{url}/v1/subscribe?pattern=presence.%3E");
+    let mut stream = SseStream::open(&stream_url, &[]).await.unwrap();
+    let subscribed = stream.next_event().await.unwrap();
+    assert_eq!(subscribed.event.as_deref(), Some("subscribed"));
+
+    let r = post(
+        &format!("{url}/v1/publish"),
+        &[],
+        &json!({ "channel": "presence.agent17", "payload": { "online": true }, "ephemeral": true }),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(body(&r)["offset"], json!(0));
+    let event = stream.next_event().await.unwrap();
+    // No id: a reconnecting EventSource must resume after the last stored message, not at 0.
+    assert_eq!(
+        (event.event.as_deref(), event.id.as_deref()),
+        (None, None),
+        "{event:?}"
+    );
+    let data: Value = serde_json::from_str(&event.data).unwrap();
+    assert_eq!(data["ephemeral"], json!(true));
+    assert_eq!(data["payload"], json!({ "online": true }));
+
+    // A stored message after it still carries its offset as its id.
+    let r = post(
+        &format!("{url}/v1/publish"),
+        &[],
+        &json!({ "channel": "presence.agent17", "payload": { "online": false } }),
+    )
+    .await;
+    let offset = body(&r)["offset"].as_u64().unwrap();
+    assert_eq!(next_message(&mut stream).await.0, offset);
+}

@@ -13,6 +13,7 @@ mod connections;
 mod console;
 mod disk_full;
 mod entities;
+mod ephemeral;
 mod flow;
 mod fuzz;
 mod gateway;

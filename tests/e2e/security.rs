@@ -1290,3 +1290,30 @@ async fn cluster_nodes_talk_over_mutual_tls_and_refuse_peers_without_a_certifica
     .await;
     assert!(refused.is_err(), "a peer without a certificate got through");
 }
+
+#[tokio::test]
+async fn an_ephemeral_publish_needs_the_same_grant_as_a_stored_one() {
+    let secured = start("", true);
+    let grant = token(json!({ "publish": ["crm.>"] }));
+    let mut raw = BrokerClient::new(channel(secured.broker.url()).await);
+    let ephemeral = |channel: &str| pb::PublishRequest {
+        ephemeral: true,
+        ..publish(channel)
+    };
+    let ack = raw
+        .publish(with_token(ephemeral("crm.cursor.moved"), &grant))
+        .await
+        .expect("a granted channel is allowed")
+        .into_inner();
+    assert_eq!(ack.offset, 0);
+    let denied = raw
+        .publish(with_token(ephemeral("telephony.cursor.moved"), &grant))
+        .await
+        .unwrap_err();
+    assert_refused(denied, Code::PermissionDenied, "PUBLISH_DENIED");
+    let anonymous = raw
+        .publish(Request::new(ephemeral("crm.cursor.moved")))
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
+}

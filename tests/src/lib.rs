@@ -756,6 +756,24 @@ impl ClusterNode {
 
 /// Starts `n` nodes (ids 1..=n) forming one static cluster on loopback, each with `env` added.
 pub fn start_cluster(root: &Path, n: usize, env: &[(&str, &str)]) -> Result<Vec<ClusterNode>> {
+    // The raft ports are picked free and then released for the nodes to bind, so another test
+    // process can take one in between ("Address already in use"): then the whole cluster starts
+    // again on fresh ports and empty folders, a few times.
+    let mut attempt = 1;
+    loop {
+        match start_cluster_once(root, n, env) {
+            Err(e) if attempt < 4 && format!("{e:#}").contains("Address already in use") => {
+                for id in 1..=n {
+                    let _ = std::fs::remove_dir_all(root.join(format!("node{id}")));
+                }
+                attempt += 1;
+            }
+            started => return started,
+        }
+    }
+}
+
+fn start_cluster_once(root: &Path, n: usize, env: &[(&str, &str)]) -> Result<Vec<ClusterNode>> {
     let ports = free_loopback_ports(n)?;
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let members = addrs

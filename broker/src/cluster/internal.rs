@@ -14,7 +14,9 @@ use openraft::raft::AppendEntriesResponse;
 
 use super::pre_vote::{LeaderContact, PreVoteRequest};
 use super::{admin_here, catch_up_wait, propose_here, read_index_here, AdminRequest};
-use crate::message::Command;
+use crate::fanout::ephemeral;
+use crate::fanout::hub::Hub;
+use crate::message::{Command, StoredMessage};
 use crate::raft::network::{decode, encode};
 use crate::raft::Raft;
 
@@ -25,22 +27,26 @@ pub(crate) struct InternalService {
     catch_up: Duration,
     /// Recorded whenever raft accepts a leader's AppendEntries or snapshot chunk.
     contact: LeaderContact,
+    /// Where ephemeral messages from peers go.
+    hub: Hub,
 }
 
 impl InternalService {
     /// Serves `raft`, whose id is `me`; forwarding callers give up after `forward_timeout`;
-    /// contact with a leader is recorded in `contact`.
+    /// contact with a leader is recorded in `contact`; ephemeral messages from peers go to `hub`.
     pub(crate) fn new(
         raft: Raft,
         me: u64,
         forward_timeout: Duration,
         contact: LeaderContact,
+        hub: Hub,
     ) -> InternalService {
         InternalService {
             raft,
             me,
             catch_up: catch_up_wait(forward_timeout),
             contact,
+            hub,
         }
     }
 }
@@ -91,6 +97,12 @@ impl RaftRpc for InternalService {
     async fn pre_vote(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
         let asked: PreVoteRequest = request(r)?;
         answer(&self.contact.answer(&self.raft, &asked))
+    }
+
+    async fn ephemeral(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {
+        let messages: Vec<StoredMessage> = request(r)?;
+        ephemeral::received(&self.hub, messages);
+        answer(&())
     }
 
     async fn admin(&self, r: Request<Frame>) -> Result<Response<Frame>, Status> {

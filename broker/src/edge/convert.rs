@@ -51,6 +51,8 @@ pub fn message(stored: &StoredMessage) -> pb::Message {
         hops: m.hops,
         skipped: 0,
         redelivery: 0,
+        // Offsets start at 1: 0 is a message that was never stored.
+        ephemeral: stored.offset == 0,
     }
 }
 

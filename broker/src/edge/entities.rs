@@ -283,6 +283,8 @@ impl EntitiesRpc for EntitiesService {
                 window: edge.config.subscriptions.queue_depth as u64,
                 min_interval,
                 ack_timeout: None,
+                // An entity's state comes from stored messages only.
+                ephemeral: false,
             },
             changes_tx,
         )?;

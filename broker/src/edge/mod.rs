@@ -48,6 +48,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Config;
 use crate::error::BrokerError;
+use crate::fanout::ephemeral::Broadcaster;
 use crate::fanout::hub::Hub;
 use crate::fanout::registry::{Registered, Registry};
 use crate::fanout::subscription::{self, SubscriptionSpec};
@@ -84,6 +85,7 @@ impl BrokerService {
         progress: watch::Receiver<AppliedProgress>,
         shutdown: ShutdownSignal,
         gate: Arc<Gate>,
+        ephemeral: Broadcaster,
     ) -> BrokerService {
         let registry = Registry::new(
             config.subscriptions.max_per_connection,
@@ -101,6 +103,7 @@ impl BrokerService {
                 progress,
                 shutdown,
                 gate,
+                ephemeral,
             }),
         }
     }
@@ -376,6 +379,8 @@ struct Edge {
     registry: Registry,
     /// Who may call, and how often.
     gate: Arc<Gate>,
+    /// Where ephemeral publishes go.
+    ephemeral: Broadcaster,
 }
 
 impl Edge {

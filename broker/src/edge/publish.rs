@@ -115,6 +115,8 @@ fn refused(caller: &Caller, channel: &str, e: BrokerError) -> BrokerError {
 enum Slot {
     Refused(BrokerError),
     Proposed(InFlight),
+    /// An ephemeral message, already handed on: its ack.
+    Sent(pb::PublishAck),
 }
 
 fn stream_ack(sequence: u64, result: Result<pb::PublishAck, BrokerError>) -> pb::PublishStreamAck {
@@ -171,9 +173,14 @@ impl Edge {
         let mut items = Vec::with_capacity(attempts.len());
         let mut slots = Vec::with_capacity(attempts.len());
         for attempt in attempts {
+            let ephemeral = attempt.as_ref().is_ok_and(|(request, _)| request.ephemeral);
             let prepared =
                 attempt.and_then(|(request, parent)| self.prepare_publish(request, caller, parent));
             slots.push(match prepared {
+                Ok((message, flight)) if ephemeral => match self.send_ephemeral(message, flight) {
+                    Ok(ack) => Slot::Sent(ack),
+                    Err(e) => Slot::Refused(e),
+                },
                 Ok((message, flight)) => {
                     items.push(Item::Publish(message));
                     Slot::Proposed(flight)
@@ -196,6 +203,7 @@ impl Edge {
                 .into_iter()
                 .map(|slot| match slot {
                     Slot::Refused(e) => Err(e),
+                    Slot::Sent(ack) => Ok(ack),
                     Slot::Proposed(flight) => {
                         let outcome = match &mut outcomes {
                             Ok(outcomes) => outcomes.next().ok_or_else(|| {
@@ -212,6 +220,43 @@ impl Edge {
                 .collect()
         }
         .boxed()
+    }
+
+    /// Hands an admitted ephemeral message to the subscribers of every node, now; its ack has
+    /// offset 0 (it is never stored) and this node's time. The hop limit is checked here, as
+    /// apply checks it for a stored message: ephemeral reactions can loop too. (Its causal chain
+    /// is not followed: an ephemeral message is no stored cause.)
+    fn send_ephemeral(
+        &self,
+        mut message: crate::message::NewMessage,
+        flight: InFlight,
+    ) -> Result<pb::PublishAck, BrokerError> {
+        let max_hops = self.config.loops.max_hops;
+        if message.hops > max_hops {
+            let e = BrokerError::LoopDetected {
+                detail: format!("{} hops exceed the limit of {max_hops}", message.hops),
+            };
+            return Err(refused(&flight.caller, &flight.channel, e));
+        }
+        // Never stored, so nothing to deduplicate or expire.
+        message.idempotency_key.clear();
+        message.ttl_ms = 0;
+        let publish_time_us = crate::message::now_us();
+        let correlation_id = flight.correlation_id.clone();
+        self.ephemeral.publish(crate::message::StoredMessage {
+            offset: 0,
+            publish_time_us,
+            message,
+            chain: Vec::new(),
+        });
+        metrics::publish(PublishResult::Accepted, None);
+        drop(flight);
+        Ok(pb::PublishAck {
+            offset: 0,
+            publish_time: Some(convert::timestamp(publish_time_us)),
+            correlation_id,
+            duplicate: false,
+        })
     }
 
     /// [`Edge::begin_publishes`] for one publish.

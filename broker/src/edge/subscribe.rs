@@ -84,6 +84,9 @@ impl Edge {
         };
         let min_interval = (request.min_interval_ms > 0)
             .then(|| Duration::from_millis(u64::from(request.min_interval_ms)));
+        // A durable consumer acknowledges what it receives by offset; an ephemeral message has
+        // none, and cannot be redelivered.
+        let ephemeral = !request.exclude_ephemeral && durable.is_none();
 
         let registered = self.registry.open(Opening {
             pattern: pattern.as_str().to_owned(),
@@ -103,6 +106,7 @@ impl Edge {
                 window,
                 min_interval,
                 ack_timeout,
+                ephemeral,
             },
             out,
         )?;

@@ -9,6 +9,10 @@
 //! memory has no gap and no duplicate. A slow consumer therefore never slows a publisher, another
 //! consumer, or the broker's memory.
 //!
+//! Ephemeral messages (never stored, [`crate::fanout::ephemeral`]) go into a small queue of their
+//! own in each mailbox that takes them: a full one drops its oldest, and a lagging subscription
+//! does not read them back (there is nothing to read back).
+//!
 //! Matching uses a segment trie ([`SubscriptionTrie`]), so its cost follows the channel's depth and
 //! the number of matches, not the number of subscriptions.
 
@@ -26,12 +30,17 @@ use crate::state::Announce;
 /// Identifies a subscription within this node's hub.
 pub(crate) type SubscriptionId = u64;
 
+/// Ephemeral messages a mailbox holds at most; past it the oldest is dropped.
+const EPHEMERAL_QUEUE: usize = 256;
+
 /// A subscription's bounded queue of live messages: bounded in messages and in bytes.
 pub(crate) struct Mailbox {
     state: Mutex<MailboxState>,
     ready: Notify,
     capacity: usize,
     capacity_bytes: usize,
+    /// Whether this subscription takes ephemeral messages.
+    takes_ephemeral: bool,
 }
 
 #[derive(Default)]
@@ -45,6 +54,8 @@ struct MailboxState {
     lagging: bool,
     /// Times the subscription was switched to the store.
     slow_switches: u64,
+    /// Ephemeral messages waiting, oldest first (at most [`EPHEMERAL_QUEUE`]).
+    ephemeral: VecDeque<Arc<SharedMessage>>,
 }
 
 /// A mailbox's accounting, for `ListSubscriptions`.
@@ -70,6 +81,8 @@ pub(crate) enum MailboxItems {
     Messages(Vec<Arc<SharedMessage>>),
     /// Messages were dropped: read the store from the next offset, then [`Hub::rearm`].
     Lagging,
+    /// Ephemeral messages, in the order they came; they have no offset.
+    Ephemeral(Vec<Arc<SharedMessage>>),
 }
 
 impl Mailbox {
@@ -95,6 +108,10 @@ impl Mailbox {
         loop {
             {
                 let mut state = self.lock();
+                // First: an ephemeral message is worth something only now.
+                if !state.ephemeral.is_empty() {
+                    return MailboxItems::Ephemeral(state.ephemeral.drain(..).collect());
+                }
                 if !state.queue.is_empty() {
                     state.bytes = 0;
                     return MailboxItems::Messages(state.queue.drain(..).collect());
@@ -129,6 +146,25 @@ impl Mailbox {
         state.bytes += size;
         state.peak_bytes = state.peak_bytes.max(state.bytes);
         state.queue.push_back(Arc::clone(message));
+        drop(state);
+        self.ready.notify_one();
+        true
+    }
+}
+
+impl Mailbox {
+    /// Queues an ephemeral message if this subscription takes them, dropping the oldest one
+    /// waiting when the queue is full; returns whether it was queued.
+    fn offer_ephemeral(&self, message: &Arc<SharedMessage>) -> bool {
+        if !self.takes_ephemeral {
+            return false;
+        }
+        let mut state = self.lock();
+        if state.ephemeral.len() >= EPHEMERAL_QUEUE {
+            state.ephemeral.pop_front();
+            crate::observability::metrics::ephemeral("dropped", 1);
+        }
+        state.ephemeral.push_back(Arc::clone(message));
         drop(state);
         self.ready.notify_one();
         true
@@ -216,14 +252,16 @@ impl Hub {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a subscription; returns it with the last offset dispatched so far. Messages after
-    /// that offset will arrive in its mailbox; earlier ones are in the store.
-    pub(crate) fn register(&self, pattern: Pattern) -> (Registration, u64) {
+    /// Registers a subscription, which takes ephemeral messages if `ephemeral`; returns it with the
+    /// last offset dispatched so far. Messages after that offset will arrive in its mailbox;
+    /// earlier ones are in the store.
+    pub(crate) fn register(&self, pattern: Pattern, ephemeral: bool) -> (Registration, u64) {
         let mailbox = Arc::new(Mailbox {
             state: Mutex::new(MailboxState::default()),
             ready: Notify::new(),
             capacity: self.mailbox_capacity,
             capacity_bytes: self.mailbox_capacity_bytes,
+            takes_ephemeral: ephemeral,
         });
         let mut state = self.lock();
         let id = state.next_id;
@@ -286,6 +324,28 @@ impl Hub {
         }
     }
 
+    /// Offers an ephemeral message (offset 0, never stored) to every matching subscription that
+    /// takes them; returns to how many.
+    pub(crate) fn dispatch_ephemeral(&self, message: &Arc<StoredMessage>) -> usize {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        state.matched.clear();
+        let matched = &mut state.matched;
+        state
+            .trie
+            .for_each_match(&message.message.channel, |id| matched.push(*id));
+        if state.matched.is_empty() {
+            return 0;
+        }
+        let shared = SharedMessage::new(Arc::clone(message));
+        state
+            .matched
+            .iter()
+            .filter_map(|id| state.subscriptions.get(id))
+            .filter(|entry| entry.mailbox.offer_ephemeral(&shared))
+            .count()
+    }
+
     /// The store was replaced (a snapshot was installed): every subscription re-reads it.
     pub(crate) fn reset(&self, last_offset: u64) {
         let mut state = self.lock();
@@ -334,14 +394,14 @@ mod tests {
     #[tokio::test]
     async fn delivers_matching_messages_only() {
         let hub = Hub::new(0, 8, 1 << 20, CatchUpBudget::new(1 << 20));
-        let (reg, last) = hub.register(pattern("a.*"));
+        let (reg, last) = hub.register(pattern("a.*"), true);
         assert_eq!(last, 0);
         hub.dispatch(&[msg(1, "a.b"), msg(2, "c.d"), msg(3, "a.c")]);
         match reg.mailbox.next().await {
             MailboxItems::Messages(m) => {
                 assert_eq!(m.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![1, 3])
             }
-            MailboxItems::Lagging => panic!("not lagging"),
+            MailboxItems::Lagging | MailboxItems::Ephemeral(_) => panic!("not lagging"),
         }
         assert_eq!(hub.subscription_count(), 1);
         drop(reg);
@@ -351,7 +411,7 @@ mod tests {
     #[tokio::test]
     async fn overflow_marks_lagging_and_rearm_returns_the_last_offset() {
         let hub = Hub::new(10, 2, 1 << 20, CatchUpBudget::new(1 << 20));
-        let (reg, last) = hub.register(pattern(">"));
+        let (reg, last) = hub.register(pattern(">"), true);
         assert_eq!(last, 10);
         hub.dispatch(&[
             msg(11, "a.b"),
@@ -364,7 +424,27 @@ mod tests {
         hub.dispatch(&[msg(15, "a.b")]);
         match reg.mailbox.next().await {
             MailboxItems::Messages(m) => assert_eq!(m[0].offset, 15),
-            MailboxItems::Lagging => panic!("re-armed"),
+            MailboxItems::Lagging | MailboxItems::Ephemeral(_) => panic!("re-armed"),
         }
+    }
+
+    #[tokio::test]
+    async fn ephemeral_messages_go_first_to_the_subscriptions_that_take_them_and_drop_the_oldest() {
+        let hub = Hub::new(0, 8, 1 << 20, CatchUpBudget::new(1 << 20));
+        let (takes, _) = hub.register(pattern("a.>"), true);
+        let (refuses, _) = hub.register(pattern("a.>"), false);
+        hub.dispatch(&[msg(1, "a.b")]);
+        for _ in 0..EPHEMERAL_QUEUE + 2 {
+            assert_eq!(hub.dispatch_ephemeral(&msg(0, "a.b")), 1);
+        }
+        assert_eq!(hub.dispatch_ephemeral(&msg(0, "b.c")), 0);
+        match takes.mailbox.next().await {
+            MailboxItems::Ephemeral(m) => assert_eq!(m.len(), EPHEMERAL_QUEUE),
+            _ => panic!("ephemeral messages come first"),
+        }
+        assert!(
+            matches!(takes.mailbox.next().await, MailboxItems::Messages(m) if m[0].offset == 1)
+        );
+        assert!(matches!(refuses.mailbox.next().await, MailboxItems::Messages(m) if m.len() == 1));
     }
 }

@@ -85,6 +85,8 @@ pub(crate) struct SubscriptionSpec {
     pub min_interval: Option<Duration>,
     /// Durable consumers: redeliver after this long without an acknowledgement.
     pub ack_timeout: Option<Duration>,
+    /// Whether ephemeral messages are delivered too ([`crate::fanout::ephemeral`]).
+    pub ephemeral: bool,
 }
 
 /// Why a subscription ended, for logs.
@@ -224,6 +226,20 @@ impl Feeder<'_> {
         }
         let delivery = Delivery::new(Arc::clone(message), skipped, 0, self.control.id);
         self.send_outgoing(Outgoing::Delivery(delivery)).await
+    }
+
+    /// Sends ephemeral messages if the stream has room for them, now: they wait for no credit,
+    /// throttle or slow client, and one the stream cannot take is dropped (at most once).
+    fn deliver_ephemeral(&self, messages: Vec<Arc<SharedMessage>>) -> Result<(), End> {
+        for message in messages {
+            let delivery = Delivery::new(message, 0, 0, self.control.id);
+            match self.out.try_send(Ok(Outgoing::Delivery(delivery))) {
+                Ok(()) => metrics::ephemeral("delivered", 1),
+                Err(mpsc::error::TrySendError::Full(_)) => metrics::ephemeral("dropped", 1),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::ClientGone),
+            }
+        }
+        Ok(())
     }
 
     /// Takes a message in offset order: sends it, or holds it for the throttle.
@@ -501,7 +517,7 @@ async fn feed(
     spec: &SubscriptionSpec,
     out: &EventSender,
 ) -> End {
-    let (registration, last) = hub.register(spec.pattern.clone());
+    let (registration, last) = hub.register(spec.pattern.clone(), spec.ephemeral);
     control.set_mailbox(Arc::clone(&registration.mailbox));
     let next = match first_offset(store, spec.start, last) {
         Ok(next) => next,
@@ -544,6 +560,7 @@ async fn feed(
                     let last = registration.rearm();
                     feeder.catch_up(last).await
                 }
+                MailboxItems::Ephemeral(messages) => feeder.deliver_ephemeral(messages),
             },
             _ = sleep_until(throttle_deadline) => feeder.flush_throttled().await,
             _ = sleep_until(redelivery_deadline) => feeder.redeliver_due().await,

@@ -91,6 +91,9 @@ pub(super) fn message(message: &pb::Message) -> Value {
     if message.redelivery > 0 {
         out.insert("redelivery".into(), json!(message.redelivery));
     }
+    if message.ephemeral {
+        out.insert("ephemeral".into(), json!(true));
+    }
     Value::Object(out)
 }
 

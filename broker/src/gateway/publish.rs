@@ -37,6 +37,9 @@ struct PublishBody {
     causation_id: String,
     #[serde(default)]
     schema_version: String,
+    /// Delivered at once to live subscribers and never stored (docs/FLOW.md).
+    #[serde(default)]
+    ephemeral: bool,
 }
 
 impl PublishBody {
@@ -53,6 +56,7 @@ impl PublishBody {
             ttl_ms: self.ttl_ms,
             headers: self.headers,
             hops: 0,
+            ephemeral: self.ephemeral,
         }
     }
 }

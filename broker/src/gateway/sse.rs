@@ -81,8 +81,11 @@ fn subscribe_frame(event: pb::SubscribeEvent) -> Option<Bytes> {
             None,
             &json!({ "next_offset": s.next_offset, "subscription_id": s.subscription_id }),
         )),
+        // An ephemeral message has no offset to resume after: it sets no event id, so a
+        // reconnecting `EventSource` still resumes after the last stored message.
         Event::Message(message) => {
-            Some(frame(None, Some(message.offset), &json::message(&message)))
+            let id = (!message.ephemeral).then_some(message.offset);
+            Some(frame(None, id, &json::message(&message)))
         }
         Event::Gap(gap) => {
             let reason = gap_reason(gap.reason);

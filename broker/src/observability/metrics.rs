@@ -28,6 +28,8 @@ pub(crate) const PUBLISH_TO_DELIVER: &str = "switchboard_publish_to_deliver_seco
 pub(crate) const SLOW_CONSUMER_SWITCHES: &str = "switchboard_slow_consumer_switches_total";
 /// Client connections closed because they stopped reading while send buffers were over their bound.
 pub(crate) const STALLED_CONNECTIONS_CLOSED: &str = "switchboard_stalled_connections_closed_total";
+/// Ephemeral messages, by outcome.
+pub(crate) const EPHEMERAL: &str = "switchboard_ephemeral_messages_total";
 /// Messages conflated away.
 pub(crate) const CONFLATED: &str = "switchboard_conflated_messages_total";
 /// Gaps announced to subscribers, by reason.
@@ -133,6 +135,10 @@ fn describe() {
     describe_counter!(
         STALLED_CONNECTIONS_CLOSED,
         "Client connections closed because they stopped reading while the send buffers of all connections were over limits.max_send_buffer_bytes"
+    );
+    describe_counter!(
+        EPHEMERAL,
+        "Ephemeral messages (never stored) by outcome: published (accepted on this node), delivered (handed to a subscriber's stream), dropped (a subscriber or a peer node too far behind), forwarded (sent to a peer node)"
     );
     describe_counter!(
         CONFLATED,
@@ -305,6 +311,11 @@ pub(crate) fn slow_consumer_switch() {
 /// connections were over `limits.max_send_buffer_bytes`.
 pub(crate) fn stalled_connections_closed(count: u64) {
     counter!(STALLED_CONNECTIONS_CLOSED).increment(count);
+}
+
+/// Counts ephemeral messages by `outcome` (`published`, `delivered`, `dropped`, `forwarded`).
+pub(crate) fn ephemeral(outcome: &'static str, count: u64) {
+    counter!(EPHEMERAL, "outcome" => outcome).increment(count);
 }
 
 /// Counts messages conflated away (not delivered because a later one of their channel was).
