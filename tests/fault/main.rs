@@ -87,6 +87,36 @@ fn message_id(payload: &[u8]) -> String {
         .unwrap_or_else(|| format!("unparsable:{}", String::from_utf8_lossy(payload)))
 }
 
+/// Publishes `m00000`, `m00001`, … through `clients` with [`publish_until_acked`], recording each
+/// ack in `history` (and its time in `ack_times`, when given), until `stop` is set and at least
+/// `at_least` were published; the task returns the highest offset acknowledged.
+fn spawn_publisher(
+    clients: Vec<(usize, Client)>,
+    history: &Arc<Mutex<History>>,
+    stop: &Arc<AtomicBool>,
+    at_least: usize,
+    ack_times: Option<Arc<Mutex<Vec<Instant>>>>,
+) -> tokio::task::JoinHandle<u64> {
+    let history = Arc::clone(history);
+    let stop = Arc::clone(stop);
+    tokio::spawn(async move {
+        let ids = (0..).map(|n| format!("m{n:05}"));
+        let mut last_offset = 0;
+        for (n, id) in ids.enumerate() {
+            if stop.load(Ordering::Relaxed) && n >= at_least {
+                break;
+            }
+            let offset = publish_until_acked(&clients, &id, n).await;
+            last_offset = last_offset.max(offset);
+            history.lock().expect("history").acked(offset, id);
+            if let Some(times) = &ack_times {
+                times.lock().expect("ack times").push(Instant::now());
+            }
+        }
+        last_offset
+    })
+}
+
 /// Publishes message `id` with its id as idempotency key, trying `targets` in turn until one
 /// acknowledges it (a retry of a message that did commit is answered as a duplicate with its
 /// original offset). Returns the offset.
@@ -542,24 +572,8 @@ async fn a_rolling_restart_under_load_loses_no_acknowledged_message() {
     let subscribers = record_deliveries_on(&stack, 0..NODES.len(), "subscriber-on", &history).await;
     let clients = connect_each(&stack, 0..NODES.len()).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let publisher = {
-        let history = Arc::clone(&history);
-        let stop = Arc::clone(&stop);
-        tokio::spawn(async move {
-            let ids = (0..).map(|n| format!("m{n:05}"));
-            let mut last_offset = 0;
-            for (n, id) in ids.enumerate() {
-                // Stop only after the last restart, and after a minimum of traffic.
-                if stop.load(Ordering::Relaxed) && n >= 300 {
-                    break;
-                }
-                let offset = publish_until_acked(&clients, &id, n).await;
-                last_offset = last_offset.max(offset);
-                history.lock().expect("history").acked(offset, id);
-            }
-            last_offset
-        })
-    };
+    // Stops only after the last restart, and after a minimum of traffic.
+    let publisher = spawn_publisher(clients, &history, &stop, 300, None);
     for node in NODES {
         // Each restart happens while messages flow: wait for a few more acks first.
         let acks = history.lock().expect("history").ack_count();
@@ -863,23 +877,7 @@ async fn membership_changes_under_load_and_a_leader_kill_lose_no_acknowledged_me
         record_deliveries_on(&stack, 0..NODES.len(), "subscriber-on", &history).await;
     let clients = connect_each(&stack, 0..NODES.len()).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let publisher = {
-        let history = Arc::clone(&history);
-        let stop = Arc::clone(&stop);
-        tokio::spawn(async move {
-            let ids = (0..).map(|n| format!("m{n:05}"));
-            let mut last_offset = 0;
-            for (n, id) in ids.enumerate() {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let offset = publish_until_acked(&clients, &id, n).await;
-                last_offset = last_offset.max(offset);
-                history.lock().expect("history").acked(offset, id);
-            }
-            last_offset
-        })
-    };
+    let publisher = spawn_publisher(clients, &history, &stop, 0, None);
     await_acks(&history, 50, "adding sb4").await;
 
     // Added as a learner through every voter in turn (sb1 first, whichever leads).
@@ -1059,25 +1057,7 @@ async fn read_replicas_follow_a_leader_kill_and_their_death_does_not_stop_writes
     let clients = connect_each(&stack, publish_through.iter().copied()).await;
     let ack_times = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let publisher = {
-        let history = Arc::clone(&history);
-        let ack_times = Arc::clone(&ack_times);
-        let stop = Arc::clone(&stop);
-        tokio::spawn(async move {
-            let ids = (0..).map(|n| format!("m{n:05}"));
-            let mut last_offset = 0;
-            for (n, id) in ids.enumerate() {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let offset = publish_until_acked(&clients, &id, n).await;
-                last_offset = last_offset.max(offset);
-                history.lock().expect("history").acked(offset, id);
-                ack_times.lock().expect("ack times").push(Instant::now());
-            }
-            last_offset
-        })
-    };
+    let publisher = spawn_publisher(clients, &history, &stop, 0, Some(Arc::clone(&ack_times)));
     await_acks(&history, 100, "killing the leader").await;
 
     let stack_ref = &stack;
