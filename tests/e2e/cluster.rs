@@ -35,6 +35,19 @@ async fn connect(node: &ClusterNode) -> Client {
     Client::connect(node.url()).await.expect("client connects")
 }
 
+/// Three static voters under `root`, a client of each, and the status once they settled.
+async fn settled_cluster_of_three(
+    root: &std::path::Path,
+) -> (Vec<ClusterNode>, Vec<Client>, ClusterStatus) {
+    let nodes = start_cluster(root, 3, &[]).expect("three nodes start");
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(connect(node).await);
+    }
+    let status = settled(&clients[0], &[1, 2, 3]).await;
+    (nodes, clients, status)
+}
+
 /// Every stored message of a node, offset → payload.
 async fn stored(client: &Client) -> BTreeMap<u64, String> {
     client
@@ -49,12 +62,7 @@ async fn stored(client: &Client) -> BTreeMap<u64, String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_to_a_follower_reaches_every_node_and_survives_the_leader_dying() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
-    let mut clients = Vec::new();
-    for node in &nodes {
-        clients.push(connect(node).await);
-    }
-    let status = settled(&clients[0], &[1, 2, 3]).await;
+    let (mut nodes, clients, status) = settled_cluster_of_three(dir.path()).await;
     assert_eq!(status.nodes.len(), 3);
     assert_eq!(
         status.nodes.iter().filter(|n| n.role == "leader").count(),
@@ -700,12 +708,7 @@ async fn publish_until_acked(targets: &[Client], first: usize, key: &str, payloa
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subscriber_on_a_replica_sees_every_acknowledged_message_in_order_across_a_leader_kill() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
-    let mut voters = Vec::new();
-    for node in &nodes {
-        voters.push(connect(node).await);
-    }
-    let status = settled(&voters[0], &[1, 2, 3]).await;
+    let (mut nodes, voters, status) = settled_cluster_of_three(dir.path()).await;
     let replica = start_replica(dir.path(), 4, &voters[0]).await;
     let on_replica = connect(&replica).await;
     let mut subscription = on_replica
@@ -970,12 +973,7 @@ async fn sb_cluster_add_replica_lists_a_replica_and_can_run_again() {
 #[tokio::test(flavor = "multi_thread")]
 async fn membership_changes_retried_across_a_leader_kill_are_answered_with_the_state_asked_for() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
-    let mut clients = Vec::new();
-    for node in &nodes {
-        clients.push(connect(node).await);
-    }
-    let status = settled(&clients[0], &[1, 2, 3]).await;
+    let (mut nodes, clients, status) = settled_cluster_of_three(dir.path()).await;
     let index = |id: u64| usize::try_from(id - 1).unwrap();
     let old_leader = status.leader_id;
     let survivor = &clients[index((1..=3).find(|id| *id != old_leader).unwrap())];
@@ -1064,12 +1062,7 @@ async fn a_voter_started_late_does_not_depose_the_leader() {
     let dir = tempfile::tempdir().unwrap();
     let ports = switchboard_e2e::free_loopback_ports(3).unwrap();
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let members = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let members = switchboard_e2e::static_members(&addrs);
     let first_two: Vec<ClusterNode> = (0..2)
         .map(|i| ClusterNode::start(dir.path(), i as u64 + 1, &addrs[i], &members, &[]))
         .collect::<Result<_, _>>()

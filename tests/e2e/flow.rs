@@ -625,6 +625,31 @@ async fn stalling_client(url: &str, stall: Arc<Stall>) -> Raw {
     BrokerClient::new(channel)
 }
 
+/// 4 stalling clients with 8 subscriptions on `bulk.>` each, whose reading then stops: their
+/// streams, and the clients (the connections live as long as they do).
+async fn stalled_subscriptions(url: &str, stall: &Arc<Stall>) -> (Vec<Events>, Vec<Raw>) {
+    let mut streams = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut client = stalling_client(url, Arc::clone(stall)).await;
+        for _ in 0..8 {
+            streams.push(open(&mut client, subscribe("bulk.>")).await.0);
+        }
+        clients.push(client);
+    }
+    stall.stop_reading();
+    (streams, clients)
+}
+
+/// Publishes 3,000 padded messages (~1 KiB each) over `bulk.c0`..`bulk.c9`; their offsets.
+async fn publish_bulk(url: &str) -> Vec<u64> {
+    let mut publisher = raw(url.to_owned()).await;
+    let payloads = (0..3_000)
+        .map(|i| (format!("bulk.c{}", i % 10), padded(i)))
+        .collect();
+    publish_all(&mut publisher, payloads).await
+}
+
 #[tokio::test]
 async fn connections_that_stop_reading_are_closed_once_send_buffers_pass_their_bound() {
     let dir = tempfile::tempdir().unwrap();
@@ -632,24 +657,13 @@ async fn connections_that_stop_reading_are_closed_once_send_buffers_pass_their_b
         "[limits]\nmax_send_buffer_bytes = 1048576\nstalled_connection_timeout = \"500ms\"\n";
     let f = fixture(&["--config", &config(&dir, settings)]).await;
     let stall = Arc::new(Stall::default());
-    let mut stalled_streams = Vec::new();
-    for _ in 0..4 {
-        let mut client = stalling_client(&f.broker.url(), Arc::clone(&stall)).await;
-        for _ in 0..8 {
-            stalled_streams.push(open(&mut client, subscribe("bulk.>")).await.0);
-        }
-    }
-    stall.stop_reading();
+    let (stalled_streams, _stalled_clients) = stalled_subscriptions(&f.broker.url(), &stall).await;
     let mut reader = raw(f.broker.url()).await;
     let (mut reading, _) = open(&mut reader, subscribe("bulk.>")).await;
 
     // About 3 MB, for each of the 32 stalled subscriptions: without a bound, HTTP/2 would keep
     // up to ~400 KiB of it per stream once the sockets stop taking any.
-    let mut publisher = raw(f.broker.url()).await;
-    let payloads = (0..3_000)
-        .map(|i| (format!("bulk.c{}", i % 10), padded(i)))
-        .collect();
-    let offsets = publish_all(&mut publisher, payloads).await;
+    let offsets = publish_bulk(&f.broker.url()).await;
 
     // A client that reads is served in full, in order, whatever the stalled ones do.
     for expected in &offsets {
@@ -679,27 +693,14 @@ async fn a_connection_that_stops_reading_is_held_to_a_share_of_the_bound_and_res
                     [subscriptions]\ncatch_up_bytes = 1048576\n";
     let f = fixture(&["--config", &config(&dir, settings)]).await;
     let stall = Arc::new(Stall::default());
-    let mut stalled_streams = Vec::new();
-    let mut stalled_clients = Vec::new();
-    for _ in 0..4 {
-        let mut client = stalling_client(&f.broker.url(), Arc::clone(&stall)).await;
-        for _ in 0..8 {
-            stalled_streams.push(open(&mut client, subscribe("bulk.>")).await.0);
-        }
-        stalled_clients.push(client);
-    }
-    stall.stop_reading();
+    let (stalled_streams, stalled_clients) = stalled_subscriptions(&f.broker.url(), &stall).await;
     let mut reader = raw(f.broker.url()).await;
     let (mut reading, _) = open(&mut reader, subscribe("bulk.>")).await;
 
     // About 3 MB for each of the 32 stalled subscriptions: without the gate HTTP/2 would keep up
     // to ~400 KiB of it per stream (~12 MB), with it the stalled connections hold at most the
     // bound plus, each, their floor (256 KiB) and one chunk of a response (32 KiB and a message).
-    let mut publisher = raw(f.broker.url()).await;
-    let payloads = (0..3_000)
-        .map(|i| (format!("bulk.c{}", i % 10), padded(i)))
-        .collect();
-    let offsets = publish_all(&mut publisher, payloads).await;
+    let offsets = publish_bulk(&f.broker.url()).await;
     for expected in &offsets {
         assert_eq!(message(next(&mut reading).await).offset, *expected);
     }

@@ -773,15 +773,20 @@ pub fn start_cluster(root: &Path, n: usize, env: &[(&str, &str)]) -> Result<Vec<
     }
 }
 
-fn start_cluster_once(root: &Path, n: usize, env: &[(&str, &str)]) -> Result<Vec<ClusterNode>> {
-    let ports = free_loopback_ports(n)?;
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let members = addrs
+/// The `cluster.members` value for voters 1, 2, … at `addrs`: `1=addr,2=addr,…`.
+pub fn static_members(addrs: &[String]) -> String {
+    addrs
         .iter()
         .enumerate()
         .map(|(i, a)| format!("{}={a}", i + 1))
         .collect::<Vec<_>>()
-        .join(",");
+        .join(",")
+}
+
+fn start_cluster_once(root: &Path, n: usize, env: &[(&str, &str)]) -> Result<Vec<ClusterNode>> {
+    let ports = free_loopback_ports(n)?;
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let members = static_members(&addrs);
     addrs
         .iter()
         .enumerate()
