@@ -92,9 +92,19 @@ pub(crate) struct UndoFile {
     started: std::sync::Mutex<Instant>,
 }
 
-/// This boot's id (Linux: `/proc/sys/kernel/random/boot_id`).
+/// Names a file to read the boot id from instead of the kernel's: the power-loss tests
+/// (`tests/e2e/power_loss.rs`) simulate a power cut on a disk of their own without rebooting the
+/// machine, and rewrite this file at each cut so the broker sees the new boot a real power loss
+/// would bring. Not for production: pointing it at a file that never changes would make the
+/// broker trust the undo log after a real power loss.
+const BOOT_ID_FILE_ENV: &str = "SWITCHBOARD_BOOT_ID_FILE";
+
+/// This boot's id (Linux: `/proc/sys/kernel/random/boot_id`, or the file
+/// `SWITCHBOARD_BOOT_ID_FILE` names).
 fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+    let path = std::env::var_os(BOOT_ID_FILE_ENV)
+        .map_or_else(|| "/proc/sys/kernel/random/boot_id".into(), std::path::PathBuf::from);
+    std::fs::read_to_string(path)
         .ok()
         .map(|id| id.trim().to_owned())
         .filter(|id| !id.is_empty())
