@@ -34,6 +34,17 @@ fn lazy_disks(root: &std::path::Path, n: u64) -> Option<Vec<LazyDisk>> {
         .collect()
 }
 
+/// Asserts that a broker restarted after a cut did not repair its state store in place from its
+/// undo log (which speaks only for a crash of the process) but rebuilt it from the snapshot and
+/// the log: because the cut emptied the never-synced undo log, or because it came from another
+/// boot (`SWITCHBOARD_BOOT_ID_FILE`) when a torn cut kept some of it.
+fn assert_seen_as_power_loss(what: &str, log: &str) {
+    assert!(
+        log.contains("rebuilding it from the snapshot and the log"),
+        "{what} did not rebuild its state store after the power cut: {log}"
+    );
+}
+
 /// The public URLs publishers cycle over; replaced when nodes restart on new ports.
 type Urls = Arc<RwLock<Vec<String>>>;
 
@@ -318,6 +329,9 @@ async fn a_power_cut_of_every_node_at_once_loses_no_acknowledged_message() {
             .unwrap_or_else(|e| panic!("node{} starts after the cut: {e:#}", node.id));
     }
     *urls.write().unwrap() = urls_of(&nodes);
+    for node in &nodes {
+        assert_seen_as_power_loss(&format!("node{}", node.id), &node.process().log());
+    }
 
     let mut all = Vec::new();
     for publisher in publishers {
@@ -377,6 +391,7 @@ async fn a_follower_losing_power_with_torn_writes_catches_up_and_loses_nothing()
         )
     });
     *urls.write().unwrap() = urls_of(&nodes);
+    assert_seen_as_power_loss("the follower", &nodes[follower].process().log());
 
     let mut all = Vec::new();
     for publisher in publishers {
@@ -456,6 +471,7 @@ async fn lone_node_cut(
     boot.next().unwrap();
     let broker = BrokerProcess::start_with_env(&disk.path, "127.0.0.1:0", &[], &env)
         .unwrap_or_else(|e| panic!("fsync={fsync}: the node starts after the cut: {e:#}"));
+    assert_seen_as_power_loss("the lone node", &broker.log());
     let (log, _) = stored(&broker.url()).await.unwrap();
     let acked = std::mem::take(&mut *acked.lock().unwrap());
     for (offset, payload, _) in &acked {

@@ -102,8 +102,15 @@ const BOOT_ID_FILE_ENV: &str = "SWITCHBOARD_BOOT_ID_FILE";
 /// This boot's id (Linux: `/proc/sys/kernel/random/boot_id`, or the file
 /// `SWITCHBOARD_BOOT_ID_FILE` names).
 fn boot_id() -> Option<String> {
-    let path = std::env::var_os(BOOT_ID_FILE_ENV)
-        .map_or_else(|| "/proc/sys/kernel/random/boot_id".into(), std::path::PathBuf::from);
+    boot_id_from(std::env::var_os(BOOT_ID_FILE_ENV))
+}
+
+/// The boot id in the file `file` names, or in the kernel's when `None`.
+fn boot_id_from(file: Option<std::ffi::OsString>) -> Option<String> {
+    let path = file.map_or_else(
+        || "/proc/sys/kernel/random/boot_id".into(),
+        std::path::PathBuf::from,
+    );
     std::fs::read_to_string(path)
         .ok()
         .map(|id| id.trim().to_owned())
@@ -334,6 +341,22 @@ mod tests {
         assert_eq!(undo.after_crash(Some(8)), AfterCrash::Undoable(Vec::new()));
         undo.replacing().unwrap();
         assert!(matches!(undo.after_crash(Some(8)), AfterCrash::Unknown(_)));
+    }
+
+    #[test]
+    fn the_boot_id_file_override_is_read_and_a_missing_one_gives_no_boot_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("boot_id");
+        std::fs::write(&file, "simulated-boot-2\n").unwrap();
+        assert_eq!(
+            boot_id_from(Some(file.into_os_string())),
+            Some("simulated-boot-2".to_owned())
+        );
+        // Unreadable: no boot id, so no crash is undone in place (the safe side).
+        assert_eq!(
+            boot_id_from(Some(dir.path().join("missing").into_os_string())),
+            None
+        );
     }
 
     #[test]
