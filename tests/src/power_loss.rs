@@ -38,8 +38,8 @@ use anyhow::{bail, Context, Result};
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 
 /// How long the kernel may cache names and attributes. Every change goes through this file
@@ -194,7 +194,9 @@ struct LazyFs {
 }
 
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    inner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn errno(e: &io::Error) -> Errno {
@@ -491,10 +493,7 @@ impl Filesystem for LazyFs {
     ) {
         let created = self.child(parent, name).and_then(|path| {
             let mut options = OpenOptions::new();
-            options
-                .read(true)
-                .write(true)
-                .mode(mode & !umask & 0o7777);
+            options.read(true).write(true).mode(mode & !umask & 0o7777);
             if flags & libc::O_EXCL != 0 {
                 options.create_new(true);
             } else {
@@ -727,8 +726,9 @@ impl LazyDisk {
         };
         let mut config = Config::default();
         config.mount_options = vec![MountOption::FSName("switchboard-lazy-disk".into())];
-        let session = fuser::spawn_mount(fs, &self.path, &config)
-            .with_context(|| format!("cannot mount a FUSE file system at {}", self.path.display()))?;
+        let session = fuser::spawn_mount(fs, &self.path, &config).with_context(|| {
+            format!("cannot mount a FUSE file system at {}", self.path.display())
+        })?;
         self.session = Some(session);
         // Mounted once a stat of the folder answers from the new file system.
         let deadline = std::time::Instant::now() + crate::DEADLINE;
@@ -802,7 +802,9 @@ impl LazyDisk {
                 .with_context(|| format!("cannot open {} to cut it", path.display()))?;
             let n = changes.len();
             // Changes [0, kept) survive whole; change `kept` (when there is one) in part.
-            let kept = rng.as_mut().map_or(0, |rng| rng.below(n as u64 + 1) as usize);
+            let kept = rng
+                .as_mut()
+                .map_or(0, |rng| rng.below(n as u64 + 1) as usize);
             for change in changes[kept..].iter().skip(1).rev() {
                 change.undo(&file)?;
                 report.undone += 1;
@@ -861,7 +863,7 @@ impl BootId {
             path: path.to_owned(),
             boots: 0,
         };
-        boot.next()?;
+        boot.new_boot()?;
         Ok(boot)
     }
 
@@ -869,7 +871,7 @@ impl BootId {
     ///
     /// # Errors
     /// The file cannot be written.
-    pub fn next(&mut self) -> Result<()> {
+    pub fn new_boot(&mut self) -> Result<()> {
         self.boots += 1;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -956,6 +958,10 @@ mod tests {
         let change = before_change(&file, 2, 8, 6).unwrap();
         file.write_all_at(b"XYZUVW", 2).unwrap();
         change.tear(&file, 3, true).unwrap();
-        assert_eq!(content(&file), b"abXYZ\0\0\0", "zero-filled past the kept bytes");
+        assert_eq!(
+            content(&file),
+            b"abXYZ\0\0\0",
+            "zero-filled past the kept bytes"
+        );
     }
 }
