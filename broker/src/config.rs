@@ -25,7 +25,12 @@ pub const ENV_PREFIX: &str = "SWITCHBOARD_";
 
 /// Environment variables with the prefix that are not settings (the `sb` client's, and the path of
 /// the config file itself), so they are not reported as unknown.
-const ENV_NOT_SETTINGS: &[&str] = &["SWITCHBOARD_URL", "SWITCHBOARD_CONFIG"];
+const ENV_NOT_SETTINGS: &[&str] = &[
+    "SWITCHBOARD_URL",
+    "SWITCHBOARD_CONFIG",
+    // Read by the state store's undo log (state/undo.rs), for the power-loss tests.
+    "SWITCHBOARD_BOOT_ID_FILE",
+];
 
 /// The broker's whole configuration. Field documentation lives in `config.default.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

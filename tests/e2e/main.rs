@@ -22,6 +22,7 @@ mod loops;
 mod malformed;
 mod observability;
 mod persistence;
+mod power_loss;
 mod pubsub;
 mod replay;
 mod response_size;

@@ -815,6 +815,7 @@ where
 pub mod compose;
 pub mod history;
 pub mod otlp;
+pub mod power_loss;
 pub mod strace;
 pub mod web;
 

@@ -92,9 +92,26 @@ pub(crate) struct UndoFile {
     started: std::sync::Mutex<Instant>,
 }
 
-/// This boot's id (Linux: `/proc/sys/kernel/random/boot_id`).
+/// Names a file to read the boot id from instead of the kernel's: the power-loss tests
+/// (`tests/e2e/power_loss.rs`) simulate a power cut on a disk of their own without rebooting the
+/// machine, and rewrite this file at each cut so the broker sees the new boot a real power loss
+/// would bring. Not for production: pointing it at a file that never changes would make the
+/// broker trust the undo log after a real power loss.
+const BOOT_ID_FILE_ENV: &str = "SWITCHBOARD_BOOT_ID_FILE";
+
+/// This boot's id (Linux: `/proc/sys/kernel/random/boot_id`, or the file
+/// `SWITCHBOARD_BOOT_ID_FILE` names).
 fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+    boot_id_from(std::env::var_os(BOOT_ID_FILE_ENV))
+}
+
+/// The boot id in the file `file` names, or in the kernel's when `None`.
+fn boot_id_from(file: Option<std::ffi::OsString>) -> Option<String> {
+    let path = file.map_or_else(
+        || "/proc/sys/kernel/random/boot_id".into(),
+        std::path::PathBuf::from,
+    );
+    std::fs::read_to_string(path)
         .ok()
         .map(|id| id.trim().to_owned())
         .filter(|id| !id.is_empty())
@@ -324,6 +341,22 @@ mod tests {
         assert_eq!(undo.after_crash(Some(8)), AfterCrash::Undoable(Vec::new()));
         undo.replacing().unwrap();
         assert!(matches!(undo.after_crash(Some(8)), AfterCrash::Unknown(_)));
+    }
+
+    #[test]
+    fn the_boot_id_file_override_is_read_and_a_missing_one_gives_no_boot_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("boot_id");
+        std::fs::write(&file, "simulated-boot-2\n").unwrap();
+        assert_eq!(
+            boot_id_from(Some(file.into_os_string())),
+            Some("simulated-boot-2".to_owned())
+        );
+        // Unreadable: no boot id, so no crash is undone in place (the safe side).
+        assert_eq!(
+            boot_id_from(Some(dir.path().join("missing").into_os_string())),
+            None
+        );
     }
 
     #[test]
