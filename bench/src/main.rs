@@ -15,6 +15,8 @@
 //! - `nats.rs`: the same workloads against NATS JetStream (`async-nats`);
 //! - `stalled.rs`: `--stalled`, the broker's memory with subscribers that never read (Switchboard
 //!   alone, no comparison).
+//! - `cluster.rs`: `--cluster`, the three-node workloads (W5) and each node's CPU per message
+//!   (Switchboard alone, no comparison).
 
 mod brokers;
 mod cluster;
