@@ -32,12 +32,18 @@ impl BrokerStats {
     }
 }
 
-/// A running broker process.
+/// A running broker: one process, or a cluster of several.
 pub trait Broker {
-    /// The URL its clients connect to.
-    fn url(&self) -> String;
-    /// Its peak RSS and CPU seconds so far.
+    /// What a workload is given to reach it: a URL, or a cluster's layout.
+    type Endpoint: Send + 'static;
+    fn endpoint(&self) -> Self::Endpoint;
+    /// Its peak RSS and CPU seconds so far (for a cluster: the CPU of all its nodes, the peak RSS
+    /// of the largest).
     fn stats(&self) -> anyhow::Result<BrokerStats>;
+    /// Each node's figures so far, by node name; empty for a single process.
+    fn node_stats(&self) -> Vec<(String, BrokerStats)> {
+        Vec::new()
+    }
     /// Stops it (SIGTERM, then SIGKILL after 10 s) and waits for it.
     fn stop(&mut self) -> impl std::future::Future<Output = ()>;
 }
@@ -182,9 +188,24 @@ impl SwitchboardBroker {
         fsync: &'static str,
         admin: bool,
     ) -> anyhow::Result<SwitchboardBroker> {
+        SwitchboardBroker::launch_with(binary, root, fsync, admin, &[], &[]).await
+    }
+
+    /// [`SwitchboardBroker::launch`] with extra arguments and `SWITCHBOARD_*` environment
+    /// variables (a cluster node's id, raft listener and members).
+    pub async fn launch_with(
+        binary: PathBuf,
+        root: PathBuf,
+        fsync: &'static str,
+        admin: bool,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<SwitchboardBroker> {
         let dir = data_dir(&root, "sb-bench-switchboard-")?;
         let log = std::fs::File::create(dir.path().join("broker.log"))?;
         let mut child = Command::new(&binary)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--admin-listen")
@@ -253,6 +274,11 @@ impl SwitchboardBroker {
         format!("http://{}", self.addr)
     }
 
+    /// Its public listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The admin listener's address, when it was started with one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
@@ -260,6 +286,11 @@ impl SwitchboardBroker {
 
     pub fn pid(&self) -> u32 {
         self.process.pid
+    }
+
+    /// Its peak RSS and CPU seconds so far.
+    pub fn stats(&self) -> anyhow::Result<BrokerStats> {
+        self.process.stats()
     }
 
     /// Stops it (SIGTERM, then SIGKILL after 10 s) and waits for it.
@@ -358,7 +389,9 @@ impl RunningBroker {
 }
 
 impl Broker for RunningBroker {
-    fn url(&self) -> String {
+    type Endpoint = String;
+
+    fn endpoint(&self) -> String {
         match self {
             RunningBroker::Switchboard(broker) => broker.url(),
             RunningBroker::Nats(server) => format!("nats://127.0.0.1:{}", server.port),
@@ -379,8 +412,22 @@ impl Broker for RunningBroker {
 
 /// A port free on the loopback interface right now.
 fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
-    Ok(listener.local_addr()?.port())
+    free_ports(1)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("no free port"))
+}
+
+/// `count` distinct ports free on the loopback interface right now (all bound at once, so none
+/// repeats).
+pub fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|listener| Ok(listener.local_addr()?.port()))
+        .collect()
 }
 
 pub async fn nats_version(binary: &Path) -> anyhow::Result<String> {

@@ -15,8 +15,11 @@
 //! - `nats.rs`: the same workloads against NATS JetStream (`async-nats`);
 //! - `stalled.rs`: `--stalled`, the broker's memory with subscribers that never read (Switchboard
 //!   alone, no comparison).
+//! - `cluster.rs`: `--cluster`, the three-node workloads (W5) and each node's CPU per message
+//!   (Switchboard alone, no comparison).
 
 mod brokers;
+mod cluster;
 mod nats;
 mod payload;
 mod sb;
@@ -40,7 +43,13 @@ use crate::brokers::{BrokerStats, NatsServer, SwitchboardBroker};
     about = "Runs the same workloads against Switchboard and NATS JetStream and prints them side by side",
     after_help = "Workloads: W1 persisted publish, W2 latency at a fixed rate (W2a exact, W2b wildcard),\n\
                   W3 fan-out, W4 entity updates with watchers. See docs/BENCHMARKS.md.\n\n\
-                  Example: switchboard-bench --quick --only W1,W3"
+                  With --cluster (Switchboard alone, three voters on loopback, --replicas learners):\n\
+                  W1 on one node (the reference), W5a-leader / W5a-follower W1's publisher sent to\n\
+                  the leader / to a follower, W5b W2a with the subscriber on another node than the\n\
+                  publisher, W5c W3 with the subscribers spread over the replicas (or the followers);\n\
+                  each node's CPU per acknowledged and per delivered message.\n\n\
+                  Examples: switchboard-bench --quick --only W1,W3\n\
+                  \x20         switchboard-bench --cluster --replicas 2 --rounds 3 --json w5.json"
 )]
 struct Args {
     /// The `switchboard` broker binary.
@@ -60,7 +69,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// Run only these workloads (comma-separated: W1, W2, W3, W4; W2a or W2b for one phase of W2).
+    /// Run only these workloads (comma-separated: W1, W2, W3, W4; W2a or W2b for one phase of W2;
+    /// with --cluster: W1, W5a (= W5a-leader + W5a-follower), W5b, W5c).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 
@@ -113,6 +123,18 @@ struct Args {
     /// quarter more (a broker without a bound can take the whole machine).
     #[arg(long, default_value_t = 12_288, requires = "stalled")]
     rss_cap_mib: u64,
+
+    /// Instead of the comparison, run the three-node workloads (W5) against a Switchboard cluster
+    /// of three voters on loopback, each with its own data folder under --data-root and
+    /// `--fsync always`; fresh nodes for every workload. NATS is not run. `--only`, `--rounds`,
+    /// `--quick`, `--size`, `--window` and `--json` apply.
+    #[arg(long, conflicts_with = "stalled")]
+    cluster: bool,
+
+    /// --cluster: also start this many read replicas (raft learners, added with the Cluster
+    /// AddLearner RPC); W5c's subscribers then go to them instead of the followers.
+    #[arg(long, default_value_t = 0, requires = "cluster", value_parser = clap::value_parser!(u8).range(0..=8))]
+    replicas: u8,
 }
 
 /// The size of each workload, full or `--quick`.
@@ -187,25 +209,25 @@ impl Plan {
 /// One figure of one run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Metric {
-    pub name: &'static str,
+    pub name: String,
     pub unit: &'static str,
     pub value: f64,
     pub higher_is_better: bool,
 }
 
 impl Metric {
-    pub fn higher(name: &'static str, unit: &'static str, value: f64) -> Metric {
+    pub fn higher(name: impl Into<String>, unit: &'static str, value: f64) -> Metric {
         Metric {
-            name,
+            name: name.into(),
             unit,
             value,
             higher_is_better: true,
         }
     }
 
-    pub fn lower(name: &'static str, unit: &'static str, value: f64) -> Metric {
+    pub fn lower(name: impl Into<String>, unit: &'static str, value: f64) -> Metric {
         Metric {
-            name,
+            name: name.into(),
             unit,
             value,
             higher_is_better: false,
@@ -220,11 +242,25 @@ pub struct Outcome {
     /// Remarks worth keeping with the numbers (messages refused, subscribers that did not catch
     /// up in time, ...).
     pub notes: Vec<String>,
+    /// Counts the cost per message is worked out from once the brokers' CPU is known:
+    /// `acknowledged`, and `delivered on NODE` in a cluster.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub counts: Vec<(String, u64)>,
+}
+
+impl Outcome {
+    /// The count named `name`, if the workload recorded one.
+    pub fn count(&self, name: &str) -> Option<u64> {
+        self.counts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, count)| *count)
+    }
 }
 
 /// One workload against one broker, with the broker's own consumption.
 #[derive(Clone, Debug, Serialize)]
-struct Run {
+pub(crate) struct Run {
     /// Which round this run belongs to, from 1.
     round: usize,
     workload: &'static str,
@@ -232,6 +268,9 @@ struct Run {
     outcome: Option<Outcome>,
     error: Option<String>,
     stats: Option<BrokerStats>,
+    /// A cluster's figures node by node (empty for a single broker).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    nodes: Vec<(String, BrokerStats)>,
     /// CPU seconds the benchmark process itself (the clients) used during the workload.
     client_cpu_seconds: Option<f64>,
     seconds: f64,
@@ -239,12 +278,14 @@ struct Run {
 
 /// One line of the side-by-side table.
 #[derive(Clone, Debug, Serialize)]
-struct Row {
+pub(crate) struct Row {
     workload: &'static str,
     metric: String,
     unit: &'static str,
     switchboard_variant: &'static str,
     switchboard: Option<f64>,
+    /// The lowest and highest of Switchboard's figures over the rounds.
+    switchboard_range: Option<(f64, f64)>,
     nats: Option<f64>,
     /// Switchboard's figure divided by NATS's (of the medians, when there are several rounds).
     ratio: Option<f64>,
@@ -265,23 +306,35 @@ const WORKLOADS: [(&str, &str); 5] = [
     ("W4", "entity updates with watchers"),
 ];
 
-fn selected(only: &[String]) -> anyhow::Result<BTreeSet<&'static str>> {
+/// The workloads of `workloads` that `only` names (all when it is empty). A name also chooses
+/// the workloads it is the start of: `W2` is W2a and W2b, `W5a` is W5a-leader and W5a-follower.
+pub(crate) fn selected(
+    only: &[String],
+    workloads: &[(&'static str, &str)],
+) -> anyhow::Result<BTreeSet<&'static str>> {
     if only.is_empty() {
-        return Ok(WORKLOADS.iter().map(|(id, _)| *id).collect());
+        return Ok(workloads.iter().map(|(id, _)| *id).collect());
     }
     let mut chosen = BTreeSet::new();
     for item in only {
         let item = item.trim().to_ascii_uppercase();
-        let matched: Vec<&'static str> = WORKLOADS
+        let matched: Vec<&'static str> = workloads
             .iter()
             .map(|(id, _)| *id)
             .filter(|id| {
                 let id = id.to_ascii_uppercase();
-                id == item || (item.len() == 2 && id.starts_with(&item))
+                // W1 is not the start of a W10.
+                id.strip_prefix(&item).is_some_and(|rest| {
+                    item.len() >= 2 && !rest.starts_with(|c: char| c.is_ascii_digit())
+                })
             })
             .collect();
         if matched.is_empty() {
-            bail!("unknown workload {item:?} (expected W1, W2, W2a, W2b, W3 or W4)");
+            let names: Vec<&str> = workloads.iter().map(|(id, _)| *id).collect();
+            bail!(
+                "unknown workload {item:?} (expected one of {})",
+                names.join(", ")
+            );
         }
         chosen.extend(matched);
     }
@@ -289,7 +342,7 @@ fn selected(only: &[String]) -> anyhow::Result<BTreeSet<&'static str>> {
 }
 
 /// Runs `workload` against a fresh broker started by `start`, then measures and stops the broker.
-async fn run_one<B, S, SF, W, WF>(
+pub(crate) async fn run_one<B, S, SF, W, WF>(
     workload: &'static str,
     broker: &'static str,
     limit: Duration,
@@ -300,7 +353,7 @@ where
     B: brokers::Broker,
     S: FnOnce() -> SF,
     SF: Future<Output = anyhow::Result<B>>,
-    W: FnOnce(String) -> WF,
+    W: FnOnce(B::Endpoint) -> WF,
     WF: Future<Output = anyhow::Result<Outcome>>,
 {
     eprintln!("[bench] {workload} on {broker}: starting the broker");
@@ -316,16 +369,18 @@ where
                 outcome: None,
                 error: Some(format!("cannot start the broker: {error:#}")),
                 stats: None,
+                nodes: Vec::new(),
                 client_cpu_seconds: None,
                 seconds: 0.0,
             };
         }
     };
-    let url = server.url();
+    let endpoint = server.endpoint();
     let baseline = server.stats().ok();
+    let node_baseline = server.node_stats();
     let client_baseline = brokers::process_stats(std::process::id()).ok();
     eprintln!("[bench] {workload} on {broker}: running (at most {limit:?})");
-    let result = match tokio::time::timeout(limit, work(url)).await {
+    let result = match tokio::time::timeout(limit, work(endpoint)).await {
         Ok(result) => result,
         Err(_elapsed) => Err(anyhow::anyhow!("did not finish within {limit:?}")),
     };
@@ -333,6 +388,17 @@ where
         Some(start) => end.since(start),
         None => end,
     });
+    let nodes: Vec<(String, BrokerStats)> = server
+        .node_stats()
+        .into_iter()
+        .map(|(node, end)| {
+            let used = match node_baseline.iter().find(|(n, _)| *n == node) {
+                Some((_, start)) => end.since(start),
+                None => end,
+            };
+            (node, used)
+        })
+        .collect();
     let client_cpu_seconds = match (
         client_baseline,
         brokers::process_stats(std::process::id()).ok(),
@@ -352,6 +418,7 @@ where
                 outcome: Some(outcome),
                 error: None,
                 stats,
+                nodes,
                 client_cpu_seconds,
                 seconds,
             }
@@ -365,6 +432,7 @@ where
                 outcome: None,
                 error: Some(format!("{error:#}")),
                 stats,
+                nodes,
                 client_cpu_seconds,
                 seconds,
             }
@@ -402,7 +470,14 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let plan = Plan::new(&args);
-    let chosen = selected(&args.only)?;
+    let chosen = selected(
+        &args.only,
+        if args.cluster {
+            &cluster::WORKLOADS
+        } else {
+            &WORKLOADS
+        },
+    )?;
     let data_root = args.data_root.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&data_root)
         .with_context(|| format!("cannot create {}", data_root.display()))?;
@@ -414,6 +489,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.stalled {
         return run_stalled(&args, data_root).await;
+    }
+    if args.cluster {
+        return cluster::run(&args, &plan, &chosen, data_root).await;
     }
     let nats_version = brokers::nats_version(&args.nats_server)
         .await
@@ -549,7 +627,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    let rows = rows(&runs);
+    let rows = rows(&runs, &WORKLOADS);
     print_table(&rows, &runs, &plan, args.quick);
     let failed = runs.iter().any(|run| run.error.is_some());
 
@@ -617,9 +695,9 @@ async fn run_stalled(args: &Args, data_root: PathBuf) -> anyhow::Result<()> {
 /// Pairs every Switchboard figure with NATS's figure for the same workload and metric, and adds
 /// the brokers' peak RSS and CPU seconds; with several rounds, each figure is the median of the
 /// rounds.
-fn rows(runs: &[Run]) -> Vec<Row> {
+pub(crate) fn rows(runs: &[Run], workloads: &[(&'static str, &str)]) -> Vec<Row> {
     let mut rows = Vec::new();
-    for (workload, _) in WORKLOADS {
+    for &(workload, _) in workloads {
         let of = |broker: &str| -> Vec<&Run> {
             runs.iter()
                 .filter(|run| run.workload == workload && run.broker == broker)
@@ -661,7 +739,7 @@ fn rows(runs: &[Run]) -> Vec<Row> {
                 .unwrap_or_default();
             for metric in metrics {
                 rows.push(side_by_side(
-                    metric.name.to_owned(),
+                    metric.name.clone(),
                     metric.unit,
                     metric.higher_is_better,
                     &|run| {
@@ -702,7 +780,7 @@ fn figures(runs: &[&Run], figure: &dyn Fn(&Run) -> Option<f64>) -> Figures {
 }
 
 /// The median of `values` (the mean of the middle two when their number is even).
-fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     let mut values: Vec<f64> = values.into_iter().collect();
     values.sort_by(f64::total_cmp);
     let middle = values.len() / 2;
@@ -724,6 +802,10 @@ fn row(
 ) -> Row {
     let switchboard_median = median(switchboard.iter().map(|(_, v)| *v));
     let nats_median = median(nats.iter().map(|(_, v)| *v));
+    let switchboard_range = switchboard.iter().fold(None, |range, (_, v)| match range {
+        None => Some((*v, *v)),
+        Some((low, high)) => Some((f64::min(low, *v), f64::max(high, *v))),
+    });
     let ratio = match (switchboard_median, nats_median) {
         (Some(s), Some(n)) if n != 0.0 => Some(s / n),
         _ => None,
@@ -746,6 +828,7 @@ fn row(
         unit,
         switchboard_variant,
         switchboard: switchboard_median,
+        switchboard_range,
         nats: nats_median,
         ratio,
         ratio_range,
@@ -753,7 +836,7 @@ fn row(
     }
 }
 
-fn format_value(value: Option<f64>) -> String {
+pub(crate) fn format_value(value: Option<f64>) -> String {
     match value {
         None => "—".to_owned(),
         Some(v) if v.abs() >= 1000.0 => group_thousands(v.round() as i64),
@@ -819,11 +902,7 @@ fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
             (Some(_), Some(_)) => "NATS",
             _ => "",
         };
-        let unit = if row.metric.contains(row.unit) {
-            String::new()
-        } else {
-            format!(" ({})", row.unit)
-        };
+        let unit = unit_suffix(&row.metric, row.unit);
         let range = if rounds {
             let range = row
                 .ratio_range
@@ -846,6 +925,11 @@ fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
             better
         );
     }
+    print_notes(runs, plan.rounds);
+}
+
+/// The notes and failures of every run, one line each, under the table.
+pub(crate) fn print_notes(runs: &[Run], rounds: usize) {
     let notes: Vec<String> = runs
         .iter()
         .flat_map(|run| {
@@ -858,7 +942,7 @@ fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
                         "- {} on {}{}: {note}",
                         run.workload,
                         run.broker,
-                        round_label(run.round, plan.rounds)
+                        round_label(run.round, rounds)
                     )
                 })
                 .collect();
@@ -867,7 +951,7 @@ fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
                     "- {} on {}{}: FAILED: {error}",
                     run.workload,
                     run.broker,
-                    round_label(run.round, plan.rounds)
+                    round_label(run.round, rounds)
                 ));
             }
             lines
@@ -878,6 +962,16 @@ fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
         for note in notes {
             println!("{note}");
         }
+    }
+}
+
+/// " (UNIT)" after a metric's name, unless the name already says it ("msgs/s"). A whole word
+/// must match: "first publish→last delivery" holds an "s" but not the unit "s".
+pub(crate) fn unit_suffix(metric: &str, unit: &str) -> String {
+    if metric.split([' ', ',', '(', ')']).any(|word| word == unit) {
+        String::new()
+    } else {
+        format!(" ({unit})")
     }
 }
 
@@ -896,15 +990,24 @@ mod tests {
 
     #[test]
     fn selection_accepts_groups_and_phases() {
-        let all = selected(&[]).unwrap();
-        assert_eq!(all.len(), 5);
-        let some = selected(&["W1".to_owned(), "w3".to_owned()]).unwrap();
-        assert_eq!(some.into_iter().collect::<Vec<_>>(), vec!["W1", "W3"]);
-        let w2 = selected(&["W2".to_owned()]).unwrap();
-        assert_eq!(w2.into_iter().collect::<Vec<_>>(), vec!["W2a", "W2b"]);
-        let w2b = selected(&["W2b".to_owned()]).unwrap();
-        assert_eq!(w2b.into_iter().collect::<Vec<_>>(), vec!["W2b"]);
-        assert!(selected(&["W9".to_owned()]).is_err());
+        let pick = |names: &[&str], workloads: &[(&'static str, &str)]| {
+            let only: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+            selected(&only, workloads).map(|set| set.into_iter().collect::<Vec<_>>())
+        };
+        assert_eq!(pick(&[], &WORKLOADS).unwrap().len(), 5);
+        assert_eq!(pick(&["W1", "w3"], &WORKLOADS).unwrap(), vec!["W1", "W3"]);
+        assert_eq!(pick(&["W2"], &WORKLOADS).unwrap(), vec!["W2a", "W2b"]);
+        assert_eq!(pick(&["W2b"], &WORKLOADS).unwrap(), vec!["W2b"]);
+        assert!(pick(&["W9"], &WORKLOADS).is_err());
+        assert!(pick(&["W"], &WORKLOADS).is_err());
+        assert_eq!(
+            pick(&["W5a"], &cluster::WORKLOADS).unwrap(),
+            vec!["W5a-follower", "W5a-leader"]
+        );
+        assert_eq!(pick(&["w5b"], &cluster::WORKLOADS).unwrap(), vec!["W5b"]);
+        // W1 does not choose a W10.
+        let with_ten = [("W1", ""), ("W10", "")];
+        assert_eq!(pick(&["W1"], &with_ten).unwrap(), vec!["W1"]);
     }
 
     #[test]
@@ -921,10 +1024,11 @@ mod tests {
             broker,
             outcome: Some(Outcome {
                 metrics: vec![Metric::higher("msgs/s", "msgs/s", rate)],
-                notes: Vec::new(),
+                ..Outcome::default()
             }),
             error: None,
             stats: None,
+            nodes: Vec::new(),
             client_cpu_seconds: None,
             seconds: 1.0,
         }
@@ -945,7 +1049,7 @@ mod tests {
                 ..run(3, "nats", 0.0)
             },
         ];
-        let rows = rows(&runs);
+        let rows = rows(&runs, &WORKLOADS);
         let rate = rows
             .iter()
             .find(|r| r.metric == "msgs/s")
@@ -954,6 +1058,7 @@ mod tests {
         assert_eq!(rate.nats, Some(175.0));
         assert_eq!(rate.ratio, Some(120.0 / 175.0));
         assert_eq!(rate.ratio_range, Some((0.5, 2.0)));
+        assert_eq!(rate.switchboard_range, Some((100.0, 300.0)));
         // Rows without figures on either side are still there, empty.
         let rss = rows
             .iter()
@@ -963,6 +1068,13 @@ mod tests {
             (rss.switchboard, rss.nats, rss.ratio_range),
             (None, None, None)
         );
+    }
+
+    #[test]
+    fn a_unit_is_added_unless_the_name_says_it() {
+        assert_eq!(unit_suffix("delivered msgs/s", "msgs/s"), "");
+        assert_eq!(unit_suffix("first publish→last delivery", "s"), " (s)");
+        assert_eq!(unit_suffix("CPU, all nodes", "s"), " (s)");
     }
 
     #[test]

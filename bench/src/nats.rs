@@ -222,7 +222,7 @@ pub async fn w2(
     let tally = publisher.finish().await?;
     let mut outcome = tally::latency_outcome(&tally::join(tasks).await?, total)?;
     payload::lateness_note(late_us, &mut outcome);
-    tally.notes(&mut outcome);
+    tally.annotate(&mut outcome);
     Ok(outcome)
 }
 
@@ -256,7 +256,7 @@ pub async fn w3(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
     expected_tx.send_replace(tally.acked);
     let received = tally::join(tasks).await?;
     let mut outcome = tally::fan_out_outcome(&received, tally.acked, publish_seconds, start_ns);
-    tally.notes(&mut outcome);
+    tally.annotate(&mut outcome);
     Ok(outcome)
 }
 

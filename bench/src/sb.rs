@@ -123,9 +123,11 @@ pub async fn w1(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
     Ok(tally.throughput(start.elapsed(), plan.size))
 }
 
-/// `count` subscribers on `pattern`, each on its own connection, live when this returns.
+/// `count` subscribers on `pattern`, each on its own connection, live when this returns. They
+/// are spread over `urls` in turn (subscriber `i` on `urls[i % urls.len()]`: several nodes of a
+/// cluster).
 pub(crate) async fn subscribers(
-    url: &str,
+    urls: &[String],
     pattern: &str,
     count: usize,
     expected: &watch::Receiver<u64>,
@@ -133,7 +135,7 @@ pub(crate) async fn subscribers(
     deadline: Instant,
 ) -> anyhow::Result<Vec<ReaderTask>> {
     let mut tasks = Vec::with_capacity(count);
-    for _ in 0..count {
+    for url in urls.iter().cycle().take(count) {
         let client = connect(url).await?;
         let subscription = client
             .subscribe_with(pattern, Start::Latest, subscribe_options())
@@ -171,13 +173,25 @@ pub async fn w2(
     subscriber_count: usize,
     wildcard: bool,
 ) -> anyhow::Result<Outcome> {
+    w2_across(url, url, plan, subscriber_count, wildcard).await
+}
+
+/// W2 with the publisher on `publish_url` and the subscribers on `subscribe_url` (another node
+/// of a cluster, in W5b).
+pub async fn w2_across(
+    publish_url: &str,
+    subscribe_url: &str,
+    plan: &Plan,
+    subscriber_count: usize,
+    wildcard: bool,
+) -> anyhow::Result<Outcome> {
     let (warm, total) = plan.w2_counts();
     let channel = "bench.w2.events";
     let pattern = if wildcard { "bench.w2.*" } else { channel };
     let deadline = Instant::now() + plan.w2_warmup + plan.w2_duration + Duration::from_secs(15);
     let (_expected_tx, expected) = watch::channel(total);
     let tasks = subscribers(
-        url,
+        &[subscribe_url.to_owned()],
         pattern,
         subscriber_count,
         &expected,
@@ -185,7 +199,7 @@ pub async fn w2(
         deadline,
     )
     .await?;
-    let client = connect(url).await?;
+    let client = connect(publish_url).await?;
     let stream = Windowed::open(&client, plan.window);
     let size = plan.size;
     let late_us = payload::paced(total, plan.w2_rate, |seq| {
@@ -196,7 +210,7 @@ pub async fn w2(
     let tally = stream.finish().await?;
     let mut outcome = tally::latency_outcome(&tally::join(tasks).await?, total)?;
     payload::lateness_note(late_us, &mut outcome);
-    tally.notes(&mut outcome);
+    tally.annotate(&mut outcome);
     Ok(outcome)
 }
 
@@ -204,10 +218,21 @@ pub async fn w2(
 /// `w3_duration`; deliveries per second until every subscriber has every message (or the drain
 /// time is up).
 pub async fn w3(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    Ok(w3_spread(url, &[url.to_owned()], plan).await?.0)
+}
+
+/// W3 with the publisher on `publish_url` and the subscribers spread over `subscribe_urls` (the
+/// followers or replicas of a cluster, in W5c). Also returns how many messages the subscribers
+/// on each of `subscribe_urls` received, in the same order.
+pub async fn w3_spread(
+    publish_url: &str,
+    subscribe_urls: &[String],
+    plan: &Plan,
+) -> anyhow::Result<(Outcome, Vec<u64>)> {
     let deadline = Instant::now() + plan.w3_duration + plan.w3_drain + Duration::from_secs(5);
     let (expected_tx, expected) = watch::channel(u64::MAX);
     let tasks = subscribers(
-        url,
+        subscribe_urls,
         "bench.w3.*",
         plan.w3_subscribers,
         &expected,
@@ -215,7 +240,7 @@ pub async fn w3(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
         deadline,
     )
     .await?;
-    let client = connect(url).await?;
+    let client = connect(publish_url).await?;
     let stream = Windowed::open(&client, plan.window);
     let start_ns = now_ns();
     let start = Instant::now();
@@ -229,8 +254,15 @@ pub async fn w3(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
     expected_tx.send_replace(tally.acked);
     let received = tally::join(tasks).await?;
     let mut outcome = tally::fan_out_outcome(&received, tally.acked, publish_seconds, start_ns);
-    tally.notes(&mut outcome);
-    Ok(outcome)
+    tally.annotate(&mut outcome);
+    // Subscriber `i` was on `subscribe_urls[i % len]`.
+    let mut per_url = vec![0u64; subscribe_urls.len()];
+    for (i, reader) in received.iter().enumerate() {
+        if let Some(count) = per_url.get_mut(i % subscribe_urls.len().max(1)) {
+            *count += reader.count;
+        }
+    }
+    Ok((outcome, per_url))
 }
 
 /// W4: `w4_writers` concurrent writers update `w4_entities` contacts (`UpdateEntity`, each writer

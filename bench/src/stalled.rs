@@ -178,7 +178,15 @@ async fn measure(
     let messages = plan.messages();
     let (expected_tx, expected) = watch::channel(u64::MAX);
     let reader_deadline = Instant::now() + Duration::from_secs(600);
-    let reader = crate::sb::subscribers(&url, PATTERN, 1, &expected, None, reader_deadline).await?;
+    let reader = crate::sb::subscribers(
+        std::slice::from_ref(&url),
+        PATTERN,
+        1,
+        &expected,
+        None,
+        reader_deadline,
+    )
+    .await?;
 
     eprintln!("[membench] publishing {messages} messages");
     let client = Client::connect(url.clone())

@@ -53,12 +53,14 @@ impl AckTally {
         outcome
             .metrics
             .extend(payload::latency_metrics(&self.latency, ACK_LATENCY));
-        self.notes(&mut outcome);
+        self.annotate(&mut outcome);
         outcome
     }
 
-    /// Adds a note to `outcome` when publishes failed.
-    pub fn notes(&self, outcome: &mut Outcome) {
+    /// Adds the acknowledged count to `outcome` (the cost per message is worked out from it), and
+    /// a note when publishes failed.
+    pub fn annotate(&self, outcome: &mut Outcome) {
+        outcome.counts.push(("acknowledged".to_owned(), self.acked));
         if self.failed > 0 {
             outcome.notes.push(format!(
                 "{} publishes {} (first: {})",
