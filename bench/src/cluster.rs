@@ -302,7 +302,7 @@ async fn w5(workload: &str, layout: Layout, plan: &Plan) -> anyhow::Result<Outco
                 .first()
                 .map(|node| node.url.clone())
                 .ok_or_else(|| anyhow!("no node to subscribe on"))?;
-            sb::w2_across(&leader, &reader, plan, 1, false).await
+            sb::w2_across(&leader, &reader, plan, 1, false, false).await
         }
         "W5c" => w5c(layout, plan).await,
         other => bail!("no three-node workload {other}"),

@@ -41,8 +41,8 @@ use crate::brokers::{BrokerStats, NatsServer, SwitchboardBroker};
 #[command(
     name = "switchboard-bench",
     about = "Runs the same workloads against Switchboard and NATS JetStream and prints them side by side",
-    after_help = "Workloads: W1 persisted publish, W2 latency at a fixed rate (W2a exact, W2b wildcard),\n\
-                  W3 fan-out, W4 entity updates with watchers. See docs/BENCHMARKS.md.\n\n\
+    after_help = "Workloads: W1 persisted publish, W2 latency at a fixed rate (W2a exact, W2b wildcard,\n\
+                  W2e ephemeral messages against core NATS), W3 fan-out, W4 entity updates with watchers. See docs/BENCHMARKS.md.\n\n\
                   With --cluster (Switchboard alone, three voters on loopback, --replicas learners):\n\
                   W1 on one node (the reference), W5a-leader / W5a-follower W1's publisher sent to\n\
                   the leader / to a follower, W5b W2a with the subscriber on another node than the\n\
@@ -69,7 +69,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// Run only these workloads (comma-separated: W1, W2, W3, W4; W2a or W2b for one phase of W2;
+    /// Run only these workloads (comma-separated: W1, W2, W3, W4; W2a, W2b or W2e for one phase of W2;
     /// with --cluster: W1, W5a (= W5a-leader + W5a-follower), W5b, W5c).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -295,13 +295,17 @@ pub(crate) struct Row {
     higher_is_better: bool,
 }
 
-const WORKLOADS: [(&str, &str); 5] = [
+const WORKLOADS: [(&str, &str); 6] = [
     ("W1", "persisted publish"),
     (
         "W2a",
         "latency at 5,000 msgs/s, 1 subscriber, exact channel",
     ),
     ("W2b", "latency at 5,000 msgs/s, 10 subscribers, wildcard"),
+    (
+        "W2e",
+        "latency at 5,000 msgs/s, 1 subscriber: ephemeral messages vs core NATS",
+    ),
     ("W3", "fan-out to subscribers on a wildcard"),
     ("W4", "entity updates with watchers"),
 ];
@@ -576,6 +580,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
             runs.push(
                 run_one(id, "nats", limit, nats(), move |url| async move {
                     nats::w2(&url, &p, subscribers, wildcard).await
+                })
+                .await,
+            );
+        }
+        if chosen.contains("W2e") {
+            let limit = plan.w2_warmup + plan.w2_duration + Duration::from_secs(60);
+            let p = plan.clone();
+            runs.push(
+                run_one(
+                    "W2e",
+                    "switchboard",
+                    limit,
+                    sb("always"),
+                    move |url| async move { sb::w2_ephemeral(&url, &p).await },
+                )
+                .await,
+            );
+            let p = plan.clone();
+            runs.push(
+                run_one("W2e", "nats", limit, nats(), move |url| async move {
+                    nats::w2_core(&url, &p).await
                 })
                 .await,
             );
@@ -994,9 +1019,12 @@ mod tests {
             let only: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
             selected(&only, workloads).map(|set| set.into_iter().collect::<Vec<_>>())
         };
-        assert_eq!(pick(&[], &WORKLOADS).unwrap().len(), 5);
+        assert_eq!(pick(&[], &WORKLOADS).unwrap().len(), WORKLOADS.len());
         assert_eq!(pick(&["W1", "w3"], &WORKLOADS).unwrap(), vec!["W1", "W3"]);
-        assert_eq!(pick(&["W2"], &WORKLOADS).unwrap(), vec!["W2a", "W2b"]);
+        assert_eq!(
+            pick(&["W2"], &WORKLOADS).unwrap(),
+            vec!["W2a", "W2b", "W2e"]
+        );
         assert_eq!(pick(&["W2b"], &WORKLOADS).unwrap(), vec!["W2b"]);
         assert!(pick(&["W9"], &WORKLOADS).is_err());
         assert!(pick(&["W"], &WORKLOADS).is_err());

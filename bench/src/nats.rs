@@ -226,6 +226,46 @@ pub async fn w2(
     Ok(outcome)
 }
 
+/// W2e: W2a over core NATS — publish and subscribe with no JetStream, nothing stored, at most
+/// once: what Switchboard's ephemeral messages compare with.
+pub async fn w2_core(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    let (warm, total) = plan.w2_counts();
+    let subject = "bench.w2.events";
+    let deadline = Instant::now() + plan.w2_warmup + plan.w2_duration + Duration::from_secs(15);
+    let (_expected_tx, expected) = watch::channel(total);
+    let subscriber = connect(url).await?;
+    let messages = subscriber.subscribe(subject).await?;
+    // The subscription is on the server once a round trip after it is done.
+    subscriber.flush().await?;
+    let reader = tokio::spawn(async move {
+        let _client = subscriber;
+        tally::receive(
+            messages,
+            |message| Ok(Seen::Delivery(payload::decode(&message.payload))),
+            expected,
+            Some(warm),
+            deadline,
+        )
+        .await
+    });
+    let client = connect(url).await?;
+    let size = plan.size;
+    let late_us = payload::paced(total, plan.w2_rate, |seq| {
+        let client = &client;
+        async move {
+            client
+                .publish(subject, payload::encode(seq, now_ns(), size))
+                .await
+                .context("NATS publish failed")
+        }
+    })
+    .await?;
+    client.flush().await?;
+    let mut outcome = tally::latency_outcome(&tally::join(vec![reader]).await?, total)?;
+    payload::lateness_note(late_us, &mut outcome);
+    Ok(outcome)
+}
+
 /// W3: as Switchboard's, with JetStream publish and ordered consumers.
 pub async fn w3(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
     let client = connect(url).await?;

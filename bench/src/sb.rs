@@ -36,6 +36,8 @@ fn subscribe_options() -> SubscribeOptions {
 /// free slot, and a task reads the acks (one per message, in order), recording their latency.
 pub(crate) struct Windowed {
     publisher: Publisher,
+    /// Whether the messages are ephemeral (delivered at once, never stored; acked with offset 0).
+    ephemeral: bool,
     slots: Arc<Semaphore>,
     sent_at: Arc<Mutex<VecDeque<u64>>>,
     reader: tokio::task::JoinHandle<anyhow::Result<AckTally>>,
@@ -43,6 +45,11 @@ pub(crate) struct Windowed {
 
 impl Windowed {
     pub(crate) fn open(client: &Client, window: usize) -> Windowed {
+        Windowed::open_with(client, window, false)
+    }
+
+    /// [`Windowed::open`], sending ephemeral messages when `ephemeral`.
+    pub(crate) fn open_with(client: &Client, window: usize, ephemeral: bool) -> Windowed {
         let (publisher, acks) = client.publisher(window);
         let slots = Arc::new(Semaphore::new(window));
         let sent_at = Arc::new(Mutex::new(VecDeque::with_capacity(window)));
@@ -59,6 +66,7 @@ impl Windowed {
         });
         Windowed {
             publisher,
+            ephemeral,
             slots,
             sent_at,
             reader,
@@ -72,8 +80,12 @@ impl Windowed {
             .lock()
             .map_err(|_| anyhow!("a lock was poisoned"))?
             .push_back(sent);
+        let mut message = Publish::new(channel, payload::encode(seq, sent, size));
+        if self.ephemeral {
+            message = message.ephemeral();
+        }
         self.publisher
-            .send(Publish::new(channel, payload::encode(seq, sent, size)))
+            .send(message)
             .await
             .context("the publish stream closed")
     }
@@ -173,7 +185,12 @@ pub async fn w2(
     subscriber_count: usize,
     wildcard: bool,
 ) -> anyhow::Result<Outcome> {
-    w2_across(url, url, plan, subscriber_count, wildcard).await
+    w2_across(url, url, plan, subscriber_count, wildcard, false).await
+}
+
+/// W2e: W2a with ephemeral messages (delivered at once to live subscribers, never stored).
+pub async fn w2_ephemeral(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    w2_across(url, url, plan, 1, false, true).await
 }
 
 /// W2 with the publisher on `publish_url` and the subscribers on `subscribe_url` (another node
@@ -184,6 +201,7 @@ pub async fn w2_across(
     plan: &Plan,
     subscriber_count: usize,
     wildcard: bool,
+    ephemeral: bool,
 ) -> anyhow::Result<Outcome> {
     let (warm, total) = plan.w2_counts();
     let channel = "bench.w2.events";
@@ -200,7 +218,7 @@ pub async fn w2_across(
     )
     .await?;
     let client = connect(publish_url).await?;
-    let stream = Windowed::open(&client, plan.window);
+    let stream = Windowed::open_with(&client, plan.window, ephemeral);
     let size = plan.size;
     let late_us = payload::paced(total, plan.w2_rate, |seq| {
         let stream = &stream;
