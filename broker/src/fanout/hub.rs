@@ -56,6 +56,9 @@ struct MailboxState {
     slow_switches: u64,
     /// Ephemeral messages waiting, oldest first (at most [`EPHEMERAL_QUEUE`]).
     ephemeral: VecDeque<Arc<SharedMessage>>,
+    /// Ephemeral messages were taken last: when both kinds wait, stored ones go next, so a
+    /// steady stream of ephemeral messages cannot hold stored ones back until they overflow.
+    stored_next: bool,
 }
 
 /// A mailbox's accounting, for `ListSubscriptions`.
@@ -108,11 +111,16 @@ impl Mailbox {
         loop {
             {
                 let mut state = self.lock();
-                // First: an ephemeral message is worth something only now.
-                if !state.ephemeral.is_empty() {
+                // An ephemeral message is worth something only now, so it goes first — but
+                // in turns with stored ones when both wait.
+                let stored_waits = !state.queue.is_empty();
+                let stored_turn = state.stored_next && stored_waits;
+                if !state.ephemeral.is_empty() && !stored_turn {
+                    state.stored_next = true;
                     return MailboxItems::Ephemeral(state.ephemeral.drain(..).collect());
                 }
-                if !state.queue.is_empty() {
+                state.stored_next = false;
+                if stored_waits {
                     state.bytes = 0;
                     return MailboxItems::Messages(state.queue.drain(..).collect());
                 }
@@ -446,5 +454,20 @@ mod tests {
             matches!(takes.mailbox.next().await, MailboxItems::Messages(m) if m[0].offset == 1)
         );
         assert!(matches!(refuses.mailbox.next().await, MailboxItems::Messages(m) if m.len() == 1));
+        // Both kinds waiting: they take turns, so stored messages are not held back.
+        hub.dispatch(&[msg(2, "a.b")]);
+        hub.dispatch_ephemeral(&msg(0, "a.b"));
+        assert!(matches!(
+            takes.mailbox.next().await,
+            MailboxItems::Ephemeral(_)
+        ));
+        hub.dispatch_ephemeral(&msg(0, "a.b"));
+        assert!(
+            matches!(takes.mailbox.next().await, MailboxItems::Messages(m) if m[0].offset == 2)
+        );
+        assert!(matches!(
+            takes.mailbox.next().await,
+            MailboxItems::Ephemeral(_)
+        ));
     }
 }
