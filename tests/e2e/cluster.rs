@@ -1012,10 +1012,18 @@ async fn membership_changes_retried_across_a_leader_kill_are_answered_with_the_s
     // Promote, and the promote retried: both answer with node 4 a voter (three of the four voters
     // are alive, a majority).
     for attempt in ["first", "retried"] {
-        let promoted = survivor
-            .cluster_promote(4)
-            .await
-            .unwrap_or_else(|e| panic!("the {attempt} promote: {e}"));
+        // The new leader may still be committing a membership change of its own (the learner
+        // re-replicated, an address announced): openraft then refuses another one for a moment
+        // ("already undergoing a configuration change"), a refusal to retry, not an answer.
+        let promoted = eventually("a promote not refused for a change in progress", || async {
+            match survivor.cluster_promote(4).await {
+                Err(e) if e.to_string().contains("undergoing a configuration change") => None,
+                answer => Some(answer),
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the {attempt} promote: {e}"));
         let four = promoted.nodes.iter().find(|n| n.id == 4).unwrap();
         // A voter (the leader, should it have won an election since, is one too).
         assert!(
