@@ -298,6 +298,21 @@ impl Pattern {
         parts.next().is_none()
     }
 
+    /// How specific the pattern is, as a key that sorts the more specific pattern higher: its
+    /// segments from the left, a literal above `*` above `>`, a longer pattern above its own
+    /// prefix. Of two patterns matching the same channel, the one naming a segment literally where
+    /// the other has a wildcard wins (`crm.contact.*` over `crm.*.updated` over `crm.>` over `>`).
+    pub fn specificity(&self) -> Vec<u8> {
+        self.segments
+            .iter()
+            .map(|segment| match segment {
+                Segment::Literal(_) => 2,
+                Segment::Single => 1,
+                Segment::Tail => 0,
+            })
+            .collect()
+    }
+
     /// Whether some channel can match it. Channels have at least two segments, so a pattern of
     /// one segment matches nothing unless it is `>` (every channel). The grammar accepts such a
     /// pattern (a grant naming one is harmless); a subscription refuses it rather than wait

@@ -53,6 +53,7 @@ pub struct Config {
     pub history: History,
     pub loops: Loops,
     pub entities: Entities,
+    pub schemas: Schemas,
     pub publish_stream: PublishStream,
     pub gateway: Gateway,
     pub tracing: Tracing,
@@ -329,6 +330,16 @@ pub struct Loops {
 pub struct Entities {
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Schemas {
+    pub max_registrations: usize,
+    pub max_document_bytes: usize,
+    pub compatibility_sample: usize,
+    pub drift_events_per_second: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -833,6 +844,18 @@ impl Config {
         }
         if self.entities.max_clock_skew > Duration::from_secs(24 * 3600) {
             return invalid("entities.max_clock_skew", "must be at most 24 hours");
+        }
+        if self.schemas.max_registrations == 0 || self.schemas.max_registrations > 65536 {
+            return invalid("schemas.max_registrations", "must be between 1 and 65536");
+        }
+        if !(1024..=16 << 20).contains(&self.schemas.max_document_bytes) {
+            return invalid(
+                "schemas.max_document_bytes",
+                "must be between 1024 and 16777216",
+            );
+        }
+        if self.schemas.compatibility_sample > 100_000 {
+            return invalid("schemas.compatibility_sample", "must be at most 100000");
         }
         if self.publish_stream.max_unacked == 0 || self.publish_stream.max_unacked > 65536 {
             return invalid("publish_stream.max_unacked", "must be between 1 and 65536");

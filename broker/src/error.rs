@@ -169,6 +169,11 @@ pub enum BrokerError {
         /// The offset the next published message gets, on the node that answered.
         next_offset: u64,
     },
+    /// The payload does not match the schema registered for its channel, or its schema version
+    /// is unknown there, under `enforce` (docs/SCHEMAS.md). INVALID_ARGUMENT, with the schema and
+    /// the first failures in the metadata.
+    #[error("{0}")]
+    Schema(Box<crate::schema::Mismatch>),
     /// The embedded store failed. INTERNAL.
     #[error("storage failure: {0}")]
     Storage(String),
@@ -215,6 +220,7 @@ impl BrokerError {
             BrokerError::NoQuorum { .. } => Reason::NoQuorum,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::StartBeyondEnd { .. } => Reason::StartBeyondEnd,
+            BrokerError::Schema(mismatch) => mismatch.reason(),
             BrokerError::Storage(_) => Reason::StorageFailure,
             BrokerError::Corrupt(_) => Reason::DataCorrupt,
             BrokerError::Consensus(_) => Reason::ConsensusFailure,
@@ -257,6 +263,7 @@ fn denied_reason(e: &PermissionDenied) -> Reason {
         }
         PermissionDenied::EntityUpdate { .. } => Reason::EntityUpdateDenied,
         PermissionDenied::Admin => Reason::AdminDenied,
+        PermissionDenied::Schema => Reason::SchemaDenied,
         PermissionDenied::ConsumerNotOwned { .. } => Reason::ConsumerNotOwned,
     }
 }
@@ -300,7 +307,7 @@ impl BrokerError {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            BrokerError::Invalid { .. } => Code::InvalidArgument,
+            BrokerError::Invalid { .. } | BrokerError::Schema(_) => Code::InvalidArgument,
             BrokerError::LoopDetected { .. }
             | BrokerError::StaleUpdate { .. }
             | BrokerError::ClockSkew { .. } => Code::FailedPrecondition,
@@ -342,10 +349,15 @@ const MAX_ECHO: usize = 100;
 /// A client string as quoted in an error or an audit line: at most [`MAX_ECHO`] bytes, cut on a
 /// char boundary (and then ending in `…`).
 pub(crate) fn shorten(s: &str) -> String {
-    if s.len() <= MAX_ECHO {
+    shorten_to(s, MAX_ECHO)
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary), marked with `…` when cut.
+pub(crate) fn shorten_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_owned();
     }
-    let mut end = MAX_ECHO;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

@@ -20,7 +20,8 @@
 //! of the state or the hub; the state announces applied messages through [`state::Announce`],
 //! which the hub implements; [`server`] wires them.
 //!
-//! Beside the path: [`cluster`] (raft between nodes, forwarding, membership admin), [`security`]
+//! Beside the path: [`cluster`] (raft between nodes, forwarding, membership admin), [`schema`]
+//! (payload schemas: the registry the edge checks publishes against, drift), [`security`]
 //! (tokens, permissions, origins, rate limits, client credentials), [`transport`] (TLS, the
 //! connection bounds, what connections hold for clients that stop reading), [`observability`] (metrics, health, console, traces, audit log).
 //! Shared types: [`message`] (messages and the commands the log carries), [`channel`] (grammar and
@@ -43,6 +44,7 @@ pub(crate) mod gateway;
 pub(crate) mod message;
 pub(crate) mod observability;
 pub(crate) mod raft;
+pub(crate) mod schema;
 pub(crate) mod security;
 pub mod server;
 pub mod shutdown;

@@ -231,17 +231,72 @@ pub enum Item {
     Entity(EntityWrite),
     /// Open, acknowledge or delete a durable consumer.
     Consumer(ConsumerWrite),
+    /// Register or remove a payload schema ([`crate::schema`]). Last: bincode names variants by
+    /// position, so entries written before schemas existed still read.
+    Schema(SchemaWrite),
+}
+
+/// How a registered schema treats a message that does not match it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SchemaPolicy {
+    /// Refuse the message (`SCHEMA_MISMATCH`), and announce the drift.
+    Enforce,
+    /// Store the message, and announce the drift.
+    Warn,
+    /// Check nothing: the registration is kept (for `Check` and for a later policy change).
+    Off,
+}
+
+/// A schema as the registry keeps it: the document, how it is enforced, and who put it there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaRecord {
+    /// The JSON Schema document (draft 2020-12 or draft 7), as the registrant sent it.
+    pub document: String,
+    /// How it is enforced.
+    pub policy: SchemaPolicy,
+    /// When it was registered, µs since the epoch (leader's time).
+    pub registered_at_us: u64,
+    /// Who registered it; `None` when nobody authenticated did.
+    pub registered_by: Option<Owner>,
+}
+
+/// A change to the schema registry.
+///
+/// In the replicated log as bincode: variants keep their places, and new ones go last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SchemaWrite {
+    /// Registers `document` for `pattern` at `version`, replacing what that pair held.
+    Put {
+        /// The channel pattern it applies to.
+        pattern: String,
+        /// Its version, semver (`1.2.0`).
+        version: String,
+        /// The document, already compiled once at the edge (apply stores it as it is).
+        document: String,
+        /// How it is enforced.
+        policy: SchemaPolicy,
+        /// Who registers it.
+        registered_by: Option<Owner>,
+    },
+    /// Removes the registration of `pattern` at `version`.
+    Delete {
+        /// The channel pattern.
+        pattern: String,
+        /// The version.
+        version: String,
+    },
 }
 
 impl Item {
     /// Whether the item is admitted even when the disk is nearly full
-    /// ([`crate::write::admission`]): an entity delete frees room, and durable consumer writes are
-    /// small and keep subscriptions going.
+    /// ([`crate::write::admission`]): an entity or schema delete frees room, and durable consumer
+    /// writes are small and keep subscriptions going.
     pub(crate) fn needs_no_room(&self) -> bool {
         match self {
             Item::Publish(_) => false,
             Item::Entity(w) => matches!(w.change, crate::entity::Change::Delete),
             Item::Consumer(_) => true,
+            Item::Schema(w) => matches!(w, SchemaWrite::Delete { .. }),
         }
     }
 
@@ -257,6 +312,15 @@ impl Item {
                 w.entity_type.len() + w.id.len() + w.stamp.writer.len() + fields + 64
             }
             Item::Consumer(_) => 128,
+            Item::Schema(SchemaWrite::Put {
+                pattern,
+                version,
+                document,
+                ..
+            }) => pattern.len() + version.len() + document.len() + 128,
+            Item::Schema(SchemaWrite::Delete { pattern, version }) => {
+                pattern.len() + version.len() + 64
+            }
         }
     }
 }
@@ -344,6 +408,11 @@ pub(crate) enum ItemOutcome {
     Consumer(Option<ConsumerState>),
     /// Refused.
     Refused(Refusal),
+    /// A schema write was applied: whether the registration existed before it.
+    Schema {
+        /// The pattern and version held a registration before this write.
+        existed: bool,
+    },
 }
 
 /// What applying a [`Command`] produced, returned to whoever proposed it.

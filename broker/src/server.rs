@@ -16,6 +16,7 @@ use switchboard_proto::v1::auth_server::AuthServer;
 use switchboard_proto::v1::broker_server::BrokerServer;
 use switchboard_proto::v1::cluster_server::ClusterServer;
 use switchboard_proto::v1::entities_server::EntitiesServer;
+use switchboard_proto::v1::schema_service_server::SchemaServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
@@ -36,6 +37,7 @@ use crate::config::Config;
 use crate::edge::auth::{Gate, GateInterceptor};
 use crate::edge::entities::EntitiesService;
 use crate::edge::grpc_guard::GrpcGuard;
+use crate::edge::schemas::SchemasService;
 use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
 use crate::edge::BrokerService;
@@ -45,6 +47,7 @@ use crate::fanout::hub::Hub;
 use crate::gateway::Gateway;
 use crate::observability::{admin, metrics};
 use crate::raft;
+use crate::schema::drift::DriftReporter;
 use crate::shutdown::{self, ShutdownSignal, ShutdownTrigger};
 use crate::state::sled_sync::SledSync;
 use crate::state::store::MessageStore;
@@ -80,10 +83,11 @@ const RATE_LIMIT_SWEEP: Duration = Duration::from_secs(30);
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 /// The services whose gRPC health is reported; "" is the whole server.
-const HEALTH_SERVICES: [&str; 4] = [
+const HEALTH_SERVICES: [&str; 5] = [
     "",
     <BrokerServer<BrokerService> as NamedService>::NAME,
     <EntitiesServer<EntitiesService> as NamedService>::NAME,
+    <SchemaServiceServer<SchemasService> as NamedService>::NAME,
     <AuthServer<AuthService> as NamedService>::NAME,
 ];
 
@@ -236,6 +240,13 @@ impl Broker {
             ),
             None => Broadcaster::local(consensus.hub.clone()),
         };
+        // Schema drift is announced through the log, as the broker's own publishes.
+        let drift = DriftReporter::start(
+            proposer.clone(),
+            config.node_id,
+            config.schemas.drift_events_per_second,
+            signal.clone(),
+        );
         let service = BrokerService::new(
             Arc::clone(&config),
             proposer,
@@ -246,6 +257,7 @@ impl Broker {
             signal.clone(),
             Arc::clone(&gate),
             ephemeral,
+            drift,
         );
         spawn_rate_limit_sweep(Arc::clone(&gate), signal.clone());
         // What the public listener's connections hold for their clients, bounded broker-wide.
@@ -333,6 +345,10 @@ impl Broker {
             EntitiesServer::new(service.entities()).max_decoding_message_size(max_message),
             interceptor.clone(),
         );
+        let schemas = InterceptedService::new(
+            SchemaServiceServer::new(service.schemas()).max_decoding_message_size(max_message),
+            interceptor.clone(),
+        );
         // `Subscribe` is served with a codec that writes shared delivery bytes
         // (edge::subscribe_codec); the gate wraps the routes, so it covers that path too.
         let grpc =
@@ -355,6 +371,7 @@ impl Broker {
         routes
             .add_service(web.layer(grpc))
             .add_service(web.layer(entities))
+            .add_service(web.layer(schemas))
             .add_service(web.layer(auth))
             .add_service(web.layer(cluster_admin))
             .add_service(health)

@@ -8,6 +8,7 @@ use std::time::Duration;
 use switchboard_proto::v1::broker_client::BrokerClient;
 use switchboard_proto::v1::cluster_client::ClusterClient;
 use switchboard_proto::v1::entities_client::EntitiesClient;
+use switchboard_proto::v1::schema_service_client::SchemaServiceClient;
 use switchboard_proto::v1::{
     InfoRequest, InfoResponse, IssueTokenRequest, IssueTokenResponse, WriteStamp,
 };
@@ -223,6 +224,7 @@ pub struct Client {
     inner: BrokerClient<AuthChannel>,
     entities: EntitiesClient<AuthChannel>,
     cluster: ClusterClient<AuthChannel>,
+    schemas: SchemaServiceClient<AuthChannel>,
     /// The connection without the token layer, for the token endpoint.
     channel: Channel,
     /// The cache in front of the token provider; `None` for a client without credentials.
@@ -344,6 +346,7 @@ impl Client {
             inner: BrokerClient::new(authenticated.clone())
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
             cluster: ClusterClient::new(authenticated.clone()),
+            schemas: SchemaServiceClient::new(authenticated.clone()),
             entities: EntitiesClient::new(authenticated)
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
             channel,
@@ -453,6 +456,11 @@ impl Client {
     /// A handle on the generated `Cluster` admin client, on the same connection.
     pub(crate) fn cluster_grpc(&self) -> ClusterClient<AuthChannel> {
         self.cluster.clone()
+    }
+
+    /// A handle on the generated `SchemaService` client, on the same connection.
+    pub(crate) fn schemas_grpc(&self) -> SchemaServiceClient<AuthChannel> {
+        self.schemas.clone()
     }
 
     /// The token cache, for a stream that learns its token was refused; `None` without

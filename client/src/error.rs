@@ -98,11 +98,13 @@ impl Error {
     }
 
     /// One entry of the `google.rpc.ErrorInfo` metadata the broker attached to this error, for
-    /// example `leader_id` with `UNAVAILABLE NOT_LEADER`, or `current_version` with an entity
-    /// refusal. `None` when absent, and always for errors that are not [`Error::Status`].
+    /// example `leader_id` with `UNAVAILABLE NOT_LEADER`, `current_version` with an entity
+    /// refusal, or `instance_path` with `SCHEMA_MISMATCH` (a publish stream's refusal carries the
+    /// same entries). `None` when absent, and always for errors raised by the client itself.
     pub fn metadata(&self, key: &str) -> Option<&str> {
         match self {
             Error::Status { metadata, .. } => metadata.get(key).map(String::as_str),
+            Error::Refused(refusal) => refusal.metadata.get(key).map(String::as_str),
             _ => None,
         }
     }
@@ -334,6 +336,7 @@ mod tests {
             code: 9,
             reason: "LOOP_DETECTED".to_owned(),
             message: "channel a.b already in the causation chain".to_owned(),
+            metadata: Default::default(),
         });
         assert_eq!(
             error.to_string(),
@@ -361,6 +364,7 @@ mod tests {
             code: 3,
             reason: String::new(),
             message: "x".to_owned(),
+            metadata: Default::default(),
         });
         assert_eq!((refused.reason(), refused.reason_str()), (None, None));
     }

@@ -66,6 +66,7 @@ mod error;
 mod flow;
 mod history;
 mod publish;
+mod schema;
 mod subscription;
 mod trace;
 
@@ -78,6 +79,7 @@ pub use error::Error;
 pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
 pub use publish::{split_stream_ack, Publish, PublishAcks, PublishErrorKind, Publisher};
+pub use schema::SchemaPut;
 pub use subscription::{Backoff, Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
 pub use switchboard_proto::{code_name, Reason};
 pub use trace::{current_context, delivery_span, trace_context, TRACEPARENT, TRACESTATE};
@@ -93,6 +95,10 @@ pub mod proto {
         PublishAck, PublishRequest, PublishStreamAck, Refusal, Scope, SnapshotComplete,
         StartPosition, SubscribeEvent, SubscribeRequest, Subscribed, SubscriptionInfo,
         UpdateEntityRequest, WatchEntitiesRequest, WriteStamp,
+    };
+    pub use switchboard_proto::v1::{
+        CheckSchemaRequest, CheckSchemaResponse, CompatibilityReport, FailingMessage,
+        PutSchemaRequest, PutSchemaResponse, Schema, SchemaFailure, SchemaPolicy,
     };
     pub use switchboard_proto::ERROR_DOMAIN;
 }

@@ -722,6 +722,7 @@ mod tests {
                 code: 3,
                 reason: "CHANNEL_INVALID".to_owned(),
                 message: "bad".to_owned(),
+                metadata: Default::default(),
             })),
         };
         let (sequence, outcome) = split_stream_ack(refused);
@@ -740,6 +741,7 @@ mod tests {
                 code,
                 reason: "R".to_owned(),
                 message: String::new(),
+                metadata: Default::default(),
             })
         };
         let cases = [

@@ -205,6 +205,25 @@ reasons! {
     // INTERNAL.
     /// The token endpoint's own configuration is broken.
     CredentialsMisconfigured => "CREDENTIALS_MISCONFIGURED",
+    // Payload schemas (docs/SCHEMAS.md).
+    /// The payload does not match the schema that applies (INVALID_ARGUMENT); the metadata names
+    /// the schema and the first failures.
+    SchemaMismatch => "SCHEMA_MISMATCH",
+    /// No registered version of the channel's schema has the message's major version, or none is
+    /// at or below it (INVALID_ARGUMENT, under `enforce`).
+    SchemaVersionUnknown => "SCHEMA_VERSION_UNKNOWN",
+    /// A schema registration that cannot be used: not a JSON Schema, too large, a bad pattern,
+    /// version or policy (INVALID_ARGUMENT).
+    SchemaInvalid => "SCHEMA_INVALID",
+    /// A registration asked to be compatible, and retained messages fail it
+    /// (FAILED_PRECONDITION).
+    SchemaIncompatible => "SCHEMA_INCOMPATIBLE",
+    /// No schema is registered for that pattern and version (NOT_FOUND).
+    SchemaNotFound => "SCHEMA_NOT_FOUND",
+    /// The caller may not change the schema registry (PERMISSION_DENIED).
+    SchemaDenied => "SCHEMA_DENIED",
+    /// The registry holds `schemas.max_registrations` already (RESOURCE_EXHAUSTED).
+    SchemaLimit => "SCHEMA_LIMIT",
 }
 
 impl fmt::Display for Reason {

@@ -27,6 +27,7 @@ mod pubsub;
 mod replay;
 mod response_size;
 mod resume;
+mod schemas;
 mod security;
 mod shutdown;
 mod sync_trace;

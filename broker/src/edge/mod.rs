@@ -16,6 +16,8 @@
 //!   [`subscribe_codec`] serves its stream from shared bytes.
 //! - `consumers`: `Ack` and the durable-consumer calls.
 //! - [`entities`]: the `switchboard.v1.Entities` service.
+//! - [`schemas`]: the `switchboard.v1.SchemaService` (the payload schema registry; the check a
+//!   publish meets is in `publish`, over [`crate::schema`]).
 //! - [`token_endpoint`]: the `switchboard.v1.Auth` token endpoint.
 //! - [`convert`]: protobuf ⇄ broker types.
 //! - [`status`]: the one mapping from errors to gRPC statuses and stream refusals.
@@ -30,6 +32,7 @@ pub(crate) mod delivery;
 pub(crate) mod entities;
 pub(crate) mod grpc_guard;
 mod publish;
+pub(crate) mod schemas;
 pub(crate) mod status;
 mod subscribe;
 pub(crate) mod subscribe_codec;
@@ -55,6 +58,8 @@ use crate::fanout::subscription::{self, SubscriptionSpec};
 use crate::message::now_us;
 use crate::observability::{admin, trace};
 use crate::raft::Raft;
+use crate::schema::drift::DriftReporter;
+use crate::schema::SchemaRegistry;
 use crate::security::caller::Caller;
 use crate::shutdown::ShutdownSignal;
 use crate::state::store::{MessageStore, ReadRange};
@@ -86,14 +91,18 @@ impl BrokerService {
         shutdown: ShutdownSignal,
         gate: Arc<Gate>,
         ephemeral: Broadcaster,
+        drift: DriftReporter,
     ) -> BrokerService {
         let registry = Registry::new(
             config.subscriptions.max_per_connection,
             config.subscriptions.max_per_broker,
         );
+        let schemas = Arc::new(SchemaRegistry::new(store.clone()));
         BrokerService {
             edge: Arc::new(Edge {
                 registry,
+                schemas,
+                drift,
                 validator: Validator::new(config.limits.clone()),
                 config,
                 proposer,
@@ -111,6 +120,11 @@ impl BrokerService {
     /// The live subscriptions of this node (for metrics).
     pub(crate) fn registry(&self) -> Registry {
         self.edge.registry.clone()
+    }
+
+    /// The `switchboard.v1.SchemaService` over the same parts.
+    pub(crate) fn schemas(&self) -> schemas::SchemasService {
+        schemas::SchemasService::new(Arc::clone(&self.edge))
     }
 
     /// The `switchboard.v1.Entities` service over the same parts.
@@ -381,6 +395,10 @@ struct Edge {
     gate: Arc<Gate>,
     /// Where ephemeral publishes go.
     ephemeral: Broadcaster,
+    /// The payload schemas publishes are checked against.
+    schemas: Arc<SchemaRegistry>,
+    /// Where mismatches are counted and announced.
+    drift: DriftReporter,
 }
 
 impl Edge {

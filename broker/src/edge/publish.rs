@@ -37,7 +37,7 @@ fn ack(outcome: ItemOutcome, correlation_id: String) -> Result<pb::PublishAck, B
             correlation_id,
         } => (offset, publish_time_us, true, correlation_id),
         ItemOutcome::Refused(refusal) => return Err(refusal.into()),
-        ItemOutcome::Entity(_) | ItemOutcome::Consumer(_) => {
+        ItemOutcome::Entity(_) | ItemOutcome::Consumer(_) | ItemOutcome::Schema { .. } => {
             return Err(BrokerError::Consensus(
                 "a publish was applied as another kind of write".into(),
             ))
@@ -149,6 +149,18 @@ impl Edge {
         if let Err(e) = caller.check_publish(&message.channel) {
             metrics::publish(PublishResult::Refused, Some(e.reason()));
             return Err(e);
+        }
+        // The schema check comes after the grant, so a caller learns nothing of the schemas of
+        // channels it may not publish to; drift is counted and announced either way.
+        match self.schemas.check(&message) {
+            Ok(None) => {}
+            Ok(Some(warned)) => self.drift.report(warned),
+            Err(e) => {
+                if let BrokerError::Schema(mismatch) = &e {
+                    self.drift.report((**mismatch).clone());
+                }
+                return Err(refused(caller, &channel, e));
+            }
         }
         let receive = trace::receive_span(parent.as_ref(), &message.channel);
         trace::stamp_message(&receive, &mut message.headers);

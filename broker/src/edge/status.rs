@@ -75,6 +75,26 @@ fn metadata(error: &BrokerError) -> HashMap<String, String> {
         BrokerError::StartBeyondEnd { next_offset, .. } => {
             metadata.insert("next_offset".to_owned(), next_offset.to_string());
         }
+        BrokerError::Schema(mismatch) => {
+            metadata.insert("schema_pattern".to_owned(), mismatch.pattern.clone());
+            metadata.insert(
+                "schema_version".to_owned(),
+                mismatch.schema_version().to_owned(),
+            );
+            metadata.insert(
+                "message_schema_version".to_owned(),
+                mismatch.message_version.clone(),
+            );
+            if let Some(first) = mismatch.failures().first() {
+                metadata.insert("instance_path".to_owned(), first.instance_path.clone());
+                metadata.insert("keyword".to_owned(), first.keyword.clone());
+            }
+            if !mismatch.failures().is_empty() {
+                // All of them (a few, bounded) as one JSON array: metadata values are strings.
+                let failures = serde_json::to_string(mismatch.failures()).unwrap_or_default();
+                metadata.insert("failures".to_owned(), failures);
+            }
+        }
         _ => {}
     }
     metadata
@@ -116,6 +136,7 @@ pub(crate) fn refusal(error: &BrokerError) -> Refusal {
         code: error.code() as i32,
         reason: error.reason().as_str().to_owned(),
         message: error.to_string(),
+        metadata: metadata(error),
     }
 }
 

@@ -192,6 +192,7 @@ fn scope_spec(scope: pb::Scope) -> PermissionSpec {
             update: scope.entity_update,
         },
         admin: scope.admin,
+        schema: scope.schema,
     }
 }
 
@@ -202,6 +203,7 @@ fn scope_message(spec: PermissionSpec) -> pb::Scope {
         entity_read: spec.entities.read,
         entity_update: spec.entities.update,
         admin: spec.admin,
+        schema: spec.schema,
     }
 }
 

@@ -46,7 +46,7 @@ pub(super) fn body_error(what: &str, e: &serde_json::Error) -> BrokerError {
     )
 }
 
-fn time(timestamp: Option<&prost_types::Timestamp>) -> Value {
+pub(super) fn time(timestamp: Option<&prost_types::Timestamp>) -> Value {
     timestamp.map_or(Value::Null, |t| Value::String(t.to_string()))
 }
 

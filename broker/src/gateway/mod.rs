@@ -8,6 +8,7 @@
 //! - [`error`]: errors as JSON, with the HTTP status derived from the gRPC one.
 //! - [`publish`]: `POST /v1/publish` and `POST /v1/publish/batch`.
 //! - [`entities`]: `GET`, `PATCH` and `PUT /v1/entities/{type}/{id}` with ETags.
+//! - [`schemas`]: the schema registry, `/v1/schemas…`.
 //! - [`sse`]: `GET /v1/subscribe` and `GET /v1/entities/watch` as event streams.
 
 mod cors;
@@ -16,6 +17,7 @@ mod error;
 mod json;
 mod publish;
 mod query;
+mod schemas;
 mod sse;
 
 use std::net::SocketAddr;
@@ -32,6 +34,7 @@ use tonic::transport::server::TcpConnectInfo;
 use crate::config::Config;
 use crate::edge::auth::Gate;
 use crate::edge::entities::EntitiesService;
+use crate::edge::schemas::SchemasService;
 use crate::edge::BrokerService;
 use crate::error::{BrokerError, Reason};
 use crate::observability::{audit, metrics};
@@ -48,6 +51,7 @@ struct Inner {
     gate: Arc<Gate>,
     broker: BrokerService,
     entities: EntitiesService,
+    schemas: SchemasService,
     /// The largest request body read: a batch of messages at the payload limit, plus framing.
     max_body: usize,
     max_batch: usize,
@@ -58,6 +62,7 @@ impl Gateway {
     /// The gateway over the broker's gRPC services and its gate.
     pub(crate) fn new(config: &Config, gate: Arc<Gate>, broker: BrokerService) -> Gateway {
         let entities = broker.entities();
+        let schemas = broker.schemas();
         let max_batch = config.gateway.max_batch;
         // JSON can spell a payload byte as up to six characters (`\u0000`); one message at the
         // limit must still fit, and a batch gets room for its messages' framing.
@@ -68,6 +73,7 @@ impl Gateway {
                 gate,
                 broker,
                 entities,
+                schemas,
                 max_body,
                 max_batch,
                 heartbeat: config.gateway.heartbeat,
@@ -93,6 +99,13 @@ impl Gateway {
                 get(entities::get)
                     .patch(entities::update)
                     .put(entities::update),
+            )
+            .route("/v1/schemas", get(schemas::list))
+            .route("/v1/schemas/check", post(schemas::check))
+            .route("/v1/schemas/{pattern}", get(schemas::newest))
+            .route(
+                "/v1/schemas/{pattern}/{version}",
+                get(schemas::get).put(schemas::put).delete(schemas::delete),
             )
             // Without this, an unknown /v1/ path would reach the gRPC fallback, whose answer
             // (HTTP 200 with grpc-status 12) a browser would take for success.

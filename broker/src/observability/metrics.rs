@@ -30,6 +30,8 @@ pub(crate) const SLOW_CONSUMER_SWITCHES: &str = "switchboard_slow_consumer_switc
 pub(crate) const STALLED_CONNECTIONS_CLOSED: &str = "switchboard_stalled_connections_closed_total";
 /// Ephemeral messages, by outcome.
 pub(crate) const EPHEMERAL: &str = "switchboard_ephemeral_messages_total";
+/// Messages that did not match their channel's schema, by pattern, version, keyword and outcome.
+pub(crate) const SCHEMA_DRIFT: &str = "switchboard_schema_drift_total";
 /// Messages conflated away.
 pub(crate) const CONFLATED: &str = "switchboard_conflated_messages_total";
 /// Gaps announced to subscribers, by reason.
@@ -139,6 +141,10 @@ fn describe() {
     describe_counter!(
         EPHEMERAL,
         "Ephemeral messages (never stored) by outcome: published (accepted on this node), delivered (handed to a subscriber's stream), dropped (a subscriber or a peer node too far behind), forwarded (sent to a peer node)"
+    );
+    describe_counter!(
+        SCHEMA_DRIFT,
+        "Messages that did not match the schema registered for their channel, by pattern, schema version (unknown: no version applied), the first failing keyword, and outcome (refused under enforce, warned under warn)"
     );
     describe_counter!(
         CONFLATED,
@@ -311,6 +317,18 @@ pub(crate) fn slow_consumer_switch() {
 /// connections were over `limits.max_send_buffer_bytes`.
 pub(crate) fn stalled_connections_closed(count: u64) {
     counter!(STALLED_CONNECTIONS_CLOSED).increment(count);
+}
+
+/// Counts a message that did not match its channel's schema.
+pub(crate) fn schema_drift(pattern: &str, version: &str, keyword: &str, outcome: &'static str) {
+    counter!(
+        SCHEMA_DRIFT,
+        "pattern" => pattern.to_owned(),
+        "version" => version.to_owned(),
+        "keyword" => keyword.to_owned(),
+        "outcome" => outcome
+    )
+    .increment(1);
 }
 
 /// Counts ephemeral messages by `outcome` (`published`, `delivered`, `dropped`, `forwarded`).

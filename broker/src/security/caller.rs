@@ -221,4 +221,9 @@ impl Caller {
     pub(crate) fn check_admin(&self, operation: &str) -> Result<(), BrokerError> {
         self.refuse(self.permissions().check_admin(), || operation.to_owned())
     }
+
+    /// Whether the caller may change the schema registry; `target` names what it would change.
+    pub(crate) fn check_schema(&self, target: &str) -> Result<(), BrokerError> {
+        self.refuse(self.permissions().check_schema(), || target.to_owned())
+    }
 }

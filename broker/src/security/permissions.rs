@@ -49,9 +49,13 @@ pub struct PermissionSpec {
     /// Entity types the holder may read and update.
     #[serde(default, skip_serializing_if = "EntitySpec::is_empty")]
     pub entities: EntitySpec,
-    /// Whether the holder may change the cluster's membership (add, promote, remove nodes).
+    /// Whether the holder may change the cluster's membership (add, promote, remove nodes), and
+    /// everything `schema` allows.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
+    /// Whether the holder may change the payload schema registry (docs/SCHEMAS.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub schema: bool,
 }
 
 /// Entity types a grant covers; `*` means every type.
@@ -162,6 +166,11 @@ pub enum PermissionDenied {
     /// Changing cluster membership without the `admin` grant.
     #[error("not allowed to change the cluster's membership (the grant has no `admin`)")]
     Admin,
+    /// Changing the schema registry without the `schema` (or `admin`) grant.
+    #[error(
+        "not allowed to change the schema registry (the grant has neither `schema` nor `admin`)"
+    )]
+    Schema,
     /// Managing a durable consumer another principal created, without the `admin` grant.
     #[error(
         "durable consumer {name:?} belongs to another principal; only it (or an `admin`) may \
@@ -191,6 +200,7 @@ impl PermissionDenied {
             }
             PermissionDenied::EntityUpdate { .. } => "ENTITY_UPDATE_DENIED",
             PermissionDenied::Admin => "ADMIN_DENIED",
+            PermissionDenied::Schema => "SCHEMA_DENIED",
             PermissionDenied::ConsumerNotOwned { .. } => "CONSUMER_NOT_OWNED",
         }
     }
@@ -277,6 +287,8 @@ pub(crate) struct Permissions {
     update: EntityGrant,
     /// Cluster membership may be changed.
     admin: bool,
+    /// The schema registry may be changed.
+    schema: bool,
 }
 
 impl Default for Permissions {
@@ -297,6 +309,7 @@ impl Permissions {
             read: EntityGrant::default(),
             update: EntityGrant::default(),
             admin: false,
+            schema: false,
         }
     }
 
@@ -306,6 +319,7 @@ impl Permissions {
         Permissions {
             unrestricted: true,
             admin: true,
+            schema: true,
             ..Permissions::none()
         }
     }
@@ -347,6 +361,7 @@ impl Permissions {
         permissions.read = EntityGrant::parse("entities.read", &spec.entities.read)?;
         permissions.update = EntityGrant::parse("entities.update", &spec.entities.update)?;
         permissions.admin = spec.admin;
+        permissions.schema = spec.schema || spec.admin;
         permissions.subscribe_effective = permissions.subscribe.clone();
         // The state channels of readable types; entity types are short, so these always parse.
         let state_limits = ChannelLimits::default();
@@ -382,6 +397,7 @@ impl Permissions {
                 update: self.update.to_list(),
             },
             admin: self.admin && !self.unrestricted,
+            schema: self.schema && !self.admin && !self.unrestricted,
         }
     }
 
@@ -489,6 +505,7 @@ impl Permissions {
             && self.read.is_within(&other.read)
             && self.update.is_within(&other.update)
             && (!self.admin || other.admin)
+            && (!self.schema || other.schema)
     }
 
     /// Whether the principal may change cluster membership.
@@ -500,6 +517,18 @@ impl Permissions {
             Ok(())
         } else {
             Err(PermissionDenied::Admin)
+        }
+    }
+
+    /// Whether the principal may change the schema registry (`schema` or `admin`).
+    ///
+    /// # Errors
+    /// [`PermissionDenied::Schema`].
+    pub(crate) fn check_schema(&self) -> Result<(), PermissionDenied> {
+        if self.schema {
+            Ok(())
+        } else {
+            Err(PermissionDenied::Schema)
         }
     }
 }
@@ -624,6 +653,7 @@ mod tests {
                 update: own(update),
             },
             admin: false,
+            schema: false,
         }
     }
 
@@ -643,6 +673,30 @@ mod tests {
         assert!(!admin.is_within(&plain));
         assert!(plain.is_within(&plain));
         assert_eq!(Permissions::unrestricted().check_admin(), Ok(()));
+    }
+
+    #[test]
+    fn the_schema_registry_needs_the_schema_or_admin_grant() {
+        let plain =
+            Permissions::from_spec(&spec(&["a.>"], &["a.>"], &["*"], &["*"]), &limits()).unwrap();
+        assert_eq!(plain.check_schema(), Err(PermissionDenied::Schema));
+        let schema_spec = PermissionSpec {
+            schema: true,
+            ..PermissionSpec::default()
+        };
+        let schema = Permissions::from_spec(&schema_spec, &limits()).unwrap();
+        assert_eq!(schema.check_schema(), Ok(()));
+        assert_eq!(schema.check_admin(), Err(PermissionDenied::Admin));
+        assert!(schema.to_spec().schema);
+        assert!(!schema.is_within(&plain));
+        let admin_spec = PermissionSpec {
+            admin: true,
+            ..PermissionSpec::default()
+        };
+        let admin = Permissions::from_spec(&admin_spec, &limits()).unwrap();
+        assert_eq!(admin.check_schema(), Ok(()));
+        assert!(schema.is_within(&admin));
+        assert_eq!(Permissions::unrestricted().check_schema(), Ok(()));
     }
 
     fn perms(publish: &[&str], subscribe: &[&str], read: &[&str], update: &[&str]) -> Permissions {

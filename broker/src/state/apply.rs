@@ -18,7 +18,7 @@ use crate::entity::EntityState;
 use crate::error::BrokerError;
 use crate::message::{
     Command, CommandOutcome, ConsumerState, ConsumerWrite, EntityWrite, Item, ItemOutcome,
-    NewMessage, Owner, Refusal, Rules, StoredMessage,
+    NewMessage, Owner, Refusal, Rules, SchemaRecord, SchemaWrite, StoredMessage,
 };
 
 /// Decides the items of one batch, in order. See the module docs.
@@ -35,6 +35,8 @@ struct BatchApply<'a> {
     entities: HashMap<(String, String), EntityState>,
     /// Consumers written by this batch (`None`: deleted).
     consumers: HashMap<String, Option<ConsumerState>>,
+    /// Schema registrations written by this batch (`false`: deleted).
+    schemas: HashMap<(String, String), bool>,
     loops_detected: u64,
 }
 
@@ -234,6 +236,47 @@ impl BatchApply<'_> {
     }
 }
 
+impl BatchApply<'_> {
+    /// Registers or removes a schema. The document was compiled at the edge before it was
+    /// proposed; apply stores it as it is, so every replica holds the same bytes.
+    fn schema(
+        &mut self,
+        write: &SchemaWrite,
+        batch: &mut WriteBatch,
+    ) -> Result<ItemOutcome, BrokerError> {
+        let (pattern, version) = match write {
+            SchemaWrite::Put {
+                pattern, version, ..
+            }
+            | SchemaWrite::Delete { pattern, version } => (pattern, version),
+        };
+        let key = (pattern.clone(), version.clone());
+        let existed = match self.schemas.get(&key) {
+            Some(present) => *present,
+            None => self.store.schema(pattern, version)?.is_some(),
+        };
+        let record = match write {
+            SchemaWrite::Put {
+                document,
+                policy,
+                registered_by,
+                ..
+            } => Some(SchemaRecord {
+                document: document.clone(),
+                policy: *policy,
+                registered_at_us: self.publish_time_us,
+                registered_by: registered_by.clone(),
+            }),
+            SchemaWrite::Delete { .. } => None,
+        };
+        if record.is_some() || existed {
+            MessageStore::put_schema(batch, pattern, version, record.as_ref())?;
+        }
+        self.schemas.insert(key, record.is_some());
+        Ok(ItemOutcome::Schema { existed })
+    }
+}
+
 /// Applies `command` on top of `meta`: adds the store writes to `batch`, advances `meta`, and
 /// returns the outcome and the messages that became visible (for the hub).
 ///
@@ -263,6 +306,7 @@ pub(crate) fn apply_command(
                 dedup: dedup::Recorded::default(),
                 entities: HashMap::new(),
                 consumers: HashMap::new(),
+                schemas: HashMap::new(),
                 loops_detected: 0,
             };
             let mut outcomes = Vec::with_capacity(items.len());
@@ -271,6 +315,7 @@ pub(crate) fn apply_command(
                     Item::Publish(message) => decide.publish(message.clone(), batch)?,
                     Item::Entity(write) => decide.entity(write, batch)?,
                     Item::Consumer(write) => decide.consumer(write, batch)?,
+                    Item::Schema(write) => decide.schema(write, batch)?,
                 });
             }
             if let Some(first) = decide.stored.first() {

@@ -12,6 +12,7 @@
 //! | `k` + publish time µs + offset | the `i` key | dedup records in time order, for forgetting them |
 //! | `e` + type + 0 + id | bincode [`EntityState`] | an entity's merged state |
 //! | `c` + name | bincode [`ConsumerState`] | a durable consumer |
+//! | `s` + pattern + 0 + version | bincode [`SchemaRecord`] | a registered payload schema ([`crate::schema`]) |
 //! | `m` | bincode (raft's [`Bookkeeping`](crate::raft::state_machine::Bookkeeping), [`Position`](super::position::Position)) | last applied log id and membership; next offset, totals |
 //!
 //! A batch keeps its original first offset as its key even after the sweep removed some of its
@@ -46,7 +47,7 @@ use crate::channel::Pattern;
 use crate::checksum;
 use crate::entity::EntityState;
 use crate::error::BrokerError;
-use crate::message::{ConsumerState, StoredMessage};
+use crate::message::{ConsumerState, SchemaRecord, StoredMessage};
 
 const BATCH: u8 = b'b';
 const TIME: u8 = b't';
@@ -55,6 +56,7 @@ const DEDUP: u8 = b'i';
 const DEDUP_BY_TIME: u8 = b'k';
 const ENTITY: u8 = b'e';
 const CONSUMER: u8 = b'c';
+const SCHEMA: u8 = b's';
 const META: &[u8] = b"m";
 
 /// The store's tree in the state database.
@@ -96,6 +98,10 @@ pub(crate) fn put_back(
 pub struct MessageStore {
     tree: sled::Tree,
     bodies: Arc<BatchFiles>,
+    /// Raised whenever the schema records may have changed (an applied schema write, a cleared
+    /// store, a snapshot's records), so the edge's compiled registry knows to reload
+    /// ([`crate::schema::SchemaRegistry`]) without reading the tree on every publish.
+    schema_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The store's records at one moment, for a snapshot built off the apply path: the records are
@@ -130,6 +136,8 @@ pub struct WriteBatch {
     writes: Vec<(sled::IVec, Option<sled::IVec>)>,
     added: Vec<BodyLocation>,
     released: Vec<BodyLocation>,
+    /// The batch writes a schema record.
+    schemas_changed: bool,
 }
 
 impl WriteBatch {
@@ -150,6 +158,7 @@ impl WriteBatch {
             writes: self.writes,
             added: Vec::new(),
             released: Vec::new(),
+            schemas_changed: self.schemas_changed,
         }
     }
 }
@@ -297,6 +306,7 @@ impl MessageStore {
         Ok(MessageStore {
             tree,
             bodies: Arc::new(bodies),
+            schema_generation: Arc::default(),
         })
     }
 
@@ -377,6 +387,7 @@ impl MessageStore {
     /// The embedded store's error; the tree may then hold part of the batch, and the caller must
     /// not trust it again before undoing it ([`super::undo`]) or rebuilding it.
     pub fn apply(&self, batch: WriteBatch) -> Result<(), BrokerError> {
+        let schemas_changed = batch.schemas_changed;
         for (key, value) in batch.writes {
             match value {
                 Some(value) => self.tree.insert(key, value)?,
@@ -384,7 +395,22 @@ impl MessageStore {
             };
         }
         self.bodies.commit(&batch.added, &batch.released);
+        if schemas_changed {
+            self.schemas_changed();
+        }
         Ok(())
+    }
+
+    fn schemas_changed(&self) {
+        self.schema_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A number that changes whenever the schema records may have: what the edge's compiled
+    /// registry compares before trusting what it compiled.
+    pub fn schema_generation(&self) -> u64 {
+        self.schema_generation
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Removes every record and batch body (before installing a snapshot).
@@ -393,6 +419,7 @@ impl MessageStore {
     /// The embedded store's error, or a batch file that cannot be removed.
     pub fn clear(&self) -> Result<(), BrokerError> {
         self.tree.clear()?;
+        self.schemas_changed();
         self.bodies
             .clear()
             .map_err(|e| BrokerError::Storage(format!("cannot remove the batch files: {e}")))
@@ -427,6 +454,9 @@ impl MessageStore {
             return Ok(());
         }
         self.tree.insert(key, value)?;
+        if key.first() == Some(&SCHEMA) {
+            self.schemas_changed();
+        }
         Ok(())
     }
 
@@ -543,6 +573,18 @@ impl MessageStore {
             messages,
             next,
             done: true,
+        })
+    }
+
+    /// Every stored batch, the newest first: for readers that want the latest messages, such as a
+    /// schema's compatibility report ([`crate::schema::compat`]). Lazy: a reader that stops early
+    /// reads no more.
+    pub fn batches_newest_first(
+        &self,
+    ) -> impl Iterator<Item = Result<StoredBatch, BrokerError>> + '_ {
+        self.tree.scan_prefix([BATCH]).rev().map(|kv| {
+            let (k, v) = kv?;
+            self.load_batch(&k, &v)
         })
     }
 
@@ -854,6 +896,60 @@ impl MessageStore {
             }
             None => batch.remove(k),
         }
+        Ok(())
+    }
+
+    /// The schema registered for `pattern` at `version`.
+    ///
+    /// # Errors
+    /// The embedded store's error, or a damaged record.
+    pub fn schema(
+        &self,
+        pattern: &str,
+        version: &str,
+    ) -> Result<Option<SchemaRecord>, BrokerError> {
+        match self.tree.get(pair_key(SCHEMA, pattern, version))? {
+            Some(v) => checksum::decode(&v)
+                .map(Some)
+                .map_err(|e| corrupt("schema", e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every registered schema as (pattern, version, record), in key order.
+    pub fn schemas(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, String, SchemaRecord), BrokerError>> + '_ {
+        self.tree.scan_prefix([SCHEMA]).map(|kv| {
+            let (k, v) = kv?;
+            let name = std::str::from_utf8(&k[1..]).map_err(|e| corrupt("schema key", e))?;
+            let (pattern, version) = name
+                .split_once('\0')
+                .ok_or_else(|| corrupt("schema key", "no separator"))?;
+            let record = checksum::decode(&v).map_err(|e| corrupt("schema", e))?;
+            Ok((pattern.to_owned(), version.to_owned(), record))
+        })
+    }
+
+    /// Adds the write (or, with `None`, the removal) of a schema registration.
+    ///
+    /// # Errors
+    /// Only if encoding fails.
+    pub fn put_schema(
+        batch: &mut WriteBatch,
+        pattern: &str,
+        version: &str,
+        record: Option<&SchemaRecord>,
+    ) -> Result<(), BrokerError> {
+        let k = pair_key(SCHEMA, pattern, version);
+        match record {
+            Some(record) => {
+                let value = checksum::encode(record).map_err(|e| corrupt("schema", e))?;
+                batch.insert(k, value);
+            }
+            None => batch.remove(k),
+        }
+        batch.schemas_changed = true;
         Ok(())
     }
 

@@ -177,6 +177,7 @@ impl Auth for Mock {
                 entity_read: vec!["contact".to_owned()],
                 entity_update: vec![],
                 admin: false,
+                schema: false,
             }),
         }))
     }

@@ -299,6 +299,7 @@ impl Broker for Mock {
                         code: Code::InvalidArgument as i32,
                         reason: "CHANNEL_INVALID".to_owned(),
                         message: "channel segment 2 is empty".to_owned(),
+                        metadata: Default::default(),
                     })
                 } else {
                     let mut state = state.lock().unwrap();
