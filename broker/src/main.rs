@@ -31,8 +31,11 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
 
-    /// TOML file with settings (same shape as --print-defaults)
-    #[arg(long, value_name = "FILE", env = "SWITCHBOARD_CONFIG")]
+    /// TOML file with settings (same shape as --print-defaults) [env: SWITCHBOARD_CONFIG]
+    // clap reads the variable, but its own note would print `[env: SWITCHBOARD_CONFIG=]` (the
+    // value, empty when unset) in a paragraph of its own: the note is written above instead, in
+    // the form of every other option.
+    #[arg(long, value_name = "FILE", env = "SWITCHBOARD_CONFIG", hide_env = true)]
     config: Option<PathBuf>,
 
     /// This node's raft id [env: SWITCHBOARD_NODE_ID]

@@ -30,6 +30,26 @@ fn help_explains_defaults_layers_and_examples() {
     }
 }
 
+/// Every option names its variable as `[env: NAME]`: no clap-rendered `NAME=value` (a stray `=`
+/// when unset, a path when set), in the short help and the long one.
+#[test]
+fn help_names_environment_variables_without_values() {
+    for flag in ["-h", "--help"] {
+        let out = switchboard(
+            &[flag],
+            &[("SWITCHBOARD_CONFIG", "/etc/switchboard/secret.toml")],
+        );
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            help.contains("[env: SWITCHBOARD_CONFIG]"),
+            "{flag}:\n{help}"
+        );
+        assert!(!help.contains("SWITCHBOARD_CONFIG="), "{flag}:\n{help}");
+        assert!(!help.contains("secret.toml"), "{flag}:\n{help}");
+    }
+}
+
 #[test]
 fn print_config_shows_every_layer_applied() {
     let out = switchboard(

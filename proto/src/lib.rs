@@ -5,7 +5,8 @@
 //! - [`v1`]: messages, the `Broker` client (`v1::broker_client`) and server (`v1::broker_server`);
 //! - [`codec`]: how the servers decode requests (a malformed one is INVALID_ARGUMENT);
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection;
-//! - [`Reason`] (`reason.rs`): the stable reasons of refusals, shared by the broker and clients.
+//! - [`Reason`] (`reason.rs`): the stable reasons of refusals, shared by the broker and clients
+//!   (the same list as the proto enum [`v1::ErrorReason`], for clients in other languages).
 #![allow(missing_docs)]
 
 pub mod codec;

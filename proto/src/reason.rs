@@ -11,6 +11,10 @@
 //! [`Reason::from_wire`]), so the two cannot drift. The enum is `#[non_exhaustive]`: a newer broker
 //! may send a reason an older client does not know; `from_wire` answers `None` for it, and the
 //! client keeps the string.
+//!
+//! The same reasons are the proto enum `switchboard.v1.ErrorReason` (`switchboard/v1/reason.proto`),
+//! for clients in other languages: value `ERROR_REASON_<wire string>`. The wire form stays the
+//! string. A test checks that the enum and this list name the same reasons.
 
 use std::fmt;
 use std::str::FromStr;
@@ -284,6 +288,55 @@ mod tests {
             "SOMETHING_NEW".parse::<Reason>(),
             Err(UnknownReason("SOMETHING_NEW".to_owned()))
         );
+    }
+
+    /// Clients in other languages switch on the proto enum `ErrorReason`: it must name every reason
+    /// here as `ERROR_REASON_<wire>`, and nothing else, so the two lists cannot drift. Read from the
+    /// compiled descriptors, so a value added to the `.proto` alone is caught too.
+    #[test]
+    fn the_proto_error_reason_enum_names_the_same_reasons() {
+        use prost::Message as _;
+
+        const PREFIX: &str = "ERROR_REASON_";
+        let descriptors = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET)
+            .expect("the build wrote a valid descriptor set");
+        let enums: Vec<_> = descriptors
+            .file
+            .iter()
+            .filter(|file| file.package() == "switchboard.v1")
+            .flat_map(|file| &file.enum_type)
+            .filter(|e| e.name() == "ErrorReason")
+            .collect();
+        assert_eq!(
+            enums.len(),
+            1,
+            "one top-level ErrorReason in switchboard.v1"
+        );
+        let mut in_proto = HashSet::new();
+        for value in &enums[0].value {
+            if value.number() == 0 {
+                assert_eq!(value.name(), "ERROR_REASON_UNSPECIFIED");
+                continue;
+            }
+            let wire = value
+                .name()
+                .strip_prefix(PREFIX)
+                .unwrap_or_else(|| panic!("{} lacks the {PREFIX} prefix", value.name()));
+            assert!(
+                Reason::from_wire(wire).is_some(),
+                "reason.proto names {wire}, which is no Reason in reason.rs"
+            );
+            assert!(in_proto.insert(wire), "reason.proto names {wire} twice");
+        }
+        for &reason in Reason::ALL {
+            assert!(
+                in_proto.contains(reason.as_str()),
+                "{reason} is missing from ErrorReason in reason.proto"
+            );
+            // And the generated Rust type agrees with the descriptors.
+            let name = format!("{PREFIX}{reason}");
+            assert!(crate::v1::ErrorReason::from_str_name(&name).is_some());
+        }
     }
 
     /// `docs/ERRORS.md` is where users look a reason up: each one must be in its table, and the

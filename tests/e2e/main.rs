@@ -6,6 +6,7 @@
 
 mod browser;
 mod cli;
+mod clients;
 mod cluster;
 mod common;
 mod concurrency;
