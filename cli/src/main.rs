@@ -194,6 +194,11 @@ acknowledgement.")]
     #[command(subcommand)]
     Entity(EntityCommand),
 
+    /// Register, read, check and remove payload schemas (JSON Schema per channel pattern and
+    /// version, checked on every publish; see docs/SCHEMAS.md).
+    #[command(subcommand)]
+    Schema(SchemaCommand),
+
     /// Show and change the raft cluster's membership (run on the leader wherever sent): voters, and
     /// read replicas that carry subscriptions and reads without counting toward the quorum.
     #[command(subcommand)]
@@ -234,6 +239,137 @@ and a replica is a raft learner (the API's role \"learner\"): it receives the lo
 subscriptions, history and reads, forwards writes, and never votes or counts toward the quorum.
 UNAVAILABLE NO_LEADER or LEADER_UNREACHABLE when no leader can be reached; membership changes
 that cannot be made are FAILED_PRECONDITION MEMBERSHIP_INVALID. See docs/CLUSTER.md.";
+
+const SCHEMA_OUTPUT: &str = "\
+A schema is printed as one line:
+{\"pattern\":\"crm.contact.*\",\"version\":\"1.2.0\",\"policy\":\"enforce\"|\"warn\"|\"off\",
+\"registered_at\":\"2024-05-01T12:00:00.250Z\",\"registered_by\":\"ISSUER SUBJECT\",\"document\":{...}}
+(registered_by left out without authentication; document left out of `list` unless --documents).";
+
+#[derive(Debug, Subcommand)]
+enum SchemaCommand {
+    /// Register a JSON Schema for the channels matching PATTERN at semver VERSION (replacing what
+    /// that pair held) and print it with how the newest retained messages fare against it.
+    #[command(after_help = format!("{SCHEMA_OUTPUT}
+
+The line also has \"replaced\" (whether the pattern and version held a schema already) and
+\"compatibility\": {{\"checked\":N,\"failing\":N,\"examples\":[{{\"offset\":N,\"channel\":\"...\",
+\"schema_version\":\"...\",\"failures\":[...]}}],\"truncated\":false}}: the newest retained messages
+on matching channels with the same major version (up to schemas.compatibility_sample), checked
+against the new document. With --require-compatible, any failing one refuses the registration
+(FAILED_PRECONDITION SCHEMA_INCOMPATIBLE, nothing written).
+
+A message selects the highest registered version with its major at or below its own
+schema_version, on the most specific matching pattern. Policies: enforce refuses what does not
+match (INVALID_ARGUMENT SCHEMA_MISMATCH), warn stores it, both announce it on $sys.schema.drift;
+off checks nothing. Needs the `schema` (or `admin`) grant.
+
+Examples:
+  sb schema put 'crm.contact.*' 1.0.0 contact.schema.json
+  sb schema put 'telemetry.widget.>' 2.1.0 - --policy warn < click.schema.json
+  sb schema put 'crm.contact.*' 1.1.0 contact-1.1.json --require-compatible"))]
+    Put(SchemaPutArgs),
+
+    /// Print one registration (the pattern's highest version when VERSION is left out), with its
+    /// document.
+    #[command(after_help = format!("{SCHEMA_OUTPUT}
+
+An unknown pattern or version is NOT_FOUND SCHEMA_NOT_FOUND (exit status 1).
+
+Examples:
+  sb schema get 'crm.contact.*'
+  sb schema get 'crm.contact.*' 1.0.0"))]
+    Get(SchemaGetArgs),
+
+    /// Print every registration, one JSON line each, most specific pattern first.
+    #[command(after_help = SCHEMA_OUTPUT)]
+    List(SchemaListArgs),
+
+    /// Check a payload against the schema a publish on CHANNEL would meet, without publishing.
+    #[command(after_help = "\
+Prints one line: {\"valid\":true|false,\"pattern\":\"...\",\"schema_version\":\"...\",\"policy\":\"...\",
+\"reason\":\"SCHEMA_MISMATCH\"|\"SCHEMA_VERSION_UNKNOWN\",\"failures\":[{\"instance_path\":\"/id\",
+\"keyword\":\"type\",\"message\":\"...\"}]} (pattern, schema_version, reason and failures left out
+when empty). valid says whether a publish would pass: under warn a mismatch passes (and is
+announced). Exits with status 2 when it would not.
+
+Examples:
+  sb schema check crm.contact.updated '{\"id\":42,\"name\":\"Ada\"}'
+  sb schema check telemetry.widget.click - --schema-version 2.0.0 < event.json")]
+    Check(SchemaCheckArgs),
+
+    /// Remove one registration; prints {"deleted":"PATTERN VERSION"}.
+    #[command(after_help = "\
+An unknown pattern or version is NOT_FOUND SCHEMA_NOT_FOUND (exit status 1). Needs the `schema`
+(or `admin`) grant.")]
+    Delete(SchemaNameArgs),
+}
+
+#[derive(Debug, Args)]
+struct SchemaPutArgs {
+    /// The channel pattern it applies to, e.g. `crm.contact.*` or `telemetry.widget.>`.
+    pattern: String,
+    /// Its version, semver (e.g. 1.2.0).
+    version: String,
+    /// A file holding the JSON Schema document, or `-` for stdin.
+    file: String,
+    /// What a message that does not match meets.
+    #[arg(long, value_enum, default_value_t = SchemaPolicyArg::Enforce)]
+    policy: SchemaPolicyArg,
+    /// Refuse the registration when a retained message it would judge fails it.
+    #[arg(long)]
+    require_compatible: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SchemaPolicyArg {
+    /// Refuse the message (INVALID_ARGUMENT SCHEMA_MISMATCH).
+    Enforce,
+    /// Store it, and announce the drift on $sys.schema.drift.
+    Warn,
+    /// Check nothing.
+    Off,
+}
+
+#[derive(Debug, Args)]
+struct SchemaGetArgs {
+    /// The pattern, as registered.
+    pattern: String,
+    /// The version; the highest when left out.
+    version: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct SchemaListArgs {
+    /// Only this pattern's registrations.
+    #[arg(long)]
+    pattern: Option<String>,
+    /// Print each registration's document too.
+    #[arg(long)]
+    documents: bool,
+}
+
+#[derive(Debug, Args)]
+struct SchemaNameArgs {
+    /// The pattern, as registered.
+    pattern: String,
+    /// The version.
+    version: String,
+}
+
+#[derive(Debug, Args)]
+struct SchemaCheckArgs {
+    /// The channel the message would be published on.
+    channel: String,
+    /// The payload; `-` or left out: read from stdin.
+    data: Option<String>,
+    /// The message's schema version (semver); 1.0.0 when left out, as for a publish.
+    #[arg(long)]
+    schema_version: Option<String>,
+    /// The payload's media type (application/json when left out).
+    #[arg(long)]
+    content_type: Option<String>,
+}
 
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
@@ -657,6 +793,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Consumer(command) => consumer(&client, command).await,
         Command::Entity(command) => entity(&client, command, started).await,
+        Command::Schema(command) => schema(&client, command).await,
         Command::Cluster(command) => {
             let status = match command {
                 ClusterCommand::Status => client.cluster_status().await?,
@@ -665,6 +802,77 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ClusterCommand::Remove(args) => client.cluster_remove(args.id).await?,
             };
             emit(&output::cluster_line(&status)?)
+        }
+    }
+}
+
+/// `sb schema …`.
+async fn schema(client: &Client, command: SchemaCommand) -> anyhow::Result<()> {
+    use switchboard_client::proto::{CheckSchemaRequest, SchemaPolicy};
+    use switchboard_client::SchemaPut;
+
+    match command {
+        SchemaCommand::Put(args) => {
+            let document = if args.file == "-" {
+                read_stdin("the schema document").await?
+            } else {
+                tokio::fs::read(&args.file)
+                    .await
+                    .with_context(|| format!("reading the schema document {}", args.file))?
+            };
+            let document =
+                String::from_utf8(document).context("the schema document is not UTF-8 text")?;
+            let policy = match args.policy {
+                SchemaPolicyArg::Enforce => SchemaPolicy::Enforce,
+                SchemaPolicyArg::Warn => SchemaPolicy::Warn,
+                SchemaPolicyArg::Off => SchemaPolicy::Off,
+            };
+            let mut put = SchemaPut::new(args.pattern, args.version, document).policy(policy);
+            if args.require_compatible {
+                put = put.require_compatible();
+            }
+            emit(&output::schema_put_line(&client.schema_put(put).await?)?)
+        }
+        SchemaCommand::Get(args) => {
+            let version = args.version.unwrap_or_default();
+            let schema = client.schema_get(&args.pattern, &version).await?;
+            emit(&output::schema_line(&schema)?)
+        }
+        SchemaCommand::List(args) => {
+            let pattern = args.pattern.unwrap_or_default();
+            for schema in client.schema_list(&pattern, args.documents).await? {
+                emit(&output::schema_line(&schema)?)?;
+            }
+            Ok(())
+        }
+        SchemaCommand::Delete(args) => {
+            client.schema_delete(&args.pattern, &args.version).await?;
+            emit(&output::deleted_line(&format!(
+                "{} {}",
+                args.pattern, args.version
+            ))?)
+        }
+        SchemaCommand::Check(args) => {
+            let payload = match args.data {
+                Some(data) if data != "-" => data.into_bytes(),
+                _ => read_stdin("the payload").await?,
+            };
+            let answer = client
+                .schema_check(CheckSchemaRequest {
+                    channel: args.channel,
+                    payload: payload.into(),
+                    content_type: args.content_type.unwrap_or_default(),
+                    schema_version: args.schema_version.unwrap_or_default(),
+                })
+                .await?;
+            emit(&output::schema_check_line(&answer)?)?;
+            if answer.valid {
+                Ok(())
+            } else {
+                // A failed check is an answer, not an error of the command: its own status, so a
+                // script can tell it from a broker that could not be reached.
+                std::process::exit(2)
+            }
         }
     }
 }

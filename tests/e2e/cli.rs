@@ -120,3 +120,109 @@ async fn the_readme_tour_works_with_sb() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn sb_schema_puts_lists_checks_gets_and_deletes() {
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let url = url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("contact.schema.json");
+    std::fs::write(
+        &file,
+        r#"{"type":"object","required":["id"],"properties":{"id":{"type":"integer"}}}"#,
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+
+    json_lines(&sb(
+        url,
+        &["publish", "crm.contact.updated", r#"{"id":"x"}"#],
+        None,
+    ));
+    let put = &json_lines(&sb(
+        url,
+        &[
+            "schema",
+            "put",
+            "crm.contact.*",
+            "1.0.0",
+            file,
+            "--policy",
+            "warn",
+        ],
+        None,
+    ))[0];
+    assert_eq!(put["pattern"], "crm.contact.*");
+    assert_eq!(put["policy"], "warn");
+    assert_eq!(put["replaced"], false);
+    assert_eq!(put["document"]["required"][0], "id");
+    assert_eq!(put["compatibility"]["checked"], 1);
+    assert_eq!(put["compatibility"]["failing"], 1);
+    assert_eq!(
+        put["compatibility"]["examples"][0]["failures"][0]["instance_path"],
+        "/id"
+    );
+
+    // The same document from stdin, compatible required: the retained message fails it.
+    let document = std::fs::read(file).unwrap();
+    let refused = sb(
+        url,
+        &[
+            "schema",
+            "put",
+            "crm.contact.*",
+            "1.1.0",
+            "-",
+            "--require-compatible",
+        ],
+        Some(&document),
+    );
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("SCHEMA_INCOMPATIBLE"), "{stderr}");
+
+    let listed = json_lines(&sb(url, &["schema", "list"], None));
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].get("document").is_none());
+    let got = &json_lines(&sb(url, &["schema", "get", "crm.contact.*"], None))[0];
+    assert_eq!(got["version"], "1.0.0");
+
+    let good = &json_lines(&sb(
+        url,
+        &["schema", "check", "crm.contact.updated", r#"{"id":1}"#],
+        None,
+    ))[0];
+    assert_eq!(good["valid"], true);
+    assert!(good.get("reason").is_none(), "{good}");
+    // Under warn a mismatch still passes; the failures are named.
+    let warned = &json_lines(&sb(
+        url,
+        &["schema", "check", "crm.contact.updated", "-"],
+        Some(br#"{"id":"x"}"#),
+    ))[0];
+    assert_eq!(warned["valid"], true);
+    assert_eq!(warned["reason"], "SCHEMA_MISMATCH");
+    assert_eq!(warned["failures"][0]["keyword"], "type");
+
+    json_lines(&sb(
+        url,
+        &["schema", "put", "crm.contact.*", "1.0.0", file],
+        None,
+    ));
+    let failed = sb(url, &["schema", "check", "crm.contact.updated", "{}"], None);
+    assert_eq!(
+        failed.status.code(),
+        Some(2),
+        "an enforced mismatch exits 2"
+    );
+
+    let deleted = &json_lines(&sb(
+        url,
+        &["schema", "delete", "crm.contact.*", "1.0.0"],
+        None,
+    ))[0];
+    assert_eq!(deleted["deleted"], "crm.contact.* 1.0.0");
+    let missing = sb(url, &["schema", "get", "crm.contact.*"], None);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("SCHEMA_NOT_FOUND"));
+}

@@ -1317,3 +1317,78 @@ async fn an_ephemeral_publish_needs_the_same_grant_as_a_stored_one() {
         .unwrap_err();
     assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
 }
+
+#[tokio::test]
+async fn changing_the_schema_registry_needs_the_schema_grant_and_reading_it_does_not() {
+    use switchboard_proto::v1::schema_service_client::SchemaServiceClient;
+
+    let secured = start("", true);
+    let publisher = token(json!({ "publish": ["crm.>"] }));
+    let registrar = token(json!({ "schema": true }));
+    let admin = token(json!({ "admin": true }));
+    let mut schemas = SchemaServiceClient::new(channel(secured.broker.url()).await);
+    let put = |version: &str| pb::PutSchemaRequest {
+        pattern: "crm.contact.*".into(),
+        version: version.into(),
+        document: r#"{"required":["id"]}"#.into(),
+        ..Default::default()
+    };
+
+    let denied = schemas
+        .put_schema(with_token(put("1.0.0"), &publisher))
+        .await
+        .unwrap_err();
+    assert_refused(denied, Code::PermissionDenied, "SCHEMA_DENIED");
+    let unauthenticated = schemas.put_schema(put("1.0.0")).await.unwrap_err();
+    assert_eq!(unauthenticated.code(), Code::Unauthenticated);
+    schemas
+        .put_schema(with_token(put("1.0.0"), &registrar))
+        .await
+        .expect("the schema grant registers");
+    schemas
+        .put_schema(with_token(put("1.1.0"), &admin))
+        .await
+        .expect("admin implies the schema grant");
+    let delete = || pb::DeleteSchemaRequest {
+        pattern: "crm.contact.*".into(),
+        version: "1.1.0".into(),
+    };
+    let denied = schemas
+        .delete_schema(with_token(delete(), &publisher))
+        .await
+        .unwrap_err();
+    assert_refused(denied, Code::PermissionDenied, "SCHEMA_DENIED");
+
+    // Reading the registry needs only an accepted token; the registrant is recorded.
+    let listed = schemas
+        .list_schemas(with_token(pb::ListSchemasRequest::default(), &publisher))
+        .await
+        .unwrap()
+        .into_inner()
+        .schemas;
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].registered_by, format!("{ISSUER} agent-17"));
+
+    // The check a publish meets comes after its grant: a publisher learns nothing of the
+    // schemas of channels it may not publish to, and meets the schema where it may.
+    let mut broker = BrokerClient::new(channel(secured.broker.url()).await);
+    let outside = pb::PublishRequest {
+        channel: "ops.contact.x".into(),
+        payload: bytes::Bytes::from_static(b"{}"),
+        ..Default::default()
+    };
+    let denied = broker
+        .publish(with_token(outside, &publisher))
+        .await
+        .unwrap_err();
+    assert_refused(denied, Code::PermissionDenied, "PUBLISH_DENIED");
+    let mismatch = broker
+        .publish(with_token(publish("crm.contact.updated"), &publisher))
+        .await
+        .unwrap_err();
+    assert_refused(mismatch, Code::InvalidArgument, "SCHEMA_MISMATCH");
+    schemas
+        .delete_schema(with_token(delete(), &registrar))
+        .await
+        .expect("the schema grant deletes");
+}
