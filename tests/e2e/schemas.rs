@@ -602,3 +602,60 @@ async fn a_registration_reaches_every_node_of_a_cluster() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn entity_updates_meet_the_schema_of_their_state_channel_as_the_merge_would_leave_them() {
+    use switchboard_client::{EntityExt as _, EntityUpdate};
+
+    let f = fixture(&[]).await;
+    let contact = r#"{"type":"object","required":["name"],
+        "properties":{"name":{"type":"string"},"phone":{"type":"string","pattern":"^[0-9-]+$"}}}"#;
+    f.client
+        .schema_put(SchemaPut::new("$state.contact.*", "1.0.0", contact))
+        .await
+        .unwrap();
+    let update = |id: &str, fields: Value| EntityUpdate::new("contact", id, fields);
+
+    f.client
+        .update_entity(update("42", json!({"name": "Ada"})))
+        .await
+        .expect("a valid first write");
+    // A partial update is judged merged with the fields already there: no name needed again.
+    f.client
+        .update_entity(update("42", json!({"phone": "555-0100"})))
+        .await
+        .expect("the merged entity has its name");
+    let refused = f
+        .client
+        .update_entity(update("42", json!({"phone": "call me"})))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.reason(), Some(Reason::SchemaMismatch), "{refused}");
+    assert_eq!(refused.metadata("instance_path"), Some("/phone"));
+    assert_eq!(refused.metadata("keyword"), Some("pattern"));
+    let new_without_name = f
+        .client
+        .update_entity(update("43", json!({"phone": "555"})))
+        .await
+        .unwrap_err();
+    assert_eq!(new_without_name.metadata("keyword"), Some("required"));
+
+    let after = f
+        .client
+        .update_entity(update("42", json!({"name": "Ada L."})))
+        .await
+        .unwrap();
+    assert_eq!(after.version, 3, "the refused write was not applied");
+    assert_eq!(after.fields_json().unwrap()["phone"], "555-0100");
+    let missing = f
+        .client
+        .get_entity("contact", "43", None)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.reason(), Some(Reason::EntityNotFound));
+    // Other entity types are not checked.
+    f.client
+        .update_entity(EntityUpdate::new("case", "1", json!({"anything": 1})))
+        .await
+        .unwrap();
+}

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::TokenBound;
 use super::{convert, Edge};
-use crate::entity::{Change, Stamp};
+use crate::entity::{Change, EntityState, Stamp};
 use crate::error::{BrokerError, Reason};
 use crate::fanout::outgoing::Outgoing;
 use crate::fanout::registry::{FlowPolicy, Opening};
@@ -69,6 +69,25 @@ fn key(key: Option<pb::EntityKey>) -> Result<(String, String), BrokerError> {
         }
     }
     Ok((key.r#type, key.id))
+}
+
+/// The entity's fields once `values` are merged over `current`'s, as one JSON object (the
+/// document a schema for its state channel judges).
+fn document_after(current: Option<&EntityState>, values: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut document = serde_json::Map::new();
+    let current_fields = current.into_iter().flat_map(|state| state.fields.iter());
+    for (name, field) in current_fields {
+        document.insert(name.clone(), json_value(&field.value));
+    }
+    for (name, value) in values {
+        document.insert(name.clone(), json_value(value));
+    }
+    serde_json::Value::Object(document).to_string().into_bytes()
+}
+
+/// A stored field's canonical JSON text as a value (it was checked as JSON when written).
+fn json_value(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or(serde_json::Value::Null)
 }
 
 fn stamp(stamp: Option<pb::WriteStamp>) -> Result<Stamp, BrokerError> {
@@ -138,6 +157,37 @@ pub(crate) fn if_none_match(condition: &str, etag: &str) -> bool {
 }
 
 impl EntitiesService {
+    /// Checks the entity as this update would leave it against the schema registered for its
+    /// state channel, if any (docs/SCHEMAS.md#entity-updates). The check reads this node's state:
+    /// a concurrent write may change what the merge makes of it, so it judges the entity as this
+    /// writer sees it.
+    fn check_schema(
+        &self,
+        entity_type: &str,
+        id: &str,
+        values: &BTreeMap<String, String>,
+        caller: &Caller,
+    ) -> Result<(), BrokerError> {
+        let channel = state_channel(entity_type, id);
+        let current = self.edge.store.entity(entity_type, id)?;
+        let document = document_after(current.as_ref(), values);
+        match self.edge.schemas.check_entity(&channel, &document) {
+            Ok(None) => Ok(()),
+            Ok(Some(warned)) => {
+                self.edge.drift.report(warned);
+                Ok(())
+            }
+            Err(error) => {
+                if let BrokerError::Schema(mismatch) = &error {
+                    self.edge.drift.report((**mismatch).clone());
+                }
+                metrics::entity_refused(error.reason());
+                caller.audit_refused(&format!("{entity_type}.{id}"), &error);
+                Err(error)
+            }
+        }
+    }
+
     async fn write(
         &self,
         write: EntityWrite,
@@ -174,6 +224,7 @@ impl EntitiesRpc for EntitiesService {
         caller.check_update_entity(&entity_type, &id)?;
         let values = fields(&request.fields, self.edge.config.limits.max_payload_bytes)?;
         let stamp = stamp(request.stamp)?;
+        self.check_schema(&entity_type, &id, &values, &caller)?;
         self.write(
             EntityWrite {
                 entity_type,

@@ -170,55 +170,38 @@ impl SchemaRegistry {
         // The edge has checked the version is semver; one that is not has no schema.
         let version = semver::Version::parse(&message.schema_version).ok();
         let selected = version.as_ref().and_then(|v| schemas.select(v));
-        let (policy, kind) = match selected {
-            Some(registered) => {
-                if registered.record.policy == SchemaPolicy::Off {
-                    return Ok(None);
-                }
-                let failures = registered.failures(&message.content_type, &message.payload);
-                if failures.is_empty() {
-                    return Ok(None);
-                }
-                (
-                    registered.record.policy,
-                    MismatchKind::Payload {
-                        schema_version: registered.version.to_string(),
-                        failures,
-                    },
-                )
-            }
-            None => {
-                // The newest registration speaks for the pattern.
-                let newest = match schemas.versions.last() {
-                    Some(newest) => newest,
-                    None => return Ok(None),
-                };
-                if newest.record.policy == SchemaPolicy::Off {
-                    return Ok(None);
-                }
-                (
-                    newest.record.policy,
-                    MismatchKind::VersionUnknown {
-                        registered: schemas
-                            .versions
-                            .iter()
-                            .map(|r| r.version.to_string())
-                            .collect(),
-                    },
-                )
-            }
+        judge(
+            schemas,
+            selected,
+            &message.channel,
+            &message.schema_version,
+            |registered| registered.failures(&message.content_type, &message.payload),
+        )
+    }
+
+    /// Checks an entity as a write would leave it, `document` (a JSON object of its fields),
+    /// against the schema registered for its state channel `$state.<type>.<id>`: the most
+    /// specific matching pattern's highest version (an entity write carries no schema version).
+    ///
+    /// # Returns
+    /// As [`SchemaRegistry::check`].
+    ///
+    /// # Errors
+    /// As [`SchemaRegistry::check`].
+    pub(crate) fn check_entity(
+        &self,
+        state_channel: &str,
+        document: &[u8],
+    ) -> Result<Option<Mismatch>, BrokerError> {
+        let compiled = self.compiled()?;
+        let Some(schemas) = compiled.matching(state_channel) else {
+            return Ok(None);
         };
-        let mismatch = Mismatch {
-            channel: message.channel.clone(),
-            pattern: schemas.pattern.as_str().to_owned(),
-            message_version: message.schema_version.clone(),
-            policy,
-            kind,
-        };
-        match policy {
-            SchemaPolicy::Enforce => Err(BrokerError::Schema(Box::new(mismatch))),
-            SchemaPolicy::Warn | SchemaPolicy::Off => Ok(Some(mismatch)),
-        }
+        let newest = schemas.versions.last();
+        let version = newest.map_or(String::new(), |r| r.version.to_string());
+        judge(schemas, newest, state_channel, &version, |registered| {
+            registered.failures("application/json", document)
+        })
     }
 
     /// The registration a message on `channel` with `version` would be checked against, or the
@@ -336,6 +319,64 @@ impl SchemaRegistry {
             generation,
             patterns,
         })
+    }
+}
+
+/// The verdict on a message on `channel` (of `message_version`) that met `schemas`, with
+/// `selected` its registration (`None`: no version applies); `failures` checks the payload.
+fn judge(
+    schemas: &PatternSchemas,
+    selected: Option<&Arc<Registered>>,
+    channel: &str,
+    message_version: &str,
+    failures: impl FnOnce(&Registered) -> Vec<Failure>,
+) -> Result<Option<Mismatch>, BrokerError> {
+    let (policy, kind) = match selected {
+        Some(registered) => {
+            if registered.record.policy == SchemaPolicy::Off {
+                return Ok(None);
+            }
+            let failures = failures(registered);
+            if failures.is_empty() {
+                return Ok(None);
+            }
+            (
+                registered.record.policy,
+                MismatchKind::Payload {
+                    schema_version: registered.version.to_string(),
+                    failures,
+                },
+            )
+        }
+        None => {
+            // The newest registration speaks for the pattern.
+            let Some(newest) = schemas.versions.last() else {
+                return Ok(None);
+            };
+            if newest.record.policy == SchemaPolicy::Off {
+                return Ok(None);
+            }
+            let registered = schemas
+                .versions
+                .iter()
+                .map(|r| r.version.to_string())
+                .collect();
+            (
+                newest.record.policy,
+                MismatchKind::VersionUnknown { registered },
+            )
+        }
+    };
+    let mismatch = Mismatch {
+        channel: channel.to_owned(),
+        pattern: schemas.pattern.as_str().to_owned(),
+        message_version: message_version.to_owned(),
+        policy,
+        kind,
+    };
+    match policy {
+        SchemaPolicy::Enforce => Err(BrokerError::Schema(Box::new(mismatch))),
+        SchemaPolicy::Warn | SchemaPolicy::Off => Ok(Some(mismatch)),
     }
 }
 
