@@ -720,6 +720,64 @@ mod tests {
         assert_eq!(other.bookkeeping().last_applied.map(|l| l.index), Some(2));
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn schema_registrations_travel_in_a_snapshot_and_the_installed_registry_is_seen() {
+        use crate::message::{SchemaPolicy, SchemaWrite};
+
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = two_entries(dir.path()).await;
+        let put = RaftEntry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 3),
+            payload: EntryPayload::Normal(Command::Batch {
+                stamped_at_us: 3_000,
+                rules: Rules {
+                    dedup_window_us: 0,
+                    loop_window_us: 0,
+                    max_hops: 16,
+                    max_clock_skew_ms: 0,
+                },
+                items: vec![Item::Schema(SchemaWrite::Put {
+                    pattern: "a.*".into(),
+                    version: "1.0.0".into(),
+                    document: r#"{"required":["id"]}"#.into(),
+                    policy: SchemaPolicy::Enforce,
+                    registered_by: None,
+                })],
+            }),
+        };
+        sm.apply(vec![put]).await.unwrap();
+        let snapshot = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+
+        let follower = tempfile::tempdir().unwrap();
+        let mut other = open(follower.path());
+        let registry = crate::schema::SchemaRegistry::new(store(&other).clone());
+        let message = NewMessage {
+            content_type: "application/json".into(),
+            schema_version: "1.0.0".into(),
+            ..NewMessage::on_channel("a.one", bytes::Bytes::from_static(b"{}"))
+        };
+        assert!(matches!(registry.check(&message), Ok(None)), "nothing yet");
+        let mut receiving = other.begin_receiving_snapshot().await.unwrap();
+        let mut file = *snapshot.snapshot;
+        tokio::io::copy(&mut file, &mut *receiving).await.unwrap();
+        other
+            .install_snapshot(&snapshot.meta, receiving)
+            .await
+            .unwrap();
+        let record = store(&other).schema("a.*", "1.0.0").unwrap().unwrap();
+        assert_eq!(record.registered_at_us, 3_000);
+        assert!(
+            registry.check(&message).is_err(),
+            "a registry compiled before the install sees the installed schema"
+        );
+    }
+
     /// A state machine at `dir` that took a snapshot of entries 1–2, applied entry 3 and crashed:
     /// its next start goes back to the snapshot. Returns the snapshot's meta.
     async fn crashed_after_a_snapshot(
