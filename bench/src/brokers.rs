@@ -44,10 +44,11 @@ pub trait Broker {
     fn node_stats(&self) -> Vec<(String, BrokerStats)> {
         Vec::new()
     }
-    /// The admin listener (`/metrics`) of the Switchboard node that proposes log entries (the
-    /// leader of a cluster); `None` for NATS.
-    fn metrics_addr(&self) -> Option<SocketAddr> {
-        None
+    /// The admin listeners (`/metrics`) of its Switchboard nodes; none for NATS. Each log entry
+    /// is counted once, by the node whose proposer made the batch: a follower counts the
+    /// batches it forwards to the leader.
+    fn metrics_addrs(&self) -> Vec<SocketAddr> {
+        Vec::new()
     }
     /// Stops it (SIGTERM, then SIGKILL after 10 s) and waits for it.
     fn stop(&mut self) -> impl std::future::Future<Output = ()>;
@@ -547,10 +548,10 @@ impl Broker for RunningBroker {
         self.process().stats()
     }
 
-    fn metrics_addr(&self) -> Option<SocketAddr> {
+    fn metrics_addrs(&self) -> Vec<SocketAddr> {
         match self {
-            RunningBroker::Switchboard(broker) => broker.admin_addr(),
-            RunningBroker::Nats(_) => None,
+            RunningBroker::Switchboard(broker) => broker.admin_addr().into_iter().collect(),
+            RunningBroker::Nats(_) => Vec::new(),
         }
     }
 

@@ -360,12 +360,11 @@ impl Broker for Cluster {
             .collect()
     }
 
-    /// The leader's: it proposes every log entry, whichever node took the publish.
-    fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+    fn metrics_addrs(&self) -> Vec<std::net::SocketAddr> {
         self.nodes
             .iter()
-            .find(|node| node.info.role == Role::Leader)
-            .and_then(|node| node.broker.metrics_addr())
+            .flat_map(|node| node.broker.metrics_addrs())
+            .collect()
     }
 
     /// Stops every node at once: one by one, the last ones would spend their shutdown looking

@@ -601,12 +601,14 @@ where
     }
 }
 
-/// The broker's log entries so far (Switchboard's; `None` for NATS).
+/// The log entries of all the broker's nodes so far (Switchboard's; `None` for NATS).
 async fn entry_items(server: &impl brokers::Broker) -> anyhow::Result<Option<EntryItems>> {
-    match server.metrics_addr() {
-        Some(admin) => Ok(Some(EntryItems::read(admin).await?)),
-        None => Ok(None),
+    let mut total: Option<EntryItems> = None;
+    for admin in server.metrics_addrs() {
+        let items = EntryItems::read(admin).await?;
+        total = Some(total.unwrap_or_default().plus(&items));
     }
+    Ok(total)
 }
 
 #[derive(Serialize)]
@@ -930,6 +932,16 @@ pub(crate) fn format_value(value: Option<f64>) -> String {
     }
 }
 
+/// A ratio with two decimals, or three below 0.1 (against JetStream syncing every message, the
+/// latency ratios go down to ~0.01).
+fn format_ratio(ratio: f64) -> String {
+    if ratio.abs() < 0.1 {
+        format!("{ratio:.3}")
+    } else {
+        format!("{ratio:.2}")
+    }
+}
+
 fn group_thousands(value: i64) -> String {
     let digits = value.unsigned_abs().to_string();
     let first = match digits.len() % 3 {
@@ -1009,8 +1021,13 @@ pub(crate) fn print_side_by_side(
             let ratio = match versus.and_then(|v| v.ratio) {
                 None => "—".to_owned(),
                 Some(r) => match versus.and_then(|v| v.ratio_range).filter(|_| rounds > 1) {
-                    Some((low, high)) => format!("{r:.2}× ({low:.2}–{high:.2})"),
-                    None => format!("{r:.2}×"),
+                    Some((low, high)) => format!(
+                        "{}× ({}–{})",
+                        format_ratio(r),
+                        format_ratio(low),
+                        format_ratio(high)
+                    ),
+                    None => format!("{}×", format_ratio(r)),
                 },
             };
             line.push_str(&format!(
@@ -1237,5 +1254,7 @@ mod tests {
         assert_eq!(group_thousands(999), "999");
         assert_eq!(format_value(Some(34_400.4)), "34,400");
         assert_eq!(format_value(None), "—");
+        assert_eq!(format_ratio(1.234), "1.23");
+        assert_eq!(format_ratio(0.0123), "0.012");
     }
 }

@@ -88,6 +88,15 @@ impl EntryItems {
         Ok(EntryItems::parse(&page(admin).await?).unwrap_or_default())
     }
 
+    /// This and `other` together (two nodes of a cluster).
+    pub fn plus(&self, other: &EntryItems) -> EntryItems {
+        EntryItems {
+            entries: self.entries + other.entries,
+            messages: self.messages + other.messages,
+            single: self.single + other.single,
+        }
+    }
+
     /// What was committed between `earlier` and this.
     pub fn since(&self, earlier: &EntryItems) -> EntryItems {
         EntryItems {
@@ -148,6 +157,7 @@ mod tests {
         let before = EntryItems::parse(&page(10, 15, 5)).unwrap();
         let after = EntryItems::parse(&page(110, 215, 5)).unwrap();
         let run = after.since(&before);
+        assert_eq!(run.plus(&before), after);
         assert_eq!(
             run,
             EntryItems {
