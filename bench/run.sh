@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The side-by-side benchmark of Switchboard against NATS JetStream (docs/BENCHMARKS.md).
 #
-#   bench/run.sh                  # the whole comparison, three rounds: ~5 minutes on 2 cores once built
+#   bench/run.sh                  # the whole comparison, three rounds: ~9 minutes on 2 cores once built
 #   bench/run.sh --quick          # every workload scaled down ~10x, one round: a smoke run
 #   bench/run.sh --only W1,W3     # some workloads (W1, W2, W2a, W2b, W2e, W3, W4)
 #   bench/run.sh --rounds 5       # more rounds (the table shows each figure's median)
