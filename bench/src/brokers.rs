@@ -44,6 +44,12 @@ pub trait Broker {
     fn node_stats(&self) -> Vec<(String, BrokerStats)> {
         Vec::new()
     }
+    /// The admin listeners (`/metrics`) of its Switchboard nodes; none for NATS. Each log entry
+    /// is counted once, by the node whose proposer made the batch: a follower counts the
+    /// batches it forwards to the leader.
+    fn metrics_addrs(&self) -> Vec<SocketAddr> {
+        Vec::new()
+    }
     /// Stops it (SIGTERM, then SIGKILL after 10 s) and waits for it.
     fn stop(&mut self) -> impl std::future::Future<Output = ()>;
 }
@@ -170,13 +176,15 @@ pub struct SwitchboardBroker {
 }
 
 impl SwitchboardBroker {
+    /// A broker for one workload, its admin listener on a loopback port too: the tool reads
+    /// from `/metrics` how many messages each log entry carried.
     pub async fn start(
         binary: PathBuf,
         root: PathBuf,
         fsync: &'static str,
     ) -> anyhow::Result<RunningBroker> {
         Ok(RunningBroker::Switchboard(
-            SwitchboardBroker::launch(binary, root, fsync, false).await?,
+            SwitchboardBroker::launch(binary, root, fsync, true).await?,
         ))
     }
 
@@ -288,53 +296,187 @@ impl SwitchboardBroker {
         self.process.pid
     }
 
-    /// Its peak RSS and CPU seconds so far.
-    pub fn stats(&self) -> anyhow::Result<BrokerStats> {
-        self.process.stats()
-    }
-
     /// Stops it (SIGTERM, then SIGKILL after 10 s) and waits for it.
     pub async fn stop(&mut self) {
         self.process.stop().await;
     }
 }
 
-/// `nats-server -js` with file storage, on a free loopback port, configured by a file it is given.
+/// How JetStream's file store syncs: the two ways the comparison runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatsSync {
+    /// The default `sync_interval` (2 minutes): an ack once the message is in the page cache.
+    Default,
+    /// `sync_interval: always` (nats-server 2.10 and later): the file store syncs after every
+    /// message, before its ack; no group commit.
+    Always,
+}
+
+impl NatsSync {
+    pub const BOTH: [NatsSync; 2] = [NatsSync::Default, NatsSync::Always];
+
+    /// The run label: `nats` / `nats-sync-always`, and `nats-r3` / `nats-r3-sync-always` for a
+    /// three-node cluster.
+    pub fn label(self, clustered: bool) -> &'static str {
+        match (self, clustered) {
+            (NatsSync::Default, false) => "nats",
+            (NatsSync::Always, false) => "nats-sync-always",
+            (NatsSync::Default, true) => "nats-r3",
+            (NatsSync::Always, true) => "nats-r3-sync-always",
+        }
+    }
+
+    /// The mode of a run labelled `label`, or `None` for a Switchboard run.
+    pub fn of_label(label: &str) -> Option<NatsSync> {
+        NatsSync::BOTH
+            .into_iter()
+            .find(|mode| label == mode.label(false) || label == mode.label(true))
+    }
+
+    /// How the table names the mode (a three-node cluster's stream has three replicas).
+    pub fn title(self, clustered: bool) -> &'static str {
+        match (self, clustered) {
+            (NatsSync::Default, false) => "JetStream default (sync every 2 min)",
+            (NatsSync::Always, false) => "JetStream sync_interval: always",
+            (NatsSync::Default, true) => "JetStream R3 default (sync every 2 min)",
+            (NatsSync::Always, true) => "JetStream R3 sync_interval: always",
+        }
+    }
+
+    /// What the JSON says the mode guarantees.
+    pub fn durability(self) -> &'static str {
+        match self {
+            NatsSync::Default => {
+                "JetStream file storage with the default sync_interval (2 minutes): the ack follows the write to the file store (the page cache); a power failure can lose up to 2 minutes of acknowledged messages"
+            }
+            NatsSync::Always => {
+                "JetStream file storage with sync_interval: always: the file store syncs after every message, before the ack (no group commit); in a cluster each replica syncs what it stores"
+            }
+        }
+    }
+}
+
+/// Whether the `nats-server --version` text `version` is 2.10 or later, the first with
+/// `sync_interval` (so the one that can sync before an ack).
+pub fn nats_syncs_always(version: &str) -> bool {
+    let numbers = version
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .find(|word| word.contains('.'))
+        .map(|word| {
+            word.split('.')
+                .map(|n| n.parse::<u32>().unwrap_or(0))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    matches!(numbers.as_slice(), [major, minor, ..] if (*major, *minor) >= (2, 10))
+}
+
+/// One nats-server's configuration: its client port, how its store syncs, and, in a cluster, its
+/// name and routes.
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    pub port: u16,
+    pub sync: NatsSync,
+    pub cluster: Option<NatsRoutes>,
+}
+
+/// A cluster member's part of the configuration: every member routes to every other on loopback.
+#[derive(Clone, Debug)]
+pub struct NatsRoutes {
+    /// The server's name (`server_name`: JetStream clustering needs a unique one).
+    pub name: String,
+    /// Its route listener.
+    pub port: u16,
+    /// The other members' route ports.
+    pub peers: Vec<u16>,
+}
+
+/// A `nats-server -js` with file storage on loopback, configured by a file it is given.
 pub struct NatsServer {
     process: Process,
     port: u16,
 }
 
-/// The configuration file: loopback only, JetStream with its store in the run's folder. Debian's
-/// nats-server 2.9 has no `sync_interval` / `sync_always` setting (they came in 2.10): its file
-/// store syncs every 2 minutes, whatever this file says.
-pub fn nats_config(port: u16, store_dir: &Path) -> String {
-    format!(
+/// The configuration file: loopback only, JetStream with its store in the run's folder, the sync
+/// mode, and the cluster block of a cluster member. nats-server 2.9 knows no `sync_interval`:
+/// [`NatsSync::Always`] needs 2.10 or later (see [`nats_syncs_always`]).
+pub fn nats_config(config: &NatsConfig, store_dir: &Path) -> String {
+    let mut text = format!(
         "# Written by switchboard-bench for one run.\n\
          host: 127.0.0.1\n\
-         port: {port}\n\
-         max_payload: 1MB\n\
-         jetstream {{\n  \
+         port: {}\n\
+         max_payload: 1MB\n",
+        config.port
+    );
+    if let Some(routes) = &config.cluster {
+        text.push_str(&format!("server_name: {}\n", routes.name));
+    }
+    text.push_str(&format!(
+        "jetstream {{\n  \
            store_dir: \"{}\"\n  \
            max_memory_store: 1GB\n  \
-           max_file_store: 20GB\n\
-         }}\n",
+           max_file_store: 20GB\n",
         store_dir.display()
-    )
+    ));
+    if config.sync == NatsSync::Always {
+        text.push_str("  sync_interval: always\n");
+    }
+    text.push_str("}\n");
+    if let Some(routes) = &config.cluster {
+        let peers = routes
+            .peers
+            .iter()
+            .map(|port| format!("nats-route://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        text.push_str(&format!(
+            "cluster {{\n  \
+               name: bench\n  \
+               host: 127.0.0.1\n  \
+               port: {}\n  \
+               routes: [{peers}]\n\
+             }}\n",
+            routes.port
+        ));
+    }
+    text
 }
 
 impl NatsServer {
-    pub async fn start(binary: PathBuf, root: PathBuf) -> anyhow::Result<RunningBroker> {
-        let dir = data_dir(&root, "sb-bench-nats-")?;
-        let port = free_port()?;
-        let config = dir.path().join("nats.conf");
-        std::fs::write(&config, nats_config(port, &dir.path().join("jetstream")))?;
+    /// One server on a free port, as a [`RunningBroker`].
+    pub async fn start(
+        binary: PathBuf,
+        root: PathBuf,
+        sync: NatsSync,
+    ) -> anyhow::Result<RunningBroker> {
+        let config = NatsConfig {
+            port: free_port()?,
+            sync,
+            cluster: None,
+        };
+        Ok(RunningBroker::Nats(
+            NatsServer::launch(&binary, &root, &config).await?,
+        ))
+    }
+
+    /// Starts a server with `config` in a folder of its own under `root`, and waits until its
+    /// client port takes connections (JetStream may still be starting then).
+    pub async fn launch(
+        binary: &Path,
+        root: &Path,
+        config: &NatsConfig,
+    ) -> anyhow::Result<NatsServer> {
+        let dir = data_dir(root, "sb-bench-nats-")?;
+        let port = config.port;
+        let file = dir.path().join("nats.conf");
+        std::fs::write(&file, nats_config(config, &dir.path().join("jetstream")))?;
         let log = std::fs::File::create(dir.path().join("nats.log"))?;
         let log_err = log.try_clone()?;
-        let mut child = Command::new(&binary)
+        let mut child = Command::new(binary)
             .arg("-js")
             .arg("-c")
-            .arg(&config)
+            .arg(&file)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
@@ -362,14 +504,18 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(RunningBroker::Nats(NatsServer {
+        Ok(NatsServer {
             process: Process {
                 child,
                 pid,
                 _dir: dir,
             },
             port,
-        }))
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
     }
 }
 
@@ -394,12 +540,19 @@ impl Broker for RunningBroker {
     fn endpoint(&self) -> String {
         match self {
             RunningBroker::Switchboard(broker) => broker.url(),
-            RunningBroker::Nats(server) => format!("nats://127.0.0.1:{}", server.port),
+            RunningBroker::Nats(server) => server.url(),
         }
     }
 
     fn stats(&self) -> anyhow::Result<BrokerStats> {
         self.process().stats()
+    }
+
+    fn metrics_addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            RunningBroker::Switchboard(broker) => broker.admin_addr().into_iter().collect(),
+            RunningBroker::Nats(_) => Vec::new(),
+        }
     }
 
     async fn stop(&mut self) {
@@ -526,9 +679,48 @@ mod tests {
 
     #[test]
     fn nats_config_is_loopback_with_jetstream() {
-        let text = nats_config(4999, Path::new("/tmp/x"));
+        let config = NatsConfig {
+            port: 4999,
+            sync: NatsSync::Default,
+            cluster: None,
+        };
+        let text = nats_config(&config, Path::new("/tmp/x"));
         assert!(text.contains("host: 127.0.0.1"));
         assert!(text.contains("port: 4999"));
         assert!(text.contains("store_dir: \"/tmp/x\""));
+        assert!(!text.contains("sync_interval"));
+        assert!(!text.contains("cluster"));
+    }
+
+    #[test]
+    fn a_cluster_member_syncing_always_routes_to_its_peers() {
+        let config = NatsConfig {
+            port: 4999,
+            sync: NatsSync::Always,
+            cluster: Some(NatsRoutes {
+                name: "n2".to_owned(),
+                port: 6002,
+                peers: vec![6001, 6003],
+            }),
+        };
+        let text = nats_config(&config, Path::new("/tmp/x"));
+        assert!(text.contains("server_name: n2"));
+        assert!(text.contains("  sync_interval: always\n}"));
+        assert!(text.contains("port: 6002"));
+        assert!(text.contains("routes: [nats-route://127.0.0.1:6001, nats-route://127.0.0.1:6003]"));
+    }
+
+    #[test]
+    fn sync_always_needs_nats_2_10() {
+        assert!(nats_syncs_always("nats-server: v2.15.1"));
+        assert!(nats_syncs_always("nats-server: v2.10.0"));
+        assert!(!nats_syncs_always("nats-server: v2.9.10"));
+        assert!(!nats_syncs_always("something else"));
+        assert_eq!(
+            NatsSync::of_label("nats-r3-sync-always"),
+            Some(NatsSync::Always)
+        );
+        assert_eq!(NatsSync::of_label("nats"), Some(NatsSync::Default));
+        assert_eq!(NatsSync::of_label("switchboard"), None);
     }
 }

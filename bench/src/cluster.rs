@@ -1,23 +1,31 @@
-//! `--cluster`: the three-node workloads (W5). Switchboard alone: three voters on loopback, each
-//! with its own data folder and `--fsync always`, and optionally read replicas (raft learners);
-//! fresh nodes for every workload. The workloads are W1, W2a and W3's own code, pointed at
-//! different nodes; what this adds is each node's CPU, from which the cost per acknowledged and
-//! per delivered message follows.
+//! `--cluster`: the three-node workloads (W5). Switchboard: three voters on loopback, each with
+//! its own data folder and `--fsync always`, and optionally read replicas (raft learners).
+//! NATS: three nats-servers with routes on loopback, each with its own store, and the stream
+//! `BENCH` with three replicas, once with the default sync interval and once with
+//! `sync_interval: always`. Fresh nodes for every workload. The workloads are W1, W2a and W3's
+//! own code, pointed at different nodes; what this adds is each node's CPU and RSS, from which
+//! the cost per acknowledged and per delivered message follows. The same code serves both
+//! clusters: a node's role (leader, follower, replica) is raft's for Switchboard and the stream
+//! leader's for NATS.
 //!
 //! All the nodes run on the same machine, so they share its cores: a replica cannot add capacity
 //! here, and what the figures give is the cost of each node's part.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use switchboard_client::Client;
 use tokio::time::Instant;
 
-use crate::brokers::{self, Broker, BrokerStats, SwitchboardBroker};
+use crate::brokers::{
+    self, Broker, BrokerStats, NatsConfig, NatsRoutes, NatsServer, NatsSync, RunningBroker,
+    SwitchboardBroker,
+};
 use crate::{
-    format_value, print_notes, rows, run_one, sb, unit_suffix, Args, Metric, Outcome, Plan,
+    limit, nats, print_notes, print_side_by_side, rows, run_one, sb, single, unit_suffix, Args,
+    Metric, Outcome, Plan, Row, Side,
 };
 
 /// The workloads of `--cluster`, in the order they run in each round.
@@ -38,7 +46,8 @@ pub const WORKLOADS: [(&str, &str); 5] = [
     ),
 ];
 
-/// The run label of the three-node runs (the one-node reference is "switchboard").
+/// The run label of Switchboard's three-node runs (the one-node reference is "switchboard"; NATS's
+/// are "nats-r3" and "nats-r3-sync-always").
 const CLUSTER: &str = "switchboard-cluster";
 
 const VOTERS: u64 = 3;
@@ -99,19 +108,33 @@ impl Layout {
 
 struct Node {
     info: NodeInfo,
-    broker: SwitchboardBroker,
+    broker: RunningBroker,
 }
 
-/// A running cluster: three voters and `replicas` learners.
+/// A running cluster: three Switchboard voters and `replicas` learners, or three nats-servers.
 pub struct Cluster {
     nodes: Vec<Node>,
 }
 
 impl Cluster {
+    /// A cluster of `side`'s broker: Switchboard with `replicas` learners, or NATS (which has
+    /// none) syncing as the side says.
+    async fn start(
+        side: Side,
+        binary: PathBuf,
+        root: PathBuf,
+        replicas: u8,
+    ) -> anyhow::Result<Cluster> {
+        match side {
+            Side::Switchboard(_) => Cluster::switchboard(binary, root, replicas).await,
+            Side::Nats(sync) => Cluster::nats(&binary, &root, sync).await,
+        }
+    }
+
     /// Starts three voters with static members (ids 1–3), waits for a leader and for every
     /// member's public address, then starts each replica as a newcomer (a raft listener and no
     /// members) and adds it through the Cluster AddLearner RPC, which returns once it caught up.
-    pub async fn start(binary: PathBuf, root: PathBuf, replicas: u8) -> anyhow::Result<Cluster> {
+    async fn switchboard(binary: PathBuf, root: PathBuf, replicas: u8) -> anyhow::Result<Cluster> {
         let ports = brokers::free_ports(VOTERS as usize + usize::from(replicas))?;
         let raft: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let members = raft
@@ -128,7 +151,7 @@ impl Cluster {
                 binary.clone(),
                 root.clone(),
                 "always",
-                false,
+                true,
                 &["--node-id".to_owned(), id.to_string()],
                 &[
                     ("SWITCHBOARD_CLUSTER_LISTEN".to_owned(), raft_addr.clone()),
@@ -174,23 +197,87 @@ impl Cluster {
                 bail!("the leader changed while the cluster settled ({leader} → {seen})");
             }
         }
-        let mut nodes: Vec<Node> = Vec::new();
-        let (mut followers, mut replicas_named) = (0, 0);
-        for (id, broker) in started {
-            let (role, name) = if id == leader {
-                (Role::Leader, "leader".to_owned())
+        let members = started.into_iter().map(|(id, broker)| {
+            let role = if id == leader {
+                Role::Leader
             } else if id <= VOTERS {
-                followers += 1;
-                (Role::Follower, format!("follower {followers}"))
+                Role::Follower
             } else {
-                replicas_named += 1;
-                (Role::Replica, format!("replica {replicas_named}"))
+                Role::Replica
+            };
+            (role, RunningBroker::Switchboard(broker))
+        });
+        Ok(Cluster::named(members))
+    }
+
+    /// Starts three nats-servers, each routing to the other two on loopback, creates the stream
+    /// `BENCH` with three replicas and waits until they are current; the stream's leader is the
+    /// cluster's leader here (the server JetStream publishes go through).
+    async fn nats(binary: &Path, root: &Path, sync: NatsSync) -> anyhow::Result<Cluster> {
+        let ports = brokers::free_ports(2 * VOTERS as usize)?;
+        let (client_ports, route_ports) = ports.split_at(VOTERS as usize);
+        let mut servers: Vec<(String, NatsServer)> = Vec::new();
+        for (n, (&port, &route_port)) in (1..).zip(client_ports.iter().zip(route_ports)) {
+            let name = format!("n{n}");
+            let config = NatsConfig {
+                port,
+                sync,
+                cluster: Some(NatsRoutes {
+                    name: name.clone(),
+                    port: route_port,
+                    peers: route_ports
+                        .iter()
+                        .copied()
+                        .filter(|peer| *peer != route_port)
+                        .collect(),
+                }),
+            };
+            let server = NatsServer::launch(binary, root, &config)
+                .await
+                .with_context(|| format!("cannot start nats-server {name}"))?;
+            servers.push((name, server));
+        }
+        let first = servers
+            .first()
+            .map(|(_, server)| server.url())
+            .ok_or_else(|| anyhow!("no nats-server started"))?;
+        let leader = nats::replicated_stream(&first, VOTERS as usize).await?;
+        if !servers.iter().any(|(name, _)| *name == leader) {
+            bail!("the stream's leader {leader:?} is none of the servers started");
+        }
+        let members = servers.into_iter().map(|(name, server)| {
+            let role = if name == leader {
+                Role::Leader
+            } else {
+                Role::Follower
+            };
+            (role, RunningBroker::Nats(server))
+        });
+        Ok(Cluster::named(members))
+    }
+
+    /// The cluster of `members`, each named by its role ("leader", "follower 1", "replica 2",
+    /// ...), the leader first, then the followers, then the replicas.
+    fn named(members: impl IntoIterator<Item = (Role, RunningBroker)>) -> Cluster {
+        let mut nodes: Vec<Node> = Vec::new();
+        let (mut followers, mut replicas) = (0, 0);
+        for (role, broker) in members {
+            let name = match role {
+                Role::Leader => "leader".to_owned(),
+                Role::Follower => {
+                    followers += 1;
+                    format!("follower {followers}")
+                }
+                Role::Replica => {
+                    replicas += 1;
+                    format!("replica {replicas}")
+                }
             };
             nodes.push(Node {
                 info: NodeInfo {
                     name,
                     role,
-                    url: broker.url(),
+                    url: broker.endpoint(),
                 },
                 broker,
             });
@@ -208,7 +295,7 @@ impl Cluster {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        Ok(Cluster { nodes })
+        Cluster { nodes }
     }
 }
 
@@ -273,6 +360,13 @@ impl Broker for Cluster {
             .collect()
     }
 
+    fn metrics_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.nodes
+            .iter()
+            .flat_map(|node| node.broker.metrics_addrs())
+            .collect()
+    }
+
     /// Stops every node at once: one by one, the last ones would spend their shutdown looking
     /// for a quorum that is gone.
     async fn stop(&mut self) {
@@ -280,43 +374,44 @@ impl Broker for Cluster {
     }
 }
 
-/// The most a run of `workload` may take, starting and stopping the nodes aside.
-fn limit(workload: &str, plan: &Plan) -> Duration {
-    match workload {
-        "W5b" => plan.w2_warmup + plan.w2_duration + Duration::from_secs(60),
-        "W5c" => plan.w3_duration + plan.w3_drain + Duration::from_secs(60),
-        _ => Duration::from_secs(600),
-    }
-}
-
-/// The three-node workload `workload` against the cluster laid out as `layout`: W1's, W2a's and
-/// W3's code, pointed at different nodes.
-async fn w5(workload: &str, layout: Layout, plan: &Plan) -> anyhow::Result<Outcome> {
+/// The three-node workload `workload` against `side`'s cluster laid out as `layout`: W1's, W2a's
+/// and W3's code, pointed at different nodes.
+async fn w5(workload: &str, side: Side, layout: Layout, plan: &Plan) -> anyhow::Result<Outcome> {
     let leader = layout.leader()?.url.clone();
+    let is_nats = matches!(side, Side::Nats(_));
     match workload {
-        "W5a-leader" => sb::w1(&leader, plan).await,
-        "W5a-follower" => sb::w1(&layout.follower()?.url, plan).await,
+        "W5a-leader" => single("W1", side, &leader, plan).await,
+        "W5a-follower" => single("W1", side, &layout.follower()?.url, plan).await,
         "W5b" => {
             let reader = layout
                 .readers()
                 .first()
                 .map(|node| node.url.clone())
                 .ok_or_else(|| anyhow!("no node to subscribe on"))?;
-            sb::w2_across(&leader, &reader, plan, 1, false, false).await
+            if is_nats {
+                nats::w2_across(&leader, &reader, plan, 1, false).await
+            } else {
+                sb::w2_across(&leader, &reader, plan, 1, false, false).await
+            }
         }
-        "W5c" => w5c(layout, plan).await,
+        "W5c" => {
+            let readers = layout.readers();
+            let urls: Vec<String> = readers.iter().map(|node| node.url.clone()).collect();
+            let (mut outcome, per_reader) = if is_nats {
+                nats::w3_spread(&leader, &urls, plan).await?
+            } else {
+                sb::w3_spread(&leader, &urls, plan).await?
+            };
+            add_per_reader(&mut outcome, &readers, &per_reader);
+            Ok(outcome)
+        }
         other => bail!("no three-node workload {other}"),
     }
 }
 
-/// W5c: W3's workload with the publisher on the leader and the subscribers spread over the
-/// readers, plus each reader's deliveries per second.
-async fn w5c(layout: Layout, plan: &Plan) -> anyhow::Result<Outcome> {
-    let leader = layout.leader()?;
-    let readers = layout.readers();
-    let urls: Vec<String> = readers.iter().map(|node| node.url.clone()).collect();
-    let (mut outcome, per_reader) = sb::w3_spread(&leader.url, &urls, plan).await?;
-    // The same period as the total's: first publish to last delivery.
+/// W5c: each reader's deliveries per second, over the same period as the total's (first publish
+/// to last delivery), and its count for the cost per delivered message.
+fn add_per_reader(outcome: &mut Outcome, readers: &[&NodeInfo], per_reader: &[u64]) {
     let seconds = outcome
         .metrics
         .iter()
@@ -327,18 +422,17 @@ async fn w5c(layout: Layout, plan: &Plan) -> anyhow::Result<Outcome> {
         outcome.metrics.push(Metric::higher(
             format!("delivered msgs/s, {}", node.name),
             "msgs/s",
-            delivered as f64 / seconds.max(1e-9),
+            *delivered as f64 / seconds.max(1e-9),
         ));
         outcome
             .counts
-            .push((format!("delivered on {}", node.name), delivered));
+            .push((format!("delivered on {}", node.name), *delivered));
     }
-    Ok(outcome)
 }
 
 /// Adds what each message cost the nodes, now that their CPU over the workload is known: CPU per
-/// acknowledged message over all nodes and per node, each node's CPU seconds, and a subscribers'
-/// node's CPU per message it delivered.
+/// acknowledged message over all nodes and per node, each node's CPU seconds and peak RSS, and a
+/// subscribers' node's CPU per message it delivered.
 fn add_costs(run: &mut crate::Run) {
     let clustered = !run.nodes.is_empty();
     let nodes: Vec<(String, BrokerStats)> = if !clustered {
@@ -366,6 +460,11 @@ fn add_costs(run: &mut crate::Run) {
             format!("CPU, {name}"),
             "s",
             stats.cpu_seconds,
+        ));
+        outcome.metrics.push(Metric::lower(
+            format!("peak RSS, {name}"),
+            "MB",
+            stats.peak_rss_kib as f64 / 1024.0,
         ));
         outcome.metrics.push(Metric::lower(
             format!("CPU per acked msg, {name}"),
@@ -400,7 +499,8 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// `--cluster`: every chosen workload, `plan.rounds` times, then the table (and the JSON).
+/// `--cluster`: every chosen workload, `plan.rounds` times, on each side (Switchboard, then NATS
+/// in each sync mode it has), then the table (and the JSON).
 pub async fn run(
     args: &Args,
     plan: &Plan,
@@ -408,23 +508,21 @@ pub async fn run(
     data_root: PathBuf,
 ) -> anyhow::Result<()> {
     let version = brokers::switchboard_version(&args.switchboard).await;
+    let nats_version = brokers::nats_version(&args.nats_server)
+        .await
+        .with_context(|| format!("cannot run {}", args.nats_server.display()))?;
+    let nats_modes = crate::nats_sync_modes(&nats_version);
     let replicas = args.replicas;
     eprintln!(
-        "[bench] {version}, {} on loopback, fsync always; data under {}; {} round(s)",
+        "[bench] {version}, {} on loopback, fsync always, against {nats_version}, three servers \
+         with routes on loopback and an R3 stream; data under {}; {} round(s)",
         topology(replicas),
         data_root.display(),
         plan.rounds
     );
-    let cluster = || {
-        let binary = args.switchboard.clone();
-        let root = data_root.clone();
-        move || Cluster::start(binary, root, replicas)
-    };
-    let one_node = || {
-        let binary = args.switchboard.clone();
-        let root = data_root.clone();
-        move || SwitchboardBroker::start(binary, root, "always")
-    };
+    let sides: Vec<Side> = std::iter::once(Side::Switchboard("always"))
+        .chain(nats_modes.iter().map(|sync| Side::Nats(*sync)))
+        .collect();
     let mut runs = Vec::new();
     let mut load = Vec::new();
     for round in 1..=plan.rounds {
@@ -435,27 +533,29 @@ pub async fn run(
             if !chosen.contains(workload) {
                 continue;
             }
-            let p = plan.clone();
-            let limit = limit(workload, plan);
-            runs.push(if workload == "W1" {
-                run_one(
-                    workload,
-                    "switchboard",
-                    limit,
-                    one_node(),
-                    move |url| async move { sb::w1(&url, &p).await },
-                )
-                .await
-            } else {
-                run_one(
-                    workload,
-                    CLUSTER,
-                    limit,
-                    cluster(),
-                    move |layout| async move { w5(workload, layout, &p).await },
-                )
-                .await
-            });
+            for &side in &sides {
+                let (binary, root, p) = (side.binary(args), data_root.clone(), plan.clone());
+                let limit = limit(workload, plan);
+                runs.push(if workload == "W1" {
+                    run_one(
+                        workload,
+                        side.label(),
+                        limit,
+                        move || side.start(binary, root),
+                        move |url| async move { single(workload, side, &url, &p).await },
+                    )
+                    .await
+                } else {
+                    run_one(
+                        workload,
+                        cluster_label(side),
+                        limit,
+                        move || Cluster::start(side, binary, root, replicas),
+                        move |layout| async move { w5(workload, side, layout, &p).await },
+                    )
+                    .await
+                });
+            }
         }
         for run in &mut runs[first..] {
             run.round = round;
@@ -469,14 +569,20 @@ pub async fn run(
     }
 
     let rows = rows(&runs, &WORKLOADS);
-    print_table(&rows, &runs, plan, replicas, args.quick);
+    print_table(&rows, &runs, plan, replicas, args.quick, &nats_version);
     if let Some(path) = &args.json {
         let report = serde_json::json!({
             "date": chrono::Utc::now().to_rfc3339(),
             "machine": brokers::machine(&data_root).await,
             "switchboard": version,
             "topology": topology(replicas),
-            "durability": "fsync always on every node: an ack follows the fdatasync of the entry on a majority of the voters (replicas never count)",
+            "nats_server": nats_version,
+            "nats_server_binary": args.nats_server.display().to_string(),
+            "nats_topology": "3 nats-servers, routes on loopback, stream BENCH with 3 replicas (file storage)",
+            "durability": crate::durability(
+                "fsync always on every node: an ack follows the fdatasync of the entry on a majority of the voters (replicas never count)",
+                &nats_modes,
+            ),
             "load": load,
             "plan": plan,
             "quick": args.quick,
@@ -494,11 +600,29 @@ pub async fn run(
     Ok(())
 }
 
-/// The table, as Markdown: each figure's median over the rounds and its range.
-fn print_table(rows: &[crate::Row], runs: &[crate::Run], plan: &Plan, replicas: u8, quick: bool) {
+/// The run label of `side`'s three-node runs.
+fn cluster_label(side: Side) -> &'static str {
+    match side {
+        Side::Switchboard(_) => CLUSTER,
+        Side::Nats(sync) => sync.label(true),
+    }
+}
+
+/// The table, as Markdown: each figure's median over the rounds, Switchboard's beside each
+/// JetStream mode's, then what each cluster keeps of its one-node rate.
+fn print_table(
+    rows: &[Row],
+    runs: &[crate::Run],
+    plan: &Plan,
+    replicas: u8,
+    quick: bool,
+    nats_version: &str,
+) {
     println!();
     println!(
-        "Switchboard, {} on loopback, fsync always ({}; payload {} B, window {}; median of {} round{})",
+        "Three nodes: Switchboard, {} on loopback, fsync always, vs {nats_version}, three servers \
+         with routes on loopback and an R3 stream ({}; payload {} B, window {}; median of {} \
+         round{}). W1 is one node of each, the reference.",
         topology(replicas),
         if quick { "--quick" } else { "full run" },
         plan.size,
@@ -507,9 +631,8 @@ fn print_table(rows: &[crate::Row], runs: &[crate::Run], plan: &Plan, replicas: 
         if plan.rounds == 1 { "" } else { "s" }
     );
     println!();
-    println!("| workload | metric | median | lowest–highest |");
-    println!("|---|---|---:|---:|");
-    for row in rows {
+    let switchboard = format!("Switchboard ({})", topology(replicas));
+    print_side_by_side(rows, plan.rounds, &switchboard, true, |row| {
         // The generic rows, named for what they are in a cluster.
         let metric = match (row.workload, row.metric.as_str()) {
             (_, "broker peak RSS") if row.switchboard_variant == CLUSTER => {
@@ -519,35 +642,43 @@ fn print_table(rows: &[crate::Row], runs: &[crate::Run], plan: &Plan, replicas: 
             (_, "broker CPU") => "CPU, the node",
             (_, metric) => metric,
         };
-        let unit = unit_suffix(metric, row.unit);
-        let range = row
-            .switchboard_range
-            .map(|(low, high)| format!("{}–{}", format_value(Some(low)), format_value(Some(high))))
-            .unwrap_or_else(|| "—".to_owned());
-        println!(
-            "| {} | {metric}{unit} | {} | {range} |",
-            row.workload,
-            format_value(row.switchboard)
-        );
-    }
+        format!("{metric}{}", unit_suffix(metric, row.unit))
+    });
     // What a cluster keeps of one node's rate, from the medians.
     let rate = |workload: &str| {
         rows.iter()
             .find(|row| row.workload == workload && row.metric == "msgs/s")
-            .and_then(|row| row.switchboard)
     };
-    if let Some(single) = rate("W1").filter(|r| *r > 0.0) {
+    if let Some(single) = rate("W1") {
         for workload in ["W5a-leader", "W5a-follower"] {
-            if let Some(clustered) = rate(workload) {
-                println!();
-                println!(
-                    "{workload}: {:.2}× the one-node W1 rate (medians)",
-                    clustered / single
-                );
+            let Some(clustered) = rate(workload) else {
+                continue;
+            };
+            let mut shares = vec![format!(
+                "Switchboard {}",
+                share(clustered.switchboard, single.switchboard)
+            )];
+            for sync in NatsSync::BOTH {
+                if let (Some(c), Some(s)) = (clustered.versus(sync), single.versus(sync)) {
+                    shares.push(format!("{} {}", sync.title(true), share(c.value, s.value)));
+                }
             }
+            println!();
+            println!(
+                "{workload} msgs/s as a share of the same broker's one-node W1 (medians): {}",
+                shares.join("; ")
+            );
         }
     }
     print_notes(runs, plan.rounds);
+}
+
+/// "0.38×", or "—" without both figures.
+fn share(clustered: Option<f64>, single: Option<f64>) -> String {
+    match (clustered, single) {
+        (Some(c), Some(s)) if s > 0.0 => format!("{:.2}×", c / s),
+        _ => "—".to_owned(),
+    }
 }
 
 #[cfg(test)]

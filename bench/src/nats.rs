@@ -1,8 +1,10 @@
 //! The same workloads against NATS JetStream, through `async-nats`.
 //!
-//! - Publishing is JetStream publish (persisted in the stream `BENCH`, file storage, one replica)
-//!   with at most `window` acks pending, as Switchboard's publisher has at most `window`
-//!   messages unacknowledged.
+//! - Publishing is JetStream publish (persisted in the stream `BENCH`, file storage, one replica;
+//!   three in a cluster, where [`replicated_stream`] creates it before the workload) with at most
+//!   `window` acks pending, as Switchboard's publisher has at most `window` messages
+//!   unacknowledged. Whether the store syncs before the ack is the server's configuration
+//!   ([`crate::brokers::NatsSync`]), not the client's.
 //! - Subscribers are JetStream ordered push consumers (ephemeral, delivering new messages of the
 //!   stream that match their filter), the JetStream counterpart of a Switchboard subscription:
 //!   both deliver stored messages and can start from any point. Each has its own connection.
@@ -11,7 +13,7 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use async_nats::jetstream::{self, consumer, stream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
@@ -37,21 +39,24 @@ fn context(client: async_nats::Client, window: usize) -> jetstream::Context {
         .build(client)
 }
 
-/// The stream every workload publishes to: `bench.>`, file storage, one replica.
-async fn bench_stream(js: &jetstream::Context) -> anyhow::Result<stream::Stream> {
+/// The stream every workload publishes to: `bench.>`, file storage, `replicas` copies. A workload
+/// asks for one replica and gets the stream as it is when a cluster's start made it already.
+async fn bench_stream(js: &jetstream::Context, replicas: usize) -> anyhow::Result<stream::Stream> {
     let config = stream::Config {
         name: "BENCH".to_owned(),
         subjects: vec!["bench.>".to_owned()],
         storage: stream::StorageType::File,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     };
-    // JetStream may still be starting right after the port opens.
+    // JetStream may still be starting right after the port opens, and a cluster's has to elect
+    // its meta leader first.
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut attempt = 0;
     loop {
         match js.get_or_create_stream(config.clone()).await {
             Ok(stream) => return Ok(stream),
-            Err(error) if attempt < 50 => {
+            Err(error) if Instant::now() < deadline => {
                 attempt += 1;
                 if attempt == 1 {
                     eprintln!("[bench] waiting for JetStream: {error}");
@@ -60,6 +65,35 @@ async fn bench_stream(js: &jetstream::Context) -> anyhow::Result<stream::Stream>
             }
             Err(error) => return Err(anyhow!("cannot create the stream BENCH: {error}")),
         }
+    }
+}
+
+/// Creates the stream `BENCH` with `replicas` copies through the server at `url`, waits until its
+/// leader is elected and every replica is current, and returns the leader's server name.
+pub async fn replicated_stream(url: &str, replicas: usize) -> anyhow::Result<String> {
+    let client = connect(url).await?;
+    let js = jetstream::new(client);
+    let mut stream = bench_stream(&js, replicas).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| anyhow!("cannot read the stream's info: {e}"))?;
+        let cluster = info.cluster.clone();
+        let ready = cluster.as_ref().and_then(|cluster| {
+            let leader = cluster.leader.clone()?;
+            let all_current = cluster.replicas.len() + 1 >= replicas
+                && cluster.replicas.iter().all(|peer| peer.current);
+            all_current.then_some(leader)
+        });
+        if let Some(leader) = ready {
+            return Ok(leader);
+        }
+        if Instant::now() > deadline {
+            bail!("the stream BENCH has no leader with current replicas within 30 s: {cluster:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -103,7 +137,9 @@ impl Windowed {
             reader,
         }
     }
+}
 
+impl tally::Windowed for Windowed {
     async fn send(&self, subject: &'static str, seq: u64, size: usize) -> anyhow::Result<()> {
         self.slots.acquire().await?.forget();
         let sent = now_ns();
@@ -128,20 +164,15 @@ impl Windowed {
 pub async fn w1(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
     let client = connect(url).await?;
     let js = context(client, plan.window);
-    bench_stream(&js).await?;
-    let publisher = Windowed::open(js, plan.window);
-    let start = Instant::now();
-    for seq in 0..plan.w1_messages as u64 {
-        publisher.send("bench.w1.publish", seq, plan.size).await?;
-    }
-    let tally = publisher.finish().await?;
-    Ok(tally.throughput(start.elapsed(), plan.size))
+    bench_stream(&js, 1).await?;
+    tally::publish_all(Windowed::open(js, plan.window), plan).await
 }
 
 /// `count` ordered push consumers of the stream filtered by `filter`, each on its own connection,
-/// created (so delivering) when this returns.
+/// created (so delivering) when this returns. They are spread over `urls` in turn (consumer `i`
+/// on `urls[i % urls.len()]`: several servers of a cluster).
 async fn subscribers(
-    url: &str,
+    urls: &[String],
     stream: &stream::Stream,
     filter: &str,
     count: usize,
@@ -151,7 +182,7 @@ async fn subscribers(
 ) -> anyhow::Result<Vec<ReaderTask>> {
     let mut tasks = Vec::with_capacity(count);
     let stream_name = stream.cached_info().config.name.clone();
-    for _ in 0..count {
+    for url in urls.iter().cycle().take(count) {
         let client = connect(url).await?;
         let js = jetstream::new(client.clone());
         let stream = js.get_stream(&stream_name).await?;
@@ -194,16 +225,28 @@ pub async fn w2(
     subscriber_count: usize,
     wildcard: bool,
 ) -> anyhow::Result<Outcome> {
+    w2_across(url, url, plan, subscriber_count, wildcard).await
+}
+
+/// W2 with the publisher on `publish_url` and the consumers on `subscribe_url` (another server
+/// of a cluster, in W5b).
+pub async fn w2_across(
+    publish_url: &str,
+    subscribe_url: &str,
+    plan: &Plan,
+    subscriber_count: usize,
+    wildcard: bool,
+) -> anyhow::Result<Outcome> {
     let (warm, total) = plan.w2_counts();
     let subject = "bench.w2.events";
     let filter = if wildcard { "bench.w2.*" } else { subject };
-    let client = connect(url).await?;
+    let client = connect(publish_url).await?;
     let js = context(client, plan.window);
-    let stream = bench_stream(&js).await?;
+    let stream = bench_stream(&js, 1).await?;
     let deadline = Instant::now() + plan.w2_warmup + plan.w2_duration + Duration::from_secs(15);
     let (_expected_tx, expected) = watch::channel(total);
     let tasks = subscribers(
-        url,
+        &[subscribe_url.to_owned()],
         &stream,
         filter,
         subscriber_count,
@@ -212,18 +255,7 @@ pub async fn w2(
         deadline,
     )
     .await?;
-    let publisher = Windowed::open(js, plan.window);
-    let size = plan.size;
-    let late_us = payload::paced(total, plan.w2_rate, |seq| {
-        let publisher = &publisher;
-        async move { publisher.send(subject, seq, size).await }
-    })
-    .await?;
-    let tally = publisher.finish().await?;
-    let mut outcome = tally::latency_outcome(&tally::join(tasks).await?, total)?;
-    payload::lateness_note(late_us, &mut outcome);
-    tally.annotate(&mut outcome);
-    Ok(outcome)
+    tally::publish_paced(Windowed::open(js, plan.window), subject, tasks, plan).await
 }
 
 /// W2e: W2a over core NATS — publish and subscribe with no JetStream, nothing stored, at most
@@ -268,13 +300,24 @@ pub async fn w2_core(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
 
 /// W3: as Switchboard's, with JetStream publish and ordered consumers.
 pub async fn w3(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
-    let client = connect(url).await?;
+    Ok(w3_spread(url, &[url.to_owned()], plan).await?.0)
+}
+
+/// W3 with the publisher on `publish_url` and the consumers spread over `subscribe_urls` (the
+/// followers of a cluster, in W5c); also how many messages the consumers on each of them
+/// received, in the same order.
+pub async fn w3_spread(
+    publish_url: &str,
+    subscribe_urls: &[String],
+    plan: &Plan,
+) -> anyhow::Result<(Outcome, Vec<u64>)> {
+    let client = connect(publish_url).await?;
     let js = context(client, plan.window);
-    let stream = bench_stream(&js).await?;
+    let stream = bench_stream(&js, 1).await?;
     let deadline = Instant::now() + plan.w3_duration + plan.w3_drain + Duration::from_secs(5);
     let (expected_tx, expected) = watch::channel(u64::MAX);
     let tasks = subscribers(
-        url,
+        subscribe_urls,
         &stream,
         "bench.w3.*",
         plan.w3_subscribers,
@@ -284,20 +327,7 @@ pub async fn w3(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
     )
     .await?;
     let publisher = Windowed::open(js, plan.window);
-    let start_ns = now_ns();
-    let start = Instant::now();
-    let mut seq = 0u64;
-    while start.elapsed() < plan.w3_duration {
-        publisher.send("bench.w3.events", seq, plan.size).await?;
-        seq += 1;
-    }
-    let tally = publisher.finish().await?;
-    let publish_seconds = start.elapsed().as_secs_f64();
-    expected_tx.send_replace(tally.acked);
-    let received = tally::join(tasks).await?;
-    let mut outcome = tally::fan_out_outcome(&received, tally.acked, publish_seconds, start_ns);
-    tally.annotate(&mut outcome);
-    Ok(outcome)
+    tally::publish_for_a_while(publisher, tasks, expected_tx, subscribe_urls.len(), plan).await
 }
 
 /// W4: as Switchboard's, with a KV bucket: `put` per update, `watch_all` per watcher.
@@ -305,7 +335,7 @@ pub async fn w4(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
     let client = connect(url).await?;
     let js = context(client, plan.window);
     // Wait for JetStream as for the stream, then create the bucket.
-    bench_stream(&js).await?;
+    bench_stream(&js, 1).await?;
     // The bucket's stream, as `create_key_value` would make it (that call first asks for the
     // account's info, which async-nats 0.51 cannot parse from a 2.9 server).
     js.create_stream(stream::Config {

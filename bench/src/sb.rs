@@ -72,8 +72,10 @@ impl Windowed {
             reader,
         }
     }
+}
 
-    pub(crate) async fn send(&self, channel: &str, seq: u64, size: usize) -> anyhow::Result<()> {
+impl tally::Windowed for Windowed {
+    async fn send(&self, channel: &'static str, seq: u64, size: usize) -> anyhow::Result<()> {
         self.slots.acquire().await?.forget();
         let sent = now_ns();
         self.sent_at
@@ -91,7 +93,7 @@ impl Windowed {
     }
 
     /// Ends the stream and waits for the acks of everything sent.
-    pub(crate) async fn finish(self) -> anyhow::Result<AckTally> {
+    async fn finish(self) -> anyhow::Result<AckTally> {
         drop(self.publisher);
         self.reader.await?
     }
@@ -126,13 +128,7 @@ async fn read_acks(
 /// unacknowledged.
 pub async fn w1(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
     let client = connect(url).await?;
-    let stream = Windowed::open(&client, plan.window);
-    let start = Instant::now();
-    for seq in 0..plan.w1_messages as u64 {
-        stream.send("bench.w1.publish", seq, plan.size).await?;
-    }
-    let tally = stream.finish().await?;
-    Ok(tally.throughput(start.elapsed(), plan.size))
+    tally::publish_all(Windowed::open(&client, plan.window), plan).await
 }
 
 /// `count` subscribers on `pattern`, each on its own connection, live when this returns. They
@@ -219,17 +215,7 @@ pub async fn w2_across(
     .await?;
     let client = connect(publish_url).await?;
     let stream = Windowed::open_with(&client, plan.window, ephemeral);
-    let size = plan.size;
-    let late_us = payload::paced(total, plan.w2_rate, |seq| {
-        let stream = &stream;
-        async move { stream.send(channel, seq, size).await }
-    })
-    .await?;
-    let tally = stream.finish().await?;
-    let mut outcome = tally::latency_outcome(&tally::join(tasks).await?, total)?;
-    payload::lateness_note(late_us, &mut outcome);
-    tally.annotate(&mut outcome);
-    Ok(outcome)
+    tally::publish_paced(stream, channel, tasks, plan).await
 }
 
 /// W3: `w3_subscribers` subscribers on a wildcard; one publisher as fast as its window allows for
@@ -260,27 +246,7 @@ pub async fn w3_spread(
     .await?;
     let client = connect(publish_url).await?;
     let stream = Windowed::open(&client, plan.window);
-    let start_ns = now_ns();
-    let start = Instant::now();
-    let mut seq = 0u64;
-    while start.elapsed() < plan.w3_duration {
-        stream.send("bench.w3.events", seq, plan.size).await?;
-        seq += 1;
-    }
-    let tally = stream.finish().await?;
-    let publish_seconds = start.elapsed().as_secs_f64();
-    expected_tx.send_replace(tally.acked);
-    let received = tally::join(tasks).await?;
-    let mut outcome = tally::fan_out_outcome(&received, tally.acked, publish_seconds, start_ns);
-    tally.annotate(&mut outcome);
-    // Subscriber `i` was on `subscribe_urls[i % len]`.
-    let mut per_url = vec![0u64; subscribe_urls.len()];
-    for (i, reader) in received.iter().enumerate() {
-        if let Some(count) = per_url.get_mut(i % subscribe_urls.len().max(1)) {
-            *count += reader.count;
-        }
-    }
-    Ok((outcome, per_url))
+    tally::publish_for_a_while(stream, tasks, expected_tx, subscribe_urls.len(), plan).await
 }
 
 /// W4: `w4_writers` concurrent writers update `w4_entities` contacts (`UpdateEntity`, each writer

@@ -24,13 +24,14 @@ use anyhow::{anyhow, bail, Context};
 use futures::task::AtomicWaker;
 use serde::Serialize;
 use switchboard_client::{Client, Start, SubscribeOptions, Subscription};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::brokers::{self, Resident, SwitchboardBroker};
 use crate::sb::Windowed;
-use crate::tally;
+use crate::scrape;
+use crate::tally::{self, Windowed as _};
 
 /// The subscriptions' pattern and the channel published to.
 const PATTERN: &str = "membench.*";
@@ -332,7 +333,7 @@ impl Sampler {
                 loop {
                     every.tick().await;
                     // Quietly: a failed scrape is a gap in the series.
-                    let values = known_metrics(&get_metrics(admin).await.unwrap_or_default());
+                    let values = known_metrics(&scrape::page(admin).await.unwrap_or_default());
                     if let Ok(mut scrapes) = scrapes.lock() {
                         scrapes.push(Scrape {
                             at_ms: started.elapsed().as_millis() as u64,
@@ -410,7 +411,7 @@ impl Sampler {
 /// The [`METRICS`] from the admin listener's `/metrics` (`None` for one the broker does not
 /// export, or when the scrape fails).
 async fn scrape(admin: std::net::SocketAddr) -> Vec<(String, Option<f64>)> {
-    let text = match get_metrics(admin).await {
+    let text = match scrape::page(admin).await {
         Ok(text) => text,
         Err(error) => {
             eprintln!("[membench] cannot read /metrics: {error:#}");
@@ -424,48 +425,8 @@ async fn scrape(admin: std::net::SocketAddr) -> Vec<(String, Option<f64>)> {
 fn known_metrics(text: &str) -> Vec<(String, Option<f64>)> {
     METRICS
         .iter()
-        .map(|name| ((*name).to_owned(), metric_value(text, name)))
+        .map(|name| ((*name).to_owned(), scrape::value(text, name)))
         .collect()
-}
-
-/// The value of an unlabelled metric in a Prometheus text page.
-fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(name)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse::<f64>()
-            .ok()
-    })
-}
-
-/// `GET /metrics` over HTTP/1.1, without an HTTP client dependency.
-async fn get_metrics(admin: std::net::SocketAddr) -> anyhow::Result<String> {
-    let fetch = async {
-        let mut socket = tokio::net::TcpStream::connect(admin).await?;
-        socket
-            .write_all(
-                format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut response = Vec::new();
-        socket.read_to_end(&mut response).await?;
-        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
-    };
-    let response = tokio::time::timeout(Duration::from_secs(10), fetch)
-        .await
-        .map_err(|_| anyhow!("no answer within 10 s"))??;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("not an HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "answered {}",
-            head.lines().next().unwrap_or_default().trim()
-        );
-    }
-    Ok(body.to_owned())
 }
 
 /// Whether a connection's socket is read: first yes, then no (stalled), then it fails (closed).
@@ -704,22 +665,5 @@ pub fn print(report: &StalledReport) {
         for note in &report.notes {
             println!("- {note}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unlabelled_metrics_are_read_by_exact_name() {
-        let text = "# TYPE switchboard_send_buffered_bytes gauge\n\
-                    switchboard_send_buffered_bytes_max 7\n\
-                    switchboard_send_buffered_bytes 1234\n";
-        assert_eq!(
-            metric_value(text, "switchboard_send_buffered_bytes"),
-            Some(1234.0)
-        );
-        assert_eq!(metric_value(text, "switchboard_other"), None);
     }
 }

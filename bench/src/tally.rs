@@ -8,7 +8,78 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::payload::{self, now_ns, ACK_LATENCY, DELIVERY_LATENCY, WATCH_LATENCY};
-use crate::{Metric, Outcome};
+use crate::{Metric, Outcome, Plan};
+
+/// Either side's publisher with at most `window` messages unacknowledged: `send` waits for a free
+/// slot, a task reads the acks, and `finish` waits for the acks of everything sent.
+pub trait Windowed {
+    fn send(
+        &self,
+        subject: &'static str,
+        seq: u64,
+        size: usize,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>>;
+    fn finish(self) -> impl std::future::Future<Output = anyhow::Result<AckTally>>;
+}
+
+/// W1 on either side: `w1_messages` messages of `size` bytes to one subject, as fast as the
+/// window allows; msgs/s, MB/s and ack latency.
+pub async fn publish_all(publisher: impl Windowed, plan: &Plan) -> anyhow::Result<Outcome> {
+    let start = Instant::now();
+    for seq in 0..plan.w1_messages as u64 {
+        publisher.send("bench.w1.publish", seq, plan.size).await?;
+    }
+    let tally = publisher.finish().await?;
+    Ok(tally.throughput(start.elapsed(), plan.size))
+}
+
+/// W2 on either side: `subject` at W2's fixed rate ([`payload::paced`]) while `readers` (already
+/// live, expecting every message) record the latency of the measured ones.
+pub async fn publish_paced(
+    publisher: impl Windowed,
+    subject: &'static str,
+    readers: Vec<ReaderTask>,
+    plan: &Plan,
+) -> anyhow::Result<Outcome> {
+    let (_, total) = plan.w2_counts();
+    let size = plan.size;
+    let late_us = payload::paced(total, plan.w2_rate, |seq| {
+        let publisher = &publisher;
+        async move { publisher.send(subject, seq, size).await }
+    })
+    .await?;
+    let tally = publisher.finish().await?;
+    let mut outcome = latency_outcome(&join(readers).await?, total)?;
+    payload::lateness_note(late_us, &mut outcome);
+    tally.annotate(&mut outcome);
+    Ok(outcome)
+}
+
+/// W3 on either side: publish as fast as the window allows for `w3_duration`, tell the `readers`
+/// (spread over `sources` servers in turn) how many to expect, and wait for them; also how many
+/// messages the readers on each server received.
+pub async fn publish_for_a_while(
+    publisher: impl Windowed,
+    readers: Vec<ReaderTask>,
+    expected: watch::Sender<u64>,
+    sources: usize,
+    plan: &Plan,
+) -> anyhow::Result<(Outcome, Vec<u64>)> {
+    let start_ns = now_ns();
+    let start = Instant::now();
+    let mut seq = 0u64;
+    while start.elapsed() < plan.w3_duration {
+        publisher.send("bench.w3.events", seq, plan.size).await?;
+        seq += 1;
+    }
+    let tally = publisher.finish().await?;
+    let publish_seconds = start.elapsed().as_secs_f64();
+    expected.send_replace(tally.acked);
+    let received = join(readers).await?;
+    let mut outcome = fan_out_outcome(&received, tally.acked, publish_seconds, start_ns);
+    tally.annotate(&mut outcome);
+    Ok((outcome, per_source(&received, sources)))
+}
 
 /// What a windowed publisher's ack reader saw: the W1 figures of either side.
 #[derive(Debug)]
@@ -144,6 +215,18 @@ pub async fn join(tasks: Vec<ReaderTask>) -> anyhow::Result<Vec<Received>> {
         results.push(task.await??);
     }
     Ok(results)
+}
+
+/// How many messages the readers on each of `sources` servers received, when reader `i` read
+/// from server `i % sources` (subscribers spread over the nodes of a cluster in turn).
+fn per_source(received: &[Received], sources: usize) -> Vec<u64> {
+    let mut per_source = vec![0u64; sources];
+    for (i, reader) in received.iter().enumerate() {
+        if let Some(count) = per_source.get_mut(i % sources.max(1)) {
+            *count += reader.count;
+        }
+    }
+    per_source
 }
 
 /// W2's figures: the latency of every measured delivery to every subscriber.
