@@ -326,8 +326,12 @@ impl Row {
     }
 }
 
-const WORKLOADS: [(&str, &str); 6] = [
+const WORKLOADS: [(&str, &str); 7] = [
     ("W1", "persisted publish"),
+    (
+        "W1s",
+        "persisted publish, a JSON Schema enforced on the channel (Switchboard only: compare with W1)",
+    ),
     (
         "W2a",
         "latency at 5,000 msgs/s, 1 subscriber, exact channel",
@@ -419,6 +423,10 @@ impl Side {
 /// NATS in each of `nats_modes` that applies to it.
 fn sides(workload: &str, nats_modes: &[NatsSync]) -> Vec<Side> {
     let mut sides = vec![Side::Switchboard("always")];
+    // NATS validates no payloads: W1s is Switchboard's W1 with a schema, compared with its own W1.
+    if workload == "W1s" {
+        return sides;
+    }
     if workload == "W1" {
         sides.push(Side::Switchboard("periodic"));
     }
@@ -461,6 +469,7 @@ async fn single(workload: &str, side: Side, url: &str, plan: &Plan) -> anyhow::R
     match (workload, nats) {
         ("W1", false) => sb::w1(url, plan).await,
         ("W1", true) => nats::w1(url, plan).await,
+        ("W1s", false) => sb::w1_with_schema(url, plan).await,
         ("W2a", false) => sb::w2(url, plan, 1, false).await,
         ("W2a", true) => nats::w2(url, plan, 1, false).await,
         ("W2b", false) => sb::w2(url, plan, wildcard_subscribers, true).await,
@@ -1111,7 +1120,12 @@ mod tests {
             selected(&only, workloads).map(|set| set.into_iter().collect::<Vec<_>>())
         };
         assert_eq!(pick(&[], &WORKLOADS).unwrap().len(), WORKLOADS.len());
-        assert_eq!(pick(&["W1", "w3"], &WORKLOADS).unwrap(), vec!["W1", "W3"]);
+        // `W1` is W1 and its variant with a schema, W1s.
+        assert_eq!(
+            pick(&["W1", "w3"], &WORKLOADS).unwrap(),
+            vec!["W1", "W1s", "W3"]
+        );
+        assert_eq!(pick(&["w1s"], &WORKLOADS).unwrap(), vec!["W1s"]);
         assert_eq!(
             pick(&["W2"], &WORKLOADS).unwrap(),
             vec!["W2a", "W2b", "W2e"]

@@ -131,6 +131,35 @@ pub async fn w1(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
     tally::publish_all(Windowed::open(&client, plan.window), plan).await
 }
 
+/// A schema such as an integration registers for its events: every field typed, the sequence and
+/// the time constrained by patterns, nothing else allowed (docs/SCHEMAS.md).
+const W1_SCHEMA: &str = r#"{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "required": ["s", "t", "p"],
+  "properties": {
+    "s": {"type": "string", "pattern": "^[0-9]{10}$"},
+    "t": {"type": "string", "pattern": "^[0-9]{20}$"},
+    "p": {"type": "string", "maxLength": 1048576}
+  },
+  "additionalProperties": false
+}"#;
+
+/// W1s: W1 with [`W1_SCHEMA`] enforced on its channel, so every message is checked before it is
+/// proposed.
+pub async fn w1_with_schema(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    let client = connect(url).await?;
+    client
+        .schema_put(switchboard_client::SchemaPut::new(
+            "bench.w1.*",
+            "1.0.0",
+            W1_SCHEMA,
+        ))
+        .await
+        .context("cannot register W1s's schema")?;
+    tally::publish_all(Windowed::open(&client, plan.window), plan).await
+}
+
 /// `count` subscribers on `pattern`, each on its own connection, live when this returns. They
 /// are spread over `urls` in turn (subscriber `i` on `urls[i % urls.len()]`: several nodes of a
 /// cluster).
