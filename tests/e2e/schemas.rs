@@ -314,6 +314,28 @@ async fn warn_stores_and_announces_drift_off_checks_nothing_and_the_metric_count
         !metrics.contains(r#"pattern="crm.deal.*""#),
         "off counted drift"
     );
+
+    // The console lists the registrations with their drift.
+    let console = http_get(&format!("{}/console/api/state", f.broker.admin_url()))
+        .await
+        .unwrap();
+    let console: Value = serde_json::from_str(&console.body).unwrap();
+    let row = |pattern: &str| {
+        console["schemas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["pattern"] == pattern)
+            .cloned()
+            .unwrap_or_else(|| panic!("{pattern} not in {console}"))
+    };
+    let contact = row("crm.contact.*");
+    assert_eq!(
+        (contact["policy"].as_str(), contact["warned"].as_f64()),
+        (Some("warn"), Some(1.0))
+    );
+    assert_eq!(row("crm.case.*")["refused"], 1.0);
+    assert_eq!(row("crm.deal.*")["warned"], 0.0);
 }
 
 #[tokio::test]

@@ -27,10 +27,11 @@ pub(crate) async fn state(sources: &Sources) -> Value {
     let subscriptions = subscriptions(sources, &scrape);
     let store = sources.store.clone();
     let last_offset = scrape.last_offset;
-    let (channels, consumers) = tokio::task::spawn_blocking(move || {
+    let (channels, consumers, schemas) = tokio::task::spawn_blocking(move || {
         (
             recent_channels(&store, last_offset),
             durable_consumers(&store, last_offset),
+            schemas(&store),
         )
     })
     .await
@@ -45,6 +46,7 @@ pub(crate) async fn state(sources: &Sources) -> Value {
         "subscriptions": subscriptions,
         "consumers": consumers,
         "refusals": refusals(),
+        "schemas": schemas,
         "cluster": cluster(sources, &scrape),
     })
 }
@@ -138,32 +140,77 @@ fn durable_consumers(store: &crate::state::store::MessageStore, last_offset: u64
         .collect()
 }
 
-/// The refusal counters since this process started, by metric and reason, read from the same
-/// recorder `/metrics` renders (the page turns them into recent counts by difference).
-fn refusals() -> Vec<Value> {
+/// Every labelled series of the counters named `names`, as (name, labels, value), read from the
+/// same recorder `/metrics` renders.
+fn counters(names: &[&str]) -> Vec<(String, String, f64)> {
     let Some(handle) = metrics::handle() else {
         return Vec::new();
     };
-    let text = handle.render();
-    text.lines()
+    handle
+        .render()
+        .lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
             let (name, labels) = series.split_once('{')?;
-            let counted = [
-                metrics::ACCESS_REFUSALS,
-                metrics::ENTITY_REFUSALS,
-                metrics::PUBLISHES,
-            ];
-            if !counted.contains(&name) {
+            if !names.contains(&name) {
                 return None;
             }
-            let reason = label(labels, "reason")?;
-            Some(json!({
-                "metric": name,
-                "reason": reason,
-                "count": value.parse::<f64>().ok()?,
-            }))
+            Some((name.to_owned(), labels.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The refusal counters since this process started, by metric and reason (the page turns them
+/// into recent counts by difference).
+fn refusals() -> Vec<Value> {
+    let counted = [
+        metrics::ACCESS_REFUSALS,
+        metrics::ENTITY_REFUSALS,
+        metrics::PUBLISHES,
+    ];
+    counters(&counted)
+        .into_iter()
+        .filter_map(|(name, labels, count)| {
+            let reason = label(&labels, "reason")?;
+            Some(json!({ "metric": name, "reason": reason, "count": count }))
+        })
+        .collect()
+}
+
+/// The registered payload schemas, each with the drift this node counted against it since it
+/// started (refused and warned; docs/SCHEMAS.md).
+fn schemas(store: &crate::state::store::MessageStore) -> Vec<Value> {
+    let mut drift: BTreeMap<(String, String, String), f64> = BTreeMap::new();
+    for (_, labels, count) in counters(&[metrics::SCHEMA_DRIFT]) {
+        let (Some(pattern), Some(version), Some(outcome)) = (
+            label(&labels, "pattern"),
+            label(&labels, "version"),
+            label(&labels, "outcome"),
+        ) else {
+            continue;
+        };
+        *drift
+            .entry((pattern.to_owned(), version.to_owned(), outcome.to_owned()))
+            .or_default() += count;
+    }
+    let count = |pattern: &str, version: &str, outcome: &str| {
+        drift
+            .get(&(pattern.to_owned(), version.to_owned(), outcome.to_owned()))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    store
+        .schemas()
+        .map_while(Result::ok)
+        .map(|(pattern, version, record)| {
+            json!({
+                "refused": count(&pattern, &version, "refused"),
+                "warned": count(&pattern, &version, "warned"),
+                "pattern": pattern,
+                "version": version,
+                "policy": record.policy.as_str(),
+            })
         })
         .collect()
 }
