@@ -4,8 +4,8 @@
 //! The state store is the truth; this is a cache of it, reloaded when the store's schema
 //! generation moves ([`MessageStore::schema_generation`]: an applied schema write, a snapshot
 //! installed, a cleared store). A reload recompiles only the documents that changed. So the check
-//! on every publish costs an atomic load and a read lock, and nothing at all on a channel no
-//! pattern matches.
+//! on every publish costs an atomic load, a read lock and a walk of a pattern trie as deep as the
+//! channel; only a channel some pattern matches has its payload parsed and validated.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde_json::Value;
 
 use super::{Failure, Mismatch, MismatchKind, MAX_FAILURES};
-use crate::channel::{ChannelLimits, Pattern};
+use crate::channel::{ChannelLimits, Pattern, SubscriptionTrie};
 use crate::edge::validate::is_json;
 use crate::error::{BrokerError, Reason};
 use crate::message::{NewMessage, SchemaPolicy, SchemaRecord};
@@ -122,12 +122,22 @@ struct Compiled {
     generation: u64,
     /// Most specific first.
     patterns: Vec<PatternSchemas>,
+    /// Each pattern's place in `patterns`: the matching patterns of a channel are found in time
+    /// proportional to its depth, not to the number of registrations.
+    trie: SubscriptionTrie<usize>,
 }
 
 impl Compiled {
-    /// The most specific registered pattern matching `channel`.
+    /// The most specific registered pattern matching `channel`: the first in `patterns` order.
     fn matching(&self, channel: &str) -> Option<&PatternSchemas> {
-        self.patterns.iter().find(|p| p.pattern.matches(channel))
+        if self.patterns.is_empty() {
+            return None;
+        }
+        let mut first: Option<usize> = None;
+        self.trie.for_each_match(channel, |&place| {
+            first = Some(first.map_or(place, |f| f.min(place)));
+        });
+        first.and_then(|place| self.patterns.get(place))
     }
 }
 
@@ -148,6 +158,7 @@ impl SchemaRegistry {
                 // No generation is ever this, so the first use loads.
                 generation: u64::MAX,
                 patterns: Vec::new(),
+                trie: SubscriptionTrie::new(),
             })),
             reloading: Mutex::new(()),
         }
@@ -315,9 +326,14 @@ impl SchemaRegistry {
                 .cmp(&a.specificity)
                 .then_with(|| a.pattern.as_str().cmp(b.pattern.as_str()))
         });
+        let mut trie = SubscriptionTrie::new();
+        for (place, schemas) in patterns.iter().enumerate() {
+            trie.insert(&schemas.pattern, place);
+        }
         Ok(Compiled {
             generation,
             patterns,
+            trie,
         })
     }
 }
@@ -583,5 +599,25 @@ mod tests {
         MessageStore::put_schema(&mut batch, "a.b", "1.0.0", None).unwrap();
         store.apply(batch).unwrap();
         assert!(passes(&registry, &message("a.b", "1.0.0", "{}")));
+    }
+
+    #[test]
+    fn hostile_documents_neither_loop_nor_backtrack_for_ever() {
+        // A registrant's mistake must not hang every publish: cyclic references end, and a
+        // catastrophic pattern is bounded by the regex engine.
+        let cyclic = [
+            r##"{"$ref":"#"}"##,
+            r##"{"$defs":{"a":{"$ref":"#/$defs/a"}},"$ref":"#/$defs/a"}"##,
+            r##"{"$defs":{"a":{"allOf":[{"$ref":"#/$defs/b"}]},"b":{"anyOf":[{"$ref":"#/$defs/a"}]}},"$ref":"#/$defs/a"}"##,
+        ];
+        for document in cyclic {
+            let validator = compile(document).unwrap();
+            assert!(failures(&validator, "application/json", br#"{"a":1}"#).is_empty());
+        }
+        let redos = compile(r#"{"properties":{"a":{"pattern":"^(a+)+$"}}}"#).unwrap();
+        let payload = format!(r#"{{"a":"{}b"}}"#, "a".repeat(5000));
+        let found = failures(&redos, "application/json", payload.as_bytes());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].keyword, "pattern");
     }
 }
