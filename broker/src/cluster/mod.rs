@@ -21,7 +21,7 @@ pub(crate) mod service;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -471,6 +471,62 @@ pub(crate) fn catch_up_wait(forward_timeout: Duration) -> Duration {
     forward_timeout / 2
 }
 
+/// One membership change at a time from this process: openraft refuses a change while the last
+/// one is uncommitted, and requests that arrive together are ordinary (three nodes announcing
+/// their addresses at start, an operator adding nodes), so they queue here instead.
+static MEMBERSHIP_CHANGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Pause before asking again when another node's change slipped in first.
+const MEMBERSHIP_RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Whether no membership change is in flight: the effective membership's entry is applied (so
+/// committed) and it is not a joint configuration.
+fn membership_settled(metrics: &openraft::RaftMetrics<u64, Member>) -> bool {
+    let config = metrics.membership_config.log_id().map(|l| l.index);
+    let applied = metrics.last_applied.map(|l| l.index);
+    config <= applied
+        && metrics
+            .membership_config
+            .membership()
+            .get_joint_config()
+            .len()
+            <= 1
+}
+
+/// Makes a membership change once no other is in flight, waiting up to `within` for the one
+/// before it; a change that still meets one in progress (made through another node's leadership
+/// a moment ago, between the wait and the call) is asked again until `within` has passed. The
+/// caller holds [`MEMBERSHIP_CHANGES`]. So concurrent requests are made
+/// one after the other instead of one being refused "already undergoing a configuration change"
+/// (which openraft also logs as an error).
+async fn change_membership_when_settled<T, F, Fut>(
+    raft: &Raft,
+    within: Duration,
+    mut change: F,
+) -> Result<T, Refused>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RaftError<u64, ClientWriteError<u64, Member>>>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // A wait that times out is not an answer: the change itself then says what holds.
+        let _ = raft
+            .wait(Some(left))
+            .metrics(membership_settled, "the last membership change committed")
+            .await;
+        match change().await {
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            ))) if Instant::now() + MEMBERSHIP_RETRY_PAUSE < deadline => {
+                tokio::time::sleep(MEMBERSHIP_RETRY_PAUSE).await;
+            }
+            answer => return answer.map_err(write_refusal),
+        }
+    }
+}
+
 /// Runs a membership request on this node, which must lead. AddLearner waits up to `catch_up`.
 pub(crate) async fn admin_here(
     raft: &Raft,
@@ -478,6 +534,12 @@ pub(crate) async fn admin_here(
     request: AdminRequest,
     catch_up: Duration,
 ) -> Result<ClusterView, Refused> {
+    // Decided on the membership as it is once the changes before this one are made, not as it
+    // was when the request arrived.
+    let _one_at_a_time = match request {
+        AdminRequest::Status => None,
+        _ => Some(MEMBERSHIP_CHANGES.lock().await),
+    };
     let membership = raft
         .metrics()
         .borrow()
@@ -501,10 +563,12 @@ pub(crate) async fn admin_here(
                     )));
                 }
             } else {
-                let adding = raft.add_learner(id, member, true);
+                let adding = change_membership_when_settled(raft, catch_up, || {
+                    raft.add_learner(id, member.clone(), true)
+                });
                 match tokio::time::timeout(catch_up, adding).await {
                     Ok(result) => {
-                        result.map_err(write_refusal)?;
+                        result?;
                     }
                     Err(_) => tracing::info!(
                         node = id,
@@ -522,9 +586,10 @@ pub(crate) async fn admin_here(
             }
             // Promoting a voter is a retry of a promote that did commit: nothing to change.
             if !is_voter(id) {
-                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                    .await
-                    .map_err(write_refusal)?;
+                change_membership_when_settled(raft, catch_up, || {
+                    raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                })
+                .await?;
             }
         }
         AdminRequest::Remove { id } => {
@@ -541,9 +606,10 @@ pub(crate) async fn admin_here(
             } else {
                 ChangeMembers::RemoveNodes(BTreeSet::from([id]))
             };
-            raft.change_membership(change, false)
-                .await
-                .map_err(write_refusal)?;
+            change_membership_when_settled(raft, catch_up, || {
+                raft.change_membership(change.clone(), false)
+            })
+            .await?;
         }
         AdminRequest::Announce { id, public_addr } => {
             if let Some(node) = membership.get_node(&id) {
@@ -554,12 +620,13 @@ pub(crate) async fn admin_here(
                         raft_addr: node.raft_addr.clone(),
                         public_addr,
                     };
-                    raft.change_membership(
-                        ChangeMembers::SetNodes(BTreeMap::from([(id, member)])),
-                        false,
-                    )
-                    .await
-                    .map_err(write_refusal)?;
+                    change_membership_when_settled(raft, catch_up, || {
+                        raft.change_membership(
+                            ChangeMembers::SetNodes(BTreeMap::from([(id, member.clone())])),
+                            false,
+                        )
+                    })
+                    .await?;
                 }
             }
         }
