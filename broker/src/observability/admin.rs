@@ -106,6 +106,11 @@ impl Sources {
             })
             .collect();
         let disk_bytes = disk_bytes(self.data_dir.clone()).await;
+        // A few small reads of /proc, and a walk of /proc/self/fd that grows with connections.
+        let process = tokio::task::spawn_blocking(super::process::read)
+            .await
+            .ok()
+            .flatten();
         let (disk_free_bytes, storage_full) = self.admission.free_space();
         Scrape {
             disk_free_bytes,
@@ -122,6 +127,7 @@ impl Sources {
             subscriptions,
             send_buffered_bytes: self.connections.waiting_bytes() as u64,
             catch_up_held_bytes: self.catch_up.held() as u64,
+            process,
         }
     }
 }
