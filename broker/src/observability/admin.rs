@@ -96,10 +96,16 @@ impl Sources {
             .iter()
             .map(|control| {
                 let stats = control.mailbox_stats();
+                let next_offset = control.flight().next_offset;
                 SubscriptionScrape {
                     id: control.id,
                     pattern: control.pattern.clone(),
-                    next_offset: control.flight().next_offset,
+                    // Waiting on an empty mailbox, it has passed every offset dispatched, those
+                    // of channels it does not follow too: a caught-up subscription lags by 0.
+                    next_offset: match stats.caught_up_through {
+                        Some(through) => next_offset.max(through + 1),
+                        None => next_offset,
+                    },
                     queue_messages: stats.messages,
                     queue_bytes: stats.bytes,
                 }

@@ -522,7 +522,8 @@ pub(crate) struct SubscriptionScrape {
     pub id: u64,
     /// Its pattern.
     pub pattern: String,
-    /// The next offset it may deliver (0 until its task has started).
+    /// The next offset it has yet to pass (0 until its task has started): the next it may
+    /// deliver, or, when it waits with nothing queued, the one after the last dispatched.
     pub next_offset: u64,
     /// Messages waiting in its in-memory queue.
     pub queue_messages: usize,
@@ -710,7 +711,7 @@ fn render_state(out: &mut String, s: &Scrape) {
     let per_subscription: [(&str, &str, bool, Value); 3] = [
         (
             "switchboard_subscription_lag",
-            "Messages given offsets that a subscription has not reached yet (last_offset - next_offset + 1)",
+            "Offsets (of every channel) between a subscription's position and the log's end; 0 when it has handled everything dispatched",
             true,
             |sub, last_offset| sub.lag(last_offset),
         ),
