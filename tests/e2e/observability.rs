@@ -2,9 +2,10 @@
 //! health and reflection on the public listener, audit lines for refusals.
 
 use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use switchboard_client::{Publish, Reason, Start};
+use switchboard_client::{Client, Publish, Reason, Start, SubscribeOptions};
 use switchboard_e2e::{eventually, http_get, BrokerProcess};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -274,11 +275,12 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
         ("switchboard_subscription_queue_messages", "gauge"),
         ("switchboard_subscription_queue_bytes", "gauge"),
     ] {
-        // Histograms appear once observed; their TYPE is declared from the first scrape only if
-        // described and observed, so check the types of what is present.
-        if let Some(declared) = before.types.get(name) {
-            assert_eq!(declared, kind, "{name}");
-        }
+        // Every family is declared from the first scrape, histograms too (issue 25).
+        assert_eq!(
+            before.types.get(name).map(String::as_str),
+            Some(kind),
+            "{name}"
+        );
     }
     assert_eq!(before.sum("switchboard_raft_is_leader", &[]), 1.0);
     assert_eq!(before.sum("switchboard_raft_leader_id", &[]), 1.0);
@@ -481,10 +483,286 @@ async fn reflect(
         .expect("a message")
 }
 
+const OBSERVABILITY_MD: &str = include_str!("../../docs/OBSERVABILITY.md");
+
+/// A row of the metric tables of docs/OBSERVABILITY.md.
+#[derive(Debug)]
+struct DocumentedMetric {
+    name: String,
+    kind: String,
+    /// One series per live subscription: with none, only the family's `TYPE` line.
+    per_subscription: bool,
+    /// The row says the family appears at its first event, so it may be absent before traffic.
+    from_first_event: bool,
+}
+
+/// The rows of every table under `## Metrics` whose first cell is a `name`.
+fn documented_metrics() -> Vec<DocumentedMetric> {
+    let section = OBSERVABILITY_MD
+        .split("\n## Metrics\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("OBSERVABILITY.md has a `## Metrics` section");
+    section
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            let (kind, labels) = (cells.get(2)?, cells.get(3)?);
+            let meaning = cells[4..].join("|");
+            Some(DocumentedMetric {
+                name: name.to_owned(),
+                kind: (*kind).to_owned(),
+                per_subscription: labels.contains("`subscription`"),
+                from_first_event: meaning.contains("Appears at its first event"),
+            })
+        })
+        .collect()
+}
+
+/// What is wrong between the documented metrics and one scrape: a documented family missing (or
+/// of another type), or a family in the scrape that the page does not document.
+fn undocumented_or_missing(scrape: &Scrape, documented: &[DocumentedMetric]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for metric in documented {
+        let name = metric.name.as_str();
+        let declared = scrape.types.get(name).map(String::as_str);
+        let present = if metric.kind == "histogram" {
+            scrape.has(&format!("{name}_count"))
+        } else if metric.per_subscription {
+            declared.is_some()
+        } else {
+            scrape.has(name)
+        };
+        if !present && !metric.from_first_event {
+            wrong.push(format!("{name} is documented but not in the scrape"));
+        }
+        if present && declared != Some(metric.kind.as_str()) {
+            wrong.push(format!(
+                "{name} is a {declared:?}, documented as {}",
+                metric.kind
+            ));
+        }
+    }
+    for family in scrape.types.keys() {
+        if !documented.iter().any(|m| &m.name == family) {
+            wrong.push(format!("{family} is in the scrape but not documented"));
+        }
+    }
+    wrong
+}
+
+#[tokio::test]
+async fn every_documented_metric_is_in_the_first_scrape() {
+    let documented = documented_metrics();
+    assert!(
+        documented.len() >= 40,
+        "the tables of OBSERVABILITY.md were not read: {documented:?}"
+    );
+    let f = fixture(&[]).await;
+    // No traffic at all: only what the broker exports from its start. Free disk space is
+    // measured on a timer, so the first scrapes may come before it.
+    let found = eventually("every documented metric in the scrape", || async {
+        undocumented_or_missing(&scrape(&f.broker).await, &documented)
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    if let Err(e) = found {
+        let wrong = undocumented_or_missing(&scrape(&f.broker).await, &documented);
+        panic!("{e}: {wrong:#?}");
+    }
+}
+
+fn now_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[tokio::test]
+async fn process_metrics_are_plausible_and_read_at_each_scrape() {
+    let f = fixture(&[]).await;
+    let before = scrape(&f.broker).await;
+    let value = |scrape: &Scrape, name: &str| {
+        assert!(scrape.has(name), "{name} missing");
+        scrape.sum(name, &[])
+    };
+    let start = value(&before, "process_start_time_seconds");
+    let now = now_seconds();
+    assert!(
+        start <= now + 1.0 && start > now - 3600.0,
+        "started at {start}, now is {now}"
+    );
+    let resident = value(&before, "process_resident_memory_bytes");
+    assert!(resident > 0.0);
+    assert!(value(&before, "process_virtual_memory_bytes") >= resident);
+    assert!(value(&before, "process_cpu_seconds_total") >= 0.0);
+    let open = value(&before, "process_open_fds");
+    assert!(open > 0.0);
+    assert!(value(&before, "process_max_fds") >= open);
+
+    // Five more client connections are five more sockets in the next scrape.
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let client = Client::connect(f.broker.url()).await.unwrap();
+        client
+            .publish(Publish::new("obs.process.fds", format!("{{\"i\":{i}}}")))
+            .await
+            .unwrap();
+        clients.push(client);
+    }
+    let after = scrape(&f.broker).await;
+    assert!(
+        value(&after, "process_open_fds") >= open + 5.0,
+        "open fds {open} → {}",
+        value(&after, "process_open_fds")
+    );
+    assert!(
+        value(&after, "process_cpu_seconds_total") >= value(&before, "process_cpu_seconds_total")
+    );
+    assert_eq!(value(&after, "process_start_time_seconds"), start);
+}
+
+#[tokio::test]
+async fn the_live_latency_histogram_leaves_replays_out() {
+    let f = fixture(&[]).await;
+    const OLD: usize = 5;
+    const NEW: usize = 3;
+    for i in 0..OLD {
+        f.client
+            .publish(Publish::new("obs.replay.old", format!("{{\"i\":{i}}}")))
+            .await
+            .unwrap();
+    }
+    let all = "switchboard_publish_to_deliver_seconds_count";
+    let live = "switchboard_live_publish_to_deliver_seconds_count";
+    let before = scrape(&f.broker).await;
+    assert_eq!(before.sum(live, &[]), 0.0, "nothing delivered yet");
+
+    // A replay of history: counted with replays, not as live. A delivery is recorded before it is
+    // sent, so once received it is in the next scrape.
+    let mut subscription = f
+        .client
+        .subscribe("obs.replay.>", Start::Earliest)
+        .await
+        .unwrap();
+    assert_eq!(take(&mut subscription, OLD).await.len(), OLD);
+    let replayed = scrape(&f.broker).await;
+    assert_eq!(replayed.sum(all, &[]) - before.sum(all, &[]), OLD as f64);
+    assert_eq!(
+        replayed.sum(live, &[]),
+        0.0,
+        "a replay moved the live histogram"
+    );
+
+    // Messages published while it follows are live.
+    for i in 0..NEW {
+        f.client
+            .publish(Publish::new("obs.replay.new", format!("{{\"i\":{i}}}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(take(&mut subscription, NEW).await.len(), NEW);
+    let followed = scrape(&f.broker).await;
+    assert_eq!(followed.sum(live, &[]), NEW as f64);
+    assert_eq!(followed.sum(all, &[]) - replayed.sum(all, &[]), NEW as f64);
+}
+
+async fn console_state(broker: &BrokerProcess) -> serde_json::Value {
+    let response = http_get(&format!("{}/console/api/state", broker.admin_url()))
+        .await
+        .expect("GET /console/api/state");
+    assert_eq!(response.status, 200, "{}", response.body);
+    serde_json::from_str(&response.body).expect("the console state is JSON")
+}
+
+#[tokio::test]
+async fn a_consumer_that_handled_everything_it_matched_is_not_behind() {
+    let f = fixture(&[]).await;
+    // The case of issue 25: a durable consumer acknowledges all it is sent, then other channels
+    // get 9 messages. It used to show "behind 9", and its subscription a lag of 9.
+    let options = SubscribeOptions::default().durable("lag-panel");
+    let mut subscription = f
+        .client
+        .subscribe_with("obs.lag.mine.>", Start::Earliest, options)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        f.client
+            .publish(Publish::new("obs.lag.mine.a", format!("{{\"i\":{i}}}")))
+            .await
+            .unwrap();
+    }
+    let mine = offsets(&take(&mut subscription, 3).await);
+    subscription.acker().ack_many(&mine).await.unwrap();
+    for i in 0..9 {
+        f.client
+            .publish(Publish::new("obs.lag.other.b", format!("{{\"i\":{i}}}")))
+            .await
+            .unwrap();
+    }
+    let consumer = |state: &serde_json::Value| {
+        state["consumers"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == "lag-panel"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let lag = |scrape: &Scrape| {
+        scrape.sum(
+            "switchboard_subscription_lag",
+            &[("pattern", "obs.lag.mine.>")],
+        )
+    };
+    let last = mine[2] + 9;
+    let settled = eventually("the other channel's messages applied", || async {
+        let state = console_state(&f.broker).await;
+        let metrics = scrape(&f.broker).await;
+        (state["last_offset"] == last && metrics.sum("switchboard_last_offset", &[]) == last as f64)
+            .then_some((consumer(&state), lag(&metrics)))
+    })
+    .await
+    .unwrap();
+    let (row, subscription_lag) = settled;
+    assert_eq!(row["acked_offset"], mine[2], "{row}");
+    assert_eq!(row["behind"], 0, "{row}");
+    assert_eq!(row["behind_exact"], true, "{row}");
+    // Its subscription waits on an empty mailbox: it has passed the other channel's offsets.
+    eventually("the subscription to lag by 0", || async {
+        (lag(&scrape(&f.broker).await) == 0.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; it lagged by {subscription_lag} first"));
+
+    // Two of its own, delivered and not acknowledged: two behind, connected or not.
+    for i in 0..2 {
+        f.client
+            .publish(Publish::new("obs.lag.mine.a", format!("{{\"i\":{i}}}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(take(&mut subscription, 2).await.len(), 2);
+    let row = consumer(&console_state(&f.broker).await);
+    assert_eq!(row["behind"], 2, "{row}");
+    drop(subscription);
+    f.client
+        .publish(Publish::new("obs.lag.other.b", "{}"))
+        .await
+        .unwrap();
+    let row = eventually("the last publish in the console", || async {
+        let state = console_state(&f.broker).await;
+        (state["last_offset"] == last + 3).then(|| consumer(&state))
+    })
+    .await
+    .unwrap();
+    assert_eq!(row["behind"], 2, "{row}");
+}
+
 /// The services docs/OBSERVABILITY.md shows under `grpcurl -plaintext 127.0.0.1:7400 list`: the
 /// `# name` lines that follow it, sorted.
 fn documented_grpcurl_list() -> Vec<&'static str> {
-    const OBSERVABILITY_MD: &str = include_str!("../../docs/OBSERVABILITY.md");
     let mut names: Vec<&str> = OBSERVABILITY_MD
         .lines()
         .skip_while(|line| *line != "grpcurl -plaintext 127.0.0.1:7400 list")

@@ -13,10 +13,16 @@
 //! own in each mailbox that takes them: a full one drops its oldest, and a lagging subscription
 //! does not read them back (there is nothing to read back).
 //!
+//! A subscription whose mailbox is empty while its task waits on it has handled every message the
+//! hub dispatched, including the offsets between them that did not match its pattern; the
+//! mailbox's [`MailboxStats::caught_up_through`] says so, and the subscription's lag is then 0
+//! however busy other channels are.
+//!
 //! Matching uses a segment trie ([`SubscriptionTrie`]), so its cost follows the channel's depth and
 //! the number of matches, not the number of subscriptions.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -41,6 +47,8 @@ pub(crate) struct Mailbox {
     capacity_bytes: usize,
     /// Whether this subscription takes ephemeral messages.
     takes_ephemeral: bool,
+    /// The hub's last dispatched offset, shared by every mailbox (see [`Hub::dispatched`]).
+    dispatched: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -59,6 +67,9 @@ struct MailboxState {
     /// Ephemeral messages were taken last: when both kinds wait, stored ones go next, so a
     /// steady stream of ephemeral messages cannot hold stored ones back until they overflow.
     stored_next: bool,
+    /// The task waits on the mailbox having handled everything it took from it (false until
+    /// it first waits: before that it reads the store).
+    idle: bool,
 }
 
 /// A mailbox's accounting, for `ListSubscriptions`.
@@ -76,6 +87,10 @@ pub(crate) struct MailboxStats {
     pub lagging: bool,
     /// Times it was switched to the store.
     pub slow_switches: u64,
+    /// When the mailbox is empty and its task waits on it: the hub's last dispatched offset,
+    /// every offset up to which the subscription has handled (delivered, or passed over as not
+    /// matching). `None` while it has messages to take, reads the store, or is busy sending.
+    pub caught_up_through: Option<u64>,
 }
 
 /// What a subscription finds in its mailbox.
@@ -91,8 +106,13 @@ pub(crate) enum MailboxItems {
 impl Mailbox {
     /// The mailbox's accounting now.
     pub(crate) fn stats(&self) -> MailboxStats {
+        // Read before the lock: the hub publishes an offset only after offering every message up
+        // to it, so a mailbox found idle and empty afterwards has handled all of them.
+        let dispatched = self.dispatched.load(Ordering::Acquire);
         let state = self.lock();
+        let caught_up = state.idle && state.queue.is_empty() && !state.lagging;
         MailboxStats {
+            caught_up_through: caught_up.then_some(dispatched),
             messages: state.queue.len(),
             bytes: state.bytes,
             peak_bytes: state.peak_bytes,
@@ -115,6 +135,7 @@ impl Mailbox {
                 // in turns with stored ones when both wait.
                 let stored_waits = !state.queue.is_empty();
                 let stored_turn = state.stored_next && stored_waits;
+                state.idle = false;
                 if !state.ephemeral.is_empty() && !stored_turn {
                     state.stored_next = true;
                     return MailboxItems::Ephemeral(state.ephemeral.drain(..).collect());
@@ -127,6 +148,8 @@ impl Mailbox {
                 if state.lagging {
                     return MailboxItems::Lagging;
                 }
+                // Called again, so whatever it took before is handled.
+                state.idle = true;
             }
             // `notify_one` stores a permit when nobody waits, so a push between the check above
             // and this await is not lost.
@@ -190,6 +213,9 @@ struct HubState {
     next_id: SubscriptionId,
     /// The highest offset dispatched (or, at start, already in the store).
     last_dispatched: u64,
+    /// The same, readable without the hub's lock by the mailboxes (for their lag): written after
+    /// the messages up to it were offered.
+    dispatched: Arc<AtomicU64>,
     /// Reused between dispatches to collect matches without allocating.
     matched: Vec<SubscriptionId>,
 }
@@ -243,6 +269,7 @@ impl Hub {
                 subscriptions: HashMap::new(),
                 next_id: 1,
                 last_dispatched: last_offset,
+                dispatched: Arc::new(AtomicU64::new(last_offset)),
                 matched: Vec::new(),
             })),
             mailbox_capacity,
@@ -264,14 +291,15 @@ impl Hub {
     /// last offset dispatched so far. Messages after that offset will arrive in its mailbox;
     /// earlier ones are in the store.
     pub(crate) fn register(&self, pattern: Pattern, ephemeral: bool) -> (Registration, u64) {
+        let mut state = self.lock();
         let mailbox = Arc::new(Mailbox {
             state: Mutex::new(MailboxState::default()),
             ready: Notify::new(),
             capacity: self.mailbox_capacity,
             capacity_bytes: self.mailbox_capacity_bytes,
             takes_ephemeral: ephemeral,
+            dispatched: Arc::clone(&state.dispatched),
         });
-        let mut state = self.lock();
         let id = state.next_id;
         state.next_id += 1;
         state.trie.insert(&pattern, id);
@@ -330,6 +358,9 @@ impl Hub {
             }
             state.last_dispatched = message.offset;
         }
+        state
+            .dispatched
+            .store(state.last_dispatched, Ordering::Release);
     }
 
     /// Offers an ephemeral message (offset 0, never stored) to every matching subscription that
@@ -366,6 +397,9 @@ impl Hub {
             drop(mb);
             entry.mailbox.ready.notify_one();
         }
+        // After the lagging marks: no mailbox reads as caught up through the new offset before
+        // it has read the new store.
+        state.dispatched.store(last_offset, Ordering::Release);
     }
 }
 
@@ -434,6 +468,38 @@ mod tests {
             MailboxItems::Messages(m) => assert_eq!(m[0].offset, 15),
             MailboxItems::Lagging | MailboxItems::Ephemeral(_) => panic!("re-armed"),
         }
+    }
+
+    #[test]
+    fn a_subscription_waiting_on_an_empty_mailbox_has_passed_every_offset_dispatched() {
+        use futures::FutureExt;
+        let hub = Hub::new(0, 8, 1 << 20, CatchUpBudget::new(1 << 20));
+        let (reg, _) = hub.register(pattern("a.*"), false);
+        let caught_up = || reg.mailbox.stats().caught_up_through;
+        assert_eq!(
+            caught_up(),
+            None,
+            "its task has not waited on the mailbox yet"
+        );
+        assert!(
+            reg.mailbox.next().now_or_never().is_none(),
+            "nothing to take"
+        );
+        hub.dispatch(&[msg(1, "c.d"), msg(2, "c.d")]);
+        assert_eq!(
+            caught_up(),
+            Some(2),
+            "other channels' offsets are passed over"
+        );
+        hub.dispatch(&[msg(3, "a.b"), msg(4, "c.d")]);
+        assert_eq!(caught_up(), None, "a message of its own waits");
+        let taken = reg.mailbox.next().now_or_never();
+        assert!(matches!(taken, Some(MailboxItems::Messages(m)) if m[0].offset == 3));
+        assert_eq!(caught_up(), None, "taken, and not yet handled");
+        assert!(reg.mailbox.next().now_or_never().is_none());
+        assert_eq!(caught_up(), Some(4), "handled, and waiting again");
+        hub.reset(9);
+        assert_eq!(caught_up(), None, "a new store must be read first");
     }
 
     #[tokio::test]

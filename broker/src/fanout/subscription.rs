@@ -146,6 +146,11 @@ struct Feeder<'a> {
     throttle: Option<Throttle>,
     /// Looked up once, not per delivery.
     metrics: DeliveryMetrics,
+    /// The first offset given after the subscription registered with the hub: messages from
+    /// here on were published while it was open, so their latency is the live path's (read from
+    /// memory, or from the store after falling behind); earlier ones are a replay of history and
+    /// go only into the histogram that includes replays.
+    live_from: u64,
 }
 
 impl Feeder<'_> {
@@ -220,7 +225,8 @@ impl Feeder<'_> {
                 );
             }
         }
-        self.metrics.delivered(message.publish_time_us);
+        self.metrics
+            .delivered(message.publish_time_us, message.offset >= self.live_from);
         if skipped > 0 {
             metrics::conflated(skipped);
         }
@@ -541,6 +547,7 @@ async fn feed(
         next,
         throttle: spec.min_interval.map(Throttle::new),
         metrics: DeliveryMetrics::new(policy_name(control.policy)),
+        live_from: last + 1,
     };
     if let Start::Offset(_) = spec.start {
         if let Err(end) = feeder.announce_removed_start(last).await {

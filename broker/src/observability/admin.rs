@@ -96,16 +96,27 @@ impl Sources {
             .iter()
             .map(|control| {
                 let stats = control.mailbox_stats();
+                let next_offset = control.flight().next_offset;
                 SubscriptionScrape {
                     id: control.id,
                     pattern: control.pattern.clone(),
-                    next_offset: control.flight().next_offset,
+                    // Waiting on an empty mailbox, it has passed every offset dispatched, those
+                    // of channels it does not follow too: a caught-up subscription lags by 0.
+                    next_offset: match stats.caught_up_through {
+                        Some(through) => next_offset.max(through + 1),
+                        None => next_offset,
+                    },
                     queue_messages: stats.messages,
                     queue_bytes: stats.bytes,
                 }
             })
             .collect();
         let disk_bytes = disk_bytes(self.data_dir.clone()).await;
+        // A few small reads of /proc, and a walk of /proc/self/fd that grows with connections.
+        let process = tokio::task::spawn_blocking(super::process::read)
+            .await
+            .ok()
+            .flatten();
         let (disk_free_bytes, storage_full) = self.admission.free_space();
         Scrape {
             disk_free_bytes,
@@ -122,6 +133,7 @@ impl Sources {
             subscriptions,
             send_buffered_bytes: self.connections.waiting_bytes() as u64,
             catch_up_held_bytes: self.catch_up.held() as u64,
+            process,
         }
     }
 }

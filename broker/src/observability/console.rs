@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::admin::Sources;
 use super::metrics::{self, Scrape};
+use crate::channel::{ChannelLimits, Pattern};
 use crate::fanout::registry::FlowPolicy;
 use crate::message::now_us;
 
@@ -20,6 +21,9 @@ pub(crate) const PAGE: &str = include_str!("console.html");
 const RECENT_MESSAGES: u64 = 2_000;
 /// The window the channel rates are computed over.
 const RATE_WINDOW_US: u64 = 60_000_000;
+/// How many of the latest offsets the durable consumers' `behind` counts look through: one pass
+/// over at most this many messages per refresh, however many consumers there are.
+const BEHIND_WINDOW: u64 = 10_000;
 
 /// Everything the console shows, as JSON.
 pub(crate) async fn state(sources: &Sources) -> Value {
@@ -123,17 +127,63 @@ fn recent_channels(store: &crate::state::store::MessageStore, last_offset: u64) 
         .collect()
 }
 
-/// The durable consumers stored in the log, with how far behind their acknowledgements are.
+/// The durable consumers stored in the log, with how many messages each has yet to
+/// acknowledge (`behind`): messages after its acknowledged offset that match its pattern and
+/// have not expired. Offsets of other channels are not counted, so a consumer that acknowledged
+/// everything it was sent is 0 behind however busy the rest of the log is (issue 25).
+///
+/// All consumers are counted in one pass over the latest [`BEHIND_WINDOW`] offsets; for one
+/// acknowledged further back, `behind` is what the window holds and `behind_exact` is false (at
+/// least that many). `behind` is null for a pattern that does not parse (a damaged record).
 fn durable_consumers(store: &crate::state::store::MessageStore, last_offset: u64) -> Vec<Value> {
-    store
-        .consumers()
+    let consumers: Vec<_> = store.consumers().map_while(Result::ok).collect();
+    if consumers.is_empty() {
+        return Vec::new();
+    }
+    // Stored patterns were checked when their consumers were created; the widest limits parse
+    // any of them.
+    let limits = ChannelLimits {
+        max_len: usize::MAX,
+        max_depth: usize::MAX,
+    };
+    let mut counts: Vec<(Option<Pattern>, u64)> = consumers
+        .iter()
+        .map(|(_, state)| (Pattern::parse(&state.pattern, &limits).ok(), 0))
+        .collect();
+    let window_start = last_offset.saturating_sub(BEHIND_WINDOW - 1).max(1);
+    let from = consumers
+        .iter()
+        .map(|(_, state)| state.acked_offset + 1)
+        .min()
+        .unwrap_or(window_start)
+        .max(window_start);
+    let now = now_us();
+    let messages = store
+        .batches_from(from)
         .map_while(Result::ok)
-        .map(|(name, state)| {
+        .flat_map(|batch| batch.messages)
+        .skip_while(|m| m.offset < from)
+        .take_while(|m| m.offset <= last_offset);
+    for m in messages.filter(|m| !m.is_expired(now)) {
+        for ((_, state), (pattern, count)) in consumers.iter().zip(counts.iter_mut()) {
+            let matches = pattern
+                .as_ref()
+                .is_some_and(|p| p.matches(&m.message.channel));
+            if m.offset > state.acked_offset && matches {
+                *count += 1;
+            }
+        }
+    }
+    consumers
+        .into_iter()
+        .zip(counts)
+        .map(|((name, state), (pattern, behind))| {
             json!({
                 "name": name,
                 "pattern": state.pattern,
                 "acked_offset": state.acked_offset,
-                "unacked_behind": last_offset.saturating_sub(state.acked_offset),
+                "behind": pattern.map(|_| behind),
+                "behind_exact": state.acked_offset + 1 >= window_start,
                 "redeliveries": state.redeliveries,
             })
         })

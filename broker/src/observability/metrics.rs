@@ -24,6 +24,9 @@ pub(crate) const PUBLISHES: &str = "switchboard_publishes_total";
 pub(crate) const DELIVERIES: &str = "switchboard_deliveries_total";
 /// Publish time to delivery, seconds.
 pub(crate) const PUBLISH_TO_DELIVER: &str = "switchboard_publish_to_deliver_seconds";
+/// Publish time to delivery of messages published after their subscription started (no
+/// replays), seconds.
+pub(crate) const LIVE_PUBLISH_TO_DELIVER: &str = "switchboard_live_publish_to_deliver_seconds";
 /// Subscriptions switched from memory to the store.
 pub(crate) const SLOW_CONSUMER_SWITCHES: &str = "switchboard_slow_consumer_switches_total";
 /// Client connections closed because they stopped reading while send buffers were over their bound.
@@ -110,6 +113,10 @@ pub(crate) fn handle() -> Option<&'static PrometheusHandle> {
 fn build() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(PUBLISH_TO_DELIVER.into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(LIVE_PUBLISH_TO_DELIVER.into()),
+            LATENCY_BUCKETS,
+        )?
         .set_buckets_for_metric(Matcher::Full(COMMIT_SECONDS.into()), COMMIT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(LOG_SYNC_SECONDS.into()), COMMIT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(APPLY_SECONDS.into()), COMMIT_BUCKETS)?
@@ -129,6 +136,11 @@ fn describe() {
         PUBLISH_TO_DELIVER,
         Unit::Seconds,
         "From a message's publish time to its delivery to a subscriber (replays included)"
+    );
+    describe_histogram!(
+        LIVE_PUBLISH_TO_DELIVER,
+        Unit::Seconds,
+        "From a message's publish time to its delivery to a subscriber, for messages published after the subscription started (no replays)"
     );
     describe_counter!(
         SLOW_CONSUMER_SWITCHES,
@@ -228,6 +240,43 @@ fn describe() {
     for result in ["accepted", "duplicate"] {
         counter!(PUBLISHES, "result" => result).absolute(0);
     }
+    start_at_zero();
+}
+
+/// Registers, at 0, the series whose labels are known in advance and the histograms, so that
+/// every documented family is in the first scrape and `rate()` and `histogram_quantile()` have a
+/// starting point (an exported histogram with no observation shows zero buckets). Families
+/// whose labels come from the traffic (refusal reasons, schema patterns) appear at their first
+/// event; docs/OBSERVABILITY.md says which.
+fn start_at_zero() {
+    for policy in ["lossless", "conflate", "drop_oldest"] {
+        counter!(DELIVERIES, "policy" => policy).absolute(0);
+    }
+    for outcome in ["published", "delivered", "dropped", "forwarded"] {
+        counter!(EPHEMERAL, "outcome" => outcome).absolute(0);
+    }
+    for reason in ["retention", "dropped"] {
+        counter!(GAPS, "reason" => reason).absolute(0);
+        counter!(GAP_MESSAGES, "reason" => reason).absolute(0);
+    }
+    for reason in [
+        Reason::StaleUpdate,
+        Reason::VersionConflict,
+        Reason::ClockSkew,
+    ] {
+        counter!(ENTITY_REFUSALS, "reason" => reason.as_str()).absolute(0);
+    }
+    for name in [
+        PUBLISH_TO_DELIVER,
+        LIVE_PUBLISH_TO_DELIVER,
+        COMMIT_SECONDS,
+        COMMIT_BATCH_ITEMS,
+        LOG_SYNC_SECONDS,
+        APPLY_SECONDS,
+    ] {
+        // Registering the handle is enough for the exporter to render the family.
+        let _ = histogram!(name);
+    }
 }
 
 /// How a publish ended.
@@ -277,6 +326,7 @@ pub(crate) fn publish(result: PublishResult, reason: Option<Reason>) {
 pub(crate) struct DeliveryMetrics {
     deliveries: Counter,
     latency: Histogram,
+    live_latency: Histogram,
 }
 
 impl DeliveryMetrics {
@@ -285,14 +335,20 @@ impl DeliveryMetrics {
         DeliveryMetrics {
             deliveries: counter!(DELIVERIES, "policy" => policy),
             latency: histogram!(PUBLISH_TO_DELIVER),
+            live_latency: histogram!(LIVE_PUBLISH_TO_DELIVER),
         }
     }
 
-    /// Counts a delivery to the subscriber and records publish→deliver latency.
-    pub(crate) fn delivered(&self, publish_time_us: u64) {
+    /// Counts a delivery to the subscriber and records publish→deliver latency, in the live
+    /// histogram too when `live` (the message was published after the subscription started,
+    /// so it is not a replay of history).
+    pub(crate) fn delivered(&self, publish_time_us: u64, live: bool) {
         self.deliveries.increment(1);
-        self.latency
-            .record(seconds_since(publish_time_us, now_us()));
+        let seconds = seconds_since(publish_time_us, now_us());
+        self.latency.record(seconds);
+        if live {
+            self.live_latency.record(seconds);
+        }
     }
 }
 
@@ -455,6 +511,8 @@ pub(crate) struct Scrape {
     pub send_buffered_bytes: u64,
     /// Bytes of messages read from the store and held for subscriptions that fell behind.
     pub catch_up_held_bytes: u64,
+    /// The process's CPU, memory and file descriptors (`None` where `/proc` cannot be read).
+    pub process: Option<super::process::ProcessStats>,
 }
 
 /// One live subscription's state at scrape time.
@@ -464,7 +522,8 @@ pub(crate) struct SubscriptionScrape {
     pub id: u64,
     /// Its pattern.
     pub pattern: String,
-    /// The next offset it may deliver (0 until its task has started).
+    /// The next offset it has yet to pass (0 until its task has started): the next it may
+    /// deliver, or, when it waits with nothing queued, the one after the last dispatched.
     pub next_offset: u64,
     /// Messages waiting in its in-memory queue.
     pub queue_messages: usize,
@@ -491,6 +550,9 @@ pub(crate) fn render(scrape: &Scrape) -> String {
         out.push('\n');
     }
     render_state(&mut out, scrape);
+    if let Some(process) = &scrape.process {
+        process.render(&mut out);
+    }
     out
 }
 
@@ -649,7 +711,7 @@ fn render_state(out: &mut String, s: &Scrape) {
     let per_subscription: [(&str, &str, bool, Value); 3] = [
         (
             "switchboard_subscription_lag",
-            "Messages given offsets that a subscription has not reached yet (last_offset - next_offset + 1)",
+            "Offsets (of every channel) between a subscription's position and the log's end; 0 when it has handled everything dispatched",
             true,
             |sub, last_offset| sub.lag(last_offset),
         ),

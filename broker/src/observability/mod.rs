@@ -1,6 +1,7 @@
 //! Observability: what an operator sees of a running broker.
 //!
 //! - [`metrics`]: Prometheus metrics — the names, and the recorder behind `/metrics`.
+//! - [`process`]: the `process_*` metrics (CPU, memory, file descriptors), read from `/proc`.
 //! - [`admin`]: the HTTP admin listener (`/metrics`, `/healthz`, `/console`).
 //! - [`console`]: the operator console's page and its JSON state.
 //! - [`audit`]: one rate-limited log line per refused request.
@@ -12,4 +13,5 @@ pub(crate) mod audit;
 pub(crate) mod console;
 pub(crate) mod metrics;
 pub(crate) mod probe;
+pub(crate) mod process;
 pub(crate) mod trace;
