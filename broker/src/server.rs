@@ -35,7 +35,7 @@ use crate::cluster::service::ClusterService;
 use crate::cluster::{self, Leader};
 use crate::config::Config;
 use crate::edge::auth::{Gate, GateInterceptor};
-use crate::edge::entities::EntitiesService;
+use crate::edge::entities::{EntitiesService, WatchRoutes};
 use crate::edge::grpc_guard::GrpcGuard;
 use crate::edge::schemas::SchemasService;
 use crate::edge::subscribe_codec::BrokerRoutes;
@@ -341,8 +341,9 @@ impl Broker {
             .gateway
             .enabled
             .then(|| Gateway::new(&config, Arc::clone(&gate), service.clone()));
+        // `WatchEntities` is served from shared encodings (edge::entities::WatchRoutes).
         let entities = InterceptedService::new(
-            EntitiesServer::new(service.entities()).max_decoding_message_size(max_message),
+            WatchRoutes::new(service.entities(), max_message),
             interceptor.clone(),
         );
         let schemas = InterceptedService::new(

@@ -29,10 +29,29 @@ fn message_wire(shared: &SharedMessage) -> &Bytes {
     shared.wire(|stored| Bytes::from(convert::message(stored).encode_to_vec()))
 }
 
-/// The entity a state message carries (see [`crate::state::entity_doc::EntityDoc`]), decoded
-/// once, by the first watch that needs it, and shared by every watch.
-pub(crate) fn entity(shared: &SharedMessage) -> Option<&pb::Entity> {
-    shared.decoded(|stored| convert::entity_from_state_payload(&stored.message.payload))
+/// A state message as entity watches use it (see [`crate::state::entity_doc::EntityDoc`]): the
+/// entity, and the `EntityEvent` announcing it as a change, encoded. Made once, by the first
+/// watch that needs it, and shared by every watch, which writes the encoded event straight into
+/// its stream ([`super::entities`]).
+pub(crate) struct EntityChange {
+    /// The entity the message carries.
+    pub entity: pb::Entity,
+    /// `EntityEvent { change: entity }` as protobuf.
+    pub event: Bytes,
+}
+
+/// The [`EntityChange`] of a state message (`None`: the message carries no entity).
+pub(crate) fn entity_change(shared: &SharedMessage) -> Option<&EntityChange> {
+    shared.decoded(|stored| {
+        let entity = convert::entity_from_state_payload(&stored.message.payload)?;
+        let event = pb::EntityEvent {
+            event: Some(pb::entity_event::Event::Change(entity.clone())),
+        };
+        Some(EntityChange {
+            entity,
+            event: Bytes::from(event.encode_to_vec()),
+        })
+    })
 }
 
 /// Bytes of the per-delivery fields appended after the shared encoding.
@@ -247,14 +266,20 @@ mod tests {
             crate::state::entity_doc::EntityDoc::encode("contact", "7", &state).unwrap(),
         );
         let shared = SharedMessage::new(Arc::new(message));
-        let first = entity(&shared).unwrap();
-        assert_eq!(first, &convert::entity_state("contact", "7", &state));
+        let first = entity_change(&shared).unwrap();
+        let entity = convert::entity_state("contact", "7", &state);
+        assert_eq!(first.entity, entity);
+        // The change event is the one prost would encode from the entity.
+        let event = pb::EntityEvent {
+            event: Some(pb::entity_event::Event::Change(entity)),
+        };
+        assert_eq!(first.event, event.encode_to_vec());
         assert!(
-            std::ptr::eq(first, entity(&shared).unwrap()),
-            "decoded once"
+            std::ptr::eq(first, entity_change(&shared).unwrap()),
+            "decoded and encoded once"
         );
         // A message that is not a state document has no entity.
-        assert_eq!(entity(&SharedMessage::new(stored())), None);
+        assert!(entity_change(&SharedMessage::new(stored())).is_none());
     }
 
     #[test]

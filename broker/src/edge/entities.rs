@@ -9,8 +9,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use switchboard_proto::v1 as pb;
-use switchboard_proto::v1::entities_server::Entities as EntitiesRpc;
+use switchboard_proto::v1::entities_server::{Entities as EntitiesRpc, EntitiesServer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -19,7 +20,7 @@ use super::auth::TokenBound;
 use super::{convert, Edge};
 use crate::entity::{Change, EntityState, Stamp};
 use crate::error::{BrokerError, Reason};
-use crate::fanout::outgoing::Outgoing;
+use crate::fanout::outgoing::{Outgoing, SharedMessage};
 use crate::fanout::registry::{FlowPolicy, Opening};
 use crate::fanout::subscription::SubscriptionSpec;
 use crate::message::{EntityWrite, Item, ItemOutcome};
@@ -292,12 +293,29 @@ impl EntitiesRpc for EntitiesService {
         }))
     }
 
-    type WatchEntitiesStream = TokenBound<ReceiverStream<Result<pb::EntityEvent, Status>>>;
+    type WatchEntitiesStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::EntityEvent, Status>> + Send>>;
 
     async fn watch_entities(
         &self,
         request: Request<pb::WatchEntitiesRequest>,
     ) -> Result<Response<Self::WatchEntitiesStream>, Status> {
+        // The generated server (and the gateway) take events as values; the `WatchEntities` route
+        // itself is served from the shared encodings ([`WatchRoutes`]).
+        let items = self.watch_items(request)?;
+        Ok(Response::new(Box::pin(
+            items.map(|item| item.map(WatchItem::into_event)),
+        )))
+    }
+}
+
+impl EntitiesService {
+    /// Opens a watch: its state subscription and the task that feeds it, whose items the
+    /// returned stream carries until the caller's token expires.
+    pub(crate) fn watch_items(
+        &self,
+        request: Request<pb::WatchEntitiesRequest>,
+    ) -> Result<WatchItems, Status> {
         let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let edge = &self.edge;
@@ -340,10 +358,164 @@ impl EntitiesRpc for EntitiesService {
             changes_tx,
         )?;
         tokio::spawn(watch(Arc::clone(&self.edge), pattern, changes, out));
-        Ok(Response::new(TokenBound::new(
-            &caller,
-            ReceiverStream::new(events),
-        )))
+        Ok(TokenBound::new(&caller, ReceiverStream::new(events)))
+    }
+}
+
+/// What a watch's task sends down its stream: an event built for this watch (a snapshot entry,
+/// the end of the snapshot), or a change, shared by every watch of the entity and encoded once
+/// ([`super::delivery::entity_change`]).
+pub(crate) enum WatchItem {
+    /// An event of this watch alone.
+    Event(pb::EntityEvent),
+    /// A change: the state message that carries it.
+    Change(Arc<SharedMessage>),
+}
+
+impl WatchItem {
+    /// The item as an `EntityEvent` value (for the generated server and the gateway).
+    fn into_event(self) -> pb::EntityEvent {
+        match self {
+            WatchItem::Event(event) => event,
+            WatchItem::Change(shared) => pb::EntityEvent {
+                event: super::delivery::entity_change(&shared)
+                    .map(|change| pb::entity_event::Event::Change(change.entity.clone())),
+            },
+        }
+    }
+
+    /// Writes the item as an encoded `EntityEvent`: a change from its shared encoding.
+    fn encode(&self, buf: &mut impl bytes::BufMut) -> Result<(), Status> {
+        use prost::Message as _;
+        match self {
+            WatchItem::Event(event) => event
+                .encode(buf)
+                .map_err(|e| Status::internal(format!("cannot encode an entity event: {e}"))),
+            WatchItem::Change(shared) => {
+                let change = super::delivery::entity_change(shared)
+                    .ok_or_else(|| Status::internal("a state message carries no entity"))?;
+                buf.put_slice(&change.event);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The items of one watch, until the caller's token expires.
+pub(crate) type WatchItems = TokenBound<ReceiverStream<Result<WatchItem, Status>>>;
+
+/// Encodes [`WatchItem`]s and decodes `WatchEntitiesRequest`s: the codec of the `WatchEntities`
+/// route in [`WatchRoutes`].
+#[derive(Debug, Clone, Copy, Default)]
+struct WatchCodec;
+
+impl tonic::codec::Codec for WatchCodec {
+    type Encode = WatchItem;
+    type Decode = pb::WatchEntitiesRequest;
+    type Encoder = WatchCodec;
+    type Decoder = WatchCodec;
+
+    fn encoder(&mut self) -> WatchCodec {
+        WatchCodec
+    }
+
+    fn decoder(&mut self) -> WatchCodec {
+        WatchCodec
+    }
+}
+
+impl tonic::codec::Encoder for WatchCodec {
+    type Item = WatchItem;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: WatchItem,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        item.encode(dst)
+    }
+}
+
+impl tonic::codec::Decoder for WatchCodec {
+    type Item = pb::WatchEntitiesRequest;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<pb::WatchEntitiesRequest>, Status> {
+        switchboard_proto::codec::decode_request(src).map(Some)
+    }
+}
+
+/// The path of the call [`WatchRoutes`] serves itself.
+const WATCH_PATH: &str = "/switchboard.v1.Entities/WatchEntities";
+
+struct WatchSvc(EntitiesService);
+
+impl tonic::server::ServerStreamingService<pb::WatchEntitiesRequest> for WatchSvc {
+    type Response = WatchItem;
+    type ResponseStream = WatchItems;
+    type Future = tonic::codegen::BoxFuture<Response<WatchItems>, Status>;
+
+    fn call(&mut self, request: Request<pb::WatchEntitiesRequest>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.watch_items(request).map(Response::new) })
+    }
+}
+
+/// The `switchboard.v1.Entities` service: the generated server, with `WatchEntities` served from
+/// the shared encodings of the changes, so a change watched by many is encoded once rather than
+/// once per watch (as `Subscribe` is, [`super::subscribe_codec`]). The bytes on the wire are the
+/// same `EntityEvent`s.
+#[derive(Clone)]
+pub(crate) struct WatchRoutes {
+    service: EntitiesService,
+    generated: EntitiesServer<EntitiesService>,
+    max_decoding_message_size: usize,
+}
+
+impl WatchRoutes {
+    /// Serves `service`; requests larger than `max_decoding_message_size` bytes are refused.
+    pub(crate) fn new(service: EntitiesService, max_decoding_message_size: usize) -> WatchRoutes {
+        WatchRoutes {
+            generated: EntitiesServer::new(service.clone())
+                .max_decoding_message_size(max_decoding_message_size),
+            service,
+            max_decoding_message_size,
+        }
+    }
+}
+
+impl tonic::server::NamedService for WatchRoutes {
+    const NAME: &'static str =
+        <EntitiesServer<EntitiesService> as tonic::server::NamedService>::NAME;
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for WatchRoutes {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != WATCH_PATH {
+            return self.generated.call(request);
+        }
+        let service = WatchSvc(self.service.clone());
+        let max_decoding = self.max_decoding_message_size;
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(WatchCodec)
+                .apply_max_message_size_config(Some(max_decoding), None);
+            Ok(grpc.server_streaming(service, request).await)
+        })
     }
 }
 
@@ -353,7 +525,7 @@ async fn watch(
     edge: Arc<Edge>,
     pattern: crate::channel::Pattern,
     mut changes: mpsc::Receiver<Result<Outgoing, BrokerError>>,
-    out: mpsc::Sender<Result<pb::EntityEvent, Status>>,
+    out: mpsc::Sender<Result<WatchItem, Status>>,
 ) {
     use pb::entity_event::Event;
 
@@ -394,7 +566,7 @@ async fn watch(
         let event = pb::EntityEvent {
             event: Some(Event::Snapshot(entity)),
         };
-        if out.send(Ok(event)).await.is_err() {
+        if out.send(Ok(WatchItem::Event(event))).await.is_err() {
             return;
         }
     }
@@ -403,7 +575,7 @@ async fn watch(
             entities: count,
         })),
     };
-    if out.send(Ok(done)).await.is_err() {
+    if out.send(Ok(WatchItem::Event(done))).await.is_err() {
         return;
     }
 
@@ -411,13 +583,14 @@ async fn watch(
         tokio::select! {
             change = changes.recv() => match change {
                 Some(Ok(Outgoing::Delivery(delivery))) => {
-                    // Every watch of this entity shares one decoded copy of the change; this watch
-                    // only clones it into its event.
+                    // Every watch of this entity shares one decoded and encoded copy of the change;
+                    // this watch only passes it on.
                     let shared = delivery.shared();
-                    let Some(entity) = super::delivery::entity(shared) else {
+                    let Some(change) = super::delivery::entity_change(shared) else {
                         tracing::warn!(channel = %shared.message.channel, "unreadable state message");
                         continue;
                     };
+                    let entity = &change.entity;
                     let channel = shared.message.channel.as_str();
                     match shown.get_mut(channel) {
                         Some(version) if *version >= entity.version => continue,
@@ -426,8 +599,8 @@ async fn watch(
                             shown.insert(channel.to_owned(), entity.version);
                         }
                     }
-                    let event = pb::EntityEvent { event: Some(Event::Change(entity.clone())) };
-                    if out.send(Ok(event)).await.is_err() {
+                    let item = WatchItem::Change(Arc::clone(shared));
+                    if out.send(Ok(item)).await.is_err() {
                         return;
                     }
                 }
