@@ -58,7 +58,9 @@
 #![warn(missing_docs)]
 
 mod auth;
+mod backoff;
 mod bearer;
+mod circuit;
 mod client;
 mod cluster;
 mod entity;
@@ -66,11 +68,14 @@ mod error;
 mod flow;
 mod history;
 mod publish;
+mod retry;
 mod schema;
 mod subscription;
 mod trace;
 
 pub use auth::{ClientCredentials, StaticToken, Token, TokenCache, TokenFuture, TokenProvider};
+pub use backoff::{Backoff, Jitter};
+pub use circuit::{CircuitPolicy, CircuitState};
 pub use client::{
     normalize_url, Client, ClientIdentity, ConnectOptions, Credentials, DEFAULT_PORT,
 };
@@ -79,8 +84,9 @@ pub use error::Error;
 pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
 pub use publish::{split_stream_ack, Publish, PublishAcks, PublishErrorKind, Publisher};
+pub use retry::RetryPolicy;
 pub use schema::SchemaPut;
-pub use subscription::{Backoff, Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
+pub use subscription::{Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
 pub use switchboard_proto::{code_name, Reason};
 pub use trace::{current_context, delivery_span, trace_context, TRACEPARENT, TRACESTATE};
 
