@@ -67,6 +67,7 @@ mod entity;
 mod error;
 mod flow;
 mod history;
+mod outbox;
 mod publish;
 mod retry;
 mod schema;
@@ -83,6 +84,7 @@ pub use entity::{EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate,
 pub use error::Error;
 pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
+pub use outbox::{Outbox, OutboxOptions, OutboxReceipt};
 pub use publish::{split_stream_ack, Publish, PublishAcks, PublishErrorKind, Publisher};
 pub use retry::RetryPolicy;
 pub use schema::SchemaPut;
