@@ -69,6 +69,7 @@ mod flow;
 mod history;
 mod outbox;
 mod publish;
+mod publish_resume;
 mod retry;
 mod schema;
 mod subscription;

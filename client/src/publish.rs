@@ -365,6 +365,12 @@ enum AcksState {
     /// The call runs in a task of its own, so messages flow before anyone polls the acks.
     Starting(PendingCall),
     Streaming(Box<Streaming<PublishStreamAck>>),
+    /// Under a retry policy: the answers of the task that resumes broken streams
+    /// (`publish_resume.rs`).
+    Resuming {
+        answers: mpsc::Receiver<Result<PublishStreamAck, Error>>,
+        task: JoinHandle<()>,
+    },
     Done,
 }
 
@@ -408,6 +414,15 @@ impl Stream for PublishAcks {
                         }
                     };
                 }
+                AcksState::Resuming { answers, .. } => {
+                    return match ready!(answers.poll_recv(cx)) {
+                        Some(answer) => Poll::Ready(Some(answer)),
+                        None => {
+                            self.state = AcksState::Done;
+                            Poll::Ready(None)
+                        }
+                    };
+                }
                 AcksState::Done => return Poll::Ready(None),
             }
         }
@@ -416,8 +431,10 @@ impl Stream for PublishAcks {
 
 impl Drop for PublishAcks {
     fn drop(&mut self) {
-        if let AcksState::Starting(call) = &self.state {
-            call.abort();
+        match &self.state {
+            AcksState::Starting(call) => call.abort(),
+            AcksState::Resuming { task, .. } => task.abort(),
+            AcksState::Streaming(_) | AcksState::Done => {}
         }
     }
 }
@@ -687,6 +704,26 @@ impl Client {
     /// ```
     pub fn publisher(&self, capacity: usize) -> (Publisher, PublishAcks) {
         let (queue, receiver) = mpsc::channel(capacity.max(1));
+        if !self.retry_policy().is_none() {
+            let (answers, answers_receiver) = mpsc::channel(capacity.max(1));
+            let task = tokio::spawn(crate::publish_resume::run(
+                self.grpc(),
+                self.retry_policy().clone(),
+                trace::current_context(),
+                capacity.max(1),
+                receiver,
+                answers,
+            ));
+            return (
+                Publisher { queue },
+                PublishAcks {
+                    state: AcksState::Resuming {
+                        answers: answers_receiver,
+                        task,
+                    },
+                },
+            );
+        }
         let mut grpc = self.grpc();
         let mut request = tonic::Request::new(ReceiverStream::new(receiver));
         trace::inject_metadata(&trace::current_context(), request.metadata_mut());

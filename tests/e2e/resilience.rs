@@ -73,6 +73,37 @@ fn spawn_publisher(
     })
 }
 
+/// Sends `0..n` on `channel` through a [`Client::publisher`] stream of `client` (whose policy
+/// retries), and collects the answers (counted in `acked`): each must be an ack, in send order.
+fn spawn_stream_publisher(
+    client: &Client,
+    channel: &'static str,
+    n: u64,
+    acked: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<Vec<PublishAck>> {
+    let (publisher, mut answers) = client.publisher(32);
+    tokio::spawn(async move {
+        for i in 0..n {
+            publisher
+                .send(Publish::new(channel, i.to_string()))
+                .await
+                .unwrap();
+        }
+    });
+    tokio::spawn(async move {
+        let mut acks = Vec::new();
+        while let Some(answer) = futures::StreamExt::next(&mut answers).await {
+            let answer =
+                answer.unwrap_or_else(|e| panic!("stream failed after {}: {e}", acks.len()));
+            let (sequence, outcome) = switchboard_client::split_stream_ack(answer);
+            assert_eq!(sequence, acks.len() as u64, "answers in send order");
+            acks.push(outcome.unwrap_or_else(|e| panic!("message {sequence} refused: {e}")));
+            acked.store(acks.len() as u64, Ordering::SeqCst);
+        }
+        acks
+    })
+}
+
 async fn wait_acked(acked: &AtomicU64, n: u64) {
     eventually(&format!("{n} messages acknowledged"), || async {
         (acked.load(Ordering::SeqCst) >= n).then_some(())
@@ -105,6 +136,31 @@ async fn a_retrying_publisher_rides_out_a_broker_restart_storing_every_message_o
     );
 
     let stored = stored_on(&client, "resilience.restart.tick").await;
+    assert_stored_once_in_order(&stored, &acks, N);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_stream_resumes_across_a_broker_restart_storing_every_message_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(&dir).await;
+    let options = ConnectOptions::default().retry(retrying());
+    let client = Client::connect_with(broker.url(), options).await.unwrap();
+
+    const N: u64 = 3000;
+    let acked = Arc::new(AtomicU64::new(0));
+    let answers = spawn_stream_publisher(&client, "resilience.stream.tick", N, acked.clone());
+    wait_acked(&acked, 200).await;
+    broker.restart(&[]).unwrap();
+    let at_restart = acked.load(Ordering::SeqCst);
+    let acks = tokio::time::timeout(DEADLINE, answers)
+        .await
+        .expect("every message answered")
+        .unwrap();
+    assert!(
+        at_restart < N,
+        "the stream was done before the restart: nothing was tested"
+    );
+    let stored = stored_on(&client, "resilience.stream.tick").await;
     assert_stored_once_in_order(&stored, &acks, N);
 }
 
@@ -358,25 +414,44 @@ async fn a_retrying_publisher_rides_out_a_leader_kill_storing_every_message_once
     .await
     .unwrap();
 
+    // Two publishers at once: one publish at a time, and a publish stream.
     const N: u64 = 200;
+    const STREAMED: u64 = 2000;
     let acked = Arc::new(AtomicU64::new(0));
     let publisher = spawn_publisher(client.clone(), "resilience.failover.tick", N, acked.clone());
+    let streamed = Arc::new(AtomicU64::new(0));
+    let stream = spawn_stream_publisher(
+        &client,
+        "resilience.failover.stream",
+        STREAMED,
+        streamed.clone(),
+    );
     wait_acked(&acked, 30).await;
+    wait_acked(&streamed, 100).await;
     nodes[usize::try_from(leader - 1).unwrap()].kill9();
-    let at_kill = acked.load(Ordering::SeqCst);
+    let at_kill = (
+        acked.load(Ordering::SeqCst),
+        streamed.load(Ordering::SeqCst),
+    );
     let acks = tokio::time::timeout(DEADLINE, publisher)
         .await
         .expect("the publisher finishes")
         .unwrap();
+    let stream_acks = tokio::time::timeout(DEADLINE, stream)
+        .await
+        .expect("the stream finishes")
+        .unwrap();
     assert!(
-        at_kill < N,
-        "the publisher was done before the kill: nothing was tested"
+        at_kill.0 < N && at_kill.1 < STREAMED,
+        "a publisher was done before the kill: {at_kill:?}"
     );
     let after = client.cluster_status().await.unwrap();
     assert_ne!(after.leader_id, leader, "a new leader took over");
 
     let stored = stored_on(&client, "resilience.failover.tick").await;
     assert_stored_once_in_order(&stored, &acks, N);
+    let stored = stored_on(&client, "resilience.failover.stream").await;
+    assert_stored_once_in_order(&stored, &stream_acks, STREAMED);
 }
 
 #[tokio::test(flavor = "multi_thread")]
