@@ -19,7 +19,13 @@
 //! - `publish.rs`: the [`Publish`] builder (with [`Publish::caused_by`] for reactions),
 //!   [`Client::publish`], [`Client::publish_stream`], the [`Publisher`] handle and
 //!   [`PublishErrorKind`] ([`Error::publish_kind`]);
-//! - `subscription.rs`: [`Start`], [`SubscribeOptions`] (with the flow settings), [`Backoff`], the
+//! - `retry.rs`: [`RetryPolicy`] and the one table of retryable publish failures;
+//!   `publish_resume.rs`: the task behind a [`Publisher`] that resumes broken streams under it;
+//! - `circuit.rs`: the circuit breaker of the endpoint ([`CircuitPolicy`], [`CircuitState`]);
+//! - `outbox.rs`: the bounded in-memory [`Outbox`] ([`OutboxOptions`], [`OutboxReceipt`]);
+//!   all three described in `docs/CLIENT-RESILIENCE.md`;
+//! - `backoff.rs`: [`Backoff`] and its [`Jitter`], for every loop that tries again;
+//! - `subscription.rs`: [`Start`], [`SubscribeOptions`] (with the flow settings), the
 //!   resuming [`Subscription`] ([`Client::subscribe`]) and its [`SubscriptionEvent`]s (messages
 //!   and [`Gap`]s, through [`Subscription::events`]);
 //! - `flow.rs`: per-consumer flow control: [`FlowPolicy`], the [`Acker`] that acknowledges

@@ -278,8 +278,12 @@ pub enum PublishErrorKind {
     Refused,
     /// The broker could not take the message now: the connection failed, there is no leader or
     /// quorum, the broker is stopping, or a limit was reached (`RATE_LIMITED`, whose wait is in
-    /// the `retry_after_ms` [metadata](Error::metadata)). Retry later with the same idempotency
-    /// key: a write whose fate is unknown (`LEADER_UNREACHABLE`, `NO_QUORUM`) is then stored once.
+    /// the `retry_after_ms` [metadata](Error::metadata)); or, on the client's side, its circuit
+    /// breaker is open ([`Error::CircuitOpen`]) or an outbox is full ([`Error::OutboxFull`]).
+    /// Retry later with the same idempotency key: a write whose fate is unknown
+    /// (`LEADER_UNREACHABLE`, `NO_QUORUM`) is then stored once. A
+    /// [`RetryPolicy`](crate::RetryPolicy) does this for you (not every failure of this kind is
+    /// retried by it: see there).
     Unavailable,
     /// The [`Publisher`] was used after its stream ended ([`Error::Closed`]); the acks stream says
     /// why it ended.
@@ -675,6 +679,14 @@ impl Client {
     ///
     /// The request metadata carries the trace context current when this is called; each message
     /// carries the one current when it is sent (see [`Publisher::send`]).
+    ///
+    /// Under a client retry policy that retries ([`ConnectOptions::retry`](crate::ConnectOptions::retry)),
+    /// the stream resumes: each message gets an idempotency key (its own, or a UUID), and when
+    /// the stream breaks (or a message is refused for a retryable reason) a new one is opened
+    /// and the messages not yet answered are sent again, first and in order, with the same keys;
+    /// one answer per message still comes, in send order, its `sequence` the message's position
+    /// in this publisher. The acks stream ends with an error only when the policy gives up. See
+    /// `docs/CLIENT-RESILIENCE.md` for the guarantees.
     ///
     /// # Panics
     /// When called outside a Tokio runtime (it spawns a task).
