@@ -26,7 +26,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use switchboard_client::{
     Client, ClusterStatus, EntityDelete, EntityEvent, EntityUpdate, Error, FlowPolicy,
-    HistoryQuery, Publish, Start, SubscribeOptions, Subscription, SubscriptionEvent,
+    HistoryQuery, Publish, RetryPolicy, Start, SubscribeOptions, Subscription, SubscriptionEvent,
 };
 use tokio::time::Instant;
 
@@ -104,8 +104,15 @@ FAILED_PRECONDITION LOOP_DETECTED.
 The payload is sent byte for byte (a trailing newline read from stdin is kept). Unless
 --content-type says otherwise it is JSON and must parse as JSON.
 
+--retry DURATION keeps trying for up to that long while the broker cannot take the message
+(not reachable yet, restarting, no leader, rate limited), with backoff and jitter, under one
+idempotency key (a generated UUID unless --idempotency-key is given), so the message is stored
+once: an ack with \"duplicate\":true means an earlier attempt had stored it. A refusal of the
+message itself (invalid, denied, schema) is never retried. See docs/CLIENT-RESILIENCE.md.
+
 Examples:
   sb publish crm.contact.updated '{\"id\":42}' --idempotency-key contact-42-v7
+  sb publish crm.contact.updated '{\"id\":42}' --retry 30s
   sb publish telemetry.widget.click - --ttl 500ms < event.json
   printf 'raw' | sb publish files.blob.stored --content-type application/octet-stream")]
     Publish(PublishArgs),
@@ -642,6 +649,19 @@ struct PublishArgs {
     /// history, no replay, at most once): typing indicators, cursors, presence.
     #[arg(long)]
     ephemeral: bool,
+
+    /// Keep trying for up to this long (for example `30s`) while the broker cannot take the
+    /// message: not reachable, restarting, no leader, rate limited. Off by default (one attempt).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    retry: Option<Duration>,
+}
+
+impl PublishArgs {
+    /// The retry policy `--retry` asks for; one attempt without it.
+    fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+            .map_or_else(RetryPolicy::none, RetryPolicy::within)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -775,7 +795,12 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
-    let client = Client::connect_with(cli.server, cli.security.connect_options()?).await?;
+    let mut options = cli.security.connect_options()?;
+    if let Command::Publish(args) = &cli.command {
+        // `sb publish --retry` also waits for a broker that is not reachable yet.
+        options = options.retry(args.retry_policy());
+    }
+    let client = Client::connect_with(cli.server, options).await?;
     match cli.command {
         Command::Token(args) => security::token(&client, &cli.security, args).await,
         Command::Publish(args) => publish(&client, args).await,
@@ -931,6 +956,7 @@ async fn read_stdin(what: &'static str) -> anyhow::Result<Vec<u8>> {
 }
 
 async fn publish(client: &Client, args: PublishArgs) -> anyhow::Result<()> {
+    let policy = args.retry_policy();
     let payload = match args.data {
         Some(data) if data != "-" => data.into_bytes(),
         _ => read_stdin("the payload").await?,
@@ -960,7 +986,7 @@ async fn publish(client: &Client, args: PublishArgs) -> anyhow::Result<()> {
     if let Some(hops) = args.hops {
         message = message.hops(hops);
     }
-    let ack = client.publish(message).await?;
+    let ack = client.publish_with(message, &policy).await?;
     emit(&output::ack_line(&ack)?)
 }
 
@@ -1221,6 +1247,20 @@ mod tests {
             ]
         );
         assert_eq!(args.idempotency_key.as_deref(), Some("key"));
+        assert!(args.retry_policy().is_none());
+    }
+
+    #[test]
+    fn publish_retry_is_a_deadline() {
+        let cli = Cli::try_parse_from(["sb", "publish", "a.b", "{}", "--retry", "30s"]).unwrap();
+        let Command::Publish(args) = cli.command else {
+            panic!("not publish")
+        };
+        assert_eq!(
+            args.retry_policy(),
+            RetryPolicy::within(Duration::from_secs(30))
+        );
+        assert!(Cli::try_parse_from(["sb", "publish", "a.b", "{}", "--retry", "soon"]).is_err());
     }
 
     #[test]

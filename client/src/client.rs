@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use switchboard_proto::v1::broker_client::BrokerClient;
 use switchboard_proto::v1::cluster_client::ClusterClient;
@@ -16,8 +16,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::auth::{ClientCredentials, StaticToken, TokenCache, TokenProvider};
 use crate::bearer::AuthChannel;
+use crate::circuit::{CircuitBreaker, CircuitPolicy, CircuitState};
 use crate::entity::StampClock;
 use crate::error::{error_chain, Error};
+use crate::retry::RetryPolicy;
 
 /// The broker's default gRPC port, used when a bare host is given without one.
 pub const DEFAULT_PORT: u16 = 7400;
@@ -55,6 +57,14 @@ pub struct ConnectOptions {
     /// [`ConnectOptions::token_provider`] and [`ConnectOptions::client_credentials`]. Default:
     /// none (calls carry no `authorization`).
     pub credentials: Option<Credentials>,
+    /// How publishes ([`Client::publish`], [`Client::publisher`], an [`Outbox`](crate::Outbox))
+    /// are retried, and the first connection too. Default: [`RetryPolicy::none`], one attempt,
+    /// so a refusal such as `UNAVAILABLE NO_LEADER` comes back at once; see
+    /// `docs/CLIENT-RESILIENCE.md` for why, and [`RetryPolicy::within`] to turn retries on.
+    pub retry: RetryPolicy,
+    /// The circuit breaker of this client's broker endpoint, shared by every clone. `None` (the
+    /// default): no breaker, every call is sent.
+    pub circuit_breaker: Option<CircuitPolicy>,
 }
 
 /// A client certificate chain and its private key, both PEM, for mutual TLS.
@@ -158,6 +168,20 @@ impl ConnectOptions {
         self
     }
 
+    /// Retries publishes (and the first connection) under `policy`; see
+    /// [`ConnectOptions::retry`].
+    pub fn retry(mut self, policy: RetryPolicy) -> ConnectOptions {
+        self.retry = policy;
+        self
+    }
+
+    /// Puts a circuit breaker with `policy` in front of this client's broker endpoint; see
+    /// [`ConnectOptions::circuit_breaker`].
+    pub fn circuit_breaker(mut self, policy: CircuitPolicy) -> ConnectOptions {
+        self.circuit_breaker = Some(policy);
+        self
+    }
+
     /// Whether any TLS option is set.
     fn wants_tls(&self) -> bool {
         self.ca_certificate.is_some()
@@ -206,6 +230,8 @@ impl Default for ConnectOptions {
             client_identity: None,
             tls_server_name: None,
             credentials: None,
+            retry: RetryPolicy::none(),
+            circuit_breaker: None,
         }
     }
 }
@@ -232,6 +258,10 @@ pub struct Client {
     url: Arc<str>,
     writer: Arc<str>,
     clock: Arc<Mutex<StampClock>>,
+    /// How publishes are retried ([`ConnectOptions::retry`]).
+    retry: RetryPolicy,
+    /// The endpoint's circuit breaker, shared by the clones; `None` without one.
+    breaker: Option<Arc<CircuitBreaker>>,
 }
 
 impl Client {
@@ -293,25 +323,7 @@ impl Client {
                 .keep_alive_timeout(options.keep_alive_timeout)
                 .keep_alive_while_idle(true);
         }
-        let channel = match tokio::time::timeout(options.connect_timeout, endpoint.connect()).await
-        {
-            Ok(Ok(channel)) => channel,
-            Ok(Err(error)) => {
-                return Err(Error::Connect {
-                    url,
-                    message: error_chain(&error),
-                })
-            }
-            Err(_elapsed) => {
-                return Err(Error::Connect {
-                    url,
-                    message: format!(
-                        "timed out after {}",
-                        humantime::format_duration(options.connect_timeout)
-                    ),
-                })
-            }
-        };
+        let channel = connect_retrying(&endpoint, &url, &options).await?;
         let credentials = match options.credentials {
             None => None,
             Some(Credentials::Provider(provider)) => Some(provider),
@@ -320,7 +332,11 @@ impl Client {
             )
                 as Arc<dyn TokenProvider>),
         };
-        Ok(Client::build(channel, url, credentials))
+        let mut client = Client::build(channel, url, credentials).with_retry(options.retry);
+        if let Some(policy) = options.circuit_breaker {
+            client = client.with_circuit_breaker(policy);
+        }
+        Ok(client)
     }
 
     /// Wraps a tonic `Channel` built by the caller (for example with a custom connector). `url`
@@ -354,7 +370,52 @@ impl Client {
             url: url.into(),
             writer: random_writer_id().into(),
             clock: Arc::default(),
+            retry: RetryPolicy::none(),
+            breaker: None,
         }
+    }
+
+    /// This client (and the clones made from it from now on) with another retry policy for
+    /// publishes; see [`ConnectOptions::retry`]. The connection is still shared.
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Client {
+        self.retry = policy;
+        self
+    }
+
+    /// The retry policy of [`Client::publish`] (see [`ConnectOptions::retry`]).
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// This client (and the clones made from it from now on) with a new circuit breaker in front
+    /// of its endpoint, closed; see [`ConnectOptions::circuit_breaker`].
+    pub fn with_circuit_breaker(mut self, policy: CircuitPolicy) -> Client {
+        self.breaker = Some(Arc::new(CircuitBreaker::new(self.url.to_string(), policy)));
+        self
+    }
+
+    /// The state of this client's circuit breaker, `None` when it has none. Its changes are also
+    /// logged as tracing events (target `switchboard_client::circuit`, field `state`: a warning
+    /// when it opens, info when it half-opens and closes).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use switchboard_client::{CircuitPolicy, CircuitState, Client, ConnectOptions};
+    ///
+    /// # async fn run() -> Result<(), switchboard_client::Error> {
+    /// let options = ConnectOptions::default().circuit_breaker(CircuitPolicy::default());
+    /// let client = Client::connect_with("127.0.0.1:7400", options).await?;
+    /// assert_eq!(client.circuit_state(), Some(CircuitState::Closed));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn circuit_state(&self) -> Option<CircuitState> {
+        self.breaker.as_ref().map(|breaker| breaker.state())
+    }
+
+    /// The circuit breaker, for the publish paths.
+    pub(crate) fn breaker(&self) -> Option<&Arc<CircuitBreaker>> {
+        self.breaker.as_ref()
     }
 
     /// The URL this client connects to, as normalized by [`normalize_url`].
@@ -482,6 +543,42 @@ impl Client {
             version,
             writer: writer.unwrap_or(&self.writer).to_owned(),
         }
+    }
+}
+
+/// Makes the first connection, again and again under `options.retry` while it fails (a broker
+/// still starting, or restarting), with backoff and full jitter.
+async fn connect_retrying(
+    endpoint: &Endpoint,
+    url: &str,
+    options: &ConnectOptions,
+) -> Result<Channel, Error> {
+    let started = Instant::now();
+    let mut backoff = options.retry.backoff_schedule();
+    let mut attempts: u32 = 0;
+    loop {
+        attempts = attempts.saturating_add(1);
+        let error = match tokio::time::timeout(options.connect_timeout, endpoint.connect()).await {
+            Ok(Ok(channel)) => return Ok(channel),
+            Ok(Err(error)) => Error::Connect {
+                url: url.to_owned(),
+                message: error_chain(&error),
+            },
+            Err(_elapsed) => Error::Connect {
+                url: url.to_owned(),
+                message: format!(
+                    "timed out after {}",
+                    humantime::format_duration(options.connect_timeout)
+                ),
+            },
+        };
+        let Some(delay) =
+            crate::retry::next_wait(&options.retry, &mut backoff, attempts, started, &error)
+        else {
+            return Err(error);
+        };
+        tracing::debug!(%url, %error, attempts, delay_ms = delay.as_millis() as u64, "connect failed, retrying");
+        tokio::time::sleep(delay).await;
     }
 }
 

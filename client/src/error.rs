@@ -51,16 +51,47 @@ pub enum Error {
     /// learn why it ended.
     #[error("the publish stream is closed")]
     Closed,
+    /// The client's circuit breaker for this broker is open after repeated failures of the
+    /// endpoint: the call was failed at once, without being sent (see
+    /// [`CircuitPolicy`](crate::CircuitPolicy)). Nothing was stored.
+    #[error(
+        "the circuit to {url} is open after repeated failures: failing fast (a probe is let \
+         through in {})",
+        humantime::format_duration(*.retry_in)
+    )]
+    CircuitOpen {
+        /// The broker endpoint.
+        url: String,
+        /// How long until the circuit lets a probe through (zero when a probe is out already).
+        retry_in: std::time::Duration,
+    },
+    /// An [`Outbox`](crate::Outbox) is full (by count or by bytes): the message was not queued.
+    #[error(
+        "the outbox is full ({messages} messages, {bytes} bytes queued; limits {max_messages} \
+         messages, {max_bytes} bytes)"
+    )]
+    OutboxFull {
+        /// Messages queued when this one was refused.
+        messages: usize,
+        /// Their bytes.
+        bytes: usize,
+        /// The outbox's bound on messages.
+        max_messages: usize,
+        /// The outbox's bound on bytes.
+        max_bytes: usize,
+    },
 }
 
 impl Error {
     /// The gRPC code of this error.
     ///
-    /// Client-side errors map onto the nearest code: [`Error::Connect`] and [`Error::Closed`] are
-    /// `UNAVAILABLE`, [`Error::InvalidArgument`] is `INVALID_ARGUMENT`.
+    /// Client-side errors map onto the nearest code: [`Error::Connect`], [`Error::Closed`] and
+    /// [`Error::CircuitOpen`] are `UNAVAILABLE`, [`Error::OutboxFull`] is `RESOURCE_EXHAUSTED`,
+    /// [`Error::InvalidArgument`] is `INVALID_ARGUMENT`.
     pub fn code(&self) -> Code {
         match self {
-            Error::Connect { .. } | Error::Closed => Code::Unavailable,
+            Error::Connect { .. } | Error::Closed | Error::CircuitOpen { .. } => Code::Unavailable,
+            Error::OutboxFull { .. } => Code::ResourceExhausted,
             Error::Status { code, .. } => *code,
             Error::Refused(refusal) => Code::from_i32(refusal.code),
             Error::InvalidArgument(_) => Code::InvalidArgument,
@@ -159,10 +190,11 @@ impl Error {
     /// `UNAUTHENTICATED`, `NOT_FOUND`, `FAILED_PRECONDITION`, ...) is not. The exception is an
     /// entity's `ABORTED VERSION_CONFLICT`: the same compare-and-set fails again, so it is not
     /// transient (read the entity, or use [`Error::current_version`], and decide anew). A refusal,
-    /// a client-side invalid argument and a closed publisher are never transient.
+    /// a client-side invalid argument and a closed publisher are never transient; an open
+    /// circuit and a full outbox are (later, the call may go through).
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Connect { .. } => true,
+            Error::Connect { .. } | Error::CircuitOpen { .. } | Error::OutboxFull { .. } => true,
             Error::Status { code, .. } => {
                 is_transient_code(*code) && self.reason() != Some(Reason::VersionConflict)
             }

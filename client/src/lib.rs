@@ -19,7 +19,13 @@
 //! - `publish.rs`: the [`Publish`] builder (with [`Publish::caused_by`] for reactions),
 //!   [`Client::publish`], [`Client::publish_stream`], the [`Publisher`] handle and
 //!   [`PublishErrorKind`] ([`Error::publish_kind`]);
-//! - `subscription.rs`: [`Start`], [`SubscribeOptions`] (with the flow settings), [`Backoff`], the
+//! - `retry.rs`: [`RetryPolicy`] and the one table of retryable publish failures;
+//!   `publish_resume.rs`: the task behind a [`Publisher`] that resumes broken streams under it;
+//! - `circuit.rs`: the circuit breaker of the endpoint ([`CircuitPolicy`], [`CircuitState`]);
+//! - `outbox.rs`: the bounded in-memory [`Outbox`] ([`OutboxOptions`], [`OutboxReceipt`]);
+//!   all three described in `docs/CLIENT-RESILIENCE.md`;
+//! - `backoff.rs`: [`Backoff`] and its [`Jitter`], for every loop that tries again;
+//! - `subscription.rs`: [`Start`], [`SubscribeOptions`] (with the flow settings), the
 //!   resuming [`Subscription`] ([`Client::subscribe`]) and its [`SubscriptionEvent`]s (messages
 //!   and [`Gap`]s, through [`Subscription::events`]);
 //! - `flow.rs`: per-consumer flow control: [`FlowPolicy`], the [`Acker`] that acknowledges
@@ -58,19 +64,26 @@
 #![warn(missing_docs)]
 
 mod auth;
+mod backoff;
 mod bearer;
+mod circuit;
 mod client;
 mod cluster;
 mod entity;
 mod error;
 mod flow;
 mod history;
+mod outbox;
 mod publish;
+mod publish_resume;
+mod retry;
 mod schema;
 mod subscription;
 mod trace;
 
 pub use auth::{ClientCredentials, StaticToken, Token, TokenCache, TokenFuture, TokenProvider};
+pub use backoff::{Backoff, Jitter};
+pub use circuit::{CircuitPolicy, CircuitState};
 pub use client::{
     normalize_url, Client, ClientIdentity, ConnectOptions, Credentials, DEFAULT_PORT,
 };
@@ -78,9 +91,11 @@ pub use entity::{EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate,
 pub use error::Error;
 pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
+pub use outbox::{Outbox, OutboxOptions, OutboxReceipt};
 pub use publish::{split_stream_ack, Publish, PublishAcks, PublishErrorKind, Publisher};
+pub use retry::RetryPolicy;
 pub use schema::SchemaPut;
-pub use subscription::{Backoff, Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
+pub use subscription::{Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
 pub use switchboard_proto::{code_name, Reason};
 pub use trace::{current_context, delivery_span, trace_context, TRACEPARENT, TRACESTATE};
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -19,6 +19,7 @@ use tonic::codec::Streaming;
 
 use crate::client::Client;
 use crate::error::Error;
+use crate::retry::{new_idempotency_key, next_wait, RetryPolicy};
 use crate::trace;
 
 /// One message to publish, built step by step and turned into a [`PublishRequest`].
@@ -277,8 +278,12 @@ pub enum PublishErrorKind {
     Refused,
     /// The broker could not take the message now: the connection failed, there is no leader or
     /// quorum, the broker is stopping, or a limit was reached (`RATE_LIMITED`, whose wait is in
-    /// the `retry_after_ms` [metadata](Error::metadata)). Retry later with the same idempotency
-    /// key: a write whose fate is unknown (`LEADER_UNREACHABLE`, `NO_QUORUM`) is then stored once.
+    /// the `retry_after_ms` [metadata](Error::metadata)); or, on the client's side, its circuit
+    /// breaker is open ([`Error::CircuitOpen`]) or an outbox is full ([`Error::OutboxFull`]).
+    /// Retry later with the same idempotency key: a write whose fate is unknown
+    /// (`LEADER_UNREACHABLE`, `NO_QUORUM`) is then stored once. A
+    /// [`RetryPolicy`](crate::RetryPolicy) does this for you (not every failure of this kind is
+    /// retried by it: see there).
     Unavailable,
     /// The [`Publisher`] was used after its stream ended ([`Error::Closed`]); the acks stream says
     /// why it ended.
@@ -313,7 +318,9 @@ impl Error {
         let code = match self {
             Error::Closed => return PublishErrorKind::Closed,
             Error::InvalidArgument(_) => return PublishErrorKind::Invalid,
-            Error::Connect { .. } => return PublishErrorKind::Unavailable,
+            Error::Connect { .. } | Error::CircuitOpen { .. } | Error::OutboxFull { .. } => {
+                return PublishErrorKind::Unavailable
+            }
             Error::Status { .. } | Error::Refused(_) => self.code(),
         };
         match code {
@@ -362,6 +369,12 @@ enum AcksState {
     /// The call runs in a task of its own, so messages flow before anyone polls the acks.
     Starting(PendingCall),
     Streaming(Box<Streaming<PublishStreamAck>>),
+    /// Under a retry policy: the answers of the task that resumes broken streams
+    /// (`publish_resume.rs`).
+    Resuming {
+        answers: mpsc::Receiver<Result<PublishStreamAck, Error>>,
+        task: JoinHandle<()>,
+    },
     Done,
 }
 
@@ -405,6 +418,15 @@ impl Stream for PublishAcks {
                         }
                     };
                 }
+                AcksState::Resuming { answers, .. } => {
+                    return match ready!(answers.poll_recv(cx)) {
+                        Some(answer) => Poll::Ready(Some(answer)),
+                        None => {
+                            self.state = AcksState::Done;
+                            Poll::Ready(None)
+                        }
+                    };
+                }
                 AcksState::Done => return Poll::Ready(None),
             }
         }
@@ -413,8 +435,10 @@ impl Stream for PublishAcks {
 
 impl Drop for PublishAcks {
     fn drop(&mut self) {
-        if let AcksState::Starting(call) = &self.state {
-            call.abort();
+        match &self.state {
+            AcksState::Starting(call) => call.abort(),
+            AcksState::Resuming { task, .. } => task.abort(),
+            AcksState::Streaming(_) | AcksState::Done => {}
         }
     }
 }
@@ -490,13 +514,103 @@ impl Client {
     /// # }
     /// ```
     pub async fn publish(&self, message: impl Into<PublishRequest>) -> Result<PublishAck, Error> {
+        self.publish_with(message, &self.retry_policy().clone())
+            .await
+    }
+
+    /// [`Client::publish`] under another retry policy than the client's (see
+    /// [`ConnectOptions::retry`](crate::ConnectOptions::retry)) for this one call.
+    ///
+    /// Under a policy that retries, a message without an idempotency key gets a random UUID as
+    /// its key before the first attempt, and keeps it for every retry: a retry of a message that
+    /// was in fact stored is answered `duplicate` with the original offset (within the broker's
+    /// `loops.dedup_window`, 2 minutes by default). Ephemeral messages are never retried.
+    ///
+    /// # Errors
+    /// As [`Client::publish`]: the last attempt's error once the policy gives up (the broker's
+    /// own code and reason), at once for a failure that is not retried;
+    /// [`Error::CircuitOpen`] when the client's circuit breaker is open.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use switchboard_client::{Client, Publish, RetryPolicy};
+    ///
+    /// # async fn run(client: Client) -> Result<(), switchboard_client::Error> {
+    /// let policy = RetryPolicy::within(Duration::from_secs(10));
+    /// let ack = client
+    ///     .publish_with(Publish::new("crm.contact.updated", r#"{"id":42}"#), &policy)
+    ///     .await?;
+    /// println!("offset {} (a retry of a stored message: {})", ack.offset, ack.duplicate);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish_with(
+        &self,
+        message: impl Into<PublishRequest>,
+        policy: &RetryPolicy,
+    ) -> Result<PublishAck, Error> {
         let context = trace::current_context();
         let mut message = message.into();
         trace::inject_headers(&context, &mut message.headers);
+        let retries = !policy.is_none() && !message.ephemeral;
+        if retries && message.idempotency_key.is_empty() {
+            message.idempotency_key = new_idempotency_key();
+        }
+        let started = Instant::now();
+        let mut backoff = policy.backoff_schedule();
+        let mut attempts: u32 = 0;
+        loop {
+            attempts = attempts.saturating_add(1);
+            let request = if retries {
+                message.clone()
+            } else {
+                std::mem::take(&mut message)
+            };
+            let error = match self.publish_once(request, &context).await {
+                Ok(ack) => return Ok(ack),
+                Err(error) => error,
+            };
+            if !retries {
+                return Err(error);
+            }
+            let Some(delay) = next_wait(policy, &mut backoff, attempts, started, &error) else {
+                return Err(error);
+            };
+            tracing::debug!(
+                channel = %message.channel,
+                idempotency_key = %message.idempotency_key,
+                %error,
+                attempts,
+                delay_ms = delay.as_millis() as u64,
+                "publish failed, retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One `Publish` call, through the circuit breaker when the client has one.
+    pub(crate) async fn publish_once(
+        &self,
+        message: PublishRequest,
+        context: &opentelemetry::Context,
+    ) -> Result<PublishAck, Error> {
+        let permit = match self.breaker() {
+            Some(breaker) => Some(breaker.admit(Instant::now())?),
+            None => None,
+        };
         let mut request = tonic::Request::new(message);
-        trace::inject_metadata(&context, request.metadata_mut());
-        let response = self.grpc().publish(request).await?;
-        Ok(response.into_inner())
+        trace::inject_metadata(context, request.metadata_mut());
+        let outcome = self
+            .grpc()
+            .publish(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Error::from);
+        if let Some(permit) = permit {
+            permit.record(&outcome, Instant::now());
+        }
+        outcome
     }
 
     /// Publishes every message of `messages` on one stream, for high-rate producers, and returns
@@ -566,6 +680,14 @@ impl Client {
     /// The request metadata carries the trace context current when this is called; each message
     /// carries the one current when it is sent (see [`Publisher::send`]).
     ///
+    /// Under a client retry policy that retries ([`ConnectOptions::retry`](crate::ConnectOptions::retry)),
+    /// the stream resumes: each message gets an idempotency key (its own, or a UUID), and when
+    /// the stream breaks (or a message is refused for a retryable reason) a new one is opened
+    /// and the messages not yet answered are sent again, first and in order, with the same keys;
+    /// one answer per message still comes, in send order, its `sequence` the message's position
+    /// in this publisher. The acks stream ends with an error only when the policy gives up. See
+    /// `docs/CLIENT-RESILIENCE.md` for the guarantees.
+    ///
     /// # Panics
     /// When called outside a Tokio runtime (it spawns a task).
     ///
@@ -594,6 +716,26 @@ impl Client {
     /// ```
     pub fn publisher(&self, capacity: usize) -> (Publisher, PublishAcks) {
         let (queue, receiver) = mpsc::channel(capacity.max(1));
+        if !self.retry_policy().is_none() {
+            let (answers, answers_receiver) = mpsc::channel(capacity.max(1));
+            let task = tokio::spawn(crate::publish_resume::run(
+                self.grpc(),
+                self.retry_policy().clone(),
+                trace::current_context(),
+                capacity.max(1),
+                receiver,
+                answers,
+            ));
+            return (
+                Publisher { queue },
+                PublishAcks {
+                    state: AcksState::Resuming {
+                        answers: answers_receiver,
+                        task,
+                    },
+                },
+            );
+        }
         let mut grpc = self.grpc();
         let mut request = tonic::Request::new(ReceiverStream::new(receiver));
         trace::inject_metadata(&trace::current_context(), request.metadata_mut());

@@ -1,4 +1,4 @@
-//! Subscribing: [`Start`], [`SubscribeOptions`], [`Backoff`], the resuming [`Subscription`] and
+//! Subscribing: [`Start`], [`SubscribeOptions`], the resuming [`Subscription`] and
 //! its [`SubscriptionEvent`]s.
 //!
 //! A subscription runs in a task of its own that feeds a bounded queue. When the stream breaks for
@@ -17,7 +17,6 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::Stream;
-use rand::Rng;
 use switchboard_proto::v1::broker_client::BrokerClient;
 use switchboard_proto::v1::{
     start_position, subscribe_event, AckResponse, Earliest, Gap, Latest, Message, StartPosition,
@@ -28,6 +27,7 @@ use tokio::task::JoinHandle;
 use tonic::codec::Streaming;
 
 use crate::auth::TokenCache;
+use crate::backoff::Backoff;
 use crate::bearer::{AuthChannel, TokenUsed};
 use crate::client::Client;
 use crate::error::Error;
@@ -231,51 +231,6 @@ impl SubscribeOptions {
 fn whole_millis(duration: Duration) -> u32 {
     let millis = duration.as_nanos().div_ceil(1_000_000);
     u32::try_from(millis).unwrap_or(u32::MAX)
-}
-
-/// Exponential backoff with jitter: the base delay starts at `initial`, doubles after every
-/// attempt up to `max`, and each actual delay is drawn uniformly from `[base / 2, base]`, so many
-/// clients cut off at once do not come back in lockstep.
-#[derive(Clone, Debug)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    base: Duration,
-}
-
-impl Backoff {
-    /// A backoff starting at `initial` and growing to at most `max` (`max` is raised to `initial`
-    /// if it is smaller).
-    pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max: max.max(initial),
-            base: initial,
-        }
-    }
-
-    /// The base delay for the next attempt (before jitter), which then doubles up to the cap.
-    pub fn next_base(&mut self) -> Duration {
-        let base = self.base;
-        self.base = self.base.saturating_mul(2).min(self.max);
-        base
-    }
-
-    /// The delay to wait before the next attempt: [`Backoff::next_base`] with jitter, uniformly in
-    /// `[base / 2, base]`.
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.next_base();
-        let low = base / 2;
-        if base <= low {
-            return base;
-        }
-        rand::thread_rng().gen_range(low..=base)
-    }
-
-    /// Starts over from the initial delay (after a successful attempt).
-    pub fn reset(&mut self) {
-        self.base = self.initial;
-    }
 }
 
 /// One event of a [`Subscription`], as [`Subscription::events`] and
@@ -1022,38 +977,6 @@ mod tests {
 
     fn plain() -> SubscribeOptions {
         SubscribeOptions::default()
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-        let bases: Vec<u128> = (0..10).map(|_| backoff.next_base().as_millis()).collect();
-        assert_eq!(
-            bases,
-            [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]
-        );
-        backoff.reset();
-        assert_eq!(backoff.next_base(), Duration::from_millis(50));
-    }
-
-    #[test]
-    fn backoff_jitter_stays_within_half_to_full_base() {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-        let mut base = Duration::from_millis(50);
-        for _ in 0..20 {
-            let delay = backoff.next_delay();
-            assert!(delay >= base / 2 && delay <= base, "{delay:?} vs {base:?}");
-            base = (base * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    #[test]
-    fn backoff_cap_below_initial_is_raised() {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_millis(10));
-        assert_eq!(backoff.next_base(), Duration::from_secs(1));
-        assert_eq!(backoff.next_base(), Duration::from_secs(1));
-        let mut zero = Backoff::new(Duration::ZERO, Duration::ZERO);
-        assert_eq!(zero.next_delay(), Duration::ZERO);
     }
 
     #[test]

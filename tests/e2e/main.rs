@@ -26,6 +26,7 @@ mod persistence;
 mod power_loss;
 mod pubsub;
 mod replay;
+mod resilience;
 mod response_size;
 mod resume;
 mod schemas;
