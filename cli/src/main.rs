@@ -11,9 +11,12 @@
 //!   default entity writer id;
 //! - `output.rs`: formats the JSON lines;
 //! - `security.rs`: the TLS and token options, `sb token` and the hints under authentication
-//!   errors.
+//!   errors;
+//! - `hints.rs`: the `hint:` line under an error (those of `security.rs`, then the wrong port, an
+//!   invalid pattern or channel).
 
 mod args;
+mod hints;
 mod output;
 mod security;
 
@@ -56,7 +59,8 @@ Output is one JSON object per line on stdout. Errors go to stderr as `error: COD
 status is 1 for errors and 2 for usage errors. A broker with authentication refuses a call
 without a valid token with UNAUTHENTICATED and a reason (TOKEN_MISSING, TOKEN_EXPIRED, ...), and
 one its token does not allow with PERMISSION_DENIED (PUBLISH_DENIED, SUBSCRIBE_DENIED, ...); sb
-then prints a `hint:` line on what to do.
+then prints a `hint:` line on what to do, as it does when --server answers but not with gRPC (the
+admin port, for one) and under an invalid pattern or channel.
 
 Set SB_LOG (for example SB_LOG=debug) to see the client's logs on stderr; by default only warnings
 (such as a subscription resuming after a lost connection) are shown.";
@@ -740,13 +744,14 @@ struct HistoryArgs {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    let server = cli.server.clone();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`sb subscribe ... | head -1`): not an error of ours.
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            if let Some(hint) = security::hint(&error) {
+            if let Some(hint) = hints::hint(&error, &server) {
                 eprintln!("hint: {hint}");
             }
             ExitCode::FAILURE

@@ -398,6 +398,93 @@ pub fn entity_event_line(event: &EntityEvent) -> serde_json::Result<String> {
     }
 }
 
+/// A schema policy as text: `enforce` (also for unset), `warn`, `off`.
+fn schema_policy_text(value: i32) -> &'static str {
+    use switchboard_client::proto::SchemaPolicy;
+    match SchemaPolicy::try_from(value) {
+        Ok(SchemaPolicy::Warn) => "warn",
+        Ok(SchemaPolicy::Off) => "off",
+        _ => "enforce",
+    }
+}
+
+/// A registration as JSON: its document as the JSON it is (stored as sent, checked as JSON).
+fn schema_value(schema: &switchboard_client::proto::Schema) -> serde_json::Value {
+    let mut value = serde_json::json!({
+        "pattern": schema.pattern,
+        "version": schema.version,
+        "policy": schema_policy_text(schema.policy),
+        "registered_at": format_optional(schema.registered_at.as_ref()),
+    });
+    if !schema.registered_by.is_empty() {
+        value["registered_by"] = schema.registered_by.clone().into();
+    }
+    if !schema.document.is_empty() {
+        value["document"] = serde_json::from_str(&schema.document)
+            .unwrap_or_else(|_| serde_json::Value::String(schema.document.clone()));
+    }
+    value
+}
+
+fn failures_value(failures: &[switchboard_client::proto::SchemaFailure]) -> serde_json::Value {
+    failures
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "instance_path": f.instance_path,
+                "keyword": f.keyword,
+                "message": f.message,
+            })
+        })
+        .collect()
+}
+
+/// `sb schema get` and `list`: one registration.
+pub fn schema_line(schema: &switchboard_client::proto::Schema) -> serde_json::Result<String> {
+    serde_json::to_string(&schema_value(schema))
+}
+
+/// `sb schema put`: the registration, whether it replaced one, and the compatibility report.
+pub fn schema_put_line(
+    answer: &switchboard_client::proto::PutSchemaResponse,
+) -> serde_json::Result<String> {
+    let mut value = answer.schema.as_ref().map(schema_value).unwrap_or_default();
+    value["replaced"] = answer.replaced.into();
+    if let Some(report) = &answer.compatibility {
+        value["compatibility"] = serde_json::json!({
+            "checked": report.checked,
+            "failing": report.failing,
+            "truncated": report.truncated,
+            "examples": report.examples.iter().map(|m| serde_json::json!({
+                "offset": m.offset,
+                "channel": m.channel,
+                "schema_version": m.schema_version,
+                "failures": failures_value(&m.failures),
+            })).collect::<Vec<_>>(),
+        });
+    }
+    serde_json::to_string(&value)
+}
+
+/// `sb schema check`: whether a publish would pass, and what it would meet.
+pub fn schema_check_line(
+    answer: &switchboard_client::proto::CheckSchemaResponse,
+) -> serde_json::Result<String> {
+    let mut value = serde_json::json!({ "valid": answer.valid });
+    if !answer.pattern.is_empty() {
+        value["pattern"] = answer.pattern.clone().into();
+        value["policy"] = schema_policy_text(answer.policy).into();
+    }
+    if !answer.schema_version.is_empty() {
+        value["schema_version"] = answer.schema_version.clone().into();
+    }
+    if !answer.reason.is_empty() {
+        value["reason"] = answer.reason.clone().into();
+        value["failures"] = failures_value(&answer.failures);
+    }
+    serde_json::to_string(&value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -757,91 +844,4 @@ mod tests {
             r#"{"event":"snapshot_complete","entities":2}"#
         );
     }
-}
-
-/// A schema policy as text: `enforce` (also for unset), `warn`, `off`.
-fn schema_policy_text(value: i32) -> &'static str {
-    use switchboard_client::proto::SchemaPolicy;
-    match SchemaPolicy::try_from(value) {
-        Ok(SchemaPolicy::Warn) => "warn",
-        Ok(SchemaPolicy::Off) => "off",
-        _ => "enforce",
-    }
-}
-
-/// A registration as JSON: its document as the JSON it is (stored as sent, checked as JSON).
-fn schema_value(schema: &switchboard_client::proto::Schema) -> serde_json::Value {
-    let mut value = serde_json::json!({
-        "pattern": schema.pattern,
-        "version": schema.version,
-        "policy": schema_policy_text(schema.policy),
-        "registered_at": format_optional(schema.registered_at.as_ref()),
-    });
-    if !schema.registered_by.is_empty() {
-        value["registered_by"] = schema.registered_by.clone().into();
-    }
-    if !schema.document.is_empty() {
-        value["document"] = serde_json::from_str(&schema.document)
-            .unwrap_or_else(|_| serde_json::Value::String(schema.document.clone()));
-    }
-    value
-}
-
-fn failures_value(failures: &[switchboard_client::proto::SchemaFailure]) -> serde_json::Value {
-    failures
-        .iter()
-        .map(|f| {
-            serde_json::json!({
-                "instance_path": f.instance_path,
-                "keyword": f.keyword,
-                "message": f.message,
-            })
-        })
-        .collect()
-}
-
-/// `sb schema get` and `list`: one registration.
-pub fn schema_line(schema: &switchboard_client::proto::Schema) -> serde_json::Result<String> {
-    serde_json::to_string(&schema_value(schema))
-}
-
-/// `sb schema put`: the registration, whether it replaced one, and the compatibility report.
-pub fn schema_put_line(
-    answer: &switchboard_client::proto::PutSchemaResponse,
-) -> serde_json::Result<String> {
-    let mut value = answer.schema.as_ref().map(schema_value).unwrap_or_default();
-    value["replaced"] = answer.replaced.into();
-    if let Some(report) = &answer.compatibility {
-        value["compatibility"] = serde_json::json!({
-            "checked": report.checked,
-            "failing": report.failing,
-            "truncated": report.truncated,
-            "examples": report.examples.iter().map(|m| serde_json::json!({
-                "offset": m.offset,
-                "channel": m.channel,
-                "schema_version": m.schema_version,
-                "failures": failures_value(&m.failures),
-            })).collect::<Vec<_>>(),
-        });
-    }
-    serde_json::to_string(&value)
-}
-
-/// `sb schema check`: whether a publish would pass, and what it would meet.
-pub fn schema_check_line(
-    answer: &switchboard_client::proto::CheckSchemaResponse,
-) -> serde_json::Result<String> {
-    let mut value = serde_json::json!({ "valid": answer.valid });
-    if !answer.pattern.is_empty() {
-        value["pattern"] = answer.pattern.clone().into();
-        value["policy"] = schema_policy_text(answer.policy).into();
-    }
-    if !answer.schema_version.is_empty() {
-        value["schema_version"] = answer.schema_version.clone().into();
-    }
-    if !answer.reason.is_empty() {
-        value["reason"] = answer.reason.clone().into();
-        value["failures"] = failures_value(&answer.failures);
-    }
-    serde_json::to_string(&value)
 }

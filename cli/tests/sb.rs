@@ -87,10 +87,12 @@ async fn sb_publish_prints_the_ack_and_reports_refusals() {
     let (status, stdout, stderr) = sb(address, &["publish", "a.", "{}"], None).await;
     assert_eq!(status, 1);
     assert_eq!(stdout, "");
+    let (error, hint) = stderr.split_once('\n').unwrap();
     assert_eq!(
-        stderr,
-        "error: INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty\n"
+        error,
+        "error: INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty"
     );
+    assert!(hint.starts_with("hint: a channel is two or more"), "{hint}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -137,9 +139,14 @@ async fn sb_subscribe_prints_deliveries_and_stops() {
 
     let (status, _, stderr) = sb(address, &["subscribe", "a b"], None).await;
     assert_eq!(status, 1);
+    let (error, hint) = stderr.split_once('\n').unwrap();
     assert_eq!(
-        stderr,
-        "error: INVALID_ARGUMENT PATTERN_INVALID: pattern has a space\n"
+        error,
+        "error: INVALID_ARGUMENT PATTERN_INVALID: pattern has a space"
+    );
+    assert!(
+        hint.starts_with("hint: patterns have two or more"),
+        "{hint}"
     );
 }
 
@@ -465,9 +472,14 @@ async fn sb_entity_watch_prints_snapshot_and_changes() {
 
     let (status, _, stderr) = sb(address, &["entity", "watch", "a b"], None).await;
     assert_eq!(status, 1);
+    let (error, hint) = stderr.split_once('\n').unwrap();
     assert_eq!(
-        stderr,
-        "error: INVALID_ARGUMENT PATTERN_INVALID: pattern has a space\n"
+        error,
+        "error: INVALID_ARGUMENT PATTERN_INVALID: pattern has a space"
+    );
+    assert!(
+        hint.starts_with("hint: patterns have two or more"),
+        "{hint}"
     );
 }
 

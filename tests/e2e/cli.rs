@@ -38,6 +38,11 @@ fn json_lines(output: &Output) -> Vec<Value> {
         .collect()
 }
 
+/// A delivery line's JSON payload.
+fn payload(line: &Value) -> Value {
+    serde_json::from_str(line["payload"].as_str().unwrap()).unwrap()
+}
+
 #[tokio::test]
 async fn the_readme_tour_works_with_sb() {
     let f = fixture(&[]).await;
@@ -117,6 +122,120 @@ async fn the_readme_tour_works_with_sb() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("INVALID_ARGUMENT CHANNEL_INVALID: "),
+        "{stderr}"
+    );
+}
+
+/// The README's flow-control lines, as written: what they read is published first, so each one
+/// ends by itself.
+#[tokio::test]
+async fn the_readme_flow_control_lines_publish_what_they_read() {
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let url = url.as_str();
+
+    for i in 1..=3 {
+        json_lines(&sb(
+            url,
+            &[
+                "publish",
+                "telemetry.cpu.load",
+                &format!(r#"{{"load":{i}}}"#),
+            ],
+            None,
+        ));
+    }
+    // Conflated from the store: only the latest, with how many it left out.
+    let got = json_lines(&sb(
+        url,
+        &[
+            "subscribe",
+            "telemetry.>",
+            "--policy",
+            "conflate",
+            "--from",
+            "earliest",
+            "--timeout",
+            "1s",
+        ],
+        None,
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(payload(&got[0])["load"], 3);
+    assert_eq!(got[0]["skipped"], 2);
+
+    for i in 1..=5 {
+        json_lines(&sb(
+            url,
+            &[
+                "publish",
+                "widget.panel.clicked",
+                &format!(r#"{{"n":{i}}}"#),
+            ],
+            None,
+        ));
+    }
+    let durable = |extra: &[&str]| {
+        let mut args = vec!["subscribe", "widget.>", "--durable", "panel-1", "--ack"];
+        args.extend_from_slice(extra);
+        json_lines(&sb(url, &args, None))
+            .iter()
+            .map(|line| payload(line)["n"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(durable(&["--count", "3", "--from", "earliest"]), [1, 2, 3]);
+    assert_eq!(
+        durable(&["--count", "2"]),
+        [4, 5],
+        "resumes after the last ack"
+    );
+
+    let consumers = json_lines(&sb(url, &["consumer", "list"], None));
+    assert_eq!(consumers.len(), 1);
+    assert_eq!(consumers[0]["name"], "panel-1");
+    let info = &json_lines(&sb(url, &["consumer", "info", "panel-1"], None))[0];
+    assert_eq!(info["acked_offset"], 8);
+    assert_eq!(info["pending"], 0);
+}
+
+/// The common mistakes get a `hint:` line: the admin port, a one-segment pattern or channel.
+#[tokio::test]
+async fn sb_hints_at_the_admin_port_and_at_one_segment_names() {
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let admin = f.broker.admin_url();
+    let admin_address = admin.trim_start_matches("http://");
+
+    for args in [&["info"][..], &["publish", "crm.contact.updated", "{}"]] {
+        let out = sb(&admin, args, None);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("error: UNKNOWN: transport error"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "hint: {admin_address} is a Switchboard admin listener"
+            )),
+            "{stderr}"
+        );
+    }
+
+    let out = sb(&url, &["subscribe", "orders", "--count", "1"], None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PATTERN_INVALID"), "{stderr}");
+    assert!(
+        stderr.contains("hint: patterns have two or more"),
+        "{stderr}"
+    );
+
+    let out = sb(&url, &["publish", "orders", "{}"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CHANNEL_INVALID"), "{stderr}");
+    assert!(
+        stderr.contains("hint: a channel is two or more"),
         "{stderr}"
     );
 }
