@@ -198,6 +198,40 @@ async fn the_readme_flow_control_lines_publish_what_they_read() {
     assert_eq!(payload(&got[0])["load"], 3);
     assert_eq!(got[0]["skipped"], 2);
 
+    for i in 1..=3 {
+        json_lines(&sb(
+            url,
+            &["publish", "ui.cursor.moved", &format!(r#"{{"x":{i}}}"#)],
+            None,
+        ));
+    }
+    // Throttled from the store: the first at once, then the latest of the rest. (The README
+    // says 100ms; a whole second here, so that a busy machine cannot space the three replayed
+    // messages by more than the interval.)
+    let got = json_lines(&sb(
+        url,
+        &[
+            "subscribe",
+            "ui.>",
+            "--throttle",
+            "1s",
+            "--from",
+            "earliest",
+            "--count",
+            "2",
+        ],
+        None,
+    ));
+    let shown: Vec<(Value, Value)> = got
+        .iter()
+        .map(|line| (payload(line)["x"].clone(), line["skipped"].clone()))
+        .collect();
+    assert_eq!(
+        shown,
+        [(1.into(), Value::Null), (3.into(), 1.into())],
+        "{got:?}"
+    );
+
     for i in 1..=5 {
         json_lines(&sb(
             url,
@@ -228,7 +262,7 @@ async fn the_readme_flow_control_lines_publish_what_they_read() {
     assert_eq!(consumers.len(), 1);
     assert_eq!(consumers[0]["name"], "panel-1");
     let info = &json_lines(&sb(url, &["consumer", "info", "panel-1"], None))[0];
-    assert_eq!(info["acked_offset"], 8);
+    assert_eq!(info["acked_offset"], 11);
     assert_eq!(info["pending"], 0);
 }
 
