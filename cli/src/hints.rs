@@ -73,9 +73,11 @@ fn not_grpc_hint(server: &str) -> String {
              that passes HTTP/2",
             address.unwrap_or_default()
         ),
-        Some(Http1::No) | None => "the server answered, but not with gRPC: check that --server \
-             is a Switchboard broker's `listen` address (127.0.0.1:7400 unless configured), not \
-             its admin listener (`admin_listen`, 127.0.0.1:7401) or another service"
+        // Also what a broker that stopped in the middle of the call leaves behind.
+        Some(Http1::No) | None => "the call failed below gRPC: unless the broker just stopped, \
+             check that --server is a Switchboard broker's `listen` address (127.0.0.1:7400 \
+             unless configured), not its admin listener (`admin_listen`, 127.0.0.1:7401) or \
+             another service"
             .to_owned(),
     }
 }
@@ -178,10 +180,7 @@ mod tests {
     fn without_an_http1_answer_the_hint_stays_general() {
         let server = serve_once("SSH-2.0-OpenSSH\r\n");
         let hint = hint(&status(Code::Unknown, None, "transport error"), &server).unwrap();
-        assert!(
-            hint.starts_with("the server answered, but not with gRPC"),
-            "{hint}"
-        );
+        assert!(hint.starts_with("the call failed below gRPC"), "{hint}");
         // An https URL is not probed.
         assert!(plain_http_authority("https://broker:7400").is_none());
         assert_eq!(
