@@ -1,5 +1,5 @@
-//! Parsers for `sb`'s argument values: start and end positions, headers and flow policies; and
-//! the default entity writer id.
+//! Parsers for `sb`'s argument values: start and end positions, headers and flow policies; the
+//! default entity writer id; and a payload read from stdin.
 
 use std::time::SystemTime;
 
@@ -114,6 +114,19 @@ fn writer_id(user: Option<&str>, host: Option<&str>) -> String {
     writer
 }
 
+/// A payload read from stdin, without the one newline (`\n` or `\r\n`) that ends it unless
+/// `keep_newline`: `echo '{"id":1}' | sb publish ...` sends `{"id":1}`, as the same payload given
+/// as an argument would be.
+pub fn stdin_payload(mut bytes: Vec<u8>, keep_newline: bool) -> Vec<u8> {
+    if !keep_newline && bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +224,16 @@ mod tests {
         let writer = writer_id(Some(&long), None);
         assert!(writer.len() <= 128 && writer.starts_with("sb-é"));
         assert!(!default_writer().is_empty());
+    }
+
+    #[test]
+    fn one_final_newline_is_left_out_of_stdin_payloads() {
+        assert_eq!(stdin_payload(b"{}\n".to_vec(), false), b"{}");
+        assert_eq!(stdin_payload(b"{}\r\n".to_vec(), false), b"{}");
+        assert_eq!(stdin_payload(b"a\n\n".to_vec(), false), b"a\n");
+        assert_eq!(stdin_payload(b"a\r".to_vec(), false), b"a\r");
+        assert_eq!(stdin_payload(b"\n".to_vec(), false), b"");
+        assert_eq!(stdin_payload(b"{}\n".to_vec(), true), b"{}\n");
+        assert_eq!(stdin_payload(Vec::new(), false), b"");
     }
 }

@@ -1,6 +1,7 @@
 //! `sb`: the Switchboard command line. Publishes, subscribes (with flow control and durable
 //! consumers), reads history, describes the broker, its live subscriptions and durable consumers,
-//! and reads, writes and watches shared entities, printing one JSON object per line on stdout.
+//! and reads, writes and watches shared entities, printing one JSON object per line on stdout
+//! (or, with `--output`, a form for people or payloads only).
 //!
 //! It is its own crate (`switchboard-cli`, binary `sb`) on top of `switchboard-client`, so that
 //! library users of the client do not compile clap, chrono and tracing-subscriber.
@@ -10,14 +11,23 @@
 //! - `args.rs`: parses argument values (`--from`, `--to`, `--header`, `--policy`) and picks the
 //!   default entity writer id;
 //! - `output.rs`: formats the JSON lines;
+//! - `print.rs`: `--output json|text|raw`, the form everything on stdout takes;
+//! - `json_text.rs`: JSON payloads laid out on one line or indented, numbers untouched;
+//! - `completions.rs`: `sb completions SHELL`;
 //! - `security.rs`: the TLS and token options, `sb token` and the hints under authentication
-//!   errors.
+//!   errors;
+//! - `hints.rs`: the `hint:` line under an error (those of `security.rs`, then the wrong port, an
+//!   invalid pattern or channel).
 
 mod args;
+mod completions;
+mod hints;
+mod json_text;
 mod output;
+mod print;
 mod security;
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -50,13 +60,23 @@ Examples:
   sb entity watch 'contact.*' --count 1 --timeout 30s
   sb --ca ca.pem --server broker.example.com:7400 --token-file token.jwt info
   SWITCHBOARD_CLIENT_ID=crm-panel SWITCHBOARD_CLIENT_SECRET=... sb --ca ca.pem token
+  sb --output text subscribe 'crm.>'
+  sb history 'files.>' --output raw > payloads
+  source <(sb completions bash)
 
-Output is one JSON object per line on stdout. Errors go to stderr as `error: CODE REASON: message`
+Output is one JSON object per line on stdout; --output (or SB_OUTPUT) picks another form:
+  json   one JSON object per line (the default); a JSON payload is the JSON itself
+  text   for people: a delivery as `[OFFSET] CHANNEL  TIME`, its headers and its payload (JSON
+         indented), anything else as `name  value` rows, a blank line between records
+  raw    subscribe and history: each payload's bytes followed by a newline, nothing else (gaps go
+         to stderr); the other commands print JSON lines
+Errors go to stderr as `error: CODE REASON: message`
 (for example `error: INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty`); the exit
 status is 1 for errors and 2 for usage errors. A broker with authentication refuses a call
 without a valid token with UNAUTHENTICATED and a reason (TOKEN_MISSING, TOKEN_EXPIRED, ...), and
 one its token does not allow with PERMISSION_DENIED (PUBLISH_DENIED, SUBSCRIBE_DENIED, ...); sb
-then prints a `hint:` line on what to do.
+then prints a `hint:` line on what to do, as it does when --server answers but not with gRPC (the
+admin port, for one) and under an invalid pattern or channel.
 
 Set SB_LOG (for example SB_LOG=debug) to see the client's logs on stderr; by default only warnings
 (such as a subscription resuming after a lost connection) are shown.";
@@ -80,6 +100,18 @@ struct Cli {
     )]
     server: String,
 
+    /// How answers are printed: json (one object per line), text (for people), or raw
+    /// (subscribe and history: each payload's bytes and a newline, nothing else).
+    #[arg(
+        long,
+        global = true,
+        env = "SB_OUTPUT",
+        value_enum,
+        default_value_t = print::OutputMode::Json,
+        value_name = "FORM"
+    )]
+    output: print::OutputMode,
+
     #[command(flatten)]
     security: security::SecurityArgs,
 
@@ -101,8 +133,9 @@ the delivery's offset and its hops + 1 (and its correlation id as --correlation-
 refuses a chain that re-enters a channel, or with more hops than its limit, with
 FAILED_PRECONDITION LOOP_DETECTED.
 
-The payload is sent byte for byte (a trailing newline read from stdin is kept). Unless
---content-type says otherwise it is JSON and must parse as JSON.
+The payload is sent byte for byte, except that one newline (`\n` or `\r\n`) ending what is read
+from stdin is left out, as `echo` adds it; --keep-newline keeps it. Unless --content-type says
+otherwise it is JSON and must parse as JSON.
 
 --retry DURATION keeps trying for up to that long while the broker cannot take the message
 (not reachable yet, restarting, no leader, rate limited), with backoff and jitter, under one
@@ -124,7 +157,8 @@ correlation_id, causation_id and idempotency_key (left out when empty), hops, sk
 messages of the channel left out by conflation or the throttle) and redelivery (how many times it
 was delivered before without an acknowledgement), each left out when 0, content_type,
 schema_version, ttl_ms, expires_at (left out when there is no TTL), headers (an object), payload
-and payload_encoding (\"utf8\": the payload as a string; \"base64\": standard base64 of the bytes).
+and payload_encoding (\"json\": a payload of a JSON content type that parses, as the JSON itself,
+on one line; \"utf8\": the payload as a string; \"base64\": standard base64 of the bytes).
 Messages that will not be delivered are announced by a line
   {\"gap\":{\"from_offset\":N,\"to_offset\":N,\"count\":N,\"reason\":\"dropped\"|\"retention\"}}
 (dropped: --policy drop-oldest and more than --window behind; retention: removed before they were
@@ -228,6 +262,14 @@ Examples:
   SWITCHBOARD_CLIENT_ID=crm-panel SWITCHBOARD_CLIENT_SECRET=... sb --ca ca.pem token
   sb token --subject agent-17 --ttl 5m --raw > token.jwt")]
     Token(security::TokenArgs),
+
+    /// Print the completion script for a shell.
+    #[command(after_help = "\
+Examples:
+  sb completions bash > ~/.local/share/bash-completion/completions/sb
+  sb completions zsh > \"${fpath[1]}/_sb\"
+  sb completions fish > ~/.config/fish/completions/sb.fish")]
+    Completions(completions::CompletionsArgs),
 }
 
 const CONSUMER_OUTPUT: &str = "\
@@ -612,6 +654,10 @@ struct PublishArgs {
     #[arg(value_name = "DATA|-")]
     data: Option<String>,
 
+    /// Keep a newline that ends the payload read from stdin (left out by default).
+    #[arg(long)]
+    keep_newline: bool,
+
     /// Time to live, for example `30s`, `500ms`, `2h 30m`; none by default.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
@@ -760,13 +806,15 @@ struct HistoryArgs {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    print::set_mode(cli.output);
+    let server = cli.server.clone();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`sb subscribe ... | head -1`): not an error of ours.
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            if let Some(hint) = security::hint(&error) {
+            if let Some(hint) = hints::hint(&error, &server) {
                 eprintln!("hint: {hint}");
             }
             ExitCode::FAILURE
@@ -795,6 +843,10 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
+    if let Command::Completions(args) = &cli.command {
+        // Needs no broker: before connecting.
+        return completions::print(args.shell, &mut <Cli as clap::CommandFactory>::command());
+    }
     let mut options = cli.security.connect_options()?;
     if let Command::Publish(args) = &cli.command {
         // `sb publish --retry` also waits for a broker that is not reachable yet.
@@ -803,6 +855,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::connect_with(cli.server, options).await?;
     match cli.command {
         Command::Token(args) => security::token(&client, &cli.security, args).await,
+        Command::Completions(args) => {
+            completions::print(args.shell, &mut <Cli as clap::CommandFactory>::command())
+        }
         Command::Publish(args) => publish(&client, args).await,
         Command::Subscribe(args) => subscribe(&client, args, started).await,
         Command::History(args) => history(&client, args).await,
@@ -931,12 +986,10 @@ async fn cluster_add(client: &Client, args: ClusterAddArgs) -> anyhow::Result<Cl
     }
 }
 
-/// Writes one line to stdout and flushes it, so a reader on a pipe sees it at once.
+/// Prints one answer, given as its JSON line, in the `--output` form, flushed so that a reader on
+/// a pipe sees it at once.
 fn emit(line: &str) -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}")?;
-    stdout.flush()?;
-    Ok(())
+    print::record(line)
 }
 
 /// Reads stdin to its end; `what` names it in errors.
@@ -959,7 +1012,7 @@ async fn publish(client: &Client, args: PublishArgs) -> anyhow::Result<()> {
     let policy = args.retry_policy();
     let payload = match args.data {
         Some(data) if data != "-" => data.into_bytes(),
-        _ => read_stdin("the payload").await?,
+        _ => args::stdin_payload(read_stdin("the payload").await?, args.keep_newline),
     };
     let mut message = Publish::new(args.channel, payload).headers(args.headers);
     if args.ephemeral {
@@ -1005,7 +1058,7 @@ async fn subscribe(client: &Client, args: SubscribeArgs, started: Instant) -> an
         };
         match next {
             Some(Ok(SubscriptionEvent::Message(message))) => {
-                emit(&output::message_line(&message)?)?;
+                print::message(&message)?;
                 if args.ack {
                     let Some(acked) = until(deadline, subscription.ack(message.offset)).await
                     else {
@@ -1025,7 +1078,7 @@ async fn subscribe(client: &Client, args: SubscribeArgs, started: Instant) -> an
                 }
                 delivered += 1;
             }
-            Some(Ok(SubscriptionEvent::Gap(gap))) => emit(&output::gap_line(&gap)?)?,
+            Some(Ok(SubscriptionEvent::Gap(gap))) => print::gap(&gap)?,
             Some(Ok(other)) => tracing::debug!(?other, "skipping an event sb does not know"),
             Some(Err(error)) => return Err(error.into()),
             None => anyhow::bail!("the subscription ended unexpectedly"),
@@ -1195,7 +1248,7 @@ async fn history(client: &Client, args: HistoryArgs) -> anyhow::Result<()> {
             if remaining == 0 {
                 break;
             }
-            emit(&output::message_line(message)?)?;
+            print::message(message)?;
             remaining -= 1;
         }
         next = page.next_query(&query);

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use switchboard_client::{
     ClusterStatus, ConsumerInfo, Entity, EntityEvent, EntityExt as _, EntityRead, FlowPolicy, Gap,
     GapReason, InfoResponse, Message, PublishAck, SubscriptionInfo,
@@ -87,20 +88,50 @@ struct DeliveryLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_at: Option<String>,
     headers: BTreeMap<&'a str, &'a str>,
-    payload: Cow<'a, str>,
+    payload: Payload<'a>,
     payload_encoding: &'static str,
 }
 
-/// One delivered (or stored) message as a JSON line. The payload is a JSON string with
-/// `"payload_encoding":"utf8"` when it is valid UTF-8, else standard base64 with
-/// `"payload_encoding":"base64"`. Headers are sorted by name; `causation_id`,
-/// `idempotency_key`, `hops`, `skipped`, `redelivery` and `expires_at` are left out when empty
-/// (or 0).
+/// A payload in a JSON line: the JSON document itself, or a string.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Payload<'a> {
+    Json(Box<RawValue>),
+    Text(Cow<'a, str>),
+}
+
+/// Whether a content type says JSON: `application/json` (with parameters or not), a `+json`
+/// suffix such as `application/cloudevents+json`, or none (the broker's default is JSON).
+pub fn is_json_content_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence.is_empty() || essence == "application/json" || essence.ends_with("+json")
+}
+
+/// One delivered (or stored) message as a JSON line. A payload whose content type is JSON and
+/// which parses as JSON is the document itself, on one line, with `"payload_encoding":"json"`
+/// (its numbers and strings as sent, whitespace between tokens left out); any other payload is a
+/// JSON string with `"payload_encoding":"utf8"` when it is valid UTF-8, else standard base64 with
+/// `"payload_encoding":"base64"`. Headers are sorted by name; `causation_id`, `idempotency_key`,
+/// `hops`, `skipped`, `redelivery` and `expires_at` are left out when empty (or 0).
 pub fn message_line(message: &Message) -> serde_json::Result<String> {
-    let (payload, payload_encoding) = match std::str::from_utf8(&message.payload) {
-        Ok(text) => (Cow::Borrowed(text), "utf8"),
-        Err(_) => (
-            Cow::Owned(base64::engine::general_purpose::STANDARD.encode(&message.payload)),
+    let json = (is_json_content_type(&message.content_type)
+        && crate::json_text::is_json(&message.payload))
+    .then(|| std::str::from_utf8(&message.payload).ok())
+    .flatten()
+    .map(|text| RawValue::from_string(crate::json_text::compact(text)))
+    .transpose()?;
+    let (payload, payload_encoding) = match (json, std::str::from_utf8(&message.payload)) {
+        (Some(document), _) => (Payload::Json(document), "json"),
+        (None, Ok(text)) => (Payload::Text(Cow::Borrowed(text)), "utf8"),
+        (None, Err(_)) => (
+            Payload::Text(Cow::Owned(
+                base64::engine::general_purpose::STANDARD.encode(&message.payload),
+            )),
             "base64",
         ),
     };
@@ -584,8 +615,8 @@ mod tests {
     }
 
     #[test]
-    fn utf8_delivery_line() {
-        let line = message_line(&message(br#"{"id":42}"#)).unwrap();
+    fn json_delivery_line() {
+        let line = message_line(&message(b"{\n  \"id\": 42,\n  \"tags\": [\"a\"]\n}\n")).unwrap();
         assert_eq!(
             parse(&line),
             json!({
@@ -597,12 +628,61 @@ mod tests {
                 "schema_version": "1.0.0",
                 "ttl_ms": 0,
                 "headers": {"traceparent": "00-a-b-01", "tracestate": "x=1"},
-                "payload": "{\"id\":42}",
-                "payload_encoding": "utf8",
+                "payload": {"id": 42, "tags": ["a"]},
+                "payload_encoding": "json",
             })
         );
         assert!(line.starts_with(r#"{"offset":7,"channel":"crm.contact.updated","#));
-        assert!(line.ends_with(r#""payload":"{\"id\":42}","payload_encoding":"utf8"}"#));
+        assert!(
+            line.ends_with(r#""payload":{"id":42,"tags":["a"]},"payload_encoding":"json"}"#),
+            "{line}"
+        );
+        // A number past what a double holds exactly stays as it was sent.
+        let line = message_line(&message(br#"{"big":123456789012345678901}"#)).unwrap();
+        assert!(
+            line.contains(r#""payload":{"big":123456789012345678901},"#),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn utf8_delivery_lines_for_text_and_for_json_that_is_not() {
+        let mut text = message(br#"{"id":42}"#);
+        text.content_type = "text/plain".to_owned();
+        let line = message_line(&text).unwrap();
+        assert!(
+            line.ends_with(r#""payload":"{\"id\":42}","payload_encoding":"utf8"}"#),
+            "{line}"
+        );
+        // Said to be JSON, but it does not parse (a broker with the check off): a string.
+        let value = parse(&message_line(&message(b"{oops")).unwrap());
+        assert_eq!(value["payload"], "{oops");
+        assert_eq!(value["payload_encoding"], "utf8");
+        // A JSON string payload is a JSON string, told apart by its encoding.
+        let value = parse(&message_line(&message(br#""hi""#)).unwrap());
+        assert_eq!(
+            (value["payload"].clone(), value["payload_encoding"].clone()),
+            (json!("hi"), json!("json"))
+        );
+    }
+
+    #[test]
+    fn json_content_types() {
+        for json in [
+            "",
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/cloudevents+json",
+        ] {
+            assert!(is_json_content_type(json), "{json}");
+        }
+        for other in [
+            "text/plain",
+            "application/octet-stream",
+            "application/jsonl",
+        ] {
+            assert!(!is_json_content_type(other), "{other}");
+        }
     }
 
     #[test]

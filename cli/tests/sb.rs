@@ -70,27 +70,31 @@ async fn sb_publish_prints_the_ack_and_reports_refusals() {
         stdout,
         "{\"offset\":1,\"publish_time\":\"1970-01-01T00:00:01.000Z\",\"correlation_id\":\"generated\"}\n"
     );
-    let (status, _, stderr) = sb(
-        address,
-        &["publish", "a.b", "-"],
-        Some(b"{\"from\":\"stdin\"}\n"),
-    )
-    .await;
-    assert_eq!(status, 0, "{stderr}");
+    // From stdin: the newline `echo` adds is left out, unless --keep-newline.
+    for args in [
+        &["publish", "a.b", "-"][..],
+        &["publish", "a.b", "--keep-newline"],
+    ] {
+        let (status, _, stderr) = sb(address, args, Some(b"{\"from\":\"stdin\"}\n")).await;
+        assert_eq!(status, 0, "{stderr}");
+    }
     {
         let state = mock.state.lock().unwrap();
         assert_eq!(state.published[0].ttl_ms, 30_000);
         assert_eq!(state.published[0].headers["k"], "v=w");
-        assert_eq!(&state.published[1].payload[..], b"{\"from\":\"stdin\"}\n");
+        assert_eq!(&state.published[1].payload[..], b"{\"from\":\"stdin\"}");
+        assert_eq!(&state.published[2].payload[..], b"{\"from\":\"stdin\"}\n");
     }
 
     let (status, stdout, stderr) = sb(address, &["publish", "a.", "{}"], None).await;
     assert_eq!(status, 1);
     assert_eq!(stdout, "");
+    let (error, hint) = stderr.split_once('\n').unwrap();
     assert_eq!(
-        stderr,
-        "error: INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty\n"
+        error,
+        "error: INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty"
     );
+    assert!(hint.starts_with("hint: a channel is two or more"), "{hint}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -124,8 +128,9 @@ async fn sb_subscribe_prints_deliveries_and_stops() {
     );
     let lines = json_lines(&stdout);
     assert_eq!(lines.len(), 3);
-    assert_eq!(lines[0]["payload"], "1");
-    assert_eq!(lines[0]["payload_encoding"], "utf8");
+    // An empty content type is JSON, and "1" is a JSON document.
+    assert_eq!(lines[0]["payload"], 1);
+    assert_eq!(lines[0]["payload_encoding"], "json");
     assert_eq!(lines[1]["payload"], "/wA=");
     assert_eq!(lines[1]["payload_encoding"], "base64");
     assert_eq!(lines[2]["offset"], 3);
@@ -137,9 +142,14 @@ async fn sb_subscribe_prints_deliveries_and_stops() {
 
     let (status, _, stderr) = sb(address, &["subscribe", "a b"], None).await;
     assert_eq!(status, 1);
+    let (error, hint) = stderr.split_once('\n').unwrap();
     assert_eq!(
-        stderr,
-        "error: INVALID_ARGUMENT PATTERN_INVALID: pattern has a space\n"
+        error,
+        "error: INVALID_ARGUMENT PATTERN_INVALID: pattern has a space"
+    );
+    assert!(
+        hint.starts_with("hint: patterns have two or more"),
+        "{hint}"
     );
 }
 
@@ -465,9 +475,14 @@ async fn sb_entity_watch_prints_snapshot_and_changes() {
 
     let (status, _, stderr) = sb(address, &["entity", "watch", "a b"], None).await;
     assert_eq!(status, 1);
+    let (error, hint) = stderr.split_once('\n').unwrap();
     assert_eq!(
-        stderr,
-        "error: INVALID_ARGUMENT PATTERN_INVALID: pattern has a space\n"
+        error,
+        "error: INVALID_ARGUMENT PATTERN_INVALID: pattern has a space"
+    );
+    assert!(
+        hint.starts_with("hint: patterns have two or more"),
+        "{hint}"
     );
 }
 
@@ -615,4 +630,185 @@ async fn sb_consumers_and_subscriptions() {
             "slow_switches": 0, "waiting_for_credit": false,
         })]
     );
+}
+
+/// The deliveries of [`output_modes`]: JSON with a header, text, binary, a gap, JSON again.
+fn mixed_deliveries() -> Vec<Result<SubscribeEvent, Status>> {
+    let with = |offset: u64, payload: &'static [u8], content_type: &str| {
+        let mut message = message(offset);
+        message.payload = payload.to_vec().into();
+        message.content_type = content_type.to_owned();
+        message.publish_time = Some(prost_types::Timestamp {
+            seconds: 1_714_564_800,
+            nanos: 0,
+        });
+        message
+    };
+    let mut json = with(1, br#"{"id":42,"tags":["a"]}"#, "application/json");
+    json.headers.insert("source".to_owned(), "tour".to_owned());
+    let event = |message| {
+        Ok(SubscribeEvent {
+            event: Some(subscribe_event::Event::Message(message)),
+        })
+    };
+    vec![
+        subscribed(1),
+        event(json),
+        event(with(2, b"plain words", "text/plain")),
+        event(with(3, &[0xff, 0x00, 0x01], "application/octet-stream")),
+        gap(4, 5, 2),
+        event(with(6, b"[1, 2]", "")),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_output_modes() {
+    let mock = Mock::default();
+    let address = serve(mock.clone()).await;
+    let subscribe = ["subscribe", "a.>", "--from", "earliest", "--count", "4"];
+
+    // json: one object per line; JSON payloads as JSON, others as strings or base64.
+    mock.plan(mixed_deliveries(), true);
+    let (status, stdout, stderr) = sb(address, &subscribe, None).await;
+    assert_eq!(status, 0, "{stderr}");
+    let lines = json_lines(&stdout);
+    assert_eq!(lines.len(), 5, "{stdout}");
+    assert_eq!(
+        lines[0]["payload"],
+        serde_json::json!({"id": 42, "tags": ["a"]})
+    );
+    assert_eq!(lines[0]["payload_encoding"], "json");
+    assert!(stdout.starts_with("{\"offset\":1,"), "{stdout}");
+    assert_eq!(
+        (
+            lines[1]["payload"].as_str(),
+            lines[1]["payload_encoding"].as_str()
+        ),
+        (Some("plain words"), Some("utf8"))
+    );
+    assert_eq!(
+        (
+            lines[2]["payload"].as_str(),
+            lines[2]["payload_encoding"].as_str()
+        ),
+        (Some("/wAB"), Some("base64"))
+    );
+    assert_eq!(lines[3]["gap"]["count"], 2);
+    assert_eq!(lines[4]["payload"], serde_json::json!([1, 2]));
+
+    // The same through --output json given explicitly, and through SB_OUTPUT's default.
+    mock.plan(mixed_deliveries(), true);
+    let mut explicit = vec!["--output", "json"];
+    explicit.extend_from_slice(&subscribe);
+    let (_, json_again, _) = sb(address, &explicit, None).await;
+    assert_eq!(json_again, stdout);
+
+    // text: for people.
+    mock.plan(mixed_deliveries(), true);
+    let mut text = vec!["--output", "text"];
+    text.extend_from_slice(&subscribe);
+    let (status, stdout, stderr) = sb(address, &text, None).await;
+    assert_eq!(status, 0, "{stderr}");
+    assert_eq!(
+        stdout,
+        "[1] a.b  2024-05-01T12:00:00.000Z\n\
+         source: tour\n\
+         {\n  \"id\": 42,\n  \"tags\": [\n    \"a\"\n  ]\n}\n\n\
+         [2] a.b  2024-05-01T12:00:00.000Z  (text/plain)\n\
+         plain words\n\n\
+         [3] a.b  2024-05-01T12:00:00.000Z  (application/octet-stream)\n\
+         <3 bytes, base64: /wAB>\n\n\
+         [gap] offsets 4..5: 2 message(s) dropped (drop-oldest, too far behind)\n\n\
+         [6] a.b  2024-05-01T12:00:00.000Z\n\
+         [\n  1,\n  2\n]\n\n"
+    );
+
+    // raw: the payloads' bytes, a newline after each; the gap on stderr.
+    mock.plan(mixed_deliveries(), true);
+    let mut raw = vec!["subscribe", "--output", "raw"];
+    raw.extend_from_slice(&subscribe[1..]);
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sb"))
+            .arg("--server")
+            .arg(address.to_string())
+            .args(&raw)
+            .env_remove("SB_LOG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        output.stdout,
+        b"{\"id\":42,\"tags\":[\"a\"]}\nplain words\n\xff\x00\x01\n[1, 2]\n"
+    );
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.ends_with(
+            "sb: [gap] offsets 4..5: 2 message(s) dropped (drop-oldest, too far behind)\n"
+        ),
+        "{stderr}"
+    );
+
+    // Records other than deliveries: aligned rows in text, JSON lines in raw.
+    let (status, stdout, _) = sb(address, &["--output", "text", "info"], None).await;
+    assert_eq!(status, 0);
+    let first = stdout.lines().next().unwrap();
+    assert_eq!(first, "version         mock");
+    assert!(
+        stdout
+            .lines()
+            .all(|line| line.len() > 16 && &line[14..16] == "  "),
+        "{stdout}"
+    );
+    let (_, stdout, _) = sb(address, &["info", "--output", "raw"], None).await;
+    assert_eq!(json_lines(&stdout)[0]["version"], "mock");
+
+    let (status, _, stderr) = sb(address, &["--output", "yaml", "info"], None).await;
+    assert_eq!(status, 2, "{stderr}");
+}
+
+/// `sb completions SHELL` needs no broker, and the scripts know sb's commands and flags; the bash
+/// one, sourced, completes a command, `--output`'s values and a subcommand's flag.
+#[tokio::test(flavor = "multi_thread")]
+async fn sb_completions_for_bash_zsh_and_fish() {
+    // Nothing listens here.
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for (shell, marker, flags) in [
+        ("bash", "complete -F _sb", ["--output", "--keep-newline"]),
+        ("zsh", "#compdef sb", ["--output", "--keep-newline"]),
+        ("fish", "complete -c sb", ["-l output", "-l keep-newline"]),
+    ] {
+        let (status, stdout, stderr) = sb(nowhere, &["completions", shell], None).await;
+        assert_eq!(status, 0, "{shell}: {stderr}");
+        assert!(stdout.contains(marker), "{shell}: {stdout}");
+        for word in ["subscribe", "history", "entity"].iter().chain(&flags) {
+            assert!(stdout.contains(word), "{shell} completes {word}");
+        }
+    }
+    let (status, _, _) = sb(nowhere, &["completions", "tcsh"], None).await;
+    assert_eq!(status, 2);
+
+    let (_, script, _) = sb(nowhere, &["completions", "bash"], None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sb.bash");
+    std::fs::write(&path, script).unwrap();
+    // `_sb COMMAND WORD PREVIOUS` with COMP_WORDS and COMP_CWORD set, as bash calls it.
+    let complete = |words: &str, previous: &str| {
+        let program = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             _sb sb \"${{COMP_WORDS[COMP_CWORD]}}\" {previous}; echo \"${{COMPREPLY[@]}}\"",
+            path.display()
+        );
+        let output = std::process::Command::new("bash")
+            .args(["-c", &program])
+            .output()
+            .expect("bash runs");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    assert_eq!(complete("sb sub", "sb"), "subscribe subscriptions");
+    assert_eq!(complete("sb --output ''", "--output"), "json text raw");
+    assert_eq!(complete("sb publish a.b --keep", "a.b"), "--keep-newline");
 }

@@ -38,6 +38,12 @@ fn json_lines(output: &Output) -> Vec<Value> {
         .collect()
 }
 
+/// A delivery line's JSON payload (a JSON payload is printed as the JSON itself).
+fn payload(line: &Value) -> Value {
+    assert_eq!(line["payload_encoding"], "json", "{line}");
+    line["payload"].clone()
+}
+
 #[tokio::test]
 async fn the_readme_tour_works_with_sb() {
     let f = fixture(&[]).await;
@@ -59,10 +65,11 @@ async fn the_readme_tour_works_with_sb() {
     assert!(ack["publish_time"].as_str().unwrap().ends_with('Z'));
     assert!(ack["correlation_id"].as_str().unwrap().len() == 36);
 
+    // As `echo '{"deal":7}' | sb publish ...`: the newline echo adds is not sent.
     let ack = &json_lines(&sb(
         url,
         &["publish", "crm.deal.updated", "-", "--ttl", "1h"],
-        Some(br#"{"deal":7}"#),
+        Some(b"{\"deal\":7}\n"),
     ))[0];
     assert_eq!(ack["offset"], 2);
 
@@ -81,10 +88,39 @@ async fn the_readme_tour_works_with_sb() {
     assert_eq!(got.len(), 2);
     assert_eq!(got[0]["offset"], 1);
     assert_eq!(got[0]["channel"], "crm.contact.updated");
-    assert_eq!(got[0]["payload"], r#"{"id":42,"name":"Ada"}"#);
-    assert_eq!(got[0]["payload_encoding"], "utf8");
+    assert_eq!(
+        payload(&got[0]),
+        serde_json::json!({"id": 42, "name": "Ada"})
+    );
     assert_eq!(got[0]["headers"]["source"], "tour");
     assert_eq!(got[1]["ttl_ms"], 3_600_000);
+
+    // Payloads only, byte for byte, a newline after each; and a form for people.
+    let raw = sb(url, &["history", "crm.*.updated", "--output", "raw"], None);
+    assert!(raw.status.success());
+    assert_eq!(raw.stdout, b"{\"id\":42,\"name\":\"Ada\"}\n{\"deal\":7}\n");
+    let text = sb(
+        url,
+        &[
+            "--output",
+            "text",
+            "history",
+            "crm.*.updated",
+            "--limit",
+            "1",
+        ],
+        None,
+    );
+    let text = String::from_utf8(text.stdout).unwrap();
+    let heading = text.lines().next().unwrap();
+    assert!(
+        heading.starts_with("[1] crm.contact.updated  20") && heading.ends_with('Z'),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("source: tour\n{\n  \"id\": 42,\n  \"name\": \"Ada\"\n}\n\n"),
+        "{text}"
+    );
 
     let got = json_lines(&sb(url, &["history", "crm.>", "--from", "2"], None));
     assert_eq!(got.len(), 1);
@@ -110,6 +146,9 @@ async fn the_readme_tour_works_with_sb() {
     let info = &json_lines(&sb(url, &["info"], None))[0];
     assert_eq!(info["last_offset"], 3);
     assert_eq!(info["node_id"], 1);
+    let info = sb(url, &["info", "--output", "text"], None);
+    let info = String::from_utf8(info.stdout).unwrap();
+    assert!(info.contains("\nlast_offset     3\n"), "{info}");
 
     // Errors: non-zero exit, and stderr names the code and the reason.
     let out = sb(url, &["publish", "crm..updated", "{}"], None);
@@ -117,6 +156,154 @@ async fn the_readme_tour_works_with_sb() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("INVALID_ARGUMENT CHANNEL_INVALID: "),
+        "{stderr}"
+    );
+}
+
+/// The README's flow-control lines, as written: what they read is published first, so each one
+/// ends by itself.
+#[tokio::test]
+async fn the_readme_flow_control_lines_publish_what_they_read() {
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let url = url.as_str();
+
+    for i in 1..=3 {
+        json_lines(&sb(
+            url,
+            &[
+                "publish",
+                "telemetry.cpu.load",
+                &format!(r#"{{"load":{i}}}"#),
+            ],
+            None,
+        ));
+    }
+    // Conflated from the store: only the latest, with how many it left out.
+    let got = json_lines(&sb(
+        url,
+        &[
+            "subscribe",
+            "telemetry.>",
+            "--policy",
+            "conflate",
+            "--from",
+            "earliest",
+            "--timeout",
+            "1s",
+        ],
+        None,
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(payload(&got[0])["load"], 3);
+    assert_eq!(got[0]["skipped"], 2);
+
+    for i in 1..=3 {
+        json_lines(&sb(
+            url,
+            &["publish", "ui.cursor.moved", &format!(r#"{{"x":{i}}}"#)],
+            None,
+        ));
+    }
+    // Throttled from the store: the first at once, then the latest of the rest. (The README
+    // says 100ms; a whole second here, so that a busy machine cannot space the three replayed
+    // messages by more than the interval.)
+    let got = json_lines(&sb(
+        url,
+        &[
+            "subscribe",
+            "ui.>",
+            "--throttle",
+            "1s",
+            "--from",
+            "earliest",
+            "--count",
+            "2",
+        ],
+        None,
+    ));
+    let shown: Vec<(Value, Value)> = got
+        .iter()
+        .map(|line| (payload(line)["x"].clone(), line["skipped"].clone()))
+        .collect();
+    assert_eq!(
+        shown,
+        [(1.into(), Value::Null), (3.into(), 1.into())],
+        "{got:?}"
+    );
+
+    for i in 1..=5 {
+        json_lines(&sb(
+            url,
+            &[
+                "publish",
+                "widget.panel.clicked",
+                &format!(r#"{{"n":{i}}}"#),
+            ],
+            None,
+        ));
+    }
+    let durable = |extra: &[&str]| {
+        let mut args = vec!["subscribe", "widget.>", "--durable", "panel-1", "--ack"];
+        args.extend_from_slice(extra);
+        json_lines(&sb(url, &args, None))
+            .iter()
+            .map(|line| payload(line)["n"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(durable(&["--count", "3", "--from", "earliest"]), [1, 2, 3]);
+    assert_eq!(
+        durable(&["--count", "2"]),
+        [4, 5],
+        "resumes after the last ack"
+    );
+
+    let consumers = json_lines(&sb(url, &["consumer", "list"], None));
+    assert_eq!(consumers.len(), 1);
+    assert_eq!(consumers[0]["name"], "panel-1");
+    let info = &json_lines(&sb(url, &["consumer", "info", "panel-1"], None))[0];
+    assert_eq!(info["acked_offset"], 11);
+    assert_eq!(info["pending"], 0);
+}
+
+/// The common mistakes get a `hint:` line: the admin port, a one-segment pattern or channel.
+#[tokio::test]
+async fn sb_hints_at_the_admin_port_and_at_one_segment_names() {
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let admin = f.broker.admin_url();
+    let admin_address = admin.trim_start_matches("http://");
+
+    for args in [&["info"][..], &["publish", "crm.contact.updated", "{}"]] {
+        let out = sb(&admin, args, None);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("error: UNKNOWN: transport error"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "hint: {admin_address} is a Switchboard admin listener"
+            )),
+            "{stderr}"
+        );
+    }
+
+    let out = sb(&url, &["subscribe", "orders", "--count", "1"], None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PATTERN_INVALID"), "{stderr}");
+    assert!(
+        stderr.contains("hint: patterns have two or more"),
+        "{stderr}"
+    );
+
+    let out = sb(&url, &["publish", "orders", "{}"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CHANNEL_INVALID"), "{stderr}");
+    assert!(
+        stderr.contains("hint: a channel is two or more"),
         "{stderr}"
     );
 }

@@ -12,6 +12,7 @@ mod common;
 mod concurrency;
 mod connections;
 mod console;
+mod dashboard;
 mod disk_full;
 mod entities;
 mod ephemeral;

@@ -52,6 +52,33 @@ impl Scrape {
     fn has(&self, name: &str) -> bool {
         self.samples.iter().any(|s| s.name == name)
     }
+
+    /// Every series name a query can select from this scrape: the names of its samples, and of
+    /// every family it declares (`TYPE`), a histogram as its `_bucket`, `_sum` and `_count` (a
+    /// family with no series yet, such as a subscription gauge with no subscription, still counts).
+    pub(crate) fn exported_names(&self) -> std::collections::BTreeSet<String> {
+        let mut names: std::collections::BTreeSet<String> =
+            self.samples.iter().map(|s| s.name.clone()).collect();
+        for (family, kind) in &self.types {
+            match kind.as_str() {
+                "histogram" => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        names.insert(format!("{family}{suffix}"));
+                    }
+                }
+                "summary" => {
+                    names.insert(family.clone());
+                    for suffix in ["_sum", "_count"] {
+                        names.insert(format!("{family}{suffix}"));
+                    }
+                }
+                _ => {
+                    names.insert(family.clone());
+                }
+            }
+        }
+        names
+    }
 }
 
 fn is_metric_name(name: &str) -> bool {
