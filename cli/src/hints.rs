@@ -113,10 +113,10 @@ fn probe_http1(authority: &str) -> Http1 {
         let mut stream = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)?;
         stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
         stream.set_write_timeout(Some(PROBE_TIMEOUT))?;
-        write!(
-            stream,
-            "GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
-        )?;
+        // One write: a request written in pieces may be closed on half read, and a server that
+        // closes with unread bytes resets the connection, losing its answer.
+        let request = format!("GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes())?;
         // An answer's head and a short body fit; a server that sends more is not read further.
         let mut bytes = Vec::new();
         stream.take(4096).read_to_end(&mut bytes)?;
@@ -151,8 +151,12 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
-            let mut head = [0_u8; 1024];
-            let _ = stream.read(&mut head);
+            // The whole head, so closing leaves nothing unread (which would reset the answer).
+            let mut head = Vec::new();
+            let mut byte = [0_u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
             stream.write_all(answer.as_bytes()).unwrap();
         });
         addr.to_string()
