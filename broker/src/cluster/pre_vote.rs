@@ -140,7 +140,12 @@ pub(crate) async fn run(
                         .iter()
                         .map(|(id, member)| (*id, member.raft_addr.clone()))
                         .collect();
-                    if pre_vote_wins(&peers, me, &voters, contact.inner.quiet).await {
+                    // The pre-vote takes round trips, in which another voter's vote request
+                    // may have initialized this node: asked again, initializing then is not
+                    // tried (openraft would refuse it, logging an error).
+                    if pre_vote_wins(&peers, me, &voters, contact.inner.quiet).await
+                        && !raft.is_initialized().await.unwrap_or(true)
+                    {
                         tracing::info!(
                             "no leader heard from by a majority of the static voters: \
                              initializing the cluster"
