@@ -886,3 +886,32 @@ async fn a_refused_publish_is_an_audit_line() {
     .await
     .unwrap_or_else(|e| panic!("{e}; the log:\n{}", f.broker.log()));
 }
+
+#[tokio::test]
+async fn the_publish_timeline_records_the_queued_and_fanout_stages() {
+    let f = fixture(&[]).await;
+    let before = scrape(&f.broker).await;
+    let stage_count = |scrape: &Scrape, stage: &str| {
+        scrape.sum(
+            "switchboard_publish_stage_seconds_count",
+            &[("stage", stage)],
+        )
+    };
+    assert_eq!(stage_count(&before, "queued"), 0.0);
+    assert_eq!(stage_count(&before, "fanout"), 0.0);
+    let mut live = f
+        .client
+        .subscribe("timeline.>", Start::Latest)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        f.client
+            .publish(Publish::new("timeline.step", format!("{{\"i\":{i}}}")))
+            .await
+            .unwrap();
+    }
+    take(&mut live, 3).await;
+    let after = scrape(&f.broker).await;
+    assert!(stage_count(&after, "queued") >= 3.0, "{after:?}");
+    assert_eq!(stage_count(&after, "fanout"), 3.0, "one per live delivery");
+}

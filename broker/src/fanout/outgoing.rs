@@ -29,6 +29,9 @@ pub struct SharedMessage {
     /// A message read from the store for one subscription is charged to the catch-up budget
     /// while it is held ([`super::catch_up_budget`]); a live one, shared by all, is not.
     _charge: Option<Charge>,
+    /// When a live message was handed to the hub (just applied); `None` for one read from the
+    /// store. The `fanout` stage of `switchboard_publish_stage_seconds` starts here.
+    announced: Option<std::time::Instant>,
 }
 
 impl SharedMessage {
@@ -39,6 +42,7 @@ impl SharedMessage {
             wire: OnceLock::new(),
             decoded: OnceLock::new(),
             _charge: None,
+            announced: Some(std::time::Instant::now()),
         })
     }
 
@@ -50,7 +54,13 @@ impl SharedMessage {
             wire: OnceLock::new(),
             decoded: OnceLock::new(),
             _charge: Some(charge),
+            announced: None,
         })
+    }
+
+    /// How long ago a live message was handed to the hub; `None` for one read from the store.
+    pub(crate) fn since_announced(&self) -> Option<std::time::Duration> {
+        self.announced.map(|at| at.elapsed())
     }
 
     /// The stored message.

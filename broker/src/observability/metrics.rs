@@ -55,6 +55,10 @@ pub(crate) const HANDSHAKE_TIMEOUTS: &str = "switchboard_handshake_timeouts_tota
 pub(crate) const ACCEPT_ERRORS: &str = "switchboard_accept_errors_total";
 /// Proposal to applied outcome of one log entry, seconds.
 pub(crate) const COMMIT_SECONDS: &str = "switchboard_commit_seconds";
+/// Stages of a publish's way not covered by the histograms beside it, by `stage`: `queued` (the
+/// edge's submit to the proposer taking it into a log entry) and `fanout` (applied to handed to a
+/// live subscriber's stream).
+pub(crate) const PUBLISH_STAGE_SECONDS: &str = "switchboard_publish_stage_seconds";
 /// Items in one committed log entry.
 pub(crate) const COMMIT_BATCH_ITEMS: &str = "switchboard_commit_batch_items";
 /// One sync round of the raft log (the fdatasync of what was appended since the last), seconds.
@@ -118,6 +122,7 @@ fn build() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError>
             LATENCY_BUCKETS,
         )?
         .set_buckets_for_metric(Matcher::Full(COMMIT_SECONDS.into()), COMMIT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(PUBLISH_STAGE_SECONDS.into()), COMMIT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(LOG_SYNC_SECONDS.into()), COMMIT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(APPLY_SECONDS.into()), COMMIT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(COMMIT_BATCH_ITEMS.into()), BATCH_BUCKETS)
@@ -195,6 +200,11 @@ fn describe() {
         COMMIT_SECONDS,
         Unit::Seconds,
         "From proposing a log entry to its applied outcome (includes the fdatasync)"
+    );
+    describe_histogram!(
+        PUBLISH_STAGE_SECONDS,
+        Unit::Seconds,
+        "Stages of a publish by stage: queued (the edge's submit to the proposer taking it into a log entry), fanout (applied to handed to a live subscriber's stream)"
     );
     describe_histogram!(
         COMMIT_BATCH_ITEMS,
@@ -276,6 +286,9 @@ fn start_at_zero() {
     ] {
         // Registering the handle is enough for the exporter to render the family.
         let _ = histogram!(name);
+    }
+    for stage in ["queued", "fanout"] {
+        let _ = histogram!(PUBLISH_STAGE_SECONDS, "stage" => stage);
     }
 }
 
@@ -457,6 +470,11 @@ pub(crate) fn accept_error(listener: &'static str) {
 pub(crate) fn commit(items: usize, seconds: f64) {
     histogram!(COMMIT_SECONDS).record(seconds);
     histogram!(COMMIT_BATCH_ITEMS).record(items as f64);
+}
+
+/// Records how long a publish took in `stage` (see [`PUBLISH_STAGE_SECONDS`]).
+pub(crate) fn publish_stage(stage: &'static str, seconds: f64) {
+    histogram!(PUBLISH_STAGE_SECONDS, "stage" => stage).record(seconds);
 }
 
 /// Records one sync round of the raft log.

@@ -49,6 +49,8 @@ struct Proposal {
     /// When it must be answered, committed or not (a cluster's `forward_timeout` after it
     /// arrived); `None` on a single node, whose writes wait for nobody.
     due: Option<Instant>,
+    /// When it was submitted: its wait for a log entry is the `queued` stage.
+    submitted: std::time::Instant,
 }
 
 /// The queue's byte budget is counted in KiB, so it fits a semaphore's permit count.
@@ -128,6 +130,7 @@ impl Proposer {
                 reply,
                 _budget: budget,
                 due,
+                submitted: std::time::Instant::now(),
             })
             .await
             .map_err(|_| BrokerError::ShuttingDown)?;
@@ -241,6 +244,7 @@ impl Entry {
     }
 
     fn take(&mut self, proposal: Proposal) {
+        metrics::publish_stage("queued", proposal.submitted.elapsed().as_secs_f64());
         self.due = match (self.due, proposal.due) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -494,6 +498,7 @@ mod tests {
             reply,
             _budget: budget,
             due: None,
+            submitted: std::time::Instant::now(),
         };
         (proposal, pending)
     }
