@@ -26,6 +26,7 @@ window.createTelemetry = function ({
   // a secure context (https, or http on localhost/127.0.0.1); elsewhere random bytes do.
   const pageId = (crypto.randomUUID && crypto.randomUUID()) ||
     Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+  const utf8 = new TextEncoder();
   let seq = 0;
   // Waiting events, oldest first: { message, bytes, beaconed }. The batch in flight is not here.
   let queue = [];
@@ -45,7 +46,7 @@ window.createTelemetry = function ({
       payload: { name, source, page: pageId, seq, at: new Date().toISOString(), ...data },
       idempotency_key: `${pageId}:${seq}`,
     };
-    const bytes = JSON.stringify(message).length;
+    const bytes = utf8.encode(JSON.stringify(message)).length; // what it weighs on the wire
     stats.recorded += 1;
     queue.push({ message, bytes, beaconed: false });
     queuedBytes += bytes;
