@@ -501,3 +501,276 @@ async fn the_console_shows_the_channels_and_subscriptions_the_test_created() -> 
     }
     Ok(())
 }
+
+/// A broker allowing `origin`, on `listen`, with its data in `data`: started again on the same
+/// address, the page's broker URL stays valid (`BrokerProcess::restart` would drop the origins).
+fn telemetry_broker(
+    data: &std::path::Path,
+    listen: &str,
+    origin: SocketAddr,
+) -> Result<BrokerProcess> {
+    BrokerProcess::start_with_env(
+        data,
+        listen,
+        &[],
+        &[("SWITCHBOARD_ORIGINS_ALLOW", &format!("http://{origin}"))],
+    )
+}
+
+/// The payloads stored on `web.telemetry` so far, read from the start of the log up to a marker
+/// the test publishes last (so the whole log before it has been read).
+async fn stored_telemetry(broker: &BrokerProcess) -> Result<Vec<Value>> {
+    let marker = json!([{"channel": "web.telemetry", "payload": {"marker": true}}]);
+    let response = http_request(
+        "POST",
+        &format!("{}/v1/publish/batch", broker.url()),
+        &[],
+        &serde_json::to_vec(&marker)?,
+    )
+    .await?;
+    ensure!(response.status == 200, "marker refused: {}", response.body);
+    let mut stream = SseStream::open(
+        &format!(
+            "{}/v1/subscribe?pattern=web.telemetry&start=earliest",
+            broker.url()
+        ),
+        &[],
+    )
+    .await?;
+    let mut payloads = Vec::new();
+    loop {
+        let event = stream.next_event().await?;
+        if event.event.is_some() {
+            continue; // subscribed, gap
+        }
+        let message: Value = serde_json::from_str(&event.data)?;
+        if message["payload"]["marker"] == true {
+            return Ok(payloads);
+        }
+        payloads.push(message["payload"].clone());
+    }
+}
+
+/// The `seq` of each stored event of the page `page`, in stored order.
+fn seqs_of(payloads: &[Value], page: &Value) -> Vec<u64> {
+    payloads
+        .iter()
+        .filter(|p| &p["page"] == page)
+        .filter_map(|p| p["seq"].as_u64())
+        .collect()
+}
+
+/// The page's telemetry through a `kill -9` and a restart of its broker: the page keeps recording
+/// events (every 10 ms) all along; the sends that fail are retried with backoff, and in the end
+/// every event is stored, exactly once — a batch stored whose answer was lost is answered
+/// `duplicate` when sent again, thanks to each event's idempotency key.
+#[tokio::test]
+async fn telemetry_recorded_through_a_broker_restart_is_stored_exactly_once() -> Result<()> {
+    if !browser_available("telemetry_restart") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("broker");
+    let origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let mut broker = telemetry_broker(&data, "127.0.0.1:0", origin)?;
+    let listen = broker.addr.to_string();
+    let browser = Browser::start().await?;
+    browser
+        .goto(&page(
+            origin,
+            "telephony",
+            &broker,
+            "&telemetry_every_ms=100&telemetry_max_backoff_ms=1000",
+        ))
+        .await?;
+    browser.wait_for("panel live", LIVE).await?;
+    browser
+        .eval(
+            "window.ticker = setInterval(() => window.demo.telemetry.record('test.tick'), 10)",
+            json!([]),
+        )
+        .await?;
+    browser
+        .wait_for(
+            "ticks stored before the kill",
+            "const s = window.demo.telemetry.stats(); return s.stored >= 20 ? s : null",
+        )
+        .await?;
+    // A batch stored whose answer is lost on the way back (as when the connection drops just
+    // after the commit): sent again under the same keys, it is answered `duplicate`.
+    browser
+        .eval(
+            "const send = window.fetch;
+             let lost = false;
+             window.fetch = async (...args) => {
+                 const response = await send(...args);
+                 if (!lost) { lost = true; throw new TypeError('the answer was lost'); }
+                 return response;
+             };",
+            json!([]),
+        )
+        .await?;
+    let retried = browser
+        .wait_for(
+            "the batch whose answer was lost answered duplicate",
+            "const s = window.demo.telemetry.stats(); return s.duplicates >= 1 ? s : null",
+        )
+        .await?;
+    println!("answer lost once: {retried}");
+
+    broker.kill9();
+    let down = browser
+        .wait_for(
+            "sends failing while the broker is down",
+            "const s = window.demo.telemetry.stats(); return s.failures >= 3 ? s : null",
+        )
+        .await?;
+    println!("broker down: {down}");
+    let broker = telemetry_broker(&data, &listen, origin)?;
+    // Events recorded while the broker was down get stored once it is back.
+    let recorded_while_down = down["recorded"].as_u64().unwrap_or_default();
+    browser
+        .wait_for(
+            "events from the outage stored",
+            &format!(
+                "const s = window.demo.telemetry.stats(); return s.stored > {recorded_while_down}"
+            ),
+        )
+        .await?;
+    let done = browser
+        .wait_for(
+            "everything recorded sent",
+            "clearInterval(window.ticker);
+             const s = window.demo.telemetry.stats();
+             return s.queued === 0 && s.inFlight === 0 ? s : null",
+        )
+        .await?;
+    println!("after the restart: {done}");
+    let recorded = done["recorded"].as_u64().unwrap_or_default();
+    assert_eq!(
+        done["stored"],
+        json!(recorded),
+        "every event acked once: {done}"
+    );
+    assert_eq!(done["dropped"], 0, "{done}");
+    assert_eq!(done["refused"], 0, "{done}");
+    assert!(done["duplicates"].as_u64() >= Some(1), "{done}");
+
+    let stored = seqs_of(&stored_telemetry(&broker).await?, &done["page"]);
+    let mut sorted = stored.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        stored.len(),
+        "an event stored twice: {stored:?}"
+    );
+    assert_eq!(
+        sorted,
+        (1..=recorded).collect::<Vec<u64>>(),
+        "every event stored (none lost)"
+    );
+    Ok(())
+}
+
+/// The queue's bound: while the broker is down, a page over `maxEvents` drops its oldest events
+/// and says how many in its widget; the newest are stored once the broker is back. A message the
+/// broker refuses for good (an invalid channel) is not sent again, and does not hold up the rest.
+#[tokio::test]
+async fn telemetry_drops_its_oldest_events_over_its_bound_and_never_retries_a_refusal() -> Result<()>
+{
+    if !browser_available("telemetry_bound") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("broker");
+    let origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let mut broker = telemetry_broker(&data, "127.0.0.1:0", origin)?;
+    let listen = broker.addr.to_string();
+    let browser = Browser::start().await?;
+    browser
+        .goto(&page(
+            origin,
+            "telephony",
+            &broker,
+            "&telemetry_every_ms=100&telemetry_max_events=10&telemetry_max_backoff_ms=1000",
+        ))
+        .await?;
+    browser.wait_for("panel live", LIVE).await?;
+
+    // One refused message between two good ones: refused once, the others stored.
+    browser
+        .eval(
+            "const t = window.demo.telemetry;
+             t.record('test.before');
+             t.record('test.refused', {}, {channel: 'not a channel'});
+             t.record('test.after');",
+            json!([]),
+        )
+        .await?;
+    let settled = browser
+        .wait_for(
+            "the refusal settled",
+            "const s = window.demo.telemetry.stats();
+             return s.queued === 0 && s.inFlight === 0 && s.refused === 1 ? s : null",
+        )
+        .await?;
+    assert_eq!(
+        settled["failures"], 0,
+        "a refusal is not a failure to retry: {settled}"
+    );
+
+    broker.kill9();
+    let burst = browser
+        .eval(
+            "const t = window.demo.telemetry;
+             const first = t.stats().recorded + 1;
+             for (let i = 0; i < 25; i++) t.record('test.burst');
+             return [first, t.stats()]",
+            json!([]),
+        )
+        .await?;
+    let first = burst[0].as_u64().unwrap_or_default();
+    assert_eq!(
+        burst[1]["dropped"], 15,
+        "25 events in a queue of 10: {burst}"
+    );
+    assert_eq!(burst[1]["queued"], 10, "{burst}");
+    let widget = browser
+        .eval(
+            "return document.getElementById('telemetry').textContent",
+            json!([]),
+        )
+        .await?;
+    assert!(
+        widget.as_str().unwrap_or_default().contains("15 dropped"),
+        "the widget shows the drops: {widget}"
+    );
+    browser
+        .wait_for(
+            "a failed send",
+            "return window.demo.telemetry.stats().failures >= 1",
+        )
+        .await?;
+
+    let broker = telemetry_broker(&data, &listen, origin)?;
+    let done = browser
+        .wait_for(
+            "the queue sent",
+            "const s = window.demo.telemetry.stats();
+             return s.queued === 0 && s.inFlight === 0 ? s : null",
+        )
+        .await?;
+    assert_eq!(done["refused"], 1, "the refusal was not sent again: {done}");
+    let payloads = stored_telemetry(&broker).await?;
+    let stored = seqs_of(&payloads, &done["page"]);
+    // page.view (1), before (2), after (4): the refused one (3) is not stored; then the 10 newest
+    // of the burst.
+    let mut expected = vec![1, 2, 4];
+    expected.extend(first + 15..first + 25);
+    assert_eq!(
+        stored, expected,
+        "the oldest of the burst dropped, the rest once, in order"
+    );
+    Ok(())
+}

@@ -115,7 +115,14 @@ function followFeed() {
   };
 }
 
-const telemetry = window.createTelemetry({ broker: BROKER, source: PANEL });
+// Telemetry settings may come from the query string too (the tests use short ones):
+// ?telemetry_every_ms=200&telemetry_max_events=50&telemetry_max_backoff_ms=1000
+const telemetryOptions = { broker: BROKER, source: PANEL };
+for (const [param, option] of [["telemetry_every_ms", "everyMs"], ["telemetry_max_events", "maxEvents"],
+  ["telemetry_max_backoff_ms", "maxBackoffMs"]]) {
+  if (params.has(param)) telemetryOptions[option] = Number(params.get(param));
+}
+const telemetry = window.createTelemetry(telemetryOptions);
 window.demo.telemetry = telemetry;
 document.getElementById("form").addEventListener("submit", save);
 watchContact();
