@@ -13,7 +13,7 @@ import queue
 import subprocess
 import threading
 import time
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, List, Optional, TypeVar
 
 import pytest
 
@@ -22,6 +22,7 @@ BINARY = pathlib.Path(os.environ.get("SWITCHBOARD_BINARY", ROOT / "target/debug/
 START_TIMEOUT = 30.0
 
 T = TypeVar("T")
+TIMEOUT = 20.0
 
 
 def wait_for(condition: Callable[[], Optional[T]], timeout: float = 10.0, what: str = "") -> T:
@@ -37,13 +38,14 @@ def wait_for(condition: Callable[[], Optional[T]], timeout: float = 10.0, what: 
 
 
 class Broker:
-    def __init__(self, data_dir: pathlib.Path) -> None:
+    def __init__(self, data_dir: pathlib.Path, env: Optional[dict] = None) -> None:
         if not BINARY.exists():
             raise RuntimeError(
                 f"{BINARY} does not exist: cargo build -p switchboard-broker --bin switchboard, "
                 "or set SWITCHBOARD_BINARY"
             )
         self.data_dir = data_dir
+        self.env = dict(env or {})
         self.log_path = data_dir.with_suffix(".log")
         self.process: Optional[subprocess.Popen[str]] = None
         self.addr = ""
@@ -58,7 +60,7 @@ class Broker:
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
-            env={**os.environ, "SWITCHBOARD_LOG_LEVEL": "info,openraft=warn"},
+            env={**os.environ, "SWITCHBOARD_LOG_LEVEL": "info,openraft=warn", **self.env},
         )
         log.close()
         lines: "queue.Queue[Optional[str]]" = queue.Queue()
@@ -110,3 +112,33 @@ def broker(tmp_path: pathlib.Path) -> Iterator[Broker]:
         yield running
     finally:
         running.kill()
+
+
+class Reader:
+    """Iterates a stream on its own thread, so a test can wait for events with a deadline."""
+
+    def __init__(self, stream: Iterable[Any]) -> None:
+        self.events: "queue.Queue[Any]" = queue.Queue()
+        self.error: List[BaseException] = []
+
+        def run() -> None:
+            try:
+                for event in stream:
+                    self.events.put(event)
+            except BaseException as err:  # handed to the test
+                self.error.append(err)
+                self.events.put(err)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def take(self, n: int, timeout: float = TIMEOUT) -> List[Any]:
+        got = []
+        for _ in range(n):
+            try:
+                event = self.events.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"got {len(got)} of {n} events in {timeout}s: {got}") from None
+            if isinstance(event, BaseException):
+                raise event
+            got.append(event)
+        return got

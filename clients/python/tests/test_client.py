@@ -21,39 +21,9 @@ from switchboard_client import (
     retry_after,
 )
 
-from conftest import Broker, wait_for
+from conftest import Broker, Reader, wait_for
 
 TIMEOUT = 20.0
-
-
-class Reader:
-    """Iterates a stream on its own thread, so a test can wait for events with a deadline."""
-
-    def __init__(self, stream: Iterable[Any]) -> None:
-        self.events: "queue.Queue[Any]" = queue.Queue()
-        self.error: List[BaseException] = []
-
-        def run() -> None:
-            try:
-                for event in stream:
-                    self.events.put(event)
-            except BaseException as err:  # handed to the test
-                self.error.append(err)
-                self.events.put(err)
-
-        threading.Thread(target=run, daemon=True).start()
-
-    def take(self, n: int, timeout: float = TIMEOUT) -> List[Any]:
-        got = []
-        for _ in range(n):
-            try:
-                event = self.events.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"got {len(got)} of {n} events in {timeout}s: {got}") from None
-            if isinstance(event, BaseException):
-                raise event
-            got.append(event)
-        return got
 
 
 def test_publish_subscribe_round_trip_and_idempotency(broker: Broker) -> None:
@@ -255,3 +225,29 @@ def test_entities_update_get_and_watch(broker: Broker) -> None:
             client.get_entity("contact", "nobody")
         assert missing.value.reason == "ENTITY_NOT_FOUND"
         assert missing.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def _established_to(port: int) -> int:
+    """TCP connections to `port` on this machine, from /proc/net/tcp{,6} (state 01, ESTABLISHED).
+
+    grpcio connects to 127.0.0.1 through an IPv6 socket (a v4-mapped address): both tables count.
+    """
+    count = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as table:
+            for line in list(table)[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[3] == "01":
+                    count += 1
+    return count
+
+
+def test_each_subscription_has_a_connection_of_its_own(broker: Broker) -> None:
+    port = int(broker.addr.rsplit(":", 1)[1])
+    with Client(broker.addr) as client:
+        client.info()  # opens the shared connection used by unary calls
+        wait_for(lambda: _established_to(port) == 1, TIMEOUT, "the shared connection")
+        with client.subscribe("a.>"), client.subscribe("b.>"):
+            # grpc-python would put both on the shared connection without the local pool.
+            wait_for(lambda: _established_to(port) == 3, TIMEOUT, "one connection per subscription")
