@@ -253,7 +253,7 @@ class Client:
         pattern: str,
         *,
         start: Start = None,
-        policy: int = broker_pb2.FLOW_POLICY_UNSPECIFIED,
+        policy: "broker_pb2.FlowPolicy" = broker_pb2.FLOW_POLICY_UNSPECIFIED,
         window: int = 0,
         max_unacked: int = 0,
         durable_name: str = "",
@@ -348,7 +348,7 @@ class Client:
         self,
         pattern: str,
         *,
-        policy: int = broker_pb2.FLOW_POLICY_UNSPECIFIED,
+        policy: "broker_pb2.FlowPolicy" = broker_pb2.FLOW_POLICY_UNSPECIFIED,
         min_interval_ms: int = 0,
     ) -> "EntityWatch":
         """The entities matching `pattern` (over `type.id`): a snapshot, `snapshot_complete`, then
