@@ -412,6 +412,8 @@ pub(crate) enum ItemOutcome {
     Schema {
         /// The pattern and version held a registration before this write.
         existed: bool,
+        /// When it was applied (the registration's time, for a put), µs since the epoch.
+        applied_at_us: u64,
     },
 }
 

@@ -604,10 +604,24 @@ async fn a_registration_reaches_every_node_of_a_cluster() {
     for node in &nodes {
         clients.push(Client::connect(node.url()).await.unwrap());
     }
-    clients[1]
+    // Through a follower: the put is answered once that node applied it too, so the next publish
+    // there meets the schema at once; the other nodes apply it as they apply the log.
+    let leader = eventually("a leader", || async {
+        let status = clients[0].cluster_status().await.ok()?;
+        (status.leader_id != 0).then_some(status.leader_id)
+    })
+    .await
+    .unwrap();
+    let follower = &clients[usize::try_from(if leader == 1 { 2 } else { 1 }).unwrap() - 1];
+    follower
         .schema_put(SchemaPut::new("crm.contact.*", "1.0.0", CONTACT_V1))
         .await
         .unwrap();
+    let at_once = follower
+        .publish(contact(r#"{"id":1}"#, "1.0.0"))
+        .await
+        .unwrap_err();
+    assert_eq!(at_once.reason(), Some(Reason::SchemaMismatch), "{at_once}");
     for (i, client) in clients.iter().enumerate() {
         eventually(&format!("node {i} enforces the schema"), || async {
             let e = client

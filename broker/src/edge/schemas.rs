@@ -105,32 +105,38 @@ impl SchemasService {
                 ),
             });
         }
+        let registered_by = caller.owner();
         let write = SchemaWrite::Put {
             pattern: pattern.as_str().to_owned(),
             version: version.to_string(),
-            document: request.document,
+            document: request.document.clone(),
             policy,
-            registered_by: caller.owner(),
+            registered_by: registered_by.clone(),
         };
-        let replaced = match edge.proposer.propose(Item::Schema(write)).await? {
-            ItemOutcome::Schema { existed } => existed,
+        let (replaced, registered_at_us) = match edge.proposer.propose(Item::Schema(write)).await? {
+            ItemOutcome::Schema {
+                existed,
+                applied_at_us,
+            } => (existed, applied_at_us),
             other => {
                 return Err(BrokerError::Consensus(format!(
                     "a schema write was applied as {other:?}"
                 )))
             }
         };
-        let stored = edge
-            .store
-            .schema(pattern.as_str(), &version.to_string())?
-            .ok_or_else(|| {
-                BrokerError::Consensus("a registered schema is not in the store".into())
-            })?;
+        let record = SchemaRecord {
+            document: request.document,
+            policy,
+            registered_at_us,
+            registered_by,
+        };
+        self.applied_here(pattern.as_str(), &version.to_string(), Some(&record))
+            .await;
         Ok(pb::PutSchemaResponse {
             schema: Some(schema_message(
                 pattern.as_str(),
                 &version.to_string(),
-                stored,
+                record,
                 true,
             )),
             replaced,
@@ -156,12 +162,42 @@ impl SchemasService {
             version: version.to_string(),
         };
         match edge.proposer.propose(Item::Schema(write)).await? {
-            ItemOutcome::Schema { existed: true } => Ok(pb::DeleteSchemaResponse {}),
-            ItemOutcome::Schema { existed: false } => Err(not_found(pattern.as_str(), &version)),
+            ItemOutcome::Schema { existed: true, .. } => {
+                self.applied_here(pattern.as_str(), &version.to_string(), None)
+                    .await;
+                Ok(pb::DeleteSchemaResponse {})
+            }
+            ItemOutcome::Schema { existed: false, .. } => {
+                Err(not_found(pattern.as_str(), &version))
+            }
             other => Err(BrokerError::Consensus(format!(
                 "a schema write was applied as {other:?}"
             ))),
         }
+    }
+
+    /// Waits, up to `cluster.forward_timeout`, until this node's store holds `record` for
+    /// `pattern` at `version` (`None`: no registration): a put or delete through a follower is
+    /// answered once the leader applied it, and waiting for this node too means the caller's next
+    /// publish here meets what it just registered. A node far behind answers at the bound anyway
+    /// (the write is committed; this node applies it as it catches up).
+    async fn applied_here(&self, pattern: &str, version: &str, record: Option<&SchemaRecord>) {
+        let holds = || match self.edge.store.schema(pattern, version) {
+            Ok(stored) => {
+                stored.as_ref().map(|s| (&s.document, s.policy))
+                    == record.map(|r| (&r.document, r.policy))
+            }
+            Err(_) => false,
+        };
+        let mut progress = self.edge.progress.clone();
+        let wait = async {
+            while !holds() {
+                if progress.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.edge.config.cluster.forward_timeout, wait).await;
     }
 
     /// Reads one registration (the pattern's highest version when none is named).

@@ -273,7 +273,10 @@ impl BatchApply<'_> {
             MessageStore::put_schema(batch, pattern, version, record.as_ref())?;
         }
         self.schemas.insert(key, record.is_some());
-        Ok(ItemOutcome::Schema { existed })
+        Ok(ItemOutcome::Schema {
+            existed,
+            applied_at_us: self.publish_time_us,
+        })
     }
 }
 
