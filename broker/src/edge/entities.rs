@@ -170,23 +170,17 @@ impl EntitiesService {
         caller: &Caller,
     ) -> Result<(), BrokerError> {
         let channel = state_channel(entity_type, id);
-        let current = self.edge.store.entity(entity_type, id)?;
-        let document = document_after(current.as_ref(), values);
-        match self.edge.schemas.check_entity(&channel, &document) {
-            Ok(None) => Ok(()),
-            Ok(Some(warned)) => {
-                self.edge.drift.report(warned);
-                Ok(())
-            }
-            Err(error) => {
-                if let BrokerError::Schema(mismatch) = &error {
-                    self.edge.drift.report((**mismatch).clone());
-                }
-                metrics::entity_refused(error.reason());
-                caller.audit_refused(&format!("{entity_type}.{id}"), &error);
-                Err(error)
-            }
-        }
+        // The entity is read only when a schema applies: most entity types have none, and an
+        // update must not pay a store read for nothing.
+        let document = || {
+            let current = self.edge.store.entity(entity_type, id)?;
+            Ok(document_after(current.as_ref(), values))
+        };
+        let verdict = self.edge.schemas.check_entity(&channel, document);
+        self.edge.drift.account(verdict).inspect_err(|error| {
+            metrics::entity_refused(error.reason());
+            caller.audit_refused(&format!("{entity_type}.{id}"), error);
+        })
     }
 
     async fn write(

@@ -152,15 +152,8 @@ impl Edge {
         }
         // The schema check comes after the grant, so a caller learns nothing of the schemas of
         // channels it may not publish to; drift is counted and announced either way.
-        match self.schemas.check(&message) {
-            Ok(None) => {}
-            Ok(Some(warned)) => self.drift.report(warned),
-            Err(e) => {
-                if let BrokerError::Schema(mismatch) = &e {
-                    self.drift.report((**mismatch).clone());
-                }
-                return Err(refused(caller, &channel, e));
-            }
+        if let Err(e) = self.drift.account(self.schemas.check(&message)) {
+            return Err(refused(caller, &channel, e));
         }
         let receive = trace::receive_span(parent.as_ref(), &message.channel);
         trace::stamp_message(&receive, &mut message.headers);

@@ -343,7 +343,11 @@ fn version(version: &str) -> Result<semver::Version, BrokerError> {
     })
 }
 
-fn policy(policy: i32) -> Result<SchemaPolicy, BrokerError> {
+/// A policy as the protobuf enum's number; unset is enforce.
+///
+/// # Errors
+/// `SCHEMA_INVALID` for a number the enum does not name.
+pub(crate) fn policy(policy: i32) -> Result<SchemaPolicy, BrokerError> {
     match pb::SchemaPolicy::try_from(policy) {
         Ok(pb::SchemaPolicy::Unspecified | pb::SchemaPolicy::Enforce) => Ok(SchemaPolicy::Enforce),
         Ok(pb::SchemaPolicy::Warn) => Ok(SchemaPolicy::Warn),
@@ -355,7 +359,8 @@ fn policy(policy: i32) -> Result<SchemaPolicy, BrokerError> {
     }
 }
 
-fn policy_message(policy: SchemaPolicy) -> pb::SchemaPolicy {
+/// A policy as the protobuf enum.
+pub(crate) fn policy_message(policy: SchemaPolicy) -> pb::SchemaPolicy {
     match policy {
         SchemaPolicy::Enforce => pb::SchemaPolicy::Enforce,
         SchemaPolicy::Warn => pb::SchemaPolicy::Warn,

@@ -20,6 +20,8 @@ use switchboard_proto::v1 as pb;
 use super::error::HttpError;
 use super::query::Query;
 use super::{json, read_body, Gateway};
+use crate::edge::schemas;
+use crate::message::SchemaPolicy;
 use crate::schema::parse_policy;
 
 /// A put's body.
@@ -44,20 +46,13 @@ struct CheckBody {
     schema_version: String,
 }
 
+/// A policy number from the registry's answers as its name; the registry only answers known ones.
 fn policy_name(policy: i32) -> &'static str {
-    match pb::SchemaPolicy::try_from(policy) {
-        Ok(pb::SchemaPolicy::Warn) => "warn",
-        Ok(pb::SchemaPolicy::Off) => "off",
-        _ => "enforce",
-    }
+    schemas::policy(policy).map_or("enforce", SchemaPolicy::as_str)
 }
 
 fn policy_number(name: &str) -> Result<i32, HttpError> {
-    Ok(match parse_policy(name)? {
-        crate::message::SchemaPolicy::Enforce => pb::SchemaPolicy::Enforce,
-        crate::message::SchemaPolicy::Warn => pb::SchemaPolicy::Warn,
-        crate::message::SchemaPolicy::Off => pb::SchemaPolicy::Off,
-    } as i32)
+    Ok(schemas::policy_message(parse_policy(name)?) as i32)
 }
 
 fn schema_json(schema: &pb::Schema) -> Value {

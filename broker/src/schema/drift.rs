@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::Mismatch;
+use crate::error::BrokerError;
 use crate::message::{Item, NewMessage, SchemaPolicy};
 use crate::observability::metrics;
 use crate::shutdown::ShutdownSignal;
@@ -57,17 +58,37 @@ impl DriftReporter {
         DriftReporter { queue, suppressed }
     }
 
+    /// Reports the drift a schema check found, if any, and passes its verdict on: `Ok` when
+    /// the write may go on (it matched, or it was only warned), the refusal otherwise.
+    ///
+    /// # Errors
+    /// The check's error: a [`BrokerError::Schema`] refusal (reported), or a store error.
+    pub(crate) fn account(
+        &self,
+        verdict: Result<Option<Mismatch>, BrokerError>,
+    ) -> Result<(), BrokerError> {
+        match verdict {
+            Ok(None) => Ok(()),
+            Ok(Some(warned)) => {
+                self.report(warned);
+                Ok(())
+            }
+            Err(error) => {
+                if let BrokerError::Schema(mismatch) = &error {
+                    self.report((**mismatch).clone());
+                }
+                Err(error)
+            }
+        }
+    }
+
     /// Counts `mismatch` and queues its announcement.
-    pub(crate) fn report(&self, mismatch: Mismatch) {
-        let outcome = match mismatch.policy {
-            SchemaPolicy::Enforce => "refused",
-            SchemaPolicy::Warn | SchemaPolicy::Off => "warned",
-        };
+    fn report(&self, mismatch: Mismatch) {
         metrics::schema_drift(
             &mismatch.pattern,
             mismatch.schema_version(),
             mismatch.keyword(),
-            outcome,
+            outcome(mismatch.policy),
         );
         if self.queue.try_send(mismatch).is_err() {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
@@ -114,22 +135,26 @@ async fn announce(
 
 /// The announcement of `mismatch`, as JSON.
 fn event(mismatch: &Mismatch, node_id: u64, suppressed: u64) -> serde_json::Value {
-    let outcome = match mismatch.policy {
-        SchemaPolicy::Enforce => "refused",
-        SchemaPolicy::Warn | SchemaPolicy::Off => "warned",
-    };
     serde_json::json!({
         "channel": mismatch.channel,
         "pattern": mismatch.pattern,
         "schema_version": mismatch.schema_version(),
         "message_schema_version": mismatch.message_version,
         "policy": mismatch.policy.as_str(),
-        "outcome": outcome,
+        "outcome": outcome(mismatch.policy),
         "reason": mismatch.reason().as_str(),
         "failures": mismatch.failures(),
         "node_id": node_id,
         "suppressed_before": suppressed,
     })
+}
+
+/// What became of a message that did not match under `policy`: `refused` or `warned`.
+fn outcome(policy: SchemaPolicy) -> &'static str {
+    match policy {
+        SchemaPolicy::Enforce => "refused",
+        SchemaPolicy::Warn | SchemaPolicy::Off => "warned",
+    }
 }
 
 /// At most `limit` admissions in any one-second window (a fixed window, restarted at the first

@@ -186,11 +186,12 @@ impl SchemaRegistry {
             selected,
             &message.channel,
             &message.schema_version,
-            |registered| registered.failures(&message.content_type, &message.payload),
+            |registered| Ok(registered.failures(&message.content_type, &message.payload)),
         )
     }
 
-    /// Checks an entity as a write would leave it, `document` (a JSON object of its fields),
+    /// Checks an entity as a write would leave it, made by `document` (a JSON object of its
+    /// fields; called only when a schema applies),
     /// against the schema registered for its state channel `$state.<type>.<id>`: the most
     /// specific matching pattern's highest version (an entity write carries no schema version).
     ///
@@ -202,7 +203,7 @@ impl SchemaRegistry {
     pub(crate) fn check_entity(
         &self,
         state_channel: &str,
-        document: &[u8],
+        document: impl FnOnce() -> Result<Vec<u8>, BrokerError>,
     ) -> Result<Option<Mismatch>, BrokerError> {
         let compiled = self.compiled()?;
         let Some(schemas) = compiled.matching(state_channel) else {
@@ -211,7 +212,7 @@ impl SchemaRegistry {
         let newest = schemas.versions.last();
         let version = newest.map_or(String::new(), |r| r.version.to_string());
         judge(schemas, newest, state_channel, &version, |registered| {
-            registered.failures("application/json", document)
+            Ok(registered.failures("application/json", &document()?))
         })
     }
 
@@ -339,20 +340,22 @@ impl SchemaRegistry {
 }
 
 /// The verdict on a message on `channel` (of `message_version`) that met `schemas`, with
-/// `selected` its registration (`None`: no version applies); `failures` checks the payload.
+/// `selected` its registration (`None`: no version applies); `failures` checks the payload, and
+/// is called only when a policy other than `off` applies (so a payload made on demand, such as
+/// an entity read from the store, is made only then).
 fn judge(
     schemas: &PatternSchemas,
     selected: Option<&Arc<Registered>>,
     channel: &str,
     message_version: &str,
-    failures: impl FnOnce(&Registered) -> Vec<Failure>,
+    failures: impl FnOnce(&Registered) -> Result<Vec<Failure>, BrokerError>,
 ) -> Result<Option<Mismatch>, BrokerError> {
     let (policy, kind) = match selected {
         Some(registered) => {
             if registered.record.policy == SchemaPolicy::Off {
                 return Ok(None);
             }
-            let failures = failures(registered);
+            let failures = failures(registered)?;
             if failures.is_empty() {
                 return Ok(None);
             }
