@@ -228,7 +228,7 @@ impl Feeder<'_> {
         self.metrics
             .delivered(message.publish_time_us, message.offset >= self.live_from);
         if let Some(waited) = message.since_announced() {
-            metrics::publish_stage("fanout", waited.as_secs_f64());
+            self.metrics.fanout(waited);
         }
         if skipped > 0 {
             metrics::conflated(skipped);
