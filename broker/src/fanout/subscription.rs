@@ -144,7 +144,7 @@ struct Feeder<'a> {
     /// The next offset this subscription may deliver; everything before it was handled.
     next: u64,
     throttle: Option<Throttle>,
-    /// Looked up once, not per delivery.
+    /// Looked up once, not per delivery; tallied by this task and flushed after each step.
     metrics: DeliveryMetrics,
     /// The first offset given after the subscription registered with the hub: messages from
     /// here on were published while it was open, so their latency is the live path's (read from
@@ -560,6 +560,7 @@ async fn feed(
     if let Err(end) = feeder.catch_up(last).await {
         return end;
     }
+    feeder.metrics.flush();
     loop {
         let throttle_deadline = feeder.throttle.as_ref().and_then(Throttle::deadline);
         let redelivery_deadline = feeder.redelivery_deadline();
@@ -576,6 +577,7 @@ async fn feed(
             _ = sleep_until(redelivery_deadline) => feeder.redeliver_due().await,
             _ = control.cancel.notified() => Err(End::Stopped),
         };
+        feeder.metrics.flush();
         if let Err(end) = step {
             return end;
         }

@@ -10,12 +10,13 @@
 //!   subscription's series disappear with the subscription instead of lingering at their last value.
 
 use std::fmt::Write as _;
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use metrics::{counter, describe_counter, describe_histogram, histogram, Counter, Histogram, Unit};
+use metrics::{counter, describe_counter, describe_histogram, histogram, Counter, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use super::histogram::{FixedHistogram, Tally};
 use crate::error::Reason;
 
 /// Publishes by result and reason.
@@ -116,13 +117,7 @@ pub(crate) fn handle() -> Option<&'static PrometheusHandle> {
 
 fn build() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
     PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(PUBLISH_TO_DELIVER.into()), LATENCY_BUCKETS)?
-        .set_buckets_for_metric(
-            Matcher::Full(LIVE_PUBLISH_TO_DELIVER.into()),
-            LATENCY_BUCKETS,
-        )?
         .set_buckets_for_metric(Matcher::Full(COMMIT_SECONDS.into()), COMMIT_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Full(PUBLISH_STAGE_SECONDS.into()), COMMIT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(LOG_SYNC_SECONDS.into()), COMMIT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(APPLY_SECONDS.into()), COMMIT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(COMMIT_BATCH_ITEMS.into()), BATCH_BUCKETS)
@@ -136,16 +131,6 @@ fn describe() {
     describe_counter!(
         DELIVERIES,
         "Messages delivered to subscribers, by the subscription's flow policy"
-    );
-    describe_histogram!(
-        PUBLISH_TO_DELIVER,
-        Unit::Seconds,
-        "From a message's publish time to its delivery to a subscriber (replays included)"
-    );
-    describe_histogram!(
-        LIVE_PUBLISH_TO_DELIVER,
-        Unit::Seconds,
-        "From a message's publish time to its delivery to a subscriber, for messages published after the subscription started (no replays)"
     );
     describe_counter!(
         SLOW_CONSUMER_SWITCHES,
@@ -200,11 +185,6 @@ fn describe() {
         COMMIT_SECONDS,
         Unit::Seconds,
         "From proposing a log entry to its applied outcome (includes the fdatasync)"
-    );
-    describe_histogram!(
-        PUBLISH_STAGE_SECONDS,
-        Unit::Seconds,
-        "Stages of a publish by stage: queued (the edge's submit to the proposer taking it into a log entry), fanout (applied to handed to a live subscriber's stream)"
     );
     describe_histogram!(
         COMMIT_BATCH_ITEMS,
@@ -277,8 +257,6 @@ fn start_at_zero() {
         counter!(ENTITY_REFUSALS, "reason" => reason.as_str()).absolute(0);
     }
     for name in [
-        PUBLISH_TO_DELIVER,
-        LIVE_PUBLISH_TO_DELIVER,
         COMMIT_SECONDS,
         COMMIT_BATCH_ITEMS,
         LOG_SYNC_SECONDS,
@@ -286,9 +264,6 @@ fn start_at_zero() {
     ] {
         // Registering the handle is enough for the exporter to render the family.
         let _ = histogram!(name);
-    }
-    for stage in ["queued", "fanout"] {
-        let _ = histogram!(PUBLISH_STAGE_SECONDS, "stage" => stage);
     }
 }
 
@@ -335,13 +310,12 @@ pub(crate) fn publish(result: PublishResult, reason: Option<Reason>) {
 }
 
 /// One subscription's delivery metrics, looked up once when it starts rather than per delivery.
-#[derive(Clone)]
 pub(crate) struct DeliveryMetrics {
     deliveries: Counter,
-    latency: Histogram,
-    live_latency: Histogram,
-    /// The `fanout` stage of [`PUBLISH_STAGE_SECONDS`]: looked up here once, not per delivery.
-    fanout: Histogram,
+    latency: Tally,
+    live_latency: Tally,
+    /// The `fanout` stage of [`PUBLISH_STAGE_SECONDS`].
+    fanout: Tally,
 }
 
 impl DeliveryMetrics {
@@ -349,21 +323,21 @@ impl DeliveryMetrics {
     pub(crate) fn new(policy: &'static str) -> DeliveryMetrics {
         DeliveryMetrics {
             deliveries: counter!(DELIVERIES, "policy" => policy),
-            latency: histogram!(PUBLISH_TO_DELIVER),
-            live_latency: histogram!(LIVE_PUBLISH_TO_DELIVER),
-            fanout: histogram!(PUBLISH_STAGE_SECONDS, "stage" => "fanout"),
+            latency: DELIVERY_LATENCY.tally(),
+            live_latency: LIVE_DELIVERY_LATENCY.tally(),
+            fanout: STAGE_FANOUT.tally(),
         }
     }
 
     /// Records the `fanout` stage of a live delivery: `waited` since the hub had the message.
-    pub(crate) fn fanout(&self, waited: std::time::Duration) {
+    pub(crate) fn fanout(&mut self, waited: std::time::Duration) {
         self.fanout.record(waited.as_secs_f64());
     }
 
     /// Counts a delivery to the subscriber and records publish→deliver latency, in the live
     /// histogram too when `live` (the message was published after the subscription started,
     /// so it is not a replay of history).
-    pub(crate) fn delivered(&self, publish_time_us: u64, live: bool) {
+    pub(crate) fn delivered(&mut self, publish_time_us: u64, live: bool) {
         self.deliveries.increment(1);
         let seconds = seconds_since(publish_time_us, now_us());
         self.latency.record(seconds);
@@ -371,6 +345,51 @@ impl DeliveryMetrics {
             self.live_latency.record(seconds);
         }
     }
+
+    /// Makes the latencies recorded so far visible in `/metrics` (the task calls it after each
+    /// batch; see [`super::histogram`]).
+    pub(crate) fn flush(&mut self) {
+        self.latency.flush();
+        self.live_latency.flush();
+        self.fanout.flush();
+    }
+}
+
+/// The delivery-path histograms ([`super::histogram`]): recorded per delivery, so kept out of
+/// the exporter and rendered by [`render`].
+static DELIVERY_LATENCY: LazyLock<FixedHistogram> =
+    LazyLock::new(|| FixedHistogram::new(LATENCY_BUCKETS));
+static LIVE_DELIVERY_LATENCY: LazyLock<FixedHistogram> =
+    LazyLock::new(|| FixedHistogram::new(LATENCY_BUCKETS));
+static STAGE_QUEUED: LazyLock<FixedHistogram> =
+    LazyLock::new(|| FixedHistogram::new(COMMIT_BUCKETS));
+static STAGE_FANOUT: LazyLock<FixedHistogram> =
+    LazyLock::new(|| FixedHistogram::new(COMMIT_BUCKETS));
+
+/// Writes the delivery-path histograms, families and samples.
+fn render_delivery_histograms(out: &mut String) {
+    family(
+        out,
+        PUBLISH_TO_DELIVER,
+        "histogram",
+        "From a message's publish time to its delivery to a subscriber (replays included)",
+    );
+    DELIVERY_LATENCY.render(out, PUBLISH_TO_DELIVER, "");
+    family(
+        out,
+        LIVE_PUBLISH_TO_DELIVER,
+        "histogram",
+        "From a message's publish time to its delivery to a subscriber, for messages published after the subscription started (no replays)",
+    );
+    LIVE_DELIVERY_LATENCY.render(out, LIVE_PUBLISH_TO_DELIVER, "");
+    family(
+        out,
+        PUBLISH_STAGE_SECONDS,
+        "histogram",
+        "Stages of a publish by stage: queued (the edge's submit to the proposer taking it into a log entry), fanout (applied to handed to a live subscriber's stream)",
+    );
+    STAGE_QUEUED.render(out, PUBLISH_STAGE_SECONDS, "stage=\"queued\"");
+    STAGE_FANOUT.render(out, PUBLISH_STAGE_SECONDS, "stage=\"fanout\"");
 }
 
 /// Seconds from `then_us` to `now_us` (µs since the epoch); 0 when the clock says `then` is later.
@@ -480,9 +499,9 @@ pub(crate) fn commit(items: usize, seconds: f64) {
     histogram!(COMMIT_BATCH_ITEMS).record(items as f64);
 }
 
-/// Records how long a publish took in `stage` (see [`PUBLISH_STAGE_SECONDS`]).
-pub(crate) fn publish_stage(stage: &'static str, seconds: f64) {
-    histogram!(PUBLISH_STAGE_SECONDS, "stage" => stage).record(seconds);
+/// Records how long a publish waited in the `queued` stage (see [`PUBLISH_STAGE_SECONDS`]).
+pub(crate) fn publish_queued(seconds: f64) {
+    STAGE_QUEUED.record(seconds);
 }
 
 /// Records one sync round of the raft log.
@@ -575,6 +594,7 @@ pub(crate) fn render(scrape: &Scrape) -> String {
     if !out.is_empty() && !out.ends_with('\n') {
         out.push('\n');
     }
+    render_delivery_histograms(&mut out);
     render_state(&mut out, scrape);
     if let Some(process) = &scrape.process {
         process.render(&mut out);

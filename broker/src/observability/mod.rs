@@ -11,6 +11,7 @@
 pub(crate) mod admin;
 pub(crate) mod audit;
 pub(crate) mod console;
+pub(crate) mod histogram;
 pub(crate) mod metrics;
 pub(crate) mod probe;
 pub(crate) mod process;

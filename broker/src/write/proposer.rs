@@ -244,7 +244,7 @@ impl Entry {
     }
 
     fn take(&mut self, proposal: Proposal) {
-        metrics::publish_stage("queued", proposal.submitted.elapsed().as_secs_f64());
+        metrics::publish_queued(proposal.submitted.elapsed().as_secs_f64());
         self.due = match (self.due, proposal.due) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
