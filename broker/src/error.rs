@@ -273,6 +273,16 @@ impl From<crate::message::Refusal> for BrokerError {
         use crate::message::Refusal;
         match refusal {
             Refusal::Loop { detail } => BrokerError::LoopDetected { detail },
+            Refusal::ViewInvalid { detail } => BrokerError::Invalid {
+                reason: Reason::ViewInvalid,
+                message: detail,
+            },
+            Refusal::ViewLimit { max_views } => BrokerError::Exhausted {
+                reason: Reason::ViewLimit,
+                message: format!(
+                    "the broker holds {max_views} KPI views, as many as it may (kpis.max_views)"
+                ),
+            },
             Refusal::Stale { current_version } => BrokerError::StaleUpdate { current_version },
             Refusal::VersionConflict {
                 current_version,

@@ -41,6 +41,7 @@ pub(crate) mod entity;
 pub(crate) mod error;
 pub(crate) mod fanout;
 pub(crate) mod gateway;
+pub(crate) mod kpi;
 pub(crate) mod message;
 pub(crate) mod observability;
 pub(crate) mod raft;

@@ -231,9 +231,37 @@ pub enum Item {
     Entity(EntityWrite),
     /// Open, acknowledge or delete a durable consumer.
     Consumer(ConsumerWrite),
-    /// Register or remove a payload schema ([`crate::schema`]). Last: bincode names variants by
-    /// position, so entries written before schemas existed still read.
+    /// Register or remove a payload schema ([`crate::schema`]). Bincode names variants by
+    /// position, so new ones go last and entries written before them still read.
     Schema(SchemaWrite),
+    /// Define or drop a KPI view ([`crate::kpi`]).
+    View(ViewWrite),
+}
+
+/// A change to the KPI views.
+///
+/// In the replicated log as bincode: variants keep their places, and new ones go last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ViewWrite {
+    /// Defines a view (replacing one of the same name, whose cells are dropped: they were
+    /// computed by another definition) and backfills it.
+    Put {
+        /// The definition as JSON, checked at the edge ([`crate::kpi::ViewDefinition`]); apply
+        /// reads it again, and refuses it if it no longer reads (a newer edge's definition on an
+        /// older broker).
+        definition: String,
+        /// Who defines it.
+        defined_by: Option<Owner>,
+        /// Retained messages the backfill reads at most (0: no backfill).
+        backfill_limit: u64,
+        /// Views the store may hold (a put of a new view past it is refused).
+        max_views: u32,
+    },
+    /// Drops a view and its cells.
+    Delete {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// How a registered schema treats a message that does not match it.
@@ -297,6 +325,7 @@ impl Item {
             Item::Entity(w) => matches!(w.change, crate::entity::Change::Delete),
             Item::Consumer(_) => true,
             Item::Schema(w) => matches!(w, SchemaWrite::Delete { .. }),
+            Item::View(w) => matches!(w, ViewWrite::Delete { .. }),
         }
     }
 
@@ -321,6 +350,8 @@ impl Item {
             Item::Schema(SchemaWrite::Delete { pattern, version }) => {
                 pattern.len() + version.len() + 64
             }
+            Item::View(ViewWrite::Put { definition, .. }) => definition.len() + 128,
+            Item::View(ViewWrite::Delete { name }) => name.len() + 64,
         }
     }
 }
@@ -381,6 +412,16 @@ pub enum Refusal {
         /// The limit, ms.
         max_skew_ms: u64,
     },
+    /// A KPI view definition that does not read as one where it is applied.
+    ViewInvalid {
+        /// What is wrong, for the client.
+        detail: String,
+    },
+    /// A new KPI view when the store holds as many as it may.
+    ViewLimit {
+        /// The limit.
+        max_views: u32,
+    },
 }
 
 /// What apply decided for one item.
@@ -414,6 +455,15 @@ pub(crate) enum ItemOutcome {
         existed: bool,
         /// When it was applied (the registration's time, for a put), µs since the epoch.
         applied_at_us: u64,
+    },
+    /// A view write was applied.
+    View {
+        /// A view of that name existed before this write.
+        existed: bool,
+        /// When it was applied, µs since the epoch.
+        applied_at_us: u64,
+        /// For a put: what its backfill read.
+        backfill: Option<crate::kpi::BackfillReport>,
     },
 }
 

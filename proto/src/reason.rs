@@ -228,6 +228,12 @@ reasons! {
     SchemaDenied => "SCHEMA_DENIED",
     /// The registry holds `schemas.max_registrations` already (RESOURCE_EXHAUSTED).
     SchemaLimit => "SCHEMA_LIMIT",
+    // KPI views (docs/KPIS.md).
+    /// A view definition that cannot be used: not a definition, or a value out of bounds
+    /// (INVALID_ARGUMENT); the message names the field.
+    ViewInvalid => "VIEW_INVALID",
+    /// The broker holds as many views as it may (`kpis.max_views`) (RESOURCE_EXHAUSTED).
+    ViewLimit => "VIEW_LIMIT",
 }
 
 impl fmt::Display for Reason {

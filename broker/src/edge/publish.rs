@@ -37,7 +37,10 @@ fn ack(outcome: ItemOutcome, correlation_id: String) -> Result<pb::PublishAck, B
             correlation_id,
         } => (offset, publish_time_us, true, correlation_id),
         ItemOutcome::Refused(refusal) => return Err(refusal.into()),
-        ItemOutcome::Entity(_) | ItemOutcome::Consumer(_) | ItemOutcome::Schema { .. } => {
+        ItemOutcome::Entity(_)
+        | ItemOutcome::Consumer(_)
+        | ItemOutcome::Schema { .. }
+        | ItemOutcome::View { .. } => {
             return Err(BrokerError::Consensus(
                 "a publish was applied as another kind of write".into(),
             ))

@@ -2,7 +2,7 @@
 //! compiled once, ordered for selection.
 //!
 //! The state store is the truth; this is a cache of it, reloaded when the store's schema
-//! generation moves ([`MessageStore::schema_generation`]: an applied schema write, a snapshot
+//! generation moves ([`MessageStore::registry_generation`]: an applied schema write, a snapshot
 //! installed, a cleared store). A reload recompiles only the documents that changed. So the check
 //! on every publish costs an atomic load, a read lock and a walk of a pattern trie as deep as the
 //! channel; only a channel some pattern matches has its payload parsed and validated.
@@ -240,7 +240,7 @@ impl SchemaRegistry {
 
     /// The registry as of the store now, reloaded if the store's schemas changed since.
     fn compiled(&self) -> Result<Arc<Compiled>, BrokerError> {
-        let generation = self.store.schema_generation();
+        let generation = self.store.registry_generation();
         {
             let current = self.current.read().unwrap_or_else(|e| e.into_inner());
             if current.generation == generation {
@@ -249,7 +249,7 @@ impl SchemaRegistry {
         }
         let _reloading = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let previous = Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()));
-        let generation = self.store.schema_generation();
+        let generation = self.store.registry_generation();
         if previous.generation == generation {
             return Ok(previous);
         }

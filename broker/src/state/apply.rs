@@ -16,9 +16,11 @@ use super::store::{MessageStore, WriteBatch};
 use super::{dedup, loops, ttl};
 use crate::entity::EntityState;
 use crate::error::BrokerError;
+use crate::kpi::fold::Fold;
+use crate::kpi::{BackfillReport, View, ViewDefinition, ViewRecord};
 use crate::message::{
     Command, CommandOutcome, ConsumerState, ConsumerWrite, EntityWrite, Item, ItemOutcome,
-    NewMessage, Owner, Refusal, Rules, SchemaRecord, SchemaWrite, StoredMessage,
+    NewMessage, Owner, Refusal, Rules, SchemaRecord, SchemaWrite, StoredMessage, ViewWrite,
 };
 
 /// Decides the items of one batch, in order. See the module docs.
@@ -280,6 +282,130 @@ impl BatchApply<'_> {
     }
 }
 
+impl BatchApply<'_> {
+    /// Defines or drops a KPI view. `fold` has folded every message of the batch so far, so a
+    /// view defined here is backfilled from the store and those messages, and counts the rest.
+    fn view(
+        &mut self,
+        write: &ViewWrite,
+        fold: &mut Fold<'_>,
+        batch: &mut WriteBatch,
+    ) -> Result<ItemOutcome, BrokerError> {
+        match write {
+            ViewWrite::Put {
+                definition,
+                defined_by,
+                backfill_limit,
+                max_views,
+            } => {
+                let view = match ViewDefinition::parse(definition) {
+                    Ok(view) => view,
+                    Err(e) => {
+                        return Ok(ItemOutcome::Refused(Refusal::ViewInvalid {
+                            detail: e.to_string(),
+                        }))
+                    }
+                };
+                let name = view.definition.name.clone();
+                let existed = fold.has_view(&name);
+                if !existed && fold.view_count() >= *max_views as usize {
+                    return Ok(ItemOutcome::Refused(Refusal::ViewLimit {
+                        max_views: *max_views,
+                    }));
+                }
+                fold.replace_view(&name, Some(view.clone()), batch)?;
+                let backfill = self.backfill(&view, fold, *backfill_limit)?;
+                let record = ViewRecord {
+                    definition: view.definition.to_json(),
+                    defined_at_us: self.publish_time_us,
+                    defined_by: defined_by.clone(),
+                    backfill,
+                };
+                MessageStore::put_view(batch, &name, Some(&record))?;
+                Ok(ItemOutcome::View {
+                    existed,
+                    applied_at_us: self.publish_time_us,
+                    backfill: Some(backfill),
+                })
+            }
+            ViewWrite::Delete { name } => {
+                let existed = fold.has_view(name);
+                if existed {
+                    fold.replace_view(name, None, batch)?;
+                    MessageStore::put_view(batch, name, None)?;
+                }
+                Ok(ItemOutcome::View {
+                    existed,
+                    applied_at_us: self.publish_time_us,
+                    backfill: None,
+                })
+            }
+        }
+    }
+
+    /// Folds into a new `view` the retained messages within the span it keeps (its longest
+    /// window length times the windows kept), oldest first, at most `limit` of them; then the
+    /// messages of this batch so far. A batch the store cannot read is passed over (and
+    /// logged): a view's numbers are not worth stopping apply for.
+    fn backfill(
+        &self,
+        view: &View,
+        fold: &mut Fold<'_>,
+        limit: u64,
+    ) -> Result<BackfillReport, BrokerError> {
+        let mut report = BackfillReport::default();
+        if limit == 0 {
+            return Ok(report);
+        }
+        let name = view.definition.name.as_str();
+        let span_us = view
+            .windows
+            .iter()
+            .map(|w| u64::from(w.length_s) * u64::from(w.keep) * 1_000_000)
+            .max()
+            .unwrap_or(0);
+        let mut count =
+            |fold: &mut Fold<'_>, message: &StoredMessage| -> Result<bool, BrokerError> {
+                if report.messages_read >= limit {
+                    report.truncated = true;
+                    return Ok(false);
+                }
+                if report.first_offset == 0 {
+                    report.first_offset = message.offset;
+                }
+                report.last_offset = message.offset;
+                report.messages_read += 1;
+                if fold.add(message, Some(name))? {
+                    report.messages_counted += 1;
+                }
+                Ok(true)
+            };
+        let since_us = self.publish_time_us.saturating_sub(span_us);
+        if let Some(from) = self.store.first_offset_at_or_after(since_us)? {
+            'batches: for stored in self.store.batches_from(from) {
+                let stored = match stored {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        tracing::warn!(view = name, error = %e, "a batch the KPI backfill cannot read is passed over");
+                        continue;
+                    }
+                };
+                for message in stored.messages.iter().filter(|m| m.offset >= from) {
+                    if !count(fold, message)? {
+                        break 'batches;
+                    }
+                }
+            }
+        }
+        for message in &self.stored {
+            if !count(fold, message)? {
+                break;
+            }
+        }
+        Ok(report)
+    }
+}
+
 /// Applies `command` on top of `meta`: adds the store writes to `batch`, advances `meta`, and
 /// returns the outcome and the messages that became visible (for the hub).
 ///
@@ -313,14 +439,28 @@ pub(crate) fn apply_command(
                 loops_detected: 0,
             };
             let mut outcomes = Vec::with_capacity(items.len());
+            // KPI views fold the batch's messages, in log order with the view writes among them.
+            let mut fold = Fold::new(store, store.compiled_views()?);
+            let mut folded = 0;
             for item in items {
                 outcomes.push(match item {
                     Item::Publish(message) => decide.publish(message.clone(), batch)?,
                     Item::Entity(write) => decide.entity(write, batch)?,
                     Item::Consumer(write) => decide.consumer(write, batch)?,
                     Item::Schema(write) => decide.schema(write, batch)?,
+                    Item::View(write) => {
+                        for message in &decide.stored[folded..] {
+                            fold.add(message, None)?;
+                        }
+                        folded = decide.stored.len();
+                        decide.view(write, &mut fold, batch)?
+                    }
                 });
             }
+            for message in &decide.stored[folded..] {
+                fold.add(message, None)?;
+            }
+            fold.write(batch)?;
             if let Some(first) = decide.stored.first() {
                 let len = store.put_batch(batch, first.offset, &decide.stored)?;
                 meta.stored_bytes += len as u64;

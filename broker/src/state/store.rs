@@ -39,6 +39,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+mod kpi_records;
+
 use super::batch_files::BatchFiles;
 pub(crate) use super::batch_files::BodyLocation;
 
@@ -57,6 +59,9 @@ const DEDUP_BY_TIME: u8 = b'k';
 const ENTITY: u8 = b'e';
 const CONSUMER: u8 = b'c';
 const SCHEMA: u8 = b's';
+/// KPI view definitions and their cells: [`kpi_records`].
+const VIEW: u8 = b'v';
+const KPI_CELL: u8 = b'q';
 const META: &[u8] = b"m";
 
 /// The store's tree in the state database.
@@ -98,11 +103,17 @@ pub(crate) fn put_back(
 pub struct MessageStore {
     tree: sled::Tree,
     bodies: Arc<BatchFiles>,
-    /// Raised whenever the schema records may have changed (an applied schema write, a cleared
-    /// store, a snapshot's records), so the edge's compiled registry knows to reload
-    /// ([`crate::schema::SchemaRegistry`]) without reading the tree on every publish.
-    schema_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Raised whenever the schema or KPI view records may have changed (an applied write of
+    /// one, a cleared store, a snapshot's records), so what was compiled from them
+    /// ([`crate::schema::SchemaRegistry`], [`crate::kpi::CompiledViews`]) knows to reload
+    /// without reading the tree on every publish.
+    registry_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// The KPI views compiled at a registry generation, for apply ([`Self::compiled_views`]).
+    compiled_views: Arc<std::sync::Mutex<Option<CompiledAt>>>,
 }
+
+/// Views compiled at a registry generation.
+type CompiledAt = (u64, Arc<crate::kpi::CompiledViews>);
 
 /// The store's records at one moment, for a snapshot built off the apply path: the records are
 /// copied when the view is taken, and the bodies of its batches are read later from the batch
@@ -136,8 +147,8 @@ pub struct WriteBatch {
     writes: Vec<(sled::IVec, Option<sled::IVec>)>,
     added: Vec<BodyLocation>,
     released: Vec<BodyLocation>,
-    /// The batch writes a schema record.
-    schemas_changed: bool,
+    /// The batch writes a schema or a KPI view record.
+    registries_changed: bool,
 }
 
 impl WriteBatch {
@@ -158,7 +169,7 @@ impl WriteBatch {
             writes: self.writes,
             added: Vec::new(),
             released: Vec::new(),
-            schemas_changed: self.schemas_changed,
+            registries_changed: self.registries_changed,
         }
     }
 }
@@ -306,7 +317,8 @@ impl MessageStore {
         Ok(MessageStore {
             tree,
             bodies: Arc::new(bodies),
-            schema_generation: Arc::default(),
+            registry_generation: Arc::default(),
+            compiled_views: Arc::default(),
         })
     }
 
@@ -387,7 +399,7 @@ impl MessageStore {
     /// The embedded store's error; the tree may then hold part of the batch, and the caller must
     /// not trust it again before undoing it ([`super::undo`]) or rebuilding it.
     pub fn apply(&self, batch: WriteBatch) -> Result<(), BrokerError> {
-        let schemas_changed = batch.schemas_changed;
+        let registries_changed = batch.registries_changed;
         for (key, value) in batch.writes {
             match value {
                 Some(value) => self.tree.insert(key, value)?,
@@ -395,21 +407,21 @@ impl MessageStore {
             };
         }
         self.bodies.commit(&batch.added, &batch.released);
-        if schemas_changed {
-            self.schemas_changed();
+        if registries_changed {
+            self.registries_changed();
         }
         Ok(())
     }
 
-    fn schemas_changed(&self) {
-        self.schema_generation
+    fn registries_changed(&self) {
+        self.registry_generation
             .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
-    /// A number that changes whenever the schema records may have: what the edge's compiled
-    /// registry compares before trusting what it compiled.
-    pub fn schema_generation(&self) -> u64 {
-        self.schema_generation
+    /// A number that changes whenever the schema or KPI view records may have: what their
+    /// compiled forms compare before trusting what they compiled.
+    pub fn registry_generation(&self) -> u64 {
+        self.registry_generation
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
@@ -419,7 +431,7 @@ impl MessageStore {
     /// The embedded store's error, or a batch file that cannot be removed.
     pub fn clear(&self) -> Result<(), BrokerError> {
         self.tree.clear()?;
-        self.schemas_changed();
+        self.registries_changed();
         self.bodies
             .clear()
             .map_err(|e| BrokerError::Storage(format!("cannot remove the batch files: {e}")))
@@ -455,7 +467,7 @@ impl MessageStore {
         }
         self.tree.insert(key, value)?;
         if key.first() == Some(&SCHEMA) {
-            self.schemas_changed();
+            self.registries_changed();
         }
         Ok(())
     }
@@ -949,7 +961,7 @@ impl MessageStore {
             }
             None => batch.remove(k),
         }
-        batch.schemas_changed = true;
+        batch.registries_changed = true;
         Ok(())
     }
 
