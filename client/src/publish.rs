@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
+use tracing::{Instrument, Span};
 
 use crate::client::Client;
 use crate::error::Error;
@@ -464,8 +465,8 @@ impl Publisher {
     /// [`Error::Closed`] when the stream has ended (the broker or the connection closed it, or
     /// the [`PublishAcks`] were dropped); the acks stream says why.
     pub async fn send(&self, message: impl Into<PublishRequest>) -> Result<(), Error> {
-        let mut request = message.into();
-        trace::inject_headers(&trace::current_context(), &mut request.headers);
+        let mut request: PublishRequest = message.into();
+        trace::create_span(&Span::current(), &request.channel, &mut request.headers);
         self.queue
             .send(request)
             .await
@@ -550,9 +551,27 @@ impl Client {
         message: impl Into<PublishRequest>,
         policy: &RetryPolicy,
     ) -> Result<PublishAck, Error> {
-        let context = trace::current_context();
-        let mut message = message.into();
-        trace::inject_headers(&context, &mut message.headers);
+        let mut message: PublishRequest = message.into();
+        let trace::Outgoing { span, context } =
+            trace::publish_span(&message.channel, &mut message.headers);
+        let outcome = self
+            .publish_attempts(message, policy, &context)
+            .instrument(span.clone())
+            .await;
+        match &outcome {
+            Ok(ack) => trace::published(&span, ack.offset),
+            Err(error) => trace::failed(&span, error),
+        }
+        outcome
+    }
+
+    /// The attempts of [`Client::publish_with`], under its span.
+    async fn publish_attempts(
+        &self,
+        mut message: PublishRequest,
+        policy: &RetryPolicy,
+        context: &opentelemetry::Context,
+    ) -> Result<PublishAck, Error> {
         let retries = !policy.is_none() && !message.ephemeral;
         if retries && message.idempotency_key.is_empty() {
             message.idempotency_key = new_idempotency_key();
@@ -567,7 +586,7 @@ impl Client {
             } else {
                 std::mem::take(&mut message)
             };
-            let error = match self.publish_once(request, &context).await {
+            let error = match self.publish_once(request, context).await {
                 Ok(ack) => return Ok(ack),
                 Err(error) => error,
             };
@@ -654,13 +673,11 @@ impl Client {
         S::Item: Into<PublishRequest>,
     {
         let context = trace::current_context();
-        let mut request = tonic::Request::new(messages.map({
-            let context = context.clone();
-            move |message| {
-                let mut message: PublishRequest = message.into();
-                trace::inject_headers(&context, &mut message.headers);
-                message
-            }
+        let opened_in = Span::current();
+        let mut request = tonic::Request::new(messages.map(move |message| {
+            let mut message: PublishRequest = message.into();
+            trace::create_span(&opened_in, &message.channel, &mut message.headers);
+            message
         }));
         trace::inject_metadata(&context, request.metadata_mut());
         let response = self.grpc().publish_stream(request).await?;
