@@ -458,8 +458,9 @@ impl Publisher {
     /// Queues one message, waiting while the queue is full. Its ack arrives on the
     /// [`PublishAcks`] stream, at the position of this message.
     ///
-    /// The message carries the trace context current when `send` is called, unless it has a
-    /// `traceparent` header of its own (see [`Publish::trace_context`]).
+    /// The message carries the context of a `create {channel}` span, a child of the span current
+    /// when `send` is called, unless it has a `traceparent` header of its own (see
+    /// [`Publish::trace_context`]).
     ///
     /// # Errors
     /// [`Error::Closed`] when the stream has ended (the broker or the connection closed it, or
@@ -483,9 +484,11 @@ impl Client {
     /// Publishes one message and waits for its ack, which the broker sends once the message is
     /// durable.
     ///
-    /// The current trace context (see [`current_context`](crate::current_context)) goes with it,
-    /// in the request metadata and in the message's headers, unless the message has a
-    /// `traceparent` header of its own (see [`Publish::trace_context`]).
+    /// It runs under a `publish {channel}` span (kind `PRODUCER`, a child of the current span,
+    /// see [`current_context`](crate::current_context)), whose trace context goes with it, in the
+    /// request metadata and in the message's headers, unless the message has a `traceparent`
+    /// header of its own (see [`Publish::trace_context`]; the span is then of kind `CLIENT` and
+    /// links to it). See `docs/OBSERVABILITY.md` for the span's attributes.
     ///
     /// A retry of a message already stored (same channel and idempotency key, within the broker's
     /// dedup window) is acknowledged with `duplicate` set and the original offset and publish
@@ -639,9 +642,9 @@ impl Client {
     /// must not wait on the acks. When the messages are produced as you go, [`Client::publisher`]
     /// is the simpler handle.
     ///
-    /// The trace context current when this is called goes in the request metadata and in the
-    /// headers of every message that has no `traceparent` of its own; give a message its own with
-    /// [`Publish::trace_context`].
+    /// The trace context current when this is called goes in the request metadata; every message
+    /// that has no `traceparent` of its own carries the context of a `create {channel}` span, a
+    /// child of that context. Give a message its own with [`Publish::trace_context`].
     ///
     /// # Errors
     /// [`Error::Status`] when the broker rejects the call as a whole; an `Err` item on the

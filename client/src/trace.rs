@@ -3,26 +3,32 @@
 //! subscriber.
 //!
 //! # Publishing
-//! [`Client::publish`](crate::Client::publish), [`Client::publish_stream`](crate::Client::publish_stream)
-//! and [`Publisher::send`](crate::Publisher::send) inject the caller's current OpenTelemetry context
-//! (see [`current_context`]) twice:
+//! Spans follow the OpenTelemetry messaging semantic conventions (v1.44.0; the table is in
+//! `docs/OBSERVABILITY.md`). [`Client::publish`](crate::Client::publish) runs under a
+//! `publish {channel}` span (kind `PRODUCER`, a child of the current span), and each message of
+//! [`Client::publish_stream`](crate::Client::publish_stream) and
+//! [`Publisher::send`](crate::Publisher::send) gets a `create {channel}` span. That span's context
+//! is injected twice:
 //! - into the gRPC request metadata, for the call as a whole;
 //! - into each message's headers, so the context is stored with the message and travels on with
 //!   every delivery, even one replayed from history long after.
 //!
 //! A message that already carries a `traceparent` header (set with
 //! [`Publish::header`](crate::Publish::header) or [`Publish::trace_context`](crate::Publish::trace_context))
-//! keeps it, with its `tracestate`: an explicit context always wins. When there is no valid span
-//! context (no OpenTelemetry layer installed, or no span entered), nothing is injected, so a
-//! program that does not trace sends exactly what it built.
+//! keeps it, with its `tracestate`: an explicit context always wins (the `publish` span is then of
+//! kind `CLIENT` and links to it). When there is no valid span context (no OpenTelemetry layer
+//! installed, and no context attached with the API), nothing is injected, so a program that does
+//! not trace sends exactly what it built. An empty `tracestate` is never written.
 //!
 //! The wire format is always W3C trace context ([`TraceContextPropagator`]), whatever global
 //! propagator the application installed: it is what the broker reads.
 //!
 //! # Receiving
 //! The broker replaces a delivered message's `traceparent` with the context of its delivery span.
-//! [`trace_context`] reads it back; [`delivery_span`] makes a span for the processing of that
-//! message whose parent is the delivery, so the subscriber's work joins the publisher's trace.
+//! [`trace_context`] reads it back; [`delivery_span`] makes the `process {channel}` span for the
+//! processing of that message, whose parent is the delivery, so the subscriber's work joins the
+//! publisher's trace. Acknowledgements run under an `ack {pattern}` span (settle) and each history
+//! page under a `receive {pattern}` span linking to every message it holds.
 
 use std::collections::HashMap;
 
@@ -208,20 +214,28 @@ pub(crate) fn create_span(parent: &Span, channel: &str, headers: &mut HashMap<St
     if has_traceparent(headers) {
         return;
     }
-    let span = tracing::info_span!(
-        parent: parent,
-        "switchboard.create",
-        otel.name = %format_args!("create {channel}"),
-        otel.kind = "producer",
-        messaging.system = SYSTEM,
-        "messaging.operation.type" = "create",
-        messaging.operation.name = "create",
-        messaging.destination.name = %channel,
-    );
-    if !parent.context().span().span_context().is_valid() {
-        adopt_api_context(&span);
+    let mut create = || {
+        let span = tracing::info_span!(
+            parent: parent,
+            "switchboard.create",
+            otel.name = %format_args!("create {channel}"),
+            otel.kind = "producer",
+            messaging.system = SYSTEM,
+            "messaging.operation.type" = "create",
+            messaging.operation.name = "create",
+            messaging.destination.name = %channel,
+        );
+        if !parent.context().span().span_context().is_valid() {
+            adopt_api_context(&span);
+        }
+        inject_headers(&context_of(&span), headers);
+    };
+    // A stream's messages are made where the transport polls it, maybe on a thread without the
+    // application's dispatcher: the span is made with the dispatcher that recorded its parent.
+    match parent.with_subscriber(|(_, dispatch)| dispatch.clone()) {
+        Some(dispatch) => tracing::dispatcher::with_default(&dispatch, create),
+        None => create(),
     }
-    inject_headers(&context_of(&span), headers);
 }
 
 /// Records the offset a publish was stored at (its `messaging.message.id`).

@@ -1,14 +1,18 @@
 //! Tracing across the bus: W3C trace context in and out of messages, the broker's spans, and
 //! OTLP export.
 //!
-//! The path of one message: the publisher's span → `switchboard.receive` (child of the
-//! `traceparent` in the request's metadata, or in the message's own headers) → its children
-//! `switchboard.commit` (the log write, fsync included) and `switchboard.apply` → one
-//! `switchboard.deliver` per subscriber, whose context replaces the `traceparent` header of the
-//! delivered message, so the subscriber's processing span is its child.
+//! Spans follow the OpenTelemetry messaging semantic conventions (v1.44.0; the table is in
+//! docs/OBSERVABILITY.md). The path of one message: the publisher's span → `publish {channel}`
+//! (kind SERVER, child of the `traceparent` in the message's headers, or in the request's
+//! metadata) → its children `commit {channel}` (the log write, fsync included) and
+//! `apply {channel}` → one `deliver {pattern}` (kind PRODUCER) per subscriber, whose context
+//! replaces the `traceparent` header of the delivered message, so the subscriber's `process`
+//! span (kind CONSUMER) is its child. The `tracing` names stay `switchboard.*` (what the exporter
+//! lets through); the exported names are given as `otel.name`.
 //!
-//! The receive span's context is stored in the message's `traceparent` header, so a delivery — even
-//! one replayed from the store long after — joins the publisher's trace.
+//! The publish span's context is stored in the message's `traceparent` header, so a delivery —
+//! even one replayed from the store long after — joins the publisher's trace. An empty
+//! `tracestate` is never written.
 //!
 //! Export is off unless an OTLP endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT`, or
 //! `tracing.otlp_endpoint`). When it is off, none of this does any work: no header is parsed or
@@ -249,9 +253,13 @@ pub(crate) fn delivered(
         messaging.destination.name = %channel,
         messaging.destination.template = %subscriber.pattern,
         messaging.consumer.group.name = tracing::field::Empty,
-        messaging.message.id = %offset,
+        messaging.message.id = tracing::field::Empty,
         messaging.switchboard.subscription.id = subscriber.id,
     );
+    // An ephemeral message (offset 0) was never stored and has no id.
+    if offset > 0 {
+        span.record("messaging.message.id", offset.to_string());
+    }
     if let Some(durable) = subscriber.durable {
         span.record("messaging.consumer.group.name", durable);
     }
