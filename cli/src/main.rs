@@ -26,6 +26,7 @@ mod json_text;
 mod output;
 mod print;
 mod security;
+mod trace;
 
 use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
@@ -808,7 +809,9 @@ async fn main() -> ExitCode {
     init_logging();
     print::set_mode(cli.output);
     let server = cli.server.clone();
-    match run(cli).await {
+    let outcome = run(cli).await;
+    trace::shutdown().await;
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`sb subscribe ... | head -1`): not an error of ours.
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
@@ -823,13 +826,20 @@ async fn main() -> ExitCode {
 }
 
 fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("SB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
+        .with_filter(filter);
+    let _ = tracing_subscriber::registry()
+        .with(logs)
+        .with(trace::layer())
         .try_init();
 }
 
@@ -858,7 +868,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Completions(args) => {
             completions::print(args.shell, &mut <Cli as clap::CommandFactory>::command())
         }
-        Command::Publish(args) => publish(&client, args).await,
+        Command::Publish(args) => trace::traced(publish(&client, args)).await,
         Command::Subscribe(args) => subscribe(&client, args, started).await,
         Command::History(args) => history(&client, args).await,
         Command::Info => {

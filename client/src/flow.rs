@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use switchboard_proto::v1::broker_client::BrokerClient;
 use switchboard_proto::v1::{
@@ -15,6 +16,7 @@ use switchboard_proto::v1::{
 };
 use switchboard_proto::Reason;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::bearer::AuthChannel;
 use crate::client::Client;
@@ -127,11 +129,27 @@ pub(crate) enum Link {
 pub struct Acker {
     grpc: BrokerClient<AuthChannel>,
     link: watch::Receiver<Link>,
+    /// The subscription's pattern, named by the acknowledgements' spans.
+    pattern: Arc<str>,
+    /// The durable consumer's name, if any, for the same spans.
+    durable: Option<Arc<str>>,
 }
 
 impl Acker {
     pub(crate) fn new(grpc: BrokerClient<AuthChannel>, link: watch::Receiver<Link>) -> Acker {
-        Acker { grpc, link }
+        Acker {
+            grpc,
+            link,
+            pattern: Arc::from(""),
+            durable: None,
+        }
+    }
+
+    /// The subscription's pattern and durable name, for the spans of its acknowledgements.
+    pub(crate) fn described(mut self, pattern: &str, durable: Option<&str>) -> Acker {
+        self.pattern = Arc::from(pattern);
+        self.durable = durable.map(Arc::from);
+        self
     }
 
     /// The subscription's current id (from its latest `Subscribed` event): `None` while it is
@@ -185,6 +203,16 @@ impl Acker {
     /// the broker gave it no id; otherwise the `Ack` call's error (for example `NOT_FOUND
     /// SUBSCRIPTION_NOT_FOUND`, or `UNAVAILABLE` when the connection is lost).
     pub async fn ack_many(&self, offsets: &[u64]) -> Result<AckResponse, Error> {
+        let span = crate::trace::settle_span(&self.pattern, self.durable.as_deref(), offsets);
+        let outcome = self.send_acks(offsets).instrument(span.clone()).await;
+        if let Err(error) = &outcome {
+            crate::trace::failed(&span, error);
+        }
+        outcome
+    }
+
+    /// The `Ack` calls of [`Acker::ack_many`], under its span.
+    async fn send_acks(&self, offsets: &[u64]) -> Result<AckResponse, Error> {
         let mut retried = false;
         loop {
             let subscription_id = self.live_id().await?;

@@ -4,6 +4,7 @@
 use std::time::SystemTime;
 
 use switchboard_proto::v1::{HistoryRequest, Message};
+use tracing::Instrument;
 
 use crate::client::Client;
 use crate::error::Error;
@@ -153,7 +154,16 @@ impl Client {
     /// ```
     pub async fn history(&self, query: HistoryQuery) -> Result<HistoryPage, Error> {
         let request = query.to_request()?;
-        let response = self.grpc().history(request).await?.into_inner();
+        let span = crate::trace::receive_span(&query.pattern);
+        let response = match self.grpc().history(request).instrument(span.clone()).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let error = Error::from(status);
+                crate::trace::failed(&span, &error);
+                return Err(error);
+            }
+        };
+        crate::trace::received(&span, &response.messages);
         Ok(HistoryPage {
             messages: response.messages,
             next_offset: Some(response.next_offset).filter(|next| *next > 0),

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
+use tracing::{Instrument, Span};
 
 use crate::client::Client;
 use crate::error::Error;
@@ -457,15 +458,16 @@ impl Publisher {
     /// Queues one message, waiting while the queue is full. Its ack arrives on the
     /// [`PublishAcks`] stream, at the position of this message.
     ///
-    /// The message carries the trace context current when `send` is called, unless it has a
-    /// `traceparent` header of its own (see [`Publish::trace_context`]).
+    /// The message carries the context of a `create {channel}` span, a child of the span current
+    /// when `send` is called, unless it has a `traceparent` header of its own (see
+    /// [`Publish::trace_context`]).
     ///
     /// # Errors
     /// [`Error::Closed`] when the stream has ended (the broker or the connection closed it, or
     /// the [`PublishAcks`] were dropped); the acks stream says why.
     pub async fn send(&self, message: impl Into<PublishRequest>) -> Result<(), Error> {
-        let mut request = message.into();
-        trace::inject_headers(&trace::current_context(), &mut request.headers);
+        let mut request: PublishRequest = message.into();
+        trace::create_span(&Span::current(), &request.channel, &mut request.headers);
         self.queue
             .send(request)
             .await
@@ -482,9 +484,11 @@ impl Client {
     /// Publishes one message and waits for its ack, which the broker sends once the message is
     /// durable.
     ///
-    /// The current trace context (see [`current_context`](crate::current_context)) goes with it,
-    /// in the request metadata and in the message's headers, unless the message has a
-    /// `traceparent` header of its own (see [`Publish::trace_context`]).
+    /// It runs under a `publish {channel}` span (kind `PRODUCER`, a child of the current span,
+    /// see [`current_context`](crate::current_context)), whose trace context goes with it, in the
+    /// request metadata and in the message's headers, unless the message has a `traceparent`
+    /// header of its own (see [`Publish::trace_context`]; the span is then of kind `CLIENT` and
+    /// links to it). See `docs/OBSERVABILITY.md` for the span's attributes.
     ///
     /// A retry of a message already stored (same channel and idempotency key, within the broker's
     /// dedup window) is acknowledged with `duplicate` set and the original offset and publish
@@ -550,9 +554,27 @@ impl Client {
         message: impl Into<PublishRequest>,
         policy: &RetryPolicy,
     ) -> Result<PublishAck, Error> {
-        let context = trace::current_context();
-        let mut message = message.into();
-        trace::inject_headers(&context, &mut message.headers);
+        let mut message: PublishRequest = message.into();
+        let trace::Outgoing { span, context } =
+            trace::publish_span(&message.channel, &mut message.headers);
+        let outcome = self
+            .publish_attempts(message, policy, &context)
+            .instrument(span.clone())
+            .await;
+        match &outcome {
+            Ok(ack) => trace::published(&span, ack.offset),
+            Err(error) => trace::failed(&span, error),
+        }
+        outcome
+    }
+
+    /// The attempts of [`Client::publish_with`], under its span.
+    async fn publish_attempts(
+        &self,
+        mut message: PublishRequest,
+        policy: &RetryPolicy,
+        context: &opentelemetry::Context,
+    ) -> Result<PublishAck, Error> {
         let retries = !policy.is_none() && !message.ephemeral;
         if retries && message.idempotency_key.is_empty() {
             message.idempotency_key = new_idempotency_key();
@@ -567,7 +589,7 @@ impl Client {
             } else {
                 std::mem::take(&mut message)
             };
-            let error = match self.publish_once(request, &context).await {
+            let error = match self.publish_once(request, context).await {
                 Ok(ack) => return Ok(ack),
                 Err(error) => error,
             };
@@ -620,9 +642,9 @@ impl Client {
     /// must not wait on the acks. When the messages are produced as you go, [`Client::publisher`]
     /// is the simpler handle.
     ///
-    /// The trace context current when this is called goes in the request metadata and in the
-    /// headers of every message that has no `traceparent` of its own; give a message its own with
-    /// [`Publish::trace_context`].
+    /// The trace context current when this is called goes in the request metadata; every message
+    /// that has no `traceparent` of its own carries the context of a `create {channel}` span, a
+    /// child of that context. Give a message its own with [`Publish::trace_context`].
     ///
     /// # Errors
     /// [`Error::Status`] when the broker rejects the call as a whole; an `Err` item on the
@@ -654,13 +676,11 @@ impl Client {
         S::Item: Into<PublishRequest>,
     {
         let context = trace::current_context();
-        let mut request = tonic::Request::new(messages.map({
-            let context = context.clone();
-            move |message| {
-                let mut message: PublishRequest = message.into();
-                trace::inject_headers(&context, &mut message.headers);
-                message
-            }
+        let opened_in = Span::current();
+        let mut request = tonic::Request::new(messages.map(move |message| {
+            let mut message: PublishRequest = message.into();
+            trace::create_span(&opened_in, &message.channel, &mut message.headers);
+            message
         }));
         trace::inject_metadata(&context, request.metadata_mut());
         let response = self.grpc().publish_stream(request).await?;

@@ -560,7 +560,8 @@ impl Client {
         let acked_offset = opened.acked_offset;
         let (link, link_receiver) = watch::channel(Link::Live(opened.subscription_id));
         let link = Arc::new(link);
-        let acker = Acker::new(grpc.clone(), link_receiver);
+        let acker = Acker::new(grpc.clone(), link_receiver)
+            .described(&pattern, options.durable_name.as_deref());
         let (sender, queue) = mpsc::channel(options.buffer.max(1));
         let cursor = Cursor::new(start, &options);
         let task = tokio::spawn(run(

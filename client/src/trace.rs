@@ -3,26 +3,32 @@
 //! subscriber.
 //!
 //! # Publishing
-//! [`Client::publish`](crate::Client::publish), [`Client::publish_stream`](crate::Client::publish_stream)
-//! and [`Publisher::send`](crate::Publisher::send) inject the caller's current OpenTelemetry context
-//! (see [`current_context`]) twice:
+//! Spans follow the OpenTelemetry messaging semantic conventions (v1.44.0; the table is in
+//! `docs/OBSERVABILITY.md`). [`Client::publish`](crate::Client::publish) runs under a
+//! `publish {channel}` span (kind `PRODUCER`, a child of the current span), and each message of
+//! [`Client::publish_stream`](crate::Client::publish_stream) and
+//! [`Publisher::send`](crate::Publisher::send) gets a `create {channel}` span. That span's context
+//! is injected twice:
 //! - into the gRPC request metadata, for the call as a whole;
 //! - into each message's headers, so the context is stored with the message and travels on with
 //!   every delivery, even one replayed from history long after.
 //!
 //! A message that already carries a `traceparent` header (set with
 //! [`Publish::header`](crate::Publish::header) or [`Publish::trace_context`](crate::Publish::trace_context))
-//! keeps it, with its `tracestate`: an explicit context always wins. When there is no valid span
-//! context (no OpenTelemetry layer installed, or no span entered), nothing is injected, so a
-//! program that does not trace sends exactly what it built.
+//! keeps it, with its `tracestate`: an explicit context always wins (the `publish` span is then of
+//! kind `CLIENT` and links to it). When there is no valid span context (no OpenTelemetry layer
+//! installed, and no context attached with the API), nothing is injected, so a program that does
+//! not trace sends exactly what it built. An empty `tracestate` is never written.
 //!
 //! The wire format is always W3C trace context ([`TraceContextPropagator`]), whatever global
 //! propagator the application installed: it is what the broker reads.
 //!
 //! # Receiving
 //! The broker replaces a delivered message's `traceparent` with the context of its delivery span.
-//! [`trace_context`] reads it back; [`delivery_span`] makes a span for the processing of that
-//! message whose parent is the delivery, so the subscriber's work joins the publisher's trace.
+//! [`trace_context`] reads it back; [`delivery_span`] makes the `process {channel}` span for the
+//! processing of that message, whose parent is the delivery, so the subscriber's work joins the
+//! publisher's trace. Acknowledgements run under an `ack {pattern}` span (settle) and each history
+//! page under a `receive {pattern}` span linking to every message it holds.
 
 use std::collections::HashMap;
 
@@ -83,17 +89,25 @@ pub fn trace_context(message: &Message) -> Context {
     extract_headers(&message.headers)
 }
 
-/// A span for processing `message`, named `name` in the exported trace, whose parent is the trace
-/// context the message carries (see [`trace_context`]), so the processing joins the publisher's
-/// trace as a child of the broker's delivery span.
+/// `messaging.system` of every span the client makes.
+const SYSTEM: &str = "switchboard";
+
+/// A span for processing `message`: `process {channel}`, kind `CONSUMER`, following the
+/// OpenTelemetry messaging semantic conventions (see `docs/OBSERVABILITY.md`), so the
+/// processing joins the publisher's trace as a child of the broker's delivery span.
 ///
-/// The span is a `tracing` span at `INFO` level (its `tracing` name is `switchboard.process`;
-/// `name` is given as `otel.name`), of kind `consumer`, with the attributes `messaging.system`
-/// (`switchboard`), `messaging.destination.name` (the channel), `messaging.message.id` (the
-/// offset) and `messaging.message.conversation_id` (the correlation id). When the message carries
-/// no trace context, the span's parent is the current span, as for any other span. The parent is
-/// only exported when a `tracing-opentelemetry` layer is installed; without one this is an
-/// ordinary `tracing` span.
+/// The span is a `tracing` span at `INFO` level (its `tracing` name is `switchboard.process`; the
+/// exported name is given as `otel.name`) with the attributes `messaging.system`
+/// (`switchboard`), `messaging.operation.type` and `messaging.operation.name` (`process`),
+/// `messaging.destination.name` (the channel), `messaging.message.id` (the offset) and
+/// `messaging.message.conversation_id` (the correlation id, when it has one).
+///
+/// Its parent is the trace context the message carries (see [`trace_context`]) and it links to
+/// that context too, as the conventions ask of a process span; a span current when this is
+/// called (for example a server span the message arrived in) is linked rather than the parent.
+/// When the message carries no trace context, the span's parent is the current span, as for any
+/// other span. Parent and links are only exported when a `tracing-opentelemetry` layer is
+/// installed; without one this is an ordinary `tracing` span.
 ///
 /// # Example
 /// ```no_run
@@ -106,29 +120,224 @@ pub fn trace_context(message: &Message) -> Context {
 /// let mut subscription = client.subscribe("crm.*.updated", Start::Latest).await?;
 /// while let Some(message) = subscription.next().await {
 ///     let message = message?;
-///     let span = delivery_span(&message, "panel.refresh");
+///     let span = delivery_span(&message);
 ///     handle(&message).instrument(span).await;
 /// }
 /// # Ok(())
 /// # }
 /// ```
-pub fn delivery_span(message: &Message, name: &str) -> Span {
+pub fn delivery_span(message: &Message) -> Span {
     let span = tracing::info_span!(
         "switchboard.process",
-        otel.name = name,
+        otel.name = %format_args!("process {}", message.channel),
         otel.kind = "consumer",
-        messaging.system = "switchboard",
+        messaging.system = SYSTEM,
+        "messaging.operation.type" = "process",
+        messaging.operation.name = "process",
         messaging.destination.name = %message.channel,
-        messaging.message.id = message.offset,
-        messaging.message.conversation_id = %message.correlation_id,
+        messaging.message.id = %message.offset,
+        messaging.message.conversation_id = tracing::field::Empty,
     );
+    if !message.correlation_id.is_empty() {
+        span.record(
+            "messaging.message.conversation_id",
+            message.correlation_id.as_str(),
+        );
+    }
     let context = trace_context(message);
-    if context.span().span_context().is_valid() {
+    let carried = context.span().span_context().clone();
+    if carried.is_valid() {
+        let ambient = Span::current().context().span().span_context().clone();
         // Fails only when no OpenTelemetry layer is installed (nothing to join then) or the span
         // is disabled.
         let _ignored = span.set_parent(context);
+        span.add_link(carried);
+        span.add_link(ambient);
     }
     span
+}
+
+/// How a message being published gets its creation context (see [`publish_span`]).
+pub(crate) struct Outgoing {
+    /// The span of the operation; current while it runs.
+    pub span: Span,
+    /// The context for the request metadata.
+    pub context: Context,
+}
+
+/// The span of a single-message publish (`Client::publish`), `publish {channel}`, and the
+/// message's creation context: a child of the current span (or of the OpenTelemetry context
+/// attached with the API directly), whose context is written into `headers` — kind `PRODUCER`.
+/// When `headers` already carry a `traceparent` (a creation context the caller chose), it is left
+/// alone and the span, kind `CLIENT`, links to it instead, as the conventions ask.
+pub(crate) fn publish_span(channel: &str, headers: &mut HashMap<String, String>) -> Outgoing {
+    let explicit = has_traceparent(headers);
+    let span = if explicit {
+        tracing::info_span!(
+            "switchboard.publish",
+            otel.name = %format_args!("publish {channel}"),
+            otel.kind = "client",
+            messaging.system = SYSTEM,
+            "messaging.operation.type" = "send",
+            messaging.operation.name = "publish",
+            messaging.destination.name = %channel,
+            messaging.message.id = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        )
+    } else {
+        tracing::info_span!(
+            "switchboard.publish",
+            otel.name = %format_args!("publish {channel}"),
+            otel.kind = "producer",
+            messaging.system = SYSTEM,
+            "messaging.operation.type" = "send",
+            messaging.operation.name = "publish",
+            messaging.destination.name = %channel,
+            messaging.message.id = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        )
+    };
+    adopt_api_context(&span);
+    if explicit {
+        span.add_link(extract_headers(headers).span().span_context().clone());
+    }
+    let context = context_of(&span);
+    inject_headers(&context, headers);
+    Outgoing { span, context }
+}
+
+/// `create {channel}`, kind `PRODUCER`: the creation context of one message of a publish stream
+/// (`Client::publish_stream`, `Publisher::send`), written into its headers; a child of `parent`
+/// (the span current when the stream was opened or the message sent). A message that carries its
+/// own `traceparent` gets no span and keeps its context.
+pub(crate) fn create_span(parent: &Span, channel: &str, headers: &mut HashMap<String, String>) {
+    if has_traceparent(headers) {
+        return;
+    }
+    let mut create = || {
+        let span = tracing::info_span!(
+            parent: parent,
+            "switchboard.create",
+            otel.name = %format_args!("create {channel}"),
+            otel.kind = "producer",
+            messaging.system = SYSTEM,
+            "messaging.operation.type" = "create",
+            messaging.operation.name = "create",
+            messaging.destination.name = %channel,
+        );
+        if !parent.context().span().span_context().is_valid() {
+            adopt_api_context(&span);
+        }
+        inject_headers(&context_of(&span), headers);
+    };
+    // A stream's messages are made where the transport polls it, maybe on a thread without the
+    // application's dispatcher: the span is made with the dispatcher that recorded its parent.
+    match parent.with_subscriber(|(_, dispatch)| dispatch.clone()) {
+        Some(dispatch) => tracing::dispatcher::with_default(&dispatch, create),
+        None => create(),
+    }
+}
+
+/// Records the offset a publish was stored at (its `messaging.message.id`).
+pub(crate) fn published(span: &Span, offset: u64) {
+    if offset > 0 {
+        span.record("messaging.message.id", offset.to_string());
+    }
+}
+
+/// Records a failed operation: `error.type` (the broker's reason code, or the gRPC code) and an
+/// error status.
+pub(crate) fn failed(span: &Span, error: &crate::Error) {
+    let kind = match error.reason() {
+        Some(reason) => reason.as_str().to_owned(),
+        None => match error {
+            crate::Error::Status { code, .. } => format!("{code:?}"),
+            _ => "_OTHER".to_owned(),
+        },
+    };
+    span.set_status(opentelemetry::trace::Status::error(error.to_string()));
+    span.record("error.type", kind.as_str());
+}
+
+/// `ack {pattern}`, kind `CLIENT`: acknowledging deliveries of a subscription (`settle`).
+pub(crate) fn settle_span(pattern: &str, durable: Option<&str>, offsets: &[u64]) -> Span {
+    let span = tracing::info_span!(
+        "switchboard.settle",
+        otel.name = %format_args!("ack {pattern}"),
+        otel.kind = "client",
+        messaging.system = SYSTEM,
+        "messaging.operation.type" = "settle",
+        messaging.operation.name = "ack",
+        messaging.destination.template = %pattern,
+        messaging.consumer.group.name = tracing::field::Empty,
+        messaging.message.id = tracing::field::Empty,
+        messaging.batch.message_count = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    );
+    if let Some(durable) = durable {
+        span.record("messaging.consumer.group.name", durable);
+    }
+    match offsets {
+        [offset] => {
+            span.record("messaging.message.id", offset.to_string());
+        }
+        _ => {
+            span.record("messaging.batch.message_count", offsets.len());
+        }
+    }
+    adopt_api_context(&span);
+    span
+}
+
+/// `receive {pattern}`, kind `CLIENT`: one page of history, a batch receive. Its links, one per
+/// message, point at each message's creation context ([`received`] adds them once the page is
+/// in).
+pub(crate) fn receive_span(pattern: &str) -> Span {
+    let span = tracing::info_span!(
+        "switchboard.receive",
+        otel.name = %format_args!("receive {pattern}"),
+        otel.kind = "client",
+        messaging.system = SYSTEM,
+        "messaging.operation.type" = "receive",
+        messaging.operation.name = "history",
+        messaging.destination.template = %pattern,
+        messaging.batch.message_count = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    );
+    adopt_api_context(&span);
+    span
+}
+
+/// Records the messages a receive span received: their count, and a link to each one's trace
+/// context (for a stored message, the broker's publish span, itself under the publisher's).
+pub(crate) fn received(span: &Span, messages: &[Message]) {
+    span.record("messaging.batch.message_count", messages.len());
+    for message in messages {
+        span.add_link(trace_context(message).span().span_context().clone());
+    }
+}
+
+/// Makes the OpenTelemetry context attached with the API directly the parent of `span`, when the
+/// current `tracing` span has none (see [`current_context`]).
+fn adopt_api_context(span: &Span) {
+    if !Span::current().context().span().span_context().is_valid() {
+        let attached = Context::current();
+        if attached.span().span_context().is_valid() {
+            let _ignored = span.set_parent(attached);
+        }
+    }
+}
+
+/// The context to propagate for an operation under `span`: the span's own when an OpenTelemetry
+/// layer records it, otherwise whatever [`current_context`] finds (a context attached with the
+/// API directly), otherwise none.
+fn context_of(span: &Span) -> Context {
+    let context = span.context();
+    if context.span().span_context().is_valid() {
+        context
+    } else {
+        current_context()
+    }
 }
 
 /// Whether `headers` carry a `traceparent` of their own (any letter case).
@@ -396,7 +605,7 @@ mod tests {
                 headers,
                 ..Message::default()
             };
-            let process = delivery_span(&message, "panel.refresh");
+            let process = delivery_span(&message);
             let received = process.context().span().span_context().clone();
             assert_eq!(received.trace_id(), sent.trace_id());
             drop(process);
@@ -410,7 +619,7 @@ mod tests {
         let spans = spans.0.lock().unwrap();
         let process = spans
             .iter()
-            .find(|span| span.name == "panel.refresh")
+            .find(|span| span.name == "process crm.contact.updated")
             .expect("the delivery span is exported under its name");
         assert_eq!(process.span_kind, opentelemetry::trace::SpanKind::Consumer);
         assert_eq!(process.parent_span_id, sent_span_id(&spans));

@@ -177,21 +177,36 @@ fn traceparent(context: &SpanContext) -> String {
     format!("00-{}-{}-01", context.trace_id(), context.span_id())
 }
 
+/// The trace id and the parent span id of a `traceparent` value.
+fn ids(traceparent: &str) -> (&str, &str) {
+    let mut parts = traceparent.split('-').skip(1);
+    (parts.next().unwrap_or(""), parts.next().unwrap_or(""))
+}
+
+/// Asserts that `sent` is the context of a span made under `current`: the same trace, another
+/// span (the client's `publish` or `create` span).
+fn assert_child_context(sent: &str, current: &str) {
+    let (trace, span) = ids(sent);
+    assert_eq!(trace, ids(current).0, "{sent} in the trace of {current}");
+    assert_ne!(span, ids(current).1, "{sent} is a span of its own");
+    assert_eq!(span.len(), 16, "{sent}");
+}
+
 #[tokio::test]
-async fn publish_sends_the_current_span_in_metadata_and_headers() {
+async fn publish_sends_the_context_of_its_span_in_metadata_and_headers() {
     let (_provider, dispatch) = traced();
     let _default = tracing::dispatcher::set_default(&dispatch);
     let (mock, client) = start().await;
 
     let span = tracing::info_span!("widget.save");
-    let expected = traceparent(span.context().span().span_context());
+    let current = traceparent(span.context().span().span_context());
     client
         .publish(Publish::new("crm.contact.updated", "{}"))
         .instrument(span)
         .await
         .unwrap();
 
-    // An explicit traceparent is kept; the metadata still carries the call's context.
+    // An explicit traceparent is kept; the metadata carries the call's span.
     let explicit = "00-11111111111111111111111111111111-2222222222222222-01";
     let span = tracing::info_span!("widget.forward");
     let forwarded = traceparent(span.context().span().span_context());
@@ -201,7 +216,7 @@ async fn publish_sends_the_current_span_in_metadata_and_headers() {
         .await
         .unwrap();
 
-    // Outside any span nothing is added.
+    // Outside any span the publish span starts a trace of its own.
     client
         .publish(Publish::new("crm.contact.updated", "{}").header("k", "v"))
         .await
@@ -209,13 +224,31 @@ async fn publish_sends_the_current_span_in_metadata_and_headers() {
 
     let calls = mock.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 3);
-    assert_eq!(calls[0].traceparent.as_deref(), Some(expected.as_str()));
-    assert_eq!(calls[0].headers[0]["traceparent"], expected);
-    assert_eq!(calls[1].traceparent.as_deref(), Some(forwarded.as_str()));
+    let sent = calls[0].traceparent.clone().unwrap();
+    assert_child_context(&sent, &current);
+    assert_eq!(calls[0].headers[0]["traceparent"], sent);
+    assert!(!calls[0].headers[0].contains_key("tracestate"));
+    assert_child_context(calls[1].traceparent.as_deref().unwrap(), &forwarded);
     assert_eq!(calls[1].headers[0]["traceparent"], explicit);
-    assert_eq!(calls[2].traceparent, None);
+    let own = calls[2].traceparent.clone().unwrap();
+    assert_ne!(ids(&own).0, ids(&current).0);
+    assert_eq!(calls[2].headers[0]["traceparent"], own);
+    assert_eq!(calls[2].headers[0]["k"], "v");
+}
+
+#[tokio::test]
+async fn a_publish_without_an_opentelemetry_layer_sends_no_context() {
+    let (mock, client) = start().await;
+    let span = tracing::info_span!("widget.save");
+    client
+        .publish(Publish::new("crm.contact.updated", "{}").header("k", "v"))
+        .instrument(span)
+        .await
+        .unwrap();
+    let calls = mock.calls.lock().unwrap().clone();
+    assert_eq!(calls[0].traceparent, None);
     assert_eq!(
-        calls[2].headers[0],
+        calls[0].headers[0],
         HashMap::from([("k".to_owned(), "v".to_owned())])
     );
 }
@@ -226,7 +259,8 @@ async fn streams_carry_the_context_of_the_call_and_of_each_send() {
     let _default = tracing::dispatcher::set_default(&dispatch);
     let (mock, client) = start().await;
 
-    // publish_stream: the context of the call, for every message without one of its own.
+    // publish_stream: the context of the call in the metadata, a `create` span under it for every
+    // message without one of its own.
     let explicit = "00-11111111111111111111111111111111-2222222222222222-01";
     let span = tracing::info_span!("batch");
     let expected = traceparent(span.context().span().span_context());
@@ -246,7 +280,8 @@ async fn streams_carry_the_context_of_the_call_and_of_each_send() {
     .instrument(span)
     .await;
 
-    // publisher: the metadata has the context of the call, each message that of its send.
+    // publisher: the metadata has the context of the call, each message that of a `create` span
+    // under its send's.
     let opened = tracing::info_span!("open");
     let (publisher, mut acks) = opened.in_scope(|| client.publisher(4));
     let first = tracing::info_span!("first");
@@ -277,9 +312,9 @@ async fn streams_carry_the_context_of_the_call_and_of_each_send() {
     let calls = mock.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[0].traceparent.as_deref(), Some(expected.as_str()));
-    assert_eq!(calls[0].headers[0]["traceparent"], expected);
+    assert_child_context(&calls[0].headers[0]["traceparent"], &expected);
     assert_eq!(calls[0].headers[1]["traceparent"], explicit);
     assert_eq!(calls[1].traceparent.as_deref(), Some(opened.as_str()));
-    assert_eq!(calls[1].headers[0]["traceparent"], first_parent);
-    assert_eq!(calls[1].headers[1]["traceparent"], second_parent);
+    assert_child_context(&calls[1].headers[0]["traceparent"], &first_parent);
+    assert_child_context(&calls[1].headers[1]["traceparent"], &second_parent);
 }

@@ -61,12 +61,26 @@ pub struct CollectedSpan {
     /// The span's attributes, each value rendered as text (a string as is, numbers and booleans
     /// in decimal, anything else in debug form).
     pub attributes: BTreeMap<String, String>,
+    /// The spans it links to, as `(trace id, span id)`.
+    pub links: Vec<(String, String)>,
 }
 
 impl CollectedSpan {
     /// Whether `parent` is this span's parent.
     pub fn is_child_of(&self, parent: &CollectedSpan) -> bool {
         self.trace_id == parent.trace_id && self.parent_span_id.as_deref() == Some(&parent.span_id)
+    }
+
+    /// Whether this span links to `other`.
+    pub fn links_to(&self, other: &CollectedSpan) -> bool {
+        self.links
+            .iter()
+            .any(|(trace, span)| *trace == other.trace_id && *span == other.span_id)
+    }
+
+    /// The attribute `key`, if the span has it.
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
     }
 }
 
@@ -141,6 +155,11 @@ impl TraceService for Service {
                         .map_or("SPAN_KIND_UNSPECIFIED", |kind| kind.as_str_name())
                         .to_owned(),
                     attributes: attributes(&span.attributes),
+                    links: span
+                        .links
+                        .iter()
+                        .map(|link| (hex(&link.trace_id), hex(&link.span_id)))
+                        .collect(),
                 });
             }
         }
@@ -294,7 +313,7 @@ impl Drop for Collector {
 /// collector at `endpoint`, under the resource attribute `service.name` = `service_name`:
 /// - an OTLP/gRPC span exporter (`opentelemetry-otlp`, tonic) behind a batch span processor;
 /// - a `tracing` subscriber (a registry with a `tracing-opentelemetry` layer for spans at `INFO`
-///   and above), made the default dispatcher **of the calling thread** until the returned guard
+///   and above, without source location, thread and busy/idle attributes), made the default dispatcher **of the calling thread** until the returned guard
 ///   is dropped;
 /// - the global text-map propagator set to W3C trace context.
 ///
@@ -326,8 +345,14 @@ pub fn init_test_tracer(
         .with_batch_exporter(exporter)
         .build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    // Configured as docs/OBSERVABILITY.md recommends to applications: none of the `tracing`
+    // bookkeeping attributes (source location, thread, busy/idle time, target).
     let layer = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("switchboard-e2e"))
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_target(false)
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
     Ok((provider, guard))
@@ -370,10 +395,7 @@ mod tests {
             format!("00-{trace_id}-{root_id}-01"),
         );
         drop(root);
-        drop(switchboard_client::delivery_span(
-            &delivered,
-            "panel.refresh",
-        ));
+        drop(switchboard_client::delivery_span(&delivered));
 
         // Nothing arrives before the flush (the batch processor holds spans for 5 s).
         provider.force_flush()?;
@@ -401,7 +423,7 @@ mod tests {
         );
         let processing = spans
             .iter()
-            .find(|span| span.name == "panel.refresh")
+            .find(|span| span.name == "process crm.contact.updated")
             .expect("the delivery span, under its otel.name");
         assert!(processing.is_child_of(root), "{processing} under {root}");
         assert_eq!(processing.kind, "SPAN_KIND_CONSUMER");

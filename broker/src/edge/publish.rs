@@ -73,7 +73,7 @@ struct InFlight {
     correlation_id: String,
     channel: String,
     caller: Caller,
-    receive: tracing::Span,
+    publish: tracing::Span,
     commit: tracing::Span,
 }
 
@@ -86,12 +86,16 @@ impl InFlight {
             correlation_id,
             channel,
             caller,
-            receive,
+            publish,
             commit,
         } = self;
         let acked = outcome.and_then(|outcome| ack(outcome, correlation_id));
         drop(commit);
-        drop(receive);
+        match &acked {
+            Ok(ack) => trace::published(&publish, ack.offset),
+            Err(e) => trace::refused(&publish, e.reason().as_str()),
+        }
+        drop(publish);
         match acked {
             Ok(ack) => {
                 let result = if ack.duplicate {
@@ -158,14 +162,15 @@ impl Edge {
         if let Err(e) = self.drift.account(self.schemas.check(&message)) {
             return Err(refused(caller, &channel, e));
         }
-        let receive = trace::receive_span(parent.as_ref(), &message.channel);
-        trace::stamp_message(&receive, &mut message.headers);
-        let commit = trace::child_span(&receive, "switchboard.commit");
+        let publish =
+            trace::publish_span(parent.as_ref(), &message.channel, &message.correlation_id);
+        trace::stamp_message(&publish, &mut message.headers);
+        let commit = trace::commit_span(&publish, &message.channel);
         let flight = InFlight {
             correlation_id: message.correlation_id.clone(),
             channel,
             caller: caller.clone(),
-            receive,
+            publish,
             commit,
         };
         Ok((message, flight))

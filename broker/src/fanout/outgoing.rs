@@ -108,18 +108,35 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// A delivery of `message` to subscription `subscription`.
+    /// A delivery of `message` to the subscription with id `subscription` (its span, when
+    /// tracing is on, names no pattern: for benchmarks and tests).
     pub fn new(
         message: Arc<SharedMessage>,
         skipped: u64,
         redelivery: u32,
         subscription: u64,
     ) -> Delivery {
+        let subscriber = trace::Subscriber {
+            id: subscription,
+            pattern: "",
+            durable: None,
+        };
+        Delivery::to(message, skipped, redelivery, &subscriber)
+    }
+
+    /// A delivery of `message` to `subscriber`.
+    pub(crate) fn to(
+        message: Arc<SharedMessage>,
+        skipped: u64,
+        redelivery: u32,
+        subscriber: &trace::Subscriber<'_>,
+    ) -> Delivery {
         let mut headers = HashMap::new();
         trace::delivered(
             &message.message.headers,
             &mut headers,
-            subscription,
+            subscriber,
+            &message.message.channel,
             message.offset,
         );
         Delivery {

@@ -44,6 +44,7 @@ use crate::error::{BrokerError, Reason};
 use crate::fanout::hub::{Hub, MailboxItems};
 use crate::message::now_us;
 use crate::observability::metrics::{self, DeliveryMetrics};
+use crate::observability::trace;
 use crate::shutdown::ShutdownSignal;
 use crate::state::store::{MessageStore, ReadRange};
 
@@ -154,6 +155,15 @@ struct Feeder<'a> {
 }
 
 impl Feeder<'_> {
+    /// This subscription as its delivery spans describe it.
+    fn subscriber(&self) -> trace::Subscriber<'_> {
+        trace::Subscriber {
+            id: self.control.id,
+            pattern: &self.control.pattern,
+            durable: self.control.durable.as_deref(),
+        }
+    }
+
     /// Messages read from the store, ready to deliver like live ones, each charged to the
     /// catch-up budget while it is held.
     fn shared(&self, messages: Vec<crate::message::StoredMessage>) -> Vec<Arc<SharedMessage>> {
@@ -233,7 +243,7 @@ impl Feeder<'_> {
         if skipped > 0 {
             metrics::conflated(skipped);
         }
-        let delivery = Delivery::new(Arc::clone(message), skipped, 0, self.control.id);
+        let delivery = Delivery::to(Arc::clone(message), skipped, 0, &self.subscriber());
         self.send_outgoing(Outgoing::Delivery(delivery)).await
     }
 
@@ -241,7 +251,7 @@ impl Feeder<'_> {
     /// throttle or slow client, and one the stream cannot take is dropped (at most once).
     fn deliver_ephemeral(&self, messages: Vec<Arc<SharedMessage>>) -> Result<(), End> {
         for message in messages {
-            let delivery = Delivery::new(message, 0, 0, self.control.id);
+            let delivery = Delivery::to(message, 0, 0, &self.subscriber());
             match self.out.try_send(Ok(Outgoing::Delivery(delivery))) {
                 Ok(()) => metrics::ephemeral("delivered", 1),
                 Err(mpsc::error::TrySendError::Full(_)) => metrics::ephemeral("dropped", 1),
@@ -458,7 +468,7 @@ impl Feeder<'_> {
                     metrics::redelivery();
                     let charge = self.catch_up.charge(message.message.approximate_size());
                     let message = SharedMessage::charged(Arc::new(message), charge);
-                    let delivery = Delivery::new(message, 0, deliveries, self.control.id);
+                    let delivery = Delivery::to(message, 0, deliveries, &self.subscriber());
                     self.send_outgoing(Outgoing::Delivery(delivery)).await?;
                 }
                 // Gone (expired or removed): nothing left to redeliver.

@@ -218,7 +218,11 @@ impl AppliedState for BrokerState {
             if !messages.is_empty() {
                 if crate::observability::trace::enabled() {
                     for m in &messages {
-                        crate::observability::trace::applied(&m.message.headers, m.offset);
+                        crate::observability::trace::applied(
+                            &m.message.headers,
+                            &m.message.channel,
+                            m.offset,
+                        );
                     }
                 }
                 state.announce.applied(&messages);
