@@ -71,6 +71,7 @@ mod client;
 mod cluster;
 mod entity;
 mod error;
+mod failover;
 mod flow;
 mod history;
 mod outbox;

@@ -454,6 +454,108 @@ async fn a_retrying_publisher_rides_out_a_leader_kill_storing_every_message_once
     assert_stored_once_in_order(&stored, &stream_acks, STREAMED);
 }
 
+/// A three-node cluster with a leader, and the leader's id.
+async fn cluster_with_leader(dir: &tempfile::TempDir) -> (Vec<switchboard_e2e::ClusterNode>, u64) {
+    let nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let first = Client::connect(nodes[0].url()).await.unwrap();
+    let status = eventually(
+        "a leader whose members all announced their addresses",
+        || async {
+            let status = first.cluster_status().await.ok()?;
+            let announced = status.nodes.iter().all(|n| !n.public_address.is_empty());
+            (status.leader_id != 0 && announced).then_some(status)
+        },
+    )
+    .await
+    .unwrap();
+    (nodes, status.leader_id)
+}
+
+fn node_index(id: u64) -> usize {
+    usize::try_from(id - 1).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_fail_over_to_another_node_before_the_circuit_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, leader) = cluster_with_leader(&dir).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let follower_url = nodes[node_index(follower)].url();
+    // No retry policy, and a breaker that opens at the first failure that counts: only the
+    // failover keeps the publishes going when the node the client talks to dies.
+    let client = Client::connect_with(
+        &follower_url,
+        ConnectOptions::default()
+            .failover(true)
+            .circuit_breaker(CircuitPolicy::new(1, Duration::from_secs(60))),
+    )
+    .await
+    .unwrap();
+    let known = client.known_nodes();
+    assert_eq!(known.len(), 3, "learned every member: {known:?}");
+    assert_eq!(client.current_node(), follower_url);
+
+    const N: u64 = 300;
+    let acked = Arc::new(AtomicU64::new(0));
+    let publisher = spawn_publisher(client.clone(), "resilience.nodes.tick", N, acked.clone());
+    wait_acked(&acked, 30).await;
+    nodes[node_index(follower)].kill9();
+    let at_kill = acked.load(Ordering::SeqCst);
+    let acks = tokio::time::timeout(DEADLINE, publisher)
+        .await
+        .expect("the publisher finishes")
+        .unwrap();
+    assert!(at_kill < N, "the publisher was done before the kill");
+    assert_ne!(client.current_node(), follower_url, "moved to another node");
+    assert_eq!(client.circuit_state(), Some(CircuitState::Closed));
+
+    let reader = Client::connect(nodes[node_index(leader)].url())
+        .await
+        .unwrap();
+    let stored = stored_on(&reader, "resilience.nodes.tick").await;
+    assert_stored_once_in_order(&stored, &acks, N);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_on_the_leader_fails_over_when_it_is_killed_storing_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, leader) = cluster_with_leader(&dir).await;
+    let leader_url = nodes[node_index(leader)].url();
+    let client = Client::connect_with(
+        &leader_url,
+        ConnectOptions::default().retry(retrying()).failover(true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(client.known_nodes().len(), 3);
+
+    const N: u64 = 200;
+    let acked = Arc::new(AtomicU64::new(0));
+    let publisher = spawn_publisher(client.clone(), "resilience.nodes.leader", N, acked.clone());
+    wait_acked(&acked, 30).await;
+    nodes[node_index(leader)].kill9();
+    let at_kill = acked.load(Ordering::SeqCst);
+    let acks = tokio::time::timeout(DEADLINE, publisher)
+        .await
+        .expect("the publisher finishes")
+        .unwrap();
+    assert!(at_kill < N, "the publisher was done before the kill");
+    assert_ne!(client.current_node(), leader_url);
+
+    let survivor = (1..=3).find(|id| *id != leader).unwrap();
+    let reader = Client::connect(nodes[node_index(survivor)].url())
+        .await
+        .unwrap();
+    // A follower applies what its leader committed shortly after the ack.
+    let stored = eventually("the last message applied on the reader's node", || async {
+        let stored = stored_on(&reader, "resilience.nodes.leader").await;
+        (stored.last().map(|(o, _)| *o) >= acks.last().map(|a| a.offset)).then_some(stored)
+    })
+    .await
+    .unwrap();
+    assert_stored_once_in_order(&stored, &acks, N);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sb_publish_retry_waits_for_a_broker_that_is_not_up_yet() {
     let dir = tempfile::tempdir().unwrap();
