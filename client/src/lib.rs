@@ -75,6 +75,7 @@ mod failover;
 mod flow;
 mod history;
 mod outbox;
+mod outbox_file;
 mod publish;
 mod publish_resume;
 mod retry;

@@ -321,6 +321,7 @@ impl Error {
             Error::Connect { .. } | Error::CircuitOpen { .. } | Error::OutboxFull { .. } => {
                 return PublishErrorKind::Unavailable
             }
+            Error::OutboxStorage { .. } => return PublishErrorKind::Other,
             Error::Status { .. } | Error::Refused(_) => self.code(),
         };
         match code {

@@ -556,6 +556,104 @@ async fn a_publisher_on_the_leader_fails_over_when_it_is_killed_storing_each_mes
     assert_stored_once_in_order(&stored, &acks, N);
 }
 
+/// A client whose connection is made on its first call, so it can be made while the broker is
+/// down (as a service starting during an outage would, under a retry policy).
+fn lazy_client(url: &str) -> Client {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap();
+    Client::from_channel(endpoint.connect_lazy(), url)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outbox_on_disk_keeps_what_waits_across_a_reopen_and_a_torn_tail_storing_each_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(&dir).await;
+    let url = broker.url();
+    let file = dir.path().join("outbox.log");
+    let options =
+        OutboxOptions::default().backoff(Duration::from_millis(10), Duration::from_millis(200));
+
+    // Two messages go through while the broker is up: answered, they leave the file.
+    let client = lazy_client(&url);
+    let outbox = client.outbox_on_disk(&file, options.clone()).unwrap();
+    for i in 0..2 {
+        outbox
+            .publish(Publish::new("resilience.disk.tick", i.to_string()))
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        0,
+        "truncated once all answered"
+    );
+
+    // The broker goes away; what is published meanwhile waits, on disk.
+    broker.kill9();
+    let mut keys = Vec::new();
+    for i in 2..20 {
+        let receipt = outbox
+            .publish(Publish::new("resilience.disk.tick", i.to_string()))
+            .unwrap();
+        keys.push(receipt.idempotency_key().to_owned());
+    }
+    assert!(
+        client_outbox_file_error(&client, &file),
+        "a second outbox cannot take the file"
+    );
+    // The process's outbox and client go (as in a crash: nothing is flushed).
+    drop(outbox);
+    drop(client);
+    // And the last write was torn: a record's header and part of its body at the end.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let torn = bytes[..20].to_vec();
+    bytes.extend_from_slice(&torn);
+    std::fs::write(&file, &bytes).unwrap();
+
+    // A new client and outbox on the file: the 18 are queued again, before anything new.
+    let client = lazy_client(&url);
+    let outbox = client.outbox_on_disk(&file, options).unwrap();
+    assert_eq!(outbox.len(), 18, "every message not answered is back");
+    let later = outbox
+        .publish(Publish::new("resilience.disk.tick", "20"))
+        .unwrap();
+    broker.restart(&[]).unwrap();
+    tokio::time::timeout(DEADLINE, outbox.flushed())
+        .await
+        .expect("the outbox flushes");
+    let last = later.await.unwrap();
+
+    let stored = stored_on(&client, "resilience.disk.tick").await;
+    let payloads: Vec<&str> = stored.iter().map(|(_, p)| p.as_str()).collect();
+    let expected: Vec<String> = (0..=20).map(|i: u64| i.to_string()).collect();
+    assert_eq!(payloads, expected, "every message stored once, in order");
+    assert_eq!(stored.last().map(|(o, _)| *o), Some(last.offset));
+    let history = client
+        .history_all(
+            HistoryQuery::new("resilience.disk.tick").from(Start::Earliest),
+            1000,
+        )
+        .await
+        .unwrap();
+    let sent_keys: Vec<&str> = history[2..20]
+        .iter()
+        .map(|m| m.idempotency_key.as_str())
+        .collect();
+    assert_eq!(
+        sent_keys, keys,
+        "sent again with the keys they were queued with"
+    );
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
+}
+
+/// Whether opening a second outbox on `file` fails (the first holds it).
+fn client_outbox_file_error(client: &Client, file: &std::path::Path) -> bool {
+    matches!(
+        client.outbox_on_disk(file, OutboxOptions::default()),
+        Err(Error::OutboxStorage { .. })
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sb_publish_retry_waits_for_a_broker_that_is_not_up_yet() {
     let dir = tempfile::tempdir().unwrap();
