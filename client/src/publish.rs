@@ -733,6 +733,7 @@ impl Client {
             let (answers, answers_receiver) = mpsc::channel(capacity.max(1));
             let task = tokio::spawn(crate::publish_resume::run(
                 self.grpc(),
+                self.breaker().cloned(),
                 self.retry_policy().clone(),
                 trace::current_context(),
                 capacity.max(1),

@@ -165,6 +165,38 @@ async fn a_publish_stream_resumes_across_a_broker_restart_storing_every_message_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_publish_stream_goes_through_the_circuit_breaker_and_waits_out_an_open_circuit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(&dir).await;
+    let options = ConnectOptions::default()
+        .retry(retrying())
+        .circuit_breaker(CircuitPolicy::new(2, Duration::from_millis(200)));
+    let client = Client::connect_with(broker.url(), options).await.unwrap();
+
+    const N: u64 = 1000;
+    let acked = Arc::new(AtomicU64::new(0));
+    let stream = spawn_stream_publisher(&client, "resilience.stream.circuit", N, acked.clone());
+    wait_acked(&acked, 100).await;
+    broker.kill9();
+    // The streams that fail while the broker is away open the circuit.
+    eventually("the circuit open", || async {
+        (client.circuit_state() != Some(CircuitState::Closed)).then_some(())
+    })
+    .await
+    .unwrap();
+    let at_open = acked.load(Ordering::SeqCst);
+    broker.restart(&[]).unwrap();
+    let acks = tokio::time::timeout(DEADLINE, stream)
+        .await
+        .expect("the stream finishes")
+        .unwrap();
+    assert!(at_open < N, "the stream was done before the circuit opened");
+    assert_eq!(client.circuit_state(), Some(CircuitState::Closed));
+    let stored = stored_on(&client, "resilience.stream.circuit").await;
+    assert_stored_once_in_order(&stored, &acks, N);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn refusals_of_the_message_are_not_retried() {
     let f = fixture(&[]).await;
     let client = Client::connect_with(f.broker.url(), ConnectOptions::default().retry(retrying()))

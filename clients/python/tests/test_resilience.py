@@ -13,7 +13,7 @@ import queue
 import random
 import signal
 import threading
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import grpc
 import pytest
@@ -104,6 +104,53 @@ def test_a_publish_stream_resends_what_a_killed_broker_had_not_answered(broker: 
         # Each ack names where its message is: a duplicate ack the original's offset.
         stored = {m.offset: json.loads(m.payload)["n"] for m in client.history_all("tele.>")}
         assert [stored[r.ack.offset] for r in results] == list(range(total))
+
+
+def test_a_publish_stream_goes_through_the_breaker_and_waits_out_an_open_circuit(
+    broker: Broker,
+) -> None:
+    total = 300
+    policy = RetryPolicy(deadline=TIMEOUT, max_backoff=0.2)
+    breaker = CircuitPolicy(failure_threshold=2, cooldown=0.2)
+    with client_for(broker, retry=policy, circuit_breaker=breaker) as client:
+        killed = threading.Event()
+
+        def messages() -> Iterator[Publish]:
+            for n in range(total):
+                if n == 30:
+                    killed.wait(TIMEOUT)  # the rest is published while the broker is down
+                yield Publish("tele.widget.click", json.dumps({"n": n}))
+
+        stream = client.publish_stream(messages(), max_in_flight=50)
+        results: "queue.Queue[Any]" = queue.Queue()
+
+        def consume() -> None:
+            try:
+                for result in stream:
+                    results.put(result)
+                results.put(None)
+            except BaseException as err:
+                results.put(err)
+
+        threading.Thread(target=consume, daemon=True).start()
+        got = [results.get(timeout=TIMEOUT) for _ in range(30)]
+        addr = broker.addr
+        broker.kill()
+        killed.set()
+        wait_for(lambda: client.circuit_state() is not CircuitState.CLOSED, TIMEOUT, "open")
+        assert results.empty()
+        broker.start(addr)
+        while True:
+            item = results.get(timeout=TIMEOUT)
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            got.append(item)
+        assert [r.sequence for r in got] == list(range(total))
+        assert all(r.ack is not None for r in got)
+        assert client.circuit_state() is CircuitState.CLOSED
+        assert stored_numbers(client, "tele.>") == list(range(total))
 
 
 def test_a_publish_stream_passes_refusals_on_without_resuming(broker: Broker) -> None:

@@ -11,6 +11,12 @@ exactly one result per message, in order, numbered by its position in the iterab
 Ephemeral messages are at most once: one the broken stream had not answered is not sent again; its
 result is an error (UNAVAILABLE, no reason) saying so.
 
+With the client's circuit breaker, each stream is one call through it, opened only when there is a
+message to send: its first answer is the breaker's success (a probe's answer closes the circuit at
+once), a break before any answer with an endpoint failure its failure. While the circuit is open
+the stream waits the cooldown out (at least the backoff's delay) within the policy's deadline, and
+raises `CircuitOpenError` past it.
+
 Threads: grpcio reads each call's requests on a thread of its own, from `_requests`; the caller's
 iteration reads the answers. Both share the queue of taken, unanswered messages under one lock.
 """
@@ -27,7 +33,7 @@ import grpc
 
 from switchboard.v1 import broker_pb2
 
-from .errors import SwitchboardError
+from .errors import CircuitOpenError, SwitchboardError
 from .retry import RetryPolicy, retry_after
 
 if TYPE_CHECKING:
@@ -168,6 +174,31 @@ class ResumingPublishStream:
                 if self._source_error is not None:
                     raise self._source_error
                 return
+            breaker = self._client.circuit_breaker
+            permit = None
+            if breaker is not None:
+                # Opened for something to send: an idle stream is never the probe.
+                with self._source_lock:
+                    with self._cond:
+                        idle = not self._pending and not self._source_done
+                    if idle:
+                        self._take()
+                with self._cond:
+                    if not self._pending and self._source_done:
+                        continue
+                    generation = self._generation
+                    cursor = self._pending[0].position
+                try:
+                    permit = breaker.admit()
+                except CircuitOpenError as open_circuit:
+                    now = policy.clock()
+                    if failing_since is None:
+                        failing_since = now
+                    delay = max(open_circuit.retry_in, backoff.next_delay())
+                    if now + delay > failing_since + policy.deadline:
+                        raise
+                    policy.sleep(delay)
+                    continue
             call = self._client._broker.PublishStream(
                 self._requests(generation, cursor), metadata=self._client._metadata()
             )
@@ -197,6 +228,9 @@ class ResumingPublishStream:
                         results.append(StreamResult(taken.position, answer.ack, None))
                     failing_since = None
                     backoff.reset()
+                    if permit is not None:
+                        permit.record(None)
+                        permit = None
                     yield from results
                 else:
                     with self._cond:
@@ -207,6 +241,10 @@ class ResumingPublishStream:
             finally:
                 self._end_stream()
                 call.cancel()
+                if permit is not None:
+                    if error is not None:
+                        permit.record(error)
+                    permit.release()
             if error is None:
                 continue  # the top of the loop answers what is left and ends
             if retry_after(error) is None:
