@@ -197,6 +197,32 @@ impl Failover {
         }
     }
 
+    /// The current node, for a publish stream: its index and a `Broker` client on its channel.
+    pub(crate) fn stream_node(&self) -> (usize, BrokerClient<AuthChannel>) {
+        let nodes = self.lock();
+        let node = &nodes.list[nodes.current];
+        let grpc = BrokerClient::new(node.channel.clone())
+            .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
+        (nodes.current, grpc)
+    }
+
+    /// A publish stream on node `index` broke with an endpoint failure: the next one goes to the
+    /// next known node (unless another publish moved the current node meanwhile).
+    pub(crate) fn stream_failed(&self, index: usize, error: &Error) {
+        let mut nodes = self.lock();
+        if nodes.current != index || nodes.list.len() < 2 {
+            return;
+        }
+        let next = (index + 1) % nodes.list.len();
+        tracing::warn!(
+            from = %nodes.list[index].url,
+            to = %nodes.list[next].url,
+            %error,
+            "failover: a publish stream broke on this node, the next one goes to another"
+        );
+        nodes.current = next;
+    }
+
     /// Makes `index` the current node, unless another publish moved it since `was`.
     fn settle(&self, was: usize, index: usize) {
         let mut nodes = self.lock();

@@ -732,8 +732,7 @@ impl Client {
         if !self.retry_policy().is_none() {
             let (answers, answers_receiver) = mpsc::channel(capacity.max(1));
             let task = tokio::spawn(crate::publish_resume::run(
-                self.grpc(),
-                self.breaker().cloned(),
+                self.clone(),
                 self.retry_policy().clone(),
                 trace::current_context(),
                 capacity.max(1),

@@ -38,9 +38,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 
 use crate::bearer::AuthChannel;
-use crate::circuit::{CircuitBreaker, Permit};
+use crate::circuit::Permit;
+use crate::client::Client;
 use crate::error::Error;
-use crate::retry::{new_idempotency_key, next_wait, retry_after, RetryPolicy};
+use crate::retry::{is_endpoint_failure, new_idempotency_key, next_wait, retry_after, RetryPolicy};
 use crate::trace;
 
 /// A message the task has taken from the publisher's queue: its position in the publisher, and
@@ -53,14 +54,16 @@ type Answers = mpsc::Sender<Result<PublishStreamAck, Error>>;
 /// Runs publish streams until the publisher's queue is closed and every message is answered, or
 /// the policy gives up, or the acks are dropped.
 pub(crate) async fn run(
-    mut grpc: BrokerClient<AuthChannel>,
-    breaker: Option<std::sync::Arc<CircuitBreaker>>,
+    client: Client,
     policy: RetryPolicy,
     context: opentelemetry::Context,
     capacity: usize,
     mut input: mpsc::Receiver<PublishRequest>,
     answers: Answers,
 ) {
+    let mut grpc = client.grpc();
+    let breaker = client.breaker();
+    let failover = client.failover();
     let mut next_position: u64 = 0;
     let mut input_done = false;
     // Taken from the queue, not yet sent on the current stream (after a break: the unanswered
@@ -110,6 +113,12 @@ pub(crate) async fn run(
                 }
             }
         }
+        // With failover, each stream goes to the current node, which a break moves on.
+        let node = failover.as_ref().map(|failover| {
+            let (index, node_grpc) = failover.stream_node();
+            grpc = node_grpc;
+            index
+        });
         let failure = {
             let mut stream = Stream {
                 grpc: &mut grpc,
@@ -141,7 +150,14 @@ pub(crate) async fn run(
             }
             match outcome {
                 Ended::Done | Ended::AcksDropped => return,
-                Ended::Failed(error) => error,
+                Ended::Failed(error) => {
+                    if let (Some(failover), Some(index)) = (&failover, node) {
+                        if is_endpoint_failure(&error) {
+                            failover.stream_failed(index, &error);
+                        }
+                    }
+                    error
+                }
             }
         };
         let (since, attempts) = failing_since.get_or_insert((Instant::now(), 0));

@@ -561,17 +561,37 @@ async fn a_publisher_on_the_leader_fails_over_when_it_is_killed_storing_each_mes
     .unwrap();
     assert_eq!(client.known_nodes().len(), 3);
 
+    // One publish at a time, and a resuming publish stream: both must move to another node.
     const N: u64 = 200;
+    const STREAMED: u64 = 2000;
     let acked = Arc::new(AtomicU64::new(0));
     let publisher = spawn_publisher(client.clone(), "resilience.nodes.leader", N, acked.clone());
+    let streamed = Arc::new(AtomicU64::new(0));
+    let stream = spawn_stream_publisher(
+        &client,
+        "resilience.nodes.stream",
+        STREAMED,
+        streamed.clone(),
+    );
     wait_acked(&acked, 30).await;
+    wait_acked(&streamed, 100).await;
     nodes[node_index(leader)].kill9();
-    let at_kill = acked.load(Ordering::SeqCst);
+    let at_kill = (
+        acked.load(Ordering::SeqCst),
+        streamed.load(Ordering::SeqCst),
+    );
     let acks = tokio::time::timeout(DEADLINE, publisher)
         .await
         .expect("the publisher finishes")
         .unwrap();
-    assert!(at_kill < N, "the publisher was done before the kill");
+    let stream_acks = tokio::time::timeout(DEADLINE, stream)
+        .await
+        .expect("the stream finishes")
+        .unwrap();
+    assert!(
+        at_kill.0 < N && at_kill.1 < STREAMED,
+        "a publisher was done before the kill: {at_kill:?}"
+    );
     assert_ne!(client.current_node(), leader_url);
 
     let survivor = (1..=3).find(|id| *id != leader).unwrap();
@@ -586,6 +606,13 @@ async fn a_publisher_on_the_leader_fails_over_when_it_is_killed_storing_each_mes
     .await
     .unwrap();
     assert_stored_once_in_order(&stored, &acks, N);
+    let stored = eventually("the stream's last message on the reader's node", || async {
+        let stored = stored_on(&reader, "resilience.nodes.stream").await;
+        (stored.last().map(|(o, _)| *o) >= stream_acks.last().map(|a| a.offset)).then_some(stored)
+    })
+    .await
+    .unwrap();
+    assert_stored_once_in_order(&stored, &stream_acks, STREAMED);
 }
 
 /// A client whose connection is made on its first call, so it can be made while the broker is
