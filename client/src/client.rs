@@ -19,6 +19,7 @@ use crate::bearer::AuthChannel;
 use crate::circuit::{CircuitBreaker, CircuitPolicy, CircuitState};
 use crate::entity::StampClock;
 use crate::error::{error_chain, Error};
+use crate::failover::Failover;
 use crate::retry::RetryPolicy;
 
 /// The broker's default gRPC port, used when a bare host is given without one.
@@ -26,7 +27,7 @@ pub const DEFAULT_PORT: u16 = 7400;
 
 /// The largest response the client accepts, so a full history page of large payloads fits
 /// (1000 messages of 64 KiB, plus metadata).
-const MAX_DECODING_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
+pub(crate) const MAX_DECODING_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
 
 /// How [`Client::connect_with`] connects.
 #[derive(Clone, Debug)]
@@ -65,6 +66,15 @@ pub struct ConnectOptions {
     /// The circuit breaker of this client's broker endpoint, shared by every clone. `None` (the
     /// default): no breaker, every call is sent.
     pub circuit_breaker: Option<CircuitPolicy>,
+    /// Whether a publish that fails because its node is unhealthy is sent to another known node
+    /// of the cluster before the failure counts (for the retry policy and the circuit breaker).
+    /// The nodes are learned from `Cluster/Status` when connecting (and
+    /// [`Client::refresh_nodes`]), and from [`ConnectOptions::nodes`]. Under failover every
+    /// message that is not ephemeral gets an idempotency key. Default: off.
+    pub failover: bool,
+    /// More nodes of the cluster (`host:port` or URLs) for failover, besides those learned from
+    /// the cluster. Default: none.
+    pub nodes: Vec<String>,
 }
 
 /// A client certificate chain and its private key, both PEM, for mutual TLS.
@@ -182,6 +192,23 @@ impl ConnectOptions {
         self
     }
 
+    /// Turns failover to other cluster nodes on or off; see [`ConnectOptions::failover`].
+    pub fn failover(mut self, on: bool) -> ConnectOptions {
+        self.failover = on;
+        self
+    }
+
+    /// Adds cluster nodes to fail over to (and turns failover on); see [`ConnectOptions::nodes`].
+    pub fn nodes<I, S>(mut self, nodes: I) -> ConnectOptions
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.nodes.extend(nodes.into_iter().map(Into::into));
+        self.failover = true;
+        self
+    }
+
     /// Whether any TLS option is set.
     fn wants_tls(&self) -> bool {
         self.ca_certificate.is_some()
@@ -232,6 +259,8 @@ impl Default for ConnectOptions {
             credentials: None,
             retry: RetryPolicy::none(),
             circuit_breaker: None,
+            failover: false,
+            nodes: Vec::new(),
         }
     }
 }
@@ -262,6 +291,8 @@ pub struct Client {
     retry: RetryPolicy,
     /// The endpoint's circuit breaker, shared by the clones; `None` without one.
     breaker: Option<Arc<CircuitBreaker>>,
+    /// The cluster's other nodes, for publishes; `None` without failover.
+    failover: Option<Arc<Failover>>,
 }
 
 impl Client {
@@ -302,41 +333,80 @@ impl Client {
     ) -> Result<Client, Error> {
         let default_scheme = if options.wants_tls() { "https" } else { "http" };
         let url = normalize_url_with(&url.into(), default_scheme)?;
-        let invalid = |error: tonic::transport::Error| {
-            Error::InvalidArgument(format!("invalid server URL {url}: {}", error_chain(&error)))
-        };
-        let mut endpoint = Endpoint::from_shared(url.clone())
-            .map_err(invalid)?
-            .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true);
-        if let Some(tls) = options.tls_config(&url)? {
-            endpoint = endpoint.tls_config(tls).map_err(|error| {
-                Error::InvalidArgument(format!(
-                    "the TLS settings for {url} are not usable: {}",
-                    error_chain(&error)
-                ))
-            })?;
-        }
-        if let Some(interval) = options.keep_alive_interval {
-            endpoint = endpoint
-                .http2_keep_alive_interval(interval)
-                .keep_alive_timeout(options.keep_alive_timeout)
-                .keep_alive_while_idle(true);
-        }
+        let endpoint = endpoint_for(&url, &options)?;
         let channel = connect_retrying(&endpoint, &url, &options).await?;
-        let credentials = match options.credentials {
+        let credentials = match &options.credentials {
             None => None,
-            Some(Credentials::Provider(provider)) => Some(provider),
+            Some(Credentials::Provider(provider)) => Some(Arc::clone(provider)),
             Some(Credentials::ClientCredentials(request)) => Some(Arc::new(
-                ClientCredentials::from_request(channel.clone(), request),
+                ClientCredentials::from_request(channel.clone(), request.clone()),
             )
                 as Arc<dyn TokenProvider>),
         };
-        let mut client = Client::build(channel, url, credentials).with_retry(options.retry);
-        if let Some(policy) = options.circuit_breaker {
+        let mut client =
+            Client::build(channel, url.clone(), credentials).with_retry(options.retry.clone());
+        if let Some(policy) = options.circuit_breaker.clone() {
             client = client.with_circuit_breaker(policy);
         }
+        if options.failover {
+            let seeds = options.nodes.clone();
+            let failover =
+                Failover::new(url, client.inner_channel(), options, client.tokens.clone());
+            for seed in &seeds {
+                failover.add(seed);
+            }
+            client.failover = Some(Arc::new(failover));
+            // Best effort: a single node, or a token without the admin grant, still works with
+            // the nodes it was given.
+            if let Err(error) = client.refresh_nodes().await {
+                tracing::debug!(%error, "failover: could not read the cluster's members");
+            }
+        }
         Ok(client)
+    }
+
+    /// Learns the cluster's members from `Cluster/Status` (asking the known nodes, the current
+    /// one first) for failover, and returns the known node URLs. Connecting with
+    /// [`ConnectOptions::failover`] does this once; call it again after the membership changed.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the client was not connected with failover; the last
+    /// node's error when none answered.
+    pub async fn refresh_nodes(&self) -> Result<Vec<String>, Error> {
+        match &self.failover {
+            Some(failover) => failover.refresh().await,
+            None => Err(Error::InvalidArgument(
+                "failover is off: connect with ConnectOptions::failover(true)".to_owned(),
+            )),
+        }
+    }
+
+    /// The URLs of the cluster nodes this client knows for failover (its own first); just its own
+    /// URL without failover.
+    pub fn known_nodes(&self) -> Vec<String> {
+        match &self.failover {
+            Some(failover) => failover.urls(),
+            None => vec![self.url.to_string()],
+        }
+    }
+
+    /// The URL of the node publishes go to first: the client's own, until a failover moved them
+    /// to another node.
+    pub fn current_node(&self) -> String {
+        match &self.failover {
+            Some(failover) => failover.current(),
+            None => self.url.to_string(),
+        }
+    }
+
+    /// The failover state, for the publish path.
+    pub(crate) fn failover(&self) -> Option<&Arc<Failover>> {
+        self.failover.as_ref()
+    }
+
+    /// The authenticated channel of the client's own node.
+    fn inner_channel(&self) -> AuthChannel {
+        AuthChannel::new(self.channel.clone(), self.tokens.clone())
     }
 
     /// Wraps a tonic `Channel` built by the caller (for example with a custom connector). `url`
@@ -372,6 +442,7 @@ impl Client {
             clock: Arc::default(),
             retry: RetryPolicy::none(),
             breaker: None,
+            failover: None,
         }
     }
 
@@ -544,6 +615,32 @@ impl Client {
             writer: writer.unwrap_or(&self.writer).to_owned(),
         }
     }
+}
+
+/// The endpoint of `url` with the connect timeout, keep-alive and TLS settings of `options`.
+pub(crate) fn endpoint_for(url: &str, options: &ConnectOptions) -> Result<Endpoint, Error> {
+    let invalid = |error: tonic::transport::Error| {
+        Error::InvalidArgument(format!("invalid server URL {url}: {}", error_chain(&error)))
+    };
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(invalid)?
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true);
+    if let Some(tls) = options.tls_config(url)? {
+        endpoint = endpoint.tls_config(tls).map_err(|error| {
+            Error::InvalidArgument(format!(
+                "the TLS settings for {url} are not usable: {}",
+                error_chain(&error)
+            ))
+        })?;
+    }
+    if let Some(interval) = options.keep_alive_interval {
+        endpoint = endpoint
+            .http2_keep_alive_interval(interval)
+            .keep_alive_timeout(options.keep_alive_timeout)
+            .keep_alive_while_idle(true);
+    }
+    Ok(endpoint)
 }
 
 /// Makes the first connection, again and again under `options.retry` while it fails (a broker

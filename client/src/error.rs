@@ -80,6 +80,15 @@ pub enum Error {
         /// The outbox's bound on bytes.
         max_bytes: usize,
     },
+    /// An on-disk outbox ([`Client::outbox_on_disk`](crate::Client::outbox_on_disk)) could not
+    /// read or write its file: for a publish, the message was not queued.
+    #[error("the outbox file {path}: {message}")]
+    OutboxStorage {
+        /// The file.
+        path: String,
+        /// What failed, and the operating system's error.
+        message: String,
+    },
 }
 
 impl Error {
@@ -87,11 +96,12 @@ impl Error {
     ///
     /// Client-side errors map onto the nearest code: [`Error::Connect`], [`Error::Closed`] and
     /// [`Error::CircuitOpen`] are `UNAVAILABLE`, [`Error::OutboxFull`] is `RESOURCE_EXHAUSTED`,
-    /// [`Error::InvalidArgument`] is `INVALID_ARGUMENT`.
+    /// [`Error::InvalidArgument`] is `INVALID_ARGUMENT`, [`Error::OutboxStorage`] is `INTERNAL`.
     pub fn code(&self) -> Code {
         match self {
             Error::Connect { .. } | Error::Closed | Error::CircuitOpen { .. } => Code::Unavailable,
             Error::OutboxFull { .. } => Code::ResourceExhausted,
+            Error::OutboxStorage { .. } => Code::Internal,
             Error::Status { code, .. } => *code,
             Error::Refused(refusal) => Code::from_i32(refusal.code),
             Error::InvalidArgument(_) => Code::InvalidArgument,
@@ -198,7 +208,10 @@ impl Error {
             Error::Status { code, .. } => {
                 is_transient_code(*code) && self.reason() != Some(Reason::VersionConflict)
             }
-            Error::Refused(_) | Error::InvalidArgument(_) | Error::Closed => false,
+            Error::Refused(_)
+            | Error::InvalidArgument(_)
+            | Error::Closed
+            | Error::OutboxStorage { .. } => false,
         }
     }
 }

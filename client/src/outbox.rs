@@ -15,11 +15,14 @@
 //! answered `duplicate`), provided the broker comes back within its `loops.dedup_window` (2
 //! minutes by default) of a send whose fate was unknown. A message the broker refuses for good
 //! (invalid, denied, ...) is dropped from the queue, its receipt gets the refusal, and the next
-//! goes on. What it does not: survive the process (it is memory), or outlive its [`Outbox`]
-//! handles (dropping the last one stops the task; receipts still waiting get [`Error::Closed`]).
+//! goes on. What it does not: survive the process (it is memory; but see
+//! [`Client::outbox_on_disk`], whose queue is also kept in a file and replayed when it is opened
+//! again), or outlive its [`Outbox`] handles (dropping the last one stops the task; receipts still
+//! waiting get [`Error::Closed`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
@@ -33,6 +36,7 @@ use tokio::task::JoinHandle;
 use crate::backoff::{Backoff, Jitter};
 use crate::client::Client;
 use crate::error::Error;
+use crate::outbox_file::Journal;
 use crate::retry::{new_idempotency_key, retry_after};
 use crate::trace;
 
@@ -115,6 +119,9 @@ struct Shared {
 struct Queue {
     entries: VecDeque<Entry>,
     bytes: usize,
+    /// The file behind an on-disk outbox, in the queue's order (it is written under the same
+    /// lock); `None` in memory.
+    journal: Option<Journal>,
 }
 
 #[derive(Debug)]
@@ -173,7 +180,12 @@ impl Outbox {
     ///
     /// # Errors
     /// [`Error::OutboxFull`] when queueing it would pass [`OutboxOptions::max_messages`] or
-    /// [`OutboxOptions::max_bytes`]; nothing is queued.
+    /// [`OutboxOptions::max_bytes`]; [`Error::OutboxStorage`] when an on-disk outbox cannot write
+    /// it to its file. Either way nothing is queued.
+    ///
+    /// An on-disk outbox writes the message to its file and waits for `fdatasync` before this
+    /// returns (a blocking call, of the order of a millisecond on a local disk; more on a slow
+    /// one): a message it says is queued survives the process.
     pub fn publish(&self, message: impl Into<PublishRequest>) -> Result<OutboxReceipt, Error> {
         let mut request = message.into();
         trace::inject_headers(&trace::current_context(), &mut request.headers);
@@ -195,6 +207,9 @@ impl Outbox {
                     max_messages: options.max_messages,
                     max_bytes: options.max_bytes,
                 });
+            }
+            if let Some(journal) = &mut queue.journal {
+                journal.append_queued(&request)?;
             }
             queue.bytes += bytes;
             queue.entries.push_back(Entry {
@@ -258,10 +273,74 @@ impl Client {
     /// # }
     /// ```
     pub fn outbox(&self, options: OutboxOptions) -> Outbox {
+        self.start_outbox(Queue::default(), options)
+    }
+
+    /// An [`Outbox`] whose queue is also kept in the file at `path`, which it owns: every
+    /// message is appended to it and synced (`fdatasync`) before [`Outbox::publish`] returns, and
+    /// the file is truncated when everything in it was answered. Opening it again (after a crash
+    /// or a restart of the process) replays it: the messages not yet answered are queued first, in
+    /// order, and sent again with their idempotency keys, so each is stored once (within the
+    /// broker's `loops.dedup_window` of its first send). A damaged record at the end of the file
+    /// (a write torn by a crash) is detected by its checksum and dropped with a warning. Bounded
+    /// like [`Client::outbox`]; the replayed messages count toward the bounds (they are all
+    /// queued even when they pass them). See `docs/CLIENT-RESILIENCE.md`.
+    ///
+    /// # Errors
+    /// [`Error::OutboxStorage`] when the file cannot be read or written, or another outbox (in
+    /// this process or another) has it open.
+    ///
+    /// # Panics
+    /// When called outside a Tokio runtime (it spawns a task).
+    ///
+    /// # Example
+    /// ```no_run
+    /// use switchboard_client::{Client, OutboxOptions, Publish};
+    ///
+    /// # async fn run(client: Client) -> Result<(), switchboard_client::Error> {
+    /// let outbox = client.outbox_on_disk("/var/lib/panel/outbox.log", OutboxOptions::default())?;
+    /// println!("{} messages from the last run to send", outbox.len());
+    /// outbox.publish(Publish::new("telemetry.widget.click", r#"{"x":1}"#))?; // on disk now
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn outbox_on_disk(
+        &self,
+        path: impl AsRef<Path>,
+        options: OutboxOptions,
+    ) -> Result<Outbox, Error> {
+        let path = path.as_ref();
+        let replayed = Journal::open(path)?;
+        let mut queue = Queue::default();
+        for request in replayed.pending {
+            let bytes = request.encoded_len();
+            // Nobody waits on a replayed message's receipt: `Outbox::flushed` tells when it went.
+            let (receipt, _) = oneshot::channel();
+            queue.bytes += bytes;
+            queue.entries.push_back(Entry {
+                request,
+                bytes,
+                receipt,
+            });
+        }
+        if !queue.entries.is_empty() || replayed.dropped_bytes > 0 {
+            tracing::info!(
+                path = %path.display(),
+                messages = queue.entries.len(),
+                dropped_bytes = replayed.dropped_bytes,
+                "outbox file replayed: sending again what was not answered"
+            );
+        }
+        queue.journal = Some(replayed.journal);
+        Ok(self.start_outbox(queue, options))
+    }
+
+    fn start_outbox(&self, queue: Queue, options: OutboxOptions) -> Outbox {
+        let length = queue.entries.len();
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(queue),
             queued: Notify::new(),
-            length: watch::Sender::new(0),
+            length: watch::Sender::new(length),
             options,
         });
         let task = tokio::spawn(flush(self.clone(), Arc::clone(&shared)));
@@ -316,6 +395,9 @@ async fn flush(client: Client, shared: Arc<Shared>) {
             let entry = queue.entries.pop_front();
             if let Some(entry) = &entry {
                 queue.bytes -= entry.bytes;
+                if let Some(journal) = &mut queue.journal {
+                    journal.mark_done();
+                }
             }
             shared.length.send_replace(queue.entries.len());
             entry

@@ -322,6 +322,7 @@ impl Error {
             Error::Connect { .. } | Error::CircuitOpen { .. } | Error::OutboxFull { .. } => {
                 return PublishErrorKind::Unavailable
             }
+            Error::OutboxStorage { .. } => return PublishErrorKind::Other,
             Error::Status { .. } | Error::Refused(_) => self.code(),
         };
         match code {
@@ -621,14 +622,26 @@ impl Client {
             Some(breaker) => Some(breaker.admit(Instant::now())?),
             None => None,
         };
-        let mut request = tonic::Request::new(message);
-        trace::inject_metadata(context, request.metadata_mut());
-        let outcome = self
-            .grpc()
-            .publish(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(Error::from);
+        let outcome = match self.failover() {
+            Some(failover) => {
+                let mut message = message;
+                // Sent to another node after a failure whose outcome is unknown: the key makes
+                // it count once.
+                if !message.ephemeral && message.idempotency_key.is_empty() {
+                    message.idempotency_key = new_idempotency_key();
+                }
+                failover.publish(message, context).await
+            }
+            None => {
+                let mut request = tonic::Request::new(message);
+                trace::inject_metadata(context, request.metadata_mut());
+                self.grpc()
+                    .publish(request)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(Error::from)
+            }
+        };
         if let Some(permit) = permit {
             permit.record(&outcome, Instant::now());
         }
@@ -739,7 +752,7 @@ impl Client {
         if !self.retry_policy().is_none() {
             let (answers, answers_receiver) = mpsc::channel(capacity.max(1));
             let task = tokio::spawn(crate::publish_resume::run(
-                self.grpc(),
+                self.clone(),
                 self.retry_policy().clone(),
                 trace::current_context(),
                 capacity.max(1),

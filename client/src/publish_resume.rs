@@ -20,6 +20,13 @@
 //!
 //! Memory is bounded: at most `capacity` messages are in flight (sent, not answered), besides the
 //! `capacity` waiting in the publisher's queue.
+//!
+//! With the client's circuit breaker, each stream is one call through it: it is opened only when
+//! there is a message to send and the circuit lets it through, its first answer counts as the
+//! breaker's success (a probe's answer closes the circuit at once, not when the stream ends), and
+//! a stream that breaks before any answer with an endpoint failure counts as a failure. While the
+//! circuit is open the task waits its cooldown out (at least the backoff's delay), within the
+//! policy's deadline, rather than ending the stream: the messages stay queued, in order.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -31,8 +38,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 
 use crate::bearer::AuthChannel;
+use crate::circuit::Permit;
+use crate::client::Client;
 use crate::error::Error;
-use crate::retry::{new_idempotency_key, next_wait, retry_after, RetryPolicy};
+use crate::retry::{is_endpoint_failure, new_idempotency_key, next_wait, retry_after, RetryPolicy};
 use crate::trace;
 
 /// A message the task has taken from the publisher's queue: its position in the publisher, and
@@ -45,13 +54,16 @@ type Answers = mpsc::Sender<Result<PublishStreamAck, Error>>;
 /// Runs publish streams until the publisher's queue is closed and every message is answered, or
 /// the policy gives up, or the acks are dropped.
 pub(crate) async fn run(
-    mut grpc: BrokerClient<AuthChannel>,
+    client: Client,
     policy: RetryPolicy,
     context: opentelemetry::Context,
     capacity: usize,
     mut input: mpsc::Receiver<PublishRequest>,
     answers: Answers,
 ) {
+    let mut grpc = client.grpc();
+    let breaker = client.breaker();
+    let failover = client.failover();
     let mut next_position: u64 = 0;
     let mut input_done = false;
     // Taken from the queue, not yet sent on the current stream (after a break: the unanswered
@@ -61,6 +73,52 @@ pub(crate) async fn run(
     // The first failure since the last answer, and the attempts since then.
     let mut failing_since: Option<(Instant, u32)> = None;
     loop {
+        let mut permit = None;
+        if let Some(breaker) = &breaker {
+            // A stream is opened for something to send, so an idle publisher is never the probe
+            // that holds a half-open circuit.
+            if to_send.is_empty() && !input_done {
+                tokio::select! {
+                    _ = answers.closed() => return,
+                    received = input.recv() => match received {
+                        Some(request) => {
+                            to_send.push_back((next_position, with_key(request)));
+                            next_position += 1;
+                        }
+                        None => input_done = true,
+                    },
+                }
+            }
+            if to_send.is_empty() && input_done {
+                return;
+            }
+            match breaker.admit(Instant::now()) {
+                Ok(admitted) => permit = Some(admitted),
+                Err(open) => {
+                    let least = match &open {
+                        Error::CircuitOpen { retry_in, .. } => *retry_in,
+                        _ => std::time::Duration::ZERO,
+                    };
+                    let (since, _) = failing_since.get_or_insert((Instant::now(), 0));
+                    let delay = backoff.next_delay().max(least);
+                    if since.elapsed() + delay > policy.deadline {
+                        let _ = answers.send(Err(open)).await;
+                        return;
+                    }
+                    tokio::select! {
+                        _ = answers.closed() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        // With failover, each stream goes to the current node, which a break moves on.
+        let node = failover.as_ref().map(|failover| {
+            let (index, node_grpc) = failover.stream_node();
+            grpc = node_grpc;
+            index
+        });
         let failure = {
             let mut stream = Stream {
                 grpc: &mut grpc,
@@ -73,10 +131,14 @@ pub(crate) async fn run(
                 in_flight: VecDeque::new(),
                 answers: &answers,
                 progressed: false,
+                permit: permit.take(),
             };
             let outcome = stream.run().await;
             let progressed = stream.progressed;
             let mut unanswered = std::mem::take(&mut stream.in_flight);
+            if let (Some(permit), Ended::Failed(error)) = (stream.permit.take(), &outcome) {
+                permit.record::<()>(&Err(error.clone()), Instant::now());
+            }
             drop(stream);
             if progressed {
                 failing_since = None;
@@ -88,7 +150,14 @@ pub(crate) async fn run(
             }
             match outcome {
                 Ended::Done | Ended::AcksDropped => return,
-                Ended::Failed(error) => error,
+                Ended::Failed(error) => {
+                    if let (Some(failover), Some(index)) = (&failover, node) {
+                        if is_endpoint_failure(&error) {
+                            failover.stream_failed(index, &error);
+                        }
+                    }
+                    error
+                }
             }
         };
         let (since, attempts) = failing_since.get_or_insert((Instant::now(), 0));
@@ -161,6 +230,8 @@ struct Stream<'a> {
     answers: &'a Answers,
     /// Whether this stream answered at least one message.
     progressed: bool,
+    /// The circuit breaker's leave for this stream, recorded at its first answer.
+    permit: Option<Permit>,
 }
 
 impl Stream<'_> {
@@ -231,6 +302,9 @@ impl Stream<'_> {
                         answered_on_stream += 1;
                         self.in_flight.pop_front();
                         self.progressed = true;
+                        if let Some(permit) = self.permit.take() {
+                            permit.record::<()>(&Ok(()), Instant::now());
+                        }
                         let answer = PublishStreamAck { sequence: position, ..ack };
                         if self.answers.send(Ok(answer)).await.is_err() {
                             return Ended::AcksDropped;

@@ -156,7 +156,8 @@ pub(crate) fn retry_after(error: &Error) -> Option<Duration> {
         Error::InvalidArgument(_)
         | Error::Closed
         | Error::CircuitOpen { .. }
-        | Error::OutboxFull { .. } => None,
+        | Error::OutboxFull { .. }
+        | Error::OutboxStorage { .. } => None,
     }
 }
 

@@ -165,6 +165,38 @@ async fn a_publish_stream_resumes_across_a_broker_restart_storing_every_message_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_publish_stream_goes_through_the_circuit_breaker_and_waits_out_an_open_circuit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(&dir).await;
+    let options = ConnectOptions::default()
+        .retry(retrying())
+        .circuit_breaker(CircuitPolicy::new(2, Duration::from_millis(200)));
+    let client = Client::connect_with(broker.url(), options).await.unwrap();
+
+    const N: u64 = 1000;
+    let acked = Arc::new(AtomicU64::new(0));
+    let stream = spawn_stream_publisher(&client, "resilience.stream.circuit", N, acked.clone());
+    wait_acked(&acked, 100).await;
+    broker.kill9();
+    // The streams that fail while the broker is away open the circuit.
+    eventually("the circuit open", || async {
+        (client.circuit_state() != Some(CircuitState::Closed)).then_some(())
+    })
+    .await
+    .unwrap();
+    let at_open = acked.load(Ordering::SeqCst);
+    broker.restart(&[]).unwrap();
+    let acks = tokio::time::timeout(DEADLINE, stream)
+        .await
+        .expect("the stream finishes")
+        .unwrap();
+    assert!(at_open < N, "the stream was done before the circuit opened");
+    assert_eq!(client.circuit_state(), Some(CircuitState::Closed));
+    let stored = stored_on(&client, "resilience.stream.circuit").await;
+    assert_stored_once_in_order(&stored, &acks, N);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn refusals_of_the_message_are_not_retried() {
     let f = fixture(&[]).await;
     let client = Client::connect_with(f.broker.url(), ConnectOptions::default().retry(retrying()))
@@ -452,6 +484,233 @@ async fn a_retrying_publisher_rides_out_a_leader_kill_storing_every_message_once
     assert_stored_once_in_order(&stored, &acks, N);
     let stored = stored_on(&client, "resilience.failover.stream").await;
     assert_stored_once_in_order(&stored, &stream_acks, STREAMED);
+}
+
+/// A three-node cluster with a leader, and the leader's id.
+async fn cluster_with_leader(dir: &tempfile::TempDir) -> (Vec<switchboard_e2e::ClusterNode>, u64) {
+    let nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let first = Client::connect(nodes[0].url()).await.unwrap();
+    let status = eventually(
+        "a leader whose members all announced their addresses",
+        || async {
+            let status = first.cluster_status().await.ok()?;
+            let announced = status.nodes.iter().all(|n| !n.public_address.is_empty());
+            (status.leader_id != 0 && announced).then_some(status)
+        },
+    )
+    .await
+    .unwrap();
+    (nodes, status.leader_id)
+}
+
+fn node_index(id: u64) -> usize {
+    usize::try_from(id - 1).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_fail_over_to_another_node_before_the_circuit_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, leader) = cluster_with_leader(&dir).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let follower_url = nodes[node_index(follower)].url();
+    // No retry policy, and a breaker that opens at the first failure that counts: only the
+    // failover keeps the publishes going when the node the client talks to dies.
+    let client = Client::connect_with(
+        &follower_url,
+        ConnectOptions::default()
+            .failover(true)
+            .circuit_breaker(CircuitPolicy::new(1, Duration::from_secs(60))),
+    )
+    .await
+    .unwrap();
+    let known = client.known_nodes();
+    assert_eq!(known.len(), 3, "learned every member: {known:?}");
+    assert_eq!(client.current_node(), follower_url);
+
+    const N: u64 = 300;
+    let acked = Arc::new(AtomicU64::new(0));
+    let publisher = spawn_publisher(client.clone(), "resilience.nodes.tick", N, acked.clone());
+    wait_acked(&acked, 30).await;
+    nodes[node_index(follower)].kill9();
+    let at_kill = acked.load(Ordering::SeqCst);
+    let acks = tokio::time::timeout(DEADLINE, publisher)
+        .await
+        .expect("the publisher finishes")
+        .unwrap();
+    assert!(at_kill < N, "the publisher was done before the kill");
+    assert_ne!(client.current_node(), follower_url, "moved to another node");
+    assert_eq!(client.circuit_state(), Some(CircuitState::Closed));
+
+    let reader = Client::connect(nodes[node_index(leader)].url())
+        .await
+        .unwrap();
+    let stored = stored_on(&reader, "resilience.nodes.tick").await;
+    assert_stored_once_in_order(&stored, &acks, N);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_on_the_leader_fails_over_when_it_is_killed_storing_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, leader) = cluster_with_leader(&dir).await;
+    let leader_url = nodes[node_index(leader)].url();
+    let client = Client::connect_with(
+        &leader_url,
+        ConnectOptions::default().retry(retrying()).failover(true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(client.known_nodes().len(), 3);
+
+    // One publish at a time, and a resuming publish stream: both must move to another node.
+    const N: u64 = 200;
+    const STREAMED: u64 = 2000;
+    let acked = Arc::new(AtomicU64::new(0));
+    let publisher = spawn_publisher(client.clone(), "resilience.nodes.leader", N, acked.clone());
+    let streamed = Arc::new(AtomicU64::new(0));
+    let stream = spawn_stream_publisher(
+        &client,
+        "resilience.nodes.stream",
+        STREAMED,
+        streamed.clone(),
+    );
+    wait_acked(&acked, 30).await;
+    wait_acked(&streamed, 100).await;
+    nodes[node_index(leader)].kill9();
+    let at_kill = (
+        acked.load(Ordering::SeqCst),
+        streamed.load(Ordering::SeqCst),
+    );
+    let acks = tokio::time::timeout(DEADLINE, publisher)
+        .await
+        .expect("the publisher finishes")
+        .unwrap();
+    let stream_acks = tokio::time::timeout(DEADLINE, stream)
+        .await
+        .expect("the stream finishes")
+        .unwrap();
+    assert!(
+        at_kill.0 < N && at_kill.1 < STREAMED,
+        "a publisher was done before the kill: {at_kill:?}"
+    );
+    assert_ne!(client.current_node(), leader_url);
+
+    let survivor = (1..=3).find(|id| *id != leader).unwrap();
+    let reader = Client::connect(nodes[node_index(survivor)].url())
+        .await
+        .unwrap();
+    // A follower applies what its leader committed shortly after the ack.
+    let stored = eventually("the last message applied on the reader's node", || async {
+        let stored = stored_on(&reader, "resilience.nodes.leader").await;
+        (stored.last().map(|(o, _)| *o) >= acks.last().map(|a| a.offset)).then_some(stored)
+    })
+    .await
+    .unwrap();
+    assert_stored_once_in_order(&stored, &acks, N);
+    let stored = eventually("the stream's last message on the reader's node", || async {
+        let stored = stored_on(&reader, "resilience.nodes.stream").await;
+        (stored.last().map(|(o, _)| *o) >= stream_acks.last().map(|a| a.offset)).then_some(stored)
+    })
+    .await
+    .unwrap();
+    assert_stored_once_in_order(&stored, &stream_acks, STREAMED);
+}
+
+/// A client whose connection is made on its first call, so it can be made while the broker is
+/// down (as a service starting during an outage would, under a retry policy).
+fn lazy_client(url: &str) -> Client {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap();
+    Client::from_channel(endpoint.connect_lazy(), url)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outbox_on_disk_keeps_what_waits_across_a_reopen_and_a_torn_tail_storing_each_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(&dir).await;
+    let url = broker.url();
+    let file = dir.path().join("outbox.log");
+    let options =
+        OutboxOptions::default().backoff(Duration::from_millis(10), Duration::from_millis(200));
+
+    // Two messages go through while the broker is up: answered, they leave the file.
+    let client = lazy_client(&url);
+    let outbox = client.outbox_on_disk(&file, options.clone()).unwrap();
+    for i in 0..2 {
+        outbox
+            .publish(Publish::new("resilience.disk.tick", i.to_string()))
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        0,
+        "truncated once all answered"
+    );
+
+    // The broker goes away; what is published meanwhile waits, on disk.
+    broker.kill9();
+    let mut keys = Vec::new();
+    for i in 2..20 {
+        let receipt = outbox
+            .publish(Publish::new("resilience.disk.tick", i.to_string()))
+            .unwrap();
+        keys.push(receipt.idempotency_key().to_owned());
+    }
+    assert!(
+        client_outbox_file_error(&client, &file),
+        "a second outbox cannot take the file"
+    );
+    // The process's outbox and client go (as in a crash: nothing is flushed).
+    drop(outbox);
+    drop(client);
+    // And the last write was torn: a record's header and part of its body at the end.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let torn = bytes[..20].to_vec();
+    bytes.extend_from_slice(&torn);
+    std::fs::write(&file, &bytes).unwrap();
+
+    // A new client and outbox on the file: the 18 are queued again, before anything new.
+    let client = lazy_client(&url);
+    let outbox = client.outbox_on_disk(&file, options).unwrap();
+    assert_eq!(outbox.len(), 18, "every message not answered is back");
+    let later = outbox
+        .publish(Publish::new("resilience.disk.tick", "20"))
+        .unwrap();
+    broker.restart(&[]).unwrap();
+    tokio::time::timeout(DEADLINE, outbox.flushed())
+        .await
+        .expect("the outbox flushes");
+    let last = later.await.unwrap();
+
+    let stored = stored_on(&client, "resilience.disk.tick").await;
+    let payloads: Vec<&str> = stored.iter().map(|(_, p)| p.as_str()).collect();
+    let expected: Vec<String> = (0..=20).map(|i: u64| i.to_string()).collect();
+    assert_eq!(payloads, expected, "every message stored once, in order");
+    assert_eq!(stored.last().map(|(o, _)| *o), Some(last.offset));
+    let history = client
+        .history_all(
+            HistoryQuery::new("resilience.disk.tick").from(Start::Earliest),
+            1000,
+        )
+        .await
+        .unwrap();
+    let sent_keys: Vec<&str> = history[2..20]
+        .iter()
+        .map(|m| m.idempotency_key.as_str())
+        .collect();
+    assert_eq!(
+        sent_keys, keys,
+        "sent again with the keys they were queued with"
+    );
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
+}
+
+/// Whether opening a second outbox on `file` fails (the first holds it).
+fn client_outbox_file_error(client: &Client, file: &std::path::Path) -> bool {
+    matches!(
+        client.outbox_on_disk(file, OutboxOptions::default()),
+        Err(Error::OutboxStorage { .. })
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,20 +4,39 @@ The generated modules are importable as `switchboard.v1.*` (`broker_pb2`, `entit
 `reason_pb2`, ...); this package returns their messages unchanged.
 """
 
+from .circuit import CircuitBreaker, CircuitPolicy, CircuitState
 from .client import Client, EntityWatch, Publish, StreamResult, Subscription, connect
-from .errors import SwitchboardError, reason_enum, status_code
-from .retry import Backoff, RetryPolicy, retry_after
+from .errors import (
+    CircuitOpenError,
+    ClosedError,
+    OutboxFullError,
+    SwitchboardError,
+    reason_enum,
+    status_code,
+)
+from .outbox import Outbox, OutboxOptions, OutboxReceipt
+from .retry import Backoff, RetryPolicy, is_endpoint_failure, retry_after
 
 __all__ = [
     "Backoff",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CircuitPolicy",
+    "CircuitState",
     "Client",
+    "ClosedError",
     "EntityWatch",
+    "Outbox",
+    "OutboxFullError",
+    "OutboxOptions",
+    "OutboxReceipt",
     "Publish",
     "RetryPolicy",
     "StreamResult",
     "Subscription",
     "SwitchboardError",
     "connect",
+    "is_endpoint_failure",
     "reason_enum",
     "retry_after",
     "status_code",

@@ -1,8 +1,8 @@
 """A thin, typed layer over the generated stubs (`switchboard.v1`).
 
 What it adds to the stubs: connecting with TLS and a bearer token; errors decoded to
-`SwitchboardError` (code, reason, metadata); publishes with an idempotency key and an opt-in retry
-policy; subscriptions that resume after a lost connection with no gap and no duplicate, each on a
+`SwitchboardError` (code, reason, metadata); publishes with an idempotency key, an opt-in retry
+policy and circuit breaker, publish streams that resume, a bounded outbox; subscriptions that resume after a lost connection with no gap and no duplicate, each on a
 connection of its own; history without the `from` keyword; entities. Everything else is the
 generated messages, returned as they are.
 """
@@ -14,15 +14,19 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from switchboard.v1 import broker_pb2, broker_pb2_grpc, entity_pb2, entity_pb2_grpc
 
+from .circuit import CircuitBreaker, CircuitPolicy, CircuitState
 from .errors import SwitchboardError
 from .retry import Backoff, RetryPolicy, retry_after
+
+if TYPE_CHECKING:
+    from .outbox import Outbox, OutboxOptions
 
 Payload = Union[bytes, str]
 # Where a subscription or a history read starts: "latest", "earliest", an offset, or a time.
@@ -109,6 +113,8 @@ class Client:
     `target` is `host:port`. `tls=True` (or `root_certificates`, PEM bytes; `None` means the
     system's roots) uses TLS; `token` sends `authorization: Bearer <token>` on every call.
     `retry` is the default publish retry policy: `None`, one attempt, as in the Rust client.
+    `circuit_breaker` puts a `CircuitBreaker` with that policy in front of single publishes and the
+    outbox: `None` (the default) has none.
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class Client:
         root_certificates: Optional[bytes] = None,
         token: Optional[str] = None,
         retry: Optional[RetryPolicy] = None,
+        circuit_breaker: Optional[CircuitPolicy] = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
@@ -127,6 +134,9 @@ class Client:
         self._options = list(options)
         self.token = token
         self.retry = retry
+        self.circuit_breaker = (
+            CircuitBreaker(target, circuit_breaker) if circuit_breaker is not None else None
+        )
         self._channel = self._open_channel(own_connection=False)
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._entities = entity_pb2_grpc.EntitiesStub(self._channel)
@@ -148,6 +158,29 @@ class Client:
             return method(request, timeout=timeout, metadata=self._metadata())
         except grpc.RpcError as err:
             raise SwitchboardError.from_rpc_error(err) from None
+
+    def _publish_once(
+        self, request: broker_pb2.PublishRequest, timeout: Optional[float]
+    ) -> broker_pb2.PublishAck:
+        """One `Publish` call, through the circuit breaker when the client has one."""
+        breaker = self.circuit_breaker
+        if breaker is None:
+            return self._call(self._broker.Publish, request, timeout)
+        permit = breaker.admit()
+        try:
+            ack = self._call(self._broker.Publish, request, timeout)
+        except SwitchboardError as error:
+            permit.record(error)
+            raise
+        else:
+            permit.record(None)
+            return ack
+        finally:
+            permit.release()
+
+    def circuit_state(self) -> Optional[CircuitState]:
+        """The state of the circuit breaker (`CLOSED`, `OPEN`, `HALF_OPEN`); `None` without one."""
+        return self.circuit_breaker.state if self.circuit_breaker is not None else None
 
     def close(self) -> None:
         self._channel.close()
@@ -180,21 +213,41 @@ class Client:
         request = message.request()
         policy = retry if retry is not None else self.retry
         if policy is None or request.ephemeral:
-            return self._call(self._broker.Publish, request, timeout)
+            return self._publish_once(request, timeout)
         if not request.idempotency_key:
             request.idempotency_key = str(uuid.uuid4())
-        return policy.run(lambda: self._call(self._broker.Publish, request, timeout))
+        return policy.run(lambda: self._publish_once(request, timeout))
 
     def publish_stream(
-        self, messages: Iterable[Union[Publish, broker_pb2.PublishRequest]]
+        self,
+        messages: Iterable[Union[Publish, broker_pb2.PublishRequest]],
+        *,
+        retry: Optional[RetryPolicy] = None,
+        max_in_flight: int = 1000,
     ) -> Iterator[StreamResult]:
         """Publishes a stream of messages; yields one result per message, in order.
 
-        A refused message yields a result with its `error` and the stream goes on; a failure of
-        the stream itself (the broker stopping, a lost connection) raises `SwitchboardError`.
-        Not retried: the messages answered before the failure are durable, the others may be
-        sent again (with their idempotency keys).
+        A refused message yields a result with its `error` and the stream goes on. Without a retry
+        policy (`retry`, else the client's), a failure of the stream itself (the broker stopping,
+        a lost connection) raises `SwitchboardError`: the messages answered before it are durable,
+        the others may be sent again (with their idempotency keys).
+
+        Under a policy the stream resumes (`ResumingPublishStream`): every message gets an
+        idempotency key, and when the stream breaks (or a message is refused for a retryable
+        reason) a new one is opened and the unanswered messages are sent again first, in order;
+        `sequence` is then the message's position in `messages`. At most `max_in_flight` messages
+        are sent and unanswered at once.
         """
+        policy = retry if retry is not None else self.retry
+        if policy is not None:
+            from .publish_resume import ResumingPublishStream
+
+            return ResumingPublishStream(self, messages, policy, max_in_flight)
+        return self._publish_stream_once(messages)
+
+    def _publish_stream_once(
+        self, messages: Iterable[Union[Publish, broker_pb2.PublishRequest]]
+    ) -> Iterator[StreamResult]:
         requests = (m.request() if isinstance(m, Publish) else m for m in messages)
         call = self._broker.PublishStream(requests, metadata=self._metadata())
         try:
@@ -208,6 +261,13 @@ class Client:
             raise SwitchboardError.from_rpc_error(err) from None
         finally:
             call.cancel()
+
+    def outbox(self, options: Optional["OutboxOptions"] = None, **bounds: Any) -> "Outbox":
+        """A bounded in-memory `Outbox` in front of this client's publishes, flushed in order by
+        a thread of its own: `outbox(OutboxOptions(...))` or `outbox(max_messages=..., ...)`."""
+        from .outbox import Outbox, OutboxOptions
+
+        return Outbox(self, options if options is not None else OutboxOptions(**bounds))
 
     # Reading.
 

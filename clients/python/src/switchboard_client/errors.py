@@ -99,3 +99,43 @@ class SwitchboardError(Exception):
             refusal.reason or None,
             dict(refusal.metadata),
         )
+
+
+class CircuitOpenError(SwitchboardError):
+    """The client's circuit breaker is open: the call was not sent (code UNAVAILABLE, no reason).
+
+    `retry_in` is how long, in seconds, until the circuit lets a probe through (0 while a probe is
+    out already). Never retried by a `RetryPolicy`: failing fast is the point; an `Outbox` waits
+    the cooldown out.
+    """
+
+    def __init__(self, target: str, retry_in: float) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            f"circuit open for {target}: failing fast, a probe in {retry_in:.3f}s",
+        )
+        self.target = target
+        self.retry_in = retry_in
+
+
+class OutboxFullError(SwitchboardError):
+    """Queueing the message would pass the outbox's bounds: nothing was queued (code
+    RESOURCE_EXHAUSTED, no reason). Never retried."""
+
+    def __init__(self, messages: int, size: int, max_messages: int, max_bytes: int) -> None:
+        super().__init__(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"outbox full: {messages} messages, {size} bytes queued "
+            f"(bounds {max_messages} messages, {max_bytes} bytes)",
+        )
+        self.messages = messages
+        self.bytes = size
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+
+
+class ClosedError(SwitchboardError):
+    """The outbox (or stream) was closed before the broker answered for this message."""
+
+    def __init__(self, what: str = "closed before the broker answered") -> None:
+        super().__init__(grpc.StatusCode.CANCELLED, what)

@@ -15,7 +15,7 @@ from typing import Callable, Optional, TypeVar
 
 import grpc
 
-from .errors import SwitchboardError
+from .errors import CircuitOpenError, ClosedError, OutboxFullError, SwitchboardError
 
 T = TypeVar("T")
 
@@ -41,8 +41,11 @@ def retry_after(error: SwitchboardError) -> Optional[float]:
     """The least wait, in seconds, before `error`'s publish may be tried again; `None` never.
 
     Validation, grants, schemas, loops, a full disk and UNAVAILABLE reasons this client does not
-    know are never retried: the same message would get the same answer.
+    know are never retried: the same message would get the same answer. Neither are the client's
+    own refusals (an open circuit, a full outbox, a closed outbox).
     """
+    if isinstance(error, (CircuitOpenError, OutboxFullError, ClosedError)):
+        return None
     if error.reason is None:
         return 0.0 if error.code in _TRANSPORT_CODES else None
     if error.code == grpc.StatusCode.UNAVAILABLE and error.reason in _RETRYABLE_UNAVAILABLE:
@@ -53,6 +56,14 @@ def retry_after(error: SwitchboardError) -> Optional[float]:
         except (KeyError, ValueError):
             return 1.0
     return None
+
+
+def is_endpoint_failure(error: SwitchboardError) -> bool:
+    """Whether `error` says the broker endpoint is unhealthy (counted by the circuit breaker):
+    retryable, and not a rate limit (the broker answered that one)."""
+    if retry_after(error) is None:
+        return False
+    return not (error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == "RATE_LIMITED")
 
 
 @dataclass
