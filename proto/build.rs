@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "switchboard/v1/entity.proto",
     "switchboard/v1/cluster.proto",
     "switchboard/v1/schema.proto",
+    "switchboard/v1/kpi.proto",
     "switchboard/v1/reason.proto",
 ];
 

@@ -54,6 +54,7 @@ pub struct Config {
     pub loops: Loops,
     pub entities: Entities,
     pub schemas: Schemas,
+    pub kpis: Kpis,
     pub publish_stream: PublishStream,
     pub gateway: Gateway,
     pub tracing: Tracing,
@@ -340,6 +341,16 @@ pub struct Schemas {
     pub max_document_bytes: usize,
     pub compatibility_sample: usize,
     pub drift_events_per_second: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Kpis {
+    pub max_views: u32,
+    pub backfill_limit: u64,
+    #[serde(with = "humantime_serde")]
+    pub watch_min_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -856,6 +867,15 @@ impl Config {
         }
         if self.schemas.compatibility_sample > 100_000 {
             return invalid("schemas.compatibility_sample", "must be at most 100000");
+        }
+        if self.kpis.max_views == 0 || self.kpis.max_views > 1024 {
+            return invalid("kpis.max_views", "must be between 1 and 1024");
+        }
+        if self.kpis.backfill_limit > 10_000_000 {
+            return invalid("kpis.backfill_limit", "must be at most 10000000");
+        }
+        if self.kpis.watch_min_interval < Duration::from_millis(100) {
+            return invalid("kpis.watch_min_interval", "must be at least 100ms");
         }
         if self.publish_stream.max_unacked == 0 || self.publish_stream.max_unacked > 65536 {
             return invalid("publish_stream.max_unacked", "must be between 1 and 65536");

@@ -16,6 +16,7 @@ use switchboard_proto::v1::auth_server::AuthServer;
 use switchboard_proto::v1::broker_server::BrokerServer;
 use switchboard_proto::v1::cluster_server::ClusterServer;
 use switchboard_proto::v1::entities_server::EntitiesServer;
+use switchboard_proto::v1::kpi_service_server::KpiServiceServer;
 use switchboard_proto::v1::schema_service_server::SchemaServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -37,6 +38,7 @@ use crate::config::Config;
 use crate::edge::auth::{Gate, GateInterceptor};
 use crate::edge::entities::{EntitiesService, WatchRoutes};
 use crate::edge::grpc_guard::GrpcGuard;
+use crate::edge::kpis::KpisService;
 use crate::edge::schemas::SchemasService;
 use crate::edge::subscribe_codec::BrokerRoutes;
 use crate::edge::token_endpoint::AuthService;
@@ -83,11 +85,12 @@ const RATE_LIMIT_SWEEP: Duration = Duration::from_secs(30);
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 /// The services whose gRPC health is reported; "" is the whole server.
-const HEALTH_SERVICES: [&str; 5] = [
+const HEALTH_SERVICES: [&str; 6] = [
     "",
     <BrokerServer<BrokerService> as NamedService>::NAME,
     <EntitiesServer<EntitiesService> as NamedService>::NAME,
     <SchemaServiceServer<SchemasService> as NamedService>::NAME,
+    <KpiServiceServer<KpisService> as NamedService>::NAME,
     <AuthServer<AuthService> as NamedService>::NAME,
 ];
 
@@ -350,6 +353,10 @@ impl Broker {
             SchemaServiceServer::new(service.schemas()).max_decoding_message_size(max_message),
             interceptor.clone(),
         );
+        let kpis = InterceptedService::new(
+            KpiServiceServer::new(service.kpis()).max_decoding_message_size(max_message),
+            interceptor.clone(),
+        );
         // `Subscribe` is served with a codec that writes shared delivery bytes
         // (edge::subscribe_codec); the gate wraps the routes, so it covers that path too.
         let grpc =
@@ -373,6 +380,7 @@ impl Broker {
             .add_service(web.layer(grpc))
             .add_service(web.layer(entities))
             .add_service(web.layer(schemas))
+            .add_service(web.layer(kpis))
             .add_service(web.layer(auth))
             .add_service(web.layer(cluster_admin))
             .add_service(health)

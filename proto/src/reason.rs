@@ -234,6 +234,8 @@ reasons! {
     ViewInvalid => "VIEW_INVALID",
     /// The broker holds as many views as it may (`kpis.max_views`) (RESOURCE_EXHAUSTED).
     ViewLimit => "VIEW_LIMIT",
+    /// No view has that name (NOT_FOUND).
+    ViewNotFound => "VIEW_NOT_FOUND",
 }
 
 impl fmt::Display for Reason {

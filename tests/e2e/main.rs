@@ -20,6 +20,7 @@ mod flow;
 mod fuzz;
 mod gateway;
 mod gateway_errors;
+mod kpis;
 mod loops;
 mod malformed;
 mod observability;

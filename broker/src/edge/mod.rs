@@ -18,6 +18,8 @@
 //! - [`entities`]: the `switchboard.v1.Entities` service.
 //! - [`schemas`]: the `switchboard.v1.SchemaService` (the payload schema registry; the check a
 //!   publish meets is in `publish`, over [`crate::schema`]).
+//! - [`kpis`]: the `switchboard.v1.KpiService` (KPI views and their values, over
+//!   [`crate::kpi`]).
 //! - [`token_endpoint`]: the `switchboard.v1.Auth` token endpoint.
 //! - [`convert`]: protobuf ⇄ broker types.
 //! - [`status`]: the one mapping from errors to gRPC statuses and stream refusals.
@@ -31,6 +33,7 @@ pub mod convert;
 pub(crate) mod delivery;
 pub(crate) mod entities;
 pub(crate) mod grpc_guard;
+pub(crate) mod kpis;
 mod publish;
 pub(crate) mod schemas;
 pub(crate) mod status;
@@ -125,6 +128,11 @@ impl BrokerService {
     /// The `switchboard.v1.SchemaService` over the same parts.
     pub(crate) fn schemas(&self) -> schemas::SchemasService {
         schemas::SchemasService::new(Arc::clone(&self.edge))
+    }
+
+    /// The `switchboard.v1.KpiService` over the same parts.
+    pub(crate) fn kpis(&self) -> kpis::KpisService {
+        kpis::KpisService::new(Arc::clone(&self.edge))
     }
 
     /// The `switchboard.v1.Entities` service over the same parts.

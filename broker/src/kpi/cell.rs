@@ -85,7 +85,8 @@ impl Stats {
         self.sketch.add(value);
     }
 
-    /// Adds every value of `other` (combining windows or groups when reading).
+    /// Adds every value of `other` (combining windows or groups; no reader does yet).
+    #[cfg(test)]
     pub(crate) fn merge(&mut self, other: &Stats) {
         if other.count == 0 {
             return;
@@ -149,6 +150,7 @@ impl Cell {
     }
 
     /// Adds every value of `other`.
+    #[cfg(test)]
     pub(crate) fn merge(&mut self, other: &Cell) {
         self.messages += other.messages;
         if self.measures.len() < other.measures.len() {

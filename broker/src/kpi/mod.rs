@@ -16,10 +16,7 @@
 //! A new view is **backfilled** from the messages still retained, within the windows it keeps,
 //! bounded by the limit its write carries; [`BackfillReport`] says what was read.
 //!
-//! Status (issue 23): definitions, folding, backfill and reading are here and tested through
-//! apply; the `Kpis` service, the gateway routes, `sb kpi` and the widget that read them are the
-//! next step. Until they land, the reading side is used by tests only.
-#![cfg_attr(not(test), allow(dead_code))]
+//! Served by `edge::kpis` (the `switchboard.v1.KpiService`).
 
 pub(crate) mod cell;
 pub(crate) mod fold;

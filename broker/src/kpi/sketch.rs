@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 
 /// The largest relative error of a quantile read from a sketch (for values within the span the
 /// buckets keep, see the module docs).
+#[cfg(test)]
 pub(crate) const RELATIVE_ACCURACY: f64 = 0.01;
 
 /// Buckets per power of two. `1 / ln((1 + α) / (1 - α))` is 49.99 for α = 1%; 50 makes every
@@ -68,6 +69,7 @@ impl Sketch {
     }
 
     /// Adds every value of `other`.
+    #[cfg(test)]
     pub(crate) fn merge(&mut self, other: &Sketch) {
         for (mine, theirs) in [
             (&mut self.positive, &other.positive),

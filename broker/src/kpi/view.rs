@@ -319,7 +319,7 @@ fn check_pointer(field: &'static str, pointer: &str) -> Result<(), ViewError> {
 
 /// `"30s"`, `"1m"`, `"15m"`, `"1h"`, `"1d"`: a whole number of seconds, minutes, hours or days
 /// that divides a day.
-fn parse_length(text: &str) -> Result<u32, ViewError> {
+pub(crate) fn parse_length(text: &str) -> Result<u32, ViewError> {
     let bad = || {
         invalid(
             "windows",

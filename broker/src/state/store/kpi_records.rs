@@ -41,7 +41,6 @@ fn length_prefix(name: &str, length_s: u32) -> Vec<u8> {
 
 impl MessageStore {
     /// The view named `name`.
-    #[cfg_attr(not(test), allow(dead_code))] // read by the KPI service, next (issue 23)
     ///
     /// # Errors
     /// The embedded store's error, or a damaged record.

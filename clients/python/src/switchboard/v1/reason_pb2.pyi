@@ -88,6 +88,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_SCHEMA_LIMIT: _ClassVar[ErrorReason]
     ERROR_REASON_VIEW_INVALID: _ClassVar[ErrorReason]
     ERROR_REASON_VIEW_LIMIT: _ClassVar[ErrorReason]
+    ERROR_REASON_VIEW_NOT_FOUND: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_CHANNEL_INVALID: ErrorReason
 ERROR_REASON_CHANNEL_RESERVED: ErrorReason
@@ -170,3 +171,4 @@ ERROR_REASON_SCHEMA_DENIED: ErrorReason
 ERROR_REASON_SCHEMA_LIMIT: ErrorReason
 ERROR_REASON_VIEW_INVALID: ErrorReason
 ERROR_REASON_VIEW_LIMIT: ErrorReason
+ERROR_REASON_VIEW_NOT_FOUND: ErrorReason

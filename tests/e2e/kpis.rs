@@ -1,0 +1,347 @@
+//! KPI views over gRPC: defined through the log, values exact on known input, ETags that change
+//! only with the values, watches, refusals with reasons, restarts and a cluster's agreement.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use switchboard_client::{Client, Publish};
+use switchboard_e2e::{eventually, start_cluster, DEADLINE};
+use switchboard_proto::v1 as pb;
+use switchboard_proto::v1::kpi_service_client::KpiServiceClient;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::common::*;
+
+const HANDLE_TIME: &str = r#"
+name = "handle_time"
+pattern = "calls.*.ended"
+group_by = { segment = 1 }
+windows = ["1m", "1h"]
+
+[[measures]]
+name = "seconds"
+field = "/seconds"
+"#;
+
+async fn kpis(url: String) -> KpiServiceClient<Channel> {
+    KpiServiceClient::new(Channel::from_shared(url).unwrap().connect().await.unwrap())
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}
+
+async fn define(client: &mut KpiServiceClient<Channel>, definition: &str) -> pb::View {
+    client
+        .define_view(pb::DefineViewRequest {
+            definition: definition.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .view
+        .unwrap()
+}
+
+fn get(view: &str, window: &str) -> pb::GetKpisRequest {
+    pb::GetKpisRequest {
+        view: view.into(),
+        window: window.into(),
+        windows: 1,
+        ..Default::default()
+    }
+}
+
+/// The named group of the newest window.
+fn group<'a>(values: &'a pb::GetKpisResponse, name: &str) -> Option<&'a pb::KpiGroup> {
+    values
+        .windows
+        .last()?
+        .groups
+        .iter()
+        .find(|g| g.name == name)
+}
+
+/// Waits out the last seconds of the current UTC hour, if it is in them: the tests read the
+/// hour's window and expect everything they publish in one window.
+async fn away_from_an_hour_boundary() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let left = 3600 - now % 3600;
+    if left < 30 {
+        tokio::time::sleep(Duration::from_secs(left + 1)).await;
+    }
+}
+
+async fn call_ended(client: &Client, queue: &str, seconds: f64) {
+    client
+        .publish(Publish::new(
+            format!("calls.{queue}.ended"),
+            format!(r#"{{"seconds": {seconds}}}"#),
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_view_counts_and_measures_exactly_and_its_etag_moves_only_with_its_values() {
+    away_from_an_hour_boundary().await;
+    let f = fixture(&[]).await;
+    let mut kpi = kpis(f.broker.url()).await;
+    // Published before the view: the backfill counts it.
+    call_ended(&f.client, "sales", 10.0).await;
+    let view = define(&mut kpi, HANDLE_TIME).await;
+    assert_eq!(view.name, "handle_time");
+    let backfill = view.backfill.unwrap();
+    assert_eq!((backfill.messages_read, backfill.messages_counted), (1, 1));
+    for seconds in [20.0, 30.0] {
+        call_ended(&f.client, "sales", seconds).await;
+    }
+    call_ended(&f.client, "support", 4.0).await;
+
+    // The hour holds everything whatever minute it is now.
+    let values = kpi
+        .get_kpis(get("handle_time", "1h"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(values.window, "1h");
+    let sales = group(&values, "sales").expect("a sales group");
+    assert_eq!(sales.kind, pb::KpiGroupKind::Named as i32);
+    assert_eq!(sales.messages, 3);
+    let seconds = &sales.measures[0];
+    assert_eq!(seconds.name, "seconds");
+    assert_eq!((seconds.count, seconds.sum), (3, 60.0));
+    assert_eq!(
+        (seconds.avg, seconds.min, seconds.max),
+        (Some(20.0), Some(10.0), Some(30.0))
+    );
+    let p50 = seconds.p50.unwrap();
+    assert!((p50 - 20.0).abs() <= 0.2, "p50 {p50} within 1% of 20");
+    assert_eq!(group(&values, "support").unwrap().messages, 1);
+
+    // Not modified while nothing changes; modified once something does.
+    let again = kpi
+        .get_kpis(pb::GetKpisRequest {
+            if_none_match: values.etag.clone(),
+            ..get("handle_time", "1h")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.not_modified);
+    assert_eq!(again.etag, values.etag);
+    assert!(again.windows.is_empty());
+    // A message the view does not count leaves the ETag alone.
+    f.client
+        .publish(Publish::new("calls.sales.started", "{}"))
+        .await
+        .unwrap();
+    let unchanged = kpi
+        .get_kpis(get("handle_time", "1h"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unchanged.etag, values.etag);
+    call_ended(&f.client, "sales", 1.0).await;
+    let changed = kpi
+        .get_kpis(pb::GetKpisRequest {
+            if_none_match: values.etag.clone(),
+            ..get("handle_time", "1h")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!changed.not_modified);
+    assert_ne!(changed.etag, values.etag);
+    assert_eq!(group(&changed, "sales").unwrap().messages, 4);
+
+    // The view is listed, and survives a restart with its values.
+    let listed = kpi
+        .list_views(pb::ListViewsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.views.len(), 1);
+    let mut broker = f.broker;
+    broker.restart(&[]).unwrap();
+    let mut kpi = kpis(broker.url()).await;
+    let after = kpi
+        .get_kpis(get("handle_time", "1h"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.etag, changed.etag, "the same values after a restart");
+}
+
+#[tokio::test]
+async fn bad_definitions_and_unknown_views_are_refused_with_reasons_and_change_nothing() {
+    let f = fixture(&[]).await;
+    let mut kpi = kpis(f.broker.url()).await;
+    let bad = kpi
+        .define_view(pb::DefineViewRequest {
+            definition: HANDLE_TIME.replace("\"1m\"", "\"7m\""),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(reason(&bad), "VIEW_INVALID");
+    assert!(bad.message().contains("windows"), "{}", bad.message());
+    let syntax = kpi
+        .define_view(pb::DefineViewRequest {
+            definition: "name = ".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&syntax), "VIEW_INVALID");
+    let listed = kpi
+        .list_views(pb::ListViewsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.views.is_empty(), "nothing was defined");
+
+    let missing = kpi.get_kpis(get("nope", "")).await.unwrap_err();
+    assert_eq!(
+        (missing.code(), reason(&missing).as_str()),
+        (Code::NotFound, "VIEW_NOT_FOUND")
+    );
+    let missing = kpi
+        .delete_view(pb::DeleteViewRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&missing), "VIEW_NOT_FOUND");
+    define(&mut kpi, HANDLE_TIME).await;
+    let window = kpi.get_kpis(get("handle_time", "5m")).await.unwrap_err();
+    assert_eq!(reason(&window), "VIEW_INVALID");
+    assert!(window.message().contains("1m, 1h"), "{}", window.message());
+    kpi.delete_view(pb::DeleteViewRequest {
+        name: "handle_time".into(),
+    })
+    .await
+    .unwrap();
+    let gone = kpi.get_kpis(get("handle_time", "")).await.unwrap_err();
+    assert_eq!(reason(&gone), "VIEW_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn a_watch_sends_the_values_then_each_change_no_faster_than_its_interval() {
+    away_from_an_hour_boundary().await;
+    let f = fixture(&[]).await;
+    let mut kpi = kpis(f.broker.url()).await;
+    define(&mut kpi, HANDLE_TIME).await;
+    let interval = Duration::from_secs(1);
+    let mut watch = kpi
+        .watch_kpis(pb::WatchKpisRequest {
+            view: "handle_time".into(),
+            window: "1h".into(),
+            windows: 1,
+            min_interval: Some(interval.try_into().unwrap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap().values.unwrap();
+    assert!(group(&first, "sales").is_none());
+    let started = Instant::now();
+    // Publish steadily while reading updates, until one shows 50 sales calls.
+    let publisher = {
+        let client = f.client.clone();
+        tokio::spawn(async move {
+            for i in 0..50 {
+                call_ended(&client, "sales", f64::from(i)).await;
+            }
+        })
+    };
+    let mut updates = 0u32;
+    let last = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let values = watch.next().await.unwrap().unwrap().values.unwrap();
+            updates += 1;
+            if group(&values, "sales").is_some_and(|g| g.messages == 50) {
+                return values;
+            }
+        }
+    })
+    .await
+    .expect("an update with every call, in time");
+    publisher.await.unwrap();
+    assert_eq!(group(&last, "sales").unwrap().measures[0].count, 50);
+    // At most one update per interval (an upper bound: a slow machine only sends fewer).
+    let allowed = started.elapsed().as_secs_f64() / interval.as_secs_f64() + 1.0;
+    assert!(
+        f64::from(updates) <= allowed,
+        "{updates} updates in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn every_node_of_a_cluster_holds_the_same_values() {
+    away_from_an_hour_boundary().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let client = Client::connect(nodes[0].url()).await.unwrap();
+    eventually("a leader", || async {
+        let status = client.cluster_status().await.ok()?;
+        (status.leader_id != 0).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut kpi = kpis(nodes[1].url()).await;
+    define(&mut kpi, HANDLE_TIME).await;
+    for (i, queue) in ["sales", "support", "sales", "billing"].iter().enumerate() {
+        call_ended(&client, queue, 1.5 * i as f64).await;
+    }
+    // Every node reaches the same values (and so the same ETag) once it applied the log.
+    let reference = kpi
+        .get_kpis(get("handle_time", "1h"))
+        .await
+        .unwrap()
+        .into_inner();
+    let reference = if group(&reference, "billing").is_some() {
+        reference
+    } else {
+        eventually("node 2 applied every call", || {
+            let mut kpi = kpi.clone();
+            async move {
+                let values = kpi
+                    .get_kpis(get("handle_time", "1h"))
+                    .await
+                    .ok()?
+                    .into_inner();
+                group(&values, "billing").is_some().then_some(values)
+            }
+        })
+        .await
+        .unwrap()
+    };
+    for node in &nodes {
+        let kpi = kpis(node.url()).await;
+        let etag = reference.etag.clone();
+        eventually(&format!("node {} agrees", node.id), || {
+            let mut kpi = kpi.clone();
+            let etag = etag.clone();
+            async move {
+                let values = kpi
+                    .get_kpis(get("handle_time", "1h"))
+                    .await
+                    .ok()?
+                    .into_inner();
+                (values.etag == etag).then_some(())
+            }
+        })
+        .await
+        .unwrap();
+    }
+}
