@@ -14,12 +14,14 @@
 //! - `print.rs`: `--output json|text|raw`, the form everything on stdout takes;
 //! - `json_text.rs`: JSON payloads laid out on one line or indented, numbers untouched;
 //! - `completions.rs`: `sb completions SHELL`;
+//! - `bench.rs`: `sb bench`, throughput and latency against any broker;
 //! - `security.rs`: the TLS and token options, `sb token` and the hints under authentication
 //!   errors;
 //! - `hints.rs`: the `hint:` line under an error (those of `security.rs`, then the wrong port, an
 //!   invalid pattern or channel).
 
 mod args;
+mod bench;
 mod completions;
 mod hints;
 mod json_text;
@@ -271,6 +273,10 @@ Examples:
   sb completions zsh > \"${fpath[1]}/_sb\"
   sb completions fish > ~/.config/fish/completions/sb.fish")]
     Completions(completions::CompletionsArgs),
+
+    /// Measure publish and subscribe throughput and publish→receive latency (like `nats bench`).
+    #[command(after_help = bench::HELP)]
+    Bench(bench::BenchArgs),
 }
 
 const CONSUMER_OUTPUT: &str = "\
@@ -869,6 +875,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             completions::print(args.shell, &mut <Cli as clap::CommandFactory>::command())
         }
         Command::Publish(args) => trace::traced(publish(&client, args)).await,
+        Command::Bench(args) => bench::run(&client, &cli.security, args).await,
         Command::Subscribe(args) => subscribe(&client, args, started).await,
         Command::History(args) => history(&client, args).await,
         Command::Info => {
