@@ -526,3 +526,79 @@ async fn sb_bench_completes_with_every_subscriber_receiving_every_message() {
         );
     }
 }
+
+/// `sb request` and `sb reply` against a real broker: the reply of `sb reply --exec` comes back
+/// to `sb request` (a JSON reply printed as JSON), the responder saw the request with its
+/// reply-to inbox and stops after `--count`; with no responder `sb request` fails after its
+/// `--timeout`; nothing of either is stored.
+#[tokio::test]
+async fn sb_request_gets_the_reply_of_sb_reply_and_nothing_is_stored() {
+    use std::io::{BufRead, BufReader};
+
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let mut responder = Command::new(sb_binary())
+        .args(["reply", "svc.upper", "--exec", "tr a-z A-Z", "--count", "1"])
+        .args(["--timeout", "120s"])
+        .env("SWITCHBOARD_URL", &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sb runs");
+    // Ready once it says so (the broker confirmed its subscription).
+    let stderr = responder.stderr.take().unwrap();
+    let ready = tokio::time::timeout(
+        switchboard_e2e::DEADLINE,
+        tokio::task::spawn_blocking(move || BufReader::new(stderr).lines().next()),
+    )
+    .await
+    .expect("sb reply is ready in time")
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    assert!(ready.starts_with("sb: replying on svc.upper"), "{ready}");
+
+    let lines = json_lines(&sb(
+        &url,
+        &[
+            "request",
+            "svc.upper",
+            r#"{"name":"ada"}"#,
+            "--timeout",
+            "30s",
+        ],
+        None,
+    ));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let reply = &lines[0];
+    assert_eq!(payload(reply), serde_json::json!({"NAME": "ADA"}));
+    let inbox = reply["channel"].as_str().unwrap_or_default().to_owned();
+    assert!(inbox.starts_with("_inbox."), "{reply}");
+
+    let handled = tokio::task::spawn_blocking(move || responder.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(handled.status.success(), "{handled:?}");
+    let requests = json_lines(&handled);
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0]["headers"]["reply-to"], inbox.as_str());
+    assert_eq!(requests[0]["correlation_id"], reply["correlation_id"]);
+
+    let unanswered = sb(
+        &url,
+        &["request", "svc.nobody", "{}", "--timeout", "300ms"],
+        None,
+    );
+    assert!(!unanswered.status.success());
+    let error = String::from_utf8_lossy(&unanswered.stderr);
+    assert!(
+        error.contains("no reply to a request on svc.nobody within 300ms"),
+        "{error}"
+    );
+
+    for pattern in ["svc.>", "_inbox.>"] {
+        let stored = json_lines(&sb(&url, &["history", pattern, "--from", "earliest"], None));
+        assert!(stored.is_empty(), "{pattern}: {stored:?}");
+    }
+}
