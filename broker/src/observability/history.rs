@@ -123,12 +123,14 @@ impl History {
         if let Some((then, before)) = &rings.previous {
             let seconds = sample.at.saturating_duration_since(*then).as_secs_f64();
             if seconds > 0.0 {
-                let rate = |a: f64, b: f64| Some((a - b).max(0.0) / seconds);
+                // To a thousandth: the JSON the page polls stays small.
+                let rate = |a: f64, b: f64| Some(round((a - b).max(0.0) / seconds, 1e3));
                 publish = rate(now.published, before.published);
                 delivery = rate(now.delivered, before.delivered);
                 refusal = rate(now.refused, before.refused);
             }
-            p99 = quantile(0.99, &before.latency_buckets, &now.latency_buckets);
+            p99 = quantile(0.99, &before.latency_buckets, &now.latency_buckets)
+                .map(|seconds| round(seconds, 1e6));
         }
         push(&mut rings.publish_rate, publish);
         push(&mut rings.delivery_rate, delivery);
@@ -214,6 +216,11 @@ fn record_subscriptions(rings: &mut Rings, mut live: Vec<(u64, String, u64)>) {
         }
     }
     rings.subscriptions_omitted = omitted;
+}
+
+/// `value` rounded to a multiple of `1 / per_unit`.
+fn round(value: f64, per_unit: f64) -> f64 {
+    (value * per_unit).round() / per_unit
 }
 
 /// The `q` quantile of the observations made between two readings of a cumulative histogram,
@@ -313,7 +320,9 @@ pub(crate) async fn sample(sources: Arc<Sources>, history: History, shutdown: Sh
             _ = ticks.tick() => {}
             _ = stopping.wait() => return,
         }
-        let at = Instant::now();
+        // Both clocks at once: the page plots against the wall clock what was divided by the
+        // monotonic one.
+        let (at, time_us) = (Instant::now(), crate::message::now_us());
         let counters = read_counters();
         let last_offset = sources.progress.borrow().last_offset;
         let subscriptions = sources
@@ -328,7 +337,7 @@ pub(crate) async fn sample(sources: Arc<Sources>, history: History, shutdown: Sh
             .collect();
         history.record(Sample {
             at,
-            time_us: crate::message::now_us(),
+            time_us,
             counters,
             subscriptions,
         });
