@@ -549,8 +549,9 @@ async fn order_load(
 
 /// The console's charts move when load runs: before any publish the publish chart's line lies on
 /// its zero line; after a burst its SVG path changes and rises above it, and the lag chart draws
-/// a line for the subscription. With `SWITCHBOARD_SCREENSHOTS` set it then runs two minutes of
-/// varying load with a slow subscriber and writes docs/console.png.
+/// a line for the subscription, with nothing refused by the page's content security policy. With
+/// `SWITCHBOARD_SCREENSHOTS` set it then runs two minutes of varying load with a slow subscriber
+/// and writes docs/console.png.
 #[tokio::test]
 async fn the_console_charts_move_when_load_runs() -> Result<()> {
     use futures::StreamExt;
@@ -596,6 +597,11 @@ async fn the_console_charts_move_when_load_runs() -> Result<()> {
         lag_series.as_array().is_some_and(|n| n.len() == 1),
         "{lag_series}"
     );
+    // Drawn under the page's strict content security policy, which refused nothing.
+    let violations = console
+        .eval("return window.consoleViolations", json!([]))
+        .await?;
+    ensure!(violations == json!([]), "CSP violations: {violations}");
 
     if std::env::var_os("SWITCHBOARD_SCREENSHOTS").is_some() {
         // A subscriber that acknowledges slowly, under credits, so that its lag shows, and

@@ -2,6 +2,10 @@
 // The operator console (docs/CONSOLE.md). Loaded from the same origin as the page: its content
 // security policy allows no inline script or style. Text goes through textContent, never HTML.
 
+// What the page's content security policy refused, if anything (the browser test expects none).
+window.consoleViolations = [];
+document.addEventListener("securitypolicyviolation", e => window.consoleViolations.push(e.violatedDirective));
+
 const SVG = "http://www.w3.org/2000/svg";
 // Chart geometry, in the SVG's own units (the style sheet sets the displayed size).
 const HEIGHT = 96, PAD_TOP = 12, PAD_BOTTOM = 14, PAD_LEFT = 4;
