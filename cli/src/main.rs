@@ -14,17 +14,21 @@
 //! - `print.rs`: `--output json|text|raw`, the form everything on stdout takes;
 //! - `json_text.rs`: JSON payloads laid out on one line or indented, numbers untouched;
 //! - `completions.rs`: `sb completions SHELL`;
+//! - `bench.rs`: `sb bench`, throughput and latency against any broker;
+//! - `request.rs`: `sb request` and `sb reply`, request/reply over ephemeral messages;
 //! - `security.rs`: the TLS and token options, `sb token` and the hints under authentication
 //!   errors;
 //! - `hints.rs`: the `hint:` line under an error (those of `security.rs`, then the wrong port, an
 //!   invalid pattern or channel).
 
 mod args;
+mod bench;
 mod completions;
 mod hints;
 mod json_text;
 mod output;
 mod print;
+mod request;
 mod security;
 mod trace;
 
@@ -271,6 +275,18 @@ Examples:
   sb completions zsh > \"${fpath[1]}/_sb\"
   sb completions fish > ~/.config/fish/completions/sb.fish")]
     Completions(completions::CompletionsArgs),
+
+    /// Measure publish and subscribe throughput and publish→receive latency (like `nats bench`).
+    #[command(after_help = bench::HELP)]
+    Bench(bench::BenchArgs),
+
+    /// Send a request (an ephemeral message with a reply-to inbox) and print the first reply.
+    #[command(after_help = request::REQUEST_HELP)]
+    Request(request::RequestArgs),
+
+    /// Answer the requests sent to a pattern, with fixed data or a command's output.
+    #[command(after_help = request::REPLY_HELP)]
+    Reply(request::ReplyArgs),
 }
 
 const CONSUMER_OUTPUT: &str = "\
@@ -869,6 +885,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             completions::print(args.shell, &mut <Cli as clap::CommandFactory>::command())
         }
         Command::Publish(args) => trace::traced(publish(&client, args)).await,
+        Command::Bench(args) => bench::run(&client, &cli.security, args).await,
+        Command::Request(args) => request::request(&client, args).await,
+        Command::Reply(args) => request::reply(&client, args, started).await,
         Command::Subscribe(args) => subscribe(&client, args, started).await,
         Command::History(args) => history(&client, args).await,
         Command::Info => {

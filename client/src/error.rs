@@ -65,6 +65,19 @@ pub enum Error {
         /// How long until the circuit lets a probe through (zero when a probe is out already).
         retry_in: std::time::Duration,
     },
+    /// No reply to a [`Client::request`](crate::Client::request) came within its timeout: no
+    /// responder was subscribed, the request or its reply was dropped (ephemeral messages are
+    /// delivered at most once), or the responder was slower.
+    #[error(
+        "no reply to a request on {channel} within {}",
+        humantime::format_duration(*.timeout)
+    )]
+    NoReply {
+        /// The request's channel.
+        channel: String,
+        /// How long the request waited.
+        timeout: std::time::Duration,
+    },
     /// An [`Outbox`](crate::Outbox) is full (by count or by bytes): the message was not queued.
     #[error(
         "the outbox is full ({messages} messages, {bytes} bytes queued; limits {max_messages} \
@@ -96,12 +109,14 @@ impl Error {
     ///
     /// Client-side errors map onto the nearest code: [`Error::Connect`], [`Error::Closed`] and
     /// [`Error::CircuitOpen`] are `UNAVAILABLE`, [`Error::OutboxFull`] is `RESOURCE_EXHAUSTED`,
-    /// [`Error::InvalidArgument`] is `INVALID_ARGUMENT`, [`Error::OutboxStorage`] is `INTERNAL`.
+    /// [`Error::NoReply`] is `DEADLINE_EXCEEDED`, [`Error::InvalidArgument`] is `INVALID_ARGUMENT`,
+    /// [`Error::OutboxStorage`] is `INTERNAL`.
     pub fn code(&self) -> Code {
         match self {
             Error::Connect { .. } | Error::Closed | Error::CircuitOpen { .. } => Code::Unavailable,
             Error::OutboxFull { .. } => Code::ResourceExhausted,
             Error::OutboxStorage { .. } => Code::Internal,
+            Error::NoReply { .. } => Code::DeadlineExceeded,
             Error::Status { code, .. } => *code,
             Error::Refused(refusal) => Code::from_i32(refusal.code),
             Error::InvalidArgument(_) => Code::InvalidArgument,
@@ -201,10 +216,13 @@ impl Error {
     /// entity's `ABORTED VERSION_CONFLICT`: the same compare-and-set fails again, so it is not
     /// transient (read the entity, or use [`Error::current_version`], and decide anew). A refusal,
     /// a client-side invalid argument and a closed publisher are never transient; an open
-    /// circuit and a full outbox are (later, the call may go through).
+    /// circuit, a full outbox and a request with no reply are (later, the call may go through).
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::CircuitOpen { .. } | Error::OutboxFull { .. } => true,
+            Error::Connect { .. }
+            | Error::CircuitOpen { .. }
+            | Error::OutboxFull { .. }
+            | Error::NoReply { .. } => true,
             Error::Status { code, .. } => {
                 is_transient_code(*code) && self.reason() != Some(Reason::VersionConflict)
             }

@@ -319,9 +319,10 @@ impl Error {
         let code = match self {
             Error::Closed => return PublishErrorKind::Closed,
             Error::InvalidArgument(_) => return PublishErrorKind::Invalid,
-            Error::Connect { .. } | Error::CircuitOpen { .. } | Error::OutboxFull { .. } => {
-                return PublishErrorKind::Unavailable
-            }
+            Error::Connect { .. }
+            | Error::CircuitOpen { .. }
+            | Error::OutboxFull { .. }
+            | Error::NoReply { .. } => return PublishErrorKind::Unavailable,
             Error::OutboxStorage { .. } => return PublishErrorKind::Other,
             Error::Status { .. } | Error::Refused(_) => self.code(),
         };

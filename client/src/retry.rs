@@ -157,7 +157,8 @@ pub(crate) fn retry_after(error: &Error) -> Option<Duration> {
         | Error::Closed
         | Error::CircuitOpen { .. }
         | Error::OutboxFull { .. }
-        | Error::OutboxStorage { .. } => None,
+        | Error::OutboxStorage { .. }
+        | Error::NoReply { .. } => None,
     }
 }
 

@@ -494,10 +494,152 @@ async fn the_console_shows_the_channels_and_subscriptions_the_test_created() -> 
         "the panel has read its messages: {shown}"
     );
     assert_eq!(shown["cluster"]["leader"], shown["node_id"], "{shown}");
+    Ok(())
+}
+
+/// The path and the zero line's height of the first line of chart `id` on the console, once the
+/// page has drawn it from at least two points; `null` before.
+fn chart_line(id: &str) -> String {
+    format!(
+        "const h = window.consoleHistory;
+         const svg = document.querySelector('#{id} svg');
+         const path = svg && svg.querySelector('path.line');
+         if (!h || h.times_us.length < 2 || !path) return null;
+         return {{ d: path.getAttribute('d'), zero: Number(svg.querySelector('line.grid').getAttribute('y1')) }};"
+    )
+}
+
+/// Whether a chart line (from [`chart_line`]) has a point above its zero line: the y values of
+/// its `M`/`L` commands, smaller is higher.
+fn rises(line: &Value) -> bool {
+    let (Some(d), Some(zero)) = (line["d"].as_str(), line["zero"].as_f64()) else {
+        return false;
+    };
+    d.split(['M', 'L'])
+        .filter_map(|point| point.split(['h', ' ']).nth(1)?.parse::<f64>().ok())
+        .any(|y| y < zero - 0.5)
+}
+
+/// Publishes `count` messages on `orders.*` as fast as acks come, then `refused` that are refused.
+async fn order_load(
+    client: &switchboard_client::Client,
+    count: usize,
+    refused: usize,
+) -> Result<()> {
+    use switchboard_client::Publish;
+    for i in 0..count {
+        client
+            .publish(Publish::new(
+                format!("orders.o{}", i % 7),
+                format!("{{\"i\":{i}}}"),
+            ))
+            .await?;
+    }
+    for _ in 0..refused {
+        ensure!(
+            client
+                .publish(Publish::new("orders..bad", "{}"))
+                .await
+                .is_err(),
+            "an empty segment is refused"
+        );
+    }
+    Ok(())
+}
+
+/// The console's charts move when load runs: before any publish the publish chart's line lies on
+/// its zero line; after a burst its SVG path changes and rises above it, and the lag chart draws
+/// a line for the subscription, with nothing refused by the page's content security policy. With
+/// `SWITCHBOARD_SCREENSHOTS` set it then runs two minutes of varying load with a slow subscriber
+/// and writes docs/console.png.
+#[tokio::test]
+async fn the_console_charts_move_when_load_runs() -> Result<()> {
+    use futures::StreamExt;
+    use switchboard_client::{Client, Start, SubscribeOptions};
+
+    if !browser_available("console charts") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let broker = BrokerProcess::start(&dir.path().join("data"), &[])?;
+    let client = Client::connect(broker.url()).await?;
+    let mut follower = client.subscribe("orders.>", Start::Latest).await?;
+    let console = Browser::start().await?;
+    console
+        .goto(&format!("{}/console", broker.admin_url()))
+        .await?;
+    let before = console
+        .wait_for("the publish chart drawn", &chart_line("chart-publish_rate"))
+        .await?;
+    ensure!(!rises(&before), "nothing published yet: {before}");
+
+    const BURST: usize = 100;
+    order_load(&client, BURST, 0).await?;
+    for _ in 0..BURST {
+        follower.next().await.transpose()?;
+    }
+    let line = chart_line("chart-publish_rate");
+    let after = eventually("the publish chart rises", || async {
+        let now = console.eval(&line, json!([])).await.ok()?;
+        (now["d"] != before["d"] && rises(&now)).then_some(now)
+    })
+    .await?;
+    ensure!(after["d"] != before["d"], "{before} -> {after}");
+    let lag_series = console
+        .wait_for(
+            "a lag line for the subscription",
+            "const paths = [...document.querySelectorAll('#chart-lag path.line')];
+             const names = paths.map(p => p.getAttribute('data-series'));
+             return names.some(n => n.endsWith(' orders.>')) ? names : null",
+        )
+        .await?;
+    ensure!(
+        lag_series.as_array().is_some_and(|n| n.len() == 1),
+        "{lag_series}"
+    );
+    // Drawn under the page's strict content security policy, which refused nothing.
+    let violations = console
+        .eval("return window.consoleViolations", json!([]))
+        .await?;
+    ensure!(violations == json!([]), "CSP violations: {violations}");
 
     if std::env::var_os("SWITCHBOARD_SCREENSHOTS").is_some() {
+        // A subscriber that acknowledges slowly, under credits, so that its lag shows, and
+        // load in waves.
+        let slow_options = SubscribeOptions::default().max_unacked(20);
+        let mut slow = client
+            .subscribe_with("orders.>", Start::Latest, slow_options)
+            .await?;
+        let started = std::time::Instant::now();
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(message)) = slow.next().await {
+                // Slow for a minute, so it falls behind, then as fast as it can: it catches up.
+                if started.elapsed() < std::time::Duration::from_secs(60) {
+                    tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                }
+                if slow.ack(message.offset).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let draining = tokio::spawn(async move { while follower.next().await.is_some() {} });
+        let mut wave = 0;
+        while started.elapsed() < std::time::Duration::from_secs(120) {
+            wave += 1;
+            order_load(&client, 40 + 30 * (wave % 5), wave % 3).await?;
+            // Load shaping (not synchronisation): quiet spells between the waves.
+            tokio::time::sleep(std::time::Duration::from_millis(150 * (wave % 4) as u64)).await;
+        }
+        console
+            .wait_for(
+                "the lag chart with two lines",
+                "return document.querySelectorAll('#chart-lag path.line').length >= 2",
+            )
+            .await?;
         let docs = demo_dir().join("../../docs");
         std::fs::write(docs.join("console.png"), console.screenshot().await?)?;
+        reader.abort();
+        draining.abort();
     }
     Ok(())
 }

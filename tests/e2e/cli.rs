@@ -413,3 +413,192 @@ async fn sb_schema_puts_lists_checks_gets_and_deletes() {
     let missing = sb(url, &["schema", "get", "crm.contact.*"], None);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("SCHEMA_NOT_FOUND"));
 }
+
+/// `sb bench` against a real broker, small counts: it stops by itself, every subscriber received
+/// every message exactly once, the broker stored exactly what was published, the latency
+/// percentiles are ordered; pipelined (`--stream`) and paced (`--rate`) runs in the text form
+/// complete too.
+#[tokio::test]
+async fn sb_bench_completes_with_every_subscriber_receiving_every_message() {
+    const MESSAGES: u64 = 300;
+    const SIZE: u64 = 64;
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let args = [
+        "bench",
+        "bench.load",
+        "--pub",
+        "2",
+        "--sub",
+        "2",
+        "--msgs",
+        "300",
+        "--size",
+        "64",
+        "--timeout",
+        "60s",
+    ];
+    let lines = json_lines(&sb(&url, &args, None));
+    assert_eq!(lines.len(), 1, "one record: {lines:?}");
+    let report = &lines[0];
+    assert_eq!(report["complete"], true, "{report}");
+    assert_eq!(report["publish"]["messages"], MESSAGES, "{report}");
+    assert_eq!(report["publish"]["bytes"], MESSAGES * SIZE, "{report}");
+    assert_eq!(report["subscribe"]["messages"], 2 * MESSAGES, "{report}");
+    let each = report["each_subscriber"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(each.len(), 2, "{report}");
+    for subscriber in &each {
+        assert_eq!(subscriber["received"], MESSAGES, "{report}");
+        assert_eq!(subscriber["missing"], 0, "{report}");
+        assert_eq!(subscriber["duplicates"], 0, "{report}");
+    }
+    let each_publisher = report["each_publisher"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let shares: Vec<u64> = each_publisher
+        .iter()
+        .filter_map(|p| p["messages"].as_u64())
+        .collect();
+    assert_eq!(shares, [150, 150], "{report}");
+    let latency = &report["latency_ms"];
+    assert_eq!(latency["count"], 2 * MESSAGES, "{report}");
+    let ordered: Vec<f64> = ["p50", "p90", "p99", "max"]
+        .iter()
+        .filter_map(|p| latency[p].as_f64())
+        .collect();
+    assert_eq!(ordered.len(), 4, "{report}");
+    assert!(ordered.windows(2).all(|w| w[0] <= w[1]), "{report}");
+    assert_eq!(report["publish_ack_ms"]["count"], MESSAGES, "{report}");
+    // Stored like any other messages: the broker has exactly the run's.
+    let stored = json_lines(&sb(
+        &url,
+        &[
+            "history",
+            "bench.load",
+            "--from",
+            "earliest",
+            "--limit",
+            "0",
+        ],
+        None,
+    ));
+    assert_eq!(stored.len() as u64, MESSAGES);
+
+    // Pipelined, and paced, printed for people: the bench ignores the earlier run's messages.
+    for extra in [&["--stream"][..], &["--rate", "400"][..]] {
+        let mut args = vec![
+            "bench",
+            "bench.load",
+            "--sub",
+            "1",
+            "--msgs",
+            "200",
+            "--output",
+            "text",
+        ];
+        args.extend_from_slice(extra);
+        let output = sb(&url, &args, None);
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.split_whitespace().next() == Some(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            row("complete").as_deref(),
+            Some("true"),
+            "{extra:?}: {text}"
+        );
+        assert_eq!(
+            row("subscribe.messages").as_deref(),
+            Some("200"),
+            "{extra:?}: {text}"
+        );
+    }
+}
+
+/// `sb request` and `sb reply` against a real broker: the reply of `sb reply --exec` comes back
+/// to `sb request` (a JSON reply printed as JSON), the responder saw the request with its
+/// reply-to inbox and stops after `--count`; with no responder `sb request` fails after its
+/// `--timeout`; nothing of either is stored.
+#[tokio::test]
+async fn sb_request_gets_the_reply_of_sb_reply_and_nothing_is_stored() {
+    use std::io::{BufRead, BufReader};
+
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let mut responder = Command::new(sb_binary())
+        .args(["reply", "svc.upper", "--exec", "tr a-z A-Z", "--count", "1"])
+        .args(["--timeout", "120s"])
+        .env("SWITCHBOARD_URL", &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sb runs");
+    // Ready once it says so (the broker confirmed its subscription).
+    let stderr = responder.stderr.take().unwrap();
+    let ready = tokio::time::timeout(
+        switchboard_e2e::DEADLINE,
+        tokio::task::spawn_blocking(move || BufReader::new(stderr).lines().next()),
+    )
+    .await
+    .expect("sb reply is ready in time")
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    assert!(ready.starts_with("sb: replying on svc.upper"), "{ready}");
+
+    let lines = json_lines(&sb(
+        &url,
+        &[
+            "request",
+            "svc.upper",
+            r#"{"name":"ada"}"#,
+            "--timeout",
+            "30s",
+        ],
+        None,
+    ));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let reply = &lines[0];
+    assert_eq!(payload(reply), serde_json::json!({"NAME": "ADA"}));
+    let inbox = reply["channel"].as_str().unwrap_or_default().to_owned();
+    assert!(inbox.starts_with("_inbox."), "{reply}");
+
+    let handled = tokio::task::spawn_blocking(move || responder.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(handled.status.success(), "{handled:?}");
+    let requests = json_lines(&handled);
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0]["headers"]["reply-to"], inbox.as_str());
+    assert_eq!(requests[0]["correlation_id"], reply["correlation_id"]);
+
+    let unanswered = sb(
+        &url,
+        &["request", "svc.nobody", "{}", "--timeout", "300ms"],
+        None,
+    );
+    assert!(!unanswered.status.success());
+    let error = String::from_utf8_lossy(&unanswered.stderr);
+    assert!(
+        error.contains("no reply to a request on svc.nobody within 300ms"),
+        "{error}"
+    );
+
+    for pattern in ["svc.>", "_inbox.>"] {
+        let stored = json_lines(&sb(&url, &["history", pattern, "--from", "earliest"], None));
+        assert!(stored.is_empty(), "{pattern}: {stored:?}");
+    }
+}

@@ -1,6 +1,7 @@
 //! The operator console's state in a three-node cluster (docs/CONSOLE.md): every node lists the
 //! members and the same leader; the leader knows how far each follower's log is behind, and that
-//! lag returns to zero once a write is replicated.
+//! lag returns to zero once a write is replicated. And the history behind its charts: it follows
+//! the load and stays bounded.
 
 use anyhow::Result;
 use serde_json::Value;
@@ -119,5 +120,129 @@ async fn the_console_shows_a_replica_as_one() -> Result<()> {
         sorted.sort_unstable();
         assert_eq!(sorted, ["leader", "voter", "voter"], "{roles:?} on {what}");
     }
+    Ok(())
+}
+
+/// The charts' subscription cap and ring length, as docs/CONSOLE.md states them.
+const MAX_SUBSCRIPTION_SERIES: usize = 16;
+const HISTORY_POINTS: u64 = 300;
+
+/// What a rate series adds up to: the sum of rate × interval over its points, i.e. the count of
+/// events it has seen.
+fn integrated(history: &Value, series: &str) -> f64 {
+    let times = history["times_us"].as_array().cloned().unwrap_or_default();
+    let values = history[series].as_array().cloned().unwrap_or_default();
+    times
+        .windows(2)
+        .zip(values.iter().skip(1))
+        .filter_map(|(t, v)| {
+            let seconds = (t[1].as_f64()? - t[0].as_f64()?) / 1e6;
+            Some(v.as_f64()? * seconds)
+        })
+        .sum()
+}
+
+/// Publishes, deliveries and refusals under load show in the history's rate series (added up
+/// over time, they count what the test did), the latency series has a point, every series is
+/// as long as the time axis and no longer than the ring, and of more subscriptions than the cap
+/// only the cap has a lag series, the rest counted as omitted.
+#[tokio::test]
+async fn the_console_history_follows_the_load_and_stays_bounded() -> Result<()> {
+    use crate::common::{fixture, take};
+    use switchboard_client::{Publish, Start};
+
+    const MESSAGES: usize = 200;
+    const SUBSCRIBERS: usize = MAX_SUBSCRIPTION_SERIES + 4;
+    const REFUSED: usize = 3;
+    let f = fixture(&[]).await;
+    let url = format!("{}/console/api/history", f.broker.admin_url());
+    let mut subscriptions = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        subscriptions.push(f.client.subscribe("history.>", Start::Latest).await?);
+    }
+    // The sampler has seen every subscription (and has a point before the load, for the rates).
+    eventually("every subscription sampled", || async {
+        let history: Value = serde_json::from_str(&http_get(&url).await.ok()?.body).ok()?;
+        let charted = history["subscriptions"].as_array()?.len();
+        let omitted = history["subscriptions_omitted"].as_u64()? as usize;
+        (charted + omitted == SUBSCRIBERS).then_some(())
+    })
+    .await?;
+
+    for i in 0..MESSAGES {
+        f.client
+            .publish(Publish::new(format!("history.m{}", i % 5), format!("{i}")))
+            .await?;
+    }
+    for _ in 0..REFUSED {
+        let refused = f.client.publish(Publish::new("history..bad", "{}")).await;
+        assert!(refused.is_err(), "an empty segment is refused");
+    }
+    for subscription in &mut subscriptions {
+        take(subscription, MESSAGES).await;
+    }
+
+    let history = eventually("the load in the rate series", || async {
+        let history: Value = serde_json::from_str(&http_get(&url).await.ok()?.body).ok()?;
+        // Within 1%: the rates divide by the monotonic clock, the times are wall clock.
+        let seen = |series: &str, count: usize| integrated(&history, series) >= count as f64 * 0.99;
+        let latency = history["deliver_p99_s"]
+            .as_array()?
+            .iter()
+            .any(|p| p.as_f64().is_some_and(|s| s >= 0.0));
+        (seen("publish_rate", MESSAGES)
+            && seen("delivery_rate", MESSAGES * SUBSCRIBERS)
+            && seen("refusal_rate", REFUSED)
+            && latency)
+            .then_some(history)
+    })
+    .await?;
+    // Nothing counted twice: no more than the test did (+1% for the clocks).
+    assert!(
+        integrated(&history, "publish_rate") <= MESSAGES as f64 * 1.01,
+        "{history}"
+    );
+
+    assert_eq!(history["capacity"], HISTORY_POINTS, "{history}");
+    assert_eq!(
+        history["max_subscription_series"], MAX_SUBSCRIPTION_SERIES,
+        "{history}"
+    );
+    let points = history["times_us"].as_array().map_or(0, Vec::len);
+    assert!(points as u64 <= HISTORY_POINTS, "{history}");
+    for series in [
+        "publish_rate",
+        "delivery_rate",
+        "refusal_rate",
+        "deliver_p99_s",
+    ] {
+        assert_eq!(
+            history[series].as_array().map(Vec::len),
+            Some(points),
+            "{series}"
+        );
+    }
+    let charted = history["subscriptions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(charted.len(), MAX_SUBSCRIPTION_SERIES, "{history}");
+    assert_eq!(
+        history["subscriptions_omitted"],
+        SUBSCRIBERS - MAX_SUBSCRIPTION_SERIES
+    );
+    for s in &charted {
+        assert_eq!(s["pattern"], "history.>", "{s}");
+        assert_eq!(s["lag"].as_array().map(Vec::len), Some(points), "{s}");
+    }
+
+    // Subscriptions that end are shown as ended.
+    drop(subscriptions);
+    eventually("the ended subscriptions marked", || async {
+        let history: Value = serde_json::from_str(&http_get(&url).await.ok()?.body).ok()?;
+        let series = history["subscriptions"].as_array()?.clone();
+        (!series.is_empty() && series.iter().all(|s| s["live"] == false)).then_some(())
+    })
+    .await?;
     Ok(())
 }

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use switchboard_client::{Client, HistoryQuery, Publish, Reason, Start, SubscribeOptions};
-use switchboard_e2e::start_cluster;
+use switchboard_e2e::{start_cluster, DEADLINE};
 
 use crate::common::*;
 
@@ -186,5 +187,84 @@ async fn an_ephemeral_message_published_on_one_node_reaches_subscribers_on_every
     // And none of them was stored on any node.
     for client in &clients {
         assert_eq!(stored_offsets(client).await, vec![stored.offset]);
+    }
+}
+
+/// Request/reply over ephemeral messages (docs/FLOW.md#request-and-reply), across nodes: a
+/// responder on one node answers with `reply_to`, the requester on another gets that answer with
+/// its correlation id, among two responders the first answer is taken, with none the request
+/// fails with `NoReply` after its timeout, and nothing of it is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_gets_its_reply_across_nodes_and_nothing_is_stored() {
+    use switchboard_client::{reply_to, Error, REPLY_TO};
+
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(dir.path(), 3, &[]).expect("three nodes start");
+    let requester = Client::connect(nodes[0].url()).await.unwrap();
+    // Serving (a leader known) before the responders' subscriptions count as live.
+    let ready = requester
+        .publish(Publish::new("svc.ready", "{}"))
+        .await
+        .unwrap();
+    let mut responders = Vec::new();
+    for (i, node) in nodes.iter().enumerate().skip(1) {
+        let client = Client::connect(node.url()).await.unwrap();
+        let mut requests = client.subscribe("svc.sum", Start::Latest).await.unwrap();
+        responders.push(tokio::spawn(async move {
+            let mut answered = Vec::new();
+            while let Some(Ok(request)) = requests.next().await {
+                let numbers: Vec<i64> = serde_json::from_slice(&request.payload).unwrap();
+                let body = format!(r#"{{"sum":{},"by":{i}}}"#, numbers.iter().sum::<i64>());
+                let Some(reply) = reply_to(&request, body) else {
+                    continue;
+                };
+                client.publish(reply).await.unwrap();
+                answered.push(request);
+                if answered.len() == 1 {
+                    return answered;
+                }
+            }
+            answered
+        }));
+    }
+
+    let reply = requester
+        .request(
+            Publish::new("svc.sum", "[1,2,3]")
+                .correlation_id("7d444840-9dc0-11d1-b245-5ffdce74fad2"),
+            DEADLINE,
+        )
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(body["sum"], 6, "{body}");
+    assert!(body["by"] == 1 || body["by"] == 2, "{body}");
+    assert_eq!(reply.correlation_id, "7d444840-9dc0-11d1-b245-5ffdce74fad2");
+    assert!(reply.ephemeral && reply.offset == 0);
+    assert!(reply.channel.starts_with("_inbox."), "{}", reply.channel);
+    // Both responders received the request (no queue groups); each answered once.
+    for responder in responders {
+        let answered = tokio::time::timeout(DEADLINE, responder)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answered.len(), 1);
+        assert_eq!(answered[0].headers.get(REPLY_TO), Some(&reply.channel));
+        assert_eq!(answered[0].hops + 1, reply.hops);
+    }
+
+    // Nobody subscribed: no reply, after the timeout.
+    let started = std::time::Instant::now();
+    let error = requester
+        .request(Publish::new("svc.nobody", "{}"), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::NoReply { .. }), "{error}");
+    assert_eq!(error.code(), tonic::Code::DeadlineExceeded);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    for node in &nodes {
+        let client = Client::connect(node.url()).await.unwrap();
+        assert_eq!(stored_offsets(&client).await, vec![ready.offset]);
     }
 }

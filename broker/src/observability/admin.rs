@@ -3,8 +3,9 @@
 //!   state read at scrape time (see [`super::metrics`]);
 //! - `GET /healthz`: `200 ok` while this node knows a raft leader and has room to write, `503`
 //!   with the reason otherwise (no leader; storage full);
-//! - `GET /console` and `GET /console/api/state`: the read-only operator console
-//!   (see [`super::console`]).
+//! - `GET /console` (with its script and style), `GET /console/api/state` and
+//!   `GET /console/api/history`: the read-only operator console (see [`super::console`] and
+//!   [`super::history`], whose sampler runs while the listener does).
 //!
 //! Anything else is 404 (405 for another method). It is plain HTTP/1.1 on hyper, the server tonic
 //! already uses; it stops accepting when shutdown begins and closes its connections gracefully.
@@ -20,7 +21,9 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{
+    HeaderValue, ALLOW, CONTENT_SECURITY_POLICY, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -29,8 +32,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use super::console;
+use super::history::{self, History};
 use super::metrics::{self, Scrape, SubscriptionScrape};
-use crate::fanout::registry::Registry;
+use crate::fanout::registry::{Control, Registry};
 use crate::raft::Raft;
 use crate::shutdown::ShutdownSignal;
 use crate::state::AppliedProgress;
@@ -40,6 +44,8 @@ use crate::transport::{is_resource_exhaustion, AcceptPacing};
 pub(crate) const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const PAGE_CONTENT_TYPE: &str = "text/html; charset=utf-8";
 const JSON_CONTENT_TYPE: &str = "application/json";
+const SCRIPT_CONTENT_TYPE: &str = "text/javascript; charset=utf-8";
+const STYLE_CONTENT_TYPE: &str = "text/css; charset=utf-8";
 /// Admin connections served at once; more are closed on accept.
 const MAX_CONNECTIONS: usize = 64;
 /// How long a client may take to send its request headers.
@@ -94,22 +100,7 @@ impl Sources {
             .registry
             .list()
             .iter()
-            .map(|control| {
-                let stats = control.mailbox_stats();
-                let next_offset = control.flight().next_offset;
-                SubscriptionScrape {
-                    id: control.id,
-                    pattern: control.pattern.clone(),
-                    // Waiting on an empty mailbox, it has passed every offset dispatched, those
-                    // of channels it does not follow too: a caught-up subscription lags by 0.
-                    next_offset: match stats.caught_up_through {
-                        Some(through) => next_offset.max(through + 1),
-                        None => next_offset,
-                    },
-                    queue_messages: stats.messages,
-                    queue_bytes: stats.bytes,
-                }
-            })
+            .map(|control| subscription_scrape(control))
             .collect();
         let disk_bytes = disk_bytes(self.data_dir.clone()).await;
         // A few small reads of /proc, and a walk of /proc/self/fd that grows with connections.
@@ -135,6 +126,24 @@ impl Sources {
             catch_up_held_bytes: self.catch_up.held() as u64,
             process,
         }
+    }
+}
+
+/// One live subscription's position and queue, as `/metrics`, the console and its history read it.
+pub(crate) fn subscription_scrape(control: &Control) -> SubscriptionScrape {
+    let stats = control.mailbox_stats();
+    let next_offset = control.flight().next_offset;
+    SubscriptionScrape {
+        id: control.id,
+        pattern: control.pattern.clone(),
+        // Waiting on an empty mailbox, it has passed every offset dispatched, those of channels
+        // it does not follow too: a caught-up subscription lags by 0.
+        next_offset: match stats.caught_up_through {
+            Some(through) => next_offset.max(through + 1),
+            None => next_offset,
+        },
+        queue_messages: stats.messages,
+        queue_bytes: stats.bytes,
     }
 }
 
@@ -203,6 +212,13 @@ pub(crate) async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = tokio::task::JoinSet::new();
     let mut pacing = AcceptPacing::new("admin");
+    // The console's charts need the minutes before the page was opened: sampled from the start.
+    let history = History::new();
+    let sampler = tokio::spawn(history::sample(
+        Arc::clone(&sources),
+        history.clone(),
+        shutdown.clone(),
+    ));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -229,12 +245,14 @@ pub(crate) async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown
             continue;
         };
         let sources = Arc::clone(&sources);
+        let history = history.clone();
         let mut stop = shutdown.clone();
         connections.spawn(async move {
             let _slot = slot;
             let service = service_fn(move |request| {
                 let sources = Arc::clone(&sources);
-                async move { Ok::<_, Infallible>(respond(&sources, request).await) }
+                let history = history.clone();
+                async move { Ok::<_, Infallible>(respond(&sources, &history, request).await) }
             });
             let mut builder = http1::Builder::new();
             builder
@@ -258,13 +276,14 @@ pub(crate) async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+    let _ = sampler.await;
 }
 
 fn typed(content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = text(StatusCode::OK, body);
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     response
 }
 
@@ -278,9 +297,22 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
-async fn respond(sources: &Sources, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(
+    sources: &Sources,
+    history: &History,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    if !["/metrics", "/healthz", "/console", "/console/api/state"].contains(&path) {
+    let known = [
+        "/metrics",
+        "/healthz",
+        "/console",
+        "/console/console.js",
+        "/console/console.css",
+        "/console/api/state",
+        "/console/api/history",
+    ];
+    if !known.contains(&path) {
         return text(
             StatusCode::NOT_FOUND,
             "not found: this listener serves /metrics, /healthz and /console\n",
@@ -306,10 +338,24 @@ async fn respond(sources: &Sources, request: Request<Incoming>) -> Response<Full
         };
     }
     if path == "/console" {
-        return typed(PAGE_CONTENT_TYPE, console::PAGE);
+        let mut response = typed(PAGE_CONTENT_TYPE, console::PAGE);
+        response.headers_mut().insert(
+            CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(console::CONTENT_SECURITY_POLICY),
+        );
+        return response;
+    }
+    if path == "/console/console.js" {
+        return typed(SCRIPT_CONTENT_TYPE, console::SCRIPT);
+    }
+    if path == "/console/console.css" {
+        return typed(STYLE_CONTENT_TYPE, console::STYLE);
     }
     if path == "/console/api/state" {
         return typed(JSON_CONTENT_TYPE, console::state(sources).await.to_string());
+    }
+    if path == "/console/api/history" {
+        return typed(JSON_CONTENT_TYPE, history.to_json().to_string());
     }
     let body = metrics::render(&sources.scrape().await);
     let mut response = text(StatusCode::OK, body);

@@ -1,7 +1,8 @@
 //! The operator console on the admin listener: `GET /console` is one static page (embedded in
-//! the binary) that polls `GET /console/api/state`, a read-only JSON view of this node built from
-//! what `/metrics` already gathers ([`Sources::scrape`], the recorded refusal counters) plus the
-//! durable consumers and the channels of the most recent messages in the store.
+//! the binary, with its script and style) that polls `GET /console/api/state`, a read-only JSON
+//! view of this node, and `GET /console/api/history` for its charts ([`super::history`]). The
+//! state is built from what `/metrics` already gathers ([`Sources::scrape`], the recorded refusal
+//! counters) plus the durable consumers and the channels of the most recent messages in the store.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,15 @@ use crate::message::now_us;
 
 /// The console page.
 pub(crate) const PAGE: &str = include_str!("console.html");
+/// Its script, served from the same origin so that the policy below needs no inline script.
+pub(crate) const SCRIPT: &str = include_str!("console.js");
+/// Its style sheet, likewise.
+pub(crate) const STYLE: &str = include_str!("console.css");
+/// The page loads only its own script and style and fetches only its own JSON: nothing inline,
+/// nothing from elsewhere, no frames, no forms.
+pub(crate) const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+    style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
 
 /// How many of the latest messages the channel table looks at: enough to show what is busy now,
 /// bounded so that a refresh reads at most this many from the store.
