@@ -92,13 +92,16 @@ class Failover:
         with self._lock:
             return list(self._nodes), self._current
 
-    def _broker(self, node: _Node) -> Any:
-        """The node's `Broker` stub, its channel opened on first use."""
+    def _open(self, node: _Node) -> Tuple[grpc.Channel, Any]:
+        """The node's channel and `Broker` stub, the channel opened on first use."""
         with node.lock:
-            if node.broker is None:
+            if node.channel is None or node.broker is None:
                 node.channel = self._client._open_channel(own_connection=False, target=node.target)
                 node.broker = broker_pb2_grpc.BrokerStub(node.channel)
-            return node.broker
+            return node.channel, node.broker
+
+    def _broker(self, node: _Node) -> Any:
+        return self._open(node)[1]
 
     def refresh(self, timeout: Optional[float]) -> List[str]:
         """Asks the known nodes, the current one first, for the cluster's members, adds the public
@@ -108,9 +111,8 @@ class Failover:
         last: Optional[SwitchboardError] = None
         for step in range(len(nodes)):
             node = nodes[(current + step) % len(nodes)]
-            self._broker(node)
-            assert node.channel is not None
-            stub = cluster_pb2_grpc.ClusterStub(node.channel)
+            channel, _ = self._open(node)
+            stub = cluster_pb2_grpc.ClusterStub(channel)
             try:
                 status = stub.Status(
                     cluster_pb2.ClusterStatusRequest(),
@@ -124,8 +126,7 @@ class Failover:
                 if member.public_address:
                     self.add(member.public_address)
             return self.targets()
-        assert last is not None
-        raise last
+        raise last if last is not None else SwitchboardError(grpc.StatusCode.UNAVAILABLE, "no node")
 
     def publish(
         self, request: broker_pb2.PublishRequest, timeout: Optional[float]
