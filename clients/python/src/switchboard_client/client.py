@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import threading
 import uuid
 from dataclasses import dataclass
@@ -333,6 +334,41 @@ class Client:
         from .outbox import Outbox, OutboxOptions
 
         return Outbox(self, options if options is not None else OutboxOptions(**bounds))
+
+    def outbox_on_disk(
+        self, path: "os.PathLike[str] | str", options: Optional["OutboxOptions"] = None, **bounds: Any
+    ) -> "Outbox":
+        """An `Outbox` whose queue is also kept in the file at `path`, which it owns: every
+        message is appended and synced (`fdatasync`) before `Outbox.publish` returns, and the file
+        is truncated when everything in it was answered. Opening it again (after a crash or a
+        restart of the process, or after `close()`) replays it: the messages not yet answered are
+        queued first, in order, and sent again with their idempotency keys, so each is stored
+        once (within the broker's `loops.dedup_window` of its first send). A damaged record at
+        the end (a write torn by a crash) is dropped with a warning. Bounded like `outbox`; the
+        replayed messages count toward the bounds (all queued even past them). The file format
+        is the Rust client's (docs/CLIENT-RESILIENCE.md).
+
+        Raises `OutboxStorageError` when the file cannot be read or written, or another outbox (in
+        this process or another) has it open."""
+        from .outbox import Outbox, OutboxOptions
+        from .outbox_file import Journal
+
+        # Options first: a bad keyword must not leave the file locked.
+        options = options if options is not None else OutboxOptions(**bounds)
+        replayed = Journal.open(path)
+        if replayed.pending or replayed.dropped_bytes:
+            logging.getLogger("switchboard_client.outbox").info(
+                "outbox file %s replayed: %d messages to send again (%d damaged bytes dropped)",
+                replayed.journal.path,
+                len(replayed.pending),
+                replayed.dropped_bytes,
+            )
+        return Outbox(
+            self,
+            options,
+            replayed.journal,
+            replayed.pending,
+        )
 
     # Reading.
 
