@@ -96,10 +96,14 @@ Set SB_LOG (for example SB_LOG=debug) to see the client's logs on stderr; by def
 struct Cli {
     /// The broker's gRPC URL; a bare `host:port` means `http://host:port` (`https://host:port`
     /// with --ca).
+    // Every `env` argument of sb sets hide_env_values: without it clap's help prints
+    // `[env: SWITCHBOARD_URL=]` while the variable is unset, and its value (a secret, for some)
+    // while it is set.
     #[arg(
         long,
         global = true,
         env = "SWITCHBOARD_URL",
+        hide_env_values = true,
         default_value = "127.0.0.1:7400",
         value_name = "URL"
     )]
@@ -111,6 +115,7 @@ struct Cli {
         long,
         global = true,
         env = "SB_OUTPUT",
+        hide_env_values = true,
         value_enum,
         default_value_t = print::OutputMode::Json,
         value_name = "FORM"
@@ -596,7 +601,7 @@ struct StampArgs {
     stamp_version: u64,
 
     /// The writer id; `sb-USER@HOST` by default.
-    #[arg(long, env = "SB_WRITER", value_name = "ID")]
+    #[arg(long, env = "SB_WRITER", hide_env_values = true, value_name = "ID")]
     writer: Option<String>,
 
     /// Apply only if the entity's current version is N (0: only if it does not exist yet).
@@ -1293,6 +1298,38 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// Every help page names its environment variables without a value: no `[env: NAME=]` while
+    /// the variable is unset, and no value (a token, a secret) while it is set.
+    #[test]
+    fn help_shows_no_environment_values() {
+        fn check(command: &mut clap::Command, path: &str, env_args: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                if let Some(name) = arg.get_env() {
+                    assert!(
+                        arg.is_hide_env_values_set(),
+                        "`{path}`: --{} shows the value of {name:?}",
+                        arg.get_id()
+                    );
+                    env_args.push(name.to_string_lossy().into_owned());
+                }
+            }
+            let help = command.render_long_help().to_string();
+            assert!(!help.contains("=]"), "`{path} --help`:\n{help}");
+            for sub in command.get_subcommands_mut() {
+                let path = format!("{path} {}", sub.get_name());
+                check(sub, &path, env_args);
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let mut env_args = Vec::new();
+        check(&mut command, "sb", &mut env_args);
+        // The walk reached the arguments that read the environment, global and per command.
+        for name in ["SWITCHBOARD_URL", "SWITCHBOARD_CLIENT_SECRET", "SB_WRITER"] {
+            assert!(env_args.iter().any(|seen| seen == name), "{env_args:?}");
+        }
     }
 
     #[test]
