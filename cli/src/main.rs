@@ -60,7 +60,7 @@ Examples:
   sb history 'crm.>' --from 100 --to 200 --limit 50
   SWITCHBOARD_URL=http://10.0.0.5:7400 sb info
   sb entity update contact 42 '{\"name\":\"Ada\",\"vip\":true}' --writer panel-7
-  sb entity get contact 42 --if-none-match '\"3-5f0c6a2e\"'
+  sb entity get contact 42 --if-none-match '\"v3\"'
   sb entity delete contact 42 --expect-version 3
   sb entity watch 'contact.*' --count 1 --timeout 30s
   sb --ca ca.pem --server broker.example.com:7400 --token-file token.jwt info
@@ -555,7 +555,7 @@ existed is NOT_FOUND ENTITY_NOT_FOUND (exit status 1).
 
 Examples:
   sb entity get contact 42
-  sb entity get contact 42 --if-none-match '\"3-5f0c6a2e\"'")]
+  sb entity get contact 42 --if-none-match '\"v3\"'")]
     Get(EntityGetArgs),
 
     /// Delete an entity (a stamped tombstone removing every older field) and print the entity.
