@@ -75,13 +75,13 @@ Output is one JSON object per line on stdout; --output (or SB_OUTPUT) picks anot
          indented), anything else as `name  value` rows, a blank line between records
   raw    subscribe and history: each payload's bytes followed by a newline, nothing else (gaps go
          to stderr); the other commands print JSON lines
-Errors go to stderr as `error: CODE REASON: message`
-(for example `error: INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty`); the exit
-status is 1 for errors and 2 for usage errors. A broker with authentication refuses a call
-without a valid token with UNAUTHENTICATED and a reason (TOKEN_MISSING, TOKEN_EXPIRED, ...), and
-one its token does not allow with PERMISSION_DENIED (PUBLISH_DENIED, SUBSCRIBE_DENIED, ...); sb
-then prints a `hint:` line on what to do, as it does when --server answers but not with gRPC (the
-admin port, for one) and under an invalid pattern or channel.
+Errors go to stderr as `error: CODE REASON: message` (for example
+`error: INVALID_ARGUMENT CHANNEL_INVALID: channel \"crm..updated\": segment 1 is empty (...)`);
+the exit status is 1 for errors and 2 for usage errors. A broker with authentication refuses a
+call without a valid token with UNAUTHENTICATED and a reason (TOKEN_MISSING, TOKEN_EXPIRED, ...),
+and one its token does not allow with PERMISSION_DENIED (PUBLISH_DENIED, SUBSCRIBE_DENIED, ...);
+sb then prints a `hint:` line on what to do, as it does when --server answers but not with gRPC
+(the admin port, for one) and under an invalid pattern or channel.
 
 Set SB_LOG (for example SB_LOG=debug) to see the client's logs on stderr; by default only warnings
 (such as a subscription resuming after a lost connection) are shown.";
