@@ -23,7 +23,7 @@ A view is printed as one line:
 \"definition\":{...}} (defined_by left out without authentication; the definition as JSON with
 its defaults filled in).";
 
-pub(crate) const VALUES_OUTPUT: &str = "\
+const VALUES_OUTPUT: &str = "\
 Values are printed as one line per reading:
 {\"etag\":\"...\",\"view\":\"clicks\",\"window\":\"1m\",\"windows\":[{\"start\":\"2024-05-01T12:00:00.000Z\",
 \"end\":\"2024-05-01T12:01:00.000Z\",\"groups\":[{\"kind\":\"named\"|\"missing\"|\"other\",\"name\":\"...\",
@@ -48,7 +48,7 @@ breaks a bound is INVALID_ARGUMENT VIEW_INVALID, naming the field (exit status 1
 `admin` grant.
 
 Examples:
-  sb kpi define web/demo/kpis/widget_clicks.toml
+  sb kpi define web/demo/kpis/widget_events.toml
   sb kpi define - < view.json"))]
     Define(DefineArgs),
 
@@ -63,7 +63,7 @@ Examples:
 NOT_FOUND VIEW_NOT_FOUND; a window length the view does not have is INVALID_ARGUMENT VIEW_INVALID.
 
 Examples:
-  sb kpi get widget_clicks
+  sb kpi get widget_events
   sb kpi get handle_time --window 15m --windows 4 --output text
   sb kpi get handle_time --group support"))]
     Get(GetArgs),
@@ -75,7 +75,7 @@ Exits with status 0 after --count readings or when --timeout has passed, and run
 interrupted otherwise. A dropped view ends the watch with NOT_FOUND VIEW_NOT_FOUND.
 
 Examples:
-  sb kpi watch widget_clicks --windows 10 --output text
+  sb kpi watch widget_events --windows 10 --output text
   sb kpi watch handle_time --window 1m --interval 5s --count 3"))]
     Watch(WatchArgs),
 

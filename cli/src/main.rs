@@ -65,8 +65,8 @@ Examples:
   sb entity get contact 42 --if-none-match '\"3-5f0c6a2e\"'
   sb entity delete contact 42 --expect-version 3
   sb entity watch 'contact.*' --count 1 --timeout 30s
-  sb kpi define web/demo/kpis/widget_clicks.toml
-  sb --output text kpi get widget_clicks --windows 5
+  sb kpi define web/demo/kpis/widget_events.toml
+  sb --output text kpi get widget_events --windows 5
   sb --ca ca.pem --server broker.example.com:7400 --token-file token.jwt info
   SWITCHBOARD_CLIENT_ID=crm-panel SWITCHBOARD_CLIENT_SECRET=... sb --ca ca.pem token
   sb --output text subscribe 'crm.>'
