@@ -14,6 +14,7 @@
 //! - `print.rs`: `--output json|text|raw`, the form everything on stdout takes;
 //! - `json_text.rs`: JSON payloads laid out on one line or indented, numbers untouched;
 //! - `completions.rs`: `sb completions SHELL`;
+//! - `kpi.rs`: `sb kpi`, KPI views and their values as JSON lines or tables;
 //! - `bench.rs`: `sb bench`, throughput and latency against any broker;
 //! - `request.rs`: `sb request` and `sb reply`, request/reply over ephemeral messages;
 //! - `security.rs`: the TLS and token options, `sb token` and the hints under authentication
@@ -26,6 +27,7 @@ mod bench;
 mod completions;
 mod hints;
 mod json_text;
+mod kpi;
 mod output;
 mod print;
 mod request;
@@ -63,6 +65,8 @@ Examples:
   sb entity get contact 42 --if-none-match '\"v3\"'
   sb entity delete contact 42 --expect-version 3
   sb entity watch 'contact.*' --count 1 --timeout 30s
+  sb kpi define web/demo/kpis/widget_events.toml
+  sb --output text kpi get widget_events --windows 5
   sb --ca ca.pem --server broker.example.com:7400 --token-file token.jwt info
   SWITCHBOARD_CLIENT_ID=crm-panel SWITCHBOARD_CLIENT_SECRET=... sb --ca ca.pem token
   sb --output text subscribe 'crm.>'
@@ -249,6 +253,11 @@ acknowledgement.")]
     /// version, checked on every publish; see docs/SCHEMAS.md).
     #[command(subcommand)]
     Schema(SchemaCommand),
+
+    /// Define, list, read, watch and drop KPI views (counts and quantiles of the messages, per
+    /// UTC window and group, computed in the broker; see docs/KPIS.md).
+    #[command(subcommand)]
+    Kpi(kpi::KpiCommand),
 
     /// Show and change the raft cluster's membership (run on the leader wherever sent): voters, and
     /// read replicas that carry subscriptions and reads without counting toward the quorum.
@@ -908,6 +917,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consumer(command) => consumer(&client, command).await,
         Command::Entity(command) => entity(&client, command, started).await,
         Command::Schema(command) => schema(&client, command).await,
+        Command::Kpi(command) => kpi::run(&client, command, started).await,
         Command::Cluster(command) => {
             let status = match command {
                 ClusterCommand::Status => client.cluster_status().await?,
