@@ -1207,3 +1207,50 @@ async fn a_healthy_cluster_start_logs_no_error_and_every_address_is_announced() 
         );
     }
 }
+
+/// A learner that never received the log (nothing answers at its raft address) is not promoted:
+/// as a voter it would count towards every majority, and a single node with one such voter
+/// beside it could never commit again. The node keeps taking writes.
+#[tokio::test]
+async fn a_learner_that_never_caught_up_is_not_promoted_and_writes_go_on() {
+    let f = fixture(&[]).await;
+    f.client
+        .publish(Publish::new("audit.events", "{}"))
+        .await
+        .unwrap();
+    // Port 1 on loopback: nothing listens there.
+    f.client
+        .cluster_add_learner(4, "127.0.0.1:1", "127.0.0.1:1")
+        .await
+        .expect("a learner may be added");
+    let refused = f.client.cluster_promote(4).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert_eq!(
+        refused.reason(),
+        Some(Reason::MembershipInvalid),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("has not caught up"),
+        "{refused}"
+    );
+    let status = f.client.cluster_status().await.unwrap();
+    let four = status
+        .nodes
+        .iter()
+        .find(|n| n.id == 4)
+        .expect("still listed");
+    assert_eq!(four.role, "learner");
+    tokio::time::timeout(
+        switchboard_e2e::DEADLINE,
+        f.client.publish(Publish::new("audit.events", "{}")),
+    )
+    .await
+    .expect("the write commits in time")
+    .expect("the write is stored");
+    // Removing the learner is always possible.
+    f.client
+        .cluster_remove(4)
+        .await
+        .expect("the learner is removed");
+}

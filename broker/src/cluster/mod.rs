@@ -527,6 +527,42 @@ where
     }
 }
 
+/// Entries a learner may still be behind the leader's log when it is promoted: a learner that
+/// is replicating closes such a gap in moments, one that is not replicating never does.
+const PROMOTE_MAX_LAG: u64 = 1024;
+
+/// Waits up to `within` for learner `id` to have replicated the leader's log to within
+/// [`PROMOTE_MAX_LAG`] entries. A voter that never received the log (an address nothing
+/// answers at, a node that is down) would count towards every majority from its promotion on:
+/// with two voters, one of them unreachable, no write would commit again.
+async fn learner_caught_up(raft: &Raft, id: u64, within: Duration) -> Result<(), Refused> {
+    let behind = |metrics: &openraft::RaftMetrics<u64, Member>| -> Option<(Option<u64>, u64)> {
+        let last = metrics.last_log_index.unwrap_or(0);
+        let matched = metrics
+            .replication
+            .as_ref()
+            .and_then(|replication| replication.get(&id).cloned().flatten())
+            .map(|log_id| log_id.index);
+        let caught_up = matched.is_some_and(|m| m + PROMOTE_MAX_LAG >= last);
+        (!caught_up).then_some((matched, last))
+    };
+    let mut metrics = raft.metrics();
+    let deadline = Instant::now() + within;
+    loop {
+        let Some((matched, last)) = behind(&metrics.borrow()) else {
+            return Ok(());
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let changed = tokio::time::timeout(remaining, metrics.changed()).await;
+        if !matches!(changed, Ok(Ok(()))) {
+            let has = matched.map_or("nothing".to_owned(), |m| format!("entries up to {m}"));
+            return Err(Refused::Membership(format!(
+                "node {id} has not caught up with the leader's log (it has {has} of {last}): a                  voter that cannot be reached would cost the cluster its majority. Check that it                  runs and that the leader reaches it at its raft address, then promote it again"
+            )));
+        }
+    }
+}
+
 /// Runs a membership request on this node, which must lead. AddLearner waits up to `catch_up`.
 pub(crate) async fn admin_here(
     raft: &Raft,
@@ -586,6 +622,7 @@ pub(crate) async fn admin_here(
             }
             // Promoting a voter is a retry of a promote that did commit: nothing to change.
             if !is_voter(id) {
+                learner_caught_up(raft, id, catch_up).await?;
                 change_membership_when_settled(raft, catch_up, || {
                     raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                 })
