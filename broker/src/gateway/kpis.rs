@@ -29,7 +29,7 @@ use crate::error::{BrokerError, Reason};
 
 /// A view's definition and backfill report.
 fn view_json(view: &pb::View) -> Value {
-    let backfill = view.backfill.clone().unwrap_or_default();
+    let backfill = view.backfill.unwrap_or_default();
     json!({
         "name": view.name,
         // Stored as JSON with its defaults filled in: shown as the JSON it is.
