@@ -692,7 +692,7 @@ signing_key_file = {signing:?}
 id = "crm-panel"
 secret_hash = "{hash}"
 token_ttl = "10m"
-scope = {{ publish = ["crm.>"], subscribe = ["crm.>"] }}
+scope = {{ publish = ["crm.>"], subscribe = ["crm.>"], kpi = ["crm.*"] }}
 "#,
         signing = signing.display().to_string(),
         hash = hash_secret("crm-panel-secret-0123456789"),
@@ -741,6 +741,26 @@ async fn the_token_endpoint_mints_scoped_tokens_for_configured_clients() {
         Code::PermissionDenied,
         "SCOPE_NOT_ALLOWED",
     );
+    let mut all_views = issue("crm-panel-secret-0123456789");
+    all_views.scope = Some(pb::Scope {
+        kpi: vec!["*".into()],
+        ..Default::default()
+    });
+    assert_refused(
+        auth.issue_token(all_views).await.unwrap_err(),
+        Code::PermissionDenied,
+        "SCOPE_NOT_ALLOWED",
+    );
+    let mut one_view = issue("crm-panel-secret-0123456789");
+    one_view.scope = Some(pb::Scope {
+        kpi: vec!["crm.deals".into()],
+        ..Default::default()
+    });
+    let narrowed = auth
+        .issue_token(one_view)
+        .await
+        .expect("a narrower kpi scope");
+    assert_eq!(narrowed.into_inner().scope.unwrap().kpi, ["crm.deals"]);
     let mut for_agent = issue("crm-panel-secret-0123456789");
     for_agent.subject = "agent-17".into();
     assert_refused(
@@ -759,7 +779,9 @@ async fn the_token_endpoint_mints_scoped_tokens_for_configured_clients() {
         (590..=600).contains(&issued.expires_in_seconds),
         "{issued:?}"
     );
-    assert_eq!(issued.scope.unwrap().publish, vec!["crm.>".to_owned()]);
+    let scope = issued.scope.unwrap();
+    assert_eq!(scope.publish, vec!["crm.>".to_owned()]);
+    assert_eq!(scope.kpi, ["crm.*"]);
     raw.publish(with_token(publish("crm.note.added"), &issued.access_token))
         .await
         .expect("the minted token publishes within its scope");
