@@ -406,6 +406,7 @@ async fn over_http_values_carry_the_grpc_etag_answer_304_and_stream_changes() {
         answer.header("cache-control"),
         Some("max-age=7, stale-while-revalidate=40")
     );
+    assert_eq!(answer.header("vary"), Some("authorization"));
     let values = json_body(&answer);
     assert_eq!(values["etag"], json!(grpc.etag));
     assert_eq!(values["view"], json!("handle_time"));
@@ -526,4 +527,14 @@ async fn over_http_values_carry_the_grpc_etag_answer_304_and_stream_changes() {
     let now = http_request("GET", &url, &[], b"").await.unwrap();
     assert_eq!(json_body(&now)["etag"], next["etag"]);
     watch.next_comment().await.unwrap();
+    // A dropped view ends the watch with an error event naming why.
+    kpi.delete_view(pb::DeleteViewRequest {
+        name: "handle_time".into(),
+    })
+    .await
+    .unwrap();
+    let end = watch.next_event().await.unwrap();
+    assert_eq!(end.event.as_deref(), Some("error"), "{end:?}");
+    let end: serde_json::Value = serde_json::from_str(&end.data).unwrap();
+    assert_eq!(end["reason"], json!("VIEW_NOT_FOUND"));
 }

@@ -165,6 +165,9 @@ pub(super) async fn get(
         headers.insert(header::ETAG, etag);
     }
     headers.insert(header::CACHE_CONTROL, cache_control);
+    // Whether a caller may read the view depends on its token: a browser that changes tokens
+    // must not be served an answer its new token would be refused.
+    headers.append(header::VARY, HeaderValue::from_static("authorization"));
     Ok(response)
 }
 
