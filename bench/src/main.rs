@@ -326,11 +326,15 @@ impl Row {
     }
 }
 
-const WORKLOADS: [(&str, &str); 7] = [
+const WORKLOADS: [(&str, &str); 8] = [
     ("W1", "persisted publish"),
     (
         "W1s",
         "persisted publish, a JSON Schema enforced on the channel (Switchboard only: compare with W1)",
+    ),
+    (
+        "W1k",
+        "persisted publish, three KPI views folding every message (Switchboard only: compare with W1)",
     ),
     (
         "W2a",
@@ -424,7 +428,7 @@ impl Side {
 fn sides(workload: &str, nats_modes: &[NatsSync]) -> Vec<Side> {
     let mut sides = vec![Side::Switchboard("always")];
     // NATS validates no payloads: W1s is Switchboard's W1 with a schema, compared with its own W1.
-    if workload == "W1s" {
+    if workload == "W1s" || workload == "W1k" {
         return sides;
     }
     if workload == "W1" {
@@ -470,6 +474,7 @@ async fn single(workload: &str, side: Side, url: &str, plan: &Plan) -> anyhow::R
         ("W1", false) => sb::w1(url, plan).await,
         ("W1", true) => nats::w1(url, plan).await,
         ("W1s", false) => sb::w1_with_schema(url, plan).await,
+        ("W1k", false) => sb::w1_with_kpis(url, plan).await,
         ("W2a", false) => sb::w2(url, plan, 1, false).await,
         ("W2a", true) => nats::w2(url, plan, 1, false).await,
         ("W2b", false) => sb::w2(url, plan, wildcard_subscribers, true).await,
@@ -1120,10 +1125,10 @@ mod tests {
             selected(&only, workloads).map(|set| set.into_iter().collect::<Vec<_>>())
         };
         assert_eq!(pick(&[], &WORKLOADS).unwrap().len(), WORKLOADS.len());
-        // `W1` is W1 and its variant with a schema, W1s.
+        // `W1` is W1 and its variants with a schema, W1s, and with KPI views, W1k.
         assert_eq!(
             pick(&["W1", "w3"], &WORKLOADS).unwrap(),
-            vec!["W1", "W1s", "W3"]
+            vec!["W1", "W1k", "W1s", "W3"]
         );
         assert_eq!(pick(&["w1s"], &WORKLOADS).unwrap(), vec!["W1s"]);
         assert_eq!(

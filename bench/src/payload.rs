@@ -44,6 +44,28 @@ pub fn encode(seq: u64, sent_ns: u64, size: usize) -> Bytes {
     Bytes::from(body)
 }
 
+/// Queues W1k's bodies name, in turn: the group a KPI view splits them by.
+pub const KPI_QUEUES: u64 = 10;
+
+/// [`encode`]'s body with what a telemetry event carries for KPI views (W1k): a duration
+/// `"ms"` (a number, 0–1999 ms, spread over the sequence) and a queue `"q"` (one of
+/// [`KPI_QUEUES`]), still `size` bytes and still read by [`decode`].
+pub fn encode_kpi(seq: u64, sent_ns: u64, size: usize) -> Bytes {
+    let fields = format!(
+        "\"ms\":{},\"q\":\"q{}\",",
+        (seq * 7919) % 2000,
+        seq % KPI_QUEUES
+    );
+    let padding = size.saturating_sub(OVERHEAD + fields.len());
+    let mut body = String::with_capacity(OVERHEAD + fields.len() + padding);
+    body.push_str(&format!(
+        "{{\"s\":\"{seq:010}\",\"t\":\"{sent_ns:020}\",{fields}\"p\":\""
+    ));
+    body.extend(std::iter::repeat_n('x', padding));
+    body.push_str("\"}");
+    Bytes::from(body)
+}
+
 /// The sequence number and send time of a body made by [`encode`].
 pub fn decode(body: &[u8]) -> Option<(u64, u64)> {
     let seq = std::str::from_utf8(body.get(SEQ_AT..SEQ_AT + SEQ_LEN)?).ok()?;
@@ -198,6 +220,16 @@ mod tests {
         assert_eq!(decode(&body), Some((42, 1_234_567_890)));
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["s"], "0000000042");
+    }
+
+    #[test]
+    fn kpi_bodies_are_json_of_the_right_size_and_still_decode() {
+        let body = encode_kpi(42, 7, 1024);
+        assert_eq!(body.len(), 1024);
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["ms"], (42 * 7919) % 2000);
+        assert_eq!(value["q"], "q2");
+        assert_eq!(decode(&body), Some((42, 7)));
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub(crate) struct Windowed {
     publisher: Publisher,
     /// Whether the messages are ephemeral (delivered at once, never stored; acked with offset 0).
     ephemeral: bool,
+    /// Whether the bodies carry W1k's telemetry fields ([`payload::encode_kpi`]).
+    kpi_bodies: bool,
     slots: Arc<Semaphore>,
     sent_at: Arc<Mutex<VecDeque<u64>>>,
     reader: tokio::task::JoinHandle<anyhow::Result<AckTally>>,
@@ -67,6 +69,7 @@ impl Windowed {
         Windowed {
             publisher,
             ephemeral,
+            kpi_bodies: false,
             slots,
             sent_at,
             reader,
@@ -82,7 +85,12 @@ impl tally::Windowed for Windowed {
             .lock()
             .map_err(|_| anyhow!("a lock was poisoned"))?
             .push_back(sent);
-        let mut message = Publish::new(channel, payload::encode(seq, sent, size));
+        let body = if self.kpi_bodies {
+            payload::encode_kpi(seq, sent, size)
+        } else {
+            payload::encode(seq, sent, size)
+        };
+        let mut message = Publish::new(channel, body);
         if self.ephemeral {
             message = message.ephemeral();
         }
@@ -158,6 +166,61 @@ pub async fn w1_with_schema(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
         .await
         .context("cannot register W1s's schema")?;
     tally::publish_all(Windowed::open(&client, plan.window), plan).await
+}
+
+/// W1k's three KPI views on W1's channel: a count per minute and hour; a duration's quantiles per
+/// queue per minute and quarter hour; one queue's durations per minute (a filter).
+const W1K_VIEWS: [&str; 3] = [
+    r#"{"name": "w1k_count", "pattern": "bench.w1.*", "windows": ["1m", "1h"]}"#,
+    r#"{"name": "w1k_by_queue", "pattern": "bench.w1.*", "group_by": {"json": "/q"},
+        "measures": [{"name": "ms", "field": "/ms"}], "windows": ["1m", "15m"]}"#,
+    r#"{"name": "w1k_one_queue", "pattern": "bench.w1.*",
+        "filters": [{"field": {"json": "/q"}, "equals": "q1"}],
+        "measures": [{"name": "ms", "field": "/ms"}], "windows": ["1m"]}"#,
+];
+
+/// W1k: W1 with three KPI views folding every message (docs/KPIS.md), and bodies that carry
+/// the numbers and the group they measure.
+pub async fn w1_with_kpis(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to Switchboard at {url}"))?;
+    let mut kpis = switchboard_proto::v1::kpi_service_client::KpiServiceClient::new(channel);
+    for definition in W1K_VIEWS {
+        kpis.define_view(switchboard_proto::v1::DefineViewRequest {
+            definition: definition.to_owned(),
+        })
+        .await
+        .context("cannot define W1k's views")?;
+    }
+    let client = connect(url).await?;
+    let mut publisher = Windowed::open(&client, plan.window);
+    publisher.kpi_bodies = true;
+    let outcome = tally::publish_all(publisher, plan).await?;
+    // Every message was counted: the views are not lagging behind the acks.
+    let values = kpis
+        .get_kpis(switchboard_proto::v1::GetKpisRequest {
+            view: "w1k_count".into(),
+            window: "1h".into(),
+            windows: 2,
+            ..Default::default()
+        })
+        .await
+        .context("cannot read W1k's counts")?
+        .into_inner();
+    let counted: u64 = values
+        .windows
+        .iter()
+        .flat_map(|w| &w.groups)
+        .map(|g| g.messages)
+        .sum();
+    anyhow::ensure!(
+        counted == plan.w1_messages as u64,
+        "W1k's count view holds {counted} messages; {} were published",
+        plan.w1_messages
+    );
+    Ok(outcome)
 }
 
 /// `count` subscribers on `pattern`, each on its own connection, live when this returns. They

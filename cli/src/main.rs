@@ -14,6 +14,7 @@
 //! - `print.rs`: `--output json|text|raw`, the form everything on stdout takes;
 //! - `json_text.rs`: JSON payloads laid out on one line or indented, numbers untouched;
 //! - `completions.rs`: `sb completions SHELL`;
+//! - `kpi.rs`: `sb kpi`, KPI views and their values as JSON lines or tables;
 //! - `bench.rs`: `sb bench`, throughput and latency against any broker;
 //! - `request.rs`: `sb request` and `sb reply`, request/reply over ephemeral messages;
 //! - `security.rs`: the TLS and token options, `sb token` and the hints under authentication
@@ -26,6 +27,7 @@ mod bench;
 mod completions;
 mod hints;
 mod json_text;
+mod kpi;
 mod output;
 mod print;
 mod request;
@@ -60,9 +62,11 @@ Examples:
   sb history 'crm.>' --from 100 --to 200 --limit 50
   SWITCHBOARD_URL=http://10.0.0.5:7400 sb info
   sb entity update contact 42 '{\"name\":\"Ada\",\"vip\":true}' --writer panel-7
-  sb entity get contact 42 --if-none-match '\"3-5f0c6a2e\"'
+  sb entity get contact 42 --if-none-match '\"v3\"'
   sb entity delete contact 42 --expect-version 3
   sb entity watch 'contact.*' --count 1 --timeout 30s
+  sb kpi define web/demo/kpis/widget_events.toml
+  sb --output text kpi get widget_events --windows 5
   sb --ca ca.pem --server broker.example.com:7400 --token-file token.jwt info
   SWITCHBOARD_CLIENT_ID=crm-panel SWITCHBOARD_CLIENT_SECRET=... sb --ca ca.pem token
   sb --output text subscribe 'crm.>'
@@ -75,13 +79,13 @@ Output is one JSON object per line on stdout; --output (or SB_OUTPUT) picks anot
          indented), anything else as `name  value` rows, a blank line between records
   raw    subscribe and history: each payload's bytes followed by a newline, nothing else (gaps go
          to stderr); the other commands print JSON lines
-Errors go to stderr as `error: CODE REASON: message`
-(for example `error: INVALID_ARGUMENT CHANNEL_INVALID: channel segment 2 is empty`); the exit
-status is 1 for errors and 2 for usage errors. A broker with authentication refuses a call
-without a valid token with UNAUTHENTICATED and a reason (TOKEN_MISSING, TOKEN_EXPIRED, ...), and
-one its token does not allow with PERMISSION_DENIED (PUBLISH_DENIED, SUBSCRIBE_DENIED, ...); sb
-then prints a `hint:` line on what to do, as it does when --server answers but not with gRPC (the
-admin port, for one) and under an invalid pattern or channel.
+Errors go to stderr as `error: CODE REASON: message` (for example
+`error: INVALID_ARGUMENT CHANNEL_INVALID: channel \"crm..updated\": segment 1 is empty (...)`);
+the exit status is 1 for errors and 2 for usage errors. A broker with authentication refuses a
+call without a valid token with UNAUTHENTICATED and a reason (TOKEN_MISSING, TOKEN_EXPIRED, ...),
+and one its token does not allow with PERMISSION_DENIED (PUBLISH_DENIED, SUBSCRIBE_DENIED, ...);
+sb then prints a `hint:` line on what to do, as it does when --server answers but not with gRPC
+(the admin port, for one) and under an invalid pattern or channel.
 
 Set SB_LOG (for example SB_LOG=debug) to see the client's logs on stderr; by default only warnings
 (such as a subscription resuming after a lost connection) are shown.";
@@ -96,10 +100,14 @@ Set SB_LOG (for example SB_LOG=debug) to see the client's logs on stderr; by def
 struct Cli {
     /// The broker's gRPC URL; a bare `host:port` means `http://host:port` (`https://host:port`
     /// with --ca).
+    // Every `env` argument of sb sets hide_env_values: without it clap's help prints
+    // `[env: SWITCHBOARD_URL=]` while the variable is unset, and its value (a secret, for some)
+    // while it is set.
     #[arg(
         long,
         global = true,
         env = "SWITCHBOARD_URL",
+        hide_env_values = true,
         default_value = "127.0.0.1:7400",
         value_name = "URL"
     )]
@@ -111,6 +119,7 @@ struct Cli {
         long,
         global = true,
         env = "SB_OUTPUT",
+        hide_env_values = true,
         value_enum,
         default_value_t = print::OutputMode::Json,
         value_name = "FORM"
@@ -244,6 +253,11 @@ acknowledgement.")]
     /// version, checked on every publish; see docs/SCHEMAS.md).
     #[command(subcommand)]
     Schema(SchemaCommand),
+
+    /// Define, list, read, watch and drop KPI views (counts and quantiles of the messages, per
+    /// UTC window and group, computed in the broker; see docs/KPIS.md).
+    #[command(subcommand)]
+    Kpi(kpi::KpiCommand),
 
     /// Show and change the raft cluster's membership (run on the leader wherever sent): voters, and
     /// read replicas that carry subscriptions and reads without counting toward the quorum.
@@ -550,7 +564,7 @@ existed is NOT_FOUND ENTITY_NOT_FOUND (exit status 1).
 
 Examples:
   sb entity get contact 42
-  sb entity get contact 42 --if-none-match '\"3-5f0c6a2e\"'")]
+  sb entity get contact 42 --if-none-match '\"v3\"'")]
     Get(EntityGetArgs),
 
     /// Delete an entity (a stamped tombstone removing every older field) and print the entity.
@@ -596,7 +610,7 @@ struct StampArgs {
     stamp_version: u64,
 
     /// The writer id; `sb-USER@HOST` by default.
-    #[arg(long, env = "SB_WRITER", value_name = "ID")]
+    #[arg(long, env = "SB_WRITER", hide_env_values = true, value_name = "ID")]
     writer: Option<String>,
 
     /// Apply only if the entity's current version is N (0: only if it does not exist yet).
@@ -903,6 +917,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consumer(command) => consumer(&client, command).await,
         Command::Entity(command) => entity(&client, command, started).await,
         Command::Schema(command) => schema(&client, command).await,
+        Command::Kpi(command) => kpi::run(&client, command, started).await,
         Command::Cluster(command) => {
             let status = match command {
                 ClusterCommand::Status => client.cluster_status().await?,
@@ -1293,6 +1308,38 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// Every help page names its environment variables without a value: no `[env: NAME=]` while
+    /// the variable is unset, and no value (a token, a secret) while it is set.
+    #[test]
+    fn help_shows_no_environment_values() {
+        fn check(command: &mut clap::Command, path: &str, env_args: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                if let Some(name) = arg.get_env() {
+                    assert!(
+                        arg.is_hide_env_values_set(),
+                        "`{path}`: --{} shows the value of {name:?}",
+                        arg.get_id()
+                    );
+                    env_args.push(name.to_string_lossy().into_owned());
+                }
+            }
+            let help = command.render_long_help().to_string();
+            assert!(!help.contains("=]"), "`{path} --help`:\n{help}");
+            for sub in command.get_subcommands_mut() {
+                let path = format!("{path} {}", sub.get_name());
+                check(sub, &path, env_args);
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let mut env_args = Vec::new();
+        check(&mut command, "sb", &mut env_args);
+        // The walk reached the arguments that read the environment, global and per command.
+        for name in ["SWITCHBOARD_URL", "SWITCHBOARD_CLIENT_SECRET", "SB_WRITER"] {
+            assert!(env_args.iter().any(|seen| seen == name), "{env_args:?}");
+        }
     }
 
     #[test]

@@ -76,6 +76,22 @@ pub fn record(json_line: &str) -> anyhow::Result<()> {
     }
 }
 
+/// A record with a form of its own for people (a KPI table): `json_line` in the json and raw
+/// modes, `text` (ending with a newline) in the text mode, set apart like any text record.
+pub fn record_with_text(json_line: &str, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    match mode() {
+        OutputMode::Json | OutputMode::Raw => write_stdout(format!("{json_line}\n").as_bytes()),
+        OutputMode::Text => {
+            let separator = if PRINTED.swap(true, Ordering::Relaxed) {
+                "\n"
+            } else {
+                ""
+            };
+            write_stdout(format!("{separator}{}", visible(&text())).as_bytes())
+        }
+    }
+}
+
 /// A delivered or stored message.
 pub fn message(message: &Message) -> anyhow::Result<()> {
     match mode() {

@@ -17,7 +17,13 @@ use crate::output::format_timestamp;
 pub struct SecurityArgs {
     /// The CA certificate (PEM) that signed the broker's certificate. Turns TLS on: a --server
     /// without a scheme becomes https://. sb trusts no system CAs, so an https:// server needs it.
-    #[arg(long, global = true, env = "SWITCHBOARD_CA", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHBOARD_CA",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
     ca: Option<PathBuf>,
 
     /// This client's certificate chain (PEM), for a broker that asks for mutual TLS; with --key.
@@ -25,6 +31,7 @@ pub struct SecurityArgs {
         long,
         global = true,
         env = "SWITCHBOARD_CERT",
+        hide_env_values = true,
         value_name = "FILE",
         requires = "key"
     )]
@@ -35,6 +42,7 @@ pub struct SecurityArgs {
         long,
         global = true,
         env = "SWITCHBOARD_KEY",
+        hide_env_values = true,
         value_name = "FILE",
         requires = "cert"
     )]
@@ -63,6 +71,7 @@ pub struct SecurityArgs {
         long,
         global = true,
         env = "SWITCHBOARD_TOKEN_FILE",
+        hide_env_values = true,
         value_name = "FILE"
     )]
     token_file: Option<PathBuf>,
@@ -73,6 +82,7 @@ pub struct SecurityArgs {
         long,
         global = true,
         env = "SWITCHBOARD_CLIENT_ID",
+        hide_env_values = true,
         value_name = "ID",
         requires = "client_secret"
     )]

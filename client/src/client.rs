@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use switchboard_proto::v1::broker_client::BrokerClient;
 use switchboard_proto::v1::cluster_client::ClusterClient;
 use switchboard_proto::v1::entities_client::EntitiesClient;
+use switchboard_proto::v1::kpi_service_client::KpiServiceClient;
 use switchboard_proto::v1::schema_service_client::SchemaServiceClient;
 use switchboard_proto::v1::{
     InfoRequest, InfoResponse, IssueTokenRequest, IssueTokenResponse, WriteStamp,
@@ -280,6 +281,7 @@ pub struct Client {
     entities: EntitiesClient<AuthChannel>,
     cluster: ClusterClient<AuthChannel>,
     schemas: SchemaServiceClient<AuthChannel>,
+    kpis: KpiServiceClient<AuthChannel>,
     /// The connection without the token layer, for the token endpoint.
     channel: Channel,
     /// The cache in front of the token provider; `None` for a client without credentials.
@@ -433,6 +435,7 @@ impl Client {
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
             cluster: ClusterClient::new(authenticated.clone()),
             schemas: SchemaServiceClient::new(authenticated.clone()),
+            kpis: KpiServiceClient::new(authenticated.clone()),
             entities: EntitiesClient::new(authenticated)
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
             channel,
@@ -593,6 +596,11 @@ impl Client {
     /// A handle on the generated `SchemaService` client, on the same connection.
     pub(crate) fn schemas_grpc(&self) -> SchemaServiceClient<AuthChannel> {
         self.schemas.clone()
+    }
+
+    /// A handle on the generated `KpiService` client, on the same connection.
+    pub(crate) fn kpis_grpc(&self) -> KpiServiceClient<AuthChannel> {
+        self.kpis.clone()
     }
 
     /// The token cache, for a stream that learns its token was refused; `None` without

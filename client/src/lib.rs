@@ -38,7 +38,11 @@
 //!   publisher's trace;
 //! - `entity.rs`: shared entity state: [`EntityUpdate`], [`EntityDelete`], [`EntityRead`],
 //!   [`EntityWatch`] and [`EntityEvent`], [`EntityExt`], and [`Client::update_entity`],
-//!   [`Client::delete_entity`], [`Client::get_entity`], [`Client::watch_entities`].
+//!   [`Client::delete_entity`], [`Client::get_entity`], [`Client::watch_entities`];
+//! - `schema.rs`: payload schemas ([`SchemaPut`], [`Client::schema_put`] and the rest);
+//! - `kpi.rs`: KPI views ([`Client::kpi_define`], [`Client::kpi_get_view`], [`Client::kpi_list`],
+//!   [`Client::kpi_delete`]) and their values ([`KpiQuery`], [`Client::kpi_values`], and
+//!   [`Client::kpi_watch`] with its [`KpiWatch`] stream).
 //!
 //! The `sb` command line is built on this crate in its own crate, `switchboard-cli` (`cli/`), so
 //! that users of the library do not compile its argument parsing and log formatting.
@@ -74,6 +78,7 @@ mod error;
 mod failover;
 mod flow;
 mod history;
+mod kpi;
 mod outbox;
 mod outbox_file;
 mod publish;
@@ -94,6 +99,7 @@ pub use entity::{EntityDelete, EntityEvent, EntityExt, EntityRead, EntityUpdate,
 pub use error::Error;
 pub use flow::{Acker, FlowPolicy};
 pub use history::{HistoryPage, HistoryQuery};
+pub use kpi::{KpiQuery, KpiWatch};
 pub use outbox::{Outbox, OutboxOptions, OutboxReceipt};
 pub use publish::{split_stream_ack, Publish, PublishAcks, PublishErrorKind, Publisher};
 pub use request::{reply_to, INBOX_PREFIX, REPLY_TO};
@@ -114,6 +120,10 @@ pub mod proto {
         PublishAck, PublishRequest, PublishStreamAck, Refusal, Scope, SnapshotComplete,
         StartPosition, SubscribeEvent, SubscribeRequest, Subscribed, SubscriptionInfo,
         UpdateEntityRequest, WatchEntitiesRequest, WriteStamp,
+    };
+    pub use switchboard_proto::v1::{
+        Backfill, DefineViewResponse, GetKpisResponse, KpiGroup, KpiGroupKind, KpiMeasure,
+        KpiWindow, View,
     };
     pub use switchboard_proto::v1::{
         CheckSchemaRequest, CheckSchemaResponse, CompatibilityReport, FailingMessage,

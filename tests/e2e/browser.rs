@@ -916,3 +916,192 @@ async fn telemetry_drops_its_oldest_events_over_its_bound_and_never_retries_a_re
     );
     Ok(())
 }
+
+/// Two readings in the shape of `GetKpisResponse` as JSON: three one-minute windows of
+/// `widget_events` (2, 0 and 5 messages; the newest 3 from crm and 2 from telephony) and of
+/// `save_latency` (no saves, then a p95 of 120.5 ms, then 80 ms).
+fn kpi_fixture() -> (Value, Value) {
+    let window = |minute: u32, groups: Value| {
+        json!({
+            "start": format!("2026-12-07T12:0{minute}:00Z"),
+            "end": format!("2026-12-07T12:0{}:00Z", minute + 1),
+            "groups": groups,
+        })
+    };
+    let events = json!({
+        "etag": "\"e1\"", "view": "widget_events", "window": "1m",
+        "windows": [
+            window(0, json!([{"kind": "named", "name": "crm", "messages": 2, "measures": []}])),
+            window(1, json!([])),
+            window(2, json!([
+                {"kind": "named", "name": "crm", "messages": 3, "measures": []},
+                {"kind": "named", "name": "telephony", "messages": 2, "measures": []},
+            ])),
+        ],
+    });
+    let saves = |count: u64, p95: Option<f64>| {
+        let mut measure = json!({"name": "ms", "count": count, "sum": 0.0});
+        if let Some(p95) = p95 {
+            measure["p95"] = json!(p95);
+            measure["avg"] = json!(p95);
+        }
+        json!([{"kind": "missing", "messages": count, "measures": [measure]}])
+    };
+    let latency = json!({
+        "etag": "\"s1\"", "view": "save_latency", "window": "1m",
+        "windows": [
+            window(0, json!([])),
+            window(1, saves(4, Some(120.5))),
+            window(2, saves(2, Some(80.0))),
+        ],
+    });
+    (events, latency)
+}
+
+/// The KPI page (web/demo/kpi.html) draws its tiles and sparklines from readings, under its
+/// strict CSP. The readings are handed to the page as its feed would (`kpiDemo.show`, what the
+/// SSE watch, the polling and an embedding page's postMessage all call).
+// TODO(issue 23): once `GET /v1/kpis/{view}` and its SSE watch are in the gateway, drive it end to
+// end: define the demo views, record telemetry from a panel on another origin, and wait for the
+// tile of the KPI page to move.
+#[tokio::test]
+async fn the_kpi_page_draws_tiles_and_sparklines_from_readings() -> Result<()> {
+    if !browser_available("kpi tiles") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let broker = broker_for(dir.path(), &[origin])?;
+    let browser = Browser::start().await?;
+    browser
+        .goto(&format!(
+            "http://{origin}/kpi.html?broker={}&window=1m&windows=3",
+            broker.url()
+        ))
+        .await?;
+    browser
+        .wait_for("the KPI page loaded", "return window.kpiDemo ? true : null")
+        .await?;
+    let (events, latency) = kpi_fixture();
+    for reading in [&events, &latency] {
+        let shown = browser
+            .eval("return window.kpiDemo.show(arguments[0])", json!([reading]))
+            .await?;
+        ensure!(shown == json!(true), "{reading}");
+    }
+    let tiles = browser
+        .eval(
+            "return [...document.querySelectorAll('.tile')].map(t => ({
+               view: t.dataset.view, stat: t.dataset.stat,
+               value: t.querySelector('.value') && t.querySelector('.value').textContent,
+               groups: [...t.querySelectorAll('li')].map(li => li.dataset.group + '=' + li.dataset.messages),
+               spark: t.querySelector('svg.spark').dataset.values,
+               points: t.querySelector('svg.spark polyline').getAttribute('points').split(' ').length,
+             }))",
+            json!([]),
+        )
+        .await?;
+    ensure!(
+        tiles
+            == json!([
+                {"view": "widget_events", "stat": "messages", "value": "5", "groups": [],
+                 "spark": "2,0,5", "points": 3},
+                {"view": "widget_events", "stat": "groups", "value": null,
+                 "groups": ["crm=3", "telephony=2"], "spark": "2,0,5", "points": 3},
+                {"view": "save_latency", "stat": "ms.p95", "value": "80 ms", "groups": [],
+                 "spark": ",120.5,80", "points": 3},
+            ]),
+        "{tiles}"
+    );
+    // A newer reading moves the tile.
+    let mut newer = events.clone();
+    newer["windows"][2]["groups"][1]["messages"] = json!(7);
+    browser
+        .eval("return window.kpiDemo.show(arguments[0])", json!([newer]))
+        .await?;
+    let value = browser
+        .eval(
+            "return document.querySelector('.tile[data-stat=messages] .value').textContent",
+            json!([]),
+        )
+        .await?;
+    ensure!(value == json!("10"), "{value}");
+    let violations = browser
+        .eval("return window.kpiDemo.violations", json!([]))
+        .await?;
+    ensure!(violations == json!([]), "CSP violations: {violations}");
+    // And the policy holds: an inline script is refused (and reported), not run.
+    browser
+        .eval(
+            "const s = document.createElement('script');
+             s.textContent = 'window.inlineRan = true';
+             document.body.appendChild(s);",
+            json!([]),
+        )
+        .await?;
+    let refused = browser
+        .wait_for(
+            "the inline script refused",
+            "return window.kpiDemo.violations.length ? window.kpiDemo.violations : null",
+        )
+        .await?;
+    let ran = browser
+        .eval("return window.inlineRan === true", json!([]))
+        .await?;
+    ensure!(ran == json!(false), "an inline script ran: {refused}");
+    ensure!(
+        refused[0]
+            .as_str()
+            .is_some_and(|v| v.starts_with("script-src")),
+        "{refused}"
+    );
+    Ok(())
+}
+
+/// The KPI page embedded as documented (docs/KPIS.md): in an `<iframe sandbox="allow-scripts">`
+/// of a host page (web/demo/kpi-embed.html), its script runs under its CSP in an opaque origin,
+/// names its views to the host, and shows what the host posts in (and only that).
+#[tokio::test]
+async fn the_kpi_page_runs_in_a_sandboxed_frame_fed_by_its_host_page() -> Result<()> {
+    if !browser_available("kpi embedded") {
+        return Ok(());
+    }
+    let origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let browser = Browser::start().await?;
+    browser
+        .goto(&format!("http://{origin}/kpi-embed.html?feed=none"))
+        .await?;
+    let views = browser
+        .wait_for(
+            "the frame named its views",
+            "const v = window.embedDemo && [...window.embedDemo.followed]; return v && v.length ? v : null",
+        )
+        .await?;
+    ensure!(views == json!(["widget_events", "save_latency"]), "{views}");
+    let (events, _) = kpi_fixture();
+    browser
+        .eval("window.embedDemo.post(arguments[0])", json!([events]))
+        .await?;
+    let shown = browser
+        .wait_for(
+            "the frame showed the reading",
+            "return window.embedDemo.shown.length ? window.embedDemo.shown : null",
+        )
+        .await?;
+    ensure!(
+        shown == json!([{"view": "widget_events", "etag": "\"e1\""}]),
+        "{shown}"
+    );
+    // The frame is sandboxed: the host cannot reach into its document.
+    let reachable = browser
+        .eval(
+            "try { return !!document.getElementById('kpis').contentWindow.document; } catch (e) { return false; }",
+            json!([]),
+        )
+        .await?;
+    ensure!(
+        reachable == json!(false),
+        "the sandboxed frame's document was reachable"
+    );
+    Ok(())
+}

@@ -602,3 +602,158 @@ async fn sb_request_gets_the_reply_of_sb_reply_and_nothing_is_stored() {
         assert!(stored.is_empty(), "{pattern}: {stored:?}");
     }
 }
+
+/// The rows of `sb --output text kpi get`'s table for one group, split on spaces:
+/// `[date, time, group, messages, ms.count, ms.avg, ms.p50, ms.p95, ms.p99, ms.max]`.
+fn kpi_rows<'a>(table: &'a str, group: &str) -> Vec<Vec<&'a str>> {
+    table
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|cells| cells.get(2) == Some(&group))
+        .collect()
+}
+
+#[tokio::test]
+async fn sb_kpi_defines_reads_lists_watches_and_deletes_a_view() {
+    let f = fixture(&[]).await;
+    let url = f.broker.url();
+    let url = url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clicks.toml");
+    // One-day windows and two of them read, so a run across midnight UTC still sums exactly.
+    std::fs::write(
+        &file,
+        r#"
+name = "clicks"
+pattern = "telemetry.widget.*"
+group_by = { segment = 2 }
+windows = ["1d"]
+
+[[measures]]
+name = "ms"
+field = "/ms"
+"#,
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+
+    let defined = &json_lines(&sb(url, &["kpi", "define", file], None))[0];
+    assert_eq!(defined["name"], "clicks");
+    assert_eq!(defined["replaced"], false);
+    assert_eq!(defined["definition"]["pattern"], "telemetry.widget.*");
+    assert_eq!(defined["backfill"]["messages_read"], 0);
+
+    for (channel, payload) in [
+        ("telemetry.widget.dialer", r#"{"ms":10}"#),
+        ("telemetry.widget.dialer", r#"{"ms":20}"#),
+        ("telemetry.widget.dialer", r#"{"ms":30}"#),
+        ("telemetry.widget.notes", r#"{"kind":"open"}"#),
+        ("crm.contact.updated", r#"{"ms":99}"#),
+    ] {
+        json_lines(&sb(url, &["publish", channel, payload], None));
+    }
+
+    let read = &json_lines(&sb(
+        url,
+        &["kpi", "get", "clicks", "--window", "1d", "--windows", "2"],
+        None,
+    ))[0];
+    assert_eq!(read["view"], "clicks");
+    assert_eq!(read["window"], "1d");
+    assert!(read["etag"].as_str().is_some_and(|etag| !etag.is_empty()));
+    let windows = read["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 2);
+    assert!(windows[1]["start"]
+        .as_str()
+        .unwrap()
+        .ends_with("T00:00:00.000Z"));
+    let groups: Vec<&Value> = windows
+        .iter()
+        .flat_map(|w| w["groups"].as_array().unwrap())
+        .collect();
+    let messages = |name: &str| -> u64 {
+        groups
+            .iter()
+            .filter(|g| g["name"] == name)
+            .map(|g| g["messages"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(messages("dialer"), 3);
+    assert_eq!(messages("notes"), 1);
+    assert!(groups.iter().all(|g| g["kind"] == "named"), "{read}");
+    if let Some(dialer) = groups
+        .iter()
+        .find(|g| g["name"] == "dialer" && g["messages"] == 3)
+    {
+        assert_eq!(dialer["measures"][0]["count"], 3);
+        assert_eq!(dialer["measures"][0]["avg"], 20.0);
+        assert_eq!(dialer["measures"][0]["max"], 30.0);
+    }
+    // A group without a numeric value: counted by the view, not by the measure.
+    let notes = groups.iter().find(|g| g["name"] == "notes").unwrap();
+    assert_eq!(notes["measures"][0]["count"], 0);
+    assert!(notes["measures"][0].get("avg").is_none(), "{notes}");
+
+    let text = sb(
+        url,
+        &["--output", "text", "kpi", "get", "clicks", "--windows", "2"],
+        None,
+    );
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+    let table = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        table.starts_with("view clicks  window 1d  etag "),
+        "{table}"
+    );
+    assert!(
+        table.contains("START (UTC)") && table.contains("ms.p95"),
+        "{table}"
+    );
+    let dialer_rows = kpi_rows(&table, "dialer");
+    let counted: u64 = dialer_rows
+        .iter()
+        .map(|row| row[3].parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(counted, 3, "{table}");
+    if let [row] = dialer_rows.as_slice() {
+        // count, avg and max exact; p50, p95 and p99 of 10, 20, 30 are the value at rank
+        // floor(q·2) = 1, 20, within the sketch's 1%.
+        assert_eq!([row[4], row[5], row[9]], ["3", "20", "30"], "{table}");
+        for quantile in &row[6..9] {
+            let value: f64 = quantile.parse().unwrap();
+            assert!((value - 20.0).abs() <= 0.2, "{table}");
+        }
+    }
+
+    let watched = json_lines(&sb(
+        url,
+        &["kpi", "watch", "clicks", "--count", "1", "--timeout", "30s"],
+        None,
+    ));
+    assert_eq!(watched.len(), 1);
+    assert_eq!(watched[0]["view"], "clicks");
+
+    let listed = json_lines(&sb(url, &["kpi", "list"], None));
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["name"], "clicks");
+    let only = &json_lines(&sb(url, &["kpi", "get", "clicks", "--view-only"], None))[0];
+    assert_eq!(only["definition"]["measures"][0]["name"], "ms");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"Not A Name!\"\npattern = \"telemetry.>\"\n").unwrap();
+    let refused = sb(url, &["kpi", "define", bad.to_str().unwrap()], None);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("INVALID_ARGUMENT VIEW_INVALID"), "{stderr}");
+
+    let deleted = &json_lines(&sb(url, &["kpi", "delete", "clicks"], None))[0];
+    assert_eq!(deleted["deleted"], "clicks");
+    assert!(json_lines(&sb(url, &["kpi", "list"], None)).is_empty());
+    let missing = sb(url, &["kpi", "get", "clicks"], None);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("VIEW_NOT_FOUND"));
+}

@@ -510,14 +510,14 @@ async fn over_http_values_carry_the_grpc_etag_answer_304_and_stream_changes() {
     assert_eq!(watch.status, 200);
     assert_eq!(watch.header("content-type"), Some("text/event-stream"));
     let first = watch.next_event().await.unwrap();
-    assert_eq!(first.event.as_deref(), Some("values"));
+    assert_eq!(first.event, None, "a plain message event: {first:?}");
     let first: serde_json::Value = serde_json::from_str(&first.data).unwrap();
     assert_eq!(first["etag"], json!(grpc.etag));
     assert_eq!(first["windows"].as_array().unwrap().len(), 2);
     assert_eq!(json_group(&first, "sales").unwrap()["messages"], json!(2));
     call_ended(&f.client, "sales", 30.0).await;
     let next = watch.next_event().await.unwrap();
-    assert_eq!(next.event.as_deref(), Some("values"));
+    assert_eq!(next.event, None);
     let next: serde_json::Value = serde_json::from_str(&next.data).unwrap();
     assert_ne!(next["etag"], first["etag"]);
     let sales = json_group(&next, "sales").unwrap();
@@ -537,4 +537,81 @@ async fn over_http_values_carry_the_grpc_etag_answer_304_and_stream_changes() {
     assert_eq!(end.event.as_deref(), Some("error"), "{end:?}");
     let end: serde_json::Value = serde_json::from_str(&end.data).unwrap();
     assert_eq!(end["reason"], json!("VIEW_NOT_FOUND"));
+}
+
+/// The Rust client's `kpi_*` methods: define, read with an ETag (and `not_modified` for the
+/// current one), watch a change arrive, list, refusals with their reasons, delete.
+#[tokio::test]
+async fn the_rust_client_defines_reads_watches_and_deletes_views() {
+    use switchboard_client::{KpiQuery, Reason};
+
+    let f = fixture(&[]).await;
+    let client = &f.client;
+    let defined = client.kpi_define(HANDLE_TIME).await.unwrap();
+    assert!(!defined.replaced);
+    assert_eq!(defined.view.unwrap().name, "handle_time");
+
+    let query = KpiQuery::new("handle_time").window("1h").windows(2);
+    let mut watch = client
+        .kpi_watch(query.clone(), Some(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let first = watch.next().await.unwrap().unwrap();
+    assert_eq!(
+        (first.view.as_str(), first.window.as_str()),
+        ("handle_time", "1h")
+    );
+    assert_eq!(first.windows.len(), 2);
+
+    client
+        .publish(Publish::new("calls.support.ended", r#"{"seconds":42}"#))
+        .await
+        .unwrap();
+    let support = |reading: &pb::GetKpisResponse| -> u64 {
+        reading
+            .windows
+            .iter()
+            .flat_map(|w| &w.groups)
+            .filter(|g| g.name == "support")
+            .map(|g| g.messages)
+            .sum()
+    };
+    // The next reading counts the call (one before it could only be a new hour starting).
+    let changed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let reading = watch.next().await.unwrap().unwrap();
+            if support(&reading) > 0 {
+                return reading;
+            }
+        }
+    })
+    .await
+    .expect("a reading with the call");
+    assert_ne!(changed.etag, first.etag);
+    assert_eq!(support(&changed), 1);
+
+    let read = client.kpi_values(query.clone()).await.unwrap();
+    assert!(!read.not_modified);
+    assert_eq!(read.etag, changed.etag);
+    let again = client
+        .kpi_values(query.if_none_match(read.etag.clone()))
+        .await
+        .unwrap();
+    assert!(again.not_modified);
+    assert!(again.windows.is_empty());
+
+    let listed = client.kpi_list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        client.kpi_get_view("handle_time").await.unwrap().name,
+        "handle_time"
+    );
+
+    let invalid = client.kpi_define("name = \"x\"").await.unwrap_err();
+    assert_eq!(invalid.reason(), Some(Reason::ViewInvalid), "{invalid}");
+    client.kpi_delete("handle_time").await.unwrap();
+    let missing = client.kpi_get_view("handle_time").await.unwrap_err();
+    assert_eq!(missing.reason(), Some(Reason::ViewNotFound), "{missing}");
+    let gone = client.kpi_delete("handle_time").await.unwrap_err();
+    assert_eq!(gone.reason(), Some(Reason::ViewNotFound), "{gone}");
 }

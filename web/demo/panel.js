@@ -56,6 +56,7 @@ async function save(event) {
   for (const field of OWN_FIELDS) fields[field] = $(field).value;
   const headers = { "Content-Type": "application/json", "X-Switchboard-Writer": PANEL };
   if (window.demo.version > 0) headers["If-Match"] = `"v${window.demo.version}"`;
+  const started = performance.now();
   const response = await fetch(`${BROKER}/v1/entities/contact/${encodeURIComponent(CONTACT)}`, {
     method: "PATCH",
     headers,
@@ -71,7 +72,9 @@ async function save(event) {
   } else {
     setStatus("saved");
   }
-  telemetry.record("contact.save", { panel: PANEL, status: response.status });
+  // `ms` feeds the save_latency KPI view (web/demo/kpis/save_latency.toml, kpi.html).
+  const ms = Math.round(performance.now() - started);
+  telemetry.record("contact.save", { panel: PANEL, status: response.status, ms });
 }
 
 // An activity feed on a channel, resumable across page reloads: the offset of the last event

@@ -4,8 +4,8 @@
 //! - `GET /v1/kpis/{view}?window=5m&windows=15&group=X`: the values, with `ETag` (the gRPC
 //!   `etag`, quoted) and `Cache-Control: max-age, stale-while-revalidate` from `[kpis]`; a
 //!   matching `If-None-Match` answers 304 with no body.
-//! - `GET /v1/kpis/{view}/watch?…&min_interval_ms=`: the values now, then each change, as `values`
-//!   events, throttled as `WatchKpis` is.
+//! - `GET /v1/kpis/{view}/watch?…&min_interval_ms=`: the values now, then each change, as plain
+//!   message events, throttled as `WatchKpis` is.
 //!
 //! Defining and dropping views stays on gRPC (`sb kpi`): a browser widget only reads.
 
@@ -171,8 +171,10 @@ pub(super) async fn get(
     Ok(response)
 }
 
+/// A reading as a plain message event, so that `EventSource.onmessage` gets it; no id, since a
+/// reconnecting watch starts from the values then, not from where it left off.
 fn values_frame(event: pb::GetKpisResponse) -> Option<Bytes> {
-    Some(sse::frame(Some("values"), None, &values_json(&event)))
+    Some(sse::frame(None, None, &values_json(&event)))
 }
 
 /// `GET /v1/kpis/{view}/watch?window=&windows=&group=&min_interval_ms=`.

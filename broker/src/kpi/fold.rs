@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
+
 use super::cell::{Cell, Group};
 use super::view::{Field, View};
 use super::CompiledViews;
@@ -15,7 +17,8 @@ use crate::error::BrokerError;
 use crate::message::StoredMessage;
 use crate::state::store::{MessageStore, WriteBatch};
 
-/// Group names are cut to this many bytes (at a character boundary).
+/// Values (group names, and what filters compare) are cut to this many bytes (at a character
+/// boundary).
 pub(crate) const MAX_GROUP_BYTES: usize = 256;
 
 /// The cells a batch of messages touches, before they are written.
@@ -30,10 +33,14 @@ pub(crate) struct Fold<'a> {
     cells: BTreeMap<Vec<u8>, Cell>,
     /// Named groups per window (by the window's key prefix), once counted.
     named_groups: HashMap<Vec<u8>, u32>,
-    /// The newest window start folded, per (view name, window length).
-    newest: BTreeMap<(String, u32), u64>,
+    /// The newest window start folded, per view name and window length.
+    newest: BTreeMap<String, BTreeMap<u32, u64>>,
     /// Reused for the views matching a message.
     places: Vec<usize>,
+    /// Reused for a cell's key.
+    key: Vec<u8>,
+    /// Reused for a message's measured values.
+    values: Vec<Option<f64>>,
 }
 
 impl<'a> Fold<'a> {
@@ -47,6 +54,8 @@ impl<'a> Fold<'a> {
             named_groups: HashMap::new(),
             newest: BTreeMap::new(),
             places: Vec::new(),
+            key: Vec::new(),
+            values: Vec::new(),
         }
     }
 
@@ -81,11 +90,11 @@ impl<'a> Fold<'a> {
         Ok(counted)
     }
 
-    fn fold_into(
+    fn fold_into<'m>(
         &mut self,
         view: &View,
-        message: &StoredMessage,
-        payload: &mut Payload,
+        message: &'m StoredMessage,
+        payload: &mut Payload<'m>,
     ) -> Result<bool, BrokerError> {
         let definition = &view.definition;
         for filter in &definition.filters {
@@ -94,40 +103,47 @@ impl<'a> Fold<'a> {
             }
         }
         let group = match &definition.group_by {
-            None => Group::Missing,
-            Some(field) => match value_of(field, message, payload) {
-                Some(mut name) => {
-                    truncate(&mut name, MAX_GROUP_BYTES);
-                    Group::Named(name)
-                }
-                None => Group::Missing,
-            },
+            None => None,
+            Some(field) => value_of(field, message, payload),
         };
-        let values: Vec<Option<f64>> = definition
-            .measures
-            .iter()
-            .map(|m| number_at(&m.field, message, payload))
-            .collect();
+        let mut values = std::mem::take(&mut self.values);
+        values.clear();
+        values.extend(
+            definition
+                .measures
+                .iter()
+                .map(|m| number_at(&m.field, message, payload)),
+        );
         let time_s = message.publish_time_us / 1_000_000;
+        let mut key = std::mem::take(&mut self.key);
         for window in &view.windows {
             let start = window.start_of(time_s);
-            let newest = self
-                .newest
-                .entry((definition.name.clone(), window.length_s))
-                .or_insert(start);
-            *newest = (*newest).max(start);
-            let prefix = MessageStore::kpi_window_prefix(&definition.name, window.length_s, start);
-            let key = self.cell_key(&prefix, &group, view)?;
-            let cell = match self.cells.entry(key) {
-                std::collections::btree_map::Entry::Occupied(cell) => cell.into_mut(),
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    let stored = if self.cleared.contains(&definition.name) {
-                        None
-                    } else {
-                        self.store.kpi_cell(slot.key())?
-                    };
-                    slot.insert(stored.unwrap_or_else(|| Cell::new(values.len())))
+            match self.newest.get_mut(definition.name.as_str()) {
+                Some(lengths) => {
+                    let newest = lengths.entry(window.length_s).or_insert(start);
+                    *newest = (*newest).max(start);
                 }
+                None => {
+                    self.newest.insert(
+                        definition.name.clone(),
+                        BTreeMap::from([(window.length_s, start)]),
+                    );
+                }
+            }
+            key.clear();
+            MessageStore::kpi_window_prefix_into(
+                &mut key,
+                &definition.name,
+                window.length_s,
+                start,
+            );
+            let prefix_len = key.len();
+            push_group(&mut key, group.as_deref());
+            if !self.cells.contains_key(key.as_slice()) {
+                self.load_cell(&mut key, prefix_len, group.is_some(), view, values.len())?;
+            }
+            let Some(cell) = self.cells.get_mut(key.as_slice()) else {
+                continue;
             };
             if cell.measures.len() < values.len() {
                 cell.measures.resize(values.len(), Default::default());
@@ -139,48 +155,67 @@ impl<'a> Fold<'a> {
                 }
             }
         }
+        self.key = key;
+        self.values = values;
         Ok(true)
     }
 
-    /// The key of `group`'s cell in the window at `prefix`: a named group the window has no
-    /// room for goes to [`Group::Other`].
-    fn cell_key(
+    /// Brings the cell at `key` (a window prefix of `prefix_len` bytes and a group) into the
+    /// fold: the stored one, or a new one — unless it is a new named group the window has no
+    /// room for, when `key` is turned into the window's [`Group::Other`] key (and that cell
+    /// loaded).
+    fn load_cell(
         &mut self,
-        prefix: &[u8],
-        group: &Group,
+        key: &mut Vec<u8>,
+        prefix_len: usize,
+        named: bool,
         view: &View,
-    ) -> Result<Vec<u8>, BrokerError> {
-        let mut key = prefix.to_vec();
-        group.to_key(&mut key);
-        if !matches!(group, Group::Named(_)) || self.cells.contains_key(&key) {
-            return Ok(key);
-        }
+        measures: usize,
+    ) -> Result<(), BrokerError> {
         let cleared = self.cleared.contains(&view.definition.name);
-        if !cleared && self.store.kpi_cell(&key)?.is_some() {
-            return Ok(key);
-        }
-        // A new named group in this window.
-        let max_groups = view.max_groups;
-        let named = match self.named_groups.get_mut(prefix) {
-            Some(named) => named,
-            None => {
-                let counted = if cleared {
-                    // Its stored cells are gone with this batch; the ones folded since are in
-                    // `cells`, counted as they came.
-                    0
-                } else {
-                    self.store.kpi_named_groups(prefix, max_groups)?
-                };
-                self.named_groups.entry(prefix.to_vec()).or_insert(counted)
-            }
+        let stored = if cleared {
+            None
+        } else {
+            self.store.kpi_cell(key)?
         };
-        if *named >= max_groups {
-            let mut other = prefix.to_vec();
-            Group::Other.to_key(&mut other);
-            return Ok(other);
+        if let Some(cell) = stored {
+            self.cells.insert(key.clone(), cell);
+            return Ok(());
         }
-        *named += 1;
-        Ok(key)
+        if named {
+            // A new named group in this window.
+            let prefix = &key[..prefix_len];
+            let count = match self.named_groups.get_mut(prefix) {
+                Some(count) => count,
+                None => {
+                    let counted = if cleared {
+                        // Its stored cells are gone with this batch; the ones folded since are
+                        // in `cells`, counted as they came.
+                        0
+                    } else {
+                        self.store.kpi_named_groups(prefix, view.max_groups)?
+                    };
+                    self.named_groups.entry(prefix.to_vec()).or_insert(counted)
+                }
+            };
+            if *count >= view.max_groups {
+                key.truncate(prefix_len);
+                Group::Other.to_key(key);
+                if !self.cells.contains_key(key.as_slice()) {
+                    let other = if cleared {
+                        None
+                    } else {
+                        self.store.kpi_cell(key)?
+                    };
+                    self.cells
+                        .insert(key.clone(), other.unwrap_or_else(|| Cell::new(measures)));
+                }
+                return Ok(());
+            }
+            *count += 1;
+        }
+        self.cells.insert(key.clone(), Cell::new(measures));
+        Ok(())
     }
 
     /// Whether a view named `name` exists at this point of the batch.
@@ -218,7 +253,7 @@ impl<'a> Fold<'a> {
         views.extend(view);
         views.sort_by(|a, b| a.definition.name.cmp(&b.definition.name));
         self.views = Arc::new(CompiledViews::new(views));
-        self.newest.retain(|(view, _), _| view != name);
+        self.newest.remove(name);
         self.cleared.insert(name.to_owned());
         Ok(())
     }
@@ -229,20 +264,24 @@ impl<'a> Fold<'a> {
     /// # Errors
     /// The store's error, or a cell that cannot be encoded.
     pub(crate) fn write(self, batch: &mut WriteBatch) -> Result<(), BrokerError> {
-        for ((name, length_s), newest) in &self.newest {
-            let window = self
+        for (name, lengths) in &self.newest {
+            let Some(view) = self
                 .views
                 .views()
                 .iter()
                 .find(|v| &v.definition.name == name)
-                .and_then(|v| v.windows.iter().find(|w| w.length_s == *length_s));
-            if let Some(window) = window {
-                self.store.remove_kpi_windows_before(
-                    batch,
-                    name,
-                    *length_s,
-                    window.oldest_kept(*newest),
-                )?;
+            else {
+                continue;
+            };
+            for (length_s, newest) in lengths {
+                if let Some(window) = view.windows.iter().find(|w| w.length_s == *length_s) {
+                    self.store.remove_kpi_windows_before(
+                        batch,
+                        name,
+                        *length_s,
+                        window.oldest_kept(*newest),
+                    )?;
+                }
             }
         }
         for (key, cell) in &self.cells {
@@ -252,51 +291,134 @@ impl<'a> Fold<'a> {
     }
 }
 
-/// A message's payload as JSON, parsed at most once, and only when a view needs it.
-enum Payload {
+/// A message's payload as JSON, parsed at most once and only when a view needs it. An object's
+/// members are kept as raw text (borrowed from the payload, not copied) until a field asks for
+/// one, so a large member nobody reads — a body's padding, a blob — is only scanned.
+enum Payload<'m> {
     Unread,
-    Json(serde_json::Value),
+    Object(HashMap<String, &'m RawValue>),
+    /// A payload that is JSON but not an object (pointers other than `""` then find nothing
+    /// at the top, as `serde_json::Value::pointer` would not either, except into arrays).
+    Other(serde_json::Value),
     NotJson,
 }
 
-impl Payload {
-    fn json(&mut self, message: &StoredMessage) -> Option<&serde_json::Value> {
+impl<'m> Payload<'m> {
+    /// The raw JSON at `pointer` (RFC 6901), if there is one.
+    fn at(&mut self, message: &'m StoredMessage, pointer: &str) -> Option<Located<'m>> {
         if let Payload::Unread = self {
-            *self = match serde_json::from_slice(&message.message.payload) {
-                Ok(value) => Payload::Json(value),
-                Err(_) => Payload::NotJson,
+            let bytes: &'m [u8] = &message.message.payload;
+            *self = match serde_json::from_slice::<HashMap<String, &'m RawValue>>(bytes) {
+                Ok(members) => Payload::Object(members),
+                Err(_) => match serde_json::from_slice::<serde_json::Value>(bytes) {
+                    Ok(value) => Payload::Other(value),
+                    Err(_) => Payload::NotJson,
+                },
             };
         }
         match self {
-            Payload::Json(value) => Some(value),
-            _ => None,
+            Payload::Object(members) => {
+                let rest = pointer.strip_prefix('/')?;
+                let (first, deeper) = match rest.find('/') {
+                    Some(at) => (&rest[..at], Some(&rest[at..])),
+                    None => (rest, None),
+                };
+                let raw = *members.get(unescape(first).as_ref())?;
+                match deeper {
+                    None => Some(Located::Raw(raw)),
+                    Some(deeper) => {
+                        let inner: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
+                        inner.pointer(deeper).cloned().map(Located::Value)
+                    }
+                }
+            }
+            Payload::Other(value) => value.pointer(pointer).cloned().map(Located::Value),
+            Payload::Unread | Payload::NotJson => None,
         }
+    }
+}
+
+/// A JSON value found in a payload: raw text, or (below the top level) parsed.
+enum Located<'m> {
+    Raw(&'m RawValue),
+    Value(serde_json::Value),
+}
+
+/// A JSON pointer's segment as a member name (`~1` is `/`, `~0` is `~`).
+fn unescape(segment: &str) -> std::borrow::Cow<'_, str> {
+    if segment.contains('~') {
+        segment.replace("~1", "/").replace("~0", "~").into()
+    } else {
+        segment.into()
     }
 }
 
 /// A field's value in `message` as text: a header or a channel segment as it is; from the JSON
 /// payload a string as it is, a number or a boolean as written in JSON, anything else missing.
-fn value_of(field: &Field, message: &StoredMessage, payload: &mut Payload) -> Option<String> {
-    match field {
-        Field::Header(name) => message.message.headers.get(name).cloned(),
+/// Cut to [`MAX_GROUP_BYTES`].
+fn value_of<'m>(
+    field: &Field,
+    message: &'m StoredMessage,
+    payload: &mut Payload<'m>,
+) -> Option<std::borrow::Cow<'m, str>> {
+    let mut text: std::borrow::Cow<'m, str> = match field {
+        Field::Header(name) => message.message.headers.get(name)?.as_str().into(),
         Field::Segment(index) => message
             .message
             .channel
             .split('.')
-            .nth(*index as usize)
-            .map(str::to_owned),
-        Field::Json(pointer) => match payload.json(message)?.pointer(pointer)? {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            serde_json::Value::Bool(b) => Some(b.to_string()),
-            _ => None,
+            .nth(*index as usize)?
+            .into(),
+        Field::Json(pointer) => match payload.at(message, pointer)? {
+            Located::Raw(raw) => match serde_json::from_str::<&'m str>(raw.get()) {
+                // A string without escapes, borrowed.
+                Ok(text) => text.into(),
+                Err(_) => text_of(&serde_json::from_str(raw.get()).ok()?)?.into(),
+            },
+            Located::Value(value) => text_of(&value)?.into(),
         },
+    };
+    if text.len() > MAX_GROUP_BYTES {
+        let mut owned = text.into_owned();
+        truncate(&mut owned, MAX_GROUP_BYTES);
+        text = owned.into();
+    }
+    Some(text)
+}
+
+fn text_of(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
     }
 }
 
 /// The number at `pointer` in the JSON payload; `None` when it is missing or not a number.
-fn number_at(pointer: &str, message: &StoredMessage, payload: &mut Payload) -> Option<f64> {
-    payload.json(message)?.pointer(pointer)?.as_f64()
+fn number_at<'m>(
+    pointer: &str,
+    message: &'m StoredMessage,
+    payload: &mut Payload<'m>,
+) -> Option<f64> {
+    match payload.at(message, pointer)? {
+        Located::Raw(raw) => match serde_json::from_str::<serde_json::Value>(raw.get()).ok()? {
+            serde_json::Value::Number(n) => n.as_f64(),
+            _ => None,
+        },
+        Located::Value(value) => value.as_f64(),
+    }
+}
+
+/// A group's key bytes ([`Group::to_key`]) without making a [`Group`].
+fn push_group(key: &mut Vec<u8>, group: Option<&str>) {
+    match group {
+        None => Group::Missing.to_key(key),
+        Some(name) => {
+            key.push(Group::named_tag());
+            key.extend_from_slice(name.as_bytes());
+        }
+    }
 }
 
 fn truncate(text: &mut String, max: usize) {

@@ -525,3 +525,53 @@ fn two_replicas_applying_the_same_log_hold_the_same_cells() {
         );
     }
 }
+
+#[test]
+fn pointers_reach_nested_members_escaped_names_and_escaped_strings() {
+    let mut b = Broker::new();
+    b.define(
+        DAY,
+        r#"
+name = "nested"
+pattern = "calls.>"
+group_by = { json = "/call/queue" }
+windows = ["1m"]
+
+[[filters]]
+field = { json = "/a~1b" }
+equals = "yes"
+
+[[measures]]
+name = "ms"
+field = "/call/ms"
+"#,
+    );
+    b.apply(
+        DAY + 1,
+        0,
+        vec![
+            publish(
+                "calls.x.y",
+                r#"{"a/b": "yes", "call": {"queue": "s\u00e9 \"1\"", "ms": 7}}"#,
+            ),
+            publish(
+                "calls.x.y",
+                r#"{"a/b": "yes", "call": {"queue": "s\u00e9 \"1\"", "ms": "8"}}"#,
+            ),
+            publish(
+                "calls.x.y",
+                r#"{"a/b": "no", "call": {"queue": "q", "ms": 9}}"#,
+            ),
+            publish("calls.x.y", r#"["not", "an", "object"]"#),
+        ],
+    );
+    let minute = &b.read("nested", 60, 1, DAY + 1)[0];
+    let cell = group(minute, &named("sé \"1\"")).expect("the unescaped group");
+    assert_eq!(cell.messages, 2);
+    assert_eq!(
+        (cell.measures[0].count, cell.measures[0].sum),
+        (1, 7.0),
+        "a number as a string is not a number"
+    );
+    assert_eq!(minute.groups.len(), 1, "the filter left the others out");
+}

@@ -213,8 +213,9 @@ impl ViewDefinition {
         }
         for filter in &self.filters {
             check_field("filters", &filter.field)?;
-            if filter.equals.len() > 1024 {
-                return Err(invalid("filters", "a value longer than 1024 bytes"));
+            // Values are cut to this length before they are compared (and grouped).
+            if filter.equals.len() > super::fold::MAX_GROUP_BYTES {
+                return Err(invalid("filters", "a value longer than 256 bytes"));
             }
         }
         if let Some(field) = &self.group_by {

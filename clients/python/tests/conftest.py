@@ -3,6 +3,7 @@
 The binary is `$SWITCHBOARD_BINARY`, by default `target/debug/switchboard` of this repository
 (`cargo build -p switchboard-broker --bin switchboard`). The broker prints `listening on ADDR` on
 stdout once it accepts requests; the fixture reads that line, as tests/src/lib.rs does.
+`start_cluster` starts a three-node static cluster on loopback the way tests/src/lib.rs does.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 import queue
+import socket
 import subprocess
 import threading
 import time
@@ -38,7 +40,12 @@ def wait_for(condition: Callable[[], Optional[T]], timeout: float = 10.0, what: 
 
 
 class Broker:
-    def __init__(self, data_dir: pathlib.Path, env: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        data_dir: pathlib.Path,
+        env: Optional[dict] = None,
+        args: Iterable[str] = (),
+    ) -> None:
         if not BINARY.exists():
             raise RuntimeError(
                 f"{BINARY} does not exist: cargo build -p switchboard-broker --bin switchboard, "
@@ -46,6 +53,7 @@ class Broker:
             )
         self.data_dir = data_dir
         self.env = dict(env or {})
+        self.args = list(args)
         self.log_path = data_dir.with_suffix(".log")
         self.process: Optional[subprocess.Popen[str]] = None
         self.addr = ""
@@ -55,7 +63,7 @@ class Broker:
         log = open(self.log_path, "a")
         self.process = subprocess.Popen(
             [str(BINARY), "--listen", listen, "--data-dir", str(self.data_dir),
-             "--admin-listen", "off"],
+             "--admin-listen", "off", *self.args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -142,3 +150,46 @@ class Reader:
                 raise event
             got.append(event)
         return got
+
+
+def free_loopback_ports(n: int) -> List[int]:
+    """`n` loopback ports that were free a moment ago (bound to port 0 together, then released):
+    for the raft listeners every member of a static cluster names before it starts."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _start_cluster_once(root: pathlib.Path, n: int) -> List[Broker]:
+    root.mkdir(parents=True, exist_ok=True)
+    raft = [f"127.0.0.1:{port}" for port in free_loopback_ports(n)]
+    members = ",".join(f"{i + 1}={addr}" for i, addr in enumerate(raft))
+    nodes: List[Broker] = []
+    try:
+        for i, addr in enumerate(raft):
+            env = {"SWITCHBOARD_CLUSTER_LISTEN": addr, "SWITCHBOARD_CLUSTER_MEMBERS": members}
+            nodes.append(Broker(root / f"node{i + 1}", env, ["--node-id", str(i + 1)]))
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+    return nodes
+
+
+def start_cluster(root: pathlib.Path, n: int = 3) -> List[Broker]:
+    """Nodes 1..=n of one static cluster on loopback (`nodes[i]` is node i + 1). A raft port
+    another process took between picking and binding starts the cluster again, on fresh ports
+    and empty folders, a few times."""
+    attempt = 1
+    while True:
+        try:
+            return _start_cluster_once(root / f"try{attempt}", n)
+        except RuntimeError as err:
+            if attempt >= 4 or "Address already in use" not in str(err):
+                raise
+            attempt += 1

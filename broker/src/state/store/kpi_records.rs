@@ -125,9 +125,23 @@ impl MessageStore {
 
     /// The key prefix of view `name`'s cells in the window of `length_s` starting at `start_s`.
     pub(crate) fn kpi_window_prefix(name: &str, length_s: u32, start_s: u64) -> Vec<u8> {
-        let mut key = length_prefix(name, length_s);
-        key.extend_from_slice(&start_s.to_be_bytes());
+        let mut key = Vec::with_capacity(name.len() + 14);
+        Self::kpi_window_prefix_into(&mut key, name, length_s, start_s);
         key
+    }
+
+    /// [`Self::kpi_window_prefix`], appended to `key`.
+    pub(crate) fn kpi_window_prefix_into(
+        key: &mut Vec<u8>,
+        name: &str,
+        length_s: u32,
+        start_s: u64,
+    ) {
+        key.push(KPI_CELL);
+        key.extend_from_slice(name.as_bytes());
+        key.push(0);
+        key.extend_from_slice(&length_s.to_be_bytes());
+        key.extend_from_slice(&start_s.to_be_bytes());
     }
 
     /// The cell stored under `key` (a window prefix and a group key).

@@ -2,7 +2,8 @@
 
 What it adds to the stubs: connecting with TLS and a bearer token; errors decoded to
 `SwitchboardError` (code, reason, metadata); publishes with an idempotency key, an opt-in retry
-policy and circuit breaker, publish streams that resume, a bounded outbox; subscriptions that resume after a lost connection with no gap and no duplicate, each on a
+policy and circuit breaker, failover to other cluster nodes, publish streams that resume, a bounded
+outbox; subscriptions that resume after a lost connection with no gap and no duplicate, each on a
 connection of its own; history without the `from` keyword; entities. Everything else is the
 generated messages, returned as they are.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
+import os
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -23,10 +26,13 @@ from switchboard.v1 import broker_pb2, broker_pb2_grpc, entity_pb2, entity_pb2_g
 
 from .circuit import CircuitBreaker, CircuitPolicy, CircuitState
 from .errors import SwitchboardError
+from .failover import Failover
 from .retry import Backoff, RetryPolicy, retry_after
 
 if TYPE_CHECKING:
     from .outbox import Outbox, OutboxOptions
+
+log = logging.getLogger("switchboard_client.failover")
 
 Payload = Union[bytes, str]
 # Where a subscription or a history read starts: "latest", "earliest", an offset, or a time.
@@ -115,6 +121,11 @@ class Client:
     `retry` is the default publish retry policy: `None`, one attempt, as in the Rust client.
     `circuit_breaker` puts a `CircuitBreaker` with that policy in front of single publishes and the
     outbox: `None` (the default) has none.
+    `failover=True` (or `nodes`, more nodes' `host:port`, which also turns it on) sends a publish
+    that failed because its node is unhealthy to the next known node of the cluster before the
+    failure counts: see `failover.py`. The other nodes are learned from the cluster status RPC
+    when the client is made (best effort, within `refresh_timeout` seconds) and by
+    `refresh_nodes()`. Off by default.
     """
 
     def __init__(
@@ -127,6 +138,9 @@ class Client:
         retry: Optional[RetryPolicy] = None,
         circuit_breaker: Optional[CircuitPolicy] = None,
         options: Sequence[tuple[str, Any]] = (),
+        failover: bool = False,
+        nodes: Iterable[str] = (),
+        refresh_timeout: float = 5.0,
     ) -> None:
         self.target = target
         self._tls = tls or root_certificates is not None
@@ -140,13 +154,28 @@ class Client:
         self._channel = self._open_channel(own_connection=False)
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._entities = entity_pb2_grpc.EntitiesStub(self._channel)
+        seeds = list(nodes)
+        self._failover: Optional[Failover] = None
+        if failover or seeds:
+            self._failover = Failover(self)
+            for seed in seeds:
+                self._failover.add(seed)
+            # Best effort, as in the Rust client: a single node, a node down at this moment, or a
+            # token without the admin grant still leave the nodes it was given.
+            try:
+                self._failover.refresh(refresh_timeout)
+            except SwitchboardError as error:
+                log.debug("failover: could not read the cluster's members: %s", error)
 
-    def _open_channel(self, own_connection: bool) -> grpc.Channel:
+    def _open_channel(self, own_connection: bool, target: Optional[str] = None) -> grpc.Channel:
+        """A channel to `target` (the client's own node by default) with the client's TLS and
+        options."""
+        target = target if target is not None else self.target
         options = self._options + ([_OWN_CONNECTION] if own_connection else [])
         if self._tls:
             credentials = grpc.ssl_channel_credentials(self._root_certificates)
-            return grpc.secure_channel(self.target, credentials, options=options)
-        return grpc.insecure_channel(self.target, options=options)
+            return grpc.secure_channel(target, credentials, options=options)
+        return grpc.insecure_channel(target, options=options)
 
     def _metadata(self) -> Optional[list[tuple[str, str]]]:
         # Plain metadata rather than grpc call credentials: grpcio refuses call credentials on an
@@ -162,13 +191,14 @@ class Client:
     def _publish_once(
         self, request: broker_pb2.PublishRequest, timeout: Optional[float]
     ) -> broker_pb2.PublishAck:
-        """One `Publish` call, through the circuit breaker when the client has one."""
+        """One `Publish` call, through the circuit breaker when the client has one; with
+        failover, one round of the known nodes (the breaker counts it as one call)."""
         breaker = self.circuit_breaker
         if breaker is None:
-            return self._call(self._broker.Publish, request, timeout)
+            return self._send(request, timeout)
         permit = breaker.admit()
         try:
-            ack = self._call(self._broker.Publish, request, timeout)
+            ack = self._send(request, timeout)
         except SwitchboardError as error:
             permit.record(error)
             raise
@@ -178,11 +208,44 @@ class Client:
         finally:
             permit.release()
 
+    def _send(
+        self, request: broker_pb2.PublishRequest, timeout: Optional[float]
+    ) -> broker_pb2.PublishAck:
+        failover = self._failover
+        if failover is None:
+            return self._call(self._broker.Publish, request, timeout)
+        # It may reach another node after a failure whose outcome is unknown: the key makes it
+        # count once.
+        if not request.ephemeral and not request.idempotency_key:
+            request.idempotency_key = str(uuid.uuid4())
+        return failover.publish(request, timeout)
+
+    def refresh_nodes(self, *, timeout: Optional[float] = 5.0) -> List[str]:
+        """Learns the cluster's members from the cluster status RPC (asking the known nodes, the
+        current one first) and returns the known node addresses. Making a client with failover
+        does this once; call it again after the membership changed. Raises `ValueError` without
+        failover, and the last node's `SwitchboardError` when none answered."""
+        if self._failover is None:
+            raise ValueError("failover is off: make the client with failover=True")
+        return self._failover.refresh(timeout)
+
+    def known_nodes(self) -> List[str]:
+        """The addresses of the cluster nodes this client knows for failover (its own first);
+        just its own without failover."""
+        return self._failover.targets() if self._failover is not None else [self.target]
+
+    def current_node(self) -> str:
+        """The address of the node publishes go to first: the client's own, until a failover
+        moved them to another node."""
+        return self._failover.current() if self._failover is not None else self.target
+
     def circuit_state(self) -> Optional[CircuitState]:
         """The state of the circuit breaker (`CLOSED`, `OPEN`, `HALF_OPEN`); `None` without one."""
         return self.circuit_breaker.state if self.circuit_breaker is not None else None
 
     def close(self) -> None:
+        if self._failover is not None:
+            self._failover.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -207,6 +270,8 @@ class Client:
         Under a retry policy (`retry`, else the client's), a message without an idempotency key
         gets a random one, the same on every attempt, and retryable failures are tried again
         (see `retry.retry_after`); the ack then says `duplicate` when an earlier attempt stored it.
+        Under failover a message that is not ephemeral gets a key too, and an endpoint failure
+        sends it on to the next known node before it counts as the attempt's failure.
         """
         if isinstance(message, str):
             message = Publish(message, payload, **fields)
@@ -236,7 +301,8 @@ class Client:
         idempotency key, and when the stream breaks (or a message is refused for a retryable
         reason) a new one is opened and the unanswered messages are sent again first, in order;
         `sequence` is then the message's position in `messages`. At most `max_in_flight` messages
-        are sent and unanswered at once.
+        are sent and unanswered at once. With failover, each of its streams goes to the current
+        node and a break moves that on; without a policy the stream goes to the client's own node.
         """
         policy = retry if retry is not None else self.retry
         if policy is not None:
@@ -268,6 +334,41 @@ class Client:
         from .outbox import Outbox, OutboxOptions
 
         return Outbox(self, options if options is not None else OutboxOptions(**bounds))
+
+    def outbox_on_disk(
+        self, path: "os.PathLike[str] | str", options: Optional["OutboxOptions"] = None, **bounds: Any
+    ) -> "Outbox":
+        """An `Outbox` whose queue is also kept in the file at `path`, which it owns: every
+        message is appended and synced (`fdatasync`) before `Outbox.publish` returns, and the file
+        is truncated when everything in it was answered. Opening it again (after a crash or a
+        restart of the process, or after `close()`) replays it: the messages not yet answered are
+        queued first, in order, and sent again with their idempotency keys, so each is stored
+        once (within the broker's `loops.dedup_window` of its first send). A damaged record at
+        the end (a write torn by a crash) is dropped with a warning. Bounded like `outbox`; the
+        replayed messages count toward the bounds (all queued even past them). The file format
+        is the Rust client's (docs/CLIENT-RESILIENCE.md).
+
+        Raises `OutboxStorageError` when the file cannot be read or written, or another outbox (in
+        this process or another) has it open."""
+        from .outbox import Outbox, OutboxOptions
+        from .outbox_file import Journal
+
+        # Options first: a bad keyword must not leave the file locked.
+        options = options if options is not None else OutboxOptions(**bounds)
+        replayed = Journal.open(path)
+        if replayed.pending or replayed.dropped_bytes:
+            logging.getLogger("switchboard_client.outbox").info(
+                "outbox file %s replayed: %d messages to send again (%d damaged bytes dropped)",
+                replayed.journal.path,
+                len(replayed.pending),
+                replayed.dropped_bytes,
+            )
+        return Outbox(
+            self,
+            options,
+            replayed.journal,
+            replayed.pending,
+        )
 
     # Reading.
 

@@ -139,3 +139,15 @@ class ClosedError(SwitchboardError):
 
     def __init__(self, what: str = "closed before the broker answered") -> None:
         super().__init__(grpc.StatusCode.CANCELLED, what)
+
+
+class OutboxStorageError(SwitchboardError):
+    """An on-disk outbox could not read or write its file, or another outbox (in this process or
+    another, Python or Rust) holds its lock (code INTERNAL, no reason). For a publish: the message
+    was not queued. Never retried. `path` is the file, `detail` what failed and the system's
+    error."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(grpc.StatusCode.INTERNAL, f"the outbox file {path}: {detail}")
+        self.path = path
+        self.detail = detail

@@ -7,7 +7,9 @@ overtaken by one published after the broker came back. Bounded by count and by b
 counted as its encoded request): over either, `publish` raises `OutboxFullError` and queues
 nothing. Every message carries an idempotency key (the caller's or a generated UUID) and is resent
 with it, so it is stored once, provided the broker comes back within its `loops.dedup_window` (2
-minutes by default) of a send whose fate was unknown. Memory only: it dies with the process.
+minutes by default) of a send whose fate was unknown. `Client.outbox` keeps it in memory only: it
+dies with the process. `Client.outbox_on_disk` also keeps it in a file (outbox_file.py) that is
+replayed when the outbox is opened again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Deque, Optional, Union
+from typing import TYPE_CHECKING, Any, Deque, Iterable, Optional, Union
 
 from switchboard.v1 import broker_pb2
 
@@ -27,6 +29,7 @@ from .retry import Backoff, retry_after
 
 if TYPE_CHECKING:
     from .client import Client, Publish
+    from .outbox_file import Journal
 
 log = logging.getLogger("switchboard_client.outbox")
 
@@ -72,16 +75,31 @@ class Outbox:
     least the circuit's `retry_in`, or a rate limit's wait). See `Client.outbox`.
 
     `close()` (or leaving a `with` block) stops the thread; receipts still waiting get
-    `ClosedError`. Call `flushed()` first to wait for everything queued.
+    `ClosedError`. Call `flushed()` first to wait for everything queued. An on-disk outbox
+    (`Client.outbox_on_disk`) also closes its file and releases its lock then; what was not
+    answered stays in the file for the next outbox opened on it.
     """
 
-    def __init__(self, client: "Client", options: OutboxOptions) -> None:
+    def __init__(
+        self,
+        client: "Client",
+        options: OutboxOptions,
+        journal: Optional["Journal"] = None,
+        replayed: Iterable[broker_pb2.PublishRequest] = (),
+    ) -> None:
         self._client = client
         self.options = options
         self._lock = threading.Condition()
         self._entries: Deque[_Entry] = collections.deque()
         self._bytes = 0
         self._closed = False
+        self._journal = journal
+        # Replayed messages are all queued, even past the bounds (they are never dropped); nobody
+        # holds their receipts: `flushed()` says when they are gone.
+        for request in replayed:
+            size = request.ByteSize()
+            self._entries.append(_Entry(request, size, OutboxReceipt(request.idempotency_key)))
+            self._bytes += size
         self._thread = threading.Thread(target=self._flush, name="switchboard-outbox", daemon=True)
         self._thread.start()
 
@@ -89,8 +107,13 @@ class Outbox:
         self, message: Union["Publish", broker_pb2.PublishRequest, str], payload: Any = b"", **fields: Any
     ) -> OutboxReceipt:
         """Queues a message at once (`Publish`, a `PublishRequest`, or `channel, payload, **fields`
-        as for `Client.publish`). Raises `OutboxFullError` when it would pass a bound, and
-        `ClosedError` after `close()`."""
+        as for `Client.publish`). Raises `OutboxFullError` when it would pass a bound,
+        `OutboxStorageError` when an on-disk outbox cannot write it to its file (nothing queued
+        either way), and `ClosedError` after `close()`.
+
+        An on-disk outbox appends the message to its file and waits for `fdatasync` before this
+        returns (about a millisecond on a local disk): a message it says is queued survives the
+        process."""
         from .client import Publish
 
         if isinstance(message, str):
@@ -114,6 +137,9 @@ class Outbox:
                 raise OutboxFullError(
                     len(self._entries), self._bytes, self.options.max_messages, self.options.max_bytes
                 )
+            if self._journal is not None:
+                # Under the lock, so the file's order is the queue's.
+                self._journal.append_queued(request)
             self._entries.append(_Entry(request, size, receipt))
             self._bytes += size
             self._lock.notify_all()
@@ -140,6 +166,8 @@ class Outbox:
             entries = list(self._entries)
             self._entries.clear()
             self._bytes = 0
+            if self._journal is not None:
+                self._journal.close()
             self._lock.notify_all()
         for entry in entries:
             if not entry.receipt.done():
@@ -186,6 +214,8 @@ class Outbox:
                     return
                 self._entries.popleft()
                 self._bytes -= entry.size
+                if self._journal is not None:
+                    self._journal.mark_done()
                 self._lock.notify_all()
             if error is not None:
                 log.warning(

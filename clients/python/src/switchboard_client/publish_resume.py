@@ -17,6 +17,10 @@ once), a break before any answer with an endpoint failure its failure. While the
 the stream waits the cooldown out (at least the backoff's delay) within the policy's deadline, and
 raises `CircuitOpenError` past it.
 
+With failover (`Client(failover=True)`), each stream goes to the client's current node, and a stream
+that broke with an endpoint failure moves the current node on to the next known one, so the next
+stream, after the backoff, resends the unanswered messages there.
+
 Threads: grpcio reads each call's requests on a thread of its own, from `_requests`; the caller's
 iteration reads the answers. Both share the queue of taken, unanswered messages under one lock.
 """
@@ -34,7 +38,7 @@ import grpc
 from switchboard.v1 import broker_pb2
 
 from .errors import CircuitOpenError, SwitchboardError
-from .retry import RetryPolicy, retry_after
+from .retry import RetryPolicy, is_endpoint_failure, retry_after
 
 if TYPE_CHECKING:
     from .client import Client, Publish, StreamResult
@@ -199,7 +203,13 @@ class ResumingPublishStream:
                         raise
                     policy.sleep(delay)
                     continue
-            call = self._client._broker.PublishStream(
+            # With failover, each stream goes to the current node, which a break moves on.
+            failover = self._client._failover
+            node: Optional[int] = None
+            broker = self._client._broker
+            if failover is not None:
+                node, broker = failover.stream_node()
+            call = broker.PublishStream(
                 self._requests(generation, cursor), metadata=self._client._metadata()
             )
             error: Optional[SwitchboardError] = None
@@ -249,6 +259,8 @@ class ResumingPublishStream:
                 continue  # the top of the loop answers what is left and ends
             if retry_after(error) is None:
                 raise error
+            if failover is not None and node is not None and is_endpoint_failure(error):
+                failover.stream_failed(node, error)
             with self._cond:
                 for taken in self._pending:
                     if taken.request.ephemeral:

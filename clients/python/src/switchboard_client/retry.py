@@ -15,7 +15,13 @@ from typing import Callable, Optional, TypeVar
 
 import grpc
 
-from .errors import CircuitOpenError, ClosedError, OutboxFullError, SwitchboardError
+from .errors import (
+    CircuitOpenError,
+    ClosedError,
+    OutboxFullError,
+    OutboxStorageError,
+    SwitchboardError,
+)
 
 T = TypeVar("T")
 
@@ -42,9 +48,10 @@ def retry_after(error: SwitchboardError) -> Optional[float]:
 
     Validation, grants, schemas, loops, a full disk and UNAVAILABLE reasons this client does not
     know are never retried: the same message would get the same answer. Neither are the client's
-    own refusals (an open circuit, a full outbox, a closed outbox).
+    own refusals (an open circuit, a full outbox, a closed outbox, an outbox file that cannot be
+    written: INTERNAL with no reason, which would otherwise look like a transport failure).
     """
-    if isinstance(error, (CircuitOpenError, OutboxFullError, ClosedError)):
+    if isinstance(error, (CircuitOpenError, OutboxFullError, OutboxStorageError, ClosedError)):
         return None
     if error.reason is None:
         return 0.0 if error.code in _TRANSPORT_CODES else None
