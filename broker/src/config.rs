@@ -351,6 +351,10 @@ pub struct Kpis {
     pub backfill_limit: u64,
     #[serde(with = "humantime_serde")]
     pub watch_min_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub http_max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub http_stale_while_revalidate: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -877,6 +881,18 @@ impl Config {
         if self.kpis.watch_min_interval < Duration::from_millis(100) {
             return invalid("kpis.watch_min_interval", "must be at least 100ms");
         }
+        // Cache-Control counts whole seconds; a day is longer than any KPI answer stays useful.
+        for (key, value) in [
+            ("kpis.http_max_age", self.kpis.http_max_age),
+            (
+                "kpis.http_stale_while_revalidate",
+                self.kpis.http_stale_while_revalidate,
+            ),
+        ] {
+            if value.subsec_nanos() != 0 || value > Duration::from_secs(86_400) {
+                return invalid(key, "must be whole seconds, at most 1d");
+            }
+        }
         if self.publish_stream.max_unacked == 0 || self.publish_stream.max_unacked > 65536 {
             return invalid("publish_stream.max_unacked", "must be between 1 and 65536");
         }
@@ -1133,6 +1149,30 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn kpi_cache_settings_are_whole_seconds_up_to_a_day() {
+        let load = |max_age: &str| {
+            Config::load(
+                None,
+                vec![],
+                &vec![("kpis.http_max_age", max_age.to_string())],
+            )
+        };
+        let (config, _) = load("0s").unwrap();
+        assert_eq!(config.kpis.http_max_age, Duration::ZERO);
+        assert_eq!(
+            config.kpis.http_stale_while_revalidate,
+            Duration::from_secs(30)
+        );
+        for bad in ["1500ms", "2d"] {
+            let err = load(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("kpis.http_max_age"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

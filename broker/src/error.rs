@@ -265,6 +265,7 @@ fn denied_reason(e: &PermissionDenied) -> Reason {
         PermissionDenied::Admin => Reason::AdminDenied,
         PermissionDenied::Schema => Reason::SchemaDenied,
         PermissionDenied::ConsumerNotOwned { .. } => Reason::ConsumerNotOwned,
+        PermissionDenied::Kpi { .. } => Reason::KpiDenied,
     }
 }
 
@@ -427,6 +428,9 @@ mod tests {
                 entity_type: channel.clone(),
             },
             PermissionDenied::Admin,
+            PermissionDenied::Kpi {
+                view: channel.clone(),
+            },
             PermissionDenied::ConsumerNotOwned { name: channel },
         ];
         for e in denials {

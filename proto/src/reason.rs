@@ -236,6 +236,8 @@ reasons! {
     ViewLimit => "VIEW_LIMIT",
     /// No view has that name (NOT_FOUND).
     ViewNotFound => "VIEW_NOT_FOUND",
+    /// The caller's grant names no `kpi` pattern matching the view (PERMISSION_DENIED).
+    KpiDenied => "KPI_DENIED",
 }
 
 impl fmt::Display for Reason {

@@ -346,6 +346,199 @@ async fn every_node_of_a_cluster_holds_the_same_values() {
     }
 }
 
+/// A broker whose settings file holds `settings`, and a client connected to it.
+async fn fixture_with(settings: &str) -> (Fixture, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchboard.toml");
+    std::fs::write(&config, settings).unwrap();
+    let f = fixture(&["--config", config.to_str().unwrap()]).await;
+    (f, dir)
+}
+
+fn json_body(response: &switchboard_e2e::HttpResponse) -> serde_json::Value {
+    serde_json::from_str(&response.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", response.body))
+}
+
+/// The named group of the newest window of an HTTP answer.
+fn json_group<'a>(values: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    values["windows"].as_array()?.last()?["groups"]
+        .as_array()?
+        .iter()
+        .find(|g| g["name"] == name)
+}
+
+#[tokio::test]
+async fn over_http_values_carry_the_grpc_etag_answer_304_and_stream_changes() {
+    use serde_json::json;
+    use switchboard_e2e::{http_request, SseStream};
+
+    away_from_an_hour_boundary().await;
+    let (f, _config) = fixture_with(
+        "[gateway]\nheartbeat = \"1s\"\n[kpis]\nhttp_max_age = \"7s\"\nhttp_stale_while_revalidate = \"40s\"\n",
+    )
+    .await;
+    let mut kpi = kpis(f.broker.url()).await;
+    define(&mut kpi, HANDLE_TIME).await;
+    for seconds in [10.0, 20.0] {
+        call_ended(&f.client, "sales", seconds).await;
+    }
+    call_ended(&f.client, "support", 4.5).await;
+    let url = format!(
+        "http://{}/v1/kpis/handle_time?window=1h&windows=2",
+        f.broker.addr
+    );
+
+    // The gateway's answer is the gRPC one: same ETag, same numbers, as JSON numbers.
+    let grpc = kpi
+        .get_kpis(pb::GetKpisRequest {
+            windows: 2,
+            ..get("handle_time", "1h")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = http_request("GET", &url, &[], b"").await.unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let quoted = format!("\"{}\"", grpc.etag);
+    assert_eq!(answer.header("etag"), Some(quoted.as_str()));
+    assert_eq!(
+        answer.header("cache-control"),
+        Some("max-age=7, stale-while-revalidate=40")
+    );
+    assert_eq!(answer.header("vary"), Some("authorization"));
+    let values = json_body(&answer);
+    assert_eq!(values["etag"], json!(grpc.etag));
+    assert_eq!(values["view"], json!("handle_time"));
+    assert_eq!(values["window"], json!("1h"));
+    let windows = values["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), grpc.windows.len());
+    for (json_window, grpc_window) in windows.iter().zip(&grpc.windows) {
+        let start = grpc_window.start.as_ref().unwrap();
+        assert_eq!(json_window["start"], json!(start.to_string()));
+        assert!(
+            json_window["start"].as_str().unwrap().ends_with(":00:00Z"),
+            "an hour's window starts on the hour, in UTC: {json_window}"
+        );
+        assert_eq!(
+            json_window["groups"].as_array().unwrap().len(),
+            grpc_window.groups.len()
+        );
+    }
+    let sales = json_group(&values, "sales").expect("a sales group");
+    assert_eq!(sales["kind"], json!("NAMED"));
+    assert_eq!(sales["messages"], json!(2));
+    let seconds = &sales["measures"][0];
+    assert_eq!(seconds["name"], json!("seconds"));
+    assert_eq!(
+        (seconds["count"].clone(), seconds["sum"].clone()),
+        (json!(2), json!(30.0))
+    );
+    assert_eq!(
+        (
+            seconds["min"].clone(),
+            seconds["max"].clone(),
+            seconds["avg"].clone()
+        ),
+        (json!(10.0), json!(20.0), json!(15.0))
+    );
+    let grpc_sales = group(&grpc, "sales").unwrap();
+    assert_eq!(seconds["p95"].as_f64(), grpc_sales.measures[0].p95);
+    assert_eq!(
+        json_group(&values, "support").unwrap()["measures"][0]["sum"],
+        json!(4.5)
+    );
+
+    // A matching If-None-Match: 304, no body, the ETag and the caching terms again.
+    let unchanged = http_request("GET", &url, &[("If-None-Match", &quoted)], b"")
+        .await
+        .unwrap();
+    assert_eq!(unchanged.status, 304, "{unchanged:?}");
+    assert!(unchanged.body.is_empty());
+    assert_eq!(unchanged.header("etag"), Some(quoted.as_str()));
+    assert_eq!(
+        unchanged.header("cache-control"),
+        Some("max-age=7, stale-while-revalidate=40")
+    );
+    let stale = http_request(
+        "GET",
+        &url,
+        &[("If-None-Match", "\"0000000000000000\"")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(stale.status, 200);
+
+    // The list, and a view that is not there.
+    let list = http_request(
+        "GET",
+        &format!("http://{}/v1/kpis", f.broker.addr),
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(list.status, 200, "{list:?}");
+    let listed = json_body(&list);
+    assert_eq!(listed["views"][0]["name"], json!("handle_time"));
+    assert_eq!(
+        listed["views"][0]["definition"]["pattern"],
+        json!("calls.*.ended")
+    );
+    let missing = http_request(
+        "GET",
+        &format!("http://{}/v1/kpis/nothing_here", f.broker.addr),
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status, 404);
+    assert_eq!(json_body(&missing)["reason"], json!("VIEW_NOT_FOUND"));
+
+    // The watch: the values now, then the change a publish makes, then keep-alives.
+    let mut watch = SseStream::open(
+        &format!(
+            "http://{}/v1/kpis/handle_time/watch?window=1h&windows=2",
+            f.broker.addr
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(watch.status, 200);
+    assert_eq!(watch.header("content-type"), Some("text/event-stream"));
+    let first = watch.next_event().await.unwrap();
+    assert_eq!(first.event, None, "a plain message event: {first:?}");
+    let first: serde_json::Value = serde_json::from_str(&first.data).unwrap();
+    assert_eq!(first["etag"], json!(grpc.etag));
+    assert_eq!(first["windows"].as_array().unwrap().len(), 2);
+    assert_eq!(json_group(&first, "sales").unwrap()["messages"], json!(2));
+    call_ended(&f.client, "sales", 30.0).await;
+    let next = watch.next_event().await.unwrap();
+    assert_eq!(next.event, None);
+    let next: serde_json::Value = serde_json::from_str(&next.data).unwrap();
+    assert_ne!(next["etag"], first["etag"]);
+    let sales = json_group(&next, "sales").unwrap();
+    assert_eq!(sales["messages"], json!(3));
+    assert_eq!(sales["measures"][0]["sum"], json!(60.0));
+    // The HTTP reading agrees with the stream's.
+    let now = http_request("GET", &url, &[], b"").await.unwrap();
+    assert_eq!(json_body(&now)["etag"], next["etag"]);
+    watch.next_comment().await.unwrap();
+    // A dropped view ends the watch with an error event naming why.
+    kpi.delete_view(pb::DeleteViewRequest {
+        name: "handle_time".into(),
+    })
+    .await
+    .unwrap();
+    let end = watch.next_event().await.unwrap();
+    assert_eq!(end.event.as_deref(), Some("error"), "{end:?}");
+    let end: serde_json::Value = serde_json::from_str(&end.data).unwrap();
+    assert_eq!(end["reason"], json!("VIEW_NOT_FOUND"));
+}
+
 /// The Rust client's `kpi_*` methods: define, read with an ETag (and `not_modified` for the
 /// current one), watch a change arrive, list, refusals with their reasons, delete.
 #[tokio::test]

@@ -692,7 +692,7 @@ signing_key_file = {signing:?}
 id = "crm-panel"
 secret_hash = "{hash}"
 token_ttl = "10m"
-scope = {{ publish = ["crm.>"], subscribe = ["crm.>"] }}
+scope = {{ publish = ["crm.>"], subscribe = ["crm.>"], kpi = ["crm.*"] }}
 "#,
         signing = signing.display().to_string(),
         hash = hash_secret("crm-panel-secret-0123456789"),
@@ -741,6 +741,26 @@ async fn the_token_endpoint_mints_scoped_tokens_for_configured_clients() {
         Code::PermissionDenied,
         "SCOPE_NOT_ALLOWED",
     );
+    let mut all_views = issue("crm-panel-secret-0123456789");
+    all_views.scope = Some(pb::Scope {
+        kpi: vec!["*".into()],
+        ..Default::default()
+    });
+    assert_refused(
+        auth.issue_token(all_views).await.unwrap_err(),
+        Code::PermissionDenied,
+        "SCOPE_NOT_ALLOWED",
+    );
+    let mut one_view = issue("crm-panel-secret-0123456789");
+    one_view.scope = Some(pb::Scope {
+        kpi: vec!["crm.deals".into()],
+        ..Default::default()
+    });
+    let narrowed = auth
+        .issue_token(one_view)
+        .await
+        .expect("a narrower kpi scope");
+    assert_eq!(narrowed.into_inner().scope.unwrap().kpi, ["crm.deals"]);
     let mut for_agent = issue("crm-panel-secret-0123456789");
     for_agent.subject = "agent-17".into();
     assert_refused(
@@ -759,7 +779,9 @@ async fn the_token_endpoint_mints_scoped_tokens_for_configured_clients() {
         (590..=600).contains(&issued.expires_in_seconds),
         "{issued:?}"
     );
-    assert_eq!(issued.scope.unwrap().publish, vec!["crm.>".to_owned()]);
+    let scope = issued.scope.unwrap();
+    assert_eq!(scope.publish, vec!["crm.>".to_owned()]);
+    assert_eq!(scope.kpi, ["crm.*"]);
     raw.publish(with_token(publish("crm.note.added"), &issued.access_token))
         .await
         .expect("the minted token publishes within its scope");
@@ -1391,4 +1413,201 @@ async fn changing_the_schema_registry_needs_the_schema_grant_and_reading_it_does
         .delete_schema(with_token(delete(), &registrar))
         .await
         .expect("the schema grant deletes");
+}
+
+#[tokio::test]
+async fn reading_a_kpi_view_needs_a_kpi_grant_matching_its_name_over_grpc_and_http() {
+    use switchboard_e2e::{http_request, SseStream};
+    use switchboard_proto::v1::kpi_service_client::KpiServiceClient;
+
+    let good = "https://good.example.com";
+    let secured = start(&format!("[origins]\nallow = [{good:?}]\n"), true);
+    let admin = token(json!({ "admin": true, "publish": ["calls.>"] }));
+    let reader = token(json!({ "kpi": ["sales.*"] }));
+    let mut kpis = KpiServiceClient::new(channel(secured.broker.url()).await);
+    let definition = |name: &str| pb::DefineViewRequest {
+        definition: format!("name = {name:?}\npattern = \"calls.>\"\nwindows = [\"1h\"]\n"),
+    };
+
+    // Defining needs `admin`; a `kpi` grant only reads.
+    let denied = kpis
+        .define_view(with_token(definition("sales.calls"), &reader))
+        .await
+        .unwrap_err();
+    assert_refused(denied, Code::PermissionDenied, "ADMIN_DENIED");
+    for name in ["sales.calls", "support.calls"] {
+        kpis.define_view(with_token(definition(name), &admin))
+            .await
+            .expect("admin defines");
+    }
+    let mut broker = BrokerClient::new(channel(secured.broker.url()).await);
+    broker
+        .publish(with_token(publish("calls.q1.ended"), &admin))
+        .await
+        .unwrap();
+
+    let get = |view: &str| pb::GetKpisRequest {
+        view: view.into(),
+        windows: 1,
+        ..Default::default()
+    };
+    let sales = kpis
+        .get_kpis(with_token(get("sales.calls"), &reader))
+        .await
+        .expect("the grant reads sales.*")
+        .into_inner();
+    assert_eq!(sales.windows.last().unwrap().groups[0].messages, 1);
+    kpis.get_kpis(with_token(get("support.calls"), &admin))
+        .await
+        .expect("admin reads every view");
+    // Refused before the view is looked up: a view that does not exist is refused alike.
+    for view in ["support.calls", "support.none"] {
+        let denied = kpis
+            .get_kpis(with_token(get(view), &reader))
+            .await
+            .unwrap_err();
+        assert_refused(denied, Code::PermissionDenied, "KPI_DENIED");
+        let denied = kpis
+            .get_view(with_token(
+                pb::GetViewRequest { name: view.into() },
+                &reader,
+            ))
+            .await
+            .unwrap_err();
+        assert_refused(denied, Code::PermissionDenied, "KPI_DENIED");
+    }
+    let denied = kpis
+        .watch_kpis(with_token(
+            pb::WatchKpisRequest {
+                view: "support.calls".into(),
+                ..Default::default()
+            },
+            &reader,
+        ))
+        .await
+        .unwrap_err();
+    assert_refused(denied, Code::PermissionDenied, "KPI_DENIED");
+    let listed: Vec<String> = kpis
+        .list_views(with_token(pb::ListViewsRequest {}, &reader))
+        .await
+        .unwrap()
+        .into_inner()
+        .views
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(listed, ["sales.calls"]);
+
+    // The same over HTTP, where the answer is the gRPC one.
+    let base = format!("http://{}", secured.broker.addr);
+    let bearer = format!("Bearer {reader}");
+    let ok = http_request(
+        "GET",
+        &format!("{base}/v1/kpis/sales.calls"),
+        &[("Authorization", &bearer), ("Origin", good)],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let etag = format!("\"{}\"", sales.etag);
+    assert_eq!(ok.header("etag"), Some(etag.as_str()));
+    assert_eq!(ok.header("access-control-allow-origin"), Some(good));
+    assert!(
+        ok.header("access-control-expose-headers")
+            .unwrap()
+            .contains("etag"),
+        "{ok:?}"
+    );
+    let body = |response: &switchboard_e2e::HttpResponse| -> Value {
+        serde_json::from_str(&response.body).unwrap()
+    };
+    let denied = http_request(
+        "GET",
+        &format!("{base}/v1/kpis/support.calls"),
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(body(&denied)["reason"], json!("KPI_DENIED"));
+    assert_eq!(body(&denied)["code"], json!("PERMISSION_DENIED"));
+    let denied_watch = http_request(
+        "GET",
+        &format!("{base}/v1/kpis/support.calls/watch?access_token={reader}"),
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(denied_watch.status, 403);
+    assert_eq!(body(&denied_watch)["reason"], json!("KPI_DENIED"));
+    let anonymous = http_request("GET", &format!("{base}/v1/kpis/sales.calls"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status, 401);
+    let list = http_request(
+        "GET",
+        &format!("{base}/v1/kpis"),
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .await
+    .unwrap();
+    let names: Vec<Value> = body(&list)["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("sales.calls")]);
+    let mut watch = SseStream::open(
+        &format!("{base}/v1/kpis/sales.calls/watch?access_token={reader}"),
+        &[("Origin", good)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(watch.status, 200);
+    let first = watch.next_event().await.unwrap();
+    assert_eq!(first.event, None, "a plain message event: {first:?}");
+
+    // A browser may send If-None-Match; a refused origin gets nothing, not even the error.
+    let preflight = http_request(
+        "OPTIONS",
+        &format!("{base}/v1/kpis/sales.calls"),
+        &[
+            ("Origin", good),
+            ("Access-Control-Request-Method", "GET"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization, if-none-match",
+            ),
+        ],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(preflight.status, 204);
+    assert!(preflight
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("if-none-match"));
+    for path in [
+        "/v1/kpis",
+        "/v1/kpis/sales.calls",
+        "/v1/kpis/sales.calls/watch",
+    ] {
+        let refused = http_request(
+            "GET",
+            &format!("{base}{path}?access_token={reader}"),
+            &[("Origin", "https://evil.test")],
+            b"",
+        )
+        .await
+        .unwrap();
+        assert_eq!(refused.status, 403, "{path}");
+        assert_eq!(refused.header("access-control-allow-origin"), None);
+        assert_eq!(body(&refused)["reason"], json!("ORIGIN_NOT_ALLOWED"));
+    }
 }

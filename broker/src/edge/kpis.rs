@@ -161,32 +161,47 @@ impl KpisService {
     /// One view.
     ///
     /// # Errors
+    /// `KPI_DENIED` (before looking, so a refused caller learns nothing of which views exist),
     /// `VIEW_NOT_FOUND`.
-    pub(crate) fn get_view(&self, name: &str) -> Result<pb::View, BrokerError> {
+    pub(crate) fn get_view(&self, name: &str, caller: &Caller) -> Result<pb::View, BrokerError> {
+        caller.check_read_kpi(name)?;
         let record = self.edge.store.view(name)?.ok_or_else(|| not_found(name))?;
         Ok(view_message(name, record))
     }
 
-    /// Every view, by name.
+    /// Every view the caller may read, by name.
     ///
     /// # Errors
     /// The store's error.
-    pub(crate) fn list(&self) -> Result<Vec<pb::View>, BrokerError> {
-        self.edge
-            .store
-            .views()
-            .map(|entry| entry.map(|(name, record)| view_message(&name, record)))
-            .collect()
+    pub(crate) fn list(&self, caller: &Caller) -> Result<Vec<pb::View>, BrokerError> {
+        let mut views = Vec::new();
+        for entry in self.edge.store.views() {
+            let (name, record) = entry?;
+            if caller.may_read_kpi(&name) {
+                views.push(view_message(&name, record));
+            }
+        }
+        Ok(views)
     }
 
-    /// A view's values now, with their ETag.
+    /// A view's values now, with their ETag, for `caller`.
+    ///
+    /// # Errors
+    /// `KPI_DENIED`, then what [`Self::values`] refuses.
+    pub(crate) async fn read(
+        &self,
+        query: &KpiQuery,
+        caller: &Caller,
+    ) -> Result<pb::GetKpisResponse, BrokerError> {
+        caller.check_read_kpi(&query.view)?;
+        self.values(query).await
+    }
+
+    /// A view's values now, with their ETag; the caller's grant is checked before.
     ///
     /// # Errors
     /// `VIEW_NOT_FOUND`, `VIEW_INVALID` for a window the view does not have.
-    pub(crate) async fn values(
-        &self,
-        query: &KpiQuery,
-    ) -> Result<pb::GetKpisResponse, BrokerError> {
+    async fn values(&self, query: &KpiQuery) -> Result<pb::GetKpisResponse, BrokerError> {
         let edge = Arc::clone(&self.edge);
         let query = query.clone();
         tokio::task::spawn_blocking(move || values_now(&edge, &query))
@@ -197,12 +212,14 @@ impl KpisService {
     /// Streams a view's values: now, then on each change, at most once per `min_interval`.
     ///
     /// # Errors
-    /// What [`Self::values`] refuses, for the first reading.
+    /// `KPI_DENIED`, then what [`Self::values`] refuses, for the first reading.
     pub(crate) async fn watch(
         &self,
         query: KpiQuery,
         min_interval: Option<Duration>,
+        caller: &Caller,
     ) -> Result<mpsc::Receiver<Result<pb::GetKpisResponse, BrokerError>>, BrokerError> {
+        caller.check_read_kpi(&query.view)?;
         let floor = self.edge.config.kpis.watch_min_interval;
         let interval = min_interval.map_or(floor, |asked| asked.max(floor));
         let first = self.values(&query).await?;
@@ -493,8 +510,8 @@ impl KpiRpc for KpisService {
         &self,
         request: Request<pb::GetViewRequest>,
     ) -> Result<Response<pb::GetViewResponse>, Status> {
-        Caller::of(request.extensions())?;
-        let view = KpisService::get_view(self, &request.into_inner().name)?;
+        let caller = Caller::of(request.extensions())?;
+        let view = KpisService::get_view(self, &request.into_inner().name, &caller)?;
         Ok(Response::new(pb::GetViewResponse { view: Some(view) }))
     }
 
@@ -502,9 +519,9 @@ impl KpiRpc for KpisService {
         &self,
         request: Request<pb::ListViewsRequest>,
     ) -> Result<Response<pb::ListViewsResponse>, Status> {
-        Caller::of(request.extensions())?;
+        let caller = Caller::of(request.extensions())?;
         Ok(Response::new(pb::ListViewsResponse {
-            views: self.list()?,
+            views: self.list(&caller)?,
         }))
     }
 
@@ -521,11 +538,11 @@ impl KpiRpc for KpisService {
         &self,
         request: Request<pb::GetKpisRequest>,
     ) -> Result<Response<pb::GetKpisResponse>, Status> {
-        Caller::of(request.extensions())?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let if_none_match = request.if_none_match;
         let query = query_of(request.view, request.window, request.windows, request.group);
-        let values = self.values(&query).await?;
+        let values = self.read(&query, &caller).await?;
         if !if_none_match.is_empty() && if_none_match == values.etag {
             return Ok(Response::new(pb::GetKpisResponse {
                 not_modified: true,
@@ -542,19 +559,21 @@ impl KpiRpc for KpisService {
         &self,
         request: Request<pb::WatchKpisRequest>,
     ) -> Result<Response<Self::WatchKpisStream>, Status> {
-        Caller::of(request.extensions())?;
+        let caller = Caller::of(request.extensions())?;
         let request = request.into_inner();
         let min_interval = request
             .min_interval
             .and_then(|d| Duration::try_from(d).ok());
         let query = query_of(request.view, request.window, request.windows, request.group);
-        let rx = self.watch(query, min_interval).await?;
+        let rx = self.watch(query, min_interval, &caller).await?;
         let stream = futures::StreamExt::map(ReceiverStream::new(rx), |item| {
             item.map(|values| pb::WatchKpisResponse {
                 values: Some(values),
             })
             .map_err(Status::from)
         });
-        Ok(Response::new(Box::pin(stream)))
+        // Like every stream, a watch ends (TOKEN_EXPIRED) when its caller's token does.
+        let bounded = super::auth::TokenBound::new(&caller, Box::pin(stream));
+        Ok(Response::new(Box::pin(bounded)))
     }
 }

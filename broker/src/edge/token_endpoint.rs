@@ -193,6 +193,7 @@ fn scope_spec(scope: pb::Scope) -> PermissionSpec {
         },
         admin: scope.admin,
         schema: scope.schema,
+        kpi: scope.kpi,
     }
 }
 
@@ -204,6 +205,7 @@ fn scope_message(spec: PermissionSpec) -> pb::Scope {
         entity_update: spec.entities.update,
         admin: spec.admin,
         schema: spec.schema,
+        kpi: spec.kpi,
     }
 }
 

@@ -9,12 +9,14 @@
 //! - [`publish`]: `POST /v1/publish` and `POST /v1/publish/batch`.
 //! - [`entities`]: `GET`, `PATCH` and `PUT /v1/entities/{type}/{id}` with ETags.
 //! - [`schemas`]: the schema registry, `/v1/schemas…`.
+//! - [`kpis`]: KPI views and their values, `/v1/kpis…`, with ETags and an SSE watch.
 //! - [`sse`]: `GET /v1/subscribe` and `GET /v1/entities/watch` as event streams.
 
 mod cors;
 mod entities;
 mod error;
 mod json;
+mod kpis;
 mod publish;
 mod query;
 mod schemas;
@@ -34,6 +36,7 @@ use tonic::transport::server::TcpConnectInfo;
 use crate::config::Config;
 use crate::edge::auth::Gate;
 use crate::edge::entities::EntitiesService;
+use crate::edge::kpis::KpisService;
 use crate::edge::schemas::SchemasService;
 use crate::edge::BrokerService;
 use crate::error::{BrokerError, Reason};
@@ -52,6 +55,9 @@ struct Inner {
     broker: BrokerService,
     entities: EntitiesService,
     schemas: SchemasService,
+    kpis: KpisService,
+    /// `Cache-Control` of a KPI reading: `max-age=N, stale-while-revalidate=M` from `[kpis]`.
+    kpi_cache_control: HeaderValue,
     /// The largest request body read: a batch of messages at the payload limit, plus framing.
     max_body: usize,
     max_batch: usize,
@@ -63,6 +69,13 @@ impl Gateway {
     pub(crate) fn new(config: &Config, gate: Arc<Gate>, broker: BrokerService) -> Gateway {
         let entities = broker.entities();
         let schemas = broker.schemas();
+        let kpis = broker.kpis();
+        let kpi_cache_control = HeaderValue::from_str(&format!(
+            "max-age={}, stale-while-revalidate={}",
+            config.kpis.http_max_age.as_secs(),
+            config.kpis.http_stale_while_revalidate.as_secs()
+        ))
+        .unwrap_or_else(|_| HeaderValue::from_static("no-cache"));
         let max_batch = config.gateway.max_batch;
         // JSON can spell a payload byte as up to six characters (`\u0000`); one message at the
         // limit must still fit, and a batch gets room for its messages' framing.
@@ -74,6 +87,8 @@ impl Gateway {
                 broker,
                 entities,
                 schemas,
+                kpis,
+                kpi_cache_control,
                 max_body,
                 max_batch,
                 heartbeat: config.gateway.heartbeat,
@@ -107,6 +122,9 @@ impl Gateway {
                 "/v1/schemas/{pattern}/{version}",
                 get(schemas::get).put(schemas::put).delete(schemas::delete),
             )
+            .route("/v1/kpis", get(kpis::list))
+            .route("/v1/kpis/{view}", get(kpis::get))
+            .route("/v1/kpis/{view}/watch", get(kpis::watch))
             // Without this, an unknown /v1/ path would reach the gRPC fallback, whose answer
             // (HTTP 200 with grpc-status 12) a browser would take for success.
             .route("/v1/{*rest}", axum::routing::any(not_found))

@@ -1,4 +1,5 @@
-//! Server-Sent Events: `GET /v1/subscribe` and `GET /v1/entities/watch`.
+//! Server-Sent Events: `GET /v1/subscribe` and `GET /v1/entities/watch` (and the framing that
+//! `GET /v1/kpis/{view}/watch` in [`super::kpis`] shares).
 //!
 //! A subscription's message events carry their offset as the event id. A browser's `EventSource`
 //! sends the last id it saw as `Last-Event-ID` when it reconnects (a reloaded page can pass it as
@@ -48,7 +49,7 @@ fn flow_policy(query: &Query) -> Result<i32, BrokerError> {
 }
 
 /// One SSE frame. `data` is one line of JSON (serde_json writes no raw newlines).
-fn frame(event: Option<&str>, id: Option<u64>, data: &Value) -> Bytes {
+pub(super) fn frame(event: Option<&str>, id: Option<u64>, data: &Value) -> Bytes {
     let mut out = String::new();
     if let Some(event) = event {
         out.push_str("event: ");
@@ -119,7 +120,11 @@ fn watch_frame(event: pb::EntityEvent) -> Option<Bytes> {
 /// Streams `events` as SSE, with a comment line every `heartbeat` while idle. A stream that ends
 /// with an error (the token expired, shutdown) sends it as an `error` event first. The task ends
 /// when the client goes away, which ends the subscription.
-fn event_stream<S, T>(events: S, to_frame: fn(T) -> Option<Bytes>, heartbeat: Duration) -> Response
+pub(super) fn event_stream<S, T>(
+    events: S,
+    to_frame: fn(T) -> Option<Bytes>,
+    heartbeat: Duration,
+) -> Response
 where
     S: Stream<Item = Result<T, Status>> + Send + Unpin + 'static,
     T: Send + 'static,

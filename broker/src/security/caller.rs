@@ -222,6 +222,22 @@ impl Caller {
         self.refuse(self.permissions().check_admin(), || operation.to_owned())
     }
 
+    /// Whether this caller may read KPI view `view` (its values or its definition).
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED `KPI_DENIED`.
+    pub(crate) fn check_read_kpi(&self, view: &str) -> Result<(), BrokerError> {
+        self.refuse(self.permissions().check_read_kpi(view), || {
+            format!("KPI view {view}")
+        })
+    }
+
+    /// Whether this caller could read KPI view `view`, asked to decide what a listing shows:
+    /// nothing is counted or audited.
+    pub(crate) fn may_read_kpi(&self, view: &str) -> bool {
+        self.permissions().may_read_kpi(view)
+    }
+
     /// Whether the caller may change the schema registry; `target` names what it would change.
     pub(crate) fn check_schema(&self, target: &str) -> Result<(), BrokerError> {
         self.refuse(self.permissions().check_schema(), || target.to_owned())

@@ -1,5 +1,5 @@
 //! What a principal may do: the channels it may publish to, the patterns it may subscribe to, and
-//! the entity types it may read or update.
+//! the entity types it may read or update, the KPI views it may read.
 //!
 //! Why coverage and not matching: a publish names one channel, so "is it matched by an allowed
 //! pattern" decides it. A subscription names a *pattern*, and allowing it because it matches, or
@@ -28,6 +28,10 @@ pub(crate) const MAX_GRANTS: usize = 256;
 pub(crate) const ALL_ENTITY_TYPES: &str = "*";
 /// Longest entity type, as the entity service enforces.
 const MAX_ENTITY_TYPE_LEN: usize = 64;
+/// The KPI view pattern that stands for every view.
+pub(crate) const ALL_VIEWS: &str = "*";
+/// Longest KPI view name, as view definitions enforce (docs/KPIS.md).
+const MAX_VIEW_NAME_LEN: usize = 64;
 /// Fewest segments of a channel (as in [`crate::channel`]).
 const MIN_CHANNEL_SEGMENTS: usize = 2;
 /// First segment of the channels that carry entity state.
@@ -56,6 +60,10 @@ pub struct PermissionSpec {
     /// Whether the holder may change the payload schema registry (docs/SCHEMAS.md).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub schema: bool,
+    /// KPI views the holder may read (docs/KPIS.md): exact names, `*` for every view, or a
+    /// prefix ending in `*` (`sales.*`). `admin` reads every view.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kpi: Vec<String>,
 }
 
 /// Entity types a grant covers; `*` means every type.
@@ -111,6 +119,15 @@ pub enum PermissionError {
     InvalidEntityType {
         /// The type as written.
         entity_type: String,
+    },
+    /// A KPI view pattern that is neither `*`, a view name, nor a view name prefix ending in `*`.
+    #[error(
+        "KPI view pattern {pattern:?} must be `*`, a view name (1 to 64 of a-z, 0-9, `_`, `-`, \
+         `.`) or such a prefix followed by `*` (`sales.*`)"
+    )]
+    InvalidKpiPattern {
+        /// The pattern as written.
+        pattern: String,
     },
     /// A list longer than [`MAX_GRANTS`].
     #[error("the {list} list has {len} entries, over the limit of {MAX_GRANTS}")]
@@ -186,6 +203,12 @@ pub enum PermissionDenied {
         /// The entity type.
         entity_type: String,
     },
+    /// Reading a KPI view no `kpi` pattern of the grant names.
+    #[error("not allowed to read KPI view {view:?} (no `kpi` pattern of the grant matches it)")]
+    Kpi {
+        /// The view's name.
+        view: String,
+    },
 }
 
 impl PermissionDenied {
@@ -202,6 +225,7 @@ impl PermissionDenied {
             PermissionDenied::Admin => "ADMIN_DENIED",
             PermissionDenied::Schema => "SCHEMA_DENIED",
             PermissionDenied::ConsumerNotOwned { .. } => "CONSUMER_NOT_OWNED",
+            PermissionDenied::Kpi { .. } => "KPI_DENIED",
         }
     }
 }
@@ -252,6 +276,83 @@ impl EntityGrant {
     }
 }
 
+/// KPI views a grant lets its holder read: every view, views by name, views by name prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct KpiGrant {
+    /// `*` was granted.
+    all: bool,
+    /// Names granted exactly.
+    names: BTreeSet<String>,
+    /// Prefixes granted (`sales.` for `sales.*`), without their `*`.
+    prefixes: BTreeSet<String>,
+}
+
+impl KpiGrant {
+    fn parse(patterns: &[String]) -> Result<KpiGrant, PermissionError> {
+        check_len("kpi", patterns.len())?;
+        let mut grant = KpiGrant::default();
+        for pattern in patterns {
+            let invalid = || PermissionError::InvalidKpiPattern {
+                pattern: pattern.clone(),
+            };
+            if pattern == ALL_VIEWS {
+                grant.all = true;
+            } else if let Some(prefix) = pattern.strip_suffix('*') {
+                // A prefix is shorter than the longest name, so that it can match one.
+                if prefix.len() >= MAX_VIEW_NAME_LEN || !is_view_name(prefix) {
+                    return Err(invalid());
+                }
+                grant.prefixes.insert(prefix.to_owned());
+            } else if is_view_name(pattern) {
+                grant.names.insert(pattern.clone());
+            } else {
+                return Err(invalid());
+            }
+        }
+        Ok(grant)
+    }
+
+    fn allows(&self, view: &str) -> bool {
+        self.all
+            || self.names.contains(view)
+            || self
+                .prefixes
+                .iter()
+                .any(|prefix| view.starts_with(prefix.as_str()))
+    }
+
+    /// Whether every view this grant allows, `other` allows too.
+    fn is_within(&self, other: &KpiGrant) -> bool {
+        if other.all {
+            return true;
+        }
+        let prefix_covered = |prefix: &String| {
+            other
+                .prefixes
+                .iter()
+                .any(|theirs| prefix.starts_with(theirs.as_str()))
+        };
+        !self.all
+            && self.names.iter().all(|name| other.allows(name))
+            && self.prefixes.iter().all(prefix_covered)
+    }
+
+    fn to_list(&self) -> Vec<String> {
+        let mut list: Vec<String> = self.all.then(|| ALL_VIEWS.to_owned()).into_iter().collect();
+        list.extend(self.names.iter().cloned());
+        list.extend(self.prefixes.iter().map(|prefix| format!("{prefix}*")));
+        list
+    }
+}
+
+/// Whether `s` is 1–64 characters of a KPI view name (docs/KPIS.md).
+fn is_view_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_VIEW_NAME_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.".contains(&b))
+}
+
 /// Whether `s` is a valid entity type name.
 fn is_entity_type(s: &str) -> bool {
     !s.is_empty()
@@ -289,6 +390,8 @@ pub(crate) struct Permissions {
     admin: bool,
     /// The schema registry may be changed.
     schema: bool,
+    /// KPI views that may be read (besides every view, for `admin`).
+    kpi: KpiGrant,
 }
 
 impl Default for Permissions {
@@ -310,6 +413,7 @@ impl Permissions {
             update: EntityGrant::default(),
             admin: false,
             schema: false,
+            kpi: KpiGrant::default(),
         }
     }
 
@@ -360,6 +464,7 @@ impl Permissions {
         }
         permissions.read = EntityGrant::parse("entities.read", &spec.entities.read)?;
         permissions.update = EntityGrant::parse("entities.update", &spec.entities.update)?;
+        permissions.kpi = KpiGrant::parse(&spec.kpi)?;
         permissions.admin = spec.admin;
         permissions.schema = spec.schema || spec.admin;
         permissions.subscribe_effective = permissions.subscribe.clone();
@@ -398,6 +503,7 @@ impl Permissions {
             },
             admin: self.admin && !self.unrestricted,
             schema: self.schema && !self.admin && !self.unrestricted,
+            kpi: self.kpi.to_list(),
         }
     }
 
@@ -506,6 +612,7 @@ impl Permissions {
             && self.update.is_within(&other.update)
             && (!self.admin || other.admin)
             && (!self.schema || other.schema)
+            && (other.admin || self.kpi.is_within(&other.kpi))
     }
 
     /// Whether the principal may change cluster membership.
@@ -517,6 +624,22 @@ impl Permissions {
             Ok(())
         } else {
             Err(PermissionDenied::Admin)
+        }
+    }
+
+    /// Whether the principal may read KPI view `view` (a `kpi` pattern matches it, or `admin`).
+    pub(crate) fn may_read_kpi(&self, view: &str) -> bool {
+        self.unrestricted || self.admin || self.kpi.allows(view)
+    }
+
+    /// [`Permissions::may_read_kpi`], with the reason when refused.
+    pub(crate) fn check_read_kpi(&self, view: &str) -> Result<(), PermissionDenied> {
+        if self.may_read_kpi(view) {
+            Ok(())
+        } else {
+            Err(PermissionDenied::Kpi {
+                view: view.to_owned(),
+            })
         }
     }
 
@@ -654,7 +777,85 @@ mod tests {
             },
             admin: false,
             schema: false,
+            kpi: Vec::new(),
         }
+    }
+
+    fn kpi_perms(kpi: &[&str], admin: bool) -> Permissions {
+        let spec = PermissionSpec {
+            kpi: kpi.iter().map(|s| (*s).to_owned()).collect(),
+            admin,
+            ..PermissionSpec::default()
+        };
+        Permissions::from_spec(&spec, &limits()).unwrap_or_else(|e| panic!("should parse: {e}"))
+    }
+
+    #[test]
+    fn kpi_views_are_read_by_name_prefix_or_all() {
+        let p = kpi_perms(&["sales.*", "handle_time"], false);
+        for ok in ["sales.calls", "sales.", "sales.a.b", "handle_time"] {
+            assert!(p.may_read_kpi(ok), "{ok}");
+        }
+        for refused in ["support.calls", "sales", "handle_time2", "handle", "salesx"] {
+            assert_eq!(
+                p.check_read_kpi(refused).map_err(|e| e.reason()),
+                Err("KPI_DENIED"),
+                "{refused}"
+            );
+        }
+        assert!(kpi_perms(&["*"], false).may_read_kpi("anything"));
+        assert!(
+            kpi_perms(&[], true).may_read_kpi("anything"),
+            "admin reads every view"
+        );
+        assert!(!Permissions::none().may_read_kpi("sales.calls"));
+        assert!(Permissions::unrestricted().may_read_kpi("sales.calls"));
+        assert_eq!(
+            p.to_spec().kpi,
+            vec!["handle_time".to_owned(), "sales.*".to_owned()]
+        );
+
+        let err = |kpi: &[&str]| {
+            let spec = PermissionSpec {
+                kpi: kpi.iter().map(|s| (*s).to_owned()).collect(),
+                ..PermissionSpec::default()
+            };
+            Permissions::from_spec(&spec, &limits()).err()
+        };
+        let long_name = "x".repeat(65);
+        let long_prefix = format!("{}*", "x".repeat(64));
+        for bad in [
+            "",
+            "Sales.*",
+            "sales.*.x",
+            "a b",
+            "*x",
+            "**",
+            &long_name,
+            &long_prefix,
+        ] {
+            assert!(
+                matches!(err(&[bad]), Some(PermissionError::InvalidKpiPattern { .. })),
+                "{bad:?}"
+            );
+        }
+        let many: Vec<String> = (0..=MAX_GRANTS).map(|i| format!("v{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(matches!(
+            err(&many),
+            Some(PermissionError::TooManyGrants { list: "kpi", .. })
+        ));
+    }
+
+    #[test]
+    fn kpi_grants_narrow_only_within() {
+        let client = kpi_perms(&["sales.*", "ops.load"], false);
+        assert!(kpi_perms(&["sales.eu.*", "sales.calls", "ops.load"], false).is_within(&client));
+        assert!(!kpi_perms(&["sales*"], false).is_within(&client));
+        assert!(!kpi_perms(&["ops.*"], false).is_within(&client));
+        assert!(!kpi_perms(&["*"], false).is_within(&client));
+        assert!(kpi_perms(&["*"], false).is_within(&kpi_perms(&[], true)));
+        assert!(kpi_perms(&["anything"], false).is_within(&kpi_perms(&["*"], false)));
     }
 
     #[test]

@@ -178,6 +178,7 @@ impl Auth for Mock {
                 entity_update: vec![],
                 admin: false,
                 schema: false,
+                kpi: vec![],
             }),
         }))
     }

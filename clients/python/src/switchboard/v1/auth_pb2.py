@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19switchboard/v1/auth.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"v\n\x05Scope\x12\x0f\n\x07publish\x18\x01 \x03(\t\x12\x11\n\tsubscribe\x18\x02 \x03(\t\x12\x13\n\x0b\x65ntity_read\x18\x03 \x03(\t\x12\x15\n\rentity_update\x18\x04 \x03(\t\x12\r\n\x05\x61\x64min\x18\x05 \x01(\x08\x12\x0e\n\x06schema\x18\x06 \x01(\x08\"\x98\x01\n\x11IssueTokenRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rclient_secret\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12)\n\x05scope\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.ScopeH\x00\x88\x01\x01\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\rB\x08\n\x06_scope\"\xb0\x01\n\x12IssueTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\r\x12$\n\x05scope\x18\x05 \x01(\x0b\x32\x15.switchboard.v1.Scope2[\n\x04\x41uth\x12S\n\nIssueToken\x12!.switchboard.v1.IssueTokenRequest\x1a\".switchboard.v1.IssueTokenResponseBAZ?example.invalid/switchboard/gen/go/switchboard/v1;switchboardv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19switchboard/v1/auth.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\x05Scope\x12\x0f\n\x07publish\x18\x01 \x03(\t\x12\x11\n\tsubscribe\x18\x02 \x03(\t\x12\x13\n\x0b\x65ntity_read\x18\x03 \x03(\t\x12\x15\n\rentity_update\x18\x04 \x03(\t\x12\r\n\x05\x61\x64min\x18\x05 \x01(\x08\x12\x0e\n\x06schema\x18\x06 \x01(\x08\x12\x0b\n\x03kpi\x18\x07 \x03(\t\"\x98\x01\n\x11IssueTokenRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rclient_secret\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12)\n\x05scope\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.ScopeH\x00\x88\x01\x01\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\rB\x08\n\x06_scope\"\xb0\x01\n\x12IssueTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\r\x12$\n\x05scope\x18\x05 \x01(\x0b\x32\x15.switchboard.v1.Scope2[\n\x04\x41uth\x12S\n\nIssueToken\x12!.switchboard.v1.IssueTokenRequest\x1a\".switchboard.v1.IssueTokenResponseBAZ?example.invalid/switchboard/gen/go/switchboard/v1;switchboardv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.v1.auth_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z?example.invalid/switchboard/gen/go/switchboard/v1;switchboardv1'
-  _globals['_SCOPE']._serialized_start=78
-  _globals['_SCOPE']._serialized_end=196
-  _globals['_ISSUETOKENREQUEST']._serialized_start=199
-  _globals['_ISSUETOKENREQUEST']._serialized_end=351
-  _globals['_ISSUETOKENRESPONSE']._serialized_start=354
-  _globals['_ISSUETOKENRESPONSE']._serialized_end=530
-  _globals['_AUTH']._serialized_start=532
-  _globals['_AUTH']._serialized_end=623
+  _globals['_SCOPE']._serialized_start=79
+  _globals['_SCOPE']._serialized_end=210
+  _globals['_ISSUETOKENREQUEST']._serialized_start=213
+  _globals['_ISSUETOKENREQUEST']._serialized_end=365
+  _globals['_ISSUETOKENRESPONSE']._serialized_start=368
+  _globals['_ISSUETOKENRESPONSE']._serialized_end=544
+  _globals['_AUTH']._serialized_start=546
+  _globals['_AUTH']._serialized_end=637
 # @@protoc_insertion_point(module_scope)

@@ -10,20 +10,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Scope(_message.Message):
-    __slots__ = ("publish", "subscribe", "entity_read", "entity_update", "admin", "schema")
+    __slots__ = ("publish", "subscribe", "entity_read", "entity_update", "admin", "schema", "kpi")
     PUBLISH_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
     ENTITY_READ_FIELD_NUMBER: _ClassVar[int]
     ENTITY_UPDATE_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    KPI_FIELD_NUMBER: _ClassVar[int]
     publish: _containers.RepeatedScalarFieldContainer[str]
     subscribe: _containers.RepeatedScalarFieldContainer[str]
     entity_read: _containers.RepeatedScalarFieldContainer[str]
     entity_update: _containers.RepeatedScalarFieldContainer[str]
     admin: bool
     schema: bool
-    def __init__(self, publish: _Optional[_Iterable[str]] = ..., subscribe: _Optional[_Iterable[str]] = ..., entity_read: _Optional[_Iterable[str]] = ..., entity_update: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ..., schema: _Optional[bool] = ...) -> None: ...
+    kpi: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, publish: _Optional[_Iterable[str]] = ..., subscribe: _Optional[_Iterable[str]] = ..., entity_read: _Optional[_Iterable[str]] = ..., entity_update: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ..., schema: _Optional[bool] = ..., kpi: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IssueTokenRequest(_message.Message):
     __slots__ = ("client_id", "client_secret", "subject", "scope", "ttl_seconds")

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class KpiServiceStub:
     """KPI views and their values. Defining and dropping a view needs the `admin` grant
-    (PERMISSION_DENIED `ADMIN_DENIED` otherwise); reading needs only a caller the broker accepts.
+    (PERMISSION_DENIED `ADMIN_DENIED` otherwise); reading one needs a `kpi` grant pattern matching
+    its name, or `admin` (PERMISSION_DENIED `KPI_DENIED` otherwise). Without authentication every
+    caller may do everything.
     """
 
     def __init__(self, channel):
@@ -70,7 +72,9 @@ class KpiServiceStub:
 
 class KpiServiceServicer:
     """KPI views and their values. Defining and dropping a view needs the `admin` grant
-    (PERMISSION_DENIED `ADMIN_DENIED` otherwise); reading needs only a caller the broker accepts.
+    (PERMISSION_DENIED `ADMIN_DENIED` otherwise); reading one needs a `kpi` grant pattern matching
+    its name, or `admin` (PERMISSION_DENIED `KPI_DENIED` otherwise). Without authentication every
+    caller may do everything.
     """
 
     def DefineView(self, request, context):
@@ -85,13 +89,14 @@ class KpiServiceServicer:
 
     def GetView(self, request, context):
         """Reads one view's definition. NOT_FOUND `VIEW_NOT_FOUND` when there is none.
+        PERMISSION_DENIED `KPI_DENIED` (whether or not it exists) outside the caller's `kpi` grant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListViews(self, request, context):
-        """Lists the views, by name.
+        """Lists the views the caller may read, by name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +111,8 @@ class KpiServiceServicer:
 
     def GetKpis(self, request, context):
         """Reads a view's values over the newest windows of one length. With `if_none_match` equal to
-        the current ETag, answers `not_modified` and no values.
+        the current ETag, answers `not_modified` and no values. PERMISSION_DENIED `KPI_DENIED`
+        outside the caller's `kpi` grant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,7 +120,8 @@ class KpiServiceServicer:
 
     def WatchKpis(self, request, context):
         """Streams a view's values: the current ones first, then each time they change (a new value or
-        a new window), at most once per `min_interval`.
+        a new window), at most once per `min_interval`; ends with UNAUTHENTICATED `TOKEN_EXPIRED`
+        when the caller's token does. PERMISSION_DENIED `KPI_DENIED` outside the caller's `kpi` grant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,7 +170,9 @@ def add_KpiServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class KpiService:
     """KPI views and their values. Defining and dropping a view needs the `admin` grant
-    (PERMISSION_DENIED `ADMIN_DENIED` otherwise); reading needs only a caller the broker accepts.
+    (PERMISSION_DENIED `ADMIN_DENIED` otherwise); reading one needs a `kpi` grant pattern matching
+    its name, or `admin` (PERMISSION_DENIED `KPI_DENIED` otherwise). Without authentication every
+    caller may do everything.
     """
 
     @staticmethod

@@ -89,6 +89,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_VIEW_INVALID: _ClassVar[ErrorReason]
     ERROR_REASON_VIEW_LIMIT: _ClassVar[ErrorReason]
     ERROR_REASON_VIEW_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_KPI_DENIED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_CHANNEL_INVALID: ErrorReason
 ERROR_REASON_CHANNEL_RESERVED: ErrorReason
@@ -172,3 +173,4 @@ ERROR_REASON_SCHEMA_LIMIT: ErrorReason
 ERROR_REASON_VIEW_INVALID: ErrorReason
 ERROR_REASON_VIEW_LIMIT: ErrorReason
 ERROR_REASON_VIEW_NOT_FOUND: ErrorReason
+ERROR_REASON_KPI_DENIED: ErrorReason
