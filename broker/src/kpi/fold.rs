@@ -176,7 +176,10 @@ impl<'a> Fold<'a> {
         let stored = if cleared {
             None
         } else {
-            self.store.kpi_cell(key)?
+            match self.store.take_cached_kpi_cell(key) {
+                Some(cell) => Some(cell),
+                None => self.store.kpi_cell(key)?,
+            }
         };
         if let Some(cell) = stored {
             self.cells.insert(key.clone(), cell);
@@ -205,7 +208,10 @@ impl<'a> Fold<'a> {
                     let other = if cleared {
                         None
                     } else {
-                        self.store.kpi_cell(key)?
+                        match self.store.take_cached_kpi_cell(key) {
+                            Some(cell) => Some(cell),
+                            None => self.store.kpi_cell(key)?,
+                        }
                     };
                     self.cells
                         .insert(key.clone(), other.unwrap_or_else(|| Cell::new(measures)));
@@ -284,7 +290,7 @@ impl<'a> Fold<'a> {
                 }
             }
         }
-        for (key, cell) in &self.cells {
+        for (key, cell) in self.cells {
             MessageStore::put_kpi_cell(batch, key, cell)?;
         }
         Ok(())

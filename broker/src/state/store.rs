@@ -110,6 +110,10 @@ pub struct MessageStore {
     registry_generation: Arc<std::sync::atomic::AtomicU64>,
     /// The KPI views compiled at a registry generation, for apply ([`Self::compiled_views`]).
     compiled_views: Arc<std::sync::Mutex<Option<CompiledAt>>>,
+    /// KPI cells as the last applied entries left them, decoded, so the next entry need not read
+    /// and decode them again ([`kpi_records`]). Bounded.
+    kpi_cells_cache:
+        Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, crate::kpi::cell::Cell>>>,
 }
 
 /// Views compiled at a registry generation.
@@ -149,6 +153,10 @@ pub struct WriteBatch {
     released: Vec<BodyLocation>,
     /// The batch writes a schema or a KPI view record.
     registries_changed: bool,
+    /// KPI cells written, decoded, for the cache once they are applied ([`kpi_records`]).
+    kpi_cells: Vec<(Vec<u8>, crate::kpi::cell::Cell)>,
+    /// The batch removes KPI cells.
+    kpi_cells_removed: bool,
 }
 
 impl WriteBatch {
@@ -170,6 +178,8 @@ impl WriteBatch {
             added: Vec::new(),
             released: Vec::new(),
             registries_changed: self.registries_changed,
+            kpi_cells: Vec::new(),
+            kpi_cells_removed: true,
         }
     }
 }
@@ -319,6 +329,7 @@ impl MessageStore {
             bodies: Arc::new(bodies),
             registry_generation: Arc::default(),
             compiled_views: Arc::default(),
+            kpi_cells_cache: Arc::default(),
         })
     }
 
@@ -400,6 +411,10 @@ impl MessageStore {
     /// not trust it again before undoing it ([`super::undo`]) or rebuilding it.
     pub fn apply(&self, batch: WriteBatch) -> Result<(), BrokerError> {
         let registries_changed = batch.registries_changed;
+        if registries_changed || batch.kpi_cells_removed {
+            // Before the writes: a failure part way leaves nothing cached that the tree lost.
+            self.forget_kpi_cells();
+        }
         for (key, value) in batch.writes {
             match value {
                 Some(value) => self.tree.insert(key, value)?,
@@ -410,6 +425,7 @@ impl MessageStore {
         if registries_changed {
             self.registries_changed();
         }
+        self.cache_kpi_cells(batch.kpi_cells);
         Ok(())
     }
 
@@ -430,6 +446,7 @@ impl MessageStore {
     /// # Errors
     /// The embedded store's error, or a batch file that cannot be removed.
     pub fn clear(&self) -> Result<(), BrokerError> {
+        self.forget_kpi_cells();
         self.tree.clear()?;
         self.registries_changed();
         self.bodies
@@ -466,8 +483,10 @@ impl MessageStore {
             return Ok(());
         }
         self.tree.insert(key, value)?;
-        if key.first() == Some(&SCHEMA) {
-            self.registries_changed();
+        match key.first() {
+            Some(&SCHEMA | &VIEW) => self.registries_changed(),
+            Some(&KPI_CELL) => self.forget_kpi_cells(),
+            _ => {}
         }
         Ok(())
     }

@@ -16,6 +16,11 @@ use crate::error::BrokerError;
 use crate::kpi::cell::{Cell, Group};
 use crate::kpi::{CompiledViews, ViewDefinition, ViewRecord};
 
+/// Cells the cache keeps decoded at most: the cells a busy view set touches per entry (views ×
+/// windows × active groups). A sketch is at most 4,096 buckets, so the bound is tens of MB in the
+/// worst case and far less in practice; past it the cache starts over.
+const KPI_CELLS_CACHED: usize = 1024;
+
 fn view_key(name: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + name.len());
     key.push(VIEW);
@@ -157,18 +162,52 @@ impl MessageStore {
         }
     }
 
-    /// Adds the write of `cell` under `key`.
+    /// Adds the write of `cell` under `key`; once applied, the cell stays decoded in the cache
+    /// for the next entry.
     ///
     /// # Errors
     /// Only if encoding fails.
     pub(crate) fn put_kpi_cell(
         batch: &mut WriteBatch,
-        key: &[u8],
-        cell: &Cell,
+        key: Vec<u8>,
+        cell: Cell,
     ) -> Result<(), BrokerError> {
         let value = cell.encode().map_err(|e| corrupt("KPI cell", e))?;
-        batch.insert(key.to_vec(), value);
+        batch.insert(key.clone(), value);
+        batch.kpi_cells.push((key, cell));
         Ok(())
+    }
+
+    /// The cell under `key` as the last applied entry left it, taken out of the cache (the fold
+    /// that takes it writes it back with its entry); `None` when it is not cached.
+    pub(crate) fn take_cached_kpi_cell(&self, key: &[u8]) -> Option<Cell> {
+        self.kpi_cells_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key)
+    }
+
+    /// Keeps the cells of an applied entry decoded for the next one.
+    pub(super) fn cache_kpi_cells(&self, cells: Vec<(Vec<u8>, Cell)>) {
+        if cells.is_empty() {
+            return;
+        }
+        let mut cache = self
+            .kpi_cells_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() + cells.len() > KPI_CELLS_CACHED {
+            cache.clear();
+        }
+        cache.extend(cells.into_iter().take(KPI_CELLS_CACHED));
+    }
+
+    /// Empties the cache (cells were removed, the views changed, or the store was replaced).
+    pub(super) fn forget_kpi_cells(&self) {
+        self.kpi_cells_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     /// Named groups in the window at `prefix`, counting up to `cap` (no need to count further).
@@ -209,6 +248,7 @@ impl MessageStore {
             batch.remove(key);
             removed += 1;
         }
+        batch.kpi_cells_removed |= removed > 0;
         Ok(removed)
     }
 
@@ -227,6 +267,8 @@ impl MessageStore {
             batch.remove(key);
             removed += 1;
         }
+        // Even with none stored: cells of this view may be cached from an entry before.
+        batch.kpi_cells_removed = true;
         Ok(removed)
     }
 
