@@ -160,6 +160,14 @@ impl<'a> Fold<'a> {
         Ok(true)
     }
 
+    /// The cell the store holds under `key`: as the last entry left it in the cache, or read.
+    fn stored_cell(&self, key: &[u8]) -> Result<Option<Cell>, BrokerError> {
+        match self.store.take_cached_kpi_cell(key) {
+            Some(cell) => Ok(Some(cell)),
+            None => self.store.kpi_cell(key),
+        }
+    }
+
     /// Brings the cell at `key` (a window prefix of `prefix_len` bytes and a group) into the
     /// fold: the stored one, or a new one — unless it is a new named group the window has no
     /// room for, when `key` is turned into the window's [`Group::Other`] key (and that cell
@@ -176,10 +184,7 @@ impl<'a> Fold<'a> {
         let stored = if cleared {
             None
         } else {
-            match self.store.take_cached_kpi_cell(key) {
-                Some(cell) => Some(cell),
-                None => self.store.kpi_cell(key)?,
-            }
+            self.stored_cell(key)?
         };
         if let Some(cell) = stored {
             self.cells.insert(key.clone(), cell);
@@ -208,10 +213,7 @@ impl<'a> Fold<'a> {
                     let other = if cleared {
                         None
                     } else {
-                        match self.store.take_cached_kpi_cell(key) {
-                            Some(cell) => Some(cell),
-                            None => self.store.kpi_cell(key)?,
-                        }
+                        self.stored_cell(key)?
                     };
                     self.cells
                         .insert(key.clone(), other.unwrap_or_else(|| Cell::new(measures)));
