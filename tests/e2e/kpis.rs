@@ -615,3 +615,45 @@ async fn the_rust_client_defines_reads_watches_and_deletes_views() {
     let gone = client.kpi_delete("handle_time").await.unwrap_err();
     assert_eq!(gone.reason(), Some(Reason::ViewNotFound), "{gone}");
 }
+
+/// Windows are UTC whatever the broker's time zone: a broker in Chatham time (UTC+12:45 or
+/// +13:45, whose local hours start at a quarter past the UTC hour) still starts its hour windows
+/// on the UTC hour, and its day windows at 00:00 UTC.
+#[tokio::test]
+async fn windows_start_at_utc_boundaries_in_any_time_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = switchboard_e2e::BrokerProcess::start_with_env(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &[],
+        &[("TZ", "Pacific/Chatham")],
+    )
+    .unwrap();
+    let mut kpi = kpis(broker.url()).await;
+    define(
+        &mut kpi,
+        &HANDLE_TIME.replace("[\"1m\", \"1h\"]", "[\"1h\", \"1d\"]"),
+    )
+    .await;
+    for (window, length) in [("1h", 3600), ("1d", 86_400)] {
+        let values = kpi
+            .get_kpis(pb::GetKpisRequest {
+                windows: 3,
+                ..get("handle_time", window)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(values.windows.len(), 3);
+        for w in &values.windows {
+            let start = w.start.as_ref().unwrap();
+            let end = w.end.as_ref().unwrap();
+            assert_eq!(
+                start.seconds % length,
+                0,
+                "{window} starts on a UTC boundary"
+            );
+            assert_eq!(end.seconds - start.seconds, length);
+        }
+    }
+}
