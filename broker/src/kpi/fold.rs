@@ -304,7 +304,7 @@ impl<'a> Fold<'a> {
 /// one, so a large member nobody reads — a body's padding, a blob — is only scanned.
 enum Payload<'m> {
     Unread,
-    Object(HashMap<String, &'m RawValue>),
+    Object(Members<'m>),
     /// A payload that is JSON but not an object (pointers other than `""` then find nothing
     /// at the top, as `serde_json::Value::pointer` would not either, except into arrays).
     Other(serde_json::Value),
@@ -316,7 +316,7 @@ impl<'m> Payload<'m> {
     fn at(&mut self, message: &'m StoredMessage, pointer: &str) -> Option<Located<'m>> {
         if let Payload::Unread = self {
             let bytes: &'m [u8] = &message.message.payload;
-            *self = match serde_json::from_slice::<HashMap<String, &'m RawValue>>(bytes) {
+            *self = match serde_json::from_slice::<Members<'m>>(bytes) {
                 Ok(members) => Payload::Object(members),
                 Err(_) => match serde_json::from_slice::<serde_json::Value>(bytes) {
                     Ok(value) => Payload::Other(value),
@@ -331,7 +331,7 @@ impl<'m> Payload<'m> {
                     Some(at) => (&rest[..at], Some(&rest[at..])),
                     None => (rest, None),
                 };
-                let raw = *members.get(unescape(first).as_ref())?;
+                let raw = members.get(&unescape(first))?;
                 match deeper {
                     None => Some(Located::Raw(raw)),
                     Some(deeper) => {
@@ -343,6 +343,69 @@ impl<'m> Payload<'m> {
             Payload::Other(value) => value.pointer(pointer).cloned().map(Located::Value),
             Payload::Unread | Payload::NotJson => None,
         }
+    }
+}
+
+/// An object's members as (name, raw value), names borrowed from the payload unless they hold
+/// escapes: no allocation per member in the usual case. The last of duplicate names wins, as in
+/// `serde_json::Value`.
+struct Members<'m>(Vec<(std::borrow::Cow<'m, str>, &'m RawValue)>);
+
+impl<'m> Members<'m> {
+    fn get(&self, name: &str) -> Option<&'m RawValue> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, raw)| *raw)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(name) = map.next_key::<Name<'de>>()? {
+                    members.push((name.0, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
+/// A member name: borrowed when the payload holds it without escapes.
+struct Name<'m>(std::borrow::Cow<'m, str>);
+
+impl<'de> serde::Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(name.into()))
+            }
+            fn visit_str<E>(self, name: &str) -> Result<Self::Value, E> {
+                Ok(Name(name.to_owned().into()))
+            }
+            fn visit_string<E>(self, name: String) -> Result<Self::Value, E> {
+                Ok(Name(name.into()))
+            }
+        }
+        deserializer.deserialize_str(Visit)
     }
 }
 
