@@ -961,9 +961,6 @@ fn kpi_fixture() -> (Value, Value) {
 /// The KPI page (web/demo/kpi.html) draws its tiles and sparklines from readings, under its
 /// strict CSP. The readings are handed to the page as its feed would (`kpiDemo.show`, what the
 /// SSE watch, the polling and an embedding page's postMessage all call).
-// TODO(issue 23): once `GET /v1/kpis/{view}` and its SSE watch are in the gateway, drive it end to
-// end: define the demo views, record telemetry from a panel on another origin, and wait for the
-// tile of the KPI page to move.
 #[tokio::test]
 async fn the_kpi_page_draws_tiles_and_sparklines_from_readings() -> Result<()> {
     if !browser_available("kpi tiles") {
@@ -1103,5 +1100,77 @@ async fn the_kpi_page_runs_in_a_sandboxed_frame_fed_by_its_host_page() -> Result
         reachable == json!(false),
         "the sandboxed frame's document was reachable"
     );
+    Ok(())
+}
+
+/// End to end: the demo's KPI views defined as the demo does, the KPI page on its own origin fed
+/// by the gateway's SSE watch, and telemetry recorded by the CRM panel on another origin: the
+/// page's event tile moves, and its feed says it is live (not polling, not fed by hand).
+#[tokio::test]
+async fn telemetry_sent_by_a_panel_moves_a_tile_on_the_kpi_page() -> Result<()> {
+    if !browser_available("kpi end to end") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let crm_origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let kpi_origin = serve_dir(demo_dir(), "127.0.0.1:0")?;
+    let broker = broker_for(dir.path(), &[crm_origin, kpi_origin])?;
+    let client = switchboard_client::Client::connect(broker.url()).await?;
+    for view in ["widget_events", "save_latency"] {
+        let definition =
+            std::fs::read_to_string(demo_dir().join("kpis").join(format!("{view}.toml")))?;
+        client.kpi_define(definition).await?;
+    }
+    let (kpi, crm) = (Browser::start().await?, Browser::start().await?);
+    kpi.goto(&format!(
+        "http://{kpi_origin}/kpi.html?broker={}&window=1m&windows=3",
+        broker.url()
+    ))
+    .await?;
+    let tile = "const t = document.querySelector('.tile[data-stat=messages] .value');
+        return t && t.textContent !== '' ? Number(t.textContent) : null";
+    let before = kpi
+        .wait_for("the event tile shows a first reading", tile)
+        .await?;
+    let before = before.as_f64().unwrap_or_default();
+    crm.goto(&page(
+        crm_origin,
+        "crm",
+        &broker,
+        "&contact=9&telemetry_every_ms=200",
+    ))
+    .await?;
+    crm.wait_for("CRM panel live", LIVE).await?;
+    edit(
+        &crm,
+        json!({"name": "Grace Hopper", "email": "", "company": ""}),
+    )
+    .await?;
+    let moved = kpi
+        .wait_for(
+            "the event tile counts the panel's telemetry",
+            &format!(
+                "const t = document.querySelector('.tile[data-stat=messages] .value');
+                 const n = t ? Number(t.textContent) : NaN;
+                 return n > {before} ? n : null"
+            ),
+        )
+        .await?;
+    ensure!(moved.as_f64().unwrap_or_default() > before, "{moved}");
+    let feed = kpi
+        .eval(
+            "return document.getElementById('feed-status').textContent",
+            json!([]),
+        )
+        .await?;
+    ensure!(
+        feed.as_str()
+            .is_some_and(|f| f.contains("widget_events: live")),
+        "fed by the SSE watch: {feed}"
+    );
+    let violations = kpi
+        .eval("return window.kpiDemo.violations", json!([]))
+        .await?;
+    ensure!(violations == json!([]), "CSP violations: {violations}");
     Ok(())
 }
