@@ -1172,5 +1172,27 @@ async fn telemetry_sent_by_a_panel_moves_a_tile_on_the_kpi_page() -> Result<()> 
         .eval("return window.kpiDemo.violations", json!([]))
         .await?;
     ensure!(violations == json!([]), "CSP violations: {violations}");
+
+    if std::env::var_os("SWITCHBOARD_SCREENSHOTS").is_some() {
+        // A few more saves, so that the latency tile has values too, then docs/kpi.png.
+        for name in ["Ada", "Alan", "Barbara", "Edsger"] {
+            edit(&crm, json!({"name": name, "email": "", "company": ""})).await?;
+            crm.wait_for(
+                "the save answered",
+                &format!(
+                    "const c = window.demo.contact; return c && c.name === '{name}' ? true : null"
+                ),
+            )
+            .await?;
+        }
+        kpi.wait_for(
+            "the latency tile has a value",
+            "const t = document.querySelector('.tile[data-view=save_latency] .value');
+             return t && /ms/.test(t.textContent) ? t.textContent : null",
+        )
+        .await?;
+        let docs = demo_dir().join("../../docs");
+        std::fs::write(docs.join("kpi.png"), kpi.screenshot().await?)?;
+    }
     Ok(())
 }
