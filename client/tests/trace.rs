@@ -192,8 +192,18 @@ fn assert_child_context(sent: &str, current: &str) {
     assert_eq!(span.len(), 16, "{sent}");
 }
 
+/// The tests of this file run one at a time. Each sets a thread-local `tracing` dispatcher
+/// (`set_default`), and `tracing` caches whether a callsite is enabled process-wide: a span
+/// callsite first met on a thread without the OpenTelemetry layer can be cached as disabled while
+/// another test's thread, with the layer, meets it — its span then records nothing, and the
+/// publish falls back to the current context (seen as a failure of the first test below only
+/// when the three run in parallel). A process has one dispatcher in production, so this is the
+/// tests' arrangement, not the client's.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn publish_sends_the_context_of_its_span_in_metadata_and_headers() {
+    let _serial = SERIAL.lock().await;
     let (_provider, dispatch) = traced();
     let _default = tracing::dispatcher::set_default(&dispatch);
     let (mock, client) = start().await;
@@ -238,6 +248,7 @@ async fn publish_sends_the_context_of_its_span_in_metadata_and_headers() {
 
 #[tokio::test]
 async fn a_publish_without_an_opentelemetry_layer_sends_no_context() {
+    let _serial = SERIAL.lock().await;
     let (mock, client) = start().await;
     let span = tracing::info_span!("widget.save");
     client
@@ -255,6 +266,7 @@ async fn a_publish_without_an_opentelemetry_layer_sends_no_context() {
 
 #[tokio::test]
 async fn streams_carry_the_context_of_the_call_and_of_each_send() {
+    let _serial = SERIAL.lock().await;
     let (_provider, dispatch) = traced();
     let _default = tracing::dispatcher::set_default(&dispatch);
     let (mock, client) = start().await;
