@@ -8,7 +8,19 @@ use switchboard_proto::v1 as pb;
 use crate::entity::{EntityState, Stamp};
 use crate::error::{BrokerError, Reason};
 use crate::fanout::registry::FlowPolicy;
-use crate::message::StoredMessage;
+use crate::message::{Owner, StoredMessage};
+
+/// Who wrote a registration, as the answers show it: `issuer subject`, the subject alone when
+/// the token had no issuer, empty when nobody authenticated did.
+pub(crate) fn owner_text(owner: Option<&Owner>) -> String {
+    owner.map_or(String::new(), |o| {
+        if o.issuer.is_empty() {
+            o.subject.clone()
+        } else {
+            format!("{} {}", o.issuer, o.subject)
+        }
+    })
+}
 
 /// µs since the epoch → protobuf timestamp.
 pub fn timestamp(us: u64) -> Timestamp {

@@ -139,23 +139,15 @@ impl KpisService {
         }
     }
 
-    /// Waits, up to `cluster.forward_timeout`, until this node's record of view `name` passes
-    /// `holds`: a write through a follower is answered once the leader applied it, and waiting
-    /// for this node too means the caller's next read here sees it.
+    /// Waits until this node's record of view `name` passes `holds`, so the caller's next read
+    /// here sees the write ([`Edge::applied_here`]).
     async fn applied_here(&self, holds: impl Fn(Option<&ViewRecord>) -> bool, name: &str) {
-        let check = || match self.edge.store.view(name) {
-            Ok(record) => holds(record.as_ref()),
-            Err(_) => false,
-        };
-        let mut progress = self.edge.progress.clone();
-        let wait = async {
-            while !check() {
-                if progress.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(self.edge.config.cluster.forward_timeout, wait).await;
+        self.edge
+            .applied_here(|| match self.edge.store.view(name) {
+                Ok(record) => holds(record.as_ref()),
+                Err(_) => false,
+            })
+            .await;
     }
 
     /// One view.
@@ -229,6 +221,9 @@ impl KpisService {
         let mut shutdown = self.edge.shutdown.clone();
         tokio::spawn(async move {
             let mut sent = first.etag.clone();
+            // The window length the latest reading resolved (the view's first when none was
+            // asked): the boundary a quiet view rolls over at.
+            let mut length_s = resolved_length(&first);
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
@@ -241,14 +236,18 @@ impl KpisService {
                 }
                 // Then wait for something that can change the values: an applied entry, or
                 // the next window (rolling over on a quiet view).
-                let until_next_window = until_next_window(&service.edge, &query);
+                let until_next_window = until_next_window(length_s);
                 tokio::select! {
                     changed = progress.changed() => if changed.is_err() { return },
                     () = tokio::time::sleep(until_next_window) => {}
                     () = tx.closed() => return,
                     () = shutdown.wait() => return,
                 }
-                match service.values(&query).await {
+                let values = service.values(&query).await;
+                if let Ok(values) = &values {
+                    length_s = resolved_length(values);
+                }
+                match values {
                     Ok(values) if values.etag == sent => {}
                     Ok(values) => {
                         sent = values.etag.clone();
@@ -269,10 +268,11 @@ impl KpisService {
 }
 
 /// The view `name` compiled, or why not.
-fn view_named(edge: &Edge, name: &str) -> Result<View, BrokerError> {
+fn view_named(edge: &Edge, name: &str) -> Result<(ViewRecord, View), BrokerError> {
     let record = edge.store.view(name)?.ok_or_else(|| not_found(name))?;
-    ViewDefinition::parse(&record.definition)
-        .map_err(|e| BrokerError::Corrupt(format!("KPI view {name}: {e}")))
+    let view = ViewDefinition::parse(&record.definition)
+        .map_err(|e| BrokerError::Corrupt(format!("KPI view {name}: {e}")))?;
+    Ok((record, view))
 }
 
 /// The window length a query names, in seconds (the view's first when none is named).
@@ -320,22 +320,20 @@ fn now_s() -> u64 {
     now_us() / 1_000_000
 }
 
-fn until_next_window(edge: &Edge, query: &KpiQuery) -> Duration {
-    let length_s = view_named(edge, &query.view)
-        .and_then(|view| window_of(&view, &query.window))
-        .unwrap_or(60);
+/// The window length a reading was read at, seconds ([`length_text`] reads back).
+fn resolved_length(values: &pb::GetKpisResponse) -> u32 {
+    parse_length(&values.window).unwrap_or(60)
+}
+
+/// Time until the next window of `length_s` seconds starts.
+fn until_next_window(length_s: u32) -> Duration {
     let now = now_us();
     let length_us = u64::from(length_s) * 1_000_000;
     Duration::from_micros(length_us - now % length_us)
 }
 
 fn values_now(edge: &Edge, query: &KpiQuery) -> Result<pb::GetKpisResponse, BrokerError> {
-    let record = edge
-        .store
-        .view(&query.view)?
-        .ok_or_else(|| not_found(&query.view))?;
-    let view = ViewDefinition::parse(&record.definition)
-        .map_err(|e| BrokerError::Corrupt(format!("KPI view {}: {e}", query.view)))?;
+    let (record, view) = view_named(edge, &query.view)?;
     let length_s = window_of(&view, &query.window)?;
     let group = (!query.group.is_empty()).then_some(query.group.as_str());
     let readings = read(
@@ -459,13 +457,7 @@ fn view_message(name: &str, record: ViewRecord) -> pb::View {
         name: name.to_owned(),
         definition: record.definition,
         defined_at: Some(convert::timestamp(record.defined_at_us)),
-        defined_by: record.defined_by.map_or(String::new(), |o| {
-            if o.issuer.is_empty() {
-                o.subject
-            } else {
-                format!("{} {}", o.issuer, o.subject)
-            }
-        }),
+        defined_by: convert::owner_text(record.defined_by.as_ref()),
         backfill: Some(pb::Backfill {
             messages_read: backfill.messages_read,
             messages_counted: backfill.messages_counted,

@@ -410,6 +410,23 @@ struct Edge {
 }
 
 impl Edge {
+    /// Waits, up to `cluster.forward_timeout`, until `holds` (a read of this node's store) is
+    /// true, re-checking after each applied entry: a registry write through a follower is
+    /// answered once the leader applied it, and waiting for this node too means the caller's
+    /// next request here sees it. A node far behind answers at the bound anyway (the write is
+    /// committed; this node applies it as it catches up).
+    async fn applied_here(&self, holds: impl Fn() -> bool) {
+        let mut progress = self.progress.clone();
+        let wait = async {
+            while !holds() {
+                if progress.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.config.cluster.forward_timeout, wait).await;
+    }
+
     /// Starts a subscription task feeding `out` (for Subscribe, and for entity watches).
     ///
     /// # Errors

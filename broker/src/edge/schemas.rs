@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, Edge};
 use crate::error::{BrokerError, Reason};
-use crate::message::{now_us, Item, ItemOutcome, Owner, SchemaPolicy, SchemaRecord, SchemaWrite};
+use crate::message::{now_us, Item, ItemOutcome, SchemaPolicy, SchemaRecord, SchemaWrite};
 use crate::schema::registry::{compile, Selection};
 use crate::schema::{compat, Failure};
 use crate::security::caller::Caller;
@@ -176,28 +176,19 @@ impl SchemasService {
         }
     }
 
-    /// Waits, up to `cluster.forward_timeout`, until this node's store holds `record` for
-    /// `pattern` at `version` (`None`: no registration): a put or delete through a follower is
-    /// answered once the leader applied it, and waiting for this node too means the caller's next
-    /// publish here meets what it just registered. A node far behind answers at the bound anyway
-    /// (the write is committed; this node applies it as it catches up).
+    /// Waits until this node's store holds `record` for `pattern` at `version` (`None`: no
+    /// registration), so the caller's next publish here meets what it just registered
+    /// ([`Edge::applied_here`]).
     async fn applied_here(&self, pattern: &str, version: &str, record: Option<&SchemaRecord>) {
-        let holds = || match self.edge.store.schema(pattern, version) {
-            Ok(stored) => {
-                stored.as_ref().map(|s| (&s.document, s.policy))
-                    == record.map(|r| (&r.document, r.policy))
-            }
-            Err(_) => false,
-        };
-        let mut progress = self.edge.progress.clone();
-        let wait = async {
-            while !holds() {
-                if progress.changed().await.is_err() {
-                    return;
+        self.edge
+            .applied_here(|| match self.edge.store.schema(pattern, version) {
+                Ok(stored) => {
+                    stored.as_ref().map(|s| (&s.document, s.policy))
+                        == record.map(|r| (&r.document, r.policy))
                 }
-            }
-        };
-        let _ = tokio::time::timeout(self.edge.config.cluster.forward_timeout, wait).await;
+                Err(_) => false,
+            })
+            .await;
     }
 
     /// Reads one registration (the pattern's highest version when none is named).
@@ -368,16 +359,6 @@ pub(crate) fn policy_message(policy: SchemaPolicy) -> pb::SchemaPolicy {
     }
 }
 
-fn owner_text(owner: Option<&Owner>) -> String {
-    owner.map_or(String::new(), |o| {
-        if o.issuer.is_empty() {
-            o.subject.clone()
-        } else {
-            format!("{} {}", o.issuer, o.subject)
-        }
-    })
-}
-
 fn schema_message(
     pattern: &str,
     version: &str,
@@ -389,7 +370,7 @@ fn schema_message(
         version: version.to_owned(),
         policy: policy_message(record.policy) as i32,
         registered_at: Some(convert::timestamp(record.registered_at_us)),
-        registered_by: owner_text(record.registered_by.as_ref()),
+        registered_by: convert::owner_text(record.registered_by.as_ref()),
         document: if document {
             record.document
         } else {
