@@ -32,16 +32,20 @@ fn view_key(name: &str) -> Vec<u8> {
 /// hold, so one view's prefix is never another's).
 fn view_cells_prefix(name: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(2 + name.len() + 12);
-    key.push(KPI_CELL);
-    key.extend_from_slice(name.as_bytes());
-    key.push(0);
+    push_view_cells_prefix(&mut key, name);
     key
 }
 
-fn length_prefix(name: &str, length_s: u32) -> Vec<u8> {
-    let mut key = view_cells_prefix(name);
-    key.extend_from_slice(&length_s.to_be_bytes());
-    key
+fn push_view_cells_prefix(key: &mut Vec<u8>, name: &str) {
+    key.push(KPI_CELL);
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+}
+
+/// Bytes of the prefix of a view's cells of one window length: [`view_cells_prefix`] and the
+/// length.
+fn length_prefix_len(name: &str) -> usize {
+    name.len() + 2 + 4
 }
 
 impl MessageStore {
@@ -142,9 +146,7 @@ impl MessageStore {
         length_s: u32,
         start_s: u64,
     ) {
-        key.push(KPI_CELL);
-        key.extend_from_slice(name.as_bytes());
-        key.push(0);
+        push_view_cells_prefix(key, name);
         key.extend_from_slice(&length_s.to_be_bytes());
         key.extend_from_slice(&start_s.to_be_bytes());
     }
@@ -286,7 +288,7 @@ impl MessageStore {
     ) -> Result<Vec<(u64, Group, Cell)>, BrokerError> {
         let start = Self::kpi_window_prefix(name, length_s, from_s);
         let end = Self::kpi_window_prefix(name, length_s, to_s.saturating_add(1));
-        let skip = length_prefix(name, length_s).len();
+        let skip = length_prefix_len(name);
         let mut cells = Vec::new();
         for kv in self.tree.range(start..end) {
             let (key, value) = kv?;
