@@ -182,33 +182,25 @@ const W1K_VIEWS: [&str; 3] = [
 /// W1k: W1 with three KPI views folding every message (docs/KPIS.md), and bodies that carry
 /// the numbers and the group they measure.
 pub async fn w1_with_kpis(url: &str, plan: &Plan) -> anyhow::Result<Outcome> {
-    let channel = tonic::transport::Channel::from_shared(url.to_owned())?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to Switchboard at {url}"))?;
-    let mut kpis = switchboard_proto::v1::kpi_service_client::KpiServiceClient::new(channel);
-    for definition in W1K_VIEWS {
-        kpis.define_view(switchboard_proto::v1::DefineViewRequest {
-            definition: definition.to_owned(),
-        })
-        .await
-        .context("cannot define W1k's views")?;
-    }
     let client = connect(url).await?;
+    for definition in W1K_VIEWS {
+        client
+            .kpi_define(definition)
+            .await
+            .context("cannot define W1k's views")?;
+    }
     let mut publisher = Windowed::open(&client, plan.window);
     publisher.kpi_bodies = true;
     let outcome = tally::publish_all(publisher, plan).await?;
     // Every message was counted: the views are not lagging behind the acks.
-    let values = kpis
-        .get_kpis(switchboard_proto::v1::GetKpisRequest {
-            view: "w1k_count".into(),
-            window: "1h".into(),
-            windows: 2,
-            ..Default::default()
-        })
+    let values = client
+        .kpi_values(
+            switchboard_client::KpiQuery::new("w1k_count")
+                .window("1h")
+                .windows(2),
+        )
         .await
-        .context("cannot read W1k's counts")?
-        .into_inner();
+        .context("cannot read W1k's counts")?;
     let counted: u64 = values
         .windows
         .iter()
