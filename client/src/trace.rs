@@ -172,31 +172,18 @@ pub(crate) struct Outgoing {
 /// alone and the span, kind `CLIENT`, links to it instead, as the conventions ask.
 pub(crate) fn publish_span(channel: &str, headers: &mut HashMap<String, String>) -> Outgoing {
     let explicit = has_traceparent(headers);
-    let span = if explicit {
-        tracing::info_span!(
-            "switchboard.publish",
-            otel.name = %format_args!("publish {channel}"),
-            otel.kind = "client",
-            messaging.system = SYSTEM,
-            "messaging.operation.type" = "send",
-            messaging.operation.name = "publish",
-            messaging.destination.name = %channel,
-            messaging.message.id = tracing::field::Empty,
-            "error.type" = tracing::field::Empty,
-        )
-    } else {
-        tracing::info_span!(
-            "switchboard.publish",
-            otel.name = %format_args!("publish {channel}"),
-            otel.kind = "producer",
-            messaging.system = SYSTEM,
-            "messaging.operation.type" = "send",
-            messaging.operation.name = "publish",
-            messaging.destination.name = %channel,
-            messaging.message.id = tracing::field::Empty,
-            "error.type" = tracing::field::Empty,
-        )
-    };
+    let kind = if explicit { "client" } else { "producer" };
+    let span = tracing::info_span!(
+        "switchboard.publish",
+        otel.name = %format_args!("publish {channel}"),
+        otel.kind = kind,
+        messaging.system = SYSTEM,
+        "messaging.operation.type" = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = %channel,
+        messaging.message.id = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    );
     adopt_api_context(&span);
     if explicit {
         span.add_link(extract_headers(headers).span().span_context().clone());
