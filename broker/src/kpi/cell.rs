@@ -137,7 +137,9 @@ struct StoredStats {
     sum: f64,
     min: f64,
     max: f64,
-    sketch: Vec<u8>,
+    /// [`Sketch::to_bytes`]. `Bytes` is written as one byte string where a `Vec<u8>` is written
+    /// byte by byte; bincode lays both out the same way (a length, then the bytes).
+    sketch: bytes::Bytes,
 }
 
 impl Cell {
@@ -161,6 +163,16 @@ impl Cell {
         }
     }
 
+    /// Bytes the cell holds on the heap, about (its measures and their sketches' buckets).
+    pub(crate) fn heap_size(&self) -> usize {
+        self.measures.len() * std::mem::size_of::<Stats>()
+            + self
+                .measures
+                .iter()
+                .map(|m| m.sketch.heap_size())
+                .sum::<usize>()
+    }
+
     /// The cell as serde data for the store's sealed encoding.
     pub(crate) fn encode(&self) -> Result<Vec<u8>, bincode::Error> {
         crate::checksum::encode(&StoredCell {
@@ -173,7 +185,7 @@ impl Cell {
                     sum: s.sum,
                     min: s.min,
                     max: s.max,
-                    sketch: s.sketch.to_bytes(),
+                    sketch: s.sketch.to_bytes().into(),
                 })
                 .collect(),
         })
@@ -240,6 +252,29 @@ mod tests {
         let last = damaged.len() - 1;
         damaged[last] ^= 1;
         assert!(Cell::decode(&damaged).is_err());
+    }
+
+    #[test]
+    fn cells_stored_with_the_sketch_as_a_byte_vector_still_read() {
+        // The layout cells were first stored in: the sketch serialized as a `Vec<u8>`.
+        #[derive(Serialize)]
+        struct Before {
+            messages: u64,
+            measures: Vec<(u64, f64, f64, f64, Vec<u8>)>,
+        }
+        let mut cell = Cell::new(1);
+        cell.messages = 4;
+        for v in [1.0, 2.5, 1e6] {
+            cell.measures[0].add(v);
+        }
+        let s = &cell.measures[0];
+        let before = crate::checksum::encode(&Before {
+            messages: 4,
+            measures: vec![(s.count, s.sum, s.min, s.max, s.sketch.to_bytes())],
+        })
+        .unwrap();
+        assert_eq!(before, cell.encode().unwrap());
+        assert_eq!(Cell::decode(&before).unwrap(), cell);
     }
 
     #[test]

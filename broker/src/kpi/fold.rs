@@ -75,7 +75,20 @@ impl<'a> Fold<'a> {
         let views = Arc::clone(&self.views);
         let mut places = std::mem::take(&mut self.places);
         views.matching(&message.message.channel, &mut places);
-        let mut payload = Payload::Unread;
+        // The members the views folding this message read, each once.
+        let mut wanted: Vec<&str> = Vec::new();
+        for &place in &places {
+            let view = &views.views[place];
+            if only.is_some_and(|name| name != view.definition.name) {
+                continue;
+            }
+            for member in &view.json_members {
+                if !wanted.contains(&member.as_str()) {
+                    wanted.push(member);
+                }
+            }
+        }
+        let mut payload = Payload::new(&wanted);
         let mut counted = false;
         for &place in &places {
             let view = &views.views[place];
@@ -94,7 +107,7 @@ impl<'a> Fold<'a> {
         &mut self,
         view: &View,
         message: &'m StoredMessage,
-        payload: &mut Payload<'m>,
+        payload: &mut Payload<'m, '_>,
     ) -> Result<bool, BrokerError> {
         let definition = &view.definition;
         for filter in &definition.filters {
@@ -299,39 +312,53 @@ impl<'a> Fold<'a> {
     }
 }
 
-/// A message's payload as JSON, parsed at most once and only when a view needs it. An object's
-/// members are kept as raw text (borrowed from the payload, not copied) until a field asks for
-/// one, so a large member nobody reads — a body's padding, a blob — is only scanned.
-enum Payload<'m> {
+/// A message's payload as JSON, read at most once and only when a view needs it, and only as far
+/// as it needs: the members the matching views read ([`View::json_members`]) are kept as raw
+/// text borrowed from the payload, every other member is skipped without being checked or
+/// copied, and once all are found the rest of the payload is not read at all (a body's padding,
+/// a blob, a context object no view looks at). The payload of a message with a JSON content type
+/// was checked at the edge ([`crate::edge::validate::check_json`]), so stopping early cannot
+/// take a damaged text for JSON; any other payload is read to its end first. When a member name
+/// appears twice, the first counts.
+struct Payload<'m, 'w> {
+    /// The top-level members wanted.
+    wanted: &'w [&'w str],
+    read: Read<'m>,
+}
+
+enum Read<'m> {
     Unread,
-    Object(Members<'m>),
+    /// An object: the raw value of each wanted member, in `wanted`'s order.
+    Object(Vec<Option<&'m RawValue>>),
     /// A payload that is JSON but not an object (pointers other than `""` then find nothing
     /// at the top, as `serde_json::Value::pointer` would not either, except into arrays).
     Other(serde_json::Value),
     NotJson,
 }
 
-impl<'m> Payload<'m> {
+impl<'m, 'w> Payload<'m, 'w> {
+    fn new(wanted: &'w [&'w str]) -> Payload<'m, 'w> {
+        Payload {
+            wanted,
+            read: Read::Unread,
+        }
+    }
+
     /// The raw JSON at `pointer` (RFC 6901), if there is one.
     fn at(&mut self, message: &'m StoredMessage, pointer: &str) -> Option<Located<'m>> {
-        if let Payload::Unread = self {
-            let bytes: &'m [u8] = &message.message.payload;
-            *self = match serde_json::from_slice::<Members<'m>>(bytes) {
-                Ok(members) => Payload::Object(members),
-                Err(_) => match serde_json::from_slice::<serde_json::Value>(bytes) {
-                    Ok(value) => Payload::Other(value),
-                    Err(_) => Payload::NotJson,
-                },
-            };
+        if let Read::Unread = self.read {
+            self.read = read(message, self.wanted);
         }
-        match self {
-            Payload::Object(members) => {
+        match &self.read {
+            Read::Object(found) => {
                 let rest = pointer.strip_prefix('/')?;
                 let (first, deeper) = match rest.find('/') {
                     Some(at) => (&rest[..at], Some(&rest[at..])),
                     None => (rest, None),
                 };
-                let raw = members.get(&unescape(first))?;
+                let first = unescape(first);
+                let place = self.wanted.iter().position(|w| *w == first)?;
+                let raw = (*found.get(place)?)?;
                 match deeper {
                     None => Some(Located::Raw(raw)),
                     Some(deeper) => {
@@ -340,47 +367,82 @@ impl<'m> Payload<'m> {
                     }
                 }
             }
-            Payload::Other(value) => value.pointer(pointer).cloned().map(Located::Value),
-            Payload::Unread | Payload::NotJson => None,
+            Read::Other(value) => value.pointer(pointer).cloned().map(Located::Value),
+            Read::Unread | Read::NotJson => None,
         }
     }
 }
 
-/// An object's members as (name, raw value), names borrowed from the payload unless they hold
-/// escapes: no allocation per member in the usual case. The last of duplicate names wins, as in
-/// `serde_json::Value`.
-struct Members<'m>(Vec<(std::borrow::Cow<'m, str>, &'m RawValue)>);
-
-impl<'m> Members<'m> {
-    fn get(&self, name: &str) -> Option<&'m RawValue> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, raw)| *raw)
+/// Reads `message`'s payload for the members in `wanted`.
+fn read<'m>(message: &'m StoredMessage, wanted: &[&str]) -> Read<'m> {
+    let bytes: &'m [u8] = &message.message.payload;
+    let mut scan = Scan {
+        wanted,
+        found: vec![None; wanted.len()],
+        missing: wanted.len(),
+        stop_early: crate::edge::validate::is_json(&message.message.content_type),
+        stopped: false,
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let scanned = serde::Deserializer::deserialize_map(&mut deserializer, &mut scan)
+        .and_then(|()| deserializer.end());
+    if scanned.is_ok() || scan.stopped {
+        return Read::Object(scan.found);
+    }
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(value) => Read::Other(value),
+        Err(_) => Read::NotJson,
     }
 }
 
-impl<'de> serde::Deserialize<'de> for Members<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(name) = map.next_key::<Name<'de>>()? {
-                    members.push((name.0, map.next_value::<&'de RawValue>()?));
+/// Scans an object for the members in `wanted`.
+struct Scan<'w, 'm> {
+    wanted: &'w [&'w str],
+    found: Vec<Option<&'m RawValue>>,
+    /// Wanted members not found yet.
+    missing: usize,
+    /// Whether the scan may stop once none is missing (the payload is known to be JSON).
+    stop_early: bool,
+    /// Whether it did.
+    stopped: bool,
+}
+
+/// The error a scan stops with once it has every member it wants (never seen outside [`read`]).
+const SCAN_DONE: &str = "every wanted member found";
+
+impl<'de> serde::de::Visitor<'de> for &mut Scan<'_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if self.stop_early && self.missing == 0 {
+            self.stopped = true;
+            return Err(serde::de::Error::custom(SCAN_DONE));
+        }
+        while let Some(name) = map.next_key::<Name<'de>>()? {
+            match self.wanted.iter().position(|w| *w == name.0) {
+                Some(place) if self.found[place].is_none() => {
+                    self.found[place] = Some(map.next_value::<&'de RawValue>()?);
+                    self.missing -= 1;
+                    if self.stop_early && self.missing == 0 {
+                        self.stopped = true;
+                        return Err(serde::de::Error::custom(SCAN_DONE));
+                    }
                 }
-                Ok(Members(members))
+                // Skipped unread when the payload is known to be JSON; otherwise checked (UTF-8
+                // and all) as a member read would be, so a text that is not JSON stays missing.
+                _ if self.stop_early => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                _ => {
+                    map.next_value::<&'de RawValue>()?;
+                }
             }
         }
-        deserializer.deserialize_map(Visit)
+        Ok(())
     }
 }
 
@@ -417,7 +479,7 @@ enum Located<'m> {
 
 /// A JSON pointer's segment as a member name (`~1` is `/`, `~0` is `~`).
 fn unescape(segment: &str) -> std::borrow::Cow<'_, str> {
-    if segment.contains('~') {
+    if segment.as_bytes().contains(&b'~') {
         segment.replace("~1", "/").replace("~0", "~").into()
     } else {
         segment.into()
@@ -430,7 +492,7 @@ fn unescape(segment: &str) -> std::borrow::Cow<'_, str> {
 fn value_of<'m>(
     field: &Field,
     message: &'m StoredMessage,
-    payload: &mut Payload<'m>,
+    payload: &mut Payload<'m, '_>,
 ) -> Option<std::borrow::Cow<'m, str>> {
     let mut text: std::borrow::Cow<'m, str> = match field {
         Field::Header(name) => message.message.headers.get(name)?.as_str().into(),
@@ -470,7 +532,7 @@ fn text_of(value: &serde_json::Value) -> Option<String> {
 fn number_at<'m>(
     pointer: &str,
     message: &'m StoredMessage,
-    payload: &mut Payload<'m>,
+    payload: &mut Payload<'m, '_>,
 ) -> Option<f64> {
     match payload.at(message, pointer)? {
         Located::Raw(raw) => match serde_json::from_str::<serde_json::Value>(raw.get()).ok()? {

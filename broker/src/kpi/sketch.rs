@@ -14,13 +14,12 @@
 //! it.
 //!
 //! **Size.** Positive and negative values keep buckets of their own (`v` and `-v` share the
-//! index), zero and values too small to index are counted apart. A side holds at most
-//! [`MAX_BUCKETS`]; past that its lowest buckets are folded into the next one up, which keeps the
-//! high quantiles (the ones KPIs ask for) exact to α and makes only the smallest magnitudes
-//! coarser. 2,048 buckets span a ratio of 2^41 between the smallest and largest value at full
-//! accuracy.
-
-use std::collections::BTreeMap;
+//! index), zero and values too small to index are counted apart. A side's buckets are one dense
+//! run of counts (adding a value is an index and an increment) spanning at most [`MAX_BUCKETS`]
+//! consecutive indexes; past that its lowest buckets are folded into the lowest one kept, which
+//! keeps the high quantiles (the ones KPIs ask for) exact to α and makes only the smallest
+//! magnitudes coarser. 2,048 buckets span a ratio of 2^41 between the smallest and largest value
+//! at full accuracy.
 
 /// The largest relative error of a quantile read from a sketch (for values within the span the
 /// buckets keep, see the module docs).
@@ -31,7 +30,7 @@ pub(crate) const RELATIVE_ACCURACY: f64 = 0.01;
 /// bucket a little narrower than the bound needs.
 const INDEX_PER_LOG2: f64 = 50.0;
 
-/// Buckets one side (positive or negative values) keeps at most.
+/// Consecutive buckets one side (positive or negative values) spans at most.
 pub(crate) const MAX_BUCKETS: usize = 2048;
 
 /// Magnitudes below this are counted as zero (they have no useful bucket).
@@ -41,11 +40,89 @@ const MIN_INDEXABLE: f64 = 1e-9;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Sketch {
     /// Counts of positive values by bucket index.
-    positive: BTreeMap<i32, u64>,
+    positive: Buckets,
     /// Counts of negative values by the bucket index of their magnitude.
-    negative: BTreeMap<i32, u64>,
+    negative: Buckets,
     /// Zeros and magnitudes below [`MIN_INDEXABLE`].
     zero: u64,
+}
+
+/// One side's counts: `counts[i]` is bucket `lowest + i`'s. Empty, or its first and last counts
+/// are not zero — so two sides holding the same counts are equal, whatever order they came in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Buckets {
+    lowest: i32,
+    counts: Vec<u64>,
+}
+
+impl Buckets {
+    /// Adds `n` to bucket `index` (n > 0), folding the lowest buckets into the lowest kept when
+    /// the span would pass [`MAX_BUCKETS`].
+    fn add(&mut self, index: i32, n: u64) {
+        if self.counts.is_empty() {
+            self.lowest = index;
+            self.counts.push(n);
+            return;
+        }
+        // Indexes are within ±2^16 (a finite f64's exponent times 50), so i64 never overflows.
+        let offset = i64::from(index) - i64::from(self.lowest);
+        let len = self.counts.len() as i64;
+        if (0..len).contains(&offset) {
+            self.counts[offset as usize] += n;
+        } else if offset >= len {
+            // Above the highest: extend up, then fold what fell below the span.
+            self.counts.resize(offset as usize, 0);
+            self.counts.push(n);
+            let over = self.counts.len().saturating_sub(MAX_BUCKETS);
+            if over > 0 {
+                let folded: u64 = self.counts.drain(..over).sum();
+                self.counts[0] += folded;
+                self.lowest += over as i32;
+                self.trim_low();
+            }
+        } else {
+            // Below the lowest: extend down as far as the span allows; lower still lands in the
+            // lowest bucket kept.
+            let room = (MAX_BUCKETS - self.counts.len()) as i64;
+            let down = (-offset).min(room) as usize;
+            if down == 0 {
+                self.counts[0] += n;
+                return;
+            }
+            self.counts.splice(0..0, std::iter::repeat_n(0, down));
+            self.lowest -= down as i32;
+            self.counts[0] += n;
+        }
+    }
+
+    /// Drops leading zero counts (folding may leave the new lowest one empty only when it was
+    /// and nothing was folded, which `add`'s callers never do; kept for the invariant's sake).
+    fn trim_low(&mut self) {
+        let zeros = self.counts.iter().take_while(|c| **c == 0).count();
+        if zeros > 0 {
+            self.counts.drain(..zeros);
+            self.lowest += zeros as i32;
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// (index, count) of the buckets holding values, lowest first.
+    fn occupied(&self) -> impl DoubleEndedIterator<Item = (i32, u64)> + '_ {
+        let lowest = self.lowest;
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(move |(i, n)| (lowest + i as i32, *n))
+    }
+
+    /// Buckets holding values.
+    fn occupied_len(&self) -> usize {
+        self.counts.iter().filter(|n| **n > 0).count()
+    }
 }
 
 impl Sketch {
@@ -64,8 +141,7 @@ impl Sketch {
         } else {
             &mut self.negative
         };
-        *side.entry(index_of(magnitude)).or_insert(0) += 1;
-        collapse(side);
+        side.add(index_of(magnitude), 1);
     }
 
     /// Adds every value of `other`.
@@ -75,17 +151,21 @@ impl Sketch {
             (&mut self.positive, &other.positive),
             (&mut self.negative, &other.negative),
         ] {
-            for (index, count) in theirs {
-                *mine.entry(*index).or_insert(0) += count;
+            for (index, count) in theirs.occupied() {
+                mine.add(index, count);
             }
-            collapse(mine);
         }
         self.zero += other.zero;
     }
 
+    /// Bytes its buckets hold on the heap.
+    pub(crate) fn heap_size(&self) -> usize {
+        (self.positive.counts.capacity() + self.negative.counts.capacity()) * 8
+    }
+
     /// Values added.
     pub(crate) fn count(&self) -> u64 {
-        self.zero + self.positive.values().sum::<u64>() + self.negative.values().sum::<u64>()
+        self.zero + self.positive.total() + self.negative.total()
     }
 
     /// The `q` quantile (0 ≤ q ≤ 1) of the values added, within [`RELATIVE_ACCURACY`]; `None`
@@ -100,35 +180,36 @@ impl Sketch {
         let mut seen = 0u64;
         // Ascending: the most negative first (the highest magnitude index), then zeros, then
         // positives from the lowest index.
-        for (index, n) in self.negative.iter().rev() {
+        for (index, n) in self.negative.occupied().rev() {
             seen += n;
             if seen > rank {
-                return Some(-representative(*index));
+                return Some(-representative(index));
             }
         }
         seen += self.zero;
         if seen > rank {
             return Some(0.0);
         }
-        for (index, n) in &self.positive {
+        for (index, n) in self.positive.occupied() {
             seen += n;
             if seen > rank {
-                return Some(representative(*index));
+                return Some(representative(index));
             }
         }
         None
     }
 
-    /// The sketch as bytes: `zero`, then each side as its bucket count followed by
-    /// (index, count) pairs in index order, every number a LEB128 varint (indexes zigzagged).
+    /// The sketch as bytes: `zero`, then each side as its number of non-empty buckets followed
+    /// by (index, count) pairs in index order, every number a LEB128 varint (indexes zigzagged).
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + 4 * (self.positive.len() + self.negative.len()));
+        let (positive, negative) = (self.positive.occupied_len(), self.negative.occupied_len());
+        let mut out = Vec::with_capacity(8 + 4 * (positive + negative));
         put_varint(&mut out, self.zero);
-        for side in [&self.positive, &self.negative] {
-            put_varint(&mut out, side.len() as u64);
-            for (index, count) in side {
-                put_varint(&mut out, zigzag(*index));
-                put_varint(&mut out, *count);
+        for (side, len) in [(&self.positive, positive), (&self.negative, negative)] {
+            put_varint(&mut out, len as u64);
+            for (index, count) in side.occupied() {
+                put_varint(&mut out, zigzag(index));
+                put_varint(&mut out, count);
             }
         }
         out
@@ -138,15 +219,22 @@ impl Sketch {
     pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Sketch> {
         let mut input = bytes;
         let zero = take_varint(&mut input)?;
-        let mut sides = [BTreeMap::new(), BTreeMap::new()];
+        let mut sides = [Buckets::default(), Buckets::default()];
         for side in &mut sides {
             let len = usize::try_from(take_varint(&mut input)?).ok()?;
             if len > MAX_BUCKETS {
                 return None;
             }
+            let mut previous = None;
             for _ in 0..len {
                 let index = unzigzag(take_varint(&mut input)?)?;
-                side.insert(index, take_varint(&mut input)?);
+                let count = take_varint(&mut input)?;
+                // Written in ascending order, each bucket once and not empty.
+                if count == 0 || previous.is_some_and(|p| p >= index) {
+                    return None;
+                }
+                previous = Some(index);
+                side.add(index, count);
             }
         }
         if !input.is_empty() {
@@ -184,18 +272,6 @@ fn representative(index: i32) -> f64 {
     let lower = value_at(f64::from(index - 1) / INDEX_PER_LOG2);
     let upper = value_at(f64::from(index) / INDEX_PER_LOG2);
     2.0 * lower * upper / (lower + upper)
-}
-
-/// Folds the lowest buckets of a side into the next one up until it keeps [`MAX_BUCKETS`].
-fn collapse(side: &mut BTreeMap<i32, u64>) {
-    while side.len() > MAX_BUCKETS {
-        let Some((_, lowest)) = side.pop_first() else {
-            return;
-        };
-        if let Some(mut next) = side.first_entry() {
-            *next.get_mut() += lowest;
-        }
-    }
 }
 
 fn zigzag(value: i32) -> u64 {
@@ -316,9 +392,31 @@ mod tests {
             sketch.add(value);
             value *= 1.0205;
         }
-        assert_eq!(sketch.positive.len(), MAX_BUCKETS);
+        assert_eq!(sketch.positive.counts.len(), MAX_BUCKETS);
         assert_eq!(sketch.count(), 3000, "collapsing keeps every count");
         assert_within(sketch.quantile(1.0).unwrap(), value / 1.0205);
+    }
+
+    #[test]
+    fn values_below_a_full_span_count_in_its_lowest_bucket() {
+        let mut sketch = Sketch::default();
+        // Exactly MAX_BUCKETS buckets from 1.0 up (50 per power of two).
+        let top = value_at(((MAX_BUCKETS - 1) as f64 - 0.5) / INDEX_PER_LOG2);
+        assert_eq!((index_of(1.0), index_of(top)), (0, MAX_BUCKETS as i32 - 1));
+        sketch.add(1.0);
+        sketch.add(top);
+        assert_eq!(sketch.positive.counts.len(), MAX_BUCKETS);
+        sketch.add(1e-3);
+        assert_eq!(
+            sketch.positive.counts.len(),
+            MAX_BUCKETS,
+            "the span did not grow"
+        );
+        assert_eq!(sketch.count(), 3);
+        assert_eq!(sketch.positive.counts[0], 2, "1e-3 counts in 1.0's bucket");
+        assert_within(sketch.quantile(1.0).unwrap(), top);
+        let bytes = sketch.to_bytes();
+        assert_eq!(Sketch::from_bytes(&bytes), Some(sketch));
     }
 
     #[test]
@@ -334,6 +432,11 @@ mod tests {
         longer.push(0);
         assert_eq!(Sketch::from_bytes(&longer), None);
         assert_eq!(Sketch::from_bytes(&[0xff; 12]), None);
+        // Buckets out of order, twice, or empty.
+        assert_eq!(Sketch::from_bytes(&[0, 2, 4, 1, 2, 1, 0]), None);
+        assert_eq!(Sketch::from_bytes(&[0, 2, 2, 1, 2, 1, 0]), None);
+        assert_eq!(Sketch::from_bytes(&[0, 1, 2, 0, 0]), None);
+        assert!(Sketch::from_bytes(&[0, 2, 2, 1, 4, 1, 0]).is_some());
         assert_eq!(Sketch::default().to_bytes(), vec![0, 0, 0]);
     }
 

@@ -575,3 +575,68 @@ field = "/call/ms"
     );
     assert_eq!(minute.groups.len(), 1, "the filter left the others out");
 }
+
+/// `publish` with another content type.
+fn publish_typed(channel: &str, payload: &str, content_type: &str) -> Item {
+    let mut item = publish(channel, payload);
+    if let Item::Publish(message) = &mut item {
+        message.content_type = content_type.into();
+    }
+    item
+}
+
+#[test]
+fn a_payload_is_read_as_far_as_the_views_need_and_the_first_of_twin_members_counts() {
+    let mut b = Broker::new();
+    b.define(
+        DAY,
+        r#"
+name = "queues"
+pattern = "calls.>"
+group_by = { json = "/q" }
+windows = ["1m"]
+
+[[measures]]
+name = "ms"
+field = "/ms"
+"#,
+    );
+    b.apply(
+        DAY + 1,
+        0,
+        vec![
+            // A member named twice: the first counts.
+            publish(
+                "calls.a",
+                r#"{"q": "first", "ms": 5, "q": "second", "ms": 6}"#,
+            ),
+            // A JSON payload (checked at the edge) is not read past the members wanted: the
+            // fold stops at "ms" and never meets what follows.
+            publish("calls.a", r#"{"ms": 7, "q": "first", "pad": "#),
+            // Any other content type is read to its end first: this one is not JSON, so its
+            // group and measure are missing.
+            publish_typed(
+                "calls.a",
+                r#"{"q": "first", "ms": 8, "pad": "#,
+                "text/plain",
+            ),
+            // ... and this one is, so it counts.
+            publish_typed("calls.a", r#"{"q": "first", "ms": 9}"#, "text/plain"),
+            // Members no view reads are skipped, whatever they hold.
+            publish(
+                "calls.a",
+                r#"{"blob": {"deep": [1, 2, {"x": "\u00e9"}]}, "q": "first", "ms": 10}"#,
+            ),
+        ],
+    );
+    let minute = &b.read("queues", 60, 1, DAY + 1)[0];
+    let first = group(minute, &named("first")).expect("the first group");
+    assert_eq!(first.messages, 4);
+    assert_eq!(
+        (first.measures[0].count, first.measures[0].sum),
+        (4, 5.0 + 7.0 + 9.0 + 10.0)
+    );
+    assert!(group(minute, &named("second")).is_none());
+    let missing = group(minute, &Group::Missing).expect("the text that is not JSON");
+    assert_eq!((missing.messages, missing.measures[0].count), (1, 0));
+}

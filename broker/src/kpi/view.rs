@@ -151,6 +151,9 @@ pub(crate) struct View {
     pub(crate) windows: Vec<Window>,
     /// Groups per window.
     pub(crate) max_groups: u32,
+    /// The top-level payload members its JSON fields read (pointer first segments, unescaped,
+    /// each once): the fold reads a payload only as far as the matching views need.
+    pub(crate) json_members: Vec<String>,
 }
 
 /// One window length of a view.
@@ -272,13 +275,40 @@ impl ViewDefinition {
                 format!("keeps up to {cells} cells (windows × keep × groups); at most {MAX_CELLS}"),
             ));
         }
+        let mut json_members: Vec<String> = Vec::new();
+        let pointers = self
+            .filters
+            .iter()
+            .map(|f| &f.field)
+            .chain(&self.group_by)
+            .filter_map(|field| match field {
+                Field::Json(pointer) => Some(pointer.as_str()),
+                Field::Header(_) | Field::Segment(_) => None,
+            })
+            .chain(self.measures.iter().map(|m| m.field.as_str()));
+        for pointer in pointers {
+            if let Some(member) = top_member(pointer) {
+                if !json_members.contains(&member) {
+                    json_members.push(member);
+                }
+            }
+        }
         Ok(View {
             definition: self,
             pattern,
             windows,
             max_groups,
+            json_members,
         })
     }
+}
+
+/// The top-level member a JSON pointer starts at (`/call/agent`: `call`), unescaped (`~1` is
+/// `/`, `~0` is `~`); `None` for the pointer to the whole document (`""`).
+pub(crate) fn top_member(pointer: &str) -> Option<String> {
+    let rest = pointer.strip_prefix('/')?;
+    let first = rest.split('/').next().unwrap_or(rest);
+    Some(first.replace("~1", "/").replace("~0", "~"))
 }
 
 fn check_name(field: &'static str, name: &str) -> Result<(), ViewError> {

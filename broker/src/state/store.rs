@@ -112,8 +112,7 @@ pub struct MessageStore {
     compiled_views: Arc<std::sync::Mutex<Option<CompiledAt>>>,
     /// KPI cells as the last applied entries left them, decoded, so the next entry need not read
     /// and decode them again ([`kpi_records`]). Bounded.
-    kpi_cells_cache:
-        Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, crate::kpi::cell::Cell>>>,
+    kpi_cells_cache: Arc<std::sync::Mutex<kpi_records::CachedCells>>,
 }
 
 /// Views compiled at a registry generation.
