@@ -60,9 +60,9 @@ pub(super) fn ack(ack: &pb::PublishAck) -> Value {
     })
 }
 
+/// Whether a delivered message's payload is JSON (no content type: the default, JSON).
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or("").trim();
-    essence.is_empty() || essence == "application/json" || essence.ends_with("+json")
+    content_type.trim().is_empty() || crate::edge::validate::is_json(content_type)
 }
 
 /// A delivered message. A JSON payload is inlined as `payload`; any other is `payload_base64`.
