@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use super::{corrupt, MessageStore, WriteBatch, KPI_CELL, VIEW};
+use super::{corrupt, Kept, MessageStore, WriteBatch, KPI_CELL, VIEW};
 use crate::checksum;
 use crate::error::BrokerError;
 use crate::kpi::cell::{Cell, Group};
@@ -18,8 +18,10 @@ use crate::kpi::{CompiledViews, ViewDefinition, ViewRecord};
 
 /// Cells the cache keeps decoded at most: the cells a busy view set touches per entry (views ×
 /// windows × active groups). A sketch is at most 4,096 buckets, so the bound is tens of MB in the
-/// worst case and far less in practice; past it the cache starts over.
-const KPI_CELLS_CACHED: usize = 1024;
+/// worst case and far less in practice; past it (or past the bytes bound) the cache starts over.
+pub(super) const KPI_CELLS_CACHED: usize = 1024;
+/// The bytes the encodings of the cached cells may take.
+pub(super) const KPI_CELL_BYTES_CACHED: usize = 32 << 20;
 
 fn view_key(name: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + name.len());
@@ -175,41 +177,20 @@ impl MessageStore {
         cell: Cell,
     ) -> Result<(), BrokerError> {
         let value = cell.encode().map_err(|e| corrupt("KPI cell", e))?;
+        let bytes = value.len();
         batch.insert(key.clone(), value);
-        batch.kpi_cells.push((key, cell));
+        batch.kpi_cells.push(Kept {
+            key,
+            value: cell,
+            bytes,
+        });
         Ok(())
     }
 
     /// The cell under `key` as the last applied entry left it, taken out of the cache (the fold
     /// that takes it writes it back with its entry); `None` when it is not cached.
     pub(crate) fn take_cached_kpi_cell(&self, key: &[u8]) -> Option<Cell> {
-        self.kpi_cells_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key)
-    }
-
-    /// Keeps the cells of an applied entry decoded for the next one.
-    pub(super) fn cache_kpi_cells(&self, cells: Vec<(Vec<u8>, Cell)>) {
-        if cells.is_empty() {
-            return;
-        }
-        let mut cache = self
-            .kpi_cells_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.len() + cells.len() > KPI_CELLS_CACHED {
-            cache.clear();
-        }
-        cache.extend(cells.into_iter().take(KPI_CELLS_CACHED));
-    }
-
-    /// Empties the cache (cells were removed, the views changed, or the store was replaced).
-    pub(super) fn forget_kpi_cells(&self) {
-        self.kpi_cells_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        self.kpi_cells_cache.take(key).map(|(cell, _)| cell)
     }
 
     /// Named groups in the window at `prefix`, counting up to `cap` (no need to count further).
