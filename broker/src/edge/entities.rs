@@ -13,7 +13,6 @@ use futures::StreamExt as _;
 use switchboard_proto::v1 as pb;
 use switchboard_proto::v1::entities_server::{Entities as EntitiesRpc, EntitiesServer};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::auth::TokenBound;
@@ -32,7 +31,7 @@ use crate::state::entity_doc::state_channel;
 const MAX_KEY_PART: usize = 64;
 /// Longest writer id.
 const MAX_WRITER_LEN: usize = 128;
-/// Events buffered per watch before its task waits for the client.
+/// Changes buffered per watch before its subscription waits for the client.
 const WATCH_BUFFER: usize = 64;
 
 /// The `switchboard.v1.Entities` service; cheap to clone.
@@ -304,8 +303,10 @@ impl EntitiesRpc for EntitiesService {
 }
 
 impl EntitiesService {
-    /// Opens a watch: its state subscription and the task that feeds it, whose items the
-    /// returned stream carries until the caller's token expires.
+    /// Opens a watch: its state subscription, and the stream that sends the snapshot and then
+    /// the subscription's changes until the caller's token expires. The stream is polled by the
+    /// response itself: a watch has one task (its subscription's), not one more to pass each
+    /// change on.
     pub(crate) fn watch_items(
         &self,
         request: Request<pb::WatchEntitiesRequest>,
@@ -319,7 +320,6 @@ impl EntitiesService {
             .pattern(&format!("$state.{}", pattern.as_str()))?;
         // A watch reads every entity type its pattern can reach.
         caller.check_subscribe(&state_pattern)?;
-        let (out, events) = mpsc::channel(WATCH_BUFFER);
         let (changes_tx, changes) = mpsc::channel(WATCH_BUFFER);
         // An entity's channel carries only its versions, so conflating per channel is conflating
         // per entity; dropping old versions with a gap would add nothing a watcher can use.
@@ -351,8 +351,18 @@ impl EntitiesService {
             },
             changes_tx,
         )?;
-        tokio::spawn(watch(Arc::clone(&self.edge), pattern, changes, out));
-        Ok(TokenBound::new(&caller, ReceiverStream::new(events)))
+        let watch = Watch {
+            store: edge.store.clone(),
+            pattern,
+            changes,
+            shown: HashMap::new(),
+            phase: Phase::Opening,
+        };
+        let items = futures::stream::unfold(watch, |mut watch| async move {
+            let item = watch.next().await?;
+            Some((item, watch))
+        });
+        Ok(TokenBound::new(&caller, Box::pin(items)))
     }
 }
 
@@ -396,7 +406,8 @@ impl WatchItem {
 }
 
 /// The items of one watch, until the caller's token expires.
-pub(crate) type WatchItems = TokenBound<ReceiverStream<Result<WatchItem, Status>>>;
+pub(crate) type WatchItems =
+    TokenBound<std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchItem, Status>> + Send>>>;
 
 /// Encodes [`WatchItem`]s and decodes `WatchEntitiesRequest`s: the codec of the `WatchEntities`
 /// route in [`WatchRoutes`].
@@ -513,100 +524,118 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
     }
 }
 
-/// Feeds one watch: waits until its state subscription is live, sends the snapshot, then the
-/// changes newer than what the snapshot showed.
-async fn watch(
-    edge: Arc<Edge>,
+/// The entities a watch's snapshot has still to read.
+type Entities = Box<dyn Iterator<Item = Result<(String, String, EntityState), BrokerError>> + Send>;
+
+/// Where a watch is.
+enum Phase {
+    /// Waiting until its state subscription is live.
+    Opening,
+    /// Sending the snapshot: the entities still to read, and how many were sent.
+    Snapshot(Entities, u64),
+    /// Passing changes on.
+    Live,
+    /// Ended (after an error, or with its subscription).
+    Ended,
+}
+
+/// One watch: the snapshot once its state subscription is live, then the changes newer than
+/// what the snapshot showed.
+struct Watch {
+    store: crate::state::store::MessageStore,
     pattern: crate::channel::Pattern,
-    mut changes: mpsc::Receiver<Result<Outgoing, BrokerError>>,
-    out: mpsc::Sender<Result<WatchItem, Status>>,
-) {
-    use pb::entity_event::Event;
+    changes: mpsc::Receiver<Result<Outgoing, BrokerError>>,
+    /// The version last sent, by state channel (which names the entity): a change the snapshot
+    /// or an earlier event already showed is skipped.
+    shown: HashMap<String, u64>,
+    phase: Phase,
+}
 
-    // The subscription is registered once `Subscribed` arrives: every later change will follow.
-    match changes.recv().await {
-        Some(Ok(Outgoing::Subscribed { .. })) => {}
-        Some(Err(e)) => {
-            let _ = out.send(Err(e.into())).await;
-            return;
-        }
-        _ => return,
-    }
+impl Watch {
+    /// The watch's next item; `None` once it ended.
+    async fn next(&mut self) -> Option<Result<WatchItem, Status>> {
+        use pb::entity_event::Event;
 
-    let literal_type = pattern
-        .as_str()
-        .split('.')
-        .next()
-        .filter(|t| *t != "*" && *t != ">")
-        .map(str::to_owned);
-    // The version last sent, by state channel (which names the entity): a change the snapshot
-    // or an earlier event already showed is skipped.
-    let mut shown: HashMap<String, u64> = HashMap::new();
-    let mut count = 0u64;
-    for item in edge.store.entities(literal_type.as_deref()) {
-        let (entity_type, id, state) = match item {
-            Ok(found) => found,
-            Err(e) => {
-                let _ = out.send(Err(e.into())).await;
-                return;
-            }
-        };
-        if !pattern.matches(&format!("{entity_type}.{id}")) {
-            continue;
-        }
-        let entity = convert::entity_state(&entity_type, &id, &state);
-        shown.insert(state_channel(&entity_type, &id), state.version);
-        count += 1;
-        let event = pb::EntityEvent {
-            event: Some(Event::Snapshot(entity)),
-        };
-        if out.send(Ok(WatchItem::Event(event))).await.is_err() {
-            return;
-        }
-    }
-    let done = pb::EntityEvent {
-        event: Some(Event::SnapshotComplete(pb::SnapshotComplete {
-            entities: count,
-        })),
-    };
-    if out.send(Ok(WatchItem::Event(done))).await.is_err() {
-        return;
-    }
-
-    loop {
-        tokio::select! {
-            change = changes.recv() => match change {
-                Some(Ok(Outgoing::Delivery(delivery))) => {
-                    // Every watch of this entity shares one decoded and encoded copy of the change;
-                    // this watch only passes it on.
-                    let shared = delivery.shared();
-                    let Some(change) = super::delivery::entity_change(shared) else {
-                        tracing::warn!(channel = %shared.message.channel, "unreadable state message");
-                        continue;
-                    };
-                    let entity = &change.entity;
-                    let channel = shared.message.channel.as_str();
-                    match shown.get_mut(channel) {
-                        Some(version) if *version >= entity.version => continue,
-                        Some(version) => *version = entity.version,
-                        None => {
-                            shown.insert(channel.to_owned(), entity.version);
+        loop {
+            match &mut self.phase {
+                Phase::Opening => match self.changes.recv().await {
+                    // The subscription is registered: every later change will follow.
+                    Some(Ok(Outgoing::Subscribed { .. })) => {
+                        let literal_type = self
+                            .pattern
+                            .as_str()
+                            .split('.')
+                            .next()
+                            .filter(|t| *t != "*" && *t != ">");
+                        let entities = self.store.entities(literal_type);
+                        self.phase = Phase::Snapshot(Box::new(entities), 0);
+                    }
+                    Some(Err(e)) => return self.end(e),
+                    _ => {
+                        self.phase = Phase::Ended;
+                        return None;
+                    }
+                },
+                Phase::Snapshot(entities, count) => match entities.next() {
+                    Some(Ok((entity_type, id, state))) => {
+                        if !self.pattern.matches(&format!("{entity_type}.{id}")) {
+                            continue;
                         }
+                        let entity = convert::entity_state(&entity_type, &id, &state);
+                        self.shown
+                            .insert(state_channel(&entity_type, &id), state.version);
+                        *count += 1;
+                        let event = pb::EntityEvent {
+                            event: Some(Event::Snapshot(entity)),
+                        };
+                        return Some(Ok(WatchItem::Event(event)));
                     }
-                    let item = WatchItem::Change(Arc::clone(shared));
-                    if out.send(Ok(item)).await.is_err() {
-                        return;
+                    Some(Err(e)) => return self.end(e),
+                    None => {
+                        let entities = *count;
+                        self.phase = Phase::Live;
+                        let done = pb::EntityEvent {
+                            event: Some(Event::SnapshotComplete(pb::SnapshotComplete { entities })),
+                        };
+                        return Some(Ok(WatchItem::Event(done)));
                     }
-                }
-                Some(Ok(Outgoing::Subscribed { .. } | Outgoing::Gap { .. })) => {}
-                Some(Err(e)) => {
-                    let _ = out.send(Err(e.into())).await;
-                    return;
-                }
-                None => return,
-            },
-            _ = out.closed() => return,
+                },
+                Phase::Live => match self.changes.recv().await {
+                    Some(Ok(Outgoing::Delivery(delivery))) => {
+                        // Every watch of this entity shares one decoded and encoded copy of the
+                        // change; this watch only passes it on.
+                        let shared = delivery.shared();
+                        let Some(change) = super::delivery::entity_change(shared) else {
+                            tracing::warn!(channel = %shared.message.channel, "unreadable state message");
+                            continue;
+                        };
+                        let version = change.entity.version;
+                        let channel = shared.message.channel.as_str();
+                        match self.shown.get_mut(channel) {
+                            Some(shown) if *shown >= version => continue,
+                            Some(shown) => *shown = version,
+                            None => {
+                                self.shown.insert(channel.to_owned(), version);
+                            }
+                        }
+                        return Some(Ok(WatchItem::Change(Arc::clone(shared))));
+                    }
+                    Some(Ok(Outgoing::Subscribed { .. } | Outgoing::Gap { .. })) => {}
+                    Some(Err(e)) => return self.end(e),
+                    None => {
+                        self.phase = Phase::Ended;
+                        return None;
+                    }
+                },
+                Phase::Ended => return None,
+            }
         }
+    }
+
+    /// Ends the watch with `error` as its last item.
+    fn end(&mut self, error: BrokerError) -> Option<Result<WatchItem, Status>> {
+        self.phase = Phase::Ended;
+        Some(Err(error.into()))
     }
 }
 

@@ -33,8 +33,10 @@ struct BatchApply<'a> {
     stored: Vec<StoredMessage>,
     /// Idempotency keys recorded by this batch (its writes are not readable yet).
     dedup: dedup::Recorded,
-    /// Entities written by this batch.
-    entities: HashMap<(String, String), EntityState>,
+    /// Entities this batch read or wrote, by store key, as it leaves them so far, with the
+    /// bytes of their encoding (its writes are not readable yet); handed to the store's cache
+    /// with the batch's writes.
+    entities: HashMap<Vec<u8>, (EntityState, usize)>,
     /// Consumers written by this batch (`None`: deleted).
     consumers: HashMap<String, Option<ConsumerState>>,
     /// Schema registrations written by this batch (`false`: deleted).
@@ -112,10 +114,14 @@ impl BatchApply<'_> {
         write: &EntityWrite,
         batch: &mut WriteBatch,
     ) -> Result<ItemOutcome, BrokerError> {
-        let key = (write.entity_type.clone(), write.id.clone());
-        let current = match self.entities.get(&key) {
-            Some(state) => state.clone(),
-            None => self.store.entity(&key.0, &key.1)?.unwrap_or_default(),
+        let key = MessageStore::entity_key(&write.entity_type, &write.id);
+        // Merged in place: every refusal below returns before the state is changed.
+        let (current, bytes) = match self.entities.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
+            std::collections::hash_map::Entry::Vacant(absent) => {
+                let stored = self.store.entity_to_change(absent.key())?;
+                absent.insert(stored.unwrap_or_default())
+            }
         };
         let current_version = current.version;
         let leader_ms = self.publish_time_us / 1000;
@@ -143,18 +149,18 @@ impl BatchApply<'_> {
                 }));
             }
         }
-        let mut next = current;
-        if !next.merge(&write.change, stamp) {
+        // A merge that refuses changes nothing (see `EntityState::merge`).
+        if !current.merge(&write.change, stamp) {
             return Ok(ItemOutcome::Refused(Refusal::Stale { current_version }));
         }
-        next.accept(stamp, self.publish_time_us);
-        MessageStore::put_entity(batch, &key.0, &key.1, &next)?;
-        let payload = EntityDoc::encode(&key.0, &key.1, &next)?;
+        current.accept(stamp, self.publish_time_us);
+        *bytes = MessageStore::put_entity(batch, &key, current)?;
+        let payload = EntityDoc::encode(&write.entity_type, &write.id, current)?;
+        let next = current.clone();
         self.store_message(
-            NewMessage::system(state_channel(&key.0, &key.1), payload),
+            NewMessage::system(state_channel(&write.entity_type, &write.id), payload),
             Vec::new(),
         );
-        self.entities.insert(key, next.clone());
         Ok(ItemOutcome::Entity(Box::new(next)))
     }
 }
@@ -468,6 +474,12 @@ pub(crate) fn apply_command(
             }
             meta.next_offset = decide.next_offset;
             meta.loops_detected += decide.loops_detected;
+            batch.keep_entities(
+                decide
+                    .entities
+                    .drain()
+                    .map(|(key, (state, bytes))| (key, state, bytes)),
+            );
             Ok((
                 CommandOutcome::Batch(outcomes),
                 decide.stored.into_iter().map(Arc::new).collect(),
@@ -1242,5 +1254,133 @@ mod tests {
         );
         let state = store.consumer("panel").unwrap().unwrap();
         assert_eq!((state.acked_offset, state.owner), (6, None));
+    }
+
+    // The entities an entry merges into are kept decoded across entries (the store's cache,
+    // `store/decoded.rs`). Each test below changes or replaces the stored entity by a path other
+    // than an applied update, and would fail if the next update merged into a stale copy.
+
+    /// The version an update of contact 42 stamped `ts` by `writer` gets (`None`: refused).
+    fn update_version(
+        store: &MessageStore,
+        meta: &mut Position,
+        ts: u64,
+        writer: &str,
+    ) -> Option<u64> {
+        let o = outcomes(run(
+            store,
+            meta,
+            batch(
+                ts * 1_000,
+                vec![entity_write(&[("n", "1")], ts, writer, None)],
+            ),
+        ));
+        match &o[0] {
+            ItemOutcome::Entity(state) => Some(state.version),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_entry_whose_writes_are_discarded_leaves_no_entity_cached() {
+        let (_dir, store) = temp_store();
+        let mut meta = position::load(&store).unwrap().1;
+        assert_eq!(update_version(&store, &mut meta, 1_000, "a"), Some(1));
+        // Decided, then dropped (an undo record that cannot be written, a failed entry).
+        let mut discarded = WriteBatch::default();
+        let mut scratch = meta.clone();
+        let command = batch(
+            2_000_000,
+            vec![entity_write(&[("n", "2")], 2_000, "a", None)],
+        );
+        apply_command(&store, &mut scratch, &command, &mut discarded).unwrap();
+        drop(discarded);
+        assert_eq!(update_version(&store, &mut meta, 3_000, "a"), Some(2));
+        assert_eq!(store.entity("contact", "42").unwrap().unwrap().version, 2);
+    }
+
+    #[test]
+    fn a_cleared_store_forgets_its_entities() {
+        let (_dir, store) = temp_store();
+        let mut meta = position::load(&store).unwrap().1;
+        assert_eq!(update_version(&store, &mut meta, 1_000, "a"), Some(1));
+        assert_eq!(update_version(&store, &mut meta, 2_000, "a"), Some(2));
+        store.clear().unwrap();
+        let mut meta = position::load(&store).unwrap().1;
+        // An older stamp than the cleared state held: new again, so accepted.
+        assert_eq!(update_version(&store, &mut meta, 500, "a"), Some(1));
+    }
+
+    #[test]
+    fn an_installed_snapshot_replaces_the_entities_cached() {
+        let (dir, store) = temp_store();
+        let mut meta = position::load(&store).unwrap().1;
+        assert_eq!(update_version(&store, &mut meta, 1_000, "a"), Some(1));
+        let path = dir.path().join("snapshot");
+        crate::state::snapshot_file::write(&store.snapshot_view().unwrap(), &path).unwrap();
+        assert_eq!(update_version(&store, &mut meta, 2_000, "a"), Some(2));
+        assert_eq!(update_version(&store, &mut meta, 3_000, "a"), Some(3));
+        crate::state::snapshot_file::load(&store, &path).unwrap();
+        let mut meta = position::load(&store).unwrap().1;
+        // Merged into the snapshot's version 1, whose field is stamped 1,000: 1,500 wins.
+        assert_eq!(update_version(&store, &mut meta, 1_500, "a"), Some(2));
+        assert_eq!(store.entity("contact", "42").unwrap().unwrap().version, 2);
+    }
+
+    #[test]
+    fn deletes_and_refusals_leave_the_cached_entity_as_stored() {
+        let (_dir, store) = temp_store();
+        let mut meta = position::load(&store).unwrap().1;
+        let delete = |ts: u64| {
+            Item::Entity(EntityWrite {
+                entity_type: "contact".into(),
+                id: "42".into(),
+                change: crate::entity::Change::Delete,
+                stamp: Stamp {
+                    timestamp_ms: ts,
+                    version: 0,
+                    writer: "a".into(),
+                },
+                expected_version: None,
+            })
+        };
+        assert_eq!(update_version(&store, &mut meta, 1_000, "a"), Some(1));
+        let o = outcomes(run(
+            &store,
+            &mut meta,
+            batch(2_000_000, vec![delete(2_000)]),
+        ));
+        assert!(matches!(&o[0], ItemOutcome::Entity(state) if state.version == 2));
+        // Older than the delete: refused, in the entry after it and in the same entry as a
+        // refused conditional write.
+        assert_eq!(update_version(&store, &mut meta, 1_500, "a"), None);
+        let o = outcomes(run(
+            &store,
+            &mut meta,
+            batch(
+                3_000_000,
+                vec![
+                    entity_write(&[("n", "3")], 3_000, "a", Some(7)),
+                    entity_write(&[("n", "3")], 1_800, "a", None),
+                ],
+            ),
+        ));
+        assert_eq!(
+            o,
+            vec![
+                ItemOutcome::Refused(Refusal::VersionConflict {
+                    current_version: 2,
+                    expected_version: 7
+                }),
+                ItemOutcome::Refused(Refusal::Stale { current_version: 2 }),
+            ]
+        );
+        assert_eq!(update_version(&store, &mut meta, 4_000, "a"), Some(3));
+        let stored = store.entity("contact", "42").unwrap().unwrap();
+        assert_eq!(
+            (stored.version, stored.fields_json()),
+            (3, r#"{"n":1}"#.to_owned())
+        );
+        assert!(stored.tombstone.is_some());
     }
 }

@@ -700,6 +700,87 @@ mod tests {
         );
     }
 
+    /// An entry updating entity `contact/42` with `n` stamped `ts` by the broker's clock.
+    fn entity_entry(index: u64, n: u64) -> Entry {
+        RaftEntry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::Batch {
+                stamped_at_us: index * 1_000,
+                rules: Rules {
+                    dedup_window_us: 60_000_000,
+                    loop_window_us: 0,
+                    max_hops: 16,
+                    max_clock_skew_ms: 60_000,
+                },
+                items: vec![Item::Entity(crate::message::EntityWrite {
+                    entity_type: "contact".into(),
+                    id: "42".into(),
+                    change: crate::entity::Change::Update(
+                        [("n".to_owned(), n.to_string())].into_iter().collect(),
+                    ),
+                    stamp: crate::entity::Stamp {
+                        timestamp_ms: 0,
+                        version: 0,
+                        writer: "w".into(),
+                    },
+                    expected_version: None,
+                })],
+            }),
+        }
+    }
+
+    fn entity_version(outcomes: &[CommandOutcome]) -> u64 {
+        match outcomes {
+            [CommandOutcome::Batch(items)] => match &items[..] {
+                [crate::message::ItemOutcome::Entity(state)] => state.version,
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The entity merged into after a crash is the undone one, never a copy kept from before.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_entity_update_a_crash_cut_short_is_undone_and_merged_again() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let third = entity_entry(3, 3);
+        {
+            let mut sm = open(dir.path());
+            sm.apply(vec![entity_entry(1, 1), entity_entry(2, 2)])
+                .await
+                .unwrap();
+            let state = sm.state();
+            let mut position = state.position.clone();
+            let mut batch = WriteBatch::default();
+            let EntryPayload::Normal(command) = &third.payload else {
+                unreachable!()
+            };
+            apply_command(&state.store, &mut position, command, &mut batch).unwrap();
+            state
+                .undo
+                .record(3, &state.store.before_images(&batch).unwrap())
+                .unwrap();
+            // All of the entry's writes but the applied position: the entity is at version 3.
+            state.store.apply(batch).unwrap();
+            assert_eq!(
+                store(&sm).entity("contact", "42").unwrap().unwrap().version,
+                3
+            );
+            // The process dies here.
+        }
+        let mut sm = open(dir.path());
+        assert_eq!(
+            store(&sm).entity("contact", "42").unwrap().unwrap().version,
+            2,
+            "undone"
+        );
+        let outcomes = sm.apply(vec![third]).await.unwrap();
+        assert_eq!(entity_version(&outcomes), 3, "merged into the undone state");
+        let outcomes = sm.apply(vec![entity_entry(4, 4)]).await.unwrap();
+        assert_eq!(entity_version(&outcomes), 4);
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_snapshot_is_the_state_when_its_view_was_taken_though_apply_goes_on() {
         let _serial = one_at_a_time();

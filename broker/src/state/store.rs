@@ -39,7 +39,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+mod decoded;
 mod kpi_records;
+
+use decoded::{Decoded, Kept};
 
 use super::batch_files::BatchFiles;
 pub(crate) use super::batch_files::BodyLocation;
@@ -111,9 +114,18 @@ pub struct MessageStore {
     /// The KPI views compiled at a registry generation, for apply ([`Self::compiled_views`]).
     compiled_views: Arc<std::sync::Mutex<Option<CompiledAt>>>,
     /// KPI cells as the last applied entries left them, decoded, so the next entry need not read
-    /// and decode them again ([`kpi_records`]). Bounded.
-    kpi_cells_cache: Arc<std::sync::Mutex<kpi_records::CachedCells>>,
+    /// and decode them again ([`kpi_records`], [`decoded`]). Bounded.
+    kpi_cells_cache: Arc<Decoded<crate::kpi::cell::Cell>>,
+    /// Entities as the last applied entries left them, decoded, so an update merges into the
+    /// state in memory rather than reading and decoding it again ([`decoded`]). Bounded.
+    entities_cache: Arc<Decoded<EntityState>>,
 }
+
+/// Entities the cache keeps decoded at most, and the bytes their encodings may take: a hot set
+/// of thousands of entities is merged into in memory; the bytes bound keeps large entities from
+/// making it hundreds of MB (decoded, an entity takes a few times its encoding).
+const ENTITIES_CACHED: usize = 8192;
+const ENTITY_BYTES_CACHED: usize = 8 << 20;
 
 /// Views compiled at a registry generation.
 type CompiledAt = (u64, Arc<crate::kpi::CompiledViews>);
@@ -153,9 +165,12 @@ pub struct WriteBatch {
     /// The batch writes a schema or a KPI view record.
     registries_changed: bool,
     /// KPI cells written, decoded, for the cache once they are applied ([`kpi_records`]).
-    kpi_cells: Vec<(Vec<u8>, crate::kpi::cell::Cell)>,
+    kpi_cells: Vec<Kept<crate::kpi::cell::Cell>>,
     /// The batch removes KPI cells.
     kpi_cells_removed: bool,
+    /// Entities as the entry leaves them (written, or read and left as they were), decoded, for
+    /// the cache once the writes are applied ([`WriteBatch::keep_entities`]).
+    entities: Vec<Kept<EntityState>>,
 }
 
 impl WriteBatch {
@@ -179,7 +194,22 @@ impl WriteBatch {
             registries_changed: self.registries_changed,
             kpi_cells: Vec::new(),
             kpi_cells_removed: true,
+            entities: Vec::new(),
         }
+    }
+
+    /// Hands the entities an entry read or wrote, as it leaves them (key, state, the bytes of the
+    /// state's encoding), to the cache once the entry's writes are applied.
+    pub(crate) fn keep_entities(
+        &mut self,
+        entities: impl IntoIterator<Item = (Vec<u8>, EntityState, usize)>,
+    ) {
+        self.entities
+            .extend(
+                entities
+                    .into_iter()
+                    .map(|(key, value, bytes)| Kept { key, value, bytes }),
+            );
     }
 }
 
@@ -328,7 +358,11 @@ impl MessageStore {
             bodies: Arc::new(bodies),
             registry_generation: Arc::default(),
             compiled_views: Arc::default(),
-            kpi_cells_cache: Arc::default(),
+            kpi_cells_cache: Arc::new(Decoded::new(
+                kpi_records::KPI_CELLS_CACHED,
+                kpi_records::KPI_CELL_BYTES_CACHED,
+            )),
+            entities_cache: Arc::new(Decoded::new(ENTITIES_CACHED, ENTITY_BYTES_CACHED)),
         })
     }
 
@@ -412,20 +446,33 @@ impl MessageStore {
         let registries_changed = batch.registries_changed;
         if registries_changed || batch.kpi_cells_removed {
             // Before the writes: a failure part way leaves nothing cached that the tree lost.
-            self.forget_kpi_cells();
+            self.kpi_cells_cache.forget();
         }
         for (key, value) in batch.writes {
-            match value {
-                Some(value) => self.tree.insert(key, value)?,
-                None => self.tree.remove(key)?,
+            let written = match value {
+                Some(value) => self.tree.insert(key, value),
+                None => self.tree.remove(key),
             };
+            if let Err(e) = written {
+                // The tree holds part of the entry: nothing cached is trusted until it is undone
+                // or rebuilt (both replace the store, but this costs nothing).
+                self.forget_decoded();
+                return Err(e.into());
+            }
         }
         self.bodies.commit(&batch.added, &batch.released);
         if registries_changed {
             self.registries_changed();
         }
-        self.cache_kpi_cells(batch.kpi_cells);
+        self.kpi_cells_cache.keep(batch.kpi_cells);
+        self.entities_cache.keep(batch.entities);
         Ok(())
+    }
+
+    /// Empties the caches of decoded records ([`decoded`]).
+    fn forget_decoded(&self) {
+        self.kpi_cells_cache.forget();
+        self.entities_cache.forget();
     }
 
     fn registries_changed(&self) {
@@ -445,7 +492,7 @@ impl MessageStore {
     /// # Errors
     /// The embedded store's error, or a batch file that cannot be removed.
     pub fn clear(&self) -> Result<(), BrokerError> {
-        self.forget_kpi_cells();
+        self.forget_decoded();
         self.tree.clear()?;
         self.registries_changed();
         self.bodies
@@ -484,7 +531,8 @@ impl MessageStore {
         self.tree.insert(key, value)?;
         match key.first() {
             Some(&SCHEMA | &VIEW) => self.registries_changed(),
-            Some(&KPI_CELL) => self.forget_kpi_cells(),
+            Some(&KPI_CELL) => self.kpi_cells_cache.forget(),
+            Some(&ENTITY) => self.entities_cache.forget(),
             _ => {}
         }
         Ok(())
@@ -839,11 +887,38 @@ impl MessageStore {
     /// # Errors
     /// The embedded store's error, or a corrupt record.
     pub fn entity(&self, entity_type: &str, id: &str) -> Result<Option<EntityState>, BrokerError> {
-        match self.tree.get(pair_key(ENTITY, entity_type, id))? {
+        Ok(self
+            .read_entity(&pair_key(ENTITY, entity_type, id))?
+            .map(|(state, _)| state))
+    }
+
+    /// The key an entity's state is stored under.
+    pub(crate) fn entity_key(entity_type: &str, id: &str) -> Vec<u8> {
+        pair_key(ENTITY, entity_type, id)
+    }
+
+    fn read_entity(&self, key: &[u8]) -> Result<Option<(EntityState, usize)>, BrokerError> {
+        match self.tree.get(key)? {
             Some(v) => checksum::decode(&v)
-                .map(Some)
+                .map(|state| Some((state, v.len())))
                 .map_err(|e| corrupt("entity", e)),
             None => Ok(None),
+        }
+    }
+
+    /// The entity stored under `key` ([`Self::entity_key`]) as the last applied entry left it,
+    /// for apply to merge into, with the bytes of its encoding: taken out of the cache, or read.
+    /// The entry hands it back ([`WriteBatch::keep_entities`]).
+    ///
+    /// # Errors
+    /// The embedded store's error, or a corrupt record.
+    pub(crate) fn entity_to_change(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<(EntityState, usize)>, BrokerError> {
+        match self.entities_cache.take(key) {
+            Some(cached) => Ok(Some(cached)),
+            None => self.read_entity(key),
         }
     }
 
@@ -852,7 +927,8 @@ impl MessageStore {
     pub fn entities(
         &self,
         entity_type: Option<&str>,
-    ) -> impl Iterator<Item = Result<(String, String, EntityState), BrokerError>> + '_ {
+    ) -> impl Iterator<Item = Result<(String, String, EntityState), BrokerError>> + Send + 'static
+    {
         let prefix = match entity_type {
             Some(t) => pair_key(ENTITY, t, ""),
             None => vec![ENTITY],
@@ -868,19 +944,20 @@ impl MessageStore {
         })
     }
 
-    /// Adds the write of an entity's state.
+    /// Adds the write of an entity's state under `key` ([`Self::entity_key`]); returns the bytes
+    /// of its encoding.
     ///
     /// # Errors
     /// Only if encoding fails.
-    pub fn put_entity(
+    pub(crate) fn put_entity(
         batch: &mut WriteBatch,
-        entity_type: &str,
-        id: &str,
+        key: &[u8],
         state: &EntityState,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<usize, BrokerError> {
         let value = checksum::encode(state).map_err(|e| corrupt("entity", e))?;
-        batch.insert(pair_key(ENTITY, entity_type, id), value);
-        Ok(())
+        let bytes = value.len();
+        batch.insert(key, value);
+        Ok(bytes)
     }
 
     /// A durable consumer's state.

@@ -10,28 +10,19 @@
 
 use std::sync::Arc;
 
-use super::{corrupt, MessageStore, WriteBatch, KPI_CELL, VIEW};
+use super::{corrupt, Kept, MessageStore, WriteBatch, KPI_CELL, VIEW};
 use crate::checksum;
 use crate::error::BrokerError;
 use crate::kpi::cell::{Cell, Group};
 use crate::kpi::{CompiledViews, ViewDefinition, ViewRecord};
 
 /// Cells the cache keeps decoded at most: the cells a busy view set touches per entry (views ×
-/// windows × active groups); past it the cache starts over.
-const KPI_CELLS_CACHED: usize = 1024;
-
-/// Bytes of decoded cells ([`Cell::heap_size`]) the cache keeps at most: a cell's sketches hold
-/// a count for every bucket between their lowest and highest value (16 KB per sign and measure
-/// at most, a few KB for typical measures), so the cell count alone would not bound it.
-const KPI_CELL_BYTES_CACHED: usize = 16 << 20;
-
-/// KPI cells as the last applied entries left them, decoded, by key.
-#[derive(Default)]
-pub(crate) struct CachedCells {
-    cells: std::collections::HashMap<Vec<u8>, Cell>,
-    /// [`Cell::heap_size`] of all of them.
-    bytes: usize,
-}
+/// windows × active groups); past it (or past the bytes bound) the cache starts over.
+pub(super) const KPI_CELLS_CACHED: usize = 1024;
+/// Bytes the cached cells may hold decoded ([`Cell::heap_size`]): a cell's sketches hold a count
+/// for every bucket between their lowest and highest value (16 KB per sign and measure at most,
+/// a few KB for typical measures), so the cell count alone would not bound it.
+pub(super) const KPI_CELL_BYTES_CACHED: usize = 16 << 20;
 
 fn view_key(name: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + name.len());
@@ -187,56 +178,22 @@ impl MessageStore {
         cell: Cell,
     ) -> Result<(), BrokerError> {
         let value = cell.encode().map_err(|e| corrupt("KPI cell", e))?;
+        // Counted decoded: a dense sketch holds more than its encoding when its values are few
+        // and far apart.
+        let bytes = cell.heap_size();
         batch.insert(key.clone(), value);
-        batch.kpi_cells.push((key, cell));
+        batch.kpi_cells.push(Kept {
+            key,
+            value: cell,
+            bytes,
+        });
         Ok(())
     }
 
     /// The cell under `key` as the last applied entry left it, taken out of the cache (the fold
     /// that takes it writes it back with its entry); `None` when it is not cached.
     pub(crate) fn take_cached_kpi_cell(&self, key: &[u8]) -> Option<Cell> {
-        let mut cache = self
-            .kpi_cells_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let cell = cache.cells.remove(key)?;
-        cache.bytes = cache.bytes.saturating_sub(cell.heap_size());
-        Some(cell)
-    }
-
-    /// Keeps the cells of an applied entry decoded for the next one.
-    pub(super) fn cache_kpi_cells(&self, cells: Vec<(Vec<u8>, Cell)>) {
-        if cells.is_empty() {
-            return;
-        }
-        let mut cache = self
-            .kpi_cells_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let incoming: usize = cells.iter().map(|(_, cell)| cell.heap_size()).sum();
-        if cache.cells.len() + cells.len() > KPI_CELLS_CACHED
-            || cache.bytes + incoming > KPI_CELL_BYTES_CACHED
-        {
-            *cache = CachedCells::default();
-        }
-        for (key, cell) in cells.into_iter().take(KPI_CELLS_CACHED) {
-            let size = cell.heap_size();
-            if cache.bytes + size > KPI_CELL_BYTES_CACHED {
-                break;
-            }
-            cache.bytes += size;
-            if let Some(replaced) = cache.cells.insert(key, cell) {
-                cache.bytes = cache.bytes.saturating_sub(replaced.heap_size());
-            }
-        }
-    }
-
-    /// Empties the cache (cells were removed, the views changed, or the store was replaced).
-    pub(super) fn forget_kpi_cells(&self) {
-        *self
-            .kpi_cells_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = CachedCells::default();
+        self.kpi_cells_cache.take(key).map(|(cell, _)| cell)
     }
 
     /// Named groups in the window at `prefix`, counting up to `cap` (no need to count further).
@@ -342,42 +299,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cell_cache_is_bounded_in_bytes_as_well_as_cells() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let store = MessageStore::open(&db, &dir.path().join("batches")).unwrap();
-        // Cells of eight measures whose values span the widest sketch: ~130 KB each.
-        let wide = |seed: u8| {
-            let mut cell = Cell::new(8);
-            for stats in &mut cell.measures {
-                for v in [1e-6, 1e6, -1e-6, -1e6] {
-                    stats.add(v * (1.0 + f64::from(seed) / 1000.0));
-                }
+    fn cached_cells_count_what_they_hold_decoded() {
+        // Eight measures whose values span the widest sketch: a few hundred bytes encoded,
+        // ~256 KB decoded.
+        let mut cell = Cell::new(8);
+        for stats in &mut cell.measures {
+            for v in [1e-6, 1e6, -1e-6, -1e6] {
+                stats.add(v);
             }
-            cell
-        };
-        assert!(wide(0).heap_size() > 100_000);
-        for entry in 0..10u8 {
-            let cells = (0..100u8)
-                .map(|i| (vec![b'q', entry, i], wide(i)))
-                .collect();
-            store.cache_kpi_cells(cells);
-            let cache = store.kpi_cells_cache.lock().unwrap();
-            let held: usize = cache.cells.values().map(Cell::heap_size).sum();
-            assert_eq!(held, cache.bytes);
-            assert!(held <= KPI_CELL_BYTES_CACHED, "{held} bytes cached");
-            assert!(!cache.cells.is_empty());
         }
-        // A cell taken out is no longer counted.
-        let key = {
-            let cache = store.kpi_cells_cache.lock().unwrap();
-            cache.cells.keys().next().unwrap().clone()
-        };
-        let before = store.kpi_cells_cache.lock().unwrap().bytes;
-        let taken = store.take_cached_kpi_cell(&key).unwrap();
-        assert_eq!(
-            store.kpi_cells_cache.lock().unwrap().bytes,
-            before - taken.heap_size()
+        let encoded = cell.encode().unwrap().len();
+        let decoded = cell.heap_size();
+        assert!(
+            decoded > 100 * encoded,
+            "{decoded} decoded, {encoded} encoded"
         );
+        let mut batch = WriteBatch::default();
+        MessageStore::put_kpi_cell(&mut batch, b"q-key".to_vec(), cell).unwrap();
+        assert_eq!(batch.kpi_cells[0].bytes, decoded);
+        // So the cache's bytes bound holds at most 64 such cells, not 1,024.
+        assert!(KPI_CELL_BYTES_CACHED / decoded <= 64);
     }
 }
