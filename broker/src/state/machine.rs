@@ -667,17 +667,8 @@ mod tests {
             let sm = two_entries(dir.path()).await;
             // Entry 3 begins as apply would: its undo record, then the first half of its writes
             // (its batch and its dedup record, not yet the applied position).
+            let batch = begin_applying(&sm, &third);
             let state = sm.state();
-            let mut position = state.position.clone();
-            let mut batch = WriteBatch::default();
-            let EntryPayload::Normal(command) = &third.payload else {
-                unreachable!()
-            };
-            apply_command(&state.store, &mut position, command, &mut batch).unwrap();
-            state
-                .undo
-                .record(3, &state.store.before_images(&batch).unwrap())
-                .unwrap();
             state.store.apply(batch.first_half()).unwrap();
             // The process dies here.
         }
@@ -698,6 +689,26 @@ mod tests {
             ),
             "{items:?}"
         );
+    }
+
+    /// Begins applying `entry` as apply would: its writes decided and its undo record written.
+    /// The caller then stores part or all of the returned writes and "crashes".
+    fn begin_applying(sm: &Machine, entry: &Entry) -> WriteBatch {
+        let state = sm.state();
+        let mut position = state.position.clone();
+        let mut batch = WriteBatch::default();
+        let EntryPayload::Normal(command) = &entry.payload else {
+            unreachable!()
+        };
+        apply_command(&state.store, &mut position, command, &mut batch).unwrap();
+        state
+            .undo
+            .record(
+                entry.log_id.index,
+                &state.store.before_images(&batch).unwrap(),
+            )
+            .unwrap();
+        batch
     }
 
     /// An entry updating entity `contact/42` with `n` stamped `ts` by the broker's clock.
@@ -750,17 +761,8 @@ mod tests {
             sm.apply(vec![entity_entry(1, 1), entity_entry(2, 2)])
                 .await
                 .unwrap();
+            let batch = begin_applying(&sm, &third);
             let state = sm.state();
-            let mut position = state.position.clone();
-            let mut batch = WriteBatch::default();
-            let EntryPayload::Normal(command) = &third.payload else {
-                unreachable!()
-            };
-            apply_command(&state.store, &mut position, command, &mut batch).unwrap();
-            state
-                .undo
-                .record(3, &state.store.before_images(&batch).unwrap())
-                .unwrap();
             // All of the entry's writes but the applied position: the entity is at version 3.
             state.store.apply(batch).unwrap();
             assert_eq!(
