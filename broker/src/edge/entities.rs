@@ -20,7 +20,7 @@ use super::auth::TokenBound;
 use super::{convert, Edge};
 use crate::entity::{Change, EntityState, Stamp};
 use crate::error::{BrokerError, Reason};
-use crate::fanout::outgoing::{Outgoing, SharedMessage};
+use crate::fanout::outgoing::{Delivery, Outgoing, SharedMessage};
 use crate::fanout::registry::{FlowPolicy, Opening};
 use crate::fanout::subscription::SubscriptionSpec;
 use crate::message::{EntityWrite, Item, ItemOutcome};
@@ -348,6 +348,8 @@ impl EntitiesService {
                 ack_timeout: None,
                 // An entity's state comes from stored messages only.
                 ephemeral: false,
+                // The watch task takes one change at a time.
+                max_batch: 1,
             },
             changes_tx,
         )?;
@@ -513,6 +515,28 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
     }
 }
 
+/// The change a delivered state message carries, unless the watch showed that version of the
+/// entity (or a newer one) already; records it as shown.
+fn newer_change(delivery: &Delivery, shown: &mut HashMap<String, u64>) -> Option<WatchItem> {
+    // Every watch of this entity shares one decoded and encoded copy of the change; this watch
+    // only passes it on.
+    let shared = delivery.shared();
+    let Some(change) = super::delivery::entity_change(shared) else {
+        tracing::warn!(channel = %shared.message.channel, "unreadable state message");
+        return None;
+    };
+    let entity = &change.entity;
+    let channel = shared.message.channel.as_str();
+    match shown.get_mut(channel) {
+        Some(version) if *version >= entity.version => return None,
+        Some(version) => *version = entity.version,
+        None => {
+            shown.insert(channel.to_owned(), entity.version);
+        }
+    }
+    Some(WatchItem::Change(Arc::clone(shared)))
+}
+
 /// Feeds one watch: waits until its state subscription is live, sends the snapshot, then the
 /// changes newer than what the snapshot showed.
 async fn watch(
@@ -577,25 +601,21 @@ async fn watch(
         tokio::select! {
             change = changes.recv() => match change {
                 Some(Ok(Outgoing::Delivery(delivery))) => {
-                    // Every watch of this entity shares one decoded and encoded copy of the change;
-                    // this watch only passes it on.
-                    let shared = delivery.shared();
-                    let Some(change) = super::delivery::entity_change(shared) else {
-                        tracing::warn!(channel = %shared.message.channel, "unreadable state message");
-                        continue;
-                    };
-                    let entity = &change.entity;
-                    let channel = shared.message.channel.as_str();
-                    match shown.get_mut(channel) {
-                        Some(version) if *version >= entity.version => continue,
-                        Some(version) => *version = entity.version,
-                        None => {
-                            shown.insert(channel.to_owned(), entity.version);
+                    if let Some(item) = newer_change(&delivery, &mut shown) {
+                        if out.send(Ok(item)).await.is_err() {
+                            return;
                         }
                     }
-                    let item = WatchItem::Change(Arc::clone(shared));
-                    if out.send(Ok(item)).await.is_err() {
-                        return;
+                }
+                // Not sent to a watch (its subscription asks for no batches), but taken in order
+                // all the same.
+                Some(Ok(Outgoing::Batch(deliveries))) => {
+                    for delivery in &deliveries {
+                        if let Some(item) = newer_change(delivery, &mut shown) {
+                            if out.send(Ok(item)).await.is_err() {
+                                return;
+                            }
+                        }
                     }
                 }
                 Some(Ok(Outgoing::Subscribed { .. } | Outgoing::Gap { .. })) => {}

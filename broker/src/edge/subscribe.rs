@@ -107,6 +107,8 @@ impl Edge {
                 min_interval,
                 ack_timeout,
                 ephemeral,
+                // 0 (a client that does not know batches) and 1 both mean one message per event.
+                max_batch: (request.max_batch as usize).clamp(1, subscription::MAX_BATCH),
             },
             out,
         )?;

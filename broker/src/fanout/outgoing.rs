@@ -209,4 +209,8 @@ pub enum Outgoing {
     },
     /// A message delivery.
     Delivery(Delivery),
+    /// Two or more deliveries that were ready at once, sent as one event (`SubscribeEvent.batch`)
+    /// to a subscription that asked for batches; in delivery order. See
+    /// [`super::subscription`] for how they are packed.
+    Batch(Vec<Delivery>),
 }
