@@ -1135,7 +1135,13 @@ mod tests {
         );
         // Batches are asked for unless turned off.
         assert_eq!(request.max_batch, DEFAULT_MAX_BATCH);
-        assert_eq!(plain().max_batch(1).to_request("a", Start::Latest).max_batch, 1);
+        assert_eq!(
+            plain()
+                .max_batch(1)
+                .to_request("a", Start::Latest)
+                .max_batch,
+            1
+        );
 
         let request = plain()
             .policy(FlowPolicy::DropOldest)

@@ -96,7 +96,11 @@ impl Received {
     }
 }
 
-fn request(pattern: &str, max_batch: u32, start: Option<pb::StartPosition>) -> pb::SubscribeRequest {
+fn request(
+    pattern: &str,
+    max_batch: u32,
+    start: Option<pb::StartPosition>,
+) -> pb::SubscribeRequest {
     pb::SubscribeRequest {
         pattern: pattern.into(),
         start,
@@ -128,8 +132,9 @@ async fn open(raw: &mut Raw, request: pb::SubscribeRequest) -> (Events, pb::Subs
 /// Publishes `count` messages on `channel` (payloads `{"v":i,...}` of about `pad` bytes) over
 /// one stream; returns their offsets.
 async fn publish(raw: &mut Raw, channel: &str, count: usize, pad: usize) -> Vec<u64> {
-    let requests = (0..count).map(|i| pb::PublishRequest {
-        channel: channel.to_owned(),
+    let channel = channel.to_owned();
+    let requests = (0..count).map(move |i| pb::PublishRequest {
+        channel: channel.clone(),
         payload: format!("{{\"v\":{i},\"pad\":\"{}\"}}", "x".repeat(pad)).into(),
         ..Default::default()
     });
@@ -157,7 +162,9 @@ async fn a_subscriber_asking_for_batches_catches_up_in_batches_with_every_messag
 
     let (mut events, _) = open(&mut client, request("batch.>", 100, earliest())).await;
     let mut received = Received::default();
-    received.read_through(&mut events, *offsets.last().unwrap()).await;
+    received
+        .read_through(&mut events, *offsets.last().unwrap())
+        .await;
     assert_eq!(received.offsets(), offsets, "every message once, in order");
     // Caught up from the store a page at a time: ready together, so packed.
     assert!(
@@ -173,7 +180,9 @@ async fn a_subscriber_asking_for_batches_catches_up_in_batches_with_every_messag
     // Then live: what is published after catching up comes too, still once and in order.
     let live = publish(&mut client, "batch.b", 2_000, 10).await;
     let mut received = Received::default();
-    received.read_through(&mut events, *live.last().unwrap()).await;
+    received
+        .read_through(&mut events, *live.last().unwrap())
+        .await;
     assert_eq!(received.offsets(), live);
 }
 
@@ -185,7 +194,9 @@ async fn a_subscriber_not_asking_for_batches_gets_one_message_per_event() {
     for max_batch in [0, 1] {
         let (mut events, _) = open(&mut client, request("single.>", max_batch, earliest())).await;
         let mut received = Received::default();
-        received.read_through(&mut events, *offsets.last().unwrap()).await;
+        received
+            .read_through(&mut events, *offsets.last().unwrap())
+            .await;
         assert_eq!(received.offsets(), offsets, "max_batch {max_batch}");
         assert!(received.batches.is_empty(), "max_batch {max_batch}");
         assert_eq!(received.singles, offsets.len());
@@ -202,7 +213,9 @@ async fn a_slow_subscriber_asking_for_batches_gets_everything_in_order_after_fal
     let offsets = publish(&mut client, "slow.x", 20_000, 1_000).await;
 
     let mut received = Received::default();
-    received.read_through(&mut slow, *offsets.last().unwrap()).await;
+    received
+        .read_through(&mut slow, *offsets.last().unwrap())
+        .await;
     assert_eq!(received.offsets(), offsets, "every message once, in order");
     assert!(!received.batches.is_empty(), "behind, it got batches");
     assert!(received.batches.iter().all(|n| *n <= 256));
@@ -235,13 +248,19 @@ async fn a_drop_oldest_subscriber_with_batches_sees_gaps_between_batches_and_the
     let total = 5_000;
     let offsets = publish(&mut client, "drop.x", total, 1_000).await;
     let mut received = Received::default();
-    received.read_through(&mut events, *offsets.last().unwrap()).await;
+    received
+        .read_through(&mut events, *offsets.last().unwrap())
+        .await;
 
     let (mut last_seen, mut delivered, mut dropped) = (0u64, 0u64, 0u64);
     for got in &received.got {
         match got {
             Got::Message(m) => {
-                assert!(m.offset > last_seen, "in order: {} after {last_seen}", m.offset);
+                assert!(
+                    m.offset > last_seen,
+                    "in order: {} after {last_seen}",
+                    m.offset
+                );
                 last_seen = m.offset;
                 delivered += 1;
             }
@@ -257,7 +276,11 @@ async fn a_drop_oldest_subscriber_with_batches_sees_gaps_between_batches_and_the
         }
     }
     assert!(dropped > 0, "the stalled consumer lost something");
-    assert_eq!(delivered + dropped, total as u64, "gaps and deliveries add up");
+    assert_eq!(
+        delivered + dropped,
+        total as u64,
+        "gaps and deliveries add up"
+    );
     assert!(!received.batches.is_empty(), "what it kept came in batches");
 }
 

@@ -287,7 +287,14 @@ mod tests {
         let seen: Vec<_> = batch
             .messages
             .iter()
-            .map(|m| (m.offset, m.skipped, m.redelivery, m.headers["traceparent"].as_str()))
+            .map(|m| {
+                (
+                    m.offset,
+                    m.skipped,
+                    m.redelivery,
+                    m.headers["traceparent"].as_str(),
+                )
+            })
             .collect();
         assert_eq!(
             seen,

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::catch_up_budget::Reader;
-use super::outgoing::{Delivery, GapReason, Outgoing, SharedMessage};
+use super::outgoing::{Delivery, GapReason, Outgoing, Packer, SharedMessage};
 use super::registry::{Control, FlowPolicy, Pending, Registered};
 use super::throttle::Throttle;
 use crate::channel::Pattern;
@@ -173,9 +173,7 @@ struct Feeder<'a> {
     live_from: u64,
     /// Deliveries packed and not sent yet (see "Batches" in the module docs); sent by
     /// [`Feeder::flush`] before the task waits for anything.
-    batch: Vec<Delivery>,
-    /// Approximate bytes of the messages in `batch`.
-    batch_bytes: usize,
+    packer: Packer,
 }
 
 impl Feeder<'_> {
@@ -216,30 +214,17 @@ impl Feeder<'_> {
     /// Packs a delivery into the batch being built, sending the batch once it is full. Without
     /// batches (`max_batch` 1) the delivery goes at once.
     async fn send_delivery(&mut self, delivery: Delivery) -> Result<(), End> {
-        if self.spec.max_batch <= 1 {
-            return self.send_now(Outgoing::Delivery(delivery)).await;
+        match self.packer.push(delivery) {
+            Some(outgoing) => self.send_now(outgoing).await,
+            None => Ok(()),
         }
-        self.batch_bytes += delivery.shared().message.approximate_size();
-        self.batch.push(delivery);
-        if self.batch.len() >= self.spec.max_batch || self.batch_bytes >= BATCH_BYTES {
-            self.flush().await?;
-        }
-        Ok(())
     }
 
     /// Sends the deliveries packed so far: one alone as a plain delivery, more as a batch.
     async fn flush(&mut self) -> Result<(), End> {
-        self.batch_bytes = 0;
-        match self.batch.len() {
-            0 => Ok(()),
-            1 => match self.batch.pop() {
-                Some(delivery) => self.send_now(Outgoing::Delivery(delivery)).await,
-                None => Ok(()),
-            },
-            n => {
-                let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(n));
-                self.send_now(Outgoing::Batch(batch)).await
-            }
+        match self.packer.take() {
+            Some(outgoing) => self.send_now(outgoing).await,
+            None => Ok(()),
         }
     }
 
@@ -281,7 +266,7 @@ impl Feeder<'_> {
         self.wait_for_credit().await?;
         // It may have expired while it waited for a credit (or in the throttle): an expired
         // message is never delivered (issue 20).
-        if message.is_expired(now_us()) {
+        if message.is_expired_now() {
             return Ok(());
         }
         {
@@ -331,7 +316,7 @@ impl Feeder<'_> {
         }
         self.next = message.offset + 1;
         self.control.flight().next_offset = self.next;
-        if message.is_expired(now_us()) {
+        if message.is_expired_now() {
             return Ok(());
         }
         match &mut self.throttle {
@@ -526,7 +511,7 @@ impl Feeder<'_> {
             .collect();
         for (offset, deliveries) in due {
             match self.store.message(offset).map_err(End::Failed)? {
-                Some(message) if !message.is_expired(now_us()) => {
+                Some(message) if !message.is_expired_now() => {
                     {
                         let mut flight = self.control.flight();
                         if let Some(p) = flight.pending.get_mut(&offset) {
@@ -631,8 +616,7 @@ async fn feed(
         throttle: spec.min_interval.map(Throttle::new),
         metrics: DeliveryMetrics::new(policy_name(control.policy)),
         live_from: last + 1,
-        batch: Vec::new(),
-        batch_bytes: 0,
+        packer: Packer::new(spec.max_batch, BATCH_BYTES),
     };
     if let Start::Offset(_) = spec.start {
         if let Err(end) = feeder.announce_removed_start(last).await {
