@@ -23,6 +23,8 @@ async fn raw(url: String) -> Raw {
 
 /// What a subscriber got, unpacked: a message, or a gap.
 #[derive(Debug)]
+// Nearly every item is a message: boxing it would cost an allocation each for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Got {
     Message(pb::Message),
     Gap(pb::Gap),
