@@ -121,7 +121,7 @@ pub struct SubscribeOptions {
 }
 
 /// [`SubscribeOptions::max_batch`]'s default.
-pub const DEFAULT_MAX_BATCH: u32 = 256;
+pub const DEFAULT_MAX_BATCH: u32 = 64;
 
 impl Default for SubscribeOptions {
     fn default() -> Self {

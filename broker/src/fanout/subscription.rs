@@ -67,11 +67,13 @@ const CATCH_UP_BATCHES: usize = 64;
 /// CONFLATE keeps at most this many channels' latest messages at once while catching up; past
 /// it, what it holds is delivered early (still the latest so far per channel).
 const CONFLATE_MAX_CHANNELS: usize = 10_000;
-/// The most deliveries in one batch, whatever the subscriber asked for.
-pub(crate) const MAX_BATCH: usize = 1024;
+/// The most deliveries in one batch, whatever the subscriber asked for: with the two-event stream
+/// buffer of a batching subscription (`edge/subscribe.rs`), a subscriber that stops reading holds
+/// at most 128 deliveries in it, where one without batches holds 64.
+pub(crate) const MAX_BATCH: usize = 64;
 /// A batch is sent once its messages reach about this many bytes (approximate sizes): far under
 /// the 4 MiB a gRPC client decodes by default, and about one largest message (64 KiB by
-/// default), so the 64-event stream buffer holds about what it held with one message an event.
+/// default).
 const BATCH_BYTES: usize = 64 * 1024;
 
 /// Where a subscription or read starts (the edge validates and builds it).

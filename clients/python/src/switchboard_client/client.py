@@ -420,7 +420,7 @@ class Client:
         durable_name: str = "",
         ack_timeout_ms: int = 0,
         exclude_ephemeral: bool = False,
-        max_batch: int = 256,
+        max_batch: int = 64,
         initial_backoff: float = 0.05,
         max_backoff: float = 5.0,
         max_reconnect_attempts: Optional[int] = None,
