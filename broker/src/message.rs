@@ -111,6 +111,12 @@ impl StoredMessage {
     pub fn is_expired(&self, now_us: u64) -> bool {
         self.expires_at_us().is_some_and(|at| at <= now_us)
     }
+
+    /// Whether the message has expired by now. Reads the clock only for a message with a TTL:
+    /// a subscription checks every message it delivers, and most have none.
+    pub fn is_expired_now(&self) -> bool {
+        self.expires_at_us().is_some_and(|at| at <= now_us())
+    }
 }
 
 /// The rules apply follows, decided by the leader's configuration and carried in every batch so

@@ -105,7 +105,9 @@ pub use publish::{split_stream_ack, Publish, PublishAcks, PublishErrorKind, Publ
 pub use request::{reply_to, INBOX_PREFIX, REPLY_TO};
 pub use retry::RetryPolicy;
 pub use schema::SchemaPut;
-pub use subscription::{Events, Start, SubscribeOptions, Subscription, SubscriptionEvent};
+pub use subscription::{
+    Events, Start, SubscribeOptions, Subscription, SubscriptionEvent, DEFAULT_MAX_BATCH,
+};
 pub use switchboard_proto::{code_name, Reason};
 pub use trace::{current_context, delivery_span, trace_context, TRACEPARENT, TRACESTATE};
 

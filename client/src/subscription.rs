@@ -112,7 +112,16 @@ pub struct SubscribeOptions {
     /// Leave out ephemeral messages (never stored, offset 0; see [`crate::Publish::ephemeral`]).
     /// `false` (the default): they are delivered, except to durable consumers.
     pub exclude_ephemeral: bool,
+    /// The most messages the broker may put in one event when several are ready at once (a
+    /// subscriber behind, a burst): fewer stream messages and wake-ups per message on both
+    /// sides. The broker never waits to fill a batch. The subscription unpacks batches, so it
+    /// still yields one message at a time, in order; credits still count messages. 1 (or 0)
+    /// asks for one message per event. Default: [`DEFAULT_MAX_BATCH`].
+    pub max_batch: u32,
 }
+
+/// [`SubscribeOptions::max_batch`]'s default.
+pub const DEFAULT_MAX_BATCH: u32 = 64;
 
 impl Default for SubscribeOptions {
     fn default() -> Self {
@@ -128,6 +137,7 @@ impl Default for SubscribeOptions {
             durable_name: None,
             ack_timeout: None,
             exclude_ephemeral: false,
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -186,6 +196,13 @@ impl SubscribeOptions {
         self
     }
 
+    /// Sets [`SubscribeOptions::max_batch`]: at most this many messages per event from the broker
+    /// (1 or 0: one per event).
+    pub fn max_batch(mut self, messages: u32) -> Self {
+        self.max_batch = messages;
+        self
+    }
+
     /// Sets [`SubscribeOptions::durable_name`]: the subscription is the durable consumer `name`.
     pub fn durable(mut self, name: impl Into<String>) -> Self {
         self.durable_name = Some(name.into());
@@ -222,6 +239,7 @@ impl SubscribeOptions {
             durable_name: self.durable_name.clone().unwrap_or_default(),
             ack_timeout_ms: self.ack_timeout.map_or(0, whole_millis),
             exclude_ephemeral: self.exclude_ephemeral,
+            max_batch: self.max_batch,
         }
     }
 }
@@ -920,6 +938,14 @@ async fn pump(cursor: &mut Cursor, opened: Opened, outlet: &Outlet) -> Option<Er
             event = events.message() => event,
         };
         match event {
+            // Unpacked here: the consumer sees each message as if it had come alone.
+            Ok(Some(SubscribeEvent {
+                event: Some(subscribe_event::Event::Batch(batch)),
+            })) => {
+                for message in batch.messages {
+                    hand_over(cursor, subscribe_event::Event::Message(message), outlet).await?;
+                }
+            }
             Ok(Some(SubscribeEvent { event: Some(event) })) => {
                 hand_over(cursor, event, outlet).await?;
             }
@@ -958,6 +984,19 @@ async fn hand_over(
                 return Some(());
             }
             SubscriptionEvent::Gap(gap)
+        }
+        // `pump` unpacks batches; one arriving here (as the first event, against the contract)
+        // is unpacked too, its messages taken one by one.
+        subscribe_event::Event::Batch(batch) => {
+            for message in batch.messages {
+                Box::pin(hand_over(
+                    cursor,
+                    subscribe_event::Event::Message(message),
+                    outlet,
+                ))
+                .await?;
+            }
+            return Some(());
         }
         subscribe_event::Event::Subscribed(subscribed) => {
             cursor.confirmed(subscribed.next_offset);
@@ -1093,6 +1132,15 @@ mod tests {
                 request.ack_timeout_ms
             ),
             (0, 0, 0, 0, "", 0)
+        );
+        // Batches are asked for unless turned off.
+        assert_eq!(request.max_batch, DEFAULT_MAX_BATCH);
+        assert_eq!(
+            plain()
+                .max_batch(1)
+                .to_request("a", Start::Latest)
+                .max_batch,
+            1
         );
 
         let request = plain()

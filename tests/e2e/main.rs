@@ -34,6 +34,7 @@ mod resume;
 mod schemas;
 mod security;
 mod shutdown;
+mod subscribe_batches;
 mod sync_trace;
 mod traces;
 mod ttl;

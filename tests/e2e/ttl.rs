@@ -108,6 +108,8 @@ async fn raw_events(
             Some(Event::Subscribed(_)) => {}
             Some(Event::Gap(gap)) => out.push(("gap", gap.from_offset, gap.to_offset, gap.reason)),
             Some(Event::Message(m)) => out.push(("message", m.offset, m.offset, 0)),
+            // Not asked for (max_batch 0): never sent here.
+            Some(Event::Batch(batch)) => panic!("a batch nobody asked for: {batch:?}"),
             None => {}
         }
     }

@@ -6,6 +6,11 @@
 //! protobuf a field that appears again overrides the earlier value (for a map, the later entry of
 //! a key wins), so the appended fields mean exactly what setting them on the message would. The
 //! stream's codec ([`super::subscribe_codec`]) writes these bytes straight into the HTTP/2 frame.
+//!
+//! A batch (`SubscribeEvent.batch`, a `MessageBatch`) is framed from the same shared bytes: a
+//! repeated message field on the wire is each element as its own (tag, length, bytes), so the
+//! batch is the concatenation of its deliveries written as `MessageBatch.messages` instead of
+//! `SubscribeEvent.message`, under one (tag, length) of its own. Nothing is encoded again.
 
 use bytes::{BufMut, Bytes};
 use prost::encoding::{self, WireType};
@@ -18,6 +23,10 @@ use crate::fanout::outgoing::{Delivery, GapReason, Outgoing, SharedMessage};
 
 /// Field number of `SubscribeEvent.message`.
 const EVENT_MESSAGE: u32 = 2;
+/// Field number of `SubscribeEvent.batch`.
+const EVENT_BATCH: u32 = 4;
+/// Field number of `MessageBatch.messages`.
+const BATCH_MESSAGES: u32 = 1;
 /// Field numbers of `Message.headers`, `Message.skipped` and `Message.redelivery`.
 const MESSAGE_HEADERS: u32 = 11;
 const MESSAGE_SKIPPED: u32 = 14;
@@ -71,10 +80,22 @@ fn extra_len(delivery: &Delivery) -> usize {
     )
 }
 
-/// Writes a delivery as an encoded `SubscribeEvent`.
-fn encode_delivery(delivery: &Delivery, buf: &mut impl BufMut) {
+/// Bytes of a delivery's `Message` (shared bytes plus its own fields), made if need be.
+fn message_len(delivery: &Delivery) -> usize {
+    message_wire(delivery.shared()).len() + extra_len(delivery)
+}
+
+/// Bytes of a delivery written as field `tag`.
+fn field_len(tag: u32, delivery: &Delivery) -> usize {
+    let len = message_len(delivery);
+    encoding::key_len(tag) + encoding::encoded_len_varint(len as u64) + len
+}
+
+/// Writes a delivery's `Message` as field `tag`: `SubscribeEvent.message`, or one element of
+/// `MessageBatch.messages`.
+fn encode_delivery(tag: u32, delivery: &Delivery, buf: &mut impl BufMut) {
     let shared = message_wire(delivery.shared());
-    encoding::encode_key(EVENT_MESSAGE, WireType::LengthDelimited, buf);
+    encoding::encode_key(tag, WireType::LengthDelimited, buf);
     encoding::encode_varint((shared.len() + extra_len(delivery)) as u64, buf);
     buf.put_slice(shared);
     if delivery.skipped() != 0 {
@@ -94,7 +115,20 @@ fn encode_delivery(delivery: &Delivery, buf: &mut impl BufMut) {
     );
 }
 
-/// Writes an item as an encoded `SubscribeEvent`: a delivery from its shared bytes, anything
+/// Writes deliveries as an encoded `SubscribeEvent` whose `batch` holds them all, in order.
+fn encode_batch(deliveries: &[Delivery], buf: &mut impl BufMut) {
+    let len: usize = deliveries
+        .iter()
+        .map(|delivery| field_len(BATCH_MESSAGES, delivery))
+        .sum();
+    encoding::encode_key(EVENT_BATCH, WireType::LengthDelimited, buf);
+    encoding::encode_varint(len as u64, buf);
+    for delivery in deliveries {
+        encode_delivery(BATCH_MESSAGES, delivery, buf);
+    }
+}
+
+/// Writes an item as an encoded `SubscribeEvent`: deliveries from their shared bytes, anything
 /// else (rare) through prost.
 ///
 /// # Errors
@@ -102,7 +136,11 @@ fn encode_delivery(delivery: &Delivery, buf: &mut impl BufMut) {
 pub fn encode(item: &Outgoing, buf: &mut impl BufMut) -> Result<(), Status> {
     match item {
         Outgoing::Delivery(delivery) => {
-            encode_delivery(delivery, buf);
+            encode_delivery(EVENT_MESSAGE, delivery, buf);
+            Ok(())
+        }
+        Outgoing::Batch(deliveries) => {
+            encode_batch(deliveries, buf);
             Ok(())
         }
         Outgoing::Subscribed { .. } | Outgoing::Gap { .. } => event(item)
@@ -143,20 +181,26 @@ fn event(item: &Outgoing) -> pb::SubscribeEvent {
                 GapReason::Retention => pb::gap::Reason::Retention,
             } as i32,
         }),
-        Outgoing::Delivery(delivery) => {
-            let mut m = convert::message(delivery.shared().stored());
-            m.skipped = delivery.skipped();
-            m.redelivery = delivery.redelivery();
-            m.headers.extend(
-                delivery
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            );
-            Event::Message(m)
-        }
+        Outgoing::Delivery(delivery) => Event::Message(message(delivery)),
+        Outgoing::Batch(deliveries) => Event::Batch(pb::MessageBatch {
+            messages: deliveries.iter().map(message).collect(),
+        }),
     };
     pb::SubscribeEvent { event: Some(event) }
+}
+
+/// A delivery's `Message` built field by field.
+fn message(delivery: &Delivery) -> pb::Message {
+    let mut m = convert::message(delivery.shared().stored());
+    m.skipped = delivery.skipped();
+    m.redelivery = delivery.redelivery();
+    m.headers.extend(
+        delivery
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    m
 }
 
 #[cfg(test)]
@@ -218,6 +262,49 @@ mod tests {
             );
             assert_eq!(m.payload.as_ref(), b"{\"id\":1}");
         }
+    }
+
+    #[test]
+    fn a_batch_framed_from_shared_bytes_decodes_as_the_batch_built_field_by_field() {
+        let first = SharedMessage::new(stored());
+        let mut second = (*stored()).clone();
+        second.offset = 43;
+        second.message.payload = Bytes::from(vec![b'x'; 300]);
+        let second = SharedMessage::new(Arc::new(second));
+        let mut traced = Delivery::new(Arc::clone(&second), 0, 0, 9);
+        traced.set_header("traceparent", "delivery-span");
+        let batch = Outgoing::Batch(vec![
+            Delivery::new(Arc::clone(&first), 3, 0, 9),
+            traced,
+            Delivery::new(Arc::clone(&first), 0, 2, 9),
+        ]);
+        let on_the_wire = decoded(&batch);
+        let expected = into_event(batch);
+        assert_eq!(on_the_wire, expected);
+        let Some(pb::subscribe_event::Event::Batch(batch)) = expected.event else {
+            panic!("not a batch");
+        };
+        let seen: Vec<_> = batch
+            .messages
+            .iter()
+            .map(|m| {
+                (
+                    m.offset,
+                    m.skipped,
+                    m.redelivery,
+                    m.headers["traceparent"].as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (42, 3, 0, "stored"),
+                (43, 0, 0, "delivery-span"),
+                (42, 0, 2, "stored")
+            ]
+        );
+        assert_eq!(batch.messages[1].payload.len(), 300);
     }
 
     #[test]

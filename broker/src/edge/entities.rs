@@ -6,7 +6,7 @@
 //! between the snapshot and the stream; a change the snapshot already showed is skipped by
 //! version.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use futures::StreamExt as _;
@@ -19,7 +19,7 @@ use super::auth::TokenBound;
 use super::{convert, Edge};
 use crate::entity::{Change, EntityState, Stamp};
 use crate::error::{BrokerError, Reason};
-use crate::fanout::outgoing::{Outgoing, SharedMessage};
+use crate::fanout::outgoing::{Delivery, Outgoing, SharedMessage};
 use crate::fanout::registry::{FlowPolicy, Opening};
 use crate::fanout::subscription::SubscriptionSpec;
 use crate::message::{EntityWrite, Item, ItemOutcome};
@@ -348,6 +348,8 @@ impl EntitiesService {
                 ack_timeout: None,
                 // An entity's state comes from stored messages only.
                 ephemeral: false,
+                // One change per event: the watch filters and sends them one by one.
+                max_batch: 1,
             },
             changes_tx,
         )?;
@@ -356,6 +358,7 @@ impl EntitiesService {
             pattern,
             changes,
             shown: HashMap::new(),
+            pending: VecDeque::new(),
             phase: Phase::Opening,
         };
         let items = futures::stream::unfold(watch, |mut watch| async move {
@@ -548,6 +551,8 @@ struct Watch {
     /// The version last sent, by state channel (which names the entity): a change the snapshot
     /// or an earlier event already showed is skipped.
     shown: HashMap<String, u64>,
+    /// Deliveries of a batch not yet looked at.
+    pending: VecDeque<Delivery>,
     phase: Phase,
 }
 
@@ -600,27 +605,25 @@ impl Watch {
                         return Some(Ok(WatchItem::Event(done)));
                     }
                 },
+                Phase::Live if !self.pending.is_empty() => {
+                    if let Some(delivery) = self.pending.pop_front() {
+                        if let Some(item) = self.newer_change(&delivery) {
+                            return Some(Ok(item));
+                        }
+                    }
+                }
                 Phase::Live => match self.changes.recv().await {
                     Some(Ok(Outgoing::Delivery(delivery))) => {
-                        // Every watch of this entity shares one decoded and encoded copy of the
-                        // change; this watch only passes it on.
-                        let shared = delivery.shared();
-                        let Some(change) = super::delivery::entity_change(shared) else {
-                            tracing::warn!(channel = %shared.message.channel, "unreadable state message");
-                            continue;
-                        };
-                        let version = change.entity.version;
-                        let channel = shared.message.channel.as_str();
-                        match self.shown.get_mut(channel) {
-                            Some(shown) if *shown >= version => continue,
-                            Some(shown) => *shown = version,
-                            None => {
-                                self.shown.insert(channel.to_owned(), version);
-                            }
+                        if let Some(item) = self.newer_change(&delivery) {
+                            return Some(Ok(item));
                         }
-                        return Some(Ok(WatchItem::Change(Arc::clone(shared))));
                     }
                     Some(Ok(Outgoing::Subscribed { .. } | Outgoing::Gap { .. })) => {}
+                    // Not sent to a watch (its subscription asks for one message per event),
+                    // but read as the deliveries it holds, in order, if one came.
+                    Some(Ok(Outgoing::Batch(deliveries))) => {
+                        self.pending.extend(deliveries);
+                    }
                     Some(Err(e)) => return self.end(e),
                     None => {
                         self.phase = Phase::Ended;
@@ -630,6 +633,28 @@ impl Watch {
                 Phase::Ended => return None,
             }
         }
+    }
+
+    /// The change a delivered state message carries, unless the watch showed that version of the
+    /// entity (or a newer one) already; records it as shown.
+    fn newer_change(&mut self, delivery: &Delivery) -> Option<WatchItem> {
+        // Every watch of this entity shares one decoded and encoded copy of the change; this
+        // watch only passes it on.
+        let shared = delivery.shared();
+        let Some(change) = super::delivery::entity_change(shared) else {
+            tracing::warn!(channel = %shared.message.channel, "unreadable state message");
+            return None;
+        };
+        let version = change.entity.version;
+        let channel = shared.message.channel.as_str();
+        match self.shown.get_mut(channel) {
+            Some(shown) if *shown >= version => return None,
+            Some(shown) => *shown = version,
+            None => {
+                self.shown.insert(channel.to_owned(), version);
+            }
+        }
+        Some(WatchItem::Change(Arc::clone(shared)))
     }
 
     /// Ends the watch with `error` as its last item.

@@ -21,6 +21,11 @@ use crate::state::machine::AppliedProgress;
 
 /// Events buffered per `Subscribe` stream before the subscription task waits for the client.
 const STREAM_BUFFER: usize = 64;
+/// The same for a subscription that asked for batches: an event is then up to
+/// [`subscription::MAX_BATCH`] messages, so a client that stops reading leaves at most 128
+/// deliveries (and about two batches' bytes) buffered, not 64 batches' worth. Two are enough to
+/// keep the stream busy: the task packs the next while the last is written.
+const BATCHED_STREAM_BUFFER: usize = 2;
 
 impl Edge {
     /// Starts a subscription for a `Subscribe` call; returns the stream's receiving end.
@@ -97,7 +102,14 @@ impl Edge {
             peer: caller.peer(),
             acked_floor,
         })?;
-        let (out, events): (EventSender, _) = mpsc::channel(STREAM_BUFFER);
+        // 0 (a client that does not know batches) and 1 both mean one message per event.
+        let max_batch = (request.max_batch as usize).clamp(1, subscription::MAX_BATCH);
+        let buffer = if max_batch > 1 {
+            BATCHED_STREAM_BUFFER
+        } else {
+            STREAM_BUFFER
+        };
+        let (out, events): (EventSender, _) = mpsc::channel(buffer);
         self.spawn_subscription(
             registered,
             SubscriptionSpec {
@@ -107,6 +119,7 @@ impl Edge {
                 min_interval,
                 ack_timeout,
                 ephemeral,
+                max_batch,
             },
             out,
         )?;

@@ -174,6 +174,58 @@ impl Delivery {
     }
 }
 
+/// Packs deliveries into batches for one subscription (see "Batches" in
+/// [`super::subscription`]): deliveries go in with [`Packer::push`], which hands back a batch once
+/// it holds `max_batch` deliveries or about `max_bytes` of messages; [`Packer::take`] hands back
+/// what is packed (before the task waits for anything). A lone delivery comes back as a plain
+/// [`Outgoing::Delivery`], so a batch always holds two or more.
+pub(crate) struct Packer {
+    max_batch: usize,
+    max_bytes: usize,
+    batch: Vec<Delivery>,
+    bytes: usize,
+}
+
+impl Packer {
+    /// A packer for batches of at most `max_batch` deliveries (1: every delivery on its own) and
+    /// about `max_bytes` (the delivery that reaches it is the last in).
+    pub(crate) fn new(max_batch: usize, max_bytes: usize) -> Packer {
+        Packer {
+            max_batch: max_batch.max(1),
+            max_bytes,
+            batch: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds a delivery; returns what must be sent now: the delivery itself without batches, the
+    /// batch once it is full, else nothing.
+    pub(crate) fn push(&mut self, delivery: Delivery) -> Option<Outgoing> {
+        if self.max_batch == 1 {
+            return Some(Outgoing::Delivery(delivery));
+        }
+        self.bytes += delivery.message.message.approximate_size();
+        self.batch.push(delivery);
+        if self.batch.len() >= self.max_batch || self.bytes >= self.max_bytes {
+            return self.take();
+        }
+        None
+    }
+
+    /// Everything packed so far, as one item (`None` when nothing is).
+    pub(crate) fn take(&mut self) -> Option<Outgoing> {
+        self.bytes = 0;
+        match self.batch.len() {
+            0 => None,
+            1 => self.batch.pop().map(Outgoing::Delivery),
+            n => Some(Outgoing::Batch(std::mem::replace(
+                &mut self.batch,
+                Vec::with_capacity(n),
+            ))),
+        }
+    }
+}
+
 /// Why a range of offsets was skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GapReason {
@@ -209,4 +261,99 @@ pub enum Outgoing {
     },
     /// A message delivery.
     Delivery(Delivery),
+    /// Two or more deliveries that were ready at once, sent as one event (`SubscribeEvent.batch`)
+    /// to a subscription that asked for batches; in delivery order. See
+    /// [`super::subscription`] for how they are packed.
+    Batch(Vec<Delivery>),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::message::NewMessage;
+
+    /// A delivery of a message at `offset` whose payload is `payload` bytes long.
+    fn delivery(offset: u64, payload: usize) -> Delivery {
+        let stored = StoredMessage {
+            offset,
+            publish_time_us: 1,
+            message: NewMessage {
+                channel: "a.b".into(),
+                payload: Bytes::from(vec![b'x'; payload]),
+                content_type: String::new(),
+                schema_version: String::new(),
+                correlation_id: String::new(),
+                causation_id: String::new(),
+                idempotency_key: String::new(),
+                ttl_ms: 0,
+                headers: BTreeMap::new(),
+                hops: 0,
+            },
+            chain: Vec::new(),
+        };
+        Delivery::new(SharedMessage::new(Arc::new(stored)), 0, 0, 1)
+    }
+
+    /// The offsets an item carries, and whether it was a batch.
+    fn offsets(item: &Outgoing) -> (bool, Vec<u64>) {
+        match item {
+            Outgoing::Delivery(d) => (false, vec![d.shared().offset]),
+            Outgoing::Batch(ds) => (true, ds.iter().map(|d| d.shared().offset).collect()),
+            _ => panic!("not a delivery"),
+        }
+    }
+
+    #[test]
+    fn without_batches_every_delivery_goes_at_once() {
+        for max_batch in [0, 1] {
+            let mut packer = Packer::new(max_batch, 1 << 20);
+            for offset in 1..=3 {
+                let item = packer.push(delivery(offset, 10)).expect("sent at once");
+                assert_eq!(offsets(&item), (false, vec![offset]));
+            }
+            assert!(packer.take().is_none());
+        }
+    }
+
+    #[test]
+    fn batches_fill_to_max_batch_in_order_and_the_rest_is_taken() {
+        let mut packer = Packer::new(3, 1 << 20);
+        let mut sent = Vec::new();
+        for offset in 1..=8 {
+            if let Some(item) = packer.push(delivery(offset, 10)) {
+                sent.push(offsets(&item));
+            }
+        }
+        assert_eq!(sent, [(true, vec![1, 2, 3]), (true, vec![4, 5, 6])]);
+        assert_eq!(offsets(&packer.take().unwrap()), (true, vec![7, 8]));
+        assert!(packer.take().is_none(), "nothing left");
+    }
+
+    #[test]
+    fn a_lone_packed_delivery_is_taken_as_a_plain_delivery() {
+        let mut packer = Packer::new(100, 1 << 20);
+        assert!(packer.push(delivery(5, 10)).is_none());
+        assert_eq!(offsets(&packer.take().unwrap()), (false, vec![5]));
+    }
+
+    #[test]
+    fn the_byte_bound_ends_a_batch_with_the_delivery_that_reaches_it() {
+        let mut packer = Packer::new(100, 1000);
+        assert!(packer.push(delivery(1, 400)).is_none());
+        assert!(packer.push(delivery(2, 400)).is_none());
+        let full = packer.push(delivery(3, 400)).expect("past 1000 bytes");
+        assert_eq!(offsets(&full), (true, vec![1, 2, 3]));
+        // The count starts again after a batch is sent, and after a take.
+        assert!(packer.push(delivery(4, 400)).is_none());
+        assert_eq!(offsets(&packer.take().unwrap()), (false, vec![4]));
+        assert!(packer.push(delivery(5, 900)).is_none());
+        assert!(packer.push(delivery(6, 100)).is_some());
+        // One message larger than the bound goes alone.
+        let alone = packer
+            .push(delivery(7, 5000))
+            .expect("past the bound by itself");
+        assert_eq!(offsets(&alone), (false, vec![7]));
+    }
 }

@@ -25,6 +25,16 @@
 //! What the task sends is an [`Outgoing`] item: a delivery carries the message's protobuf encoding,
 //! made once and shared by every subscription it matches ([`super::outgoing`]).
 //!
+//! **Batches.** A subscription that asked for them (`max_batch` above 1) gets the deliveries that
+//! are ready at once — a run taken from its mailbox, a page read while catching up — packed into
+//! one [`Outgoing::Batch`] of at most `max_batch` deliveries and about [`BATCH_BYTES`]: one
+//! stream item, one wake-up of the connection and one gRPC message for the run instead of one
+//! per message. The task never waits to fill a batch: what it packed is sent before it waits for
+//! anything (its mailbox, a credit, the catch-up budget, the next page), so no delivery is later
+//! than it would have been alone. Anything else it sends (a `Gap`, a redelivery) goes after the
+//! batch packed so far, so order is kept and a gap ends a batch. Credits and the in-flight
+//! accounting count the messages inside.
+//!
 //! The task ends when the client goes away, when the broker shuts down (with UNAVAILABLE
 //! `SHUTTING_DOWN`), when a newer subscription takes over its durable name or its consumer is
 //! deleted, or on a store error.
@@ -36,7 +46,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::catch_up_budget::Reader;
-use super::outgoing::{Delivery, GapReason, Outgoing, SharedMessage};
+use super::outgoing::{Delivery, GapReason, Outgoing, Packer, SharedMessage};
 use super::registry::{Control, FlowPolicy, Pending, Registered};
 use super::throttle::Throttle;
 use crate::channel::Pattern;
@@ -57,6 +67,14 @@ const CATCH_UP_BATCHES: usize = 64;
 /// CONFLATE keeps at most this many channels' latest messages at once while catching up; past
 /// it, what it holds is delivered early (still the latest so far per channel).
 const CONFLATE_MAX_CHANNELS: usize = 10_000;
+/// The most deliveries in one batch, whatever the subscriber asked for: with the two-event stream
+/// buffer of a batching subscription (`edge/subscribe.rs`), a subscriber that stops reading holds
+/// at most 128 deliveries in it, where one without batches holds 64.
+pub(crate) const MAX_BATCH: usize = 64;
+/// A batch is sent once its messages reach about this many bytes (approximate sizes): far under
+/// the 4 MiB a gRPC client decodes by default, and about one largest message (64 KiB by
+/// default).
+const BATCH_BYTES: usize = 64 * 1024;
 
 /// Where a subscription or read starts (the edge validates and builds it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +106,9 @@ pub(crate) struct SubscriptionSpec {
     pub ack_timeout: Option<Duration>,
     /// Whether ephemeral messages are delivered too ([`crate::fanout::ephemeral`]).
     pub ephemeral: bool,
+    /// The most deliveries packed into one [`Outgoing::Batch`]; 1 sends every delivery on its
+    /// own (a client that did not ask for batches, an entity watch).
+    pub max_batch: usize,
 }
 
 /// Why a subscription ended, for logs.
@@ -152,6 +173,9 @@ struct Feeder<'a> {
     /// memory, or from the store after falling behind); earlier ones are a replay of history and
     /// go only into the histogram that includes replays.
     live_from: u64,
+    /// Deliveries packed and not sent yet (see "Batches" in the module docs); sent by
+    /// [`Feeder::flush`] before the task waits for anything.
+    packer: Packer,
 }
 
 impl Feeder<'_> {
@@ -176,11 +200,34 @@ impl Feeder<'_> {
             .collect()
     }
 
-    async fn send_outgoing(&self, outgoing: Outgoing) -> Result<(), End> {
+    /// Sends an item after the deliveries packed so far.
+    async fn send_outgoing(&mut self, outgoing: Outgoing) -> Result<(), End> {
+        self.flush().await?;
+        self.send_now(outgoing).await
+    }
+
+    async fn send_now(&self, outgoing: Outgoing) -> Result<(), End> {
         self.out
             .send(Ok(outgoing))
             .await
             .map_err(|_| End::ClientGone)
+    }
+
+    /// Packs a delivery into the batch being built, sending the batch once it is full. Without
+    /// batches (`max_batch` 1) the delivery goes at once.
+    async fn send_delivery(&mut self, delivery: Delivery) -> Result<(), End> {
+        match self.packer.push(delivery) {
+            Some(outgoing) => self.send_now(outgoing).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Sends the deliveries packed so far: one alone as a plain delivery, more as a batch.
+    async fn flush(&mut self) -> Result<(), End> {
+        match self.packer.take() {
+            Some(outgoing) => self.send_now(outgoing).await,
+            None => Ok(()),
+        }
     }
 
     /// Waits until a delivery may be sent (credits), redelivering what timed out meanwhile.
@@ -188,6 +235,9 @@ impl Feeder<'_> {
         if self.control.has_credit() {
             return Ok(());
         }
+        // What is packed goes out before waiting: the acknowledgements that would return the
+        // credits can only come for messages the client has.
+        self.flush().await?;
         self.control.flight().waiting_for_credit = true;
         let waited = self.wait_for_credit_inner().await;
         self.control.flight().waiting_for_credit = false;
@@ -218,7 +268,7 @@ impl Feeder<'_> {
         self.wait_for_credit().await?;
         // It may have expired while it waited for a credit (or in the throttle): an expired
         // message is never delivered (issue 20).
-        if message.is_expired(now_us()) {
+        if message.is_expired_now() {
             return Ok(());
         }
         {
@@ -244,7 +294,7 @@ impl Feeder<'_> {
             metrics::conflated(skipped);
         }
         let delivery = Delivery::to(Arc::clone(message), skipped, 0, &self.subscriber());
-        self.send_outgoing(Outgoing::Delivery(delivery)).await
+        self.send_delivery(delivery).await
     }
 
     /// Sends ephemeral messages if the stream has room for them, now: they wait for no credit,
@@ -268,7 +318,7 @@ impl Feeder<'_> {
         }
         self.next = message.offset + 1;
         self.control.flight().next_offset = self.next;
-        if message.is_expired(now_us()) {
+        if message.is_expired_now() {
             return Ok(());
         }
         match &mut self.throttle {
@@ -295,7 +345,13 @@ impl Feeder<'_> {
     }
 
     /// Reads the next page of messages to deliver, as large as the catch-up budget allows.
-    async fn read_page(&self, from: u64, last: u64) -> Result<crate::state::store::ReadPage, End> {
+    async fn read_page(
+        &mut self,
+        from: u64,
+        last: u64,
+    ) -> Result<crate::state::store::ReadPage, End> {
+        // The budget may make the task wait; what is packed (and charged to it) goes first.
+        self.flush().await?;
         let max_bytes = self.catch_up.page_bytes(CATCH_UP_BYTES).await;
         self.read(from, last, max_bytes)
     }
@@ -401,6 +457,7 @@ impl Feeder<'_> {
             from = page.next;
         }
         self.flush_conflated(&mut held).await?;
+        self.flush().await?;
         self.next = self.next.max(last + 1);
         self.control.flight().next_offset = self.next;
         Ok(())
@@ -456,7 +513,7 @@ impl Feeder<'_> {
             .collect();
         for (offset, deliveries) in due {
             match self.store.message(offset).map_err(End::Failed)? {
-                Some(message) if !message.is_expired(now_us()) => {
+                Some(message) if !message.is_expired_now() => {
                     {
                         let mut flight = self.control.flight();
                         if let Some(p) = flight.pending.get_mut(&offset) {
@@ -561,6 +618,7 @@ async fn feed(
         throttle: spec.min_interval.map(Throttle::new),
         metrics: DeliveryMetrics::new(policy_name(control.policy)),
         live_from: last + 1,
+        packer: Packer::new(spec.max_batch, BATCH_BYTES),
     };
     if let Start::Offset(_) = spec.start {
         if let Err(end) = feeder.announce_removed_start(last).await {
@@ -586,6 +644,11 @@ async fn feed(
             _ = sleep_until(throttle_deadline) => feeder.flush_throttled().await,
             _ = sleep_until(redelivery_deadline) => feeder.redeliver_due().await,
             _ = control.cancel.notified() => Err(End::Stopped),
+        };
+        // The step took everything that was ready; what it packed goes before the task waits.
+        let step = match step {
+            Ok(()) => feeder.flush().await,
+            Err(end) => Err(end),
         };
         feeder.metrics.flush();
         if let Err(end) = step {

@@ -32,6 +32,10 @@ use crate::error::{BrokerError, Reason};
 const SSE_BUFFER: usize = 64;
 /// How long a browser waits before reconnecting a dropped stream, in milliseconds.
 const RECONNECT_MS: u32 = 2000;
+/// The most messages the gateway's subscription takes in one event (`max_batch`): a batch
+/// becomes that many SSE events written to the body at once, one write instead of one per
+/// message when the browser is behind.
+const SSE_MAX_BATCH: u32 = 64;
 
 fn flow_policy(query: &Query) -> Result<i32, BrokerError> {
     let policy = match query.get("policy").unwrap_or("") {
@@ -74,6 +78,13 @@ fn gap_reason(reason: i32) -> &'static str {
     name.strip_prefix("REASON_").unwrap_or(name)
 }
 
+/// A message's SSE event. An ephemeral message has no offset to resume after: it sets no event
+/// id, so a reconnecting `EventSource` still resumes after the last stored message.
+fn message_frame(message: &pb::Message) -> Bytes {
+    let id = (!message.ephemeral).then_some(message.offset);
+    frame(None, id, &json::message(message))
+}
+
 fn subscribe_frame(event: pb::SubscribeEvent) -> Option<Bytes> {
     use pb::subscribe_event::Event;
     match event.event? {
@@ -82,11 +93,14 @@ fn subscribe_frame(event: pb::SubscribeEvent) -> Option<Bytes> {
             None,
             &json!({ "next_offset": s.next_offset, "subscription_id": s.subscription_id }),
         )),
-        // An ephemeral message has no offset to resume after: it sets no event id, so a
-        // reconnecting `EventSource` still resumes after the last stored message.
-        Event::Message(message) => {
-            let id = (!message.ephemeral).then_some(message.offset);
-            Some(frame(None, id, &json::message(&message)))
+        Event::Message(message) => Some(message_frame(&message)),
+        // One SSE event per message still, all in one chunk of the body.
+        Event::Batch(batch) => {
+            let mut frames = Vec::new();
+            for message in &batch.messages {
+                frames.extend_from_slice(&message_frame(message));
+            }
+            (!frames.is_empty()).then(|| Bytes::from(frames))
         }
         Event::Gap(gap) => {
             let reason = gap_reason(gap.reason);
@@ -225,6 +239,7 @@ pub(super) async fn subscribe(
         min_interval_ms: query
             .number("min_interval_ms", Reason::PolicyInvalid)?
             .unwrap_or(0),
+        max_batch: SSE_MAX_BATCH,
         ..Default::default()
     };
     let events = gateway
@@ -285,5 +300,30 @@ mod tests {
         let frame = subscribe_frame(gap).unwrap();
         let text = std::str::from_utf8(&frame).unwrap();
         assert!(text.contains(r#""reason":"DROPPED""#), "{text}");
+    }
+
+    #[test]
+    fn a_batch_is_one_chunk_of_one_event_per_message() {
+        let message = |offset, ephemeral| pb::Message {
+            offset,
+            channel: "a.b".into(),
+            ephemeral,
+            ..Default::default()
+        };
+        let batch = pb::SubscribeEvent {
+            event: Some(pb::subscribe_event::Event::Batch(pb::MessageBatch {
+                messages: vec![message(7, false), message(0, true), message(8, false)],
+            })),
+        };
+        let chunk = subscribe_frame(batch).unwrap();
+        let expected: Vec<u8> = [message(7, false), message(0, true), message(8, false)]
+            .iter()
+            .flat_map(|m| message_frame(m).to_vec())
+            .collect();
+        assert_eq!(chunk.as_ref(), expected.as_slice());
+        let text = std::str::from_utf8(&chunk).unwrap();
+        assert_eq!(text.matches("data: ").count(), 3, "{text}");
+        assert_eq!(text.matches("id: ").count(), 2, "{text}");
+        assert!(text.find("id: 7\n").unwrap() < text.find("id: 8\n").unwrap());
     }
 }

@@ -251,3 +251,17 @@ def test_each_subscription_has_a_connection_of_its_own(broker: Broker) -> None:
         with client.subscribe("a.>"), client.subscribe("b.>"):
             # grpc-python would put both on the shared connection without the local pool.
             wait_for(lambda: _established_to(port) == 3, TIMEOUT, "one connection per subscription")
+
+
+def test_batched_and_unbatched_subscriptions_see_every_message_once_in_order(broker: Broker) -> None:
+    """Catching up from the start, a subscription that asks for batches gets several messages per
+    event from the broker; one that does not (max_batch=1, as an older client) gets one per event.
+    Both yield each message once, in offset order."""
+    with Client(broker.addr) as client:
+        acks = [client.publish("batch.py", json.dumps({"n": n})) for n in range(500)]
+        offsets = [a.offset for a in acks]
+        for max_batch in (256, 1):
+            with client.subscribe("batch.py", start="earliest", max_batch=max_batch) as sub:
+                messages = Reader(sub).take(len(offsets))
+                assert [m.offset for m in messages] == offsets, max_batch
+                assert [json.loads(m.payload)["n"] for m in messages] == list(range(500))

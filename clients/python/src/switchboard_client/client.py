@@ -420,12 +420,17 @@ class Client:
         durable_name: str = "",
         ack_timeout_ms: int = 0,
         exclude_ephemeral: bool = False,
+        max_batch: int = 64,
         initial_backoff: float = 0.05,
         max_backoff: float = 5.0,
         max_reconnect_attempts: Optional[int] = None,
     ) -> "Subscription":
         """Subscribes and waits for the broker's confirmation (`Subscribed`), so anything
-        published after this returns is delivered. See `Subscription` for how it resumes."""
+        published after this returns is delivered. See `Subscription` for how it resumes.
+
+        `max_batch`: the most messages the broker may put in one event when several are ready at
+        once (`SubscribeEvent.batch`); the subscription unpacks them, so iterating still yields
+        one message at a time. 1 (or 0) asks for one message per event."""
         request = broker_pb2.SubscribeRequest(
             pattern=pattern,
             policy=policy,
@@ -434,6 +439,7 @@ class Client:
             durable_name=durable_name,
             ack_timeout_ms=ack_timeout_ms,
             exclude_ephemeral=exclude_ephemeral,
+            max_batch=max_batch,
         )
         position = start_position(start)
         if position is not None:
@@ -647,15 +653,17 @@ class Subscription(_Stream):
             try:
                 for event in self._events:
                     kind = event.WhichOneof("event")
-                    if kind == "message":
-                        message = event.message
-                        if message.offset == 0:  # ephemeral: never stored, no position
+                    if kind == "message" or kind == "batch":
+                        # A batch is its messages, each as if it had come in its own event.
+                        messages = [event.message] if kind == "message" else event.batch.messages
+                        for message in messages:
+                            if message.offset == 0:  # ephemeral: never stored, no position
+                                yield message
+                                continue
+                            if message.offset <= self.last_offset and not durable:
+                                continue  # already delivered before a reconnect
+                            self.last_offset = max(self.last_offset, message.offset)
                             yield message
-                            continue
-                        if message.offset <= self.last_offset and not durable:
-                            continue  # already delivered before a reconnect
-                        self.last_offset = max(self.last_offset, message.offset)
-                        yield message
                     elif kind == "gap":
                         self.last_offset = max(self.last_offset, event.gap.to_offset)
                         yield event.gap

@@ -116,7 +116,7 @@ class Earliest(_message.Message):
     def __init__(self) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("pattern", "start", "policy", "window", "min_interval_ms", "max_unacked", "durable_name", "ack_timeout_ms", "exclude_ephemeral")
+    __slots__ = ("pattern", "start", "policy", "window", "min_interval_ms", "max_unacked", "durable_name", "ack_timeout_ms", "exclude_ephemeral", "max_batch")
     PATTERN_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class SubscribeRequest(_message.Message):
     DURABLE_NAME_FIELD_NUMBER: _ClassVar[int]
     ACK_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_EPHEMERAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     pattern: str
     start: StartPosition
     policy: FlowPolicy
@@ -135,17 +136,26 @@ class SubscribeRequest(_message.Message):
     durable_name: str
     ack_timeout_ms: int
     exclude_ephemeral: bool
-    def __init__(self, pattern: _Optional[str] = ..., start: _Optional[_Union[StartPosition, _Mapping]] = ..., policy: _Optional[_Union[FlowPolicy, str]] = ..., window: _Optional[int] = ..., min_interval_ms: _Optional[int] = ..., max_unacked: _Optional[int] = ..., durable_name: _Optional[str] = ..., ack_timeout_ms: _Optional[int] = ..., exclude_ephemeral: _Optional[bool] = ...) -> None: ...
+    max_batch: int
+    def __init__(self, pattern: _Optional[str] = ..., start: _Optional[_Union[StartPosition, _Mapping]] = ..., policy: _Optional[_Union[FlowPolicy, str]] = ..., window: _Optional[int] = ..., min_interval_ms: _Optional[int] = ..., max_unacked: _Optional[int] = ..., durable_name: _Optional[str] = ..., ack_timeout_ms: _Optional[int] = ..., exclude_ephemeral: _Optional[bool] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class SubscribeEvent(_message.Message):
-    __slots__ = ("subscribed", "message", "gap")
+    __slots__ = ("subscribed", "message", "gap", "batch")
     SUBSCRIBED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     GAP_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     subscribed: Subscribed
     message: Message
     gap: Gap
-    def __init__(self, subscribed: _Optional[_Union[Subscribed, _Mapping]] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ...) -> None: ...
+    batch: MessageBatch
+    def __init__(self, subscribed: _Optional[_Union[Subscribed, _Mapping]] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., gap: _Optional[_Union[Gap, _Mapping]] = ..., batch: _Optional[_Union[MessageBatch, _Mapping]] = ...) -> None: ...
+
+class MessageBatch(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
 
 class Gap(_message.Message):
     __slots__ = ("from_offset", "to_offset", "count", "reason")
