@@ -279,18 +279,7 @@ mod tests {
         let stored = StoredMessage {
             offset,
             publish_time_us: 1,
-            message: NewMessage {
-                channel: "a.b".into(),
-                payload: Bytes::from(vec![b'x'; payload]),
-                content_type: String::new(),
-                schema_version: String::new(),
-                correlation_id: String::new(),
-                causation_id: String::new(),
-                idempotency_key: String::new(),
-                ttl_ms: 0,
-                headers: BTreeMap::new(),
-                hops: 0,
-            },
+            message: NewMessage::on_channel("a.b", Bytes::from(vec![b'x'; payload])),
             chain: Vec::new(),
         };
         Delivery::new(SharedMessage::new(Arc::new(stored)), 0, 0, 1)

@@ -381,19 +381,7 @@ mod tests {
             idempotency_key: key.into(),
             ..NewMessage::on_channel(channel, bytes::Bytes::from_static(b"{}"))
         };
-        RaftEntry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Command::Batch {
-                stamped_at_us: index * 1_000,
-                rules: Rules {
-                    dedup_window_us: 60_000_000,
-                    loop_window_us: 0,
-                    max_hops: 16,
-                    max_clock_skew_ms: 0,
-                },
-                items: vec![Item::Publish(message)],
-            }),
-        }
+        batch_entry(index, 0, Item::Publish(message))
     }
 
     /// Retries `attempt` while sled reports its folder locked: a dropped database's threads
@@ -713,6 +701,28 @@ mod tests {
 
     /// An entry updating entity `contact/42` with `n` stamped `ts` by the broker's clock.
     fn entity_entry(index: u64, n: u64) -> Entry {
+        batch_entry(
+            index,
+            60_000,
+            Item::Entity(crate::message::EntityWrite {
+                entity_type: "contact".into(),
+                id: "42".into(),
+                change: crate::entity::Change::Update(
+                    [("n".to_owned(), n.to_string())].into_iter().collect(),
+                ),
+                stamp: crate::entity::Stamp {
+                    timestamp_ms: 0,
+                    version: 0,
+                    writer: "w".into(),
+                },
+                expected_version: None,
+            }),
+        )
+    }
+
+    /// Entry `index` of one batch holding `item`, stamped `index` ms, under a dedup window of a
+    /// minute and a clock skew allowance of `max_clock_skew_ms`.
+    fn batch_entry(index: u64, max_clock_skew_ms: u64, item: Item) -> Entry {
         RaftEntry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(Command::Batch {
@@ -721,21 +731,9 @@ mod tests {
                     dedup_window_us: 60_000_000,
                     loop_window_us: 0,
                     max_hops: 16,
-                    max_clock_skew_ms: 60_000,
+                    max_clock_skew_ms,
                 },
-                items: vec![Item::Entity(crate::message::EntityWrite {
-                    entity_type: "contact".into(),
-                    id: "42".into(),
-                    change: crate::entity::Change::Update(
-                        [("n".to_owned(), n.to_string())].into_iter().collect(),
-                    ),
-                    stamp: crate::entity::Stamp {
-                        timestamp_ms: 0,
-                        version: 0,
-                        writer: "w".into(),
-                    },
-                    expected_version: None,
-                })],
+                items: vec![item],
             }),
         }
     }
