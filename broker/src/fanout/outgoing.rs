@@ -269,8 +269,6 @@ pub enum Outgoing {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::message::NewMessage;
 
