@@ -169,3 +169,43 @@ impl Codec for RawCodec {
         RawDecoder
     }
 }
+
+/// A raw gRPC client of the broker (the generated one), for what `switchboard-client` hides.
+pub type Raw = switchboard_proto::v1::broker_client::BrokerClient<tonic::transport::Channel>;
+
+/// Connects a [`Raw`] client to `url`, taking messages up to 64 MiB.
+pub async fn raw(url: String) -> Raw {
+    Raw::connect(url)
+        .await
+        .expect("connects")
+        .max_decoding_message_size(64 << 20)
+}
+
+/// Publishes `payloads` (channel, JSON text) over one stream; returns their offsets.
+pub async fn publish_all(raw: &mut Raw, payloads: Vec<(String, String)>) -> Vec<u64> {
+    let n = payloads.len();
+    let requests =
+        payloads
+            .into_iter()
+            .map(|(channel, payload)| switchboard_proto::v1::PublishRequest {
+                channel,
+                payload: payload.into(),
+                ..Default::default()
+            });
+    let mut acks = raw
+        .publish_stream(futures::stream::iter(requests))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut offsets = Vec::with_capacity(n);
+    while let Some(ack) = acks.message().await.expect("acks") {
+        match ack.result {
+            Some(switchboard_proto::v1::publish_stream_ack::Result::Ack(a)) => {
+                offsets.push(a.offset)
+            }
+            other => panic!("refused: {other:?}"),
+        }
+    }
+    assert_eq!(offsets.len(), n);
+    offsets
+}

@@ -11,20 +11,11 @@ use switchboard_e2e::{eventually, http_get, BrokerProcess, DEADLINE};
 use switchboard_proto::v1 as pb;
 use switchboard_proto::v1::broker_client::BrokerClient;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::common::*;
 
-type Raw = BrokerClient<Channel>;
 type Events = tonic::Streaming<pb::SubscribeEvent>;
-
-async fn raw(url: String) -> Raw {
-    BrokerClient::connect(url)
-        .await
-        .expect("connects")
-        .max_decoding_message_size(64 << 20)
-}
 
 fn config(dir: &tempfile::TempDir, text: &str) -> String {
     let path = dir.path().join("flow.toml");
@@ -64,32 +55,6 @@ fn from_earliest(mut request: pb::SubscribeRequest) -> pb::SubscribeRequest {
         position: Some(pb::start_position::Position::Earliest(pb::Earliest {})),
     });
     request
-}
-
-/// Publishes `payloads` (channel, JSON text) over one stream; returns their offsets.
-async fn publish_all(raw: &mut Raw, payloads: Vec<(String, String)>) -> Vec<u64> {
-    let n = payloads.len();
-    let requests = payloads
-        .into_iter()
-        .map(|(channel, payload)| pb::PublishRequest {
-            channel,
-            payload: payload.into(),
-            ..Default::default()
-        });
-    let mut acks = raw
-        .publish_stream(futures::stream::iter(requests))
-        .await
-        .expect("stream opens")
-        .into_inner();
-    let mut offsets = Vec::with_capacity(n);
-    while let Some(ack) = acks.message().await.expect("acks") {
-        match ack.result {
-            Some(pb::publish_stream_ack::Result::Ack(a)) => offsets.push(a.offset),
-            other => panic!("refused: {other:?}"),
-        }
-    }
-    assert_eq!(offsets.len(), n);
-    offsets
 }
 
 async fn subscription_info(raw: &mut Raw, id: u64) -> pb::SubscriptionInfo {

@@ -6,20 +6,10 @@
 use switchboard_client::{Start, SubscribeOptions};
 use switchboard_e2e::DEADLINE;
 use switchboard_proto::v1 as pb;
-use switchboard_proto::v1::broker_client::BrokerClient;
-use tonic::transport::Channel;
 
 use crate::common::*;
 
-type Raw = BrokerClient<Channel>;
 type Events = tonic::Streaming<pb::SubscribeEvent>;
-
-async fn raw(url: String) -> Raw {
-    BrokerClient::connect(url)
-        .await
-        .expect("connects")
-        .max_decoding_message_size(64 << 20)
-}
 
 /// What a subscriber got, unpacked: a message, or a gap.
 #[derive(Debug)]
@@ -134,26 +124,13 @@ async fn open(raw: &mut Raw, request: pb::SubscribeRequest) -> (Events, pb::Subs
 /// Publishes `count` messages on `channel` (payloads `{"v":i,...}` of about `pad` bytes) over
 /// one stream; returns their offsets.
 async fn publish(raw: &mut Raw, channel: &str, count: usize, pad: usize) -> Vec<u64> {
-    let channel = channel.to_owned();
-    let requests = (0..count).map(move |i| pb::PublishRequest {
-        channel: channel.clone(),
-        payload: format!("{{\"v\":{i},\"pad\":\"{}\"}}", "x".repeat(pad)).into(),
-        ..Default::default()
-    });
-    let mut acks = raw
-        .publish_stream(futures::stream::iter(requests))
-        .await
-        .expect("stream opens")
-        .into_inner();
-    let mut offsets = Vec::with_capacity(count);
-    while let Some(ack) = acks.message().await.expect("acks") {
-        match ack.result {
-            Some(pb::publish_stream_ack::Result::Ack(a)) => offsets.push(a.offset),
-            other => panic!("refused: {other:?}"),
-        }
-    }
-    assert_eq!(offsets.len(), count);
-    offsets
+    let payloads = (0..count)
+        .map(|i| {
+            let payload = format!("{{\"v\":{i},\"pad\":\"{}\"}}", "x".repeat(pad));
+            (channel.to_owned(), payload)
+        })
+        .collect();
+    publish_all(raw, payloads).await
 }
 
 #[tokio::test]
